@@ -1,0 +1,1 @@
+"""HTTP adapters: FastAPI routers for /v1 (OpenAI-compatible) and /v2 (native)."""

@@ -1,0 +1,59 @@
+"""The one place that maps errors to HTTP: OpenAI error objects on /v1, native ones on /v2."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from zumik_serve.api.openai_wire import render_error
+from zumik_serve.errors import ZumikError
+
+_HTTP_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_response(request: Request, error: ZumikError) -> JSONResponse:
+    headers = {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, int(error.retry_after_s)))
+    if request.url.path.startswith("/v1"):
+        body = render_error(error.message, error.type, error.param, error.code)
+    else:
+        native = {"type": error.type, "message": error.message}
+        if error.param is not None:
+            native["param"] = error.param
+        if error.code is not None:
+            native["code"] = error.code
+        body = {"error": native}
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ZumikError)
+    async def _zumik_error(request: Request, exc: ZumikError) -> JSONResponse:
+        return error_response(request, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {
+            404: f"Unknown path {request.url.path}. See the API reference for the routes.",
+            405: f"Method {request.method} is not allowed on {request.url.path}.",
+        }.get(exc.status_code, str(exc.detail))
+        error = ZumikError(message, status=exc.status_code)
+        error.type = _HTTP_TYPES.get(exc.status_code, "server_error")
+        return error_response(request, error)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        error = ZumikError(
+            "The server failed while handling the request. Retry it; if it keeps failing, "
+            "check the server logs."
+        )
+        return error_response(request, error)

@@ -1,0 +1,427 @@
+"""The /v1 wire format: OpenAI request checks in, official-schema OpenAI objects out.
+
+Rule kept here: a /v1 body carries only fields of the official OpenAI schema. Requests are
+checked against the fields the spec defines (an unknown field is a 400, as OpenAI answers);
+responses are rebuilt field by field from the engine's output, so no engine extension
+(``prompt_token_ids``, ``kv_transfer_params``, ``stop_reason``, ``token_ids``, ``reasoning``...)
+and no Zumik field can reach a client. Zumik's own data travels in ``x-zumik-*`` headers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from zumik_serve.engines.protocol import EngineCall
+from zumik_serve.errors import EngineError, InvalidRequestError, ModelNotFoundError
+
+# Fields of CreateChatCompletionRequest that the engine implements.
+CHAT_FIELDS = frozenset(
+    {
+        "messages",
+        "model",
+        "stream",
+        "stream_options",
+        "n",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "user",
+    }
+)
+# Fields of CreateCompletionRequest that the engine implements.
+COMPLETION_FIELDS = frozenset(
+    {
+        "model",
+        "prompt",
+        "stream",
+        "stream_options",
+        "n",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "logprobs",
+        "echo",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "user",
+    }
+)
+# Spec fields that are accepted and have no effect on a self-hosted engine (hints for hosted
+# providers, bookkeeping). They are not passed to the engine.
+ACCEPTED_HINT_FIELDS = frozenset(
+    {
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "prompt_cache_options",
+        "metadata",
+        "store",
+        "service_tier",
+        "safety_identifier",
+        "reasoning_effort",
+        "verbosity",
+    }
+)
+# Spec fields this server cannot honour: a clear 400 rather than a silent difference.
+UNSUPPORTED_FIELDS = frozenset(
+    {
+        "audio",
+        "modalities",
+        "prediction",
+        "web_search_options",
+        "functions",
+        "function_call",
+        "best_of",
+        "suffix",
+    }
+)
+# Never forwarded from a client: Zumik sets the cache salt itself (tenant isolation).
+IGNORED_CLIENT_FIELDS = frozenset({"cache_salt"})
+
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+MAX_JSON_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A checked /v1 request: what goes to the engine, and what shapes the response."""
+
+    call: EngineCall
+    engine_body: dict[str, Any]
+    model: str
+    stream: bool
+    include_usage: bool
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise InvalidRequestError(
+            "The request body is empty; send a JSON object (Content-Type: application/json)."
+        )
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise InvalidRequestError(
+            "We could not parse the JSON body of your request. The body must be a valid JSON "
+            "object; check quoting and commas."
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.")
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise InvalidRequestError(f"The JSON body is nested deeper than {MAX_JSON_DEPTH} levels.")
+    return body
+
+
+def prepare_request(
+    call: EngineCall, body: dict[str, Any], served_models: set[str]
+) -> PreparedRequest:
+    """Check a /v1 body against the spec's fields and the served models."""
+    allowed = CHAT_FIELDS if call is EngineCall.CHAT else COMPLETION_FIELDS
+    engine_body: dict[str, Any] = {}
+    for key, value in body.items():
+        if key in allowed:
+            engine_body[key] = value
+        elif key in ACCEPTED_HINT_FIELDS or key in IGNORED_CLIENT_FIELDS:
+            continue
+        elif key in UNSUPPORTED_FIELDS:
+            if value in (None, False, [], {}) or (key == "best_of" and value == 1):
+                continue
+            raise InvalidRequestError(f"'{key}' is not supported by this server.", param=key)
+        else:
+            raise InvalidRequestError(f"Unrecognized request argument supplied: {key}", param=key)
+
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError("you must provide a model parameter", param="model")
+    if model not in served_models:
+        raise ModelNotFoundError(
+            f"The model '{model}' does not exist or you do not have access to it. "
+            f"GET /v1/models lists the models you can use.",
+            param="model",
+        )
+    required = "messages" if call is EngineCall.CHAT else "prompt"
+    if required not in body:
+        raise InvalidRequestError(f"Missing required parameter: '{required}'.", param=required)
+    if call is EngineCall.CHAT and (not isinstance(body["messages"], list) or not body["messages"]):
+        raise InvalidRequestError("'messages' must be a non-empty array.", param="messages")
+
+    stream = body.get("stream") is True
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequestError("'stream_options' must be an object.", param="stream_options")
+    include_usage = bool(stream and options and options.get("include_usage") is True)
+    if options is not None:
+        if not stream:
+            raise InvalidRequestError(
+                "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
+            )
+        # Only the spec's keys; vLLM's continuous_usage_stats never reaches the engine.
+        engine_body["stream_options"] = {"include_usage": include_usage}
+    return PreparedRequest(
+        call=call, engine_body=engine_body, model=model, stream=stream, include_usage=include_usage
+    )
+
+
+def render_error(message: str, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
+    """The OpenAI error object: all four keys, ``code`` a string or null."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def render_stream_error(error: Mapping[str, Any]) -> dict[str, Any]:
+    code = error.get("code")
+    return render_error(
+        message=str(error.get("message") or "The engine failed while streaming."),
+        type_=str(error.get("type") or "server_error"),
+        param=error.get("param") if isinstance(error.get("param"), str) else None,
+        code=code if isinstance(code, str) else None,
+    )
+
+
+# --- responses ---------------------------------------------------------------------------
+
+
+def render_chat_completion(body: Mapping[str, Any], model: str) -> dict[str, Any]:
+    choices = []
+    for choice in body.get("choices") or []:
+        message = choice.get("message") or {}
+        rendered_message: dict[str, Any] = {
+            "role": "assistant",
+            "content": message.get("content"),
+            "refusal": message.get("refusal"),
+        }
+        tool_calls = [_tool_call(call) for call in message.get("tool_calls") or []]
+        if tool_calls:
+            rendered_message["tool_calls"] = tool_calls
+        choices.append(
+            {
+                "index": choice.get("index", 0),
+                "message": rendered_message,
+                "logprobs": _chat_logprobs(choice.get("logprobs")),
+                "finish_reason": _finish_reason(choice.get("finish_reason")),
+            }
+        )
+    response: dict[str, Any] = {
+        "id": body["id"],
+        "object": "chat.completion",
+        "created": body["created"],
+        "model": model,
+        "choices": choices,
+    }
+    usage = render_usage(body.get("usage"))
+    if usage is not None:
+        response["usage"] = usage
+    if body.get("system_fingerprint"):
+        response["system_fingerprint"] = body["system_fingerprint"]
+    return response
+
+
+def render_completion(body: Mapping[str, Any], model: str) -> dict[str, Any]:
+    choices = [
+        {
+            "index": choice.get("index", 0),
+            "text": choice.get("text") or "",
+            "logprobs": _completion_logprobs(choice.get("logprobs")),
+            "finish_reason": _finish_reason(choice.get("finish_reason")),
+        }
+        for choice in body.get("choices") or []
+    ]
+    response: dict[str, Any] = {
+        "id": body["id"],
+        "object": "text_completion",
+        "created": body["created"],
+        "model": model,
+        "choices": choices,
+    }
+    usage = render_usage(body.get("usage"))
+    if usage is not None:
+        response["usage"] = usage
+    if body.get("system_fingerprint"):
+        response["system_fingerprint"] = body["system_fingerprint"]
+    return response
+
+
+def render_usage(usage: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not usage:
+        return None
+    rendered: dict[str, Any] = {
+        "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+        "completion_tokens": int(usage.get("completion_tokens") or 0),
+        "total_tokens": int(usage.get("total_tokens") or 0),
+    }
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, Mapping) and details.get("cached_tokens") is not None:
+        rendered["prompt_tokens_details"] = {"cached_tokens": int(details["cached_tokens"])}
+    return rendered
+
+
+def cached_tokens(usage: Mapping[str, Any] | None) -> int | None:
+    """``usage.prompt_tokens_details.cached_tokens`` of a rendered usage object, if present."""
+    if not usage:
+        return None
+    details = usage.get("prompt_tokens_details")
+    if not isinstance(details, Mapping) or details.get("cached_tokens") is None:
+        return None
+    return int(details["cached_tokens"])
+
+
+class StreamRenderer:
+    """Renders one engine stream chunk by chunk into official ``*.chunk`` objects.
+
+    ``render(chunk)`` returns the object to send, or None for a chunk that carries nothing a
+    client may see. With ``include_usage``, every chunk carries ``usage: null`` except the final
+    usage chunk (choices ``[]``), as the spec describes.
+    """
+
+    def __init__(self, call: EngineCall, model: str, include_usage: bool) -> None:
+        self._call = call
+        self._model = model
+        self._include_usage = include_usage
+
+    def render(self, chunk: Mapping[str, Any]) -> dict[str, Any] | None:
+        raw_choices = chunk.get("choices") or []
+        choices = [
+            self._chat_choice(choice)
+            if self._call is EngineCall.CHAT
+            else self._text_choice(choice)
+            for choice in raw_choices
+        ]
+        usage = render_usage(chunk.get("usage")) if self._include_usage else None
+        if not choices and usage is None:
+            return None
+        rendered: dict[str, Any] = {
+            "id": chunk["id"],
+            "object": "chat.completion.chunk"
+            if self._call is EngineCall.CHAT
+            else "text_completion",
+            "created": chunk["created"],
+            "model": self._model,
+            "choices": choices,
+        }
+        if chunk.get("system_fingerprint"):
+            rendered["system_fingerprint"] = chunk["system_fingerprint"]
+        if self._include_usage:
+            rendered["usage"] = usage if not choices else None
+        return rendered
+
+    def _chat_choice(self, choice: Mapping[str, Any]) -> dict[str, Any]:
+        delta = choice.get("delta") or {}
+        rendered_delta: dict[str, Any] = {}
+        if delta.get("role"):
+            rendered_delta["role"] = delta["role"]
+        if delta.get("content") is not None:
+            rendered_delta["content"] = delta["content"]
+        if delta.get("refusal") is not None:
+            rendered_delta["refusal"] = delta["refusal"]
+        if delta.get("tool_calls"):
+            rendered_delta["tool_calls"] = [_tool_call_delta(call) for call in delta["tool_calls"]]
+        return {
+            "index": choice.get("index", 0),
+            "delta": rendered_delta,
+            "logprobs": _chat_logprobs(choice.get("logprobs")),
+            "finish_reason": _finish_reason(choice.get("finish_reason"), allow_none=True),
+        }
+
+    def _text_choice(self, choice: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "index": choice.get("index", 0),
+            "text": choice.get("text") or "",
+            "logprobs": _completion_logprobs(choice.get("logprobs")),
+            "finish_reason": _finish_reason(choice.get("finish_reason"), allow_none=True),
+        }
+
+
+class EngineAbortedError(EngineError):
+    """The engine ended a choice without a valid finish reason (aborted or failed)."""
+
+
+def _finish_reason(value: Any, *, allow_none: bool = False) -> str | None:
+    if value is None and allow_none:
+        return None
+    if value in FINISH_REASONS:
+        return str(value)
+    raise EngineAbortedError(
+        f"The engine stopped the generation abnormally (finish reason {value!r}). Retry the "
+        "request; if it keeps failing, check the server logs."
+    )
+
+
+def _tool_call(call: Mapping[str, Any]) -> dict[str, Any]:
+    function = call.get("function") or {}
+    return {
+        "id": call.get("id"),
+        "type": "function",
+        "function": {"name": function.get("name"), "arguments": function.get("arguments") or ""},
+    }
+
+
+def _tool_call_delta(call: Mapping[str, Any]) -> dict[str, Any]:
+    rendered: dict[str, Any] = {"index": call.get("index", 0)}
+    if call.get("id"):
+        rendered["id"] = call["id"]
+        rendered["type"] = "function"
+    function = call.get("function") or {}
+    rendered_function = {
+        key: function[key] for key in ("name", "arguments") if function.get(key) is not None
+    }
+    if rendered_function:
+        rendered["function"] = rendered_function
+    return rendered
+
+
+def _chat_logprobs(logprobs: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not logprobs:
+        return None
+
+    def token(entry: Mapping[str, Any]) -> dict[str, Any]:
+        return {"token": entry["token"], "logprob": entry["logprob"], "bytes": entry.get("bytes")}
+
+    content = [
+        {**token(entry), "top_logprobs": [token(top) for top in entry.get("top_logprobs") or []]}
+        for entry in logprobs.get("content") or []
+    ]
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(logprobs: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not logprobs:
+        return None
+    return {
+        "text_offset": list(logprobs.get("text_offset") or []),
+        "token_logprobs": list(logprobs.get("token_logprobs") or []),
+        "tokens": list(logprobs.get("tokens") or []),
+        "top_logprobs": list(logprobs.get("top_logprobs") or []),
+    }
+
+
+def _depth(value: Any, limit: int = MAX_JSON_DEPTH + 1) -> int:
+    """Nesting depth of a parsed JSON value, counted without recursion, stopping past ``limit``."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                return deepest
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return deepest

@@ -1,0 +1,192 @@
+"""The ``zumik`` command line: serve, tenants, the tiny model, benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zumik", description=__doc__)
+    sub = parser.add_subparsers(title="commands")
+
+    serve = sub.add_parser("serve", help="start Redis, Ray and the Zumik app; Ctrl-C stops all")
+    serve.add_argument("--profile", default="local-cpu", help="built-in profile name or YAML path")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(run=_cmd_serve)
+
+    tenant = sub.add_parser("tenant", help="manage tenants").add_subparsers(title="tenant commands")
+    create = tenant.add_parser("create", help="create a tenant and print its API key (shown once)")
+    create.add_argument("name")
+    create.add_argument("--json", action="store_true", help="machine-readable output")
+    create.set_defaults(run=_cmd_tenant_create)
+
+    model = sub.add_parser("model", help="models").add_subparsers(title="model commands")
+    tiny = model.add_parser("tiny", help="build the tiny test model (byte-identical every time)")
+    tiny.add_argument("--out", required=True, type=Path)
+    tiny.add_argument("--json", action="store_true")
+    tiny.set_defaults(run=_cmd_model_tiny)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(title="benchmarks")
+    overhead = bench.add_parser(
+        "overhead", help="latency Zumik's /v1 adds over vLLM's own server, interleaved rounds"
+    )
+    overhead.add_argument("--profile", default="local-cpu")
+    overhead.add_argument("--rounds", type=int, default=7)
+    overhead.add_argument("--requests", type=int, default=40, help="requests per arm per round")
+    overhead.add_argument("--warmup", type=int, default=20)
+    overhead.add_argument("--out", type=Path, default=Path("bench-out/overhead"))
+    overhead.add_argument("--json", action="store_true")
+    overhead.set_defaults(run=_cmd_bench_overhead)
+    return parser
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from profiles import ProfileError, resolve_profile
+    from zumik_serve.stack import LocalStack, StackConfig
+
+    try:
+        profile = resolve_profile(args.profile)
+    except ProfileError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    stack = LocalStack(StackConfig.from_env(profile, host=args.host, port=args.port))
+    stopping = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    t0 = time.monotonic()
+    try:
+        with console.status("starting Zumik", spinner="dots") as status:
+
+            def progress(message: str) -> None:
+                console.log(message)
+                status.update(f"{message} ({time.monotonic() - t0:.0f} s)")
+
+            stack.start(progress)
+    except KeyboardInterrupt:
+        console.print("interrupted; stopping what was started")
+        stack.stop()
+        return 130
+    except Exception as exc:
+        console.print(f"[red]error:[/red] Zumik did not start: {exc}")
+        return 1
+    _print_ready(stack, profile.model.served_name, time.monotonic() - t0)
+    try:
+        while not stopping.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    console.print("stopping Zumik (Serve app, Ray, Redis)...")
+    stack.stop()
+    console.print("stopped.")
+    return 0
+
+
+def _print_ready(stack: object, model: str, elapsed_s: float) -> None:
+    url = stack.url  # type: ignore[attr-defined]
+    key_hint = "$ZUMIK_DEV_KEY" if stack.config.dev_key else "$ZUMIK_API_KEY"  # type: ignore[attr-defined]
+    console.print(
+        f"\n[bold green]Zumik is ready[/bold green] in {elapsed_s:.0f} s at [bold]{url}/v1[/bold]"
+    )
+    if not stack.config.dev_key:  # type: ignore[attr-defined]
+        console.print(
+            "Create a key first:  zumik tenant create myteam   (then export ZUMIK_API_KEY=...)"
+        )
+    console.print("Try it:\n")
+    print(
+        f'curl {url}/v1/chat/completions -H "Authorization: Bearer {key_hint}" '
+        f"-H 'Content-Type: application/json' "
+        f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], '
+        f'"max_tokens": 16}}\'\n',
+        flush=True,
+    )
+    console.print("Press Ctrl-C to stop.")
+
+
+def _cmd_tenant_create(args: argparse.Namespace) -> int:
+    import redis.asyncio as aioredis
+
+    from zumik_serve.home import ZumikHome
+    from zumik_serve.store.local_redis import embedded_redis, running_redis_url
+    from zumik_serve.store.tenant_store import RedisTenantStore, TenantExistsError
+
+    home = ZumikHome.from_env().ensure()
+    url = running_redis_url(home)
+    temporary = None
+    if url is None:  # nothing running: write into the embedded server's AOF directly
+        temporary = embedded_redis(home).start()
+        url = temporary.url
+
+    async def create() -> tuple[str, str]:
+        client = aioredis.from_url(url)
+        try:
+            tenant, api_key = await RedisTenantStore(client).create_tenant(args.name)
+        finally:
+            await client.aclose()
+        return tenant.id, api_key
+
+    try:
+        tenant_id, api_key = asyncio.run(create())
+    except (TenantExistsError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
+    finally:
+        if temporary is not None:
+            temporary.stop()
+    if args.json:
+        print(json.dumps({"tenant": args.name, "tenant_id": tenant_id, "api_key": api_key}))
+    else:
+        console.print(
+            f"created tenant [bold]{args.name}[/bold] ({tenant_id}); its API key (shown once):"
+        )
+        print(api_key)
+    return 0
+
+
+def _cmd_model_tiny(args: argparse.Namespace) -> int:
+    from zumik_serve.model.tiny import build_tiny_model, fingerprint_model_dir
+
+    out = build_tiny_model(args.out)
+    fingerprint = fingerprint_model_dir(out)
+    if args.json:
+        print(json.dumps({"path": str(out), "fingerprint": fingerprint}))
+    else:
+        console.print(f"built the tiny model in {out}")
+        print(f"fingerprint sha256:{fingerprint}")
+    return 0
+
+
+def _cmd_bench_overhead(args: argparse.Namespace) -> int:
+    from zumik_serve.bench.overhead import run_overhead_bench
+
+    return run_overhead_bench(args, console)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

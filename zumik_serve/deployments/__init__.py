@@ -1,0 +1,1 @@
+"""Ray Serve deployments: they wire real parts together and hold no policy."""

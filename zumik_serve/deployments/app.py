@@ -1,0 +1,41 @@
+"""Building the Ray Serve application of one profile: Gateway → EngineReplica (vLLM)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ray import serve
+from ray.serve.llm import LLMConfig
+
+from profiles import Profile
+from zumik_serve.deployments.engine_replica import EngineReplica
+from zumik_serve.deployments.gateway import Gateway, GatewaySettings
+from zumik_serve.engines.vllm_config import llm_config_kwargs
+
+APP_NAME = "zumik"
+
+
+def build_serve_app(
+    profile: Profile,
+    *,
+    model_dir: Path,
+    redis_url: str,
+    dev_key: str | None,
+) -> serve.Application:
+    tokenizer_dir = Path(profile.model.tokenizer) if profile.model.tokenizer else None
+    llm_config = LLMConfig(**llm_config_kwargs(profile, model_dir, tokenizer_dir))
+    engine = (
+        serve.deployment(EngineReplica)
+        .options(name="EngineReplica", **EngineReplica.get_deployment_options(llm_config))
+        .bind(llm_config)
+    )
+    settings = GatewaySettings(
+        profile_name=profile.name,
+        served_model=profile.model.served_name,
+        model_created_s=int(time.time()),
+        redis_url=redis_url,
+        max_body_bytes=profile.gateway.max_body_bytes,
+        dev_key=dev_key,
+    )
+    return Gateway.options(num_replicas=profile.gateway.num_replicas).bind(settings, engine)

@@ -1,0 +1,48 @@
+"""Gateway: the stateless FastAPI ingress deployment (N replicas), wiring service to HTTP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from ray import serve
+
+from zumik_serve.api.app import build_app
+from zumik_serve.engines.ray_client import RayEngineClient
+from zumik_serve.service import GatewayService, ModelCard
+from zumik_serve.store.tenant_store import RedisTenantStore
+from zumik_serve.tenancy import Authenticator
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    profile_name: str
+    served_model: str
+    model_created_s: int
+    redis_url: str
+    max_body_bytes: int
+    dev_key: str | None = None
+
+    def __repr__(self) -> str:  # the dev key must never reach a log line
+        return (
+            f"GatewaySettings(profile_name={self.profile_name!r}, served_model="
+            f"{self.served_model!r}, redis_url={self.redis_url!r}, dev_key=<redacted>)"
+        )
+
+
+@serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0.5})
+@serve.ingress()
+class Gateway:
+    def __init__(self, settings: GatewaySettings, engine: Any) -> None:
+        self._settings = settings
+        self._redis = aioredis.from_url(settings.redis_url, socket_timeout=5.0)
+        self._service = GatewayService(
+            models=[ModelCard(id=settings.served_model, created_s=settings.model_created_s)],
+            authenticator=Authenticator(RedisTenantStore(self._redis), dev_key=settings.dev_key),
+            engine=RayEngineClient(engine),
+        )
+
+    async def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_app(self._service, max_body_bytes=self._settings.max_body_bytes)

@@ -1,0 +1,1 @@
+"""The engine seam: values that cross from the gateway to engine replicas, and engine adapters."""

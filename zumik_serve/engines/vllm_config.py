@@ -1,0 +1,81 @@
+"""Profile → vLLM engine settings, as plain data (no vLLM import here).
+
+Every engine knob Zumik sets comes from the profile, so two replicas of one profile always run
+with identical settings, and the direct-vLLM arm of ``zumik bench overhead`` can be started with
+exactly the same ones (``vllm_cli_args``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from profiles import Device, Profile
+
+
+def vllm_engine_kwargs(profile: Profile) -> dict[str, Any]:
+    """vLLM engine (and OpenAI front-end) arguments for one replica of ``profile``."""
+    engine = profile.engine
+    kwargs: dict[str, Any] = {
+        "dtype": engine.dtype,
+        "block_size": engine.block_size,
+        "max_model_len": engine.max_model_len,
+        "max_num_seqs": engine.max_num_seqs,
+        "enable_prefix_caching": engine.enable_prefix_caching,
+        "enforce_eager": engine.enforce_eager,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "pipeline_parallel_size": engine.pipeline_parallel_size,
+        "kv_cache_dtype": engine.kv_cache_dtype,
+        "seed": engine.seed,
+        # Fill usage.prompt_tokens_details.cached_tokens from vLLM's count of cached tokens.
+        "enable_prompt_tokens_details": True,
+        "disable_log_stats": False,
+    }
+    if engine.quantization is not None:
+        kwargs["quantization"] = engine.quantization
+    if engine.kv_cache_memory_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
+    if engine.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    return kwargs
+
+
+def llm_config_kwargs(
+    profile: Profile, model_dir: Path, tokenizer_dir: Path | None
+) -> dict[str, Any]:
+    """Keyword arguments for ``ray.serve.llm.LLMConfig`` serving ``profile``."""
+    loading: dict[str, Any] = {
+        "model_id": profile.model.served_name,
+        "model_source": str(model_dir),
+    }
+    if tokenizer_dir is not None:
+        loading["tokenizer_source"] = str(tokenizer_dir)
+    kwargs: dict[str, Any] = {
+        "model_loading_config": loading,
+        "engine_kwargs": vllm_engine_kwargs(profile),
+        "deployment_config": {
+            "num_replicas": profile.engine.num_replicas,
+            "ray_actor_options": {"num_cpus": profile.engine.cpus_per_replica},
+        },
+        # Streamed tokens leave the replica at once; batching would add up to 50 ms to TTFT.
+        "experimental_configs": {"stream_batching_interval_ms": 0},
+        "log_engine_metrics": False,
+    }
+    if profile.engine.device is Device.CPU:
+        kwargs["accelerator_config"] = {"kind": "cpu"}
+    return kwargs
+
+
+def vllm_cli_args(profile: Profile, model_dir: Path) -> list[str]:
+    """The same settings as arguments of vLLM's own OpenAI server (for side-by-side benchmarks)."""
+    args = ["--model", str(model_dir), "--served-model-name", profile.model.served_name]
+    for key, value in vllm_engine_kwargs(profile).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            if key == "enable_prefix_caching":
+                args.append(flag if value else "--no-enable-prefix-caching")
+            elif value:
+                args.append(flag)
+        else:
+            args.extend([flag, str(value)])
+    return args

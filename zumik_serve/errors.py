@@ -1,0 +1,85 @@
+"""Zumik's error hierarchy: every failure a client can see, with its HTTP status and type.
+
+    ZumikError                      status  type
+    ├── InvalidRequestError           400   invalid_request_error
+    │   └── ContextLengthExceededError 400  invalid_request_error / context_length_exceeded
+    ├── AuthenticationError           401   authentication_error
+    ├── NotFoundError                 404   not_found_error
+    │   └── ModelNotFoundError        404   invalid_request_error / model_not_found
+    ├── PayloadTooLargeError          413   invalid_request_error / payload_too_large
+    ├── StoreUnavailableError         503   service_unavailable_error
+    └── EngineError                   5xx   server_error (or a status the engine chose)
+
+Rule kept here: each error carries what a client needs to act on it (a message that says what
+to do next, the offending parameter when there is one). Only ``api/http_errors.py`` maps these
+to HTTP bodies; the domain raises them without knowing about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class ZumikError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.retry_after_s = retry_after_s
+
+
+class InvalidRequestError(ZumikError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class AuthenticationError(ZumikError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFoundError(ZumikError):
+    status = 404
+    type = "not_found_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLargeError(ZumikError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class StoreUnavailableError(ZumikError):
+    status = 503
+    type = "service_unavailable_error"
+    code = "store_unavailable"
+
+
+class EngineError(ZumikError):
+    status = 502
+    type = "server_error"
+    code = "engine_error"

@@ -1,0 +1,159 @@
+"""The gateway's service: authenticate, start an engine call, turn engine failures into errors.
+
+API handlers call only this. It knows nothing of HTTP or Ray: the engine is reached through
+the ``EngineClient`` protocol (a Ray Serve handle in production, see ``engines/ray_client.py``)
+and tenants through ``tenancy.Authenticator``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from zumik_serve.engines.protocol import (
+    EngineCall,
+    EngineChunks,
+    EngineEvent,
+    EngineFailure,
+    EngineResponse,
+    ReplicaAssigned,
+)
+from zumik_serve.errors import (
+    AuthenticationError,
+    ContextLengthExceededError,
+    EngineError,
+    InvalidRequestError,
+    ZumikError,
+)
+from zumik_serve.ids import DecisionId, new_decision_id
+from zumik_serve.tenancy import Authenticator, Tenant
+
+
+class EngineClient(Protocol):
+    """Starts one call on some engine replica and streams its events (``engines/protocol.py``).
+
+    Raises ``EngineError`` when no replica can take the call.
+    """
+
+    def generate(self, call: EngineCall, body: dict[str, Any]) -> AsyncIterator[EngineEvent]: ...
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    id: str
+    created_s: int
+    owned_by: str = "zumik"
+
+
+@dataclass
+class EngineRun:
+    """A started call whose first output is known to be good (errors were raised before)."""
+
+    decision_id: DecisionId
+    replica_id: str
+    first: EngineResponse | EngineChunks
+    rest: AsyncIterator[EngineEvent]
+
+    @property
+    def route(self) -> str:
+        return f"byoc:{self.replica_id}"
+
+
+class GatewayService:
+    def __init__(
+        self, *, models: list[ModelCard], authenticator: Authenticator, engine: EngineClient
+    ) -> None:
+        self.models = models
+        self.served_model_ids = {model.id for model in models}
+        self._authenticator = authenticator
+        self._engine = engine
+
+    async def authenticate(self, authorization: str | None) -> Tenant:
+        tenant = await self._authenticator.authenticate(authorization)
+        if tenant is None:
+            raise AuthenticationError(
+                "Missing or invalid API key. Send 'Authorization: Bearer <key>'; create a key "
+                "with `zumik tenant create NAME`."
+            )
+        return tenant
+
+    async def start(self, call: EngineCall, engine_body: dict[str, Any]) -> EngineRun:
+        """Start the call and wait for its first output; failures before it are raised."""
+        events = aiter(self._engine.generate(call, engine_body))
+        replica_id = "unknown"
+        try:
+            async for event in events:
+                if isinstance(event, ReplicaAssigned):
+                    replica_id = event.replica_id
+                    continue
+                if isinstance(event, EngineFailure):
+                    raise error_for_failure(event, call)
+                if isinstance(event, EngineChunks):
+                    _raise_if_stream_starts_with_error(event, call)
+                return EngineRun(
+                    decision_id=new_decision_id(), replica_id=replica_id, first=event, rest=events
+                )
+        except ZumikError:
+            raise
+        except Exception as exc:
+            raise EngineError(
+                f"No engine replica could take the request ({type(exc).__name__}). Retry in a "
+                "few seconds.",
+                status=503,
+                retry_after_s=2,
+            ) from exc
+        raise EngineError("The engine ended the call without any output. Retry the request.")
+
+
+def error_for_failure(failure: EngineFailure, call: EngineCall) -> ZumikError:
+    """Map an engine failure (before any output) to the error a client sees."""
+    message = failure.message
+    lowered = message.lower()
+    if failure.status == 400 and (
+        "context length" in lowered
+        or "maximum model length" in lowered
+        or "max_model_len" in lowered
+    ):
+        param = "messages" if call is EngineCall.CHAT else "prompt"
+        return ContextLengthExceededError(
+            f"{message} Shorten the {param} or lower max_tokens.", param=param
+        )
+    if 400 <= failure.status < 500:
+        return InvalidRequestError(message, param=failure.param, status=failure.status)
+    return EngineError(
+        f"The engine failed before producing output ({message}). Retry the request; if it "
+        "keeps failing, check the server logs.",
+        status=failure.status if failure.status >= 500 else 500,
+    )
+
+
+def _raise_if_stream_starts_with_error(event: EngineChunks, call: EngineCall) -> None:
+    for payload in event.payloads:
+        error = parse_stream_error(payload)
+        if error is not None:
+            code = error.get("code")
+            raise error_for_failure(
+                EngineFailure(
+                    status=int(code) if isinstance(code, int) else 500,
+                    message=str(error.get("message") or "engine failure"),
+                    type=str(error.get("type") or "server_error"),
+                    param=error.get("param"),
+                ),
+                call,
+            )
+        if payload and payload != "[DONE]":
+            return
+
+
+def parse_stream_error(payload: str) -> dict[str, Any] | None:
+    """The error object of an in-stream ``{"error": ...}`` payload, else None."""
+    if not payload.startswith('{"error"'):
+        return None
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError:
+        return None
+    error = data.get("error")
+    return error if isinstance(error, dict) else None

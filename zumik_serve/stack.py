@@ -1,0 +1,179 @@
+"""The local stack behind ``zumik serve`` and the integration tests: Redis, Ray, the Serve app.
+
+Start order (each step reported through ``progress``), stop order reversed:
+
+    model (build the tiny one if missing) → redis-server (unless ZUMIK_REDIS_URL)
+      → Ray (local head with num_cpus=8, or join RAY_ADDRESS) → Serve app → /healthz answers
+
+Only what this object started is stopped: a joined Ray cluster or an external Redis is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from profiles import Profile
+from zumik_serve.home import ZumikHome
+from zumik_serve.model.resolve import resolve_model_dir
+from zumik_serve.store.local_redis import REDIS_URL_ENV, LocalRedis, embedded_redis
+
+Progress = Callable[[str], None]
+
+# Ray on a 2-core machine needs more logical CPUs than physical ones to place the gateway,
+# the engine replica and Serve's own actors.
+LOCAL_RAY_NUM_CPUS = 8
+
+
+@dataclass
+class StackConfig:
+    profile: Profile
+    home: ZumikHome
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = None
+    ray_address: str | None = None
+    dev_key: str | None = None
+    redis_port: int | None = None
+
+    @classmethod
+    def from_env(cls, profile: Profile, **overrides: object) -> StackConfig:
+        config = cls(
+            profile=profile,
+            home=ZumikHome.from_env(),
+            redis_url=os.environ.get(REDIS_URL_ENV) or None,
+            ray_address=os.environ.get("RAY_ADDRESS") or None,
+            dev_key=os.environ.get("ZUMIK_DEV_KEY") or None,
+        )
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+
+
+@dataclass
+class LocalStack:
+    config: StackConfig
+    redis: LocalRedis | None = None
+    redis_url: str = ""
+    started_ray: bool = False
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def start(self, progress: Progress = lambda _: None) -> LocalStack:
+        try:
+            self._start(progress)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, progress: Progress) -> None:
+        config = self.config
+        home = config.home.ensure()
+
+        with self._step("model"):
+            progress(f"preparing model {config.profile.model.source}")
+            model_dir = resolve_model_dir(config.profile, home)
+
+        with self._step("redis"):
+            if config.redis_url:
+                progress(f"using Redis at {config.redis_url}")
+                self.redis_url = config.redis_url
+            else:
+                progress(f"starting redis-server (AOF in {home.redis_dir})")
+                self.redis = embedded_redis(home, port=config.redis_port).start()
+                self.redis_url = self.redis.url
+
+        with self._step("ray"):
+            import ray
+
+            if config.ray_address:
+                progress(f"joining Ray cluster at {config.ray_address}")
+                ray.init(
+                    address=config.ray_address, logging_level=logging.WARNING, log_to_driver=False
+                )
+            else:
+                progress(f"starting a local Ray head ({LOCAL_RAY_NUM_CPUS} logical CPUs)")
+                ray.init(
+                    address="local",
+                    num_cpus=LOCAL_RAY_NUM_CPUS,
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                )
+                self.started_ray = True
+
+        with self._step("deploy"):
+            from ray import serve
+
+            from zumik_serve.deployments.app import APP_NAME, build_serve_app
+
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
+            progress(
+                f"deploying profile {config.profile.name}: gateway + "
+                f"{config.profile.engine.num_replicas} vLLM replica(s) (loading takes a minute)"
+            )
+            serve.start(http_options={"host": config.host, "port": config.port})
+            app = build_serve_app(
+                config.profile,
+                model_dir=model_dir,
+                redis_url=self.redis_url,
+                dev_key=config.dev_key,
+            )
+            serve.run(app, name=APP_NAME, route_prefix="/")
+
+        with self._step("http"):
+            progress(f"waiting for {self.url}/healthz")
+            wait_for_http(f"{self.url}/healthz", timeout_s=120)
+
+    def stop(self) -> None:
+        """Stop what this stack started; safe to call twice."""
+        try:
+            import ray
+
+            if ray.is_initialized():
+                from ray import serve
+
+                try:
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()
+        finally:
+            if self.redis is not None:
+                self.redis.stop()
+                self.redis = None
+
+    class _Timer:
+        def __init__(self, stack: LocalStack, name: str) -> None:
+            self._stack, self._name = stack, name
+
+        def __enter__(self) -> None:
+            self._t0 = time.monotonic()
+
+        def __exit__(self, *exc: object) -> None:
+            self._stack.timings_s[self._name] = time.monotonic() - self._t0
+
+    def _step(self, name: str) -> LocalStack._Timer:
+        return LocalStack._Timer(self, name)
+
+
+def wait_for_http(url: str, *, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=2.0) as client:
+        while True:
+            try:
+                if client.get(url).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s")
+            time.sleep(0.2)

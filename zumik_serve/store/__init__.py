@@ -1,0 +1,1 @@
+"""Redis adapters: the only place that talks to Redis."""

@@ -1,0 +1,71 @@
+"""Tenants and API key digests in Redis.
+
+zumik:tenant:{id}          hash   name, created_at_s
+zumik:tenant-name:{name}   string tenant id (names are unique)
+zumik:apikey:{sha256}      string tenant id
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from zumik_serve.errors import StoreUnavailableError
+from zumik_serve.tenancy import (
+    Tenant,
+    TenantId,
+    hash_api_key,
+    new_api_key,
+    new_tenant_id,
+    validate_tenant_name,
+)
+
+
+class TenantExistsError(ValueError):
+    pass
+
+
+class RedisTenantStore:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+
+    async def create_tenant(self, name: str) -> tuple[Tenant, str]:
+        """Create a tenant and its first API key; returns the key (shown once, never stored)."""
+        validate_tenant_name(name)
+        tenant = Tenant(id=new_tenant_id(), name=name, created_at_s=int(time.time()))
+        api_key = new_api_key()
+        claimed = await self._redis.set(f"zumik:tenant-name:{name}", tenant.id, nx=True)
+        if not claimed:
+            raise TenantExistsError(f"tenant {name!r} already exists; pick another name")
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                f"zumik:tenant:{tenant.id}",
+                mapping={"name": tenant.name, "created_at_s": tenant.created_at_s},
+            )
+            pipe.set(f"zumik:apikey:{hash_api_key(api_key)}", tenant.id)
+            await pipe.execute()
+        return tenant, api_key
+
+    async def tenant_for_key_hash(self, key_hash: str) -> Tenant | None:
+        try:
+            tenant_id = await self._redis.get(f"zumik:apikey:{key_hash}")
+            if tenant_id is None:
+                return None
+            tenant_id = _text(tenant_id)
+            fields = await self._redis.hgetall(f"zumik:tenant:{tenant_id}")
+        except RedisError as exc:
+            raise StoreUnavailableError(
+                "the state store is unavailable; retry shortly", retry_after_s=1
+            ) from exc
+        if not fields:
+            return None
+        data = {_text(k): _text(v) for k, v in fields.items()}
+        return Tenant(
+            id=TenantId(tenant_id), name=data["name"], created_at_s=int(data["created_at_s"])
+        )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,107 @@
+"""Tenants and API keys: who is calling, decided from a bearer key.
+
+Rules kept here: a key is shown once, at creation, and only its sha256 digest is stored; a key
+belongs to exactly one tenant; the development key (``ZUMIK_DEV_KEY``) maps to the fixed
+tenant ``dev`` and is meant for the embedded default only. Lookups go through the
+``TenantDirectory`` protocol; the Redis implementation lives in ``store/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import NewType, Protocol
+
+TenantId = NewType("TenantId", str)
+
+API_KEY_PREFIX = "zk-"
+TENANT_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+DEV_TENANT = TenantId("ten_dev")
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: TenantId
+    name: str
+    created_at_s: int
+
+
+def new_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_api_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def new_tenant_id() -> TenantId:
+    return TenantId("ten_" + secrets.token_hex(8))
+
+
+def validate_tenant_name(name: str) -> str:
+    if not TENANT_NAME_PATTERN.match(name):
+        raise ValueError(
+            f"invalid tenant name {name!r}: use 1-63 lower-case letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+class TenantDirectory(Protocol):
+    """Resolves API keys to tenants. ``None`` means the key is unknown (a 401, not an error)."""
+
+    async def tenant_for_key_hash(self, key_hash: str) -> Tenant | None: ...
+
+
+class Authenticator:
+    """Bearer key → tenant, with the dev key and a short positive cache in front of the store.
+
+    The cache holds a resolved key for ``cache_ttl_s`` seconds, so a busy gateway does one store
+    round trip per key per window instead of one per request.
+    """
+
+    def __init__(
+        self,
+        directory: TenantDirectory,
+        *,
+        dev_key: str | None = None,
+        cache_ttl_s: float = 5.0,
+        max_cached_keys: int = 10_000,
+    ) -> None:
+        self._directory = directory
+        self._dev_key = dev_key or None
+        self._cache_ttl_s = cache_ttl_s
+        self._max_cached_keys = max_cached_keys
+        self._cache: dict[str, tuple[Tenant, float]] = {}
+
+    async def authenticate(self, authorization: str | None) -> Tenant | None:
+        api_key = parse_bearer(authorization)
+        if api_key is None:
+            return None
+        if self._dev_key is not None and hmac.compare_digest(api_key, self._dev_key):
+            return Tenant(id=DEV_TENANT, name="dev", created_at_s=0)
+        key_hash = hash_api_key(api_key)
+        now = time.monotonic()
+        cached = self._cache.get(key_hash)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        tenant = await self._directory.tenant_for_key_hash(key_hash)
+        if tenant is not None:
+            if len(self._cache) >= self._max_cached_keys:
+                self._cache.clear()
+            self._cache[key_hash] = (tenant, now + self._cache_ttl_s)
+        return tenant
+
+
+def parse_bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
