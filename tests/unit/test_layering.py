@@ -1,0 +1,29 @@
+"""The domain stays free of framework imports (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+DOMAIN_MODULES = [
+    "profiles",
+    "kvstore",
+    "zumik_serve.tenancy",
+    "zumik_serve.ids",
+    "zumik_serve.errors",
+    "zumik_serve.service",
+    "zumik_serve.engines.protocol",
+    "zumik_serve.engines.vllm_config",
+    "zumik_serve.model.tiny",
+]
+FRAMEWORKS = ["ray", "fastapi", "vllm", "torch", "redis", "starlette"]
+
+
+def test_domain_modules_import_no_framework() -> None:
+    code = (
+        "import sys\n"
+        + "".join(f"import {module}\n" for module in DOMAIN_MODULES)
+        + f"print(','.join(m for m in {FRAMEWORKS!r} if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "", f"framework modules imported by the domain: {result.stdout}"

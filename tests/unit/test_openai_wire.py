@@ -1,0 +1,122 @@
+"""The /v1 wire layer: spec fields in, official objects out, vLLM extensions never through."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from tests.support.openai_schema import assert_matches_openai_type
+from zumik_serve.api.openai_wire import (
+    MAX_JSON_DEPTH,
+    StreamRenderer,
+    parse_json_body,
+    prepare_request,
+    render_chat_completion,
+    render_completion,
+)
+from zumik_serve.engines.protocol import EngineCall
+from zumik_serve.errors import EngineError, InvalidRequestError, ModelNotFoundError
+
+MODELS = {"tiny"}
+
+# A vLLM chat response as vLLM 0.32 dumps it, with its extension fields.
+VLLM_CHAT = {
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "tiny",
+    "choices": [{
+        "index": 0,
+        "message": {"role": "assistant", "content": "hi", "refusal": None, "annotations": None,
+                    "audio": None, "function_call": None, "tool_calls": [], "reasoning": None},
+        "logprobs": None, "finish_reason": "length", "stop_reason": None, "token_ids": None,
+        "routed_experts": None,
+    }],
+    "service_tier": None, "system_fingerprint": "vllm-0.32.0",
+    "usage": {"prompt_tokens": 5, "total_tokens": 7, "completion_tokens": 2,
+              "prompt_tokens_details": {"cached_tokens": 3, "cached_tokens_by_tier": {}},
+              "completion_tokens_details": None},
+    "prompt_logprobs": None, "prompt_token_ids": [1, 2], "prompt_text": None,
+    "kv_transfer_params": {"x": 1}, "ec_transfer_params": None, "metrics": None,
+}
+
+
+def test_chat_render_drops_every_engine_extension() -> None:
+    rendered = render_chat_completion(VLLM_CHAT, "tiny")
+    assert_matches_openai_type(rendered, ChatCompletion)
+    assert "prompt_token_ids" not in json.dumps(rendered)
+    assert rendered["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
+
+
+def test_completion_render_is_official() -> None:
+    body = {
+        "id": "cmpl-1", "object": "text_completion", "created": 1, "model": "tiny",
+        "choices": [{"index": 0, "text": "x", "logprobs": None, "finish_reason": "stop",
+                     "stop_reason": None, "prompt_logprobs": None, "token_ids": [4]}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        "kv_transfer_params": None,
+    }
+    assert_matches_openai_type(render_completion(body, "tiny"), Completion)
+
+
+def test_abnormal_finish_reason_is_an_error_not_a_made_up_stop() -> None:
+    aborted = json.loads(json.dumps(VLLM_CHAT))
+    aborted["choices"][0]["finish_reason"] = "abort"
+    with pytest.raises(EngineError):
+        render_chat_completion(aborted, "tiny")
+
+
+def test_stream_renderer_usage_semantics() -> None:
+    renderer = StreamRenderer(EngineCall.CHAT, "tiny", include_usage=True)
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "tiny",
+             "choices": [{"index": 0, "delta": {"content": "a", "reasoning": None}, "logprobs": None,
+                          "finish_reason": None, "token_ids": None}],
+             "prompt_token_ids": None}
+    rendered = renderer.render(chunk)
+    assert rendered is not None and rendered["usage"] is None
+    assert_matches_openai_type(rendered, ChatCompletionChunk)
+    usage_chunk = renderer.render({**chunk, "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                                                     "total_tokens": 2}})
+    assert usage_chunk is not None and usage_chunk["choices"] == [] and usage_chunk["usage"]["total_tokens"] == 2
+    without = StreamRenderer(EngineCall.CHAT, "tiny", include_usage=False)
+    assert without.render({**chunk, "choices": [], "usage": {"prompt_tokens": 1}}) is None
+    assert "usage" not in (without.render(chunk) or {})
+
+
+def test_prepare_request_rules() -> None:
+    ok = prepare_request(EngineCall.CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                           "prompt_cache_key": "k", "cache_salt": "evil"}, MODELS)
+    assert "prompt_cache_key" not in ok.engine_body and "cache_salt" not in ok.engine_body
+    with pytest.raises(ModelNotFoundError):
+        prepare_request(EngineCall.CHAT, {"model": "gpt-4", "messages": [{"role": "user"}]}, MODELS)
+    with pytest.raises(InvalidRequestError, match="Unrecognized") as info:
+        prepare_request(EngineCall.CHAT, {"model": "tiny", "messages": [{}], "top_k": 3}, MODELS)
+    assert info.value.param == "top_k"
+    with pytest.raises(InvalidRequestError, match="only allowed when 'stream' is true"):
+        prepare_request(EngineCall.CHAT, {"model": "tiny", "messages": [{}], "stream_options": {}}, MODELS)
+
+
+def test_stream_options_pass_only_include_usage() -> None:
+    prepared = prepare_request(
+        EngineCall.COMPLETION,
+        {"model": "tiny", "prompt": "x", "stream": True, "stream_options": {"include_usage": True,
+                                                                            "continuous_usage_stats": True}},
+        MODELS,
+    )
+    assert prepared.engine_body["stream_options"] == {"include_usage": True}
+    assert prepared.include_usage
+
+
+@pytest.mark.parametrize("raw", [b"", b"   ", b"{", b"[1]", b"\xff\xfe", b'"text"'])
+def test_parse_json_body_rejects_non_objects(raw: bytes) -> None:
+    with pytest.raises(InvalidRequestError):
+        parse_json_body(raw)
+
+
+def test_parse_json_body_rejects_deep_nesting_without_recursion_error() -> None:
+    deep = b'{"a":' * (MAX_JSON_DEPTH + 5) + b"1" + b"}" * (MAX_JSON_DEPTH + 5)
+    with pytest.raises(InvalidRequestError, match="nested deeper"):
+        parse_json_body(deep)
+    very_deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(InvalidRequestError):
+        parse_json_body(b'{"a":' + very_deep + b"}")

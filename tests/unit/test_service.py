@@ -1,0 +1,97 @@
+"""GatewayService: engine failures before output become real statuses; auth needs a known key.
+
+The engine here is an ``EngineClient`` written in the test: it plays a replica that fails,
+which the real stack cannot be made to do on demand before the first byte. The mid-stream
+failure path is exercised for real in ``tests/integration/test_v1_faults.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from zumik_serve.engines.protocol import (
+    EngineCall,
+    EngineChunks,
+    EngineEvent,
+    EngineFailure,
+    EngineResponse,
+    ReplicaAssigned,
+)
+from zumik_serve.errors import AuthenticationError, ContextLengthExceededError, EngineError
+from zumik_serve.service import GatewayService, ModelCard
+from zumik_serve.tenancy import Authenticator, Tenant, TenantId, hash_api_key
+
+
+class ScriptedEngine:
+    def __init__(self, *events: EngineEvent, raise_after: Exception | None = None) -> None:
+        self._events = events
+        self._raise = raise_after
+
+    async def generate(self, call: EngineCall, body: dict[str, Any]) -> AsyncIterator[EngineEvent]:
+        for event in self._events:
+            yield event
+        if self._raise is not None:
+            raise self._raise
+
+
+class Directory:
+    def __init__(self, keys: dict[str, Tenant]) -> None:
+        self.keys = {hash_api_key(key): tenant for key, tenant in keys.items()}
+        self.lookups = 0
+
+    async def tenant_for_key_hash(self, key_hash: str) -> Tenant | None:
+        self.lookups += 1
+        return self.keys.get(key_hash)
+
+
+ACME = Tenant(id=TenantId("ten_acme"), name="acme", created_at_s=1)
+
+
+def _service(engine: ScriptedEngine, directory: Directory | None = None) -> GatewayService:
+    return GatewayService(
+        models=[ModelCard(id="tiny", created_s=1)],
+        authenticator=Authenticator(directory or Directory({}), dev_key="dev"),
+        engine=engine,
+    )
+
+
+async def test_failure_before_output_is_5xx() -> None:
+    service = _service(ScriptedEngine(ReplicaAssigned("r1"), EngineFailure(status=500, message="boom")))
+    with pytest.raises(EngineError) as info:
+        await service.start(EngineCall.CHAT, {})
+    assert info.value.status == 500 and "Retry" in info.value.message
+
+
+async def test_unreachable_engine_is_503_with_retry_after() -> None:
+    service = _service(ScriptedEngine(raise_after=ConnectionError("replica gone")))
+    with pytest.raises(EngineError) as info:
+        await service.start(EngineCall.CHAT, {})
+    assert info.value.status == 503 and info.value.retry_after_s
+
+
+async def test_stream_that_starts_with_error_is_raised_before_first_byte() -> None:
+    payload = '{"error": {"message": "maximum context length is 2048 tokens", "type": "BadRequestError", "code": 400}}'
+    service = _service(ScriptedEngine(ReplicaAssigned("r1"), EngineChunks((payload, "[DONE]"))))
+    with pytest.raises(ContextLengthExceededError):
+        await service.start(EngineCall.CHAT, {})
+
+
+async def test_good_start_pins_replica_route_and_decision() -> None:
+    service = _service(ScriptedEngine(ReplicaAssigned("r7"), EngineResponse({"id": "x"})))
+    run = await service.start(EngineCall.COMPLETION, {})
+    assert run.route == "byoc:r7" and run.decision_id.startswith("dec_")
+
+
+async def test_authentication_caches_known_keys_and_rejects_unknown() -> None:
+    directory = Directory({"zk-good": ACME})
+    service = _service(ScriptedEngine(), directory)
+    assert (await service.authenticate("Bearer zk-good")) == ACME
+    assert (await service.authenticate("Bearer zk-good")) == ACME
+    assert directory.lookups == 1
+    assert (await service.authenticate("Bearer dev")).name == "dev"
+    for header in (None, "", "Bearer", "Bearer zk-bad", "Token zk-good"):
+        with pytest.raises(AuthenticationError):
+            await service.authenticate(header)
