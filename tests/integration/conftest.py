@@ -41,8 +41,12 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
     try:
         tenant_key = asyncio.run(_create_tenant(stack.redis_url, "acme"))
         yield RunningStack(
-            url=stack.url, redis_url=stack.redis_url, home=home,
-            model=profile.model.served_name, tenant_key=tenant_key, stack=stack,
+            url=stack.url,
+            redis_url=stack.redis_url,
+            home=home,
+            model=profile.model.served_name,
+            tenant_key=tenant_key,
+            stack=stack,
         )
     finally:
         stack.stop()

@@ -20,7 +20,11 @@ def _zumik(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_tenant_create_prints_a_working_key(running_stack) -> None:
-    env = {**os.environ, "ZUMIK_REDIS_URL": running_stack.redis_url, "ZUMIK_HOME": str(running_stack.home.root)}
+    env = {
+        **os.environ,
+        "ZUMIK_REDIS_URL": running_stack.redis_url,
+        "ZUMIK_HOME": str(running_stack.home.root),
+    }
     result = _zumik("tenant", "create", "beta-team", "--json", env=env)
     assert result.returncode == 0, result.stderr
     created = json.loads(result.stdout)

@@ -15,7 +15,9 @@ from tests.support.openai_schema import assert_matches_spec_component, spec_avai
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm]
 
 
-def _assert_error(response: httpx.Response, status: int, *, param: str | None = None, code: str | None = None) -> dict:
+def _assert_error(
+    response: httpx.Response, status: int, *, param: str | None = None, code: str | None = None
+) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"}
@@ -38,7 +40,9 @@ def _chat(model: str, **kwargs: object) -> dict[str, object]:
 
 def test_malformed_json_is_400(http: httpx.Client) -> None:
     response = http.post(
-        "/v1/chat/completions", content=b'{"model": "x", "messages": [', headers={"Content-Type": "application/json"}
+        "/v1/chat/completions",
+        content=b'{"model": "x", "messages": [',
+        headers={"Content-Type": "application/json"},
     )
     error = _assert_error(response, 400)
     assert error["type"] == "invalid_request_error"
@@ -50,7 +54,9 @@ def test_non_object_json_is_400(http: httpx.Client) -> None:
 
 
 def test_missing_messages_is_400_with_param(http: httpx.Client, running_stack) -> None:
-    _assert_error(http.post("/v1/chat/completions", json={"model": running_stack.model}), 400, param="messages")
+    _assert_error(
+        http.post("/v1/chat/completions", json={"model": running_stack.model}), 400, param="messages"
+    )
 
 
 def test_missing_model_is_400_with_param(http: httpx.Client) -> None:
@@ -72,7 +78,8 @@ def test_wrong_field_type_is_400_with_param(http: httpx.Client, running_stack) -
 def test_unknown_field_is_400_and_vllm_extensions_are_refused(http: httpx.Client, running_stack) -> None:
     error = _assert_error(
         http.post("/v1/chat/completions", json=_chat(running_stack.model, kv_transfer_params={"x": 1})),
-        400, param="kv_transfer_params",
+        400,
+        param="kv_transfer_params",
     )
     assert "Unrecognized" in error["message"]
 
@@ -85,7 +92,9 @@ def test_unknown_model_is_404_model_not_found(client: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_prompt_over_context_is_400_context_length_exceeded(http: httpx.Client, running_stack, stream: bool) -> None:
+def test_prompt_over_context_is_400_context_length_exceeded(
+    http: httpx.Client, running_stack, stream: bool
+) -> None:
     body = {
         "model": running_stack.model,
         "messages": [{"role": "user", "content": "word " * 3000}],
@@ -99,7 +108,9 @@ def test_prompt_over_context_is_400_context_length_exceeded(http: httpx.Client, 
 
 def test_completion_prompt_over_context_is_400(http: httpx.Client, running_stack) -> None:
     body = {"model": running_stack.model, "prompt": "word " * 3000, "max_tokens": 4}
-    _assert_error(http.post("/v1/completions", json=body), 400, code="context_length_exceeded", param="prompt")
+    _assert_error(
+        http.post("/v1/completions", json=body), 400, code="context_length_exceeded", param="prompt"
+    )
 
 
 @pytest.mark.parametrize("header", [None, "Bearer wrong-key", "Basic abc", "Bearer"])
@@ -107,7 +118,9 @@ def test_completion_prompt_over_context_is_400(http: httpx.Client, running_stack
 def test_missing_or_bad_key_is_401(running_stack, header: str | None, path: str) -> None:
     headers = {"Authorization": header} if header is not None else {}
     with httpx.Client(base_url=running_stack.url, timeout=30) as raw:
-        response = raw.post(path, json={}, headers=headers) if "chat" in path else raw.get(path, headers=headers)
+        response = (
+            raw.post(path, json={}, headers=headers) if "chat" in path else raw.get(path, headers=headers)
+        )
     error = _assert_error(response, 401)
     assert error["type"] == "authentication_error"
 

@@ -53,7 +53,9 @@ def test_replica_killed_mid_stream_gives_error_event_then_done(http: httpx.Clien
 
     deadline = time.monotonic() + 240
     while True:
-        retry = http.post("/v1/completions", json={"model": running_stack.model, "prompt": "hi", "max_tokens": 2})
+        retry = http.post(
+            "/v1/completions", json={"model": running_stack.model, "prompt": "hi", "max_tokens": 2}
+        )
         if retry.status_code == 200:
             break
         assert retry.status_code in (500, 502, 503), retry.text

@@ -104,20 +104,31 @@ def test_chat_stream_text_equals_non_stream_text(client: openai.OpenAI, running_
     chunks = list(client.chat.completions.create(**params, stream=True))
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     assert streamed == whole.choices[0].message.content
-    finish = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    finish = [
+        chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason
+    ]
     assert finish == [whole.choices[0].finish_reason]
     assert all(chunk.usage is None for chunk in chunks)
 
 
 def test_completion_stream_text_equals_non_stream_text(client: openai.OpenAI, running_stack) -> None:
-    params = {"model": running_stack.model, "prompt": "The repository policy says", "max_tokens": 20, "temperature": 0}
+    params = {
+        "model": running_stack.model,
+        "prompt": "The repository policy says",
+        "max_tokens": 20,
+        "temperature": 0,
+    }
     whole = client.completions.create(**params)
-    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(**params, stream=True) if chunk.choices)
+    streamed = "".join(
+        chunk.choices[0].text for chunk in client.completions.create(**params, stream=True) if chunk.choices
+    )
     assert streamed == whole.choices[0].text
 
 
 def test_stream_include_usage_gives_one_final_usage_chunk(http: httpx.Client, running_stack) -> None:
-    body = _chat(running_stack.model, "Count to ten", max_tokens=5, stream=True, stream_options={"include_usage": True})
+    body = _chat(
+        running_stack.model, "Count to ten", max_tokens=5, stream=True, stream_options={"include_usage": True}
+    )
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -149,7 +160,9 @@ def test_repeated_prompt_reports_cached_tokens(http: httpx.Client, running_stack
 def test_repeated_prompt_cached_tokens_through_sdk_stream(client: openai.OpenAI, running_stack) -> None:
     params = _chat(running_stack.model, LONG_PROMPT + " Streamed.", max_tokens=2)
     client.chat.completions.create(**params)
-    chunks = list(client.chat.completions.create(**params, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(**params, stream=True, stream_options={"include_usage": True})
+    )
     usage = chunks[-1].usage
     assert usage is not None and usage.prompt_tokens_details is not None
     assert usage.prompt_tokens_details.cached_tokens > 0
@@ -157,6 +170,9 @@ def test_repeated_prompt_cached_tokens_through_sdk_stream(client: openai.OpenAI,
 
 def test_prompt_cache_key_and_hints_are_accepted(client: openai.OpenAI, running_stack) -> None:
     response = client.chat.completions.create(
-        **_chat(running_stack.model, "hi", max_tokens=2), prompt_cache_key="agent-7", user="u1", metadata={"a": "b"}
+        **_chat(running_stack.model, "hi", max_tokens=2),
+        prompt_cache_key="agent-7",
+        user="u1",
+        metadata={"a": "b"},
     )
     assert response.usage is not None and response.usage.completion_tokens == 2

@@ -41,6 +41,7 @@ def test_tenant_survives_kill_9_and_restart(tmp_path: Path) -> None:
     server.kill()
     restarted = LocalRedis(data_dir=tmp_path, port=port).start()
     try:
+
         async def lookup() -> str | None:
             client = aioredis.from_url(restarted.url)
             tenant = await RedisTenantStore(client).tenant_for_key_hash(hash_api_key(key))

@@ -24,20 +24,45 @@ MODELS = {"tiny"}
 
 # A vLLM chat response as vLLM 0.32 dumps it, with its extension fields.
 VLLM_CHAT = {
-    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "tiny",
-    "choices": [{
-        "index": 0,
-        "message": {"role": "assistant", "content": "hi", "refusal": None, "annotations": None,
-                    "audio": None, "function_call": None, "tool_calls": [], "reasoning": None},
-        "logprobs": None, "finish_reason": "length", "stop_reason": None, "token_ids": None,
-        "routed_experts": None,
-    }],
-    "service_tier": None, "system_fingerprint": "vllm-0.32.0",
-    "usage": {"prompt_tokens": 5, "total_tokens": 7, "completion_tokens": 2,
-              "prompt_tokens_details": {"cached_tokens": 3, "cached_tokens_by_tier": {}},
-              "completion_tokens_details": None},
-    "prompt_logprobs": None, "prompt_token_ids": [1, 2], "prompt_text": None,
-    "kv_transfer_params": {"x": 1}, "ec_transfer_params": None, "metrics": None,
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "tiny",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "hi",
+                "refusal": None,
+                "annotations": None,
+                "audio": None,
+                "function_call": None,
+                "tool_calls": [],
+                "reasoning": None,
+            },
+            "logprobs": None,
+            "finish_reason": "length",
+            "stop_reason": None,
+            "token_ids": None,
+            "routed_experts": None,
+        }
+    ],
+    "service_tier": None,
+    "system_fingerprint": "vllm-0.32.0",
+    "usage": {
+        "prompt_tokens": 5,
+        "total_tokens": 7,
+        "completion_tokens": 2,
+        "prompt_tokens_details": {"cached_tokens": 3, "cached_tokens_by_tier": {}},
+        "completion_tokens_details": None,
+    },
+    "prompt_logprobs": None,
+    "prompt_token_ids": [1, 2],
+    "prompt_text": None,
+    "kv_transfer_params": {"x": 1},
+    "ec_transfer_params": None,
+    "metrics": None,
 }
 
 
@@ -50,9 +75,21 @@ def test_chat_render_drops_every_engine_extension() -> None:
 
 def test_completion_render_is_official() -> None:
     body = {
-        "id": "cmpl-1", "object": "text_completion", "created": 1, "model": "tiny",
-        "choices": [{"index": 0, "text": "x", "logprobs": None, "finish_reason": "stop",
-                     "stop_reason": None, "prompt_logprobs": None, "token_ids": [4]}],
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "tiny",
+        "choices": [
+            {
+                "index": 0,
+                "text": "x",
+                "logprobs": None,
+                "finish_reason": "stop",
+                "stop_reason": None,
+                "prompt_logprobs": None,
+                "token_ids": [4],
+            }
+        ],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         "kv_transfer_params": None,
     }
@@ -68,24 +105,47 @@ def test_abnormal_finish_reason_is_an_error_not_a_made_up_stop() -> None:
 
 def test_stream_renderer_usage_semantics() -> None:
     renderer = StreamRenderer(EngineCall.CHAT, "tiny", include_usage=True)
-    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "tiny",
-             "choices": [{"index": 0, "delta": {"content": "a", "reasoning": None}, "logprobs": None,
-                          "finish_reason": None, "token_ids": None}],
-             "prompt_token_ids": None}
+    chunk = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "tiny",
+        "choices": [
+            {
+                "index": 0,
+                "delta": {"content": "a", "reasoning": None},
+                "logprobs": None,
+                "finish_reason": None,
+                "token_ids": None,
+            }
+        ],
+        "prompt_token_ids": None,
+    }
     rendered = renderer.render(chunk)
     assert rendered is not None and rendered["usage"] is None
     assert_matches_openai_type(rendered, ChatCompletionChunk)
-    usage_chunk = renderer.render({**chunk, "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1,
-                                                                     "total_tokens": 2}})
-    assert usage_chunk is not None and usage_chunk["choices"] == [] and usage_chunk["usage"]["total_tokens"] == 2
+    usage_chunk = renderer.render(
+        {**chunk, "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    )
+    assert (
+        usage_chunk is not None and usage_chunk["choices"] == [] and usage_chunk["usage"]["total_tokens"] == 2
+    )
     without = StreamRenderer(EngineCall.CHAT, "tiny", include_usage=False)
     assert without.render({**chunk, "choices": [], "usage": {"prompt_tokens": 1}}) is None
     assert "usage" not in (without.render(chunk) or {})
 
 
 def test_prepare_request_rules() -> None:
-    ok = prepare_request(EngineCall.CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                           "prompt_cache_key": "k", "cache_salt": "evil"}, MODELS)
+    ok = prepare_request(
+        EngineCall.CHAT,
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "x"}],
+            "prompt_cache_key": "k",
+            "cache_salt": "evil",
+        },
+        MODELS,
+    )
     assert "prompt_cache_key" not in ok.engine_body and "cache_salt" not in ok.engine_body
     with pytest.raises(ModelNotFoundError):
         prepare_request(EngineCall.CHAT, {"model": "gpt-4", "messages": [{"role": "user"}]}, MODELS)
@@ -99,8 +159,12 @@ def test_prepare_request_rules() -> None:
 def test_stream_options_pass_only_include_usage() -> None:
     prepared = prepare_request(
         EngineCall.COMPLETION,
-        {"model": "tiny", "prompt": "x", "stream": True, "stream_options": {"include_usage": True,
-                                                                            "continuous_usage_stats": True}},
+        {
+            "model": "tiny",
+            "prompt": "x",
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        },
         MODELS,
     )
     assert prepared.engine_body["stream_options"] == {"include_usage": True}

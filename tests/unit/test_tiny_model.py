@@ -45,7 +45,7 @@ def test_tokenizer_round_trips_any_text(tmp_path: Path) -> None:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(build_tiny_model(tmp_path / "m") / "tokenizer.json"))
-    text = "Zumik façade — 東京 ✓ {\"json\": [1, 2]}\n\ttabs"
+    text = 'Zumik façade — 東京 ✓ {"json": [1, 2]}\n\ttabs'
     encoding = tokenizer.encode(text)
     assert encoding.tokens[0] == BOS_TOKEN
     assert tokenizer.decode(encoding.ids) == text
