@@ -7,6 +7,7 @@ failure path is exercised for real in ``tests/integration/test_v1_faults.py``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -73,7 +74,9 @@ async def test_unreachable_engine_is_503_with_retry_after() -> None:
 
 
 async def test_stream_that_starts_with_error_is_raised_before_first_byte() -> None:
-    payload = '{"error": {"message": "maximum context length is 2048 tokens", "type": "BadRequestError", "code": 400}}'
+    payload = json.dumps(
+        {"error": {"message": "maximum context length is 2048", "type": "BadRequestError", "code": 400}}
+    )
     service = _service(ScriptedEngine(ReplicaAssigned("r1"), EngineChunks((payload, "[DONE]"))))
     with pytest.raises(ContextLengthExceededError):
         await service.start(EngineCall.CHAT, {})
