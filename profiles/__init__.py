@@ -9,13 +9,22 @@ from profiles.loader import (
     parse_profile,
     resolve_profile,
 )
-from profiles.model import TINY_MODEL_SOURCE, Device, EngineSpec, GatewaySpec, ModelSpec, Profile
+from profiles.model import (
+    TINY_MODEL_SOURCE,
+    Device,
+    EngineSpec,
+    GatewayPlacement,
+    GatewaySpec,
+    ModelSpec,
+    Profile,
+)
 
 __all__ = [
     "DEFAULT_PROFILE",
     "TINY_MODEL_SOURCE",
     "Device",
     "EngineSpec",
+    "GatewayPlacement",
     "GatewaySpec",
     "ModelSpec",
     "Profile",

@@ -32,9 +32,7 @@ def load_builtin(name: str) -> Profile:
     """Load a profile shipped in ``profiles/builtin/`` by its name."""
     names = builtin_names()
     if name not in names:
-        raise ProfileError(
-            f"unknown built-in profile {name!r}; built-in profiles: {', '.join(names)}"
-        )
+        raise ProfileError(f"unknown built-in profile {name!r}; built-in profiles: {', '.join(names)}")
     text = resources.files(BUILTIN_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8")
     return parse_profile(text, source=f"builtin:{name}")
 
@@ -49,9 +47,7 @@ def resolve_profile(name_or_path: str) -> Profile:
 def builtin_names() -> list[str]:
     folder = resources.files(BUILTIN_PACKAGE)
     return sorted(
-        entry.name.removesuffix(".yaml")
-        for entry in folder.iterdir()
-        if entry.name.endswith(".yaml")
+        entry.name.removesuffix(".yaml") for entry in folder.iterdir() if entry.name.endswith(".yaml")
     )
 
 

@@ -78,9 +78,20 @@ class EngineSpec(_Frozen):
         return self
 
 
+class GatewayPlacement(StrEnum):
+    SEPARATE = "separate"
+    COLOCATED = "colocated"
+
+
 class GatewaySpec(_Frozen):
     """The stateless ingress in front of the engines."""
 
+    placement: GatewayPlacement = Field(
+        default=GatewayPlacement.SEPARATE,
+        description="'separate': Gateway replicas call engine replicas through a Serve handle. "
+        "'colocated': each engine replica serves the gateway app in-process (one hop fewer; "
+        "num_replicas is then the engine's).",
+    )
     num_replicas: Annotated[int, Field(ge=1, le=64)] = 1
     max_body_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
 

@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--profile", default="local-cpu", help="built-in profile name or YAML path")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--ingress", choices=["haproxy", "serve"], default="haproxy",
+        help="HTTP ingress of a local Ray head: Serve's HAProxy (default, fastest) or its Python proxy",
+    )  # fmt: skip
     serve.set_defaults(run=_cmd_serve)
 
     tenant = sub.add_parser("tenant", help="manage tenants").add_subparsers(title="tenant commands")
@@ -59,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     overhead.add_argument("--requests", type=int, default=40, help="requests per arm per round")
     overhead.add_argument("--warmup", type=int, default=20)
     overhead.add_argument("--out", type=Path, default=Path("bench-out/overhead"))
+    overhead.add_argument(
+        "--placement", choices=["separate", "colocated"], help="override the profile's gateway placement"
+    )
+    overhead.add_argument("--ingress", choices=["haproxy", "serve"], default="haproxy")
     overhead.add_argument("--json", action="store_true")
     overhead.set_defaults(run=_cmd_bench_overhead)
     return parser
@@ -73,7 +81,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ProfileError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    stack = LocalStack(StackConfig.from_env(profile, host=args.host, port=args.port))
+    stack = LocalStack(StackConfig.from_env(profile, host=args.host, port=args.port, ingress=args.ingress))
     stopping = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
@@ -111,13 +119,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _print_ready(stack: object, model: str, elapsed_s: float) -> None:
     url = stack.url  # type: ignore[attr-defined]
     key_hint = "$ZUMIK_DEV_KEY" if stack.config.dev_key else "$ZUMIK_API_KEY"  # type: ignore[attr-defined]
-    console.print(
-        f"\n[bold green]Zumik is ready[/bold green] in {elapsed_s:.0f} s at [bold]{url}/v1[/bold]"
-    )
+    console.print(f"\n[bold green]Zumik is ready[/bold green] in {elapsed_s:.0f} s at [bold]{url}/v1[/bold]")
     if not stack.config.dev_key:  # type: ignore[attr-defined]
-        console.print(
-            "Create a key first:  zumik tenant create myteam   (then export ZUMIK_API_KEY=...)"
-        )
+        console.print("Create a key first:  zumik tenant create myteam   (then export ZUMIK_API_KEY=...)")
     console.print("Try it:\n")
     print(
         f'curl {url}/v1/chat/completions -H "Authorization: Bearer {key_hint}" '
@@ -162,9 +166,7 @@ def _cmd_tenant_create(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"tenant": args.name, "tenant_id": tenant_id, "api_key": api_key}))
     else:
-        console.print(
-            f"created tenant [bold]{args.name}[/bold] ({tenant_id}); its API key (shown once):"
-        )
+        console.print(f"created tenant [bold]{args.name}[/bold] ({tenant_id}); its API key (shown once):")
         print(api_key)
     return 0
 

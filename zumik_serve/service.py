@@ -39,6 +39,10 @@ class EngineClient(Protocol):
 
     def generate(self, call: EngineCall, body: dict[str, Any]) -> AsyncIterator[EngineEvent]: ...
 
+    async def complete(self, call: EngineCall, body: dict[str, Any]) -> list[EngineEvent]:
+        """A non-streaming call: all of its events at once (one round trip)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ModelCard:
@@ -79,11 +83,14 @@ class GatewayService:
             )
         return tenant
 
-    async def start(self, call: EngineCall, engine_body: dict[str, Any]) -> EngineRun:
+    async def start(self, call: EngineCall, engine_body: dict[str, Any], *, stream: bool) -> EngineRun:
         """Start the call and wait for its first output; failures before it are raised."""
-        events = aiter(self._engine.generate(call, engine_body))
         replica_id = "unknown"
         try:
+            if stream:
+                events = aiter(self._engine.generate(call, engine_body))
+            else:
+                events = _iterate(await self._engine.complete(call, engine_body))
             async for event in events:
                 if isinstance(event, ReplicaAssigned):
                     replica_id = event.replica_id
@@ -99,12 +106,16 @@ class GatewayService:
             raise
         except Exception as exc:
             raise EngineError(
-                f"No engine replica could take the request ({type(exc).__name__}). Retry in a "
-                "few seconds.",
+                f"No engine replica could take the request ({type(exc).__name__}). Retry in a few seconds.",
                 status=503,
                 retry_after_s=2,
             ) from exc
         raise EngineError("The engine ended the call without any output. Retry the request.")
+
+
+async def _iterate(events: list[EngineEvent]) -> AsyncIterator[EngineEvent]:
+    for event in events:
+        yield event
 
 
 def error_for_failure(failure: EngineFailure, call: EngineCall) -> ZumikError:
@@ -112,14 +123,10 @@ def error_for_failure(failure: EngineFailure, call: EngineCall) -> ZumikError:
     message = failure.message
     lowered = message.lower()
     if failure.status == 400 and (
-        "context length" in lowered
-        or "maximum model length" in lowered
-        or "max_model_len" in lowered
+        "context length" in lowered or "maximum model length" in lowered or "max_model_len" in lowered
     ):
         param = "messages" if call is EngineCall.CHAT else "prompt"
-        return ContextLengthExceededError(
-            f"{message} Shorten the {param} or lower max_tokens.", param=param
-        )
+        return ContextLengthExceededError(f"{message} Shorten the {param} or lower max_tokens.", param=param)
     if 400 <= failure.status < 500:
         return InvalidRequestError(message, param=failure.param, status=failure.status)
     return EngineError(

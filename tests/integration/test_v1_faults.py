@@ -1,8 +1,8 @@
-"""Engine failure mid-stream, for real: the engine replica is killed while it streams.
+"""Engine failure mid-stream, for real: vLLM's engine process is killed while it streams.
 
 Invariants: the client gets an SSE error event (an OpenAI error object) and then ``[DONE]``,
-never a made-up ``finish_reason``; Serve replaces the replica and later requests succeed.
-Runs last (marker ``disruptive``) because the stack is without an engine for about a minute.
+never a made-up ``finish_reason``; Serve replaces the failed replica and later requests succeed.
+Runs last (marker ``disruptive``): the stack has no engine for about a minute.
 """
 
 from __future__ import annotations
@@ -11,54 +11,72 @@ import json
 import time
 
 import httpx
+import psutil
 import pytest
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm, pytest.mark.disruptive]
 
 
-def _kill_engine_replica() -> str:
-    import ray
+def kill_engine_core(app_name: str) -> int:
+    """SIGKILL the vLLM EngineCore process under ``app_name``'s EngineReplica actor."""
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        label = f"{proc.info['name']} {' '.join(proc.info['cmdline'] or [])}"
+        if "EngineCore" not in label:
+            continue
+        parent = proc.parent()
+        if parent is not None and f"ServeReplica:{app_name}:EngineReplica" in " ".join(parent.cmdline()):
+            proc.kill()
+            return proc.pid
+    raise AssertionError(f"no vLLM EngineCore process found under app {app_name!r}")
 
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if "EngineReplica" in actor["name"] and actor["name"].startswith("SERVE_REPLICA"):
-            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
-            return str(actor["name"])
-    raise AssertionError("no EngineReplica actor found")
 
-
-def test_replica_killed_mid_stream_gives_error_event_then_done(http: httpx.Client, running_stack) -> None:
+def stream_and_break(http: httpx.Client, path: str, model: str, break_after: int, kill) -> list[str]:
     body = {
-        "model": running_stack.model,
+        "model": model,
         "messages": [{"role": "user", "content": "Write a very long story."}],
         "max_tokens": 1800,
         "stream": True,
     }
     lines: list[str] = []
-    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+    with http.stream("POST", path, json=body) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             if not line:
                 continue
             lines.append(line)
-            if len(lines) == 3:
-                _kill_engine_replica()
+            if len(lines) == break_after:
+                kill()
+    return lines
+
+
+def assert_error_event_then_done(lines: list[str]) -> None:
     assert lines[-1] == "data: [DONE]"
+    assert lines.count("data: [DONE]") == 1
     payloads = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
     assert "error" in payloads[-1], payloads[-1]
     error = payloads[-1]["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "server_error"
+    assert error["code"] is None or isinstance(error["code"], str)
     finishes = [c["choices"][0]["finish_reason"] for c in payloads[:-1] if c.get("choices")]
     assert all(reason is None for reason in finishes)  # no made-up finish_reason
 
-    deadline = time.monotonic() + 240
+
+def wait_until_serving(http: httpx.Client, path: str, model: str, timeout_s: float = 300) -> httpx.Response:
+    deadline = time.monotonic() + timeout_s
     while True:
-        retry = http.post(
-            "/v1/completions", json={"model": running_stack.model, "prompt": "hi", "max_tokens": 2}
-        )
+        retry = http.post(path, json={"model": model, "prompt": "hi", "max_tokens": 2})
         if retry.status_code == 200:
-            break
+            return retry
         assert retry.status_code in (500, 502, 503), retry.text
         assert time.monotonic() < deadline, "the engine replica was not replaced in time"
         time.sleep(2)
+
+
+def test_engine_killed_mid_stream_gives_error_event_then_done(http: httpx.Client, running_stack) -> None:
+    lines = stream_and_break(
+        http, "/v1/chat/completions", running_stack.model, 3, lambda: kill_engine_core("zumik")
+    )
+    assert_error_event_then_done(lines)
+    retry = wait_until_serving(http, "/v1/completions", running_stack.model)
     assert retry.json()["usage"]["completion_tokens"] == 2

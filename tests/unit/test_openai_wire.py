@@ -184,3 +184,13 @@ def test_parse_json_body_rejects_deep_nesting_without_recursion_error() -> None:
     very_deep = b"[" * 100_000 + b"]" * 100_000
     with pytest.raises(InvalidRequestError):
         parse_json_body(b'{"a":' + very_deep + b"}")
+
+
+def test_stream_error_types_are_openai_types() -> None:
+    from zumik_serve.api.openai_wire import render_stream_error
+
+    server = render_stream_error({"message": "EngineCore died", "type": "InternalServerError", "code": 500})
+    assert server["error"]["type"] == "server_error" and "Retry" in server["error"]["message"]
+    assert server["error"]["code"] == "engine_error"
+    client = render_stream_error({"message": "bad", "type": "BadRequestError", "code": 400, "param": "x"})
+    assert client["error"] == {"message": "bad", "type": "invalid_request_error", "param": "x", "code": None}

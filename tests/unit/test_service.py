@@ -37,6 +37,9 @@ class ScriptedEngine:
         if self._raise is not None:
             raise self._raise
 
+    async def complete(self, call: EngineCall, body: dict[str, Any]) -> list[EngineEvent]:
+        return [event async for event in self.generate(call, body)]
+
 
 class Directory:
     def __init__(self, keys: dict[str, Tenant]) -> None:
@@ -59,32 +62,35 @@ def _service(engine: ScriptedEngine, directory: Directory | None = None) -> Gate
     )
 
 
-async def test_failure_before_output_is_5xx() -> None:
+@pytest.mark.parametrize("stream", [False, True])
+async def test_failure_before_output_is_5xx(stream: bool) -> None:
     service = _service(ScriptedEngine(ReplicaAssigned("r1"), EngineFailure(status=500, message="boom")))
     with pytest.raises(EngineError) as info:
-        await service.start(EngineCall.CHAT, {})
+        await service.start(EngineCall.CHAT, {}, stream=stream)
     assert info.value.status == 500 and "Retry" in info.value.message
 
 
-async def test_unreachable_engine_is_503_with_retry_after() -> None:
+@pytest.mark.parametrize("stream", [False, True])
+async def test_unreachable_engine_is_503_with_retry_after(stream: bool) -> None:
     service = _service(ScriptedEngine(raise_after=ConnectionError("replica gone")))
     with pytest.raises(EngineError) as info:
-        await service.start(EngineCall.CHAT, {})
+        await service.start(EngineCall.CHAT, {}, stream=stream)
     assert info.value.status == 503 and info.value.retry_after_s
 
 
 async def test_stream_that_starts_with_error_is_raised_before_first_byte() -> None:
+    stream = True
     payload = json.dumps(
         {"error": {"message": "maximum context length is 2048", "type": "BadRequestError", "code": 400}}
     )
     service = _service(ScriptedEngine(ReplicaAssigned("r1"), EngineChunks((payload, "[DONE]"))))
     with pytest.raises(ContextLengthExceededError):
-        await service.start(EngineCall.CHAT, {})
+        await service.start(EngineCall.CHAT, {}, stream=stream)
 
 
 async def test_good_start_pins_replica_route_and_decision() -> None:
     service = _service(ScriptedEngine(ReplicaAssigned("r7"), EngineResponse({"id": "x"})))
-    run = await service.start(EngineCall.COMPLETION, {})
+    run = await service.start(EngineCall.COMPLETION, {}, stream=False)
     assert run.route == "byoc:r7" and run.decision_id.startswith("dec_")
 
 

@@ -129,9 +129,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def prepare_request(
-    call: EngineCall, body: dict[str, Any], served_models: set[str]
-) -> PreparedRequest:
+def prepare_request(call: EngineCall, body: dict[str, Any], served_models: set[str]) -> PreparedRequest:
     """Check a /v1 body against the spec's fields and the served models."""
     allowed = CHAT_FIELDS if call is EngineCall.CHAT else COMPLETION_FIELDS
     engine_body: dict[str, Any] = {}
@@ -185,12 +183,24 @@ def render_error(message: str, type_: str, param: str | None, code: str | None) 
 
 
 def render_stream_error(error: Mapping[str, Any]) -> dict[str, Any]:
-    code = error.get("code")
+    """An engine's in-stream error as an OpenAI error object, with OpenAI's type names.
+
+    After the first byte the status is already 200, so the error type carries the meaning:
+    a client fault stays ``invalid_request_error``, anything else is ``server_error``.
+    """
+    raw_type = str(error.get("type") or "")
+    client_fault = raw_type in ("invalid_request_error", "BadRequestError") or error.get("code") == 400
+    detail = str(error.get("message") or "no detail").strip()
+    message = (
+        detail
+        if client_fault
+        else f"The engine failed while streaming ({detail}); the output is incomplete. Retry the request."
+    )
     return render_error(
-        message=str(error.get("message") or "The engine failed while streaming."),
-        type_=str(error.get("type") or "server_error"),
+        message=message,
+        type_="invalid_request_error" if client_fault else "server_error",
         param=error.get("param") if isinstance(error.get("param"), str) else None,
-        code=code if isinstance(code, str) else None,
+        code=None if client_fault else "engine_error",
     )
 
 
@@ -297,9 +307,7 @@ class StreamRenderer:
     def render(self, chunk: Mapping[str, Any]) -> dict[str, Any] | None:
         raw_choices = chunk.get("choices") or []
         choices = [
-            self._chat_choice(choice)
-            if self._call is EngineCall.CHAT
-            else self._text_choice(choice)
+            self._chat_choice(choice) if self._call is EngineCall.CHAT else self._text_choice(choice)
             for choice in raw_choices
         ]
         usage = render_usage(chunk.get("usage")) if self._include_usage else None
@@ -307,9 +315,7 @@ class StreamRenderer:
             return None
         rendered: dict[str, Any] = {
             "id": chunk["id"],
-            "object": "chat.completion.chunk"
-            if self._call is EngineCall.CHAT
-            else "text_completion",
+            "object": "chat.completion.chunk" if self._call is EngineCall.CHAT else "text_completion",
             "created": chunk["created"],
             "model": self._model,
             "choices": choices,
@@ -377,9 +383,7 @@ def _tool_call_delta(call: Mapping[str, Any]) -> dict[str, Any]:
         rendered["id"] = call["id"]
         rendered["type"] = "function"
     function = call.get("function") or {}
-    rendered_function = {
-        key: function[key] for key in ("name", "arguments") if function.get(key) is not None
-    }
+    rendered_function = {key: function[key] for key in ("name", "arguments") if function.get(key) is not None}
     if rendered_function:
         rendered["function"] = rendered_function
     return rendered

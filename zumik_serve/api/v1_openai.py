@@ -69,7 +69,7 @@ async def _generate(request: Request, call: EngineCall) -> Response:
     await service.authenticate(request.headers.get("authorization"))
     body = parse_json_body(await read_body(request, request.app.state.max_body_bytes))
     prepared = prepare_request(call, body, service.served_model_ids)
-    run = await service.start(call, prepared.engine_body)
+    run = await service.start(call, prepared.engine_body, stream=prepared.stream)
     headers = zumik_headers.route_headers(run.decision_id, run.route)
     if not prepared.stream:
         return _whole_response(run, prepared, headers)
@@ -104,7 +104,8 @@ async def _sse(run: EngineRun, prepared: PreparedRequest) -> AsyncIterator[bytes
     try:
         async for event in events():
             if isinstance(event, EngineFailure):
-                yield _data(render_error(event.message, event.type, event.param, None))
+                failure = {"message": event.message, "type": event.type, "param": event.param}
+                yield _data(render_stream_error({**failure, "code": event.status}))
                 break
             if not isinstance(event, EngineChunks):
                 continue

@@ -1,4 +1,12 @@
-"""Building the Ray Serve application of one profile: Gateway → EngineReplica (vLLM)."""
+"""Building the Ray Serve application of one profile, in one of two topologies:
+
+    separate (default)   proxy → Gateway (N replicas) ──handle──► EngineReplica (vLLM)
+    colocated            proxy → EngineReplica serving the gateway app in-process (vLLM)
+
+The gateway code is the same in both; only how it reaches the engine differs. ``colocated``
+saves the handle hop (several ms here, see docs/benchmarks.md) at the price of gateway
+replicas that cannot scale apart from engines.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +16,8 @@ from pathlib import Path
 from ray import serve
 from ray.serve.llm import LLMConfig
 
-from profiles import Profile
-from zumik_serve.deployments.engine_replica import EngineReplica
+from profiles import GatewayPlacement, Profile
+from zumik_serve.deployments.engine_replica import EngineReplica, IngressEngineReplica
 from zumik_serve.deployments.gateway import Gateway, GatewaySettings
 from zumik_serve.engines.vllm_config import llm_config_kwargs
 
@@ -25,11 +33,7 @@ def build_serve_app(
 ) -> serve.Application:
     tokenizer_dir = Path(profile.model.tokenizer) if profile.model.tokenizer else None
     llm_config = LLMConfig(**llm_config_kwargs(profile, model_dir, tokenizer_dir))
-    engine = (
-        serve.deployment(EngineReplica)
-        .options(name="EngineReplica", **EngineReplica.get_deployment_options(llm_config))
-        .bind(llm_config)
-    )
+    options = EngineReplica.get_deployment_options(llm_config)
     settings = GatewaySettings(
         profile_name=profile.name,
         served_model=profile.model.served_name,
@@ -38,4 +42,8 @@ def build_serve_app(
         max_body_bytes=profile.gateway.max_body_bytes,
         dev_key=dev_key,
     )
+    if profile.gateway.placement is GatewayPlacement.COLOCATED:
+        ingress_engine = serve.deployment(serve.ingress()(IngressEngineReplica))
+        return ingress_engine.options(name="EngineReplica", **options).bind(llm_config, settings)
+    engine = serve.deployment(EngineReplica).options(name="EngineReplica", **options).bind(llm_config)
     return Gateway.options(num_replicas=profile.gateway.num_replicas).bind(settings, engine)

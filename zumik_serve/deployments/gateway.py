@@ -11,7 +11,7 @@ from ray import serve
 
 from zumik_serve.api.app import build_app
 from zumik_serve.engines.ray_client import RayEngineClient
-from zumik_serve.service import GatewayService, ModelCard
+from zumik_serve.service import EngineClient, GatewayService, ModelCard
 from zumik_serve.store.tenant_store import RedisTenantStore
 from zumik_serve.tenancy import Authenticator
 
@@ -32,17 +32,24 @@ class GatewaySettings:
         )
 
 
+def make_gateway_app(settings: GatewaySettings, engine: EngineClient) -> FastAPI:
+    """The gateway's FastAPI app over ``engine``; the same app in both topologies."""
+    redis_client = aioredis.from_url(settings.redis_url, socket_timeout=5.0)
+    service = GatewayService(
+        models=[ModelCard(id=settings.served_model, created_s=settings.model_created_s)],
+        authenticator=Authenticator(RedisTenantStore(redis_client), dev_key=settings.dev_key),
+        engine=engine,
+    )
+    return build_app(service, max_body_bytes=settings.max_body_bytes)
+
+
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0.5})
 @serve.ingress()
 class Gateway:
+    """The separate topology: its own replicas, reaching engines through a Serve handle."""
+
     def __init__(self, settings: GatewaySettings, engine: Any) -> None:
-        self._settings = settings
-        self._redis = aioredis.from_url(settings.redis_url, socket_timeout=5.0)
-        self._service = GatewayService(
-            models=[ModelCard(id=settings.served_model, created_s=settings.model_created_s)],
-            authenticator=Authenticator(RedisTenantStore(self._redis), dev_key=settings.dev_key),
-            engine=RayEngineClient(engine),
-        )
+        self._app = make_gateway_app(settings, RayEngineClient(engine))
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_app(self._service, max_body_bytes=self._settings.max_body_bytes)
+        return self._app

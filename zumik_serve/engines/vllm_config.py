@@ -40,9 +40,7 @@ def vllm_engine_kwargs(profile: Profile) -> dict[str, Any]:
     return kwargs
 
 
-def llm_config_kwargs(
-    profile: Profile, model_dir: Path, tokenizer_dir: Path | None
-) -> dict[str, Any]:
+def llm_config_kwargs(profile: Profile, model_dir: Path, tokenizer_dir: Path | None) -> dict[str, Any]:
     """Keyword arguments for ``ray.serve.llm.LLMConfig`` serving ``profile``."""
     loading: dict[str, Any] = {
         "model_id": profile.model.served_name,

@@ -127,9 +127,7 @@ def running_redis_url(home: ZumikHome) -> str | None:
     return str(info["url"])
 
 
-def wait_for_redis(
-    url: str, *, timeout_s: float, process: subprocess.Popen[bytes] | None = None
-) -> None:
+def wait_for_redis(url: str, *, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     client = redis.Redis.from_url(url, socket_timeout=1.0)
     try:

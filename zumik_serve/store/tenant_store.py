@@ -62,9 +62,7 @@ class RedisTenantStore:
         if not fields:
             return None
         data = {_text(k): _text(v) for k, v in fields.items()}
-        return Tenant(
-            id=TenantId(tenant_id), name=data["name"], created_at_s=int(data["created_at_s"])
-        )
+        return Tenant(id=TenantId(tenant_id), name=data["name"], created_at_s=int(data["created_at_s"]))
 
 
 def _text(value: bytes | str) -> str:

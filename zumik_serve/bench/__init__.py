@@ -1,0 +1,1 @@
+"""Benchmarks behind `zumik bench ...`: arms measured side by side in one run."""
