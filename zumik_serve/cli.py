@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import threading
@@ -81,6 +82,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ProfileError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
+    # vLLM's INFO lines (from imports in this process) would bury the progress display; the
+    # engine replicas' own logs stay in Ray's log folder.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     stack = LocalStack(StackConfig.from_env(profile, host=args.host, port=args.port, ingress=args.ingress))
     stopping = threading.Event()
 

@@ -118,6 +118,9 @@ class LocalStack:
                 )
                 self.started_ray = True
 
+        # Ray routes the root logger through its JSON handler; keep per-request client logs out.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
         with self._step("deploy"):
             from ray import serve
 
