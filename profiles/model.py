@@ -94,6 +94,7 @@ class GatewaySpec(_Frozen):
     )
     num_replicas: Annotated[int, Field(ge=1, le=64)] = 1
     max_body_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+    max_artifact_bytes: Annotated[int, Field(ge=1)] = 2 * 1024 * 1024
 
 
 class Profile(_Frozen):

@@ -6,7 +6,11 @@
     ├── AuthenticationError           401   authentication_error
     ├── NotFoundError                 404   not_found_error
     │   └── ModelNotFoundError        404   invalid_request_error / model_not_found
+    ├── MethodNotAllowedError         405   invalid_request_error / immutable_object
+    ├── ConflictError                 409   conflict_error
     ├── PayloadTooLargeError          413   invalid_request_error / payload_too_large
+    ├── UnprocessableError            422   invalid_request_error
+    │   └── IdempotencyConflictError  422   idempotency_error / idempotency_key_reused
     ├── StoreUnavailableError         503   service_unavailable_error
     └── EngineError                   5xx   server_error (or a status the engine chose)
 
@@ -65,6 +69,27 @@ class NotFoundError(ZumikError):
 class ModelNotFoundError(NotFoundError):
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class MethodNotAllowedError(ZumikError):
+    status = 405
+    type = "invalid_request_error"
+    code = "immutable_object"
+
+
+class ConflictError(ZumikError):
+    status = 409
+    type = "conflict_error"
+
+
+class UnprocessableError(ZumikError):
+    status = 422
+    type = "invalid_request_error"
+
+
+class IdempotencyConflictError(UnprocessableError):
+    type = "idempotency_error"
+    code = "idempotency_key_reused"
 
 
 class PayloadTooLargeError(ZumikError):

@@ -7,6 +7,8 @@ be mixed up with another kind, unguessable, and meaningless outside the tenant t
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import secrets
 from enum import StrEnum
 from typing import NewType
@@ -28,6 +30,14 @@ class HandleKind(StrEnum):
 def new_handle(kind: HandleKind) -> str:
     token = base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
     return f"{kind.value}_{token}"
+
+
+def derive_handle(kind: HandleKind, secret: bytes, *parts: str) -> str:
+    """A deterministic handle: the same parts give the same handle, and without ``secret``
+    nobody can compute or guess it (HMAC-SHA256, 128 bits kept)."""
+    message = "\x1f".join((kind.value, *parts)).encode()
+    digest = hmac.new(secret, message, hashlib.sha256).digest()[:16]
+    return f"{kind.value}_{base64.b32encode(digest).decode().rstrip('=').lower()}"
 
 
 def new_decision_id() -> DecisionId:

@@ -8,7 +8,7 @@ and tenants through ``tenancy.Authenticator``.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ from zumik_serve.errors import (
     ZumikError,
 )
 from zumik_serve.ids import DecisionId, new_decision_id
+from zumik_serve.state.compiler import ChatTokenizer
 from zumik_serve.tenancy import Authenticator, Tenant
 
 
@@ -67,12 +68,27 @@ class EngineRun:
 
 class GatewayService:
     def __init__(
-        self, *, models: list[ModelCard], authenticator: Authenticator, engine: EngineClient
+        self,
+        *,
+        models: list[ModelCard],
+        authenticator: Authenticator,
+        engine: EngineClient,
+        tokenizer_factory: Callable[[], ChatTokenizer] | None = None,
     ) -> None:
         self.models = models
         self.served_model_ids = {model.id for model in models}
         self._authenticator = authenticator
         self._engine = engine
+        self._tokenizer_factory = tokenizer_factory
+        self._tokenizer: ChatTokenizer | None = None
+
+    def tokenizer(self) -> ChatTokenizer:
+        """The served model's tokenizer and chat template (loaded on first use)."""
+        if self._tokenizer is None:
+            if self._tokenizer_factory is None:
+                raise EngineError("this gateway has no tokenizer for the served model", status=501)
+            self._tokenizer = self._tokenizer_factory()
+        return self._tokenizer
 
     async def authenticate(self, authorization: str | None) -> Tenant:
         tenant = await self._authenticator.authenticate(authorization)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -48,6 +49,19 @@ def install_error_handlers(app: FastAPI) -> None:
         }.get(exc.status_code, str(exc.detail))
         error = ZumikError(message, status=exc.status_code)
         error.type = _HTTP_TYPES.get(exc.status_code, "server_error")
+        return error_response(request, error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": ()}
+        if first["loc"] and first["loc"][0] == "path":
+            error = ZumikError(
+                f"Unknown path {request.url.path}. See the API reference for the routes.", status=404
+            )
+            error.type = _HTTP_TYPES[404]
+        else:
+            error = ZumikError("The request is not valid.", status=400)
+            error.type = _HTTP_TYPES[400]
         return error_response(request, error)
 
     @app.exception_handler(Exception)

@@ -22,8 +22,9 @@ from zumik_serve.api.openai_wire import (
     render_stream_error,
 )
 from zumik_serve.engines.protocol import EngineCall, EngineChunks, EngineFailure, EngineResponse
-from zumik_serve.errors import EngineError, NotFoundError, ZumikError
+from zumik_serve.errors import EngineError, InvalidRequestError, NotFoundError, ZumikError
 from zumik_serve.service import EngineRun, GatewayService, parse_stream_error
+from zumik_serve.state_service import StateService
 
 router = APIRouter(prefix="/v1")
 
@@ -66,21 +67,68 @@ async def completions(request: Request) -> Response:
 
 async def _generate(request: Request, call: EngineCall) -> Response:
     service = _service(request)
-    await service.authenticate(request.headers.get("authorization"))
+    tenant = await service.authenticate(request.headers.get("authorization"))
     body = parse_json_body(await read_body(request, request.app.state.max_body_bytes))
     prepared = prepare_request(call, body, service.served_model_ids)
+    state_refs = await _resolve_state_headers(request, tenant.id, prepared)
     run = await service.start(call, prepared.engine_body, stream=prepared.stream)
     headers = zumik_headers.route_headers(run.decision_id, run.route)
+    if state_refs.snapshot is not None:
+        headers[zumik_headers.SNAPSHOT] = state_refs.snapshot
     if not prepared.stream:
-        return _whole_response(run, prepared, headers)
+        return await _whole_response(run, prepared, headers, state_refs)
     return StreamingResponse(
-        _sse(run, prepared),
+        _sse(run, prepared, state_refs),
         media_type="text/event-stream",
         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-def _whole_response(run: EngineRun, prepared: PreparedRequest, headers: dict[str, str]) -> Response:
+class _StateRefs:
+    """The request's ``x-zumik-snapshot`` / ``x-zumik-session``, resolved before the engine runs."""
+
+    def __init__(
+        self, state: StateService, tenant: str, snapshot: str | None, session: str | None,
+        exchange: list[tuple[str, str]],
+    ) -> None:  # fmt: skip
+        self.state, self.tenant, self.snapshot, self.session = state, tenant, snapshot, session
+        self.exchange = exchange  # the request's closing user/tool message, as (role, content)
+
+    async def record_reply(self, content: str) -> None:
+        """Append the exchange (the request's message, then the reply) to the session, in order."""
+        if self.session is None:
+            return
+        for role, text in [*self.exchange, ("assistant", content)]:
+            turn = {"role": role, "content": text}
+            await self.state.store_call(self.state.append_turn(self.tenant, self.session, turn, None))
+
+
+async def _resolve_state_headers(request: Request, tenant: str, prepared: PreparedRequest) -> _StateRefs:
+    state: StateService = request.app.state.state_service
+    snapshot = request.headers.get(zumik_headers.SNAPSHOT) or None
+    session = request.headers.get(zumik_headers.SESSION) or None
+    if (snapshot or session) and prepared.call is not EngineCall.CHAT:
+        header = zumik_headers.SNAPSHOT if snapshot else zumik_headers.SESSION
+        raise InvalidRequestError(f"{header} applies to /v1/chat/completions only.", param=header)
+    if snapshot is not None:
+        prefix = await state.store_call(state.snapshot_messages(tenant, snapshot))
+        prepared.engine_body["messages"] = [*prefix, *prepared.engine_body["messages"]]
+    exchange: list[tuple[str, str]] = []
+    if session is not None:
+        await state.store_call(state.session_exists(tenant, session))
+        last = prepared.engine_body["messages"][-1]
+        if (
+            isinstance(last, dict)
+            and last.get("role") in ("user", "tool")
+            and isinstance(last.get("content"), str)
+        ):
+            exchange.append((last["role"], last["content"]))
+    return _StateRefs(state, tenant, snapshot, session, exchange)
+
+
+async def _whole_response(
+    run: EngineRun, prepared: PreparedRequest, headers: dict[str, str], state_refs: _StateRefs
+) -> Response:
     if not isinstance(run.first, EngineResponse):
         raise EngineError("The engine streamed a response to a non-streaming request.")
     render = render_chat_completion if prepared.call is EngineCall.CHAT else render_completion
@@ -88,10 +136,12 @@ def _whole_response(run: EngineRun, prepared: PreparedRequest, headers: dict[str
     captured = (rendered.get("usage") or {}).get("prompt_tokens_details", {}).get("cached_tokens")
     if captured is not None:
         headers = {**headers, zumik_headers.REUSE_CAPTURED_TOKENS: str(captured)}
+    if state_refs.session is not None:
+        await state_refs.record_reply(rendered["choices"][0]["message"]["content"] or "")
     return JSONResponse(rendered, headers=headers)
 
 
-async def _sse(run: EngineRun, prepared: PreparedRequest) -> AsyncIterator[bytes]:
+async def _sse(run: EngineRun, prepared: PreparedRequest, state_refs: _StateRefs) -> AsyncIterator[bytes]:
     """Re-render the engine's stream; a failure after the first byte is an error event, then
     ``[DONE]`` (never a made-up ``finish_reason``)."""
     renderer = StreamRenderer(prepared.call, prepared.model, prepared.include_usage)
@@ -101,6 +151,8 @@ async def _sse(run: EngineRun, prepared: PreparedRequest) -> AsyncIterator[bytes
         async for event in run.rest:
             yield event
 
+    reply: list[str] = []
+    completed = False
     try:
         async for event in events():
             if isinstance(event, EngineFailure):
@@ -120,9 +172,15 @@ async def _sse(run: EngineRun, prepared: PreparedRequest) -> AsyncIterator[bytes
                     break
                 rendered = renderer.render(json.loads(payload))
                 if rendered is not None:
+                    for choice in rendered["choices"]:
+                        if choice["index"] == 0:
+                            reply.append(choice.get("delta", {}).get("content") or choice.get("text") or "")
+                            completed = completed or choice["finish_reason"] is not None
                     yield _data(rendered)
             if failed:
                 break
+        if completed and state_refs.session is not None:
+            await state_refs.record_reply("".join(reply))
     except ZumikError as exc:
         yield _data(render_error(exc.message, exc.type, exc.param, exc.code))
     except Exception as exc:  # the replica died or the handle broke mid-stream

@@ -40,6 +40,8 @@ def build_serve_app(
         model_created_s=int(time.time()),
         redis_url=redis_url,
         max_body_bytes=profile.gateway.max_body_bytes,
+        max_artifact_bytes=profile.gateway.max_artifact_bytes,
+        model_dir=str(tokenizer_dir or model_dir),
         dev_key=dev_key,
     )
     if profile.gateway.placement is GatewayPlacement.COLOCATED:

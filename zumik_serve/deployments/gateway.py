@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -10,8 +11,11 @@ from fastapi import FastAPI
 from ray import serve
 
 from zumik_serve.api.app import build_app
+from zumik_serve.engines.hf_tokenizer import HfChatTokenizer
 from zumik_serve.engines.ray_client import RayEngineClient
 from zumik_serve.service import EngineClient, GatewayService, ModelCard
+from zumik_serve.state_service import StateService
+from zumik_serve.store.state_store import RedisStateStore
 from zumik_serve.store.tenant_store import RedisTenantStore
 from zumik_serve.tenancy import Authenticator
 
@@ -23,6 +27,8 @@ class GatewaySettings:
     model_created_s: int
     redis_url: str
     max_body_bytes: int
+    max_artifact_bytes: int
+    model_dir: str
     dev_key: str | None = None
 
     def __repr__(self) -> str:  # the dev key must never reach a log line
@@ -34,13 +40,15 @@ class GatewaySettings:
 
 def make_gateway_app(settings: GatewaySettings, engine: EngineClient) -> FastAPI:
     """The gateway's FastAPI app over ``engine``; the same app in both topologies."""
-    redis_client = aioredis.from_url(settings.redis_url, socket_timeout=5.0)
+    redis_client = aioredis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
     service = GatewayService(
         models=[ModelCard(id=settings.served_model, created_s=settings.model_created_s)],
         authenticator=Authenticator(RedisTenantStore(redis_client), dev_key=settings.dev_key),
         engine=engine,
+        tokenizer_factory=lambda: HfChatTokenizer(Path(settings.model_dir)),
     )
-    return build_app(service, max_body_bytes=settings.max_body_bytes)
+    state = StateService(RedisStateStore(redis_client), max_artifact_bytes=settings.max_artifact_bytes)
+    return build_app(service, state, max_body_bytes=settings.max_body_bytes)
 
 
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0.5})

@@ -1,0 +1,226 @@
+"""State objects in Redis: records, content, turns, idempotency, all scoped by tenant.
+
+    zumik:handle-secret                 32 random bytes; HMAC key of content-addressed handles
+    z:{tenant}:o:{handle}               JSON record of an object (``revoked_at`` once revoked)
+    z:{tenant}:blob:{digest}            artifact bytes
+    z:{tenant}:gen:{digest}|{role}|...  bumped when a content-addressed artifact is revoked, so
+                                        the same content then gets a new handle
+    z:{tenant}:turns:{session}          list of turn JSON; index i holds seq fork_at + i + 1
+    z:{tenant}:comp:{snapshot}          hash: compilation key → pinned compilation JSON
+    z:{tenant}:idem:{key}               {"hash", "result"} of the first write with that key (24 h)
+
+The tenant id in every key is the isolation: a handle looked up under another tenant's prefix
+does not exist. ``{tenant}`` is a Redis hash tag, so one tenant's keys share a cluster slot and
+the Lua scripts below stay atomic. Durability comes from the server (AOF, fsync always): a
+reply to any write here means the write is on disk.
+
+Round trips: appending a turn is one (``EVALSHA`` of ``APPEND_TURN``, which also checks the
+session, the idempotency key and numbering, atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from zumik_serve.errors import StoreUnavailableError
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+T = TypeVar("T")
+
+# KEYS: object, turns, idem ("" for none). ARGV: turn JSON, request hash.
+# Returns {"ok", seq} | {"missing"} | {"idem", stored JSON}.
+APPEND_TURN = """
+if KEYS[3] ~= '' then
+  local prev = redis.call('GET', KEYS[3])
+  if prev then return {'idem', prev} end
+end
+local raw = redis.call('GET', KEYS[1])
+if not raw or string.sub(raw, 1, 14) == '{"revoked_at":' then return {'missing'} end
+local obj = cjson.decode(raw)
+local n = redis.call('RPUSH', KEYS[2], ARGV[1])
+local seq = (tonumber(obj['fork_at']) or 0) + n
+if KEYS[3] ~= '' then
+  redis.call('SET', KEYS[3], cjson.encode({hash=ARGV[2], result=seq}), 'EX', {ttl})
+end
+return {'ok', tostring(seq)}
+""".replace("{ttl}", str(IDEMPOTENCY_TTL_S))
+
+# KEYS: object. ARGV: now. Returns 1 if it was live (now revoked), 0 if missing or revoked.
+# The mark is prepended to the stored JSON as its first key (records are never re-encoded
+# in Lua, whose cjson would turn empty arrays into objects).
+REVOKE = """
+local raw = redis.call('GET', KEYS[1])
+if not raw or string.sub(raw, 1, 14) == '{"revoked_at":' then return 0 end
+redis.call('SET', KEYS[1], '{"revoked_at":' .. ARGV[1] .. ',' .. string.sub(raw, 2))
+return 1
+"""
+
+
+class RedisStateStore:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+        self._scripts: dict[str, str] = {}
+        self._secret: bytes | None = None
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    async def guard(self, operation: Awaitable[T]) -> T:
+        """Await ``operation``; a Redis outage becomes a 503 the client can retry."""
+        try:
+            return await operation
+        except RedisError as exc:
+            raise StoreUnavailableError(
+                "The state store is unavailable; nothing was changed unless a response said so. "
+                "Retry shortly (with the same Idempotency-Key).",
+                retry_after_s=1,
+            ) from exc
+
+    async def _eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        sha = self._scripts.get(script)
+        if sha is None:
+            sha = await self._redis.script_load(script)
+            self._scripts[script] = sha
+        try:
+            return await self._redis.evalsha(sha, len(keys), *keys, *args)
+        except NoScriptError:  # the server restarted and lost its script cache
+            self._scripts.pop(script, None)
+            return await self._redis.eval(script, len(keys), *keys, *args)
+
+    async def handle_secret(self) -> bytes:
+        if self._secret is None:
+            await self._redis.set("zumik:handle-secret", secrets.token_bytes(32), nx=True)
+            value = await self._redis.get("zumik:handle-secret")
+            if value is None:
+                raise RedisError("handle secret vanished")
+            self._secret = bytes(value)
+        return self._secret
+
+    # --- objects ----------------------------------------------------------------------------
+
+    async def get_record(self, tenant: str, handle: str) -> dict[str, Any] | None:
+        """The live record of ``handle`` under ``tenant``; None when unknown or revoked."""
+        raw = await self._redis.get(_obj(tenant, handle))
+        if raw is None:
+            return None
+        record: dict[str, Any] = json.loads(raw)
+        return None if record.get("revoked_at") else record
+
+    async def get_record_any(self, tenant: str, handle: str) -> dict[str, Any] | None:
+        """The record even if revoked (frozen objects still reach content they were built on)."""
+        raw = await self._redis.get(_obj(tenant, handle))
+        return json.loads(raw) if raw is not None else None
+
+    async def get_records(self, tenant: str, handles: list[str]) -> list[dict[str, Any] | None]:
+        if not handles:
+            return []
+        raws = await self._redis.mget([_obj(tenant, handle) for handle in handles])
+        records: list[dict[str, Any] | None] = []
+        for raw in raws:
+            record = json.loads(raw) if raw is not None else None
+            records.append(None if record is None or record.get("revoked_at") else record)
+        return records
+
+    async def put_record(self, tenant: str, handle: str, record: dict[str, Any]) -> bool:
+        """Store a new record; False when the handle already exists (records never change)."""
+        return bool(await self._redis.set(_obj(tenant, handle), _dumps(record), nx=True))
+
+    async def revoke(self, tenant: str, handle: str) -> bool:
+        return bool(await self._eval(REVOKE, [_obj(tenant, handle)], [int(time.time())]))
+
+    # --- artifacts --------------------------------------------------------------------------
+
+    async def artifact_generation(self, tenant: str, address: str) -> int:
+        return int(await self._redis.get(f"z:{{{tenant}}}:gen:{address}") or 0)
+
+    async def bump_artifact_generation(self, tenant: str, address: str) -> None:
+        await self._redis.incr(f"z:{{{tenant}}}:gen:{address}")
+
+    async def put_artifact(self, tenant: str, handle: str, record: dict[str, Any], content: bytes) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(_blob(tenant, record["digest"]), content, nx=True)
+            pipe.set(_obj(tenant, handle), _dumps(record), nx=True)
+            await pipe.execute()
+
+    async def get_blobs(self, tenant: str, digests: list[str]) -> list[bytes | None]:
+        if not digests:
+            return []
+        return list(await self._redis.mget([_blob(tenant, digest) for digest in digests]))
+
+    # --- turns ------------------------------------------------------------------------------
+
+    async def append_turn(
+        self, tenant: str, session: str, turn: dict[str, Any], *, idem_key: str | None, request_hash: str
+    ) -> tuple[str, Any]:
+        """("ok", seq) | ("missing", None) | ("idem", {"hash", "result"}): one round trip."""
+        keys = [_obj(tenant, session), _turns(tenant, session), _idem(tenant, idem_key) if idem_key else ""]
+        reply = await self._eval(APPEND_TURN, keys, [_dumps(turn), request_hash])
+        status = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+        if status == "ok":
+            return "ok", int(reply[1])
+        if status == "idem":
+            return "idem", json.loads(reply[1])
+        return "missing", None
+
+    async def own_turns(self, tenant: str, session: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """The turns appended to ``session`` itself (not its parent's), oldest first."""
+        end = -1 if limit is None else limit - 1
+        if limit == 0:
+            return []
+        return [json.loads(raw) for raw in await self._redis.lrange(_turns(tenant, session), 0, end)]
+
+    async def own_turn_count(self, tenant: str, session: str) -> int:
+        return int(await self._redis.llen(_turns(tenant, session)))
+
+    # --- compilations ----------------------------------------------------------------------
+
+    async def pin_compilation(
+        self, tenant: str, snapshot: str, key: str, compilation: dict[str, Any]
+    ) -> None:
+        """Record a compilation once; an existing pin for the same key is never overwritten."""
+        await self._redis.hsetnx(f"z:{{{tenant}}}:comp:{snapshot}", key, _dumps(compilation))
+
+    async def compilations(self, tenant: str, snapshot: str) -> list[dict[str, Any]]:
+        pinned = await self._redis.hgetall(f"z:{{{tenant}}}:comp:{snapshot}")
+        return [json.loads(pinned[key]) for key in sorted(pinned)]
+
+    # --- idempotency ------------------------------------------------------------------------
+
+    async def idempotent_result(self, tenant: str, key: str) -> dict[str, Any] | None:
+        raw = await self._redis.get(_idem(tenant, key))
+        return json.loads(raw) if raw is not None else None
+
+    async def remember_result(self, tenant: str, key: str, request_hash: str, result: Any) -> dict[str, Any]:
+        """Store the first result for ``key``; returns whichever result won (first write wins)."""
+        entry = {"hash": request_hash, "result": result}
+        stored = await self._redis.set(_idem(tenant, key), _dumps(entry), nx=True, ex=IDEMPOTENCY_TTL_S)
+        if stored:
+            return entry
+        existing = await self.idempotent_result(tenant, key)
+        return existing if existing is not None else entry
+
+
+def _obj(tenant: str, handle: str) -> str:
+    return f"z:{{{tenant}}}:o:{handle}"
+
+
+def _blob(tenant: str, digest: str) -> str:
+    return f"z:{{{tenant}}}:blob:{digest}"
+
+
+def _turns(tenant: str, session: str) -> str:
+    return f"z:{{{tenant}}}:turns:{session}"
+
+
+def _idem(tenant: str, key: str) -> str:
+    return f"z:{{{tenant}}}:idem:{key}"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
