@@ -226,8 +226,12 @@ class StateService:
         return await self._idempotent(tenant, idem_key, request_hash("snapshot", body), create)
 
     async def revoke(self, tenant: str, kind: ObjectKind, handle: str) -> dict[str, Any]:
-        if handle_kind(handle) is not KIND_HANDLES[kind] or not await self._store.revoke(tenant, handle):
+        record = await self._require(tenant, handle, KIND_HANDLES[kind])
+        if not await self._store.revoke(tenant, handle):
             raise _not_found(handle)
+        if kind is ObjectKind.ARTIFACTS:
+            # The same content must not resolve to the revoked handle again: move its address on.
+            await self._store.bump_artifact_generation(tenant, f"{record['digest']}|{record['role']}")
         return {"id": handle, "revoked": True}
 
     # --- reads ------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ class RunningStack:
     home: ZumikHome
     model: str
     tenant_key: str
+    other_tenant_key: str
     stack: LocalStack
 
 
@@ -40,12 +41,14 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
     stack = LocalStack(config).start(print)
     try:
         tenant_key = asyncio.run(_create_tenant(stack.redis_url, "acme"))
+        other_key = asyncio.run(_create_tenant(stack.redis_url, "globex"))
         yield RunningStack(
             url=stack.url,
             redis_url=stack.redis_url,
             home=home,
             model=profile.model.served_name,
             tenant_key=tenant_key,
+            other_tenant_key=other_key,
             stack=stack,
         )
     finally:
@@ -76,5 +79,13 @@ def client(running_stack: RunningStack) -> openai.OpenAI:
 @pytest.fixture(scope="session")
 def http(running_stack: RunningStack) -> Iterator[httpx.Client]:
     headers = {"Authorization": f"Bearer {running_stack.tenant_key}"}
+    with httpx.Client(base_url=running_stack.url, headers=headers, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def other_http(running_stack: RunningStack) -> Iterator[httpx.Client]:
+    """A client of another tenant (globex), for isolation checks."""
+    headers = {"Authorization": f"Bearer {running_stack.other_tenant_key}"}
     with httpx.Client(base_url=running_stack.url, headers=headers, timeout=120) as client:
         yield client

@@ -15,6 +15,9 @@ DOMAIN_MODULES = [
     "zumik_serve.engines.protocol",
     "zumik_serve.engines.vllm_config",
     "zumik_serve.model.tiny",
+    "zumik_serve.state.objects",
+    "zumik_serve.state.compiler",
+    "zumik_serve.state_service",
 ]
 FRAMEWORKS = ["ray", "fastapi", "vllm", "torch", "redis", "starlette"]
 
