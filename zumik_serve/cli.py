@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     overhead.add_argument("--ingress", choices=["haproxy", "serve"], default="haproxy")
     overhead.add_argument("--json", action="store_true")
     overhead.set_defaults(run=_cmd_bench_overhead)
+    state = bench.add_parser("state", help="state-store rates next to redis-benchmark SET, same server")
+    state.add_argument("--ops", type=int, default=20000, help="operations per arm")
+    state.add_argument("--concurrency", type=int, default=50)
+    state.add_argument("--out", type=Path, default=Path("bench-out/state"))
+    state.add_argument("--json", action="store_true")
+    state.set_defaults(run=_cmd_bench_state)
     return parser
 
 
@@ -192,6 +198,12 @@ def _cmd_bench_overhead(args: argparse.Namespace) -> int:
     from zumik_serve.bench.overhead import run_overhead_bench
 
     return run_overhead_bench(args, console)
+
+
+def _cmd_bench_state(args: argparse.Namespace) -> int:
+    from zumik_serve.bench.state import run_state_bench
+
+    return run_state_bench(args, console)
 
 
 if __name__ == "__main__":

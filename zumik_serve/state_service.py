@@ -146,7 +146,7 @@ class StateService:
         if handle_kind(session) not in SESSION_LIKE:
             raise _not_found(session)
         turn = {"role": role.value, "content": content, "created_at": int(time.time())}
-        this_hash = request_hash(f"turn:{session}", body)
+        this_hash = request_hash(f"turn:{session}", body) if idem_key is not None else ""
         status, value = await self._store.append_turn(
             tenant, session, turn, idem_key=idem_key, request_hash=this_hash
         )
