@@ -4,6 +4,7 @@ append is one Redis round trip. No rate is asserted (the long run is in docs/ben
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.redis
 
 def test_bench_state_smoke(tmp_path: Path) -> None:
     args = argparse.Namespace(ops=300, concurrency=10, out=tmp_path, json=False)
-    assert run_state_bench(args, Console(file=open("/dev/null", "w"))) == 0
+    assert run_state_bench(args, Console(file=io.StringIO())) == 0
     summary = json.loads((tmp_path / "state.json").read_text())
     assert summary["redis_benchmark_set_per_s"] > 0
     arms = {arm["name"]: arm for arm in summary["arms"]}
