@@ -227,19 +227,7 @@ def render_chat_completion(body: Mapping[str, Any], model: str) -> dict[str, Any
                 "finish_reason": _finish_reason(choice.get("finish_reason")),
             }
         )
-    response: dict[str, Any] = {
-        "id": body["id"],
-        "object": "chat.completion",
-        "created": body["created"],
-        "model": model,
-        "choices": choices,
-    }
-    usage = render_usage(body.get("usage"))
-    if usage is not None:
-        response["usage"] = usage
-    if body.get("system_fingerprint"):
-        response["system_fingerprint"] = body["system_fingerprint"]
-    return response
+    return _envelope(body, "chat.completion", model, choices)
 
 
 def render_completion(body: Mapping[str, Any], model: str) -> dict[str, Any]:
@@ -252,9 +240,14 @@ def render_completion(body: Mapping[str, Any], model: str) -> dict[str, Any]:
         }
         for choice in body.get("choices") or []
     ]
+    return _envelope(body, "text_completion", model, choices)
+
+
+def _envelope(body: Mapping[str, Any], object_name: str, model: str, choices: list[Any]) -> dict[str, Any]:
+    """The fields a whole response shares around its choices."""
     response: dict[str, Any] = {
         "id": body["id"],
-        "object": "text_completion",
+        "object": object_name,
         "created": body["created"],
         "model": model,
         "choices": choices,
