@@ -64,9 +64,21 @@ class EngineSpec(_Frozen):
     enforce_eager: bool = True
     tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
     pipeline_parallel_size: Annotated[int, Field(ge=1)] = 1
+    accelerator_type: str | None = Field(
+        default=None, description="Ray accelerator type the replicas need (e.g. 'H100'), or any."
+    )
     cpus_per_replica: Annotated[float, Field(gt=0)] = 1.0
-    gpus_per_replica: Annotated[float, Field(ge=0)] = 0.0
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _device_settings_are_consistent(self) -> EngineSpec:
+        kv_size_unset = self.gpu_memory_utilization is None and self.kv_cache_memory_bytes is None
+        if self.device is Device.CUDA and kv_size_unset:
+            raise ValueError(
+                "a cuda profile needs gpu_memory_utilization (e.g. 0.9) or kv_cache_memory_bytes, "
+                "so that the KV cache size is a choice, not a default"
+            )
+        return self
 
     @model_validator(mode="after")
     def _cpu_needs_explicit_kv_size(self) -> EngineSpec:

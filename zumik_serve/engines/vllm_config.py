@@ -61,6 +61,8 @@ def llm_config_kwargs(profile: Profile, model_dir: Path, tokenizer_dir: Path | N
     }
     if profile.engine.device is Device.CPU:
         kwargs["accelerator_config"] = {"kind": "cpu"}
+    if profile.engine.accelerator_type is not None:
+        kwargs["accelerator_type"] = profile.engine.accelerator_type
     return kwargs
 
 

@@ -1,0 +1,44 @@
+"""The Zumik app for Ray Serve config files (KubeRay ``serveConfigV2``, ``serve run``, ``serve deploy``).
+
+    applications:
+      - name: zumik
+        route_prefix: /
+        import_path: zumik_serve.deployments.serve_app:build
+        args:
+          profile: llama-8b-h100                  # a built-in name or a YAML path on the head node
+          redis_url: redis://zumik-redis:6379/0   # else $ZUMIK_REDIS_URL
+
+The builder runs where Serve builds applications (the head node): a profile's ``model.source``
+directory must exist there and on every GPU node at the same path. ``ZUMIK_DEV_KEY`` in the
+environment enables the development key; leave it unset in production.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ray import serve
+
+from profiles import resolve_profile
+from zumik_serve.deployments.app import build_serve_app
+from zumik_serve.home import ZumikHome
+from zumik_serve.model.resolve import resolve_model_dir
+from zumik_serve.store.local_redis import REDIS_URL_ENV
+
+
+def build(args: dict[str, Any]) -> serve.Application:
+    profile = resolve_profile(str(args.get("profile") or "local-cpu"))
+    redis_url = args.get("redis_url") or os.environ.get(REDIS_URL_ENV)
+    if not redis_url:
+        raise ValueError(
+            f"no Redis for Zumik's state: set args.redis_url in the Serve config or {REDIS_URL_ENV} "
+            "(deploy/redis has a persistent Redis)"
+        )
+    model_dir = resolve_model_dir(profile, ZumikHome.from_env())
+    return build_serve_app(
+        profile,
+        model_dir=model_dir,
+        redis_url=str(redis_url),
+        dev_key=os.environ.get("ZUMIK_DEV_KEY") or None,
+    )
