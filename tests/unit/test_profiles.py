@@ -82,3 +82,12 @@ def test_profiles_are_frozen() -> None:
     profile = load_builtin("local-cpu")
     with pytest.raises(Exception, match="frozen"):
         profile.name = "other"  # type: ignore[misc]
+
+
+def test_cuda_profile_must_size_its_kv_cache() -> None:
+    cuda = VALID.replace("device: cpu, kv_cache_memory_bytes: 1048576", "device: cuda")
+    with pytest.raises(ProfileError, match="gpu_memory_utilization"):
+        parse_profile(cuda, source="t")
+    assert parse_profile(
+        cuda.replace("device: cuda", "device: cuda, gpu_memory_utilization: 0.9"), source="t"
+    )
