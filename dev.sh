@@ -63,8 +63,9 @@ case "$command" in
   serve) setup; exec .venv/bin/zumik serve "$@" ;;
   test)
     setup
-    say "lint (ruff)"
+    say "lint (ruff) and types (mypy)"
     .venv/bin/ruff check zumik_serve kvstore profiles tests
+    .venv/bin/mypy
     say "tests (unit + integration with real Redis, Ray and vLLM on CPU)"
     exec .venv/bin/python -m pytest "$@"
     ;;

@@ -8,7 +8,7 @@ and tenants through ``tenancy.Authenticator``.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,7 +29,7 @@ from zumik_serve.errors import (
 )
 from zumik_serve.ids import DecisionId, new_decision_id
 from zumik_serve.state.compiler import ChatTokenizer
-from zumik_serve.tenancy import Authenticator, Tenant
+from zumik_serve.tenancy import Authenticator, Tenant, cache_salt
 
 
 class EngineClient(Protocol):
@@ -74,6 +74,7 @@ class GatewayService:
         authenticator: Authenticator,
         engine: EngineClient,
         tokenizer_factory: Callable[[], ChatTokenizer] | None = None,
+        salt_secret: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         self.models = models
         self.served_model_ids = {model.id for model in models}
@@ -81,6 +82,15 @@ class GatewayService:
         self._engine = engine
         self._tokenizer_factory = tokenizer_factory
         self._tokenizer: ChatTokenizer | None = None
+        self._salt_secret_source = salt_secret
+        self._salt_secret: bytes | None = None
+
+    async def _cache_salt(self, tenant: Tenant) -> str:
+        if self._salt_secret is None:
+            if self._salt_secret_source is None:
+                raise EngineError("this gateway has no cache-salt secret configured", status=500)
+            self._salt_secret = await self._salt_secret_source()
+        return cache_salt(self._salt_secret, tenant.id)
 
     def tokenizer(self) -> ChatTokenizer:
         """The served model's tokenizer and chat template (loaded on first use)."""
@@ -99,8 +109,12 @@ class GatewayService:
             )
         return tenant
 
-    async def start(self, call: EngineCall, engine_body: dict[str, Any], *, stream: bool) -> EngineRun:
-        """Start the call and wait for its first output; failures before it are raised."""
+    async def start(
+        self, call: EngineCall, engine_body: dict[str, Any], *, stream: bool, tenant: Tenant
+    ) -> EngineRun:
+        """Start the call for ``tenant`` and wait for its first output; failures before it are
+        raised. The engine request carries the tenant's server-side cache salt."""
+        engine_body = {**engine_body, "cache_salt": await self._cache_salt(tenant)}
         replica_id = "unknown"
         try:
             if stream:

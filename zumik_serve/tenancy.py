@@ -97,6 +97,16 @@ class Authenticator:
         return tenant
 
 
+def cache_salt(secret: bytes, tenant: TenantId, epoch: int = 0) -> str:
+    """The cache salt of a tenant's isolation scope, derived on the server, never from a client.
+
+    vLLM mixes it into every KV block hash of a request, so one tenant's requests can never hit
+    (or time) another tenant's cached blocks. ``epoch`` moves when a scope's cache must become
+    unreachable (purge); without the secret nobody can compute another tenant's salt.
+    """
+    return hmac.new(secret, f"{tenant}\x1f{epoch}".encode(), hashlib.sha256).hexdigest()
+
+
 def parse_bearer(authorization: str | None) -> str | None:
     if not authorization:
         return None

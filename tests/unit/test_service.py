@@ -30,8 +30,10 @@ class ScriptedEngine:
     def __init__(self, *events: EngineEvent, raise_after: Exception | None = None) -> None:
         self._events = events
         self._raise = raise_after
+        self.bodies: list[dict[str, Any]] = []
 
     async def generate(self, call: EngineCall, body: dict[str, Any]) -> AsyncIterator[EngineEvent]:
+        self.bodies.append(body)
         for event in self._events:
             yield event
         if self._raise is not None:
@@ -59,14 +61,19 @@ def _service(engine: ScriptedEngine, directory: Directory | None = None) -> Gate
         models=[ModelCard(id="tiny", created_s=1)],
         authenticator=Authenticator(directory or Directory({}), dev_key="dev"),
         engine=engine,
+        salt_secret=_secret,
     )
+
+
+async def _secret() -> bytes:
+    return b"k" * 32
 
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_failure_before_output_is_5xx(stream: bool) -> None:
     service = _service(ScriptedEngine(ReplicaAssigned("r1"), EngineFailure(status=500, message="boom")))
     with pytest.raises(EngineError) as info:
-        await service.start(EngineCall.CHAT, {}, stream=stream)
+        await service.start(EngineCall.CHAT, {}, stream=stream, tenant=ACME)
     assert info.value.status == 500 and "Retry" in info.value.message
 
 
@@ -74,7 +81,7 @@ async def test_failure_before_output_is_5xx(stream: bool) -> None:
 async def test_unreachable_engine_is_503_with_retry_after(stream: bool) -> None:
     service = _service(ScriptedEngine(raise_after=ConnectionError("replica gone")))
     with pytest.raises(EngineError) as info:
-        await service.start(EngineCall.CHAT, {}, stream=stream)
+        await service.start(EngineCall.CHAT, {}, stream=stream, tenant=ACME)
     assert info.value.status == 503 and info.value.retry_after_s
 
 
@@ -85,12 +92,12 @@ async def test_stream_that_starts_with_error_is_raised_before_first_byte() -> No
     )
     service = _service(ScriptedEngine(ReplicaAssigned("r1"), EngineChunks((payload, "[DONE]"))))
     with pytest.raises(ContextLengthExceededError):
-        await service.start(EngineCall.CHAT, {}, stream=stream)
+        await service.start(EngineCall.CHAT, {}, stream=stream, tenant=ACME)
 
 
 async def test_good_start_pins_replica_route_and_decision() -> None:
     service = _service(ScriptedEngine(ReplicaAssigned("r7"), EngineResponse({"id": "x"})))
-    run = await service.start(EngineCall.COMPLETION, {}, stream=False)
+    run = await service.start(EngineCall.COMPLETION, {}, stream=False, tenant=ACME)
     assert run.route == "byoc:r7" and run.decision_id.startswith("dec_")
 
 
@@ -104,3 +111,15 @@ async def test_authentication_caches_known_keys_and_rejects_unknown() -> None:
     for header in (None, "", "Bearer", "Bearer zk-bad", "Token zk-good"):
         with pytest.raises(AuthenticationError):
             await service.authenticate(header)
+
+
+async def test_engine_gets_a_server_side_salt_per_tenant() -> None:
+    engine = ScriptedEngine(ReplicaAssigned("r1"), EngineResponse({"id": "x"}))
+    service = _service(engine)
+    other = Tenant(id=TenantId("ten_other"), name="other", created_at_s=1)
+    await service.start(EngineCall.CHAT, {"cache_salt": "client-chosen"}, stream=False, tenant=ACME)
+    await service.start(EngineCall.CHAT, {}, stream=False, tenant=ACME)
+    await service.start(EngineCall.CHAT, {}, stream=False, tenant=other)
+    salts = [body["cache_salt"] for body in engine.bodies]
+    assert salts[0] == salts[1] != salts[2]
+    assert "client-chosen" not in salts and len(salts[0]) == 64

@@ -30,7 +30,8 @@ router = APIRouter(prefix="/v1")
 
 
 def _service(request: Request) -> GatewayService:
-    return request.app.state.service  # type: ignore[no-any-return]
+    service: GatewayService = request.app.state.service
+    return service
 
 
 @router.get("/models")
@@ -71,7 +72,7 @@ async def _generate(request: Request, call: EngineCall) -> Response:
     body = parse_json_body(await read_body(request, request.app.state.max_body_bytes))
     prepared = prepare_request(call, body, service.served_model_ids)
     state_refs = await _resolve_state_headers(request, tenant.id, prepared)
-    run = await service.start(call, prepared.engine_body, stream=prepared.stream)
+    run = await service.start(call, prepared.engine_body, stream=prepared.stream, tenant=tenant)
     headers = zumik_headers.route_headers(run.decision_id, run.route)
     if state_refs.snapshot is not None:
         headers[zumik_headers.SNAPSHOT] = state_refs.snapshot

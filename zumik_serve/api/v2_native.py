@@ -136,7 +136,9 @@ async def mutate_object(kind: ObjectKind, handle: str, request: Request) -> JSON
 @router.post("/generate")
 async def generate(request: Request) -> JSONResponse:
     service, state = _services(request)
-    tenant, body = await _tenant_and_body(request)
+    tenant_record = await service.authenticate(request.headers.get("authorization"))
+    tenant = tenant_record.id
+    body = parse_json_body(await read_body(request, request.app.state.max_body_bytes))
     snapshot = body.get("snapshot")
     messages: list[dict[str, Any]] = []
     if snapshot is not None:
@@ -150,7 +152,7 @@ async def generate(request: Request) -> JSONResponse:
     for field in GENERATE_SAMPLING_FIELDS:
         if field in body:
             engine_body[field] = body[field]
-    run = await service.start(EngineCall.COMPLETION, engine_body, stream=False)
+    run = await service.start(EngineCall.COMPLETION, engine_body, stream=False, tenant=tenant_record)
     if not isinstance(run.first, EngineResponse):
         raise EngineError("The engine streamed a response to a non-streaming request.")
     choice = run.first.body["choices"][0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from ray import serve
 from ray.serve.llm import LLMConfig
@@ -45,7 +46,10 @@ def build_serve_app(
         dev_key=dev_key,
     )
     if profile.gateway.placement is GatewayPlacement.COLOCATED:
-        ingress_engine = serve.deployment(serve.ingress()(IngressEngineReplica))
+        # Ray's stubs type serve.deployment(cls) as a decorator factory; it returns a Deployment.
+        ingress_engine: Any = serve.deployment(serve.ingress()(IngressEngineReplica))
         return ingress_engine.options(name="EngineReplica", **options).bind(llm_config, settings)
-    engine = serve.deployment(EngineReplica).options(name="EngineReplica", **options).bind(llm_config)
-    return Gateway.options(num_replicas=profile.gateway.num_replicas).bind(settings, engine)
+    engine_deployment: Any = serve.deployment(EngineReplica)
+    engine = engine_deployment.options(name="EngineReplica", **options).bind(llm_config)
+    gateway: Any = Gateway
+    return gateway.options(num_replicas=profile.gateway.num_replicas).bind(settings, engine)

@@ -41,11 +41,13 @@ class GatewaySettings:
 def make_gateway_app(settings: GatewaySettings, engine: EngineClient) -> FastAPI:
     """The gateway's FastAPI app over ``engine``; the same app in both topologies."""
     redis_client = aioredis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+    tenants = RedisTenantStore(redis_client)
     service = GatewayService(
         models=[ModelCard(id=settings.served_model, created_s=settings.model_created_s)],
-        authenticator=Authenticator(RedisTenantStore(redis_client), dev_key=settings.dev_key),
+        authenticator=Authenticator(tenants, dev_key=settings.dev_key),
         engine=engine,
         tokenizer_factory=lambda: HfChatTokenizer(Path(settings.model_dir)),
+        salt_secret=lambda: tenants.server_secret("cache-salt"),
     )
     state = StateService(RedisStateStore(redis_client), max_artifact_bytes=settings.max_artifact_bytes)
     return build_app(service, state, max_body_bytes=settings.max_body_bytes)

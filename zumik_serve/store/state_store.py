@@ -99,7 +99,7 @@ class RedisStateStore:
             value = await self._redis.get("zumik:handle-secret")
             if value is None:
                 raise RedisError("handle secret vanished")
-            self._secret = bytes(value)
+            self._secret = value if isinstance(value, bytes) else value.encode()
         return self._secret
 
     # --- objects ----------------------------------------------------------------------------
@@ -151,7 +151,8 @@ class RedisStateStore:
     async def get_blobs(self, tenant: str, digests: list[str]) -> list[bytes | None]:
         if not digests:
             return []
-        return list(await self._redis.mget([_blob(tenant, digest) for digest in digests]))
+        values = await self._redis.mget([_blob(tenant, digest) for digest in digests])
+        return [value.encode() if isinstance(value, str) else value for value in values]
 
     # --- turns ------------------------------------------------------------------------------
 

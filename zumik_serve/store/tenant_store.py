@@ -7,6 +7,7 @@ zumik:apikey:{sha256}      string tenant id
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import redis.asyncio as aioredis
@@ -47,6 +48,15 @@ class RedisTenantStore:
             pipe.set(f"zumik:apikey:{hash_api_key(api_key)}", tenant.id)
             await pipe.execute()
         return tenant, api_key
+
+    async def server_secret(self, name: str) -> bytes:
+        """A 32-byte server secret kept in Redis, created once (first writer wins)."""
+        key = f"zumik:secret:{name}"
+        await self._redis.set(key, secrets.token_bytes(32), nx=True)
+        value = await self._redis.get(key)
+        if value is None:
+            raise StoreUnavailableError("the server secret could not be read; retry shortly", retry_after_s=1)
+        return value if isinstance(value, bytes) else value.encode()
 
     async def tenant_for_key_hash(self, key_hash: str) -> Tenant | None:
         try:
