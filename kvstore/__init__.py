@@ -1,5 +1,8 @@
-"""KV tier manager: compat keys, block keys, tiers and the vLLM KV connector.
+"""KV tier manager: compat keys, block keys, tiers (host RAM, Redis, disk) and the ordered walk.
 
-The tiers land with the KV tier manager issue; the profile's compat-key inputs (model,
-tokenizer, dtype, KV dtype, block size, parallel layout, region) already live in ``profiles``.
+Rule kept here (DESIGN.md section 2): logical state is not physical KV state. A block is reused
+only under an identical compat key and cache salt; a mismatch, a gap, a corrupt or unreachable
+entry is a miss and a recompute, never a wrong answer and never a client error.
+
+Not here yet: the vLLM KV connector that feeds these tiers to engine replicas, and warming.
 """

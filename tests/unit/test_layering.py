@@ -18,6 +18,13 @@ DOMAIN_MODULES = [
     "zumik_serve.state.objects",
     "zumik_serve.state.compiler",
     "zumik_serve.state_service",
+    "kvstore.compat",
+    "kvstore.keys",
+    "kvstore.tier",
+    "kvstore.manager",
+    "kvstore.codec",
+    "kvstore.tiers.memory",
+    "kvstore.tiers.disk",
 ]
 FRAMEWORKS = ["ray", "fastapi", "vllm", "torch", "redis", "starlette"]
 

@@ -1,0 +1,88 @@
+"""The compat key: every factor that makes two KV blocks interchangeable, as one frozen value.
+
+Rule kept here: a KV block is reused only under an identical compat key, so a mismatch is
+always a miss, never a wrong answer. Every profile field is classified below as affecting the
+compat key or not; a test fails when a profile field is left unclassified, so adding a knob to
+profiles forces a decision about cache compatibility.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+
+from profiles import Profile
+
+
+class FieldEffect(StrEnum):
+    AFFECTS_KV = "affects_kv"  # a different value gives different KV bytes or layout
+    NEUTRAL = "neutral"  # scheduling, sizing, naming: the KV bytes do not change
+
+
+PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
+    "name": FieldEffect.NEUTRAL,
+    "description": FieldEffect.NEUTRAL,
+    "region": FieldEffect.AFFECTS_KV,  # blocks never cross regions (residency and law, not math)
+    "model.source": FieldEffect.AFFECTS_KV,  # through the weights fingerprint
+    "model.served_name": FieldEffect.NEUTRAL,
+    "model.tokenizer": FieldEffect.AFFECTS_KV,  # through the tokenizer fingerprint
+    "engine.device": FieldEffect.AFFECTS_KV,
+    "engine.num_replicas": FieldEffect.NEUTRAL,
+    "engine.dtype": FieldEffect.AFFECTS_KV,
+    "engine.quantization": FieldEffect.AFFECTS_KV,
+    "engine.kv_cache_dtype": FieldEffect.AFFECTS_KV,
+    "engine.block_size": FieldEffect.AFFECTS_KV,
+    "engine.kv_cache_memory_bytes": FieldEffect.NEUTRAL,
+    "engine.gpu_memory_utilization": FieldEffect.NEUTRAL,
+    "engine.max_model_len": FieldEffect.NEUTRAL,
+    "engine.max_num_seqs": FieldEffect.NEUTRAL,
+    "engine.enable_prefix_caching": FieldEffect.NEUTRAL,
+    "engine.enforce_eager": FieldEffect.NEUTRAL,
+    "engine.tensor_parallel_size": FieldEffect.AFFECTS_KV,  # KV heads are split across ranks
+    "engine.pipeline_parallel_size": FieldEffect.AFFECTS_KV,  # layers are split across stages
+    "engine.accelerator_type": FieldEffect.NEUTRAL,
+    "engine.cpus_per_replica": FieldEffect.NEUTRAL,
+    "engine.seed": FieldEffect.NEUTRAL,
+    "gateway.placement": FieldEffect.NEUTRAL,
+    "gateway.num_replicas": FieldEffect.NEUTRAL,
+    "gateway.max_body_bytes": FieldEffect.NEUTRAL,
+    "gateway.max_artifact_bytes": FieldEffect.NEUTRAL,
+}
+
+
+@dataclass(frozen=True)
+class CompatKey:
+    """What must be equal for KV blocks to be interchangeable. Fingerprints are hex digests."""
+
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    device: str
+    dtype: str
+    weights_quantization: str
+    kv_cache_dtype: str
+    block_size: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    region: str
+
+    def digest(self) -> str:
+        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def derive_compat_key(profile: Profile, *, model_fingerprint: str, tokenizer_fingerprint: str) -> CompatKey:
+    engine = profile.engine
+    return CompatKey(
+        model_fingerprint=model_fingerprint,
+        tokenizer_fingerprint=tokenizer_fingerprint,
+        device=engine.device.value,
+        dtype=engine.dtype,
+        weights_quantization=engine.quantization or "none",
+        kv_cache_dtype=engine.kv_cache_dtype,
+        block_size=engine.block_size,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        pipeline_parallel_size=engine.pipeline_parallel_size,
+        region=profile.region,
+    )

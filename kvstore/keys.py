@@ -1,0 +1,40 @@
+"""Block keys: chained hashes of token ids, seeded by the compat key and the scope's cache salt.
+
+    seed   = sha256(compat_key.digest() | cache_salt)
+    key[0] = H(seed   | token_ids[0:B])
+    key[i] = H(key[i-1] | token_ids[i*B:(i+1)*B])        only full blocks of B tokens
+
+Each key names a block *and everything before it*, so equal keys mean equal prefixes. The seed
+never involves vLLM's per-process hash seed, so independent processes and machines agree; it
+does involve the compat key (no reuse across incompatible engines) and the tenant's cache salt
+(no reuse across tenants).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+from typing import NewType
+
+from kvstore.compat import CompatKey
+
+BlockKey = NewType("BlockKey", str)  # 32 hex chars (128 bits)
+
+
+def scope_seed(compat: CompatKey, cache_salt: str) -> bytes:
+    return hashlib.sha256(f"{compat.digest()}|{cache_salt}".encode()).digest()
+
+
+def chain_block_keys(token_ids: Sequence[int], block_size: int, seed: bytes) -> list[BlockKey]:
+    """Keys of every full block of ``token_ids``, in order."""
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    packed = array("I", token_ids).tobytes()
+    width = block_size * 4
+    parent = seed
+    keys: list[BlockKey] = []
+    for start in range(0, len(packed) - width + 1, width):
+        parent = hashlib.blake2b(parent + packed[start : start + width], digest_size=16).digest()
+        keys.append(BlockKey(parent.hex()))
+    return keys

@@ -1,0 +1,88 @@
+"""Tiers of KV blocks and the one small protocol they share.
+
+    Tier (ordered by distance from the engine; a nearer tier is cheaper to load from)
+      ENGINE = 0   vLLM's own prefix cache (tracked, not owned: Zumik never writes it)
+      HOST   = 1   bounded host RAM of this process
+      REDIS  = 2   shared by every node of a region
+      DISK   = 3   safetensors files on local or network disk
+
+A tier stores opaque block values (safetensors bytes, possibly sealed by a ``Sealer``) under a
+``(compat digest, block key)`` address. Every method reports a miss or a failure as a value
+(None, False) and never raises for it: a broken tier is a slow path, not a client error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Protocol
+
+from kvstore.keys import BlockKey
+
+
+class Tier(IntEnum):
+    ENGINE = 0
+    HOST = 1
+    REDIS = 2
+    DISK = 3
+
+
+class TierEventKind(StrEnum):
+    HIT = "hit"
+    MISS = "miss"
+    LOAD = "load"
+    STORE = "store"
+    EVICTION = "eviction"
+    FAILURE = "failure"
+
+
+@dataclass(frozen=True)
+class TierEvent:
+    kind: TierEventKind
+    tier: Tier
+    num_blocks: int
+    num_bytes: int = 0
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class BlockAddress:
+    compat_digest: str
+    key: BlockKey
+
+
+class TierBackend(Protocol):
+    """One tier. Implementations: ``tiers/memory.py``, ``tiers/disk.py``, ``tiers/redis_tier.py``."""
+
+    tier: Tier
+
+    def contains(self, addresses: Sequence[BlockAddress]) -> list[bool]:
+        """Which addresses this tier holds now (False for any it cannot answer)."""
+        ...
+
+    def load(self, address: BlockAddress) -> bytes | None:
+        """The stored value, or None on a miss or a failure."""
+        ...
+
+    def store(self, address: BlockAddress, value: bytes) -> bool:
+        """Store a value; False when the tier could not (full, unreachable)."""
+        ...
+
+    def remove(self, addresses: Sequence[BlockAddress]) -> int:
+        """Remove addresses; returns how many were present."""
+        ...
+
+    def take_events(self) -> list[TierEvent]:
+        """Events since the last call (evictions, failures), oldest first."""
+        ...
+
+
+class Sealer(Protocol):
+    """Seals values before a persistent tier stores them (e.g. AES-GCM with a per-scope key), so
+    that destroying the scope's key erases every copy. ``open`` returns None for a value it
+    cannot open (wrong key, tampered, key destroyed): a miss, never an exception."""
+
+    def seal(self, value: bytes, address: BlockAddress) -> bytes: ...
+
+    def open(self, sealed: bytes, address: BlockAddress) -> bytes | None: ...

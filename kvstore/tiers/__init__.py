@@ -1,0 +1,1 @@
+"""Tier implementations behind ``kvstore.tier.TierBackend``."""

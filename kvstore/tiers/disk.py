@@ -1,0 +1,72 @@
+"""DiskTier: one file per block, written atomically (temp file, fsync, rename).
+
+    <root>/<compat digest>/<key[:2]>/<key>.kv
+
+A missing, truncated or unreadable file is a miss plus a failure event, never an exception.
+Values are opaque here (safetensors bytes from ``kvstore.codec``, possibly sealed).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind
+
+
+class DiskTier:
+    tier = Tier.DISK
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._events: list[TierEvent] = []
+
+    def path(self, address: BlockAddress) -> Path:
+        return self.root / address.compat_digest / address.key[:2] / f"{address.key}.kv"
+
+    def contains(self, addresses: Sequence[BlockAddress]) -> list[bool]:
+        return [self.path(address).is_file() for address in addresses]
+
+    def load(self, address: BlockAddress) -> bytes | None:
+        try:
+            return self.path(address).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._events.append(TierEvent(TierEventKind.FAILURE, self.tier, 1, 0, f"read: {exc.strerror}"))
+            return None
+
+    def store(self, address: BlockAddress, value: bytes) -> bool:
+        path = self.path(address)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(value)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            self._events.append(TierEvent(TierEventKind.FAILURE, self.tier, 1, 0, f"write: {exc.strerror}"))
+            return False
+        return True
+
+    def remove(self, addresses: Sequence[BlockAddress]) -> int:
+        removed = 0
+        for address in addresses:
+            try:
+                self.path(address).unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def take_events(self) -> list[TierEvent]:
+        events, self._events = self._events, []
+        return events

@@ -1,0 +1,169 @@
+"""kvstore: compat keys, block keys, tiers and the ordered walk, on real tiers.
+
+Invariants held here:
+- every profile field is classified as affecting the compat key or not (a new field fails this);
+- block keys agree across processes and differ across compat keys and cache salts;
+- the walk takes each block from the nearest tier and stops at the first gap;
+- a truncated, corrupt, foreign or undecryptable block is a miss with a failure event, never an
+  exception; promotion copies far blocks to nearer tiers; the host tier evicts LRU.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import numpy as np
+import pydantic
+import pytest
+
+from kvstore.codec import decode_block, encode_block
+from kvstore.compat import PROFILE_FIELD_EFFECTS, FieldEffect, derive_compat_key
+from kvstore.keys import chain_block_keys, scope_seed
+from kvstore.manager import TierManager
+from kvstore.sealing import AesGcmSealer
+from kvstore.tier import BlockAddress, Tier, TierEventKind
+from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.memory import HostMemoryTier
+from profiles import Profile, load_builtin
+
+PROFILE = load_builtin("local-cpu")
+COMPAT = derive_compat_key(PROFILE, model_fingerprint="m" * 64, tokenizer_fingerprint="t" * 64)
+
+
+def _leaf_fields(model: type[pydantic.BaseModel], prefix: str = "") -> set[str]:
+    leaves: set[str] = set()
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        candidates = typing.get_args(annotation) or (annotation,)
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, pydantic.BaseModel)]
+        if nested:
+            leaves |= _leaf_fields(nested[0], f"{prefix}{name}.")
+        else:
+            leaves.add(f"{prefix}{name}")
+    return leaves
+
+
+def test_every_profile_field_is_classified_for_the_compat_key() -> None:
+    assert _leaf_fields(Profile) == set(PROFILE_FIELD_EFFECTS)
+
+
+@pytest.mark.parametrize("path", sorted(PROFILE_FIELD_EFFECTS))
+def test_compat_digest_moves_exactly_with_affecting_fields(path: str) -> None:
+    section, _, field = path.rpartition(".")
+    samples = {
+        "region": "eu-west-1", "engine.device": "cuda", "engine.dtype": "float16",
+        "engine.quantization": "fp8", "engine.kv_cache_dtype": "fp8", "engine.block_size": 64,
+        "engine.tensor_parallel_size": 2, "engine.pipeline_parallel_size": 2,
+    }  # fmt: skip
+    if path in ("model.source", "model.tokenizer"):
+        key = "model_fingerprint" if path == "model.source" else "tokenizer_fingerprint"
+        changed = derive_compat_key(
+            PROFILE, **{"model_fingerprint": "m" * 64, "tokenizer_fingerprint": "t" * 64, key: "x" * 64}
+        )
+        assert changed.digest() != COMPAT.digest()
+        return
+    if PROFILE_FIELD_EFFECTS[path] is FieldEffect.NEUTRAL:
+        return  # neutral fields are not inputs of derive_compat_key at all
+    data = PROFILE.model_dump(mode="json")
+    target = data[section] if section else data
+    target[field] = samples[path]
+    if path == "engine.device":
+        data["engine"]["gpu_memory_utilization"] = 0.9
+    changed = derive_compat_key(
+        Profile.model_validate(data), model_fingerprint="m" * 64, tokenizer_fingerprint="t" * 64
+    )
+    assert changed.digest() != COMPAT.digest(), path
+
+
+def test_block_keys_agree_across_processes_and_split_by_scope() -> None:
+    tokens = list(range(100))
+    keys = chain_block_keys(tokens, 32, scope_seed(COMPAT, "salt-a"))
+    assert len(keys) == 3  # only full blocks
+    code = (
+        "from kvstore.keys import chain_block_keys, scope_seed; from kvstore.compat import derive_compat_key;"
+        "from profiles import load_builtin;"
+        "c = derive_compat_key(load_builtin('local-cpu'), model_fingerprint='m'*64,"
+        " tokenizer_fingerprint='t'*64);"
+        "print(','.join(chain_block_keys(list(range(100)), 32, scope_seed(c, 'salt-a'))))"
+    )
+    other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert other_process.stdout.strip().split(",") == keys
+    assert chain_block_keys(tokens, 32, scope_seed(COMPAT, "salt-b"))[0] != keys[0]
+    assert chain_block_keys(tokens[:64], 32, scope_seed(COMPAT, "salt-a")) == keys[:2]  # prefix property
+    assert (
+        chain_block_keys([*tokens[:32], 999, *tokens[33:]], 32, scope_seed(COMPAT, "salt-a"))[1:] != keys[1:]
+    )
+
+
+def _address(index: int) -> BlockAddress:
+    keys = chain_block_keys(list(range(32 * 8)), 32, scope_seed(COMPAT, "s"))
+    return BlockAddress(COMPAT.digest(), keys[index])
+
+
+def _value(address: BlockAddress, fill: float = 1.0) -> bytes:
+    return encode_block({"kv": np.full((4, 2, 32, 8), fill, dtype=np.float32)}, address)
+
+
+def test_walk_takes_nearest_tier_and_stops_at_first_gap(tmp_path: Path) -> None:
+    host, disk = HostMemoryTier(1 << 24), DiskTier(tmp_path)
+    addresses = [_address(i) for i in range(5)]
+    for index in (0, 3, 4):
+        host.store(addresses[index], _value(addresses[index]))
+    for index in (0, 1, 4):
+        disk.store(addresses[index], _value(addresses[index]))
+    manager = TierManager([disk, host])
+    plan = manager.plan(addresses)
+    assert plan.sources == (Tier.HOST, Tier.DISK)  # block 2 is nowhere: 3 and 4 are not used
+    values = manager.load(plan)
+    assert [decode_block(v, a) is not None for v, a in zip(values, plan.addresses, strict=True)] == [
+        True,
+        True,
+    ]
+    assert host.contains([addresses[1]]) == [True]  # promoted from disk to host
+    kinds = {(e.kind, e.tier) for e in manager.take_events()}
+    assert {
+        (TierEventKind.HIT, Tier.HOST),
+        (TierEventKind.HIT, Tier.DISK),
+        (TierEventKind.MISS, Tier.DISK),
+    } <= kinds
+
+
+def test_corrupt_truncated_or_foreign_blocks_are_misses(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path)
+    a0, a1, a2 = _address(0), _address(1), _address(2)
+    disk.store(a0, _value(a0))
+    disk.store(a1, _value(a1)[:50])  # truncated
+    disk.store(a2, _value(a0))  # another block's bytes under this address
+    assert decode_block(disk.load(a1) or b"", a1) is None
+    assert decode_block(disk.load(a2) or b"", a2) is None
+    assert decode_block(b"\xff" * 40, a0) is None
+    assert decode_block(disk.load(a0) or b"", a0) is not None
+    disk.path(a0).write_bytes(b"")  # emptied
+    assert decode_block(disk.load(a0) or b"", a0) is None
+
+
+def test_host_tier_evicts_least_recently_used() -> None:
+    value = _value(_address(0))
+    host = HostMemoryTier(capacity_bytes=len(value) * 2)
+    a0, a1, a2 = _address(0), _address(1), _address(2)
+    host.store(a0, value)
+    host.store(a1, value)
+    host.load(a0)  # a1 is now the least recently used
+    host.store(a2, value)
+    assert host.contains([a0, a1, a2]) == [True, False, True]
+    (event,) = host.take_events()
+    assert event.kind is TierEventKind.EVICTION and event.num_blocks == 1
+
+
+def test_sealed_persistent_tier_is_unreadable_once_the_key_is_gone(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path)
+    address = _address(0)
+    TierManager([disk], sealer=AesGcmSealer(b"k" * 32)).store(address, _value(address))
+    assert b"zumik-kv-block" not in disk.load(address)  # stored sealed, not in the clear
+    assert TierManager([disk], sealer=AesGcmSealer(b"k" * 32)).load(TierManager([disk]).plan([address]))
+    other_key = TierManager([disk], sealer=AesGcmSealer(b"x" * 32))
+    assert other_key.load(other_key.plan([address])) == []  # destroyed key: a miss
+    assert any(e.kind is TierEventKind.FAILURE for e in other_key.take_events())
