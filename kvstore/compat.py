@@ -49,6 +49,10 @@ PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
     "gateway.num_replicas": FieldEffect.NEUTRAL,
     "gateway.max_body_bytes": FieldEffect.NEUTRAL,
     "gateway.max_artifact_bytes": FieldEffect.NEUTRAL,
+    "kv_tiers.enabled": FieldEffect.NEUTRAL,
+    "kv_tiers.host_capacity_bytes": FieldEffect.NEUTRAL,
+    "kv_tiers.redis": FieldEffect.NEUTRAL,
+    "kv_tiers.disk_root": FieldEffect.NEUTRAL,
 }
 
 

@@ -15,6 +15,7 @@ from profiles.model import (
     EngineSpec,
     GatewayPlacement,
     GatewaySpec,
+    KvTiersSpec,
     ModelSpec,
     Profile,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "EngineSpec",
     "GatewayPlacement",
     "GatewaySpec",
+    "KvTiersSpec",
     "ModelSpec",
     "Profile",
     "ProfileError",

@@ -109,6 +109,20 @@ class GatewaySpec(_Frozen):
     max_artifact_bytes: Annotated[int, Field(ge=1)] = 2 * 1024 * 1024
 
 
+class KvTiersSpec(_Frozen):
+    """Zumik's KV tiers behind the engine (vLLM KV connector ``kvstore.connector``)."""
+
+    enabled: bool = False
+    host_capacity_bytes: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="Host-RAM tier per engine process; 0 for none."
+    )
+    redis: bool = Field(default=False, description="Use Zumik's Redis as the region-shared tier.")
+    disk_root: str | None = Field(
+        default=None,
+        description="Folder of the disk tier ('$ZUMIK_HOME' expands to Zumik's data folder); None: none.",
+    )
+
+
 class Profile(_Frozen):
     """One served model on one kind of hardware, in one region."""
 
@@ -118,6 +132,7 @@ class Profile(_Frozen):
     model: ModelSpec
     engine: EngineSpec
     gateway: GatewaySpec = GatewaySpec()
+    kv_tiers: KvTiersSpec = KvTiersSpec()
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of the whole profile (any change gives a new one)."""

@@ -137,6 +137,7 @@ class LocalStack:
                 model_dir=model_dir,
                 redis_url=self.redis_url,
                 dev_key=config.dev_key,
+                home=home,
             )
             serve.run(app, name=APP_NAME, route_prefix="/")
 

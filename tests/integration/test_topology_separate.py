@@ -39,6 +39,7 @@ def separate(running_stack, http: httpx.Client) -> Iterator[str]:
         model_dir=resolve_model_dir(profile, running_stack.home),
         redis_url=running_stack.redis_url,
         dev_key=DEV_KEY,
+        home=running_stack.home,
     )
     serve.run(app, name=APP, route_prefix=PREFIX)
     try:

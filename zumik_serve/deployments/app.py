@@ -17,10 +17,13 @@ from typing import Any
 from ray import serve
 from ray.serve.llm import LLMConfig
 
+from kvstore.compat import derive_compat_key
+from kvstore.fingerprint import model_fingerprint, tokenizer_fingerprint
 from profiles import GatewayPlacement, Profile
 from zumik_serve.deployments.engine_replica import EngineReplica, IngressEngineReplica
 from zumik_serve.deployments.gateway import Gateway, GatewaySettings
-from zumik_serve.engines.vllm_config import llm_config_kwargs
+from zumik_serve.engines.vllm_config import kv_transfer_config, llm_config_kwargs
+from zumik_serve.home import ZumikHome
 
 APP_NAME = "zumik"
 
@@ -31,9 +34,18 @@ def build_serve_app(
     model_dir: Path,
     redis_url: str,
     dev_key: str | None,
+    home: ZumikHome,
 ) -> serve.Application:
     tokenizer_dir = Path(profile.model.tokenizer) if profile.model.tokenizer else None
-    llm_config = LLMConfig(**llm_config_kwargs(profile, model_dir, tokenizer_dir))
+    compat = derive_compat_key(
+        profile,
+        model_fingerprint=model_fingerprint(model_dir),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_dir or model_dir),
+    )
+    kv_transfer = kv_transfer_config(
+        profile, compat_digest=compat.digest(), redis_url=redis_url, home_root=home.root
+    )
+    llm_config = LLMConfig(**llm_config_kwargs(profile, model_dir, tokenizer_dir, kv_transfer))
     options = EngineReplica.get_deployment_options(llm_config)
     settings = GatewaySettings(
         profile_name=profile.name,
@@ -43,6 +55,7 @@ def build_serve_app(
         max_body_bytes=profile.gateway.max_body_bytes,
         max_artifact_bytes=profile.gateway.max_artifact_bytes,
         model_dir=str(tokenizer_dir or model_dir),
+        compat_digest=compat.digest(),
         dev_key=dev_key,
     )
     if profile.gateway.placement is GatewayPlacement.COLOCATED:

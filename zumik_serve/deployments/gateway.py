@@ -29,6 +29,7 @@ class GatewaySettings:
     max_body_bytes: int
     max_artifact_bytes: int
     model_dir: str
+    compat_digest: str
     dev_key: str | None = None
 
     def __repr__(self) -> str:  # the dev key must never reach a log line

@@ -35,10 +35,12 @@ def build(args: dict[str, Any]) -> serve.Application:
             f"no Redis for Zumik's state: set args.redis_url in the Serve config or {REDIS_URL_ENV} "
             "(deploy/redis has a persistent Redis)"
         )
-    model_dir = resolve_model_dir(profile, ZumikHome.from_env())
+    home = ZumikHome.from_env()
+    model_dir = resolve_model_dir(profile, home)
     return build_serve_app(
         profile,
         model_dir=model_dir,
         redis_url=str(redis_url),
         dev_key=os.environ.get("ZUMIK_DEV_KEY") or None,
+        home=home,
     )

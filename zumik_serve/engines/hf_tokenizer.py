@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+from kvstore.fingerprint import tokenizer_fingerprint
 
 
 class HfChatTokenizer:
@@ -19,12 +19,7 @@ class HfChatTokenizer:
         if not isinstance(template, str):
             raise ValueError(f"the tokenizer in {directory} has no single chat template")
         self._template_digest = hashlib.sha256(template.encode()).hexdigest()
-        digest = hashlib.sha256()
-        for name in TOKENIZER_FILES:
-            path = Path(directory, name)
-            if path.is_file():
-                digest.update(name.encode() + b"\0" + path.read_bytes())
-        self._fingerprint = digest.hexdigest()
+        self._fingerprint = tokenizer_fingerprint(Path(directory))
 
     @property
     def fingerprint(self) -> str:

@@ -40,7 +40,33 @@ def vllm_engine_kwargs(profile: Profile) -> dict[str, Any]:
     return kwargs
 
 
-def llm_config_kwargs(profile: Profile, model_dir: Path, tokenizer_dir: Path | None) -> dict[str, Any]:
+def kv_transfer_config(
+    profile: Profile, *, compat_digest: str, redis_url: str, home_root: Path
+) -> dict[str, Any] | None:
+    """vLLM ``kv_transfer_config`` loading Zumik's connector over the profile's tiers, or None."""
+    tiers = profile.kv_tiers
+    if not tiers.enabled:
+        return None
+    extra: dict[str, Any] = {"compat_digest": compat_digest, "host_capacity_bytes": tiers.host_capacity_bytes}
+    if tiers.redis:
+        extra["redis_url"] = redis_url
+    if tiers.disk_root:
+        extra["disk_root"] = tiers.disk_root.replace("$ZUMIK_HOME", str(home_root))
+    return {
+        "kv_connector": "ZumikKVConnector",
+        "kv_connector_module_path": "kvstore.connector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",  # a block that fails to restore is recomputed
+        "kv_connector_extra_config": extra,
+    }
+
+
+def llm_config_kwargs(
+    profile: Profile,
+    model_dir: Path,
+    tokenizer_dir: Path | None,
+    kv_transfer: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Keyword arguments for ``ray.serve.llm.LLMConfig`` serving ``profile``."""
     loading: dict[str, Any] = {
         "model_id": profile.model.served_name,
@@ -48,9 +74,12 @@ def llm_config_kwargs(profile: Profile, model_dir: Path, tokenizer_dir: Path | N
     }
     if tokenizer_dir is not None:
         loading["tokenizer_source"] = str(tokenizer_dir)
+    engine_kwargs = vllm_engine_kwargs(profile)
+    if kv_transfer is not None:
+        engine_kwargs["kv_transfer_config"] = kv_transfer
     kwargs: dict[str, Any] = {
         "model_loading_config": loading,
-        "engine_kwargs": vllm_engine_kwargs(profile),
+        "engine_kwargs": engine_kwargs,
         "deployment_config": {
             "num_replicas": profile.engine.num_replicas,
             "ray_actor_options": {"num_cpus": profile.engine.cpus_per_replica},

@@ -1,0 +1,241 @@
+"""ZumikKVConnector: vLLM's KV connector over Zumik's tiers (``KVConnectorBase_V1``).
+
+Loaded by vLLM with ``kv_connector_module_path: kvstore.connector`` and configured through
+``kv_connector_extra_config`` (``kvstore_config`` below builds it from a profile):
+
+    compat_digest        the engine's compat key digest (block keys are seeded with it)
+    host_capacity_bytes  the host-RAM tier (0: none)
+    redis_url            the Redis tier (absent: none)
+    disk_root            the disk tier (absent: none)
+
+Per request, on the scheduler side:
+
+    prompt token ids ─► block keys (seed = compat digest | request.cache_salt)
+                     ─► TierManager.plan: longest continuous prefix some tier holds
+                     ─► tokens vLLM may load beyond its own prefix cache (whole blocks)
+
+and on the worker side, each step: blocks to load are copied from tier values into the paged KV
+cache before the forward (``start_load_kv``); full prompt blocks computed in this step are read
+out of the paged cache after it (``wait_for_save``) and stored in every tier. A block copies all
+layers at once, on the block dimension of each layer's cache. Any tier failure is a miss (the
+engine recomputes); the connector never fails a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvstore.codec import decode_block, encode_block
+from kvstore.keys import chain_block_keys
+from kvstore.manager import TierManager
+from kvstore.tier import BlockAddress, TierBackend, TierEvent
+from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.memory import HostMemoryTier
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+_MANAGERS: dict[tuple[Any, ...], TierManager] = {}
+_MANAGERS_LOCK = threading.Lock()
+
+
+def seed_for(compat_digest: str, cache_salt: str | None) -> bytes:
+    """The same seed as ``keys.scope_seed(compat, salt)``, from the digest alone."""
+    return hashlib.sha256(f"{compat_digest}|{cache_salt or ''}".encode()).digest()
+
+
+def shared_manager(config: dict[str, Any]) -> TierManager:
+    """One TierManager per process and configuration, shared by the scheduler-side and the
+    worker-side connector when they live in the same process (so the host tier is one)."""
+    identity = tuple(sorted((key, str(value)) for key, value in config.items()))
+    with _MANAGERS_LOCK:
+        manager = _MANAGERS.get(identity)
+        if manager is None:
+            tiers: list[TierBackend] = []
+            if int(config.get("host_capacity_bytes") or 0) > 0:
+                tiers.append(HostMemoryTier(int(config["host_capacity_bytes"])))
+            if config.get("redis_url"):
+                import redis
+
+                from kvstore.tiers.redis_tier import RedisTier
+
+                client = redis.Redis.from_url(
+                    str(config["redis_url"]), socket_timeout=2, socket_connect_timeout=2
+                )
+                tiers.append(RedisTier(client))
+            if config.get("disk_root"):
+                tiers.append(DiskTier(Path(str(config["disk_root"]))))
+            manager = _MANAGERS[identity] = TierManager(tiers)
+        return manager
+
+
+@dataclass
+class _Transfer:
+    request_id: str
+    block_ids: list[int]  # engine block ids, one per address
+    addresses: list[BlockAddress]
+
+
+@dataclass
+class ZumikConnectorMetadata(KVConnectorMetadata):
+    loads: list[_Transfer] = field(default_factory=list)
+    stores: list[_Transfer] = field(default_factory=list)
+
+
+class ZumikKVConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self._compat_digest = str(extra["compat_digest"])
+        self._block_size = int(vllm_config.cache_config.block_size)
+        self._manager = shared_manager(extra)
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._load_errors: set[int] = set()
+        # scheduler side: per request, the addresses it may load and how many tokens that is
+        self._pending_loads: dict[str, list[BlockAddress]] = {}
+        self._load_plans: dict[str, tuple[int, list[BlockAddress]]] = {}
+        self._stored: set[BlockAddress] = set()
+        self._salts: dict[str, str | None] = {}
+        self.events: list[TierEvent] = []
+
+    # --- scheduler side ---------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        self._salts[request.request_id] = request.cache_salt
+        token_ids = list(request.prompt_token_ids or [])
+        # The last prompt token is always computed by the engine (it yields the first logits).
+        loadable = (len(token_ids) - 1) // self._block_size * self._block_size
+        if loadable <= num_computed_tokens:
+            return 0, False
+        keys = chain_block_keys(
+            token_ids[:loadable], self._block_size, seed_for(self._compat_digest, request.cache_salt)
+        )
+        addresses = [BlockAddress(self._compat_digest, key) for key in keys]
+        plan = self._manager.plan(addresses)
+        restorable = plan.num_blocks * self._block_size
+        if restorable <= num_computed_tokens:
+            return 0, False
+        first_block = num_computed_tokens // self._block_size
+        self._load_plans[request.request_id] = (first_block, list(plan.addresses[first_block:]))
+        return restorable - num_computed_tokens, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        plan = self._load_plans.pop(request.request_id, None)
+        if num_external_tokens > 0 and plan is not None:
+            self._pending_loads[request.request_id] = plan[1]
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = ZumikConnectorMetadata()
+        for new in scheduler_output.scheduled_new_reqs:
+            block_ids = list(new.block_ids[0])
+            token_ids = list(new.prompt_token_ids or [])
+            addresses = self._pending_loads.pop(new.req_id, None)
+            if addresses:
+                first = new.num_computed_tokens // self._block_size - len(addresses)
+                first = max(first, 0)
+                meta.loads.append(_Transfer(new.req_id, block_ids[first : first + len(addresses)], addresses))
+            # Store the full prompt blocks this step computes; blocks before num_computed_tokens
+            # came from a cache (the engine's own or a tier) and are not stored again.
+            scheduled = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
+            computed_after = min(new.num_computed_tokens + scheduled, len(token_ids))
+            first_new = new.num_computed_tokens // self._block_size
+            full_blocks = computed_after // self._block_size
+            if full_blocks <= first_new:
+                continue
+            seed = seed_for(self._compat_digest, self._salts.get(new.req_id))
+            keys = chain_block_keys(token_ids[: full_blocks * self._block_size], self._block_size, seed)
+            store = [
+                (block_ids[index], BlockAddress(self._compat_digest, keys[index]))
+                for index in range(first_new, min(full_blocks, len(block_ids)))
+            ]
+            store = [(b, a) for b, a in store if a not in self._stored]
+            if store:
+                self._stored.update(a for _, a in store)
+                meta.stores.append(_Transfer(new.req_id, [b for b, _ in store], [a for _, a in store]))
+        self._pending_loads.clear()
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._salts.pop(request.request_id, None)
+        self._load_plans.pop(request.request_id, None)
+        return False, None
+
+    # --- worker side ------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._kv_caches = dict(kv_caches)
+        for name, tensor in list(self._kv_caches.items())[:1]:
+            logger.info("zumik kv connector: layer %s cache %s %s", name, tuple(tensor.shape), tensor.dtype)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, ZumikConnectorMetadata)
+        for transfer in meta.loads:
+            values = self._manager.load(self._manager.plan(transfer.addresses))
+            for index, (block_id, address) in enumerate(
+                zip(transfer.block_ids, transfer.addresses, strict=True)
+            ):
+                tensors = decode_block(values[index], address) if index < len(values) else None
+                if tensors is None or not self._inject(block_id, tensors):
+                    # vLLM recomputes from the first block that did not load (policy "recompute").
+                    self._load_errors.update(transfer.block_ids[index:])
+                    logger.warning("zumik kv: %d block(s) not restorable; the engine recomputes them",
+                                   len(transfer.block_ids) - index)  # fmt: skip
+                    break
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def _inject(self, block_id: int, tensors: dict[str, np.ndarray]) -> bool:
+        for name, cache in self._kv_caches.items():
+            target = cache[block_id]
+            source = tensors.get(name)
+            if source is None or source.nbytes != target.numel() * target.element_size():
+                return False
+            target.copy_(torch.from_numpy(source).view(cache.dtype).reshape(target.shape))
+        return True
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, ZumikConnectorMetadata)
+        for transfer in meta.stores:
+            for block_id, address in zip(transfer.block_ids, transfer.addresses, strict=True):
+                tensors = {
+                    name: cache[block_id].detach().cpu().contiguous().view(torch.uint8).numpy()
+                    for name, cache in self._kv_caches.items()
+                }
+                self._manager.store(address, encode_block(tensors, address))
+        self.events.extend(self._manager.take_events())
