@@ -23,7 +23,6 @@ engine recomputes); the connector never fails a request.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvstore.codec import decode_block, encode_block
-from kvstore.keys import chain_block_keys
+from kvstore.keys import chain_block_keys, seed_from_digest
 from kvstore.manager import TierManager
 from kvstore.tier import BlockAddress, TierBackend, TierEvent
 from kvstore.tiers.disk import DiskTier
@@ -57,11 +56,6 @@ logger = logging.getLogger(__name__)
 
 _MANAGERS: dict[tuple[Any, ...], TierManager] = {}
 _MANAGERS_LOCK = threading.Lock()
-
-
-def seed_for(compat_digest: str, cache_salt: str | None) -> bytes:
-    """The same seed as ``keys.scope_seed(compat, salt)``, from the digest alone."""
-    return hashlib.sha256(f"{compat_digest}|{cache_salt or ''}".encode()).digest()
 
 
 def shared_manager(config: dict[str, Any]) -> TierManager:
@@ -130,7 +124,7 @@ class ZumikKVConnector(KVConnectorBase_V1):
         if loadable <= num_computed_tokens:
             return 0, False
         keys = chain_block_keys(
-            token_ids[:loadable], self._block_size, seed_for(self._compat_digest, request.cache_salt)
+            token_ids[:loadable], self._block_size, seed_from_digest(self._compat_digest, request.cache_salt)
         )
         addresses = [BlockAddress(self._compat_digest, key) for key in keys]
         plan = self._manager.plan(addresses)
@@ -166,7 +160,7 @@ class ZumikKVConnector(KVConnectorBase_V1):
             full_blocks = computed_after // self._block_size
             if full_blocks <= first_new:
                 continue
-            seed = seed_for(self._compat_digest, self._salts.get(new.req_id))
+            seed = seed_from_digest(self._compat_digest, self._salts.get(new.req_id))
             keys = chain_block_keys(token_ids[: full_blocks * self._block_size], self._block_size, seed)
             store = [
                 (block_ids[index], BlockAddress(self._compat_digest, keys[index]))

@@ -22,8 +22,13 @@ from kvstore.compat import CompatKey
 BlockKey = NewType("BlockKey", str)  # 32 hex chars (128 bits)
 
 
-def scope_seed(compat: CompatKey, cache_salt: str) -> bytes:
-    return hashlib.sha256(f"{compat.digest()}|{cache_salt}".encode()).digest()
+def scope_seed(compat: CompatKey, cache_salt: str | None) -> bytes:
+    return seed_from_digest(compat.digest(), cache_salt)
+
+
+def seed_from_digest(compat_digest: str, cache_salt: str | None) -> bytes:
+    """The scope seed from a compat key's digest (what engines and gateways are configured with)."""
+    return hashlib.sha256(f"{compat_digest}|{cache_salt or ''}".encode()).digest()
 
 
 def chain_block_keys(token_ids: Sequence[int], block_size: int, seed: bytes) -> list[BlockKey]:

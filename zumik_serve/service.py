@@ -85,6 +85,10 @@ class GatewayService:
         self._salt_secret_source = salt_secret
         self._salt_secret: bytes | None = None
 
+    async def cache_salt_for(self, tenant: Tenant) -> str:
+        """The tenant's cache salt (what the engines mix into block hashes)."""
+        return await self._cache_salt(tenant)
+
     async def _cache_salt(self, tenant: Tenant) -> str:
         if self._salt_secret is None:
             if self._salt_secret_source is None:

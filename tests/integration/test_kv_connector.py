@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from kvstore.keys import chain_block_keys
+from kvstore.keys import chain_block_keys, seed_from_digest
 from kvstore.tier import BlockAddress
 from kvstore.tiers.disk import DiskTier
 from zumik_serve.model.tiny import build_tiny_model
@@ -42,8 +42,6 @@ def _run_engine(model_dir: Path, config: dict, prompts: list[list[int]]) -> tupl
 
 
 def test_restore_into_fresh_engines_from_redis_and_disk(tmp_path: Path) -> None:
-    from kvstore.connector import seed_for
-
     model_dir = build_tiny_model(tmp_path / "tiny")
     server = LocalRedis(data_dir=tmp_path / "redis").start()
     try:
@@ -55,7 +53,7 @@ def test_restore_into_fresh_engines_from_redis_and_disk(tmp_path: Path) -> None:
         assert [r["cached"] for r in first] == [0, 0]
 
         keys_b = chain_block_keys(
-            prompt_b[: (len(prompt_b) - 1) // BLOCK * BLOCK], BLOCK, seed_for(COMPAT, None)
+            prompt_b[: (len(prompt_b) - 1) // BLOCK * BLOCK], BLOCK, seed_from_digest(COMPAT, None)
         )
         client = redis.Redis.from_url(server.url)
         assert client.delete(*(f"kv:{COMPAT}:{key}" for key in keys_b)) == len(keys_b)

@@ -74,9 +74,23 @@ def wait_until_serving(http: httpx.Client, path: str, model: str, timeout_s: flo
 
 
 def test_engine_killed_mid_stream_gives_error_event_then_done(http: httpx.Client, running_stack) -> None:
+    # A warmed snapshot, to check after the restart that the fresh engine restores it from a tier.
+    doc = http.post("/v2/artifacts", json={"role": "document", "content": "Warm me. " * 120}).json()["id"]
+    bundle = http.post("/v2/bundles", json={"artifacts": [doc]}).json()["id"]
+    snapshot = http.post("/v2/snapshots", json={"bundle": bundle}).json()["id"]
+    warm = http.post(f"/v2/snapshots/{snapshot}/warm").json()
+    assert warm["num_blocks"] > 10 and warm["persisted_blocks"]["redis"] == warm["num_blocks"]
+    ask = {"snapshot": snapshot, "input": "Summarize.", "max_tokens": 8, "temperature": 0}
+    before = http.post("/v2/generate", json=ask).json()
+
     lines = stream_and_break(
         http, "/v1/chat/completions", running_stack.model, 3, lambda: kill_engine_core("zumik")
     )
     assert_error_event_then_done(lines)
     retry = wait_until_serving(http, "/v1/completions", running_stack.model)
     assert retry.json()["usage"]["completion_tokens"] == 2
+
+    # The replacement engine starts with an empty prefix cache and restores from the Redis tier.
+    after = http.post("/v2/generate", json=ask).json()
+    assert after["reuse"]["captured_tokens"] >= 0.9 * warm["num_blocks"] * warm["block_size"]
+    assert after["output"] == before["output"]

@@ -265,3 +265,16 @@ def test_v1_snapshot_header_prepends_and_session_header_appends(http: httpx.Clie
         "user",
         "assistant",
     ] * 2
+
+
+def test_warm_persists_every_block_of_the_snapshot(http: httpx.Client) -> None:
+    doc = _artifact(http, f"{uuid.uuid4()} " + "A policy paragraph worth keeping warm. " * 30)
+    bundle = http.post("/v2/bundles", json={"artifacts": [doc["id"]]}).json()["id"]
+    snapshot = http.post("/v2/snapshots", json={"bundle": bundle}).json()["id"]
+    warm = http.post(f"/v2/snapshots/{snapshot}/warm")
+    assert warm.status_code == 200, warm.text
+    body = warm.json()
+    assert body["num_blocks"] == body["num_tokens"] // body["block_size"] > 5
+    assert body["persisted_blocks"]["redis"] == body["num_blocks"]
+    assert len(body["compat_key"]) == 64
+    _error(http.post("/v2/snapshots/snp_unknown/warm"), 404)

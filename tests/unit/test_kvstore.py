@@ -167,3 +167,29 @@ def test_sealed_persistent_tier_is_unreadable_once_the_key_is_gone(tmp_path: Pat
     other_key = TierManager([disk], sealer=AesGcmSealer(b"x" * 32))
     assert other_key.load(other_key.plan([address])) == []  # destroyed key: a miss
     assert any(e.kind is TierEventKind.FAILURE for e in other_key.take_events())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tokenizer_fingerprint": "u" * 64},
+        {"kv_cache_dtype": "fp8"},
+        {"block_size": 64},
+        {"region": "eu-west-1"},
+    ],
+)
+def test_same_tokens_under_another_compat_key_reuse_nothing(tmp_path: Path, change: dict) -> None:
+    import dataclasses
+
+    tokens = list(range(32 * 6))
+    disk = DiskTier(tmp_path)
+    stored = [BlockAddress(COMPAT.digest(), k) for k in chain_block_keys(tokens, 32, scope_seed(COMPAT, "s"))]
+    for address in stored:
+        disk.store(address, _value(address))
+    other = dataclasses.replace(COMPAT, **change)
+    block = other.block_size
+    wanted = [
+        BlockAddress(other.digest(), k) for k in chain_block_keys(tokens, block, scope_seed(other, "s"))
+    ]
+    assert TierManager([disk]).plan(wanted).num_blocks == 0
+    assert TierManager([disk]).plan(stored).num_blocks == len(stored)  # the positive control

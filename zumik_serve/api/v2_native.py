@@ -107,6 +107,38 @@ async def compile_snapshot(handle: str, request: Request) -> JSONResponse:
     return JSONResponse({"snapshot": handle, **compiled.compilation.record()})
 
 
+@router.post("/snapshots/{handle}/warm")
+async def warm_snapshot(handle: str, request: Request) -> JSONResponse:
+    """Compute the snapshot's KV once (a 1-token generation over its compiled tokens); the
+    engine's KV connector stores its blocks in the profile's tiers, where any replica with the
+    same compat key restores them, also after a restart."""
+    service, state = _services(request)
+    tenant = await service.authenticate(request.headers.get("authorization"))
+    compiled = await state.store_call(state.compile_snapshot(tenant.id, handle, service.tokenizer()))
+    token_ids = list(compiled.token_ids)
+    body = {"model": service.models[0].id, "prompt": token_ids, "max_tokens": 1, "temperature": 0}
+    run = await service.start(EngineCall.COMPLETION, body, stream=False, tenant=tenant)
+    probe = request.app.state.kv_probe
+    result: dict[str, Any] = {
+        "snapshot": handle,
+        "num_tokens": len(token_ids),
+        "decision_id": run.decision_id,
+        "route": run.route,
+        "compilation": compiled.compilation.record(),
+    }
+    if probe is not None:
+        addresses = probe.addresses(token_ids, await service.cache_salt_for(tenant))
+        result.update(
+            {
+                "compat_key": probe.compat_digest,
+                "block_size": probe.block_size,
+                "num_blocks": len(addresses),
+                "persisted_blocks": {"redis": await probe.count_in_redis(addresses)},
+            }
+        )
+    return JSONResponse(result, headers=zumik_headers.route_headers(run.decision_id, run.route))
+
+
 @router.get("/{kind}/{handle}")
 async def read_object(kind: ObjectKind, handle: str, request: Request) -> JSONResponse:
     service, state = _services(request)

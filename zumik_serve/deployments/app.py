@@ -56,6 +56,8 @@ def build_serve_app(
         max_artifact_bytes=profile.gateway.max_artifact_bytes,
         model_dir=str(tokenizer_dir or model_dir),
         compat_digest=compat.digest(),
+        block_size=profile.engine.block_size,
+        kv_redis_tier=profile.kv_tiers.enabled and profile.kv_tiers.redis,
         dev_key=dev_key,
     )
     if profile.gateway.placement is GatewayPlacement.COLOCATED:

@@ -15,6 +15,7 @@ from zumik_serve.engines.hf_tokenizer import HfChatTokenizer
 from zumik_serve.engines.ray_client import RayEngineClient
 from zumik_serve.service import EngineClient, GatewayService, ModelCard
 from zumik_serve.state_service import StateService
+from zumik_serve.store.kv_probe import KvProbe
 from zumik_serve.store.state_store import RedisStateStore
 from zumik_serve.store.tenant_store import RedisTenantStore
 from zumik_serve.tenancy import Authenticator
@@ -30,6 +31,8 @@ class GatewaySettings:
     max_artifact_bytes: int
     model_dir: str
     compat_digest: str
+    block_size: int
+    kv_redis_tier: bool
     dev_key: str | None = None
 
     def __repr__(self) -> str:  # the dev key must never reach a log line
@@ -51,7 +54,13 @@ def make_gateway_app(settings: GatewaySettings, engine: EngineClient) -> FastAPI
         salt_secret=lambda: tenants.server_secret("cache-salt"),
     )
     state = StateService(RedisStateStore(redis_client), max_artifact_bytes=settings.max_artifact_bytes)
-    return build_app(service, state, max_body_bytes=settings.max_body_bytes)
+    app = build_app(service, state, max_body_bytes=settings.max_body_bytes)
+    app.state.kv_probe = (
+        KvProbe(redis_client, compat_digest=settings.compat_digest, block_size=settings.block_size)
+        if settings.kv_redis_tier
+        else None
+    )
+    return app
 
 
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0.5})
