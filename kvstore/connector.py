@@ -4,7 +4,8 @@ Loaded by vLLM with ``kv_connector_module_path: kvstore.connector`` and configur
 ``kv_connector_extra_config`` (``kvstore_config`` below builds it from a profile):
 
     compat_digest        the engine's compat key digest (block keys are seeded with it)
-    host_capacity_bytes  the host-RAM tier (0: none)
+    host_capacity_bytes  the host-RAM tier, files in shared memory (0: none); ``shm_root``
+                         overrides /dev/shm
     redis_url            the Redis tier (absent: none)
     disk_root            the disk tier (absent: none)
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +44,7 @@ from kvstore.keys import chain_block_keys, seed_from_digest
 from kvstore.manager import TierManager
 from kvstore.tier import BlockAddress, TierBackend, TierEvent
 from kvstore.tiers.disk import DiskTier
-from kvstore.tiers.memory import HostMemoryTier
+from kvstore.tiers.shared_memory import SharedMemoryTier
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -52,22 +54,29 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-logger = logging.getLogger(__name__)
+# Under vLLM's logger tree so that its handler (INFO, with the process name) prints our lines.
+logger = logging.getLogger("vllm.zumik.kvstore")
+RESTORE_LOG = "zumik kv restore"
 
 _MANAGERS: dict[tuple[Any, ...], TierManager] = {}
 _MANAGERS_LOCK = threading.Lock()
 
 
 def shared_manager(config: dict[str, Any]) -> TierManager:
-    """One TierManager per process and configuration, shared by the scheduler-side and the
-    worker-side connector when they live in the same process (so the host tier is one)."""
+    """One TierManager per process and configuration. vLLM's scheduler and worker run in
+    different processes; the tiers they share are therefore all outside the process (shared
+    memory, Redis, disk)."""
     identity = tuple(sorted((key, str(value)) for key, value in config.items()))
     with _MANAGERS_LOCK:
         manager = _MANAGERS.get(identity)
         if manager is None:
             tiers: list[TierBackend] = []
             if int(config.get("host_capacity_bytes") or 0) > 0:
-                tiers.append(HostMemoryTier(int(config["host_capacity_bytes"])))
+                shm_root = (
+                    Path(str(config.get("shm_root") or "/dev/shm"))
+                    / f"zumik-kv-{config['compat_digest'][:16]}"
+                )
+                tiers.append(SharedMemoryTier(shm_root, int(config["host_capacity_bytes"])))
             if config.get("redis_url"):
                 import redis
 
@@ -189,7 +198,10 @@ class ZumikKVConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, ZumikConnectorMetadata)
         for transfer in meta.loads:
-            values = self._manager.load(self._manager.plan(transfer.addresses))
+            started = time.perf_counter()
+            plan = self._manager.plan(transfer.addresses)
+            values = self._manager.load(plan)
+            restored = 0
             for index, (block_id, address) in enumerate(
                 zip(transfer.block_ids, transfer.addresses, strict=True)
             ):
@@ -200,6 +212,12 @@ class ZumikKVConnector(KVConnectorBase_V1):
                     logger.warning("zumik kv: %d block(s) not restorable; the engine recomputes them",
                                    len(transfer.block_ids) - index)  # fmt: skip
                     break
+                restored += 1
+            sources = ",".join(sorted({tier.name.lower() for tier in plan.sources[:restored]}))
+            logger.info(
+                "%s blocks=%d bytes=%d seconds=%.6f tiers=%s", RESTORE_LOG, restored,
+                sum(len(value) for value in values[:restored]), time.perf_counter() - started, sources,
+            )  # fmt: skip
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

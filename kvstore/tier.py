@@ -2,7 +2,7 @@
 
     Tier (ordered by distance from the engine; a nearer tier is cheaper to load from)
       ENGINE = 0   vLLM's own prefix cache (tracked, not owned: Zumik never writes it)
-      HOST   = 1   bounded host RAM of this process
+      HOST   = 1   bounded host RAM of this node (shared memory)
       REDIS  = 2   shared by every node of a region
       DISK   = 3   safetensors files on local or network disk
 
@@ -53,7 +53,7 @@ class BlockAddress:
 
 
 class TierBackend(Protocol):
-    """One tier. Implementations: ``tiers/memory.py``, ``tiers/disk.py``, ``tiers/redis_tier.py``."""
+    """One tier. Implementations: ``tiers/shared_memory.py``, ``tiers/disk.py``, ``tiers/redis_tier.py``."""
 
     tier: Tier
 

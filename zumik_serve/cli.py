@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     state.add_argument("--out", type=Path, default=Path("bench-out/state"))
     state.add_argument("--json", action="store_true")
     state.set_defaults(run=_cmd_bench_state)
+    tiers = bench.add_parser(
+        "tiers", help="TTFT restoring KV from host/Redis/disk vs recompute, fresh engines"
+    )
+    tiers.add_argument("--lengths", default="512,1024,2040", help="prompt lengths in tokens, comma-separated")
+    tiers.add_argument("--out", type=Path, default=Path("bench-out/tiers"))
+    tiers.add_argument("--json", action="store_true")
+    tiers.set_defaults(run=_cmd_bench_tiers)
     return parser
 
 
@@ -204,6 +211,12 @@ def _cmd_bench_state(args: argparse.Namespace) -> int:
     from zumik_serve.bench.state import run_state_bench
 
     return run_state_bench(args, console)
+
+
+def _cmd_bench_tiers(args: argparse.Namespace) -> int:
+    from zumik_serve.bench.tiers import run_tiers_bench
+
+    return run_tiers_bench(args, console)
 
 
 if __name__ == "__main__":

@@ -31,14 +31,14 @@ COMPAT = "c" * 64
 
 
 def _run_engine(model_dir: Path, config: dict, prompts: list[list[int]]) -> tuple[list[dict], str]:
-    command = [sys.executable, "-m", "tests.support.kv_engine", str(model_dir), json.dumps(config)]
+    request = {"model_dir": str(model_dir), "config": config, "prompts": prompts, "mode": "generate"}
     result = subprocess.run(
-        [*command, json.dumps(prompts)], capture_output=True, text=True, timeout=600,
-        cwd=Path(__file__).resolve().parents[2],
+        [sys.executable, "-m", "zumik_serve.bench.kv_engine", json.dumps(request)],
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert result.returncode == 0 and lines, result.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("RESULT ")), result.stderr
+    return json.loads(lines[-1].removeprefix("RESULT ")), result.stdout + result.stderr  # vLLM logs to stdout
 
 
 def test_restore_into_fresh_engines_from_redis_and_disk(tmp_path: Path) -> None:

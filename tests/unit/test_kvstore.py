@@ -26,7 +26,7 @@ from kvstore.manager import TierManager
 from kvstore.sealing import AesGcmSealer
 from kvstore.tier import BlockAddress, Tier, TierEventKind
 from kvstore.tiers.disk import DiskTier
-from kvstore.tiers.memory import HostMemoryTier
+from kvstore.tiers.shared_memory import SharedMemoryTier
 from profiles import Profile, load_builtin
 
 PROFILE = load_builtin("local-cpu")
@@ -108,7 +108,7 @@ def _value(address: BlockAddress, fill: float = 1.0) -> bytes:
 
 
 def test_walk_takes_nearest_tier_and_stops_at_first_gap(tmp_path: Path) -> None:
-    host, disk = HostMemoryTier(1 << 24), DiskTier(tmp_path)
+    host, disk = SharedMemoryTier(tmp_path / "shm", 1 << 24), DiskTier(tmp_path / "disk")
     addresses = [_address(i) for i in range(5)]
     for index in (0, 3, 4):
         host.store(addresses[index], _value(addresses[index]))
@@ -145,9 +145,9 @@ def test_corrupt_truncated_or_foreign_blocks_are_misses(tmp_path: Path) -> None:
     assert decode_block(disk.load(a0) or b"", a0) is None
 
 
-def test_host_tier_evicts_least_recently_used() -> None:
+def test_host_tier_evicts_least_recently_used(tmp_path: Path) -> None:
     value = _value(_address(0))
-    host = HostMemoryTier(capacity_bytes=len(value) * 2)
+    host = SharedMemoryTier(tmp_path, capacity_bytes=len(value) * 2)
     a0, a1, a2 = _address(0), _address(1), _address(2)
     host.store(a0, value)
     host.store(a1, value)
@@ -193,3 +193,16 @@ def test_same_tokens_under_another_compat_key_reuse_nothing(tmp_path: Path, chan
     ]
     assert TierManager([disk]).plan(wanted).num_blocks == 0
     assert TierManager([disk]).plan(stored).num_blocks == len(stored)  # the positive control
+
+
+def test_shared_memory_tier_is_bounded_across_processes(tmp_path: Path) -> None:
+    value = _value(_address(0))
+    first = SharedMemoryTier(tmp_path, capacity_bytes=len(value) * 2)
+    first.store(_address(0), value)
+    first.store(_address(1), value)
+    # A later process (a restarted engine) adopts the files and keeps the bound.
+    second = SharedMemoryTier(tmp_path, capacity_bytes=len(value) * 2)
+    assert second.used_bytes == 2 * len(value)
+    second.store(_address(2), value)
+    assert second.contains([_address(0), _address(1), _address(2)]) == [False, True, True]
+    assert SharedMemoryTier(tmp_path, capacity_bytes=1 << 20).load(_address(2)) == value

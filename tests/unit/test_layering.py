@@ -23,7 +23,7 @@ DOMAIN_MODULES = [
     "kvstore.tier",
     "kvstore.manager",
     "kvstore.codec",
-    "kvstore.tiers.memory",
+    "kvstore.tiers.shared_memory",
     "kvstore.tiers.disk",
 ]
 FRAMEWORKS = ["ray", "fastapi", "vllm", "torch", "redis", "starlette"]

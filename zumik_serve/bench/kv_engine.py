@@ -1,0 +1,58 @@
+"""One fresh vLLM engine process with Zumik's KV connector (for `zumik bench tiers` and tests).
+
+    python -m zumik_serve.bench.kv_engine REQUEST_JSON
+
+REQUEST_JSON: {"model_dir", "config" (kv_connector_extra_config), "prompts" (token id lists),
+"mode": "generate" | "prime" | "restore", "max_tokens"}. Prints one line ``RESULT <json>``:
+a list with, per prompt, ``cached`` (prompt tokens vLLM reports cached), ``ids`` (greedy output)
+and ``seconds`` (the generate call); in ``prime`` mode also ``host_seconds`` / ``host_cached``,
+the same prompt again after the engine's own prefix cache was reset (so it restores from tiers).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    request = json.loads(sys.argv[1])
+    llm = LLM(
+        model=request["model_dir"], dtype="bfloat16", block_size=32, kv_cache_memory_bytes=128 << 20,
+        max_model_len=2048, enforce_eager=True, enable_prefix_caching=True, seed=0,
+        kv_transfer_config={
+            "kv_connector": "ZumikKVConnector", "kv_connector_module_path": "kvstore.connector",
+            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": request["config"],
+        },
+    )  # fmt: skip
+    params = SamplingParams(max_tokens=int(request.get("max_tokens", 16)), temperature=0)
+    llm.generate([TokensPrompt(prompt_token_ids=[5, 6, 7])], params)  # warm-up, no full block
+
+    def run(prompt: list[int]) -> dict[str, Any]:
+        started = time.perf_counter()
+        (output,) = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
+        return {
+            "seconds": time.perf_counter() - started,
+            "cached": output.num_cached_tokens,
+            "ids": list(output.outputs[0].token_ids),
+        }
+
+    results = []
+    for prompt in request["prompts"]:  # one request at a time: each restore is measured alone
+        result = run(prompt)
+        if request.get("mode") == "prime":
+            llm.reset_prefix_cache()
+            again = run(prompt)
+            result.update(host_seconds=again["seconds"], host_cached=again["cached"])
+        results.append(result)
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()

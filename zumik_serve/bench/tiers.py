@@ -1,0 +1,204 @@
+"""``zumik bench tiers``: time to first token restoring KV from each tier vs recomputing it.
+
+For prompts of about 512, 1024 and 2040 tokens (the tiny model's context is 2048), in fresh
+vLLM engine processes on CPU with Zumik's connector:
+
+    recompute   process 1, nothing cached anywhere: prefill computes every block (and the
+                connector stores them in the host, Redis and disk tiers)
+    host        process 1 again, after resetting vLLM's own prefix cache: restore from host RAM
+    redis       process 2, configured with only the Redis tier
+    disk        process 3, configured with only the disk tier
+
+Each restore's bandwidth (bytes / seconds, logged by the connector) is set beside the ceiling of
+its medium measured in the same run: a memcpy, ``redis-benchmark`` GETs of one block's size,
+and sequential reads of block-sized files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvstore.connector import RESTORE_LOG
+from zumik_serve.store.local_redis import LocalRedis
+
+COMPAT = "b" * 64
+LOG_PATTERN = re.compile(RESTORE_LOG + r" blocks=(\d+) bytes=(\d+) seconds=([0-9.]+) tiers=(\S*)")
+
+
+def _engine(
+    model_dir: Path, config: dict[str, Any], prompts: list[list[int]], mode: str
+) -> tuple[list[dict], list]:
+    request = {
+        "model_dir": str(model_dir),
+        "config": config,
+        "prompts": prompts,
+        "mode": mode,
+        "max_tokens": 1,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "zumik_serve.bench.kv_engine", json.dumps(request)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"the engine process failed: {result.stderr[-2000:]}")
+    restores = [
+        {"blocks": int(m[1]), "bytes": int(m[2]), "seconds": float(m[3]), "tiers": m[4]}
+        for m in LOG_PATTERN.finditer(result.stdout + result.stderr)  # vLLM logs to stdout
+    ]
+    return json.loads(lines[-1].removeprefix("RESULT ")), restores
+
+
+def _ceilings(redis_server: LocalRedis, folder: Path, block_bytes: int, count: int = 256) -> dict[str, float]:
+    payload = np.random.default_rng(0).integers(0, 255, size=block_bytes * count, dtype=np.uint8)
+    target = np.empty_like(payload)
+    best = min(_timed(lambda: np.copyto(target, payload)) for _ in range(5))
+    memcpy = payload.nbytes / best
+    binary = shutil.which("redis-benchmark")
+    redis_gbps = 0.0
+    if binary:
+        out = subprocess.run(
+            [binary, "-h", redis_server.host, "-p", str(redis_server.port), "-t", "get", "-n", str(count * 4),
+             "-c", "1", "-d", str(block_bytes), "--csv", "-q"],
+            capture_output=True, text=True, check=True, timeout=300,
+        ).stdout  # fmt: skip
+        for line in out.splitlines():
+            cells = [cell.strip('"') for cell in line.split(",")]
+            if cells and cells[0] == "GET":
+                redis_gbps = float(cells[1]) * block_bytes
+    files = []
+    for index in range(count):
+        path = folder / f"ceiling-{index}.bin"
+        path.write_bytes(payload[index * block_bytes : (index + 1) * block_bytes].tobytes())
+        files.append(path)
+    file_read = block_bytes * count / min(_timed(lambda: [p.read_bytes() for p in files]) for _ in range(3))
+    return {"memcpy": memcpy, "redis_get": redis_gbps, "file_read": file_read}
+
+
+def _timed(fn: Any) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def measure_tiers(model_dir: Path, lengths: list[int], on_step: Any = print) -> dict[str, Any]:
+    rng = np.random.default_rng(1)
+    prompts = [[int(t) for t in rng.integers(10, 900, size=length)] for length in lengths]
+    with tempfile.TemporaryDirectory(prefix="zumik-bench-tiers-") as scratch:
+        folder = Path(scratch)
+        redis_server = LocalRedis(data_dir=folder / "redis").start()
+        try:
+            base = {"compat_digest": COMPAT, "host_capacity_bytes": 0}
+            all_tiers = {**base, "host_capacity_bytes": 1 << 30, "redis_url": redis_server.url,
+                         "disk_root": str(folder / "kv")}  # fmt: skip
+            on_step("process 1: recompute, then restore from host RAM (stores every tier)")
+            primed, host_logs = _engine(model_dir, all_tiers, prompts, "prime")
+            on_step("process 2: restore from Redis")
+            from_redis, redis_logs = _engine(
+                model_dir, {**base, "redis_url": redis_server.url}, prompts, "restore"
+            )
+            on_step("process 3: restore from disk")
+            from_disk, disk_logs = _engine(
+                model_dir, {**base, "disk_root": str(folder / "kv")}, prompts, "restore"
+            )
+            block_bytes = host_logs[0]["bytes"] // max(host_logs[0]["blocks"], 1) if host_logs else 131072
+            on_step("medium ceilings: memcpy, redis-benchmark GET, file reads")
+            ceilings = _ceilings(redis_server, folder, block_bytes)
+        finally:
+            redis_server.stop()
+    rows = []
+    for index, length in enumerate(lengths):
+        recompute = primed[index]["seconds"]
+        tiers = {
+            "host": (primed[index]["host_seconds"], primed[index]["host_cached"], host_logs, "memcpy"),
+            "redis": (from_redis[index]["seconds"], from_redis[index]["cached"], redis_logs, "redis_get"),
+            "disk": (from_disk[index]["seconds"], from_disk[index]["cached"], disk_logs, "file_read"),
+        }
+        row: dict[str, Any] = {"tokens": length, "recompute_ttft_s": recompute}
+        for name, (seconds, cached, logs, medium) in tiers.items():
+            log = logs[index] if index < len(logs) else None
+            bandwidth = log["bytes"] / log["seconds"] if log and log["seconds"] > 0 else 0.0
+            row[name] = {
+                "ttft_s": seconds, "cached_tokens": cached, "ratio_to_recompute": seconds / recompute,
+                "restore_bytes_per_s": bandwidth, "ceiling_bytes_per_s": ceilings[medium],
+                "fraction_of_ceiling": bandwidth / ceilings[medium] if ceilings[medium] else None,
+            }  # fmt: skip
+        rows.append(row)
+    return {"lengths": lengths, "block_bytes": block_bytes, "ceilings_bytes_per_s": ceilings, "rows": rows}
+
+
+def run_tiers_bench(args: Any, console: Any) -> int:
+    from rich.table import Table
+
+    from profiles import load_builtin
+    from zumik_serve.home import ZumikHome
+    from zumik_serve.model.resolve import resolve_model_dir
+
+    model_dir = resolve_model_dir(load_builtin("local-cpu"), ZumikHome.from_env().ensure())
+    lengths = [int(x) for x in args.lengths.split(",")]
+    result = measure_tiers(model_dir, lengths, on_step=lambda message: console.log(message))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tiers.json").write_text(json.dumps(result, indent=2))
+    _plot(result, args.out / "tiers.png")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    table = Table(title="TTFT restoring from each tier vs recompute (fresh engines, tiny model on CPU)")
+    for column in (
+        "tokens",
+        "recompute ms",
+        "tier",
+        "ttft ms",
+        "x recompute",
+        "cached",
+        "restore MB/s",
+        "ceiling MB/s",
+    ):
+        table.add_column(column)
+    for row in result["rows"]:
+        for tier in ("host", "redis", "disk"):
+            cell = row[tier]
+            recompute_ms, ttft_ms = row["recompute_ttft_s"] * 1e3, cell["ttft_s"] * 1e3
+            table.add_row(
+                str(row["tokens"]), f"{recompute_ms:.1f}", tier, f"{ttft_ms:.1f}",
+                f"{cell['ratio_to_recompute']:.2f}", str(cell["cached_tokens"]),
+                f"{cell['restore_bytes_per_s'] / 1e6:.0f}", f"{cell['ceiling_bytes_per_s'] / 1e6:.0f}",
+            )  # fmt: skip
+    console.print(table)
+    console.print(f"wrote {args.out / 'tiers.json'} and {args.out / 'tiers.png'}")
+    return 0
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    lengths = result["lengths"]
+    ax.plot(lengths, [r["recompute_ttft_s"] * 1e3 for r in result["rows"]], marker="o", label="recompute")
+    for tier in ("host", "redis", "disk"):
+        ax.plot(
+            lengths,
+            [r[tier]["ttft_s"] * 1e3 for r in result["rows"]],
+            marker="o",
+            label=f"restore from {tier}",
+        )
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("time to first token (ms)")
+    ax.set_title("KV restore vs recompute, fresh vLLM CPU engines")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
