@@ -68,7 +68,8 @@ def _ceilings(redis_server: LocalRedis, folder: Path, block_bytes: int, count: i
     redis_gbps = 0.0
     if binary:
         out = subprocess.run(
-            [binary, "-h", redis_server.host, "-p", str(redis_server.port), "-t", "get", "-n", str(count * 4),
+            # SET first, so that the GETs read values of one block's size (not empty replies).
+            [binary, "-h", redis_server.host, "-p", str(redis_server.port), "-t", "set,get", "-n", str(count * 4),
              "-c", "1", "-d", str(block_bytes), "--csv", "-q"],
             capture_output=True, text=True, check=True, timeout=300,
         ).stdout  # fmt: skip
