@@ -65,25 +65,23 @@ def _ceilings(redis_server: LocalRedis, folder: Path, block_bytes: int, count: i
     best = min(_timed(lambda: np.copyto(target, payload)) for _ in range(5))
     memcpy = payload.nbytes / best
     binary = shutil.which("redis-benchmark")
-    redis_gbps = 0.0
+    redis_rate = 0.0
     if binary:
-        out = subprocess.run(
-            # SET first, so that the GETs read values of one block's size (not empty replies).
-            [binary, "-h", redis_server.host, "-p", str(redis_server.port), "-t", "set,get", "-n", str(count * 4),
-             "-c", "1", "-d", str(block_bytes), "--csv", "-q"],
-            capture_output=True, text=True, check=True, timeout=300,
-        ).stdout  # fmt: skip
+        # SET first, so that the GETs read values of one block's size (not empty replies).
+        command = [binary, "-h", redis_server.host, "-p", str(redis_server.port), "-t", "set,get"]
+        command += ["-n", str(count * 4), "-c", "1", "-d", str(block_bytes), "--csv", "-q"]
+        out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300).stdout
         for line in out.splitlines():
             cells = [cell.strip('"') for cell in line.split(",")]
             if cells and cells[0] == "GET":
-                redis_gbps = float(cells[1]) * block_bytes
+                redis_rate = float(cells[1]) * block_bytes
     files = []
     for index in range(count):
         path = folder / f"ceiling-{index}.bin"
         path.write_bytes(payload[index * block_bytes : (index + 1) * block_bytes].tobytes())
         files.append(path)
     file_read = block_bytes * count / min(_timed(lambda: [p.read_bytes() for p in files]) for _ in range(3))
-    return {"memcpy": memcpy, "redis_get": redis_gbps, "file_read": file_read}
+    return {"memcpy": memcpy, "redis_get": redis_rate, "file_read": file_read}
 
 
 def _timed(fn: Any) -> float:
