@@ -38,6 +38,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 from kvstore.codec import decode_block, encode_block
 from kvstore.keys import chain_block_keys, seed_from_digest
@@ -93,6 +94,71 @@ def shared_manager(config: dict[str, Any]) -> TierManager:
 
 
 @dataclass
+class ZumikKVConnectorStats(KVConnectorStats):
+    """Tier events since the last report: ``{"<event>:<tier>": [num_blocks, num_bytes]}``.
+
+    vLLM gathers these from the scheduler and the worker each step, logs them, and records them
+    as Prometheus metrics (Ray metrics under Ray Serve, with ``log_engine_metrics``).
+    """
+
+    def record(self, events: list[TierEvent]) -> ZumikKVConnectorStats:
+        for event in events:
+            key = f"{event.kind.value}:{event.tier.name.lower()}"
+            blocks, num_bytes = self.data.get(key, (0, 0))
+            self.data[key] = [blocks + event.num_blocks, num_bytes + event.num_bytes]
+        return self
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for key, (blocks, num_bytes) in other.data.items():
+            mine = self.data.get(key, (0, 0))
+            self.data[key] = [mine[0] + blocks, mine[1] + num_bytes]
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        reduced: dict[str, int | float] = {}
+        for key, (blocks, num_bytes) in sorted(self.data.items()):
+            reduced[f"{key}_blocks"] = blocks
+            reduced[f"{key}_bytes"] = num_bytes
+        return reduced
+
+    def is_empty(self) -> bool:
+        return not self.data
+
+
+class ZumikKVPromMetrics(KVConnectorPromMetrics):
+    """``zumik:kv_tier_blocks`` and ``zumik:kv_tier_bytes`` counters by event and tier."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        metric_types: dict[Any, Any],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        names = [*labelnames, "event", "tier"]
+        self._blocks: Any = self._counter_cls(
+            name="zumik:kv_tier_blocks", documentation="KV blocks by tier event (hit, miss, load, store, "
+            "eviction, failure) and tier", labelnames=names,
+        )  # fmt: skip
+        self._bytes: Any = self._counter_cls(
+            name="zumik:kv_tier_bytes", documentation="KV bytes loaded or stored, by tier event and tier",
+            labelnames=names,
+        )  # fmt: skip
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        base = self.per_engine_labelvalues[engine_idx]
+        for key, (blocks, num_bytes) in transfer_stats_data.items():
+            event, tier = key.split(":", 1)
+            self._blocks.labels(*base, event, tier).inc(blocks)
+            if num_bytes:
+                self._bytes.labels(*base, event, tier).inc(num_bytes)
+
+
+@dataclass
 class _Transfer:
     request_id: str
     block_ids: list[int]  # engine block ids, one per address
@@ -119,7 +185,6 @@ class ZumikKVConnector(KVConnectorBase_V1):
         self._load_plans: dict[str, tuple[int, list[BlockAddress]]] = {}
         self._stored: set[BlockAddress] = set()
         self._salts: dict[str, str | None] = {}
-        self.events: list[TierEvent] = []
 
     # --- scheduler side ---------------------------------------------------------------------
 
@@ -181,6 +246,24 @@ class ZumikKVConnector(KVConnectorBase_V1):
                 meta.stores.append(_Transfer(new.req_id, [b for b, _ in store], [a for _, a in store]))
         self._pending_loads.clear()
         return meta
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        events = self._manager.take_events()
+        return ZumikKVConnectorStats(data={}).record(events) if events else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return ZumikKVConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[Any, Any],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        return ZumikKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._salts.pop(request.request_id, None)
@@ -250,4 +333,3 @@ class ZumikKVConnector(KVConnectorBase_V1):
                     for name, cache in self._kv_caches.items()
                 }
                 self._manager.store(address, encode_block(tensors, address))
-        self.events.extend(self._manager.take_events())

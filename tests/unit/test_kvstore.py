@@ -206,3 +206,24 @@ def test_shared_memory_tier_is_bounded_across_processes(tmp_path: Path) -> None:
     second.store(_address(2), value)
     assert second.contains([_address(0), _address(1), _address(2)]) == [False, True, True]
     assert SharedMemoryTier(tmp_path, capacity_bytes=1 << 20).load(_address(2)) == value
+
+
+def test_connector_stats_sum_events_by_kind_and_tier() -> None:
+    pytest.importorskip("vllm")
+    from kvstore.connector import ZumikKVConnector, ZumikKVConnectorStats
+    from kvstore.tier import TierEvent
+
+    first = ZumikKVConnectorStats(data={}).record(
+        [TierEvent(TierEventKind.LOAD, Tier.REDIS, 2, 200), TierEvent(TierEventKind.LOAD, Tier.REDIS, 1, 100)]
+    )
+    second = ZumikKVConnector.build_kv_connector_stats(
+        ZumikKVConnectorStats(data={}).record([TierEvent(TierEventKind.MISS, Tier.DISK, 4)]).to_dict()
+    )
+    assert second is not None
+    merged = first.aggregate(second)
+    assert merged.reduce() == {
+        "load:redis_blocks": 3, "load:redis_bytes": 300, "miss:disk_blocks": 4, "miss:disk_bytes": 0,
+    }  # fmt: skip
+    assert not merged.is_empty()
+    merged.reset()
+    assert merged.is_empty()

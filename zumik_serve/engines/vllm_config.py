@@ -86,7 +86,8 @@ def llm_config_kwargs(
         },
         # Streamed tokens leave the replica at once; batching would add up to 50 ms to TTFT.
         "experimental_configs": {"stream_batching_interval_ms": 0},
-        "log_engine_metrics": False,
+        # vLLM engine metrics (and the KV connector's zumik:kv_tier_* counters) as Ray metrics.
+        "log_engine_metrics": True,
     }
     if profile.engine.device is Device.CPU:
         kwargs["accelerator_config"] = {"kind": "cpu"}
