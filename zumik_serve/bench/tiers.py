@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,6 @@ import numpy as np
 from kvstore.connector import RESTORE_LOG
 from zumik_serve.store.local_redis import LocalRedis
 
-COMPAT = "b" * 64
 LOG_PATTERN = re.compile(RESTORE_LOG + r" blocks=(\d+) bytes=(\d+) seconds=([0-9.]+) tiers=(\S*)")
 
 
@@ -93,13 +93,17 @@ def _timed(fn: Any) -> float:
 def measure_tiers(model_dir: Path, lengths: list[int], on_step: Any = print) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     prompts = [[int(t) for t in rng.integers(10, 900, size=length)] for length in lengths]
+    # A compat digest of this run only: nothing from an earlier run (shared memory outlives
+    # processes) can be mistaken for a restore, and the recompute arm really recomputes.
+    compat = secrets.token_hex(32)
+    shm_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     with tempfile.TemporaryDirectory(prefix="zumik-bench-tiers-") as scratch:
         folder = Path(scratch)
         redis_server = LocalRedis(data_dir=folder / "redis").start()
         try:
-            base = {"compat_digest": COMPAT, "host_capacity_bytes": 0}
+            base = {"compat_digest": compat, "host_capacity_bytes": 0}
             all_tiers = {**base, "host_capacity_bytes": 1 << 30, "redis_url": redis_server.url,
-                         "disk_root": str(folder / "kv")}  # fmt: skip
+                         "disk_root": str(folder / "kv"), "shm_root": str(shm_root)}  # fmt: skip
             on_step("process 1: recompute, then restore from host RAM (stores every tier)")
             primed, host_logs = _engine(model_dir, all_tiers, prompts, "prime")
             on_step("process 2: restore from Redis")
@@ -115,6 +119,7 @@ def measure_tiers(model_dir: Path, lengths: list[int], on_step: Any = print) -> 
             ceilings = _ceilings(redis_server, folder, block_bytes)
         finally:
             redis_server.stop()
+            shutil.rmtree(shm_root / f"zumik-kv-{compat[:16]}", ignore_errors=True)
     rows = []
     for index, length in enumerate(lengths):
         recompute = primed[index]["seconds"]
