@@ -61,15 +61,16 @@ class OverheadResult:
 
 
 def start_direct_vllm(
-    profile: Profile, model_dir: Path, port: int, log_path: Path
+    profile: Profile, model_dir: Path, port: int, log_path: Path, kv_transfer: dict[str, Any] | None = None
 ) -> subprocess.Popen[bytes]:
-    """vLLM's own OpenAI server with the profile's engine settings (the baseline arm)."""
+    """vLLM's own OpenAI server with the profile's engine settings (the baseline arm), the
+    KV connector included when the profile has tiers, so that only the gateway differs."""
     from zumik_serve.engines.vllm_config import vllm_cli_args
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        *vllm_cli_args(profile, model_dir),
+        *vllm_cli_args(profile, model_dir, kv_transfer),
         "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log",
     ]  # fmt: skip
     log = log_path.open("wb")
@@ -204,6 +205,7 @@ def run_overhead_bench(args: Any, console: Any) -> int:
     from rich.table import Table
 
     from profiles import resolve_profile
+    from zumik_serve.engines.vllm_config import engine_kv_transfer
     from zumik_serve.home import ZumikHome
     from zumik_serve.model.resolve import resolve_model_dir
     from zumik_serve.stack import LocalStack, StackConfig
@@ -224,9 +226,14 @@ def run_overhead_bench(args: Any, console: Any) -> int:
     stack = LocalStack(StackConfig.from_env(profile, port=free_port(), dev_key=dev_key, ingress=args.ingress))
     direct = None
     try:
-        with console.status("starting vLLM's own OpenAI server and the Zumik stack (about 2 minutes)"):
-            direct = start_direct_vllm(profile, model_dir, direct_port, args.out / "vllm-direct.log")
+        with console.status("starting the Zumik stack and vLLM's own OpenAI server (about 2 minutes)"):
             stack.start(lambda message: console.log(message))
+            kv_transfer = engine_kv_transfer(
+                profile, model_dir=model_dir, redis_url=stack.redis_url, home_root=stack.config.home.root
+            )
+            direct = start_direct_vllm(
+                profile, model_dir, direct_port, args.out / "vllm-direct.log", kv_transfer
+            )
             direct_url = f"http://127.0.0.1:{direct_port}"
             wait_ready(direct_url, {}, timeout_s=300, process=direct)
         arms = {"direct": (direct_url, {}), "zumik": (stack.url, {"Authorization": f"Bearer {dev_key}"})}

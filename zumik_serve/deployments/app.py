@@ -17,12 +17,10 @@ from typing import Any
 from ray import serve
 from ray.serve.llm import LLMConfig
 
-from kvstore.compat import derive_compat_key
-from kvstore.fingerprint import model_fingerprint, tokenizer_fingerprint
 from profiles import GatewayPlacement, Profile
 from zumik_serve.deployments.engine_replica import EngineReplica, IngressEngineReplica
 from zumik_serve.deployments.gateway import Gateway, GatewaySettings
-from zumik_serve.engines.vllm_config import kv_transfer_config, llm_config_kwargs
+from zumik_serve.engines.vllm_config import engine_kv_transfer, llm_config_kwargs
 from zumik_serve.home import ZumikHome
 
 APP_NAME = "zumik"
@@ -37,14 +35,8 @@ def build_serve_app(
     home: ZumikHome,
 ) -> serve.Application:
     tokenizer_dir = Path(profile.model.tokenizer) if profile.model.tokenizer else None
-    compat = derive_compat_key(
-        profile,
-        model_fingerprint=model_fingerprint(model_dir),
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_dir or model_dir),
-    )
-    kv_transfer = kv_transfer_config(
-        profile, compat_digest=compat.digest(), redis_url=redis_url, home_root=home.root
-    )
+    kv_transfer = engine_kv_transfer(profile, model_dir=model_dir, redis_url=redis_url, home_root=home.root)
+    compat_digest = kv_transfer["kv_connector_extra_config"]["compat_digest"] if kv_transfer else ""
     llm_config = LLMConfig(**llm_config_kwargs(profile, model_dir, tokenizer_dir, kv_transfer))
     options = EngineReplica.get_deployment_options(llm_config)
     settings = GatewaySettings(
@@ -55,7 +47,7 @@ def build_serve_app(
         max_body_bytes=profile.gateway.max_body_bytes,
         max_artifact_bytes=profile.gateway.max_artifact_bytes,
         model_dir=str(tokenizer_dir or model_dir),
-        compat_digest=compat.digest(),
+        compat_digest=compat_digest,
         block_size=profile.engine.block_size,
         kv_redis_tier=profile.kv_tiers.enabled and profile.kv_tiers.redis,
         dev_key=dev_key,

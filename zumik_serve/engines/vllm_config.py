@@ -7,6 +7,7 @@ exactly the same ones (``vllm_cli_args``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,27 @@ def kv_transfer_config(
     }
 
 
+def engine_kv_transfer(
+    profile: Profile, *, model_dir: Path, redis_url: str, home_root: Path
+) -> dict[str, Any] | None:
+    """The connector config of ``profile``'s engines, with the compat key derived from the
+    model and tokenizer on disk (the same for every engine that serves them)."""
+    from kvstore.compat import derive_compat_key
+    from kvstore.fingerprint import model_fingerprint, tokenizer_fingerprint
+
+    if not profile.kv_tiers.enabled:
+        return None
+    tokenizer_dir = Path(profile.model.tokenizer) if profile.model.tokenizer else model_dir
+    compat = derive_compat_key(
+        profile,
+        model_fingerprint=model_fingerprint(model_dir),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_dir),
+    )
+    return kv_transfer_config(
+        profile, compat_digest=compat.digest(), redis_url=redis_url, home_root=home_root
+    )
+
+
 def llm_config_kwargs(
     profile: Profile,
     model_dir: Path,
@@ -96,9 +118,11 @@ def llm_config_kwargs(
     return kwargs
 
 
-def vllm_cli_args(profile: Profile, model_dir: Path) -> list[str]:
+def vllm_cli_args(profile: Profile, model_dir: Path, kv_transfer: dict[str, Any] | None = None) -> list[str]:
     """The same settings as arguments of vLLM's own OpenAI server (for side-by-side benchmarks)."""
     args = ["--model", str(model_dir), "--served-model-name", profile.model.served_name]
+    if kv_transfer is not None:
+        args += ["--kv-transfer-config", json.dumps(kv_transfer)]
     for key, value in vllm_engine_kwargs(profile).items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
