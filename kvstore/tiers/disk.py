@@ -8,11 +8,10 @@ Values are opaque here (safetensors bytes from ``kvstore.codec``, possibly seale
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from kvstore.atomic_file import write_atomic
 from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind
 
 
@@ -42,16 +41,7 @@ class DiskTier:
         path = self.path(address)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(value)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomic(path, value)
         except OSError as exc:
             self._events.append(TierEvent(TierEventKind.FAILURE, self.tier, 1, 0, f"write: {exc.strerror}"))
             return False

@@ -16,11 +16,12 @@ import hashlib
 import json
 import os
 import string
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from kvstore.atomic_file import write_atomic
 
 CORPUS_PATH = Path(__file__).with_name("corpus.txt")
 
@@ -77,7 +78,7 @@ def build_tiny_model(out_dir: Path, spec: TinyModelSpec | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = _render_files(spec)
     for name, data in files.items():
-        _write_atomic(out_dir / name, data)
+        write_atomic(out_dir / name, data)
     return out_dir
 
 
@@ -246,17 +247,3 @@ def _weights_bytes(spec: TinyModelSpec, vocab_size: int, banned_ids: list[int]) 
 
 def _json_bytes(value: object) -> bytes:
     return (json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
