@@ -98,3 +98,11 @@ def test_dockerfile_installs_gpu_extra_as_non_root() -> None:
     user_lines = [line for line in lines if line.startswith("USER ")]
     assert user_lines and user_lines[-1] != "USER root"
     assert text.count("FROM ") >= 2  # multi-stage
+
+
+def test_grafana_dashboard_queries_ray_metrics() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "zumik-dashboard.json").read_text())
+    targets = [target for panel in dashboard["panels"] for target in panel["targets"]]
+    assert len(dashboard["panels"]) >= 6 and targets
+    assert all("ray_" in target["expr"] for target in targets)
+    assert any("ray_zumik_kv_tier_blocks_total" in target["expr"] for target in targets)
