@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.zumik.kvstore")
 RESTORE_LOG = "zumik kv restore"
 
+STORED_MEMORY_BLOCKS = 100_000
 _MANAGERS: dict[tuple[Any, ...], TierManager] = {}
 _MANAGERS_LOCK = threading.Lock()
 
@@ -183,7 +185,8 @@ class ZumikKVConnector(KVConnectorBase_V1):
         # scheduler side: per request, the addresses it may load and how many tokens that is
         self._pending_loads: dict[str, list[BlockAddress]] = {}
         self._load_plans: dict[str, tuple[int, list[BlockAddress]]] = {}
-        self._stored: set[BlockAddress] = set()
+        # Addresses this engine already stored, newest last, bounded (a re-store is only waste).
+        self._stored: OrderedDict[BlockAddress, None] = OrderedDict()
         self._salts: dict[str, str | None] = {}
 
     # --- scheduler side ---------------------------------------------------------------------
@@ -242,7 +245,10 @@ class ZumikKVConnector(KVConnectorBase_V1):
             ]
             store = [(b, a) for b, a in store if a not in self._stored]
             if store:
-                self._stored.update(a for _, a in store)
+                for _, address in store:
+                    self._stored[address] = None
+                while len(self._stored) > STORED_MEMORY_BLOCKS:
+                    self._stored.popitem(last=False)
                 meta.stores.append(_Transfer(new.req_id, [b for b, _ in store], [a for _, a in store]))
         self._pending_loads.clear()
         return meta
