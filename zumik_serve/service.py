@@ -87,9 +87,6 @@ class GatewayService:
 
     async def cache_salt_for(self, tenant: Tenant) -> str:
         """The tenant's cache salt (what the engines mix into block hashes)."""
-        return await self._cache_salt(tenant)
-
-    async def _cache_salt(self, tenant: Tenant) -> str:
         if self._salt_secret is None:
             if self._salt_secret_source is None:
                 raise EngineError("this gateway has no cache-salt secret configured", status=500)
@@ -118,7 +115,7 @@ class GatewayService:
     ) -> EngineRun:
         """Start the call for ``tenant`` and wait for its first output; failures before it are
         raised. The engine request carries the tenant's server-side cache salt."""
-        engine_body = {**engine_body, "cache_salt": await self._cache_salt(tenant)}
+        engine_body = {**engine_body, "cache_salt": await self.cache_salt_for(tenant)}
         replica_id = "unknown"
         try:
             if stream:
