@@ -56,7 +56,9 @@ class RedisTenantStore:
             await self._redis.set(key, secrets.token_bytes(32), nx=True)
             value = await self._redis.get(key)
         except RedisError as exc:
-            raise StoreUnavailableError("the state store is unavailable; retry shortly", retry_after_s=1) from exc
+            raise StoreUnavailableError(
+                "the state store is unavailable; retry shortly", retry_after_s=1
+            ) from exc
         if value is None:
             raise StoreUnavailableError("the server secret could not be read; retry shortly", retry_after_s=1)
         return value if isinstance(value, bytes) else value.encode()
