@@ -53,6 +53,9 @@ PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
     "kv_tiers.host_capacity_bytes": FieldEffect.NEUTRAL,
     "kv_tiers.redis": FieldEffect.NEUTRAL,
     "kv_tiers.disk_root": FieldEffect.NEUTRAL,
+    "kv_tiers.seal": FieldEffect.NEUTRAL,  # sealing wraps stored values; the KV bytes are the same
+    "purge.ceiling": FieldEffect.NEUTRAL,
+    "purge.dedicated_engines": FieldEffect.NEUTRAL,
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -121,6 +121,29 @@ class KvTiersSpec(_Frozen):
         default=None,
         description="Folder of the disk tier ('$ZUMIK_HOME' expands to Zumik's data folder); None: none.",
     )
+    seal: bool = Field(
+        default=True,
+        description="Seal blocks in the persistent tiers (Redis, disk) with AES-GCM under a data key "
+        "per isolation scope, so that a purge can crypto-erase them by destroying the key.",
+    )
+
+
+PurgeCeiling = Literal["revoked", "unindexed", "deleted", "compacted", "crypto_erased"]
+
+
+class PurgeSpec(_Frozen):
+    """What a purge can honestly promise on this deployment (DESIGN.md section 7)."""
+
+    ceiling: PurgeCeiling = Field(
+        default="crypto_erased",
+        description="The strongest guarantee class a receipt of this profile may state; receipts "
+        "state the weakest class over the stores that held the data, never above this.",
+    )
+    dedicated_engines: bool = Field(
+        default=False,
+        description="The engines serve this deployment only, so a purge may also reset their prefix "
+        "cache (it still only unindexes: engine memory is not zeroed).",
+    )
 
 
 class Profile(_Frozen):
@@ -133,6 +156,7 @@ class Profile(_Frozen):
     engine: EngineSpec
     gateway: GatewaySpec = GatewaySpec()
     kv_tiers: KvTiersSpec = KvTiersSpec()
+    purge: PurgeSpec = PurgeSpec()
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of the whole profile (any change gives a new one)."""
