@@ -55,7 +55,6 @@ PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
     "kv_tiers.disk_root": FieldEffect.NEUTRAL,
     "kv_tiers.seal": FieldEffect.NEUTRAL,  # sealing wraps stored values; the KV bytes are the same
     "purge.ceiling": FieldEffect.NEUTRAL,
-    "purge.dedicated_engines": FieldEffect.NEUTRAL,
 }
 
 

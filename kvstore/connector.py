@@ -8,10 +8,14 @@ Loaded by vLLM with ``kv_connector_module_path: kvstore.connector`` and configur
                          overrides /dev/shm
     redis_url            the Redis tier (absent: none)
     disk_root            the disk tier (absent: none)
+    keyring_redis_url    where the per-scope data keys live (absent: no keyring; then nothing
+                         is sealed and purged scopes are not fenced off)
+    seal                 seal blocks in the persistent tiers with the scope's data key
 
 Per request, on the scheduler side:
 
-    prompt token ids ─► block keys (seed = compat digest | request.cache_salt)
+    prompt token ids ─► block keys (seed = compat digest | request.cache_salt), filed under the
+                        salt's scope (``keys.scope_id``)
                      ─► TierManager.plan: longest continuous prefix some tier holds
                      ─► tokens vLLM may load beyond its own prefix cache (whole blocks)
 
@@ -42,9 +46,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 from kvstore.codec import decode_block, encode_block
-from kvstore.keys import chain_block_keys, seed_from_digest
+from kvstore.keys import chain_block_keys, scope_id, seed_from_digest
 from kvstore.manager import TierManager
-from kvstore.tier import BlockAddress, TierBackend, TierEvent
+from kvstore.tier import BlockAddress, Keyring, Sealer, TierBackend, TierEvent
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.shared_memory import SharedMemoryTier
 
@@ -91,7 +95,22 @@ def shared_manager(config: dict[str, Any]) -> TierManager:
                 tiers.append(RedisTier(client))
             if config.get("disk_root"):
                 tiers.append(DiskTier(Path(str(config["disk_root"]))))
-            manager = _MANAGERS[identity] = TierManager(tiers)
+            keyring: Keyring | None = None
+            sealer: Sealer | None = None
+            if config.get("keyring_redis_url"):
+                import redis
+
+                from kvstore.sealing import ScopedSealer
+                from kvstore.tiers.redis_keyring import RedisKeyring
+
+                keyring = RedisKeyring(
+                    redis.Redis.from_url(
+                        str(config["keyring_redis_url"]), socket_timeout=2, socket_connect_timeout=2
+                    )
+                )
+                if config.get("seal"):
+                    sealer = ScopedSealer(keyring)
+            manager = _MANAGERS[identity] = TierManager(tiers, sealer=sealer, keyring=keyring)
         return manager
 
 
@@ -203,7 +222,8 @@ class ZumikKVConnector(KVConnectorBase_V1):
         keys = chain_block_keys(
             token_ids[:loadable], self._block_size, seed_from_digest(self._compat_digest, request.cache_salt)
         )
-        addresses = [BlockAddress(self._compat_digest, key) for key in keys]
+        scope = scope_id(request.cache_salt)
+        addresses = [BlockAddress(self._compat_digest, key, scope) for key in keys]
         plan = self._manager.plan(addresses)
         restorable = plan.num_blocks * self._block_size
         if restorable <= num_computed_tokens:
@@ -237,10 +257,12 @@ class ZumikKVConnector(KVConnectorBase_V1):
             full_blocks = computed_after // self._block_size
             if full_blocks <= first_new:
                 continue
-            seed = seed_from_digest(self._compat_digest, self._salts.get(new.req_id))
+            salt = self._salts.get(new.req_id)
+            seed = seed_from_digest(self._compat_digest, salt)
             keys = chain_block_keys(token_ids[: full_blocks * self._block_size], self._block_size, seed)
+            scope = scope_id(salt)
             store = [
-                (block_ids[index], BlockAddress(self._compat_digest, keys[index]))
+                (block_ids[index], BlockAddress(self._compat_digest, keys[index], scope))
                 for index in range(first_new, min(full_blocks, len(block_ids)))
             ]
             store = [(b, a) for b, a in store if a not in self._stored]

@@ -20,6 +20,19 @@ from typing import NewType
 from kvstore.compat import CompatKey
 
 BlockKey = NewType("BlockKey", str)  # 32 hex chars (128 bits)
+ScopeId = NewType("ScopeId", str)  # 16 hex chars naming one isolation scope (a cache salt)
+SHARED_SCOPE = ScopeId("shared")  # requests without a cache salt
+
+
+def scope_id(cache_salt: str | None) -> ScopeId:
+    """The name of a cache salt's isolation scope in tier layouts and the keyring.
+
+    Tiers file blocks under it so that a purge can remove a whole scope at once; it is a digest
+    of the salt, so it reveals nothing that would let anyone compute block keys.
+    """
+    if not cache_salt:
+        return SHARED_SCOPE
+    return ScopeId(hashlib.sha256(f"zumik-scope|{cache_salt}".encode()).hexdigest()[:16])
 
 
 def scope_seed(compat: CompatKey, cache_salt: str | None) -> bytes:

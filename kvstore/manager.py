@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvstore.tier import BlockAddress, Sealer, Tier, TierBackend, TierEvent, TierEventKind
+from kvstore.keys import ScopeId
+from kvstore.tier import BlockAddress, Keyring, Sealer, Tier, TierBackend, TierEvent, TierEventKind
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class StoreEverywhere:
 class TierManager:
     tiers: list[TierBackend]
     sealer: Sealer | None = None
+    keyring: Keyring | None = None  # when set, nothing is stored under a destroyed (purged) scope
     persistent: frozenset[Tier] = frozenset({Tier.REDIS, Tier.DISK})
     promotion: PromoteToNearer = field(default_factory=PromoteToNearer)
     storing: StoreEverywhere = field(default_factory=StoreEverywhere)
@@ -108,6 +110,10 @@ class TierManager:
     def remove(self, addresses: Sequence[BlockAddress]) -> dict[Tier, int]:
         return {backend.tier: backend.remove(addresses) for backend in self.tiers}
 
+    def remove_scope(self, scope: ScopeId) -> dict[Tier, int]:
+        """Remove every block of ``scope`` from every tier (raises when a tier cannot)."""
+        return {backend.tier: backend.remove_scope(scope) for backend in self.tiers}
+
     def take_events(self) -> list[TierEvent]:
         events = self._events
         for backend in self.tiers:
@@ -122,8 +128,13 @@ class TierManager:
         return value
 
     def _write(self, address: BlockAddress, value: bytes, tier: Tier) -> None:
-        stored = value
+        if self.keyring is not None and self.keyring.is_destroyed(address.scope):
+            return  # purged scope: in-flight requests of it must not write blocks back
+        stored: bytes | None = value
         if tier in self.persistent and self.sealer is not None:
             stored = self.sealer.seal(value, address)
+            if stored is None:
+                self._events.append(TierEvent(TierEventKind.FAILURE, tier, 1, 0, "cannot seal"))
+                return
         if self._by_tier[tier].store(address, stored):
             self._events.append(TierEvent(TierEventKind.STORE, tier, 1, len(stored)))

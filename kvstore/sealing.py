@@ -1,8 +1,9 @@
 """AES-GCM sealing of block values for persistent tiers (``cryptography``).
 
-A sealed value is ``nonce (12 bytes) | ciphertext+tag``, with the block's address as associated
-data, so a value copied under another address does not open. One data key per isolation scope:
-destroying that key makes every sealed copy of the scope unreadable (crypto-erasure).
+A sealed value is ``nonce (12 bytes) | ciphertext+tag``, with the block's address (compat key,
+scope, block key) as associated data, so a value copied under another address does not open.
+``ScopedSealer`` uses one data key per isolation scope from a ``Keyring``: destroying a scope's
+key makes every sealed copy of it unreadable (crypto-erasure), wherever the copies are.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kvstore.tier import BlockAddress
+from kvstore.tier import BlockAddress, Keyring
 
 
 class AesGcmSealer:
@@ -34,5 +35,37 @@ class AesGcmSealer:
             return None
 
 
+class ScopedSealer:
+    """Seals each block with its scope's data key (created on first store)."""
+
+    def __init__(self, keyring: Keyring) -> None:
+        self._keyring = keyring
+        self._aeads: dict[bytes, AESGCM] = {}
+
+    def seal(self, value: bytes, address: BlockAddress) -> bytes | None:
+        data_key = self._keyring.data_key(address.scope, create=True)
+        if data_key is None:
+            return None
+        nonce = os.urandom(12)
+        return nonce + self._aead(data_key).encrypt(nonce, value, _associated(address))
+
+    def open(self, sealed: bytes, address: BlockAddress) -> bytes | None:
+        data_key = self._keyring.data_key(address.scope, create=False)
+        if data_key is None or len(sealed) < 12 + 16:
+            return None
+        try:
+            return self._aead(data_key).decrypt(sealed[:12], sealed[12:], _associated(address))
+        except InvalidTag:
+            return None
+
+    def _aead(self, data_key: bytes) -> AESGCM:
+        aead = self._aeads.get(data_key)
+        if aead is None:
+            if len(self._aeads) > 1024:
+                self._aeads.clear()
+            aead = self._aeads[data_key] = AESGCM(data_key)
+        return aead
+
+
 def _associated(address: BlockAddress) -> bytes:
-    return f"{address.compat_digest}|{address.key}".encode()
+    return f"{address.compat_digest}|{address.scope}|{address.key}".encode()

@@ -7,7 +7,8 @@
       DISK   = 3   safetensors files on local or network disk
 
 A tier stores opaque block values (safetensors bytes, possibly sealed by a ``Sealer``) under a
-``(compat digest, block key)`` address. Every method reports a miss or a failure as a value
+``(compat digest, scope, block key)`` address; the scope (``keys.scope_id`` of the request's cache
+salt) groups a tenant's blocks so that a purge removes them all at once. Every method reports a miss or a failure as a value
 (None, False) and never raises for it: a broken tier is a slow path, not a client error.
 """
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Protocol
 
-from kvstore.keys import BlockKey
+from kvstore.keys import SHARED_SCOPE, BlockKey, ScopeId
 
 
 class Tier(IntEnum):
@@ -50,6 +51,7 @@ class TierEvent:
 class BlockAddress:
     compat_digest: str
     key: BlockKey
+    scope: ScopeId = SHARED_SCOPE
 
 
 class TierBackend(Protocol):
@@ -73,6 +75,11 @@ class TierBackend(Protocol):
         """Remove addresses; returns how many were present."""
         ...
 
+    def remove_scope(self, scope: ScopeId) -> int:
+        """Remove every block of ``scope`` under every compat key; returns how many were removed.
+        Unlike the other methods it raises on failure: a purge must know it did not finish."""
+        ...
+
     def take_events(self) -> list[TierEvent]:
         """Events since the last call (evictions, failures), oldest first."""
         ...
@@ -80,9 +87,24 @@ class TierBackend(Protocol):
 
 class Sealer(Protocol):
     """Seals values before a persistent tier stores them (e.g. AES-GCM with a per-scope key), so
-    that destroying the scope's key erases every copy. ``open`` returns None for a value it
-    cannot open (wrong key, tampered, key destroyed): a miss, never an exception."""
+    that destroying the scope's key erases every copy. ``seal`` returns None when it cannot seal
+    now (key store unreachable, the scope's key destroyed): the block is then not stored. ``open``
+    returns None for a value it cannot open (wrong key, tampered, key destroyed): a miss, never
+    an exception."""
 
-    def seal(self, value: bytes, address: BlockAddress) -> bytes: ...
+    def seal(self, value: bytes, address: BlockAddress) -> bytes | None: ...
 
     def open(self, sealed: bytes, address: BlockAddress) -> bytes | None: ...
+
+
+class Keyring(Protocol):
+    """Data keys per isolation scope (``tiers/redis_keyring.py``).
+
+    ``data_key`` returns the scope's key, creating it when ``create`` is set and none exists;
+    None when the scope's key was destroyed (purged: nothing may be stored or read under it
+    again) or the key store cannot answer. ``is_destroyed`` is True only for a purged scope.
+    """
+
+    def data_key(self, scope: ScopeId, *, create: bool) -> bytes | None: ...
+
+    def is_destroyed(self, scope: ScopeId) -> bool: ...

@@ -139,11 +139,6 @@ class PurgeSpec(_Frozen):
         description="The strongest guarantee class a receipt of this profile may state; receipts "
         "state the weakest class over the stores that held the data, never above this.",
     )
-    dedicated_engines: bool = Field(
-        default=False,
-        description="The engines serve this deployment only, so a purge may also reset their prefix "
-        "cache (it still only unindexes: engine memory is not zeroed).",
-    )
 
 
 class Profile(_Frozen):

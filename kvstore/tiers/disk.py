@@ -1,6 +1,6 @@
 """DiskTier: one file per block, written atomically (temp file, fsync, rename).
 
-    <root>/<compat digest>/<key[:2]>/<key>.kv
+    <root>/<compat digest>/<scope>/<key[:2]>/<key>.kv
 
 A missing, truncated or unreadable file is a miss plus a failure event, never an exception.
 Values are opaque here (safetensors bytes from ``kvstore.codec``, possibly sealed).
@@ -9,9 +9,11 @@ Values are opaque here (safetensors bytes from ``kvstore.codec``, possibly seale
 from __future__ import annotations
 
 from collections.abc import Sequence
+import shutil
 from pathlib import Path
 
 from kvstore.atomic_file import write_atomic
+from kvstore.keys import ScopeId
 from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind
 
 
@@ -23,7 +25,7 @@ class DiskTier:
         self._events: list[TierEvent] = []
 
     def path(self, address: BlockAddress) -> Path:
-        return self.root / address.compat_digest / address.key[:2] / f"{address.key}.kv"
+        return self.root / address.compat_digest / address.scope / address.key[:2] / f"{address.key}.kv"
 
     def contains(self, addresses: Sequence[BlockAddress]) -> list[bool]:
         return [self.path(address).is_file() for address in addresses]
@@ -55,6 +57,15 @@ class DiskTier:
                 removed += 1
             except FileNotFoundError:
                 pass
+        return removed
+
+    def remove_scope(self, scope: ScopeId) -> int:
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        for folder in self.root.glob(f"*/{scope}"):
+            removed += sum(1 for _ in folder.glob("*/*.kv"))
+            shutil.rmtree(folder)
         return removed
 
     def take_events(self) -> list[TierEvent]:

@@ -1,4 +1,4 @@
-"""RedisTier: blocks shared by every node of a region, ``kv:{compat digest}:{key}`` → value.
+"""RedisTier: blocks shared by every node of a region, ``kv:{compat digest}:{scope}:{key}`` → value.
 
 An unreachable Redis is a miss plus a failure event (the engine recomputes), never an error.
 """
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import redis
 from redis.exceptions import RedisError
 
+from kvstore.keys import ScopeId
 from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind
 
 
@@ -23,7 +24,7 @@ class RedisTier:
 
     @staticmethod
     def redis_key(address: BlockAddress) -> str:
-        return f"kv:{address.compat_digest}:{address.key}"
+        return f"kv:{address.compat_digest}:{address.scope}:{address.key}"
 
     def contains(self, addresses: Sequence[BlockAddress]) -> list[bool]:
         if not addresses:
@@ -61,6 +62,18 @@ class RedisTier:
         except RedisError as exc:
             self._failure(len(addresses), exc)
             return 0
+
+    def remove_scope(self, scope: ScopeId) -> int:
+        removed = 0
+        batch: list[bytes] = []
+        for key in self._redis.scan_iter(match=f"kv:*:{scope}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                removed += int(self._redis.unlink(*batch))
+                batch = []
+        if batch:
+            removed += int(self._redis.unlink(*batch))
+        return removed
 
     def take_events(self) -> list[TierEvent]:
         events, self._events = self._events, []

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-from kvstore.keys import BlockKey
+from kvstore.keys import BlockKey, ScopeId
 from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind
 from kvstore.tiers.disk import DiskTier
 
@@ -33,11 +33,11 @@ class SharedMemoryTier(DiskTier):
         """Files left by an earlier process (shared memory outlives engines) count too, oldest
         first, so that a restarted engine keeps the tier within its bound."""
         try:
-            files = sorted(self.root.glob("*/*/*.kv"), key=lambda path: path.stat().st_mtime)
+            files = sorted(self.root.glob("*/*/*/*.kv"), key=lambda path: path.stat().st_mtime)
         except OSError:
             return
         for path in files:
-            address = BlockAddress(path.parent.parent.name, BlockKey(path.stem))
+            address = BlockAddress(path.parents[2].name, BlockKey(path.stem), ScopeId(path.parents[1].name))
             size = path.stat().st_size
             self._written[address] = size
             self.used_bytes += size

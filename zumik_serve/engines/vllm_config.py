@@ -48,7 +48,12 @@ def kv_transfer_config(
     tiers = profile.kv_tiers
     if not tiers.enabled:
         return None
-    extra: dict[str, Any] = {"compat_digest": compat_digest, "host_capacity_bytes": tiers.host_capacity_bytes}
+    extra: dict[str, Any] = {
+        "compat_digest": compat_digest,
+        "host_capacity_bytes": tiers.host_capacity_bytes,
+        "keyring_redis_url": redis_url,  # per-scope data keys and purge tombstones
+        "seal": tiers.seal,
+    }
     if tiers.redis:
         extra["redis_url"] = redis_url
     if tiers.disk_root:

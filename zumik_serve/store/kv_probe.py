@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from kvstore.keys import chain_block_keys, seed_from_digest
+from kvstore.keys import chain_block_keys, scope_id, seed_from_digest
 from kvstore.tier import BlockAddress
 from kvstore.tiers.redis_tier import RedisTier
 
@@ -24,7 +24,8 @@ class KvProbe:
 
     def addresses(self, token_ids: Sequence[int], cache_salt: str) -> list[BlockAddress]:
         keys = chain_block_keys(token_ids, self.block_size, seed_from_digest(self.compat_digest, cache_salt))
-        return [BlockAddress(self.compat_digest, key) for key in keys]
+        scope = scope_id(cache_salt)
+        return [BlockAddress(self.compat_digest, key, scope) for key in keys]
 
     async def count_in_redis(self, addresses: Sequence[BlockAddress]) -> int | None:
         """How many of ``addresses`` the Redis tier holds; None when Redis cannot answer."""

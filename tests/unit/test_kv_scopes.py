@@ -1,0 +1,98 @@
+"""Scopes in the KV tiers, on a real redis-server: each tier removes a whole scope and only it;
+blocks sealed with a scope's data key do not open once the key is destroyed; a destroyed scope
+gets no new key and no new blocks (in-flight requests of a purged scope cannot write back)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from kvstore.codec import decode_block, encode_block
+from kvstore.keys import BlockKey, ScopeId, scope_id
+from kvstore.manager import TierManager
+from kvstore.sealing import ScopedSealer
+from kvstore.tier import BlockAddress, TierEventKind
+from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.redis_keyring import RedisKeyring
+from kvstore.tiers.redis_tier import RedisTier
+from kvstore.tiers.shared_memory import SharedMemoryTier
+from zumik_serve.store.local_redis import LocalRedis
+
+pytestmark = pytest.mark.redis
+
+A, B = scope_id("salt-a"), scope_id("salt-b")
+
+
+def _address(index: int, scope: ScopeId) -> BlockAddress:
+    return BlockAddress("c" * 64, BlockKey(f"{index:032x}"), scope)
+
+
+def _value(address: BlockAddress) -> bytes:
+    return encode_block({"layer.0": np.full((4, 8), 7, dtype=np.uint8)}, address)
+
+
+@pytest.fixture
+def redis_client(tmp_path: Path):  # type: ignore[no-untyped-def]
+    server = LocalRedis(data_dir=tmp_path / "redis").start()
+    client = redis.Redis.from_url(server.url)
+    yield client
+    client.close()
+    server.stop()
+
+
+def test_scope_ids_are_stable_distinct_and_hide_the_salt() -> None:
+    assert scope_id("salt-a") == A and A != B and "salt" not in A and len(A) == 16
+    assert scope_id(None) == scope_id("") == "shared"
+
+
+def test_every_tier_removes_exactly_one_scope(tmp_path: Path, redis_client: redis.Redis) -> None:
+    tiers = [
+        SharedMemoryTier(tmp_path / "shm", capacity_bytes=1 << 20),
+        RedisTier(redis_client),
+        DiskTier(tmp_path / "disk"),
+    ]
+    for tier in tiers:
+        for index in range(3):
+            assert tier.store(_address(index, A), b"a")
+            assert tier.store(_address(index, B), b"b")
+        assert tier.remove_scope(A) == 3
+        assert tier.contains([_address(i, A) for i in range(3)]) == [False] * 3
+        assert tier.contains([_address(i, B) for i in range(3)]) == [True] * 3
+        assert tier.remove_scope(A) == 0
+
+
+def test_destroyed_scope_key_makes_sealed_blocks_unreadable(tmp_path: Path, redis_client: redis.Redis) -> None:
+    keyring = RedisKeyring(redis_client, cache_ttl_s=0)
+    disk = DiskTier(tmp_path / "disk")
+    manager = TierManager([disk], sealer=ScopedSealer(keyring), keyring=keyring)
+    a0, b0 = _address(0, A), _address(0, B)
+    manager.store(a0, _value(a0))
+    manager.store(b0, _value(b0))
+    sealed = disk.load(a0)
+    assert sealed is not None and b"zumik-kv-block" not in sealed  # ciphertext at rest
+    (restored,) = manager.load(manager.plan([a0]))
+    assert decode_block(restored, a0) is not None
+
+    keyring.destroy(A)
+    assert manager.load(manager.plan([a0])) == []  # the ciphertext is still there: it cannot open
+    assert any(event.kind is TierEventKind.FAILURE for event in manager.take_events())
+    (other,) = manager.load(manager.plan([b0]))  # the other scope is untouched
+    assert decode_block(other, b0) is not None
+
+    # No new key, no new block, under the destroyed scope (in-flight requests of a purged scope).
+    a1 = _address(1, A)
+    manager.store(a1, _value(a1))
+    assert disk.contains([a1]) == [False]
+    assert keyring.data_key(A, create=True) is None and keyring.is_destroyed(A)
+
+
+def test_sealing_binds_the_scope(tmp_path: Path, redis_client: redis.Redis) -> None:
+    keyring = RedisKeyring(redis_client, cache_ttl_s=0)
+    sealer = ScopedSealer(keyring)
+    a0 = _address(0, A)
+    sealed = sealer.seal(b"value", a0)
+    assert sealed is not None and sealer.open(sealed, a0) == b"value"
+    assert sealer.open(sealed, _address(0, B)) is None  # copied into another scope: does not open

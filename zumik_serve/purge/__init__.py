@@ -1,0 +1,1 @@
+"""Purge receipts: guarantee classes, signed receipts and their offline verification."""
