@@ -55,6 +55,30 @@ PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
     "kv_tiers.disk_root": FieldEffect.NEUTRAL,
     "kv_tiers.seal": FieldEffect.NEUTRAL,  # sealing wraps stored values; the KV bytes are the same
     "purge.ceiling": FieldEffect.NEUTRAL,
+    # Routes and routing choose where a request goes, never what KV an engine computes. The
+    # walker in tests/unit/test_kvstore.py names a tuple of routes by its element's fields.
+    "routes.name": FieldEffect.NEUTRAL,
+    "routes.kind": FieldEffect.NEUTRAL,
+    "routes.base_url": FieldEffect.NEUTRAL,
+    "routes.model": FieldEffect.NEUTRAL,
+    "routes.api_key_env": FieldEffect.NEUTRAL,
+    "routes.prices.input": FieldEffect.NEUTRAL,
+    "routes.prices.cached_input": FieldEffect.NEUTRAL,
+    "routes.prices.output": FieldEffect.NEUTRAL,
+    "routes.replica_hour_usd": FieldEffect.NEUTRAL,
+    "routes.tokens_per_replica_hour": FieldEffect.NEUTRAL,
+    "routes.timeout_s": FieldEffect.NEUTRAL,
+    "routes.max_retries": FieldEffect.NEUTRAL,
+    "routing.policy_version": FieldEffect.NEUTRAL,
+    "routing.default_route": FieldEffect.NEUTRAL,
+    "routing.fallback_order": FieldEffect.NEUTRAL,
+    "routing.escalation.to": FieldEffect.NEUTRAL,
+    "routing.escalation.min_evidence": FieldEffect.NEUTRAL,
+    "routing.escalation.min_reused_tokens_in_window": FieldEffect.NEUTRAL,
+    "routing.escalation.window_s": FieldEffect.NEUTRAL,
+    "routing.breaker.failure_threshold": FieldEffect.NEUTRAL,
+    "routing.breaker.cooldown_s": FieldEffect.NEUTRAL,
+    "routing.breaker.retry_budget_ratio": FieldEffect.NEUTRAL,
 }
 
 

@@ -33,7 +33,6 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,9 +47,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 from kvstore.codec import decode_block, encode_block
 from kvstore.keys import chain_block_keys, scope_id, seed_from_digest
 from kvstore.manager import TierManager
-from kvstore.tier import BlockAddress, Keyring, Sealer, TierBackend, TierEvent
-from kvstore.tiers.disk import DiskTier
-from kvstore.tiers.shared_memory import SharedMemoryTier
+from kvstore.tier import BlockAddress, TierEvent
+from kvstore.tiers.build import build_manager
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -77,40 +75,7 @@ def shared_manager(config: dict[str, Any]) -> TierManager:
     with _MANAGERS_LOCK:
         manager = _MANAGERS.get(identity)
         if manager is None:
-            tiers: list[TierBackend] = []
-            if int(config.get("host_capacity_bytes") or 0) > 0:
-                shm_root = (
-                    Path(str(config.get("shm_root") or "/dev/shm"))
-                    / f"zumik-kv-{config['compat_digest'][:16]}"
-                )
-                tiers.append(SharedMemoryTier(shm_root, int(config["host_capacity_bytes"])))
-            if config.get("redis_url"):
-                import redis
-
-                from kvstore.tiers.redis_tier import RedisTier
-
-                client = redis.Redis.from_url(
-                    str(config["redis_url"]), socket_timeout=2, socket_connect_timeout=2
-                )
-                tiers.append(RedisTier(client))
-            if config.get("disk_root"):
-                tiers.append(DiskTier(Path(str(config["disk_root"]))))
-            keyring: Keyring | None = None
-            sealer: Sealer | None = None
-            if config.get("keyring_redis_url"):
-                import redis
-
-                from kvstore.sealing import ScopedSealer
-                from kvstore.tiers.redis_keyring import RedisKeyring
-
-                keyring = RedisKeyring(
-                    redis.Redis.from_url(
-                        str(config["keyring_redis_url"]), socket_timeout=2, socket_connect_timeout=2
-                    )
-                )
-                if config.get("seal"):
-                    sealer = ScopedSealer(keyring)
-            manager = _MANAGERS[identity] = TierManager(tiers, sealer=sealer, keyring=keyring)
+            manager = _MANAGERS[identity] = build_manager(config)
         return manager
 
 

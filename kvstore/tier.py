@@ -8,8 +8,9 @@
 
 A tier stores opaque block values (safetensors bytes, possibly sealed by a ``Sealer``) under a
 ``(compat digest, scope, block key)`` address; the scope (``keys.scope_id`` of the request's cache
-salt) groups a tenant's blocks so that a purge removes them all at once. Every method reports a miss or a failure as a value
-(None, False) and never raises for it: a broken tier is a slow path, not a client error.
+salt) groups a tenant's blocks so that a purge removes them all at once. Every method but
+``remove_scope`` reports a miss or a failure as a value (None, False) and never raises for it: a
+broken tier is a slow path, not a client error.
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 TINY_MODEL_SOURCE = "builtin:tiny"
 
@@ -141,6 +142,176 @@ class PurgeSpec(_Frozen):
     )
 
 
+class RouteKind(StrEnum):
+    """Who runs the model behind a route and whose key pays for it."""
+
+    MANAGED = "managed"  # an OpenAI-compatible provider, Zumik's key (api_key_env)
+    BYOK = "byok"  # an OpenAI-compatible provider, the tenant's own key
+    BYOC = "byoc"  # the tenant's own GPUs running vLLM: this profile's engine replicas
+
+
+MAX_PRICE_DECIMALS = 6
+_DECIMAL = Context(prec=40, rounding=ROUND_HALF_EVEN)  # explicit, so no thread's context can move a price
+PICO_USD_PER_USD_PER_MTOK = 10**6  # 1 USD per million tokens is 10**6 pico-USD per token
+
+
+def _decimal_string_only(value: object) -> object:
+    if isinstance(value, bool | int | float):
+        raise ValueError(f'give it as a quoted decimal string (e.g. "{value}"), never a YAML number')
+    return value
+
+
+def _valid_decimal_string(value: str) -> str:
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        raise ValueError(f"{value!r} is not a decimal number") from None
+    if not number.is_finite() or number < 0:
+        raise ValueError(f"{value!r} must be a finite number >= 0")
+    exponent = number.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -MAX_PRICE_DECIMALS:
+        raise ValueError(f"{value!r} has more than {MAX_PRICE_DECIMALS} decimal places")
+    return value
+
+
+DecimalString = Annotated[str, BeforeValidator(_decimal_string_only), AfterValidator(_valid_decimal_string)]
+"""A non-negative decimal given as a string ("0.15"): money never passes through a float."""
+
+
+def usd_per_mtok_to_pusd_per_token(usd_per_mtok: str) -> int:
+    """USD per million tokens (a decimal string of at most 6 places) as integer pico-USD per token
+    (exact: 1 USD/Mtok = 10**6 pUSD/token)."""
+    return int(Decimal(usd_per_mtok).scaleb(6, context=_DECIMAL))
+
+
+class PriceSpec(_Frozen):
+    """A provider's list prices, each in USD per million tokens, as decimal strings."""
+
+    input: DecimalString
+    cached_input: DecimalString
+    output: DecimalString
+
+
+class RouteSpec(_Frozen):
+    """One path a request can take: a managed provider, a BYOK provider, or this profile's engines.
+
+    Field rules by kind (checked at load, the field named): ``base_url`` is required for managed and
+    byok and forbidden for byoc (its engines are this profile's replicas); ``model`` is required for
+    managed and byok; ``api_key_env`` is for managed only (a BYOK key is the tenant's, never the
+    profile's); ``prices`` is required for managed and byok; byoc instead gives
+    ``replica_hour_usd`` and ``tokens_per_replica_hour``.
+    """
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+    kind: RouteKind
+    base_url: str | None = Field(
+        default=None,
+        description="OpenAI-compatible base URL ending before /chat/completions; "
+        "'${VAR:-default}' expands at load (profiles/loader.py).",
+    )
+    model: str | None = Field(default=None, description="The provider's model name; byoc: optional.")
+    api_key_env: str | None = Field(
+        default=None, description="managed only: the environment variable holding Zumik's key."
+    )
+    prices: PriceSpec | None = None
+    replica_hour_usd: DecimalString | None = Field(
+        default=None, description="byoc only: what one engine replica costs per hour, in USD."
+    )
+    tokens_per_replica_hour: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="byoc only: tokens one replica processes per hour at load."
+    )
+    timeout_s: Annotated[int, Field(ge=1, le=3600)] = 30
+    max_retries: Annotated[int, Field(ge=0, le=10)] = 1
+
+    @model_validator(mode="after")
+    def _fields_fit_the_kind(self) -> RouteSpec:
+        kind = self.kind.value
+        provider = self.kind is not RouteKind.BYOC
+        rules: list[tuple[str, bool, bool]] = [  # field, required, allowed
+            ("base_url", provider, provider),
+            ("model", provider, True),
+            ("api_key_env", False, self.kind is RouteKind.MANAGED),
+            ("prices", provider, provider),
+            ("replica_hour_usd", not provider, not provider),
+            ("tokens_per_replica_hour", not provider, not provider),
+        ]
+        for field, required, allowed in rules:
+            value = getattr(self, field)
+            if value is None and required:
+                raise ValueError(f"{field} is required for a {kind} route ({self.name!r})")
+            if value is not None and not allowed:
+                why = " (a byok key is the tenant's)" if field == "api_key_env" else ""
+                raise ValueError(f"{field} is not allowed on a {kind} route ({self.name!r}){why}")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url of route {self.name!r} must start with http:// or https://")
+        return self
+
+    def token_prices_pusd(self) -> tuple[int, int, int]:
+        """(input, cached_input, output) in integer pico-USD per token.
+
+        byoc: the replica-hour price spread over the tokens a replica processes in that hour,
+        rounded half-even to a whole pUSD, for input and output; cached input is 0, because a
+        replica that holds the prefix does not process it again (its hour is paid either way).
+        """
+        if self.prices is not None:
+            return (
+                usd_per_mtok_to_pusd_per_token(self.prices.input),
+                usd_per_mtok_to_pusd_per_token(self.prices.cached_input),
+                usd_per_mtok_to_pusd_per_token(self.prices.output),
+            )
+        if self.replica_hour_usd is None or self.tokens_per_replica_hour is None:
+            raise ValueError(f"route {self.name!r} has no prices")  # unreachable after validation
+        hour_pusd = Decimal(self.replica_hour_usd).scaleb(12, context=_DECIMAL)
+        per_token = int(
+            _DECIMAL.divide(hour_pusd, self.tokens_per_replica_hour).to_integral_value(context=_DECIMAL)
+        )
+        return per_token, 0, per_token
+
+
+EvidenceThreshold = Literal["reported", "observed"]
+
+
+class EscalationSpec(_Frozen):
+    """When a request may leave the managed default for BYOK or BYOC: only on recorded evidence
+    that the tenant's traffic reuses enough prefix (DESIGN.md section 6 for the levels)."""
+
+    to: Literal["byok", "byoc", "none"] = "none"
+    min_evidence: EvidenceThreshold = Field(
+        default="observed", description="The weakest evidence level that counts (levels are ordered)."
+    )
+    min_reused_tokens_in_window: Annotated[int, Field(ge=0)] = 0
+    window_s: Annotated[int, Field(ge=1)] = 3600
+
+
+class BreakerSpec(_Frozen):
+    """Per-candidate circuit breaker and the retry budget (zumik_serve/routing)."""
+
+    failure_threshold: Annotated[int, Field(ge=1)] = 3
+    cooldown_s: Annotated[int, Field(ge=0)] = 10
+    retry_budget_ratio: DecimalString = Field(
+        default="0.2", description="At most this many retries per request, over a window."
+    )
+
+
+class RoutingSpec(_Frozen):
+    """How the profile's scheduler chooses among its routes."""
+
+    policy_version: Annotated[str, Field(min_length=1, max_length=64)] = "v1"
+    default_route: str | None = Field(
+        default=None, description="A route name; default: the first managed route, else the first route."
+    )
+    fallback_order: tuple[str, ...] = Field(
+        default=(), description="Route names tried after the pick, in order; empty: all, as declared."
+    )
+    escalation: EscalationSpec = EscalationSpec()
+    breaker: BreakerSpec = BreakerSpec()
+
+
+LOCAL_ROUTE = RouteSpec(
+    name="local", kind=RouteKind.BYOC, replica_hour_usd="0", tokens_per_replica_hour=1
+)  # the implicit route of a profile without routes: its own engines, priced at zero
+
+
 class Profile(_Frozen):
     """One served model on one kind of hardware, in one region."""
 
@@ -152,6 +323,43 @@ class Profile(_Frozen):
     gateway: GatewaySpec = GatewaySpec()
     kv_tiers: KvTiersSpec = KvTiersSpec()
     purge: PurgeSpec = PurgeSpec()
+    routes: tuple[RouteSpec, ...] = Field(
+        default=(), description="Where requests may go; none: one implicit byoc route 'local' (its engines)."
+    )
+    routing: RoutingSpec = RoutingSpec()
+
+    @model_validator(mode="after")
+    def _routing_names_existing_routes(self) -> Profile:
+        names = [route.name for route in self.effective_routes()]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"routes: route names must be unique; repeated: {', '.join(duplicates)}")
+        known = ", ".join(names)
+        default = self.routing.default_route
+        if default is not None and default not in names:
+            raise ValueError(f"routing.default_route: {default!r} is not a route of this profile ({known})")
+        for name in self.routing.fallback_order:
+            if name not in names:
+                raise ValueError(f"routing.fallback_order: {name!r} is not a route of this profile ({known})")
+        if len(set(self.routing.fallback_order)) != len(self.routing.fallback_order):
+            raise ValueError("routing.fallback_order: a route is named twice")
+        return self
+
+    def effective_routes(self) -> tuple[RouteSpec, ...]:
+        """The declared routes, or the implicit byoc route 'local' over this profile's engines."""
+        return self.routes or (LOCAL_ROUTE,)
+
+    def effective_default_route(self) -> str:
+        """routing.default_route, else the first managed route, else the first route."""
+        if self.routing.default_route is not None:
+            return self.routing.default_route
+        routes = self.effective_routes()
+        managed = [route.name for route in routes if route.kind is RouteKind.MANAGED]
+        return managed[0] if managed else routes[0].name
+
+    def effective_fallback_order(self) -> tuple[str, ...]:
+        """routing.fallback_order, else every route in declaration order."""
+        return self.routing.fallback_order or tuple(route.name for route in self.effective_routes())
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of the whole profile (any change gives a new one)."""

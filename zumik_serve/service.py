@@ -29,7 +29,7 @@ from zumik_serve.errors import (
 )
 from zumik_serve.ids import DecisionId, new_decision_id
 from zumik_serve.state.compiler import ChatTokenizer
-from zumik_serve.tenancy import Authenticator, Tenant, cache_salt
+from zumik_serve.tenancy import Authenticator, Tenant, TenantId, cache_salt
 
 
 class EngineClient(Protocol):
@@ -75,6 +75,7 @@ class GatewayService:
         engine: EngineClient,
         tokenizer_factory: Callable[[], ChatTokenizer] | None = None,
         salt_secret: Callable[[], Awaitable[bytes]] | None = None,
+        salt_epoch: Callable[[TenantId], Awaitable[int]] | None = None,
     ) -> None:
         self.models = models
         self.served_model_ids = {model.id for model in models}
@@ -84,14 +85,21 @@ class GatewayService:
         self._tokenizer: ChatTokenizer | None = None
         self._salt_secret_source = salt_secret
         self._salt_secret: bytes | None = None
+        self._salt_epoch = salt_epoch
 
     async def cache_salt_for(self, tenant: Tenant) -> str:
-        """The tenant's cache salt (what the engines mix into block hashes)."""
+        """The tenant's cache salt (what the engines mix into block hashes), at the tenant's
+        current salt epoch: read on every call, because a purge on any gateway moves it on and
+        the cache made before must be unreachable from then on."""
+        epoch = 0 if self._salt_epoch is None else await self._salt_epoch(tenant.id)
+        return cache_salt(await self.salt_secret(), tenant.id, epoch)
+
+    async def salt_secret(self) -> bytes:
         if self._salt_secret is None:
             if self._salt_secret_source is None:
                 raise EngineError("this gateway has no cache-salt secret configured", status=500)
             self._salt_secret = await self._salt_secret_source()
-        return cache_salt(self._salt_secret, tenant.id)
+        return self._salt_secret
 
     def tokenizer(self) -> ChatTokenizer:
         """The served model's tokenizer and chat template (loaded on first use)."""

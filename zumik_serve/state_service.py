@@ -114,7 +114,7 @@ class StateService:
                 "artifacts": artifacts,
                 "created_at": int(time.time()),
             }
-            await self._store.put_record(tenant, handle, record)
+            await self._store.put_record(tenant, handle, record, parents=artifacts)
             return record
 
         return await self._idempotent(tenant, idem_key, request_hash("bundle", body), create)
@@ -128,7 +128,7 @@ class StateService:
                 await self._require(tenant, bundle, HandleKind.BUNDLE, param="bundle")
             handle = new_handle(HandleKind.SESSION)
             record = {"id": handle, "object": "session", "bundle": bundle, "created_at": int(time.time())}
-            await self._store.put_record(tenant, handle, record)
+            await self._store.put_record(tenant, handle, record, parents=[bundle] if bundle else [])
             return {**record, "head": 0}
 
         return await self._idempotent(tenant, idem_key, request_hash("session", body), create)
@@ -182,7 +182,7 @@ class StateService:
                 "id": handle, "object": "branch", "bundle": parent.get("bundle"), "parent": session,
                 "fork_at": at_turn, "created_at": int(time.time()),
             }  # fmt: skip
-            await self._store.put_record(tenant, handle, record)
+            await self._store.put_record(tenant, handle, record, parents=[session])
             return _public_session(record, head=at_turn)
 
         return await self._idempotent(tenant, idem_key, request_hash(f"branch:{session}", body), create)
@@ -220,7 +220,8 @@ class StateService:
                 "id": handle, "object": "snapshot", "bundle": bundle, "artifacts": artifacts,
                 "session": session, "upto_turn": upto_turn, "turns": turns, "created_at": int(time.time()),
             }  # fmt: skip
-            await self._store.put_record(tenant, handle, record)
+            parents = [p for p in (bundle, session) if p] + artifacts
+            await self._store.put_record(tenant, handle, record, parents=parents)
             return _public_snapshot(record, compilations=[])
 
         return await self._idempotent(tenant, idem_key, request_hash("snapshot", body), create)
@@ -249,8 +250,10 @@ class StateService:
         return record
 
     async def snapshot_messages(self, tenant: str, snapshot: str) -> list[Message]:
-        """The snapshot's content as chat messages (see ``state/compiler.py``); 404 if not live."""
+        """The snapshot's content as chat messages (see ``state/compiler.py``); 404 if not live.
+        The snapshot counts as exposed to the engines from here on (see ``purge_service.py``)."""
         record = await self._require(tenant, snapshot, HandleKind.SNAPSHOT, param="snapshot")
+        await self._store.mark_exposed(tenant, [snapshot])
         artifact_records = await self._store.get_records(tenant, record["artifacts"])
         # A snapshot is frozen: an artifact revoked later still belongs to it until purged.
         for index, artifact in enumerate(artifact_records):
@@ -274,8 +277,11 @@ class StateService:
         )
         return compiled
 
-    async def session_exists(self, tenant: str, session: str) -> None:
+    async def use_session(self, tenant: str, session: str) -> None:
+        """Check that ``session`` is live before a request appends to it; its content counts as
+        exposed to the engines from here on."""
         await self._require(tenant, session, *SESSION_LIKE, param="session")
+        await self._store.mark_exposed(tenant, [session])
 
     # --- helpers ----------------------------------------------------------------------------
 

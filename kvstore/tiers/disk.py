@@ -8,8 +8,8 @@ Values are opaque here (safetensors bytes from ``kvstore.codec``, possibly seale
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from kvstore.atomic_file import write_atomic

@@ -25,6 +25,8 @@ DOMAIN_MODULES = [
     "kvstore.codec",
     "kvstore.tiers.shared_memory",
     "kvstore.tiers.disk",
+    "zumik_serve.purge.classes",
+    "zumik_serve.purge.receipt",
 ]
 FRAMEWORKS = ["ray", "fastapi", "vllm", "torch", "redis", "starlette"]
 

@@ -116,7 +116,7 @@ async def _resolve_state_headers(request: Request, tenant: str, prepared: Prepar
         prepared.engine_body["messages"] = [*prefix, *prepared.engine_body["messages"]]
     exchange: list[tuple[str, str]] = []
     if session is not None:
-        await state.store_call(state.session_exists(tenant, session))
+        await state.store_call(state.use_session(tenant, session))
         last = prepared.engine_body["messages"][-1]
         if (
             isinstance(last, dict)

@@ -52,6 +52,7 @@ def make_gateway_app(settings: GatewaySettings, engine: EngineClient) -> FastAPI
         engine=engine,
         tokenizer_factory=lambda: HfChatTokenizer(Path(settings.model_dir)),
         salt_secret=lambda: tenants.server_secret("cache-salt"),
+        salt_epoch=tenants.salt_epoch,
     )
     state = StateService(RedisStateStore(redis_client), max_artifact_bytes=settings.max_artifact_bytes)
     app = build_app(service, state, max_body_bytes=settings.max_body_bytes)

@@ -89,6 +89,10 @@ class StoreResult(StrEnum):
     NOT_HELD = "not_held"
 
 
+_RESULT_NAMES = frozenset(result.value for result in StoreResult)
+_CLASS_NAMES = frozenset(cls.value for cls in GuaranteeClass)
+
+
 @dataclass(frozen=True)
 class StoreEntry:
     """One store's line in a receipt.
@@ -110,11 +114,15 @@ class StoreEntry:
     def __post_init__(self) -> None:
         if not self.store:
             raise ValueError("store entry: store name is empty")
-        if self.result not in StoreResult._value2member_map_:
-            raise ValueError(f"store entry {self.store}: result {self.result!r} is not one of done/failed/not_held")
+        if self.result not in _RESULT_NAMES:
+            raise ValueError(
+                f"store entry {self.store}: result {self.result!r} is not one of done/failed/not_held"
+            )
         if not isinstance(self.guarantee_class, GuaranteeClass):
             raise ValueError(f"store entry {self.store}: guarantee_class must be a GuaranteeClass")
-        if self.expires_at is not None and (isinstance(self.expires_at, bool) or not isinstance(self.expires_at, int)):
+        if self.expires_at is not None and (
+            isinstance(self.expires_at, bool) or not isinstance(self.expires_at, int)
+        ):
             raise ValueError(f"store entry {self.store}: expires_at must be int unix seconds or None")
 
     def to_json(self) -> dict[str, Any]:
@@ -143,7 +151,7 @@ class StoreEntry:
         for name in _STORE_FIELDS:
             if not isinstance(data[name], str):
                 raise ValueError(f"store entry field {name} is not a string")
-        if data["guarantee_class"] not in GuaranteeClass._value2member_map_:
+        if data["guarantee_class"] not in _CLASS_NAMES:
             raise ValueError(f"unknown guarantee class {data['guarantee_class']!r}")
         if "expires_at" in data and not _is_int(data["expires_at"]):
             raise ValueError("store entry expires_at is not an integer")
@@ -292,7 +300,11 @@ def receipt_hash(receipt: dict[str, Any]) -> ReceiptHash:
 
 def public_key_record(signer: ReceiptSigner) -> dict[str, str]:
     """One entry of ``GET /v2/keys``."""
-    return {"key_id": signer.key_id, "algorithm": ALGORITHM, "public_key": signer.public_pem().decode("ascii")}
+    return {
+        "key_id": signer.key_id,
+        "algorithm": ALGORITHM,
+        "public_key": signer.public_pem().decode("ascii"),
+    }
 
 
 @dataclass(frozen=True)
@@ -375,7 +387,7 @@ def _shape_error(receipt: dict[str, Any]) -> str | None:
     if receipt["object"] != RECEIPT_OBJECT:
         return f"object is {receipt['object']!r}, not {RECEIPT_OBJECT!r}"
     for name in ("guarantee_class", "profile_ceiling"):
-        if receipt[name] not in GuaranteeClass._value2member_map_:
+        if receipt[name] not in _CLASS_NAMES:
             return f"{name} {receipt[name]!r} is not a known guarantee class"
     purged = receipt["purged"]
     if not isinstance(purged, list) or not all(isinstance(handle, str) for handle in purged):

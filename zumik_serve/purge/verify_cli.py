@@ -69,7 +69,9 @@ def _read(path: Path, role: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise UnreadableFileError(f"cannot read {role} file {path}: {reason}; check the path and its permissions") from exc
+        raise UnreadableFileError(
+            f"cannot read {role} file {path}: {reason}; check the path and its permissions"
+        ) from exc
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -3,8 +3,12 @@
     zumik:handle-secret                 32 random bytes; HMAC key of content-addressed handles
     z:{tenant}:o:{handle}               JSON record of an object (``revoked_at`` once revoked)
     z:{tenant}:blob:{digest}            artifact bytes
-    z:{tenant}:gen:{digest}|{role}|...  bumped when a content-addressed artifact is revoked, so
-                                        the same content then gets a new handle
+    z:{tenant}:gen:{hmac of address}   bumped when a content-addressed artifact is revoked, so
+                                        the same content then gets a new handle (named by an
+                                        HMAC: no digest of purged content stays behind)
+    z:{tenant}:derived:{handle}         set of handles built on this one (bundle → snapshot, ...)
+    z:{tenant}:bydigest:{digest}        set of artifact handles holding this content
+    z:{tenant}:exposed                  set of handles whose content may have reached an engine
     z:{tenant}:turns:{session}          list of turn JSON; index i holds seq fork_at + i + 1
     z:{tenant}:comp:{snapshot}          hash: compilation key → pinned compilation JSON
     z:{tenant}:idem:{key}               {"hash", "result"} of the first write with that key (24 h)
@@ -20,6 +24,8 @@ session, the idempotency key and numbering, atomically).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import secrets
 import time
@@ -127,9 +133,23 @@ class RedisStateStore:
             records.append(None if record is None or record.get("revoked_at") else record)
         return records
 
-    async def put_record(self, tenant: str, handle: str, record: dict[str, Any]) -> bool:
-        """Store a new record; False when the handle already exists (records never change)."""
-        return bool(await self._redis.set(_obj(tenant, handle), _dumps(record), nx=True))
+    async def put_record(
+        self, tenant: str, handle: str, record: dict[str, Any], parents: list[str] | tuple[str, ...] = ()
+    ) -> bool:
+        """Store a new record built on ``parents`` (indexed, so that purging a parent finds it);
+        False when the handle already exists (records never change)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(_obj(tenant, handle), _dumps(record), nx=True)
+            for parent in dict.fromkeys(parents):
+                pipe.sadd(derived_key(tenant, parent), handle)
+            stored, *_ = await pipe.execute()
+        return bool(stored)
+
+    async def mark_exposed(self, tenant: str, handles: list[str]) -> None:
+        """Note that these objects' content may now be in an engine's KV cache (a purge must then
+        also close the tenant's cache scope)."""
+        if handles:
+            await self._redis.sadd(exposed_key(tenant), *handles)
 
     async def revoke(self, tenant: str, handle: str) -> bool:
         return bool(await self._eval(REVOKE, [_obj(tenant, handle)], [int(time.time())]))
@@ -137,15 +157,20 @@ class RedisStateStore:
     # --- artifacts --------------------------------------------------------------------------
 
     async def artifact_generation(self, tenant: str, address: str) -> int:
-        return int(await self._redis.get(f"z:{{{tenant}}}:gen:{address}") or 0)
+        return int(await self._redis.get(await self._gen_key(tenant, address)) or 0)
 
     async def bump_artifact_generation(self, tenant: str, address: str) -> None:
-        await self._redis.incr(f"z:{{{tenant}}}:gen:{address}")
+        await self._redis.incr(await self._gen_key(tenant, address))
+
+    async def _gen_key(self, tenant: str, address: str) -> str:
+        name = hmac.new(await self.handle_secret(), address.encode(), hashlib.sha256).hexdigest()[:32]
+        return f"z:{{{tenant}}}:gen:{name}"
 
     async def put_artifact(self, tenant: str, handle: str, record: dict[str, Any], content: bytes) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(_blob(tenant, record["digest"]), content, nx=True)
             pipe.set(_obj(tenant, handle), _dumps(record), nx=True)
+            pipe.sadd(bydigest_key(tenant, record["digest"]), handle)
             await pipe.execute()
 
     async def get_blobs(self, tenant: str, digests: list[str]) -> list[bytes | None]:
@@ -205,6 +230,18 @@ class RedisStateStore:
             return entry
         existing = await self.idempotent_result(tenant, key)
         return existing if existing is not None else entry
+
+
+def derived_key(tenant: str, handle: str) -> str:
+    return f"z:{{{tenant}}}:derived:{handle}"
+
+
+def bydigest_key(tenant: str, digest: str) -> str:
+    return f"z:{{{tenant}}}:bydigest:{digest}"
+
+
+def exposed_key(tenant: str) -> str:
+    return f"z:{{{tenant}}}:exposed"
 
 
 def _obj(tenant: str, handle: str) -> str:

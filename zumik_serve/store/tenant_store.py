@@ -3,6 +3,8 @@
 zumik:tenant:{id}          hash   name, created_at_s
 zumik:tenant-name:{name}   string tenant id (names are unique)
 zumik:apikey:{sha256}      string tenant id
+zumik:salt-epoch:{id}      int    the epoch of the tenant's cache salt; a purge moves it on, so
+                                  every KV block cached before is unreachable
 """
 
 from __future__ import annotations
@@ -62,6 +64,18 @@ class RedisTenantStore:
         if value is None:
             raise StoreUnavailableError("the server secret could not be read; retry shortly", retry_after_s=1)
         return value if isinstance(value, bytes) else value.encode()
+
+    async def salt_epoch(self, tenant: TenantId) -> int:
+        try:
+            return int(await self._redis.get(f"zumik:salt-epoch:{tenant}") or 0)
+        except RedisError as exc:
+            raise StoreUnavailableError(
+                "the state store is unavailable; retry shortly", retry_after_s=1
+            ) from exc
+
+    async def rotate_salt_epoch(self, tenant: TenantId) -> int:
+        """Move the tenant's salt epoch on; returns the new epoch."""
+        return int(await self._redis.incr(f"zumik:salt-epoch:{tenant}"))
 
     async def tenant_for_key_hash(self, key_hash: str) -> Tenant | None:
         try:
