@@ -130,11 +130,12 @@ class TierManager:
     def _write(self, address: BlockAddress, value: bytes, tier: Tier) -> None:
         if self.keyring is not None and self.keyring.is_destroyed(address.scope):
             return  # purged scope: in-flight requests of it must not write blocks back
-        stored: bytes | None = value
+        stored = value
         if tier in self.persistent and self.sealer is not None:
-            stored = self.sealer.seal(value, address)
-            if stored is None:
+            sealed = self.sealer.seal(value, address)
+            if sealed is None:
                 self._events.append(TierEvent(TierEventKind.FAILURE, tier, 1, 0, "cannot seal"))
                 return
+            stored = sealed
         if self._by_tier[tier].store(address, stored):
             self._events.append(TierEvent(TierEventKind.STORE, tier, 1, len(stored)))
