@@ -14,6 +14,7 @@ profile (explicit KV cache bytes, eager mode, block size 32) minus Zumik's KV co
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -83,14 +84,15 @@ class VllmProvider:
 
     def stop(self, timeout_s: float = 20.0) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        _signal_group(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _signal_group(process.pid, signal.SIGKILL)
-            process.wait(timeout=timeout_s)
+        if process.poll() is None:
+            _signal_group(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(process.pid, signal.SIGKILL)
+                process.wait(timeout=timeout_s)
         # Engine-core children may outlive the front-end for a moment: make sure none is left.
         _signal_group(process.pid, signal.SIGKILL)
 
@@ -120,8 +122,8 @@ class VllmProvider:
                     pass
                 if time.monotonic() > deadline:
                     raise VllmStartError(
-                        f"vLLM did not answer GET {self.base_url}/models within {self.start_timeout_s:.0f} s; "
-                        f"log {self.log_path}:\n{self._log_tail()}"
+                        f"vLLM did not answer GET {self.base_url}/models within "
+                        f"{self.start_timeout_s:.0f} s; log {self.log_path}:\n{self._log_tail()}"
                     )
                 time.sleep(0.5)
 
@@ -133,10 +135,8 @@ class VllmProvider:
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def home_for_tests(root: Path) -> ZumikHome:

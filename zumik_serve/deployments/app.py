@@ -50,6 +50,8 @@ def build_serve_app(
         compat_digest=compat_digest,
         block_size=profile.engine.block_size,
         kv_redis_tier=profile.kv_tiers.enabled and profile.kv_tiers.redis,
+        purge_ceiling=profile.purge.ceiling,
+        kv_tiers=kv_transfer["kv_connector_extra_config"] if kv_transfer else None,
         dev_key=dev_key,
     )
     if profile.gateway.placement is GatewayPlacement.COLOCATED:

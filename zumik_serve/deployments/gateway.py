@@ -10,12 +10,16 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from ray import serve
 
+from kvstore.tiers.build import build_tiers
 from zumik_serve.api.app import build_app
 from zumik_serve.engines.hf_tokenizer import HfChatTokenizer
 from zumik_serve.engines.ray_client import RayEngineClient
+from zumik_serve.purge.classes import GuaranteeClass
+from zumik_serve.purge_service import PurgeService
 from zumik_serve.service import EngineClient, GatewayService, ModelCard
 from zumik_serve.state_service import StateService
 from zumik_serve.store.kv_probe import KvProbe
+from zumik_serve.store.purge_store import RedisPurgeStore
 from zumik_serve.store.state_store import RedisStateStore
 from zumik_serve.store.tenant_store import RedisTenantStore
 from zumik_serve.tenancy import Authenticator
@@ -33,6 +37,8 @@ class GatewaySettings:
     compat_digest: str
     block_size: int
     kv_redis_tier: bool
+    purge_ceiling: str = "crypto_erased"
+    kv_tiers: dict[str, Any] | None = None  # the engines' connector config (a purge sweeps its tiers)
     dev_key: str | None = None
 
     def __repr__(self) -> str:  # the dev key must never reach a log line
@@ -55,7 +61,18 @@ def make_gateway_app(settings: GatewaySettings, engine: EngineClient) -> FastAPI
         salt_epoch=tenants.salt_epoch,
     )
     state = StateService(RedisStateStore(redis_client), max_artifact_bytes=settings.max_artifact_bytes)
-    app = build_app(service, state, max_body_bytes=settings.max_body_bytes)
+    kv_tiers = settings.kv_tiers or {}
+    purges = PurgeService(
+        RedisPurgeStore(redis_client),
+        profile=settings.profile_name,
+        ceiling=GuaranteeClass(settings.purge_ceiling),
+        tiers=build_tiers(kv_tiers) if kv_tiers else [],
+        sealed=bool(kv_tiers.get("seal")),
+        salt_secret=service.salt_secret,
+        salt_epoch=tenants.salt_epoch,
+        rotate_salt_epoch=tenants.rotate_salt_epoch,
+    )
+    app = build_app(service, state, purges, max_body_bytes=settings.max_body_bytes)
     app.state.kv_probe = (
         KvProbe(redis_client, compat_digest=settings.compat_digest, block_size=settings.block_size)
         if settings.kv_redis_tier

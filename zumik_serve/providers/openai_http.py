@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
@@ -160,13 +160,15 @@ class OpenAICompatProvider:
             )
         return ProviderReply(response.status_code, parsed, reported_cached_tokens(parsed))
 
-    async def stream(self, path: ProviderPath, body: dict[str, Any], *, api_key: str) -> AsyncIterator[str]:
+    async def stream(
+        self, path: ProviderPath, body: dict[str, Any], *, api_key: str
+    ) -> AsyncGenerator[str, None]:
         """POST a streaming ``body``; yield each SSE event's ``data`` payload, ``"[DONE]"`` last.
 
         Before the first payload every failure is a ``ProviderFailure`` (the caller may still
         answer with an HTTP error); after it, a dropped connection, a timeout between chunks or
         a stream ending without ``[DONE]`` is a ``ProviderFailure`` too, which the caller turns
-        into an SSE error event. Closing the iterator early closes the response.
+        into an SSE error event. Closing the generator early (``aclose()``) closes the response.
         """
         request = self._request(path, body, api_key)
         try:

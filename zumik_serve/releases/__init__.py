@@ -1,0 +1,1 @@
+"""Releases: the immutable versions an alias points at (model, route table, policy version)."""

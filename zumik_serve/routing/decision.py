@@ -1,0 +1,505 @@
+"""The scheduler's decision: which route (and which BYOC replica) serves one request, as data.
+
+``decide(decision_id, inputs)`` is a pure function: no clock (``inputs.now_ms``), no randomness
+but ``inputs.seed`` (ties break on sha256 of seed, request digest and candidate, never on
+Python's ``hash()``), no I/O, integers only. Its ``DecisionRecord`` holds the inputs, each
+candidate's filter verdicts and score components, the pick and the ordered fallbacks, so that
+``replay`` rebuilds the same record byte for byte.
+
+Policy (``DECIDE_VERSION``), in order:
+
+1. **breaker**: a candidate whose breaker is open, or half open with its probe already out, is
+   filtered; half open with no probe out passes (this request would be the probe).
+2. **escalation**: the default route's kind (managed, normally) is the default pool. The
+   escalation kind (byok or byoc) becomes the preferred pool only when the recorded evidence
+   meets the profile's spec (level at least ``min_evidence`` and ``reused_tokens_in_window`` at
+   least the threshold); otherwise its candidates are filtered for the pick. Other kinds never
+   make the pick except as a fallback.
+3. **scores** (integers; lower rank wins):
+
+   * every candidate: ``expected_cost_pusd`` = cached_tokens * cached_price + (prompt - cached)
+     * input_price + expected_output_tokens * output_price, in pico-USD; cached_tokens is the
+     provider's predicted cached part (``predicted_cached_tokens``; unknown: 0) or, for byoc,
+     the matched prefix. ``tiebreak`` = the first 6 bytes of sha256(seed, digest, candidate).
+   * byoc replicas: ``matched_tokens`` = matched_prefix_blocks * block_size (prefill saved);
+     ``load_penalty_tokens`` = (queue_depth * max_num_seqs + running) * prompt_num_tokens
+     // max_num_seqs: a queued request ahead of ours costs about one prefill of a prompt like
+     ours (agent traffic is many near-identical prompts, and we assume none of it cached), a
+     running one shares the batch and costs 1/max_num_seqs of that; ``score_tokens`` =
+     matched_tokens - load_penalty_tokens. A shared prefix goes where it lives unless the
+     queue there costs more than the prefill it saves; with no match anywhere this is "least
+     loaded", and equal loads spread by the seeded tiebreak.
+   * rank: byoc by (-score_tokens, health, expected cost, tiebreak); managed and byok by
+     (expected cost, health, not the default route, tiebreak); health is 0 closed, 1 half open.
+4. **fallbacks**: every other candidate that passes the breaker filter and whose route is in
+   the profile's fallback order, closed before half open, then in fallback order, then by rank.
+   When no pool has a candidate, the first fallback is the pick.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from profiles.model import Profile, RouteKind, RouteSpec
+from zumik_serve.routing.breaker import (
+    CLOSED,
+    BreakerPolicy,
+    BreakerState,
+    BreakerStatus,
+    current,
+)
+
+DECIDE_VERSION = "decide-1"
+EVIDENCE_LEVELS = ("unknown", "estimated", "reported", "observed")  # weakest first (DESIGN.md 6)
+_EVIDENCE_RANK = {level: rank for rank, level in enumerate(EVIDENCE_LEVELS)}
+PASS = "pass"
+
+
+@dataclass(frozen=True)
+class RouteCandidate:
+    """One place this request could go: a provider route, or one replica of a byoc route.
+
+    Prices are integer pico-USD per token (``RouteSpec.token_prices_pusd``). ``replica`` is None
+    for managed and byok routes. ``predicted_cached_tokens`` is a provider route's predicted
+    cached prompt part, None when unknown (then priced as all uncached). ``matched_prefix_blocks``
+    comes from ``ResidencyIndex.snapshot``; ``queue_depth``, ``running`` and ``max_num_seqs``
+    are the replica's load as last published."""
+
+    route: str
+    kind: RouteKind
+    input_pusd_per_token: int
+    cached_input_pusd_per_token: int
+    output_pusd_per_token: int
+    breaker: BreakerState = CLOSED
+    replica: str | None = None
+    matched_prefix_blocks: int = 0
+    queue_depth: int = 0
+    running: int = 0
+    max_num_seqs: int = 1
+    predicted_cached_tokens: int | None = None
+
+    @property
+    def key(self) -> str:
+        return self.route if self.replica is None else f"{self.route}/{self.replica}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "route": self.route,
+            "kind": self.kind.value,
+            "input_pusd_per_token": self.input_pusd_per_token,
+            "cached_input_pusd_per_token": self.cached_input_pusd_per_token,
+            "output_pusd_per_token": self.output_pusd_per_token,
+            "breaker": self.breaker.to_json(),
+            "replica": self.replica,
+            "matched_prefix_blocks": self.matched_prefix_blocks,
+            "queue_depth": self.queue_depth,
+            "running": self.running,
+            "max_num_seqs": self.max_num_seqs,
+            "predicted_cached_tokens": self.predicted_cached_tokens,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RouteCandidate:
+        return cls(
+            route=data["route"],
+            kind=RouteKind(data["kind"]),
+            input_pusd_per_token=data["input_pusd_per_token"],
+            cached_input_pusd_per_token=data["cached_input_pusd_per_token"],
+            output_pusd_per_token=data["output_pusd_per_token"],
+            breaker=BreakerState.from_json(data["breaker"]),
+            replica=data["replica"],
+            matched_prefix_blocks=data["matched_prefix_blocks"],
+            queue_depth=data["queue_depth"],
+            running=data["running"],
+            max_num_seqs=data["max_num_seqs"],
+            predicted_cached_tokens=data["predicted_cached_tokens"],
+        )
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The recorded reuse evidence of this tenant/scope: its level (one of ``EVIDENCE_LEVELS``)
+    and the reused tokens counted in the escalation window."""
+
+    level: str
+    reused_tokens_in_window: int
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """The profile's escalation spec, as recorded (``to``: "byok", "byoc" or "none")."""
+
+    to: str
+    min_evidence: str
+    min_reused_tokens_in_window: int
+    window_s: int
+
+
+@dataclass(frozen=True)
+class DecisionInputs:
+    """Everything ``decide`` reads. ``snapshot_id`` and ``release_id`` are None when the request
+    pins none; ``expected_output_tokens`` is what the caller expects to be generated (e.g. its
+    max_tokens; 0 to compare input cost only)."""
+
+    request_digest: str
+    tenant: str
+    prompt_num_tokens: int
+    num_prompt_blocks: int
+    block_size: int
+    profile_name: str
+    profile_fingerprint: str
+    release_id: str | None
+    snapshot_id: str | None
+    policy_version: str
+    now_ms: int
+    seed: int
+    candidates: tuple[RouteCandidate, ...]
+    evidence: Evidence
+    escalation: Escalation
+    fallback_order: tuple[str, ...]
+    default_route: str
+    breaker_policy: BreakerPolicy
+    expected_output_tokens: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_digest": self.request_digest,
+            "tenant": self.tenant,
+            "prompt_num_tokens": self.prompt_num_tokens,
+            "num_prompt_blocks": self.num_prompt_blocks,
+            "block_size": self.block_size,
+            "profile_name": self.profile_name,
+            "profile_fingerprint": self.profile_fingerprint,
+            "release_id": self.release_id,
+            "snapshot_id": self.snapshot_id,
+            "policy_version": self.policy_version,
+            "now_ms": self.now_ms,
+            "seed": self.seed,
+            "candidates": [candidate.to_json() for candidate in self.candidates],
+            "evidence": {
+                "level": self.evidence.level,
+                "reused_tokens_in_window": self.evidence.reused_tokens_in_window,
+            },
+            "escalation": {
+                "to": self.escalation.to,
+                "min_evidence": self.escalation.min_evidence,
+                "min_reused_tokens_in_window": self.escalation.min_reused_tokens_in_window,
+                "window_s": self.escalation.window_s,
+            },
+            "fallback_order": list(self.fallback_order),
+            "default_route": self.default_route,
+            "breaker_policy": {
+                "failure_threshold": self.breaker_policy.failure_threshold,
+                "cooldown_ms": self.breaker_policy.cooldown_ms,
+            },
+            "expected_output_tokens": self.expected_output_tokens,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DecisionInputs:
+        return cls(
+            request_digest=data["request_digest"],
+            tenant=data["tenant"],
+            prompt_num_tokens=data["prompt_num_tokens"],
+            num_prompt_blocks=data["num_prompt_blocks"],
+            block_size=data["block_size"],
+            profile_name=data["profile_name"],
+            profile_fingerprint=data["profile_fingerprint"],
+            release_id=data["release_id"],
+            snapshot_id=data["snapshot_id"],
+            policy_version=data["policy_version"],
+            now_ms=data["now_ms"],
+            seed=data["seed"],
+            candidates=tuple(RouteCandidate.from_json(c) for c in data["candidates"]),
+            evidence=Evidence(**data["evidence"]),
+            escalation=Escalation(**data["escalation"]),
+            fallback_order=tuple(data["fallback_order"]),
+            default_route=data["default_route"],
+            breaker_policy=BreakerPolicy(**data["breaker_policy"]),
+            expected_output_tokens=data["expected_output_tokens"],
+        )
+
+
+@dataclass(frozen=True)
+class Pick:
+    route: str
+    replica: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"route": self.route, "replica": self.replica}
+
+
+@dataclass(frozen=True)
+class CandidateVerdict:
+    """One candidate as the decision saw it: its breaker as of ``now_ms``, each filter's verdict
+    ("pass", "pass:<why>" or the reason it was filtered), and each score component, in order."""
+
+    route: str
+    replica: str | None
+    kind: RouteKind
+    breaker: BreakerState
+    filters: tuple[tuple[str, str], ...]
+    scores: tuple[tuple[str, int], ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(verdict.startswith(PASS) for _, verdict in self.filters)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "route": self.route,
+            "replica": self.replica,
+            "kind": self.kind.value,
+            "breaker": self.breaker.to_json(),
+            "filters": dict(self.filters),
+            "scores": dict(self.scores),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CandidateVerdict:
+        return cls(
+            route=data["route"],
+            replica=data["replica"],
+            kind=RouteKind(data["kind"]),
+            breaker=BreakerState.from_json(data["breaker"]),
+            filters=tuple(data["filters"].items()),
+            scores=tuple(data["scores"].items()),
+        )
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """A decision as data: replaying ``inputs`` under ``decide_version`` gives the same record.
+    ``pick`` is None only when no candidate passes the breaker filter (``pick_reason`` says why);
+    ``fallbacks`` are tried in order after the pick fails."""
+
+    decision_id: str
+    decide_version: str
+    policy_version: str
+    seed: int
+    inputs: DecisionInputs
+    escalation_met: bool
+    escalation_reason: str
+    candidates: tuple[CandidateVerdict, ...]
+    pick: Pick | None
+    pick_reason: str
+    fallbacks: tuple[Pick, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "decision_id": self.decision_id,
+            "decide_version": self.decide_version,
+            "policy_version": self.policy_version,
+            "seed": self.seed,
+            "inputs": self.inputs.to_json(),
+            "escalation": {"met": self.escalation_met, "reason": self.escalation_reason},
+            "candidates": [verdict.to_json() for verdict in self.candidates],
+            "pick": None if self.pick is None else self.pick.to_json(),
+            "pick_reason": self.pick_reason,
+            "fallbacks": [pick.to_json() for pick in self.fallbacks],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DecisionRecord:
+        pick = data["pick"]
+        return cls(
+            decision_id=data["decision_id"],
+            decide_version=data["decide_version"],
+            policy_version=data["policy_version"],
+            seed=data["seed"],
+            inputs=DecisionInputs.from_json(data["inputs"]),
+            escalation_met=data["escalation"]["met"],
+            escalation_reason=data["escalation"]["reason"],
+            candidates=tuple(CandidateVerdict.from_json(c) for c in data["candidates"]),
+            pick=None if pick is None else Pick(**pick),
+            pick_reason=data["pick_reason"],
+            fallbacks=tuple(Pick(**p) for p in data["fallbacks"]),
+        )
+
+
+def candidate_for_route(
+    route: RouteSpec,
+    *,
+    breaker: BreakerState = CLOSED,
+    replica: str | None = None,
+    matched_prefix_blocks: int = 0,
+    queue_depth: int = 0,
+    running: int = 0,
+    max_num_seqs: int = 1,
+    predicted_cached_tokens: int | None = None,
+) -> RouteCandidate:
+    """A candidate for a profile's route (byoc: one per replica), priced from the profile."""
+    input_price, cached_price, output_price = route.token_prices_pusd()
+    return RouteCandidate(
+        route=route.name,
+        kind=route.kind,
+        input_pusd_per_token=input_price,
+        cached_input_pusd_per_token=cached_price,
+        output_pusd_per_token=output_price,
+        breaker=breaker,
+        replica=replica,
+        matched_prefix_blocks=matched_prefix_blocks,
+        queue_depth=queue_depth,
+        running=running,
+        max_num_seqs=max_num_seqs,
+        predicted_cached_tokens=predicted_cached_tokens,
+    )
+
+
+def escalation_of(profile: Profile) -> Escalation:
+    spec = profile.routing.escalation
+    return Escalation(spec.to, spec.min_evidence, spec.min_reused_tokens_in_window, spec.window_s)
+
+
+def breaker_policy_of(profile: Profile) -> BreakerPolicy:
+    spec = profile.routing.breaker
+    return BreakerPolicy(failure_threshold=spec.failure_threshold, cooldown_ms=spec.cooldown_s * 1000)
+
+
+def canonical_bytes(record: DecisionRecord | dict[str, Any]) -> bytes:
+    """The record's canonical JSON: sorted keys, no spaces, UTF-8 (what replay compares)."""
+    data = record.to_json() if isinstance(record, DecisionRecord) else record
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def tiebreak(seed: int, request_digest: str, candidate_key: str) -> int:
+    """A uniform 48-bit integer from sha256 (stable across processes and PYTHONHASHSEED)."""
+    digest = hashlib.sha256(f"{seed}\x1f{request_digest}\x1f{candidate_key}".encode()).digest()
+    return int.from_bytes(digest[:6], "big")
+
+
+def escalation_verdict(evidence: Evidence, escalation: Escalation) -> tuple[bool, str]:
+    """(met, reason): whether the recorded evidence meets the escalation spec, and why."""
+    if escalation.to == "none":
+        return False, "disabled: escalation.to is none"
+    if evidence.level not in _EVIDENCE_RANK or escalation.min_evidence not in _EVIDENCE_RANK:
+        raise ValueError(f"evidence levels must be among {EVIDENCE_LEVELS}")
+    level_ok = _EVIDENCE_RANK[evidence.level] >= _EVIDENCE_RANK[escalation.min_evidence]
+    tokens_ok = evidence.reused_tokens_in_window >= escalation.min_reused_tokens_in_window
+    detail = (
+        f"evidence {evidence.level} {'>=' if level_ok else '<'} {escalation.min_evidence}, "
+        f"reused {evidence.reused_tokens_in_window} {'>=' if tokens_ok else '<'} "
+        f"{escalation.min_reused_tokens_in_window} in {escalation.window_s}s"
+    )
+    met = level_ok and tokens_ok
+    return met, f"{'met' if met else 'not met'}: {detail}"
+
+
+def decide(decision_id: str, inputs: DecisionInputs) -> DecisionRecord:
+    """Choose a route (and replica) for one request; see the module docstring for the policy."""
+    candidates = inputs.candidates
+    keys = [candidate.key for candidate in candidates]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"candidates must be unique by route and replica: {keys}")
+    if inputs.prompt_num_tokens < 0 or inputs.block_size < 1 or inputs.expected_output_tokens < 0:
+        raise ValueError("prompt_num_tokens and expected_output_tokens must be >= 0, block_size >= 1")
+
+    met, escalation_reason = escalation_verdict(inputs.evidence, inputs.escalation)
+    default_kind = next((c.kind for c in candidates if c.route == inputs.default_route), RouteKind.MANAGED)
+    escalated_kind = RouteKind(inputs.escalation.to) if inputs.escalation.to != "none" else None
+    fallback_index = {route: index for index, route in enumerate(inputs.fallback_order)}
+
+    verdicts: list[CandidateVerdict] = []
+    ranked: list[tuple[int, tuple[int, ...], Pick]] = []  # (pool, rank key, pick)
+    fallback_pool: list[tuple[tuple[int, ...], Pick]] = []
+    for candidate, key in zip(candidates, keys, strict=True):
+        breaker = current(candidate.breaker, inputs.now_ms, inputs.breaker_policy)
+        breaker_verdict = _breaker_verdict(breaker)
+        if candidate.kind is escalated_kind and met:
+            pool, escalation_filter = 0, "pass:escalated"
+        elif candidate.kind is default_kind:
+            pool, escalation_filter = 1, "pass:default"
+        elif candidate.kind is escalated_kind:
+            pool, escalation_filter = -1, "escalation not met"
+        else:
+            pool, escalation_filter = -1, "neither the default nor the escalation kind"
+        health = 0 if breaker.state is BreakerStatus.CLOSED else 1
+        scores, rank_key = _score(candidate, key, health, inputs)
+        verdict = CandidateVerdict(
+            route=candidate.route,
+            replica=candidate.replica,
+            kind=candidate.kind,
+            breaker=breaker,
+            filters=(("breaker", breaker_verdict), ("escalation", escalation_filter)),
+            scores=scores,
+        )
+        verdicts.append(verdict)
+        if not breaker_verdict.startswith(PASS):
+            continue
+        pick = Pick(candidate.route, candidate.replica)
+        if pool >= 0:
+            ranked.append((pool, rank_key, pick))
+        if candidate.route in fallback_index:
+            fallback_pool.append(((health, fallback_index[candidate.route], *rank_key), pick))
+
+    chosen: Pick | None = None
+    pick_reason = "none: no candidate passes the breaker filter"
+    if ranked:
+        pool, _, chosen = min(ranked, key=lambda entry: (entry[0], entry[1]))
+        if pool == 0:
+            pick_reason = "escalated"
+        else:
+            pick_reason = "default: escalated kind unavailable" if met else "default"
+    fallbacks = [pick for _, pick in sorted(fallback_pool, key=lambda entry: entry[0]) if pick != chosen]
+    if chosen is None and fallbacks:
+        chosen, fallbacks = fallbacks[0], fallbacks[1:]
+        pick_reason = "fallback: no candidate in the default or escalation pool"
+
+    return DecisionRecord(
+        decision_id=decision_id,
+        decide_version=DECIDE_VERSION,
+        policy_version=inputs.policy_version,
+        seed=inputs.seed,
+        inputs=inputs,
+        escalation_met=met,
+        escalation_reason=escalation_reason,
+        candidates=tuple(verdicts),
+        pick=chosen,
+        pick_reason=pick_reason,
+        fallbacks=tuple(fallbacks),
+    )
+
+
+def _breaker_verdict(breaker: BreakerState) -> str:
+    if breaker.state is BreakerStatus.CLOSED:
+        return PASS
+    if breaker.state is BreakerStatus.OPEN:
+        return "open"
+    return "probe in flight" if breaker.probe_started_at_ms is not None else "pass:half_open probe"
+
+
+def _score(
+    candidate: RouteCandidate, key: str, health: int, inputs: DecisionInputs
+) -> tuple[tuple[tuple[str, int], ...], tuple[int, ...]]:
+    prompt = inputs.prompt_num_tokens
+    tie = tiebreak(inputs.seed, inputs.request_digest, key)
+    if candidate.kind is RouteKind.BYOC:
+        matched_tokens = min(candidate.matched_prefix_blocks * inputs.block_size, prompt)
+        slots = max(1, candidate.max_num_seqs)
+        penalty = (candidate.queue_depth * slots + candidate.running) * prompt // slots
+        score = matched_tokens - penalty
+        cost = _cost_pusd(candidate, prompt, matched_tokens, inputs.expected_output_tokens)
+        scores = (
+            ("matched_tokens", matched_tokens),
+            ("load_penalty_tokens", penalty),
+            ("score_tokens", score),
+            ("expected_cost_pusd", cost),
+            ("tiebreak", tie),
+        )
+        return scores, (-score, health, cost, tie)
+    cached = min(candidate.predicted_cached_tokens or 0, prompt)
+    cost = _cost_pusd(candidate, prompt, cached, inputs.expected_output_tokens)
+    not_default = 0 if candidate.route == inputs.default_route else 1
+    provider_scores = (("predicted_cached_tokens", cached), ("expected_cost_pusd", cost), ("tiebreak", tie))
+    return provider_scores, (cost, health, not_default, tie)
+
+
+def _cost_pusd(candidate: RouteCandidate, prompt: int, cached: int, output: int) -> int:
+    return (
+        cached * candidate.cached_input_pusd_per_token
+        + (prompt - cached) * candidate.input_pusd_per_token
+        + output * candidate.output_pusd_per_token
+    )
