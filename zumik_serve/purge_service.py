@@ -173,6 +173,7 @@ class PurgeService:
     async def _step_revoke(self, tenant: str, job: dict[str, Any]) -> None:
         job["closure"] = await self._store.closure(tenant, job["target"])
         job["exposed"] = await self._store.any_exposed(tenant, job["closure"])
+        await self._store.index_purged(tenant, job["closure"], job["id"])
         await self._store.revoke_all(tenant, job["closure"])
 
     async def _step_rotate(self, tenant: str, job: dict[str, Any]) -> None:

@@ -25,6 +25,12 @@ DOMAIN_MODULES = [
     "kvstore.codec",
     "kvstore.tiers.shared_memory",
     "kvstore.tiers.disk",
+    "zumik_serve.routing.breaker",
+    "zumik_serve.routing.residency",
+    "zumik_serve.routing.decision",
+    "zumik_serve.routing.replay",
+    "zumik_serve.routing.retry",
+    "zumik_serve.releases.release",
     "zumik_serve.purge.classes",
     "zumik_serve.purge.receipt",
 ]

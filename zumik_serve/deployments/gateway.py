@@ -60,10 +60,11 @@ def make_gateway_app(settings: GatewaySettings, engine: EngineClient) -> FastAPI
         salt_secret=lambda: tenants.server_secret("cache-salt"),
         salt_epoch=tenants.salt_epoch,
     )
-    state = StateService(RedisStateStore(redis_client), max_artifact_bytes=settings.max_artifact_bytes)
+    state_store = RedisStateStore(redis_client)
+    state = StateService(state_store, max_artifact_bytes=settings.max_artifact_bytes)
     kv_tiers = settings.kv_tiers or {}
     purges = PurgeService(
-        RedisPurgeStore(redis_client),
+        RedisPurgeStore(redis_client, state_store),
         profile=settings.profile_name,
         ceiling=GuaranteeClass(settings.purge_ceiling),
         tiers=build_tiers(kv_tiers) if kv_tiers else [],

@@ -235,7 +235,8 @@ class Pick:
 @dataclass(frozen=True)
 class CandidateVerdict:
     """One candidate as the decision saw it: its breaker as of ``now_ms``, each filter's verdict
-    ("pass", "pass:<why>" or the reason it was filtered), and each score component, in order."""
+    ("pass", "pass:<why>" or the reason it was filtered) and each score component, each sorted by
+    name (so that a record read back from canonical JSON equals the one written)."""
 
     route: str
     replica: str | None
@@ -265,8 +266,8 @@ class CandidateVerdict:
             replica=data["replica"],
             kind=RouteKind(data["kind"]),
             breaker=BreakerState.from_json(data["breaker"]),
-            filters=tuple(data["filters"].items()),
-            scores=tuple(data["scores"].items()),
+            filters=tuple(sorted(data["filters"].items())),
+            scores=tuple(sorted(data["scores"].items())),
         )
 
 
@@ -482,18 +483,18 @@ def _score(
         penalty = (candidate.queue_depth * slots + candidate.running) * prompt // slots
         score = matched_tokens - penalty
         cost = _cost_pusd(candidate, prompt, matched_tokens, inputs.expected_output_tokens)
-        scores = (
-            ("matched_tokens", matched_tokens),
-            ("load_penalty_tokens", penalty),
-            ("score_tokens", score),
+        scores = (  # sorted by name
             ("expected_cost_pusd", cost),
+            ("load_penalty_tokens", penalty),
+            ("matched_tokens", matched_tokens),
+            ("score_tokens", score),
             ("tiebreak", tie),
         )
         return scores, (-score, health, cost, tie)
     cached = min(candidate.predicted_cached_tokens or 0, prompt)
     cost = _cost_pusd(candidate, prompt, cached, inputs.expected_output_tokens)
     not_default = 0 if candidate.route == inputs.default_route else 1
-    provider_scores = (("predicted_cached_tokens", cached), ("expected_cost_pusd", cost), ("tiebreak", tie))
+    provider_scores = (("expected_cost_pusd", cost), ("predicted_cached_tokens", cached), ("tiebreak", tie))
     return provider_scores, (cost, health, not_default, tie)
 
 

@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from kvstore.tiers.redis_keyring import DESTROYED, TOMBSTONE_TTL_S, keyring_key
-from zumik_serve.store.state_store import REVOKE, bydigest_key, derived_key, exposed_key
+from zumik_serve.store.state_store import REVOKE, RedisStateStore, bydigest_key, derived_key, exposed_key
 
 PENDING = "zumik:purges:pending"
 SIGNING_KEY = "zumik:receipt-signing-key"
@@ -53,8 +53,9 @@ class Compaction:
 
 
 class RedisPurgeStore:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, state: RedisStateStore) -> None:
         self._redis = client
+        self._state = state
 
     # --- what a target reaches ---------------------------------------------------------------
 
@@ -94,9 +95,13 @@ class RedisPurgeStore:
     # --- removal -----------------------------------------------------------------------------
 
     async def revoke_all(self, tenant: str, handles: list[str]) -> None:
+        """Revoke every handle; purged content sent again gets a new handle, never the old one."""
         now = int(time.time())
         for handle in handles:
+            record = await self.record_any(tenant, handle)
             await self._redis.eval(REVOKE, 1, _obj(tenant, handle), now)
+            if record is not None and record.get("object") == "artifact":
+                await self._state.bump_artifact_generation(tenant, f"{record['digest']}|{record['role']}")
 
     async def delete_objects(self, tenant: str, handles: list[str]) -> int:
         """Remove every key that holds these objects or their content; returns keys removed."""
@@ -190,6 +195,14 @@ class RedisPurgeStore:
                 return existing
         await self.save_job(tenant, job)
         return job
+
+    async def index_purged(self, tenant: str, handles: list[str], purge_id: str) -> None:
+        """Remember which purge removes each handle: purging one of them later returns that
+        purge's receipt instead of "not found"."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for handle in handles:
+                pipe.set(f"z:{{{tenant}}}:purge-target:{handle}", purge_id, nx=True)
+            await pipe.execute()
 
     async def job_for_target(self, tenant: str, target: str) -> dict[str, Any] | None:
         purge_id = await self._redis.get(f"z:{{{tenant}}}:purge-target:{target}")
