@@ -83,6 +83,23 @@ def _parser() -> argparse.ArgumentParser:
     tiers.add_argument("--out", type=Path, default=Path("bench-out/tiers"))
     tiers.add_argument("--json", action="store_true")
     tiers.set_defaults(run=_cmd_bench_tiers)
+    purge = bench.add_parser(
+        "purge", help="purge latency by what the target touched; sealing cost on restores"
+    )
+    purge.add_argument("--iterations", type=int, default=10, help="purges per arm")
+    purge.add_argument("--blocks", type=int, default=64, help="KV blocks per target (and per sealing arm)")
+    purge.add_argument("--block-bytes", type=int, default=131072, help="bytes of KV per block")
+    purge.add_argument("--rounds", type=int, default=15, help="interleaved sealed/plain restore rounds")
+    purge.add_argument("--out", type=Path, default=Path("bench-out/purge"))
+    purge.add_argument("--json", action="store_true")
+    purge.set_defaults(run=_cmd_bench_purge)
+
+    receipt = sub.add_parser("receipt", help="purge receipts").add_subparsers(title="receipt commands")
+    verify = receipt.add_parser("verify", help="check a receipt offline; exit 0 only when it is intact")
+    verify.add_argument("file", type=Path, help="a receipt as JSON (the 'receipt' of POST /v2/purge)")
+    verify.add_argument("--public-key", required=True, type=Path, help="PEM file from GET /v2/keys")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(run=_cmd_receipt_verify)
     return parser
 
 
@@ -217,6 +234,18 @@ def _cmd_bench_tiers(args: argparse.Namespace) -> int:
     from zumik_serve.bench.tiers import run_tiers_bench
 
     return run_tiers_bench(args, console)
+
+
+def _cmd_bench_purge(args: argparse.Namespace) -> int:
+    from zumik_serve.bench.purge import run_purge_bench
+
+    return run_purge_bench(args, console)
+
+
+def _cmd_receipt_verify(args: argparse.Namespace) -> int:
+    from zumik_serve.purge.verify_cli import run_verify
+
+    return run_verify(args.file, args.public_key, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ class DiskTier:
         self._events: list[TierEvent] = []
 
     def path(self, address: BlockAddress) -> Path:
-        return self.root / address.compat_digest / address.scope / address.key[:2] / f"{address.key}.kv"
+        key = address.key
+        return Path(f"{self.root}/{address.compat_digest}/{address.scope}/{key[:2]}/{key}.kv")
 
     def contains(self, addresses: Sequence[BlockAddress]) -> list[bool]:
         return [self.path(address).is_file() for address in addresses]

@@ -1,0 +1,248 @@
+"""``zumik bench purge``: purge latency by what the target touched, and what sealing costs restores.
+
+Everything runs on one redis-server started for the bench (AOF, fsync always) and tier folders
+in a temporary directory; no engine is involved (a purge never waits for one).
+
+Latency arms, one purge per iteration, each on a fresh tenant:
+
+    objects    an artifact, bundle and snapshot never sent to an engine (Redis only)
+    kv_host    an exposed snapshot with ``--blocks`` KV blocks in the host-RAM tier
+    kv_redis   ... with its blocks in the Redis tier (sealed)
+    kv_disk    ... with its blocks in the disk tier (sealed)
+
+Every purge includes the AOF rewrite that makes Redis reach ``compacted``; the KV arms also wait
+out the engines' data-key cache (``KEY_CACHE_TTL_S``) before their second sweep, so that blocks
+written by requests still in flight are gone too. Both are part of the figure on purpose.
+
+Sealing arms: the same blocks restored from the Redis and disk tiers, sealed (AES-GCM,
+per-scope key) and plain, interleaved round by round. A restore is what the engine's connector
+does before copying into its cache: plan, load, open (sealed arm) and decode the safetensors
+block. The figure is sealed bandwidth over plain bandwidth (goal: at least 0.8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+import redis.asyncio as aioredis
+
+from kvstore.codec import decode_block, encode_block
+from kvstore.keys import BlockKey, scope_id
+from kvstore.manager import TierManager
+from kvstore.sealing import ScopedSealer
+from kvstore.tier import BlockAddress, TierBackend
+from kvstore.tiers.build import build_tiers
+from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.redis_keyring import RedisKeyring
+from kvstore.tiers.redis_tier import RedisTier
+from zumik_serve.purge.classes import GuaranteeClass
+from zumik_serve.purge_service import PurgeService
+from zumik_serve.state_service import StateService
+from zumik_serve.store.local_redis import LocalRedis
+from zumik_serve.store.purge_store import RedisPurgeStore
+from zumik_serve.store.state_store import RedisStateStore
+from zumik_serve.store.tenant_store import RedisTenantStore
+from zumik_serve.tenancy import TenantId, cache_salt
+
+COMPAT = "b" * 64
+LATENCY_ARMS = ("objects", "kv_host", "kv_redis", "kv_disk")
+
+
+def block_value(address: BlockAddress, block_bytes: int) -> bytes:
+    return encode_block({"kv": np.full(block_bytes, 5, dtype=np.uint8)}, address)
+
+
+async def measure_latency(
+    url: str, root: Path, *, iterations: int, blocks: int, block_bytes: int, on_sample: Any
+) -> dict[str, list[float]]:
+    client = aioredis.from_url(url)
+    tenants = RedisTenantStore(client)
+    state_store = RedisStateStore(client)
+    state = StateService(state_store, max_artifact_bytes=1 << 20)
+    samples: dict[str, list[float]] = {arm: [] for arm in LATENCY_ARMS}
+    sync_client = redis.Redis.from_url(url)
+    keyring = RedisKeyring(sync_client, cache_ttl_s=0)
+    for iteration in range(iterations):
+        for arm in LATENCY_ARMS:
+            config = {"compat_digest": COMPAT, "keyring_redis_url": url, "seal": True}
+            if arm == "kv_host":
+                config |= {"host_capacity_bytes": 1 << 30, "shm_root": str(root / "shm")}
+            if arm == "kv_redis":
+                config["redis_url"] = url
+            if arm == "kv_disk":
+                config["disk_root"] = str(root / "disk")
+            tiers = build_tiers(config)
+            purges = PurgeService(
+                RedisPurgeStore(client, state_store), profile="bench", ceiling=GuaranteeClass.CRYPTO_ERASED,
+                tiers=tiers, sealed=True, salt_secret=lambda: tenants.server_secret("cache-salt"),
+                salt_epoch=tenants.salt_epoch, rotate_salt_epoch=tenants.rotate_salt_epoch,
+            )  # fmt: skip
+            tenant = f"ten_bench_{arm}_{iteration}"
+            artifact = await state.create_artifact(
+                tenant, {"role": "document", "content": f"{arm} {iteration} " * 200}, None
+            )
+            bundle = await state.create_bundle(tenant, {"artifacts": [artifact["id"]]}, None)
+            snapshot = await state.create_snapshot(tenant, {"bundle": bundle["id"]}, None)
+            target = artifact["id"]
+            if arm != "objects":
+                await state.snapshot_messages(tenant, snapshot["id"])  # exposed to an engine
+                secret = await tenants.server_secret("cache-salt")
+                scope = scope_id(cache_salt(secret, TenantId(tenant), 0))
+                manager = TierManager(tiers, sealer=ScopedSealer(keyring), keyring=keyring)
+                for index in range(blocks):
+                    address = BlockAddress(COMPAT, BlockKey(f"{iteration:08x}{index:024x}"), scope)
+                    manager.store(address, block_value(address, block_bytes))
+            started = time.perf_counter()
+            outcome = await purges.purge(tenant, target)
+            elapsed = time.perf_counter() - started
+            if outcome.receipt is None:
+                raise RuntimeError(f"purge did not finish: {outcome.job.get('error')}")
+            samples[arm].append(elapsed)
+            on_sample(arm, elapsed, outcome.receipt["guarantee_class"])
+    await client.aclose()
+    return samples
+
+
+def measure_sealing(url: str, root: Path, *, rounds: int, blocks: int, block_bytes: int) -> dict[str, Any]:
+    client = redis.Redis.from_url(url)
+    keyring = RedisKeyring(client)
+    scope = scope_id("bench-sealing")
+    tiers: dict[str, TierBackend] = {"redis": RedisTier(client), "disk": DiskTier(root / "seal-disk")}
+    results: dict[str, Any] = {}
+    for name, tier in tiers.items():
+        sealed_manager = TierManager([tier], sealer=ScopedSealer(keyring), keyring=keyring)
+        plain_manager = TierManager([tier])
+        sealed = [BlockAddress(COMPAT, BlockKey(f"{1:08x}{i:024x}"), scope) for i in range(blocks)]
+        plain = [BlockAddress(COMPAT, BlockKey(f"{2:08x}{i:024x}"), scope) for i in range(blocks)]
+        for address in sealed:
+            sealed_manager.store(address, block_value(address, block_bytes))
+        for address in plain:
+            plain_manager.store(address, block_value(address, block_bytes))
+        rates: dict[str, list[float]] = {"sealed": [], "plain": []}
+        for _ in range(rounds):
+            for arm, manager, addresses in (
+                ("plain", plain_manager, plain),
+                ("sealed", sealed_manager, sealed),
+            ):
+                started = time.perf_counter()
+                values = manager.load(manager.plan(addresses))
+                decoded = [
+                    decode_block(value, address) for value, address in zip(values, addresses, strict=False)
+                ]
+                elapsed = time.perf_counter() - started
+                if len(values) != blocks or any(tensors is None for tensors in decoded):
+                    raise RuntimeError(f"{name}/{arm}: restored {len(values)} of {blocks} blocks")
+                rates[arm].append(sum(len(v) for v in values) / elapsed / 1e6)
+        sealed_mb_s = statistics.median(rates["sealed"])
+        plain_mb_s = statistics.median(rates["plain"])
+        results[name] = {
+            "sealed_mb_s": sealed_mb_s,
+            "plain_mb_s": plain_mb_s,
+            "ratio": sealed_mb_s / plain_mb_s,
+        }
+    return results
+
+
+def run_purge_bench(args: Any, console: Any) -> int:
+    from rich.progress import Progress
+    from rich.table import Table
+
+    with tempfile.TemporaryDirectory(prefix="zumik-bench-purge-") as tmp:
+        root = Path(tmp)
+        server = LocalRedis(data_dir=root / "redis").start()
+        try:
+            console.log(f"redis-server with AOF, appendfsync always, at {server.url}")
+            with Progress(console=console, transient=True) as progress:
+                task = progress.add_task("purges", total=args.iterations * len(LATENCY_ARMS))
+
+                def on_sample(arm: str, seconds: float, cls: str) -> None:
+                    progress.advance(task)
+
+                latency = asyncio.run(
+                    measure_latency(server.url, root, iterations=args.iterations, blocks=args.blocks,
+                                    block_bytes=args.block_bytes, on_sample=on_sample)
+                )  # fmt: skip
+            console.log(f"sealing: {args.rounds} interleaved rounds of {args.blocks} blocks per tier")
+            sealing = measure_sealing(
+                server.url, root, rounds=args.rounds, blocks=args.blocks, block_bytes=args.block_bytes
+            )
+        finally:
+            server.stop()
+    summary = {
+        "iterations": args.iterations,
+        "blocks": args.blocks,
+        "block_bytes": args.block_bytes,
+        "latency_s": {arm: _percentiles(values) for arm, values in latency.items()},
+        "sealing": sealing,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "purge.json").write_text(json.dumps(summary, indent=2))
+    _plot(summary, args.out / "purge.png")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    table = Table(title=f"Purge latency ({args.iterations} purges per arm, AOF rewrite included)")
+    for column in ("target touched", "p50 s", "p99 s"):
+        table.add_column(column)
+    for arm, stats in summary["latency_s"].items():
+        table.add_row(arm, f"{stats['p50']:.3f}", f"{stats['p99']:.3f}")
+    console.print(table)
+    sealing_table = Table(
+        title=f"Restore bandwidth, sealed vs plain ({args.blocks} blocks of ~{args.block_bytes} B)"
+    )
+    for column in ("tier", "plain MB/s", "sealed MB/s", "sealed/plain"):
+        sealing_table.add_column(column)
+    for tier, row in sealing.items():
+        sealing_table.add_row(
+            tier, f"{row['plain_mb_s']:.0f}", f"{row['sealed_mb_s']:.0f}", f"{row['ratio']:.2f}"
+        )
+    console.print(sealing_table)
+    console.print(f"wrote {args.out / 'purge.json'} and {args.out / 'purge.png'}")
+    return 0
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "p50": statistics.median(ordered),
+        "p99": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))],
+        "n": len(ordered),
+    }
+
+
+def _plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    arms = list(summary["latency_s"])
+    p50 = [summary["latency_s"][arm]["p50"] for arm in arms]
+    p99 = [summary["latency_s"][arm]["p99"] for arm in arms]
+    positions = np.arange(len(arms))
+    left.bar(positions - 0.2, p50, 0.4, label="p50")
+    left.bar(positions + 0.2, p99, 0.4, label="p99")
+    left.set_xticks(positions, arms)
+    left.set_ylabel("seconds per purge")
+    left.set_title("Purge latency by what the target touched")
+    left.legend()
+    tiers = list(summary["sealing"])
+    ratios = [summary["sealing"][tier]["ratio"] for tier in tiers]
+    right.bar(tiers, ratios, color="tab:green")
+    right.axhline(0.8, color="red", linestyle="--", label="goal 0.8")
+    right.set_ylim(0, max(1.1, *ratios))
+    right.set_ylabel("sealed / plain restore bandwidth")
+    right.set_title("Cost of sealing on restore")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
