@@ -64,7 +64,9 @@ def test_every_tier_removes_exactly_one_scope(tmp_path: Path, redis_client: redi
         assert tier.remove_scope(A) == 0
 
 
-def test_destroyed_scope_key_makes_sealed_blocks_unreadable(tmp_path: Path, redis_client: redis.Redis) -> None:
+def test_destroyed_scope_key_makes_sealed_blocks_unreadable(
+    tmp_path: Path, redis_client: redis.Redis
+) -> None:
     keyring = RedisKeyring(redis_client, cache_ttl_s=0)
     disk = DiskTier(tmp_path / "disk")
     manager = TierManager([disk], sealer=ScopedSealer(keyring), keyring=keyring)
