@@ -18,7 +18,6 @@ from zumik_serve.engines.protocol import (
     EngineEvent,
     EngineFailure,
     EngineResponse,
-    ReplicaAssigned,
 )
 from zumik_serve.errors import (
     AuthenticationError,
@@ -27,7 +26,7 @@ from zumik_serve.errors import (
     InvalidRequestError,
     ZumikError,
 )
-from zumik_serve.ids import DecisionId, new_decision_id
+from zumik_serve.ids import DecisionId
 from zumik_serve.state.compiler import ChatTokenizer
 from zumik_serve.tenancy import Authenticator, Tenant, TenantId, cache_salt
 
@@ -60,10 +59,26 @@ class EngineRun:
     replica_id: str
     first: EngineResponse | EngineChunks
     rest: AsyncIterator[EngineEvent]
+    route_label: str | None = None  # x-zumik-route: byoc:<replica>, managed:<route>, byok:<route>
 
     @property
     def route(self) -> str:
-        return f"byoc:{self.replica_id}"
+        return self.route_label or f"byoc:{self.replica_id}"
+
+
+class Dispatch(Protocol):
+    """Decides a request's route and starts it there (``dispatch.Dispatcher``)."""
+
+    async def start(
+        self,
+        call: EngineCall,
+        engine_body: dict[str, Any],
+        *,
+        stream: bool,
+        tenant: str,
+        salt: str,
+        context: Any,
+    ) -> EngineRun: ...
 
 
 class GatewayService:
@@ -72,7 +87,7 @@ class GatewayService:
         *,
         models: list[ModelCard],
         authenticator: Authenticator,
-        engine: EngineClient,
+        dispatcher: Dispatch,
         tokenizer_factory: Callable[[], ChatTokenizer] | None = None,
         salt_secret: Callable[[], Awaitable[bytes]] | None = None,
         salt_epoch: Callable[[TenantId], Awaitable[int]] | None = None,
@@ -80,7 +95,7 @@ class GatewayService:
         self.models = models
         self.served_model_ids = {model.id for model in models}
         self._authenticator = authenticator
-        self._engine = engine
+        self.dispatcher = dispatcher
         self._tokenizer_factory = tokenizer_factory
         self._tokenizer: ChatTokenizer | None = None
         self._salt_secret_source = salt_secret
@@ -119,37 +134,23 @@ class GatewayService:
         return tenant
 
     async def start(
-        self, call: EngineCall, engine_body: dict[str, Any], *, stream: bool, tenant: Tenant
+        self,
+        call: EngineCall,
+        engine_body: dict[str, Any],
+        *,
+        stream: bool,
+        tenant: Tenant,
+        context: Any = None,
     ) -> EngineRun:
-        """Start the call for ``tenant`` and wait for its first output; failures before it are
-        raised. The engine request carries the tenant's server-side cache salt."""
-        engine_body = {**engine_body, "cache_salt": await self.cache_salt_for(tenant)}
-        replica_id = "unknown"
-        try:
-            if stream:
-                events = aiter(self._engine.generate(call, engine_body))
-            else:
-                events = _iterate(await self._engine.complete(call, engine_body))
-            async for event in events:
-                if isinstance(event, ReplicaAssigned):
-                    replica_id = event.replica_id
-                    continue
-                if isinstance(event, EngineFailure):
-                    raise error_for_failure(event, call)
-                if isinstance(event, EngineChunks):
-                    _raise_if_stream_starts_with_error(event, call)
-                return EngineRun(
-                    decision_id=new_decision_id(), replica_id=replica_id, first=event, rest=events
-                )
-        except ZumikError:
-            raise
-        except Exception as exc:
-            raise EngineError(
-                f"No engine replica could take the request ({type(exc).__name__}). Retry in a few seconds.",
-                status=503,
-                retry_after_s=2,
-            ) from exc
-        raise EngineError("The engine ended the call without any output. Retry the request.")
+        """Decide the route of the call for ``tenant`` and start it; failures before the first
+        output are raised. Engine requests carry the tenant's server-side cache salt."""
+        from zumik_serve.dispatch import RouteContext
+
+        salt = await self.cache_salt_for(tenant)
+        engine_body = {**engine_body, "cache_salt": salt}
+        return await self.dispatcher.start(
+            call, engine_body, stream=stream, tenant=tenant.id, salt=salt, context=context or RouteContext()
+        )
 
 
 async def _iterate(events: list[EngineEvent]) -> AsyncIterator[EngineEvent]:

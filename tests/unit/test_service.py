@@ -21,7 +21,10 @@ from zumik_serve.engines.protocol import (
     EngineResponse,
     ReplicaAssigned,
 )
+from profiles import load_builtin
+from zumik_serve.dispatch import Dispatcher
 from zumik_serve.errors import AuthenticationError, ContextLengthExceededError, EngineError
+from zumik_serve.scheduler import ProfileScheduler
 from zumik_serve.service import GatewayService, ModelCard
 from zumik_serve.tenancy import Authenticator, Tenant, TenantId, hash_api_key
 
@@ -56,11 +59,27 @@ class Directory:
 ACME = Tenant(id=TenantId("ten_acme"), name="acme", created_at_s=1)
 
 
+class Decisions:
+    """Keeps decision records in a list (the Redis store is tested in test_routing_store.py)."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+
+    async def save(self, tenant: str, record: dict[str, Any], attempts: list[dict[str, Any]]) -> None:
+        self.saved.append((record, attempts))
+
+
+async def _no_sleep(seconds: float) -> None:
+    return None
+
+
 def _service(engine: ScriptedEngine, directory: Directory | None = None) -> GatewayService:
+    scheduler = ProfileScheduler(load_builtin("local-cpu"), replicas={"local": ["r0"]})
+    dispatcher = Dispatcher(scheduler, engines={"r0": engine}, decisions=Decisions(), sleep=_no_sleep)
     return GatewayService(
         models=[ModelCard(id="tiny", created_s=1)],
         authenticator=Authenticator(directory or Directory({}), dev_key="dev"),
-        engine=engine,
+        dispatcher=dispatcher,
         salt_secret=_secret,
     )
 

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from zumik_serve import __version__
-from zumik_serve.api import v1_openai, v2_native, v2_purge
+from zumik_serve.api import v1_openai, v2_native, v2_purge, v2_routing
 from zumik_serve.api.http_errors import install_error_handlers
 from zumik_serve.purge_service import PurgeService
 from zumik_serve.service import GatewayService
@@ -38,6 +38,7 @@ def build_app(
     install_error_handlers(app)
     app.include_router(v1_openai.router)
     app.include_router(v2_purge.router)  # before v2_native, whose /v2/{kind}/{id} would match too
+    app.include_router(v2_routing.router)
     app.include_router(v2_native.router)
 
     @app.get("/healthz", include_in_schema=False)

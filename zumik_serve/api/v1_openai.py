@@ -21,8 +21,11 @@ from zumik_serve.api.openai_wire import (
     render_error,
     render_stream_error,
 )
+from zumik_serve.dispatch import RouteContext
 from zumik_serve.engines.protocol import EngineCall, EngineChunks, EngineFailure, EngineResponse
 from zumik_serve.errors import EngineError, InvalidRequestError, NotFoundError, ZumikError
+from zumik_serve.releases.release import Release
+from zumik_serve.routing_service import RoutingService
 from zumik_serve.service import EngineRun, GatewayService, parse_stream_error
 from zumik_serve.state_service import StateService
 
@@ -70,10 +73,24 @@ async def _generate(request: Request, call: EngineCall) -> Response:
     service = _service(request)
     tenant = await service.authenticate(request.headers.get("authorization"))
     body = parse_json_body(await read_body(request, request.app.state.max_body_bytes))
+    release = await _release(request, tenant.id, body)
+    if release is not None:
+        body = {**body, "model": release.model}
     prepared = prepare_request(call, body, service.served_model_ids)
     state_refs = await _resolve_state_headers(request, tenant.id, prepared)
-    run = await service.start(call, prepared.engine_body, stream=prepared.stream, tenant=tenant)
+    context = RouteContext(
+        release_id=release.id if release is not None else None,
+        allowed_routes=frozenset(entry.name for entry in release.route_table)
+        if release is not None
+        else None,
+        snapshot_id=state_refs.snapshot,
+    )
+    run = await service.start(
+        call, prepared.engine_body, stream=prepared.stream, tenant=tenant, context=context
+    )
     headers = zumik_headers.route_headers(run.decision_id, run.route)
+    if release is not None:
+        headers[zumik_headers.RELEASE] = release.id
     if state_refs.snapshot is not None:
         headers[zumik_headers.SNAPSHOT] = state_refs.snapshot
     if not prepared.stream:
@@ -83,6 +100,16 @@ async def _generate(request: Request, call: EngineCall) -> Response:
         media_type="text/event-stream",
         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def _release(request: Request, tenant: str, body: dict[str, Any]) -> Release | None:
+    """The release the request's ``model`` (an alias, or the served model) pins."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return None
+    routing: RoutingService = request.app.state.routing
+    state: StateService = request.app.state.state_service
+    return await state.store_call(routing.release_for_request(tenant, model))
 
 
 class _StateRefs:

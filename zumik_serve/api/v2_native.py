@@ -11,11 +11,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from profiles.model import RouteKind
 from zumik_serve.api import zumik_headers
 from zumik_serve.api.body import read_body
 from zumik_serve.api.openai_wire import parse_json_body, render_usage
+from zumik_serve.dispatch import RouteContext
 from zumik_serve.engines.protocol import EngineCall, EngineResponse
 from zumik_serve.errors import EngineError, InvalidRequestError, MethodNotAllowedError
+from zumik_serve.routing_service import RoutingService
 from zumik_serve.service import GatewayService
 from zumik_serve.state.objects import ObjectKind
 from zumik_serve.state_service import StateService
@@ -177,6 +180,12 @@ async def generate(request: Request) -> JSONResponse:
         messages = await state.store_call(state.snapshot_messages(tenant, snapshot))
     messages.extend(_input_messages(body.get("input")))
     model = body.get("model", service.models[0].id)
+    routing: RoutingService = request.app.state.routing
+    release = (
+        await state.store_call(routing.release_for_request(tenant, model)) if isinstance(model, str) else None
+    )
+    if release is not None:
+        model = release.model
     if model not in service.served_model_ids:
         raise InvalidRequestError(f"unknown model {model!r}; GET /v1/models lists them", param="model")
     token_ids = service.tokenizer().encode_chat(messages, add_generation_prompt=True)
@@ -184,7 +193,16 @@ async def generate(request: Request) -> JSONResponse:
     for field in GENERATE_SAMPLING_FIELDS:
         if field in body:
             engine_body[field] = body[field]
-    run = await service.start(EngineCall.COMPLETION, engine_body, stream=False, tenant=tenant_record)
+    byoc = {r.name for r in routing.profile.effective_routes() if r.kind is RouteKind.BYOC}
+    allowed = byoc if release is None else byoc & {entry.name for entry in release.route_table}
+    context = RouteContext(  # token ids are this deployment's own: only its engines can take them
+        release_id=release.id if release is not None else None,
+        allowed_routes=frozenset(allowed),
+        snapshot_id=snapshot,
+    )
+    run = await service.start(
+        EngineCall.COMPLETION, engine_body, stream=False, tenant=tenant_record, context=context
+    )
     if not isinstance(run.first, EngineResponse):
         raise EngineError("The engine streamed a response to a non-streaming request.")
     choice = run.first.body["choices"][0]
@@ -199,7 +217,7 @@ async def generate(request: Request) -> JSONResponse:
         "usage": usage,
         "decision_id": run.decision_id,
         "route": run.route,
-        "release": None,
+        "release": release.id if release is not None else None,
         "snapshot": snapshot,
         "reuse": {
             "captured_tokens": captured,
@@ -207,6 +225,8 @@ async def generate(request: Request) -> JSONResponse:
         },
     }
     headers = zumik_headers.route_headers(run.decision_id, run.route)
+    if release is not None:
+        headers[zumik_headers.RELEASE] = release.id
     if snapshot is not None:
         headers[zumik_headers.SNAPSHOT] = snapshot
     return JSONResponse(result, headers=headers)

@@ -52,6 +52,7 @@ def build_serve_app(
         kv_redis_tier=profile.kv_tiers.enabled and profile.kv_tiers.redis,
         purge_ceiling=profile.purge.ceiling,
         kv_tiers=kv_transfer["kv_connector_extra_config"] if kv_transfer else None,
+        profile_json=profile.model_dump_json(),
         dev_key=dev_key,
     )
     if profile.gateway.placement is GatewayPlacement.COLOCATED:
@@ -59,6 +60,15 @@ def build_serve_app(
         ingress_engine: Any = serve.deployment(serve.ingress()(IngressEngineReplica))
         return ingress_engine.options(name="EngineReplica", **options).bind(llm_config, settings)
     engine_deployment: Any = serve.deployment(EngineReplica)
-    engine = engine_deployment.options(name="EngineReplica", **options).bind(llm_config)
+    if profile.engine.num_replicas == 1:
+        engines = {"r0": engine_deployment.options(name="EngineReplica", **options).bind(llm_config)}
+    else:
+        # A replica group the scheduler chooses from: one deployment per replica, so that the
+        # gateway's handle reaches exactly the replica its decision picked (docs/architecture.md).
+        single = {**options, "num_replicas": 1}
+        engines = {
+            f"r{index}": engine_deployment.options(name=f"EngineReplica-r{index}", **single).bind(llm_config)
+            for index in range(profile.engine.num_replicas)
+        }
     gateway: Any = Gateway
-    return gateway.options(num_replicas=profile.gateway.num_replicas).bind(settings, engine)
+    return gateway.options(num_replicas=profile.gateway.num_replicas).bind(settings, engines)

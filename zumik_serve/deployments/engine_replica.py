@@ -67,7 +67,7 @@ class IngressEngineReplica(EngineReplica):
 
     async def __init__(self, llm_config: Any, settings: GatewaySettings) -> None:  # type: ignore[misc]
         await super().__init__(llm_config)
-        self._gateway_app = make_gateway_app(settings, InProcessEngineClient(self))
+        self._gateway_app = make_gateway_app(settings, {"r0": InProcessEngineClient(self)})
 
     async def __serve_build_asgi_app__(self) -> Any:
         return self._gateway_app

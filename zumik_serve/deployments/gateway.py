@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,20 +10,31 @@ from typing import Any
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from ray import serve
+from redis.exceptions import RedisError
 
 from kvstore.tiers.build import build_tiers
+from profiles import Profile
+from profiles.model import RouteKind
 from zumik_serve.api.app import build_app
+from zumik_serve.dispatch import Dispatcher
 from zumik_serve.engines.hf_tokenizer import HfChatTokenizer
 from zumik_serve.engines.ray_client import RayEngineClient
+from zumik_serve.providers.byok import KeyVault
 from zumik_serve.purge.classes import GuaranteeClass
 from zumik_serve.purge_service import PurgeService
+from zumik_serve.routing_service import RoutingService
+from zumik_serve.scheduler import ProfileScheduler
 from zumik_serve.service import EngineClient, GatewayService, ModelCard
 from zumik_serve.state_service import StateService
+from zumik_serve.store.byok_store import RedisByokStore, load_or_create_master_key
 from zumik_serve.store.kv_probe import KvProbe
 from zumik_serve.store.purge_store import RedisPurgeStore
+from zumik_serve.store.routing_store import RedisRoutingStore
 from zumik_serve.store.state_store import RedisStateStore
 from zumik_serve.store.tenant_store import RedisTenantStore
 from zumik_serve.tenancy import Authenticator
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,7 @@ class GatewaySettings:
     kv_redis_tier: bool
     purge_ceiling: str = "crypto_erased"
     kv_tiers: dict[str, Any] | None = None  # the engines' connector config (a purge sweeps its tiers)
+    profile_json: str = ""  # the whole profile (routes, routing policy) as JSON
     dev_key: str | None = None
 
     def __repr__(self) -> str:  # the dev key must never reach a log line
@@ -48,14 +61,25 @@ class GatewaySettings:
         )
 
 
-def make_gateway_app(settings: GatewaySettings, engine: EngineClient) -> FastAPI:
-    """The gateway's FastAPI app over ``engine``; the same app in both topologies."""
+def make_gateway_app(settings: GatewaySettings, engines: dict[str, EngineClient]) -> FastAPI:
+    """The gateway's FastAPI app over its BYOC engine replicas (``{"r0": client, ...}``) and the
+    profile's provider routes; the same app in both topologies."""
     redis_client = aioredis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
     tenants = RedisTenantStore(redis_client)
+    profile = Profile.model_validate_json(settings.profile_json)
+    routing_store = RedisRoutingStore(redis_client)
+    byoc = [route.name for route in profile.effective_routes() if route.kind is RouteKind.BYOC]
+    scheduler = ProfileScheduler(profile, replicas={name: sorted(engines) for name in byoc[:1]})
+    dispatcher = Dispatcher(
+        scheduler,
+        engines=engines,
+        decisions=_DecisionSink(routing_store),
+        byok_key=_ByokKeys(redis_client).get,
+    )
     service = GatewayService(
         models=[ModelCard(id=settings.served_model, created_s=settings.model_created_s)],
         authenticator=Authenticator(tenants, dev_key=settings.dev_key),
-        engine=engine,
+        dispatcher=dispatcher,
         tokenizer_factory=lambda: HfChatTokenizer(Path(settings.model_dir)),
         salt_secret=lambda: tenants.server_secret("cache-salt"),
         salt_epoch=tenants.salt_epoch,
@@ -74,6 +98,8 @@ def make_gateway_app(settings: GatewaySettings, engine: EngineClient) -> FastAPI
         rotate_salt_epoch=tenants.rotate_salt_epoch,
     )
     app = build_app(service, state, purges, max_body_bytes=settings.max_body_bytes)
+    app.state.routing = RoutingService(routing_store, profile)
+    app.state.byok = _ByokKeys(redis_client)
     app.state.kv_probe = (
         KvProbe(redis_client, compat_digest=settings.compat_digest, block_size=settings.block_size)
         if settings.kv_redis_tier
@@ -82,13 +108,44 @@ def make_gateway_app(settings: GatewaySettings, engine: EngineClient) -> FastAPI
     return app
 
 
+class _DecisionSink:
+    def __init__(self, store: RedisRoutingStore) -> None:
+        self._store = store
+
+    async def save(self, tenant: str, record: dict[str, Any], attempts: list[dict[str, Any]]) -> None:
+        try:
+            await self._store.save_decision(tenant, record, attempts)
+        except RedisError:  # the answer still goes out; its record is lost, and the log says so
+            logger.warning(
+                "zumik: decision %s could not be recorded (Redis unavailable)", record["decision_id"]
+            )
+
+
+class _ByokKeys:
+    """Tenants' provider keys, opened with the master key loaded on first use."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._store: RedisByokStore | None = None
+
+    async def store(self) -> RedisByokStore:
+        if self._store is None:
+            self._store = RedisByokStore(
+                self._client, KeyVault(await load_or_create_master_key(self._client))
+            )
+        return self._store
+
+    async def get(self, tenant: str, route: str) -> str | None:
+        return await (await self.store()).get(tenant, route)
+
+
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0.5})
 @serve.ingress()
 class Gateway:
     """The separate topology: its own replicas, reaching engines through a Serve handle."""
 
-    def __init__(self, settings: GatewaySettings, engine: Any) -> None:
-        self._app = make_gateway_app(settings, RayEngineClient(engine))
+    def __init__(self, settings: GatewaySettings, engines: dict[str, Any]) -> None:
+        self._app = make_gateway_app(settings, {rid: RayEngineClient(h) for rid, h in engines.items()})
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app

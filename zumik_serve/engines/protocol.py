@@ -48,6 +48,8 @@ class EngineFailure:
     type: str = "server_error"
     param: str | None = None
     code: str | None = None
+    outcome: str | None = None  # a routing.retry.AttemptOutcome value, when the route knows it
+    retry_after_s: int | None = None
 
 
 EngineEvent = ReplicaAssigned | EngineResponse | EngineChunks | EngineFailure

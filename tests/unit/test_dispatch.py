@@ -1,0 +1,185 @@
+"""The dispatcher against real HTTP servers on loopback playing a managed and a BYOK provider.
+
+Invariants held here:
+- a 429 with a short Retry-After is retried on the same route after that delay;
+- 500s use the route's retries, then fall back in the profile's order; timeouts and refused
+  connections fall back at once; a 4xx is the client's error, no fallback;
+- consecutive failures open the route's breaker, the next decision filters it out (recorded),
+  after the cooldown one probe goes through and a success closes it again;
+- every attempt is recorded with the decision, and every recorded decision replays equal;
+- the provider gets the route's model, Zumik's or the tenant's key, a prompt_cache_key, and
+  never the engine's cache salt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from profiles import parse_profile
+from tests.support.fault_server import Fault, FaultServer
+from zumik_serve.dispatch import Dispatcher, RouteContext
+from zumik_serve.engines.protocol import EngineCall, EngineEvent, EngineResponse, ReplicaAssigned
+from zumik_serve.errors import InvalidRequestError, ZumikError
+from zumik_serve.routing.replay import replay
+from zumik_serve.scheduler import ProfileScheduler
+
+PROFILE = """
+name: dispatch-test
+model: {{source: "builtin:tiny", served_name: tiny}}
+engine: {{device: cpu, kv_cache_memory_bytes: 1048576}}
+routes:
+  - {{name: managed, kind: managed, base_url: "{managed}", model: gpt-test, api_key_env: TEST_MANAGED_KEY,
+     prices: {{input: "0.15", cached_input: "0.075", output: "0.60"}}, timeout_s: 1, max_retries: 1}}
+  - {{name: byok, kind: byok, base_url: "{byok}", model: gpt-byok,
+     prices: {{input: "0.15", cached_input: "0.075", output: "0.60"}}, timeout_s: 1, max_retries: 1}}
+  - {{name: local, kind: byoc, replica_hour_usd: "0.50", tokens_per_replica_hour: 2000000}}
+routing:
+  default_route: managed
+  fallback_order: [managed, byok, local]
+  breaker: {{failure_threshold: 2, cooldown_s: 10}}
+"""
+BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "cache_salt": "s" * 64}
+
+
+class Engine:
+    down = False
+
+    async def generate(self, call: EngineCall, body: dict[str, Any]):  # type: ignore[no-untyped-def]
+        for event in await self.complete(call, body):
+            yield event
+
+    async def complete(self, call: EngineCall, body: dict[str, Any]) -> list[EngineEvent]:
+        if self.down:
+            raise ConnectionError("replica gone")
+        return [ReplicaAssigned("replica-0"), EngineResponse({"id": "cmpl-local", "choices": []})]
+
+
+class Harness:
+    def __init__(self, managed: FaultServer, byok: FaultServer) -> None:
+        self.managed, self.byok = managed, byok
+        profile = parse_profile(PROFILE.format(managed=managed.base_url, byok=byok.base_url), source="test")
+        self.now_ms = 1_000_000
+        self.engine = Engine()
+        self.sleeps: list[float] = []
+        self.records: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+        self.dispatcher = Dispatcher(
+            ProfileScheduler(profile, replicas={"local": ["r0"]}),
+            engines={"r0": self.engine},
+            decisions=self,
+            byok_key=self._byok_key,
+            environ={"TEST_MANAGED_KEY": "sk-zumik-managed"},
+            clock_ms=lambda: self.now_ms,
+            sleep=self._sleep,
+        )
+
+    async def save(self, tenant: str, record: dict[str, Any], attempts: list[dict[str, Any]]) -> None:
+        self.records.append((record, attempts))
+
+    async def _byok_key(self, tenant: str, route: str) -> str | None:
+        return "sk-tenant-own" if tenant == "ten_a" else None
+
+    async def _sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+    async def chat(self, tenant: str = "ten_a") -> Any:
+        return await self.dispatcher.start(
+            EngineCall.CHAT, dict(BODY), stream=False, tenant=tenant, salt="s" * 64, context=RouteContext()
+        )
+
+    def last_attempts(self) -> list[tuple[str, str, str]]:
+        return [(a["route"], a["outcome"], a["action"]) for a in self.records[-1][1]]
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    with FaultServer() as managed, FaultServer() as byok:
+        yield Harness(managed, byok)
+
+
+async def test_rate_limit_with_short_retry_after_is_retried_on_the_same_route(harness: Harness) -> None:
+    harness.managed.script([Fault.status(429, retry_after_s=1)])
+    run = await harness.chat()
+    assert run.route == "managed:managed"
+    assert harness.last_attempts() == [("managed", "rate_limited", "retry"), ("managed", "ok", "done")]
+    assert harness.sleeps == [1.0]
+    sent = harness.managed.requests[-1]
+    assert sent.body["model"] == "gpt-test" and "cache_salt" not in sent.body
+    assert sent.body["prompt_cache_key"].startswith("zk-")
+    assert sent.authorization_sha256 == hashlib.sha256(b"sk-zumik-managed").hexdigest()
+
+
+async def test_server_errors_use_retries_then_fall_back_to_byok_with_the_tenants_key(
+    harness: Harness,
+) -> None:
+    harness.managed.script([Fault.status(500), Fault.status(500)])
+    run = await harness.chat()
+    assert run.route == "byok:byok"
+    assert harness.last_attempts() == [
+        ("managed", "server_error", "retry"), ("managed", "server_error", "fallback"), ("byok", "ok", "done"),
+    ]  # fmt: skip
+    assert harness.byok.requests[-1].authorization_sha256 == hashlib.sha256(b"sk-tenant-own").hexdigest()
+    assert harness.byok.requests[-1].body["model"] == "gpt-byok"
+
+
+async def test_timeout_and_refused_connection_fall_back_at_once(harness: Harness) -> None:
+    harness.managed.script([Fault.hang(3)])
+    assert (await harness.chat()).route == "byok:byok"
+    assert harness.last_attempts()[0][:2] == ("managed", "timeout")
+    harness.managed.stop()
+    harness.byok.stop()
+    run = await harness.chat()  # both providers refuse: the tenant's own engines take it
+    assert run.route == "byoc:replica-0"
+    outcomes = [(route, outcome) for route, outcome, _ in harness.last_attempts()]
+    assert outcomes[:2] == [("managed", "connect_error"), ("byok", "connect_error")]
+
+
+async def test_client_error_is_the_clients_and_is_not_retried_elsewhere(harness: Harness) -> None:
+    harness.managed.script([Fault.status(400, message="bad temperature")])
+    with pytest.raises(InvalidRequestError):
+        await harness.chat()
+    assert harness.last_attempts() == [("managed", "client_error", "fail")]
+    assert harness.byok.requests == []
+
+
+async def test_breaker_opens_filters_the_route_then_recovers_through_one_probe(harness: Harness) -> None:
+    harness.managed.script([Fault.status(503)] * 2)
+    await harness.chat()  # attempt 1 retry, attempt 2 fallback: two failures open the breaker
+    assert harness.records[-1][1][1]["breaker_after"] == "open"
+    run = await harness.chat()
+    assert run.route == "byok:byok"
+    record = harness.records[-1][0]
+    managed = next(c for c in record["candidates"] if c["route"] == "managed")
+    assert managed["breaker"]["state"] == "open" and managed["filters"]["breaker"] != "pass"
+    assert len(harness.managed.requests) == 2  # nothing was sent to the open route
+
+    harness.now_ms += 10_000  # the cooldown passed: half open, one probe goes through
+    run = await harness.chat()
+    assert run.route == "managed:managed"
+    probe = next(c for c in harness.records[-1][0]["candidates"] if c["route"] == "managed")
+    assert probe["breaker"]["state"] == "half_open"
+    assert harness.records[-1][1][-1]["breaker_after"] == "closed"
+
+
+async def test_missing_keys_are_skipped_and_every_record_replays_equal(harness: Harness) -> None:
+    harness.managed.script([Fault.status(500), Fault.status(500)])
+    run = await harness.chat(tenant="ten_without_key")  # no BYOK key: the local engine
+    assert run.route == "byoc:replica-0"
+    assert ("byok", "skipped", "fallback") in harness.last_attempts()
+    await harness.chat()
+    assert len(harness.records) == 2
+    for record, _ in harness.records:
+        equal, _ = replay(record)
+        assert equal
+
+
+async def test_no_route_left_is_a_503_naming_the_decision(harness: Harness) -> None:
+    harness.managed.stop()
+    harness.byok.stop()
+    harness.engine.down = True  # the local replica is gone too
+    with pytest.raises(ZumikError) as info:
+        await harness.chat(tenant="ten_a")
+    assert info.value.status >= 500 and "/v2/decisions/dec_" in info.value.message

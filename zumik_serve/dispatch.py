@@ -1,0 +1,288 @@
+"""Dispatcher: decide a request's route with the profile's scheduler, then carry the decision out.
+
+    decide ──► pick ──attempt──► first output ─► EngineRun (x-zumik-route, decision id, release)
+                 │       │ failure before output: classify (routing/retry.py)
+                 │       ├─ retry    same route, after Retry-After, within the retry budget
+                 │       ├─ fallback next of the decision's fallbacks (profile order)
+                 │       └─ fail     the client's error (a 4xx: another route fails the same way)
+                 └─ every attempt, its outcome and the breaker it left are recorded with the
+                    decision (``store/decision_store.py``); the decision itself replays exactly
+
+BYOC picks go to the engine client of that replica; managed and BYOK picks go to the provider
+(``providers/engine_client.py``) with Zumik's key from the environment or the tenant's own key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from profiles.model import RouteKind
+from zumik_serve.engines.protocol import EngineCall, EngineChunks, EngineEvent, EngineFailure, ReplicaAssigned
+from zumik_serve.errors import EngineError, ZumikError
+from zumik_serve.ids import new_decision_id
+from zumik_serve.providers.engine_client import ProviderEngineClient
+from zumik_serve.providers.openai_http import OpenAICompatProvider, prompt_cache_key_for
+from zumik_serve.routing.decision import DecisionRecord, Evidence, Pick
+from zumik_serve.routing.retry import AttemptOutcome, RetryAction, classify
+from zumik_serve.scheduler import ProfileScheduler, SchedulingRequest
+from zumik_serve.service import EngineClient, EngineRun, error_for_failure, parse_stream_error
+
+
+class DecisionSink(Protocol):
+    async def save(self, tenant: str, record: dict[str, Any], attempts: list[dict[str, Any]]) -> None: ...
+
+
+@dataclass(frozen=True)
+class RouteContext:
+    """What a request brings to its decision besides the body."""
+
+    release_id: str | None = None
+    allowed_routes: frozenset[str] | None = None
+    snapshot_id: str | None = None
+    evidence: Evidence = Evidence("unknown", 0)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        scheduler: ProfileScheduler,
+        *,
+        engines: dict[str, EngineClient],
+        decisions: DecisionSink,
+        byok_key: Callable[[str, str], Awaitable[str | None]] | None = None,
+        environ: dict[str, str] | None = None,
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.scheduler = scheduler
+        self._engines = engines
+        self._decisions = decisions
+        self._byok_key = byok_key
+        self._environ = os.environ if environ is None else environ
+        self._clock_ms = clock_ms
+        self._sleep = sleep
+        self._providers: dict[str, OpenAICompatProvider] = {}
+        for route in scheduler.routes.values():
+            if route.kind is not RouteKind.BYOC and route.base_url:
+                self._providers[route.name] = OpenAICompatProvider(
+                    route.name, route.base_url, timeout_s=route.timeout_s
+                )
+
+    async def start(
+        self, call: EngineCall, engine_body: dict[str, Any], *, stream: bool, tenant: str, salt: str,
+        context: RouteContext,
+    ) -> EngineRun:  # fmt: skip
+        decision_id = new_decision_id()
+        prompt_text = _prompt_text(call, engine_body)
+        request = SchedulingRequest(
+            tenant=tenant, cache_salt=salt, prompt_text=prompt_text,
+            expected_output_tokens=_max_tokens(engine_body),
+            request_digest=hashlib.sha256(prompt_text.encode()).hexdigest()[:32],
+            release_id=context.release_id, snapshot_id=context.snapshot_id,
+            allowed_routes=context.allowed_routes, evidence=context.evidence,
+        )  # fmt: skip
+        record, keys = self.scheduler.decide(
+            decision_id, request, now_ms=self._clock_ms(), seed=secrets.randbits(31)
+        )
+        attempts: list[dict[str, Any]] = []
+        try:
+            run = await self._execute(record, keys, call, engine_body, stream, tenant, salt, attempts)
+        finally:
+            await self._decisions.save(tenant, record.to_json(), attempts)
+        return run
+
+    async def _execute(
+        self, record: DecisionRecord, keys: list[str], call: EngineCall, engine_body: dict[str, Any],
+        stream: bool, tenant: str, salt: str, attempts: list[dict[str, Any]],
+    ) -> EngineRun:  # fmt: skip
+        picks = ([record.pick] if record.pick is not None else []) + list(record.fallbacks)
+        if not picks:
+            raise EngineError(
+                "Every route of this profile is unavailable right now (circuit breakers open). Retry "
+                "in a few seconds.",
+                status=503,
+                retry_after_s=self.scheduler.profile.routing.breaker.cooldown_s,
+            )
+        last_error: ZumikError | None = None
+        for pick in picks:
+            route = self.scheduler.route(pick.route)
+            attempt = 0
+            while True:
+                attempt += 1
+                client = await self._client(pick, tenant, salt, record)
+                if client is None:
+                    attempts.append(_attempt(pick, attempt, "skipped", None, "fallback", "no api key"))
+                    break
+                self.scheduler.sent(pick, keys)
+                result = await _first_output(client, call, engine_body, stream)
+                now_ms = self._clock_ms()
+                if isinstance(result, tuple):
+                    replica_id, first, rest = result
+                    breaker = self.scheduler.succeeded(pick, now_ms)
+                    attempts.append(_attempt(pick, attempt, "ok", None, "done", "", breaker.state.value))
+                    return EngineRun(
+                        decision_id=record.decision_id,  # type: ignore[arg-type]
+                        replica_id=replica_id,
+                        first=first,
+                        rest=self._finishing(pick, rest),
+                        route_label=_route_label(route.kind, route.name, replica_id),
+                    )
+                self.scheduler.finished(pick)
+                failure = result
+                outcome = _outcome(failure)
+                verdict = classify(
+                    outcome,
+                    attempt=attempt,
+                    max_retries=route.max_retries,
+                    retry_after_s=failure.retry_after_s,
+                )
+                breaker_state = None
+                if verdict.counts_as_failure:
+                    breaker_state = self.scheduler.failed(pick, now_ms).state.value
+                action = verdict.action
+                if action is RetryAction.RETRY and not self.scheduler.allow_retry(now_ms):
+                    action = RetryAction.FALLBACK
+                attempts.append(_attempt(
+                    pick, attempt, outcome.value, failure.status, action.value, verdict.reason, breaker_state
+                ))  # fmt: skip
+                last_error = error_for_failure(failure, call)
+                if action is RetryAction.FAIL:
+                    raise last_error
+                if action is RetryAction.RETRY:
+                    await self._sleep(verdict.delay_ms / 1000)
+                    continue
+                break
+        last = last_error.message if last_error is not None else "no route had a key"
+        status = last_error.status if last_error is not None and last_error.status >= 500 else 503
+        raise EngineError(
+            f"No route could take the request; the last one said: {last} Retry in a few seconds; GET "
+            f"/v2/decisions/{record.decision_id} shows every attempt.",
+            status=status,
+            retry_after_s=2,
+        )
+
+    async def _client(
+        self, pick: Pick, tenant: str, salt: str, record: DecisionRecord
+    ) -> EngineClient | None:
+        route = self.scheduler.route(pick.route)
+        if route.kind is RouteKind.BYOC:
+            return self._engines[pick.replica or ""]
+        if route.kind is RouteKind.MANAGED:
+            api_key = self._environ.get(route.api_key_env or "")
+        else:
+            api_key = await self._byok_key(tenant, route.name) if self._byok_key else None
+        if not api_key:
+            return None
+        prefix = record.inputs.snapshot_id or record.inputs.request_digest
+        return ProviderEngineClient(
+            self._providers[route.name], label=route.name, model=route.model or "",
+            api_key=api_key, prompt_cache_key=prompt_cache_key_for(salt, prefix),
+        )  # fmt: skip
+
+    async def _finishing(self, pick: Pick, rest: AsyncIterator[EngineEvent]) -> AsyncIterator[EngineEvent]:
+        try:
+            async for event in rest:
+                yield event
+        finally:
+            self.scheduler.finished(pick)
+
+    async def aclose(self) -> None:
+        for provider in self._providers.values():
+            await provider.aclose()
+
+
+async def _first_output(
+    client: EngineClient, call: EngineCall, body: dict[str, Any], stream: bool
+) -> tuple[str, Any, AsyncIterator[EngineEvent]] | EngineFailure:
+    """The first output of one attempt, or the failure that came before any."""
+    replica_id = "unknown"
+    try:
+        events = aiter(client.generate(call, body)) if stream else _iterate(await client.complete(call, body))
+        async for event in events:
+            if isinstance(event, ReplicaAssigned):
+                replica_id = event.replica_id
+                continue
+            if isinstance(event, EngineFailure):
+                return event
+            if isinstance(event, EngineChunks):
+                failure = _stream_starts_with_error(event)
+                if failure is not None:
+                    return failure
+            return replica_id, event, events
+    except Exception as exc:  # the replica is gone or the handle broke
+        return EngineFailure(503, f"the engine replica is unreachable ({type(exc).__name__})",
+                             outcome=AttemptOutcome.CONNECT_ERROR.value)  # fmt: skip
+    return EngineFailure(
+        502, "the route ended the call without output", outcome=AttemptOutcome.SERVER_ERROR.value
+    )
+
+
+async def _iterate(events: list[EngineEvent]) -> AsyncIterator[EngineEvent]:
+    for event in events:
+        yield event
+
+
+def _stream_starts_with_error(event: EngineChunks) -> EngineFailure | None:
+    for payload in event.payloads:
+        error = parse_stream_error(payload)
+        if error is not None:
+            code = error.get("code")
+            return EngineFailure(
+                status=int(code) if isinstance(code, int) else 500,
+                message=str(error.get("message") or "engine failure"),
+                type=str(error.get("type") or "server_error"),
+                param=error.get("param"),
+            )
+        if payload and payload != "[DONE]":
+            return None
+    return None
+
+
+def _outcome(failure: EngineFailure) -> AttemptOutcome:
+    if failure.outcome is not None:
+        return AttemptOutcome(failure.outcome)
+    if failure.status == 429:
+        return AttemptOutcome.RATE_LIMITED
+    if failure.status in (408, 504):
+        return AttemptOutcome.TIMEOUT
+    if 400 <= failure.status < 500:
+        return AttemptOutcome.CLIENT_ERROR
+    return AttemptOutcome.SERVER_ERROR
+
+
+def _attempt(
+    pick: Pick, attempt: int, outcome: str, status: int | None, action: str, reason: str,
+    breaker: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "route": pick.route, "replica": pick.replica, "attempt": attempt, "outcome": outcome,
+        "status": status, "action": action, "reason": reason, "breaker_after": breaker,
+    }  # fmt: skip
+
+
+def _route_label(kind: RouteKind, name: str, replica_id: str) -> str:
+    if kind is RouteKind.BYOC:
+        return f"byoc:{replica_id}"
+    return f"{kind.value}:{name}"
+
+
+def _prompt_text(call: EngineCall, body: dict[str, Any]) -> str:
+    """The prompt as stable text: what repeats across requests repeats here too, in order."""
+    if call is EngineCall.CHAT:
+        messages = body.get("messages", [])
+        return "".join(json.dumps(message, sort_keys=True, ensure_ascii=False) for message in messages)
+    prompt = body.get("prompt")
+    return prompt if isinstance(prompt, str) else json.dumps(prompt)
+
+
+def _max_tokens(body: dict[str, Any]) -> int:
+    value = body.get("max_tokens") or body.get("max_completion_tokens") or 16
+    return value if isinstance(value, int) and value > 0 else 16

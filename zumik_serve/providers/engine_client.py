@@ -1,0 +1,87 @@
+"""ProviderEngineClient: a managed or BYOK route behind the gateway's ``EngineClient`` protocol.
+
+The gateway renders every route's output the same way, so a provider's OpenAI JSON is passed on
+as engine events (``engines/protocol.py``): a whole body as ``EngineResponse``, a stream as
+``EngineChunks``, a failure before output as ``EngineFailure`` carrying the attempt outcome and
+``Retry-After`` for the retry policy. The body sent is the checked /v1 body with the route's
+model, Zumik's ``prompt_cache_key`` (derived per tenant scope, so it never links tenants at the
+provider) and no engine-only field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from zumik_serve.engines.protocol import (
+    EngineCall,
+    EngineChunks,
+    EngineEvent,
+    EngineFailure,
+    EngineResponse,
+    ReplicaAssigned,
+)
+from zumik_serve.providers.openai_http import OpenAICompatProvider, ProviderFailure, ProviderOutcome
+
+ENGINE_ONLY_FIELDS = frozenset({"cache_salt"})
+FAILURE_STATUS = {
+    ProviderOutcome.RATE_LIMITED: 429,
+    ProviderOutcome.SERVER_ERROR: 502,
+    ProviderOutcome.TIMEOUT: 504,
+    ProviderOutcome.CONNECT_ERROR: 503,
+}
+
+
+def provider_body(engine_body: dict[str, Any], *, model: str, prompt_cache_key: str) -> dict[str, Any]:
+    body = {key: value for key, value in engine_body.items() if key not in ENGINE_ONLY_FIELDS}
+    return {**body, "model": model, "prompt_cache_key": prompt_cache_key}
+
+
+class ProviderEngineClient:
+    """One call's view of a provider route (the key is the route's or the tenant's)."""
+
+    def __init__(self, provider: OpenAICompatProvider, *, label: str, model: str, api_key: str,
+                 prompt_cache_key: str) -> None:  # fmt: skip
+        self._provider = provider
+        self._label = label
+        self._model = model
+        self._api_key = api_key
+        self._cache_key = prompt_cache_key
+
+    def __repr__(self) -> str:
+        return f"ProviderEngineClient({self._label!r}, api_key=<redacted>)"
+
+    async def generate(self, call: EngineCall, body: dict[str, Any]) -> AsyncIterator[EngineEvent]:
+        yield ReplicaAssigned(self._label)
+        payloads = self._provider.stream(_path(call), self._body(body), api_key=self._api_key)
+        try:
+            async for payload in payloads:
+                yield EngineChunks((payload,))
+        except ProviderFailure as failure:
+            yield _failure(failure)
+
+    async def complete(self, call: EngineCall, body: dict[str, Any]) -> list[EngineEvent]:
+        try:
+            reply = await self._provider.complete(_path(call), self._body(body), api_key=self._api_key)
+        except ProviderFailure as failure:
+            return [ReplicaAssigned(self._label), _failure(failure)]
+        return [ReplicaAssigned(self._label), EngineResponse(reply.body)]
+
+    def _body(self, body: dict[str, Any]) -> dict[str, Any]:
+        return provider_body(body, model=self._model, prompt_cache_key=self._cache_key)
+
+
+def _path(call: EngineCall) -> Any:
+    return "/chat/completions" if call is EngineCall.CHAT else "/completions"
+
+
+def _failure(failure: ProviderFailure) -> EngineFailure:
+    status = failure.status if failure.status is not None else FAILURE_STATUS.get(failure.outcome, 502)
+    return EngineFailure(
+        status=status,
+        message=failure.message,
+        type="invalid_request_error" if 400 <= status < 500 and status != 429 else "server_error",
+        code=failure.outcome.value,
+        outcome=failure.outcome.value,
+        retry_after_s=failure.retry_after_s,
+    )

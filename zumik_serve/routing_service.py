@@ -1,0 +1,135 @@
+"""RoutingService: aliases and their immutable releases, and decision records with replay.
+
+Rules kept here: a release never changes (moving an alias publishes a new one that names the
+one before); an alias resolves to exactly one release per request; a decision is read back and
+replayed from its recorded inputs only (no clock, no live state), so it compares equal after the
+alias moved, after a restart and under another ``PYTHONHASHSEED``. Everything is per tenant:
+another tenant's alias, release or decision is "not found".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+from profiles import Profile
+from zumik_serve.errors import ConflictError, InvalidRequestError, NotFoundError
+from zumik_serve.ids import HandleKind, handle_kind
+from zumik_serve.releases.release import Release, new_release_id, release_for, validate_alias_name
+from zumik_serve.routing.replay import replay
+from zumik_serve.store.routing_store import RedisRoutingStore
+
+
+class RoutingService:
+    def __init__(self, store: RedisRoutingStore, profile: Profile) -> None:
+        self._store = store
+        self.profile = profile
+
+    # --- aliases and releases ----------------------------------------------------------------
+
+    async def publish(self, tenant: str, alias: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            validate_alias_name(alias)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="alias") from None
+        unknown = sorted(set(body) - {"model", "expected_release"})
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown field '{unknown[0]}'; allowed fields: model, expected_release", param=unknown[0]
+            )
+        model = body.get("model", self.profile.model.served_name)
+        if model != self.profile.model.served_name:
+            raise InvalidRequestError(
+                f"this deployment serves '{self.profile.model.served_name}'; a release of it cannot name "
+                f"'{model}'", param="model",
+            )  # fmt: skip
+        current = await self._store.current_release_id(tenant, alias)
+        expected = body.get("expected_release", current)
+        if expected != current:
+            raise ConflictError(
+                f"alias '{alias}' now points at {current}, not {expected}; read it again and retry",
+                code="alias_moved",
+            )
+        release = release_for(self.profile, alias, new_release_id(), int(time.time()), current)
+        if not await self._store.publish(tenant, alias, release.to_json(), current):
+            raise ConflictError(
+                f"alias '{alias}' moved while publishing; read it again and retry", code="alias_moved"
+            )
+        return release.to_json()
+
+    async def alias(self, tenant: str, alias: str) -> dict[str, Any]:
+        current = await self._store.current_release_id(tenant, alias)
+        if current is None:
+            raise _alias_not_found(alias)
+        releases = [
+            await self._store.release(tenant, rid) for rid in await self._store.history(tenant, alias)
+        ]
+        return {
+            "alias": alias,
+            "object": "alias",
+            "current": await self._store.release(tenant, current),
+            "history": [r for r in releases if r is not None],
+        }
+
+    async def resolve(self, tenant: str, name: str) -> Release | None:
+        """The current release of the tenant's alias ``name``; None when no such alias."""
+        try:
+            validate_alias_name(name)
+        except ValueError:
+            return None
+        data = await self._store.resolve(tenant, name)
+        return Release.from_json(data) if data is not None else None
+
+    async def release_for_request(self, tenant: str, model: str) -> Release | None:
+        """The release a request naming ``model`` runs under: the tenant's alias of that name, or
+        for the served model's own name an implicit alias published on first use (so every
+        response pins a release); None when ``model`` is neither."""
+        release = await self.resolve(tenant, model)
+        if release is not None or model != self.profile.model.served_name:
+            return release
+        with contextlib.suppress(ConflictError):  # another request published it first
+            await self.publish(tenant, model, {"expected_release": None})
+        return await self.resolve(tenant, model)
+
+    # --- decisions ---------------------------------------------------------------------------
+
+    async def decision(self, tenant: str, decision_id: str) -> dict[str, Any]:
+        stored = None
+        if handle_kind(decision_id) is HandleKind.DECISION:
+            stored = await self._store.decision(tenant, decision_id)
+        if stored is None:
+            raise NotFoundError(
+                f"No decision {decision_id!r} exists for you. Decision ids come from the "
+                "x-zumik-decision-id response header.",
+                code="decision_not_found",
+            )
+        return stored
+
+    async def replay(self, tenant: str, decision_id: str) -> dict[str, Any]:
+        stored = await self.decision(tenant, decision_id)
+        equal, recomputed = replay(stored["record"])
+        return {"decision_id": decision_id, "equal": equal, "record": recomputed}
+
+    def describe_profile(self) -> dict[str, Any]:
+        profile = self.profile
+        return {
+            "name": profile.name,
+            "object": "profile",
+            "model": profile.model.served_name,
+            "fingerprint": profile.fingerprint(),
+            "routes": [
+                {"name": r.name, "kind": r.kind.value, "model": r.model} for r in profile.effective_routes()
+            ],
+            "default_route": profile.effective_default_route(),
+            "fallback_order": list(profile.effective_fallback_order()),
+            "policy_version": profile.routing.policy_version,
+            "purge_ceiling": profile.purge.ceiling,
+        }
+
+
+def _alias_not_found(alias: str) -> NotFoundError:
+    return NotFoundError(
+        f"No alias '{alias}' exists for you. Publish a release with POST /v2/aliases/{alias}/releases.",
+        code="alias_not_found",
+    )
