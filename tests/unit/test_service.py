@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from profiles import load_builtin
+from zumik_serve.dispatch import Dispatcher
 from zumik_serve.engines.protocol import (
     EngineCall,
     EngineChunks,
@@ -21,8 +23,6 @@ from zumik_serve.engines.protocol import (
     EngineResponse,
     ReplicaAssigned,
 )
-from profiles import load_builtin
-from zumik_serve.dispatch import Dispatcher
 from zumik_serve.errors import AuthenticationError, ContextLengthExceededError, EngineError
 from zumik_serve.scheduler import ProfileScheduler
 from zumik_serve.service import GatewayService, ModelCard
