@@ -48,7 +48,7 @@ BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}
 class Engine:
     down = False
 
-    async def generate(self, call: EngineCall, body: dict[str, Any]):  # type: ignore[no-untyped-def]
+    async def generate(self, call: EngineCall, body: dict[str, Any]):
         for event in await self.complete(call, body):
             yield event
 
