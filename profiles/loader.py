@@ -37,13 +37,13 @@ def load_profile(path: str | Path) -> Profile:
     return parse_profile(text, source=str(path))
 
 
-def load_builtin(name: str) -> Profile:
-    """Load a profile shipped in ``profiles/builtin/`` by its name."""
+def load_builtin(name: str, *, env: Mapping[str, str] | None = None) -> Profile:
+    """Load a profile shipped in ``profiles/builtin/`` by its name (``env``: see ``parse_profile``)."""
     names = builtin_names()
     if name not in names:
         raise ProfileError(f"unknown built-in profile {name!r}; built-in profiles: {', '.join(names)}")
     text = resources.files(BUILTIN_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8")
-    return parse_profile(text, source=f"builtin:{name}")
+    return parse_profile(text, source=f"builtin:{name}", env=env)
 
 
 def resolve_profile(name_or_path: str) -> Profile:

@@ -145,6 +145,21 @@ class LocalStack:
             progress(f"waiting for {self.url}/healthz")
             wait_for_http(f"{self.url}/healthz", timeout_s=120)
 
+    def redeploy(self, profile: Profile, progress: Progress = lambda _: None) -> None:
+        """Replace the running app by ``profile``'s (same Redis, same Ray head, same URL)."""
+        from ray import serve
+
+        from zumik_serve.deployments.app import APP_NAME, build_serve_app
+
+        progress(f"deploying profile {profile.name}")
+        model_dir = resolve_model_dir(profile, self.config.home)
+        app = build_serve_app(
+            profile, model_dir=model_dir, redis_url=self.redis_url, dev_key=self.config.dev_key,
+            home=self.config.home,
+        )  # fmt: skip
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        wait_for_http(f"{self.url}/healthz", timeout_s=120)
+
     def stop(self) -> None:
         """Stop what this stack started; safe to call twice."""
         try:

@@ -6,6 +6,7 @@ the tiny model. Tenants are created through the real tenant store.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from zumik_serve.stack import LocalStack, StackConfig
 from zumik_serve.store.local_redis import free_port
 
 DEV_KEY = "zk-dev-test-key"
+MANAGED_KEY = "sk-test-managed-route"  # the managed route's key, read by the gateway's processes
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class RunningStack:
 @pytest.fixture(scope="session")
 def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     home = ZumikHome(Path(tmp_path_factory.mktemp("zumik-home")))
+    os.environ["ZUMIK_MANAGED_API_KEY"] = MANAGED_KEY  # before Ray starts: its workers inherit it
     profile = load_builtin("local-cpu")
     config = StackConfig(profile=profile, home=home, port=free_port(), dev_key=DEV_KEY)
     stack = LocalStack(config).start(print)

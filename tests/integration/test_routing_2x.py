@@ -1,0 +1,136 @@
+"""Routing on the real stack with two BYOC vLLM replicas and a managed route played by a real
+``vllm serve`` on loopback (the profile ``local-cpu-2x``, its managed route pointed there).
+
+- /v1 through the official client goes to the managed route by default; the body is a valid
+  chat.completion, the response pins a release and a decision that replays equal;
+- with the provider down, requests fall back to the tenant's own engines, each attempt in the
+  decision record, and the route's breaker opens after the profile's threshold;
+- requests sharing a prefix go to the replica that holds it; requests without reuse spread over
+  both replicas;
+- another tenant cannot read a tenant's decisions or aliases.
+
+This module replaces the shared stack's app, so it runs after every other integration test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from profiles import load_builtin
+from tests.integration.conftest import RunningStack, _create_tenant
+from tests.support.vllm_provider import VllmProvider
+
+pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm, pytest.mark.redeploys]
+
+
+@pytest.fixture(scope="module")
+def provider(running_stack: RunningStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmProvider]:
+    with VllmProvider(running_stack.home) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def two_replicas(running_stack: RunningStack, provider: VllmProvider) -> Iterator[RunningStack]:
+    profile = load_builtin("local-cpu-2x", env={"ZUMIK_MANAGED_BASE_URL": provider.base_url})
+    running_stack.stack.redeploy(profile, print)
+    yield running_stack
+
+
+@pytest.fixture(scope="module")
+def tenant(two_replicas: RunningStack) -> Iterator[httpx.Client]:
+    key = asyncio.run(_create_tenant(two_replicas.redis_url, f"router-{uuid.uuid4().hex[:8]}"))
+    with httpx.Client(
+        base_url=two_replicas.url, headers={"Authorization": f"Bearer {key}"}, timeout=180
+    ) as client:
+        yield client
+
+
+def test_v1_goes_to_the_managed_route_and_pins_release_and_decision(
+    two_replicas: RunningStack, tenant: httpx.Client, other_http: httpx.Client
+) -> None:
+    sdk = openai.OpenAI(
+        base_url=f"{two_replicas.url}/v1",
+        api_key=tenant.headers["Authorization"][7:],
+        max_retries=0,
+        timeout=180,
+    )
+    raw = sdk.chat.completions.with_raw_response.create(
+        model=two_replicas.model, messages=[{"role": "user", "content": "Say hi"}], max_tokens=4
+    )
+    completion = raw.parse()
+    assert completion.object == "chat.completion" and completion.choices[0].message.content is not None
+    assert raw.headers["x-zumik-route"] == "managed:managed"
+    release, decision = raw.headers["x-zumik-release"], raw.headers["x-zumik-decision-id"]
+    assert release.startswith("rel_")
+    stored = tenant.get(f"/v2/decisions/{decision}").json()
+    assert stored["record"]["pick"] == {"route": "managed", "replica": None}
+    assert stored["record"]["inputs"]["release_id"] == release
+    assert stored["attempts"][-1]["outcome"] == "ok"
+    replayed = tenant.post(f"/v2/decisions/{decision}/replay").json()
+    assert replayed["equal"] is True
+    assert other_http.get(f"/v2/decisions/{decision}").status_code == 404
+    assert tenant.get(f"/v2/aliases/{two_replicas.model}").json()["current"]["id"] == release
+    theirs = other_http.get(f"/v2/aliases/{two_replicas.model}")  # their own implicit alias, if any
+    assert theirs.status_code == 404 or theirs.json()["current"]["id"] != release
+
+    # Moving the alias makes a new release; the old decision still replays equal.
+    moved = tenant.post(f"/v2/aliases/{two_replicas.model}/releases", json={}).json()
+    assert moved["previous"] == release and moved["id"] != release
+    assert tenant.post(f"/v2/decisions/{decision}/replay").json()["equal"] is True
+
+
+def test_prefix_goes_where_it_lives_and_no_reuse_spreads(
+    tenant: httpx.Client, two_replicas: RunningStack
+) -> None:
+    document = f"{uuid.uuid4()} " + "The repository policy and the tool registry of this agent. " * 30
+    art = tenant.post("/v2/artifacts", json={"role": "document", "content": document}).json()["id"]
+    bnd = tenant.post("/v2/bundles", json={"artifacts": [art]}).json()["id"]
+    snp = tenant.post("/v2/snapshots", json={"bundle": bnd}).json()["id"]
+    routes = []
+    for index in range(4):
+        response = tenant.post(
+            "/v2/generate", json={"snapshot": snp, "input": f"question {index}", "max_tokens": 1}
+        )
+        assert response.status_code == 200, response.text
+        routes.append(response.json()["route"])
+    assert len(set(routes)) == 1, routes  # the shared prefix stays on the replica that holds it
+    assert response.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+    spread = Counter()
+    for _ in range(12):
+        response = tenant.post("/v2/generate", json={"input": f"{uuid.uuid4()}", "max_tokens": 1})
+        assert response.status_code == 200, response.text
+        spread[response.json()["route"]] += 1
+    assert len(spread) == 2 and min(spread.values()) >= 3, spread  # both replicas take no-reuse work
+
+
+def test_provider_down_falls_back_and_opens_the_breaker(
+    tenant: httpx.Client, two_replicas: RunningStack, provider: VllmProvider
+) -> None:
+    provider.stop()
+    decisions = []
+    for _ in range(4):
+        body = {
+            "model": two_replicas.model,
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 1,
+        }
+        response = tenant.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-zumik-route"].startswith("byoc:")
+        decisions.append(tenant.get(f"/v2/decisions/{response.headers['x-zumik-decision-id']}").json())
+    first = decisions[0]
+    assert first["attempts"][0]["route"] == "managed" and first["attempts"][0]["outcome"] == "connect_error"
+    last = decisions[-1]["record"]
+    managed = next(c for c in last["candidates"] if c["route"] == "managed")
+    assert managed["breaker"]["state"] == "open"  # failure_threshold (3) reached: filtered, recorded
+    assert all(a["route"] != "managed" for a in decisions[-1]["attempts"])
+    for stored in decisions:
+        assert tenant.post(f"/v2/decisions/{stored['id']}/replay").json()["equal"] is True
