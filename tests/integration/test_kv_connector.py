@@ -21,6 +21,7 @@ import redis
 from kvstore.keys import chain_block_keys, seed_from_digest
 from kvstore.tier import BlockAddress
 from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.redis_tier import RedisTier
 from zumik_serve.model.tiny import build_tiny_model
 from zumik_serve.store.local_redis import LocalRedis
 
@@ -56,7 +57,8 @@ def test_restore_into_fresh_engines_from_redis_and_disk(tmp_path: Path) -> None:
             prompt_b[: (len(prompt_b) - 1) // BLOCK * BLOCK], BLOCK, seed_from_digest(COMPAT, None)
         )
         client = redis.Redis.from_url(server.url)
-        assert client.delete(*(f"kv:{COMPAT}:{key}" for key in keys_b)) == len(keys_b)
+        redis_keys = [RedisTier.redis_key(BlockAddress(COMPAT, key)) for key in keys_b]
+        assert client.delete(*redis_keys) == len(keys_b)
         disk = DiskTier(tmp_path / "kv")
         disk.path(BlockAddress(COMPAT, keys_b[10])).write_bytes(b"truncated")  # the walk stops here
         disk.path(BlockAddress(COMPAT, keys_b[14])).unlink()  # a later gap, never reached
