@@ -55,6 +55,7 @@ PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
     "kv_tiers.disk_root": FieldEffect.NEUTRAL,
     "kv_tiers.seal": FieldEffect.NEUTRAL,  # sealing wraps stored values; the KV bytes are the same
     "purge.ceiling": FieldEffect.NEUTRAL,
+    "routing.replica_choice": FieldEffect.NEUTRAL,
     # Routes and routing choose where a request goes, never what KV an engine computes. The
     # walker in tests/unit/test_kvstore.py names a tuple of routes by its element's fields.
     "routes.name": FieldEffect.NEUTRAL,

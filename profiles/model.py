@@ -305,6 +305,12 @@ class RoutingSpec(_Frozen):
     )
     escalation: EscalationSpec = EscalationSpec()
     breaker: BreakerSpec = BreakerSpec()
+    replica_choice: Literal["scheduler", "serve"] = Field(
+        default="scheduler",
+        description="'scheduler': Zumik picks the BYOC replica (prefix residency and load; one Serve "
+        "deployment per replica). 'serve': one deployment of engine.num_replicas replicas and Ray "
+        "Serve's own load balancing (the baseline of `zumik bench routing`).",
+    )
 
 
 LOCAL_ROUTE = RouteSpec(

@@ -60,7 +60,7 @@ def build_serve_app(
         ingress_engine: Any = serve.deployment(serve.ingress()(IngressEngineReplica))
         return ingress_engine.options(name="EngineReplica", **options).bind(llm_config, settings)
     engine_deployment: Any = serve.deployment(EngineReplica)
-    if profile.engine.num_replicas == 1:
+    if profile.engine.num_replicas == 1 or profile.routing.replica_choice == "serve":
         engines = {"r0": engine_deployment.options(name="EngineReplica", **options).bind(llm_config)}
     else:
         # A replica group the scheduler chooses from: one deployment per replica, so that the
