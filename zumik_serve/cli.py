@@ -94,6 +94,16 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--json", action="store_true")
     purge.set_defaults(run=_cmd_bench_purge)
 
+    routing = bench.add_parser(
+        "routing", help="hit ratio, TTFT and decision time: round-robin vs Zumik, 2 replicas"
+    )
+    routing.add_argument("--scale", type=int, default=10, help="requests per workload = 4 x scale")
+    routing.add_argument("--concurrency", type=int, default=4)
+    routing.add_argument("--seed", type=int, default=1)
+    routing.add_argument("--out", type=Path, default=Path("bench-out/routing"))
+    routing.add_argument("--json", action="store_true")
+    routing.set_defaults(run=_cmd_bench_routing)
+
     receipt = sub.add_parser("receipt", help="purge receipts").add_subparsers(title="receipt commands")
     verify = receipt.add_parser("verify", help="check a receipt offline; exit 0 only when it is intact")
     verify.add_argument("file", type=Path, help="a receipt as JSON (the 'receipt' of POST /v2/purge)")
@@ -240,6 +250,12 @@ def _cmd_bench_purge(args: argparse.Namespace) -> int:
     from zumik_serve.bench.purge import run_purge_bench
 
     return run_purge_bench(args, console)
+
+
+def _cmd_bench_routing(args: argparse.Namespace) -> int:
+    from zumik_serve.bench.routing import run_routing_bench
+
+    return run_routing_bench(args, console)
 
 
 def _cmd_receipt_verify(args: argparse.Namespace) -> int:
