@@ -128,11 +128,13 @@ class Dispatcher:
                     replica_id, first, rest = result
                     breaker = self.scheduler.succeeded(pick, now_ms)
                     attempts.append(_attempt(pick, attempt, "ok", None, "done", "", breaker.state.value))
+                    if not stream:  # the whole answer is here: the replica is done with it
+                        self.scheduler.finished(pick)
                     return EngineRun(
                         decision_id=record.decision_id,  # type: ignore[arg-type]
                         replica_id=replica_id,
                         first=first,
-                        rest=self._finishing(pick, rest),
+                        rest=self._finishing(pick, rest) if stream else rest,
                         route_label=_route_label(route.kind, route.name, replica_id),
                     )
                 self.scheduler.finished(pick)

@@ -183,3 +183,22 @@ async def test_no_route_left_is_a_503_naming_the_decision(harness: Harness) -> N
     with pytest.raises(ZumikError) as info:
         await harness.chat(tenant="ten_a")
     assert info.value.status >= 500 and "/v2/decisions/dec_" in info.value.message
+
+
+async def test_in_flight_counts_return_to_zero_for_whole_and_streamed_answers(harness: Harness) -> None:
+    harness.managed.stop()
+    harness.byok.stop()
+    scheduler = harness.dispatcher.scheduler
+    await harness.chat(tenant="ten_without_key")  # whole answer from the local replica
+    assert scheduler.inflight.get("r0") == 0
+    run = await harness.dispatcher.start(
+        EngineCall.CHAT,
+        dict(BODY),
+        stream=True,
+        tenant="ten_without_key",
+        salt="s" * 64,
+        context=RouteContext(),
+    )
+    assert scheduler.inflight.get("r0") == 1  # streaming: busy until the stream is read to its end
+    _ = [event async for event in run.rest]
+    assert scheduler.inflight.get("r0") == 0
