@@ -153,11 +153,6 @@ class GatewayService:
         )
 
 
-async def _iterate(events: list[EngineEvent]) -> AsyncIterator[EngineEvent]:
-    for event in events:
-        yield event
-
-
 def error_for_failure(failure: EngineFailure, call: EngineCall) -> ZumikError:
     """Map an engine failure (before any output) to the error a client sees."""
     message = failure.message
@@ -174,24 +169,6 @@ def error_for_failure(failure: EngineFailure, call: EngineCall) -> ZumikError:
         "keeps failing, check the server logs.",
         status=failure.status if failure.status >= 500 else 500,
     )
-
-
-def _raise_if_stream_starts_with_error(event: EngineChunks, call: EngineCall) -> None:
-    for payload in event.payloads:
-        error = parse_stream_error(payload)
-        if error is not None:
-            code = error.get("code")
-            raise error_for_failure(
-                EngineFailure(
-                    status=int(code) if isinstance(code, int) else 500,
-                    message=str(error.get("message") or "engine failure"),
-                    type=str(error.get("type") or "server_error"),
-                    param=error.get("param"),
-                ),
-                call,
-            )
-        if payload and payload != "[DONE]":
-            return
 
 
 def parse_stream_error(payload: str) -> dict[str, Any] | None:
