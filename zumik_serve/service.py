@@ -1,8 +1,9 @@
-"""The gateway's service: authenticate, start an engine call, turn engine failures into errors.
+"""The gateway's service: authenticate, start a call, turn engine failures into errors.
 
-API handlers call only this. It knows nothing of HTTP or Ray: the engine is reached through
-the ``EngineClient`` protocol (a Ray Serve handle in production, see ``engines/ray_client.py``)
-and tenants through ``tenancy.Authenticator``.
+API handlers call only this. It knows nothing of HTTP or Ray: a call is decided and carried out
+by a ``Dispatch`` (``dispatch.py``), which reaches engines through the ``EngineClient`` protocol
+(a Ray Serve handle in production, see ``engines/ray_client.py``) and providers over HTTP;
+tenants come through ``tenancy.Authenticator``.
 """
 
 from __future__ import annotations
