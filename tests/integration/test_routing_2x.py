@@ -15,6 +15,7 @@ This module replaces the shared stack's app, so it runs after every other integr
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -134,3 +135,26 @@ def test_provider_down_falls_back_and_opens_the_breaker(
     assert all(a["route"] != "managed" for a in decisions[-1]["attempts"])
     for stored in decisions:
         assert tenant.post(f"/v2/decisions/{stored['id']}/replay").json()["equal"] is True
+
+
+def test_byok_keys_are_sealed_listed_masked_and_per_tenant(
+    tenant: httpx.Client, other_http: httpx.Client, two_replicas: RunningStack
+) -> None:
+    secret = "sk-tenant-" + uuid.uuid4().hex
+    stored = tenant.put("/v2/byok/byok", json={"api_key": secret})
+    assert stored.status_code == 200, stored.text
+    assert secret not in stored.text and stored.json()["key_hint"].endswith(secret[-4:])
+    listed = tenant.get("/v2/byok").json()["data"]
+    assert [entry["route"] for entry in listed] == ["byok"] and secret not in json.dumps(listed)
+    assert other_http.get("/v2/byok").json()["data"] == []
+    assert tenant.put("/v2/byok/managed", json={"api_key": secret}).status_code == 404  # not a BYOK route
+    assert tenant.put("/v2/byok/byok", json={"key": secret}).status_code == 400
+    profile = tenant.get("/v2/profiles").json()["data"][0]
+    assert profile["name"] == "local-cpu-2x" and {r["name"] for r in profile["routes"]} == {
+        "local",
+        "managed",
+        "byok",
+    }
+    assert "base_url" not in json.dumps(profile) and profile["purge_ceiling"] == "crypto_erased"
+    assert tenant.delete("/v2/byok/byok").json() == {"route": "byok", "deleted": True}
+    assert tenant.get("/v2/byok").json()["data"] == []
