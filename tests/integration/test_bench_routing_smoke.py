@@ -30,12 +30,13 @@ def test_ideal_counts_whole_blocks_seen_before_never_the_last_token() -> None:
 
 
 def test_one_arm_measured_on_the_real_stack(running_stack: RunningStack, tmp_path: Path) -> None:
-    prompts = shared_prefix(random.Random(3), 2)[:6]
+    workload = shared_prefix(random.Random(3), 4)  # 8 groups, request i in group i % 8
+    prompts = workload[:2] + workload[8:10]  # two groups, each seen twice
     result = asyncio.run(
         measure_arm(running_stack.url, DEV_KEY, running_stack.model, "zumik", "shared_prefix", prompts,
                     block_size=32, concurrency=2)
     )  # fmt: skip
-    assert result.requests == 6 and result.prompt_tokens == sum(len(p) for p in prompts)
+    assert result.requests == 4 and result.prompt_tokens == sum(len(p) for p in prompts)
     assert 0 < result.cached_tokens <= result.ideal_cached_tokens + 32 * len(prompts)
     assert result.ttft_p50_ms > 0 and result.capture_efficiency is not None
     times = decision_times_us(arm_profile("zumik"), samples=5)
