@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kvstore.keys import scope_id
 from profiles.model import RouteKind
 from zumik_serve.engines.protocol import EngineCall, EngineChunks, EngineEvent, EngineFailure, ReplicaAssigned
 from zumik_serve.errors import EngineError, ZumikError
@@ -136,6 +137,10 @@ class Dispatcher:
                         first=first,
                         rest=self._finishing(pick, rest) if stream else rest,
                         route_label=_route_label(route.kind, route.name, replica_id),
+                        route_name=route.name,
+                        route_kind=route.kind.value,
+                        scope=scope_id(salt),
+                        prefix_keys=tuple(keys),
                     )
                 self.scheduler.finished(pick)
                 failure = result

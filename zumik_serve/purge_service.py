@@ -6,7 +6,8 @@ and never signs more than it did:
 
     revoke    every handle of the closure stops resolving            (all surfaces, at once)
     rotate    the tenant's salt epoch moves on                         engine KV: unindexed
-    keys      the data keys of the tenant's old scopes become tombstones
+    keys      the data keys of the tenant's old scopes become tombstones; the opportunity
+              index of those scopes is removed
     tiers     every block of those scopes leaves host RAM, Redis, disk (swept twice, the second
               time after engine processes' key caches expired)
     objects   records, content, turns, compilations, indexes, idempotency results
@@ -71,6 +72,7 @@ class PurgeService:
         salt_secret: Callable[[], Awaitable[bytes]],
         salt_epoch: Callable[[TenantId], Awaitable[int]],
         rotate_salt_epoch: Callable[[TenantId], Awaitable[int]],
+        forget_scopes: Callable[[list[str]], Awaitable[int]] | None = None,
         key_cache_ttl_s: float = KEY_CACHE_TTL_S,
         step_delay_s: float = 0.0,
     ) -> None:
@@ -82,6 +84,7 @@ class PurgeService:
         self._salt_secret = salt_secret
         self._salt_epoch = salt_epoch
         self._rotate_salt_epoch = rotate_salt_epoch
+        self._forget_scopes = forget_scopes  # the opportunity index of purged scopes
         self._key_cache_ttl_s = key_cache_ttl_s
         self._step_delay_s = step_delay_s  # only to let tests stop a purge between steps
         self._signer: ReceiptSigner | None = None
@@ -198,6 +201,8 @@ class PurgeService:
             scope_id(cache_salt(secret, TenantId(tenant), epoch)) for epoch in range(job["old_epoch"] + 1)
         ]
         await self._store.destroy_data_keys(job["scopes"])
+        if self._forget_scopes is not None:
+            await self._forget_scopes(job["scopes"])
 
     async def _step_tiers(self, tenant: str, job: dict[str, Any]) -> None:
         if not job["exposed"] or not self._tiers:

@@ -61,6 +61,10 @@ class EngineRun:
     first: EngineResponse | EngineChunks
     rest: AsyncIterator[EngineEvent]
     route_label: str | None = None  # x-zumik-route: byoc:<replica>, managed:<route>, byok:<route>
+    route_name: str = "local"  # the profile's route that served it
+    route_kind: str = "byoc"
+    scope: str = ""  # the isolation scope of the request's cache salt (``kvstore.keys.scope_id``)
+    prefix_keys: tuple[str, ...] = ()  # the scheduler's prefix keys of the prompt
 
     @property
     def route(self) -> str:

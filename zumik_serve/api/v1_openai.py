@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from redis.exceptions import RedisError
 
 from zumik_serve.api import zumik_headers
 from zumik_serve.api.body import read_body
@@ -25,9 +27,13 @@ from zumik_serve.dispatch import RouteContext
 from zumik_serve.engines.protocol import EngineCall, EngineChunks, EngineFailure, EngineResponse
 from zumik_serve.errors import EngineError, InvalidRequestError, NotFoundError, ZumikError
 from zumik_serve.releases.release import Release
+from zumik_serve.reuse.figures import ReuseFigures
+from zumik_serve.reuse_service import ReuseService
 from zumik_serve.routing_service import RoutingService
 from zumik_serve.service import EngineRun, GatewayService, parse_stream_error
 from zumik_serve.state_service import StateService
+
+logger = logging.getLogger("ray.serve")
 
 router = APIRouter(prefix="/v1")
 
@@ -95,6 +101,7 @@ async def _generate(request: Request, call: EngineCall) -> Response:
         headers[zumik_headers.SNAPSHOT] = state_refs.snapshot
     if not prepared.stream:
         return await _whole_response(run, prepared, headers, state_refs)
+    headers.update(await state_refs.account_opportunity(run))
     return StreamingResponse(
         _sse(run, prepared, state_refs),
         media_type="text/event-stream",
@@ -117,10 +124,38 @@ class _StateRefs:
 
     def __init__(
         self, state: StateService, tenant: str, snapshot: str | None, session: str | None,
-        exchange: list[tuple[str, str]],
+        exchange: list[tuple[str, str]], reuse: ReuseService,
     ) -> None:  # fmt: skip
         self.state, self.tenant, self.snapshot, self.session = state, tenant, snapshot, session
         self.exchange = exchange  # the request's closing user/tool message, as (role, content)
+        self.reuse = reuse
+        self.opportunity_tokens: int | None = None
+
+    async def account_opportunity(self, run: EngineRun) -> dict[str, str]:
+        """The opportunity of this request (headers for a stream, sent before its body)."""
+        try:
+            self.opportunity_tokens = await self.reuse.opportunity_tokens(run.scope, run.prefix_keys)
+        except RedisError:
+            logger.warning("zumik: reuse accounting skipped (Redis unavailable)")
+            return {}
+        return {zumik_headers.REUSE_OPPORTUNITY_TOKENS: str(self.opportunity_tokens)}
+
+    async def account(self, run: EngineRun, usage: dict[str, Any] | None) -> dict[str, str]:
+        """Opportunity and capture of this request, recorded in the ledger; its reuse headers."""
+        if self.opportunity_tokens is None and not await self.account_opportunity(run):
+            return {}
+        usage = usage or {}
+        figures = ReuseFigures.of(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            opportunity_tokens=self.opportunity_tokens or 0,
+            route_kind=run.route_kind,
+            cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
+        )
+        try:
+            await self.reuse.record(self.tenant, figures, snapshot=self.snapshot, route=run.route_name)
+        except RedisError:
+            logger.warning("zumik: reuse ledger not updated (Redis unavailable)")
+        return figures.headers()
 
     async def record_reply(self, content: str) -> None:
         """Append the exchange (the request's message, then the reply) to the session, in order."""
@@ -151,7 +186,7 @@ async def _resolve_state_headers(request: Request, tenant: str, prepared: Prepar
             and isinstance(last.get("content"), str)
         ):
             exchange.append((last["role"], last["content"]))
-    return _StateRefs(state, tenant, snapshot, session, exchange)
+    return _StateRefs(state, tenant, snapshot, session, exchange, request.app.state.reuse)
 
 
 async def _whole_response(
@@ -161,9 +196,7 @@ async def _whole_response(
         raise EngineError("The engine streamed a response to a non-streaming request.")
     render = render_chat_completion if prepared.call is EngineCall.CHAT else render_completion
     rendered = render(run.first.body, prepared.model)
-    captured = (rendered.get("usage") or {}).get("prompt_tokens_details", {}).get("cached_tokens")
-    if captured is not None:
-        headers = {**headers, zumik_headers.REUSE_CAPTURED_TOKENS: str(captured)}
+    headers = {**headers, **await state_refs.account(run, rendered.get("usage"))}
     if state_refs.session is not None:
         await state_refs.record_reply(rendered["choices"][0]["message"]["content"] or "")
     return JSONResponse(rendered, headers=headers)
@@ -181,6 +214,7 @@ async def _sse(run: EngineRun, prepared: PreparedRequest, state_refs: _StateRefs
 
     reply: list[str] = []
     completed = False
+    usage: dict[str, Any] | None = None
     try:
         async for event in events():
             if isinstance(event, EngineFailure):
@@ -199,6 +233,8 @@ async def _sse(run: EngineRun, prepared: PreparedRequest, state_refs: _StateRefs
                     failed = True
                     break
                 rendered = renderer.render(json.loads(payload))
+                if rendered is not None and rendered.get("usage"):
+                    usage = rendered["usage"]
                 if rendered is not None:
                     for choice in rendered["choices"]:
                         if choice["index"] == 0:
@@ -209,6 +245,8 @@ async def _sse(run: EngineRun, prepared: PreparedRequest, state_refs: _StateRefs
                 break
         if completed and state_refs.session is not None:
             await state_refs.record_reply("".join(reply))
+        if completed:
+            await state_refs.account(run, usage)
     except ZumikError as exc:
         yield _data(render_error(exc.message, exc.type, exc.param, exc.code))
     except Exception as exc:  # the replica died or the handle broke mid-stream

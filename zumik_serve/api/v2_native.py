@@ -18,6 +18,8 @@ from zumik_serve.api.openai_wire import parse_json_body, render_usage
 from zumik_serve.dispatch import RouteContext
 from zumik_serve.engines.protocol import EngineCall, EngineResponse
 from zumik_serve.errors import EngineError, InvalidRequestError, MethodNotAllowedError
+from zumik_serve.reuse.figures import ReuseFigures
+from zumik_serve.reuse_service import ReuseService
 from zumik_serve.routing_service import RoutingService
 from zumik_serve.service import GatewayService
 from zumik_serve.state.objects import ObjectKind
@@ -207,7 +209,15 @@ async def generate(request: Request) -> JSONResponse:
         raise EngineError("The engine streamed a response to a non-streaming request.")
     choice = run.first.body["choices"][0]
     usage = render_usage(run.first.body.get("usage")) or {}
-    captured = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    reuse: ReuseService = request.app.state.reuse
+    opportunity = await state.store_call(reuse.opportunity_tokens(run.scope, run.prefix_keys))
+    figures = ReuseFigures.of(
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        opportunity_tokens=opportunity,
+        route_kind=run.route_kind,
+        cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
+    )
+    await state.store_call(reuse.record(tenant, figures, snapshot=snapshot, route=run.route_name))
     result = {
         "id": run.first.body["id"],
         "object": "generation",
@@ -219,12 +229,9 @@ async def generate(request: Request) -> JSONResponse:
         "route": run.route,
         "release": release.id if release is not None else None,
         "snapshot": snapshot,
-        "reuse": {
-            "captured_tokens": captured,
-            "captured_evidence": "observed" if captured is not None else "unknown",
-        },
+        "reuse": figures.to_json(),
     }
-    headers = zumik_headers.route_headers(run.decision_id, run.route)
+    headers = {**zumik_headers.route_headers(run.decision_id, run.route), **figures.headers()}
     if release is not None:
         headers[zumik_headers.RELEASE] = release.id
     if snapshot is not None:

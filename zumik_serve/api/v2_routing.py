@@ -109,3 +109,15 @@ def _byok_route(routing: RoutingService, route: str) -> Any:
         f"'{route}' is not a BYOK route of this profile; BYOK routes: {', '.join(names)}.",
         code="route_not_found",
     )
+
+
+@router.get("/reuse")
+async def reuse_report(request: Request, group_by: str = "tenant", window_s: str = "3600") -> JSONResponse:
+    tenant, _ = await _tenant(request)
+    if not window_s.isdigit():
+        raise InvalidRequestError("window_s must be a whole number of seconds.", param="window_s")
+    reuse = request.app.state.reuse
+    state = request.app.state.state_service
+    return JSONResponse(
+        await state.store_call(reuse.report(tenant, group_by=group_by, window_s=int(window_s)))
+    )

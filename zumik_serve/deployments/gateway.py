@@ -22,6 +22,7 @@ from zumik_serve.engines.ray_client import RayEngineClient
 from zumik_serve.providers.byok import KeyVault
 from zumik_serve.purge.classes import GuaranteeClass
 from zumik_serve.purge_service import PurgeService
+from zumik_serve.reuse_service import RayReuseMetrics, ReuseService
 from zumik_serve.routing_service import RoutingService
 from zumik_serve.scheduler import ProfileScheduler
 from zumik_serve.service import EngineClient, GatewayService, ModelCard
@@ -29,6 +30,7 @@ from zumik_serve.state_service import StateService
 from zumik_serve.store.byok_store import RedisByokStore, load_or_create_master_key
 from zumik_serve.store.kv_probe import KvProbe
 from zumik_serve.store.purge_store import RedisPurgeStore
+from zumik_serve.store.reuse_store import RedisReuseStore
 from zumik_serve.store.routing_store import RedisRoutingStore
 from zumik_serve.store.state_store import RedisStateStore
 from zumik_serve.store.tenant_store import RedisTenantStore
@@ -96,9 +98,17 @@ def make_gateway_app(settings: GatewaySettings, engines: dict[str, EngineClient]
         salt_secret=service.salt_secret,
         salt_epoch=tenants.salt_epoch,
         rotate_salt_epoch=tenants.rotate_salt_epoch,
+        forget_scopes=RedisReuseStore(redis_client).forget_scopes,
     )
     app = build_app(service, state, purges, max_body_bytes=settings.max_body_bytes)
     app.state.routing = RoutingService(routing_store, profile)
+    reuse_store = RedisReuseStore(redis_client)
+    app.state.reuse = ReuseService(
+        reuse_store,
+        profile,
+        scope_digest=settings.compat_digest or profile.fingerprint(),
+        metrics=RayReuseMetrics(),
+    )
     app.state.byok = _ByokKeys(redis_client)
     app.state.kv_probe = (
         KvProbe(redis_client, compat_digest=settings.compat_digest, block_size=settings.block_size)

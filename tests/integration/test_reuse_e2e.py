@@ -1,0 +1,87 @@
+"""Reuse figures on the real stack (Redis, Ray Serve, vLLM on CPU).
+
+- The first request of a prefix has opportunity 0; its repeats have opportunity > 0 and capture
+  > 0, opportunity ``estimated`` and capture ``observed``; the captured header equals
+  ``usage.prompt_tokens_details.cached_tokens``.
+- The sum of the per-request headers equals the ``/v2/reuse`` totals equals the Ray metric
+  counters over the same requests.
+- Another tenant's report does not show them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.integration.conftest import RunningStack, _create_tenant
+
+pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm]
+
+
+@pytest.fixture(scope="module")
+def tenant(running_stack: RunningStack) -> Iterator[tuple[str, httpx.Client]]:
+    name = f"reuser-{uuid.uuid4().hex[:8]}"
+    key = asyncio.run(_create_tenant(running_stack.redis_url, name))
+    with httpx.Client(
+        base_url=running_stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=180
+    ) as client:
+        yield name, client
+
+
+def _counter(name: str, tenant_id: str) -> float:
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'tenant="{tenant_id}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_headers_report_and_metrics_agree(
+    tenant: tuple[str, httpx.Client], other_http: httpx.Client, running_stack: RunningStack
+) -> None:
+    _, client = tenant
+    prompt = f"{uuid.uuid4()} " + "The agent's tools and instructions, resent on every turn. " * 20
+    figures = []
+    for turn in range(3):
+        messages = [{"role": "user", "content": prompt}, {"role": "user", "content": f"turn {turn}"}]
+        body = {"model": running_stack.model, "max_tokens": 1, "messages": messages}
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        cached = response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert response.headers["x-zumik-reuse-captured-tokens"] == str(cached)
+        assert response.headers["x-zumik-reuse-evidence"] == "opportunity=estimated; captured=observed"
+        figures.append((int(response.headers["x-zumik-reuse-opportunity-tokens"]), cached))
+    assert figures[0][0] == 0  # the first request of a prefix: nothing seen before
+    assert all(opportunity > 0 and cached > 0 for opportunity, cached in figures[1:])
+
+    report = client.get("/v2/reuse", params={"group_by": "tenant", "window_s": 3600}).json()
+    (group,) = report["groups"]
+    assert group["requests"] == 3
+    assert group["opportunity"] == {"tokens": sum(o for o, _ in figures), "evidence": "estimated"}
+    observed = next(c for c in group["captured"] if c["evidence"] == "observed")
+    assert observed["tokens"] == sum(c for _, c in figures)
+    assert other_http.get("/v2/reuse", params={"group_by": "tenant"}).json()["groups"] != report["groups"]
+    by_route = client.get("/v2/reuse", params={"group_by": "route"}).json()["groups"]
+    assert [g["route"] for g in by_route] == ["local"]
+    assert client.get("/v2/reuse", params={"group_by": "nope"}).status_code == 400
+
+    tenant_id = group["tenant"]
+    assert re.fullmatch(r"ten_[0-9a-f]+", tenant_id)
+    deadline = time.monotonic() + 120
+    while True:  # Ray exports metrics on an interval
+        opportunity = _counter("ray_zumik_reuse_opportunity_tokens_total", tenant_id)
+        captured = _counter("ray_zumik_reuse_captured_tokens_total", tenant_id)
+        if (opportunity, captured) == (sum(o for o, _ in figures), sum(c for _, c in figures)):
+            break
+        assert time.monotonic() < deadline, f"metrics {opportunity}, {captured} vs headers {figures}"
+        time.sleep(5)

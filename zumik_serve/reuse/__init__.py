@@ -1,0 +1,1 @@
+"""Reuse accounting: opportunity and capture, each with its evidence level, never blended."""

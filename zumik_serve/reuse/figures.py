@@ -1,0 +1,65 @@
+"""One request's reuse figures: opportunity and capture, kept apart, each with its level.
+
+    opportunity  prompt tokens in block-aligned prefixes already seen in the same isolation
+                 scope (tenant salt, compat key), from Zumik's own index      → estimated
+    capture      prompt tokens actually served from a cache:
+                   BYOC engine (usage.cached_tokens of vLLM)                   → observed
+                   managed / BYOK provider with usage.cached_tokens            → reported
+                   provider without the field                                  → unknown (None)
+
+They are never added together or blended into one hit rate. ``headers()`` renders API.md's
+``x-zumik-reuse-*`` headers; ``x-zumik-reuse-captured-tokens`` equals
+``usage.prompt_tokens_details.cached_tokens`` (absent when the provider did not say).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zumik_serve.reuse.evidence import EvidenceLevel
+
+OPPORTUNITY_HEADER = "x-zumik-reuse-opportunity-tokens"
+CAPTURED_HEADER = "x-zumik-reuse-captured-tokens"
+EVIDENCE_HEADER = "x-zumik-reuse-evidence"
+
+
+@dataclass(frozen=True)
+class ReuseFigures:
+    prompt_tokens: int
+    opportunity_tokens: int
+    opportunity_level: EvidenceLevel
+    captured_tokens: int | None  # None: the source did not say (unknown), never zero
+    captured_level: EvidenceLevel
+
+    @classmethod
+    def of(
+        cls, *, prompt_tokens: int, opportunity_tokens: int, route_kind: str, cached_tokens: int | None
+    ) -> ReuseFigures:
+        if cached_tokens is None:
+            level = EvidenceLevel.UNKNOWN
+        elif route_kind == "byoc":
+            level = EvidenceLevel.OBSERVED
+        else:
+            level = EvidenceLevel.REPORTED
+        return cls(
+            prompt_tokens=prompt_tokens,
+            opportunity_tokens=min(opportunity_tokens, prompt_tokens),
+            opportunity_level=EvidenceLevel.ESTIMATED,
+            captured_tokens=cached_tokens,
+            captured_level=level,
+        )
+
+    def headers(self) -> dict[str, str]:
+        evidence = f"opportunity={self.opportunity_level.label}; captured={self.captured_level.label}"
+        headers = {OPPORTUNITY_HEADER: str(self.opportunity_tokens), EVIDENCE_HEADER: evidence}
+        if self.captured_tokens is not None:
+            headers[CAPTURED_HEADER] = str(self.captured_tokens)
+        return headers
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "opportunity_tokens": self.opportunity_tokens,
+            "opportunity_evidence": self.opportunity_level.label,
+            "captured_tokens": self.captured_tokens,
+            "captured_evidence": self.captured_level.label,
+        }
