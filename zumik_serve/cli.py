@@ -104,6 +104,16 @@ def _parser() -> argparse.ArgumentParser:
     routing.add_argument("--json", action="store_true")
     routing.set_defaults(run=_cmd_bench_routing)
 
+    reuse = sub.add_parser("reuse", help="reuse figures").add_subparsers(title="reuse commands")
+    report = reuse.add_parser("report", help="a tenant's opportunity and capture, as a table and a plot")
+    report.add_argument("--url", default="http://127.0.0.1:8000", help="a running Zumik")
+    report.add_argument("--key", help="the tenant's API key (default: $ZUMIK_API_KEY, then $ZUMIK_DEV_KEY)")
+    report.add_argument("--group-by", choices=["tenant", "profile", "snapshot", "route"], default="route")
+    report.add_argument("--window-s", type=int, default=3600)
+    report.add_argument("--out", type=Path, default=Path("reuse-report"))
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(run=_cmd_reuse_report)
+
     receipt = sub.add_parser("receipt", help="purge receipts").add_subparsers(title="receipt commands")
     verify = receipt.add_parser("verify", help="check a receipt offline; exit 0 only when it is intact")
     verify.add_argument("file", type=Path, help="a receipt as JSON (the 'receipt' of POST /v2/purge)")
@@ -256,6 +266,12 @@ def _cmd_bench_routing(args: argparse.Namespace) -> int:
     from zumik_serve.bench.routing import run_routing_bench
 
     return run_routing_bench(args, console)
+
+
+def _cmd_reuse_report(args: argparse.Namespace) -> int:
+    from zumik_serve.reuse_report import run_reuse_report
+
+    return run_reuse_report(args, console)
 
 
 def _cmd_receipt_verify(args: argparse.Namespace) -> int:

@@ -62,11 +62,29 @@ class ReuseService:
         if self._metrics is not None:
             self._metrics.observe(tenant=tenant, profile=self.profile.name, route=route, figures=figures)
 
+    async def series(self, tenant: str, *, group_by: str, window_s: int) -> list[dict[str, Any]]:
+        """Minute by minute, per group: opportunity and capture by level (for plots)."""
+        _check(group_by, window_s)
+        points = []
+        for start, fields in await self._store.buckets(tenant, window_s):
+            groups: dict[str, dict[str, int]] = {}
+            for field, value in fields.items():
+                profile, snapshot, route, figure = field.split("|", 3)
+                key = {"tenant": tenant, "profile": profile, "snapshot": snapshot, "route": route}[group_by]
+                point = groups.setdefault(key, {})
+                point[figure] = point.get(figure, 0) + value
+            for key, figures in sorted(groups.items()):
+                points.append({
+                    "t": start, group_by: key,
+                    "opportunity_estimated": figures.get("opportunity:estimated", 0),
+                    "captured_observed": figures.get("captured:observed", 0),
+                    "captured_reported": figures.get("captured:reported", 0),
+                    "captured_unknown_requests": figures.get("captured_requests:unknown", 0),
+                })  # fmt: skip
+        return points
+
     async def report(self, tenant: str, *, group_by: str, window_s: int) -> dict[str, Any]:
-        if group_by not in GROUPS:
-            raise InvalidRequestError(f"group_by must be one of: {', '.join(GROUPS)}.", param="group_by")
-        if not 1 <= window_s <= MAX_WINDOW_S:
-            raise InvalidRequestError(f"window_s must be 1 to {MAX_WINDOW_S} seconds.", param="window_s")
+        _check(group_by, window_s)
         totals = await self._store.window(tenant, window_s)
         groups: dict[str, dict[str, int]] = {}
         for field, value in totals.items():
@@ -124,6 +142,13 @@ class ReuseService:
                 full, cached, _ = spec.token_prices_pusd()
                 return max(0, full - cached)
         return 0
+
+
+def _check(group_by: str, window_s: int) -> None:
+    if group_by not in GROUPS:
+        raise InvalidRequestError(f"group_by must be one of: {', '.join(GROUPS)}.", param="group_by")
+    if not 1 <= window_s <= MAX_WINDOW_S:
+        raise InvalidRequestError(f"window_s must be 1 to {MAX_WINDOW_S} seconds.", param="window_s")
 
 
 class RayReuseMetrics:

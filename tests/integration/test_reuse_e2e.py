@@ -85,3 +85,28 @@ def test_headers_report_and_metrics_agree(
             break
         assert time.monotonic() < deadline, f"metrics {opportunity}, {captured} vs headers {figures}"
         time.sleep(5)
+
+
+def test_reuse_report_command_prints_a_table_and_plots(
+    tenant: tuple[str, httpx.Client], running_stack: RunningStack, tmp_path
+) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    _, client = tenant
+    key = client.headers["Authorization"][7:]
+    command = [sys.executable, "-m", "zumik_serve.cli", "reuse", "report", "--url", running_stack.url,
+               "--key", key, "--group-by", "route", "--out", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "240"}  # one line per table row
+    shown = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "opportunity (estimated)" in shown.stdout and "local" in shown.stdout
+    assert (tmp_path / "reuse.png").read_bytes()[:4] == b"\x89PNG"
+    report = json.loads((tmp_path / "reuse.json").read_text())
+    assert report["series"] and {point["route"] for point in report["series"]} == {"local"}
+    bad = subprocess.run(
+        [*command[:-4], "--key", "zk-wrong", "--out", str(tmp_path)], capture_output=True, text=True
+    )
+    assert bad.returncode == 1 and "401" in bad.stdout

@@ -74,18 +74,27 @@ class RedisReuseStore:
 
     async def window(self, tenant: str, window_s: int, *, now_s: int | None = None) -> dict[str, int]:
         """Every ledger field summed over the last ``window_s`` seconds (whole minutes)."""
+        totals: dict[str, int] = {}
+        for _, fields in await self.buckets(tenant, window_s, now_s=now_s):
+            for name, value in fields.items():
+                totals[name] = totals.get(name, 0) + value
+        return totals
+
+    async def buckets(
+        self, tenant: str, window_s: int, *, now_s: int | None = None
+    ) -> list[tuple[int, dict[str, int]]]:
+        """The ledger minute by minute over the last ``window_s`` seconds: (start, fields)."""
         newest = (int(time.time()) if now_s is None else now_s) // BUCKET_S
         oldest = newest - max(1, -(-window_s // BUCKET_S)) + 1
         async with self._redis.pipeline(transaction=False) as pipe:
             for bucket in range(oldest, newest + 1):
                 pipe.hgetall(f"z:{{{tenant}}}:reuse:{bucket}")
-            buckets = await pipe.execute()
-        totals: dict[str, int] = {}
-        for fields in buckets:
-            for field, value in fields.items():
-                name = field.decode() if isinstance(field, bytes) else field
-                totals[name] = totals.get(name, 0) + int(value)
-        return totals
+            replies = await pipe.execute()
+        result = []
+        for bucket, fields in zip(range(oldest, newest + 1), replies, strict=True):
+            decoded = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in fields.items()}
+            result.append((bucket * BUCKET_S, decoded))
+        return result
 
     async def forget_scopes(self, scopes: Sequence[str]) -> int:
         """Remove the opportunity index of purged scopes."""
