@@ -41,6 +41,10 @@ class DecisionSink(Protocol):
     async def save(self, tenant: str, record: dict[str, Any], attempts: list[dict[str, Any]]) -> None: ...
 
 
+class DecisionMetrics(Protocol):
+    def observe(self, *, route: str, reason: str, decide_us: float) -> None: ...
+
+
 @dataclass(frozen=True)
 class RouteContext:
     """What a request brings to its decision besides the body."""
@@ -59,6 +63,7 @@ class Dispatcher:
         engines: dict[str, EngineClient],
         decisions: DecisionSink,
         byok_key: Callable[[str, str], Awaitable[str | None]] | None = None,
+        metrics: DecisionMetrics | None = None,
         environ: dict[str, str] | None = None,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -67,6 +72,7 @@ class Dispatcher:
         self._engines = engines
         self._decisions = decisions
         self._byok_key = byok_key
+        self._metrics = metrics
         self._environ = os.environ if environ is None else environ
         self._clock_ms = clock_ms
         self._sleep = sleep
@@ -90,9 +96,15 @@ class Dispatcher:
             release_id=context.release_id, snapshot_id=context.snapshot_id,
             allowed_routes=context.allowed_routes, evidence=context.evidence,
         )  # fmt: skip
+        started = time.perf_counter()
         record, keys = self.scheduler.decide(
             decision_id, request, now_ms=self._clock_ms(), seed=secrets.randbits(31)
         )
+        if self._metrics is not None:
+            route = record.pick.route if record.pick is not None else "none"
+            self._metrics.observe(
+                route=route, reason=record.pick_reason, decide_us=(time.perf_counter() - started) * 1e6
+            )
         attempts: list[dict[str, Any]] = []
         try:
             run = await self._execute(record, keys, call, engine_body, stream, tenant, salt, attempts)

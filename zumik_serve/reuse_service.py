@@ -149,35 +149,3 @@ def _check(group_by: str, window_s: int) -> None:
         raise InvalidRequestError(f"group_by must be one of: {', '.join(GROUPS)}.", param="group_by")
     if not 1 <= window_s <= MAX_WINDOW_S:
         raise InvalidRequestError(f"window_s must be 1 to {MAX_WINDOW_S} seconds.", param="window_s")
-
-
-class RayReuseMetrics:
-    """``ray.util.metrics`` counters (exported on Ray's metrics port as ``ray_zumik_*``)."""
-
-    def __init__(self) -> None:
-        from ray.util.metrics import Counter
-
-        tags = ("tenant", "profile", "route", "evidence")
-        self._opportunity = Counter(
-            "zumik_reuse_opportunity_tokens",
-            "Prompt tokens in prefixes seen before (estimated)",
-            tag_keys=tags,
-        )
-        self._captured = Counter(
-            "zumik_reuse_captured_tokens",
-            "Prompt tokens served from a cache, by evidence level",
-            tag_keys=tags,
-        )
-        self._requests = Counter(
-            "zumik_reuse_requests", "Requests accounted, by capture evidence", tag_keys=tags
-        )
-
-    def observe(self, *, tenant: str, profile: str, route: str, figures: ReuseFigures) -> None:
-        base = {"tenant": tenant, "profile": profile, "route": route}
-        self._opportunity.inc(
-            figures.opportunity_tokens, tags={**base, "evidence": figures.opportunity_level.label}
-        )
-        captured = {**base, "evidence": figures.captured_level.label}
-        if figures.captured_tokens:
-            self._captured.inc(figures.captured_tokens, tags=captured)
-        self._requests.inc(1, tags=captured)

@@ -19,10 +19,11 @@ from zumik_serve.api.app import build_app
 from zumik_serve.dispatch import Dispatcher
 from zumik_serve.engines.hf_tokenizer import HfChatTokenizer
 from zumik_serve.engines.ray_client import RayEngineClient
+from zumik_serve.metrics import RayDecisionMetrics, RayReuseMetrics
 from zumik_serve.providers.byok import KeyVault
 from zumik_serve.purge.classes import GuaranteeClass
 from zumik_serve.purge_service import PurgeService
-from zumik_serve.reuse_service import RayReuseMetrics, ReuseService
+from zumik_serve.reuse_service import ReuseService
 from zumik_serve.routing_service import RoutingService
 from zumik_serve.scheduler import ProfileScheduler
 from zumik_serve.service import EngineClient, GatewayService, ModelCard
@@ -77,6 +78,7 @@ def make_gateway_app(settings: GatewaySettings, engines: dict[str, EngineClient]
         engines=engines,
         decisions=_DecisionSink(routing_store),
         byok_key=_ByokKeys(redis_client).get,
+        metrics=RayDecisionMetrics(profile.name),
     )
     service = GatewayService(
         models=[ModelCard(id=settings.served_model, created_s=settings.model_created_s)],

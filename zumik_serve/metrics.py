@@ -1,0 +1,64 @@
+"""Zumik's Ray metrics (``ray.util.metrics``): exported on Ray's metrics port as ``ray_zumik_*``,
+so they show in the Ray dashboard, Prometheus and the Grafana dashboard in ``deploy/grafana``.
+
+    zumik_reuse_opportunity_tokens   counter  tenant, profile, route, evidence (estimated)
+    zumik_reuse_captured_tokens      counter  tenant, profile, route, evidence (observed|reported)
+    zumik_reuse_requests             counter  tenant, profile, route, evidence of the capture
+    zumik_decisions                  counter  profile, route, reason (the pick's reason)
+    zumik_decision_time_us           histogram profile (prefix keys + decide, microseconds)
+"""
+
+from __future__ import annotations
+
+from zumik_serve.reuse.figures import ReuseFigures
+
+DECISION_TIME_BOUNDARIES_US: list[float] = [25, 50, 100, 200, 300, 500, 1000, 2000, 5000]
+
+
+class RayReuseMetrics:
+    """``ray.util.metrics`` counters (exported on Ray's metrics port as ``ray_zumik_*``)."""
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter
+
+        tags = ("tenant", "profile", "route", "evidence")
+        self._opportunity = Counter(
+            "zumik_reuse_opportunity_tokens",
+            "Prompt tokens in prefixes seen before (estimated)",
+            tag_keys=tags,
+        )
+        self._captured = Counter(
+            "zumik_reuse_captured_tokens",
+            "Prompt tokens served from a cache, by evidence level",
+            tag_keys=tags,
+        )
+        self._requests = Counter(
+            "zumik_reuse_requests", "Requests accounted, by capture evidence", tag_keys=tags
+        )
+
+    def observe(self, *, tenant: str, profile: str, route: str, figures: ReuseFigures) -> None:
+        base = {"tenant": tenant, "profile": profile, "route": route}
+        self._opportunity.inc(
+            figures.opportunity_tokens, tags={**base, "evidence": figures.opportunity_level.label}
+        )
+        captured = {**base, "evidence": figures.captured_level.label}
+        if figures.captured_tokens:
+            self._captured.inc(figures.captured_tokens, tags=captured)
+        self._requests.inc(1, tags=captured)
+
+
+class RayDecisionMetrics:
+    def __init__(self, profile: str) -> None:
+        from ray.util.metrics import Counter, Histogram
+
+        self._profile = profile
+        self._decisions = Counter("zumik_decisions", "Routing decisions by picked route",
+                                  tag_keys=("profile", "route", "reason"))  # fmt: skip
+        self._time = Histogram(
+            "zumik_decision_time_us", "Scheduler decision time (prefix keys + decide), microseconds",
+            boundaries=DECISION_TIME_BOUNDARIES_US, tag_keys=("profile",),
+        )  # fmt: skip
+
+    def observe(self, *, route: str, reason: str, decide_us: float) -> None:
+        self._decisions.inc(1, tags={"profile": self._profile, "route": route, "reason": reason})
+        self._time.observe(decide_us, tags={"profile": self._profile})
