@@ -97,6 +97,7 @@ class Dispatcher:
             allowed_routes=context.allowed_routes, evidence=context.evidence,
         )  # fmt: skip
         started = time.perf_counter()
+        timing: dict[str, float] = {}
         record, keys = self.scheduler.decide(
             decision_id, request, now_ms=self._clock_ms(), seed=secrets.randbits(31)
         )
@@ -105,11 +106,16 @@ class Dispatcher:
             self._metrics.observe(
                 route=route, reason=record.pick_reason, decide_us=(time.perf_counter() - started) * 1e6
             )
+        timing["decide"] = (time.perf_counter() - started) * 1000
         attempts: list[dict[str, Any]] = []
         try:
             run = await self._execute(record, keys, call, engine_body, stream, tenant, salt, attempts)
+            timing["first-output"] = (time.perf_counter() - started) * 1000 - timing["decide"]
         finally:
+            saved = time.perf_counter()
             await self._decisions.save(tenant, record.to_json(), attempts)
+            timing["record"] = (time.perf_counter() - saved) * 1000
+        run.timing_ms = timing
         return run
 
     async def _execute(

@@ -65,6 +65,7 @@ class EngineRun:
     route_kind: str = "byoc"
     scope: str = ""  # the isolation scope of the request's cache salt (``kvstore.keys.scope_id``)
     prefix_keys: tuple[str, ...] = ()  # the scheduler's prefix keys of the prompt
+    timing_ms: dict[str, float] | None = None  # where the time went before the first output
 
     @property
     def route(self) -> str:

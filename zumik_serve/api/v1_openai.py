@@ -95,6 +95,8 @@ async def _generate(request: Request, call: EngineCall) -> Response:
         call, prepared.engine_body, stream=prepared.stream, tenant=tenant, context=context
     )
     headers = zumik_headers.route_headers(run.decision_id, run.route)
+    if run.timing_ms:
+        headers[zumik_headers.SERVER_TIMING] = zumik_headers.server_timing(run.timing_ms)
     if release is not None:
         headers[zumik_headers.RELEASE] = release.id
     if state_refs.snapshot is not None:
