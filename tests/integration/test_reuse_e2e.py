@@ -61,7 +61,8 @@ def test_headers_report_and_metrics_agree(
         assert response.headers["x-zumik-reuse-captured-tokens"] == str(cached)
         assert response.headers["x-zumik-reuse-evidence"] == "opportunity=estimated; captured=observed"
         timing = dict(part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
-        assert {"decide", "first-output", "record"} <= set(timing) and all(float(v) >= 0 for v in timing.values())
+        assert {"decide", "first-output", "record"} <= set(timing)
+        assert all(float(value) >= 0 for value in timing.values())
         figures.append((int(response.headers["x-zumik-reuse-opportunity-tokens"]), cached))
     assert figures[0][0] == 0  # the first request of a prefix: nothing seen before
     assert all(opportunity > 0 and cached > 0 for opportunity, cached in figures[1:])
