@@ -230,6 +230,10 @@ def test_generate_from_snapshot_reports_route_and_capture(http: httpx.Client) ->
         "/v2/generate", json={"snapshot": snapshot, "input": "Question two?", "max_tokens": 3}
     ).json()
     assert second["reuse"]["captured_tokens"] > 0 and second["reuse"]["captured_evidence"] == "observed"
+    assert (
+        second["reuse"]["opportunity_tokens"] > 0 and second["reuse"]["opportunity_evidence"] == "estimated"
+    )
+    assert {"decide_ms", "first-output_ms", "record_ms"} <= set(second["telemetry"])
     _error(http.post("/v2/generate", json={"input": 5}), 400)
 
 

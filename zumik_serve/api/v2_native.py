@@ -230,6 +230,7 @@ async def generate(request: Request) -> JSONResponse:
         "release": release.id if release is not None else None,
         "snapshot": snapshot,
         "reuse": figures.to_json(),
+        "telemetry": {f"{phase}_ms": round(ms, 3) for phase, ms in (run.timing_ms or {}).items()},
     }
     headers = {**zumik_headers.route_headers(run.decision_id, run.route), **figures.headers()}
     if release is not None:
