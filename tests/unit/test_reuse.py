@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from profiles import load_builtin
+from zumik_serve.api.zumik_headers import reuse_headers
 from zumik_serve.errors import InvalidRequestError
 from zumik_serve.reuse.evidence import EvidenceLevel, weakest
 from zumik_serve.reuse.figures import ReuseFigures
@@ -49,7 +50,7 @@ def test_missing_provider_field_is_unknown_not_zero() -> None:
         prompt_tokens=100, opportunity_tokens=64, route_kind="managed", cached_tokens=None
     )
     assert missing.captured_tokens is None and missing.captured_level is EvidenceLevel.UNKNOWN
-    headers = missing.headers()
+    headers = reuse_headers(missing)
     assert "x-zumik-reuse-captured-tokens" not in headers
     assert headers["x-zumik-reuse-evidence"] == "opportunity=estimated; captured=unknown"
     zero = ReuseFigures.of(prompt_tokens=100, opportunity_tokens=0, route_kind="managed", cached_tokens=0)

@@ -157,7 +157,7 @@ class _StateRefs:
             await self.reuse.record(self.tenant, figures, snapshot=self.snapshot, route=run.route_name)
         except RedisError:
             logger.warning("zumik: reuse ledger not updated (Redis unavailable)")
-        return figures.headers()
+        return zumik_headers.reuse_headers(figures)
 
     async def record_reply(self, content: str) -> None:
         """Append the exchange (the request's message, then the reply) to the session, in order."""

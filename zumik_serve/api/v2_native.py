@@ -232,7 +232,10 @@ async def generate(request: Request) -> JSONResponse:
         "reuse": figures.to_json(),
         "telemetry": {f"{phase}_ms": round(ms, 3) for phase, ms in (run.timing_ms or {}).items()},
     }
-    headers = {**zumik_headers.route_headers(run.decision_id, run.route), **figures.headers()}
+    headers = {
+        **zumik_headers.route_headers(run.decision_id, run.route),
+        **zumik_headers.reuse_headers(figures),
+    }
     if release is not None:
         headers[zumik_headers.RELEASE] = release.id
     if snapshot is not None:

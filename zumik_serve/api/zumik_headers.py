@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from zumik_serve.reuse.figures import ReuseFigures
+
 DECISION_ID = "x-zumik-decision-id"
 ROUTE = "x-zumik-route"
 RELEASE = "x-zumik-release"
@@ -25,3 +27,13 @@ def route_headers(decision_id: str, route: str) -> dict[str, str]:
 def server_timing(phases_ms: dict[str, float]) -> str:
     """A standard ``Server-Timing`` value: ``name;dur=1.23`` per phase."""
     return ", ".join(f"{name};dur={duration:.2f}" for name, duration in phases_ms.items())
+
+
+def reuse_headers(figures: ReuseFigures) -> dict[str, str]:
+    """``x-zumik-reuse-*``: the captured header equals ``usage.prompt_tokens_details.cached_tokens``
+    and is absent when the source did not say (unknown is never rendered as 0)."""
+    evidence = f"opportunity={figures.opportunity_level.label}; captured={figures.captured_level.label}"
+    headers = {REUSE_OPPORTUNITY_TOKENS: str(figures.opportunity_tokens), REUSE_EVIDENCE: evidence}
+    if figures.captured_tokens is not None:
+        headers[REUSE_CAPTURED_TOKENS] = str(figures.captured_tokens)
+    return headers

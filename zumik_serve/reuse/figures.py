@@ -7,9 +7,8 @@
                    managed / BYOK provider with usage.cached_tokens            → reported
                    provider without the field                                  → unknown (None)
 
-They are never added together or blended into one hit rate. ``headers()`` renders API.md's
-``x-zumik-reuse-*`` headers; ``x-zumik-reuse-captured-tokens`` equals
-``usage.prompt_tokens_details.cached_tokens`` (absent when the provider did not say).
+They are never added together or blended into one hit rate. ``api/zumik_headers.py`` renders
+them as API.md's ``x-zumik-reuse-*`` headers.
 """
 
 from __future__ import annotations
@@ -17,10 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zumik_serve.reuse.evidence import EvidenceLevel
-
-OPPORTUNITY_HEADER = "x-zumik-reuse-opportunity-tokens"
-CAPTURED_HEADER = "x-zumik-reuse-captured-tokens"
-EVIDENCE_HEADER = "x-zumik-reuse-evidence"
 
 
 @dataclass(frozen=True)
@@ -48,13 +43,6 @@ class ReuseFigures:
             captured_tokens=cached_tokens,
             captured_level=level,
         )
-
-    def headers(self) -> dict[str, str]:
-        evidence = f"opportunity={self.opportunity_level.label}; captured={self.captured_level.label}"
-        headers = {OPPORTUNITY_HEADER: str(self.opportunity_tokens), EVIDENCE_HEADER: evidence}
-        if self.captured_tokens is not None:
-            headers[CAPTURED_HEADER] = str(self.captured_tokens)
-        return headers
 
     def to_json(self) -> dict[str, object]:
         return {
