@@ -55,7 +55,7 @@ def test_missing_provider_field_is_unknown_not_zero() -> None:
     assert headers["x-zumik-reuse-evidence"] == "opportunity=estimated; captured=unknown"
     zero = ReuseFigures.of(prompt_tokens=100, opportunity_tokens=0, route_kind="managed", cached_tokens=0)
     assert (
-        zero.headers()["x-zumik-reuse-captured-tokens"] == "0"
+        reuse_headers(zero)["x-zumik-reuse-captured-tokens"] == "0"
         and zero.captured_level is EvidenceLevel.REPORTED
     )
     engine = ReuseFigures.of(prompt_tokens=100, opportunity_tokens=0, route_kind="byoc", cached_tokens=32)
