@@ -38,9 +38,9 @@ class RayReuseMetrics:
 
     def observe(self, *, tenant: str, profile: str, route: str, figures: ReuseFigures) -> None:
         base = {"tenant": tenant, "profile": profile, "route": route}
-        self._opportunity.inc(
-            figures.opportunity_tokens, tags={**base, "evidence": figures.opportunity_level.label}
-        )
+        if figures.opportunity_tokens:  # Ray counters take positive increments only
+            opportunity = {**base, "evidence": figures.opportunity_level.label}
+            self._opportunity.inc(figures.opportunity_tokens, tags=opportunity)
         captured = {**base, "evidence": figures.captured_level.label}
         if figures.captured_tokens:
             self._captured.inc(figures.captured_tokens, tags=captured)
