@@ -105,11 +105,12 @@ def test_reuse_report_command_prints_a_table_and_plots(
     env = {**os.environ, "COLUMNS": "240"}  # one line per table row
     shown = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert shown.returncode == 0, shown.stderr
-    assert "opportunity (estimated)" in shown.stdout and "local" in shown.stdout
+    # The CLI's console writes to stderr (stdout is kept for --json).
+    assert "opportunity (estimated)" in shown.stderr and "local" in shown.stderr
     assert (tmp_path / "reuse.png").read_bytes()[:4] == b"\x89PNG"
     report = json.loads((tmp_path / "reuse.json").read_text())
     assert report["series"] and {point["route"] for point in report["series"]} == {"local"}
     bad = subprocess.run(
         [*command[:-4], "--key", "zk-wrong", "--out", str(tmp_path)], capture_output=True, text=True
     )
-    assert bad.returncode == 1 and "401" in bad.stdout
+    assert bad.returncode == 1 and "401" in bad.stderr
