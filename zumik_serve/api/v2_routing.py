@@ -112,12 +112,18 @@ def _byok_route(routing: RoutingService, route: str) -> Any:
 
 
 @router.get("/reuse")
-async def reuse_report(request: Request, group_by: str = "tenant", window_s: str = "3600") -> JSONResponse:
+async def reuse_report(
+    request: Request, group_by: str = "tenant", window_s: str = "3600", series: str = "false"
+) -> JSONResponse:
+    """Sums per group; with ``series=true`` also the minute-by-minute points (for plots)."""
     tenant, _ = await _tenant(request)
     if not window_s.isdigit():
         raise InvalidRequestError("window_s must be a whole number of seconds.", param="window_s")
     reuse = request.app.state.reuse
     state = request.app.state.state_service
-    return JSONResponse(
-        await state.store_call(reuse.report(tenant, group_by=group_by, window_s=int(window_s)))
-    )
+    report = await state.store_call(reuse.report(tenant, group_by=group_by, window_s=int(window_s)))
+    if series == "true":
+        report["series"] = await state.store_call(
+            reuse.series(tenant, group_by=group_by, window_s=int(window_s))
+        )
+    return JSONResponse(report)
