@@ -49,12 +49,26 @@ PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
     "gateway.num_replicas": FieldEffect.NEUTRAL,
     "gateway.max_body_bytes": FieldEffect.NEUTRAL,
     "gateway.max_artifact_bytes": FieldEffect.NEUTRAL,
+    "gateway.max_n": FieldEffect.NEUTRAL,
+    "gateway.max_messages": FieldEffect.NEUTRAL,
+    "gateway.max_prompts": FieldEffect.NEUTRAL,
     "kv_tiers.enabled": FieldEffect.NEUTRAL,
     "kv_tiers.host_capacity_bytes": FieldEffect.NEUTRAL,
     "kv_tiers.redis": FieldEffect.NEUTRAL,
     "kv_tiers.disk_root": FieldEffect.NEUTRAL,
     "kv_tiers.seal": FieldEffect.NEUTRAL,  # sealing wraps stored values; the KV bytes are the same
     "purge.ceiling": FieldEffect.NEUTRAL,
+    # The engine's scheduling order, QoS and telemetry change when work runs, not what it computes.
+    "engine.scheduling_policy": FieldEffect.NEUTRAL,
+    "routes.max_inflight": FieldEffect.NEUTRAL,
+    "qos.default_class": FieldEffect.NEUTRAL,
+    "qos.classes.max_running": FieldEffect.NEUTRAL,
+    "qos.classes.max_queued": FieldEffect.NEUTRAL,
+    "qos.classes.engine_priority": FieldEffect.NEUTRAL,
+    "qos.classes.prefer_cheapest_route": FieldEffect.NEUTRAL,
+    "qos.queue_timeout_s": FieldEffect.NEUTRAL,
+    "qos.retry_after_s": FieldEffect.NEUTRAL,
+    "telemetry.traces": FieldEffect.NEUTRAL,
     "routing.replica_choice": FieldEffect.NEUTRAL,
     # Routes and routing choose where a request goes, never what KV an engine computes. The
     # walker in tests/unit/test_kvstore.py names a tuple of routes by its element's fields.

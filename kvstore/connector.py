@@ -24,6 +24,16 @@ cache before the forward (``start_load_kv``); full prompt blocks computed in thi
 out of the paged cache after it (``wait_for_save``) and stored in every tier. A block copies all
 layers at once, on the block dimension of each layer's cache. Any tier failure is a miss (the
 engine recomputes); the connector never fails a request.
+
+Per request, what the cache gave it goes back to the caller in the final output's
+``kv_transfer_params`` (vLLM's channel for connector results) under ``zumik_kv``:
+
+    {"engine_tokens": <the engine's own prefix cache>, "tiers": {"redis": <tokens>, ...},
+     "bytes": <restored>, "ms": <restore time>}
+
+The tier split is the scheduler's plan, corrected by the worker's report when it arrives before
+the request finishes (a failed load keeps the request running, so it always does); bytes and
+time come from the worker (absent when the request finished in the step that restored it).
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
@@ -157,6 +168,27 @@ class ZumikConnectorMetadata(KVConnectorMetadata):
     stores: list[_Transfer] = field(default_factory=list)
 
 
+@dataclass
+class RestoreReport:
+    """What one request restored from the tiers in one step (worker side)."""
+
+    tiers: dict[str, int]  # tier name -> blocks restored
+    num_bytes: int
+    seconds: float
+
+
+@dataclass
+class ZumikWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, per step: the restores each request really got."""
+
+    restores: dict[str, RestoreReport] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if isinstance(other, ZumikWorkerMetadata):
+            self.restores.update(other.restores)
+        return self
+
+
 class ZumikKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -169,6 +201,11 @@ class ZumikKVConnector(KVConnectorBase_V1):
         # scheduler side: per request, the addresses it may load and how many tokens that is
         self._pending_loads: dict[str, list[BlockAddress]] = {}
         self._load_plans: dict[str, tuple[int, list[BlockAddress]]] = {}
+        # scheduler side: per request, the engine's own hit and what the tiers gave (zumik_kv)
+        self._reuse: dict[str, dict[str, Any]] = {}
+        self._planned_tiers: dict[str, dict[str, int]] = {}
+        # worker side: restores done since the last step's worker metadata
+        self._worker_restores: dict[str, RestoreReport] = {}
         # Addresses this engine already stored, newest last, bounded (a re-store is only waste).
         self._stored: OrderedDict[BlockAddress, None] = OrderedDict()
         self._salts: dict[str, str | None] = {}
@@ -179,6 +216,7 @@ class ZumikKVConnector(KVConnectorBase_V1):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         self._salts[request.request_id] = request.cache_salt
+        self._reuse[request.request_id] = {"engine_tokens": int(num_computed_tokens), "tiers": {}}
         token_ids = list(request.prompt_token_ids or [])
         # The last prompt token is always computed by the engine (it yields the first logits).
         loadable = (len(token_ids) - 1) // self._block_size * self._block_size
@@ -195,14 +233,32 @@ class ZumikKVConnector(KVConnectorBase_V1):
             return 0, False
         first_block = num_computed_tokens // self._block_size
         self._load_plans[request.request_id] = (first_block, list(plan.addresses[first_block:]))
+        tiers: dict[str, int] = {}
+        for tier in plan.sources[first_block:]:
+            tiers[tier.name.lower()] = tiers.get(tier.name.lower(), 0) + self._block_size
+        self._planned_tiers[request.request_id] = tiers
         return restorable - num_computed_tokens, False
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         plan = self._load_plans.pop(request.request_id, None)
+        planned = self._planned_tiers.pop(request.request_id, {})
         if num_external_tokens > 0 and plan is not None:
             self._pending_loads[request.request_id] = plan[1]
+            self._reuse.setdefault(request.request_id, {"engine_tokens": 0})["tiers"] = planned
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if not isinstance(meta, ZumikWorkerMetadata):
+            return
+        for request_id, report in meta.restores.items():
+            entry = self._reuse.get(request_id)
+            if entry is None:  # finished already (it restored and finished in one step)
+                continue
+            entry["tiers"] = {tier: blocks * self._block_size for tier, blocks in report.tiers.items()}
+            entry["bytes"] = entry.get("bytes", 0) + report.num_bytes
+            entry["ms"] = round(entry.get("ms", 0.0) + report.seconds * 1000, 3)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = ZumikConnectorMetadata()
@@ -261,7 +317,9 @@ class ZumikKVConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._salts.pop(request.request_id, None)
         self._load_plans.pop(request.request_id, None)
-        return False, None
+        self._planned_tiers.pop(request.request_id, None)
+        reuse = self._reuse.pop(request.request_id, None)
+        return False, ({"zumik_kv": reuse} if reuse is not None else None)
 
     # --- worker side ------------------------------------------------------------------------
 
@@ -289,11 +347,23 @@ class ZumikKVConnector(KVConnectorBase_V1):
                                    len(transfer.block_ids) - index)  # fmt: skip
                     break
                 restored += 1
-            sources = ",".join(sorted({tier.name.lower() for tier in plan.sources[:restored]}))
+            by_tier: dict[str, int] = {}
+            for tier in plan.sources[:restored]:
+                by_tier[tier.name.lower()] = by_tier.get(tier.name.lower(), 0) + 1
+            elapsed = time.perf_counter() - started
+            num_bytes = sum(len(value) for value in values[:restored])
+            self._worker_restores[transfer.request_id] = RestoreReport(by_tier, num_bytes, elapsed)
+            sources = ",".join(sorted(by_tier))
             logger.info(
                 "%s blocks=%d bytes=%d seconds=%.6f tiers=%s", RESTORE_LOG, restored,
-                sum(len(value) for value in values[:restored]), time.perf_counter() - started, sources,
+                num_bytes, elapsed, sources,
             )  # fmt: skip
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if not self._worker_restores:
+            return None
+        restores, self._worker_restores = self._worker_restores, {}
+        return ZumikWorkerMetadata(restores=restores)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

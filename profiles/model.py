@@ -70,6 +70,11 @@ class EngineSpec(_Frozen):
     )
     cpus_per_replica: Annotated[float, Field(gt=0)] = 1.0
     seed: int = 0
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        default="fcfs",
+        description="vLLM's scheduling policy; 'priority' lets QoS classes reach the engine "
+        "(qos.classes.*.engine_priority, lower runs first).",
+    )
 
     @model_validator(mode="after")
     def _device_settings_are_consistent(self) -> EngineSpec:
@@ -108,6 +113,11 @@ class GatewaySpec(_Frozen):
     num_replicas: Annotated[int, Field(ge=1, le=64)] = 1
     max_body_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
     max_artifact_bytes: Annotated[int, Field(ge=1)] = 2 * 1024 * 1024
+    max_n: Annotated[int, Field(ge=1, le=128)] = Field(default=8, description="Largest n a request may ask.")
+    max_messages: Annotated[int, Field(ge=1)] = Field(default=2048, description="Most messages per request.")
+    max_prompts: Annotated[int, Field(ge=1)] = Field(
+        default=64, description="Most prompts in one /v1/completions request."
+    )
 
 
 class KvTiersSpec(_Frozen):
@@ -222,6 +232,11 @@ class RouteSpec(_Frozen):
     )
     timeout_s: Annotated[int, Field(ge=1, le=3600)] = 30
     max_retries: Annotated[int, Field(ge=0, le=10)] = 1
+    max_inflight: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="Most requests this gateway has at the route at once; beyond it the route is "
+        "skipped for the next fallback, and with none left the request gets 429. None: no limit.",
+    )
 
     @model_validator(mode="after")
     def _fields_fit_the_kind(self) -> RouteSpec:
@@ -318,6 +333,68 @@ LOCAL_ROUTE = RouteSpec(
 )  # the implicit route of a profile without routes: its own engines, priced at zero
 
 
+class QosClass(StrEnum):
+    INTERACTIVE = "interactive"
+    STANDARD = "standard"
+    BATCH = "batch"
+
+
+class QosClassSpec(_Frozen):
+    """One QoS class's share of a gateway: its own admission limit and priority."""
+
+    max_running: Annotated[int, Field(ge=1)] = Field(
+        description="Requests of this class a gateway has at its routes at once."
+    )
+    max_queued: Annotated[int, Field(ge=0)] = Field(
+        description="Requests of this class waiting for a running slot; beyond them: 429."
+    )
+    engine_priority: int = Field(
+        default=0, description="vLLM request priority on this profile's engines (lower runs first)."
+    )
+    prefer_cheapest_route: bool = Field(
+        default=False,
+        description="Pick the cheapest healthy route (expected cost) instead of the default pool.",
+    )
+
+
+def _default_qos_classes() -> dict[QosClass, QosClassSpec]:
+    return {
+        QosClass.INTERACTIVE: QosClassSpec(max_running=16, max_queued=32, engine_priority=0),
+        QosClass.STANDARD: QosClassSpec(max_running=16, max_queued=64, engine_priority=1),
+        QosClass.BATCH: QosClassSpec(
+            max_running=4, max_queued=128, engine_priority=2, prefer_cheapest_route=True
+        ),
+    }
+
+
+class QosSpec(_Frozen):
+    """QoS classes (``x-zumik-qos`` on /v1, ``qos`` on /v2), within each tenant's policy."""
+
+    default_class: QosClass = QosClass.STANDARD
+    classes: dict[QosClass, QosClassSpec] = Field(default_factory=_default_qos_classes)
+    queue_timeout_s: Annotated[float, Field(gt=0, le=600)] = Field(
+        default=30.0, description="Most a request waits for a running slot before it gets 429."
+    )
+    retry_after_s: Annotated[int, Field(ge=1, le=3600)] = Field(
+        default=1, description="Retry-After of a 429 when the queue is full."
+    )
+
+    @model_validator(mode="after")
+    def _every_class_defined(self) -> QosSpec:
+        missing = [qos.value for qos in QosClass if qos not in self.classes]
+        if missing:
+            raise ValueError(f"qos.classes: define every class; missing: {', '.join(missing)}")
+        return self
+
+
+class TelemetrySpec(_Frozen):
+    traces: Literal["none", "otlp", "console"] = Field(
+        default="none",
+        description="OpenTelemetry spans per request: 'otlp' exports to "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; ZUMIK_TRACES overrides this.",
+    )
+
+
 class Profile(_Frozen):
     """One served model on one kind of hardware, in one region."""
 
@@ -333,6 +410,8 @@ class Profile(_Frozen):
         default=(), description="Where requests may go; none: one implicit byoc route 'local' (its engines)."
     )
     routing: RoutingSpec = RoutingSpec()
+    qos: QosSpec = QosSpec()
+    telemetry: TelemetrySpec = TelemetrySpec()
 
     @model_validator(mode="after")
     def _routing_names_existing_routes(self) -> Profile:

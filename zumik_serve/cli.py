@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     tenant = sub.add_parser("tenant", help="manage tenants").add_subparsers(title="tenant commands")
     create = tenant.add_parser("create", help="create a tenant and print its API key (shown once)")
     create.add_argument("name")
+    create.add_argument(
+        "--qos", help="QoS classes it may use, comma-separated (default: interactive,standard,batch)"
+    )
     create.add_argument("--json", action="store_true", help="machine-readable output")
     create.set_defaults(run=_cmd_tenant_create)
 
@@ -103,6 +106,14 @@ def _parser() -> argparse.ArgumentParser:
     routing.add_argument("--out", type=Path, default=Path("bench-out/routing"))
     routing.add_argument("--json", action="store_true")
     routing.set_defaults(run=_cmd_bench_routing)
+    fuzz = bench.add_parser("fuzz", help="schemathesis on the official OpenAI spec (/v1) and on /v2")
+    fuzz.add_argument("--url", default="http://127.0.0.1:8000", help="a running Zumik")
+    fuzz.add_argument("--key", help="an API key (default: $ZUMIK_DEV_KEY)")
+    fuzz.add_argument("--examples", type=int, default=100, help="examples per operation and mode")
+    fuzz.add_argument("--seed", type=int, default=0)
+    fuzz.add_argument("--out", type=Path, default=Path("bench-out/fuzz"))
+    fuzz.add_argument("--json", action="store_true")
+    fuzz.set_defaults(run=_cmd_bench_fuzz)
 
     reuse = sub.add_parser("reuse", help="reuse figures").add_subparsers(title="reuse commands")
     report = reuse.add_parser("report", help="a tenant's opportunity and capture, as a table and a plot")
@@ -194,6 +205,15 @@ def _cmd_tenant_create(args: argparse.Namespace) -> int:
     from zumik_serve.store.local_redis import embedded_redis, running_redis_url
     from zumik_serve.store.tenant_store import RedisTenantStore, TenantExistsError
 
+    qos = None
+    if args.qos:
+        qos = frozenset(part.strip() for part in args.qos.split(",") if part.strip())
+        unknown = sorted(qos - {"interactive", "standard", "batch"})
+        if unknown or not qos:
+            console.print(
+                f"[red]error:[/red] --qos takes interactive, standard, batch; not {', '.join(unknown)}"
+            )
+            return 2
     home = ZumikHome.from_env().ensure()
     url = running_redis_url(home)
     temporary = None
@@ -204,7 +224,7 @@ def _cmd_tenant_create(args: argparse.Namespace) -> int:
     async def create() -> tuple[str, str]:
         client = aioredis.from_url(url)
         try:
-            tenant, api_key = await RedisTenantStore(client).create_tenant(args.name)
+            tenant, api_key = await RedisTenantStore(client).create_tenant(args.name, qos_classes=qos)
         finally:
             await client.aclose()
         return tenant.id, api_key
@@ -266,6 +286,12 @@ def _cmd_bench_routing(args: argparse.Namespace) -> int:
     from zumik_serve.bench.routing import run_routing_bench
 
     return run_routing_bench(args, console)
+
+
+def _cmd_bench_fuzz(args: argparse.Namespace) -> int:
+    from zumik_serve.bench.fuzz import run_fuzz_bench
+
+    return run_fuzz_bench(args, console)
 
 
 def _cmd_reuse_report(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from kvstore.keys import scope_id
 from profiles.model import RouteKind
 from zumik_serve.engines.protocol import EngineCall, EngineChunks, EngineEvent, EngineFailure, ReplicaAssigned
-from zumik_serve.errors import EngineError, ZumikError
+from zumik_serve.errors import EngineError, OverloadedError, ZumikError
 from zumik_serve.ids import new_decision_id
 from zumik_serve.providers.engine_client import ProviderEngineClient
 from zumik_serve.providers.openai_http import OpenAICompatProvider, prompt_cache_key_for
@@ -53,6 +53,9 @@ class RouteContext:
     allowed_routes: frozenset[str] | None = None
     snapshot_id: str | None = None
     evidence: Evidence = Evidence("unknown", 0)
+    qos: str = "standard"
+    prefer_cheapest: bool = False  # the class takes the cheapest healthy route
+    engine_priority: int | None = None  # vLLM priority on BYOC engines (None: not sent)
 
 
 class Dispatcher:
@@ -95,6 +98,7 @@ class Dispatcher:
             request_digest=hashlib.sha256(prompt_text.encode()).hexdigest()[:32],
             release_id=context.release_id, snapshot_id=context.snapshot_id,
             allowed_routes=context.allowed_routes, evidence=context.evidence,
+            qos=context.qos, prefer_cheapest=context.prefer_cheapest,
         )  # fmt: skip
         started = time.perf_counter()
         timing: dict[str, float] = {}
@@ -109,7 +113,9 @@ class Dispatcher:
         timing["decide"] = (time.perf_counter() - started) * 1000
         attempts: list[dict[str, Any]] = []
         try:
-            run = await self._execute(record, keys, call, engine_body, stream, tenant, salt, attempts)
+            run = await self._execute(
+                record, keys, call, engine_body, stream, tenant, salt, attempts, context.engine_priority
+            )
             timing["first-output"] = (time.perf_counter() - started) * 1000 - timing["decide"]
         finally:
             saved = time.perf_counter()
@@ -120,7 +126,7 @@ class Dispatcher:
 
     async def _execute(
         self, record: DecisionRecord, keys: list[str], call: EngineCall, engine_body: dict[str, Any],
-        stream: bool, tenant: str, salt: str, attempts: list[dict[str, Any]],
+        stream: bool, tenant: str, salt: str, attempts: list[dict[str, Any]], engine_priority: int | None,
     ) -> EngineRun:  # fmt: skip
         picks = ([record.pick] if record.pick is not None else []) + list(record.fallbacks)
         if not picks:
@@ -131,8 +137,16 @@ class Dispatcher:
                 retry_after_s=self.scheduler.profile.routing.breaker.cooldown_s,
             )
         last_error: ZumikError | None = None
+        saturated = 0
         for pick in picks:
             route = self.scheduler.route(pick.route)
+            if self.scheduler.route_full(pick.route):
+                saturated += 1
+                attempts.append(_attempt(pick, 1, "saturated", None, "fallback", "route at max_inflight"))
+                continue
+            body = engine_body
+            if route.kind is RouteKind.BYOC and engine_priority is not None:
+                body = {**engine_body, "priority": engine_priority}
             attempt = 0
             while True:
                 attempt += 1
@@ -141,7 +155,7 @@ class Dispatcher:
                     attempts.append(_attempt(pick, attempt, "skipped", None, "fallback", "no api key"))
                     break
                 self.scheduler.sent(pick, keys)
-                result = await _first_output(client, call, engine_body, stream)
+                result = await _first_output(client, call, body, stream)
                 now_ms = self._clock_ms()
                 if isinstance(result, tuple):
                     replica_id, first, rest = result
@@ -185,6 +199,12 @@ class Dispatcher:
                     await self._sleep(verdict.delay_ms / 1000)
                     continue
                 break
+        if saturated and last_error is None:
+            raise OverloadedError(
+                "Every route this request may take has as many requests as its profile allows "
+                f"(max_inflight). Retry after {self.scheduler.profile.qos.retry_after_s} s.",
+                retry_after_s=self.scheduler.profile.qos.retry_after_s,
+            )
         last = last_error.message if last_error is not None else "no route had a key"
         status = last_error.status if last_error is not None and last_error.status >= 500 else 503
         raise EngineError(

@@ -4,6 +4,7 @@
     ├── InvalidRequestError           400   invalid_request_error
     │   └── ContextLengthExceededError 400  invalid_request_error / context_length_exceeded
     ├── AuthenticationError           401   authentication_error
+    ├── PermissionDeniedError         403   permission_error
     ├── NotFoundError                 404   not_found_error
     │   └── ModelNotFoundError        404   invalid_request_error / model_not_found
     ├── MethodNotAllowedError         405   invalid_request_error / immutable_object
@@ -11,7 +12,9 @@
     ├── PayloadTooLargeError          413   invalid_request_error / payload_too_large
     ├── UnprocessableError            422   invalid_request_error
     │   └── IdempotencyConflictError  422   idempotency_error / idempotency_key_reused
+    ├── OverloadedError               429   rate_limit_error / overloaded (with Retry-After)
     ├── StoreUnavailableError         503   service_unavailable_error
+    ├── DeadlineExceededError         504   timeout_error / deadline_exceeded
     └── EngineError                   5xx   server_error (or a status the engine chose)
 
 Rule kept here: each error carries what a client needs to act on it (a message that says what
@@ -96,6 +99,26 @@ class PayloadTooLargeError(ZumikError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class PermissionDeniedError(ZumikError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class OverloadedError(ZumikError):
+    """Admission refused: the class's running and queued slots are full (always with Retry-After)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+
+class DeadlineExceededError(ZumikError):
+    status = 504
+    type = "timeout_error"
+    code = "deadline_exceeded"
 
 
 class StoreUnavailableError(ZumikError):

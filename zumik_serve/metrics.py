@@ -4,6 +4,7 @@ so they show in the Ray dashboard, Prometheus and the Grafana dashboard in ``dep
     zumik_reuse_opportunity_tokens   counter  tenant, profile, route, evidence (estimated)
     zumik_reuse_captured_tokens      counter  tenant, profile, route, evidence (observed|reported)
     zumik_reuse_requests             counter  tenant, profile, route, evidence of the capture
+    zumik_reuse_captured_source_tokens counter tenant, profile, route, source (engine|host|redis|disk)
     zumik_decisions                  counter  profile, route, reason (the pick's reason)
     zumik_decision_time_us           histogram profile (prefix keys + decide, microseconds)
 """
@@ -35,6 +36,11 @@ class RayReuseMetrics:
         self._requests = Counter(
             "zumik_reuse_requests", "Requests accounted, by capture evidence", tag_keys=tags
         )
+        self._by_source = Counter(
+            "zumik_reuse_captured_source_tokens",
+            "Observed captured tokens by source: the engine's own cache or a KV tier",
+            tag_keys=("tenant", "profile", "route", "source"),
+        )
 
     def observe(self, *, tenant: str, profile: str, route: str, figures: ReuseFigures) -> None:
         base = {"tenant": tenant, "profile": profile, "route": route}
@@ -45,6 +51,9 @@ class RayReuseMetrics:
         if figures.captured_tokens:
             self._captured.inc(figures.captured_tokens, tags=captured)
         self._requests.inc(1, tags=captured)
+        for source, tokens in figures.captured_sources:
+            if tokens:
+                self._by_source.inc(tokens, tags={**base, "source": source})
 
 
 class RayDecisionMetrics:

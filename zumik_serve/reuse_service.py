@@ -57,6 +57,8 @@ class ReuseService:
             counts["captured_requests:unknown"] = 1
         else:
             counts[f"captured:{figures.captured_level.label}"] = figures.captured_tokens
+        for source, tokens in figures.captured_sources:
+            counts[f"captured_source:{source}"] = tokens
         group = f"{self.profile.name}|{snapshot or '-'}|{route}"
         await self._store.record(tenant, group, counts)
         if self._metrics is not None:
@@ -129,6 +131,11 @@ class ReuseService:
                     "evidence": "unknown",
                 }
             ],
+            "captured_by_source": {
+                name.split(":", 1)[1]: value
+                for name, value in sorted(figures.items())
+                if name.startswith("captured_source:")
+            },
             "savings_usd": [
                 {"usd": str(Decimal(value) / Decimal(10**12)), "evidence": level}
                 for level, value in savings.items()

@@ -75,6 +75,8 @@ class SchedulingRequest:
     snapshot_id: str | None
     allowed_routes: frozenset[str] | None  # a release pins its route table; None: every route
     evidence: Evidence
+    qos: str = "standard"
+    prefer_cheapest: bool = False
 
 
 class ProfileScheduler:
@@ -88,7 +90,8 @@ class ProfileScheduler:
         self._escalation = escalation_of(profile)
         self.breakers: dict[str, BreakerState] = {}
         self.residency = ResidencyIndex(RESIDENCY_BLOCKS_PER_REPLICA)
-        self.inflight: dict[str, int] = {}
+        self.inflight: dict[str, int] = {}  # by replica
+        self.route_inflight: dict[str, int] = {}  # by route (admission per route)
         self.budget = RetryBudget(ratio=Decimal(profile.routing.breaker.retry_budget_ratio))
         self._max_blocks = profile.engine.max_model_len // profile.engine.block_size + 1
 
@@ -147,6 +150,8 @@ class ProfileScheduler:
             default_route=self.profile.effective_default_route(),
             breaker_policy=self._policy,
             expected_output_tokens=request.expected_output_tokens,
+            qos=request.qos,
+            prefer_cheapest=request.prefer_cheapest,
         )
         return inputs, keys
 
@@ -159,12 +164,19 @@ class ProfileScheduler:
 
     # --- what happened -----------------------------------------------------------------------
 
+    def route_full(self, name: str) -> bool:
+        """Whether ``name`` has its ``max_inflight`` requests from this gateway already."""
+        limit = self.routes[name].max_inflight
+        return limit is not None and self.route_inflight.get(name, 0) >= limit
+
     def sent(self, pick: Pick, keys: Sequence[str]) -> None:
+        self.route_inflight[pick.route] = self.route_inflight.get(pick.route, 0) + 1
         if pick.replica is not None:
             self.inflight[pick.replica] = self.inflight.get(pick.replica, 0) + 1
             self.residency.record_sent(pick.replica, keys)
 
     def finished(self, pick: Pick) -> None:
+        self.route_inflight[pick.route] = max(0, self.route_inflight.get(pick.route, 0) - 1)
         if pick.replica is not None:
             self.inflight[pick.replica] = max(0, self.inflight.get(pick.replica, 0) - 1)
 

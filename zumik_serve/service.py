@@ -71,6 +71,28 @@ class EngineRun:
     def route(self) -> str:
         return self.route_label or f"byoc:{self.replica_id}"
 
+    def kv_report(self) -> dict[str, Any] | None:
+        """What the engine's KV connector says this request got from caches (``zumik_kv`` of
+        ``kvstore/connector.py``): BYOC, non-streamed answers only; None otherwise."""
+        if self.route_kind != "byoc" or not isinstance(self.first, EngineResponse):
+            return None
+        params = self.first.body.get("kv_transfer_params")
+        report = params.get("zumik_kv") if isinstance(params, dict) else None
+        return report if isinstance(report, dict) else None
+
+    def restore_timing(self) -> tuple[float, str] | None:
+        """The tier restore of this request for ``Server-Timing``: (ms, description)."""
+        report = self.kv_report()
+        tiers = report.get("tiers") if report is not None else None
+        if not isinstance(tiers, dict) or not any(tiers.values()):
+            return None
+        assert report is not None
+        parts = [f"{tier} {tokens} tokens" for tier, tokens in sorted(tiers.items()) if tokens]
+        if isinstance(report.get("bytes"), int):
+            parts.append(f"{report['bytes']} bytes")
+        ms = report.get("ms")
+        return (float(ms) if isinstance(ms, int | float) else 0.0), ", ".join(parts)
+
 
 class Dispatch(Protocol):
     """Decides a request's route and starts it there (``dispatch.Dispatcher``)."""

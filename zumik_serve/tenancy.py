@@ -28,6 +28,7 @@ class Tenant:
     id: TenantId
     name: str
     created_at_s: int
+    qos_classes: frozenset[str] | None = None  # the QoS classes it may use; None: every class
 
 
 def new_api_key() -> str:

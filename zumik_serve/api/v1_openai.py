@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -10,9 +11,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
+from starlette.background import BackgroundTask
 
 from zumik_serve.api import zumik_headers
 from zumik_serve.api.body import read_body
+from zumik_serve.api.limits import check_generation_limits
 from zumik_serve.api.openai_wire import (
     PreparedRequest,
     StreamRenderer,
@@ -23,6 +26,7 @@ from zumik_serve.api.openai_wire import (
     render_error,
     render_stream_error,
 )
+from zumik_serve.api.qos_http import QOS_HEADER, TIMEOUT_HEADER, Admission, Deadline, admit, exceeded
 from zumik_serve.dispatch import RouteContext
 from zumik_serve.engines.protocol import EngineCall, EngineChunks, EngineFailure, EngineResponse
 from zumik_serve.errors import EngineError, InvalidRequestError, NotFoundError, ZumikError
@@ -32,6 +36,7 @@ from zumik_serve.reuse_service import ReuseService
 from zumik_serve.routing_service import RoutingService
 from zumik_serve.service import EngineRun, GatewayService, parse_stream_error
 from zumik_serve.state_service import StateService
+from zumik_serve.telemetry import RequestClock, Tracing, request_phases
 
 logger = logging.getLogger("ray.serve")
 
@@ -76,6 +81,7 @@ async def completions(request: Request) -> Response:
 
 
 async def _generate(request: Request, call: EngineCall) -> Response:
+    clock = RequestClock()
     service = _service(request)
     tenant = await service.authenticate(request.headers.get("authorization"))
     body = parse_json_body(await read_body(request, request.app.state.max_body_bytes))
@@ -83,32 +89,86 @@ async def _generate(request: Request, call: EngineCall) -> Response:
     if release is not None:
         body = {**body, "model": release.model}
     prepared = prepare_request(call, body, service.served_model_ids)
-    state_refs = await _resolve_state_headers(request, tenant.id, prepared)
-    context = RouteContext(
-        release_id=release.id if release is not None else None,
-        allowed_routes=frozenset(entry.name for entry in release.route_table)
-        if release is not None
-        else None,
-        snapshot_id=state_refs.snapshot,
-    )
-    run = await service.start(
-        call, prepared.engine_body, stream=prepared.stream, tenant=tenant, context=context
-    )
-    headers = zumik_headers.route_headers(run.decision_id, run.route)
-    if run.timing_ms:
-        headers[zumik_headers.SERVER_TIMING] = zumik_headers.server_timing(run.timing_ms)
-    if release is not None:
-        headers[zumik_headers.RELEASE] = release.id
-    if state_refs.snapshot is not None:
-        headers[zumik_headers.SNAPSHOT] = state_refs.snapshot
-    if not prepared.stream:
-        return await _whole_response(run, prepared, headers, state_refs)
-    headers.update(await state_refs.account_opportunity(run))
+    check_generation_limits(prepared.engine_body, request.app.state.limits)
+    admission = await admit(
+        request, tenant, requested_qos=request.headers.get(QOS_HEADER),
+        timeout_s=request.headers.get(TIMEOUT_HEADER), clock=clock,
+        qos_param=QOS_HEADER, timeout_param=TIMEOUT_HEADER,
+    )  # fmt: skip
+    try:
+        state_refs = await admission.deadline.run(_resolve_state_headers(request, tenant.id, prepared))
+        context = RouteContext(
+            release_id=release.id if release is not None else None,
+            allowed_routes=frozenset(entry.name for entry in release.route_table)
+            if release is not None
+            else None,
+            snapshot_id=state_refs.snapshot,
+            qos=admission.qos.value,
+            prefer_cheapest=admission.prefer_cheapest,
+            engine_priority=admission.engine_priority,
+        )
+        run = await admission.deadline.run(
+            service.start(call, prepared.engine_body, stream=prepared.stream, tenant=tenant, context=context)
+        )
+        headers = zumik_headers.route_headers(run.decision_id, run.route)
+        headers[QOS_HEADER] = admission.qos.value
+        if release is not None:
+            headers[zumik_headers.RELEASE] = release.id
+        if state_refs.snapshot is not None:
+            headers[zumik_headers.SNAPSHOT] = state_refs.snapshot
+        span = _SpanInfo(request.app.state.tracing, clock, tenant.id, admission, release)
+        if not prepared.stream:
+            headers.update(_timing_headers(run, clock))
+            response = await _whole_response(run, prepared, headers, state_refs, span)
+            admission.ticket.release()
+            return response
+        headers.update(_timing_headers(run, clock))
+        headers.update(await state_refs.account_opportunity(run))
+    except BaseException:
+        admission.ticket.release()
+        raise
     return StreamingResponse(
-        _sse(run, prepared, state_refs),
+        _sse(run, prepared, state_refs, admission, span),
         media_type="text/event-stream",
         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(admission.ticket.release),  # also when the client left early
     )
+
+
+class _SpanInfo:
+    """What the request's OpenTelemetry span carries besides the run (``telemetry.Tracing``)."""
+
+    def __init__(
+        self,
+        tracing: Tracing,
+        clock: RequestClock,
+        tenant: str,
+        admission: Admission,
+        release: Release | None,
+    ) -> None:
+        self.tracing, self.clock = tracing, clock
+        self.attributes: dict[str, str | int | float | bool] = {
+            "zumik.tenant": tenant,
+            "zumik.qos": admission.qos.value,
+            **({"zumik.release": release.id} if release is not None else {}),
+        }
+
+    def emit(self, run: EngineRun, figures_headers: dict[str, str]) -> None:
+        if not self.tracing.enabled:
+            return
+        attributes = dict(self.attributes)
+        for header, value in figures_headers.items():
+            if header.startswith("x-zumik-reuse-") and header != zumik_headers.REUSE_EVIDENCE:
+                attributes["zumik." + header.removeprefix("x-zumik-").replace("-", "_")] = int(value)
+        self.tracing.request(run, self.clock, attributes)
+
+
+def _timing_headers(run: EngineRun, clock: RequestClock) -> dict[str, str]:
+    """``Server-Timing``: the gateway's phases, and the tier restore when the engine reported one."""
+    phases, descriptions = request_phases(run, clock)
+    if not phases:
+        return {}
+    return {zumik_headers.SERVER_TIMING: zumik_headers.server_timing(phases, descriptions)}
 
 
 async def _release(request: Request, tenant: str, body: dict[str, Any]) -> Release | None:
@@ -152,6 +212,7 @@ class _StateRefs:
             opportunity_tokens=self.opportunity_tokens or 0,
             route_kind=run.route_kind,
             cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
+            kv_report=run.kv_report(),
         )
         try:
             await self.reuse.record(self.tenant, figures, snapshot=self.snapshot, route=run.route_name)
@@ -192,21 +253,39 @@ async def _resolve_state_headers(request: Request, tenant: str, prepared: Prepar
 
 
 async def _whole_response(
-    run: EngineRun, prepared: PreparedRequest, headers: dict[str, str], state_refs: _StateRefs
+    run: EngineRun,
+    prepared: PreparedRequest,
+    headers: dict[str, str],
+    state_refs: _StateRefs,
+    span: _SpanInfo,
 ) -> Response:
     if not isinstance(run.first, EngineResponse):
         raise EngineError("The engine streamed a response to a non-streaming request.")
     render = render_chat_completion if prepared.call is EngineCall.CHAT else render_completion
     rendered = render(run.first.body, prepared.model)
-    headers = {**headers, **await state_refs.account(run, rendered.get("usage"))}
+    reuse = await state_refs.account(run, rendered.get("usage"))
+    headers = {**headers, **reuse}
     if state_refs.session is not None:
         await state_refs.record_reply(rendered["choices"][0]["message"]["content"] or "")
+    span.emit(run, reuse)
     return JSONResponse(rendered, headers=headers)
 
 
-async def _sse(run: EngineRun, prepared: PreparedRequest, state_refs: _StateRefs) -> AsyncIterator[bytes]:
+async def _sse(
+    run: EngineRun, prepared: PreparedRequest, state_refs: _StateRefs, admission: Admission, span: _SpanInfo
+) -> AsyncIterator[bytes]:
     """Re-render the engine's stream; a failure after the first byte is an error event, then
-    ``[DONE]`` (never a made-up ``finish_reason``)."""
+    ``[DONE]`` (never a made-up ``finish_reason``); so is the request's deadline passing."""
+    try:
+        async for chunk in _sse_events(run, prepared, state_refs, span, admission.deadline):
+            yield chunk
+    finally:
+        admission.ticket.release()
+
+
+async def _sse_events(
+    run: EngineRun, prepared: PreparedRequest, state_refs: _StateRefs, span: _SpanInfo, deadline: Deadline
+) -> AsyncIterator[bytes]:
     renderer = StreamRenderer(prepared.call, prepared.model, prepared.include_usage)
 
     async def events() -> AsyncIterator[Any]:
@@ -217,8 +296,18 @@ async def _sse(run: EngineRun, prepared: PreparedRequest, state_refs: _StateRefs
     reply: list[str] = []
     completed = False
     usage: dict[str, Any] | None = None
+    iterator = events()
     try:
-        async for event in events():
+        while True:
+            left = deadline.left()
+            try:
+                event = await (anext(iterator) if left is None else asyncio.wait_for(anext(iterator), left))
+            except StopAsyncIteration:
+                break
+            except TimeoutError:  # the engine's work is cancelled with the wait
+                late = exceeded()
+                yield _data(render_error(late.message, late.type, None, late.code))
+                break
             if isinstance(event, EngineFailure):
                 failure = {"message": event.message, "type": event.type, "param": event.param}
                 yield _data(render_stream_error({**failure, "code": event.status}))
@@ -248,7 +337,7 @@ async def _sse(run: EngineRun, prepared: PreparedRequest, state_refs: _StateRefs
         if completed and state_refs.session is not None:
             await state_refs.record_reply("".join(reply))
         if completed:
-            await state_refs.account(run, usage)
+            span.emit(run, await state_refs.account(run, usage))
     except ZumikError as exc:
         yield _data(render_error(exc.message, exc.type, exc.param, exc.code))
     except Exception as exc:  # the replica died or the handle broke mid-stream

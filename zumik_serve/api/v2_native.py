@@ -14,7 +14,9 @@ from fastapi.responses import JSONResponse
 from profiles.model import RouteKind
 from zumik_serve.api import zumik_headers
 from zumik_serve.api.body import read_body
+from zumik_serve.api.limits import check_generation_limits
 from zumik_serve.api.openai_wire import parse_json_body, render_usage
+from zumik_serve.api.qos_http import Admission, admit
 from zumik_serve.dispatch import RouteContext
 from zumik_serve.engines.protocol import EngineCall, EngineResponse
 from zumik_serve.errors import EngineError, InvalidRequestError, MethodNotAllowedError
@@ -24,6 +26,8 @@ from zumik_serve.routing_service import RoutingService
 from zumik_serve.service import GatewayService
 from zumik_serve.state.objects import ObjectKind
 from zumik_serve.state_service import StateService
+from zumik_serve.telemetry import RequestClock, Tracing, request_phases, telemetry_object
+from zumik_serve.tenancy import Tenant
 
 router = APIRouter(prefix="/v2")
 
@@ -172,10 +176,26 @@ async def mutate_object(kind: ObjectKind, handle: str, request: Request) -> JSON
 
 @router.post("/generate")
 async def generate(request: Request) -> JSONResponse:
+    clock = RequestClock()
     service, state = _services(request)
     tenant_record = await service.authenticate(request.headers.get("authorization"))
-    tenant = tenant_record.id
     body = parse_json_body(await read_body(request, request.app.state.max_body_bytes))
+    check_generation_limits(body, request.app.state.limits)
+    admission = await admit(
+        request, tenant_record, requested_qos=body.get("qos"), timeout_s=body.get("timeout_s"),
+        clock=clock, qos_param="qos", timeout_param="timeout_s",
+    )  # fmt: skip
+    try:
+        return await admission.deadline.run(_generate(request, tenant_record, body, admission, clock))
+    finally:
+        admission.ticket.release()
+
+
+async def _generate(
+    request: Request, tenant_record: Tenant, body: dict[str, Any], admission: Admission, clock: RequestClock
+) -> JSONResponse:
+    service, state = _services(request)
+    tenant = tenant_record.id
     snapshot = body.get("snapshot")
     messages: list[dict[str, Any]] = []
     if snapshot is not None:
@@ -201,6 +221,9 @@ async def generate(request: Request) -> JSONResponse:
         release_id=release.id if release is not None else None,
         allowed_routes=frozenset(allowed),
         snapshot_id=snapshot,
+        qos=admission.qos.value,
+        prefer_cheapest=admission.prefer_cheapest,
+        engine_priority=admission.engine_priority,
     )
     run = await service.start(
         EngineCall.COMPLETION, engine_body, stream=False, tenant=tenant_record, context=context
@@ -216,6 +239,7 @@ async def generate(request: Request) -> JSONResponse:
         opportunity_tokens=opportunity,
         route_kind=run.route_kind,
         cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
+        kv_report=run.kv_report(),
     )
     await state.store_call(reuse.record(tenant, figures, snapshot=snapshot, route=run.route_name))
     result = {
@@ -230,12 +254,24 @@ async def generate(request: Request) -> JSONResponse:
         "release": release.id if release is not None else None,
         "snapshot": snapshot,
         "reuse": figures.to_json(),
-        "telemetry": {f"{phase}_ms": round(ms, 3) for phase, ms in (run.timing_ms or {}).items()},
+        "qos": admission.qos.value,
+        "telemetry": telemetry_object(run, clock, usage),
     }
+    phases, descriptions = request_phases(run, clock)
     headers = {
         **zumik_headers.route_headers(run.decision_id, run.route),
         **zumik_headers.reuse_headers(figures),
+        zumik_headers.SERVER_TIMING: zumik_headers.server_timing(phases, descriptions),
     }
+    tracing: Tracing = request.app.state.tracing
+    if tracing.enabled:
+        attributes: dict[str, str | int | float | bool] = {
+            "zumik.tenant": tenant, "zumik.qos": admission.qos.value,
+            "zumik.reuse_opportunity_tokens": figures.opportunity_tokens,
+        }  # fmt: skip
+        if figures.captured_tokens is not None:
+            attributes["zumik.reuse_captured_tokens"] = figures.captured_tokens
+        tracing.request(run, clock, attributes)
     if release is not None:
         headers[zumik_headers.RELEASE] = release.id
     if snapshot is not None:

@@ -24,9 +24,16 @@ def route_headers(decision_id: str, route: str) -> dict[str, str]:
     return {DECISION_ID: decision_id, ROUTE: route}
 
 
-def server_timing(phases_ms: dict[str, float]) -> str:
-    """A standard ``Server-Timing`` value: ``name;dur=1.23`` per phase."""
-    return ", ".join(f"{name};dur={duration:.2f}" for name, duration in phases_ms.items())
+def server_timing(phases_ms: dict[str, float], descriptions: dict[str, str] | None = None) -> str:
+    """A standard ``Server-Timing`` value: ``name;dur=1.23`` per phase (``;desc="..."`` when
+    ``descriptions`` has one for it)."""
+    descriptions = descriptions or {}
+    parts = []
+    for name, duration in phases_ms.items():
+        desc = descriptions.get(name)
+        suffix = f';desc="{desc}"' if desc else ""
+        parts.append(f"{name};dur={duration:.2f}{suffix}")
+    return ", ".join(parts)
 
 
 def reuse_headers(figures: ReuseFigures) -> dict[str, str]:

@@ -71,4 +71,18 @@ def build_serve_app(
             for index in range(profile.engine.num_replicas)
         }
     gateway: Any = Gateway
-    return gateway.options(num_replicas=profile.gateway.num_replicas).bind(settings, engines)
+    return gateway.options(
+        num_replicas=profile.gateway.num_replicas, max_ongoing_requests=gateway_max_ongoing_requests(profile)
+    ).bind(settings, engines)
+
+
+def gateway_max_ongoing_requests(profile: Profile) -> int:
+    """Serve's own cap on a gateway replica: above every QoS class's running and queued slots,
+    so that Zumik's admission answers an overload with 429 before Serve queues anything (Serve's
+    default of 5 would queue requests out of Zumik's sight). The colocated engine replica has
+    ray.serve.llm's default, which is unbounded."""
+    slots = sum(spec.max_running + spec.max_queued for spec in profile.qos.classes.values())
+    return slots + NON_GENERATION_HEADROOM
+
+
+NON_GENERATION_HEADROOM = 64  # /v1/models, /v2 objects, health checks beside the generations

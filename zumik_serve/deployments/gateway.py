@@ -16,6 +16,7 @@ from kvstore.tiers.build import build_tiers
 from profiles import Profile
 from profiles.model import RouteKind
 from zumik_serve.api.app import build_app
+from zumik_serve.api.limits import GenerationLimits
 from zumik_serve.dispatch import Dispatcher
 from zumik_serve.engines.hf_tokenizer import HfChatTokenizer
 from zumik_serve.engines.ray_client import RayEngineClient
@@ -23,6 +24,7 @@ from zumik_serve.metrics import RayDecisionMetrics, RayReuseMetrics
 from zumik_serve.providers.byok import KeyVault
 from zumik_serve.purge.classes import GuaranteeClass
 from zumik_serve.purge_service import PurgeService
+from zumik_serve.qos.admission import AdmissionController
 from zumik_serve.reuse_service import ReuseService
 from zumik_serve.routing_service import RoutingService
 from zumik_serve.scheduler import ProfileScheduler
@@ -35,6 +37,7 @@ from zumik_serve.store.reuse_store import RedisReuseStore
 from zumik_serve.store.routing_store import RedisRoutingStore
 from zumik_serve.store.state_store import RedisStateStore
 from zumik_serve.store.tenant_store import RedisTenantStore
+from zumik_serve.telemetry import Tracing
 from zumik_serve.tenancy import Authenticator
 
 logger = logging.getLogger("ray.serve")
@@ -103,6 +106,10 @@ def make_gateway_app(settings: GatewaySettings, engines: dict[str, EngineClient]
         forget_scopes=RedisReuseStore(redis_client).forget_scopes,
     )
     app = build_app(service, state, purges, max_body_bytes=settings.max_body_bytes)
+    app.state.admission = AdmissionController(profile.qos)
+    app.state.priority_scheduling = profile.engine.scheduling_policy == "priority"
+    app.state.limits = GenerationLimits.of(profile)
+    app.state.tracing = Tracing(profile.telemetry.traces)
     app.state.routing = RoutingService(routing_store, profile)
     reuse_store = RedisReuseStore(redis_client)
     app.state.reuse = ReuseService(

@@ -28,6 +28,7 @@ def vllm_engine_kwargs(profile: Profile) -> dict[str, Any]:
         "pipeline_parallel_size": engine.pipeline_parallel_size,
         "kv_cache_dtype": engine.kv_cache_dtype,
         "seed": engine.seed,
+        "scheduling_policy": engine.scheduling_policy,  # 'priority': QoS classes reach the engine
         # Fill usage.prompt_tokens_details.cached_tokens from vLLM's count of cached tokens.
         "enable_prompt_tokens_details": True,
         "disable_log_stats": False,

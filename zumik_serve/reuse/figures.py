@@ -7,6 +7,10 @@
                    managed / BYOK provider with usage.cached_tokens            → reported
                    provider without the field                                  → unknown (None)
 
+An engine's capture is split by source when the engine's KV connector reported it
+(``kvstore/connector.py``, non-streamed answers): ``engine`` (its own prefix cache) and each
+tier it restored from (``host``, ``redis``, ``disk``).
+
 They are never added together or blended into one hit rate. ``api/zumik_headers.py`` renders
 them as API.md's ``x-zumik-reuse-*`` headers.
 """
@@ -25,23 +29,29 @@ class ReuseFigures:
     opportunity_level: EvidenceLevel
     captured_tokens: int | None  # None: the source did not say (unknown), never zero
     captured_level: EvidenceLevel
+    captured_sources: tuple[tuple[str, int], ...] = ()  # (source, tokens); empty: not split
 
     @classmethod
     def of(
-        cls, *, prompt_tokens: int, opportunity_tokens: int, route_kind: str, cached_tokens: int | None
-    ) -> ReuseFigures:
+        cls, *, prompt_tokens: int, opportunity_tokens: int, route_kind: str, cached_tokens: int | None,
+        kv_report: dict[str, object] | None = None,
+    ) -> ReuseFigures:  # fmt: skip
         if cached_tokens is None:
             level = EvidenceLevel.UNKNOWN
         elif route_kind == "byoc":
             level = EvidenceLevel.OBSERVED
         else:
             level = EvidenceLevel.REPORTED
+        sources: tuple[tuple[str, int], ...] = ()
+        if level is EvidenceLevel.OBSERVED and kv_report is not None:
+            sources = capture_sources(kv_report, cached_tokens or 0)
         return cls(
             prompt_tokens=prompt_tokens,
             opportunity_tokens=min(opportunity_tokens, prompt_tokens),
             opportunity_level=EvidenceLevel.ESTIMATED,
             captured_tokens=cached_tokens,
             captured_level=level,
+            captured_sources=sources,
         )
 
     def to_json(self) -> dict[str, object]:
@@ -50,4 +60,27 @@ class ReuseFigures:
             "opportunity_evidence": self.opportunity_level.label,
             "captured_tokens": self.captured_tokens,
             "captured_evidence": self.captured_level.label,
+            **({"captured_by_source": dict(self.captured_sources)} if self.captured_sources else {}),
         }
+
+
+def capture_sources(kv_report: dict[str, object], cached_tokens: int) -> tuple[tuple[str, int], ...]:
+    """Split an engine's ``cached_tokens`` into its own prefix cache and each tier's restores.
+
+    The tiers' tokens are what the connector restored; the engine's own share is the rest of
+    ``cached_tokens`` (vLLM counts both), bounded by what the connector saw the engine hold. The
+    parts always add up to ``cached_tokens``.
+    """
+    tiers = kv_report.get("tiers")
+    restored: list[tuple[str, int]] = []
+    if isinstance(tiers, dict):
+        for tier, tokens in sorted(tiers.items()):
+            if isinstance(tokens, int) and tokens > 0:
+                restored.append((str(tier), tokens))
+    left = cached_tokens
+    parts: list[tuple[str, int]] = []
+    for tier, tokens in restored:  # never claim more than vLLM counted
+        take = min(tokens, left)
+        parts.append((tier, take))
+        left -= take
+    return (("engine", left), *parts)

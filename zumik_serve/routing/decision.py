@@ -163,6 +163,8 @@ class DecisionInputs:
     default_route: str
     breaker_policy: BreakerPolicy
     expected_output_tokens: int = 0
+    qos: str = "standard"  # the request's QoS class
+    prefer_cheapest: bool = False  # its class takes the cheapest healthy route (e.g. batch)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -196,6 +198,8 @@ class DecisionInputs:
                 "cooldown_ms": self.breaker_policy.cooldown_ms,
             },
             "expected_output_tokens": self.expected_output_tokens,
+            "qos": self.qos,
+            "prefer_cheapest": self.prefer_cheapest,
         }
 
     @classmethod
@@ -220,6 +224,8 @@ class DecisionInputs:
             default_route=data["default_route"],
             breaker_policy=BreakerPolicy(**data["breaker_policy"]),
             expected_output_tokens=data["expected_output_tokens"],
+            qos=data.get("qos", "standard"),
+            prefer_cheapest=data.get("prefer_cheapest", False),
         )
 
 
@@ -405,6 +411,7 @@ def decide(decision_id: str, inputs: DecisionInputs) -> DecisionRecord:
 
     verdicts: list[CandidateVerdict] = []
     ranked: list[tuple[int, tuple[int, ...], Pick]] = []  # (pool, rank key, pick)
+    by_cost: list[tuple[tuple[int, ...], Pick]] = []  # every passing candidate, cheapest first
     fallback_pool: list[tuple[tuple[int, ...], Pick]] = []
     for candidate, key in zip(candidates, keys, strict=True):
         breaker = current(candidate.breaker, inputs.now_ms, inputs.breaker_policy)
@@ -431,6 +438,7 @@ def decide(decision_id: str, inputs: DecisionInputs) -> DecisionRecord:
         if not breaker_verdict.startswith(PASS):
             continue
         pick = Pick(candidate.route, candidate.replica)
+        by_cost.append(((dict(scores)["expected_cost_pusd"], health, *rank_key), pick))
         if pool >= 0:
             ranked.append((pool, rank_key, pick))
         if candidate.route in fallback_index:
@@ -444,6 +452,9 @@ def decide(decision_id: str, inputs: DecisionInputs) -> DecisionRecord:
             pick_reason = "escalated"
         else:
             pick_reason = "default: escalated kind unavailable" if met else "default"
+    if inputs.prefer_cheapest and by_cost:
+        chosen = min(by_cost, key=lambda entry: entry[0])[1]
+        pick_reason = f"cheapest: qos {inputs.qos}"
     fallbacks = [pick for _, pick in sorted(fallback_pool, key=lambda entry: entry[0]) if pick != chosen]
     if chosen is None and fallbacks:
         chosen, fallbacks = fallbacks[0], fallbacks[1:]

@@ -34,10 +34,13 @@ class RedisTenantStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
 
-    async def create_tenant(self, name: str) -> tuple[Tenant, str]:
-        """Create a tenant and its first API key; returns the key (shown once, never stored)."""
+    async def create_tenant(
+        self, name: str, *, qos_classes: frozenset[str] | None = None
+    ) -> tuple[Tenant, str]:
+        """Create a tenant and its first API key; returns the key (shown once, never stored).
+        ``qos_classes``: the QoS classes its requests may use (None: every class)."""
         validate_tenant_name(name)
-        tenant = Tenant(id=new_tenant_id(), name=name, created_at_s=int(time.time()))
+        tenant = Tenant(id=new_tenant_id(), name=name, created_at_s=int(time.time()), qos_classes=qos_classes)
         api_key = new_api_key()
         claimed = await self._redis.set(f"zumik:tenant-name:{name}", tenant.id, nx=True)
         if not claimed:
@@ -45,7 +48,11 @@ class RedisTenantStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(
                 f"zumik:tenant:{tenant.id}",
-                mapping={"name": tenant.name, "created_at_s": tenant.created_at_s},
+                mapping={
+                    "name": tenant.name,
+                    "created_at_s": tenant.created_at_s,
+                    **({"qos": ",".join(sorted(qos_classes))} if qos_classes is not None else {}),
+                },
             )
             pipe.set(f"zumik:apikey:{hash_api_key(api_key)}", tenant.id)
             await pipe.execute()
@@ -91,7 +98,10 @@ class RedisTenantStore:
         if not fields:
             return None
         data = {_text(k): _text(v) for k, v in fields.items()}
-        return Tenant(id=TenantId(tenant_id), name=data["name"], created_at_s=int(data["created_at_s"]))
+        qos = frozenset(data["qos"].split(",")) if data.get("qos") else None
+        return Tenant(
+            id=TenantId(tenant_id), name=data["name"], created_at_s=int(data["created_at_s"]), qos_classes=qos
+        )
 
 
 def _text(value: bytes | str) -> str:

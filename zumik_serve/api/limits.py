@@ -1,0 +1,60 @@
+"""Input limits of a generation request, checked before any engine sees it (each a 400 naming
+the parameter, never echoing the input): ``n``, ``max_tokens`` / ``max_completion_tokens``, the
+number of messages and of prompts. The body size (413, before the whole body is read) is in
+``body.py``, the JSON depth in ``openai_wire.parse_json_body``; header sizes are the HTTP
+server's (Ray Serve's ingress answers 400/431 before the app runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from profiles import Profile
+from zumik_serve.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    max_n: int
+    max_output_tokens: int  # the engine's context: nothing longer can be generated
+    max_messages: int
+    max_prompts: int
+
+    @classmethod
+    def of(cls, profile: Profile) -> GenerationLimits:
+        gateway = profile.gateway
+        return cls(
+            max_n=gateway.max_n,
+            max_output_tokens=profile.engine.max_model_len,
+            max_messages=gateway.max_messages,
+            max_prompts=gateway.max_prompts,
+        )
+
+
+def check_generation_limits(body: dict[str, Any], limits: GenerationLimits) -> None:
+    n = body.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > limits.max_n:
+        raise InvalidRequestError(f"n must be at most {limits.max_n} on this server.", param="n")
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = body.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limits.max_output_tokens:
+            raise InvalidRequestError(
+                f"{field} must be at most {limits.max_output_tokens} (this model's context length).",
+                param=field,
+            )
+    messages = body.get("messages")
+    if isinstance(messages, list) and len(messages) > limits.max_messages:
+        raise InvalidRequestError(
+            f"messages has more than {limits.max_messages} entries; send fewer, or keep the history "
+            "in a /v2 session.",
+            param="messages",
+        )
+    prompt = body.get("prompt")
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and not isinstance(prompt[0], int)
+        and len(prompt) > limits.max_prompts
+    ):
+        raise InvalidRequestError(f"prompt has more than {limits.max_prompts} entries.", param="prompt")
