@@ -1,0 +1,1 @@
+"""QoS classes and admission (``admission.py``)."""
