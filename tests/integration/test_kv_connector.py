@@ -52,6 +52,7 @@ def test_restore_into_fresh_engines_from_redis_and_disk(tmp_path: Path) -> None:
         prompt_b = [(i * 11) % 900 + 10 for i in range(650)]
         first, _ = _run_engine(model_dir, config, [prompt_a, prompt_b])
         assert [r["cached"] for r in first] == [0, 0]
+        assert [r["kv"]["tiers"] for r in first] == [{}, {}]  # the connector's report: nothing restored
 
         keys_b = chain_block_keys(
             prompt_b[: (len(prompt_b) - 1) // BLOCK * BLOCK], BLOCK, seed_from_digest(COMPAT, None)
@@ -69,8 +70,16 @@ def test_restore_into_fresh_engines_from_redis_and_disk(tmp_path: Path) -> None:
     aligned_a = (len(prompt_a) - 1) // BLOCK * BLOCK
     assert second[0]["cached"] >= 0.9 * aligned_a
     assert second[0]["ids"] == first[0]["ids"]
+    # The connector's per-request report (kv_transfer_params["zumik_kv"]) names the tier and
+    # counts what it restored; the engine's own prefix cache was empty in this fresh process.
+    assert second[0]["kv"]["tiers"] == {"redis": second[0]["cached"]}
+    assert second[0]["kv"]["engine_tokens"] == 0
     # Blocks 0-13 exist in some tier, so vLLM plans to load 14 blocks; block 10 fails to decode,
     # the connector reports blocks 10-13 as load errors and vLLM recomputes them.
     assert second[1]["cached"] <= 14 * BLOCK
     assert "4 block(s) not restorable" in log
     assert second[1]["ids"] == first[1]["ids"]
+    # The failed load kept the request running, so the worker's count (10 blocks, then the
+    # truncated one) replaced the plan's 14, with the bytes and time it took.
+    assert second[1]["kv"]["tiers"] == {"disk": 10 * BLOCK}
+    assert second[1]["kv"]["bytes"] > 0 and second[1]["kv"]["ms"] >= 0

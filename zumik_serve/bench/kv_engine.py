@@ -41,6 +41,7 @@ def main() -> None:
             "seconds": time.perf_counter() - started,
             "cached": output.num_cached_tokens,
             "ids": list(output.outputs[0].token_ids),
+            "kv": (output.kv_transfer_params or {}).get("zumik_kv"),  # the connector's report
         }
 
     results = []
