@@ -21,7 +21,7 @@ import httpx
 from profiles import Profile
 from zumik_serve.home import ZumikHome
 from zumik_serve.model.resolve import resolve_model_dir
-from zumik_serve.store.local_redis import REDIS_URL_ENV, LocalRedis, embedded_redis
+from zumik_serve.store.local_redis import REDIS_URL_ENV, LocalRedis, embedded_redis, free_port
 
 Progress = Callable[[str], None]
 
@@ -100,6 +100,11 @@ class LocalStack:
             if not config.ray_address:
                 # Read by Serve at import and by every Ray process this head starts.
                 os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if config.ingress == "haproxy" else "0"
+                # HAProxy's stats and metrics listeners default to fixed ports (8404, 9101): pick
+                # free ones unless set, so that a second local stack (a benchmark beside
+                # `zumik serve`) can start.
+                for variable in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+                    os.environ.setdefault(variable, str(free_port()))
             import ray
 
             if config.ray_address:

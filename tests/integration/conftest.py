@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from profiles import load_builtin
+from tests.support.otlp_receiver import OtlpReceiver
 from zumik_serve.home import ZumikHome
 from zumik_serve.stack import LocalStack, StackConfig
 from zumik_serve.store.local_redis import free_port
@@ -33,12 +34,18 @@ class RunningStack:
     tenant_key: str
     other_tenant_key: str
     stack: LocalStack
+    otlp: OtlpReceiver | None = None  # the spans the gateway exported (ZUMIK_TRACES=otlp)
 
 
 @pytest.fixture(scope="session")
 def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     home = ZumikHome(Path(tmp_path_factory.mktemp("zumik-home")))
     os.environ["ZUMIK_MANAGED_API_KEY"] = MANAGED_KEY  # before Ray starts: its workers inherit it
+    # Spans on, exported over OTLP/HTTP to a receiver on loopback (a collector's part), quickly.
+    otlp = OtlpReceiver().start()
+    os.environ["ZUMIK_TRACES"] = "otlp"
+    os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = otlp.endpoint
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"
     profile = load_builtin("local-cpu")
     config = StackConfig(profile=profile, home=home, port=free_port(), dev_key=DEV_KEY)
     stack = LocalStack(config).start(print)
@@ -53,9 +60,11 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
             tenant_key=tenant_key,
             other_tenant_key=other_key,
             stack=stack,
+            otlp=otlp,
         )
     finally:
         stack.stop()
+        otlp.stop()
 
 
 async def _create_tenant(redis_url: str, name: str) -> str:

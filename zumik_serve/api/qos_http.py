@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from profiles.model import QosClass
-from zumik_serve.errors import DeadlineExceededError, InvalidRequestError
+from zumik_serve.errors import DeadlineExceededError, InvalidRequestError, ZumikError
 from zumik_serve.qos.admission import AdmissionController, Ticket, choose_class
 from zumik_serve.telemetry import RequestClock
 from zumik_serve.tenancy import Tenant
@@ -55,11 +55,16 @@ class Deadline:
         """Await ``awaitable`` within the deadline; past it the work is cancelled (504)."""
         if self.at is None:
             return await awaitable
+        timer = asyncio.timeout_at(self._loop_time())
         try:
-            async with asyncio.timeout_at(self._loop_time()):
+            async with timer:
                 return await awaitable
         except TimeoutError:
             raise exceeded() from None
+        except ZumikError:  # the work answered its cancellation with an error (vLLM does: 400)
+            if timer.expired():
+                raise exceeded() from None
+            raise
 
     def _loop_time(self) -> float:
         assert self.at is not None

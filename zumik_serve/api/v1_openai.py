@@ -84,18 +84,19 @@ async def _generate(request: Request, call: EngineCall) -> Response:
     clock = RequestClock()
     service = _service(request)
     tenant = await service.authenticate(request.headers.get("authorization"))
-    body = parse_json_body(await read_body(request, request.app.state.max_body_bytes))
-    release = await _release(request, tenant.id, body)
-    if release is not None:
-        body = {**body, "model": release.model}
-    prepared = prepare_request(call, body, service.served_model_ids)
-    check_generation_limits(prepared.engine_body, request.app.state.limits)
+    # Admission comes first: an overloaded class answers 429 before the body is even read.
     admission = await admit(
         request, tenant, requested_qos=request.headers.get(QOS_HEADER),
         timeout_s=request.headers.get(TIMEOUT_HEADER), clock=clock,
         qos_param=QOS_HEADER, timeout_param=TIMEOUT_HEADER,
     )  # fmt: skip
     try:
+        body = parse_json_body(await read_body(request, request.app.state.max_body_bytes))
+        release = await _release(request, tenant.id, body)
+        if release is not None:
+            body = {**body, "model": release.model}
+        prepared = prepare_request(call, body, service.served_model_ids)
+        check_generation_limits(prepared.engine_body, request.app.state.limits)
         state_refs = await admission.deadline.run(_resolve_state_headers(request, tenant.id, prepared))
         context = RouteContext(
             release_id=release.id if release is not None else None,

@@ -117,7 +117,7 @@ async def reuse_report(
 ) -> JSONResponse:
     """Sums per group; with ``series=true`` also the minute-by-minute points (for plots)."""
     tenant, _ = await _tenant(request)
-    if not window_s.isdigit():
+    if not (window_s.isascii() and window_s.isdigit()):
         raise InvalidRequestError("window_s must be a whole number of seconds.", param="window_s")
     reuse = request.app.state.reuse
     state = request.app.state.state_service

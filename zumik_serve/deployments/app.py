@@ -38,7 +38,12 @@ def build_serve_app(
     kv_transfer = engine_kv_transfer(profile, model_dir=model_dir, redis_url=redis_url, home_root=home.root)
     compat_digest = kv_transfer["kv_connector_extra_config"]["compat_digest"] if kv_transfer else ""
     llm_config = LLMConfig(**llm_config_kwargs(profile, model_dir, tokenizer_dir, kv_transfer))
-    options = EngineReplica.get_deployment_options(llm_config)
+    # Serve's default cap of 5 ongoing requests per replica would queue requests inside Ray, out
+    # of sight of Zumik's admission (and below the engine's max_num_seqs): admission bounds them.
+    options = {
+        **EngineReplica.get_deployment_options(llm_config),
+        "max_ongoing_requests": gateway_max_ongoing_requests(profile),
+    }
     settings = GatewaySettings(
         profile_name=profile.name,
         served_model=profile.model.served_name,

@@ -34,10 +34,15 @@ class EngineReplica(LLMServer):
 
     async def generate(self, call: str, body: dict[str, Any]) -> AsyncGenerator[EngineEvent, None]:
         yield ReplicaAssigned(replica_id=_replica_id())
+        from vllm.exceptions import VLLMClientError
+
         try:
             request = _parse_request(EngineCall(call), body)
         except ValidationError as exc:
             yield _validation_failure(exc)
+            return
+        except VLLMClientError as exc:  # vLLM's own checks (not a ValueError: pydantic lets it out)
+            yield _client_failure(exc)
             return
         try:
             method = self.chat if call == EngineCall.CHAT else self.completions
@@ -54,6 +59,8 @@ class EngineReplica(LLMServer):
                         yield _error_failure(part.error)
                         return
                     yield EngineResponse(body=part.model_dump(mode="json"))
+        except VLLMClientError as exc:  # the request is wrong: a 400, not an engine failure
+            yield _client_failure(exc)
         except Exception as exc:  # the engine failed; the gateway decides what the client sees
             yield EngineFailure(status=500, message=f"engine failure: {type(exc).__name__}: {exc}")
 
@@ -113,6 +120,13 @@ def _validation_failure(exc: ValidationError) -> EngineFailure:
     if param:
         message = f"Invalid value for '{param}': {message}"
     return EngineFailure(status=400, message=message, type="invalid_request_error", param=param)
+
+
+def _client_failure(exc: Exception) -> EngineFailure:
+    """vLLM's verdict on a bad request, without the rejected value (never echo the input)."""
+    param = getattr(exc, "parameter", None)
+    message = str(exc.args[0]) if exc.args else "The request is invalid."
+    return EngineFailure(status=400, message=message[:500], type="invalid_request_error", param=param)
 
 
 def _sse_payload(line: str) -> str:
