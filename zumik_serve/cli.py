@@ -115,6 +115,20 @@ def _parser() -> argparse.ArgumentParser:
     fuzz.add_argument("--json", action="store_true")
     fuzz.set_defaults(run=_cmd_bench_fuzz)
 
+    qos = bench.add_parser("qos", help="interactive TTFT under batch floods; a burst and sustained overload")
+    qos.add_argument("--url", default="http://127.0.0.1:8000", help="a running Zumik")
+    qos.add_argument("--key", help="an API key (default: $ZUMIK_DEV_KEY)")
+    qos.add_argument("--rounds", type=int, default=5)
+    qos.add_argument("--probes", type=int, default=10, help="interactive probes per arm and round")
+    qos.add_argument("--flood", type=int, default=16, help="flood clients")
+    qos.add_argument("--burst", type=int, default=100, help="requests in the burst (10x the batch capacity)")
+    qos.add_argument("--sustain-s", type=float, default=60.0, help="seconds of sustained overload (0: skip)")
+    qos.add_argument("--sustain-clients", type=int, default=30)
+    qos.add_argument("--seed", type=int, default=0)
+    qos.add_argument("--out", type=Path, default=Path("bench-out/qos"))
+    qos.add_argument("--json", action="store_true")
+    qos.set_defaults(run=_cmd_bench_qos)
+
     reuse = sub.add_parser("reuse", help="reuse figures").add_subparsers(title="reuse commands")
     report = reuse.add_parser("report", help="a tenant's opportunity and capture, as a table and a plot")
     report.add_argument("--url", default="http://127.0.0.1:8000", help="a running Zumik")
@@ -292,6 +306,12 @@ def _cmd_bench_fuzz(args: argparse.Namespace) -> int:
     from zumik_serve.bench.fuzz import run_fuzz_bench
 
     return run_fuzz_bench(args, console)
+
+
+def _cmd_bench_qos(args: argparse.Namespace) -> int:
+    from zumik_serve.bench.qos import run_qos_bench
+
+    return run_qos_bench(args, console)
 
 
 def _cmd_reuse_report(args: argparse.Namespace) -> int:
