@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--qos", help="QoS classes it may use, comma-separated (default: interactive,standard,batch)"
     )
+    create.add_argument(
+        "--no-reuse-accounting", action="store_true",
+        help="keep no opportunity index of its prompts and no reuse ledger (headers say 'unknown')",
+    )  # fmt: skip
     create.add_argument("--json", action="store_true", help="machine-readable output")
     create.set_defaults(run=_cmd_tenant_create)
 
@@ -71,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
         "--placement", choices=["separate", "colocated"], help="override the profile's gateway placement"
     )
     overhead.add_argument("--ingress", choices=["haproxy", "serve"], default="haproxy")
+    overhead.add_argument(
+        "--accounting", action="store_true",
+        help="add an arm for a tenant without reuse accounting (its cost, as a share of the added latency)",
+    )  # fmt: skip
     overhead.add_argument("--json", action="store_true")
     overhead.set_defaults(run=_cmd_bench_overhead)
     state = bench.add_parser("state", help="state-store rates next to redis-benchmark SET, same server")
@@ -238,7 +246,9 @@ def _cmd_tenant_create(args: argparse.Namespace) -> int:
     async def create() -> tuple[str, str]:
         client = aioredis.from_url(url)
         try:
-            tenant, api_key = await RedisTenantStore(client).create_tenant(args.name, qos_classes=qos)
+            tenant, api_key = await RedisTenantStore(client).create_tenant(
+                args.name, qos_classes=qos, reuse_accounting=not args.no_reuse_accounting
+            )
         finally:
             await client.aclose()
         return tenant.id, api_key

@@ -29,6 +29,7 @@ class Tenant:
     name: str
     created_at_s: int
     qos_classes: frozenset[str] | None = None  # the QoS classes it may use; None: every class
+    reuse_accounting: bool = True  # False: no opportunity index of its prompts, no reuse ledger
 
 
 def new_api_key() -> str:

@@ -37,6 +37,7 @@ from zumik_serve.routing_service import RoutingService
 from zumik_serve.service import EngineRun, GatewayService, parse_stream_error
 from zumik_serve.state_service import StateService
 from zumik_serve.telemetry import RequestClock, Tracing, request_phases
+from zumik_serve.tenancy import Tenant
 
 logger = logging.getLogger("ray.serve")
 
@@ -97,7 +98,7 @@ async def _generate(request: Request, call: EngineCall) -> Response:
             body = {**body, "model": release.model}
         prepared = prepare_request(call, body, service.served_model_ids)
         check_generation_limits(prepared.engine_body, request.app.state.limits)
-        state_refs = await admission.deadline.run(_resolve_state_headers(request, tenant.id, prepared))
+        state_refs = await admission.deadline.run(_resolve_state_headers(request, tenant, prepared))
         context = RouteContext(
             release_id=release.id if release is not None else None,
             allowed_routes=frozenset(entry.name for entry in release.route_table)
@@ -187,15 +188,17 @@ class _StateRefs:
 
     def __init__(
         self, state: StateService, tenant: str, snapshot: str | None, session: str | None,
-        exchange: list[tuple[str, str]], reuse: ReuseService,
+        exchange: list[tuple[str, str]], reuse: ReuseService | None,
     ) -> None:  # fmt: skip
         self.state, self.tenant, self.snapshot, self.session = state, tenant, snapshot, session
         self.exchange = exchange  # the request's closing user/tool message, as (role, content)
-        self.reuse = reuse
+        self.reuse = reuse  # None: the tenant keeps no reuse accounting
         self.opportunity_tokens: int | None = None
 
     async def account_opportunity(self, run: EngineRun) -> dict[str, str]:
         """The opportunity of this request (headers for a stream, sent before its body)."""
+        if self.reuse is None:
+            return {}
         try:
             self.opportunity_tokens = await self.reuse.opportunity_tokens(run.scope, run.prefix_keys)
         except RedisError:
@@ -205,7 +208,11 @@ class _StateRefs:
 
     async def account(self, run: EngineRun, usage: dict[str, Any] | None) -> dict[str, str]:
         """Opportunity and capture of this request, recorded in the ledger; its reuse headers."""
-        if self.opportunity_tokens is None and not await self.account_opportunity(run):
+        if (
+            self.reuse is not None
+            and self.opportunity_tokens is None
+            and not await self.account_opportunity(run)
+        ):
             return {}
         usage = usage or {}
         figures = ReuseFigures.of(
@@ -215,6 +222,8 @@ class _StateRefs:
             cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
             kv_report=run.kv_report(),
         )
+        if self.reuse is None:
+            return zumik_headers.reuse_headers(figures)
         try:
             await self.reuse.record(self.tenant, figures, snapshot=self.snapshot, route=run.route_name)
         except RedisError:
@@ -230,7 +239,10 @@ class _StateRefs:
             await self.state.store_call(self.state.append_turn(self.tenant, self.session, turn, None))
 
 
-async def _resolve_state_headers(request: Request, tenant: str, prepared: PreparedRequest) -> _StateRefs:
+async def _resolve_state_headers(
+    request: Request, tenant_record: Tenant, prepared: PreparedRequest
+) -> _StateRefs:
+    tenant = tenant_record.id
     state: StateService = request.app.state.state_service
     snapshot = request.headers.get(zumik_headers.SNAPSHOT) or None
     session = request.headers.get(zumik_headers.SESSION) or None
@@ -250,7 +262,8 @@ async def _resolve_state_headers(request: Request, tenant: str, prepared: Prepar
             and isinstance(last.get("content"), str)
         ):
             exchange.append((last["role"], last["content"]))
-    return _StateRefs(state, tenant, snapshot, session, exchange, request.app.state.reuse)
+    reuse = request.app.state.reuse if tenant_record.reuse_accounting else None
+    return _StateRefs(state, tenant, snapshot, session, exchange, reuse)
 
 
 async def _whole_response(

@@ -233,7 +233,10 @@ async def _generate(
     choice = run.first.body["choices"][0]
     usage = render_usage(run.first.body.get("usage")) or {}
     reuse: ReuseService = request.app.state.reuse
-    opportunity = await state.store_call(reuse.opportunity_tokens(run.scope, run.prefix_keys))
+    accounting = tenant_record.reuse_accounting
+    opportunity = (
+        await state.store_call(reuse.opportunity_tokens(run.scope, run.prefix_keys)) if accounting else None
+    )
     figures = ReuseFigures.of(
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         opportunity_tokens=opportunity,
@@ -241,7 +244,8 @@ async def _generate(
         cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
         kv_report=run.kv_report(),
     )
-    await state.store_call(reuse.record(tenant, figures, snapshot=snapshot, route=run.route_name))
+    if accounting:
+        await state.store_call(reuse.record(tenant, figures, snapshot=snapshot, route=run.route_name))
     result = {
         "id": run.first.body["id"],
         "object": "generation",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from zumik_serve.reuse.evidence import EvidenceLevel
 from zumik_serve.reuse.figures import ReuseFigures
 
 DECISION_ID = "x-zumik-decision-id"
@@ -40,7 +41,9 @@ def reuse_headers(figures: ReuseFigures) -> dict[str, str]:
     """``x-zumik-reuse-*``: the captured header equals ``usage.prompt_tokens_details.cached_tokens``
     and is absent when the source did not say (unknown is never rendered as 0)."""
     evidence = f"opportunity={figures.opportunity_level.label}; captured={figures.captured_level.label}"
-    headers = {REUSE_OPPORTUNITY_TOKENS: str(figures.opportunity_tokens), REUSE_EVIDENCE: evidence}
+    headers = {REUSE_EVIDENCE: evidence}
+    if figures.opportunity_level is not EvidenceLevel.UNKNOWN:
+        headers[REUSE_OPPORTUNITY_TOKENS] = str(figures.opportunity_tokens)
     if figures.captured_tokens is not None:
         headers[REUSE_CAPTURED_TOKENS] = str(figures.captured_tokens)
     return headers

@@ -7,10 +7,17 @@ order per round, over keep-alive connections with TCP_NODELAY. The added latency
 as the median over rounds of (Zumik round p50 - direct round p50), with its IQR, beside the
 pooled p50/p99 of each arm. Only ratios and differences measured in one run mean anything on
 these noisy machines.
+
+With ``--accounting`` a third arm joins: Zumik for a tenant that keeps no reuse accounting
+(``zumik tenant create --no-reuse-accounting``), on the same stack, in the same rounds; the
+prompt is then a few hundred tokens of repeated prefix, so the opportunity index has blocks to
+walk. The accounting's cost is the per-round difference of the two Zumik arms, reported as a
+share of the gateway's added latency (goal of issue #6: under 5%).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -53,6 +60,7 @@ class OverheadResult:
     added_round_iqr_ms: tuple[float, float]
     per_round_added_ms: list[float]
     samples_ms: dict[str, list[float]]
+    per_round_p50_ms: dict[str, list[float]] | None = None  # every arm's p50, round by round
 
     def summary(self) -> dict[str, Any]:
         data = asdict(self)
@@ -108,13 +116,16 @@ def measure(
     warmup: int,
     on_progress: Any = None,
     seed: int = 0,
+    prompt: str = PROMPT,
 ) -> OverheadResult:
-    """Interleaved rounds over ``arms`` (name → (base URL, headers)); arms must be 'direct'/'zumik'."""
-    body = {"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
+    """Interleaved rounds over ``arms`` (name → (base URL, headers)): 'direct' and 'zumik', and
+    any others (measured alike, in ``samples_ms`` and ``per_round_p50_ms``)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
     clients = {name: nodelay_client(url, headers) for name, (url, headers) in arms.items()}
     rng = random.Random(seed)
     samples: dict[str, list[float]] = {name: [] for name in arms}
     per_round: list[float] = []
+    per_round_p50: dict[str, list[float]] = {name: [] for name in arms}
     try:
         for client in clients.values():
             for _ in range(warmup):
@@ -127,6 +138,7 @@ def measure(
                 latencies = [_timed_post(clients[name], body) for _ in range(requests)]
                 samples[name].extend(latencies)
                 round_p50[name] = statistics.median(latencies)
+                per_round_p50[name].append(round_p50[name])
                 if on_progress is not None:
                     on_progress(requests)
             per_round.append(round_p50["zumik"] - round_p50["direct"])
@@ -146,7 +158,30 @@ def measure(
         added_round_iqr_ms=(quartiles[0], quartiles[2]),
         per_round_added_ms=per_round,
         samples_ms=samples,
+        per_round_p50_ms=per_round_p50,
     )
+
+
+ACCOUNTING_PROMPT = "You are a careful assistant. Follow the tools' schemas exactly. " * 40
+
+
+def accounting_summary(result: OverheadResult) -> dict[str, Any]:
+    """The reuse accounting's cost: per round, (Zumik with accounting) - (Zumik without), and its
+    share of the gateway's added latency (Zumik with accounting - vLLM direct)."""
+    assert result.per_round_p50_ms is not None
+    on, off, direct = (result.per_round_p50_ms[name] for name in ("zumik", "zumik-no-accounting", "direct"))
+    cost = [a - b for a, b in zip(on, off, strict=True)]
+    added = [a - d for a, d in zip(on, direct, strict=True)]
+    share = (
+        statistics.median(cost) / statistics.median(added) if statistics.median(added) > 0 else float("nan")
+    )
+    return {
+        "accounting_cost_round_median_ms": round(statistics.median(cost), 3),
+        "accounting_cost_per_round_ms": [round(value, 3) for value in cost],
+        "gateway_added_round_median_ms": round(statistics.median(added), 3),
+        "accounting_share_of_added": round(share, 4),
+        "goal_under_5_percent": share < 0.05,
+    }
 
 
 def _timed_post(client: httpx.Client, body: dict[str, Any]) -> float:
@@ -173,7 +208,10 @@ def _stats(name: str, values: list[float]) -> ArmStats:
 def write_outputs(result: OverheadResult, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "overhead.json"
-    json_path.write_text(json.dumps({**result.summary(), "samples_ms": result.samples_ms}, indent=2))
+    summary = result.summary()
+    if result.per_round_p50_ms and "zumik-no-accounting" in result.per_round_p50_ms:
+        summary["accounting"] = accounting_summary(result)
+    json_path.write_text(json.dumps({**summary, "samples_ms": result.samples_ms}, indent=2))
     png_path = out_dir / "overhead.png"
     import matplotlib
 
@@ -181,10 +219,10 @@ def write_outputs(result: OverheadResult, out_dir: Path) -> tuple[Path, Path]:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    left.boxplot(
-        [result.samples_ms["direct"], result.samples_ms["zumik"]],
-        tick_labels=["vLLM direct", "Zumik /v1"], showfliers=False,
-    )  # fmt: skip
+    labels = {"direct": "vLLM direct", "zumik": "Zumik /v1", "zumik-no-accounting": "Zumik, no accounting"}
+    names = [name for name in labels if name in result.samples_ms]
+    left.boxplot([result.samples_ms[name] for name in names], tick_labels=[labels[n] for n in names],
+                 showfliers=False)  # fmt: skip
     left.set_ylabel("latency of a 1-token completion (ms)")
     left.set_title(f"{result.rounds} rounds x {result.requests_per_round} requests per arm")
     right.plot(range(1, result.rounds + 1), result.per_round_added_ms, marker="o")
@@ -223,6 +261,7 @@ def run_overhead_bench(args: Any, console: Any) -> int:
     model_dir = resolve_model_dir(profile, home)
     dev_key = os.environ.get("ZUMIK_DEV_KEY") or "zk-bench-" + os.urandom(8).hex()
     direct_port = free_port()
+    accounting = bool(getattr(args, "accounting", False))
     stack = LocalStack(StackConfig.from_env(profile, port=free_port(), dev_key=dev_key, ingress=args.ingress))
     direct = None
     try:
@@ -237,12 +276,16 @@ def run_overhead_bench(args: Any, console: Any) -> int:
             direct_url = f"http://127.0.0.1:{direct_port}"
             wait_ready(direct_url, {}, timeout_s=300, process=direct)
         arms = {"direct": (direct_url, {}), "zumik": (stack.url, {"Authorization": f"Bearer {dev_key}"})}
-        total = 2 * args.rounds * args.requests
+        if accounting:  # the same stack, a tenant without reuse accounting
+            key = asyncio.run(tenant_without_accounting(stack.redis_url))
+            arms["zumik-no-accounting"] = (stack.url, {"Authorization": f"Bearer {key}"})
+        total = len(arms) * args.rounds * args.requests
         with Progress(console=console) as progress:
             task = progress.add_task("interleaved rounds", total=total)
             result = measure(
                 arms, model=profile.model.served_name, rounds=args.rounds, requests=args.requests,
                 warmup=args.warmup, on_progress=lambda n: progress.advance(task, n),
+                prompt=ACCOUNTING_PROMPT if accounting else PROMPT,
             )  # fmt: skip
     finally:
         stack.stop()
@@ -268,5 +311,27 @@ def run_overhead_bench(args: Any, console: Any) -> int:
         f"added p50 {result.added_p50_ms:.2f} ms, added p99 {result.added_p99_ms:.2f} ms; "
         f"median of round differences {result.added_round_median_ms:.2f} ms (IQR {low:.2f}-{high:.2f})"
     )
+    if accounting:
+        summary = accounting_summary(result)
+        console.print(
+            f"reuse accounting: {summary['accounting_cost_round_median_ms']:.3f} ms per request (median of "
+            f"round differences), {100 * summary['accounting_share_of_added']:.1f}% of the gateway's added "
+            f"{summary['gateway_added_round_median_ms']:.2f} ms (goal < 5%)"
+        )
     console.print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+async def tenant_without_accounting(redis_url: str) -> str:
+    import redis.asyncio as aioredis
+
+    from zumik_serve.store.tenant_store import RedisTenantStore
+
+    client = aioredis.from_url(redis_url)
+    try:
+        _, key = await RedisTenantStore(client).create_tenant(
+            "bench-no-accounting-" + os.urandom(3).hex(), reuse_accounting=False
+        )
+    finally:
+        await client.aclose()
+    return key

@@ -33,9 +33,15 @@ class ReuseFigures:
 
     @classmethod
     def of(
-        cls, *, prompt_tokens: int, opportunity_tokens: int, route_kind: str, cached_tokens: int | None,
+        cls,
+        *,
+        prompt_tokens: int,
+        opportunity_tokens: int | None,
+        route_kind: str,
+        cached_tokens: int | None,
         kv_report: dict[str, object] | None = None,
-    ) -> ReuseFigures:  # fmt: skip
+    ) -> ReuseFigures:
+        """``opportunity_tokens`` None: not looked up (the tenant keeps no index): ``unknown``."""
         if cached_tokens is None:
             level = EvidenceLevel.UNKNOWN
         elif route_kind == "byoc":
@@ -47,8 +53,10 @@ class ReuseFigures:
             sources = capture_sources(kv_report, cached_tokens or 0)
         return cls(
             prompt_tokens=prompt_tokens,
-            opportunity_tokens=min(opportunity_tokens, prompt_tokens),
-            opportunity_level=EvidenceLevel.ESTIMATED,
+            opportunity_tokens=min(opportunity_tokens or 0, prompt_tokens),
+            opportunity_level=EvidenceLevel.UNKNOWN
+            if opportunity_tokens is None
+            else EvidenceLevel.ESTIMATED,
             captured_tokens=cached_tokens,
             captured_level=level,
             captured_sources=sources,

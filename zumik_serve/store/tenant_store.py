@@ -35,12 +35,15 @@ class RedisTenantStore:
         self._redis = client
 
     async def create_tenant(
-        self, name: str, *, qos_classes: frozenset[str] | None = None
+        self, name: str, *, qos_classes: frozenset[str] | None = None, reuse_accounting: bool = True
     ) -> tuple[Tenant, str]:
         """Create a tenant and its first API key; returns the key (shown once, never stored).
         ``qos_classes``: the QoS classes its requests may use (None: every class)."""
         validate_tenant_name(name)
-        tenant = Tenant(id=new_tenant_id(), name=name, created_at_s=int(time.time()), qos_classes=qos_classes)
+        tenant = Tenant(
+            id=new_tenant_id(), name=name, created_at_s=int(time.time()), qos_classes=qos_classes,
+            reuse_accounting=reuse_accounting,
+        )  # fmt: skip
         api_key = new_api_key()
         claimed = await self._redis.set(f"zumik:tenant-name:{name}", tenant.id, nx=True)
         if not claimed:
@@ -52,6 +55,7 @@ class RedisTenantStore:
                     "name": tenant.name,
                     "created_at_s": tenant.created_at_s,
                     **({"qos": ",".join(sorted(qos_classes))} if qos_classes is not None else {}),
+                    **({} if reuse_accounting else {"reuse": "off"}),
                 },
             )
             pipe.set(f"zumik:apikey:{hash_api_key(api_key)}", tenant.id)
@@ -100,7 +104,11 @@ class RedisTenantStore:
         data = {_text(k): _text(v) for k, v in fields.items()}
         qos = frozenset(data["qos"].split(",")) if data.get("qos") else None
         return Tenant(
-            id=TenantId(tenant_id), name=data["name"], created_at_s=int(data["created_at_s"]), qos_classes=qos
+            id=TenantId(tenant_id),
+            name=data["name"],
+            created_at_s=int(data["created_at_s"]),
+            qos_classes=qos,
+            reuse_accounting=data.get("reuse") != "off",
         )
 
 
