@@ -21,7 +21,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kvstore.keys import scope_id
@@ -56,6 +56,9 @@ class RouteContext:
     qos: str = "standard"
     prefer_cheapest: bool = False  # the class takes the cheapest healthy route
     engine_priority: int | None = None  # vLLM priority on BYOC engines (None: not sent)
+    # Called with (scope, prefix keys) once decided, before the route runs: the reuse accounting
+    # looks the prefix up while the engine works, off the request's critical path.
+    on_decided: Callable[[str, tuple[str, ...]], None] | None = field(default=None, compare=False)
 
 
 class Dispatcher:
@@ -111,6 +114,8 @@ class Dispatcher:
                 route=route, reason=record.pick_reason, decide_us=(time.perf_counter() - started) * 1e6
             )
         timing["decide"] = (time.perf_counter() - started) * 1000
+        if context.on_decided is not None:
+            context.on_decided(scope_id(salt), tuple(keys))
         attempts: list[dict[str, Any]] = []
         try:
             run = await self._execute(

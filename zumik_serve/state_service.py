@@ -13,6 +13,7 @@ import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from zumik_serve.errors import (
@@ -32,6 +33,9 @@ from zumik_serve.state.compiler import (
     snapshot_messages,
 )
 from zumik_serve.state.objects import ArtifactRole, FrozenTurn, ObjectKind, TurnRole, content_digest
+
+# (tenant, Idempotency-Key, request hash) of the create running in this task, if any.
+_IDEMPOTENT: ContextVar[tuple[str, str, str] | None] = ContextVar("zumik_idempotent", default=None)
 
 if TYPE_CHECKING:
     from zumik_serve.store.state_store import RedisStateStore
@@ -107,7 +111,7 @@ class StateService:
                         param=f"artifacts[{index}]",
                         code="unknown_artifact",
                     )
-            handle = new_handle(HandleKind.BUNDLE)
+            handle = await self._new_handle(HandleKind.BUNDLE)
             record = {
                 "id": handle,
                 "object": "bundle",
@@ -126,7 +130,7 @@ class StateService:
         async def create() -> dict[str, Any]:
             if bundle is not None:
                 await self._require(tenant, bundle, HandleKind.BUNDLE, param="bundle")
-            handle = new_handle(HandleKind.SESSION)
+            handle = await self._new_handle(HandleKind.SESSION)
             record = {"id": handle, "object": "session", "bundle": bundle, "created_at": int(time.time())}
             await self._store.put_record(tenant, handle, record, parents=[bundle] if bundle else [])
             return {**record, "head": 0}
@@ -177,7 +181,7 @@ class StateService:
                     "a turn between 0 and the head",
                     param="at_turn",
                 )
-            handle = new_handle(HandleKind.BRANCH)
+            handle = await self._new_handle(HandleKind.BRANCH)
             record = {
                 "id": handle, "object": "branch", "bundle": parent.get("bundle"), "parent": session,
                 "fork_at": at_turn, "created_at": int(time.time()),
@@ -215,7 +219,7 @@ class StateService:
                         param="upto_turn",
                     )
                 turns = [{"role": t["role"], "content": t["content"]} for t in all_turns[:upto_turn]]
-            handle = new_handle(HandleKind.SNAPSHOT)
+            handle = await self._new_handle(HandleKind.SNAPSHOT)
             record = {
                 "id": handle, "object": "snapshot", "bundle": bundle, "artifacts": artifacts,
                 "session": session, "upto_turn": upto_turn, "turns": turns, "created_at": int(time.time()),
@@ -321,6 +325,15 @@ class StateService:
         ]
         return inherited + numbered
 
+    async def _new_handle(self, kind: HandleKind) -> str:
+        """A new object's handle; under an Idempotency-Key it is derived from the key and the
+        request, so a retry after a crash between the object's write and the key's result
+        finishes the same object instead of creating a second one."""
+        idempotent = _IDEMPOTENT.get()
+        if idempotent is None:
+            return new_handle(kind)
+        return derive_handle(kind, await self._store.handle_secret(), "idempotent", *idempotent)
+
     async def _idempotent(
         self, tenant: str, key: str | None, this_hash: str, operation: Callable[[], Awaitable[dict[str, Any]]]
     ) -> dict[str, Any]:
@@ -328,7 +341,12 @@ class StateService:
             return await operation()
         previous = await self._store.idempotent_result(tenant, key)
         if previous is None:
-            previous = await self._store.remember_result(tenant, key, this_hash, await operation())
+            token = _IDEMPOTENT.set((tenant, key, this_hash))
+            try:
+                created = await operation()
+            finally:
+                _IDEMPOTENT.reset(token)
+            previous = await self._store.remember_result(tenant, key, this_hash, created)
         if previous["hash"] != this_hash:
             raise _idempotency_conflict()
         result: dict[str, Any] = previous["result"]

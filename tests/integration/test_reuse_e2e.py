@@ -67,7 +67,13 @@ def test_headers_report_and_metrics_agree(
     assert figures[0][0] == 0  # the first request of a prefix: nothing seen before
     assert all(opportunity > 0 and cached > 0 for opportunity, cached in figures[1:])
 
-    report = client.get("/v2/reuse", params={"group_by": "tenant", "window_s": 3600}).json()
+    # The ledger is written just after each answer is sent (off the request's path): poll briefly.
+    deadline = time.monotonic() + 10
+    while True:
+        report = client.get("/v2/reuse", params={"group_by": "tenant", "window_s": 3600}).json()
+        if (report["groups"] and report["groups"][0]["requests"] == 3) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     (group,) = report["groups"]
     assert group["requests"] == 3
     assert group["opportunity"] == {"tokens": sum(o for o, _ in figures), "evidence": "estimated"}

@@ -24,7 +24,11 @@ def error_response(request: Request, error: ZumikError) -> JSONResponse:
     headers = {}
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, int(error.retry_after_s)))
-    if request.url.path.startswith("/v1"):
+    path = request.url.path
+    root = request.scope.get("root_path") or ""
+    if root and path.startswith(root):  # an app served under a route prefix (e.g. /gw/v1/...)
+        path = path[len(root) :]
+    if path.startswith("/v1"):
         body = render_error(error.message, error.type, error.param, error.code)
     else:
         native = {"type": error.type, "message": error.message}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -108,6 +108,7 @@ async def _generate(request: Request, call: EngineCall) -> Response:
             qos=admission.qos.value,
             prefer_cheapest=admission.prefer_cheapest,
             engine_priority=admission.engine_priority,
+            on_decided=state_refs.decided,
         )
         run = await admission.deadline.run(
             service.start(call, prepared.engine_body, stream=prepared.stream, tenant=tenant, context=context)
@@ -194,13 +195,23 @@ class _StateRefs:
         self.exchange = exchange  # the request's closing user/tool message, as (role, content)
         self.reuse = reuse  # None: the tenant keeps no reuse accounting
         self.opportunity_tokens: int | None = None
+        self._lookup: asyncio.Task[int] | None = None
+
+    def decided(self, scope: str, prefix_keys: tuple[str, ...]) -> None:
+        """Start the opportunity lookup as soon as the route is decided: it runs while the engine
+        works, so the answer does not wait for it."""
+        if self.reuse is not None:
+            self._lookup = asyncio.create_task(self.reuse.opportunity_tokens(scope, prefix_keys))
 
     async def account_opportunity(self, run: EngineRun) -> dict[str, str]:
         """The opportunity of this request (headers for a stream, sent before its body)."""
         if self.reuse is None:
             return {}
         try:
-            self.opportunity_tokens = await self.reuse.opportunity_tokens(run.scope, run.prefix_keys)
+            if self._lookup is not None:
+                self.opportunity_tokens = await self._lookup
+            else:
+                self.opportunity_tokens = await self.reuse.opportunity_tokens(run.scope, run.prefix_keys)
         except RedisError:
             logger.warning("zumik: reuse accounting skipped (Redis unavailable)")
             return {}
@@ -222,12 +233,10 @@ class _StateRefs:
             cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
             kv_report=run.kv_report(),
         )
-        if self.reuse is None:
-            return zumik_headers.reuse_headers(figures)
-        try:
-            await self.reuse.record(self.tenant, figures, snapshot=self.snapshot, route=run.route_name)
-        except RedisError:
-            logger.warning("zumik: reuse ledger not updated (Redis unavailable)")
+        if self.reuse is not None:  # written after the answer is sent (telemetry, not state)
+            _in_background(
+                self.reuse.record(self.tenant, figures, snapshot=self.snapshot, route=run.route_name)
+            )
         return zumik_headers.reuse_headers(figures)
 
     async def record_reply(self, content: str) -> None:
@@ -237,6 +246,25 @@ class _StateRefs:
         for role, text in [*self.exchange, ("assistant", content)]:
             turn = {"role": role, "content": text}
             await self.state.store_call(self.state.append_turn(self.tenant, self.session, turn, None))
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` after the answer (the ledger write); failures are logged, never raised."""
+
+    async def guarded() -> None:
+        try:
+            await work
+        except RedisError:
+            logger.warning("zumik: reuse ledger not updated (Redis unavailable)")
+        except Exception:
+            logger.exception("zumik: reuse ledger not updated")
+
+    task = asyncio.create_task(guarded())
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 async def _resolve_state_headers(
