@@ -228,7 +228,7 @@ class _StateRefs:
         usage = usage or {}
         figures = ReuseFigures.of(
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            opportunity_tokens=self.opportunity_tokens or 0,
+            opportunity_tokens=self.opportunity_tokens,  # None: the tenant keeps no accounting
             route_kind=run.route_kind,
             cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
             kv_report=run.kv_report(),

@@ -83,6 +83,7 @@ async def _flood(
 ) -> None:
     body = {"model": model, "messages": [{"role": "user", "content": FLOOD}], "max_tokens": 256}
     while not stop.is_set():
+        tally["sent"] = tally.get("sent", 0) + 1
         try:
             response = await client.post("/v1/chat/completions", json=body, headers={"x-zumik-qos": qos})
         except httpx.HTTPError:
