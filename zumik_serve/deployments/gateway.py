@@ -41,6 +41,7 @@ from zumik_serve.telemetry import Tracing
 from zumik_serve.tenancy import Authenticator
 
 logger = logging.getLogger("ray.serve")
+REDIS_POOL_CONNECTIONS = 32
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,13 @@ class GatewaySettings:
 def make_gateway_app(settings: GatewaySettings, engines: dict[str, EngineClient]) -> FastAPI:
     """The gateway's FastAPI app over its BYOC engine replicas (``{"r0": client, ...}``) and the
     profile's provider routes; the same app in both topologies."""
-    redis_client = aioredis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+    # A bounded pool that requests wait on: with admission (not Serve) bounding concurrency, a
+    # burst would otherwise open a connection per request at once and time out connecting.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=REDIS_POOL_CONNECTIONS, timeout=10,
+        socket_timeout=5.0, socket_connect_timeout=5.0,
+    )  # fmt: skip
+    redis_client = aioredis.Redis(connection_pool=pool)
     tenants = RedisTenantStore(redis_client)
     profile = Profile.model_validate_json(settings.profile_json)
     routing_store = RedisRoutingStore(redis_client)
