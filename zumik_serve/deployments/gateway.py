@@ -41,7 +41,7 @@ from zumik_serve.telemetry import Tracing
 from zumik_serve.tenancy import Authenticator
 
 logger = logging.getLogger("ray.serve")
-REDIS_POOL_CONNECTIONS = 32
+REDIS_POOL_CONNECTIONS = 48
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ def make_gateway_app(settings: GatewaySettings, engines: dict[str, EngineClient]
     # A bounded pool that requests wait on: with admission (not Serve) bounding concurrency, a
     # burst would otherwise open a connection per request at once and time out connecting.
     pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=REDIS_POOL_CONNECTIONS, timeout=10,
-        socket_timeout=5.0, socket_connect_timeout=5.0,
+        settings.redis_url, max_connections=REDIS_POOL_CONNECTIONS, timeout=30,
+        socket_timeout=15.0, socket_connect_timeout=5.0,  # a refused connection still fails at once
     )  # fmt: skip
     redis_client = aioredis.Redis(connection_pool=pool)
     tenants = RedisTenantStore(redis_client)
