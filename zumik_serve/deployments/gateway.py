@@ -76,6 +76,7 @@ def make_gateway_app(settings: GatewaySettings, engines: dict[str, EngineClient]
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=REDIS_POOL_CONNECTIONS, timeout=30,
         socket_timeout=15.0, socket_connect_timeout=5.0,  # a refused connection still fails at once
+        health_check_interval=2,  # a pooled connection idle 2 s is pinged first (stale after a restart)
     )  # fmt: skip
     redis_client = aioredis.Redis(connection_pool=pool)
     tenants = RedisTenantStore(redis_client)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import time
 from collections.abc import Awaitable
@@ -36,6 +37,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from zumik_serve.errors import StoreUnavailableError
+
+logger = logging.getLogger("ray.serve")
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 T = TypeVar("T")
@@ -82,6 +85,7 @@ class RedisStateStore:
         try:
             return await operation
         except RedisError as exc:
+            logger.warning("zumik: state store call failed: %s: %s", type(exc).__name__, str(exc)[:200])
             raise StoreUnavailableError(
                 "The state store is unavailable; nothing was changed unless a response said so. "
                 "Retry shortly (with the same Idempotency-Key).",
