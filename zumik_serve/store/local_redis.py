@@ -136,7 +136,8 @@ def wait_for_redis(url: str, *, timeout_s: float, process: subprocess.Popen[byte
                 err = process.stderr.read().decode(errors="replace") if process.stderr else ""
                 raise RuntimeError(f"redis-server exited with code {process.returncode}: {err}")
             try:
-                if client.ping():
+                # Answering is not enough: while it loads its AOF, every command is a LOADING error.
+                if client.ping() and int(client.info("persistence").get("loading", 0)) == 0:
                     return
             except redis.exceptions.RedisError:
                 pass
