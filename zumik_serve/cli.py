@@ -158,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from profiles import ProfileError, resolve_profile
-    from zumik_serve.stack import LocalStack, StackConfig
+    from zumik_serve.app.stack import LocalStack, StackConfig
 
     try:
         profile = resolve_profile(args.profile)
@@ -225,7 +225,7 @@ def _cmd_tenant_create(args: argparse.Namespace) -> int:
 
     from zumik_serve.home import ZumikHome
     from zumik_serve.store.local_redis import embedded_redis, running_redis_url
-    from zumik_serve.store.tenant_store import RedisTenantStore, TenantExistsError
+    from zumik_serve.tenancy.store import RedisTenantStore, TenantExistsError
 
     qos = None
     if args.qos:
@@ -325,7 +325,7 @@ def _cmd_bench_qos(args: argparse.Namespace) -> int:
 
 
 def _cmd_reuse_report(args: argparse.Namespace) -> int:
-    from zumik_serve.reuse_report import run_reuse_report
+    from zumik_serve.reuse.report import run_reuse_report
 
     return run_reuse_report(args, console)
 

@@ -17,8 +17,8 @@ import pytest
 
 from profiles import load_builtin
 from tests.support.otlp_receiver import OtlpReceiver
+from zumik_serve.app.stack import LocalStack, StackConfig
 from zumik_serve.home import ZumikHome
-from zumik_serve.stack import LocalStack, StackConfig
 from zumik_serve.store.local_redis import free_port
 
 DEV_KEY = "zk-dev-test-key"
@@ -70,7 +70,7 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
 async def _create_tenant(redis_url: str, name: str) -> str:
     import redis.asyncio as aioredis
 
-    from zumik_serve.store.tenant_store import RedisTenantStore
+    from zumik_serve.tenancy.store import RedisTenantStore
 
     client = aioredis.from_url(redis_url)
     try:

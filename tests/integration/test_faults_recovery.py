@@ -39,9 +39,9 @@ import pytest
 import redis
 
 from tests.integration.conftest import DEV_KEY, _create_tenant
+from zumik_serve.state.store import bydigest_key, derived_key
 from zumik_serve.store.local_redis import embedded_redis
-from zumik_serve.store.state_store import bydigest_key, derived_key
-from zumik_serve.tenancy import hash_api_key
+from zumik_serve.tenancy.tenant import hash_api_key
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm, pytest.mark.disruptive]
 
@@ -183,7 +183,7 @@ def gateway_app(running_stack) -> Iterator[str]:
     from ray import serve
 
     from profiles import load_builtin
-    from zumik_serve.deployments.gateway import Gateway, GatewaySettings
+    from zumik_serve.app.gateway import Gateway, GatewaySettings
     from zumik_serve.engines.vllm_config import engine_kv_transfer
     from zumik_serve.model.resolve import resolve_model_dir
 

@@ -81,7 +81,7 @@ def test_unknown_class_is_400_and_a_class_outside_the_policy_is_403(
 async def _tenant(redis_url: str, name: str, qos: frozenset[str]) -> str:
     import redis.asyncio as aioredis
 
-    from zumik_serve.store.tenant_store import RedisTenantStore
+    from zumik_serve.tenancy.store import RedisTenantStore
 
     client = aioredis.from_url(redis_url)
     try:

@@ -31,7 +31,7 @@ def separate(running_stack, http: httpx.Client) -> Iterator[str]:
     from ray import serve
 
     from tests.integration.conftest import DEV_KEY
-    from zumik_serve.deployments.app import build_serve_app
+    from zumik_serve.app.application import build_serve_app
 
     profile = load_builtin("local-cpu-separate")
     app = build_serve_app(

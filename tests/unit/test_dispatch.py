@@ -21,11 +21,11 @@ import pytest
 
 from profiles import parse_profile
 from tests.support.fault_server import Fault, FaultServer
-from zumik_serve.dispatch import Dispatcher, RouteContext
 from zumik_serve.engines.protocol import EngineCall, EngineEvent, EngineResponse, ReplicaAssigned
 from zumik_serve.errors import InvalidRequestError, ZumikError
+from zumik_serve.routing.dispatch import Dispatcher, RouteContext
 from zumik_serve.routing.replay import replay
-from zumik_serve.scheduler import ProfileScheduler
+from zumik_serve.routing.scheduler import ProfileScheduler
 
 PROFILE = """
 name: dispatch-test

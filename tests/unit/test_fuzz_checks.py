@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from zumik_serve.api.openai_wire import render_chat_completion, render_error
+from zumik_serve.api.v1.wire import render_chat_completion, render_error
 from zumik_serve.bench.fuzz import (
     ERROR_STATUSES,
     INLINE_ERROR_RESPONSE,

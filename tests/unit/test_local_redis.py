@@ -10,8 +10,8 @@ import redis
 import redis.asyncio as aioredis
 
 from zumik_serve.store.local_redis import LocalRedis
-from zumik_serve.store.tenant_store import RedisTenantStore
-from zumik_serve.tenancy import hash_api_key
+from zumik_serve.tenancy.store import RedisTenantStore
+from zumik_serve.tenancy.tenant import hash_api_key
 
 pytestmark = pytest.mark.redis
 

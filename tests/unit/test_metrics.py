@@ -25,7 +25,7 @@ def ray_runtime() -> Iterator[None]:
 
 
 def test_reuse_and_decision_metrics_take_zero_and_unknown_figures(ray_runtime: None) -> None:
-    from zumik_serve.metrics import RayDecisionMetrics, RayReuseMetrics
+    from zumik_serve.app.metrics import RayDecisionMetrics, RayReuseMetrics
 
     reuse = RayReuseMetrics()
     for opportunity, cached, kind in (

@@ -9,7 +9,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from tests.support.openai_schema import assert_matches_openai_type
-from zumik_serve.api.openai_wire import (
+from zumik_serve.api.v1.wire import (
     MAX_JSON_DEPTH,
     StreamRenderer,
     parse_json_body,
@@ -187,7 +187,7 @@ def test_parse_json_body_rejects_deep_nesting_without_recursion_error() -> None:
 
 
 def test_stream_error_types_are_openai_types() -> None:
-    from zumik_serve.api.openai_wire import render_stream_error
+    from zumik_serve.api.v1.wire import render_stream_error
 
     server = render_stream_error({"message": "EngineCore died", "type": "InternalServerError", "code": 500})
     assert server["error"]["type"] == "server_error" and "Retry" in server["error"]["message"]

@@ -32,7 +32,7 @@ from zumik_serve.providers.openai_http import (
     parse_retry_after,
     prompt_cache_key_for,
 )
-from zumik_serve.store.byok_store import (
+from zumik_serve.providers.store import (
     MASTER_KEY_ENV,
     MASTER_KEY_REDIS_KEY,
     RedisByokStore,

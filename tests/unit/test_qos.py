@@ -23,12 +23,12 @@ from zumik_serve.errors import (
     OverloadedError,
     PermissionDeniedError,
 )
+from zumik_serve.pipeline.service import EngineRun
 from zumik_serve.qos.admission import AdmissionController, ClassGate, choose_class
 from zumik_serve.reuse.figures import ReuseFigures, capture_sources
 from zumik_serve.routing.decision import DecisionRecord, candidate_for_route, decide
 from zumik_serve.routing.replay import replay
-from zumik_serve.service import EngineRun
-from zumik_serve.telemetry import RequestClock, Tracing, request_phases, telemetry_object
+from zumik_serve.telemetry.tracing import RequestClock, Tracing, request_phases, telemetry_object
 
 SPEC = QosSpec()
 

@@ -19,7 +19,7 @@ import pytest
 
 from profiles import load_builtin
 from profiles.model import RouteKind
-from zumik_serve.releases.release import Release, RouteEntry, new_release_id, release_for, validate_alias_name
+from zumik_serve.routing.release import Release, RouteEntry, new_release_id, release_for, validate_alias_name
 
 PROFILE = load_builtin("local-cpu-2x")
 

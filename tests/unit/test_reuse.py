@@ -19,13 +19,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from profiles import load_builtin
-from zumik_serve.api.zumik_headers import reuse_headers
+from zumik_serve.api.headers import reuse_headers
 from zumik_serve.errors import InvalidRequestError
 from zumik_serve.reuse.evidence import EvidenceLevel, weakest
 from zumik_serve.reuse.figures import ReuseFigures
-from zumik_serve.reuse_service import ReuseService
+from zumik_serve.reuse.service import ReuseService
+from zumik_serve.reuse.store import RedisReuseStore
 from zumik_serve.store.local_redis import LocalRedis
-from zumik_serve.store.reuse_store import RedisReuseStore
 
 pytestmark = pytest.mark.redis
 

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from profiles import load_builtin
-from zumik_serve.dispatch import Dispatcher
 from zumik_serve.engines.protocol import (
     EngineCall,
     EngineChunks,
@@ -24,9 +23,10 @@ from zumik_serve.engines.protocol import (
     ReplicaAssigned,
 )
 from zumik_serve.errors import AuthenticationError, ContextLengthExceededError, EngineError
-from zumik_serve.scheduler import ProfileScheduler
-from zumik_serve.service import GatewayService, ModelCard
-from zumik_serve.tenancy import Authenticator, Tenant, TenantId, hash_api_key
+from zumik_serve.pipeline.service import GatewayService, ModelCard
+from zumik_serve.routing.dispatch import Dispatcher
+from zumik_serve.routing.scheduler import ProfileScheduler
+from zumik_serve.tenancy.tenant import Authenticator, Tenant, TenantId, hash_api_key
 
 
 class ScriptedEngine:

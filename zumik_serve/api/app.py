@@ -11,11 +11,14 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from zumik_serve import __version__
-from zumik_serve.api import v1_openai, v2_native, v2_purge, v2_routing
 from zumik_serve.api.http_errors import install_error_handlers
-from zumik_serve.purge_service import PurgeService
-from zumik_serve.service import GatewayService
-from zumik_serve.state_service import StateService
+from zumik_serve.api.v1 import handlers as v1
+from zumik_serve.api.v2 import objects as v2_objects
+from zumik_serve.api.v2 import purge as v2_purge
+from zumik_serve.api.v2 import routing as v2_routing
+from zumik_serve.pipeline.service import GatewayService
+from zumik_serve.purge.service import PurgeService
+from zumik_serve.state.service import StateService
 
 logger = logging.getLogger("ray.serve")
 
@@ -36,10 +39,10 @@ def build_app(
     app.state.purge_service = purge_service
     app.state.max_body_bytes = max_body_bytes
     install_error_handlers(app)
-    app.include_router(v1_openai.router)
-    app.include_router(v2_purge.router)  # before v2_native, whose /v2/{kind}/{id} would match too
+    app.include_router(v1.router)
+    app.include_router(v2_purge.router)  # before v2_objects, whose /v2/{kind}/{id} would match too
     app.include_router(v2_routing.router)
-    app.include_router(v2_native.router)
+    app.include_router(v2_objects.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> JSONResponse:

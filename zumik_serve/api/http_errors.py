@@ -7,7 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from zumik_serve.api.openai_wire import render_error
+from zumik_serve.api.v1.wire import render_error
 from zumik_serve.errors import ZumikError
 
 _HTTP_TYPES = {

@@ -20,8 +20,8 @@ from fastapi import Request
 from profiles.model import QosClass
 from zumik_serve.errors import DeadlineExceededError, InvalidRequestError, ZumikError
 from zumik_serve.qos.admission import AdmissionController, Ticket, choose_class
-from zumik_serve.telemetry import RequestClock
-from zumik_serve.tenancy import Tenant
+from zumik_serve.telemetry.tracing import RequestClock
+from zumik_serve.tenancy.tenant import Tenant
 
 QOS_HEADER = "x-zumik-qos"
 TIMEOUT_HEADER = "x-zumik-timeout-s"

@@ -437,7 +437,7 @@ class _Run:
         from hypothesis import strategies as st
         from schemathesis.hooks import HookDispatcher, HookScope
 
-        from zumik_serve.api.openai_wire import UNSUPPORTED_FIELDS
+        from zumik_serve.api.v1.wire import UNSUPPORTED_FIELDS
 
         declared = _declared_request_fields(spec)
         steer = HookDispatcher(scope=HookScope.TEST)

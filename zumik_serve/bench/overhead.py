@@ -243,10 +243,10 @@ def run_overhead_bench(args: Any, console: Any) -> int:
     from rich.table import Table
 
     from profiles import resolve_profile
+    from zumik_serve.app.stack import LocalStack, StackConfig
     from zumik_serve.engines.vllm_config import engine_kv_transfer
     from zumik_serve.home import ZumikHome
     from zumik_serve.model.resolve import resolve_model_dir
-    from zumik_serve.stack import LocalStack, StackConfig
     from zumik_serve.store.local_redis import free_port
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Ray's log setup would print each request
@@ -325,7 +325,7 @@ def run_overhead_bench(args: Any, console: Any) -> int:
 async def tenant_without_accounting(redis_url: str) -> str:
     import redis.asyncio as aioredis
 
-    from zumik_serve.store.tenant_store import RedisTenantStore
+    from zumik_serve.tenancy.store import RedisTenantStore
 
     client = aioredis.from_url(redis_url)
     try:

@@ -44,13 +44,13 @@ from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.redis_keyring import RedisKeyring
 from kvstore.tiers.redis_tier import RedisTier
 from zumik_serve.purge.classes import GuaranteeClass
-from zumik_serve.purge_service import PurgeService
-from zumik_serve.state_service import StateService
+from zumik_serve.purge.service import PurgeService
+from zumik_serve.purge.store import RedisPurgeStore
+from zumik_serve.state.service import StateService
+from zumik_serve.state.store import RedisStateStore
 from zumik_serve.store.local_redis import LocalRedis
-from zumik_serve.store.purge_store import RedisPurgeStore
-from zumik_serve.store.state_store import RedisStateStore
-from zumik_serve.store.tenant_store import RedisTenantStore
-from zumik_serve.tenancy import TenantId, cache_salt
+from zumik_serve.tenancy.store import RedisTenantStore
+from zumik_serve.tenancy.tenant import TenantId, cache_salt
 
 COMPAT = "b" * 64
 LATENCY_ARMS = ("objects", "kv_host", "kv_redis", "kv_disk")

@@ -228,7 +228,7 @@ async def measure_arm(
 def decision_times_us(profile: Profile, *, samples: int = 200) -> dict[int, dict[str, float]]:
     """Time of one scheduling decision (prefix keys of the prompt + ``decide``), by length."""
     from zumik_serve.routing.decision import Evidence
-    from zumik_serve.scheduler import CHARS_PER_TOKEN, ProfileScheduler, SchedulingRequest
+    from zumik_serve.routing.scheduler import CHARS_PER_TOKEN, ProfileScheduler, SchedulingRequest
 
     scheduler = ProfileScheduler(profile, replicas={"local": ["r0", "r1"]})
     rng = random.Random(7)
@@ -270,8 +270,8 @@ def run_routing_bench(args: Any, console: Any) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
+    from zumik_serve.app.stack import LocalStack, StackConfig
     from zumik_serve.home import ZumikHome
-    from zumik_serve.stack import LocalStack, StackConfig
     from zumik_serve.store.local_redis import free_port
 
     block_size = load_builtin("local-cpu-2x").engine.block_size

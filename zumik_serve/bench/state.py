@@ -28,9 +28,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from zumik_serve.state.objects import ObjectKind
-from zumik_serve.state_service import StateService
+from zumik_serve.state.service import StateService
+from zumik_serve.state.store import RedisStateStore
 from zumik_serve.store.local_redis import LocalRedis
-from zumik_serve.store.state_store import RedisStateStore
 
 TENANT = "ten_bench"
 

@@ -19,10 +19,10 @@ from fastapi.responses import JSONResponse
 
 from profiles.model import RouteKind
 from zumik_serve.api.body import read_body
-from zumik_serve.api.openai_wire import parse_json_body
+from zumik_serve.api.v1.wire import parse_json_body
 from zumik_serve.errors import InvalidRequestError, NotFoundError
-from zumik_serve.routing_service import RoutingService
-from zumik_serve.service import GatewayService
+from zumik_serve.pipeline.service import GatewayService
+from zumik_serve.routing.service import RoutingService
 
 router = APIRouter(prefix="/v2")
 MAX_API_KEY_CHARS = 512

@@ -17,28 +17,28 @@ from profiles import Profile
 from profiles.model import RouteKind
 from zumik_serve.api.app import build_app
 from zumik_serve.api.limits import GenerationLimits
-from zumik_serve.dispatch import Dispatcher
+from zumik_serve.app.metrics import RayDecisionMetrics, RayReuseMetrics
 from zumik_serve.engines.hf_tokenizer import HfChatTokenizer
 from zumik_serve.engines.ray_client import RayEngineClient
-from zumik_serve.metrics import RayDecisionMetrics, RayReuseMetrics
+from zumik_serve.pipeline.service import EngineClient, GatewayService, ModelCard
 from zumik_serve.providers.byok import KeyVault
+from zumik_serve.providers.store import RedisByokStore, load_or_create_master_key
 from zumik_serve.purge.classes import GuaranteeClass
-from zumik_serve.purge_service import PurgeService
+from zumik_serve.purge.service import PurgeService
+from zumik_serve.purge.store import RedisPurgeStore
 from zumik_serve.qos.admission import AdmissionController
-from zumik_serve.reuse_service import ReuseService
-from zumik_serve.routing_service import RoutingService
-from zumik_serve.scheduler import ProfileScheduler
-from zumik_serve.service import EngineClient, GatewayService, ModelCard
-from zumik_serve.state_service import StateService
-from zumik_serve.store.byok_store import RedisByokStore, load_or_create_master_key
+from zumik_serve.reuse.service import ReuseService
+from zumik_serve.reuse.store import RedisReuseStore
+from zumik_serve.routing.dispatch import Dispatcher
+from zumik_serve.routing.scheduler import ProfileScheduler
+from zumik_serve.routing.service import RoutingService
+from zumik_serve.routing.store import RedisRoutingStore
+from zumik_serve.state.service import StateService
+from zumik_serve.state.store import RedisStateStore
 from zumik_serve.store.kv_probe import KvProbe
-from zumik_serve.store.purge_store import RedisPurgeStore
-from zumik_serve.store.reuse_store import RedisReuseStore
-from zumik_serve.store.routing_store import RedisRoutingStore
-from zumik_serve.store.state_store import RedisStateStore
-from zumik_serve.store.tenant_store import RedisTenantStore
-from zumik_serve.telemetry import Tracing
-from zumik_serve.tenancy import Authenticator
+from zumik_serve.telemetry.tracing import Tracing
+from zumik_serve.tenancy.store import RedisTenantStore
+from zumik_serve.tenancy.tenant import Authenticator
 
 logger = logging.getLogger("ray.serve")
 REDIS_POOL_CONNECTIONS = 48

@@ -19,7 +19,7 @@ from profiles import Profile
 from zumik_serve.errors import InvalidRequestError
 from zumik_serve.reuse.evidence import EvidenceLevel
 from zumik_serve.reuse.figures import ReuseFigures
-from zumik_serve.store.reuse_store import RedisReuseStore
+from zumik_serve.reuse.store import RedisReuseStore
 
 GROUPS = ("tenant", "profile", "snapshot", "route")
 MAX_WINDOW_S = 24 * 3600

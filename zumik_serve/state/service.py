@@ -38,7 +38,7 @@ from zumik_serve.state.objects import ArtifactRole, FrozenTurn, ObjectKind, Turn
 _IDEMPOTENT: ContextVar[tuple[str, str, str] | None] = ContextVar("zumik_idempotent", default=None)
 
 if TYPE_CHECKING:
-    from zumik_serve.store.state_store import RedisStateStore
+    from zumik_serve.state.store import RedisStateStore
 
 KIND_HANDLES = {
     ObjectKind.ARTIFACTS: HandleKind.ARTIFACT,

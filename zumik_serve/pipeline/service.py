@@ -29,7 +29,7 @@ from zumik_serve.errors import (
 )
 from zumik_serve.ids import DecisionId
 from zumik_serve.state.compiler import ChatTokenizer
-from zumik_serve.tenancy import Authenticator, Tenant, TenantId, cache_salt
+from zumik_serve.tenancy.tenant import Authenticator, Tenant, TenantId, cache_salt
 
 
 class EngineClient(Protocol):
@@ -172,7 +172,7 @@ class GatewayService:
     ) -> EngineRun:
         """Decide the route of the call for ``tenant`` and start it; failures before the first
         output are raised. Engine requests carry the tenant's server-side cache salt."""
-        from zumik_serve.dispatch import RouteContext
+        from zumik_serve.routing.dispatch import RouteContext
 
         salt = await self.cache_salt_for(tenant)
         engine_body = {**engine_body, "cache_salt": salt}

@@ -16,9 +16,9 @@ from typing import Any
 from profiles import Profile
 from zumik_serve.errors import ConflictError, InvalidRequestError, NotFoundError
 from zumik_serve.ids import HandleKind, handle_kind
-from zumik_serve.releases.release import Release, new_release_id, release_for, validate_alias_name
+from zumik_serve.routing.release import Release, new_release_id, release_for, validate_alias_name
 from zumik_serve.routing.replay import replay
-from zumik_serve.store.routing_store import RedisRoutingStore
+from zumik_serve.routing.store import RedisRoutingStore
 
 
 class RoutingService:

@@ -3,7 +3,7 @@
     applications:
       - name: zumik
         route_prefix: /
-        import_path: zumik_serve.deployments.serve_app:build
+        import_path: zumik_serve.app.serve_app:build
         args:
           profile: llama-8b-h100                  # a built-in name or a YAML path on the head node
           redis_url: redis://zumik-redis:6379/0   # else $ZUMIK_REDIS_URL
@@ -21,7 +21,7 @@ from typing import Any
 from ray import serve
 
 from profiles import resolve_profile
-from zumik_serve.deployments.app import build_serve_app
+from zumik_serve.app.application import build_serve_app
 from zumik_serve.home import ZumikHome
 from zumik_serve.model.resolve import resolve_model_dir
 from zumik_serve.store.local_redis import REDIS_URL_ENV

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.llm import LLMServer
 
-from zumik_serve.deployments.gateway import GatewaySettings, make_gateway_app
+from zumik_serve.app.gateway import GatewaySettings, make_gateway_app
 from zumik_serve.engines.protocol import (
     EngineCall,
     EngineChunks,

@@ -129,7 +129,7 @@ class LocalStack:
         with self._step("deploy"):
             from ray import serve
 
-            from zumik_serve.deployments.app import APP_NAME, build_serve_app
+            from zumik_serve.app.application import APP_NAME, build_serve_app
 
             logging.getLogger("ray.serve").setLevel(logging.WARNING)
             progress(
@@ -154,7 +154,7 @@ class LocalStack:
         """Replace the running app by ``profile``'s (same Redis, same Ray head, same URL)."""
         from ray import serve
 
-        from zumik_serve.deployments.app import APP_NAME, build_serve_app
+        from zumik_serve.app.application import APP_NAME, build_serve_app
 
         progress(f"deploying profile {profile.name}")
         model_dir = resolve_model_dir(profile, self.config.home)

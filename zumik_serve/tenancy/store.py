@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from zumik_serve.errors import StoreUnavailableError
-from zumik_serve.tenancy import (
+from zumik_serve.tenancy.tenant import (
     Tenant,
     TenantId,
     hash_api_key,

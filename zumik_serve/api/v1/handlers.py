@@ -13,10 +13,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
 from starlette.background import BackgroundTask
 
-from zumik_serve.api import zumik_headers
+from zumik_serve.api import headers as zumik_headers
 from zumik_serve.api.body import read_body
 from zumik_serve.api.limits import check_generation_limits
-from zumik_serve.api.openai_wire import (
+from zumik_serve.api.qos_http import QOS_HEADER, TIMEOUT_HEADER, Admission, Deadline, admit, exceeded
+from zumik_serve.api.v1.wire import (
     PreparedRequest,
     StreamRenderer,
     parse_json_body,
@@ -26,18 +27,17 @@ from zumik_serve.api.openai_wire import (
     render_error,
     render_stream_error,
 )
-from zumik_serve.api.qos_http import QOS_HEADER, TIMEOUT_HEADER, Admission, Deadline, admit, exceeded
-from zumik_serve.dispatch import RouteContext
 from zumik_serve.engines.protocol import EngineCall, EngineChunks, EngineFailure, EngineResponse
 from zumik_serve.errors import EngineError, InvalidRequestError, NotFoundError, ZumikError
-from zumik_serve.releases.release import Release
+from zumik_serve.pipeline.service import EngineRun, GatewayService, parse_stream_error
 from zumik_serve.reuse.figures import ReuseFigures
-from zumik_serve.reuse_service import ReuseService
-from zumik_serve.routing_service import RoutingService
-from zumik_serve.service import EngineRun, GatewayService, parse_stream_error
-from zumik_serve.state_service import StateService
-from zumik_serve.telemetry import RequestClock, Tracing, request_phases
-from zumik_serve.tenancy import Tenant
+from zumik_serve.reuse.service import ReuseService
+from zumik_serve.routing.dispatch import RouteContext
+from zumik_serve.routing.release import Release
+from zumik_serve.routing.service import RoutingService
+from zumik_serve.state.service import StateService
+from zumik_serve.telemetry.tracing import RequestClock, Tracing, request_phases
+from zumik_serve.tenancy.tenant import Tenant
 
 logger = logging.getLogger("ray.serve")
 

@@ -42,8 +42,8 @@ from zumik_serve.purge.receipt import (
     public_key_record,
     receipt_hash,
 )
-from zumik_serve.store.purge_store import RedisPurgeStore
-from zumik_serve.tenancy import TenantId, cache_salt
+from zumik_serve.purge.store import RedisPurgeStore
+from zumik_serve.tenancy.tenant import TenantId, cache_salt
 
 STEPS = ("revoke", "rotate", "keys", "tiers", "objects", "compact", "receipt")
 TIER_STORES = {Tier.HOST: "kv_host", Tier.REDIS: "kv_redis", Tier.DISK: "kv_disk"}

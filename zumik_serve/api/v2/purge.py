@@ -13,10 +13,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from zumik_serve.api.body import read_body
-from zumik_serve.api.openai_wire import parse_json_body
+from zumik_serve.api.v1.wire import parse_json_body
 from zumik_serve.errors import InvalidRequestError
-from zumik_serve.purge_service import PurgeService
-from zumik_serve.service import GatewayService
+from zumik_serve.pipeline.service import GatewayService
+from zumik_serve.purge.service import PurgeService
 
 router = APIRouter(prefix="/v2")
 RETRY_INCOMPLETE_S = 5

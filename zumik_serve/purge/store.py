@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from kvstore.tiers.redis_keyring import DESTROYED, TOMBSTONE_TTL_S, keyring_key
-from zumik_serve.store.state_store import REVOKE, RedisStateStore, bydigest_key, derived_key, exposed_key
+from zumik_serve.state.store import REVOKE, RedisStateStore, bydigest_key, derived_key, exposed_key
 
 PENDING = "zumik:purges:pending"
 SIGNING_KEY = "zumik:receipt-signing-key"

@@ -12,22 +12,22 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from profiles.model import RouteKind
-from zumik_serve.api import zumik_headers
+from zumik_serve.api import headers as zumik_headers
 from zumik_serve.api.body import read_body
 from zumik_serve.api.limits import check_generation_limits
-from zumik_serve.api.openai_wire import parse_json_body, render_usage
 from zumik_serve.api.qos_http import Admission, admit
-from zumik_serve.dispatch import RouteContext
+from zumik_serve.api.v1.wire import parse_json_body, render_usage
 from zumik_serve.engines.protocol import EngineCall, EngineResponse
 from zumik_serve.errors import EngineError, InvalidRequestError, MethodNotAllowedError
+from zumik_serve.pipeline.service import GatewayService
 from zumik_serve.reuse.figures import ReuseFigures
-from zumik_serve.reuse_service import ReuseService
-from zumik_serve.routing_service import RoutingService
-from zumik_serve.service import GatewayService
+from zumik_serve.reuse.service import ReuseService
+from zumik_serve.routing.dispatch import RouteContext
+from zumik_serve.routing.service import RoutingService
 from zumik_serve.state.objects import ObjectKind
-from zumik_serve.state_service import StateService
-from zumik_serve.telemetry import RequestClock, Tracing, request_phases, telemetry_object
-from zumik_serve.tenancy import Tenant
+from zumik_serve.state.service import StateService
+from zumik_serve.telemetry.tracing import RequestClock, Tracing, request_phases, telemetry_object
+from zumik_serve.tenancy.tenant import Tenant
 
 router = APIRouter(prefix="/v2")
 

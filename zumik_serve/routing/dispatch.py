@@ -29,12 +29,12 @@ from profiles.model import RouteKind
 from zumik_serve.engines.protocol import EngineCall, EngineChunks, EngineEvent, EngineFailure, ReplicaAssigned
 from zumik_serve.errors import EngineError, OverloadedError, ZumikError
 from zumik_serve.ids import new_decision_id
+from zumik_serve.pipeline.service import EngineClient, EngineRun, error_for_failure, parse_stream_error
 from zumik_serve.providers.engine_client import ProviderEngineClient
 from zumik_serve.providers.openai_http import OpenAICompatProvider, prompt_cache_key_for
 from zumik_serve.routing.decision import DecisionRecord, Evidence, Pick
 from zumik_serve.routing.retry import AttemptOutcome, RetryAction, classify
-from zumik_serve.scheduler import ProfileScheduler, SchedulingRequest
-from zumik_serve.service import EngineClient, EngineRun, error_for_failure, parse_stream_error
+from zumik_serve.routing.scheduler import ProfileScheduler, SchedulingRequest
 
 
 class DecisionSink(Protocol):

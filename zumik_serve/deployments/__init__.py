@@ -1,1 +1,0 @@
-"""Ray Serve deployments: they wire real parts together and hold no policy."""

@@ -1,1 +1,0 @@
-"""Releases: the immutable versions an alias points at (model, route table, policy version)."""

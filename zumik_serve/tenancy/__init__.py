@@ -1,0 +1,1 @@
+"""Tenants: API keys, authentication, the per-tenant cache salt, and their Redis store."""
