@@ -63,9 +63,10 @@ case "$command" in
   serve) setup; exec .venv/bin/zumik serve "$@" ;;
   test)
     setup
-    say "lint (ruff) and types (mypy)"
+    say "lint (ruff), types (mypy) and boundaries (import-linter)"
     .venv/bin/ruff check zumik_serve kvstore profiles tests
     .venv/bin/mypy
+    .venv/bin/lint-imports
     say "tests (unit + integration with real Redis, Ray and vLLM on CPU)"
     exec .venv/bin/python -m pytest "$@"
     ;;

@@ -221,9 +221,8 @@ def _print_ready(stack: object, model: str, elapsed_s: float) -> None:
 
 
 def _cmd_tenant_create(args: argparse.Namespace) -> int:
-    import redis.asyncio as aioredis
-
     from zumik_serve.home import ZumikHome
+    from zumik_serve.store.client import plain_client
     from zumik_serve.store.local_redis import embedded_redis, running_redis_url
     from zumik_serve.tenancy.store import RedisTenantStore, TenantExistsError
 
@@ -244,7 +243,7 @@ def _cmd_tenant_create(args: argparse.Namespace) -> int:
         url = temporary.url
 
     async def create() -> tuple[str, str]:
-        client = aioredis.from_url(url)
+        client = plain_client(url)
         try:
             tenant, api_key = await RedisTenantStore(client).create_tenant(
                 args.name, qos_classes=qos, reuse_accounting=not args.no_reuse_accounting

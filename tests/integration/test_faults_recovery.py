@@ -183,7 +183,8 @@ def gateway_app(running_stack) -> Iterator[str]:
     from ray import serve
 
     from profiles import load_builtin
-    from zumik_serve.app.gateway import Gateway, GatewaySettings
+    from zumik_serve.app.context import GatewaySettings
+    from zumik_serve.app.gateway import Gateway
     from zumik_serve.engines.vllm_config import engine_kv_transfer
     from zumik_serve.model.resolve import resolve_model_dir
 

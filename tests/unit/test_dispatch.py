@@ -13,6 +13,7 @@ Invariants held here:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Iterator
 from typing import Any
@@ -162,6 +163,41 @@ async def test_breaker_opens_filters_the_route_then_recovers_through_one_probe(h
     probe = next(c for c in harness.records[-1][0]["candidates"] if c["route"] == "managed")
     assert probe["breaker"]["state"] == "half_open"
     assert harness.records[-1][1][-1]["breaker_after"] == "closed"
+
+
+async def test_half_open_breaker_admits_one_probe_and_others_fall_back(harness: Harness) -> None:
+    harness.managed.script([Fault.status(503)] * 2)
+    await harness.chat()  # two failures open the managed route's breaker
+    harness.now_ms += 10_000  # cooldown passed: half open
+    harness.managed.script([Fault.hang(0.3)])  # the probe is slow (but within the route's timeout)
+    probe = asyncio.create_task(harness.chat())
+    while not harness.managed.requests[2:]:  # the probe has reached the provider
+        await asyncio.sleep(0.01)
+    other = await harness.chat()
+    assert other.route == "byok:byok"  # the probe is out: the decision filtered the route
+    managed = next(c for c in harness.records[-1][0]["candidates"] if c["route"] == "managed")
+    assert managed["filters"]["breaker"] == "probe in flight"
+    assert (await probe).route == "managed:managed"
+    assert harness.records[-1][1][-1]["breaker_after"] == "closed"
+    assert (await harness.chat()).route == "managed:managed"  # closed again: no probe limit
+
+
+async def test_probe_taken_between_decision_and_send_falls_back(harness: Harness) -> None:
+    harness.managed.script([Fault.status(503)] * 2)
+    await harness.chat()
+    harness.now_ms += 10_000
+    scheduler = harness.dispatcher.scheduler
+    decision = harness.dispatcher.decide(
+        EngineCall.CHAT, dict(BODY), tenant="ten_a", salt="s" * 64, context=RouteContext()
+    )
+    assert decision.record.pick is not None and decision.record.pick.route == "managed"
+    assert scheduler.admit(decision.record.pick, harness.now_ms)  # another request took the probe
+    run = await harness.dispatcher.execute(
+        decision, EngineCall.CHAT, dict(BODY), stream=False, tenant="ten_a", salt="s" * 64,
+        context=RouteContext(),
+    )  # fmt: skip
+    assert run.route == "byok:byok"
+    assert harness.last_attempts()[0] == ("managed", "skipped", "fallback")
 
 
 async def test_missing_keys_are_skipped_and_every_record_replays_equal(harness: Harness) -> None:

@@ -14,8 +14,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from profiles import load_builtin
 from profiles.model import QosClass, QosClassSpec, QosSpec
 from tests.unit.test_routing import PROMPT_TOKENS, ROUTES, make_inputs, make_replica
-from zumik_serve.api.limits import GenerationLimits, check_generation_limits
-from zumik_serve.api.qos_http import Deadline
 from zumik_serve.engines.protocol import EngineResponse
 from zumik_serve.errors import (
     DeadlineExceededError,
@@ -23,10 +21,12 @@ from zumik_serve.errors import (
     OverloadedError,
     PermissionDeniedError,
 )
-from zumik_serve.pipeline.service import EngineRun
+from zumik_serve.pipeline.limits import GenerationLimits, check_generation_limits
 from zumik_serve.qos.admission import AdmissionController, ClassGate, choose_class
+from zumik_serve.qos.deadline import Deadline
 from zumik_serve.reuse.figures import ReuseFigures, capture_sources
 from zumik_serve.routing.decision import DecisionRecord, candidate_for_route, decide
+from zumik_serve.routing.dispatch import EngineRun
 from zumik_serve.routing.replay import replay
 from zumik_serve.telemetry.tracing import RequestClock, Tracing, request_phases, telemetry_object
 

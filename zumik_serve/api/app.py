@@ -1,4 +1,5 @@
-"""build_app(service): the FastAPI application, the only place HTTP pieces are wired."""
+"""build_app(context): the FastAPI application over a gateway's typed context, the only place
+HTTP pieces are wired. Handlers reach the context through ``api/deps.py``."""
 
 from __future__ import annotations
 
@@ -17,28 +18,25 @@ from zumik_serve.api.v2 import generate as v2_generate
 from zumik_serve.api.v2 import objects as v2_objects
 from zumik_serve.api.v2 import purge as v2_purge
 from zumik_serve.api.v2 import routing as v2_routing
-from zumik_serve.pipeline.service import GatewayService
+from zumik_serve.pipeline.context import GatewayContext
+from zumik_serve.pipeline.pipeline import Pipeline
 from zumik_serve.purge.service import PurgeService
-from zumik_serve.state.service import StateService
 
 logger = logging.getLogger("ray.serve")
 
+App = FastAPI  # what wiring code names the app by (only the API imports the web framework)
 
-def build_app(
-    service: GatewayService, state_service: StateService, purge_service: PurgeService, *, max_body_bytes: int
-) -> FastAPI:
+
+def build_app(context: GatewayContext) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Purges a crash or an outage left unfinished are finished in the background.
-        task = asyncio.create_task(_resume_purges(purge_service))
+        task = asyncio.create_task(_resume_purges(context.purges))
         yield
         task.cancel()
 
     app = FastAPI(title="Zumik", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.service = service
-    app.state.state_service = state_service
-    app.state.purge_service = purge_service
-    app.state.max_body_bytes = max_body_bytes
+    app.state.pipeline = Pipeline(context)
     install_error_handlers(app)
     app.include_router(v1.router)
     app.include_router(v2_purge.router)  # before v2_objects, whose /v2/{kind}/{id} would match too

@@ -18,8 +18,10 @@ from ray import serve
 from ray.serve.llm import LLMConfig
 
 from profiles import GatewayPlacement, Profile
-from zumik_serve.app.gateway import Gateway, GatewaySettings
-from zumik_serve.engines.replica import EngineReplica, IngressEngineReplica
+from zumik_serve.app.colocated import IngressEngineReplica
+from zumik_serve.app.context import GatewaySettings
+from zumik_serve.app.gateway import Gateway
+from zumik_serve.engines.replica import EngineReplica
 from zumik_serve.engines.vllm_config import engine_kv_transfer, llm_config_kwargs
 from zumik_serve.home import ZumikHome
 

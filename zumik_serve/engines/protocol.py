@@ -16,9 +16,11 @@ them to the official OpenAI schema. No framework types cross this boundary.
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 
 class EngineCall(StrEnum):
@@ -53,3 +55,31 @@ class EngineFailure:
 
 
 EngineEvent = ReplicaAssigned | EngineResponse | EngineChunks | EngineFailure
+
+
+class EngineClient(Protocol):
+    """Starts one call on some engine replica and streams its events (the order above).
+
+    Implementations: ``engines/ray_client.py`` (a Serve handle), ``engines/replica.py``'s
+    in-process client (the colocated placement), ``providers/engine_client.py`` (a managed or
+    BYOK route over HTTP). An implementation may raise when no replica can take the call; the
+    dispatcher turns that into a 503.
+    """
+
+    def generate(self, call: EngineCall, body: dict[str, Any]) -> AsyncIterator[EngineEvent]: ...
+
+    async def complete(self, call: EngineCall, body: dict[str, Any]) -> list[EngineEvent]:
+        """A non-streaming call: all of its events at once (one round trip)."""
+        ...
+
+
+def parse_stream_error(payload: str) -> dict[str, Any] | None:
+    """The error object of an in-stream ``{"error": ...}`` payload, else None."""
+    if not payload.startswith('{"error"'):
+        return None
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError:
+        return None
+    error = data.get("error")
+    return error if isinstance(error, dict) else None

@@ -16,7 +16,6 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.llm import LLMServer
 
-from zumik_serve.app.gateway import GatewaySettings, make_gateway_app
 from zumik_serve.engines.protocol import (
     EngineCall,
     EngineChunks,
@@ -63,21 +62,6 @@ class EngineReplica(LLMServer):
             yield _client_failure(exc)
         except Exception as exc:  # the engine failed; the gateway decides what the client sees
             yield EngineFailure(status=500, message=f"engine failure: {type(exc).__name__}: {exc}")
-
-
-class IngressEngineReplica(EngineReplica):
-    """The colocated topology: an engine replica that also serves the gateway app in-process.
-
-    Requests reach it straight from Serve's proxy (or HAProxy), and the gateway calls the
-    engine as a local coroutine: one network hop fewer than Gateway → EngineReplica.
-    """
-
-    async def __init__(self, llm_config: Any, settings: GatewaySettings) -> None:  # type: ignore[misc]
-        await super().__init__(llm_config)
-        self._gateway_app = make_gateway_app(settings, {"r0": InProcessEngineClient(self)})
-
-    async def __serve_build_asgi_app__(self) -> Any:
-        return self._gateway_app
 
 
 class InProcessEngineClient:

@@ -1,12 +1,19 @@
 """Dispatcher: decide a request's route with the profile's scheduler, then carry the decision out.
 
-    decide ──► pick ──attempt──► first output ─► EngineRun (x-zumik-route, decision id, release)
-                 │       │ failure before output: classify (routing/retry.py)
-                 │       ├─ retry    same route, after Retry-After, within the retry budget
-                 │       ├─ fallback next of the decision's fallbacks (profile order)
-                 │       └─ fail     the client's error (a 4xx: another route fails the same way)
-                 └─ every attempt, its outcome and the breaker it left are recorded with the
-                    decision (``store/decision_store.py``); the decision itself replays exactly
+    decide() ─► Decision ─► execute() ─► pick ─ breaker admits? ─attempt─► first output ─► EngineRun
+                                           │        │ failure before output: classify (retry.py)
+                                           │        ├─ retry    same route, after Retry-After,
+                                           │        │           within the retry budget
+                                           │        ├─ fallback next of the decision's fallbacks
+                                           │        └─ fail     the client's error (a 4xx)
+                                           └─ every attempt, its outcome and the breaker it left
+                                              are recorded with the decision (``routing/store.py``)
+
+``decide`` and ``execute`` are two calls so that the caller (the request pipeline) can start work
+that needs only the decision (the reuse lookup of the prompt's prefix) while the route runs; the
+dispatcher never calls back up. ``execute`` returns what happened (an ``EngineRun``) or raises the
+client's error. A half-open breaker lets one probe through at a time: the pick takes the probe
+before it is sent (``breaker.admit``), and a concurrent request falls back.
 
 BYOC picks go to the engine client of that replica; managed and BYOK picks go to the provider
 (``providers/engine_client.py``) with Zumik's key from the environment or the tenant's own key.
@@ -21,20 +28,36 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvstore.keys import scope_id
 from profiles.model import RouteKind
-from zumik_serve.engines.protocol import EngineCall, EngineChunks, EngineEvent, EngineFailure, ReplicaAssigned
-from zumik_serve.errors import EngineError, OverloadedError, ZumikError
-from zumik_serve.ids import new_decision_id
-from zumik_serve.pipeline.service import EngineClient, EngineRun, error_for_failure, parse_stream_error
+from zumik_serve.engines.protocol import (
+    EngineCall,
+    EngineChunks,
+    EngineClient,
+    EngineEvent,
+    EngineFailure,
+    EngineResponse,
+    ReplicaAssigned,
+    parse_stream_error,
+)
+from zumik_serve.errors import (
+    ContextLengthExceededError,
+    EngineError,
+    InvalidRequestError,
+    OverloadedError,
+    ZumikError,
+)
+from zumik_serve.ids import DecisionId, new_decision_id
 from zumik_serve.providers.engine_client import ProviderEngineClient
 from zumik_serve.providers.openai_http import OpenAICompatProvider, prompt_cache_key_for
 from zumik_serve.routing.decision import DecisionRecord, Evidence, Pick
 from zumik_serve.routing.retry import AttemptOutcome, RetryAction, classify
 from zumik_serve.routing.scheduler import ProfileScheduler, SchedulingRequest
+
+PROBE_OUT = "breaker half open: its probe is in flight"
 
 
 class DecisionSink(Protocol):
@@ -56,9 +79,62 @@ class RouteContext:
     qos: str = "standard"
     prefer_cheapest: bool = False  # the class takes the cheapest healthy route
     engine_priority: int | None = None  # vLLM priority on BYOC engines (None: not sent)
-    # Called with (scope, prefix keys) once decided, before the route runs: the reuse accounting
-    # looks the prefix up while the engine works, off the request's critical path.
-    on_decided: Callable[[str, tuple[str, ...]], None] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A decided request, not yet carried out: the record, the prompt's prefix keys and the
+    isolation scope of its cache salt (what the reuse accounting looks the prefix up by)."""
+
+    record: DecisionRecord
+    prefix_keys: tuple[str, ...]
+    scope: str
+    decide_ms: float
+
+    @property
+    def decision_id(self) -> DecisionId:
+        return DecisionId(self.record.decision_id)
+
+
+@dataclass
+class EngineRun:
+    """A started call whose first output is known to be good (errors were raised before)."""
+
+    decision_id: DecisionId
+    replica_id: str
+    first: EngineResponse | EngineChunks
+    rest: AsyncIterator[EngineEvent]
+    route_label: str | None = None  # x-zumik-route: byoc:<replica>, managed:<route>, byok:<route>
+    route_name: str = "local"  # the profile's route that served it
+    route_kind: str = "byoc"
+    scope: str = ""  # the isolation scope of the request's cache salt (``kvstore.keys.scope_id``)
+    prefix_keys: tuple[str, ...] = ()  # the scheduler's prefix keys of the prompt
+    timing_ms: dict[str, float] | None = None  # where the time went before the first output
+
+    @property
+    def route(self) -> str:
+        return self.route_label or f"byoc:{self.replica_id}"
+
+    def kv_report(self) -> dict[str, Any] | None:
+        """What the engine's KV connector says this request got from caches (``zumik_kv`` of
+        ``kvstore/connector.py``): BYOC, non-streamed answers only; None otherwise."""
+        if self.route_kind != "byoc" or not isinstance(self.first, EngineResponse):
+            return None
+        params = self.first.body.get("kv_transfer_params")
+        report = params.get("zumik_kv") if isinstance(params, dict) else None
+        return report if isinstance(report, dict) else None
+
+    def restore_timing(self) -> tuple[float, str] | None:
+        """The tier restore of this request for ``Server-Timing``: (ms, description)."""
+        report = self.kv_report()
+        tiers = report.get("tiers") if report is not None else None
+        if report is None or not isinstance(tiers, dict) or not any(tiers.values()):
+            return None
+        parts = [f"{tier} {tokens} tokens" for tier, tokens in sorted(tiers.items()) if tokens]
+        if isinstance(report.get("bytes"), int):
+            parts.append(f"{report['bytes']} bytes")
+        ms = report.get("ms")
+        return (float(ms) if isinstance(ms, int | float) else 0.0), ", ".join(parts)
 
 
 class Dispatcher:
@@ -89,11 +165,11 @@ class Dispatcher:
                     route.name, route.base_url, timeout_s=route.timeout_s
                 )
 
-    async def start(
-        self, call: EngineCall, engine_body: dict[str, Any], *, stream: bool, tenant: str, salt: str,
-        context: RouteContext,
-    ) -> EngineRun:  # fmt: skip
-        decision_id = new_decision_id()
+    def decide(
+        self, call: EngineCall, engine_body: dict[str, Any], *, tenant: str, salt: str, context: RouteContext
+    ) -> Decision:
+        """The route of one request, as a recorded decision (no I/O)."""
+        started = time.perf_counter()
         prompt_text = _prompt_text(call, engine_body)
         request = SchedulingRequest(
             tenant=tenant, cache_salt=salt, prompt_text=prompt_text,
@@ -103,31 +179,46 @@ class Dispatcher:
             allowed_routes=context.allowed_routes, evidence=context.evidence,
             qos=context.qos, prefer_cheapest=context.prefer_cheapest,
         )  # fmt: skip
-        started = time.perf_counter()
-        timing: dict[str, float] = {}
         record, keys = self.scheduler.decide(
-            decision_id, request, now_ms=self._clock_ms(), seed=secrets.randbits(31)
+            new_decision_id(), request, now_ms=self._clock_ms(), seed=secrets.randbits(31)
         )
+        decide_ms = (time.perf_counter() - started) * 1000
         if self._metrics is not None:
             route = record.pick.route if record.pick is not None else "none"
-            self._metrics.observe(
-                route=route, reason=record.pick_reason, decide_us=(time.perf_counter() - started) * 1e6
-            )
-        timing["decide"] = (time.perf_counter() - started) * 1000
-        if context.on_decided is not None:
-            context.on_decided(scope_id(salt), tuple(keys))
+            self._metrics.observe(route=route, reason=record.pick_reason, decide_us=decide_ms * 1000)
+        return Decision(record=record, prefix_keys=tuple(keys), scope=scope_id(salt), decide_ms=decide_ms)
+
+    async def execute(
+        self, decision: Decision, call: EngineCall, engine_body: dict[str, Any], *, stream: bool,
+        tenant: str, salt: str, context: RouteContext,
+    ) -> EngineRun:  # fmt: skip
+        """Carry ``decision`` out: the first route that gives a first output, or the client's
+        error. The decision and every attempt are recorded either way."""
+        started = time.perf_counter()
         attempts: list[dict[str, Any]] = []
+        timing: dict[str, float] = {"decide": decision.decide_ms}
         try:
             run = await self._execute(
-                record, keys, call, engine_body, stream, tenant, salt, attempts, context.engine_priority
-            )
-            timing["first-output"] = (time.perf_counter() - started) * 1000 - timing["decide"]
+                decision.record, list(decision.prefix_keys), call, engine_body, stream, tenant, salt,
+                attempts, context.engine_priority,
+            )  # fmt: skip
+            timing["first-output"] = (time.perf_counter() - started) * 1000
         finally:
             saved = time.perf_counter()
-            await self._decisions.save(tenant, record.to_json(), attempts)
+            await self._decisions.save(tenant, decision.record.to_json(), attempts)
             timing["record"] = (time.perf_counter() - saved) * 1000
         run.timing_ms = timing
         return run
+
+    async def start(
+        self, call: EngineCall, engine_body: dict[str, Any], *, stream: bool, tenant: str, salt: str,
+        context: RouteContext,
+    ) -> EngineRun:  # fmt: skip
+        """``decide`` then ``execute``."""
+        decision = self.decide(call, engine_body, tenant=tenant, salt=salt, context=context)
+        return await self.execute(
+            decision, call, engine_body, stream=stream, tenant=tenant, salt=salt, context=context
+        )
 
     async def _execute(
         self, record: DecisionRecord, keys: list[str], call: EngineCall, engine_body: dict[str, Any],
@@ -149,12 +240,18 @@ class Dispatcher:
                 saturated += 1
                 attempts.append(_attempt(pick, 1, "saturated", None, "fallback", "route at max_inflight"))
                 continue
+            if not self.scheduler.admit(pick, self._clock_ms()):
+                attempts.append(_attempt(pick, 1, "skipped", None, "fallback", PROBE_OUT))
+                continue
             body = engine_body
             if route.kind is RouteKind.BYOC and engine_priority is not None:
                 body = {**engine_body, "priority": engine_priority}
             attempt = 0
             while True:
                 attempt += 1
+                if attempt > 1 and self.scheduler.breaker_open(pick, self._clock_ms()):
+                    attempts.append(_attempt(pick, attempt, "skipped", None, "fallback", "breaker open"))
+                    break
                 client = await self._client(pick, tenant, salt, record)
                 if client is None:
                     attempts.append(_attempt(pick, attempt, "skipped", None, "fallback", "no api key"))
@@ -191,6 +288,8 @@ class Dispatcher:
                 breaker_state = None
                 if verdict.counts_as_failure:
                     breaker_state = self.scheduler.failed(pick, now_ms).state.value
+                else:  # not the route's fault: a half-open probe it held is given back
+                    self.scheduler.release_probe(pick)
                 action = verdict.action
                 if action is RetryAction.RETRY and not self.scheduler.allow_retry(now_ms):
                     action = RetryAction.FALLBACK
@@ -336,3 +435,21 @@ def _prompt_text(call: EngineCall, body: dict[str, Any]) -> str:
 def _max_tokens(body: dict[str, Any]) -> int:
     value = body.get("max_tokens") or body.get("max_completion_tokens") or 16
     return value if isinstance(value, int) and value > 0 else 16
+
+
+def error_for_failure(failure: EngineFailure, call: EngineCall) -> ZumikError:
+    """Map an engine failure (before any output) to the error a client sees."""
+    message = failure.message
+    lowered = message.lower()
+    if failure.status == 400 and (
+        "context length" in lowered or "maximum model length" in lowered or "max_model_len" in lowered
+    ):
+        param = "messages" if call is EngineCall.CHAT else "prompt"
+        return ContextLengthExceededError(f"{message} Shorten the {param} or lower max_tokens.", param=param)
+    if 400 <= failure.status < 500:
+        return InvalidRequestError(message, param=failure.param, status=failure.status)
+    return EngineError(
+        f"The engine failed before producing output ({message}). Retry the request; if it "
+        "keeps failing, check the server logs.",
+        status=failure.status if failure.status >= 500 else 500,
+    )

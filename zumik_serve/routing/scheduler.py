@@ -23,12 +23,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from profiles import Profile
 from profiles.model import RouteKind, RouteSpec
-from zumik_serve.routing.breaker import CLOSED, BreakerState, current, record_failure, record_success
+from zumik_serve.routing.breaker import (
+    CLOSED,
+    BreakerState,
+    BreakerStatus,
+    admit,
+    current,
+    record_failure,
+    record_success,
+)
 from zumik_serve.routing.decision import (
     DecisionInputs,
     DecisionRecord,
@@ -179,6 +187,23 @@ class ProfileScheduler:
         self.route_inflight[pick.route] = max(0, self.route_inflight.get(pick.route, 0) - 1)
         if pick.replica is not None:
             self.inflight[pick.replica] = max(0, self.inflight.get(pick.replica, 0) - 1)
+
+    def admit(self, pick: Pick, now_ms: int) -> bool:
+        """Whether ``pick``'s breaker lets a request through now; half open, the admitted request
+        takes the one probe, and later decisions see it out (``breaker.admit``)."""
+        admitted, state = admit(self._breaker(pick, now_ms), now_ms, self._policy)
+        self.breakers[breaker_key(pick)] = state
+        return admitted
+
+    def breaker_open(self, pick: Pick, now_ms: int) -> bool:
+        return self._breaker(pick, now_ms).state is BreakerStatus.OPEN
+
+    def release_probe(self, pick: Pick) -> None:
+        """Give back a half-open probe whose attempt ended without saying anything of the route
+        (a client error): the next request may probe."""
+        state = self.breakers.get(breaker_key(pick))
+        if state is not None and state.probe_started_at_ms is not None:
+            self.breakers[breaker_key(pick)] = replace(state, probe_started_at_ms=None)
 
     def succeeded(self, pick: Pick, now_ms: int) -> BreakerState:
         state = record_success(self._breaker(pick, now_ms), now_ms, self._policy)

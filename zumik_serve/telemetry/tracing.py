@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from zumik_serve.pipeline.service import EngineRun
+from zumik_serve.routing.dispatch import EngineRun
 
 logger = logging.getLogger(__name__)
 

@@ -129,8 +129,11 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def prepare_request(call: EngineCall, body: dict[str, Any], served_models: set[str]) -> PreparedRequest:
-    """Check a /v1 body against the spec's fields and the served models."""
+def prepare_request(
+    call: EngineCall, body: dict[str, Any], served_models: set[str] | frozenset[str] | None = None
+) -> PreparedRequest:
+    """Check a /v1 body against the spec's fields (and the served models, when given: the
+    request pipeline checks the model itself, after resolving an alias to its release)."""
     allowed = CHAT_FIELDS if call is EngineCall.CHAT else COMPLETION_FIELDS
     engine_body: dict[str, Any] = {}
     for key, value in body.items():
@@ -148,7 +151,7 @@ def prepare_request(call: EngineCall, body: dict[str, Any], served_models: set[s
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("you must provide a model parameter", param="model")
-    if model not in served_models:
+    if served_models is not None and model not in served_models:
         raise ModelNotFoundError(
             f"The model '{model}' does not exist or you do not have access to it. "
             f"GET /v1/models lists the models you can use.",

@@ -1,12 +1,13 @@
 """Input limits of a generation request, checked before any engine sees it (each a 400 naming
 the parameter, never echoing the input): ``n``, ``max_tokens`` / ``max_completion_tokens``, the
 number of messages and of prompts. The body size (413, before the whole body is read) is in
-``body.py``, the JSON depth in ``openai_wire.parse_json_body``; header sizes are the HTTP
+``api/body.py``, the JSON depth in ``api/v1/wire.parse_json_body``; header sizes are the HTTP
 server's (Ray Serve's ingress answers 400/431 before the app runs).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ class GenerationLimits:
         )
 
 
-def check_generation_limits(body: dict[str, Any], limits: GenerationLimits) -> None:
+def check_generation_limits(body: Mapping[str, Any], limits: GenerationLimits) -> None:
     n = body.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and n > limits.max_n:
         raise InvalidRequestError(f"n must be at most {limits.max_n} on this server.", param="n")

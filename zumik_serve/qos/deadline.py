@@ -1,5 +1,4 @@
-"""QoS and deadlines on the HTTP surfaces: ``x-zumik-qos`` / ``x-zumik-timeout-s`` on /v1, the
-``qos`` / ``timeout_s`` fields on /v2, admission through ``qos/admission.py``.
+"""Deadlines: a request's ``timeout_s`` (``x-zumik-timeout-s`` on /v1, ``timeout_s`` on /v2).
 
 A deadline counts from the moment the request arrived: time spent queued for admission, deciding,
 waiting for the first output and streaming all come out of it. When it passes, the engine's work
@@ -15,16 +14,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from fastapi import Request
-
-from profiles.model import QosClass
 from zumik_serve.errors import DeadlineExceededError, InvalidRequestError, ZumikError
-from zumik_serve.qos.admission import AdmissionController, Ticket, choose_class
-from zumik_serve.telemetry.tracing import RequestClock
-from zumik_serve.tenancy.tenant import Tenant
 
-QOS_HEADER = "x-zumik-qos"
-TIMEOUT_HEADER = "x-zumik-timeout-s"
 MAX_TIMEOUT_S = 3600.0
 
 T = TypeVar("T")
@@ -76,28 +67,3 @@ def exceeded() -> DeadlineExceededError:
         "The request's deadline (timeout_s) passed before it finished; the work was cancelled. "
         "Retry with a longer timeout, a shorter max_tokens, or a higher QoS class."
     )
-
-
-@dataclass
-class Admission:
-    qos: QosClass
-    deadline: Deadline
-    ticket: Ticket
-    engine_priority: int | None
-    prefer_cheapest: bool
-
-
-async def admit(
-    request: Request, tenant: Tenant, *, requested_qos: Any, timeout_s: Any, clock: RequestClock,
-    qos_param: str, timeout_param: str,
-) -> Admission:  # fmt: skip
-    """The request's class and deadline, checked, then a running slot of its class (or 429)."""
-    controller: AdmissionController = request.app.state.admission
-    if requested_qos is not None and not isinstance(requested_qos, str):
-        raise InvalidRequestError(f"{qos_param} must be a string.", param=qos_param)
-    qos = choose_class(requested_qos, tenant.qos_classes, controller.spec, param=qos_param)
-    deadline = Deadline.parse(timeout_s, param=timeout_param, started=clock.started_monotonic)
-    ticket = await controller.admit(qos, deadline_s=deadline.left())
-    clock.phases_ms["queue"] = ticket.queued_ms
-    priority = controller.engine_priority(qos) if request.app.state.priority_scheduling else None
-    return Admission(qos, deadline, ticket, priority, controller.prefers_cheapest(qos))

@@ -1,0 +1,106 @@
+"""The gateway's real HTTP app in this process, over a real Redis and the shared ``FakeEngine``.
+
+Built with the production wiring (``app/context.py``: ``build_context`` then ``build_app``), so
+authentication, admission, releases, state, decisions, accounting and rendering are the ones
+that serve; only the engine replica is the stand-in. Requests go through httpx's
+``ASGITransport``: no sockets, no Ray, seconds for the whole request-path suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from profiles import Profile, load_builtin
+from tests.support.fake_engine import FakeEngine
+from zumik_serve.api.app import build_app
+from zumik_serve.app.context import GatewaySettings, Metrics, build_context
+from zumik_serve.engines.protocol import EngineClient
+from zumik_serve.pipeline.context import GatewayContext
+from zumik_serve.pipeline.pipeline import Pipeline
+from zumik_serve.store.client import gateway_client
+from zumik_serve.tenancy.store import RedisTenantStore
+
+DEV_KEY = "dev-inprocess-key"
+
+
+@dataclass
+class InProcessGateway:
+    app: FastAPI
+    context: GatewayContext
+    engines: dict[str, FakeEngine]
+    redis_url: str
+
+    @property
+    def engine(self) -> FakeEngine:
+        return next(iter(self.engines.values()))
+
+    @property
+    def pipeline(self) -> Pipeline:
+        pipeline: Pipeline = self.app.state.pipeline
+        return pipeline
+
+    def client(self, api_key: str = DEV_KEY) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app),
+            base_url="http://zumik.test",
+            headers={"Authorization": f"Bearer {api_key}"},
+        )
+
+    async def create_tenant(self, name: str, **options: Any) -> str:
+        """A new tenant's API key (``options``: ``qos_classes``, ``reuse_accounting``)."""
+        client = gateway_client(self.redis_url)
+        try:
+            _, key = await RedisTenantStore(client).create_tenant(name, **options)
+        finally:
+            await client.aclose()
+        return key
+
+
+def make_gateway(
+    redis_url: str,
+    model_dir: Path,
+    *,
+    profile: Profile | None = None,
+    engines: dict[str, FakeEngine] | None = None,
+) -> InProcessGateway:
+    """The app of ``profile`` (default ``local-cpu``) over ``engines`` (the BYOC replicas of its
+    first BYOC route; default one ``FakeEngine``). Managed routes read their key from the
+    environment, as in production (set it with ``monkeypatch.setenv``)."""
+    profile = profile or load_builtin("local-cpu")
+    engines = engines or {"r0": FakeEngine()}
+    settings = GatewaySettings(
+        profile_name=profile.name,
+        served_model=profile.model.served_name,
+        model_created_s=1_767_225_600,
+        redis_url=redis_url,
+        max_body_bytes=profile.gateway.max_body_bytes,
+        max_artifact_bytes=profile.gateway.max_artifact_bytes,
+        model_dir=str(model_dir),
+        compat_digest="",
+        block_size=profile.engine.block_size,
+        kv_redis_tier=False,
+        purge_ceiling=profile.purge.ceiling,
+        profile_json=profile.model_dump_json(),
+        dev_key=DEV_KEY,
+    )
+    clients: dict[str, EngineClient] = dict(engines)
+    context = build_context(settings, clients, Metrics())
+    return InProcessGateway(build_app(context), context, engines, redis_url)
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], *, timeout_s: float = 10.0, what: str = "the condition"
+) -> None:
+    """Poll ``condition`` until it holds (background work such as the reuse ledger's write)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.02)

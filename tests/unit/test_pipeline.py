@@ -1,0 +1,220 @@
+"""The request pipeline through the real HTTP app, in process (real Redis, the shared FakeEngine).
+
+Invariants held here:
+- /v1 answers carry only the official fields, Zumik's data goes in headers (decision, route,
+  release, QoS, Server-Timing, reuse figures); the served model is named, never an alias;
+- authentication comes first: a missing or unknown key is a 401 in the surface's error shape;
+- engines get the tenant's server-side cache salt, never the client's, one salt per tenant;
+- a failure before the first output is a real status: 5xx with a retry hint, 503 with
+  Retry-After when the replica is unreachable, the client's 400 when the engine says so;
+- a stream is re-rendered chunk by chunk; a failure after the first byte is an error event then
+  ``[DONE]``;
+- /v2/generate tokenizes on the gateway and sends token ids only to this deployment's engines;
+  its body is a typed model whose errors name the field;
+- every decision is recorded and replays equal;
+- the reuse ledger feeds escalation: once it holds enough evidence, the decision escalates.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.inprocess import InProcessGateway, make_gateway
+from zumik_serve.engines.protocol import EngineFailure
+from zumik_serve.model.tiny import build_tiny_model
+from zumik_serve.store.local_redis import LocalRedis
+
+pytestmark = pytest.mark.redis
+
+CHAT = {"model": "zumik-tiny", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8}
+OFFICIAL_CHAT_KEYS = {"id", "object", "created", "model", "choices", "usage"}
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = LocalRedis(data_dir=tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture
+async def gateway(redis_url: str, model_dir: Path) -> AsyncIterator[InProcessGateway]:
+    yield make_gateway(redis_url, model_dir)
+
+
+async def test_chat_answer_is_official_and_zumik_data_is_in_headers(gateway: InProcessGateway) -> None:
+    async with gateway.client() as http:
+        response = await http.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == OFFICIAL_CHAT_KEYS
+    assert body["model"] == "zumik-tiny" and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["content"] == gateway.engine.reply
+    headers = response.headers
+    assert headers["x-zumik-decision-id"].startswith("dec_")
+    assert headers["x-zumik-route"] == "byoc:fake-r0"
+    assert headers["x-zumik-release"].startswith("rel_") and headers["x-zumik-qos"] == "standard"
+    phases = [part.split(";")[0] for part in headers["server-timing"].split(", ")]
+    assert phases[:4] == ["queue", "decide", "first-output", "record"]
+    assert headers["x-zumik-reuse-captured-tokens"] == "0"
+    assert headers["x-zumik-reuse-evidence"] == "opportunity=estimated; captured=observed"
+    sent = gateway.engine.bodies[-1]
+    assert sent["model"] == "zumik-tiny" and len(sent["cache_salt"]) == 64
+
+
+async def test_missing_or_unknown_key_is_401_in_each_surface_shape(gateway: InProcessGateway) -> None:
+    async with gateway.client(api_key="zk-unknown") as http:
+        v1 = await http.post("/v1/chat/completions", json=CHAT)
+        v2 = await http.post("/v2/generate", json={"input": "hi"})
+    assert v1.status_code == v2.status_code == 401
+    assert v1.json()["error"]["type"] == "authentication_error" and "code" in v1.json()["error"]
+    assert set(v2.json()) == {"error"} and v2.json()["error"]["type"] == "authentication_error"
+    assert gateway.engine.calls == []
+
+
+async def test_engines_get_one_server_side_salt_per_tenant(gateway: InProcessGateway) -> None:
+    first = await gateway.create_tenant("salt-a")
+    second = await gateway.create_tenant("salt-b")
+    for key in (first, first, second):
+        async with gateway.client(key) as http:
+            body = {**CHAT, "user": "someone"}
+            assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+    salts = [sent["cache_salt"] for sent in gateway.engine.bodies[-3:]]
+    assert salts[0] == salts[1] != salts[2]
+
+
+async def test_client_cache_salt_never_reaches_the_engine(gateway: InProcessGateway) -> None:
+    async with gateway.client() as http:
+        response = await http.post("/v1/chat/completions", json={**CHAT, "cache_salt": "mine"})
+    assert response.status_code == 200
+    assert gateway.engine.bodies[-1]["cache_salt"] != "mine"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_failure_before_output_is_5xx_with_a_retry_hint(
+    gateway: InProcessGateway, stream: bool
+) -> None:
+    gateway.engine.fail_next(EngineFailure(status=500, message="boom"))
+    async with gateway.client() as http:
+        response = await http.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+    assert response.status_code == 500
+    assert "Retry" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_unreachable_replica_is_503_with_retry_after(gateway: InProcessGateway, stream: bool) -> None:
+    gateway.engine.fail_next(ConnectionError("replica gone"))
+    async with gateway.client() as http:
+        response = await http.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+    assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+    decision = response.json()["error"]["message"].split("GET /v2/decisions/")[1].split(" ")[0]
+    async with gateway.client() as http:
+        record = (await http.get(f"/v2/decisions/{decision}")).json()
+    assert [a["outcome"] for a in record["attempts"]] == ["connect_error"]
+
+
+async def test_context_length_failure_is_the_clients_400(gateway: InProcessGateway) -> None:
+    gateway.engine.fail_next(EngineFailure(status=400, message="This model's maximum context length is 2048"))
+    async with gateway.client() as http:
+        response = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert response.json()["error"]["param"] == "messages"
+
+
+async def test_stream_whose_first_payload_is_an_error_fails_before_the_first_byte(
+    gateway: InProcessGateway,
+) -> None:
+    gateway.engine.break_stream_after(0)
+    async with gateway.client() as http:
+        response = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+    assert "engine died" in response.json()["error"]["message"]
+
+
+async def test_stream_is_rerendered_and_ends_with_done(gateway: InProcessGateway) -> None:
+    async with gateway.client() as http:
+        response = await http.post(
+            "/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        )
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == gateway.engine.reply
+    assert all(
+        chunk["model"] == "zumik-tiny" and chunk["object"] == "chat.completion.chunk" for chunk in chunks
+    )
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+    assert "x-zumik-reuse-opportunity-tokens" in response.headers
+
+
+async def test_failure_mid_stream_is_an_error_event_then_done(gateway: InProcessGateway) -> None:
+    gateway.engine.break_stream_after(2)
+    async with gateway.client() as http:
+        response = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["message"] == "engine died"
+    finished = [c for e in events[:-2] for c in json.loads(e)["choices"] if c["finish_reason"] is not None]
+    assert finished == []  # never a made-up finish_reason
+
+
+async def test_v2_generate_tokenizes_here_and_only_byoc_takes_token_ids(gateway: InProcessGateway) -> None:
+    async with gateway.client() as http:
+        response = await http.post("/v2/generate", json={"input": "Say hi", "max_tokens": 3, "seed": 7})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "generation" and body["output"]["content"] == gateway.engine.reply
+    assert body["route"] == "byoc:fake-r0" and body["release"].startswith("rel_")
+    assert body["reuse"]["captured_evidence"] == "observed"
+    assert {"queue_ms", "decide_ms", "first-output_ms", "record_ms"} <= set(body["telemetry"])
+    sent = gateway.engine.bodies[-1]
+    assert isinstance(sent["prompt"], list) and all(isinstance(token, int) for token in sent["prompt"])
+    assert sent["max_tokens"] == 3 and sent["seed"] == 7 and "messages" not in sent
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": 5}, "input"),
+        ({"input": [{"role": "user"}]}, "input"),
+        ({"input": "hi", "temperture": 0.1}, "temperture"),
+        ({"input": "hi", "model": 7}, "model"),
+        ({"input": "hi", "qos": 3}, "qos"),
+        ({"input": "hi", "timeout_s": -1}, "timeout_s"),
+    ],
+)
+async def test_v2_generate_errors_name_the_field(gateway: InProcessGateway, body: dict, param: str) -> None:
+    async with gateway.client() as http:
+        response = await http.post("/v2/generate", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+async def test_unknown_model_is_404_on_both_surfaces(gateway: InProcessGateway) -> None:
+    async with gateway.client() as http:
+        v1 = await http.post("/v1/chat/completions", json={**CHAT, "model": "gpt-nope"})
+        v2 = await http.post("/v2/generate", json={"input": "hi", "model": "gpt-nope"})
+    assert v1.status_code == v2.status_code == 404
+    assert v1.json()["error"]["code"] == v2.json()["error"]["code"] == "model_not_found"
+
+
+async def test_every_decision_is_recorded_and_replays_equal(gateway: InProcessGateway) -> None:
+    async with gateway.client() as http:
+        response = await http.post("/v1/chat/completions", json=CHAT)
+        decision = response.headers["x-zumik-decision-id"]
+        record = (await http.get(f"/v2/decisions/{decision}")).json()
+        replayed = (await http.post(f"/v2/decisions/{decision}/replay")).json()
+    assert record["attempts"][0]["outcome"] == "ok"
+    assert replayed["equal"] is True

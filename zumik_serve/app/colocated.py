@@ -1,0 +1,25 @@
+"""The colocated placement: an engine replica that also serves the gateway app in-process.
+
+Requests reach it straight from Serve's proxy (or HAProxy), and the gateway calls the engine as a
+local coroutine (``engines/replica.py``'s ``InProcessEngineClient``): one network hop fewer than
+Gateway → EngineReplica.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zumik_serve.app.context import GatewaySettings, make_gateway_app
+from zumik_serve.app.gateway import ray_metrics
+from zumik_serve.engines.protocol import EngineClient
+from zumik_serve.engines.replica import EngineReplica, InProcessEngineClient
+
+
+class IngressEngineReplica(EngineReplica):
+    async def __init__(self, llm_config: Any, settings: GatewaySettings) -> None:  # type: ignore[misc]
+        await super().__init__(llm_config)
+        engines: dict[str, EngineClient] = {"r0": InProcessEngineClient(self)}
+        self._gateway_app = make_gateway_app(settings, engines, ray_metrics(settings))
+
+    async def __serve_build_asgi_app__(self) -> Any:
+        return self._gateway_app

@@ -1,0 +1,168 @@
+"""The gateway's wiring: ``GatewaySettings`` (what a Serve deployment is built with) into the one
+typed ``GatewayContext`` a gateway process serves with, and its FastAPI app. No Ray here: the
+same wiring runs in the Serve deployments and in the in-process tests."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvstore.tiers.build import build_tiers
+from profiles import Profile
+from profiles.model import RouteKind
+from zumik_serve.api.app import App, build_app
+from zumik_serve.engines.hf_tokenizer import HfChatTokenizer
+from zumik_serve.engines.models import ModelCard, ServedModels
+from zumik_serve.engines.protocol import EngineClient
+from zumik_serve.errors import StoreUnavailableError
+from zumik_serve.pipeline.context import GatewayContext
+from zumik_serve.pipeline.limits import GenerationLimits
+from zumik_serve.providers.byok import KeyVault
+from zumik_serve.providers.keys import ByokKeys
+from zumik_serve.providers.store import RedisByokStore, load_or_create_master_key
+from zumik_serve.purge.classes import GuaranteeClass
+from zumik_serve.purge.service import PurgeService
+from zumik_serve.purge.store import RedisPurgeStore
+from zumik_serve.qos.admission import AdmissionController
+from zumik_serve.reuse.service import ReuseMetrics, ReuseService
+from zumik_serve.reuse.store import RedisReuseStore
+from zumik_serve.routing.dispatch import DecisionMetrics, Dispatcher
+from zumik_serve.routing.scheduler import ProfileScheduler
+from zumik_serve.routing.service import RoutingService
+from zumik_serve.routing.store import RedisRoutingStore
+from zumik_serve.state.service import StateService
+from zumik_serve.state.store import RedisStateStore
+from zumik_serve.store.client import gateway_client, guard
+from zumik_serve.store.kv_probe import KvProbe
+from zumik_serve.telemetry.tracing import Tracing
+from zumik_serve.tenancy.salts import CacheSalts
+from zumik_serve.tenancy.store import RedisTenantStore
+from zumik_serve.tenancy.tenant import Authenticator
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    profile_name: str
+    served_model: str
+    model_created_s: int
+    redis_url: str
+    max_body_bytes: int
+    max_artifact_bytes: int
+    model_dir: str
+    compat_digest: str
+    block_size: int
+    kv_redis_tier: bool
+    purge_ceiling: str = "crypto_erased"
+    kv_tiers: dict[str, Any] | None = None  # the engines' connector config (a purge sweeps its tiers)
+    profile_json: str = ""  # the whole profile (routes, routing policy) as JSON
+    dev_key: str | None = None
+
+    def __repr__(self) -> str:  # the dev key must never reach a log line
+        return (
+            f"GatewaySettings(profile_name={self.profile_name!r}, served_model="
+            f"{self.served_model!r}, redis_url={self.redis_url!r}, dev_key=<redacted>)"
+        )
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Where decision and reuse metrics go (``app/metrics.py``'s Ray metrics in a deployment)."""
+
+    decisions: DecisionMetrics | None = None
+    reuse: ReuseMetrics | None = None
+
+
+def make_gateway_app(
+    settings: GatewaySettings, engines: dict[str, EngineClient], metrics: Metrics | None = None
+) -> App:
+    """The gateway's FastAPI app over its BYOC engine replicas (``{"r0": client, ...}``) and the
+    profile's provider routes; the same app in both topologies."""
+    return build_app(build_context(settings, engines, metrics or Metrics()))
+
+
+def build_context(
+    settings: GatewaySettings, engines: dict[str, EngineClient], metrics: Metrics
+) -> GatewayContext:
+    """Everything a gateway process serves with, built once: stores over one Redis pool, the
+    profile's scheduler and dispatcher, the feature services."""
+    redis_client = gateway_client(settings.redis_url)
+    profile = Profile.model_validate_json(settings.profile_json)
+    tenants = RedisTenantStore(redis_client)
+    salts = CacheSalts(lambda: tenants.server_secret("cache-salt"), tenants.salt_epoch)
+    routing_store = RedisRoutingStore(redis_client)
+    byok = ByokKeys(lambda: _open_byok_store(redis_client))
+    byoc = [route.name for route in profile.effective_routes() if route.kind is RouteKind.BYOC]
+    scheduler = ProfileScheduler(profile, replicas={name: sorted(engines) for name in byoc[:1]})
+    dispatcher = Dispatcher(
+        scheduler,
+        engines=engines,
+        decisions=_DecisionSink(routing_store),
+        byok_key=byok.get,
+        metrics=metrics.decisions,
+    )
+    state_store = RedisStateStore(redis_client)
+    reuse_store = RedisReuseStore(redis_client)
+    kv_tiers = settings.kv_tiers or {}
+    purges = PurgeService(
+        RedisPurgeStore(redis_client, state_store),
+        profile=settings.profile_name,
+        ceiling=GuaranteeClass(settings.purge_ceiling),
+        tiers=build_tiers(kv_tiers) if kv_tiers else [],
+        sealed=bool(kv_tiers.get("seal")),
+        salt_secret=salts.secret,
+        salt_epoch=tenants.salt_epoch,
+        rotate_salt_epoch=tenants.rotate_salt_epoch,
+        forget_scopes=reuse_store.forget_scopes,
+    )
+    return GatewayContext(
+        profile=profile,
+        models=ServedModels(
+            [ModelCard(id=settings.served_model, created_s=settings.model_created_s)],
+            tokenizer_factory=lambda: HfChatTokenizer(Path(settings.model_dir)),
+        ),
+        authenticator=Authenticator(tenants, dev_key=settings.dev_key),
+        salts=salts,
+        dispatcher=dispatcher,
+        state=StateService(state_store, max_artifact_bytes=settings.max_artifact_bytes),
+        routing=RoutingService(routing_store, profile),
+        reuse=ReuseService(
+            reuse_store,
+            profile,
+            scope_digest=settings.compat_digest or profile.fingerprint(),
+            metrics=metrics.reuse,
+        ),
+        purges=purges,
+        admission=AdmissionController(profile.qos),
+        limits=GenerationLimits.of(profile),
+        tracing=Tracing(profile.telemetry.traces),
+        byok=byok,
+        kv_probe=(
+            KvProbe(redis_client, compat_digest=settings.compat_digest, block_size=settings.block_size)
+            if settings.kv_redis_tier
+            else None
+        ),
+        max_body_bytes=settings.max_body_bytes,
+    )
+
+
+async def _open_byok_store(client: Any) -> RedisByokStore:
+    return RedisByokStore(client, KeyVault(await load_or_create_master_key(client)))
+
+
+class _DecisionSink:
+    def __init__(self, store: RedisRoutingStore) -> None:
+        self._store = store
+
+    async def save(self, tenant: str, record: dict[str, Any], attempts: list[dict[str, Any]]) -> None:
+        try:
+            await guard(self._store.save_decision(tenant, record, attempts), what="decision store")
+        except StoreUnavailableError:  # the answer still goes out; its record is lost, and the log says so
+            logger.warning(
+                "zumik: decision %s could not be recorded (Redis unavailable)", record["decision_id"]
+            )
+
+

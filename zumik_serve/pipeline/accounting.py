@@ -1,0 +1,99 @@
+"""RequestAccounting: one request's reuse figures, kept off the request's critical path.
+
+    decided ──► opportunity lookup starts (the prefix's blocks in the tenant scope's index)
+                 │ runs while the engine works
+    answered ─► figures (opportunity + capture, each with its evidence level)
+                 └─ ledger write and metrics after the answer, in the background
+
+Accounting never fails a request: a store outage skips it (and the log says so). A tenant that
+keeps no accounting gets capture figures only (opportunity ``unknown``) and no ledger entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+from zumik_serve.errors import StoreUnavailableError
+from zumik_serve.reuse.figures import ReuseFigures
+from zumik_serve.reuse.service import ReuseService
+from zumik_serve.routing.dispatch import Decision, EngineRun
+from zumik_serve.store.client import guard
+
+logger = logging.getLogger("ray.serve")
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+class RequestAccounting:
+    def __init__(self, reuse: ReuseService | None, decision: Decision) -> None:
+        """``reuse`` None: the tenant keeps no reuse accounting."""
+        self._reuse = reuse
+        self._lookup: asyncio.Task[int] | None = None
+        self._opportunity: int | None = None
+        self._skipped = False
+        if reuse is not None:
+            lookup = guard(reuse.opportunity_tokens(decision.scope, decision.prefix_keys), what="reuse index")
+            self._lookup = asyncio.ensure_future(lookup)
+            self._lookup.add_done_callback(_retrieve)  # a failed request never awaits it
+
+    async def opportunity_tokens(self) -> int | None:
+        """The prefix's opportunity; None when the tenant keeps no accounting or the lookup
+        failed (then ``skipped`` is True)."""
+        if self._lookup is None or self._skipped:
+            return self._opportunity
+        try:
+            self._opportunity = await self._lookup
+        except StoreUnavailableError:
+            logger.warning("zumik: reuse accounting skipped (Redis unavailable)")
+            self._skipped = True
+        return self._opportunity
+
+    @property
+    def skipped(self) -> bool:
+        return self._skipped
+
+    async def figures(
+        self, run: EngineRun, usage: Mapping[str, Any] | None, *, tenant: str, snapshot: str | None
+    ) -> ReuseFigures | None:
+        """This request's figures, recorded in the ledger after the answer; None when the
+        accounting was skipped (a store outage)."""
+        opportunity = await self.opportunity_tokens()
+        if self._skipped:
+            return None
+        usage = usage or {}
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
+        figures = ReuseFigures.of(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            opportunity_tokens=opportunity,  # None: the tenant keeps no accounting
+            route_kind=run.route_kind,
+            cached_tokens=int(cached) if cached is not None else None,
+            kv_report=run.kv_report(),
+        )
+        if self._reuse is not None:  # telemetry, not state: written after the answer is sent
+            in_background(self._reuse.record(tenant, figures, snapshot=snapshot, route=run.route_name))
+        return figures
+
+
+def _retrieve(task: asyncio.Task[int]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def in_background(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` after the answer; failures are logged, never raised."""
+
+    async def guarded() -> None:
+        try:
+            await guard(work, what="reuse ledger")
+        except StoreUnavailableError:
+            logger.warning("zumik: reuse ledger not updated (Redis unavailable)")
+        except Exception:
+            logger.exception("zumik: reuse ledger not updated")
+
+    task = asyncio.create_task(guarded())
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)

@@ -1,0 +1,49 @@
+"""GatewayContext: everything a gateway process serves requests with, built once at start.
+
+``app/gateway.py`` builds it from the profile and the settings (Redis, engines, providers); the
+HTTP app keeps this one typed value (``api/app.py``) and handlers reach the pipeline and the
+feature services through it, never through loose attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from profiles import Profile
+from zumik_serve.engines.models import ServedModels
+from zumik_serve.pipeline.limits import GenerationLimits
+from zumik_serve.providers.keys import ByokKeys
+from zumik_serve.purge.service import PurgeService
+from zumik_serve.qos.admission import AdmissionController
+from zumik_serve.reuse.service import ReuseService
+from zumik_serve.routing.dispatch import Dispatcher
+from zumik_serve.routing.service import RoutingService
+from zumik_serve.state.service import StateService
+from zumik_serve.store.kv_probe import KvProbe
+from zumik_serve.telemetry.tracing import Tracing
+from zumik_serve.tenancy.salts import CacheSalts
+from zumik_serve.tenancy.tenant import Authenticator
+
+
+@dataclass(frozen=True)
+class GatewayContext:
+    profile: Profile
+    models: ServedModels
+    authenticator: Authenticator
+    salts: CacheSalts
+    dispatcher: Dispatcher
+    state: StateService
+    routing: RoutingService
+    reuse: ReuseService
+    purges: PurgeService
+    admission: AdmissionController
+    limits: GenerationLimits
+    tracing: Tracing
+    byok: ByokKeys
+    kv_probe: KvProbe | None  # None: the profile has no Redis KV tier to probe
+    max_body_bytes: int
+
+    @property
+    def priority_scheduling(self) -> bool:
+        """Whether the engines schedule by priority (then each QoS class passes its own)."""
+        return self.profile.engine.scheduling_policy == "priority"

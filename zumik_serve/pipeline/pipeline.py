@@ -1,0 +1,329 @@
+"""Pipeline: the one owner of a generation request, from admission to telemetry.
+
+    surface (api/v1, api/v2) ── parse ──► GenerationRequest
+      admit()     QoS class, deadline, a slot of the class (429 when full); before the body is read
+      run()       within the request's deadline:
+        ├─ limits      n, max_tokens, message and prompt counts (400 naming the parameter)
+        ├─ release     the model names an alias (or the served model, published on first use)
+        ├─ state       snapshot messages first; a session checked live; /v2: tokenized here
+        ├─ evidence    what the reuse ledger recorded for the tenant and snapshot (escalation)
+        ├─ decide      Dispatcher.decide → Decision (recorded inputs, replayable)
+        ├─ accounting  the prefix's opportunity lookup starts, running while the engine works
+        ├─ dispatch    Dispatcher.execute → EngineRun (first output) or the client's error
+        └─ a whole answer: figures, ledger (after), session exchange, span
+      events()    a stream's events within the deadline
+      finish()    a stream's end: the same figures, ledger, session exchange and span
+    surface ◄── Generation (typed outcome) ── render
+
+Surfaces own the admission's slot (taken before the body is read, given back when the response
+is done) and the wire format; everything between is here. Nothing here imports a web framework
+or a Redis client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from profiles.model import RouteKind
+from zumik_serve.engines.protocol import EngineCall, EngineEvent
+from zumik_serve.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
+from zumik_serve.pipeline.accounting import RequestAccounting
+from zumik_serve.pipeline.context import GatewayContext
+from zumik_serve.pipeline.limits import check_generation_limits
+from zumik_serve.pipeline.request import (
+    Admission,
+    Completion,
+    Generation,
+    GenerationRequest,
+    StateRefs,
+    Surface,
+)
+from zumik_serve.qos.admission import choose_class
+from zumik_serve.qos.deadline import Deadline, exceeded
+from zumik_serve.reuse.figures import ReuseFigures
+from zumik_serve.routing.decision import Evidence
+from zumik_serve.routing.dispatch import RouteContext
+from zumik_serve.routing.release import Release
+from zumik_serve.state.compiler import CompiledSnapshot
+from zumik_serve.store.client import guard
+from zumik_serve.telemetry.tracing import RequestClock, request_phases
+from zumik_serve.tenancy.tenant import Tenant
+
+logger = logging.getLogger("ray.serve")
+
+EVIDENCE_TTL_S = 2.0  # how long a tenant's escalation evidence is reused before it is read again
+
+
+@dataclass(frozen=True)
+class Warmed:
+    """A snapshot warmed: its generation, what it compiled to, and what the Redis tier holds."""
+
+    generation: Generation
+    num_tokens: int
+    compiled: CompiledSnapshot
+    compat_key: str | None
+    block_size: int | None
+    num_blocks: int | None
+    persisted_redis_blocks: int | None
+
+
+class Pipeline:
+    def __init__(self, context: GatewayContext) -> None:
+        self.context = context
+        self._byoc_routes = frozenset(
+            route.name for route in context.profile.effective_routes() if route.kind is RouteKind.BYOC
+        )
+        self._escalates = context.profile.routing.escalation.to != "none"
+        self._evidence: dict[tuple[str, str | None], tuple[float, Evidence]] = {}
+
+    # --- before the body ---------------------------------------------------------------------
+
+    async def authenticate(self, authorization: str | None) -> Tenant:
+        tenant = await self.context.authenticator.authenticate(authorization)
+        if tenant is None:
+            raise AuthenticationError(
+                "Missing or invalid API key. Send 'Authorization: Bearer <key>'; create a key "
+                "with `zumik tenant create NAME`."
+            )
+        return tenant
+
+    async def admit(
+        self, tenant: Tenant, *, qos: Any, timeout_s: Any, clock: RequestClock, qos_param: str = "qos",
+        timeout_param: str = "timeout_s",
+    ) -> Admission:  # fmt: skip
+        """The request's class and deadline, checked, then a running slot of its class (or 429).
+        The caller gives the slot back (``Admission.release``) when its response is done."""
+        controller = self.context.admission
+        if qos is not None and not isinstance(qos, str):
+            raise InvalidRequestError(f"{qos_param} must be a string.", param=qos_param)
+        chosen = choose_class(qos, tenant.qos_classes, controller.spec, param=qos_param)
+        deadline = Deadline.parse(timeout_s, param=timeout_param, started=clock.started_monotonic)
+        ticket = await controller.admit(chosen, deadline_s=deadline.left())
+        clock.phases_ms["queue"] = ticket.queued_ms
+        priority = controller.engine_priority(chosen) if self.context.priority_scheduling else None
+        return Admission(chosen, deadline, ticket, priority, controller.prefers_cheapest(chosen))
+
+    # --- the request -------------------------------------------------------------------------
+
+    async def run(self, request: GenerationRequest) -> Generation:
+        """Carry ``request`` to its first output (a whole answer unless streamed)."""
+        return await request.admission.deadline.run(self._run(request))
+
+    async def _run(self, request: GenerationRequest) -> Generation:
+        ctx = self.context
+        tenant = request.tenant
+        check_generation_limits(request.body, ctx.limits)
+        release = await self._release(tenant, request.model)
+        model = release.model if release is not None else (request.model or ctx.models.default)
+        if model not in ctx.models.ids:
+            raise ModelNotFoundError(
+                f"The model '{model}' does not exist or you do not have access to it. "
+                "GET /v1/models lists the models you can use.",
+                param="model",
+            )
+        call, body, allowed = await self._resolve_state(request, model, release)
+        salt = await ctx.salts.for_tenant(tenant.id)
+        body["cache_salt"] = salt
+        admission = request.admission
+        route = RouteContext(
+            release_id=release.id if release is not None else None,
+            allowed_routes=allowed,
+            snapshot_id=request.refs.snapshot,
+            evidence=await self._escalation_evidence(tenant, request.refs.snapshot),
+            qos=admission.qos.value,
+            prefer_cheapest=admission.prefer_cheapest,
+            engine_priority=admission.engine_priority,
+        )
+        dispatcher = ctx.dispatcher
+        decision = dispatcher.decide(call, body, tenant=tenant.id, salt=salt, context=route)
+        accounting = RequestAccounting(ctx.reuse if tenant.reuse_accounting else None, decision)
+        run = await dispatcher.execute(
+            decision, call, body, stream=request.stream, tenant=tenant.id, salt=salt, context=route
+        )
+        phases, descriptions = request_phases(run, request.clock)
+        generation = Generation(request, model, release, run, phases, descriptions, accounting)
+        if request.stream:  # the opportunity goes out in the headers, before the body
+            generation.opportunity_tokens = await accounting.opportunity_tokens()
+            return generation
+        answer = generation.answer
+        completion = Completion(_reply(call, answer), answer.get("usage"))
+        generation.figures = await self._finish(generation, completion)
+        return generation
+
+    async def events(self, generation: Generation) -> AsyncIterator[EngineEvent]:
+        """A streamed generation's events, first to last, within the request's deadline; past
+        it the engine's work is cancelled and ``DeadlineExceededError`` is raised."""
+        deadline = generation.request.admission.deadline
+        yield generation.run.first
+        rest = aiter(generation.run.rest)
+        while True:
+            left = deadline.left()
+            try:
+                event = await (anext(rest) if left is None else asyncio.wait_for(anext(rest), left))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:  # the engine's work is cancelled with the wait
+                raise exceeded() from None
+            yield event
+
+    async def finish(self, generation: Generation, completion: Completion) -> ReuseFigures | None:
+        """A stream has ended with a finished choice: its figures, ledger, session and span."""
+        generation.figures = await self._finish(generation, completion)
+        return generation.figures
+
+    # --- /v2/snapshots/{id}/warm -------------------------------------------------------------
+
+    async def warm(self, tenant: Tenant, snapshot: str, admission: Admission) -> Warmed:
+        """Compute a snapshot's KV once (a 1-token generation over its compiled tokens): the
+        engine's KV connector stores its blocks in the profile's tiers, where any replica with
+        the same compat key restores them, also after a restart."""
+        ctx = self.context
+        compiled = await ctx.state.store_call(
+            ctx.state.compile_snapshot(tenant.id, snapshot, ctx.models.tokenizer())
+        )
+        token_ids = list(compiled.token_ids)
+        body = {"prompt": token_ids, "max_tokens": 1, "temperature": 0}
+        request = GenerationRequest(
+            tenant=tenant, surface=Surface.WARM, call=EngineCall.COMPLETION, model=None, body=body,
+            stream=False, refs=StateRefs(), admission=admission,
+        )  # fmt: skip
+        generation = await self.run(request)
+        probe = ctx.kv_probe
+        if probe is None:
+            return Warmed(generation, len(token_ids), compiled, None, None, None, None)
+        addresses = probe.addresses(token_ids, await ctx.salts.for_tenant(tenant.id))
+        persisted = await probe.count_in_redis(addresses)
+        return Warmed(
+            generation, len(token_ids), compiled, probe.compat_digest, probe.block_size,
+            len(addresses), persisted,
+        )  # fmt: skip
+
+    # --- steps -------------------------------------------------------------------------------
+
+    async def _release(self, tenant: Tenant, model: str | None) -> Release | None:
+        """The release the request's ``model`` (an alias, or the served model) pins."""
+        name = model if model is not None else self.context.models.default
+        if not name:
+            return None
+        routing, state = self.context.routing, self.context.state
+        return await state.store_call(routing.release_for_request(tenant.id, name))
+
+    async def _resolve_state(
+        self, request: GenerationRequest, model: str, release: Release | None
+    ) -> tuple[EngineCall, dict[str, Any], frozenset[str] | None]:
+        """The engine call, its body and the routes that may take it, with the request's state
+        objects resolved."""
+        state, tenant = self.context.state, request.tenant.id
+        allowed = frozenset(entry.name for entry in release.route_table) if release is not None else None
+        body: dict[str, Any] = {**request.body, "model": model}
+        snapshot, session = request.refs.snapshot, request.refs.session
+        if request.surface is Surface.V1:
+            if snapshot is not None:
+                prefix = await state.store_call(state.snapshot_messages(tenant, snapshot))
+                body["messages"] = [*prefix, *body["messages"]]
+            if session is not None:
+                await state.store_call(state.use_session(tenant, session))
+            return request.call, body, allowed
+        # /v2 and warming send token ids of this deployment's own tokenizer: only its engines
+        # (byoc routes) can take them.
+        allowed = self._byoc_routes if allowed is None else self._byoc_routes & allowed
+        if request.surface is Surface.V2:
+            messages: list[dict[str, Any]] = []
+            if snapshot is not None:
+                messages = list(await state.store_call(state.snapshot_messages(tenant, snapshot)))
+            messages.extend(body.pop("messages", []))
+            tokenizer = self.context.models.tokenizer()
+            body["prompt"] = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        return EngineCall.COMPLETION, body, allowed
+
+    async def _escalation_evidence(self, tenant: Tenant, snapshot: str | None) -> Evidence:
+        """What the reuse ledger recorded for this tenant and snapshot in the profile's window,
+        read at most once per ``EVIDENCE_TTL_S`` per (tenant, snapshot); ``unknown`` when the
+        profile never escalates (no read at all) or the ledger cannot be read."""
+        if not self._escalates or not tenant.reuse_accounting:
+            return Evidence("unknown", 0)
+        key = (tenant.id, snapshot)
+        now = time.monotonic()
+        cached = self._evidence.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        window_s = self.context.profile.routing.escalation.window_s
+        try:
+            evidence = await guard(
+                self.context.reuse.escalation_evidence(tenant.id, snapshot=snapshot, window_s=window_s),
+                what="reuse ledger",
+            )
+        except Exception:
+            logger.warning("zumik: escalation evidence unavailable; deciding on 'unknown'")
+            evidence = Evidence("unknown", 0)
+        if len(self._evidence) > 10_000:
+            self._evidence.clear()
+        self._evidence[key] = (now + EVIDENCE_TTL_S, evidence)
+        return evidence
+
+    async def _finish(self, generation: Generation, completion: Completion) -> ReuseFigures | None:
+        request, run = generation.request, generation.run
+        figures = await generation.accounting.figures(
+            run, completion.usage, tenant=request.tenant.id, snapshot=request.refs.snapshot
+        )
+        if request.refs.session is not None:
+            await self._record_exchange(request, completion.reply)
+        self._emit_span(generation, figures)
+        return figures
+
+    async def _record_exchange(self, request: GenerationRequest, reply: str) -> None:
+        """Append the exchange (the request's closing user/tool message, then the reply) to the
+        session, in order."""
+        state, session = self.context.state, request.refs.session
+        assert session is not None
+        turns: list[tuple[str, str]] = []
+        messages = request.body.get("messages")
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        if isinstance(last, Mapping) and last.get("role") in ("user", "tool"):
+            content = last.get("content")
+            if isinstance(content, str):
+                turns.append((str(last["role"]), content))
+        turns.append(("assistant", reply))
+        for role, text in turns:
+            turn = {"role": role, "content": text}
+            await state.store_call(state.append_turn(request.tenant.id, session, turn, None))
+
+    def _emit_span(self, generation: Generation, figures: ReuseFigures | None) -> None:
+        tracing = self.context.tracing
+        if not tracing.enabled:
+            return
+        request = generation.request
+        attributes: dict[str, str | int | float | bool] = {
+            "zumik.tenant": request.tenant.id,
+            "zumik.qos": request.admission.qos.value,
+            "zumik.surface": request.surface.value,
+        }
+        if generation.release is not None:
+            attributes["zumik.release"] = generation.release.id
+        if figures is not None:
+            if figures.opportunity_level.label != "unknown":
+                attributes["zumik.reuse_opportunity_tokens"] = figures.opportunity_tokens
+            if figures.captured_tokens is not None:
+                attributes["zumik.reuse_captured_tokens"] = figures.captured_tokens
+        tracing.request(generation.run, request.clock, attributes)
+
+
+def _reply(call: EngineCall, answer: Mapping[str, Any]) -> str:
+    """Choice 0's text of a whole answer (what a session records)."""
+    choices = answer.get("choices") or []
+    first = next((c for c in choices if isinstance(c, Mapping) and c.get("index", 0) == 0), None)
+    if first is None:
+        return ""
+    if call is EngineCall.CHAT:
+        message = first.get("message")
+        return str((message or {}).get("content") or "") if isinstance(message, Mapping) else ""
+    return str(first.get("text") or "")
