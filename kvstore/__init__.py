@@ -4,5 +4,7 @@ Rule kept here (DESIGN.md section 2): logical state is not physical KV state. A 
 only under an identical compat key and cache salt; a mismatch, a gap, a corrupt or unreachable
 entry is a miss and a recompute, never a wrong answer and never a client error.
 
-Not here yet: the vLLM KV connector that feeds these tiers to engine replicas, and warming.
+The vLLM KV connector that feeds these tiers to engine replicas is ``connector.py``
+(``ZumikKVConnector``, loaded by vLLM through ``kv_connector_module_path``); warming a snapshot
+is ``POST /v2/snapshots/{id}/warm`` (``zumik_serve/pipeline/pipeline.py``).
 """

@@ -39,6 +39,7 @@ import pytest
 import redis
 
 from tests.integration.conftest import DEV_KEY, _create_tenant
+from tests.support.waiting import wait_until
 from zumik_serve.state.store import bydigest_key, derived_key
 from zumik_serve.store.local_redis import embedded_redis
 from zumik_serve.tenancy.tenant import hash_api_key
@@ -357,6 +358,16 @@ class Writer(threading.Thread):
             time.sleep(0.1)
 
 
+def _wait_for_creates(writers: list[Writer], what: str, creates: int = 3) -> None:
+    """Until the writers have had ``creates`` more logical creates fully acknowledged."""
+
+    def done() -> int:
+        return sum(1 for w in writers for c in w.creates if c.bundle_id)
+
+    start = done()
+    wait_until(lambda: done() >= start + creates, timeout_s=120, what=what)
+
+
 class SdkCaller(threading.Thread):
     """/v1 through the official SDK with its default retries (max_retries=2), without pause."""
 
@@ -412,13 +423,13 @@ def test_gateway_killed_under_idempotent_retries_creates_each_object_once(
         thread.start()
     try:
         for _ in range(GATEWAY_KILLS):
-            time.sleep(1.0)
+            _wait_for_creates(writers, "creates acknowledged before the next kill")
             killed = kill_replica(GW_APP, "Gateway")
             t0 = time.monotonic()
             wait_for_new_replica(GW_APP, "Gateway", killed, GATEWAY_REPLICAS, timeout_s=120)
             wait_for_running(GW_APP, "Gateway", GATEWAY_REPLICAS, timeout_s=120)
             restarts_s.append(time.monotonic() - t0)
-        time.sleep(1.0)
+        _wait_for_creates(writers, "creates acknowledged after the last restart")
     finally:
         stop.set()
         for thread in [*writers, *sdk_callers]:
@@ -542,6 +553,8 @@ def test_engine_replica_actor_killed_fails_in_flight_fast_then_recovers(
     # In flight through the Gateway app (which survives the engine): a long non-streaming call.
     in_flight = Probe(url, key, f"{gateway_app}/v1/chat/completions", chat(model, 1800), timeout_s=300)
     in_flight.start()
+    # No outside signal says the call reached the engine (a whole answer's headers come at its
+    # end); a second is ample here, and a call that had not arrived fails the same way.
     time.sleep(1.0)
 
     # In flight on the colocated replica itself: a stream, cut after a few events by the kill.

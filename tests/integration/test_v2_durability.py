@@ -16,6 +16,7 @@ import uuid
 import httpx
 import pytest
 
+from tests.support.waiting import wait_until
 from zumik_serve.store.local_redis import LocalRedis
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm]
@@ -91,13 +92,17 @@ def test_no_acknowledged_write_lost_across_kill_9(running_stack, http: httpx.Cli
         writer.start()
     try:
         for _ in range(CYCLES):
-            time.sleep(1.5)
+            _wait_for_progress(writers, "writes acknowledged before the next kill")
             assert stack.redis is not None
             port = stack.redis.port
+            retries = sum(w.retries for w in writers)
             stack.redis.kill()
-            time.sleep(0.5)
+            wait_until(
+                lambda before=retries: sum(w.retries for w in writers) > before,
+                timeout_s=30, what="a writer to feel the outage",
+            )  # fmt: skip
             stack.redis = LocalRedis(data_dir=running_stack.home.redis_dir, port=port).start()
-        time.sleep(1.5)
+        _wait_for_progress(writers, "writes acknowledged after the last restart")
     finally:
         stop.set()
         for writer in writers:
@@ -121,6 +126,16 @@ def test_no_acknowledged_write_lost_across_kill_9(running_stack, http: httpx.Cli
     for artifact_id, content in acked_artifacts.items():
         read = http.get(f"/v2/artifacts/{artifact_id}")
         assert read.status_code == 200 and read.json()["content"] == content
+
+
+def _wait_for_progress(writers: list[Writer], what: str, writes: int = 10) -> None:
+    """Until the writers have had ``writes`` more writes acknowledged than now."""
+
+    def acked() -> int:
+        return sum(len(w.acked_turns) + len(w.acked_artifacts) for w in writers)
+
+    start = acked()
+    wait_until(lambda: acked() >= start + writes, timeout_s=60, what=what)
 
 
 def _drain_stale_connections(running_stack, session: str) -> None:
