@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -24,8 +24,10 @@ from profiles import parse_profile
 from tests.support.fault_server import Fault, FaultServer
 from zumik_serve.engines.protocol import EngineCall, EngineEvent, EngineResponse, ReplicaAssigned
 from zumik_serve.errors import InvalidRequestError, ZumikError
+from zumik_serve.routing.decision import DecisionRecord
 from zumik_serve.routing.dispatch import Dispatcher, RouteContext
 from zumik_serve.routing.replay import replay
+from zumik_serve.routing.retry import ATTEMPTS, Attempt
 from zumik_serve.routing.scheduler import ProfileScheduler
 
 PROFILE = """
@@ -77,8 +79,8 @@ class Harness:
             sleep=self._sleep,
         )
 
-    async def save(self, tenant: str, record: dict[str, Any], attempts: list[dict[str, Any]]) -> None:
-        self.records.append((record, attempts))
+    async def save(self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt]) -> None:
+        self.records.append((record.to_json(), list(ATTEMPTS.dump_python(tuple(attempts), mode="json"))))
 
     async def _byok_key(self, tenant: str, route: str) -> str | None:
         return "sk-tenant-own" if tenant == "ten_a" else None

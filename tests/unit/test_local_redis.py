@@ -1,4 +1,5 @@
-"""The embedded redis-server: AOF with fsync on every write; a tenant survives kill -9."""
+"""The embedded redis-server: AOF with fsync on every write; a tenant survives kill -9 and reads
+back with every option it was created with."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import redis.asyncio as aioredis
 
 from zumik_serve.store.local_redis import LocalRedis
 from zumik_serve.tenancy.store import RedisTenantStore
-from zumik_serve.tenancy.tenant import hash_api_key
+from zumik_serve.tenancy.tenant import Tenant, hash_api_key
 
 pytestmark = pytest.mark.redis
 
@@ -52,3 +53,27 @@ def test_tenant_survives_kill_9_and_restart(tmp_path: Path) -> None:
     finally:
         restarted.stop()
     assert restarted.pid is None
+
+
+def test_tenant_options_round_trip_through_the_store(tmp_path: Path) -> None:
+    server = LocalRedis(data_dir=tmp_path).start()
+
+    async def round_trip() -> list[Tenant | None]:
+        client = aioredis.from_url(server.url)
+        store = RedisTenantStore(client)
+        limited, limited_key = await store.create_tenant(
+            "limited", qos_classes=frozenset({"batch", "standard"}), reuse_accounting=False
+        )
+        plain, plain_key = await store.create_tenant("plain")
+        found = [await store.tenant_for_key_hash(hash_api_key(key)) for key in (limited_key, plain_key)]
+        await client.aclose()
+        assert found == [limited, plain]
+        return found
+
+    try:
+        limited, plain = asyncio.run(round_trip())
+    finally:
+        server.stop()
+    assert limited is not None and limited.qos_classes == frozenset({"batch", "standard"})
+    assert limited.reuse_accounting is False
+    assert plain is not None and plain.qos_classes is None and plain.reuse_accounting is True

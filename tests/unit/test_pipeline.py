@@ -100,14 +100,32 @@ async def test_client_cache_salt_never_reaches_the_engine(gateway: InProcessGate
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_failure_before_output_is_5xx_with_a_retry_hint(
+async def test_failure_before_output_is_retried_then_5xx_with_a_retry_hint(
     gateway: InProcessGateway, stream: bool
 ) -> None:
-    gateway.engine.fail_next(EngineFailure(status=500, message="boom"))
+    retries = gateway.context.profile.effective_routes()[0].max_retries
+    for _ in range(retries + 1):
+        gateway.engine.fail_next(EngineFailure(status=500, message="boom"))
     async with gateway.client() as http:
         response = await http.post("/v1/chat/completions", json={**CHAT, "stream": stream})
-    assert response.status_code == 500
-    assert "Retry" in response.json()["error"]["message"]
+        assert response.status_code == 500
+        message = response.json()["error"]["message"]
+        assert "boom" in message and "Retry" in message
+        decision = message.split("GET /v2/decisions/")[1].split(" ")[0]
+        attempts = (await http.get(f"/v2/decisions/{decision}")).json()["attempts"]
+    assert [a["outcome"] for a in attempts] == ["server_error"] * (retries + 1)
+    assert attempts[-1]["action"] != "retry"
+
+
+async def test_one_failure_before_output_is_retried_and_answered(gateway: InProcessGateway) -> None:
+    gateway.engine.fail_next(EngineFailure(status=503, message="busy"))
+    async with gateway.client() as http:
+        response = await http.post("/v1/chat/completions", json=CHAT)
+        attempts = (await http.get(f"/v2/decisions/{response.headers['x-zumik-decision-id']}")).json()
+    assert response.status_code == 200
+    assert [(a["outcome"], a["action"]) for a in attempts["attempts"]] == [
+        ("server_error", "retry"), ("ok", "done"),
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -131,14 +149,16 @@ async def test_context_length_failure_is_the_clients_400(gateway: InProcessGatew
     assert response.json()["error"]["param"] == "messages"
 
 
-async def test_stream_whose_first_payload_is_an_error_fails_before_the_first_byte(
+async def test_stream_whose_first_payload_is_an_error_is_a_failure_before_output(
     gateway: InProcessGateway,
 ) -> None:
-    gateway.engine.break_stream_after(0)
+    gateway.engine.break_stream_after(0)  # the first attempt's stream opens with an error payload
     async with gateway.client() as http:
         response = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
-    assert response.status_code == 500 and response.headers["content-type"] == "application/json"
-    assert "engine died" in response.json()["error"]["message"]
+        decision = response.headers["x-zumik-decision-id"]
+        attempts = (await http.get(f"/v2/decisions/{decision}")).json()["attempts"]
+    assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+    assert [(a["outcome"], a["action"]) for a in attempts] == [("server_error", "retry"), ("ok", "done")]
 
 
 async def test_stream_is_rerendered_and_ends_with_done(gateway: InProcessGateway) -> None:
@@ -165,7 +185,8 @@ async def test_failure_mid_stream_is_an_error_event_then_done(gateway: InProcess
         response = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
     events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
     assert events[-1] == "[DONE]"
-    assert json.loads(events[-2])["error"]["message"] == "engine died"
+    error = json.loads(events[-2])["error"]
+    assert "engine died" in error["message"] and error["code"] == "engine_error"
     finished = [c for e in events[:-2] for c in json.loads(e)["choices"] if c["finish_reason"] is not None]
     assert finished == []  # never a made-up finish_reason
 

@@ -8,7 +8,10 @@ Invariants held here:
 - the API key appears in no failure message and no repr; the body reaches the provider unchanged;
 - a stream yields each SSE payload then "[DONE]"; a break before or after the first payload is
   a ProviderFailure;
-- a sealed BYOK key opens only for its tenant and route; Redis never holds the plaintext key.
+- a sealed BYOK key opens only for its tenant and route; Redis never holds the plaintext key;
+- the key index reads back as typed values, entries written by the version before included;
+- a BYOK body is exactly ``{"api_key": <1-512 characters>}``; anything else is a 400 naming
+  ``api_key`` whose message, and whatever the parsed body prints, never holds the key.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.support.fault_server import Fault, FaultServer
+from zumik_serve.errors import InvalidRequestError
 from zumik_serve.providers.byok import KeyVault, SealedKeyError, mask
 from zumik_serve.providers.openai_http import (
     OpenAICompatProvider,
@@ -32,9 +36,11 @@ from zumik_serve.providers.openai_http import (
     parse_retry_after,
     prompt_cache_key_for,
 )
+from zumik_serve.providers.requests import MAX_API_KEY_CHARS, ByokKeyBody
 from zumik_serve.providers.store import (
     MASTER_KEY_ENV,
     MASTER_KEY_REDIS_KEY,
+    ByokKeyInfo,
     RedisByokStore,
     load_or_create_master_key,
 )
@@ -284,13 +290,19 @@ async def test_byok_store_round_trip_without_plaintext_in_redis(redis_url: str) 
         master = await load_or_create_master_key(client, environ={})
         assert master == await load_or_create_master_key(client, environ={})  # created once
         store = RedisByokStore(client, KeyVault(master))
-        await store.put("ten_a", "openai", API_KEY)
+        stored = await store.put("ten_a", "openai", API_KEY)
         await store.put("ten_a", "groq", "gsk_" + "z" * 40)
         assert await store.get("ten_a", "openai") == API_KEY
         assert await store.get("ten_b", "openai") is None
         described = await store.describe("ten_a")
-        assert [item["route"] for item in described] == ["groq", "openai"]
-        assert described[1]["key_hint"] == "sk-…wxyz" and described[1]["updated_at"] > 0
+        assert [item.route for item in described] == ["groq", "openai"]
+        assert described[1] == stored  # put answers what describe lists
+        assert stored.key_hint == "sk-…wxyz" and stored.updated_at > 0
+        assert stored.to_json() == {
+            "route": "openai",
+            "key_hint": "sk-…wxyz",
+            "updated_at": stored.updated_at,
+        }
 
         dump = b""
         async for key in client.scan_iter():
@@ -312,7 +324,7 @@ async def test_byok_store_round_trip_without_plaintext_in_redis(redis_url: str) 
         assert await store.delete("ten_a", "openai") is True
         assert await store.delete("ten_a", "openai") is False
         assert await store.get("ten_a", "openai") is None
-        assert [item["route"] for item in await store.describe("ten_a")] == ["groq"]
+        assert [item.route for item in await store.describe("ten_a")] == ["groq"]
     finally:
         await client.aclose()
 
@@ -333,3 +345,39 @@ async def test_master_key_from_env_wins_and_bad_env_fails_early(redis_url: str) 
             await load_or_create_master_key(client, environ={MASTER_KEY_ENV: "not base64!"})
     finally:
         await client.aclose()
+
+
+@pytest.mark.redis
+async def test_byok_index_written_before_reads_back(redis_url: str) -> None:
+    client = aioredis.from_url(redis_url)
+    try:
+        store = RedisByokStore(client, KeyVault(b"m" * 32))
+        # json.dumps' defaults, as the version before wrote entries (the ellipsis escaped)
+        await client.hset("z:ten_a:byok-index", "openai", '{"key_hint": "sk-\\u2026wxyz", "updated_at": 17}')
+        assert await store.describe("ten_a") == [
+            ByokKeyInfo(route="openai", key_hint="sk-…wxyz", updated_at=17)
+        ]
+    finally:
+        await client.aclose()
+
+
+def test_byok_body_takes_exactly_an_api_key() -> None:
+    body = ByokKeyBody.parse({"api_key": API_KEY})
+    assert body.api_key.get_secret_value() == API_KEY
+    assert API_KEY not in repr(body) and API_KEY not in str(body)
+    assert ByokKeyBody.parse({"api_key": "k" * MAX_API_KEY_CHARS}).api_key.get_secret_value() == "k" * 512
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"key": API_KEY}, {"api_key": API_KEY, "extra": 1}, {"api_key": ""}, {"api_key": 42},
+     {"api_key": None}, {"api_key": API_KEY + "x" * MAX_API_KEY_CHARS}],
+)  # fmt: skip
+def test_byok_body_refusals_name_api_key_and_never_echo_it(body: dict[str, object]) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        ByokKeyBody.parse(body)
+    error = caught.value
+    assert error.status == 400 and error.param == "api_key"
+    assert error.message == 'send {"api_key": "<your provider key>"} (1-512 characters).'
+    assert error.__context__ is None and error.__cause__ is None  # no chained error holds the key
+    assert API_KEY not in str(error)

@@ -8,13 +8,21 @@ Invariants held here:
   copy kept aside does not open; nothing new is stored under the scope;
 - the receipt verifies offline, states the weakest store and never more than the ceiling;
 - receipts of a tenant form a hash chain; another tenant cannot purge or read them;
-- a purge cut short (Redis down, the process killed with SIGKILL) issues no receipt and
-  finishes later with a receipt whose claims hold.
+- a purge cut short (Redis down, a step failing, the process killed with SIGKILL) issues no
+  receipt, says which steps are done, and finishes later with a receipt whose claims hold;
+- a job the first version (dict jobs) stored loads with its values, is saved back as the same
+  JSON, finishes from the step it reached (never rotating twice), and gives the receipt bytes
+  that version signed; a chain head it wrote is extended; a damaged job blocks no other;
+- steps and statuses keep their stored string values and order;
+- a purge body that is not a ``PurgeRequest`` is a 400 naming the field, never echoing a value;
+- over HTTP (the real app in process): 200 with the receipt, the same receipt again, 202 with
+  the steps done and Retry-After when a step fails, 404 for another tenant, 401 without a key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -23,11 +31,13 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kvstore.codec import encode_block
 from kvstore.keys import BlockKey, scope_id
@@ -36,18 +46,41 @@ from kvstore.sealing import ScopedSealer
 from kvstore.tier import BlockAddress
 from kvstore.tiers.build import build_tiers
 from kvstore.tiers.redis_keyring import RedisKeyring
-from zumik_serve.errors import NotFoundError
+from zumik_serve.errors import InvalidRequestError, NotFoundError
 from zumik_serve.purge.classes import GuaranteeClass
-from zumik_serve.purge.receipt import receipt_hash, verify_receipt
-from zumik_serve.purge.service import PurgeService
+from zumik_serve.purge.job import (
+    Compaction,
+    KvResults,
+    PendingPurge,
+    PurgeId,
+    PurgeStatus,
+    PurgeStep,
+    TierSweep,
+)
+from zumik_serve.purge.receipt import (
+    RECEIPT_FIELDS,
+    STORE_ENTRIES,
+    ChainHead,
+    ReceiptHash,
+    ReceiptSigner,
+    build_receipt,
+    canonical_bytes,
+    receipt_hash,
+    verify_receipt,
+)
+from zumik_serve.purge.requests import parse_purge_request
+from zumik_serve.purge.service import ENGINE_ENTRY, PurgeOutcome, PurgeService, receipt_stores
 from zumik_serve.purge.store import RedisPurgeStore
+from zumik_serve.state.objects import ArtifactRole
+from zumik_serve.state.requests import CreateArtifact, CreateBundle, CreateSession, CreateSnapshot
 from zumik_serve.state.service import StateService
 from zumik_serve.state.store import RedisStateStore
 from zumik_serve.store.local_redis import LocalRedis
 from zumik_serve.tenancy.store import RedisTenantStore
 from zumik_serve.tenancy.tenant import TenantId, cache_salt
 
-pytestmark = pytest.mark.redis
+if TYPE_CHECKING:
+    from tests.support.inprocess import InProcessGateway
 
 COMPAT = "c" * 64
 CANARY = "CANARY-7f3a9 the secret launch codes of tenant a"
@@ -87,12 +120,16 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
     server.stop()
 
 
+def _document(content: str) -> CreateArtifact:
+    return CreateArtifact(role=ArtifactRole.DOCUMENT, content=content)
+
+
 async def _objects(state: StateService, tenant: str) -> dict[str, str]:
-    art = (await state.create_artifact(tenant, {"role": "document", "content": CANARY}, None))["id"]
-    bnd = (await state.create_bundle(tenant, {"artifacts": [art]}, None))["id"]
-    ses = (await state.create_session(tenant, {"bundle": bnd}, None))["id"]
-    snp = (await state.create_snapshot(tenant, {"bundle": bnd}, None))["id"]
-    keep = (await state.create_artifact(tenant, {"role": "document", "content": "unrelated"}, None))["id"]
+    art = (await state.create_artifact(tenant, _document(CANARY), None))["id"]
+    bnd = (await state.create_bundle(tenant, CreateBundle(artifacts=(art,)), None))["id"]
+    ses = (await state.create_session(tenant, CreateSession(bundle=bnd), None))["id"]
+    snp = (await state.create_snapshot(tenant, CreateSnapshot(bundle=bnd), None))["id"]
+    keep = (await state.create_artifact(tenant, _document("unrelated"), None))["id"]
     return {"art": art, "bnd": bnd, "ses": ses, "snp": snp, "keep": keep}
 
 
@@ -105,6 +142,7 @@ async def _public_pem(purges: PurgeService) -> bytes:
     return keys[0]["public_key"].encode()
 
 
+@pytest.mark.redis
 async def test_purge_of_an_artifact_removes_what_derives_and_compacts(harness: Harness) -> None:
     state, purges, _, _ = harness.services()
     ids = await _objects(state, "ten_a")
@@ -124,10 +162,11 @@ async def test_purge_of_an_artifact_removes_what_derives_and_compacts(harness: H
     assert (await state.read("ten_a", _kind(ids["keep"]), ids["keep"]))["content"] == "unrelated"
     # The same purge again returns the same receipt; the same content gets a new handle.
     assert (await purges.purge("ten_a", ids["art"])).receipt == receipt
-    again = await state.create_artifact("ten_a", {"role": "document", "content": CANARY}, None)
+    again = await state.create_artifact("ten_a", _document(CANARY), None)
     assert again["id"] != ids["art"]
 
 
+@pytest.mark.redis
 async def test_purge_of_an_exposed_snapshot_closes_the_scope_in_every_tier(harness: Harness) -> None:
     state, purges, tenants, _ = harness.services()
     ids = await _objects(state, "ten_a")
@@ -166,6 +205,7 @@ async def test_purge_of_an_exposed_snapshot_closes_the_scope_in_every_tier(harne
     assert (await state.read("ten_a", _kind(ids["art"]), ids["art"]))["content"] == CANARY
 
 
+@pytest.mark.redis
 @pytest.mark.parametrize("ceiling", ["revoked", "unindexed", "deleted", "compacted", "crypto_erased"])
 async def test_receipt_never_states_more_than_the_ceiling(harness: Harness, ceiling: str) -> None:
     state, purges, _, _ = harness.services(ceiling=ceiling)
@@ -177,6 +217,7 @@ async def test_receipt_never_states_more_than_the_ceiling(harness: Harness, ceil
     assert verify_receipt(receipt, await _public_pem(purges)).ok
 
 
+@pytest.mark.redis
 async def test_receipts_chain_and_stay_with_their_tenant(harness: Harness) -> None:
     state, purges, _, _ = harness.services()
     first = await _objects(state, "ten_a")
@@ -194,6 +235,7 @@ async def test_receipts_chain_and_stay_with_their_tenant(harness: Harness) -> No
     assert (await state.read("ten_a", _kind(first["art"]), first["art"]))["content"] == CANARY
 
 
+@pytest.mark.redis
 async def test_purge_cut_short_by_a_redis_outage_resumes_and_never_over_claims(harness: Harness) -> None:
     state, purges, _, client = harness.services(step_delay_s=0.3)
     ids = await _objects(state, "ten_a")
@@ -202,13 +244,13 @@ async def test_purge_cut_short_by_a_redis_outage_resumes_and_never_over_claims(h
     await asyncio.sleep(0.5)
     harness.server.stop()
     outcome = await task
-    assert outcome.receipt is None and outcome.job["status"] != "done"
+    assert outcome.receipt is None and outcome.job.status is not PurgeStatus.DONE
     harness.server.start()
     state, purges, _, _ = harness.services()
     job = await _store(harness).job_for_target("ten_a", ids["art"])
-    assert job is not None and job["status"] != "done"  # saved as pending before the outage
+    assert job is not None and job.status is not PurgeStatus.DONE  # saved as pending before the outage
     assert await purges.resume_pending() == 1
-    receipt = await purges.receipt("ten_a", job["id"])
+    receipt = await purges.receipt("ten_a", job.id)
     assert receipt["guarantee_class"] == "compacted"
     assert _files_containing(harness.root / "redis", CANARY.encode()) == []
 
@@ -229,6 +271,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.redis
 async def test_kill_9_in_the_middle_of_purges_then_every_purge_finishes_honestly(harness: Harness) -> None:
     state, _, _, _ = harness.services()
     batches = [await _objects(state, "ten_a") for _ in range(3)]
@@ -250,10 +293,12 @@ async def test_kill_9_in_the_middle_of_purges_then_every_purge_finishes_honestly
 
     store = _store(harness)
     jobs = [await store.job_for_target("ten_a", target) for target in targets]
-    assert any(job is not None and job["status"] != "done" for job in jobs), "the kill came too late"
+    assert any(job is not None and job.status is not PurgeStatus.DONE for job in jobs), (
+        "the kill came too late"
+    )
     for job in jobs:  # nothing unfinished has a receipt
-        if job is not None and job["status"] != "done":
-            assert await store.receipt("ten_a", job["id"]) is None
+        if job is not None and job.status is not PurgeStatus.DONE:
+            assert await store.receipt("ten_a", job.id) is None
 
     _, purges, _, _ = harness.services()
     await purges.resume_pending()
@@ -284,3 +329,306 @@ def _kind(handle: str):  # type: ignore[no-untyped-def]
 def _store(harness: Harness) -> RedisPurgeStore:
     client = aioredis.from_url(harness.server.url)
     return RedisPurgeStore(client, RedisStateStore(client))
+
+
+# -- jobs and chain heads the first version stored ----------------------------------------------
+# Jobs in the exact form the first version (dict jobs) wrote to Redis; SNP, SCOPE and PRG are put in.
+
+FIRST_VERSION_JOB_AFTER_TIERS = (
+    '{"closure":["SNP"],"created_at":1796160540,"done":["revoke","rotate","keys","tiers"],'
+    '"entries":{"kv_disk":{"removed_blocks":4},"kv_engine":{"action":"salt_epoch_rotated","detail":'
+    '"cached blocks are unreachable under the new cache salt; engine memory is not zeroed",'
+    '"guarantee_class":"unindexed","result":"done","store":"kv_engine"},"kv_host":{"removed_blocks":2},'
+    '"kv_redis":{"removed_blocks":3}},"error":null,"exposed":true,"id":"PRG","old_epoch":0,'
+    '"scopes":["SCOPE"],"status":"running","target":"SNP"}'
+)
+FIRST_VERSION_JOB_EXPOSED = (
+    '{"closure":["snp_zyeygo62ouevb4by7vktdo3xsu","snp_qqeygo62ouevb4by7vktdo3xsu"],"compaction":'
+    '{"detail":"AOF rewritten; only the new base and increment files remain","done":true},'
+    '"created_at":1796160540,"done":["revoke","rotate","keys","tiers","objects","compact"],"entries":'
+    '{"kv_disk":{"removed_blocks":5},"kv_engine":{"action":"salt_epoch_rotated","detail":"cached blocks '
+    'are unreachable under the new cache salt; engine memory is not zeroed","guarantee_class":"unindexed",'
+    '"result":"done","store":"kv_engine"},"kv_host":{"removed_blocks":3},"kv_redis":{"removed_blocks":4}},'
+    '"error":null,"exposed":true,"id":"prg_wohc2uejhejgh33lfqtntsgyke","old_epoch":1,"removed_keys":7,'
+    '"scopes":["7dd59956750118aa","0123456789abcdef"],"status":"running",'
+    '"target":"snp_zyeygo62ouevb4by7vktdo3xsu"}'
+)
+FIRST_VERSION_JOB_PLAIN = (
+    '{"closure":["art_35khqsojdut25xq5lislnvmbaa"],"compaction":{"detail":"Redis runs without an AOF; '
+    'its RDB snapshots are not rewritten here","done":false},"created_at":1796160545,"done":["revoke",'
+    '"rotate","keys","tiers","objects","compact"],"entries":{},"error":null,"exposed":false,'
+    '"id":"prg_zztpftehlmupkseiklh54xfzca","removed_keys":3,"status":"running",'
+    '"target":"art_35khqsojdut25xq5lislnvmbaa"}'
+)
+# sha256 of the canonical bytes of the receipt the first version signed from each job above
+# (fixed key, issued_at 1700000000, seq 2, prev_receipt_hash "cd" * 32), sealed tiers or not.
+FIRST_VERSION_RECEIPT_SHA256 = {
+    (FIRST_VERSION_JOB_EXPOSED, True): "f3fc849cfc8ff9c63685271bb0bfe67020bd55f2d1e46f7ad7539a1de8aebe4e",
+    (FIRST_VERSION_JOB_EXPOSED, False): "6a8cf7fd5e952169bd211030b757b1c24b7c1b8821e12ffb7892df8f77f95528",
+    (FIRST_VERSION_JOB_PLAIN, True): "2022542de0073aac00eabeec58b73642531da693773861c43845ccc498c689f9",
+    (FIRST_VERSION_JOB_PLAIN, False): "2022542de0073aac00eabeec58b73642531da693773861c43845ccc498c689f9",
+}
+FIXED_SIGNER = ReceiptSigner(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+
+
+async def _put_first_version_job(client: aioredis.Redis, tenant: str, raw: str) -> PurgeId:
+    purge_id = PurgeId(json.loads(raw)["id"])
+    await client.set(f"z:{{{tenant}}}:purge:{purge_id}", raw)
+    await client.sadd("zumik:purges:pending", f"{tenant}|{purge_id}")
+    return purge_id
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    "raw", [FIRST_VERSION_JOB_AFTER_TIERS, FIRST_VERSION_JOB_EXPOSED, FIRST_VERSION_JOB_PLAIN]
+)
+async def test_job_in_the_first_versions_format_loads_and_saves_back_the_same_json(
+    harness: Harness, raw: str
+) -> None:
+    _, _, _, client = harness.services()
+    store = _store(harness)
+    purge_id = await _put_first_version_job(client, "ten_a", raw)
+    job = await store.job("ten_a", purge_id)
+    assert job is not None and job.id == purge_id and job.status is PurgeStatus.RUNNING
+    assert job.done[:2] == (PurgeStep.REVOKE, PurgeStep.ROTATE) and job.error is None
+    await store.save_job("ten_a", job)
+    again = json.loads(await client.get(f"z:{{ten_a}}:purge:{purge_id}"))
+    # The same JSON; only "error": null is left out (absent and null read the same in both versions).
+    assert again == {name: value for name, value in json.loads(raw).items() if value is not None}
+
+
+@pytest.mark.redis
+async def test_job_in_the_first_versions_format_has_its_typed_values(harness: Harness) -> None:
+    _, _, _, client = harness.services()
+    job = await _store(harness).job(
+        "ten_a", await _put_first_version_job(client, "ten_a", FIRST_VERSION_JOB_EXPOSED)
+    )
+    assert job is not None
+    assert job.closure == ("snp_zyeygo62ouevb4by7vktdo3xsu", "snp_qqeygo62ouevb4by7vktdo3xsu")
+    assert (job.exposed, job.old_epoch, job.removed_keys) == (True, 1, 7)
+    assert job.scopes == ("7dd59956750118aa", "0123456789abcdef")
+    assert job.entries == KvResults(ENGINE_ENTRY, TierSweep(3), TierSweep(4), TierSweep(5))
+    assert job.compaction == Compaction(True, "AOF rewritten; only the new base and increment files remain")
+    assert job.done == tuple(PurgeStep)[:6]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("raw", "sealed"), list(FIRST_VERSION_RECEIPT_SHA256))
+async def test_receipt_from_a_first_version_job_has_the_bytes_that_version_signed(
+    harness: Harness, raw: str, sealed: bool
+) -> None:
+    _, _, _, client = harness.services()
+    job = await _store(harness).job("ten_a", await _put_first_version_job(client, "ten_a", raw))
+    assert job is not None and job.closure is not None
+    unsigned = build_receipt(
+        receipt_id=job.id, tenant="ten_a", target=job.target, issued_at=1_700_000_000, profile="test",
+        profile_ceiling=GuaranteeClass.CRYPTO_ERASED, stores=receipt_stores(job, sealed=sealed),
+        purged=job.closure, seq=2, prev_receipt_hash="cd" * 32,
+    )  # fmt: skip
+    signed = canonical_bytes(FIXED_SIGNER.sign(unsigned))
+    assert hashlib.sha256(signed).hexdigest() == FIRST_VERSION_RECEIPT_SHA256[(raw, sealed)]
+
+
+@pytest.mark.redis
+async def test_purge_left_unfinished_by_the_first_version_finishes_with_its_results(harness: Harness) -> None:
+    state, purges, tenants, client = harness.services()
+    ids = await _objects(state, "ten_a")
+    await state.snapshot_messages("ten_a", ids["snp"])
+    await tenants.rotate_salt_epoch(TenantId("ten_a"))  # the rotate step it finished
+    scope = scope_id(cache_salt(await tenants.server_secret("cache-salt"), TenantId("ten_a"), 0))
+    prg = "prg_" + "w" * 26
+    await client.set(f"z:{{ten_a}}:purge-target:{ids['snp']}", prg)
+    raw = FIRST_VERSION_JOB_AFTER_TIERS.replace("SNP", ids["snp"]).replace("SCOPE", scope).replace("PRG", prg)
+    await _put_first_version_job(client, "ten_a", raw)
+
+    assert await purges.resume_pending() == 1
+    receipt = await purges.receipt("ten_a", prg)
+    assert verify_receipt(receipt, await _public_pem(purges)).ok
+    assert receipt["purged"] == [ids["snp"]] and receipt["guarantee_class"] == "unindexed"
+    stores = {entry["store"]: entry for entry in receipt["stores"]}
+    assert stores["kv_engine"] == STORE_ENTRIES.dump_python([ENGINE_ENTRY], mode="json", exclude_none=True)[0]
+    assert [stores[name]["detail"] for name in ("kv_host", "kv_redis", "kv_disk")] == [
+        "2 blocks removed", "3 blocks removed", "4 blocks removed",
+    ]  # fmt: skip
+    assert stores["kv_redis"]["guarantee_class"] == stores["kv_disk"]["guarantee_class"] == "crypto_erased"
+    assert await tenants.salt_epoch(TenantId("ten_a")) == 1  # not rotated a second time
+    store = _store(harness)
+    job = await store.job("ten_a", PurgeId(prg))
+    assert job is not None and job.status is PurgeStatus.DONE and job.done == tuple(PurgeStep)
+    assert await store.pending() == []
+    assert (await purges.purge("ten_a", ids["snp"])).receipt == receipt
+    with pytest.raises(NotFoundError):
+        await state.read("ten_a", _kind(ids["snp"]), ids["snp"])
+
+
+@pytest.mark.redis
+async def test_chain_head_the_first_version_wrote_is_extended(harness: Harness) -> None:
+    state, purges, _, client = harness.services()
+    first_hash = "a16a45e7c83012b513774b08c0f4c11df54406c00be9f0579a5cc70e08309416"
+    await client.set("z:{ten_a}:receipt-head", '{"hash":"' + first_hash + '","seq":1}')
+    assert await _store(harness).chain_head("ten_a") == ChainHead(1, ReceiptHash(first_hash))
+    ids = await _objects(state, "ten_a")
+    receipt = (await purges.purge("ten_a", ids["keep"])).receipt
+    assert receipt is not None and (receipt["seq"], receipt["prev_receipt_hash"]) == (2, first_hash)
+
+
+@pytest.mark.redis
+async def test_a_damaged_job_stays_pending_and_others_still_finish(harness: Harness) -> None:
+    state, purges, _, client = harness.services()
+    await client.set("z:{ten_a}:purge:prg_" + "d" * 26, '{"id": "prg_' + "d" * 26 + '", "status": 7}')
+    await client.sadd("zumik:purges:pending", "ten_a|prg_" + "d" * 26)
+    ids = await _objects(state, "ten_b")
+    stopped = (await _stopped_purge(harness, "ten_b", ids["keep"])).job
+    assert await purges.resume_pending() == 1
+    assert await purges.receipt("ten_b", stopped.id) is not None
+    assert await _store(harness).pending() == [PendingPurge("ten_a", PurgeId("prg_" + "d" * 26))]
+
+
+async def _stopped_purge(harness: Harness, tenant: str, target: str) -> PurgeOutcome:
+    """A purge whose compact step fails: Redis refuses CONFIG GET (as a managed Redis may)."""
+    _, purges, _, client = harness.services()
+    await client.execute_command("ACL", "SETUSER", "default", "-config")
+    try:
+        outcome = await purges.purge(tenant, target)
+    finally:
+        await client.execute_command("ACL", "SETUSER", "default", "+config")
+    assert outcome.receipt is None and outcome.job.status is PurgeStatus.INCOMPLETE
+    assert outcome.job.done == tuple(PurgeStep)[:5] and outcome.job.error is not None
+    return outcome
+
+
+# -- steps and the request body -------------------------------------------------------------------
+
+
+def test_steps_have_stable_values_and_run_in_their_order() -> None:
+    assert [step.value for step in PurgeStep] == [
+        "revoke", "rotate", "keys", "tiers", "objects", "compact", "receipt",
+    ]  # fmt: skip
+    assert [status.value for status in PurgeStatus] == ["running", "incomplete", "done"]
+
+
+@pytest.mark.redis
+async def test_a_stopped_purge_says_which_steps_are_done_and_resumes(harness: Harness) -> None:
+    state, purges, _, _ = harness.services()
+    ids = await _objects(state, "ten_a")
+    stopped = (await _stopped_purge(harness, "ten_a", ids["art"])).job
+    assert stopped.error is not None and stopped.error.startswith("NoPermissionError: ")
+    outcome = await purges.purge("ten_a", ids["art"])
+    assert outcome.receipt is not None and outcome.job.id == stopped.id
+    assert outcome.job.status is PurgeStatus.DONE and outcome.job.error is None
+
+
+def test_purge_request_takes_a_target() -> None:
+    assert parse_purge_request({"target": "art_x"}).target == "art_x"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "target"),
+        ({"target": "art_x", "zeta": 1, "extra": 1}, "extra"),  # unknown fields first, by name
+        ({"extra": "SECRET-VALUE"}, "extra"),
+        ({"target": 12345}, "target"),
+        ({"target": ["SECRET-VALUE"]}, "target"),
+        ({"target": None}, "target"),
+        ({"x" * 500: 1, "target": "art_x"}, "x" * 64),  # a long name is cut, not sent back whole
+    ],
+)
+def test_purge_request_refusal_names_the_field_and_never_echoes_the_value(
+    body: dict[str, object], param: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        parse_purge_request(body)
+    error = caught.value
+    assert (error.status, error.type, error.param) == (400, "invalid_request_error", param)
+    assert (
+        "SECRET-VALUE" not in error.message and "12345" not in error.message and "x" * 65 not in error.message
+    )
+    assert "target" in error.message  # it says what the body takes
+
+
+# -- the HTTP surface (the real app in process) ---------------------------------------------------
+
+
+# The app is imported here, not at the top: PURGE_DRIVER imports this module and must reach its
+# purges quickly.
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from zumik_serve.model.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def _gateway(harness: Harness, model_dir: Path) -> InProcessGateway:
+    from tests.support.inprocess import make_gateway
+
+    return make_gateway(harness.server.url, model_dir)
+
+
+@pytest.mark.redis
+async def test_purge_over_http_answers_in_the_shapes_clients_rely_on(
+    harness: Harness, model_dir: Path
+) -> None:
+    gateway = _gateway(harness, model_dir)
+    other_key = await gateway.create_tenant("other")
+    async with gateway.client() as http, gateway.client(other_key) as other:
+        created = await http.post("/v2/artifacts", json={"role": "document", "content": CANARY})
+        art = created.json()["id"]
+        assert (await other.post("/v2/purge", json={"target": art})).status_code == 404
+        response = await http.post("/v2/purge", json={"target": art})
+        assert response.status_code == 200, response.text
+        assert set(response.json()) == {"receipt"}
+        receipt = response.json()["receipt"]
+        assert set(receipt) == RECEIPT_FIELDS and receipt["purged"] == [art]
+        assert (await http.post("/v2/purge", json={"target": art})).json()["receipt"] == receipt
+        assert (await http.get(f"/v2/receipts/{receipt['id']}")).json() == receipt
+        assert (await other.get(f"/v2/receipts/{receipt['id']}")).status_code == 404
+        keys = (await http.get("/v2/keys")).json()["keys"]
+        key = next(k for k in keys if k["key_id"] == receipt["key_id"])
+        assert set(key) == {"key_id", "algorithm", "public_key"} and key["algorithm"] == "ed25519"
+        assert verify_receipt(receipt, key["public_key"].encode()).ok
+
+        missing = await http.post("/v2/purge", json={"target": "art_" + "a" * 26})
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+        for body, param in (
+            ({}, "target"),
+            ({"target": "x", "extra": 1}, "extra"),
+            ({"target": 5}, "target"),
+        ):
+            refused = await http.post("/v2/purge", json=body)
+            assert refused.status_code == 400, body
+            assert refused.json()["error"]["type"] == "invalid_request_error"
+            assert refused.json()["error"]["param"] == param
+        assert (await http.post("/v2/purge", content=b"{not json")).status_code == 400
+        assert (await http.get("/v2/receipts/prg_" + "b" * 26)).status_code == 404
+    async with gateway.client(api_key="zk-unknown") as stranger:
+        assert (await stranger.post("/v2/purge", json={"target": "x"})).status_code == 401
+        assert (await stranger.get("/v2/keys")).status_code == 401
+
+
+@pytest.mark.redis
+async def test_purge_over_http_that_cannot_finish_is_a_202_then_resumes(
+    harness: Harness, model_dir: Path
+) -> None:
+    gateway = _gateway(harness, model_dir)
+    admin = aioredis.from_url(harness.server.url)
+    async with gateway.client() as http:
+        art = (await http.post("/v2/artifacts", json={"role": "document", "content": CANARY})).json()["id"]
+        await admin.execute_command("ACL", "SETUSER", "default", "-config")  # compaction cannot start
+        try:
+            response = await http.post("/v2/purge", json={"target": art})
+        finally:
+            await admin.execute_command("ACL", "SETUSER", "default", "+config")
+        assert response.status_code == 202 and response.headers["retry-after"] == "5"
+        body = response.json()
+        assert body["receipt"] is None
+        progress = body["purge"]
+        assert set(progress) == {"id", "target", "status", "steps_done", "error", "message"}
+        assert (progress["target"], progress["status"]) == (art, "incomplete")
+        assert progress["steps_done"] == ["revoke", "rotate", "keys", "tiers", "objects"]
+        assert progress["error"].startswith("NoPermissionError: ")
+        again = await http.post("/v2/purge", json={"target": art})
+        assert again.status_code == 200 and again.json()["receipt"]["id"] == progress["id"]
+    await admin.aclose()

@@ -14,6 +14,9 @@ Invariants held here:
   and a check with another key.
 - An independent verifier (plain json + cryptography, no zumik code) agrees with ``verify_receipt``.
 - ``run_verify`` exits 0 for an intact file, 1 for a tampered one, 2 for a file it cannot read.
+- A receipt built and signed now has the exact canonical bytes (and signature) the first version
+  produced for the same inputs, and that version's receipts still verify; store entries go to and
+  from their JSON through one schema, which refuses a missing, extra or mistyped field by name.
 """
 
 from __future__ import annotations
@@ -37,11 +40,14 @@ from zumik_serve.purge.receipt import (
     RECEIPT_FIELDS,
     ReceiptSigner,
     StoreEntry,
+    StoreResult,
     build_receipt,
     canonical_bytes,
+    parse_store_entries,
     public_key_record,
     receipt_class,
     receipt_hash,
+    store_entries_json,
     verify_receipt,
 )
 from zumik_serve.purge.verify_cli import run_verify, verify_file
@@ -461,3 +467,92 @@ def test_run_verify_exits_2_when_a_file_cannot_be_read(
     key_path.write_bytes(b"not a key")
     assert run_verify(receipt_path, key_path, as_json=False) == 2
     assert "GET /v2/keys" in capsys.readouterr().err
+
+
+# -- bytes signed by the first version -----------------------------------------------------------
+# A receipt as the first version (hand-written StoreEntry.to_json) built and signed it, with the
+# key below: what is signed, stored and verified must stay these exact bytes.
+
+FIRST_VERSION_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+FIRST_VERSION_CANONICAL = (
+    '{"guarantee_class":"provider_expiry","id":"prg_aaaaaaaaaaaaaaaaaaaaaaaaaa","issued_at":1'
+    '700000000,"key_id":"ed25519:56475aa75463474c","object":"receipt","prev_receipt_hash":"ab'
+    'ababababababababababababababababababababababababababababababab","profile":"dedicated","p'
+    'rofile_ceiling":"crypto_erased","purged":["art_0123456789abcdefghijklmnop","snp_bbbbbbbb'
+    'bbbbbbbbbbbbbbbbbb"],"seq":7,"signature":"KKtMdj3JQFF45i6uV9eAJu3+kAGef7i5jHhMb5HczL1eg2'
+    'Mxa7jieMJJOyKTRJYWwPhpwxk7ssgOJqhgYYG6Dg==","stores":[{"action":"unlink+aof_rewrite","de'
+    'tail":"12 keys removed; AOF rewritten","guarantee_class":"compacted","result":"done","st'
+    'ore":"redis_state"},{"action":"salt_epoch_rotated","detail":"epoch 4","guarantee_class":'
+    '"unindexed","result":"done","store":"kv_engine"},{"action":"key_destroyed+unlink","detai'
+    'l":"","guarantee_class":"crypto_erased","result":"failed","store":"kv_disk"},{"action":"'
+    'unlink","detail":"","guarantee_class":"deleted","result":"not_held","store":"kv_redis"},'
+    '{"action":"delete_file","detail":"","expires_at":1700003600,"guarantee_class":"provider_'
+    'expiry","result":"done","store":"provider:acme"}],"target":"art_0123456789abcdefghijklmn'
+    'op","tenant":"zürich-測試"}'
+).encode()
+
+
+def first_version_stores() -> list[StoreEntry]:
+    return [
+        StoreEntry(
+            "redis_state", "unlink+aof_rewrite", "done", G.COMPACTED, detail="12 keys removed; AOF rewritten"
+        ),
+        StoreEntry("kv_engine", "salt_epoch_rotated", "done", G.UNINDEXED, detail="epoch 4"),
+        StoreEntry("kv_disk", "key_destroyed+unlink", "failed", G.CRYPTO_ERASED),
+        StoreEntry("kv_redis", "unlink", "not_held", G.DELETED),
+        StoreEntry("provider:acme", "delete_file", "done", G.PROVIDER_EXPIRY, expires_at=1_700_003_600),
+    ]
+
+
+def test_receipt_signs_the_bytes_the_first_version_signed() -> None:
+    target = "art_0123456789abcdefghijklmnop"
+    unsigned = build_receipt(
+        receipt_id="prg_aaaaaaaaaaaaaaaaaaaaaaaaaa", tenant="zürich-測試", target=target,
+        issued_at=1_700_000_000, profile="dedicated", profile_ceiling=G.CRYPTO_ERASED,
+        stores=first_version_stores(), purged=[target, "snp_bbbbbbbbbbbbbbbbbbbbbbbbbb"],
+        seq=7, prev_receipt_hash=PREV_HASH,
+    )  # fmt: skip
+    receipt = ReceiptSigner(FIRST_VERSION_KEY).sign(unsigned)
+    assert canonical_bytes(receipt) == FIRST_VERSION_CANONICAL
+    assert receipt == json.loads(FIRST_VERSION_CANONICAL)
+    assert receipt_hash(receipt) == "75ede14c389546b653ebbb36efc98458910b06151c57d2f4fa4737740e01f38b"
+    # The signed store lines, key order included (the order a client sees in the JSON body).
+    assert [list(entry) for entry in receipt["stores"]] == [
+        ["store", "action", "result", "guarantee_class", "detail"]
+    ] * 4 + [["store", "action", "result", "guarantee_class", "detail", "expires_at"]]
+
+
+def test_receipt_of_the_first_version_verifies(tmp_path: Path) -> None:
+    receipt = json.loads(FIRST_VERSION_CANONICAL)
+    signer = ReceiptSigner(FIRST_VERSION_KEY)
+    assert verify_receipt(receipt, signer.public_pem()).ok
+    assert independent_verify(receipt, signer.public_pem())
+    assert parse_store_entries(receipt["stores"]) == first_version_stores()
+    receipt_path, key_path = _files(signer, tmp_path, receipt)
+    assert run_verify(receipt_path, key_path, as_json=False) == 0
+
+
+def test_store_entries_round_trip_through_their_json() -> None:
+    stores = first_version_stores()
+    assert parse_store_entries(store_entries_json(stores)) == stores
+    assert all(isinstance(entry.result, StoreResult) for entry in stores)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda entry: entry.pop("detail"), "stores[0] lacks ['detail']"),
+        (lambda entry: entry.update(expires_at=None), "stores[0].expires_at is not an integer"),
+        (lambda entry: entry.update(expires_at=True), "stores[0].expires_at"),
+        (lambda entry: entry.update(note="x"), "stores[0].note"),
+        (lambda entry: entry.update(store=7), "stores[0].store"),
+        (lambda entry: entry.update(result="maybe"), "stores[0].result"),
+        (lambda entry: entry.update(guarantee_class="forgotten"), "stores[0].guarantee_class"),
+    ],
+)
+def test_a_store_entry_that_is_not_one_is_refused_by_name(change: Any, reason: str) -> None:
+    data = store_entries_json(first_version_stores()[:1])
+    change(data[0])
+    with pytest.raises(ValueError) as caught:
+        parse_store_entries(data)
+    assert reason in str(caught.value)

@@ -7,10 +7,17 @@
 - The report keeps opportunity and each capture level apart (unknown counted in requests, with
   no tokens), sums over the window, groups by route or snapshot, prices savings per route, and
   shows a tenant only its own figures.
+- A ledger group reads back whole whatever its names hold (a ``|`` included), and fields written
+  in the format before (``profile|snapshot|route|figure``) still count, summed with new ones.
+- Escalation evidence is the strongest capture level with tokens in the window (observed >
+  reported > estimated; none: unknown) with the tokens at that level or stronger, for the
+  tenant's whole traffic or one snapshot, and never another tenant's or an older window's.
+- The scripts are registered once per store and survive a ``SCRIPT FLUSH`` (reloaded).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -24,7 +31,8 @@ from zumik_serve.errors import InvalidRequestError
 from zumik_serve.reuse.evidence import EvidenceLevel, weakest
 from zumik_serve.reuse.figures import ReuseFigures
 from zumik_serve.reuse.service import ReuseService
-from zumik_serve.reuse.store import RedisReuseStore
+from zumik_serve.reuse.store import BUCKET_S, LedgerCounts, LedgerGroup, RedisReuseStore
+from zumik_serve.routing.decision import NO_EVIDENCE, Evidence
 from zumik_serve.store.local_redis import LocalRedis
 
 pytestmark = pytest.mark.redis
@@ -72,6 +80,8 @@ async def test_opportunity_walk_stops_at_the_first_gap_and_keeps_scopes_apart(re
     assert await client.zcard("zumik:seen:scope-a:" + "c" * 16) <= 5  # the memory bound
     assert await store.forget_scopes(["scope-a"]) == 1
     assert await store.seen_prefix_blocks("scope-a", "c" * 64, ["k1"]) == 0
+    await client.script_flush()  # a restarted Redis forgets scripts: the store loads it again
+    assert await store.seen_prefix_blocks("scope-a", "c" * 64, ["k1"]) == 1
 
 
 async def test_report_keeps_levels_apart_and_tenants_apart(redis_url: str) -> None:
@@ -118,3 +128,116 @@ async def test_report_keeps_levels_apart_and_tenants_apart(redis_url: str) -> No
         await service.report("ten_a", group_by="color", window_s=600)
     with pytest.raises(InvalidRequestError):
         await service.report("ten_a", group_by="route", window_s=0)
+
+
+PROFILE = load_builtin("local-cpu-2x")
+
+
+def make_service(redis_url: str) -> ReuseService:
+    return ReuseService(RedisReuseStore(aioredis.from_url(redis_url)), PROFILE, scope_digest="d")
+
+
+def figures_of(route_kind: str, cached_tokens: int | None) -> ReuseFigures:
+    return ReuseFigures.of(
+        prompt_tokens=100, opportunity_tokens=64, route_kind=route_kind, cached_tokens=cached_tokens
+    )
+
+
+async def test_ledger_group_with_a_pipe_in_its_names_reads_back_whole(redis_url: str) -> None:
+    store = RedisReuseStore(aioredis.from_url(redis_url))
+    tricky = LedgerGroup(profile="p|1", snapshot="snp|x|y", route="r|2")
+    plain = LedgerGroup(profile="p", snapshot=None, route="r")
+    counts = LedgerCounts.of(figures_of("byoc", 32))
+    await store.record("ten_a", tricky, counts)
+    await store.record("ten_a", plain, counts)
+    await store.record("ten_a", plain, counts)
+    assert await store.window("ten_a", 600) == {tricky: counts, plain: counts.plus(counts)}
+    service = make_service(redis_url)
+    await service.record("ten_b", figures_of("managed", 16), snapshot="a|b", route="x|y")
+    (group,) = (await service.report("ten_b", group_by="route", window_s=600))["groups"]
+    assert group["route"] == "x|y" and group["requests"] == 1
+    (group,) = (await service.report("ten_b", group_by="snapshot", window_s=600))["groups"]
+    assert group["snapshot"] == "a|b"
+
+
+async def test_ledger_fields_written_before_still_count(redis_url: str) -> None:
+    client = aioredis.from_url(redis_url)
+    bucket = f"z:{{ten_a}}:reuse:{int(time.time()) // BUCKET_S}"
+    old = {  # one byoc request on snp_x and one managed request without a snapshot, as written before
+        "local-cpu-2x|snp_x|local|requests": 1,
+        "local-cpu-2x|snp_x|local|prompt": 100,
+        "local-cpu-2x|snp_x|local|opportunity:estimated": 64,
+        "local-cpu-2x|snp_x|local|captured:observed": 64,
+        "local-cpu-2x|snp_x|local|captured_source:engine": 64,
+        "local-cpu-2x|-|managed|requests": 1,
+        "local-cpu-2x|-|managed|prompt": 100,
+        "local-cpu-2x|-|managed|opportunity:estimated": 0,
+        "local-cpu-2x|-|managed|captured_requests:unknown": 1,
+    }
+    for field, value in old.items():
+        await client.hincrby(bucket, field, value)
+    store = RedisReuseStore(client)
+    window = await store.window("ten_a", 600)
+    assert window[LedgerGroup("local-cpu-2x", "snp_x", "local")].captured_tokens == {
+        EvidenceLevel.OBSERVED: 64
+    }
+    assert window[LedgerGroup("local-cpu-2x", None, "managed")].captured_unknown_requests == 1
+    service = make_service(redis_url)
+    await service.record("ten_a", figures_of("byoc", 32), snapshot="snp_x", route="local")  # the new format
+    by_snapshot = {
+        g["snapshot"]: g for g in (await service.report("ten_a", group_by="snapshot", window_s=600))["groups"]
+    }
+    assert set(by_snapshot) == {"snp_x", "-"}
+    snp_x = by_snapshot["snp_x"]
+    assert snp_x["requests"] == 2 and snp_x["opportunity"] == {"tokens": 128, "evidence": "estimated"}
+    assert {c["evidence"]: c["tokens"] for c in snp_x["captured"]}["observed"] == 96
+    assert snp_x["captured_by_source"] == {"engine": 64}
+    assert by_snapshot["-"]["captured"][-1] == {"requests": 1, "tokens": None, "evidence": "unknown"}
+
+
+async def test_escalation_evidence_is_the_strongest_level_with_captured_tokens(redis_url: str) -> None:
+    service = make_service(redis_url)
+    assert await service.escalation_evidence("ten_a", snapshot=None, window_s=3600) == NO_EVIDENCE
+    await service.record("ten_a", figures_of("managed", 40), snapshot=None, route="managed")
+    await service.record("ten_a", figures_of("managed", None), snapshot=None, route="managed")  # unknown
+    await service.record("ten_a", figures_of("managed", 0), snapshot="snp_y", route="managed")  # reported 0
+    assert await service.escalation_evidence("ten_a", snapshot=None, window_s=3600) == Evidence(
+        EvidenceLevel.REPORTED, 40
+    )
+    await service.record("ten_a", figures_of("byoc", 64), snapshot="snp_x", route="local")
+    await service.record("ten_a", figures_of("byoc", 32), snapshot="snp_x", route="local")
+    assert await service.escalation_evidence("ten_a", snapshot=None, window_s=3600) == Evidence(
+        EvidenceLevel.OBSERVED, 96
+    )
+    assert await service.escalation_evidence("ten_a", snapshot="snp_x", window_s=120) == Evidence(
+        EvidenceLevel.OBSERVED, 96
+    )
+    assert await service.escalation_evidence("ten_a", snapshot="snp_y", window_s=3600) == NO_EVIDENCE
+    assert await service.escalation_evidence("ten_b", snapshot=None, window_s=3600) == NO_EVIDENCE
+
+
+async def test_escalation_evidence_counts_stronger_levels_and_only_its_window(redis_url: str) -> None:
+    store = RedisReuseStore(aioredis.from_url(redis_url))
+    service = ReuseService(store, PROFILE, scope_digest="d")
+    group = LedgerGroup(PROFILE.name, "snp_x", "local")
+    now = int(time.time())
+    estimated = LedgerCounts(requests=1, captured_tokens={EvidenceLevel.ESTIMATED: 500})
+    await store.record("ten_a", group, estimated, now_s=now)
+    assert await service.escalation_evidence("ten_a", snapshot="snp_x", window_s=120) == Evidence(
+        EvidenceLevel.ESTIMATED, 500
+    )
+    await store.record("ten_a", group, LedgerCounts.of(figures_of("managed", 30)), now_s=now)
+    assert await service.escalation_evidence("ten_a", snapshot="snp_x", window_s=120) == Evidence(
+        EvidenceLevel.REPORTED,
+        30,  # the estimated tokens are weaker than the level: not counted
+    )
+    await store.record("ten_a", group, LedgerCounts.of(figures_of("byoc", 1000)), now_s=now - 2 * 3600)
+    assert await service.escalation_evidence("ten_a", snapshot=None, window_s=3600) == Evidence(
+        EvidenceLevel.REPORTED,
+        30,  # two hours ago is outside the window
+    )
+    assert await service.escalation_evidence("ten_a", snapshot=None, window_s=3 * 3600) == Evidence(
+        EvidenceLevel.OBSERVED, 1000
+    )
+    with pytest.raises(ValueError, match="window_s"):
+        await service.escalation_evidence("ten_a", snapshot=None, window_s=0)

@@ -29,10 +29,11 @@ import pytest
 
 from profiles import ProfileError, load_builtin, parse_profile
 from profiles.model import RouteKind
+from zumik_serve.reuse.evidence import EvidenceLevel
 from zumik_serve.routing import breaker as br
 from zumik_serve.routing.breaker import BreakerPolicy, BreakerState, BreakerStatus, CircuitBreaker
 from zumik_serve.routing.decision import (
-    EVIDENCE_LEVELS,
+    NO_EVIDENCE,
     DecisionInputs,
     DecisionRecord,
     Evidence,
@@ -52,7 +53,6 @@ PROFILE = load_builtin("local-cpu-2x")
 ROUTES = {route.name: route for route in PROFILE.effective_routes()}
 POLICY = BreakerPolicy(failure_threshold=3, cooldown_ms=10_000)
 OPEN = BreakerState(BreakerStatus.OPEN, 3, opened_at_ms=900)
-NO_EVIDENCE = Evidence("unknown", 0)
 PROMPT_TOKENS = 8192
 BLOCK_SIZE = 32
 
@@ -105,7 +105,7 @@ def make_inputs(
     )
 
 
-ENOUGH = Evidence("reported", 20_000)
+ENOUGH = Evidence(EvidenceLevel.REPORTED, 20_000)
 
 
 def verdict_of(record: DecisionRecord, route: str, replica: str | None = None) -> dict[str, Any]:
@@ -267,7 +267,12 @@ def test_decide_lets_a_half_open_candidate_probe_but_not_twice() -> None:
 
 
 @pytest.mark.parametrize(
-    "evidence", [Evidence("unknown", 50_000), Evidence("estimated", 50_000), Evidence("observed", 9_999)]
+    "evidence",
+    [
+        Evidence(EvidenceLevel.UNKNOWN, 50_000),
+        Evidence(EvidenceLevel.ESTIMATED, 50_000),
+        Evidence(EvidenceLevel.OBSERVED, 9_999),
+    ],
 )
 def test_decide_keeps_the_managed_default_without_enough_evidence(evidence: Evidence) -> None:
     holder = make_replica("r0", matched=256)
@@ -276,7 +281,7 @@ def test_decide_keeps_the_managed_default_without_enough_evidence(evidence: Evid
     assert record.escalation_met is False and record.escalation_reason.startswith("not met")
     assert verdict_of(record, "local", "r0")["filters"]["escalation"] == "escalation not met"
     assert record.to_json()["inputs"]["evidence"] == {
-        "level": evidence.level,
+        "level": evidence.level.label,
         "reused_tokens_in_window": evidence.reused_tokens_in_window,
     }
 
@@ -382,7 +387,9 @@ def test_replay_is_equal_in_another_process_with_another_hash_seed() -> None:
 
 
 def test_evidence_levels_are_ordered_weakest_first() -> None:
-    assert EVIDENCE_LEVELS == ("unknown", "estimated", "reported", "observed")
+    labels = [level.label for level in sorted(EvidenceLevel)]
+    assert labels == ["unknown", "estimated", "reported", "observed"]
+    assert Evidence(EvidenceLevel.UNKNOWN, 0) == NO_EVIDENCE
 
 
 # --- retries ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ same wiring runs in the Serve deployments and in the in-process tests."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from zumik_serve.purge.store import RedisPurgeStore
 from zumik_serve.qos.admission import AdmissionController
 from zumik_serve.reuse.service import ReuseMetrics, ReuseService
 from zumik_serve.reuse.store import RedisReuseStore
+from zumik_serve.routing.decision import DecisionRecord
 from zumik_serve.routing.dispatch import DecisionMetrics, Dispatcher
+from zumik_serve.routing.retry import Attempt
 from zumik_serve.routing.scheduler import ProfileScheduler
 from zumik_serve.routing.service import RoutingService
 from zumik_serve.routing.store import RedisRoutingStore
@@ -157,12 +160,12 @@ class _DecisionSink:
     def __init__(self, store: RedisRoutingStore) -> None:
         self._store = store
 
-    async def save(self, tenant: str, record: dict[str, Any], attempts: list[dict[str, Any]]) -> None:
+    async def save(self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt]) -> None:
         try:
             await guard(self._store.save_decision(tenant, record, attempts), what="decision store")
         except StoreUnavailableError:  # the answer still goes out; its record is lost, and the log says so
             logger.warning(
-                "zumik: decision %s could not be recorded (Redis unavailable)", record["decision_id"]
+                "zumik: decision %s could not be recorded (Redis unavailable)", record.decision_id
             )
 
 

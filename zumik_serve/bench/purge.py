@@ -46,6 +46,8 @@ from kvstore.tiers.redis_tier import RedisTier
 from zumik_serve.purge.classes import GuaranteeClass
 from zumik_serve.purge.service import PurgeService
 from zumik_serve.purge.store import RedisPurgeStore
+from zumik_serve.state.objects import ArtifactRole
+from zumik_serve.state.requests import CreateArtifact, CreateBundle, CreateSnapshot
 from zumik_serve.state.service import StateService
 from zumik_serve.state.store import RedisStateStore
 from zumik_serve.store.local_redis import LocalRedis
@@ -87,10 +89,10 @@ async def measure_latency(
             )  # fmt: skip
             tenant = f"ten_bench_{arm}_{iteration}"
             artifact = await state.create_artifact(
-                tenant, {"role": "document", "content": f"{arm} {iteration} " * 200}, None
+                tenant, CreateArtifact(role=ArtifactRole.DOCUMENT, content=f"{arm} {iteration} " * 200), None
             )
-            bundle = await state.create_bundle(tenant, {"artifacts": [artifact["id"]]}, None)
-            snapshot = await state.create_snapshot(tenant, {"bundle": bundle["id"]}, None)
+            bundle = await state.create_bundle(tenant, CreateBundle(artifacts=(artifact["id"],)), None)
+            snapshot = await state.create_snapshot(tenant, CreateSnapshot(bundle=bundle["id"]), None)
             target = artifact["id"]
             if arm != "objects":
                 await state.snapshot_messages(tenant, snapshot["id"])  # exposed to an engine
@@ -104,7 +106,7 @@ async def measure_latency(
             outcome = await purges.purge(tenant, target)
             elapsed = time.perf_counter() - started
             if outcome.receipt is None:
-                raise RuntimeError(f"purge did not finish: {outcome.job.get('error')}")
+                raise RuntimeError(f"purge did not finish: {outcome.job.error}")
             samples[arm].append(elapsed)
             on_sample(arm, elapsed, outcome.receipt["guarantee_class"])
     await client.aclose()

@@ -227,7 +227,7 @@ async def measure_arm(
 
 def decision_times_us(profile: Profile, *, samples: int = 200) -> dict[int, dict[str, float]]:
     """Time of one scheduling decision (prefix keys of the prompt + ``decide``), by length."""
-    from zumik_serve.routing.decision import Evidence
+    from zumik_serve.routing.decision import NO_EVIDENCE
     from zumik_serve.routing.scheduler import CHARS_PER_TOKEN, ProfileScheduler, SchedulingRequest
 
     scheduler = ProfileScheduler(profile, replicas={"local": ["r0", "r1"]})
@@ -238,7 +238,7 @@ def decision_times_us(profile: Profile, *, samples: int = 200) -> dict[int, dict
         request = SchedulingRequest(
             tenant="ten_bench", cache_salt="s" * 64, prompt_text=text, expected_output_tokens=16,
             request_digest="d" * 32, release_id=None, snapshot_id=None, allowed_routes=None,
-            evidence=Evidence("unknown", 0),
+            evidence=NO_EVIDENCE,
         )  # fmt: skip
         _, keys = scheduler.decide("dec_warm", request, now_ms=0, seed=1)
         scheduler.sent(scheduler.decide("dec_warm", request, now_ms=0, seed=1)[0].pick, keys)  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ setting Zumik acknowledges writes with), all at the same concurrency:
 
     redis-benchmark SET      the server's own ceiling for a durable write at this concurrency
     artifact create          StateService.create_artifact (content-addressed, 2 round trips + 1 MULTI)
-    session append           StateService.append_turn (one EVALSHA)
+    session append           StateService.append_turn (one EVALSHA; the first also loads the script)
     session read             StateService.read of a session (record + turns)
 
 The figure is the ratio of each arm's rate to redis-benchmark's SET rate, and the number of
@@ -27,7 +27,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from zumik_serve.state.objects import ObjectKind
+from zumik_serve.state.objects import ArtifactRole, ObjectKind, TurnRole
+from zumik_serve.state.requests import AppendTurn, CreateArtifact, CreateSession
 from zumik_serve.state.service import StateService
 from zumik_serve.state.store import RedisStateStore
 from zumik_serve.store.local_redis import LocalRedis
@@ -106,19 +107,20 @@ async def _run_arm(name: str, ops: int, concurrency: int, operation: Any) -> Arm
 async def measure_state(url: str, *, ops: int, concurrency: int, on_arm: Any = None) -> list[ArmResult]:
     client = CountingRedis.from_url(url)
     state = StateService(RedisStateStore(client), max_artifact_bytes=1 << 20)
-    await state.create_session(TENANT, {}, None)  # warm the handle secret and the scripts
-    sessions = [(await state.create_session(TENANT, {}, None))["id"] for _ in range(concurrency)]
+    # Warm up: the handle secret, and the append script in the server's script cache.
+    warm = (await state.create_session(TENANT, CreateSession(), None))["id"]
+    await state.append_turn(TENANT, warm, AppendTurn(role=TurnRole.USER, content="warm"), None)
+    await state.create_artifact(TENANT, CreateArtifact(role=ArtifactRole.DOCUMENT, content="warm"), None)
+    sessions = [(await state.create_session(TENANT, CreateSession(), None))["id"] for _ in range(concurrency)]
     run = f"{time.time_ns()}"
 
     async def create(index: int) -> None:
-        await state.create_artifact(
-            TENANT, {"role": "document", "content": f"{run}-{index}" + "x" * 200}, None
-        )
+        content = f"{run}-{index}" + "x" * 200
+        await state.create_artifact(TENANT, CreateArtifact(role=ArtifactRole.DOCUMENT, content=content), None)
 
     async def append(index: int) -> None:
-        await state.append_turn(
-            TENANT, sessions[index % concurrency], {"role": "user", "content": f"t{index}"}, None
-        )
+        turn = AppendTurn(role=TurnRole.USER, content=f"t{index}")
+        await state.append_turn(TENANT, sessions[index % concurrency], turn, None)
 
     async def read(index: int) -> None:
         await state.read(TENANT, ObjectKind.SESSIONS, sessions[index % concurrency])

@@ -35,6 +35,7 @@ from zumik_serve.errors import (
     AuthenticationError,
     InvalidRequestError,
     ModelNotFoundError,
+    StoreUnavailableError,
 )
 from zumik_serve.pipeline.accounting import RequestAccounting
 from zumik_serve.pipeline.context import GatewayContext
@@ -50,10 +51,12 @@ from zumik_serve.pipeline.request import (
 from zumik_serve.qos.admission import choose_class
 from zumik_serve.qos.deadline import Deadline, exceeded
 from zumik_serve.reuse.figures import ReuseFigures
-from zumik_serve.routing.decision import Evidence
+from zumik_serve.routing.decision import NO_EVIDENCE, Evidence
 from zumik_serve.routing.dispatch import RouteContext
 from zumik_serve.routing.release import Release
 from zumik_serve.state.compiler import CompiledSnapshot
+from zumik_serve.state.objects import TurnRole
+from zumik_serve.state.requests import AppendTurn
 from zumik_serve.store.client import guard
 from zumik_serve.telemetry.tracing import RequestClock, request_phases
 from zumik_serve.tenancy.tenant import Tenant
@@ -250,7 +253,7 @@ class Pipeline:
         read at most once per ``EVIDENCE_TTL_S`` per (tenant, snapshot); ``unknown`` when the
         profile never escalates (no read at all) or the ledger cannot be read."""
         if not self._escalates or not tenant.reuse_accounting:
-            return Evidence("unknown", 0)
+            return NO_EVIDENCE
         key = (tenant.id, snapshot)
         now = time.monotonic()
         cached = self._evidence.get(key)
@@ -262,9 +265,9 @@ class Pipeline:
                 self.context.reuse.escalation_evidence(tenant.id, snapshot=snapshot, window_s=window_s),
                 what="reuse ledger",
             )
-        except Exception:
+        except StoreUnavailableError:
             logger.warning("zumik: escalation evidence unavailable; deciding on 'unknown'")
-            evidence = Evidence("unknown", 0)
+            evidence = NO_EVIDENCE
         if len(self._evidence) > 10_000:
             self._evidence.clear()
         self._evidence[key] = (now + EVIDENCE_TTL_S, evidence)
@@ -285,16 +288,15 @@ class Pipeline:
         session, in order."""
         state, session = self.context.state, request.refs.session
         assert session is not None
-        turns: list[tuple[str, str]] = []
+        turns: list[AppendTurn] = []
         messages = request.body.get("messages")
         last = messages[-1] if isinstance(messages, list) and messages else None
-        if isinstance(last, Mapping) and last.get("role") in ("user", "tool"):
+        if isinstance(last, Mapping) and last.get("role") in (TurnRole.USER, TurnRole.TOOL):
             content = last.get("content")
             if isinstance(content, str):
-                turns.append((str(last["role"]), content))
-        turns.append(("assistant", reply))
-        for role, text in turns:
-            turn = {"role": role, "content": text}
+                turns.append(AppendTurn(role=TurnRole(last["role"]), content=content))
+        turns.append(AppendTurn(role=TurnRole.ASSISTANT, content=reply))
+        for turn in turns:
             await state.store_call(state.append_turn(request.tenant.id, session, turn, None))
 
     def _emit_span(self, generation: Generation, figures: ReuseFigures | None) -> None:

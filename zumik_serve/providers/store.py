@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import re
 import secrets
 import time
 from collections.abc import Mapping
-from typing import TypedDict
+from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import TypeAdapter
 from redis.exceptions import RedisError
 
 from zumik_serve.errors import StoreUnavailableError
@@ -40,10 +41,29 @@ ROUTE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-class ByokKeyInfo(TypedDict):
+@dataclass(frozen=True)
+class ByokKeyInfo:
+    """Which key a route has, without the key: ``key_hint`` is its masked form (``mask``) and
+    ``updated_at`` when it was stored (unix seconds)."""
+
     route: str
     key_hint: str
     updated_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return _KEY_INFO.dump_python(self, mode="json")
+
+
+@dataclass(frozen=True)
+class _IndexEntry:
+    """A route's entry in the index hash (the route is the hash field)."""
+
+    key_hint: str
+    updated_at: int
+
+
+_KEY_INFO: TypeAdapter[ByokKeyInfo] = TypeAdapter(ByokKeyInfo)
+_INDEX_ENTRY: TypeAdapter[_IndexEntry] = TypeAdapter(_IndexEntry)
 
 
 async def load_or_create_master_key(
@@ -81,17 +101,20 @@ class RedisByokStore:
     def __repr__(self) -> str:
         return "RedisByokStore(vault=<redacted>)"
 
-    async def put(self, tenant: str, route: str, api_key: str) -> None:
+    async def put(self, tenant: str, route: str, api_key: str) -> ByokKeyInfo:
+        """Seal and store the route's key (replacing one set before); what ``describe`` now
+        lists for the route."""
         _check(tenant, route)
         sealed = self._vault.seal(tenant, route, api_key)
-        info = json.dumps({"key_hint": mask(api_key), "updated_at": int(time.time())})
+        entry = _IndexEntry(key_hint=mask(api_key), updated_at=int(time.time()))
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(_key(tenant, route), sealed)
-                pipe.hset(_index(tenant), route, info)
+                pipe.hset(_index(tenant), route, _INDEX_ENTRY.dump_json(entry))
                 await pipe.execute()
         except RedisError as exc:
             raise _unavailable() from exc
+        return ByokKeyInfo(route=route, key_hint=entry.key_hint, updated_at=entry.updated_at)
 
     async def get(self, tenant: str, route: str) -> str | None:
         """The plaintext key, None when none is set; ``SealedKeyError`` if the stored value does
@@ -126,13 +149,11 @@ class RedisByokStore:
         except RedisError as exc:
             raise _unavailable() from exc
         result: list[ByokKeyInfo] = []
-        for raw_route, raw_info in entries.items():
+        for raw_route, raw_entry in entries.items():
+            entry = _INDEX_ENTRY.validate_json(raw_entry)
             route = raw_route.decode() if isinstance(raw_route, bytes) else raw_route
-            info = json.loads(raw_info)
-            result.append(
-                {"route": route, "key_hint": info["key_hint"], "updated_at": int(info["updated_at"])}
-            )
-        return sorted(result, key=lambda item: item["route"])
+            result.append(ByokKeyInfo(route=route, key_hint=entry.key_hint, updated_at=entry.updated_at))
+        return sorted(result, key=lambda item: item.route)
 
 
 def _key(tenant: str, route: str) -> str:

@@ -20,11 +20,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, NewType
+from typing import Any, NewType, TypedDict
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import ConfigDict, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 from zumik_serve.purge.classes import GuaranteeClass, capped, weakest
 
@@ -51,8 +52,7 @@ RECEIPT_FIELDS = frozenset(
         "signature",
     }
 )
-_STORE_FIELDS = frozenset({"store", "action", "result", "guarantee_class", "detail"})
-_STORE_OPTIONAL_FIELDS = frozenset({"expires_at"})
+_STORE_FIELDS = ("store", "action", "result", "guarantee_class", "detail")  # expires_at: optional
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 _SIGNATURE_BYTES = 64
 
@@ -89,7 +89,6 @@ class StoreResult(StrEnum):
     NOT_HELD = "not_held"
 
 
-_RESULT_NAMES = frozenset(result.value for result in StoreResult)
 _CLASS_NAMES = frozenset(cls.value for cls in GuaranteeClass)
 
 
@@ -99,25 +98,31 @@ class StoreEntry:
 
     ``store`` names it (``redis_state``, ``kv_engine``, ``kv_host``, ``kv_redis``, ``kv_disk``,
     ``provider:<name>``); ``action`` says what was done (``unlink+aof_rewrite``,
-    ``salt_epoch_rotated``, ``key_destroyed+unlink``); ``result`` is a ``StoreResult`` value;
-    ``guarantee_class`` is what the action achieves when done; ``expires_at`` (unix seconds) is
-    when a provider's retention ends, None when not applicable (then absent from the JSON).
+    ``salt_epoch_rotated``, ``key_destroyed+unlink``); ``result`` is a ``StoreResult`` (its value
+    is accepted too); ``guarantee_class`` is what the action achieves when done; ``expires_at``
+    (unix seconds) is when a provider's retention ends, None when not applicable (then absent
+    from the JSON). Its JSON form, the one signed, is ``STORE_ENTRIES``'s.
     """
 
-    store: str
-    action: str
-    result: str
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    store: StrictStr
+    action: StrictStr
+    result: StoreResult
     guarantee_class: GuaranteeClass
-    detail: str = ""
-    expires_at: int | None = None
+    detail: StrictStr = ""
+    expires_at: StrictInt | None = None
 
     def __post_init__(self) -> None:
         if not self.store:
             raise ValueError("store entry: store name is empty")
-        if self.result not in _RESULT_NAMES:
-            raise ValueError(
-                f"store entry {self.store}: result {self.result!r} is not one of done/failed/not_held"
-            )
+        if not isinstance(self.result, StoreResult):
+            try:  # frozen: setting the enum for the value given is the only change ever made
+                object.__setattr__(self, "result", StoreResult(self.result))
+            except ValueError:
+                raise ValueError(
+                    f"store entry {self.store}: result {self.result!r} is not one of done/failed/not_held"
+                ) from None
         if not isinstance(self.guarantee_class, GuaranteeClass):
             raise ValueError(f"store entry {self.store}: guarantee_class must be a GuaranteeClass")
         if self.expires_at is not None and (
@@ -125,44 +130,36 @@ class StoreEntry:
         ):
             raise ValueError(f"store entry {self.store}: expires_at must be int unix seconds or None")
 
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "store": self.store,
-            "action": self.action,
-            "result": str(self.result),
-            "guarantee_class": self.guarantee_class.value,
-            "detail": self.detail,
-        }
-        if self.expires_at is not None:
-            out["expires_at"] = self.expires_at
-        return out
 
-    @classmethod
-    def from_json(cls, data: Any) -> StoreEntry:
-        """The entry ``to_json`` wrote; ValueError names the first thing that is not."""
-        if not isinstance(data, dict):
-            raise ValueError("store entry is not an object")
-        missing = _STORE_FIELDS - data.keys()
+# The schema of a receipt's ``stores``: ``store_entries_json`` writes it (``expires_at`` left out
+# when None, as the first version wrote it), ``parse_store_entries`` reads it.
+STORE_ENTRIES: TypeAdapter[list[StoreEntry]] = TypeAdapter(list[StoreEntry])
+
+
+def store_entries_json(stores: Sequence[StoreEntry]) -> list[dict[str, Any]]:
+    """``stores`` as a receipt holds them (the values that are signed)."""
+    return STORE_ENTRIES.dump_python(list(stores), mode="json", exclude_none=True)
+
+
+def parse_store_entries(data: Any) -> list[StoreEntry]:
+    """The entries of a receipt's ``stores``; ValueError names the first field that is not one
+    (every field but ``expires_at`` is required; ``expires_at``, when present, is an integer)."""
+    if not isinstance(data, list):
+        raise ValueError("stores is not a list")
+    for index, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise ValueError(f"stores[{index}] is not an object")
+        missing = [name for name in _STORE_FIELDS if name not in entry]
         if missing:
-            raise ValueError(f"store entry lacks {sorted(missing)}")
-        unknown = data.keys() - _STORE_FIELDS - _STORE_OPTIONAL_FIELDS
-        if unknown:
-            raise ValueError(f"store entry has unknown fields {sorted(unknown)}")
-        for name in _STORE_FIELDS:
-            if not isinstance(data[name], str):
-                raise ValueError(f"store entry field {name} is not a string")
-        if data["guarantee_class"] not in _CLASS_NAMES:
-            raise ValueError(f"unknown guarantee class {data['guarantee_class']!r}")
-        if "expires_at" in data and not _is_int(data["expires_at"]):
-            raise ValueError("store entry expires_at is not an integer")
-        return cls(
-            store=data["store"],
-            action=data["action"],
-            result=data["result"],
-            guarantee_class=GuaranteeClass(data["guarantee_class"]),
-            detail=data["detail"],
-            expires_at=data.get("expires_at"),
-        )
+            raise ValueError(f"stores[{index}] lacks {missing}")
+        if "expires_at" in entry and entry["expires_at"] is None:
+            raise ValueError(f"stores[{index}].expires_at is not an integer")
+    try:
+        return STORE_ENTRIES.validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"])
+        raise ValueError(f"stores{where}: {first['msg']}") from None
 
 
 def receipt_class(stores: Sequence[StoreEntry], ceiling: GuaranteeClass) -> GuaranteeClass:
@@ -230,7 +227,7 @@ def build_receipt(
         "profile": profile,
         "profile_ceiling": profile_ceiling.value,
         "guarantee_class": receipt_class(stores, profile_ceiling).value,
-        "stores": [entry.to_json() for entry in stores],
+        "stores": store_entries_json(stores),
         "seq": seq,
         "prev_receipt_hash": prev_receipt_hash,
     }
@@ -298,13 +295,28 @@ def receipt_hash(receipt: dict[str, Any]) -> ReceiptHash:
     return ReceiptHash(hashlib.sha256(canonical_bytes(receipt)).hexdigest())
 
 
-def public_key_record(signer: ReceiptSigner) -> dict[str, str]:
-    """One entry of ``GET /v2/keys``."""
-    return {
-        "key_id": signer.key_id,
-        "algorithm": ALGORITHM,
-        "public_key": signer.public_pem().decode("ascii"),
-    }
+@dataclass(frozen=True)
+class ChainHead:
+    """The newest receipt of a tenant's chain: the next receipt gets ``seq + 1`` and
+    ``prev_receipt_hash = hash`` (``receipt_hash`` of this one)."""
+
+    seq: int
+    hash: ReceiptHash
+
+
+class PublicKeyRecord(TypedDict):
+    """One entry of ``GET /v2/keys``: ``public_key`` is the PEM (SubjectPublicKeyInfo)."""
+
+    key_id: str
+    algorithm: str
+    public_key: str
+
+
+def public_key_record(signer: ReceiptSigner) -> PublicKeyRecord:
+    """The entry of ``GET /v2/keys`` for ``signer``'s key."""
+    return PublicKeyRecord(
+        key_id=signer.key_id, algorithm=ALGORITHM, public_key=signer.public_pem().decode("ascii")
+    )
 
 
 @dataclass(frozen=True)
@@ -347,7 +359,7 @@ def _verify(receipt: Any, public_key_pem: bytes) -> Verification:
     if shape_error:
         return _fail(shape_error)
     try:
-        stores = [StoreEntry.from_json(entry) for entry in receipt["stores"]]
+        stores = parse_store_entries(receipt["stores"])
     except ValueError as exc:
         return _fail(str(exc))
 
@@ -402,8 +414,6 @@ def _shape_error(receipt: dict[str, Any]) -> str | None:
     prev = receipt["prev_receipt_hash"]
     if prev is not None and not (isinstance(prev, str) and _HASH_RE.fullmatch(prev)):
         return "prev_receipt_hash is neither null nor a sha256 hex digest"
-    if not isinstance(receipt["stores"], list):
-        return "stores is not a list"
     return None
 
 

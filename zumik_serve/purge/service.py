@@ -1,8 +1,9 @@
 """PurgeService: remove a target and what derives from it from every store, then sign a receipt.
 
-A purge is a job kept in Redis and run as ordered, idempotent steps; each finished step is saved
-before the next starts, so a purge cut short (a crash, a Redis outage) resumes where it stopped
-and never signs more than it did:
+A purge is a job (``purge/job.py``) kept in Redis and run as ordered, idempotent steps; each
+finished step is saved before the next starts, so a purge cut short (a crash, a Redis outage)
+resumes where it stopped and never signs more than it did. ``PurgeService._steps`` is the table
+of step → method:
 
     revoke    every handle of the closure stops resolving            (all surfaces, at once)
     rotate    the tenant's salt epoch moves on                         engine KV: unindexed
@@ -23,9 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvstore.keys import ScopeId, scope_id
@@ -34,7 +36,10 @@ from kvstore.tiers.redis_keyring import KEY_CACHE_TTL_S
 from zumik_serve.errors import NotFoundError
 from zumik_serve.ids import HandleKind, handle_kind, new_handle
 from zumik_serve.purge.classes import GuaranteeClass
+from zumik_serve.purge.job import PurgeId, PurgeJob, PurgeStatus, PurgeStep, TierSweep, saved
 from zumik_serve.purge.receipt import (
+    ChainHead,
+    PublicKeyRecord,
     ReceiptSigner,
     StoreEntry,
     StoreResult,
@@ -45,22 +50,35 @@ from zumik_serve.purge.receipt import (
 from zumik_serve.purge.store import RedisPurgeStore
 from zumik_serve.tenancy.tenant import TenantId, cache_salt
 
-STEPS = ("revoke", "rotate", "keys", "tiers", "objects", "compact", "receipt")
-TIER_STORES = {Tier.HOST: "kv_host", Tier.REDIS: "kv_redis", Tier.DISK: "kv_disk"}
+logger = logging.getLogger("ray.serve")
+
 PURGEABLE = frozenset(
     {HandleKind.ARTIFACT, HandleKind.BUNDLE, HandleKind.SESSION, HandleKind.BRANCH, HandleKind.SNAPSHOT}
 )
+# What the rotate step reached in engines: their cached blocks are unreachable, not erased.
+ENGINE_ENTRY = StoreEntry(
+    "kv_engine", "salt_epoch_rotated", StoreResult.DONE, GuaranteeClass.UNINDEXED,
+    "cached blocks are unreachable under the new cache salt; engine memory is not zeroed",
+)  # fmt: skip
+
+# Saves a job part way through a step, for a step that must not repeat what it already did.
+Checkpoint = Callable[[PurgeJob], Awaitable[None]]
+# One step: (tenant, job, checkpoint) → the job with the step's result (``run`` saves it).
+Step = Callable[[str, PurgeJob, Checkpoint], Awaitable[PurgeJob]]
 
 
 @dataclass(frozen=True)
 class PurgeOutcome:
     """A finished purge has a receipt; an unfinished one says which steps are done and why not."""
 
-    job: dict[str, Any]
-    receipt: dict[str, Any] | None
+    job: PurgeJob
+    receipt: dict[str, Any] | None  # the signed receipt's JSON object
 
 
 class PurgeService:
+    """Runs purges (``purge``; ``resume_pending`` at start) and serves their receipts and the
+    keys that signed them. Purges of one tenant may run at once: the chain head decides order."""
+
     def __init__(
         self,
         store: RedisPurgeStore,
@@ -88,6 +106,18 @@ class PurgeService:
         self._key_cache_ttl_s = key_cache_ttl_s
         self._step_delay_s = step_delay_s  # only to let tests stop a purge between steps
         self._signer: ReceiptSigner | None = None
+        # Every step, in the order it runs.
+        self._steps: dict[PurgeStep, Step] = {
+            PurgeStep.REVOKE: self._revoke,
+            PurgeStep.ROTATE: self._rotate,
+            PurgeStep.KEYS: self._destroy_keys,
+            PurgeStep.TIERS: self._sweep_tiers,
+            PurgeStep.OBJECTS: self._delete_objects,
+            PurgeStep.COMPACT: self._compact,
+            PurgeStep.RECEIPT: self._sign_receipt,
+        }
+        if list(self._steps) != list(PurgeStep):
+            raise RuntimeError("the purge step table must list every PurgeStep, in order")
 
     async def signer(self) -> ReceiptSigner:
         if self._signer is None:
@@ -96,12 +126,13 @@ class PurgeService:
             await self._store.publish_public_key(self._signer.key_id, self._signer.public_pem())
         return self._signer
 
-    async def public_keys(self) -> list[dict[str, Any]]:
+    async def public_keys(self) -> list[PublicKeyRecord]:
+        """Every key that ever signed a receipt here, the current one first."""
         current = await self.signer()
         keys = [public_key_record(current)]
         for key_id, pem in sorted((await self._store.public_keys()).items()):
             if key_id != current.key_id:
-                keys.append({"key_id": key_id, "algorithm": "ed25519", "public_key": pem.decode()})
+                keys.append(PublicKeyRecord(key_id=key_id, algorithm="ed25519", public_key=pem.decode()))
         return keys
 
     async def receipt(self, tenant: str, receipt_id: str) -> dict[str, Any]:
@@ -115,162 +146,180 @@ class PurgeService:
             )
         return receipt
 
-    async def purge(self, tenant: str, target: Any) -> PurgeOutcome:
+    async def purge(self, tenant: str, target: str) -> PurgeOutcome:
         """Purge ``target`` (or resume its purge); the same target always gets the same purge."""
-        if not isinstance(target, str) or handle_kind(target) not in PURGEABLE:
+        if handle_kind(target) not in PURGEABLE:
             raise NotFoundError(
                 f"No object {target!r} exists for you to purge. 'target' takes an artifact, bundle, "
                 "session, branch or snapshot id.",
                 param="target",
                 code="object_not_found",
             )
-        if await self._store.record_any(tenant, target) is None:
-            job = await self._store.job_for_target(tenant, target)
-            if job is None:
+        if await self._store.exists(tenant, target):
+            new = PurgeJob(
+                id=PurgeId(new_handle(HandleKind.RECEIPT)), target=target, created_at=int(time.time())
+            )
+            job = await self._store.claim(tenant, new)
+        else:
+            found = await self._store.job_for_target(tenant, target)
+            if found is None:
                 raise NotFoundError(
                     f"No object {target!r} exists for you (unknown or another tenant's).",
                     param="target",
                     code="object_not_found",
                 )
-        else:
-            job = {
-                "id": new_handle(HandleKind.RECEIPT), "target": target, "status": "running",
-                "created_at": int(time.time()), "done": [], "entries": {}, "error": None,
-            }  # fmt: skip
-            job = await self._store.claim(tenant, target, job)
+            job = found
         return await self.run(tenant, job)
 
     async def resume_pending(self) -> int:
         """Finish every purge a crash or an outage left unfinished; returns how many finished."""
         finished = 0
-        for tenant, purge_id in await self._store.pending():
-            job = await self._store.job(tenant, purge_id)
-            if job is not None and (await self.run(tenant, job)).receipt is not None:
+        for pending in await self._store.pending():
+            try:
+                job = await self._store.job(pending.tenant, pending.purge_id)
+            except ValueError as exc:  # a damaged job stays pending; the others still finish
+                logger.error(
+                    "zumik: purge %s of %s cannot be read: %s", pending.purge_id, pending.tenant, exc
+                )
+                continue
+            if job is not None and (await self.run(pending.tenant, job)).receipt is not None:
                 finished += 1
         return finished
 
-    async def run(self, tenant: str, job: dict[str, Any]) -> PurgeOutcome:
-        if job["status"] == "done":
-            return PurgeOutcome(job, await self._store.receipt(tenant, job["id"]))
+    async def run(self, tenant: str, job: PurgeJob) -> PurgeOutcome:
+        """Run the steps ``job`` has not done, saving it after each; a step that fails leaves it
+        incomplete (and pending) with the error, and the outcome has no receipt."""
+        if job.status is PurgeStatus.DONE:
+            return PurgeOutcome(job, await self._store.receipt(tenant, job.id))
+        latest = job
+
+        async def checkpoint(current: PurgeJob) -> None:
+            nonlocal latest
+            latest = current
+            await self._store.save_job(tenant, current)
+
         try:
-            for step in STEPS:
-                if step in job["done"]:
+            for step, run_step in self._steps.items():
+                if step in latest.done:
                     continue
-                await getattr(self, f"_step_{step}")(tenant, job)
-                job["done"].append(step)
-                job["status"] = "done" if step == "receipt" else "running"
-                job["error"] = None
-                await self._store.save_job(tenant, job)
+                await checkpoint((await run_step(tenant, latest, checkpoint)).finished(step))
                 if self._step_delay_s:
                     await asyncio.sleep(self._step_delay_s)
         except Exception as exc:  # the job stays pending; saying so is the answer
-            job["status"] = "incomplete"
-            job["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            failed = latest.failed(f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(Exception):  # Redis itself is down: the job stays pending there
-                await self._store.save_job(tenant, job)
-            return PurgeOutcome(job, None)
-        return PurgeOutcome(job, await self._store.receipt(tenant, job["id"]))
+                await self._store.save_job(tenant, failed)
+            return PurgeOutcome(failed, None)
+        return PurgeOutcome(latest, await self._store.receipt(tenant, latest.id))
 
-    # --- steps -------------------------------------------------------------------------------
+    # --- steps: each returns the job with its result; ``run`` saves it ------------------------
 
-    async def _step_revoke(self, tenant: str, job: dict[str, Any]) -> None:
-        job["closure"] = await self._store.closure(tenant, job["target"])
-        job["exposed"] = await self._store.any_exposed(tenant, job["closure"])
-        await self._store.index_purged(tenant, job["closure"], job["id"])
-        await self._store.revoke_all(tenant, job["closure"])
+    async def _revoke(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
+        closure = await self._store.closure(tenant, job.target)
+        exposed = await self._store.any_exposed(tenant, closure)
+        await self._store.index_purged(tenant, closure, job.id)
+        await self._store.revoke_all(tenant, closure)
+        return replace(job, closure=closure, exposed=exposed)
 
-    async def _step_rotate(self, tenant: str, job: dict[str, Any]) -> None:
-        if not job["exposed"]:
-            return
+    async def _rotate(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
+        if not saved(job.exposed, "exposed"):
+            return job
         tenant_id = TenantId(tenant)
-        if job.get("old_epoch") is None:
-            job["old_epoch"] = await self._salt_epoch(tenant_id)
-            await self._store.save_job(tenant, job)  # a resumed job must not rotate twice
-        if await self._salt_epoch(tenant_id) <= job["old_epoch"]:
+        if job.old_epoch is None:
+            job = replace(job, old_epoch=await self._salt_epoch(tenant_id))
+            await checkpoint(job)  # a resumed job must not rotate twice
+        if await self._salt_epoch(tenant_id) <= saved(job.old_epoch, "old_epoch"):
             await self._rotate_salt_epoch(tenant_id)
-        job["entries"]["kv_engine"] = _entry(
-            "kv_engine", "salt_epoch_rotated", GuaranteeClass.UNINDEXED,
-            "cached blocks are unreachable under the new cache salt; engine memory is not zeroed",
-        )  # fmt: skip
+        return replace(job, entries=replace(job.entries, kv_engine=ENGINE_ENTRY))
 
-    async def _step_keys(self, tenant: str, job: dict[str, Any]) -> None:
-        if not job["exposed"]:
-            return
+    async def _destroy_keys(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
+        if not saved(job.exposed, "exposed"):
+            return job
         secret = await self._salt_secret()
-        job["scopes"] = [
-            scope_id(cache_salt(secret, TenantId(tenant), epoch)) for epoch in range(job["old_epoch"] + 1)
-        ]
-        await self._store.destroy_data_keys(job["scopes"])
+        epochs = range(saved(job.old_epoch, "old_epoch") + 1)
+        scopes = tuple(scope_id(cache_salt(secret, TenantId(tenant), epoch)) for epoch in epochs)
+        await self._store.destroy_data_keys(scopes)
         if self._forget_scopes is not None:
-            await self._forget_scopes(job["scopes"])
+            await self._forget_scopes(list(scopes))
+        return replace(job, scopes=scopes)
 
-    async def _step_tiers(self, tenant: str, job: dict[str, Any]) -> None:
-        if not job["exposed"] or not self._tiers:
-            return
-        scopes = job["scopes"]
+    async def _sweep_tiers(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
+        if not saved(job.exposed, "exposed") or not self._tiers:
+            return job
+        scopes = saved(job.scopes, "scopes")
         counts = await asyncio.to_thread(_sweep, self._tiers, scopes)
         # Engine processes cache data keys briefly; after that nothing can write these scopes.
         await asyncio.sleep(self._key_cache_ttl_s + 0.2)
         again = await asyncio.to_thread(_sweep, self._tiers, scopes)
-        for tier, name in TIER_STORES.items():
-            if tier in counts:
-                job["entries"][name] = {"removed_blocks": counts[tier] + again[tier]}
 
-    async def _step_objects(self, tenant: str, job: dict[str, Any]) -> None:
-        job["removed_keys"] = await self._store.delete_objects(tenant, job["closure"])
+        def swept(tier: Tier) -> TierSweep | None:
+            return TierSweep(counts[tier] + again[tier]) if tier in counts else None
 
-    async def _step_compact(self, tenant: str, job: dict[str, Any]) -> None:
-        compaction = await self._store.compact()
-        job["compaction"] = {"done": compaction.done, "detail": compaction.detail}
+        entries = replace(
+            job.entries, kv_host=swept(Tier.HOST), kv_redis=swept(Tier.REDIS), kv_disk=swept(Tier.DISK)
+        )
+        return replace(job, entries=entries)
 
-    async def _step_receipt(self, tenant: str, job: dict[str, Any]) -> None:
-        if await self._store.receipt(tenant, job["id"]) is not None:
-            return  # signed and appended before a crash
+    async def _delete_objects(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
+        removed = await self._store.delete_objects(tenant, saved(job.closure, "closure"))
+        return replace(job, removed_keys=removed)
+
+    async def _compact(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
+        return replace(job, compaction=await self._store.compact())
+
+    async def _sign_receipt(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
+        if await self._store.receipt(tenant, job.id) is not None:
+            return job  # signed and appended before a crash
         signer = await self.signer()
-        stores = self._store_entries(job)
+        stores = receipt_stores(job, sealed=self._sealed)
         while True:
             head = await self._store.chain_head(tenant)
-            seq = 1 if head is None else int(head["seq"]) + 1
+            seq = 1 if head is None else head.seq + 1
             unsigned = build_receipt(
-                receipt_id=job["id"], tenant=tenant, target=job["target"], issued_at=int(time.time()),
-                profile=self.profile, profile_ceiling=self.ceiling, stores=stores, purged=job["closure"],
-                seq=seq, prev_receipt_hash=None if head is None else head["hash"],
+                receipt_id=job.id, tenant=tenant, target=job.target, issued_at=int(time.time()),
+                profile=self.profile, profile_ceiling=self.ceiling, stores=stores,
+                purged=saved(job.closure, "closure"), seq=seq,
+                prev_receipt_hash=None if head is None else head.hash,
             )  # fmt: skip
             receipt = signer.sign(unsigned)
-            new_head = {"seq": seq, "hash": receipt_hash(receipt)}
-            if await self._store.append_receipt(tenant, receipt, head, new_head):
-                return
-            if await self._store.receipt(tenant, job["id"]) is not None:
-                return  # another gateway resuming this job signed it
+            if await self._store.append_receipt(tenant, receipt, head, ChainHead(seq, receipt_hash(receipt))):
+                return job
+            if await self._store.receipt(tenant, job.id) is not None:
+                return job  # another gateway resuming this job signed it
 
-    def _store_entries(self, job: dict[str, Any]) -> list[StoreEntry]:
-        """What each store that held the data reached, from the steps' saved results."""
-        compacted = bool(job["compaction"]["done"])
-        redis_class = GuaranteeClass.COMPACTED if compacted else GuaranteeClass.DELETED
-        entries = [
-            StoreEntry(
-                store="redis_state",
-                action="unlink" + ("+aof_rewrite" if compacted else ""),
-                result=StoreResult.DONE,
-                guarantee_class=redis_class,
-                detail=f"{job.get('removed_keys', 0)} keys removed; {job['compaction']['detail']}",
-            )
-        ]
-        if "kv_engine" in job["entries"]:
-            entries.append(StoreEntry.from_json(job["entries"]["kv_engine"]))
-        erased = self._sealed and compacted
-        for name, sealed_class, plain_class in (
-            ("kv_host", GuaranteeClass.DELETED, GuaranteeClass.DELETED),
-            ("kv_redis", GuaranteeClass.CRYPTO_ERASED, redis_class),
-            ("kv_disk", GuaranteeClass.CRYPTO_ERASED, GuaranteeClass.DELETED),
-        ):
-            if name not in job["entries"]:
-                continue
-            cls = sealed_class if erased and name != "kv_host" else plain_class
-            action = ("key_destroyed+" if erased and name != "kv_host" else "") + "unlink_scope"
-            removed = job["entries"][name]["removed_blocks"]
-            entries.append(StoreEntry(name, action, StoreResult.DONE, cls, f"{removed} blocks removed"))
-        return entries
+
+def receipt_stores(job: PurgeJob, *, sealed: bool) -> list[StoreEntry]:
+    """What each store that held the data reached, from the steps' saved results (the receipt's
+    ``stores``, in this order: redis_state, kv_engine, kv_host, kv_redis, kv_disk)."""
+    compaction = saved(job.compaction, "compaction")
+    compacted = compaction.done
+    redis_class = GuaranteeClass.COMPACTED if compacted else GuaranteeClass.DELETED
+    removed_keys = 0 if job.removed_keys is None else job.removed_keys
+    entries = [
+        StoreEntry(
+            store="redis_state",
+            action="unlink" + ("+aof_rewrite" if compacted else ""),
+            result=StoreResult.DONE,
+            guarantee_class=redis_class,
+            detail=f"{removed_keys} keys removed; {compaction.detail}",
+        )
+    ]
+    if job.entries.kv_engine is not None:
+        entries.append(job.entries.kv_engine)
+    erased = sealed and compacted
+    for name, sweep, sealed_class, plain_class in (
+        ("kv_host", job.entries.kv_host, GuaranteeClass.DELETED, GuaranteeClass.DELETED),
+        ("kv_redis", job.entries.kv_redis, GuaranteeClass.CRYPTO_ERASED, redis_class),
+        ("kv_disk", job.entries.kv_disk, GuaranteeClass.CRYPTO_ERASED, GuaranteeClass.DELETED),
+    ):
+        if sweep is None:
+            continue
+        cls = sealed_class if erased and name != "kv_host" else plain_class
+        action = ("key_destroyed+" if erased and name != "kv_host" else "") + "unlink_scope"
+        entries.append(
+            StoreEntry(name, action, StoreResult.DONE, cls, f"{sweep.removed_blocks} blocks removed")
+        )
+    return entries
 
 
 def _sweep(tiers: Sequence[TierBackend], scopes: Sequence[str]) -> dict[Tier, int]:
@@ -278,7 +327,3 @@ def _sweep(tiers: Sequence[TierBackend], scopes: Sequence[str]) -> dict[Tier, in
     for tier in tiers:
         counts[tier.tier] = sum(tier.remove_scope(ScopeId(scope)) for scope in scopes)
     return counts
-
-
-def _entry(store: str, action: str, cls: GuaranteeClass, detail: str) -> dict[str, Any]:
-    return StoreEntry(store, action, StoreResult.DONE, cls, detail).to_json()

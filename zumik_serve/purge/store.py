@@ -9,10 +9,13 @@
     zumik:receipt-signing-key         Ed25519 private key (PEM), created once
     zumik:receipt-public-keys         hash key_id → public key PEM (every key ever used)
 
-Appending a receipt is one Lua script that checks the chain head it was built on, so two
-purges of one tenant can never fork the chain. Compaction is ``BGREWRITEAOF`` started after the
-deletes, awaited to completion (``aof_rewrites`` moved on, status ok), then a check that the
-AOF folder holds only the files the new manifest names when that folder is reachable here.
+Jobs and chain heads are stored as sorted, compact JSON of their pydantic ``TypeAdapter`` form
+(``purge/job.py`` describes a job's fields): the form the first version wrote, so what it left
+behind still loads. Appending a receipt is one Lua script (registered once per store) that
+checks, byte for byte, the chain head the receipt was built on, so two purges of one tenant can
+never fork the chain. Compaction is ``BGREWRITEAOF`` started after the deletes, awaited to
+completion (``aof_rewrites`` moved on, status ok), then a check that the AOF folder holds only
+the files the new manifest names when that folder is reachable here.
 """
 
 from __future__ import annotations
@@ -20,15 +23,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import TypeAdapter
 from redis.exceptions import RedisError, ResponseError
 
 from kvstore.tiers.redis_keyring import DESTROYED, TOMBSTONE_TTL_S, keyring_key
-from zumik_serve.state.store import REVOKE, RedisStateStore, bydigest_key, derived_key, exposed_key
+from zumik_serve.purge.job import Compaction, PendingPurge, PurgeId, PurgeJob, PurgeStatus
+from zumik_serve.purge.receipt import ChainHead
+from zumik_serve.state.store import RedisStateStore, bydigest_key, derived_key, exposed_key
 
 PENDING = "zumik:purges:pending"
 SIGNING_KEY = "zumik:receipt-signing-key"
@@ -45,25 +52,35 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
 
+_JOB: TypeAdapter[PurgeJob] = TypeAdapter(PurgeJob)
+_HEAD: TypeAdapter[ChainHead] = TypeAdapter(ChainHead)
+
 
 @dataclass(frozen=True)
-class Compaction:
-    done: bool
-    detail: str
+class _ArtifactContent:
+    """What a purged artifact record names: its content's digest and its role."""
+
+    digest: str
+    role: str
+
+    @property
+    def address(self) -> str:  # the content address ``RedisStateStore`` keeps a generation of
+        return f"{self.digest}|{self.role}"
 
 
 class RedisPurgeStore:
     def __init__(self, client: aioredis.Redis, state: RedisStateStore) -> None:
         self._redis = client
         self._state = state
+        self._append_receipt = client.register_script(APPEND_RECEIPT)
 
     # --- what a target reaches ---------------------------------------------------------------
 
-    async def record_any(self, tenant: str, handle: str) -> dict[str, Any] | None:
-        raw = await self._redis.get(_obj(tenant, handle))
-        return json.loads(raw) if raw is not None else None
+    async def exists(self, tenant: str, handle: str) -> bool:
+        """Whether ``tenant`` holds a record of ``handle``, live or revoked."""
+        return bool(await self._redis.exists(_obj(tenant, handle)))
 
-    async def closure(self, tenant: str, target: str) -> list[str]:
+    async def closure(self, tenant: str, target: str) -> tuple[str, ...]:
         """The target and everything built on it (bundles of an artifact, snapshots of a bundle
         or session, branches of a session, ...), and artifacts holding the same content: the
         target first, then breadth first."""
@@ -78,40 +95,41 @@ class RedisPurgeStore:
             found: list[str] = []
             for index in range(len(frontier)):
                 found.extend(_text(member) for member in replies[2 * index])
-                raw = replies[2 * index + 1]
-                record = json.loads(raw) if raw is not None else None
-                if record is not None and record.get("object") == "artifact":
+                content = _artifact_content(replies[2 * index + 1])
+                if content is not None:
                     found.extend(
-                        _text(m) for m in await self._redis.smembers(bydigest_key(tenant, record["digest"]))
+                        _text(m) for m in await self._redis.smembers(bydigest_key(tenant, content.digest))
                     )
             frontier = [handle for handle in dict.fromkeys(sorted(found)) if handle not in seen]
             seen.extend(frontier)
-        return seen
+        return tuple(seen)
 
-    async def any_exposed(self, tenant: str, handles: list[str]) -> bool:
-        flags = await self._redis.smismember(exposed_key(tenant), handles)
+    async def any_exposed(self, tenant: str, handles: Sequence[str]) -> bool:
+        flags = await self._redis.smismember(exposed_key(tenant), list(handles))
         return any(flags)
+
+    async def _artifact(self, tenant: str, handle: str) -> _ArtifactContent | None:
+        return _artifact_content(await self._redis.get(_obj(tenant, handle)))
 
     # --- removal -----------------------------------------------------------------------------
 
-    async def revoke_all(self, tenant: str, handles: list[str]) -> None:
+    async def revoke_all(self, tenant: str, handles: Sequence[str]) -> None:
         """Revoke every handle; purged content sent again gets a new handle, never the old one."""
-        now = int(time.time())
         for handle in handles:
-            record = await self.record_any(tenant, handle)
-            await self._redis.eval(REVOKE, 1, _obj(tenant, handle), now)
-            if record is not None and record.get("object") == "artifact":
-                await self._state.bump_artifact_generation(tenant, f"{record['digest']}|{record['role']}")
+            content = await self._artifact(tenant, handle)
+            await self._state.revoke(tenant, handle)
+            if content is not None:
+                await self._state.bump_artifact_generation(tenant, content.address)
 
-    async def delete_objects(self, tenant: str, handles: list[str]) -> int:
+    async def delete_objects(self, tenant: str, handles: Sequence[str]) -> int:
         """Remove every key that holds these objects or their content; returns keys removed."""
-        records = [await self.record_any(tenant, handle) for handle in handles]
         keys: list[str] = []
-        for handle, record in zip(handles, records, strict=True):
+        for handle in handles:
+            content = await self._artifact(tenant, handle)
             keys += [_obj(tenant, handle), derived_key(tenant, handle), f"z:{{{tenant}}}:turns:{handle}",
                      f"z:{{{tenant}}}:comp:{handle}"]  # fmt: skip
-            if record is not None and record.get("object") == "artifact":
-                keys += [f"z:{{{tenant}}}:blob:{record['digest']}", bydigest_key(tenant, record["digest"])]
+            if content is not None:
+                keys += [f"z:{{{tenant}}}:blob:{content.digest}", bydigest_key(tenant, content.digest)]
         removed = int(await self._redis.unlink(*keys))
         await self._redis.srem(exposed_key(tenant), *handles)
         # Idempotency results name the objects they created; a retry must not resurrect them.
@@ -122,7 +140,7 @@ class RedisPurgeStore:
                 removed += int(await self._redis.unlink(key))
         return removed
 
-    async def destroy_data_keys(self, scopes: list[str]) -> None:
+    async def destroy_data_keys(self, scopes: Sequence[str]) -> None:
         """Replace each scope's KV data key with a tombstone (``kvstore/tiers/redis_keyring.py``)."""
         async with self._redis.pipeline(transaction=True) as pipe:
             for scope in scopes:
@@ -183,72 +201,70 @@ class RedisPurgeStore:
 
     # --- jobs --------------------------------------------------------------------------------
 
-    async def claim(self, tenant: str, target: str, job: dict[str, Any]) -> dict[str, Any]:
-        """Start ``job`` for ``target`` unless a purge of it exists; returns the job that won."""
+    async def claim(self, tenant: str, job: PurgeJob) -> PurgeJob:
+        """Start ``job`` for its target unless a purge of it exists; returns the job that won."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(f"z:{{{tenant}}}:purge-target:{target}", job["id"], nx=True)
-            pipe.get(f"z:{{{tenant}}}:purge-target:{target}")
+            pipe.set(_purge_target(tenant, job.target), job.id, nx=True)
+            pipe.get(_purge_target(tenant, job.target))
             claimed, winner = await pipe.execute()
         if not claimed:
-            existing = await self.job(tenant, _text(winner))
+            existing = await self.job(tenant, PurgeId(_text(winner)))
             if existing is not None:
                 return existing
         await self.save_job(tenant, job)
         return job
 
-    async def index_purged(self, tenant: str, handles: list[str], purge_id: str) -> None:
+    async def index_purged(self, tenant: str, handles: Sequence[str], purge_id: PurgeId) -> None:
         """Remember which purge removes each handle: purging one of them later returns that
         purge's receipt instead of "not found"."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for handle in handles:
-                pipe.set(f"z:{{{tenant}}}:purge-target:{handle}", purge_id, nx=True)
+                pipe.set(_purge_target(tenant, handle), purge_id, nx=True)
             await pipe.execute()
 
-    async def job_for_target(self, tenant: str, target: str) -> dict[str, Any] | None:
-        purge_id = await self._redis.get(f"z:{{{tenant}}}:purge-target:{target}")
-        return None if purge_id is None else await self.job(tenant, _text(purge_id))
+    async def job_for_target(self, tenant: str, target: str) -> PurgeJob | None:
+        purge_id = await self._redis.get(_purge_target(tenant, target))
+        return None if purge_id is None else await self.job(tenant, PurgeId(_text(purge_id)))
 
-    async def job(self, tenant: str, purge_id: str) -> dict[str, Any] | None:
-        raw = await self._redis.get(f"z:{{{tenant}}}:purge:{purge_id}")
-        return json.loads(raw) if raw is not None else None
+    async def job(self, tenant: str, purge_id: PurgeId) -> PurgeJob | None:
+        """The job, or None when there is none; pydantic's ValidationError (a ValueError) when
+        the stored JSON is not a job."""
+        raw = await self._redis.get(_job_key(tenant, purge_id))
+        return None if raw is None else _JOB.validate_json(raw)
 
-    async def save_job(self, tenant: str, job: dict[str, Any]) -> None:
+    async def save_job(self, tenant: str, job: PurgeJob) -> None:
+        """Store ``job``; it stays in the pending set until it is done."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(f"z:{{{tenant}}}:purge:{job['id']}", _dumps(job))
-            if job["status"] == "done":
-                pipe.srem(PENDING, f"{tenant}|{job['id']}")
+            pipe.set(_job_key(tenant, job.id), _dumps(_JOB.dump_python(job, mode="json", exclude_none=True)))
+            if job.status is PurgeStatus.DONE:
+                pipe.srem(PENDING, f"{tenant}|{job.id}")
             else:
-                pipe.sadd(PENDING, f"{tenant}|{job['id']}")
+                pipe.sadd(PENDING, f"{tenant}|{job.id}")
             await pipe.execute()
 
-    async def pending(self) -> list[tuple[str, str]]:
+    async def pending(self) -> list[PendingPurge]:
+        """Every purge not done, ordered by tenant then id."""
         members = sorted(_text(member) for member in await self._redis.smembers(PENDING))
-        return [(tenant, purge_id) for tenant, _, purge_id in (m.partition("|") for m in members)]
+        return [
+            PendingPurge(tenant, PurgeId(purge_id))
+            for tenant, _, purge_id in (member.partition("|") for member in members)
+        ]
 
     # --- receipts ----------------------------------------------------------------------------
 
-    async def chain_head(self, tenant: str) -> dict[str, Any] | None:
-        raw = await self._redis.get(f"z:{{{tenant}}}:receipt-head")
-        return json.loads(raw) if raw is not None else None
+    async def chain_head(self, tenant: str) -> ChainHead | None:
+        raw = await self._redis.get(_head_key(tenant))
+        return None if raw is None else _HEAD.validate_json(raw)
 
     async def append_receipt(
-        self,
-        tenant: str,
-        receipt: dict[str, Any],
-        expected_head: dict[str, Any] | None,
-        new_head: dict[str, Any],
+        self, tenant: str, receipt: dict[str, Any], expected_head: ChainHead | None, new_head: ChainHead
     ) -> bool:
-        """Store a receipt and move the chain head, only if the head is still ``expected_head``."""
-        keys = [
-            f"z:{{{tenant}}}:receipt-head",
-            f"z:{{{tenant}}}:receipt:{receipt['id']}",
-            f"z:{{{tenant}}}:receipts",
-        ]
-        expected = _dumps(expected_head) if expected_head is not None else ""
-        reply = await self._redis.eval(
-            APPEND_RECEIPT, len(keys), *keys, expected, _dumps(new_head), _dumps(receipt), receipt["id"]
-        )
-        return bool(reply)
+        """Store a receipt and move the chain head, only if the head is still ``expected_head``
+        (None: the tenant has no receipt yet); False when another receipt moved it first."""
+        keys = [_head_key(tenant), f"z:{{{tenant}}}:receipt:{receipt['id']}", f"z:{{{tenant}}}:receipts"]
+        expected = "" if expected_head is None else _head_json(expected_head)
+        args = [expected, _head_json(new_head), _dumps(receipt), receipt["id"]]
+        return bool(await self._append_receipt(keys=keys, args=args))
 
     async def receipt(self, tenant: str, receipt_id: str) -> dict[str, Any] | None:
         raw = await self._redis.get(f"z:{{{tenant}}}:receipt:{receipt_id}")
@@ -257,7 +273,7 @@ class RedisPurgeStore:
     async def receipt_ids(self, tenant: str) -> list[str]:
         return [_text(item) for item in await self._redis.lrange(f"z:{{{tenant}}}:receipts", 0, -1)]
 
-    async def signing_key_pem(self, generate: Any) -> bytes:
+    async def signing_key_pem(self, generate: Callable[[], bytes]) -> bytes:
         """The receipt signing key, created by ``generate()`` (PEM bytes) on first use."""
         await self._redis.set(SIGNING_KEY, generate(), nx=True)
         value = await self._redis.get(SIGNING_KEY)
@@ -275,8 +291,33 @@ class RedisPurgeStore:
         }
 
 
+def _artifact_content(raw: bytes | str | None) -> _ArtifactContent | None:
+    """The content an artifact record (``state/store.py``) names; None for another object."""
+    record = json.loads(raw) if raw is not None else None
+    if record is None or record.get("object") != "artifact":
+        return None
+    return _ArtifactContent(record["digest"], record["role"])
+
+
 def _obj(tenant: str, handle: str) -> str:
     return f"z:{{{tenant}}}:o:{handle}"
+
+
+def _job_key(tenant: str, purge_id: str) -> str:
+    return f"z:{{{tenant}}}:purge:{purge_id}"
+
+
+def _purge_target(tenant: str, handle: str) -> str:
+    return f"z:{{{tenant}}}:purge-target:{handle}"
+
+
+def _head_key(tenant: str) -> str:
+    return f"z:{{{tenant}}}:receipt-head"
+
+
+def _head_json(head: ChainHead) -> str:
+    # The script compares heads byte for byte: the same form as every head ever stored.
+    return _dumps(_HEAD.dump_python(head, mode="json"))
 
 
 def _text(value: bytes | str | None) -> str:

@@ -11,25 +11,42 @@ An engine's capture is split by source when the engine's KV connector reported i
 (``kvstore/connector.py``, non-streamed answers): ``engine`` (its own prefix cache) and each
 tier it restored from (``host``, ``redis``, ``disk``).
 
-They are never added together or blended into one hit rate. ``api/zumik_headers.py`` renders
-them as API.md's ``x-zumik-reuse-*`` headers.
+They are never added together or blended into one hit rate. ``api/headers.py`` renders them
+as API.md's ``x-zumik-reuse-*`` headers; ``to_json`` is the ``reuse`` object of a /v2 answer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import Field, PlainSerializer, TypeAdapter
 
 from zumik_serve.reuse.evidence import EvidenceLevel
 
 
+def _object_of_pairs(pairs: tuple[tuple[str, int], ...]) -> dict[str, int]:
+    return dict(pairs)
+
+
 @dataclass(frozen=True)
 class ReuseFigures:
-    prompt_tokens: int
+    """One request's figures. In JSON (``to_json``): ``opportunity_tokens``,
+    ``opportunity_evidence``, ``captured_tokens`` (null: unknown), ``captured_evidence`` and,
+    only when the capture was split by source, ``captured_by_source``; the prompt size is not
+    part of it (``usage`` says it)."""
+
+    prompt_tokens: Annotated[int, Field(exclude=True)]
     opportunity_tokens: int
-    opportunity_level: EvidenceLevel
+    opportunity_level: Annotated[EvidenceLevel, Field(serialization_alias="opportunity_evidence")]
     captured_tokens: int | None  # None: the source did not say (unknown), never zero
-    captured_level: EvidenceLevel
-    captured_sources: tuple[tuple[str, int], ...] = ()  # (source, tokens); empty: not split
+    captured_level: Annotated[EvidenceLevel, Field(serialization_alias="captured_evidence")]
+    # (source, tokens); empty: not split
+    captured_sources: Annotated[
+        tuple[tuple[str, int], ...],
+        Field(serialization_alias="captured_by_source", exclude_if=lambda sources: not sources),
+        PlainSerializer(_object_of_pairs, return_type=dict[str, int]),
+    ] = ()
 
     @classmethod
     def of(
@@ -62,14 +79,11 @@ class ReuseFigures:
             captured_sources=sources,
         )
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "opportunity_tokens": self.opportunity_tokens,
-            "opportunity_evidence": self.opportunity_level.label,
-            "captured_tokens": self.captured_tokens,
-            "captured_evidence": self.captured_level.label,
-            **({"captured_by_source": dict(self.captured_sources)} if self.captured_sources else {}),
-        }
+    def to_json(self) -> dict[str, Any]:
+        return _FIGURES.dump_python(self, mode="json", by_alias=True)
+
+
+_FIGURES: TypeAdapter[ReuseFigures] = TypeAdapter(ReuseFigures)
 
 
 def capture_sources(kv_report: dict[str, object], cached_tokens: int) -> tuple[tuple[str, int], ...]:

@@ -1,12 +1,14 @@
-"""ReuseService: per request, what could have been reused and what was, and the tenant's report.
+"""ReuseService: per request, what could have been reused and what was; the tenant's report; the
+evidence escalation reads.
 
 Per request: the opportunity (prefix blocks of the prompt this scope has seen before, from the
-shared index in ``store/reuse_store.py``: ``estimated``) and the capture (the route's
+shared index in ``reuse/store.py``: ``estimated``) and the capture (the route's
 ``cached_tokens``: ``observed`` from Zumik's engines, ``reported`` from a provider, ``unknown``
 when a provider leaves it out). Each request adds both to the tenant's ledger and to the Ray
 metrics. The report sums the ledger over a window, grouped by tenant, profile, snapshot or
 route, with each capture level kept apart (never one blended hit rate), and the money the
-capture saved at each route's prices, labelled with the same level.
+capture saved at each route's prices, labelled with the same level. ``escalation_evidence`` is
+what the ledger says of a tenant's (or one snapshot's) capture in the escalation window.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from profiles import Profile
 from zumik_serve.errors import InvalidRequestError
 from zumik_serve.reuse.evidence import EvidenceLevel
 from zumik_serve.reuse.figures import ReuseFigures
-from zumik_serve.reuse.store import RedisReuseStore
+from zumik_serve.reuse.store import LedgerCounts, LedgerGroup, RedisReuseStore
+from zumik_serve.routing.decision import NO_EVIDENCE, Evidence
 
 GROUPS = ("tenant", "profile", "snapshot", "route")
 MAX_WINDOW_S = 24 * 3600
+NO_SNAPSHOT = "-"  # a report's snapshot group of requests that pinned none
+REPORTED_CAPTURE = (EvidenceLevel.OBSERVED, EvidenceLevel.REPORTED)  # a report's capture columns
 
 
 class ReuseMetrics(Protocol):
@@ -48,97 +53,90 @@ class ReuseService:
         return blocks * self.profile.engine.block_size
 
     async def record(self, tenant: str, figures: ReuseFigures, *, snapshot: str | None, route: str) -> None:
-        counts = {
-            "requests": 1,
-            "prompt": figures.prompt_tokens,
-            f"opportunity:{figures.opportunity_level.label}": figures.opportunity_tokens,
-        }
-        if figures.captured_tokens is None:
-            counts["captured_requests:unknown"] = 1
-        else:
-            counts[f"captured:{figures.captured_level.label}"] = figures.captured_tokens
-        for source, tokens in figures.captured_sources:
-            counts[f"captured_source:{source}"] = tokens
-        group = f"{self.profile.name}|{snapshot or '-'}|{route}"
-        await self._store.record(tenant, group, counts)
+        group = LedgerGroup(profile=self.profile.name, snapshot=snapshot, route=route)
+        await self._store.record(tenant, group, LedgerCounts.of(figures))
         if self._metrics is not None:
             self._metrics.observe(tenant=tenant, profile=self.profile.name, route=route, figures=figures)
+
+    async def escalation_evidence(self, tenant: str, *, snapshot: str | None, window_s: int) -> Evidence:
+        """What the ledger recorded of the tenant's capture in the last ``window_s`` seconds
+        (whole minutes), for requests that pinned ``snapshot`` (None: all of its requests): the
+        strongest capture level with captured tokens > 0 (observed > reported > estimated;
+        ``NO_EVIDENCE`` when none), and the tokens captured at that level or stronger. One Redis
+        round trip. Captures recorded before this version kept the roll-up it reads are not
+        counted (they age out of the window)."""
+        captured = await self._store.captured_tokens(tenant, snapshot=snapshot, window_s=window_s)
+        for level in sorted(captured, reverse=True):
+            if level is not EvidenceLevel.UNKNOWN and captured[level] > 0:
+                reused = sum(tokens for other, tokens in captured.items() if other >= level)
+                return Evidence(level, reused)
+        return NO_EVIDENCE
 
     async def series(self, tenant: str, *, group_by: str, window_s: int) -> list[dict[str, Any]]:
         """Minute by minute, per group: opportunity and capture by level (for plots)."""
         _check(group_by, window_s)
         points = []
-        for start, fields in await self._store.buckets(tenant, window_s):
-            groups: dict[str, dict[str, int]] = {}
-            for field, value in fields.items():
-                profile, snapshot, route, figure = field.split("|", 3)
-                key = {"tenant": tenant, "profile": profile, "snapshot": snapshot, "route": route}[group_by]
-                point = groups.setdefault(key, {})
-                point[figure] = point.get(figure, 0) + value
-            for key, figures in sorted(groups.items()):
+        for bucket in await self._store.buckets(tenant, window_s):
+            groups: dict[str, LedgerCounts] = {}
+            for group, counts in bucket.groups.items():
+                key = _key_of(group, group_by, tenant)
+                groups[key] = groups[key].plus(counts) if key in groups else counts
+            for key, counts in sorted(groups.items()):
                 points.append({
-                    "t": start, group_by: key,
-                    "opportunity_estimated": figures.get("opportunity:estimated", 0),
-                    "captured_observed": figures.get("captured:observed", 0),
-                    "captured_reported": figures.get("captured:reported", 0),
-                    "captured_unknown_requests": figures.get("captured_requests:unknown", 0),
+                    "t": bucket.start_s, group_by: key,
+                    "opportunity_estimated": counts.opportunity_tokens.get(EvidenceLevel.ESTIMATED, 0),
+                    "captured_observed": counts.captured_tokens.get(EvidenceLevel.OBSERVED, 0),
+                    "captured_reported": counts.captured_tokens.get(EvidenceLevel.REPORTED, 0),
+                    "captured_unknown_requests": counts.captured_unknown_requests,
                 })  # fmt: skip
         return points
 
     async def report(self, tenant: str, *, group_by: str, window_s: int) -> dict[str, Any]:
         _check(group_by, window_s)
-        totals = await self._store.window(tenant, window_s)
-        groups: dict[str, dict[str, int]] = {}
-        for field, value in totals.items():
-            profile, snapshot, route, figure = field.split("|", 3)
-            key = {"tenant": tenant, "profile": profile, "snapshot": snapshot, "route": route}[group_by]
-            bucket = groups.setdefault(key, {})
-            bucket[figure] = bucket.get(figure, 0) + value
-            if group_by != "route" and figure.startswith("captured:"):
-                saved = f"saved_pusd:{route}:{figure.split(':', 1)[1]}"
-                bucket[saved] = bucket.get(saved, 0) + value * self._saving_pusd_per_token(route)
+        groups: dict[str, LedgerCounts] = {}
+        savings: dict[str, dict[EvidenceLevel, int]] = {}  # pico-USD by level, in first-seen order
+        for group, counts in (await self._store.window(tenant, window_s)).items():
+            key = _key_of(group, group_by, tenant)
+            groups[key] = groups[key].plus(counts) if key in groups else counts
+            saved = savings.setdefault(key, {})
+            per_token = self._saving_pusd_per_token(group.route)
+            for level, tokens in counts.captured_tokens.items():
+                saved[level] = saved.get(level, 0) + tokens * per_token
         return {
             "object": "reuse_report",
             "group_by": group_by,
             "window_s": window_s,
-            "groups": [self._group(key, figures, group_by) for key, figures in sorted(groups.items())],
+            "groups": [
+                self._group(key, counts, savings[key], group_by) for key, counts in sorted(groups.items())
+            ],
         }
 
-    def _group(self, key: str, figures: dict[str, int], group_by: str) -> dict[str, Any]:
-        captured = {
-            level.label: figures.get(f"captured:{level.label}", 0)
-            for level in (EvidenceLevel.OBSERVED, EvidenceLevel.REPORTED)
-        }
-        savings: dict[str, int] = {}
-        if group_by == "route":
-            for level, tokens in captured.items():
-                savings[level] = tokens * self._saving_pusd_per_token(key)
-        else:
-            for name, value in figures.items():
-                if name.startswith("saved_pusd:"):
-                    level = name.rsplit(":", 1)[1]
-                    savings[level] = savings.get(level, 0) + value
+    def _group(
+        self, key: str, counts: LedgerCounts, saved: dict[EvidenceLevel, int], group_by: str
+    ) -> dict[str, Any]:
+        captured = {level: counts.captured_tokens.get(level, 0) for level in REPORTED_CAPTURE}
+        if group_by == "route":  # one route: every capture column, at its prices
+            saved = {level: tokens * self._saving_pusd_per_token(key) for level, tokens in captured.items()}
         return {
             group_by: key,
-            "requests": figures.get("requests", 0),
-            "prompt_tokens": figures.get("prompt", 0),
-            "opportunity": {"tokens": figures.get("opportunity:estimated", 0), "evidence": "estimated"},
-            "captured": [{"tokens": tokens, "evidence": level} for level, tokens in captured.items()]
+            "requests": counts.requests,
+            "prompt_tokens": counts.prompt_tokens,
+            "opportunity": {
+                "tokens": counts.opportunity_tokens.get(EvidenceLevel.ESTIMATED, 0),
+                "evidence": EvidenceLevel.ESTIMATED.label,
+            },
+            "captured": [{"tokens": tokens, "evidence": level.label} for level, tokens in captured.items()]
             + [
                 {
-                    "requests": figures.get("captured_requests:unknown", 0),
+                    "requests": counts.captured_unknown_requests,
                     "tokens": None,
-                    "evidence": "unknown",
+                    "evidence": EvidenceLevel.UNKNOWN.label,
                 }
             ],
-            "captured_by_source": {
-                name.split(":", 1)[1]: value
-                for name, value in sorted(figures.items())
-                if name.startswith("captured_source:")
-            },
+            "captured_by_source": dict(sorted(counts.captured_by_source.items())),
             "savings_usd": [
-                {"usd": str(Decimal(value) / Decimal(10**12)), "evidence": level}
-                for level, value in savings.items()
+                {"usd": str(Decimal(value) / Decimal(10**12)), "evidence": level.label}
+                for level, value in saved.items()
             ],
         }
 
@@ -149,6 +147,17 @@ class ReuseService:
                 full, cached, _ = spec.token_prices_pusd()
                 return max(0, full - cached)
         return 0
+
+
+def _key_of(group: LedgerGroup, group_by: str, tenant: str) -> str:
+    """The report's name of the group ``group`` falls in."""
+    if group_by == "profile":
+        return group.profile
+    if group_by == "snapshot":
+        return NO_SNAPSHOT if group.snapshot is None else group.snapshot
+    if group_by == "route":
+        return group.route
+    return tenant
 
 
 def _check(group_by: str, window_s: int) -> None:

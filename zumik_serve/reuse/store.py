@@ -1,12 +1,20 @@
 """Reuse in Redis: the opportunity index and the reuse ledger, scoped by tenant.
 
-    zumik:seen:{scope}:{compat16}   sorted set of prefix block keys seen in one isolation scope
-                                    (score: last seen, unix seconds); entries older than the TTL
-                                    and beyond ``max_entries`` (oldest first) are dropped, so its
-                                    memory is bounded; shared by every gateway replica
-    z:{tenant}:reuse:{minute}       hash: "<profile>|<snapshot>|<route>|<figure>" → count, for
-                                    figures opportunity:estimated, captured:<level>, prompt,
-                                    requests (kept 8 days)
+    zumik:seen:{scope}:{compat16}       sorted set of prefix block keys seen in one isolation
+                                        scope (score: last seen, unix seconds); entries older
+                                        than the TTL and beyond ``max_entries`` (oldest first) are
+                                        dropped, so its memory is bounded; shared by every
+                                        gateway replica
+    z:{tenant}:reuse:{minute}           hash: (group, figure) → count (kept 8 days)
+    z:{tenant}:reuse-capture:{minute}   hash: (snapshot or null for all, level) → captured tokens
+                                        (kept 8 days): what escalation evidence reads
+
+A ledger field is the JSON array ``[profile, snapshot, route, figure]`` (snapshot null when the
+request pinned none), so no name can be mistaken for a separator. Fields written before, as
+``profile|snapshot|route|figure`` with ``-`` for no snapshot, still read back. Figures:
+``requests``, ``prompt``, ``opportunity:<level>``, ``captured:<level>``,
+``captured_requests:unknown`` and ``captured_source:<source>``; ``LedgerGroup`` and
+``LedgerCounts`` are what crosses to the service, and their encoding lives here only.
 
 Looking a prompt up and recording it is one round trip (``SEEN``): the walk counts the leading
 keys already present, stops at the first gap (a later block is only reusable after every block
@@ -16,14 +24,22 @@ before it), then records every key.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import redis.asyncio as aioredis
+from pydantic import TypeAdapter, ValidationError
+
+from zumik_serve.reuse.evidence import EvidenceLevel
+from zumik_serve.reuse.figures import ReuseFigures
 
 LEDGER_TTL_S = 8 * 24 * 3600
 BUCKET_S = 60
 SEEN_TTL_S = 3600
 SEEN_MAX_ENTRIES = 200_000
+NO_SNAPSHOT_LEGACY = "-"  # the snapshot part of a legacy field whose request pinned none
+K = TypeVar("K")
 
 # KEYS: index. ARGV: now, ttl, max entries, key... Returns the leading keys already present.
 SEEN = """
@@ -41,8 +57,59 @@ return matched
 """
 
 
-def seen_key(scope: str, compat_digest: str) -> str:
-    return f"zumik:seen:{scope}:{compat_digest[:16]}"
+@dataclass(frozen=True)
+class LedgerGroup:
+    """What the ledger sums by: the profile, the snapshot the request pinned (None: none) and
+    the route that served it. Any string may be a part (a ``|`` included)."""
+
+    profile: str
+    snapshot: str | None
+    route: str
+
+
+@dataclass(frozen=True)
+class LedgerCounts:
+    """A group's figures: one request's, or a sum over time. Each evidence level keeps its own
+    count (never blended); a level present with 0 was recorded with 0 tokens, and a level absent
+    was never recorded. Mappings keep the order their entries were first recorded in."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    opportunity_tokens: Mapping[EvidenceLevel, int] = field(default_factory=dict)
+    captured_tokens: Mapping[EvidenceLevel, int] = field(default_factory=dict)
+    captured_unknown_requests: int = 0  # requests whose source did not say what it captured
+    captured_by_source: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, figures: ReuseFigures) -> LedgerCounts:
+        """One request's counts."""
+        captured = figures.captured_tokens
+        return cls(
+            requests=1,
+            prompt_tokens=figures.prompt_tokens,
+            opportunity_tokens={figures.opportunity_level: figures.opportunity_tokens},
+            captured_tokens={} if captured is None else {figures.captured_level: captured},
+            captured_unknown_requests=1 if captured is None else 0,
+            captured_by_source=dict(figures.captured_sources),
+        )
+
+    def plus(self, other: LedgerCounts) -> LedgerCounts:
+        return LedgerCounts(
+            requests=self.requests + other.requests,
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            opportunity_tokens=_summed(self.opportunity_tokens, other.opportunity_tokens),
+            captured_tokens=_summed(self.captured_tokens, other.captured_tokens),
+            captured_unknown_requests=self.captured_unknown_requests + other.captured_unknown_requests,
+            captured_by_source=_summed(self.captured_by_source, other.captured_by_source),
+        )
+
+
+@dataclass(frozen=True)
+class LedgerBucket:
+    """One minute of a tenant's ledger: its start (unix seconds) and each group's counts."""
+
+    start_s: int
+    groups: Mapping[LedgerGroup, LedgerCounts]
 
 
 class RedisReuseStore:
@@ -52,6 +119,7 @@ class RedisReuseStore:
         self._redis = client
         self._ttl_s = seen_ttl_s
         self._max_entries = max_entries
+        self._seen = client.register_script(SEEN)
 
     async def seen_prefix_blocks(self, scope: str, compat_digest: str, keys: Sequence[str]) -> int:
         """How many leading ``keys`` this scope has seen before; records them all as seen now."""
@@ -59,42 +127,66 @@ class RedisReuseStore:
             return 0
         now = int(time.time())
         args: list[str | int] = [now, self._ttl_s, self._max_entries, *keys]
-        return int(await self._redis.eval(SEEN, 1, seen_key(scope, compat_digest), *args))
+        return int(await self._seen(keys=[seen_key(scope, compat_digest)], args=args))
 
     async def record(
-        self, tenant: str, group: str, counts: dict[str, int], *, now_s: int | None = None
+        self, tenant: str, group: LedgerGroup, counts: LedgerCounts, *, now_s: int | None = None
     ) -> None:
+        """Add ``counts`` to the group's figures of this minute (one round trip)."""
         bucket = (int(time.time()) if now_s is None else now_s) // BUCKET_S
-        key = f"z:{{{tenant}}}:reuse:{bucket}"
+        ledger, capture = _ledger_key(tenant, bucket), _capture_key(tenant, bucket)
         async with self._redis.pipeline(transaction=True) as pipe:
-            for figure, value in counts.items():
-                pipe.hincrby(key, f"{group}|{figure}", value)
-            pipe.expire(key, LEDGER_TTL_S)
+            for figure, value in _figures_of(counts):
+                pipe.hincrby(ledger, _ledger_field(group, figure), value)
+            pipe.expire(ledger, LEDGER_TTL_S)
+            captured = [(level, tokens) for level, tokens in counts.captured_tokens.items() if tokens > 0]
+            for level, tokens in captured:
+                for snapshot in {None, group.snapshot}:  # the tenant's traffic, and the snapshot's
+                    pipe.hincrby(capture, _CAPTURE_FIELD.dump_json((snapshot, level.label)), tokens)
+            if captured:
+                pipe.expire(capture, LEDGER_TTL_S)
             await pipe.execute()
 
-    async def window(self, tenant: str, window_s: int, *, now_s: int | None = None) -> dict[str, int]:
-        """Every ledger field summed over the last ``window_s`` seconds (whole minutes)."""
-        totals: dict[str, int] = {}
-        for _, fields in await self.buckets(tenant, window_s, now_s=now_s):
-            for name, value in fields.items():
-                totals[name] = totals.get(name, 0) + value
+    async def window(
+        self, tenant: str, window_s: int, *, now_s: int | None = None
+    ) -> dict[LedgerGroup, LedgerCounts]:
+        """Each group's figures summed over the last ``window_s`` seconds (whole minutes)."""
+        totals: dict[LedgerGroup, LedgerCounts] = {}
+        for bucket in await self.buckets(tenant, window_s, now_s=now_s):
+            for group, counts in bucket.groups.items():
+                totals[group] = totals[group].plus(counts) if group in totals else counts
         return totals
 
-    async def buckets(
-        self, tenant: str, window_s: int, *, now_s: int | None = None
-    ) -> list[tuple[int, dict[str, int]]]:
-        """The ledger minute by minute over the last ``window_s`` seconds: (start, fields)."""
-        newest = (int(time.time()) if now_s is None else now_s) // BUCKET_S
-        oldest = newest - max(1, -(-window_s // BUCKET_S)) + 1
+    async def buckets(self, tenant: str, window_s: int, *, now_s: int | None = None) -> list[LedgerBucket]:
+        """The ledger minute by minute over the last ``window_s`` seconds, oldest first."""
+        minutes = _minutes(window_s, now_s)
         async with self._redis.pipeline(transaction=False) as pipe:
-            for bucket in range(oldest, newest + 1):
-                pipe.hgetall(f"z:{{{tenant}}}:reuse:{bucket}")
+            for bucket in minutes:
+                pipe.hgetall(_ledger_key(tenant, bucket))
             replies = await pipe.execute()
-        result = []
-        for bucket, fields in zip(range(oldest, newest + 1), replies, strict=True):
-            decoded = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in fields.items()}
-            result.append((bucket * BUCKET_S, decoded))
-        return result
+        return [
+            LedgerBucket(start_s=bucket * BUCKET_S, groups=_decode_bucket(fields))
+            for bucket, fields in zip(minutes, replies, strict=True)
+        ]
+
+    async def captured_tokens(
+        self, tenant: str, *, snapshot: str | None, window_s: int, now_s: int | None = None
+    ) -> dict[EvidenceLevel, int]:
+        """Captured tokens by level over the last ``window_s`` seconds (whole minutes), of the
+        tenant's requests that pinned ``snapshot`` (None: of all its requests); one round trip.
+        Levels with no capture are absent."""
+        levels = [level for level in EvidenceLevel if level is not EvidenceLevel.UNKNOWN]
+        fields = [_CAPTURE_FIELD.dump_json((snapshot, level.label)) for level in levels]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for bucket in _minutes(window_s, now_s):
+                pipe.hmget(_capture_key(tenant, bucket), fields)
+            replies = await pipe.execute()
+        totals: dict[EvidenceLevel, int] = {}
+        for values in replies:
+            for level, value in zip(levels, values, strict=True):
+                if value is not None:
+                    totals[level] = totals.get(level, 0) + int(value)
+        return totals
 
     async def forget_scopes(self, scopes: Sequence[str]) -> int:
         """Remove the opportunity index of purged scopes."""
@@ -103,3 +195,111 @@ class RedisReuseStore:
             async for key in self._redis.scan_iter(match=f"zumik:seen:{scope}:*", count=1000):
                 removed += int(await self._redis.unlink(key))
         return removed
+
+
+def seen_key(scope: str, compat_digest: str) -> str:
+    return f"zumik:seen:{scope}:{compat_digest[:16]}"
+
+
+# [profile, snapshot or null, route, figure] and [snapshot or null, level label]
+_LEDGER_FIELD: TypeAdapter[tuple[str, str | None, str, str]] = TypeAdapter(tuple[str, str | None, str, str])
+_CAPTURE_FIELD: TypeAdapter[tuple[str | None, str]] = TypeAdapter(tuple[str | None, str])
+
+
+def _ledger_key(tenant: str, bucket: int) -> str:
+    return f"z:{{{tenant}}}:reuse:{bucket}"
+
+
+def _capture_key(tenant: str, bucket: int) -> str:
+    return f"z:{{{tenant}}}:reuse-capture:{bucket}"
+
+
+def _ledger_field(group: LedgerGroup, figure: str) -> bytes:
+    return _LEDGER_FIELD.dump_json((group.profile, group.snapshot, group.route, figure))
+
+
+def _minutes(window_s: int, now_s: int | None) -> range:
+    if window_s < 1:
+        raise ValueError("window_s must be >= 1")
+    newest = (int(time.time()) if now_s is None else now_s) // BUCKET_S
+    return range(newest - -(-window_s // BUCKET_S) + 1, newest + 1)
+
+
+def _figures_of(counts: LedgerCounts) -> list[tuple[str, int]]:
+    figures = [("requests", counts.requests), ("prompt", counts.prompt_tokens)]
+    figures += [(f"opportunity:{level.label}", tokens) for level, tokens in counts.opportunity_tokens.items()]
+    if counts.captured_unknown_requests:
+        figures.append(("captured_requests:unknown", counts.captured_unknown_requests))
+    figures += [(f"captured:{level.label}", tokens) for level, tokens in counts.captured_tokens.items()]
+    figures += [(f"captured_source:{source}", tokens) for source, tokens in counts.captured_by_source.items()]
+    return figures
+
+
+def _decode_field(raw: bytes | str) -> tuple[LedgerGroup, str] | None:
+    """A ledger field's group and figure; None for a field that is neither format."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    if text.startswith("["):
+        try:
+            profile, snapshot, route, figure = _LEDGER_FIELD.validate_json(text)
+        except ValidationError:
+            return None
+        return LedgerGroup(profile, snapshot, route), figure
+    parts = text.split("|", 3)  # the format before: profile|snapshot|route|figure
+    if len(parts) != 4:
+        return None
+    profile, legacy_snapshot, route, figure = parts
+    snapshot = None if legacy_snapshot == NO_SNAPSHOT_LEGACY else legacy_snapshot
+    return LedgerGroup(profile, snapshot, route), figure
+
+
+def _decode_bucket(fields: Mapping[bytes | str, bytes | str]) -> dict[LedgerGroup, LedgerCounts]:
+    sums: dict[LedgerGroup, _Sums] = {}
+    for raw, value in fields.items():
+        decoded = _decode_field(raw)
+        if decoded is not None:
+            group, figure = decoded
+            sums.setdefault(group, _Sums()).add(figure, int(value))
+    return {group: item.counts() for group, item in sums.items()}
+
+
+class _Sums:
+    """A group's figures while a bucket's fields are read."""
+
+    def __init__(self) -> None:
+        self.requests = self.prompt_tokens = self.captured_unknown_requests = 0
+        self.opportunity: dict[EvidenceLevel, int] = {}
+        self.captured: dict[EvidenceLevel, int] = {}
+        self.sources: dict[str, int] = {}
+
+    def add(self, figure: str, value: int) -> None:
+        name, _, qualifier = figure.partition(":")
+        if figure == "requests":
+            self.requests += value
+        elif figure == "prompt":
+            self.prompt_tokens += value
+        elif figure == "captured_requests:unknown":
+            self.captured_unknown_requests += value
+        elif name == "captured_source":
+            self.sources[qualifier] = self.sources.get(qualifier, 0) + value
+        elif name in ("opportunity", "captured") and qualifier.upper() in EvidenceLevel.__members__:
+            by_level = self.opportunity if name == "opportunity" else self.captured
+            level = EvidenceLevel.parse(qualifier)
+            by_level[level] = by_level.get(level, 0) + value
+        # any other figure is one this version does not know: skipped
+
+    def counts(self) -> LedgerCounts:
+        return LedgerCounts(
+            requests=self.requests,
+            prompt_tokens=self.prompt_tokens,
+            opportunity_tokens=self.opportunity,
+            captured_tokens=self.captured,
+            captured_unknown_requests=self.captured_unknown_requests,
+            captured_by_source=self.sources,
+        )
+
+
+def _summed(first: Mapping[K, int], second: Mapping[K, int]) -> dict[K, int]:
+    summed = dict(first)
+    for key, value in second.items():
+        summed[key] = summed.get(key, 0) + value
+    return summed

@@ -40,10 +40,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, PlainSerializer, TypeAdapter
 
 from profiles.model import Profile, RouteKind, RouteSpec
+from zumik_serve.reuse.evidence import EvidenceLevel
 from zumik_serve.routing.breaker import (
     CLOSED,
     BreakerPolicy,
@@ -53,9 +57,30 @@ from zumik_serve.routing.breaker import (
 )
 
 DECIDE_VERSION = "decide-1"
-EVIDENCE_LEVELS = ("unknown", "estimated", "reported", "observed")  # weakest first (DESIGN.md 6)
-_EVIDENCE_RANK = {level: rank for rank, level in enumerate(EVIDENCE_LEVELS)}
 PASS = "pass"
+
+
+def _pairs_of_object(value: Any) -> Any:
+    """A JSON object read back as its (name, value) pairs, sorted by name."""
+    return tuple(sorted(value.items())) if isinstance(value, Mapping) else value
+
+
+def _object_of_pairs(pairs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    return dict(pairs)
+
+
+# (name, value) pairs sorted by name, written as one JSON object (so that a record read back from
+# canonical JSON equals the one written).
+NamedVerdicts = Annotated[
+    tuple[tuple[str, str], ...],
+    BeforeValidator(_pairs_of_object),
+    PlainSerializer(_object_of_pairs, return_type=dict[str, str]),
+]
+NamedScores = Annotated[
+    tuple[tuple[str, int], ...],
+    BeforeValidator(_pairs_of_object),
+    PlainSerializer(_object_of_pairs, return_type=dict[str, int]),
+]
 
 
 @dataclass(frozen=True)
@@ -85,47 +110,19 @@ class RouteCandidate:
     def key(self) -> str:
         return self.route if self.replica is None else f"{self.route}/{self.replica}"
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "route": self.route,
-            "kind": self.kind.value,
-            "input_pusd_per_token": self.input_pusd_per_token,
-            "cached_input_pusd_per_token": self.cached_input_pusd_per_token,
-            "output_pusd_per_token": self.output_pusd_per_token,
-            "breaker": self.breaker.to_json(),
-            "replica": self.replica,
-            "matched_prefix_blocks": self.matched_prefix_blocks,
-            "queue_depth": self.queue_depth,
-            "running": self.running,
-            "max_num_seqs": self.max_num_seqs,
-            "predicted_cached_tokens": self.predicted_cached_tokens,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RouteCandidate:
-        return cls(
-            route=data["route"],
-            kind=RouteKind(data["kind"]),
-            input_pusd_per_token=data["input_pusd_per_token"],
-            cached_input_pusd_per_token=data["cached_input_pusd_per_token"],
-            output_pusd_per_token=data["output_pusd_per_token"],
-            breaker=BreakerState.from_json(data["breaker"]),
-            replica=data["replica"],
-            matched_prefix_blocks=data["matched_prefix_blocks"],
-            queue_depth=data["queue_depth"],
-            running=data["running"],
-            max_num_seqs=data["max_num_seqs"],
-            predicted_cached_tokens=data["predicted_cached_tokens"],
-        )
-
 
 @dataclass(frozen=True)
 class Evidence:
-    """The recorded reuse evidence of this tenant/scope: its level (one of ``EVIDENCE_LEVELS``)
-    and the reused tokens counted in the escalation window."""
+    """The recorded reuse evidence of this tenant (or of one snapshot of it) over the escalation
+    window: the strongest capture level seen, and the reused tokens counted at that level or
+    stronger (``ReuseService.escalation_evidence``). ``NO_EVIDENCE`` is unknown with 0 tokens.
+    In a record, the level is its label (``"observed"``)."""
 
-    level: str
+    level: EvidenceLevel
     reused_tokens_in_window: int
+
+
+NO_EVIDENCE = Evidence(EvidenceLevel.UNKNOWN, 0)
 
 
 @dataclass(frozen=True)
@@ -133,7 +130,7 @@ class Escalation:
     """The profile's escalation spec, as recorded (``to``: "byok", "byoc" or "none")."""
 
     to: str
-    min_evidence: str
+    min_evidence: EvidenceLevel
     min_reused_tokens_in_window: int
     window_s: int
 
@@ -142,7 +139,8 @@ class Escalation:
 class DecisionInputs:
     """Everything ``decide`` reads. ``snapshot_id`` and ``release_id`` are None when the request
     pins none; ``expected_output_tokens`` is what the caller expects to be generated (e.g. its
-    max_tokens; 0 to compare input cost only)."""
+    max_tokens; 0 to compare input cost only). ``qos`` and ``prefer_cheapest`` default to what a
+    record written before they existed meant."""
 
     request_digest: str
     tenant: str
@@ -167,66 +165,11 @@ class DecisionInputs:
     prefer_cheapest: bool = False  # its class takes the cheapest healthy route (e.g. batch)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "request_digest": self.request_digest,
-            "tenant": self.tenant,
-            "prompt_num_tokens": self.prompt_num_tokens,
-            "num_prompt_blocks": self.num_prompt_blocks,
-            "block_size": self.block_size,
-            "profile_name": self.profile_name,
-            "profile_fingerprint": self.profile_fingerprint,
-            "release_id": self.release_id,
-            "snapshot_id": self.snapshot_id,
-            "policy_version": self.policy_version,
-            "now_ms": self.now_ms,
-            "seed": self.seed,
-            "candidates": [candidate.to_json() for candidate in self.candidates],
-            "evidence": {
-                "level": self.evidence.level,
-                "reused_tokens_in_window": self.evidence.reused_tokens_in_window,
-            },
-            "escalation": {
-                "to": self.escalation.to,
-                "min_evidence": self.escalation.min_evidence,
-                "min_reused_tokens_in_window": self.escalation.min_reused_tokens_in_window,
-                "window_s": self.escalation.window_s,
-            },
-            "fallback_order": list(self.fallback_order),
-            "default_route": self.default_route,
-            "breaker_policy": {
-                "failure_threshold": self.breaker_policy.failure_threshold,
-                "cooldown_ms": self.breaker_policy.cooldown_ms,
-            },
-            "expected_output_tokens": self.expected_output_tokens,
-            "qos": self.qos,
-            "prefer_cheapest": self.prefer_cheapest,
-        }
+        return _INPUTS.dump_python(self, mode="json")
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DecisionInputs:
-        return cls(
-            request_digest=data["request_digest"],
-            tenant=data["tenant"],
-            prompt_num_tokens=data["prompt_num_tokens"],
-            num_prompt_blocks=data["num_prompt_blocks"],
-            block_size=data["block_size"],
-            profile_name=data["profile_name"],
-            profile_fingerprint=data["profile_fingerprint"],
-            release_id=data["release_id"],
-            snapshot_id=data["snapshot_id"],
-            policy_version=data["policy_version"],
-            now_ms=data["now_ms"],
-            seed=data["seed"],
-            candidates=tuple(RouteCandidate.from_json(c) for c in data["candidates"]),
-            evidence=Evidence(**data["evidence"]),
-            escalation=Escalation(**data["escalation"]),
-            fallback_order=tuple(data["fallback_order"]),
-            default_route=data["default_route"],
-            breaker_policy=BreakerPolicy(**data["breaker_policy"]),
-            expected_output_tokens=data["expected_output_tokens"],
-            qos=data.get("qos", "standard"),
-            prefer_cheapest=data.get("prefer_cheapest", False),
-        )
+    def from_json(cls, data: Mapping[str, Any]) -> DecisionInputs:
+        return _INPUTS.validate_python(data)
 
 
 @dataclass(frozen=True)
@@ -234,8 +177,14 @@ class Pick:
     route: str
     replica: str | None
 
-    def to_json(self) -> dict[str, Any]:
-        return {"route": self.route, "replica": self.replica}
+
+@dataclass(frozen=True)
+class EscalationVerdict:
+    """Whether the recorded evidence met the escalation spec, and why (``"met: ..."``,
+    ``"not met: ..."`` or ``"disabled: ..."``)."""
+
+    met: bool
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -248,83 +197,57 @@ class CandidateVerdict:
     replica: str | None
     kind: RouteKind
     breaker: BreakerState
-    filters: tuple[tuple[str, str], ...]
-    scores: tuple[tuple[str, int], ...]
+    filters: NamedVerdicts
+    scores: NamedScores
 
     @property
     def passed(self) -> bool:
         return all(verdict.startswith(PASS) for _, verdict in self.filters)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "route": self.route,
-            "replica": self.replica,
-            "kind": self.kind.value,
-            "breaker": self.breaker.to_json(),
-            "filters": dict(self.filters),
-            "scores": dict(self.scores),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CandidateVerdict:
-        return cls(
-            route=data["route"],
-            replica=data["replica"],
-            kind=RouteKind(data["kind"]),
-            breaker=BreakerState.from_json(data["breaker"]),
-            filters=tuple(sorted(data["filters"].items())),
-            scores=tuple(sorted(data["scores"].items())),
-        )
 
 
 @dataclass(frozen=True)
 class DecisionRecord:
     """A decision as data: replaying ``inputs`` under ``decide_version`` gives the same record.
     ``pick`` is None only when no candidate passes the breaker filter (``pick_reason`` says why);
-    ``fallbacks`` are tried in order after the pick fails."""
+    ``fallbacks`` are tried in order after the pick fails.
+
+    Its JSON (``to_json``) is what is recorded and what replay compares, byte for byte in
+    canonical form (``canonical_bytes``): the fields in this order, levels as labels, kinds and
+    breaker states as their values, each verdict's filters and scores as objects."""
 
     decision_id: str
     decide_version: str
     policy_version: str
     seed: int
     inputs: DecisionInputs
-    escalation_met: bool
-    escalation_reason: str
+    escalation: EscalationVerdict
     candidates: tuple[CandidateVerdict, ...]
     pick: Pick | None
     pick_reason: str
     fallbacks: tuple[Pick, ...]
 
+    @property
+    def escalation_met(self) -> bool:
+        return self.escalation.met
+
+    @property
+    def escalation_reason(self) -> str:
+        return self.escalation.reason
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "decision_id": self.decision_id,
-            "decide_version": self.decide_version,
-            "policy_version": self.policy_version,
-            "seed": self.seed,
-            "inputs": self.inputs.to_json(),
-            "escalation": {"met": self.escalation_met, "reason": self.escalation_reason},
-            "candidates": [verdict.to_json() for verdict in self.candidates],
-            "pick": None if self.pick is None else self.pick.to_json(),
-            "pick_reason": self.pick_reason,
-            "fallbacks": [pick.to_json() for pick in self.fallbacks],
-        }
+        return _RECORD.dump_python(self, mode="json")
+
+    def to_json_bytes(self) -> bytes:
+        """``to_json`` as compact UTF-8 JSON, in one step (what the decision store writes)."""
+        return _RECORD.dump_json(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DecisionRecord:
-        pick = data["pick"]
-        return cls(
-            decision_id=data["decision_id"],
-            decide_version=data["decide_version"],
-            policy_version=data["policy_version"],
-            seed=data["seed"],
-            inputs=DecisionInputs.from_json(data["inputs"]),
-            escalation_met=data["escalation"]["met"],
-            escalation_reason=data["escalation"]["reason"],
-            candidates=tuple(CandidateVerdict.from_json(c) for c in data["candidates"]),
-            pick=None if pick is None else Pick(**pick),
-            pick_reason=data["pick_reason"],
-            fallbacks=tuple(Pick(**p) for p in data["fallbacks"]),
-        )
+    def from_json(cls, data: Mapping[str, Any]) -> DecisionRecord:
+        return _RECORD.validate_python(data)
+
+
+_INPUTS: TypeAdapter[DecisionInputs] = TypeAdapter(DecisionInputs)
+_RECORD: TypeAdapter[DecisionRecord] = TypeAdapter(DecisionRecord)
 
 
 def candidate_for_route(
@@ -358,7 +281,9 @@ def candidate_for_route(
 
 def escalation_of(profile: Profile) -> Escalation:
     spec = profile.routing.escalation
-    return Escalation(spec.to, spec.min_evidence, spec.min_reused_tokens_in_window, spec.window_s)
+    return Escalation(
+        spec.to, EvidenceLevel.parse(spec.min_evidence), spec.min_reused_tokens_in_window, spec.window_s
+    )
 
 
 def breaker_policy_of(profile: Profile) -> BreakerPolicy:
@@ -378,21 +303,19 @@ def tiebreak(seed: int, request_digest: str, candidate_key: str) -> int:
     return int.from_bytes(digest[:6], "big")
 
 
-def escalation_verdict(evidence: Evidence, escalation: Escalation) -> tuple[bool, str]:
-    """(met, reason): whether the recorded evidence meets the escalation spec, and why."""
+def escalation_verdict(evidence: Evidence, escalation: Escalation) -> EscalationVerdict:
+    """Whether the recorded evidence meets the escalation spec, and why."""
     if escalation.to == "none":
-        return False, "disabled: escalation.to is none"
-    if evidence.level not in _EVIDENCE_RANK or escalation.min_evidence not in _EVIDENCE_RANK:
-        raise ValueError(f"evidence levels must be among {EVIDENCE_LEVELS}")
-    level_ok = _EVIDENCE_RANK[evidence.level] >= _EVIDENCE_RANK[escalation.min_evidence]
+        return EscalationVerdict(False, "disabled: escalation.to is none")
+    level_ok = evidence.level >= escalation.min_evidence
     tokens_ok = evidence.reused_tokens_in_window >= escalation.min_reused_tokens_in_window
     detail = (
-        f"evidence {evidence.level} {'>=' if level_ok else '<'} {escalation.min_evidence}, "
+        f"evidence {evidence.level.label} {'>=' if level_ok else '<'} {escalation.min_evidence.label}, "
         f"reused {evidence.reused_tokens_in_window} {'>=' if tokens_ok else '<'} "
         f"{escalation.min_reused_tokens_in_window} in {escalation.window_s}s"
     )
     met = level_ok and tokens_ok
-    return met, f"{'met' if met else 'not met'}: {detail}"
+    return EscalationVerdict(met, f"{'met' if met else 'not met'}: {detail}")
 
 
 def decide(decision_id: str, inputs: DecisionInputs) -> DecisionRecord:
@@ -404,7 +327,8 @@ def decide(decision_id: str, inputs: DecisionInputs) -> DecisionRecord:
     if inputs.prompt_num_tokens < 0 or inputs.block_size < 1 or inputs.expected_output_tokens < 0:
         raise ValueError("prompt_num_tokens and expected_output_tokens must be >= 0, block_size >= 1")
 
-    met, escalation_reason = escalation_verdict(inputs.evidence, inputs.escalation)
+    escalation = escalation_verdict(inputs.evidence, inputs.escalation)
+    met = escalation.met
     default_kind = next((c.kind for c in candidates if c.route == inputs.default_route), RouteKind.MANAGED)
     escalated_kind = RouteKind(inputs.escalation.to) if inputs.escalation.to != "none" else None
     fallback_index = {route: index for index, route in enumerate(inputs.fallback_order)}
@@ -466,8 +390,7 @@ def decide(decision_id: str, inputs: DecisionInputs) -> DecisionRecord:
         policy_version=inputs.policy_version,
         seed=inputs.seed,
         inputs=inputs,
-        escalation_met=met,
-        escalation_reason=escalation_reason,
+        escalation=escalation,
         candidates=tuple(verdicts),
         pick=chosen,
         pick_reason=pick_reason,

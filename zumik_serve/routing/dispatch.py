@@ -27,7 +27,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -53,15 +53,15 @@ from zumik_serve.errors import (
 from zumik_serve.ids import DecisionId, new_decision_id
 from zumik_serve.providers.engine_client import ProviderEngineClient
 from zumik_serve.providers.openai_http import OpenAICompatProvider, prompt_cache_key_for
-from zumik_serve.routing.decision import DecisionRecord, Evidence, Pick
-from zumik_serve.routing.retry import AttemptOutcome, RetryAction, classify
+from zumik_serve.routing.decision import NO_EVIDENCE, DecisionRecord, Evidence, Pick
+from zumik_serve.routing.retry import Attempt, AttemptOutcome, RetryAction, classify
 from zumik_serve.routing.scheduler import ProfileScheduler, SchedulingRequest
 
 PROBE_OUT = "breaker half open: its probe is in flight"
 
 
 class DecisionSink(Protocol):
-    async def save(self, tenant: str, record: dict[str, Any], attempts: list[dict[str, Any]]) -> None: ...
+    async def save(self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt]) -> None: ...
 
 
 class DecisionMetrics(Protocol):
@@ -75,7 +75,7 @@ class RouteContext:
     release_id: str | None = None
     allowed_routes: frozenset[str] | None = None
     snapshot_id: str | None = None
-    evidence: Evidence = Evidence("unknown", 0)
+    evidence: Evidence = NO_EVIDENCE
     qos: str = "standard"
     prefer_cheapest: bool = False  # the class takes the cheapest healthy route
     engine_priority: int | None = None  # vLLM priority on BYOC engines (None: not sent)
@@ -195,7 +195,7 @@ class Dispatcher:
         """Carry ``decision`` out: the first route that gives a first output, or the client's
         error. The decision and every attempt are recorded either way."""
         started = time.perf_counter()
-        attempts: list[dict[str, Any]] = []
+        attempts: list[Attempt] = []
         timing: dict[str, float] = {"decide": decision.decide_ms}
         try:
             run = await self._execute(
@@ -205,7 +205,7 @@ class Dispatcher:
             timing["first-output"] = (time.perf_counter() - started) * 1000
         finally:
             saved = time.perf_counter()
-            await self._decisions.save(tenant, decision.record.to_json(), attempts)
+            await self._decisions.save(tenant, decision.record, attempts)
             timing["record"] = (time.perf_counter() - saved) * 1000
         run.timing_ms = timing
         return run
@@ -222,7 +222,7 @@ class Dispatcher:
 
     async def _execute(
         self, record: DecisionRecord, keys: list[str], call: EngineCall, engine_body: dict[str, Any],
-        stream: bool, tenant: str, salt: str, attempts: list[dict[str, Any]], engine_priority: int | None,
+        stream: bool, tenant: str, salt: str, attempts: list[Attempt], engine_priority: int | None,
     ) -> EngineRun:  # fmt: skip
         picks = ([record.pick] if record.pick is not None else []) + list(record.fallbacks)
         if not picks:
@@ -410,11 +410,8 @@ def _outcome(failure: EngineFailure) -> AttemptOutcome:
 def _attempt(
     pick: Pick, attempt: int, outcome: str, status: int | None, action: str, reason: str,
     breaker: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    return {
-        "route": pick.route, "replica": pick.replica, "attempt": attempt, "outcome": outcome,
-        "status": status, "action": action, "reason": reason, "breaker_after": breaker,
-    }  # fmt: skip
+) -> Attempt:  # fmt: skip
+    return Attempt(pick.route, pick.replica, attempt, outcome, status, action, reason, breaker)
 
 
 def _route_label(kind: RouteKind, name: str, replica_id: str) -> str:

@@ -7,9 +7,13 @@ can be replayed against the same model, route table and policy version.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import TypeAdapter
 
 from profiles.model import Profile, RouteKind
 from zumik_serve.ids import HandleKind, handle_kind, new_handle
@@ -44,21 +48,6 @@ class RouteEntry:
     replica_hour_usd: str | None = None
     tokens_per_replica_hour: int | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind.value,
-            "input_usd_per_mtok": self.input_usd_per_mtok,
-            "cached_input_usd_per_mtok": self.cached_input_usd_per_mtok,
-            "output_usd_per_mtok": self.output_usd_per_mtok,
-            "replica_hour_usd": self.replica_hour_usd,
-            "tokens_per_replica_hour": self.tokens_per_replica_hour,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RouteEntry:
-        return cls(**{**data, "kind": RouteKind(data["kind"])})
-
 
 @dataclass(frozen=True)
 class Release:
@@ -84,31 +73,32 @@ class Release:
             raise ValueError("a release cannot replace itself")
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "alias": self.alias,
-            "model": self.model,
-            "route_table": [entry.to_json() for entry in self.route_table],
-            "policy_version": self.policy_version,
-            "profile_name": self.profile_name,
-            "profile_fingerprint": self.profile_fingerprint,
-            "created_at": self.created_at,
-            "previous": self.previous,
-        }
+        """The release as JSON: these fields in this order, ``kind`` as its value."""
+        return _RELEASE.dump_python(self, mode="json")
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Release:
-        return cls(
-            id=data["id"],
-            alias=data["alias"],
-            model=data["model"],
-            route_table=tuple(RouteEntry.from_json(entry) for entry in data["route_table"]),
-            policy_version=data["policy_version"],
-            profile_name=data["profile_name"],
-            profile_fingerprint=data["profile_fingerprint"],
-            created_at=data["created_at"],
-            previous=data["previous"],
-        )
+    def from_json(cls, data: Mapping[str, Any]) -> Release:
+        """A release read back from its JSON; ``ValueError`` (a pydantic ``ValidationError``)
+        names the first field that is not valid."""
+        return _RELEASE.validate_python(data)
+
+    def canonical_json(self) -> bytes:
+        """The release as stored: sorted keys, no spaces, UTF-8."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_RELEASE: TypeAdapter[Release] = TypeAdapter(Release)
+
+
+@dataclass(frozen=True)
+class AliasState:
+    """An alias as stored: ``current``, the release it points at now (None only when that
+    release is missing from the store, which publishing never leaves), and ``history``, every
+    release it has pointed at, oldest first (``current`` is the last)."""
+
+    name: str
+    current: Release | None
+    history: tuple[Release, ...]
 
 
 def release_for(

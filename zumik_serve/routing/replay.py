@@ -7,9 +7,20 @@ changed under the record or the record was altered; either way the caller learns
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from zumik_serve.routing.decision import DecisionInputs, canonical_bytes, decide
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """One stored decision replayed: whether it came out equal, and the record its recorded
+    inputs give now (``DecisionRecord.to_json``)."""
+
+    decision_id: str
+    equal: bool
+    record: dict[str, Any]
 
 
 def replay(record_json: dict[str, Any]) -> tuple[bool, dict[str, Any]]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from enum import StrEnum
 
+from pydantic import TypeAdapter
+
 
 class AttemptOutcome(StrEnum):
     """What one attempt at a route came back with."""
@@ -24,6 +26,26 @@ class AttemptOutcome(StrEnum):
     TIMEOUT = "timeout"  # no complete answer within the route's timeout_s
     CONNECT_ERROR = "connect_error"  # the request never reached the provider
     CLIENT_ERROR = "client_error"  # HTTP 4xx other than 429: the request itself is wrong
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt at carrying a decision out, as recorded with it (``GET /v2/decisions/{id}``):
+    the route (and replica) tried, its outcome (an ``AttemptOutcome`` value, or ``saturated`` /
+    ``skipped`` when nothing was sent), the HTTP status if any, what followed and why, and the
+    route's breaker state after it."""
+
+    route: str
+    replica: str | None
+    attempt: int
+    outcome: str
+    status: int | None
+    action: str
+    reason: str
+    breaker_after: str | None = None
+
+
+ATTEMPTS: TypeAdapter[tuple[Attempt, ...]] = TypeAdapter(tuple[Attempt, ...])
 
 
 class RetryAction(StrEnum):

@@ -16,9 +16,10 @@ from typing import Any
 from profiles import Profile
 from zumik_serve.errors import ConflictError, InvalidRequestError, NotFoundError
 from zumik_serve.ids import HandleKind, handle_kind
-from zumik_serve.routing.release import Release, new_release_id, release_for, validate_alias_name
-from zumik_serve.routing.replay import replay
-from zumik_serve.routing.store import RedisRoutingStore
+from zumik_serve.routing.release import AliasState, Release, new_release_id, release_for, validate_alias_name
+from zumik_serve.routing.replay import Replayed, replay
+from zumik_serve.routing.requests import PublishRelease, alias_name
+from zumik_serve.routing.store import RedisRoutingStore, StoredDecision
 
 
 class RoutingService:
@@ -28,49 +29,35 @@ class RoutingService:
 
     # --- aliases and releases ----------------------------------------------------------------
 
-    async def publish(self, tenant: str, alias: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            validate_alias_name(alias)
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc), param="alias") from None
-        unknown = sorted(set(body) - {"model", "expected_release"})
-        if unknown:
+    async def publish(self, tenant: str, alias: str, request: PublishRelease) -> Release:
+        """Publish a release of the served model and point ``alias`` at it (see
+        ``PublishRelease`` for the compare-and-set); ``ConflictError`` when the alias moved."""
+        alias = alias_name(alias)
+        served = self.profile.model.served_name
+        model = served if request.model is None else request.model
+        if model != served:
             raise InvalidRequestError(
-                f"unknown field '{unknown[0]}'; allowed fields: model, expected_release", param=unknown[0]
+                f"this deployment serves '{served}'; a release of it cannot name '{model}'", param="model"
             )
-        model = body.get("model", self.profile.model.served_name)
-        if model != self.profile.model.served_name:
-            raise InvalidRequestError(
-                f"this deployment serves '{self.profile.model.served_name}'; a release of it cannot name "
-                f"'{model}'", param="model",
-            )  # fmt: skip
         current = await self._store.current_release_id(tenant, alias)
-        expected = body.get("expected_release", current)
+        expected = request.expected_release if request.compare_and_set else current
         if expected != current:
             raise ConflictError(
                 f"alias '{alias}' now points at {current}, not {expected}; read it again and retry",
                 code="alias_moved",
             )
         release = release_for(self.profile, alias, new_release_id(), int(time.time()), current)
-        if not await self._store.publish(tenant, alias, release.to_json(), current):
+        if not await self._store.publish(tenant, release, current):
             raise ConflictError(
                 f"alias '{alias}' moved while publishing; read it again and retry", code="alias_moved"
             )
-        return release.to_json()
+        return release
 
-    async def alias(self, tenant: str, alias: str) -> dict[str, Any]:
-        current = await self._store.current_release_id(tenant, alias)
-        if current is None:
+    async def alias(self, tenant: str, alias: str) -> AliasState:
+        state = await self._store.alias(tenant, alias)
+        if state is None:
             raise _alias_not_found(alias)
-        releases = [
-            await self._store.release(tenant, rid) for rid in await self._store.history(tenant, alias)
-        ]
-        return {
-            "alias": alias,
-            "object": "alias",
-            "current": await self._store.release(tenant, current),
-            "history": [r for r in releases if r is not None],
-        }
+        return state
 
     async def resolve(self, tenant: str, name: str) -> Release | None:
         """The current release of the tenant's alias ``name``; None when no such alias."""
@@ -78,8 +65,7 @@ class RoutingService:
             validate_alias_name(name)
         except ValueError:
             return None
-        data = await self._store.resolve(tenant, name)
-        return Release.from_json(data) if data is not None else None
+        return await self._store.resolve(tenant, name)
 
     async def release_for_request(self, tenant: str, model: str) -> Release | None:
         """The release a request naming ``model`` runs under: the tenant's alias of that name, or
@@ -89,12 +75,12 @@ class RoutingService:
         if release is not None or model != self.profile.model.served_name:
             return release
         with contextlib.suppress(ConflictError):  # another request published it first
-            await self.publish(tenant, model, {"expected_release": None})
+            await self.publish(tenant, model, PublishRelease(expected_release=None))
         return await self.resolve(tenant, model)
 
     # --- decisions ---------------------------------------------------------------------------
 
-    async def decision(self, tenant: str, decision_id: str) -> dict[str, Any]:
+    async def decision(self, tenant: str, decision_id: str) -> StoredDecision:
         stored = None
         if handle_kind(decision_id) is HandleKind.DECISION:
             stored = await self._store.decision(tenant, decision_id)
@@ -106,10 +92,9 @@ class RoutingService:
             )
         return stored
 
-    async def replay(self, tenant: str, decision_id: str) -> dict[str, Any]:
-        stored = await self.decision(tenant, decision_id)
-        equal, recomputed = replay(stored["record"])
-        return {"decision_id": decision_id, "equal": equal, "record": recomputed}
+    async def replay(self, tenant: str, decision_id: str) -> Replayed:
+        equal, recomputed = replay((await self.decision(tenant, decision_id)).record)
+        return Replayed(decision_id=decision_id, equal=equal, record=recomputed)
 
     def describe_profile(self) -> dict[str, Any]:
         profile = self.profile

@@ -13,13 +13,20 @@
     z:{tenant}:comp:{snapshot}          hash: compilation key → pinned compilation JSON
     z:{tenant}:idem:{key}               {"hash", "result"} of the first write with that key (24 h)
 
+Records, turns and compilations are the JSON of the values of ``state/objects.py``, written
+canonically (keys sorted, compact, UTF-8) and read back with their ``TypeAdapter``. A revoked
+record starts with ``{"revoked_at":`` (the ``REVOKE`` script prepends it); Python and the Lua
+scripts both test that prefix.
+
 The tenant id in every key is the isolation: a handle looked up under another tenant's prefix
 does not exist. ``{tenant}`` is a Redis hash tag, so one tenant's keys share a cluster slot and
 the Lua scripts below stay atomic. Durability comes from the server (AOF, fsync always): a
 reply to any write here means the write is on disk.
 
 Round trips: appending a turn is one (``EVALSHA`` of ``APPEND_TURN``, which also checks the
-session, the idempotency key and numbering, atomically).
+session, the idempotency key and numbering, atomically). The scripts are registered once per
+store (``register_script``); after a server restart emptied its script cache, the first call
+loads the script again.
 """
 
 from __future__ import annotations
@@ -30,28 +37,59 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from pydantic import TypeAdapter
+from redis.exceptions import RedisError
 
 from zumik_serve.errors import StoreUnavailableError
+from zumik_serve.state.objects import (
+    COMPILATION,
+    STATE_OBJECT,
+    TURN,
+    Artifact,
+    Compilation,
+    StateObject,
+    Turn,
+    value_json,
+)
+from zumik_serve.state.outcomes import (
+    AppendOutcome,
+    IdempotentEntry,
+    SessionNotLive,
+    TurnAppended,
+    TurnReplayed,
+)
 
 logger = logging.getLogger("ray.serve")
 
 IDEMPOTENCY_TTL_S = 24 * 3600
+REVOKED_PREFIX = '{"revoked_at":'
+_REVOKED_MARK = REVOKED_PREFIX.encode()
 T = TypeVar("T")
+IDEMPOTENT_ENTRY = TypeAdapter(IdempotentEntry)
+
+
+def _lua(source: str) -> str:
+    """A script with the constants it shares with Python filled in."""
+    return (
+        source.replace("{prefix_len}", str(len(REVOKED_PREFIX)))
+        .replace("{prefix}", REVOKED_PREFIX)
+        .replace("{ttl}", str(IDEMPOTENCY_TTL_S))
+    )
+
 
 # KEYS: object, turns, idem ("" for none). ARGV: turn JSON, request hash.
 # Returns {"ok", seq} | {"missing"} | {"idem", stored JSON}.
-APPEND_TURN = """
+APPEND_TURN = _lua("""
 if KEYS[3] ~= '' then
   local prev = redis.call('GET', KEYS[3])
   if prev then return {'idem', prev} end
 end
 local raw = redis.call('GET', KEYS[1])
-if not raw or string.sub(raw, 1, 14) == '{"revoked_at":' then return {'missing'} end
+if not raw or string.sub(raw, 1, {prefix_len}) == '{prefix}' then return {'missing'} end
 local obj = cjson.decode(raw)
 local n = redis.call('RPUSH', KEYS[2], ARGV[1])
 local seq = (tonumber(obj['fork_at']) or 0) + n
@@ -59,23 +97,24 @@ if KEYS[3] ~= '' then
   redis.call('SET', KEYS[3], cjson.encode({hash=ARGV[2], result=seq}), 'EX', {ttl})
 end
 return {'ok', tostring(seq)}
-""".replace("{ttl}", str(IDEMPOTENCY_TTL_S))
+""")
 
 # KEYS: object. ARGV: now. Returns 1 if it was live (now revoked), 0 if missing or revoked.
 # The mark is prepended to the stored JSON as its first key (records are never re-encoded
 # in Lua, whose cjson would turn empty arrays into objects).
-REVOKE = """
+REVOKE = _lua("""
 local raw = redis.call('GET', KEYS[1])
-if not raw or string.sub(raw, 1, 14) == '{"revoked_at":' then return 0 end
-redis.call('SET', KEYS[1], '{"revoked_at":' .. ARGV[1] .. ',' .. string.sub(raw, 2))
+if not raw or string.sub(raw, 1, {prefix_len}) == '{prefix}' then return 0 end
+redis.call('SET', KEYS[1], '{prefix}' .. ARGV[1] .. ',' .. string.sub(raw, 2))
 return 1
-"""
+""")
 
 
 class RedisStateStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
-        self._scripts: dict[str, str] = {}
+        self._append_turn = client.register_script(APPEND_TURN)
+        self._revoke = client.register_script(REVOKE)
         self._secret: bytes | None = None
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -92,17 +131,6 @@ class RedisStateStore:
                 retry_after_s=1,
             ) from exc
 
-    async def _eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        sha = self._scripts.get(script)
-        if sha is None:
-            sha = await self._redis.script_load(script)
-            self._scripts[script] = sha
-        try:
-            return await self._redis.evalsha(sha, len(keys), *keys, *args)
-        except NoScriptError:  # the server restarted and lost its script cache
-            self._scripts.pop(script, None)
-            return await self._redis.eval(script, len(keys), *keys, *args)
-
     async def handle_secret(self) -> bytes:
         if self._secret is None:
             await self._redis.set("zumik:handle-secret", secrets.token_bytes(32), nx=True)
@@ -114,38 +142,30 @@ class RedisStateStore:
 
     # --- objects ----------------------------------------------------------------------------
 
-    async def get_record(self, tenant: str, handle: str) -> dict[str, Any] | None:
-        """The live record of ``handle`` under ``tenant``; None when unknown or revoked."""
-        raw = await self._redis.get(_obj(tenant, handle))
-        if raw is None:
-            return None
-        record: dict[str, Any] = json.loads(raw)
-        return None if record.get("revoked_at") else record
+    async def get_record(self, tenant: str, handle: str) -> StateObject | None:
+        """The live object ``handle`` under ``tenant``; None when unknown or revoked."""
+        return _live(await self._redis.get(_obj(tenant, handle)))
 
-    async def get_record_any(self, tenant: str, handle: str) -> dict[str, Any] | None:
-        """The record even if revoked (frozen objects still reach content they were built on)."""
+    async def get_record_any(self, tenant: str, handle: str) -> StateObject | None:
+        """The object even if revoked (frozen objects still reach content they were built on);
+        None when unknown."""
         raw = await self._redis.get(_obj(tenant, handle))
-        return json.loads(raw) if raw is not None else None
+        return STATE_OBJECT.validate_json(raw) if raw is not None else None
 
-    async def get_records(self, tenant: str, handles: list[str]) -> list[dict[str, Any] | None]:
+    async def get_records(self, tenant: str, handles: Sequence[str]) -> list[StateObject | None]:
+        """The live objects, in the order of ``handles``; None for each unknown or revoked one."""
         if not handles:
             return []
         raws = await self._redis.mget([_obj(tenant, handle) for handle in handles])
-        records: list[dict[str, Any] | None] = []
-        for raw in raws:
-            record = json.loads(raw) if raw is not None else None
-            records.append(None if record is None or record.get("revoked_at") else record)
-        return records
+        return [_live(raw) for raw in raws]
 
-    async def put_record(
-        self, tenant: str, handle: str, record: dict[str, Any], parents: list[str] | tuple[str, ...] = ()
-    ) -> bool:
-        """Store a new record built on ``parents`` (indexed, so that purging a parent finds it);
-        False when the handle already exists (records never change)."""
+    async def put_record(self, tenant: str, record: StateObject, parents: Sequence[str] = ()) -> bool:
+        """Store a new object built on ``parents`` (indexed, so that purging a parent finds it);
+        False when its handle already exists (records never change)."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(_obj(tenant, handle), _dumps(record), nx=True)
+            pipe.set(_obj(tenant, record.id), _canonical(record), nx=True)
             for parent in dict.fromkeys(parents):
-                pipe.sadd(derived_key(tenant, parent), handle)
+                pipe.sadd(derived_key(tenant, parent), record.id)
             stored, *_ = await pipe.execute()
         return bool(stored)
 
@@ -156,7 +176,8 @@ class RedisStateStore:
             await self._redis.sadd(exposed_key(tenant), *handles)
 
     async def revoke(self, tenant: str, handle: str) -> bool:
-        return bool(await self._eval(REVOKE, [_obj(tenant, handle)], [int(time.time())]))
+        """Mark the object revoked; False when it was unknown or revoked already."""
+        return bool(await self._revoke(keys=[_obj(tenant, handle)], args=[int(time.time())]))
 
     # --- artifacts --------------------------------------------------------------------------
 
@@ -170,11 +191,12 @@ class RedisStateStore:
         name = hmac.new(await self.handle_secret(), address.encode(), hashlib.sha256).hexdigest()[:32]
         return f"z:{{{tenant}}}:gen:{name}"
 
-    async def put_artifact(self, tenant: str, handle: str, record: dict[str, Any], content: bytes) -> None:
+    async def put_artifact(self, tenant: str, artifact: Artifact, content: bytes) -> None:
+        """Store the artifact's record and its bytes (kept once per digest)."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(_blob(tenant, record["digest"]), content, nx=True)
-            pipe.set(_obj(tenant, handle), _dumps(record), nx=True)
-            pipe.sadd(bydigest_key(tenant, record["digest"]), handle)
+            pipe.set(_blob(tenant, artifact.digest), content, nx=True)
+            pipe.set(_obj(tenant, artifact.id), _canonical(artifact), nx=True)
+            pipe.sadd(bydigest_key(tenant, artifact.digest), artifact.id)
             await pipe.execute()
 
     async def get_blobs(self, tenant: str, digests: list[str]) -> list[bytes | None]:
@@ -186,54 +208,67 @@ class RedisStateStore:
     # --- turns ------------------------------------------------------------------------------
 
     async def append_turn(
-        self, tenant: str, session: str, turn: dict[str, Any], *, idem_key: str | None, request_hash: str
-    ) -> tuple[str, Any]:
-        """("ok", seq) | ("missing", None) | ("idem", {"hash", "result"}): one round trip."""
+        self, tenant: str, session: str, turn: Turn, *, idem_key: str | None, request_hash: str
+    ) -> AppendOutcome:
+        """Append ``turn`` to the live session or branch ``session``, in one round trip. Under
+        ``idem_key`` that was used before, nothing is appended and the first entry comes back."""
         keys = [_obj(tenant, session), _turns(tenant, session), _idem(tenant, idem_key) if idem_key else ""]
-        reply = await self._eval(APPEND_TURN, keys, [_dumps(turn), request_hash])
+        reply = await self._append_turn(keys=keys, args=[_canonical(turn), request_hash])
         status = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
         if status == "ok":
-            return "ok", int(reply[1])
+            return TurnAppended(seq=int(reply[1]))
         if status == "idem":
-            return "idem", json.loads(reply[1])
-        return "missing", None
+            return TurnReplayed(first=IDEMPOTENT_ENTRY.validate_json(reply[1]))
+        return SessionNotLive()
 
-    async def own_turns(self, tenant: str, session: str, limit: int | None = None) -> list[dict[str, Any]]:
-        """The turns appended to ``session`` itself (not its parent's), oldest first."""
-        end = -1 if limit is None else limit - 1
+    async def own_turns(self, tenant: str, session: str, limit: int | None = None) -> list[Turn]:
+        """The turns appended to ``session`` itself (not its parent's), oldest first; at most
+        ``limit`` of them (None: all)."""
         if limit == 0:
             return []
-        return [json.loads(raw) for raw in await self._redis.lrange(_turns(tenant, session), 0, end)]
+        end = -1 if limit is None else limit - 1
+        return [TURN.validate_json(raw) for raw in await self._redis.lrange(_turns(tenant, session), 0, end)]
 
     async def own_turn_count(self, tenant: str, session: str) -> int:
         return int(await self._redis.llen(_turns(tenant, session)))
 
     # --- compilations ----------------------------------------------------------------------
 
-    async def pin_compilation(
-        self, tenant: str, snapshot: str, key: str, compilation: dict[str, Any]
-    ) -> None:
+    async def pin_compilation(self, tenant: str, snapshot: str, compilation: Compilation) -> None:
         """Record a compilation once; an existing pin for the same key is never overwritten."""
-        await self._redis.hsetnx(f"z:{{{tenant}}}:comp:{snapshot}", key, _dumps(compilation))
+        await self._redis.hsetnx(f"z:{{{tenant}}}:comp:{snapshot}", compilation.key, _canonical(compilation))
 
-    async def compilations(self, tenant: str, snapshot: str) -> list[dict[str, Any]]:
+    async def compilations(self, tenant: str, snapshot: str) -> list[Compilation]:
+        """The snapshot's pinned compilations, in the order of their keys."""
         pinned = await self._redis.hgetall(f"z:{{{tenant}}}:comp:{snapshot}")
-        return [json.loads(pinned[key]) for key in sorted(pinned)]
+        return [COMPILATION.validate_json(pinned[key]) for key in sorted(pinned)]
 
     # --- idempotency ------------------------------------------------------------------------
 
-    async def idempotent_result(self, tenant: str, key: str) -> dict[str, Any] | None:
+    async def idempotent_result(self, tenant: str, key: str) -> IdempotentEntry | None:
         raw = await self._redis.get(_idem(tenant, key))
-        return json.loads(raw) if raw is not None else None
+        return IDEMPOTENT_ENTRY.validate_json(raw) if raw is not None else None
 
-    async def remember_result(self, tenant: str, key: str, request_hash: str, result: Any) -> dict[str, Any]:
-        """Store the first result for ``key``; returns whichever result won (first write wins)."""
-        entry = {"hash": request_hash, "result": result}
-        stored = await self._redis.set(_idem(tenant, key), _dumps(entry), nx=True, ex=IDEMPOTENCY_TTL_S)
+    async def remember_result(
+        self, tenant: str, key: str, request_hash: str, result: dict[str, Any]
+    ) -> IdempotentEntry:
+        """Store the first result for ``key``; returns whichever entry won (first write wins)."""
+        entry = IdempotentEntry(request_hash=request_hash, result=result)
+        encoded = _encode(IDEMPOTENT_ENTRY.dump_python(entry, mode="json", by_alias=True))
+        stored = await self._redis.set(_idem(tenant, key), encoded, nx=True, ex=IDEMPOTENCY_TTL_S)
         if stored:
             return entry
         existing = await self.idempotent_result(tenant, key)
         return existing if existing is not None else entry
+
+
+def _live(raw: bytes | str | None) -> StateObject | None:
+    if raw is None:
+        return None
+    revoked = raw.startswith(REVOKED_PREFIX) if isinstance(raw, str) else raw.startswith(_REVOKED_MARK)
+    if revoked:
+        return None
+    return STATE_OBJECT.validate_json(raw)
 
 
 def derived_key(tenant: str, handle: str) -> str:
@@ -264,5 +299,10 @@ def _idem(tenant: str, key: str) -> str:
     return f"z:{{{tenant}}}:idem:{key}"
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+def _canonical(value: StateObject | Turn | Compilation) -> str:
+    return _encode(value_json(value))
+
+
+def _encode(data: Any) -> str:
+    """Canonical JSON: keys sorted, compact, UTF-8 (what every earlier version wrote)."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, sort_keys=True)

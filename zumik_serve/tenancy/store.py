@@ -1,10 +1,13 @@
 """Tenants and API key digests in Redis.
 
-zumik:tenant:{id}          hash   name, created_at_s
+zumik:tenant:{id}          hash   name, created_at_s, qos (comma-joined class names, absent:
+                                  every class), reuse ("off" when the tenant keeps no ledger)
 zumik:tenant-name:{name}   string tenant id (names are unique)
 zumik:apikey:{sha256}      string tenant id
 zumik:salt-epoch:{id}      int    the epoch of the tenant's cache salt; a purge moves it on, so
                                   every KV block cached before is unreachable
+
+The hash's encoding lives here only: callers get and give ``Tenant`` values.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from zumik_serve.errors import StoreUnavailableError
 from zumik_serve.tenancy.tenant import (
@@ -49,15 +53,7 @@ class RedisTenantStore:
         if not claimed:
             raise TenantExistsError(f"tenant {name!r} already exists; pick another name")
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                f"zumik:tenant:{tenant.id}",
-                mapping={
-                    "name": tenant.name,
-                    "created_at_s": tenant.created_at_s,
-                    **({"qos": ",".join(sorted(qos_classes))} if qos_classes is not None else {}),
-                    **({} if reuse_accounting else {"reuse": "off"}),
-                },
-            )
+            pipe.hset(f"zumik:tenant:{tenant.id}", mapping=_fields_of(tenant))
             pipe.set(f"zumik:apikey:{hash_api_key(api_key)}", tenant.id)
             await pipe.execute()
         return tenant, api_key
@@ -101,15 +97,26 @@ class RedisTenantStore:
             ) from exc
         if not fields:
             return None
-        data = {_text(k): _text(v) for k, v in fields.items()}
-        qos = frozenset(data["qos"].split(",")) if data.get("qos") else None
-        return Tenant(
-            id=TenantId(tenant_id),
-            name=data["name"],
-            created_at_s=int(data["created_at_s"]),
-            qos_classes=qos,
-            reuse_accounting=data.get("reuse") != "off",
-        )
+        return _tenant_of(TenantId(tenant_id), {_text(k): _text(v) for k, v in fields.items()})
+
+
+def _fields_of(tenant: Tenant) -> dict[FieldT, EncodableT]:
+    fields: dict[FieldT, EncodableT] = {"name": tenant.name, "created_at_s": tenant.created_at_s}
+    if tenant.qos_classes is not None:
+        fields["qos"] = ",".join(sorted(tenant.qos_classes))
+    if not tenant.reuse_accounting:
+        fields["reuse"] = "off"
+    return fields
+
+
+def _tenant_of(tenant_id: TenantId, fields: dict[str, str]) -> Tenant:
+    return Tenant(
+        id=tenant_id,
+        name=fields["name"],
+        created_at_s=int(fields["created_at_s"]),
+        qos_classes=frozenset(fields["qos"].split(",")) if fields.get("qos") else None,
+        reuse_accounting=fields.get("reuse") != "off",
+    )
 
 
 def _text(value: bytes | str) -> str:

@@ -3,7 +3,7 @@
 Rules kept here: a key is shown once, at creation, and only its sha256 digest is stored; a key
 belongs to exactly one tenant; the development key (``ZUMIK_DEV_KEY``) maps to the fixed
 tenant ``dev`` and is meant for the embedded default only. Lookups go through the
-``TenantDirectory`` protocol; the Redis implementation lives in ``store/``.
+``TenantDirectory`` protocol; the Redis implementation is ``tenancy/store.py``.
 """
 
 from __future__ import annotations

@@ -1,39 +1,53 @@
-"""/v2: the native surface. Objects with opaque handles, revocation, and generation from snapshots.
+"""/v2 state objects: artifacts, bundles, sessions, branches and snapshots, by opaque handle.
 
-Handlers authenticate, read the body (with the size limit of the route), call the state service
-or the gateway service, and return native JSON. Errors are ``{"error": {"type", "message", ...}}``.
+Handlers authenticate, read the body (with the size limit of the route), validate it into its
+request model (``state/requests.py``: a 400 naming the field), call the state service and return
+its native JSON. Errors are ``{"error": {"type", "message", ...}}``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from zumik_serve.api.body import read_body
+from zumik_serve.api.deps import pipeline_of, tenant_of
 from zumik_serve.api.v1.wire import parse_json_body
 from zumik_serve.errors import InvalidRequestError, MethodNotAllowedError
-from zumik_serve.pipeline.service import GatewayService
 from zumik_serve.state.objects import ObjectKind
+from zumik_serve.state.requests import (
+    AppendTurn,
+    CreateArtifact,
+    CreateBranch,
+    CreateBundle,
+    CreateSession,
+    CreateSnapshot,
+    StateRequest,
+    parse_request,
+)
 from zumik_serve.state.service import StateService
 
 router = APIRouter(prefix="/v2")
 
+M = TypeVar("M", bound=StateRequest)
 IDEMPOTENCY_HEADER = "idempotency-key"
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
-def _services(request: Request) -> tuple[GatewayService, StateService]:
-    return request.app.state.service, request.app.state.state_service
+def _state(request: Request) -> StateService:
+    return pipeline_of(request).context.state
 
 
-async def _tenant_and_body(request: Request, max_bytes: int | None = None) -> tuple[str, dict[str, Any]]:
-    service, _ = _services(request)
-    tenant = await service.authenticate(request.headers.get("authorization"))
-    limit = max_bytes if max_bytes is not None else request.app.state.max_body_bytes
+async def _write(request: Request, model: type[M], max_bytes: int | None = None) -> tuple[str, M, str | None]:
+    """The tenant, the body as ``model`` and the Idempotency-Key of a write. Checked in the order
+    a client sees the errors: the API key, the body's size and JSON, the key, the body's fields."""
+    tenant = await tenant_of(request)
+    limit = max_bytes if max_bytes is not None else pipeline_of(request).context.max_body_bytes
     body = parse_json_body(await read_body(request, limit))
-    return tenant.id, body
+    idem_key = _idem_key(request)
+    return tenant.id, parse_request(model, body), idem_key
 
 
 def _idem_key(request: Request) -> str | None:
@@ -49,79 +63,76 @@ def _idem_key(request: Request) -> str | None:
 
 @router.post("/artifacts", status_code=201)
 async def create_artifact(request: Request) -> JSONResponse:
-    _, state = _services(request)
+    state = _state(request)
     # base64 and JSON framing on top of the content limit; the content itself is checked after.
-    tenant, body = await _tenant_and_body(request, max_bytes=state.max_artifact_bytes * 4 // 3 + 64 * 1024)
-    return JSONResponse(await state.store_call(state.create_artifact(tenant, body, _idem_key(request))), 201)
+    max_bytes = state.max_artifact_bytes * 4 // 3 + 64 * 1024
+    tenant, body, idem_key = await _write(request, CreateArtifact, max_bytes)
+    return JSONResponse(await state.store_call(state.create_artifact(tenant, body, idem_key)), 201)
 
 
 @router.post("/bundles", status_code=201)
 async def create_bundle(request: Request) -> JSONResponse:
-    _, state = _services(request)
-    tenant, body = await _tenant_and_body(request)
-    return JSONResponse(await state.store_call(state.create_bundle(tenant, body, _idem_key(request))), 201)
+    state = _state(request)
+    tenant, body, idem_key = await _write(request, CreateBundle)
+    return JSONResponse(await state.store_call(state.create_bundle(tenant, body, idem_key)), 201)
 
 
 @router.post("/sessions", status_code=201)
 async def create_session(request: Request) -> JSONResponse:
-    _, state = _services(request)
-    tenant, body = await _tenant_and_body(request)
-    return JSONResponse(await state.store_call(state.create_session(tenant, body, _idem_key(request))), 201)
+    state = _state(request)
+    tenant, body, idem_key = await _write(request, CreateSession)
+    return JSONResponse(await state.store_call(state.create_session(tenant, body, idem_key)), 201)
 
 
 @router.post("/sessions/{handle}/turns", status_code=201)
 @router.post("/branches/{handle}/turns", status_code=201)
 async def append_turn(handle: str, request: Request) -> JSONResponse:
-    _, state = _services(request)
-    tenant, body = await _tenant_and_body(request)
-    return JSONResponse(
-        await state.store_call(state.append_turn(tenant, handle, body, _idem_key(request))), 201
-    )
+    state = _state(request)
+    tenant, body, idem_key = await _write(request, AppendTurn)
+    return JSONResponse(await state.store_call(state.append_turn(tenant, handle, body, idem_key)), 201)
 
 
 @router.post("/sessions/{handle}/branches", status_code=201)
 @router.post("/branches/{handle}/branches", status_code=201)
 async def create_branch(handle: str, request: Request) -> JSONResponse:
-    _, state = _services(request)
-    tenant, body = await _tenant_and_body(request)
-    return JSONResponse(
-        await state.store_call(state.create_branch(tenant, handle, body, _idem_key(request))), 201
-    )
+    state = _state(request)
+    tenant, body, idem_key = await _write(request, CreateBranch)
+    return JSONResponse(await state.store_call(state.create_branch(tenant, handle, body, idem_key)), 201)
 
 
 @router.post("/snapshots", status_code=201)
 async def create_snapshot(request: Request) -> JSONResponse:
-    _, state = _services(request)
-    tenant, body = await _tenant_and_body(request)
-    return JSONResponse(await state.store_call(state.create_snapshot(tenant, body, _idem_key(request))), 201)
+    state = _state(request)
+    tenant, body, idem_key = await _write(request, CreateSnapshot)
+    return JSONResponse(await state.store_call(state.create_snapshot(tenant, body, idem_key)), 201)
 
 
 @router.post("/snapshots/{handle}/compile")
 async def compile_snapshot(handle: str, request: Request) -> JSONResponse:
-    service, state = _services(request)
-    tenant = await service.authenticate(request.headers.get("authorization"))
-    compiled = await state.store_call(state.compile_snapshot(tenant.id, handle, service.tokenizer()))
+    pipeline, state = pipeline_of(request), _state(request)
+    tenant = await tenant_of(request)
+    tokenizer = pipeline.context.models.tokenizer()
+    compiled = await state.store_call(state.compile_snapshot(tenant.id, handle, tokenizer))
     return JSONResponse({"snapshot": handle, **compiled.compilation.record()})
 
 
 @router.get("/{kind}/{handle}")
 async def read_object(kind: ObjectKind, handle: str, request: Request) -> JSONResponse:
-    service, state = _services(request)
-    tenant = await service.authenticate(request.headers.get("authorization"))
+    state = _state(request)
+    tenant = await tenant_of(request)
     return JSONResponse(await state.store_call(state.read(tenant.id, kind, handle)))
 
 
 @router.delete("/{kind}/{handle}")
 async def revoke_object(kind: ObjectKind, handle: str, request: Request) -> JSONResponse:
-    service, state = _services(request)
-    tenant = await service.authenticate(request.headers.get("authorization"))
+    state = _state(request)
+    tenant = await tenant_of(request)
     return JSONResponse(await state.store_call(state.revoke(tenant.id, kind, handle)))
 
 
 @router.api_route("/{kind}/{handle}", methods=["PUT", "PATCH", "POST"])
 async def mutate_object(kind: ObjectKind, handle: str, request: Request) -> JSONResponse:
-    service, _ = _services(request)
-    await service.authenticate(request.headers.get("authorization"))
+    await tenant_of(request)
     how = (
         "append turns with POST /v2/{kind}/{id}/turns or fork with .../branches"
         if kind in (ObjectKind.SESSIONS, ObjectKind.BRANCHES)

@@ -11,96 +11,116 @@ GET  /v2/byok, DELETE /v2/byok/{route}
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from profiles.model import RouteKind
+from profiles.model import RouteKind, RouteSpec
 from zumik_serve.api.body import read_body
+from zumik_serve.api.deps import pipeline_of, tenant_of
 from zumik_serve.api.v1.wire import parse_json_body
 from zumik_serve.errors import InvalidRequestError, NotFoundError
-from zumik_serve.pipeline.service import GatewayService
+from zumik_serve.pipeline.context import GatewayContext
+from zumik_serve.providers.requests import ByokKeyBody
+from zumik_serve.routing.release import Release
+from zumik_serve.routing.requests import PublishRelease, alias_name
 from zumik_serve.routing.service import RoutingService
 
 router = APIRouter(prefix="/v2")
-MAX_API_KEY_CHARS = 512
+BYOK_BODY_MAX_BYTES = 4096
 
 
-async def _tenant(request: Request) -> tuple[str, RoutingService]:
-    service: GatewayService = request.app.state.service
-    tenant = await service.authenticate(request.headers.get("authorization"))
-    return tenant.id, request.app.state.routing
+async def _tenant(request: Request) -> tuple[str, GatewayContext]:
+    """The authenticated tenant's id (401 without a known key) and the gateway's context."""
+    tenant = await tenant_of(request)
+    return tenant.id, pipeline_of(request).context
 
 
 @router.post("/aliases/{alias}/releases", status_code=201)
 async def publish_release(alias: str, request: Request) -> JSONResponse:
-    tenant, routing = await _tenant(request)
-    raw = await read_body(request, request.app.state.max_body_bytes)
+    tenant, context = await _tenant(request)
+    raw = await read_body(request, context.max_body_bytes)
     body = parse_json_body(raw) if raw.strip() else {}
-    return JSONResponse(await routing.publish(tenant, alias, body), status_code=201)
+    name = alias_name(alias)  # a bad path is named before the body's fields
+    release = await context.routing.publish(tenant, name, PublishRelease.parse(body))
+    return JSONResponse(release.to_json(), status_code=201)
 
 
 @router.get("/aliases/{alias}")
 async def read_alias(alias: str, request: Request) -> JSONResponse:
-    tenant, routing = await _tenant(request)
-    return JSONResponse(await routing.alias(tenant, alias))
+    tenant, context = await _tenant(request)
+    state = await context.routing.alias(tenant, alias)
+    return JSONResponse({
+        "alias": state.name,
+        "object": "alias",
+        "current": None if state.current is None else _as_stored(state.current),
+        "history": [_as_stored(release) for release in state.history],
+    })  # fmt: skip
 
 
 @router.get("/decisions/{decision_id}")
 async def read_decision(decision_id: str, request: Request) -> JSONResponse:
-    tenant, routing = await _tenant(request)
-    stored = await routing.decision(tenant, decision_id)
-    return JSONResponse({"id": decision_id, "object": "decision", **stored})
+    tenant, context = await _tenant(request)
+    stored = await context.routing.decision(tenant, decision_id)
+    return JSONResponse(
+        {"id": decision_id, "object": "decision", "record": stored.record, "attempts": list(stored.attempts)}
+    )
 
 
 @router.post("/decisions/{decision_id}/replay")
 async def replay_decision(decision_id: str, request: Request) -> JSONResponse:
-    tenant, routing = await _tenant(request)
-    return JSONResponse(await routing.replay(tenant, decision_id))
+    tenant, context = await _tenant(request)
+    replayed = await context.routing.replay(tenant, decision_id)
+    return JSONResponse(
+        {"decision_id": replayed.decision_id, "equal": replayed.equal, "record": replayed.record}
+    )
 
 
 @router.get("/profiles")
 async def list_profiles(request: Request) -> JSONResponse:
-    _, routing = await _tenant(request)
-    return JSONResponse({"object": "list", "data": [routing.describe_profile()]})
+    _, context = await _tenant(request)
+    return JSONResponse({"object": "list", "data": [context.routing.describe_profile()]})
 
 
 @router.put("/byok/{route}")
 async def put_byok_key(route: str, request: Request) -> JSONResponse:
-    tenant, routing = await _tenant(request)
-    _byok_route(routing, route)
-    body = parse_json_body(await read_body(request, 4096))
-    api_key = body.get("api_key")
-    if set(body) != {"api_key"} or not isinstance(api_key, str) or not 0 < len(api_key) <= MAX_API_KEY_CHARS:
-        raise InvalidRequestError(
-            f'send {{"api_key": "<your provider key>"}} (1-{MAX_API_KEY_CHARS} characters).', param="api_key"
-        )
-    store = await request.app.state.byok.store()
-    await store.put(tenant, route, api_key)
-    entry = next(e for e in await store.describe(tenant) if e["route"] == route)
-    return JSONResponse({"object": "byok_key", **entry, "stored_at": int(time.time())})
+    tenant, context = await _tenant(request)
+    _byok_route(context.routing, route)
+    body = ByokKeyBody.parse(parse_json_body(await read_body(request, BYOK_BODY_MAX_BYTES)))
+    store = await context.byok.store()
+    stored = await store.put(tenant, route, body.api_key.get_secret_value())
+    return JSONResponse({"object": "byok_key", **stored.to_json(), "stored_at": int(time.time())})
 
 
 @router.get("/byok")
 async def list_byok_keys(request: Request) -> JSONResponse:
-    tenant, _ = await _tenant(request)
-    store = await request.app.state.byok.store()
-    return JSONResponse({"object": "list", "data": await store.describe(tenant)})
+    tenant, context = await _tenant(request)
+    store = await context.byok.store()
+    return JSONResponse(
+        {"object": "list", "data": [entry.to_json() for entry in await store.describe(tenant)]}
+    )
 
 
 @router.delete("/byok/{route}")
 async def delete_byok_key(route: str, request: Request) -> JSONResponse:
-    tenant, routing = await _tenant(request)
-    _byok_route(routing, route)
-    store = await request.app.state.byok.store()
+    tenant, context = await _tenant(request)
+    _byok_route(context.routing, route)
+    store = await context.byok.store()
     if not await store.delete(tenant, route):
         raise NotFoundError(f"No key is stored for route '{route}'.", code="byok_key_not_found")
     return JSONResponse({"route": route, "deleted": True})
 
 
-def _byok_route(routing: RoutingService, route: str) -> Any:
+def _as_stored(release: Release) -> dict[str, Any]:
+    """A release as an alias view shows it: as it is stored (canonical JSON, keys sorted)."""
+    parsed: dict[str, Any] = json.loads(release.canonical_json())
+    return parsed
+
+
+def _byok_route(routing: RoutingService, route: str) -> RouteSpec:
     for spec in routing.profile.effective_routes():
         if spec.name == route and spec.kind is RouteKind.BYOK:
             return spec
@@ -116,11 +136,10 @@ async def reuse_report(
     request: Request, group_by: str = "tenant", window_s: str = "3600", series: str = "false"
 ) -> JSONResponse:
     """Sums per group; with ``series=true`` also the minute-by-minute points (for plots)."""
-    tenant, _ = await _tenant(request)
+    tenant, context = await _tenant(request)
     if not (window_s.isascii() and window_s.isdigit()):
         raise InvalidRequestError("window_s must be a whole number of seconds.", param="window_s")
-    reuse = request.app.state.reuse
-    state = request.app.state.state_service
+    reuse, state = context.reuse, context.state
     report = await state.store_call(reuse.report(tenant, group_by=group_by, window_s=int(window_s)))
     if series == "true":
         report["series"] = await state.store_call(

@@ -1,0 +1,158 @@
+"""Aliases, releases and decision records in a real Redis, through RoutingService.
+
+Invariants held here:
+- publishing stores the release as canonical JSON and points the alias at it; a release never
+  changes, and moving the alias appends to its history, oldest first;
+- ``expected_release`` makes a publish a compare-and-set: a stale expectation is a 409
+  ``alias_moved`` and writes nothing; absent, the alias moves from wherever it points;
+- a bad alias name is a 400 naming ``alias``; another model than the served one, a 400 naming
+  ``model``; another tenant's alias or decision is not found;
+- a stored decision reads back as written (its record not re-parsed) and replays equal; an
+  altered one replays not equal;
+- the store's scripts survive a ``SCRIPT FLUSH`` (reloaded on use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from profiles import load_builtin
+from tests.unit.test_routing import ENOUGH, make_inputs, make_replica
+from zumik_serve.errors import ConflictError, InvalidRequestError, NotFoundError
+from zumik_serve.routing.decision import decide
+from zumik_serve.routing.release import Release
+from zumik_serve.routing.requests import PublishRelease
+from zumik_serve.routing.retry import Attempt
+from zumik_serve.routing.service import RoutingService
+from zumik_serve.routing.store import RedisRoutingStore
+from zumik_serve.store.local_redis import LocalRedis
+
+pytestmark = pytest.mark.redis
+
+PROFILE = load_builtin("local-cpu-2x")
+SERVED = PROFILE.model.served_name
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    server = LocalRedis(data_dir=tmp_path / "redis").start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    redis_client = aioredis.from_url(redis_url)
+    yield redis_client
+    await redis_client.aclose()
+
+
+def make_service(client: aioredis.Redis) -> RoutingService:
+    return RoutingService(RedisRoutingStore(client), PROFILE)
+
+
+async def test_publish_stores_canonical_json_and_moving_keeps_the_history(client: aioredis.Redis) -> None:
+    routing = make_service(client)
+    first = await routing.publish("ten_a", "prod", PublishRelease())
+    assert first.alias == "prod" and first.model == SERVED and first.previous is None
+    assert await client.get(f"z:{{ten_a}}:rel:{first.id}") == first.canonical_json()
+    second = await routing.publish("ten_a", "prod", PublishRelease(expected_release=first.id))
+    assert second.previous == first.id
+    state = await routing.alias("ten_a", "prod")
+    assert state.name == "prod" and state.current == second and state.history == (first, second)
+    assert await routing.resolve("ten_a", "prod") == second
+    assert await client.get(f"z:{{ten_a}}:rel:{first.id}") == first.canonical_json()  # unchanged
+
+
+async def test_compare_and_set_refuses_a_stale_expectation_and_writes_nothing(client: aioredis.Redis) -> None:
+    routing = make_service(client)
+    first = await routing.publish("ten_a", "prod", PublishRelease.parse({"expected_release": None}))
+    with pytest.raises(ConflictError) as caught:
+        await routing.publish("ten_a", "prod", PublishRelease.parse({"expected_release": None}))
+    assert caught.value.code == "alias_moved" and caught.value.status == 409
+    with pytest.raises(ConflictError):
+        await routing.publish("ten_a", "prod", PublishRelease.parse({"expected_release": "rel_" + "b" * 26}))
+    assert (await routing.alias("ten_a", "prod")).history == (first,)
+
+
+async def test_concurrent_publishes_from_the_same_release_let_one_win(client: aioredis.Redis) -> None:
+    routing = make_service(client)
+    first = await routing.publish("ten_a", "prod", PublishRelease())
+    outcomes = await asyncio.gather(
+        *(routing.publish("ten_a", "prod", PublishRelease(expected_release=first.id)) for _ in range(8)),
+        return_exceptions=True,
+    )
+    won = [outcome for outcome in outcomes if isinstance(outcome, Release)]
+    assert len(won) == 1 and all(isinstance(o, ConflictError) for o in outcomes if o not in won)
+    assert (await routing.alias("ten_a", "prod")).history == (first, won[0])
+
+
+async def test_publish_names_the_bad_field(client: aioredis.Redis) -> None:
+    routing = make_service(client)
+    with pytest.raises(InvalidRequestError) as caught:
+        await routing.publish("ten_a", "Not Valid", PublishRelease())
+    assert caught.value.param == "alias"
+    with pytest.raises(InvalidRequestError) as caught:
+        await routing.publish("ten_a", "prod", PublishRelease(model="gpt-other"))
+    assert caught.value.param == "model"
+    for body, param in [
+        ({"modle": SERVED}, "modle"),
+        ({"model": 7}, "model"),
+        ({"expected_release": 7}, "expected_release"),
+    ]:
+        with pytest.raises(InvalidRequestError) as caught:
+            PublishRelease.parse(body)
+        assert caught.value.param == param and caught.value.status == 400
+
+
+async def test_aliases_are_per_tenant(client: aioredis.Redis) -> None:
+    routing = make_service(client)
+    await routing.publish("ten_a", "prod", PublishRelease())
+    with pytest.raises(NotFoundError):
+        await routing.alias("ten_b", "prod")
+    assert await routing.resolve("ten_b", "prod") is None
+    implicit = await routing.release_for_request("ten_b", SERVED)  # the served model's own alias
+    assert implicit is not None and implicit.alias == SERVED
+    assert await routing.release_for_request("ten_b", "gpt-other") is None
+
+
+async def test_a_stored_decision_reads_back_as_written_and_replays(client: aioredis.Redis) -> None:
+    store = RedisRoutingStore(client)
+    routing = RoutingService(store, PROFILE)
+    record = decide("dec_" + "a" * 26, make_inputs(make_replica("r0", matched=3), evidence=ENOUGH))
+    attempts = [Attempt("local", "r0", 1, "ok", None, "done", "", "closed")]
+    await store.save_decision("ten_a", record, attempts)
+    stored = await routing.decision("ten_a", record.decision_id)
+    assert stored.record == record.to_json()
+    assert stored.attempts == ({
+        "route": "local", "replica": "r0", "attempt": 1, "outcome": "ok", "status": None, "action": "done",
+        "reason": "", "breaker_after": "closed",
+    },)  # fmt: skip
+    replayed = await routing.replay("ten_a", record.decision_id)
+    assert replayed.equal and replayed.record == record.to_json()
+    with pytest.raises(NotFoundError):
+        await routing.decision("ten_b", record.decision_id)
+    with pytest.raises(NotFoundError):
+        await routing.decision("ten_a", "not-a-handle")
+
+    key = f"z:{{ten_a}}:dec:{record.decision_id}"
+    altered = json.loads(await client.get(key))
+    altered["record"]["pick"] = {"route": "managed", "replica": None}
+    await client.set(key, json.dumps(altered))
+    assert (await routing.replay("ten_a", record.decision_id)).equal is False
+
+
+async def test_scripts_reload_after_a_script_flush(client: aioredis.Redis) -> None:
+    routing = make_service(client)
+    first = await routing.publish("ten_a", "prod", PublishRelease())
+    await client.script_flush()
+    assert await routing.resolve("ten_a", "prod") == first
+    await client.script_flush()
+    second = await routing.publish("ten_a", "prod", PublishRelease())
+    assert second.previous == first.id

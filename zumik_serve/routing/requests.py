@@ -1,0 +1,53 @@
+"""The /v2 routing request bodies: pydantic models that forbid unknown fields.
+
+Rule kept here: a body that does not fit is a 400 ``InvalidRequestError`` whose ``param`` names
+the offending field (an unknown one first, by name) and whose message says what is allowed,
+never repeating a value the client sent (``zumik_serve/validation.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from zumik_serve.errors import InvalidRequestError
+from zumik_serve.routing.release import validate_alias_name
+from zumik_serve.validation import parse_model
+
+
+def alias_name(alias: str) -> str:
+    """The alias name of a request path when it is valid; a 400 naming ``alias`` otherwise."""
+    try:
+        return validate_alias_name(alias)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="alias") from None
+
+
+class PublishRelease(BaseModel):
+    """``POST /v2/aliases/{name}/releases`` (an empty body is ``{}``).
+
+    ``model``: the model the release serves; absent or null, the model this deployment serves
+    (the only one it may name). ``expected_release``: when sent, the publish is a compare-and-set:
+    the alias must point at that release now (null: at none yet); when absent, the alias moves
+    from wherever it points (``compare_and_set`` tells the two apart)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    model: str | None = None
+    expected_release: str | None = None
+
+    @property
+    def compare_and_set(self) -> bool:
+        return "expected_release" in self.model_fields_set
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> PublishRelease:
+        unknown = sorted(set(body) - set(cls.model_fields))
+        if unknown:  # the first by name, whatever order the body sent them in
+            allowed = ", ".join(cls.model_fields)
+            raise InvalidRequestError(
+                f"unknown field '{unknown[0]}'; allowed fields: {allowed}", param=unknown[0]
+            )
+        return parse_model(cls, dict(body))
