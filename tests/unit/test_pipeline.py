@@ -21,9 +21,12 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.support.inprocess import InProcessGateway, make_gateway
+from profiles import parse_profile
+from tests.support.fault_server import FaultServer
+from tests.support.inprocess import InProcessGateway, make_gateway, wait_until
 from zumik_serve.engines.protocol import EngineFailure
 from zumik_serve.model.tiny import build_tiny_model
 from zumik_serve.store.local_redis import LocalRedis
@@ -239,3 +242,136 @@ async def test_every_decision_is_recorded_and_replays_equal(gateway: InProcessGa
         replayed = (await http.post(f"/v2/decisions/{decision}/replay")).json()
     assert record["attempts"][0]["outcome"] == "ok"
     assert replayed["equal"] is True
+
+
+# --- state, accounting and escalation through the pipeline ------------------------------------
+
+
+async def _snapshot(http: httpx.AsyncClient, system: str) -> str:
+    artifact = (await http.post("/v2/artifacts", json={"role": "system", "content": system})).json()["id"]
+    bundle = (await http.post("/v2/bundles", json={"artifacts": [artifact]})).json()["id"]
+    return str((await http.post("/v2/snapshots", json={"bundle": bundle})).json()["id"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_session_records_the_exchange_in_order(gateway: InProcessGateway, stream: bool) -> None:
+    async with gateway.client() as http:
+        session = (await http.post("/v2/sessions", json={})).json()["id"]
+        response = await http.post(
+            "/v1/chat/completions", json={**CHAT, "stream": stream}, headers={"x-zumik-session": session}
+        )
+        assert response.status_code == 200
+        turns = (await http.get(f"/v2/sessions/{session}")).json()["turns"]
+    assert [(t["seq"], t["role"], t["content"]) for t in turns] == [
+        (1, "user", "Hello there"), (2, "assistant", gateway.engine.reply),
+    ]  # fmt: skip
+
+
+async def test_snapshot_messages_come_first_and_the_header_names_it(gateway: InProcessGateway) -> None:
+    async with gateway.client() as http:
+        snapshot = await _snapshot(http, "You are terse.")
+        response = await http.post("/v1/chat/completions", json=CHAT, headers={"x-zumik-snapshot": snapshot})
+        generated = await http.post("/v2/generate", json={"snapshot": snapshot, "input": "Hi"})
+    assert response.status_code == 200 and response.headers["x-zumik-snapshot"] == snapshot
+    sent = gateway.engine.bodies[-2]["messages"]
+    assert sent == [{"role": "system", "content": "You are terse."}, *CHAT["messages"]]
+    assert generated.status_code == 200 and generated.json()["snapshot"] == snapshot
+    tokenizer = gateway.context.models.tokenizer()
+    expected = tokenizer.encode_chat(
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
+        add_generation_prompt=True,
+    )
+    assert gateway.engine.bodies[-1]["prompt"] == expected
+
+
+@pytest.mark.parametrize("header", ["x-zumik-snapshot", "x-zumik-session"])
+async def test_state_headers_are_refused_on_completions(gateway: InProcessGateway, header: str) -> None:
+    async with gateway.client() as http:
+        response = await http.post(
+            "/v1/completions", json={"model": "zumik-tiny", "prompt": "hi"}, headers={header: "snp_x"}
+        )
+    assert response.status_code == 400 and response.json()["error"]["param"] == header
+    assert gateway.engine.calls == []
+
+
+async def test_unknown_snapshot_is_404_before_the_engine(gateway: InProcessGateway) -> None:
+    async with gateway.client() as http:
+        response = await http.post(
+            "/v1/chat/completions", json=CHAT, headers={"x-zumik-snapshot": "snp_nope"}
+        )
+    assert response.status_code == 404
+    assert gateway.engine.calls == []
+
+
+async def test_reuse_ledger_is_written_after_the_answer(gateway: InProcessGateway) -> None:
+    key = await gateway.create_tenant("ledger")
+    gateway.engine.cached_tokens = 7
+    async with gateway.client(key) as http:
+        for _ in range(2):
+            response = await http.post("/v1/chat/completions", json=CHAT)
+            assert response.headers["x-zumik-reuse-captured-tokens"] == "7"
+
+        async def recorded() -> bool:
+            report = (await http.get("/v2/reuse", params={"group_by": "tenant"})).json()
+            return bool(report["groups"]) and report["groups"][0]["requests"] == 2
+
+        await wait_until(recorded, what="the ledger to hold both requests")
+        group = (await http.get("/v2/reuse", params={"group_by": "tenant"})).json()["groups"][0]
+    observed = next(c for c in group["captured"] if c["evidence"] == "observed")
+    assert observed["tokens"] == 14
+
+
+async def test_tenant_without_accounting_gets_capture_but_no_opportunity(gateway: InProcessGateway) -> None:
+    key = await gateway.create_tenant("no-ledger", reuse_accounting=False)
+    async with gateway.client(key) as http:
+        response = await http.post("/v1/chat/completions", json=CHAT)
+        report = (await http.get("/v2/reuse", params={"group_by": "tenant"})).json()
+    assert "x-zumik-reuse-opportunity-tokens" not in response.headers
+    assert response.headers["x-zumik-reuse-evidence"] == "opportunity=unknown; captured=observed"
+    assert report["groups"] == []
+
+
+ESCALATING = """
+name: pipeline-escalation
+model: {{source: "builtin:tiny", served_name: zumik-tiny}}
+engine: {{device: cpu, kv_cache_memory_bytes: 1048576}}
+routes:
+  - {{name: managed, kind: managed, base_url: "{managed}", model: gpt-test, api_key_env: TEST_MANAGED_KEY,
+     prices: {{input: "0.15", cached_input: "0.075", output: "0.60"}}, timeout_s: 5}}
+  - {{name: local, kind: byoc, replica_hour_usd: "0.50", tokens_per_replica_hour: 2000000}}
+routing:
+  default_route: managed
+  fallback_order: [managed, local]
+  escalation: {{to: byoc, min_evidence: reported, min_reused_tokens_in_window: 300, window_s: 3600}}
+"""
+
+
+async def test_ledger_evidence_escalates_the_tenant_to_its_own_engines(
+    redis_url: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_MANAGED_KEY", "sk-test")
+    with FaultServer(cached_tokens=200) as managed:
+        profile = parse_profile(ESCALATING.format(managed=managed.base_url), source="test")
+        first = make_gateway(redis_url, model_dir, profile=profile)
+        key = await first.create_tenant("escalates")
+        async with first.client(key) as http:
+            routes = []
+            for _ in range(2):  # each reports 200 cached tokens: 400 >= 300 after the second
+                response = await http.post("/v1/chat/completions", json=CHAT)
+                routes.append(response.headers["x-zumik-route"])
+
+            async def recorded() -> bool:
+                report = (await http.get("/v2/reuse", params={"group_by": "tenant"})).json()
+                return bool(report["groups"]) and report["groups"][0]["requests"] == 2
+
+            await wait_until(recorded, what="the ledger to hold the managed captures")
+        # A gateway that starts now reads the ledger (the first one reuses what it read for 2 s).
+        later = make_gateway(redis_url, model_dir, profile=profile)
+        async with later.client(key) as http:
+            escalated = await http.post("/v1/chat/completions", json=CHAT)
+            record = (await http.get(f"/v2/decisions/{escalated.headers['x-zumik-decision-id']}")).json()
+    assert routes == ["managed:managed", "managed:managed"]
+    assert escalated.headers["x-zumik-route"].startswith("byoc:")
+    inputs = record["record"]["inputs"]
+    assert inputs["evidence"] == {"level": "reported", "reused_tokens_in_window": 400}
+    assert record["record"]["escalation"]["met"] is True
