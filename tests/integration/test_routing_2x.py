@@ -104,12 +104,16 @@ def test_prefix_goes_where_it_lives_and_no_reuse_spreads(
     assert len(set(routes)) == 1, routes  # the shared prefix stays on the replica that holds it
     assert response.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
 
+    # Without reuse and at equal load the pick is the seeded tiebreak, a fair coin per request:
+    # each replica must take at least a quarter. With 12 requests that bound failed 3.9% of fair
+    # runs (it did once, 10/2, while 400 in-process decisions split 213/187); with 40 it fails
+    # 0.07% of them.
     spread = Counter()
-    for _ in range(12):
+    for _ in range(40):
         response = tenant.post("/v2/generate", json={"input": f"{uuid.uuid4()}", "max_tokens": 1})
         assert response.status_code == 200, response.text
         spread[response.json()["route"]] += 1
-    assert len(spread) == 2 and min(spread.values()) >= 3, spread  # both replicas take no-reuse work
+    assert len(spread) == 2 and min(spread.values()) >= 10, spread  # both replicas take no-reuse work
 
 
 def test_provider_down_falls_back_and_opens_the_breaker(

@@ -26,12 +26,13 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from pydantic import TypeAdapter
 
 from profiles import ProfileError, load_builtin, parse_profile
 from profiles.model import RouteKind
 from zumik_serve.reuse.evidence import EvidenceLevel
 from zumik_serve.routing import breaker as br
-from zumik_serve.routing.breaker import BreakerPolicy, BreakerState, BreakerStatus, CircuitBreaker
+from zumik_serve.routing.breaker import BreakerPolicy, BreakerState, BreakerStatus
 from zumik_serve.routing.decision import (
     NO_EVIDENCE,
     DecisionInputs,
@@ -154,18 +155,15 @@ def test_breaker_lost_probe_is_forgotten_after_a_cooldown() -> None:
 
 
 def test_breaker_state_records_and_restores_through_json() -> None:
-    breaker = CircuitBreaker(POLICY)
+    adapter = TypeAdapter(BreakerState)
+    state = br.CLOSED
     for now in range(3):
-        breaker.record_failure(now)
-    restored = CircuitBreaker(POLICY, BreakerState.from_json(json.loads(json.dumps(breaker.state.to_json()))))
-    assert restored.state == breaker.state
-    assert restored.status(5) is BreakerStatus.OPEN
-    assert (
-        restored.admit(2 + POLICY.cooldown_ms)
-        and restored.status(2 + POLICY.cooldown_ms) is BreakerStatus.HALF_OPEN
-    )
-    restored.record_success(2 + POLICY.cooldown_ms + 1)
-    assert restored.status(0) is BreakerStatus.CLOSED
+        state = br.record_failure(state, now, POLICY)
+    restored = adapter.validate_json(adapter.dump_json(state))
+    assert restored == state and br.current(restored, 5, POLICY).state is BreakerStatus.OPEN
+    admitted, probing = br.admit(restored, 2 + POLICY.cooldown_ms, POLICY)
+    assert admitted and probing.state is BreakerStatus.HALF_OPEN
+    assert br.record_success(probing, 2 + POLICY.cooldown_ms + 1, POLICY) == br.CLOSED
 
 
 # --- residency -------------------------------------------------------------------------------

@@ -11,14 +11,15 @@
                                                         (admits one probe at a time)
 
 No function here reads a clock: the caller passes ``now_ms`` and stores the returned state, so a
-recorded state plus a recorded time gives the same answer on replay.
+recorded state plus a recorded time gives the same answer on replay. The scheduler keeps one
+state per candidate (``routing/scheduler.py``) and the dispatcher calls ``admit`` before each
+send, so a half-open route takes one probe at a time on the production path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any
 
 
 class BreakerStatus(StrEnum):
@@ -50,23 +51,6 @@ class BreakerState:
     consecutive_failures: int = 0
     opened_at_ms: int | None = None
     probe_started_at_ms: int | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "state": self.state.value,
-            "consecutive_failures": self.consecutive_failures,
-            "opened_at_ms": self.opened_at_ms,
-            "probe_started_at_ms": self.probe_started_at_ms,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> BreakerState:
-        return cls(
-            state=BreakerStatus(data["state"]),
-            consecutive_failures=int(data["consecutive_failures"]),
-            opened_at_ms=data["opened_at_ms"],
-            probe_started_at_ms=data["probe_started_at_ms"],
-        )
 
 
 CLOSED = BreakerState()
@@ -123,25 +107,3 @@ def record_failure(state: BreakerState, now_ms: int, policy: BreakerPolicy) -> B
     ):
         return BreakerState(BreakerStatus.OPEN, failures, opened_at_ms=now_ms)
     return replace(now, consecutive_failures=failures)
-
-
-class CircuitBreaker:
-    """A convenience holder of one ``BreakerState`` for callers that keep it in memory; the
-    transitions are the module functions above, and ``state`` can be recorded and restored."""
-
-    def __init__(self, policy: BreakerPolicy, state: BreakerState = CLOSED) -> None:
-        self.policy = policy
-        self.state = state
-
-    def status(self, now_ms: int) -> BreakerStatus:
-        return current(self.state, now_ms, self.policy).state
-
-    def admit(self, now_ms: int) -> bool:
-        admitted, self.state = admit(self.state, now_ms, self.policy)
-        return admitted
-
-    def record_success(self, now_ms: int) -> None:
-        self.state = record_success(self.state, now_ms, self.policy)
-
-    def record_failure(self, now_ms: int) -> None:
-        self.state = record_failure(self.state, now_ms, self.policy)
