@@ -5,7 +5,7 @@ Invariants held here:
   else: ``allOf`` declares the union of its parts, ``anyOf``/``oneOf`` the branches the value
   matches, ``additionalProperties`` opens an object (a schema there checks the values), and an
   object schema declaring nothing is free-form.
-- What ``openai_wire`` renders from a vLLM body has no non-spec key; the vLLM body itself has.
+- What ``api/v1/wire.py`` renders from a vLLM body has no non-spec key; the vLLM body itself has.
 - ``error_body_problems`` accepts ``render_error``'s object and rejects a missing key, a
   non-string ``code`` and a body without ``error``.
 - The spec Zumik is fuzzed against has exactly the four implemented operations, each 4xx an

@@ -18,7 +18,7 @@ Invariants held here:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -28,8 +28,6 @@ from profiles import parse_profile
 from tests.support.fault_server import FaultServer
 from tests.support.inprocess import InProcessGateway, make_gateway, wait_until
 from zumik_serve.engines.protocol import EngineFailure
-from zumik_serve.model.tiny import build_tiny_model
-from zumik_serve.store.local_redis import LocalRedis
 
 pytestmark = pytest.mark.redis
 
@@ -37,21 +35,9 @@ CHAT = {"model": "zumik-tiny", "messages": [{"role": "user", "content": "Hello t
 OFFICIAL_CHAT_KEYS = {"id", "object", "created", "model", "choices", "usage"}
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = LocalRedis(data_dir=tmp_path_factory.mktemp("redis")).start()
-    yield server.url
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
 @pytest.fixture
-async def gateway(redis_url: str, model_dir: Path) -> AsyncIterator[InProcessGateway]:
-    yield make_gateway(redis_url, model_dir)
+async def gateway(module_redis_url: str, tiny_model_dir: Path) -> AsyncIterator[InProcessGateway]:
+    yield make_gateway(module_redis_url, tiny_model_dir)
 
 
 async def test_chat_answer_is_official_and_zumik_data_is_in_headers(gateway: InProcessGateway) -> None:
@@ -347,12 +333,12 @@ routing:
 
 
 async def test_ledger_evidence_escalates_the_tenant_to_its_own_engines(
-    redis_url: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    module_redis_url: str, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TEST_MANAGED_KEY", "sk-test")
     with FaultServer(cached_tokens=200) as managed:
         profile = parse_profile(ESCALATING.format(managed=managed.base_url), source="test")
-        first = make_gateway(redis_url, model_dir, profile=profile)
+        first = make_gateway(module_redis_url, tiny_model_dir, profile=profile)
         key = await first.create_tenant("escalates")
         async with first.client(key) as http:
             routes = []
@@ -366,7 +352,7 @@ async def test_ledger_evidence_escalates_the_tenant_to_its_own_engines(
 
             await wait_until(recorded, what="the ledger to hold the managed captures")
         # A gateway that starts now reads the ledger (the first one reuses what it read for 2 s).
-        later = make_gateway(redis_url, model_dir, profile=profile)
+        later = make_gateway(module_redis_url, tiny_model_dir, profile=profile)
         async with later.client(key) as http:
             escalated = await http.post("/v1/chat/completions", json=CHAT)
             record = (await http.get(f"/v2/decisions/{escalated.headers['x-zumik-decision-id']}")).json()

@@ -15,7 +15,7 @@ asserts against the full stack, plus the body validation of each route):
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +23,13 @@ import httpx
 import pytest
 
 from tests.support.inprocess import InProcessGateway, make_gateway
-from zumik_serve.model.tiny import build_tiny_model
-from zumik_serve.store.local_redis import LocalRedis
 
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = LocalRedis(data_dir=tmp_path_factory.mktemp("redis")).start()
-    yield server.url
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
 @pytest.fixture
-async def gateway(redis_url: str, model_dir: Path) -> AsyncIterator[InProcessGateway]:
-    yield make_gateway(redis_url, model_dir)
+async def gateway(module_redis_url: str, tiny_model_dir: Path) -> AsyncIterator[InProcessGateway]:
+    yield make_gateway(module_redis_url, tiny_model_dir)
 
 
 def _error(response: httpx.Response, status: int) -> dict[str, Any]:

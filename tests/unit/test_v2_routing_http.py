@@ -14,7 +14,7 @@ Invariants held here:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,6 @@ import redis.asyncio as aioredis
 
 from profiles import load_builtin
 from tests.support.inprocess import InProcessGateway, make_gateway
-from zumik_serve.model.tiny import build_tiny_model
-from zumik_serve.store.local_redis import LocalRedis
 from zumik_serve.tenancy.tenant import DEV_TENANT
 
 pytestmark = pytest.mark.redis
@@ -34,26 +32,14 @@ TENANT = DEV_TENANT  # the in-process gateway's dev key
 SECRET = "sk-tenant-" + "0123456789abcdef" * 2
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = LocalRedis(data_dir=tmp_path_factory.mktemp("redis")).start()
-    yield server.url
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+@pytest.fixture
+async def gateway(module_redis_url: str, tiny_model_dir: Path) -> AsyncIterator[InProcessGateway]:
+    yield make_gateway(module_redis_url, tiny_model_dir, profile=PROFILE)
 
 
 @pytest.fixture
-async def gateway(redis_url: str, model_dir: Path) -> AsyncIterator[InProcessGateway]:
-    yield make_gateway(redis_url, model_dir, profile=PROFILE)
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
+async def redis(module_redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(module_redis_url)
     yield client
     await client.aclose()
 

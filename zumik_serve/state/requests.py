@@ -22,24 +22,13 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
-from pydantic_core import ErrorDetails
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
-from zumik_serve.errors import InvalidRequestError
 from zumik_serve.state.objects import ArtifactRole, TurnRole
+from zumik_serve.validation import FieldRuleError, parse_model
 
 TEXT_MEDIA_TYPE = "text/plain; charset=utf-8"
 MAX_MEDIA_TYPE_CHARS = 255
-MAX_PARAM_CHARS = 64
-
-
-class FieldRuleError(ValueError):
-    """A rule on the fields of a body is broken; ``param`` is the field to fix."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-        self.message = message
 
 
 class StateRequest(BaseModel):
@@ -161,36 +150,9 @@ R = TypeVar("R", bound=StateRequest)
 
 
 def parse_request(model: type[R], body: Mapping[str, Any]) -> R:
-    """``body`` (a parsed JSON object) as a ``model``; a 400 naming the field when it is not one."""
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise invalid_request(model, exc) from None
-
-
-def invalid_request(model: type[StateRequest], exc: ValidationError) -> InvalidRequestError:
-    """The 400 for a body that did not validate as ``model``: its first unknown field, else its
-    first problem."""
-    errors = exc.errors(include_url=False, include_input=False)
-    unknown = [error for error in errors if error["type"] == "extra_forbidden"]
-    error = (unknown or errors)[0]
-    rule = error.get("ctx", {}).get("error")
-    if isinstance(rule, FieldRuleError):
-        return InvalidRequestError(rule.message, param=rule.param)
-    param = _param(error)
-    if param is None:
-        return InvalidRequestError("The request body must be a JSON object.")
-    if unknown:
-        allowed = ", ".join(sorted(model.model_fields))
-        return InvalidRequestError(f"unknown field '{param}'; allowed fields: {allowed}", param=param)
-    hint = model.HINTS.get(str(error["loc"][0])) or f"'{param}' is not valid: {error['msg']}."
-    return InvalidRequestError(hint, param=param)
-
-
-def _param(error: ErrorDetails) -> str | None:
-    """The location of an error, joined with "." (at most ``MAX_PARAM_CHARS``: an unknown
-    field's name is the client's)."""
-    return ".".join(str(part) for part in error["loc"])[:MAX_PARAM_CHARS] or None
+    """``body`` (a parsed JSON object) as a ``model``; a 400 naming the field when it is not one
+    (``zumik_serve/validation.py``)."""
+    return parse_model(model, body)
 
 
 def _decode_b64(text: str) -> bytes:

@@ -1,0 +1,25 @@
+"""Fixtures the in-process app tests share: a real Redis per module, one tiny model per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from zumik_serve.model.tiny import build_tiny_model
+from zumik_serve.store.local_redis import LocalRedis
+
+
+@pytest.fixture(scope="module")
+def module_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server of the test module's own (its tests share it, other modules don't)."""
+    server = LocalRedis(data_dir=tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model (its tokenizer and chat template are what /v2 tokenizes with)."""
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
