@@ -35,7 +35,16 @@ from redis.exceptions import RedisError, ResponseError
 from kvstore.tiers.redis_keyring import DESTROYED, TOMBSTONE_TTL_S, keyring_key
 from zumik_serve.purge.job import Compaction, PendingPurge, PurgeId, PurgeJob, PurgeStatus
 from zumik_serve.purge.receipt import ChainHead
-from zumik_serve.state.store import RedisStateStore, bydigest_key, derived_key, exposed_key
+from zumik_serve.state.store import (
+    RedisStateStore,
+    blob_key,
+    bydigest_key,
+    compilations_key,
+    derived_key,
+    exposed_key,
+    object_key,
+    turns_key,
+)
 
 PENDING = "zumik:purges:pending"
 SIGNING_KEY = "zumik:receipt-signing-key"
@@ -78,7 +87,7 @@ class RedisPurgeStore:
 
     async def exists(self, tenant: str, handle: str) -> bool:
         """Whether ``tenant`` holds a record of ``handle``, live or revoked."""
-        return bool(await self._redis.exists(_obj(tenant, handle)))
+        return bool(await self._redis.exists(object_key(tenant, handle)))
 
     async def closure(self, tenant: str, target: str) -> tuple[str, ...]:
         """The target and everything built on it (bundles of an artifact, snapshots of a bundle
@@ -90,7 +99,7 @@ class RedisPurgeStore:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for handle in frontier:
                     pipe.smembers(derived_key(tenant, handle))
-                    pipe.get(_obj(tenant, handle))
+                    pipe.get(object_key(tenant, handle))
                 replies = await pipe.execute()
             found: list[str] = []
             for index in range(len(frontier)):
@@ -109,7 +118,7 @@ class RedisPurgeStore:
         return any(flags)
 
     async def _artifact(self, tenant: str, handle: str) -> _ArtifactContent | None:
-        return _artifact_content(await self._redis.get(_obj(tenant, handle)))
+        return _artifact_content(await self._redis.get(object_key(tenant, handle)))
 
     # --- removal -----------------------------------------------------------------------------
 
@@ -126,10 +135,10 @@ class RedisPurgeStore:
         keys: list[str] = []
         for handle in handles:
             content = await self._artifact(tenant, handle)
-            keys += [_obj(tenant, handle), derived_key(tenant, handle), f"z:{{{tenant}}}:turns:{handle}",
-                     f"z:{{{tenant}}}:comp:{handle}"]  # fmt: skip
+            keys += [object_key(tenant, handle), derived_key(tenant, handle), turns_key(tenant, handle),
+                     compilations_key(tenant, handle)]  # fmt: skip
             if content is not None:
-                keys += [f"z:{{{tenant}}}:blob:{content.digest}", bydigest_key(tenant, content.digest)]
+                keys += [blob_key(tenant, content.digest), bydigest_key(tenant, content.digest)]
         removed = int(await self._redis.unlink(*keys))
         await self._redis.srem(exposed_key(tenant), *handles)
         # Idempotency results name the objects they created; a retry must not resurrect them.
@@ -297,10 +306,6 @@ def _artifact_content(raw: bytes | str | None) -> _ArtifactContent | None:
     if record is None or record.get("object") != "artifact":
         return None
     return _ArtifactContent(record["digest"], record["role"])
-
-
-def _obj(tenant: str, handle: str) -> str:
-    return f"z:{{{tenant}}}:o:{handle}"
 
 
 def _job_key(tenant: str, purge_id: str) -> str:

@@ -117,9 +117,8 @@ class StateService:
     # the model first, with the same 400s.
 
     async def create_artifact(
-        self, tenant: str, body: CreateArtifact, idem_key: str | None
+        self, tenant: str, request: CreateArtifact, idem_key: str | None
     ) -> dict[str, Any]:
-        request = body
         content, media_type = request.content_bytes, request.content_media_type
         if len(content) > self.max_artifact_bytes:
             raise PayloadTooLargeError(
@@ -146,9 +145,8 @@ class StateService:
         return await self._idempotent(tenant, idem_key, request_hash("artifact", request.sent()), create)
 
     async def create_bundle(
-        self, tenant: str, body: CreateBundle, idem_key: str | None
+        self, tenant: str, request: CreateBundle, idem_key: str | None
     ) -> dict[str, Any]:
-        request = body
         artifacts = request.artifacts
 
         async def create() -> dict[str, Any]:
@@ -169,9 +167,8 @@ class StateService:
         return await self._idempotent(tenant, idem_key, request_hash("bundle", request.sent()), create)
 
     async def create_session(
-        self, tenant: str, body: CreateSession, idem_key: str | None
+        self, tenant: str, request: CreateSession, idem_key: str | None
     ) -> dict[str, Any]:
-        request = body
         bundle = request.bundle
 
         async def create() -> dict[str, Any]:
@@ -187,10 +184,10 @@ class StateService:
         return await self._idempotent(tenant, idem_key, request_hash("session", request.sent()), create)
 
     async def append_turn(
-        self, tenant: str, session: str, turn: AppendTurn, idem_key: str | None
+        self, tenant: str, session: str, request: AppendTurn, idem_key: str | None
     ) -> dict[str, Any]:
-        """Append ``turn`` to the session or branch ``session``; 404 when it is not live."""
-        request = turn
+        """Append the turn ``request`` to the session or branch ``session``; 404 when it is not
+        live."""
         if len(request.content.encode()) > MAX_TURN_CONTENT_BYTES:
             raise PayloadTooLargeError(f"a turn holds at most {MAX_TURN_CONTENT_BYTES} bytes of content")
         if handle_kind(session) not in SESSION_LIKE:
@@ -212,9 +209,8 @@ class StateService:
         return AppendedTurnBody(object="turn", session=session, seq=seq, role=request.role).body()
 
     async def create_branch(
-        self, tenant: str, session: str, body: CreateBranch, idem_key: str | None
+        self, tenant: str, session: str, request: CreateBranch, idem_key: str | None
     ) -> dict[str, Any]:
-        request = body
         at_turn = request.at_turn
 
         async def create() -> dict[str, Any]:
@@ -238,9 +234,8 @@ class StateService:
         )
 
     async def create_snapshot(
-        self, tenant: str, body: CreateSnapshot, idem_key: str | None
+        self, tenant: str, request: CreateSnapshot, idem_key: str | None
     ) -> dict[str, Any]:
-        request = body
         bundle, session, upto = request.bundle, request.session, request.upto_turn
 
         async def create() -> dict[str, Any]:

@@ -144,26 +144,26 @@ class RedisStateStore:
 
     async def get_record(self, tenant: str, handle: str) -> StateObject | None:
         """The live object ``handle`` under ``tenant``; None when unknown or revoked."""
-        return _live(await self._redis.get(_obj(tenant, handle)))
+        return _live(await self._redis.get(object_key(tenant, handle)))
 
     async def get_record_any(self, tenant: str, handle: str) -> StateObject | None:
         """The object even if revoked (frozen objects still reach content they were built on);
         None when unknown."""
-        raw = await self._redis.get(_obj(tenant, handle))
+        raw = await self._redis.get(object_key(tenant, handle))
         return STATE_OBJECT.validate_json(raw) if raw is not None else None
 
     async def get_records(self, tenant: str, handles: Sequence[str]) -> list[StateObject | None]:
         """The live objects, in the order of ``handles``; None for each unknown or revoked one."""
         if not handles:
             return []
-        raws = await self._redis.mget([_obj(tenant, handle) for handle in handles])
+        raws = await self._redis.mget([object_key(tenant, handle) for handle in handles])
         return [_live(raw) for raw in raws]
 
     async def put_record(self, tenant: str, record: StateObject, parents: Sequence[str] = ()) -> bool:
         """Store a new object built on ``parents`` (indexed, so that purging a parent finds it);
         False when its handle already exists (records never change)."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(_obj(tenant, record.id), _canonical(record), nx=True)
+            pipe.set(object_key(tenant, record.id), _canonical(record), nx=True)
             for parent in dict.fromkeys(parents):
                 pipe.sadd(derived_key(tenant, parent), record.id)
             stored, *_ = await pipe.execute()
@@ -177,7 +177,7 @@ class RedisStateStore:
 
     async def revoke(self, tenant: str, handle: str) -> bool:
         """Mark the object revoked; False when it was unknown or revoked already."""
-        return bool(await self._revoke(keys=[_obj(tenant, handle)], args=[int(time.time())]))
+        return bool(await self._revoke(keys=[object_key(tenant, handle)], args=[int(time.time())]))
 
     # --- artifacts --------------------------------------------------------------------------
 
@@ -194,15 +194,15 @@ class RedisStateStore:
     async def put_artifact(self, tenant: str, artifact: Artifact, content: bytes) -> None:
         """Store the artifact's record and its bytes (kept once per digest)."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(_blob(tenant, artifact.digest), content, nx=True)
-            pipe.set(_obj(tenant, artifact.id), _canonical(artifact), nx=True)
+            pipe.set(blob_key(tenant, artifact.digest), content, nx=True)
+            pipe.set(object_key(tenant, artifact.id), _canonical(artifact), nx=True)
             pipe.sadd(bydigest_key(tenant, artifact.digest), artifact.id)
             await pipe.execute()
 
     async def get_blobs(self, tenant: str, digests: list[str]) -> list[bytes | None]:
         if not digests:
             return []
-        values = await self._redis.mget([_blob(tenant, digest) for digest in digests])
+        values = await self._redis.mget([blob_key(tenant, digest) for digest in digests])
         return [value.encode() if isinstance(value, str) else value for value in values]
 
     # --- turns ------------------------------------------------------------------------------
@@ -212,7 +212,8 @@ class RedisStateStore:
     ) -> AppendOutcome:
         """Append ``turn`` to the live session or branch ``session``, in one round trip. Under
         ``idem_key`` that was used before, nothing is appended and the first entry comes back."""
-        keys = [_obj(tenant, session), _turns(tenant, session), _idem(tenant, idem_key) if idem_key else ""]
+        idem = _idem(tenant, idem_key) if idem_key else ""
+        keys = [object_key(tenant, session), turns_key(tenant, session), idem]
         reply = await self._append_turn(keys=keys, args=[_canonical(turn), request_hash])
         status = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
         if status == "ok":
@@ -227,20 +228,21 @@ class RedisStateStore:
         if limit == 0:
             return []
         end = -1 if limit is None else limit - 1
-        return [TURN.validate_json(raw) for raw in await self._redis.lrange(_turns(tenant, session), 0, end)]
+        raws = await self._redis.lrange(turns_key(tenant, session), 0, end)
+        return [TURN.validate_json(raw) for raw in raws]
 
     async def own_turn_count(self, tenant: str, session: str) -> int:
-        return int(await self._redis.llen(_turns(tenant, session)))
+        return int(await self._redis.llen(turns_key(tenant, session)))
 
     # --- compilations ----------------------------------------------------------------------
 
     async def pin_compilation(self, tenant: str, snapshot: str, compilation: Compilation) -> None:
         """Record a compilation once; an existing pin for the same key is never overwritten."""
-        await self._redis.hsetnx(f"z:{{{tenant}}}:comp:{snapshot}", compilation.key, _canonical(compilation))
+        await self._redis.hsetnx(compilations_key(tenant, snapshot), compilation.key, _canonical(compilation))
 
     async def compilations(self, tenant: str, snapshot: str) -> list[Compilation]:
         """The snapshot's pinned compilations, in the order of their keys."""
-        pinned = await self._redis.hgetall(f"z:{{{tenant}}}:comp:{snapshot}")
+        pinned = await self._redis.hgetall(compilations_key(tenant, snapshot))
         return [COMPILATION.validate_json(pinned[key]) for key in sorted(pinned)]
 
     # --- idempotency ------------------------------------------------------------------------
@@ -283,16 +285,20 @@ def exposed_key(tenant: str) -> str:
     return f"z:{{{tenant}}}:exposed"
 
 
-def _obj(tenant: str, handle: str) -> str:
+def object_key(tenant: str, handle: str) -> str:
     return f"z:{{{tenant}}}:o:{handle}"
 
 
-def _blob(tenant: str, digest: str) -> str:
+def blob_key(tenant: str, digest: str) -> str:
     return f"z:{{{tenant}}}:blob:{digest}"
 
 
-def _turns(tenant: str, session: str) -> str:
+def turns_key(tenant: str, session: str) -> str:
     return f"z:{{{tenant}}}:turns:{session}"
+
+
+def compilations_key(tenant: str, snapshot: str) -> str:
+    return f"z:{{{tenant}}}:comp:{snapshot}"
 
 
 def _idem(tenant: str, key: str) -> str:
