@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
-from profiles import Profile
+from profiles import ModelGroupSpec, Profile
 
 
 class FieldEffect(StrEnum):
@@ -60,6 +60,13 @@ PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
     "purge.ceiling": FieldEffect.NEUTRAL,
     # The engine's scheduling order, QoS and telemetry change when work runs, not what it computes.
     "engine.scheduling_policy": FieldEffect.NEUTRAL,
+    # Every vLLM argument counts (kv-neutral ones excepted: VLLM_ARGS_NEUTRAL), so that an
+    # unknown one can only cause a miss, never a wrong block.
+    "engine.vllm_args": FieldEffect.AFFECTS_KV,
+    # An adapter changes KV per request: the connector leaves adapter requests out of the tiers
+    # (kvstore/connector.py), and vLLM keys their prefix-cache blocks apart.
+    "model.adapters.name": FieldEffect.NEUTRAL,
+    "model.adapters.source": FieldEffect.NEUTRAL,
     "routes.max_inflight": FieldEffect.NEUTRAL,
     "qos.default_class": FieldEffect.NEUTRAL,
     "qos.classes.max_running": FieldEffect.NEUTRAL,
@@ -97,6 +104,38 @@ PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
 }
 
 
+# The other model groups do not touch the first group's key: each has a compat key of its own
+# (derive_compat_key(group=...)), from its own model and engine fields classified as above.
+PROFILE_FIELD_EFFECTS.update(
+    {
+        f"models.{path}": FieldEffect.NEUTRAL
+        for path in list(PROFILE_FIELD_EFFECTS)
+        if path.startswith(("model.", "engine."))
+    }
+)
+
+VLLM_ARGS_NEUTRAL = frozenset(
+    {
+        # the OpenAI front end: parsing requests and rendering answers
+        "enable_auto_tool_choice", "tool_call_parser", "tool_parser_plugin", "reasoning_parser",
+        "reasoning_parser_plugin", "response_role", "return_tokens_as_token_ids",
+        "enable_log_outputs", "enable_log_requests", "max_log_len", "enable_request_id_headers",
+        "enable_force_include_usage", "enable_server_load_tracking", "log_error_stack",
+        "structured_outputs_config", "guided_decoding_backend",
+        # scheduling, sizing and logging: when work runs and how much fits, not what KV holds
+        "max_num_batched_tokens", "max_num_partial_prefills", "max_long_partial_prefills",
+        "long_prefill_token_threshold", "enable_chunked_prefill", "async_scheduling",
+        "max_loras", "max_cpu_loras", "max_lora_rank", "swap_space", "cpu_offload_gb",
+        "num_gpu_blocks_override", "disable_log_stats", "max_seq_len_to_capture",
+        "cuda_graph_sizes", "compilation_config", "max_logprobs", "logprobs_mode",
+        "disable_cascade_attn", "enable_sleep_mode", "stream_interval",
+    }
+)  # fmt: skip
+"""``vllm_args`` names that cannot change a KV block's bytes or layout. Every other name goes
+into the compat key with its value: a vLLM argument Zumik has not classified can only cost a
+miss, never give a wrong block."""
+
+
 @dataclass(frozen=True)
 class CompatKey:
     """What must be equal for KV blocks to be interchangeable. Fingerprints are hex digests."""
@@ -111,14 +150,23 @@ class CompatKey:
     tensor_parallel_size: int
     pipeline_parallel_size: int
     region: str
+    engine_options: str = "{}"  # the KV-relevant vllm_args as canonical JSON
 
     def digest(self) -> str:
         canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def derive_compat_key(profile: Profile, *, model_fingerprint: str, tokenizer_fingerprint: str) -> CompatKey:
-    engine = profile.engine
+def derive_compat_key(
+    profile: Profile,
+    *,
+    model_fingerprint: str,
+    tokenizer_fingerprint: str,
+    group: ModelGroupSpec | None = None,
+) -> CompatKey:
+    """The compat key of the engines of ``group`` (default: the profile's own model)."""
+    engine = (group or profile.model_groups()[0]).engine
+    options = {name: value for name, value in engine.vllm_args.items() if name not in VLLM_ARGS_NEUTRAL}
     return CompatKey(
         model_fingerprint=model_fingerprint,
         tokenizer_fingerprint=tokenizer_fingerprint,
@@ -130,4 +178,5 @@ def derive_compat_key(profile: Profile, *, model_fingerprint: str, tokenizer_fin
         tensor_parallel_size=engine.tensor_parallel_size,
         pipeline_parallel_size=engine.pipeline_parallel_size,
         region=profile.region,
+        engine_options=json.dumps(options, sort_keys=True, separators=(",", ":"), default=str),
     )

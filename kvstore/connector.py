@@ -209,6 +209,11 @@ class ZumikKVConnector(KVConnectorBase_V1):
         # Addresses this engine already stored, newest last, bounded (a re-store is only waste).
         self._stored: OrderedDict[BlockAddress, None] = OrderedDict()
         self._salts: dict[str, str | None] = {}
+        # Requests whose KV depends on more than their tokens (a LoRA adapter, multimodal
+        # inputs): the block keys cannot tell them apart, so they never load from or store to
+        # a tier. Counted per reason until the next stats report.
+        self._bypassing: set[str] = set()
+        self._bypassed: dict[str, int] = {}
 
     # --- scheduler side ---------------------------------------------------------------------
 
@@ -217,6 +222,12 @@ class ZumikKVConnector(KVConnectorBase_V1):
     ) -> tuple[int | None, bool]:
         self._salts[request.request_id] = request.cache_salt
         self._reuse[request.request_id] = {"engine_tokens": int(num_computed_tokens), "tiers": {}}
+        reason = _bypass_reason(request)
+        if reason is not None:
+            if request.request_id not in self._bypassing:
+                self._bypassing.add(request.request_id)
+                self._bypassed[reason] = self._bypassed.get(reason, 0) + 1
+            return 0, False
         token_ids = list(request.prompt_token_ids or [])
         # The last prompt token is always computed by the engine (it yields the first logits).
         loadable = (len(token_ids) - 1) // self._block_size * self._block_size
@@ -265,6 +276,8 @@ class ZumikKVConnector(KVConnectorBase_V1):
         for new in scheduler_output.scheduled_new_reqs:
             block_ids = list(new.block_ids[0])
             token_ids = list(new.prompt_token_ids or [])
+            if new.req_id in self._bypassing:
+                continue
             addresses = self._pending_loads.pop(new.req_id, None)
             if addresses:
                 first = new.num_computed_tokens // self._block_size - len(addresses)
@@ -298,7 +311,13 @@ class ZumikKVConnector(KVConnectorBase_V1):
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         events = self._manager.take_events()
-        return ZumikKVConnectorStats(data={}).record(events) if events else None
+        if not events and not self._bypassed:
+            return None
+        stats = ZumikKVConnectorStats(data={}).record(events)
+        for reason, requests in self._bypassed.items():
+            stats.data[f"bypassed:{reason}"] = [requests, 0]  # requests, not blocks
+        self._bypassed = {}
+        return stats
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
@@ -316,6 +335,7 @@ class ZumikKVConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._salts.pop(request.request_id, None)
+        self._bypassing.discard(request.request_id)
         self._load_plans.pop(request.request_id, None)
         self._planned_tiers.pop(request.request_id, None)
         reuse = self._reuse.pop(request.request_id, None)
@@ -396,3 +416,12 @@ class ZumikKVConnector(KVConnectorBase_V1):
                     for name, cache in self._kv_caches.items()
                 }
                 self._manager.store(address, encode_block(tensors, address))
+
+
+def _bypass_reason(request: Request) -> str | None:
+    """Why ``request``'s KV cannot be filed under its tokens alone, or None when it can."""
+    if getattr(request, "lora_request", None) is not None:
+        return "lora"
+    if getattr(request, "mm_features", None):
+        return "multimodal"
+    return None

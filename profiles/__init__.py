@@ -11,11 +11,13 @@ from profiles.loader import (
 )
 from profiles.model import (
     TINY_MODEL_SOURCE,
+    AdapterSpec,
     Device,
     EngineSpec,
     GatewayPlacement,
     GatewaySpec,
     KvTiersSpec,
+    ModelGroupSpec,
     ModelSpec,
     Profile,
 )
@@ -23,11 +25,13 @@ from profiles.model import (
 __all__ = [
     "DEFAULT_PROFILE",
     "TINY_MODEL_SOURCE",
+    "AdapterSpec",
     "Device",
     "EngineSpec",
     "GatewayPlacement",
     "GatewaySpec",
     "KvTiersSpec",
+    "ModelGroupSpec",
     "ModelSpec",
     "Profile",
     "ProfileError",

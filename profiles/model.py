@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 TINY_MODEL_SOURCE = "builtin:tiny"
 
@@ -27,6 +36,20 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ServedName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+
+
+class AdapterSpec(_Frozen):
+    """A LoRA adapter on a model: served by the model's own engines, under its own name (vLLM
+    keeps an adapter's prefix cache apart from the base model's)."""
+
+    name: ServedName = Field(description="The `model` name clients send to use the adapter.")
+    source: str = Field(
+        description="'builtin:tiny-lora' (built locally on first use, for the tiny model) or a local "
+        "PEFT adapter directory (adapter_config.json). Nothing is downloaded."
+    )
+
+
 class ModelSpec(_Frozen):
     """Which weights and tokenizer to serve, and the name clients use for them."""
 
@@ -34,12 +57,45 @@ class ModelSpec(_Frozen):
         description=f"'{TINY_MODEL_SOURCE}' (built locally on first use) or a local Hugging "
         "Face model directory. Nothing is downloaded from a model hub."
     )
-    served_name: Annotated[str, Field(min_length=1, max_length=128)] = Field(
-        description="The `model` name clients send on /v1 and see in /v1/models."
-    )
+    served_name: ServedName = Field(description="The `model` name clients send on /v1 and see in /v1/models.")
     tokenizer: str | None = Field(
         default=None, description="A tokenizer directory; defaults to the model directory."
     )
+    adapters: tuple[AdapterSpec, ...] = Field(
+        default=(), description="LoRA adapters served on this model by its engines."
+    )
+
+
+VllmArgValue = str | bool | int | float | list[Any] | dict[str, Any] | None
+"""A value of one vLLM argument, as YAML gives it (a dict or list for JSON-valued arguments)."""
+
+VLLM_ARGS_OWNED_BY_PROFILE: dict[str, str] = {
+    "model": "model.source",
+    "served_model_name": "model.served_name",
+    "tokenizer": "model.tokenizer",
+    "enable_lora": "model.adapters",
+    "lora_modules": "model.adapters",
+    "device": "engine.device",
+    "dtype": "engine.dtype",
+    "quantization": "engine.quantization",
+    "kv_cache_dtype": "engine.kv_cache_dtype",
+    "block_size": "engine.block_size",
+    "kv_cache_memory_bytes": "engine.kv_cache_memory_bytes",
+    "gpu_memory_utilization": "engine.gpu_memory_utilization",
+    "max_model_len": "engine.max_model_len",
+    "max_num_seqs": "engine.max_num_seqs",
+    "enable_prefix_caching": "engine.enable_prefix_caching",
+    "enforce_eager": "engine.enforce_eager",
+    "tensor_parallel_size": "engine.tensor_parallel_size",
+    "pipeline_parallel_size": "engine.pipeline_parallel_size",
+    "seed": "engine.seed",
+    "scheduling_policy": "engine.scheduling_policy",
+    "kv_transfer_config": "kv_tiers",
+    "enable_prompt_tokens_details": "nothing (always on: usage reports cached tokens)",
+    "disable_log_stats": "nothing (always off: engine metrics feed Zumik's)",
+}
+"""vLLM arguments that come from a profile field: given in ``vllm_args`` they are refused, so
+that each setting has one place (and the compat key sees it)."""
 
 
 class EngineSpec(_Frozen):
@@ -75,6 +131,27 @@ class EngineSpec(_Frozen):
         description="vLLM's scheduling policy; 'priority' lets QoS classes reach the engine "
         "(qos.classes.*.engine_priority, lower runs first).",
     )
+    vllm_args: dict[str, VllmArgValue] = Field(
+        default_factory=dict,
+        description="Any other vLLM engine or OpenAI-server argument, by its Python name "
+        "(`vllm serve --tool-call-parser hermes` is `tool_call_parser: hermes`), checked against "
+        "vLLM's own argument parser when the profile is served or validated. Arguments the "
+        "profile has a field for are refused here, naming the field.",
+    )
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _vllm_args_are_not_profile_fields(cls, value: dict[str, VllmArgValue]) -> dict[str, VllmArgValue]:
+        for name in value:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise ValueError(
+                    f"vllm_args: {name!r} is not a vLLM argument name; use its Python name "
+                    "(--tool-call-parser is tool_call_parser)"
+                )
+            owner = VLLM_ARGS_OWNED_BY_PROFILE.get(name)
+            if owner is not None:
+                raise ValueError(f"vllm_args.{name}: set {owner} instead (Zumik derives it from there)")
+        return value
 
     @model_validator(mode="after")
     def _device_settings_are_consistent(self) -> EngineSpec:
@@ -94,6 +171,14 @@ class EngineSpec(_Frozen):
                 "reserve a fraction of host RAM); set e.g. 268435456 for 256 MiB"
             )
         return self
+
+
+class ModelGroupSpec(_Frozen):
+    """One more model a profile serves, on an engine group of its own (``engine``: its replicas
+    and settings, as the profile's ``engine`` section)."""
+
+    model: ModelSpec
+    engine: EngineSpec
 
 
 class GatewayPlacement(StrEnum):
@@ -137,6 +222,11 @@ class KvTiersSpec(_Frozen):
         description="Seal blocks in the persistent tiers (Redis, disk) with AES-GCM under a data key "
         "per isolation scope, so that a purge can crypto-erase them by destroying the key.",
     )
+
+
+def group_served_names(group: ModelGroupSpec) -> tuple[str, ...]:
+    """The group's model name, then its adapters' names."""
+    return (group.model.served_name, *(adapter.name for adapter in group.model.adapters))
 
 
 PurgeCeiling = Literal["revoked", "unindexed", "deleted", "compacted", "crypto_erased"]
@@ -403,6 +493,11 @@ class Profile(_Frozen):
     region: Annotated[str, Field(min_length=1)] = "local"
     model: ModelSpec
     engine: EngineSpec
+    models: tuple[ModelGroupSpec, ...] = Field(
+        default=(),
+        description="More models, each on an engine group of its own; clients pick one with "
+        "`model` and GET /v1/models lists them all (with every adapter).",
+    )
     gateway: GatewaySpec = GatewaySpec()
     kv_tiers: KvTiersSpec = KvTiersSpec()
     purge: PurgeSpec = PurgeSpec()
@@ -429,6 +524,45 @@ class Profile(_Frozen):
         if len(set(self.routing.fallback_order)) != len(self.routing.fallback_order):
             raise ValueError("routing.fallback_order: a route is named twice")
         return self
+
+    @model_validator(mode="after")
+    def _served_names_are_unique(self) -> Profile:
+        names = [name for group in self.model_groups() for name in group_served_names(group)]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(
+                f"models: served names and adapter names must be unique; repeated: {', '.join(repeated)}"
+            )
+        return self
+
+    def model_groups(self) -> tuple[ModelGroupSpec, ...]:
+        """Every engine group: the profile's own model and engine first, then ``models``."""
+        return (ModelGroupSpec(model=self.model, engine=self.engine), *self.models)
+
+    def served_names(self) -> tuple[str, ...]:
+        """Every name a request may give as ``model``, in listing order."""
+        return tuple(name for group in self.model_groups() for name in group_served_names(group))
+
+    def group_of(self, served_name: str) -> ModelGroupSpec | None:
+        """The engine group serving ``served_name`` (a model or one of its adapters)."""
+        return next((g for g in self.model_groups() if served_name in group_served_names(g)), None)
+
+    def group_profile(self, group: ModelGroupSpec) -> Profile:
+        """The profile as one more model group's engines see it: that model and engine, and its
+        own engines as the only route (providers serve the first model only)."""
+        routing = self.routing.model_copy(
+            update={"default_route": None, "fallback_order": (), "escalation": EscalationSpec()}
+        )
+        return Profile.model_validate(
+            {
+                **self.model_dump(),
+                "model": group.model.model_dump(),
+                "engine": group.engine.model_dump(),
+                "models": (),
+                "routes": (),
+                "routing": routing.model_dump(),
+            }
+        )
 
     def effective_routes(self) -> tuple[RouteSpec, ...]:
         """The declared routes, or the implicit byoc route 'local' over this profile's engines."""

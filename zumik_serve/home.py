@@ -1,9 +1,11 @@
 """Where Zumik keeps its files on a machine: ``ZUMIK_HOME`` (default ``~/.zumik``).
 
 $ZUMIK_HOME/
-  models/tiny/     the built-in tiny model (built on first use)
-  redis/           the embedded redis-server's data directory (AOF files)
-  run/             files describing what is running now (redis.json)
+  models/tiny/          the built-in model builtin:tiny (built on first use)
+  models/tiny-b/        the second built-in model builtin:tiny-b (built on first use)
+  adapters/tiny-lora/   builtin:tiny-lora, a LoRA adapter of builtin:tiny (built on first use)
+  redis/                the embedded redis-server's data directory (AOF files)
+  run/                  files describing what is running now (redis.json)
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ class ZumikHome:
     @property
     def tiny_model_dir(self) -> Path:
         return self.models_dir / "tiny"
+
+    @property
+    def tiny_b_model_dir(self) -> Path:
+        return self.models_dir / "tiny-b"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.root / "adapters"
+
+    @property
+    def tiny_lora_adapter_dir(self) -> Path:
+        return self.adapters_dir / "tiny-lora"
 
     @property
     def redis_dir(self) -> Path:

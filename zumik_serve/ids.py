@@ -25,6 +25,7 @@ class HandleKind(StrEnum):
     RELEASE = "rel"
     DECISION = "dec"
     RECEIPT = "prg"
+    RESPONSE = "resp"  # a stored /v1/responses response (zumik_serve/responses)
 
 
 def new_handle(kind: HandleKind) -> str:

@@ -115,7 +115,7 @@ def _spec_no_extra_keys(data: Any, schema: dict[str, Any], spec: dict[str, Any],
     if "allOf" in schema:
         merged: dict[str, Any] = {"properties": {}}
         for part in schema["allOf"]:
-            merged["properties"].update(_deref(part, spec).get("properties", {}))
+            merged["properties"].update(_all_properties(part, spec))
         schema = {**schema, **merged}
     if isinstance(data, dict) and "properties" in schema:
         extra = sorted(set(data) - set(schema["properties"]))
@@ -125,6 +125,17 @@ def _spec_no_extra_keys(data: Any, schema: dict[str, Any], spec: dict[str, Any],
     elif isinstance(data, list) and "items" in schema:
         for index, item in enumerate(data):
             _spec_no_extra_keys(item, schema["items"], spec, f"{path}[{index}]")
+
+
+def _all_properties(schema: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """The properties a schema declares, through nested ``allOf`` (``CreateResponse`` is an allOf
+    of ``CreateModelResponseProperties``, itself an allOf of ``ModelResponseProperties``...)."""
+    schema = _deref(schema, spec)
+    properties: dict[str, Any] = {}
+    for part in schema.get("allOf", []):
+        properties.update(_all_properties(part, spec))
+    properties.update(schema.get("properties", {}))
+    return properties
 
 
 def _deref(schema: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:

@@ -57,6 +57,7 @@ def test_compat_digest_moves_exactly_with_affecting_fields(path: str) -> None:
         "region": "eu-west-1", "engine.device": "cuda", "engine.dtype": "float16",
         "engine.quantization": "fp8", "engine.kv_cache_dtype": "fp8", "engine.block_size": 64,
         "engine.tensor_parallel_size": 2, "engine.pipeline_parallel_size": 2,
+        "engine.vllm_args": {"hf_overrides": {"rope_theta": 20000.0}},
     }  # fmt: skip
     if path in ("model.source", "model.tokenizer"):
         key = "model_fingerprint" if path == "model.source" else "tokenizer_fingerprint"
@@ -76,6 +77,29 @@ def test_compat_digest_moves_exactly_with_affecting_fields(path: str) -> None:
         Profile.model_validate(data), model_fingerprint="m" * 64, tokenizer_fingerprint="t" * 64
     )
     assert changed.digest() != COMPAT.digest(), path
+
+
+def test_kv_neutral_vllm_args_keep_the_compat_key_and_other_groups_have_their_own() -> None:
+    data = PROFILE.model_dump(mode="json")
+    data["engine"]["vllm_args"] = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
+    neutral = derive_compat_key(
+        Profile.model_validate(data), model_fingerprint="m" * 64, tokenizer_fingerprint="t" * 64
+    )
+    assert neutral.digest() == COMPAT.digest()
+    data["engine"]["vllm_args"]["calculate_kv_scales"] = True  # not classified: counts
+    assert (
+        derive_compat_key(
+            Profile.model_validate(data), model_fingerprint="m" * 64, tokenizer_fingerprint="t" * 64
+        ).digest()
+        != COMPAT.digest()
+    )
+    data = PROFILE.model_dump(mode="json")
+    other_engine = {**data["engine"], "block_size": 64}
+    data["models"] = [{"model": {"source": "builtin:tiny-b", "served_name": "other"}, "engine": other_engine}]
+    two = Profile.model_validate(data)
+    fingerprints = {"model_fingerprint": "m" * 64, "tokenizer_fingerprint": "t" * 64}
+    assert derive_compat_key(two, **fingerprints).digest() == COMPAT.digest()
+    assert derive_compat_key(two, **fingerprints, group=two.model_groups()[1]).block_size == 64
 
 
 def test_block_keys_agree_across_processes_and_split_by_scope() -> None:

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from zumik_serve import __version__
 from zumik_serve.api.http_errors import install_error_handlers
 from zumik_serve.api.v1 import handlers as v1
+from zumik_serve.api.v1 import responses as v1_responses
 from zumik_serve.api.v2 import generate as v2_generate
 from zumik_serve.api.v2 import objects as v2_objects
 from zumik_serve.api.v2 import purge as v2_purge
@@ -39,6 +40,7 @@ def build_app(context: GatewayContext) -> FastAPI:
     app.state.pipeline = Pipeline(context)
     install_error_handlers(app)
     app.include_router(v1.router)
+    app.include_router(v1_responses.router)
     app.include_router(v2_purge.router)  # before v2_objects, whose /v2/{kind}/{id} would match too
     app.include_router(v2_routing.router)
     app.include_router(v2_generate.router)

@@ -11,21 +11,26 @@ replicas that cannot scale apart from engines.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve.llm import LLMConfig
 
-from profiles import GatewayPlacement, Profile
+from profiles import GatewayPlacement, ModelGroupSpec, Profile
 from zumik_serve.app.colocated import IngressEngineReplica
 from zumik_serve.app.context import GatewaySettings
 from zumik_serve.app.gateway import Gateway
 from zumik_serve.engines.replica import EngineReplica
+from zumik_serve.engines.vllm_args import engine_kwargs_for_vllm, parse_vllm_args
 from zumik_serve.engines.vllm_config import engine_kv_transfer, llm_config_kwargs
 from zumik_serve.home import ZumikHome
+from zumik_serve.model.resolve import resolve_adapter, resolve_source
+from zumik_serve.model.tiny_lora import read_adapter_info
 
 APP_NAME = "zumik"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 
 
 def build_serve_app(
@@ -36,16 +41,17 @@ def build_serve_app(
     dev_key: str | None,
     home: ZumikHome,
 ) -> serve.Application:
-    tokenizer_dir = Path(profile.model.tokenizer) if profile.model.tokenizer else None
-    kv_transfer = engine_kv_transfer(profile, model_dir=model_dir, redis_url=redis_url, home_root=home.root)
-    compat_digest = kv_transfer["kv_connector_extra_config"]["compat_digest"] if kv_transfer else ""
-    llm_config = LLMConfig(**llm_config_kwargs(profile, model_dir, tokenizer_dir, kv_transfer))
-    # Serve's default cap of 5 ongoing requests per replica would queue requests inside Ray, out
-    # of sight of Zumik's admission (and below the engine's max_num_seqs): admission bounds them.
-    options = {
-        **EngineReplica.get_deployment_options(llm_config),
-        "max_ongoing_requests": gateway_max_ongoing_requests(profile),
-    }
+    """``profile``'s Serve application: one engine group per model (``profile.model_groups()``;
+    ``model_dir`` holds the first group's weights, the others are resolved here), and the gateway
+    in front of them."""
+    groups = profile.model_groups()
+    model_dirs = [model_dir, *(resolve_source(group.model.source, home) for group in groups[1:])]
+    engine_groups = [
+        _engine_group(profile, group, index, group_dir, redis_url=redis_url, home=home)
+        for index, (group, group_dir) in enumerate(zip(groups, model_dirs, strict=True))
+    ]
+    paired = list(zip(groups, engine_groups, strict=True))
+    first = engine_groups[0]
     settings = GatewaySettings(
         profile_name=profile.name,
         served_model=profile.model.served_name,
@@ -53,34 +59,94 @@ def build_serve_app(
         redis_url=redis_url,
         max_body_bytes=profile.gateway.max_body_bytes,
         max_artifact_bytes=profile.gateway.max_artifact_bytes,
-        model_dir=str(tokenizer_dir or model_dir),
-        compat_digest=compat_digest,
+        model_dir=str(first.tokenizer_dir),
+        compat_digest=first.compat_digest,
         block_size=profile.engine.block_size,
         kv_redis_tier=profile.kv_tiers.enabled and profile.kv_tiers.redis,
         purge_ceiling=profile.purge.ceiling,
-        kv_tiers=kv_transfer["kv_connector_extra_config"] if kv_transfer else None,
+        kv_tiers=first.kv_tiers,
         profile_json=profile.model_dump_json(),
         dev_key=dev_key,
+        tokenizer_dirs={group.model.served_name: str(g.tokenizer_dir) for group, g in paired},
     )
+    engine_deployment: Any = serve.deployment(EngineReplica)
+    # Every group after the first: one deployment (of its num_replicas), reached by handle.
+    other_groups = {
+        group.model.served_name: {
+            "r0": engine_deployment.options(name=f"EngineReplica-{index}", **g.options).bind(g.llm_config)
+        }
+        for index, (group, g) in enumerate(paired)
+        if index > 0
+    }
     if profile.gateway.placement is GatewayPlacement.COLOCATED:
         # Ray's stubs type serve.deployment(cls) as a decorator factory; it returns a Deployment.
         ingress_engine: Any = serve.deployment(serve.ingress()(IngressEngineReplica))
-        return ingress_engine.options(name="EngineReplica", **options).bind(llm_config, settings)
-    engine_deployment: Any = serve.deployment(EngineReplica)
+        return ingress_engine.options(name="EngineReplica", **first.options).bind(
+            first.llm_config, settings, other_groups
+        )
     if profile.engine.num_replicas == 1 or profile.routing.replica_choice == "serve":
-        engines = {"r0": engine_deployment.options(name="EngineReplica", **options).bind(llm_config)}
+        engines = {
+            "r0": engine_deployment.options(name="EngineReplica", **first.options).bind(first.llm_config)
+        }
     else:
         # A replica group the scheduler chooses from: one deployment per replica, so that the
         # gateway's handle reaches exactly the replica its decision picked (docs/architecture.md).
-        single = {**options, "num_replicas": 1}
+        single = {**first.options, "num_replicas": 1}
         engines = {
-            f"r{index}": engine_deployment.options(name=f"EngineReplica-r{index}", **single).bind(llm_config)
+            f"r{index}": engine_deployment.options(name=f"EngineReplica-r{index}", **single).bind(
+                first.llm_config
+            )
             for index in range(profile.engine.num_replicas)
         }
     gateway: Any = Gateway
     return gateway.options(
         num_replicas=profile.gateway.num_replicas, max_ongoing_requests=gateway_max_ongoing_requests(profile)
-    ).bind(settings, engines)
+    ).bind(settings, engines, other_groups)
+
+
+@dataclass(frozen=True)
+class _EngineGroup:
+    llm_config: LLMConfig
+    options: dict[str, Any]
+    tokenizer_dir: Path
+    compat_digest: str
+    kv_tiers: dict[str, Any] | None
+
+
+def _engine_group(
+    profile: Profile, group: ModelGroupSpec, index: int, model_dir: Path, *, redis_url: str, home: ZumikHome
+) -> _EngineGroup:
+    """One engine group's LLMConfig and deployment options, its vllm_args checked by vLLM's
+    own parser first (a wrong one stops the deploy here, naming it)."""
+    field = "engine.vllm_args" if index == 0 else f"models[{index - 1}].engine.vllm_args"
+    parsed = parse_vllm_args(group.engine.vllm_args, field=field)
+    tokenizer_dir = Path(group.model.tokenizer) if group.model.tokenizer else None
+    adapter_dirs = {adapter.name: resolve_adapter(adapter.source, home) for adapter in group.model.adapters}
+    kv_transfer = engine_kv_transfer(
+        profile, model_dir=model_dir, redis_url=redis_url, home_root=home.root, group=group
+    )
+    kwargs = llm_config_kwargs(
+        profile, model_dir, tokenizer_dir, kv_transfer, group=group, adapter_dirs=adapter_dirs
+    )
+    engine_kwargs = {**kwargs["engine_kwargs"], **parsed}
+    if adapter_dirs and "max_lora_rank" not in parsed:  # the smallest vLLM allows that fits them all
+        rank = max(read_adapter_info(path).rank for path in adapter_dirs.values())
+        engine_kwargs["max_lora_rank"] = next((r for r in LORA_RANKS if r >= rank), rank)
+    kwargs["engine_kwargs"] = engine_kwargs_for_vllm(engine_kwargs)
+    llm_config = LLMConfig(**kwargs)
+    # Serve's default cap of 5 ongoing requests per replica would queue requests inside Ray, out
+    # of sight of Zumik's admission (and below the engine's max_num_seqs): admission bounds them.
+    options = {
+        **EngineReplica.get_deployment_options(llm_config),
+        "max_ongoing_requests": gateway_max_ongoing_requests(profile),
+    }
+    return _EngineGroup(
+        llm_config=llm_config,
+        options=options,
+        tokenizer_dir=tokenizer_dir or model_dir,
+        compat_digest=kv_transfer["kv_connector_extra_config"]["compat_digest"] if kv_transfer else "",
+        kv_tiers=kv_transfer["kv_connector_extra_config"] if kv_transfer else None,
+    )
 
 
 def gateway_max_ongoing_requests(profile: Profile) -> int:

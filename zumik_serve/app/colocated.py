@@ -10,16 +10,25 @@ from __future__ import annotations
 from typing import Any
 
 from zumik_serve.app.context import GatewaySettings, make_gateway_app
-from zumik_serve.app.gateway import ray_metrics
+from zumik_serve.app.gateway import ray_clients, ray_metrics
 from zumik_serve.engines.protocol import EngineClient
 from zumik_serve.engines.replica import EngineReplica, InProcessEngineClient
 
 
 class IngressEngineReplica(EngineReplica):
-    async def __init__(self, llm_config: Any, settings: GatewaySettings) -> None:  # type: ignore[misc]
+    async def __init__(  # type: ignore[misc]
+        self,
+        llm_config: Any,
+        settings: GatewaySettings,
+        other_groups: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """``other_groups``: Serve handles of the other models' engine groups (by served name)."""
         await super().__init__(llm_config)
         engines: dict[str, EngineClient] = {"r0": InProcessEngineClient(self)}
-        self._gateway_app = make_gateway_app(settings, engines, ray_metrics(settings))
+        self._gateway_app = make_gateway_app(
+            settings, engines, ray_metrics(settings),
+            other_groups={model: ray_clients(handles) for model, handles in (other_groups or {}).items()},
+        )  # fmt: skip
 
     async def __serve_build_asgi_app__(self) -> Any:
         return self._gateway_app

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvstore.tiers.build import build_tiers
 from profiles import Profile
-from profiles.model import RouteKind
+from profiles.model import RouteKind, group_served_names
 from zumik_serve.api.app import App, build_app
 from zumik_serve.engines.hf_tokenizer import HfChatTokenizer
-from zumik_serve.engines.models import ModelCard, ServedModels
+from zumik_serve.engines.models import ServedModels, model_cards
 from zumik_serve.engines.protocol import EngineClient
 from zumik_serve.errors import StoreUnavailableError
 from zumik_serve.pipeline.context import GatewayContext
@@ -27,6 +27,8 @@ from zumik_serve.purge.classes import GuaranteeClass
 from zumik_serve.purge.service import PurgeService
 from zumik_serve.purge.store import RedisPurgeStore
 from zumik_serve.qos.admission import AdmissionController
+from zumik_serve.responses.service import ResponsesService
+from zumik_serve.responses.store import RedisResponseStore
 from zumik_serve.reuse.service import ReuseMetrics, ReuseService
 from zumik_serve.reuse.store import RedisReuseStore
 from zumik_serve.routing.decision import DecisionRecord
@@ -63,6 +65,8 @@ class GatewaySettings:
     kv_tiers: dict[str, Any] | None = None  # the engines' connector config (a purge sweeps its tiers)
     profile_json: str = ""  # the whole profile (routes, routing policy) as JSON
     dev_key: str | None = None
+    # Each model group's tokenizer folder, by its model's served name (default: model_dir).
+    tokenizer_dirs: dict[str, str] = field(default_factory=dict)
 
     def __repr__(self) -> str:  # the dev key must never reach a log line
         return (
@@ -80,33 +84,52 @@ class Metrics:
 
 
 def make_gateway_app(
-    settings: GatewaySettings, engines: dict[str, EngineClient], metrics: Metrics | None = None
+    settings: GatewaySettings,
+    engines: dict[str, EngineClient],
+    metrics: Metrics | None = None,
+    *,
+    other_groups: dict[str, dict[str, EngineClient]] | None = None,
 ) -> App:
-    """The gateway's FastAPI app over its BYOC engine replicas (``{"r0": client, ...}``) and the
-    profile's provider routes; the same app in both topologies."""
-    return build_app(build_context(settings, engines, metrics or Metrics()))
+    """The gateway's FastAPI app over its BYOC engine replicas (``{"r0": client, ...}``), the
+    other model groups' replicas (by model) and the profile's provider routes; the same app in
+    both topologies."""
+    return build_app(build_context(settings, engines, metrics or Metrics(), other_groups=other_groups))
 
 
 def build_context(
-    settings: GatewaySettings, engines: dict[str, EngineClient], metrics: Metrics
+    settings: GatewaySettings,
+    engines: dict[str, EngineClient],
+    metrics: Metrics,
+    *,
+    other_groups: dict[str, dict[str, EngineClient]] | None = None,
 ) -> GatewayContext:
     """Everything a gateway process serves with, built once: stores over one Redis pool, the
-    profile's scheduler and dispatcher, the feature services."""
+    profile's scheduler and dispatchers (one per model group), the feature services."""
     redis_client = gateway_client(settings.redis_url)
     profile = Profile.model_validate_json(settings.profile_json)
     tenants = RedisTenantStore(redis_client)
     salts = CacheSalts(lambda: tenants.server_secret("cache-salt"), tenants.salt_epoch)
     routing_store = RedisRoutingStore(redis_client)
     byok = ByokKeys(lambda: _open_byok_store(redis_client))
-    byoc = [route.name for route in profile.effective_routes() if route.kind is RouteKind.BYOC]
-    scheduler = ProfileScheduler(profile, replicas={name: sorted(engines) for name in byoc[:1]})
-    dispatcher = Dispatcher(
-        scheduler,
-        engines=engines,
-        decisions=_DecisionSink(routing_store),
-        byok_key=byok.get,
-        metrics=metrics.decisions,
-    )
+    decisions = _DecisionSink(routing_store)
+
+    def dispatcher_of(group_profile: Profile, replicas: dict[str, EngineClient]) -> Dispatcher:
+        byoc = [route.name for route in group_profile.effective_routes() if route.kind is RouteKind.BYOC]
+        scheduler = ProfileScheduler(group_profile, replicas={name: sorted(replicas) for name in byoc[:1]})
+        return Dispatcher(
+            scheduler, engines=replicas, decisions=decisions, byok_key=byok.get, metrics=metrics.decisions
+        )
+
+    dispatcher = dispatcher_of(profile, engines)
+    groups = profile.model_groups()
+    dispatchers = {name: dispatcher for name in group_served_names(groups[0])}
+    for group in groups[1:]:
+        replicas = (other_groups or {}).get(group.model.served_name)
+        if not replicas:
+            raise ValueError(f"no engine replicas were given for model {group.model.served_name!r}")
+        group_dispatcher = dispatcher_of(profile.group_profile(group), replicas)
+        dispatchers.update({name: group_dispatcher for name in group_served_names(group)})
+    tokenizer_dirs = settings.tokenizer_dirs or {settings.served_model: settings.model_dir}
     state_store = RedisStateStore(redis_client)
     reuse_store = RedisReuseStore(redis_client)
     kv_tiers = settings.kv_tiers or {}
@@ -121,16 +144,24 @@ def build_context(
         rotate_salt_epoch=tenants.rotate_salt_epoch,
         forget_scopes=reuse_store.forget_scopes,
     )
+    state = StateService(state_store, max_artifact_bytes=settings.max_artifact_bytes)
     return GatewayContext(
         profile=profile,
         models=ServedModels(
-            [ModelCard(id=settings.served_model, created_s=settings.model_created_s)],
-            tokenizer_factory=lambda: HfChatTokenizer(Path(settings.model_dir)),
+            model_cards(
+                {g.model.served_name: tuple(a.name for a in g.model.adapters) for g in groups},
+                settings.model_created_s,
+            ),
+            tokenizer_factory=lambda model: HfChatTokenizer(
+                Path(tokenizer_dirs.get(model, settings.model_dir))
+            ),
         ),
         authenticator=Authenticator(tenants, dev_key=settings.dev_key),
         salts=salts,
         dispatcher=dispatcher,
-        state=StateService(state_store, max_artifact_bytes=settings.max_artifact_bytes),
+        dispatchers=dispatchers,
+        state=state,
+        responses=ResponsesService(state, RedisResponseStore(redis_client, state_store)),
         routing=RoutingService(routing_store, profile),
         reuse=ReuseService(
             reuse_store,
@@ -164,8 +195,4 @@ class _DecisionSink:
         try:
             await guard(self._store.save_decision(tenant, record, attempts), what="decision store")
         except StoreUnavailableError:  # the answer still goes out; its record is lost, and the log says so
-            logger.warning(
-                "zumik: decision %s could not be recorded (Redis unavailable)", record.decision_id
-            )
-
-
+            logger.warning("zumik: decision %s could not be recorded (Redis unavailable)", record.decision_id)

@@ -21,16 +21,24 @@ def ray_metrics(settings: GatewaySettings) -> Metrics:
     return Metrics(decisions=RayDecisionMetrics(settings.profile_name), reuse=RayReuseMetrics())
 
 
+def ray_clients(handles: dict[str, Any]) -> dict[str, EngineClient]:
+    return {replica: RayEngineClient(handle) for replica, handle in handles.items()}
+
+
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0.5})
 @serve.ingress()
 class Gateway:
     """The separate topology: its own replicas, reaching engines through a Serve handle."""
 
-    def __init__(self, settings: GatewaySettings, engines: dict[str, Any]) -> None:
-        engine_clients: dict[str, EngineClient] = {
-            rid: RayEngineClient(handle) for rid, handle in engines.items()
-        }
-        self._app = make_gateway_app(settings, engine_clients, ray_metrics(settings))
+    def __init__(
+        self, settings: GatewaySettings, engines: dict[str, Any], other_groups: dict[str, dict[str, Any]]
+    ) -> None:
+        """``engines``: the first model group's replicas by id; ``other_groups``: each other
+        model's (by its served name)."""
+        self._app = make_gateway_app(
+            settings, ray_clients(engines), ray_metrics(settings),
+            other_groups={model: ray_clients(handles) for model, handles in other_groups.items()},
+        )  # fmt: skip
 
     async def __serve_build_asgi_app__(self) -> App:
         return self._app

@@ -11,12 +11,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from profiles import Device, Profile
+from profiles import Device, ModelGroupSpec, Profile
 
 
-def vllm_engine_kwargs(profile: Profile) -> dict[str, Any]:
-    """vLLM engine (and OpenAI front-end) arguments for one replica of ``profile``."""
-    engine = profile.engine
+def vllm_engine_kwargs(
+    profile: Profile, group: ModelGroupSpec | None = None, adapter_dirs: dict[str, Path] | None = None
+) -> dict[str, Any]:
+    """vLLM engine (and OpenAI front-end) arguments for one replica of ``profile``'s engine
+    group ``group`` (default: its own model and engine), serving its adapters from
+    ``adapter_dirs`` (adapter name → folder)."""
+    group = group or profile.model_groups()[0]
+    engine = group.engine
     kwargs: dict[str, Any] = {
         "dtype": engine.dtype,
         "block_size": engine.block_size,
@@ -31,7 +36,6 @@ def vllm_engine_kwargs(profile: Profile) -> dict[str, Any]:
         "scheduling_policy": engine.scheduling_policy,  # 'priority': QoS classes reach the engine
         # Fill usage.prompt_tokens_details.cached_tokens from vLLM's count of cached tokens.
         "enable_prompt_tokens_details": True,
-        "disable_log_stats": False,
     }
     if engine.quantization is not None:
         kwargs["quantization"] = engine.quantization
@@ -39,7 +43,37 @@ def vllm_engine_kwargs(profile: Profile) -> dict[str, Any]:
         kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
     if engine.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    adapters = group.model.adapters
+    if adapters:
+        dirs = adapter_dirs or {}
+        kwargs["enable_lora"] = True
+        kwargs["max_loras"] = len(adapters)
+        kwargs["lora_modules"] = [
+            {"name": adapter.name, "path": str(dirs.get(adapter.name, adapter.source)),
+             "base_model_name": group.model.served_name}
+            for adapter in adapters
+        ]  # fmt: skip
+    kwargs.update(engine.vllm_args)  # checked against vLLM's parser (engines/vllm_args.py)
     return kwargs
+
+
+def vllm_arg_tokens(name: str, value: Any) -> list[str]:
+    """``name: value`` as ``vllm serve`` command-line tokens (the form vLLM's parser checks):
+    true/false as ``--flag``/``--no-flag``, a dict as JSON, a list as several values."""
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        return [flag if value else f"--no-{name.replace('_', '-')}"]
+    if isinstance(value, dict):
+        return [flag, json.dumps(value)]
+    if isinstance(value, list | tuple):
+        if not value:
+            raise ValueError("an empty list; leave the argument out instead")
+        return [flag, *(json.dumps(item) if isinstance(item, dict) else str(item) for item in value)]
+    if isinstance(value, str | int | float):
+        return [flag, str(value)]
+    raise ValueError(f"a {type(value).__name__} is not a value vLLM's command line can take")
 
 
 def kv_transfer_config(
@@ -69,20 +103,28 @@ def kv_transfer_config(
 
 
 def engine_kv_transfer(
-    profile: Profile, *, model_dir: Path, redis_url: str, home_root: Path
+    profile: Profile,
+    *,
+    model_dir: Path,
+    redis_url: str,
+    home_root: Path,
+    group: ModelGroupSpec | None = None,
 ) -> dict[str, Any] | None:
-    """The connector config of ``profile``'s engines, with the compat key derived from the
-    model and tokenizer on disk (the same for every engine that serves them)."""
+    """The connector config of the engines of ``group`` (default: the profile's own model),
+    with the compat key derived from the model and tokenizer on disk (the same for every
+    engine that serves them)."""
     from kvstore.compat import derive_compat_key
     from kvstore.fingerprint import model_fingerprint, tokenizer_fingerprint
 
     if not profile.kv_tiers.enabled:
         return None
-    tokenizer_dir = Path(profile.model.tokenizer) if profile.model.tokenizer else model_dir
+    group = group or profile.model_groups()[0]
+    tokenizer_dir = Path(group.model.tokenizer) if group.model.tokenizer else model_dir
     compat = derive_compat_key(
         profile,
         model_fingerprint=model_fingerprint(model_dir),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_dir),
+        group=group,
     )
     return kv_transfer_config(
         profile, compat_digest=compat.digest(), redis_url=redis_url, home_root=home_root
@@ -94,33 +136,39 @@ def llm_config_kwargs(
     model_dir: Path,
     tokenizer_dir: Path | None,
     kv_transfer: dict[str, Any] | None = None,
+    *,
+    group: ModelGroupSpec | None = None,
+    adapter_dirs: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments for ``ray.serve.llm.LLMConfig`` serving ``profile``."""
+    """Keyword arguments for ``ray.serve.llm.LLMConfig`` serving ``profile``'s engine group
+    ``group`` (default: its own model and engine)."""
+    group = group or profile.model_groups()[0]
     loading: dict[str, Any] = {
-        "model_id": profile.model.served_name,
+        "model_id": group.model.served_name,
         "model_source": str(model_dir),
     }
     if tokenizer_dir is not None:
         loading["tokenizer_source"] = str(tokenizer_dir)
-    engine_kwargs = vllm_engine_kwargs(profile)
+    engine_kwargs = vllm_engine_kwargs(profile, group, adapter_dirs)
     if kv_transfer is not None:
         engine_kwargs["kv_transfer_config"] = kv_transfer
+    engine = group.engine
     kwargs: dict[str, Any] = {
         "model_loading_config": loading,
         "engine_kwargs": engine_kwargs,
         "deployment_config": {
-            "num_replicas": profile.engine.num_replicas,
-            "ray_actor_options": {"num_cpus": profile.engine.cpus_per_replica},
+            "num_replicas": engine.num_replicas,
+            "ray_actor_options": {"num_cpus": engine.cpus_per_replica},
         },
         # Streamed tokens leave the replica at once; batching would add up to 50 ms to TTFT.
         "experimental_configs": {"stream_batching_interval_ms": 0},
         # vLLM engine metrics (and the KV connector's zumik:kv_tier_* counters) as Ray metrics.
         "log_engine_metrics": True,
     }
-    if profile.engine.device is Device.CPU:
+    if engine.device is Device.CPU:
         kwargs["accelerator_config"] = {"kind": "cpu"}
-    if profile.engine.accelerator_type is not None:
-        kwargs["accelerator_type"] = profile.engine.accelerator_type
+    if engine.accelerator_type is not None:
+        kwargs["accelerator_type"] = engine.accelerator_type
     return kwargs
 
 
@@ -130,12 +178,5 @@ def vllm_cli_args(profile: Profile, model_dir: Path, kv_transfer: dict[str, Any]
     if kv_transfer is not None:
         args += ["--kv-transfer-config", json.dumps(kv_transfer)]
     for key, value in vllm_engine_kwargs(profile).items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            if key == "enable_prefix_caching":
-                args.append(flag if value else "--no-enable-prefix-caching")
-            elif value:
-                args.append(flag)
-        else:
-            args.extend([flag, str(value)])
+        args.extend(vllm_arg_tokens(key, value))
     return args

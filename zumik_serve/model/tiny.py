@@ -67,6 +67,12 @@ class TinyModelSpec:
     init_std: float = 0.02
 
 
+# ``builtin:tiny-b``: a second model of the same family and tokenizer, with other weights and
+# another KV layout (2 layers of 2 KV heads: a quarter of the default's KV bytes per token), so
+# profiles serving two models exercise two distinct compat keys and cache geometries.
+TINY_B_SPEC = TinyModelSpec(num_layers=2, num_kv_heads=2, seed=20261209)
+
+
 def build_tiny_model(out_dir: Path, spec: TinyModelSpec | None = None) -> Path:
     """Build the tiny model into ``out_dir`` (created; existing model files are replaced).
 

@@ -7,7 +7,8 @@ feature services through it, never through loose attributes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from profiles import Profile
 from zumik_serve.engines.models import ServedModels
@@ -15,6 +16,7 @@ from zumik_serve.pipeline.limits import GenerationLimits
 from zumik_serve.providers.keys import ByokKeys
 from zumik_serve.purge.service import PurgeService
 from zumik_serve.qos.admission import AdmissionController
+from zumik_serve.responses.service import ResponsesService
 from zumik_serve.reuse.service import ReuseService
 from zumik_serve.routing.dispatch import Dispatcher
 from zumik_serve.routing.service import RoutingService
@@ -31,7 +33,7 @@ class GatewayContext:
     models: ServedModels
     authenticator: Authenticator
     salts: CacheSalts
-    dispatcher: Dispatcher
+    dispatcher: Dispatcher  # the first model group's (its model, its adapters, the providers)
     state: StateService
     routing: RoutingService
     reuse: ReuseService
@@ -42,6 +44,12 @@ class GatewayContext:
     byok: ByokKeys
     kv_probe: KvProbe | None  # None: the profile has no Redis KV tier to probe
     max_body_bytes: int
+    responses: ResponsesService
+    dispatchers: Mapping[str, Dispatcher] = field(default_factory=dict)  # by served name
+
+    def dispatcher_for(self, model: str) -> Dispatcher:
+        """The dispatcher of the engine group serving ``model`` (the first group's by default)."""
+        return self.dispatchers.get(model, self.dispatcher)
 
     @property
     def priority_scheduling(self) -> bool:

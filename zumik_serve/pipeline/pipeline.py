@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from profiles.model import RouteKind
+from profiles.model import RouteKind, group_served_names
 from zumik_serve.engines.protocol import EngineCall, EngineEvent
 from zumik_serve.errors import (
     AuthenticationError,
@@ -86,6 +86,7 @@ class Pipeline:
             route.name for route in context.profile.effective_routes() if route.kind is RouteKind.BYOC
         )
         self._escalates = context.profile.routing.escalation.to != "none"
+        self._first_group = frozenset(group_served_names(context.profile.model_groups()[0]))
         self._evidence: dict[tuple[str, str | None], tuple[float, Evidence]] = {}
 
     # --- before the body ---------------------------------------------------------------------
@@ -146,7 +147,7 @@ class Pipeline:
             prefer_cheapest=admission.prefer_cheapest,
             engine_priority=admission.engine_priority,
         )
-        dispatcher = ctx.dispatcher
+        dispatcher = ctx.dispatcher_for(model)
         decision = dispatcher.decide(call, body, tenant=tenant.id, salt=salt, context=route)
         accounting = RequestAccounting(ctx.reuse if tenant.reuse_accounting else None, decision)
         run = await dispatcher.execute(
@@ -227,6 +228,9 @@ class Pipeline:
         objects resolved."""
         state, tenant = self.context.state, request.tenant.id
         allowed = frozenset(entry.name for entry in release.route_table) if release is not None else None
+        if model != self.context.profile.model.served_name:
+            # Another model group, or an adapter: only the engines that serve it can take it.
+            allowed = None if model not in self._first_group else self._byoc_routes
         body: dict[str, Any] = {**request.body, "model": model}
         snapshot, session = request.refs.snapshot, request.refs.session
         if request.surface is Surface.V1:
@@ -238,13 +242,14 @@ class Pipeline:
             return request.call, body, allowed
         # /v2 and warming send token ids of this deployment's own tokenizer: only its engines
         # (byoc routes) can take them.
-        allowed = self._byoc_routes if allowed is None else self._byoc_routes & allowed
+        if model in self._first_group:  # another group has its own engines only
+            allowed = self._byoc_routes if allowed is None else self._byoc_routes & allowed
         if request.surface is Surface.V2:
             messages: list[dict[str, Any]] = []
             if snapshot is not None:
                 messages = list(await state.store_call(state.snapshot_messages(tenant, snapshot)))
             messages.extend(body.pop("messages", []))
-            tokenizer = self.context.models.tokenizer()
+            tokenizer = self.context.models.tokenizer(model)
             body["prompt"] = tokenizer.encode_chat(messages, add_generation_prompt=True)
         return EngineCall.COMPLETION, body, allowed
 

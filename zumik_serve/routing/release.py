@@ -102,10 +102,15 @@ class AliasState:
 
 
 def release_for(
-    profile: Profile, alias: str, release_id: str, created_at: int, previous: str | None
+    profile: Profile,
+    alias: str,
+    release_id: str,
+    created_at: int,
+    previous: str | None,
+    model: str | None = None,
 ) -> Release:
-    """The release of ``alias`` serving ``profile`` now: its model, every effective route with
-    its prices, its routing policy version and its fingerprint."""
+    """The release of ``alias`` serving ``profile``'s ``model`` (default: its first) now: every
+    effective route with its prices, its routing policy version and its fingerprint."""
     table = []
     for route in profile.effective_routes():
         prices = route.prices
@@ -123,7 +128,7 @@ def release_for(
     return Release(
         id=release_id,
         alias=alias,
-        model=profile.model.served_name,
+        model=model or profile.model.served_name,
         route_table=tuple(table),
         policy_version=profile.routing.policy_version,
         profile_name=profile.name,

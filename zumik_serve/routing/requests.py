@@ -28,8 +28,8 @@ def alias_name(alias: str) -> str:
 class PublishRelease(BaseModel):
     """``POST /v2/aliases/{name}/releases`` (an empty body is ``{}``).
 
-    ``model``: the model the release serves; absent or null, the model this deployment serves
-    (the only one it may name). ``expected_release``: when sent, the publish is a compare-and-set:
+    ``model``: the model (or adapter) the release serves, one of those this deployment serves;
+    absent or null, its first model. ``expected_release``: when sent, the publish is a compare-and-set:
     the alias must point at that release now (null: at none yet); when absent, the alias moves
     from wherever it points (``compare_and_set`` tells the two apart)."""
 

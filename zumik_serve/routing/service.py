@@ -33,11 +33,13 @@ class RoutingService:
         """Publish a release of the served model and point ``alias`` at it (see
         ``PublishRelease`` for the compare-and-set); ``ConflictError`` when the alias moved."""
         alias = alias_name(alias)
-        served = self.profile.model.served_name
-        model = served if request.model is None else request.model
-        if model != served:
+        served = self.profile.served_names()
+        model = served[0] if request.model is None else request.model
+        if model not in served:
             raise InvalidRequestError(
-                f"this deployment serves '{served}'; a release of it cannot name '{model}'", param="model"
+                f"this deployment serves {', '.join(repr(name) for name in served)}; a release of it "
+                f"cannot name {model!r}",
+                param="model",
             )
         current = await self._store.current_release_id(tenant, alias)
         expected = request.expected_release if request.compare_and_set else current
@@ -46,7 +48,7 @@ class RoutingService:
                 f"alias '{alias}' now points at {current}, not {expected}; read it again and retry",
                 code="alias_moved",
             )
-        release = release_for(self.profile, alias, new_release_id(), int(time.time()), current)
+        release = release_for(self.profile, alias, new_release_id(), int(time.time()), current, model)
         if not await self._store.publish(tenant, release, current):
             raise ConflictError(
                 f"alias '{alias}' moved while publishing; read it again and retry", code="alias_moved"
@@ -69,13 +71,13 @@ class RoutingService:
 
     async def release_for_request(self, tenant: str, model: str) -> Release | None:
         """The release a request naming ``model`` runs under: the tenant's alias of that name, or
-        for the served model's own name an implicit alias published on first use (so every
-        response pins a release); None when ``model`` is neither."""
+        for a served model's (or adapter's) own name an implicit alias published on first use (so
+        every response pins a release); None when ``model`` is neither."""
         release = await self.resolve(tenant, model)
-        if release is not None or model != self.profile.model.served_name:
+        if release is not None or model not in self.profile.served_names():
             return release
         with contextlib.suppress(ConflictError):  # another request published it first
-            await self.publish(tenant, model, PublishRelease(expected_release=None))
+            await self.publish(tenant, model, PublishRelease(model=model, expected_release=None))
         return await self.resolve(tenant, model)
 
     # --- decisions ---------------------------------------------------------------------------
@@ -102,6 +104,7 @@ class RoutingService:
             "name": profile.name,
             "object": "profile",
             "model": profile.model.served_name,
+            "models": list(profile.served_names()),
             "fingerprint": profile.fingerprint(),
             "routes": [
                 {"name": r.name, "kind": r.kind.value, "model": r.model} for r in profile.effective_routes()

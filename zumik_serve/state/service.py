@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -144,9 +144,7 @@ class StateService:
 
         return await self._idempotent(tenant, idem_key, request_hash("artifact", request.sent()), create)
 
-    async def create_bundle(
-        self, tenant: str, request: CreateBundle, idem_key: str | None
-    ) -> dict[str, Any]:
+    async def create_bundle(self, tenant: str, request: CreateBundle, idem_key: str | None) -> dict[str, Any]:
         artifacts = request.artifacts
 
         async def create() -> dict[str, Any]:
@@ -314,6 +312,51 @@ class StateService:
         compiled = compile_messages(await self.snapshot_messages(tenant, snapshot), tokenizer)
         await self._store.pin_compilation(tenant, snapshot, compiled.compilation)
         return compiled
+
+    async def continue_conversation(
+        self, tenant: str, after: tuple[str, int] | None, turns: Sequence[AppendTurn]
+    ) -> tuple[str, int]:
+        """Record ``turns`` as the continuation of turn ``upto`` of session or branch ``handle``
+        (``after``; None: a new session): appended to it when ``upto`` is still its head, else
+        on a new branch forked at ``upto`` (someone continued it first). Returns the session or
+        branch that holds them and its head. 404 when ``handle`` is not live."""
+        for turn in turns:
+            if len(turn.content.encode()) > MAX_TURN_CONTENT_BYTES:
+                raise PayloadTooLargeError(f"a turn holds at most {MAX_TURN_CONTENT_BYTES} bytes of content")
+        now = int(time.time())
+        appended = [Turn(role=turn.role, content=turn.content, created_at_s=now) for turn in turns]
+        if after is None:
+            session = Session(
+                id=await self._new_handle(HandleKind.SESSION), object="session", bundle=None, created_at_s=now
+            )
+            await self._store.put_record(tenant, session, parents=[])
+            parent, upto = session, 0
+        else:
+            parent = await self._require(tenant, after[0], Session)
+            upto = after[1]
+        outcome = await self._store.append_turns_at(
+            tenant, parent.id, appended, own_count=upto - parent.fork_at
+        )
+        holder = parent
+        if outcome == "moved":
+            holder = Session(
+                id=await self._new_handle(HandleKind.BRANCH), object="branch", bundle=parent.bundle,
+                parent=parent.id, fork_at=upto, created_at_s=now,
+            )  # fmt: skip
+            await self._store.put_record(tenant, holder, parents=[parent.id])
+            outcome = await self._store.append_turns_at(tenant, holder.id, appended, own_count=0)
+        if not isinstance(outcome, int):
+            raise _not_found(holder.id)
+        await self._store.mark_exposed(tenant, [holder.id])
+        return holder.id, outcome
+
+    async def conversation(self, tenant: str, session: str, upto: int) -> list[Turn]:
+        """Turns 1..``upto`` of session or branch ``session`` (revoked or not: a stored
+        conversation stays readable to its later turns until purged); 404 once purged."""
+        record = await self._store.get_record_any(tenant, session)
+        if not isinstance(record, Session):
+            raise _not_found(session)
+        return [turn for _, turn in await self._turns(tenant, record, limit=upto)]
 
     async def use_session(self, tenant: str, session: str) -> None:
         """Check that ``session`` is live before a request appends to it; its content counts as

@@ -38,7 +38,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
 from pydantic import TypeAdapter
@@ -99,6 +99,18 @@ end
 return {'ok', tostring(seq)}
 """)
 
+# KEYS: object, turns. ARGV: the own turn count expected now, then each turn's JSON.
+# Returns {"ok", seq of the last turn} | {"moved"} (another writer appended first) | {"missing"}.
+APPEND_TURNS_AT = _lua("""
+local raw = redis.call('GET', KEYS[1])
+if not raw or string.sub(raw, 1, {prefix_len}) == '{prefix}' then return {'missing'} end
+if redis.call('LLEN', KEYS[2]) ~= tonumber(ARGV[1]) then return {'moved'} end
+local obj = cjson.decode(raw)
+local n = 0
+for index = 2, #ARGV do n = redis.call('RPUSH', KEYS[2], ARGV[index]) end
+return {'ok', tostring((tonumber(obj['fork_at']) or 0) + n)}
+""")
+
 # KEYS: object. ARGV: now. Returns 1 if it was live (now revoked), 0 if missing or revoked.
 # The mark is prepended to the stored JSON as its first key (records are never re-encoded
 # in Lua, whose cjson would turn empty arrays into objects).
@@ -114,6 +126,7 @@ class RedisStateStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
         self._append_turn = client.register_script(APPEND_TURN)
+        self._append_turns_at = client.register_script(APPEND_TURNS_AT)
         self._revoke = client.register_script(REVOKE)
         self._secret: bytes | None = None
 
@@ -221,6 +234,18 @@ class RedisStateStore:
         if status == "idem":
             return TurnReplayed(first=IDEMPOTENT_ENTRY.validate_json(reply[1]))
         return SessionNotLive()
+
+    async def append_turns_at(
+        self, tenant: str, session: str, turns: Sequence[Turn], *, own_count: int
+    ) -> int | Literal["moved", "missing"]:
+        """Append ``turns`` to the live ``session`` only if it holds ``own_count`` turns of its
+        own now (nobody appended since), in one step: the seq of the last turn, else why not."""
+        keys = [object_key(tenant, session), turns_key(tenant, session)]
+        reply = await self._append_turns_at(keys=keys, args=[own_count, *(_canonical(t) for t in turns)])
+        status = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+        if status == "ok":
+            return int(reply[1])
+        return "moved" if status == "moved" else "missing"
 
     async def own_turns(self, tenant: str, session: str, limit: int | None = None) -> list[Turn]:
         """The turns appended to ``session`` itself (not its parent's), oldest first; at most

@@ -101,7 +101,7 @@ async def _generate(request: Request, call: EngineCall) -> Response:
                 clock=clock,
             )  # fmt: skip
         )
-        headers = _headers(generation)
+        headers = generation_headers(generation)
         if not prepared.stream:
             render = render_chat_completion if call is EngineCall.CHAT else render_completion
             rendered = render(generation.answer, generation.model)
@@ -131,7 +131,7 @@ def _state_refs(request: Request, call: EngineCall) -> StateRefs:
     return StateRefs(snapshot=snapshot, session=session)
 
 
-def _headers(generation: Generation) -> dict[str, str]:
+def generation_headers(generation: Generation) -> dict[str, str]:
     run = generation.run
     headers = zumik_headers.route_headers(run.decision_id, run.route)
     headers[zumik_headers.QOS] = generation.request.admission.qos.value

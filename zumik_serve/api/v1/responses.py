@@ -1,0 +1,222 @@
+"""/v1/responses: OpenAI's Responses API over the same pipeline as chat, stored as sessions.
+
+    POST   /v1/responses          parse ─► previous conversation ─► chat body ─► Pipeline.run
+                                  ─► Response (or its stream of events) ─► stored (store=true)
+    GET    /v1/responses/{id}     the stored Response
+    DELETE /v1/responses/{id}     deleted
+
+The translation is ``zumik_serve/responses`` (wire), the storage ``responses/service.py``. Like
+every /v1 route, no Zumik field enters a body: the session that holds a stored chain is the
+``x-zumik-session`` header (purge it on /v2 to remove the whole chain with a receipt).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from zumik_serve.api import headers as zumik_headers
+from zumik_serve.api.body import read_body
+from zumik_serve.api.deps import pipeline_of, tenant_of
+from zumik_serve.api.v1.handlers import generation_headers
+from zumik_serve.api.v1.wire import parse_json_body, prepare_request
+from zumik_serve.engines.protocol import EngineCall, EngineChunks, EngineFailure, parse_stream_error
+from zumik_serve.errors import InvalidRequestError, ZumikError
+from zumik_serve.pipeline.pipeline import Pipeline
+from zumik_serve.pipeline.request import (
+    Admission,
+    Completion,
+    Generation,
+    GenerationRequest,
+    StateRefs,
+    Surface,
+)
+from zumik_serve.responses.service import Previous, ResponsesService
+from zumik_serve.responses.wire import (
+    ResponseHead,
+    ResponsesRequest,
+    StreamTranslator,
+    chat_body,
+    input_history,
+    output_history,
+    parse_request,
+    render_response,
+    sse,
+)
+from zumik_serve.telemetry.tracing import RequestClock
+from zumik_serve.tenancy.tenant import Tenant
+
+router = APIRouter(prefix="/v1")
+
+
+@router.post("/responses")
+async def create_response(request: Request) -> Response:
+    clock = RequestClock()
+    pipeline = pipeline_of(request)
+    tenant = await tenant_of(request)
+    qos, timeout = zumik_headers.QOS, zumik_headers.TIMEOUT
+    admission = await pipeline.admit(
+        tenant, qos=request.headers.get(qos), timeout_s=request.headers.get(timeout), clock=clock,
+        qos_param=qos, timeout_param=timeout,
+    )  # fmt: skip
+    try:
+        parsed = parse_request(parse_json_body(await read_body(request, pipeline.context.max_body_bytes)))
+        responses = pipeline.context.responses
+        previous = None
+        if parsed.previous_response_id is not None:
+            previous = await responses.previous(tenant.id, parsed.previous_response_id)
+        prepared = prepare_request(EngineCall.CHAT, chat_body(parsed, previous.messages if previous else ()))
+        generation = await pipeline.run(
+            GenerationRequest(
+                tenant=tenant,
+                surface=Surface.V1,
+                call=EngineCall.CHAT,
+                model=prepared.model,
+                body=prepared.engine_body,
+                stream=prepared.stream,
+                refs=StateRefs(),
+                admission=admission,
+                clock=clock,
+            )  # fmt: skip
+        )
+        head = ResponseHead(
+            id=ResponsesService.new_id(),
+            model=generation.model,
+            created_at=clock.started_ns // 10**9,
+            request=parsed,
+        )
+        headers = generation_headers(generation)
+        if not prepared.stream:
+            rendered = render_response(head, generation.answer, completed_at=int(time.time()))
+            if parsed.store:
+                record = await _store(pipeline, tenant, parsed, rendered, previous)
+                headers[zumik_headers.SESSION] = record
+            if generation.figures is not None:
+                headers.update(zumik_headers.reuse_headers(generation.figures))
+            admission.release()
+            return JSONResponse(rendered, headers=headers)
+    except BaseException:
+        admission.release()
+        raise
+    return StreamingResponse(
+        _events(pipeline, tenant, generation, head, previous, admission),
+        media_type="text/event-stream",
+        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(admission.release),
+    )
+
+
+@router.get("/responses/{response_id}")
+async def retrieve_response(response_id: str, request: Request) -> JSONResponse:
+    tenant = await tenant_of(request)
+    for name in ("stream", "starting_after", "include_obfuscation"):
+        if request.query_params.get(name) not in (None, "", "false"):
+            raise InvalidRequestError(f"'{name}' is not supported on GET /v1/responses/{{id}}.", param=name)
+    if request.query_params.getlist("include"):
+        raise InvalidRequestError(
+            "'include' is not supported: no extra output data is kept.", param="include"
+        )
+    record = await pipeline_of(request).context.responses.get(tenant.id, response_id)
+    return JSONResponse(record.body, headers={zumik_headers.SESSION: record.session})
+
+
+@router.delete("/responses/{response_id}")
+async def delete_response(response_id: str, request: Request) -> JSONResponse:
+    tenant = await tenant_of(request)
+    return JSONResponse(await pipeline_of(request).context.responses.delete(tenant.id, response_id))
+
+
+async def _store(
+    pipeline: Pipeline,
+    tenant: Tenant,
+    parsed: ResponsesRequest,
+    rendered: dict[str, Any],
+    previous: Previous | None,
+) -> str:
+    """Store a finished response; the session or branch that holds its conversation."""
+    added = [*input_history(parsed), *output_history(rendered["output"])]
+    record = await pipeline.context.responses.save(
+        tenant.id, response_id=rendered["id"], body=rendered, added=added, previous=previous
+    )
+    return record.session
+
+
+async def _events(
+    pipeline: Pipeline,
+    tenant: Tenant,
+    generation: Generation,
+    head: ResponseHead,
+    previous: Previous | None,
+    admission: Admission,
+) -> AsyncIterator[bytes]:
+    """The Responses events of one streamed generation. A failure after the first event is
+    ``response.failed`` (the engine's or Zumik's) or ``error`` (the request's), never a made-up
+    completion; a response is stored only once completed or incomplete."""
+    translator = StreamTranslator(head)
+    reply: list[str] = []
+    usage: dict[str, Any] | None = None
+    ended = False
+    try:
+        for event in translator.start():
+            yield sse(event)
+        async for engine_event in pipeline.events(generation):
+            if isinstance(engine_event, EngineFailure):
+                for event in _failure(
+                    translator, engine_event.status, engine_event.message, engine_event.param
+                ):
+                    yield sse(event)
+                return
+            if not isinstance(engine_event, EngineChunks):
+                continue
+            for payload in engine_event.payloads:
+                if not payload or payload == "[DONE]":
+                    continue
+                error = parse_stream_error(payload)
+                if error is not None:
+                    status = str(error.get("code"))
+                    code = int(status) if status.isdigit() else 500
+                    for event in _failure(translator, code, str(error.get("message")), error.get("param")):
+                        yield sse(event)
+                    return
+                chunk = json.loads(payload)
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    if choice.get("index", 0) == 0:
+                        reply.append((choice.get("delta") or {}).get("content") or "")
+                for event in translator.feed(chunk):
+                    yield sse(event)
+        finished = translator.finish(int(time.time()))
+        ended = True
+        final = finished[-1]["response"]
+        await pipeline.finish(generation, Completion("".join(reply), usage))
+        if head.request.store:
+            await _store(pipeline, tenant, head.request, final, previous)
+        for event in finished:
+            yield sse(event)
+    except ZumikError as exc:
+        if not ended:
+            for event in _failure(translator, exc.status, exc.message, exc.param):
+                yield sse(event)
+    except Exception as exc:  # the replica died or the handle broke mid-stream
+        if not ended:
+            message = (
+                f"The engine failed while streaming ({type(exc).__name__}); the output is incomplete. "
+                "Retry the request."
+            )
+            for event in translator.fail(message):
+                yield sse(event)
+    finally:
+        admission.release()
+
+
+def _failure(translator: StreamTranslator, status: int, message: str, param: Any) -> list[dict[str, Any]]:
+    """A fault of the request (4xx) is an ``error`` event; any other ends as ``response.failed``."""
+    if 400 <= status < 500:
+        return translator.error(message, code=None, param=param if isinstance(param, str) else None)
+    return translator.fail(message)
