@@ -97,9 +97,12 @@ async def test_delete_store_false_and_other_tenants_are_404(gateway: InProcessGa
 
 
 async def test_stream_is_the_official_event_sequence_and_is_stored(gateway: InProcessGateway) -> None:
-    async with gateway.client() as http, http.stream(
-        "POST", "/v1/responses", json={"model": "zumik-tiny", "input": "Hi", "stream": True}
-    ) as response:
+    async with (
+        gateway.client() as http,
+        http.stream(
+            "POST", "/v1/responses", json={"model": "zumik-tiny", "input": "Hi", "stream": True}
+        ) as response,
+    ):
         assert response.status_code == 200
         raw = (await response.aread()).decode()
     events = [json.loads(line[len("data: ") :]) for line in raw.splitlines() if line.startswith("data: ")]

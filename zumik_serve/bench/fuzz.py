@@ -38,10 +38,14 @@ V1_OPERATIONS = (
     ("GET", "/models/{model}"),
     ("POST", "/chat/completions"),
     ("POST", "/completions"),
+    ("POST", "/responses"),
+    ("GET", "/responses/{response_id}"),
+    ("DELETE", "/responses/{response_id}"),
 )
 ERROR_STATUSES = ("400", "401", "404", "413", "429")  # the 4xx statuses Zumik answers on /v1
 MODES = ("positive", "negative")
 MAX_TOKENS_CAP = 16
+MIN_OUTPUT_TOKENS = 16  # the spec's minimum of max_output_tokens (/responses), also its cap here
 N_CAP = 2
 EXAMPLES_KEPT = 5  # failing examples kept per operation and mode
 REASON_CHARS = 240
@@ -293,11 +297,17 @@ def _steer_positive(
         body["model"] = model
         if body.get("stream") is not True:
             body.pop("stream_options", None)
-        if not any(key in body for key in ("max_tokens", "max_completion_tokens")):
+        if label == "POST /responses":
+            body.pop("previous_response_id", None)  # an unknown id is a 404 the unsteered cases cover
+            body.setdefault("input", "Hello")
+            body["max_output_tokens"] = MIN_OUTPUT_TOKENS
+        elif not any(key in body for key in ("max_tokens", "max_completion_tokens")):
             body["max_completion_tokens" if label == "POST /chat/completions" else "max_tokens"] = (
                 1 + 5 * choice
             )
-    for key, cap in (("max_tokens", MAX_TOKENS_CAP), ("max_completion_tokens", MAX_TOKENS_CAP), ("n", N_CAP)):
+    caps = (("max_tokens", MAX_TOKENS_CAP), ("max_completion_tokens", MAX_TOKENS_CAP),
+            ("max_output_tokens", MIN_OUTPUT_TOKENS), ("n", N_CAP))  # fmt: skip
+    for key, cap in caps:
         if isinstance(body.get(key), int | float) and not isinstance(body[key], bool) and body[key] > cap:
             body[key] = cap
     case.body = body
@@ -438,14 +448,15 @@ class _Run:
         from schemathesis.hooks import HookDispatcher, HookScope
 
         from zumik_serve.api.v1.wire import UNSUPPORTED_FIELDS
+        from zumik_serve.responses.wire import UNSUPPORTED_FIELDS as RESPONSES_UNSUPPORTED
+
+        unsupported = frozenset(UNSUPPORTED_FIELDS) | frozenset(RESPONSES_UNSUPPORTED)
 
         declared = _declared_request_fields(spec)
         steer = HookDispatcher(scope=HookScope.TEST)
 
         def flatmap_case(context: Any, case: Any) -> Any:
-            return st.integers(0, 3).map(
-                lambda k: _steer_positive(case, k, model, declared, UNSUPPORTED_FIELDS)
-            )
+            return st.integers(0, 3).map(lambda k: _steer_positive(case, k, model, declared, unsupported))
 
         steer.register_hook_with_name(flatmap_case, "flatmap_case")
         schema = schemathesis.openapi.from_dict(spec)

@@ -66,7 +66,7 @@ def refuse_unsupported(model: type[Wire], value: Any, info: ValidationInfo) -> N
         return None
     param = name
     if rule.name_key and isinstance(value, dict):
-        param = next(f"{name}.{key}" for key, inner in value.items() if not asks_nothing(inner))
+        param = next((f"{name}.{key}" for key, inner in value.items() if not asks_nothing(inner)), name)
     raise FieldRuleError(param[:MAX_NAME_CHARS], rule.reason)
 
 
