@@ -251,3 +251,37 @@ def test_connector_stats_sum_events_by_kind_and_tier() -> None:
     assert not merged.is_empty()
     merged.reset()
     assert merged.is_empty()
+
+
+def test_connector_leaves_adapter_requests_out_of_the_tiers(tmp_path: Path) -> None:
+    """A LoRA request's KV depends on the adapter, which the block keys do not carry: it never
+    loads from a tier nor stores to one, and is counted; a base request beside it is stored."""
+    pytest.importorskip("vllm")
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from kvstore.connector import ZumikKVConnector
+
+    connector = ZumikKVConnector.__new__(ZumikKVConnector)  # the scheduler side, without an engine
+    manager = TierManager([SharedMemoryTier(tmp_path, 1 << 20)])
+    connector.__dict__.update(
+        _compat_digest=COMPAT.digest(), _block_size=32, _manager=manager,
+        _salts={}, _reuse={}, _bypassing=set(), _bypassed={}, _pending_loads={}, _load_plans={},
+        _planned_tiers={}, _stored=OrderedDict(),
+    )  # fmt: skip
+    tokens = list(range(100))
+    lora = SimpleNamespace(request_id="lora", cache_salt="s", prompt_token_ids=tokens, lora_request=object())
+    base = SimpleNamespace(request_id="base", cache_salt="s", prompt_token_ids=tokens, lora_request=None)
+    assert connector.get_num_new_matched_tokens(lora, 0) == (0, False)  # type: ignore[arg-type]
+    assert connector.get_num_new_matched_tokens(lora, 0) == (0, False)  # type: ignore[arg-type]  # counted once
+    assert connector.get_num_new_matched_tokens(base, 0) == (0, False)  # type: ignore[arg-type]
+    scheduled = [
+        SimpleNamespace(req_id=rid, block_ids=([0, 1, 2, 3],), prompt_token_ids=tokens, num_computed_tokens=0)
+        for rid in ("lora", "base")
+    ]
+    output = SimpleNamespace(scheduled_new_reqs=scheduled, num_scheduled_tokens={"lora": 100, "base": 100})
+    meta = connector.build_connector_meta(output)  # type: ignore[arg-type]
+    assert [store.request_id for store in meta.stores] == ["base"]
+    stats = connector.get_kv_connector_stats()
+    # Only the base request looked in the tiers (3 full blocks, none held yet).
+    assert stats is not None and stats.data == {"miss:host": [3, 0], "bypassed:lora": [1, 0]}

@@ -91,12 +91,11 @@ class ResponsesService:
     async def get(self, tenant: str, response_id: str) -> StoredResponse:
         return await self._live(tenant, response_id, param="response_id")
 
-    async def delete(self, tenant: str, response_id: str) -> dict[str, Any]:
+    async def delete(self, tenant: str, response_id: str) -> None:
         if handle_kind(response_id) is not HandleKind.RESPONSE or not await self._state.store_call(
             self._store.delete(tenant, response_id)
         ):
             raise _not_found(response_id, "response_id")
-        return {"id": response_id, "object": "response", "deleted": True}
 
     async def _live(self, tenant: str, response_id: str, *, param: str) -> StoredResponse:
         record = None

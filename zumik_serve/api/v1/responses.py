@@ -127,9 +127,11 @@ async def retrieve_response(response_id: str, request: Request) -> JSONResponse:
 
 
 @router.delete("/responses/{response_id}")
-async def delete_response(response_id: str, request: Request) -> JSONResponse:
+async def delete_response(response_id: str, request: Request) -> Response:
+    """200 with no body, as the spec declares it (the SDK's ``responses.delete`` returns None)."""
     tenant = await tenant_of(request)
-    return JSONResponse(await pipeline_of(request).context.responses.delete(tenant.id, response_id))
+    await pipeline_of(request).context.responses.delete(tenant.id, response_id)
+    return Response(status_code=200)
 
 
 async def _store(
