@@ -287,15 +287,26 @@ def test_steered_cases_reach_the_engine_within_the_caps() -> None:
         )
     }
     body = {"messages": [], "n": 100, "max_tokens": 10**9, "audio": {}, "random": 1, "stream_options": {}}
-    case = _steer_positive(
-        make_case("POST", "/chat/completions", body), 0, "tiny", declared, frozenset({"audio"})
-    )
+    refused = {"POST /chat/completions": frozenset({"audio"}), "POST /responses": frozenset({"messages"})}
+    case = _steer_positive(make_case("POST", "/chat/completions", body), 0, "tiny", declared, refused)
     assert case.body == {"model": "tiny", "messages": [], "n": N_CAP, "max_tokens": MAX_TOKENS_CAP}
+
+
+def test_steered_responses_cases_get_an_input_and_the_least_output() -> None:
+    declared = {
+        "POST /responses": frozenset(
+            {"model", "input", "prompt", "max_output_tokens", "previous_response_id"}
+        )
+    }
+    body = {"prompt": {"id": "pmpt_1"}, "max_output_tokens": 5000, "previous_response_id": "resp_x"}
+    refused = {"POST /responses": frozenset({"prompt"}), "POST /completions": frozenset()}
+    case = _steer_positive(make_case("POST", "/responses", body), 0, "tiny", declared, refused)
+    assert case.body == {"model": "tiny", "input": "Hello", "max_output_tokens": 16}
 
 
 def test_unsteered_cases_are_only_capped() -> None:
     body = {"model": "m", "max_completion_tokens": 99, "random": 1}
-    case = _steer_positive(make_case("POST", "/chat/completions", body), 3, "tiny", {}, frozenset())
+    case = _steer_positive(make_case("POST", "/chat/completions", body), 3, "tiny", {}, {})
     assert case.body == {"model": "m", "max_completion_tokens": MAX_TOKENS_CAP, "random": 1}
-    model_case = _steer_positive(make_case("GET", "/models/{model}", None), 0, "tiny", {}, frozenset())
+    model_case = _steer_positive(make_case("GET", "/models/{model}", None), 0, "tiny", {}, {})
     assert model_case.path_parameters == {"model": "tiny"}

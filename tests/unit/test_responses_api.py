@@ -130,3 +130,25 @@ async def test_purging_the_session_removes_every_response_of_the_chain(gateway: 
         assert receipt["target"] == session and ids <= set(receipt["purged"]), receipt
         for response_id in ids:
             assert (await http.get(f"/v1/responses/{response_id}")).status_code == 404
+
+
+async def test_a_chain_keeps_the_release_it_started_under(gateway: InProcessGateway) -> None:
+    async with gateway.client() as http:
+        first = await _create(http, input="Hello")
+        pinned = first.headers["x-zumik-release"]
+        moved = await http.post("/v2/aliases/zumik-tiny/releases", json={})
+        assert moved.status_code in (200, 201), moved.text
+        assert moved.json()["id"] != pinned
+        continued = await _create(http, input="More", previous_response_id=first.json()["id"])
+        assert continued.headers["x-zumik-release"] == pinned  # the chain's own release
+        fresh = await _create(http, input="New")
+        assert fresh.headers["x-zumik-release"] == moved.json()["id"]  # a new chain: the alias's now
+
+
+async def test_a_revoked_session_takes_its_responses_with_it(gateway: InProcessGateway) -> None:
+    async with gateway.client() as http:
+        first = await _create(http, input="Hello")
+        session = first.headers["x-zumik-session"]
+        assert (await http.delete(f"/v2/sessions/{session}")).status_code == 200
+        continued = await _create(http, input="More", previous_response_id=first.json()["id"])
+        assert continued.status_code == 404 and continued.json()["error"]["param"] == "previous_response_id"

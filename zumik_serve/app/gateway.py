@@ -31,13 +31,16 @@ class Gateway:
     """The separate topology: its own replicas, reaching engines through a Serve handle."""
 
     def __init__(
-        self, settings: GatewaySettings, engines: dict[str, Any], other_groups: dict[str, dict[str, Any]]
+        self,
+        settings: GatewaySettings,
+        engines: dict[str, Any],
+        other_groups: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """``engines``: the first model group's replicas by id; ``other_groups``: each other
         model's (by its served name)."""
         self._app = make_gateway_app(
             settings, ray_clients(engines), ray_metrics(settings),
-            other_groups={model: ray_clients(handles) for model, handles in other_groups.items()},
+            other_groups={model: ray_clients(handles) for model, handles in (other_groups or {}).items()},
         )  # fmt: skip
 
     async def __serve_build_asgi_app__(self) -> App:

@@ -279,7 +279,11 @@ def _response_schema(operation: Mapping[str, Any], status: int, media_type: str)
 
 
 def _steer_positive(
-    case: Any, choice: int, model: str, declared: Mapping[str, frozenset[str]], unsupported: frozenset[str]
+    case: Any,
+    choice: int,
+    model: str,
+    declared: Mapping[str, frozenset[str]],
+    unsupported: Mapping[str, frozenset[str]],
 ) -> Any:
     """Caps the sizes of every positive case and, unless ``choice`` is 3, aims it at the engine:
     the served model, spec-declared fields only, none Zumik rejects as unsupported, no
@@ -293,7 +297,8 @@ def _steer_positive(
     body = dict(case.body)
     if choice < 3:
         allowed = declared.get(label, frozenset())
-        body = {key: value for key, value in body.items() if key in allowed and key not in unsupported}
+        refused = unsupported.get(label, frozenset())
+        body = {key: value for key, value in body.items() if key in allowed and key not in refused}
         body["model"] = model
         if body.get("stream") is not True:
             body.pop("stream_options", None)
@@ -450,7 +455,12 @@ class _Run:
         from zumik_serve.api.v1.wire import UNSUPPORTED_FIELDS
         from zumik_serve.responses.wire import UNSUPPORTED_FIELDS as RESPONSES_UNSUPPORTED
 
-        unsupported = frozenset(UNSUPPORTED_FIELDS) | frozenset(RESPONSES_UNSUPPORTED)
+        chat_unsupported = frozenset(UNSUPPORTED_FIELDS)
+        unsupported = {  # by operation: a field one surface refuses may be another's to use
+            "POST /chat/completions": chat_unsupported,
+            "POST /completions": chat_unsupported,
+            "POST /responses": frozenset(RESPONSES_UNSUPPORTED),
+        }
 
         declared = _declared_request_fields(spec)
         steer = HookDispatcher(scope=HookScope.TEST)

@@ -126,7 +126,7 @@ class Pipeline:
         ctx = self.context
         tenant = request.tenant
         check_generation_limits(request.body, ctx.limits)
-        release = await self._release(tenant, request.model)
+        release = await self._release(tenant, request.model, pinned=request.refs.release)
         model = release.model if release is not None else (request.model or ctx.models.default)
         if model not in ctx.models.ids:
             raise ModelNotFoundError(
@@ -213,12 +213,20 @@ class Pipeline:
 
     # --- steps -------------------------------------------------------------------------------
 
-    async def _release(self, tenant: Tenant, model: str | None) -> Release | None:
-        """The release the request's ``model`` (an alias, or the served model) pins."""
+    async def _release(
+        self, tenant: Tenant, model: str | None, *, pinned: str | None = None
+    ) -> Release | None:
+        """The release the request's ``model`` (an alias, or the served model) pins: the
+        ``pinned`` one (a stored conversation's) while it is a release of that same alias, else
+        the alias's current release."""
         name = model if model is not None else self.context.models.default
         if not name:
             return None
         routing, state = self.context.routing, self.context.state
+        if pinned is not None:
+            release = await state.store_call(routing.release(tenant.id, pinned))
+            if release is not None and release.alias == name:
+                return release
         return await state.store_call(routing.release_for_request(tenant.id, name))
 
     async def _resolve_state(

@@ -41,10 +41,12 @@ class Surface(StrEnum):
 @dataclass(frozen=True)
 class StateRefs:
     """The state objects a request builds on: a snapshot whose messages come first, a session
-    that the exchange (the request's last user/tool message and the reply) is appended to."""
+    that the exchange (the request's last user/tool message and the reply) is appended to, and
+    the release a stored conversation ran under (kept while the request names the same alias)."""
 
     snapshot: str | None = None
     session: str | None = None
+    release: str | None = None
 
 
 @dataclass

@@ -12,7 +12,8 @@ class StoredResponse(BaseModel):
     """``messages``: the chat messages this response added (its input, then its output), exact,
     tool calls included; ``chain``: the responses before it, oldest first, so that its whole
     conversation is one read. ``session``/``upto``: the session or branch holding the same
-    conversation as turns, and its turn number after this response."""
+    conversation as turns, and its turn number after this response. ``release``: the release it
+    ran under, which the responses continuing it keep while they name the same model."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -25,3 +26,4 @@ class StoredResponse(BaseModel):
     messages: tuple[dict[str, Any], ...]
     body: dict[str, Any]
     created_at: int
+    release: str | None = None

@@ -54,6 +54,10 @@ class ResponsesService:
         """The stored response ``response_id`` and its conversation; 404 naming
         ``previous_response_id`` when it is unknown, deleted, purged or another tenant's."""
         record = await self._live(tenant, response_id, param="previous_response_id")
+        try:  # a revoked (or purged) session takes its responses with it, as any session's use
+            await self._state.store_call(self._state.use_session(tenant, record.session))
+        except NotFoundError:
+            raise _not_found(response_id, "previous_response_id") from None
         ancestors = await self._state.store_call(self._store.get_many(tenant, record.chain))
         if any(ancestor is None for ancestor in ancestors):
             raise _not_found(response_id, "previous_response_id")  # an earlier one was purged
@@ -68,6 +72,7 @@ class ResponsesService:
         body: Mapping[str, Any],
         added: Sequence[ChatMessage],
         previous: Previous | None,
+        release: str | None = None,
     ) -> StoredResponse:
         """Store a finished response: its messages as turns of the conversation, then its
         record (built on the session or branch holding them and on the response it continues)."""
@@ -83,6 +88,7 @@ class ResponsesService:
             messages=tuple(dict(m) for m in added),
             body=dict(body),
             created_at=int(time.time()),
+            release=release,
         )
         parents = [session] if previous is None else [session, previous.record.id]
         await self._state.store_call(self._store.put(tenant, record, parents))

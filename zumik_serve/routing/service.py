@@ -61,6 +61,10 @@ class RoutingService:
             raise _alias_not_found(alias)
         return state
 
+    async def release(self, tenant: str, release_id: str) -> Release | None:
+        """The tenant's release ``release_id`` (releases are immutable and kept); None if none."""
+        return await self._store.release(tenant, release_id)
+
     async def resolve(self, tenant: str, name: str) -> Release | None:
         """The current release of the tenant's alias ``name``; None when no such alias."""
         try:

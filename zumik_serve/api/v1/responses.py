@@ -80,7 +80,7 @@ async def create_response(request: Request) -> Response:
                 model=prepared.model,
                 body=prepared.engine_body,
                 stream=prepared.stream,
-                refs=StateRefs(),
+                refs=StateRefs(release=previous.record.release if previous is not None else None),
                 admission=admission,
                 clock=clock,
             )  # fmt: skip
@@ -95,8 +95,9 @@ async def create_response(request: Request) -> Response:
         if not prepared.stream:
             rendered = render_response(head, generation.answer, completed_at=int(time.time()))
             if parsed.store:
-                record = await _store(pipeline, tenant, parsed, rendered, previous)
-                headers[zumik_headers.SESSION] = record
+                headers[zumik_headers.SESSION] = await _store(
+                    pipeline, tenant, parsed, generation, rendered, previous
+                )
             if generation.figures is not None:
                 headers.update(zumik_headers.reuse_headers(generation.figures))
             admission.release()
@@ -138,14 +139,17 @@ async def _store(
     pipeline: Pipeline,
     tenant: Tenant,
     parsed: ResponsesRequest,
+    generation: Generation,
     rendered: dict[str, Any],
     previous: Previous | None,
 ) -> str:
-    """Store a finished response; the session or branch that holds its conversation."""
+    """Store a finished response (with the release it ran under); the session or branch that
+    holds its conversation."""
     added = [*input_history(parsed), *output_history(rendered["output"])]
     record = await pipeline.context.responses.save(
-        tenant.id, response_id=rendered["id"], body=rendered, added=added, previous=previous
-    )
+        tenant.id, response_id=rendered["id"], body=rendered, added=added, previous=previous,
+        release=generation.release.id if generation.release is not None else None,
+    )  # fmt: skip
     return record.session
 
 
@@ -198,7 +202,7 @@ async def _events(
         final = finished[-1]["response"]
         await pipeline.finish(generation, Completion("".join(reply), usage))
         if head.request.store:
-            await _store(pipeline, tenant, head.request, final, previous)
+            await _store(pipeline, tenant, head.request, generation, final, previous)
         for event in finished:
             yield sse(event)
     except ZumikError as exc:
