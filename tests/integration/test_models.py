@@ -16,8 +16,7 @@ import httpx
 import openai
 import pytest
 
-from profiles import load_builtin
-from zumik_serve.model.resolve import resolve_model_dir
+from tests.support.beside import deployed_beside
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm]
 
@@ -29,29 +28,13 @@ PROMPT = " ".join(f"word{index}" for index in range(60))  # two full KV blocks a
 
 @pytest.fixture(scope="module")
 def multi(running_stack) -> Iterator[openai.OpenAI]:
-    from ray import serve
-
-    from tests.integration.conftest import DEV_KEY
-    from zumik_serve.app.application import build_serve_app
-
-    profile = load_builtin("local-cpu-multi")
-    app = build_serve_app(
-        profile,
-        model_dir=resolve_model_dir(profile, running_stack.home),
-        redis_url=running_stack.redis_url,
-        dev_key=DEV_KEY,
-        home=running_stack.home,
-    )
-    serve.run(app, name=APP, route_prefix=PREFIX)
-    try:
+    with deployed_beside(running_stack, "local-cpu-multi", app=APP, prefix=PREFIX):
         yield openai.OpenAI(
             base_url=f"{running_stack.url}{PREFIX}/v1",
             api_key=running_stack.tenant_key,
             max_retries=0,
             timeout=120,
         )
-    finally:
-        serve.delete(APP)
 
 
 def _greedy(client: openai.OpenAI, model: str, prompt: str = PROMPT) -> openai.types.chat.ChatCompletion:

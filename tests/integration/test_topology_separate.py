@@ -12,13 +12,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from profiles import load_builtin
 from tests.integration.test_v1_faults import (
     assert_error_event_then_done,
     stream_and_break,
     wait_until_serving,
 )
-from zumik_serve.model.resolve import resolve_model_dir
+from tests.support.beside import deployed_beside
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm]
 
@@ -28,24 +27,8 @@ PREFIX = "/separate"
 
 @pytest.fixture(scope="module")
 def separate(running_stack, http: httpx.Client) -> Iterator[str]:
-    from ray import serve
-
-    from tests.integration.conftest import DEV_KEY
-    from zumik_serve.app.application import build_serve_app
-
-    profile = load_builtin("local-cpu-separate")
-    app = build_serve_app(
-        profile,
-        model_dir=resolve_model_dir(profile, running_stack.home),
-        redis_url=running_stack.redis_url,
-        dev_key=DEV_KEY,
-        home=running_stack.home,
-    )
-    serve.run(app, name=APP, route_prefix=PREFIX)
-    try:
-        yield PREFIX
-    finally:
-        serve.delete(APP)
+    with deployed_beside(running_stack, "local-cpu-separate", app=APP, prefix=PREFIX) as prefix:
+        yield prefix
 
 
 def _kill_engine_replica_actor() -> None:

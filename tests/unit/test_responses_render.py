@@ -1,17 +1,11 @@
-"""The Responses translation layer, answers out (``zumik_serve/responses``): a ``POST /v1/responses`` body in,
-a chat-completions body out; a chat answer or chat stream back as the official Response object or
-Responses stream events.
+"""The Responses translation layer, answers out (``zumik_serve/responses``): a chat answer or
+chat stream rendered as the official Response object or Responses stream events.
 
 Invariants held here:
 
 - every Response and event carries only keys of the official schema and every key it requires,
   checked against the ``openai`` SDK's types and, where ``../shared`` is present, the OpenAPI
   spec (the one key the SDK lags the spec on is listed in ``SDK_LAGS_SPEC`` and tested as such);
-- a bad body is a 400 ``invalid_request_error`` naming the value to fix and never echoing it;
-  every unsupported spec field is refused with its table's reason unless it asks for nothing;
-- the chat body is one Zumik's own /v1/chat/completions check accepts unchanged;
-- an earlier response's output sent back as input gives the same chat messages as the stored
-  chain (``input_history`` + ``output_history``), and instructions never enter the history;
 - a streamed answer gives the official event order with strictly increasing sequence numbers,
   and its final Response equals ``render_response`` of the same answer whole;
 - the official client reads the objects and the SSE stream (its stream accumulator included).

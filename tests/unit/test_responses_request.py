@@ -1,20 +1,14 @@
-"""The Responses translation layer, requests in (``zumik_serve/responses``): a ``POST /v1/responses`` body in,
-a chat-completions body out; a chat answer or chat stream back as the official Response object or
-Responses stream events.
+"""The Responses translation layer, requests in (``zumik_serve/responses``): a
+``POST /v1/responses`` body parsed, and translated into a chat-completions body.
 
 Invariants held here:
 
-- every Response and event carries only keys of the official schema and every key it requires,
-  checked against the ``openai`` SDK's types and, where ``../shared`` is present, the OpenAPI
-  spec (the one key the SDK lags the spec on is listed in ``SDK_LAGS_SPEC`` and tested as such);
 - a bad body is a 400 ``invalid_request_error`` naming the value to fix and never echoing it;
   every unsupported spec field is refused with its table's reason unless it asks for nothing;
-- the chat body is one Zumik's own /v1/chat/completions check accepts unchanged;
+- the bodies tested are valid for the official spec, and the chat body is one Zumik's own
+  /v1/chat/completions check accepts unchanged;
 - an earlier response's output sent back as input gives the same chat messages as the stored
-  chain (``input_history`` + ``output_history``), and instructions never enter the history;
-- a streamed answer gives the official event order with strictly increasing sequence numbers,
-  and its final Response equals ``render_response`` of the same answer whole;
-- the official client reads the objects and the SSE stream (its stream accumulator included).
+  chain (``input_history`` + ``output_history``), and instructions never enter the history.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from zumik_serve.pipeline.request import (
     Surface,
 )
 from zumik_serve.telemetry.tracing import RequestClock
+from zumik_serve.tenancy.tenant import Tenant
 
 router = APIRouter(prefix="/v1")
 
@@ -79,12 +80,7 @@ async def _generate(request: Request, call: EngineCall) -> Response:
     clock = RequestClock()
     pipeline = pipeline_of(request)
     tenant = await tenant_of(request)
-    # Admission comes first: an overloaded class answers 429 before the body is even read.
-    qos, timeout = zumik_headers.QOS, zumik_headers.TIMEOUT
-    admission = await pipeline.admit(
-        tenant, qos=request.headers.get(qos), timeout_s=request.headers.get(timeout), clock=clock,
-        qos_param=qos, timeout_param=timeout,
-    )  # fmt: skip
+    admission = await admit(pipeline, tenant, request, clock)
     try:
         body = parse_json_body(await read_body(request, pipeline.context.max_body_bytes))
         prepared = prepare_request(call, body)
@@ -120,6 +116,16 @@ async def _generate(request: Request, call: EngineCall) -> Response:
         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         background=BackgroundTask(admission.release),  # also when the client left early
     )
+
+
+async def admit(pipeline: Pipeline, tenant: Tenant, request: Request, clock: RequestClock) -> Admission:
+    """A /v1 generation's admission, from its ``x-zumik-qos`` and ``x-zumik-timeout-s`` headers.
+    It comes first: an overloaded class answers 429 before the body is even read."""
+    qos, timeout = zumik_headers.QOS, zumik_headers.TIMEOUT
+    return await pipeline.admit(
+        tenant, qos=request.headers.get(qos), timeout_s=request.headers.get(timeout), clock=clock,
+        qos_param=qos, timeout_param=timeout,
+    )  # fmt: skip
 
 
 def _state_refs(request: Request, call: EngineCall) -> StateRefs:

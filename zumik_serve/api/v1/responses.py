@@ -24,7 +24,7 @@ from starlette.background import BackgroundTask
 from zumik_serve.api import headers as zumik_headers
 from zumik_serve.api.body import read_body
 from zumik_serve.api.deps import pipeline_of, tenant_of
-from zumik_serve.api.v1.handlers import generation_headers
+from zumik_serve.api.v1.handlers import admit, generation_headers
 from zumik_serve.api.v1.wire import parse_json_body, prepare_request
 from zumik_serve.engines.protocol import EngineCall, EngineChunks, EngineFailure, parse_stream_error
 from zumik_serve.errors import InvalidRequestError, ZumikError
@@ -60,11 +60,7 @@ async def create_response(request: Request) -> Response:
     clock = RequestClock()
     pipeline = pipeline_of(request)
     tenant = await tenant_of(request)
-    qos, timeout = zumik_headers.QOS, zumik_headers.TIMEOUT
-    admission = await pipeline.admit(
-        tenant, qos=request.headers.get(qos), timeout_s=request.headers.get(timeout), clock=clock,
-        qos_param=qos, timeout_param=timeout,
-    )  # fmt: skip
+    admission = await admit(pipeline, tenant, request, clock)
     try:
         parsed = parse_request(parse_json_body(await read_body(request, pipeline.context.max_body_bytes)))
         responses = pipeline.context.responses
