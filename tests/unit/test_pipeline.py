@@ -361,3 +361,50 @@ async def test_ledger_evidence_escalates_the_tenant_to_its_own_engines(
     inputs = record["record"]["inputs"]
     assert inputs["evidence"] == {"level": "reported", "reused_tokens_in_window": 400}
     assert record["record"]["escalation"]["met"] is True
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("n", "9000"), ("n", 2.0), ("max_tokens", "16"), ("max_completion_tokens", True), ("max_tokens", 8.5)],
+)
+async def test_counts_that_multiply_the_work_must_be_json_integers(
+    gateway: InProcessGateway, field: str, value: object
+) -> None:
+    """vLLM would coerce "9000" and run 9,000 sequences: only a JSON integer is taken."""
+    calls = len(gateway.engine.calls)
+    async with gateway.client() as http:
+        response = await http.post("/v1/chat/completions", json={**CHAT, field: value})
+        v2 = await http.post("/v2/generate", json={"input": "hi", "max_tokens": "16"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == field
+    assert response.json()["error"]["message"] == f"{field} must be an integer."
+    assert v2.status_code == 400 and v2.json()["error"]["param"] == "max_tokens"
+    assert len(gateway.engine.calls) == calls
+
+
+async def test_a_number_of_thousands_of_digits_is_a_400_not_a_500(gateway: InProcessGateway) -> None:
+    raw = b'{"model": "zumik-tiny", "messages": [], "seed": ' + b"9" * 5000 + b"}"
+    async with gateway.client() as http:
+        v1 = await http.post(
+            "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+        )
+        v2 = await http.post("/v2/sessions", content=raw, headers={"content-type": "application/json"})
+    assert v1.status_code == v2.status_code == 400
+    assert "too many digits" in v1.json()["error"]["message"]
+
+
+async def test_an_error_never_quotes_more_than_a_bounded_part_of_the_input(gateway: InProcessGateway) -> None:
+    huge = "m" * 100_000
+    async with gateway.client() as http:
+        answers = [
+            await http.post("/v1/chat/completions", json={**CHAT, "model": huge}),
+            await http.get(f"/v1/{'p' * 10_000}"),
+            await http.get(f"/v2/sessions/ses_{'x' * 10_000}"),
+            await http.post(
+                "/v1/responses", json={"model": "zumik-tiny", "input": "x", "previous_response_id": huge}
+            ),
+        ]
+    for answer in answers:
+        assert 400 <= answer.status_code < 500, answer.status_code
+        assert len(answer.content) <= 8 * 1024, (answer.request.url.path[:40], len(answer.content))
+        assert "(truncated)" in answer.json()["error"]["message"] or huge not in answer.text

@@ -20,8 +20,21 @@ _HTTP_TYPES = {
 }
 
 
+MAX_MESSAGE_CHARS = 1024  # with the other fields capped too, an error body stays under 8 KiB
+MAX_FIELD_CHARS = 128
+
+
+def _bounded(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters (saying so): an error may quote a name or a path the
+    client sent, and never sends a large input back."""
+    return text if len(text) <= limit else text[: limit - 16] + " ...(truncated)"
+
+
 def error_response(request: Request, error: ZumikError) -> JSONResponse:
     headers = {}
+    message = _bounded(error.message, MAX_MESSAGE_CHARS)
+    param = None if error.param is None else _bounded(error.param, MAX_FIELD_CHARS)
+    code = None if error.code is None else _bounded(error.code, MAX_FIELD_CHARS)
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, int(error.retry_after_s)))
     path = request.url.path
@@ -29,13 +42,13 @@ def error_response(request: Request, error: ZumikError) -> JSONResponse:
     if root and path.startswith(root):  # an app served under a route prefix (e.g. /gw/v1/...)
         path = path[len(root) :]
     if path.startswith("/v1"):
-        body = render_error(error.message, error.type, error.param, error.code)
+        body = render_error(message, error.type, param, code)
     else:
-        native = {"type": error.type, "message": error.message}
-        if error.param is not None:
-            native["param"] = error.param
-        if error.code is not None:
-            native["code"] = error.code
+        native = {"type": error.type, "message": message}
+        if param is not None:
+            native["param"] = param
+        if code is not None:
+            native["code"] = code
         body = {"error": native}
     return JSONResponse(body, status_code=error.status, headers=headers)
 

@@ -1,8 +1,9 @@
 """Input limits of a generation request, checked before any engine sees it (each a 400 naming
-the parameter, never echoing the input): ``n``, ``max_tokens`` / ``max_completion_tokens``, the
-number of messages and of prompts. The body size (413, before the whole body is read) is in
-``api/body.py``, the JSON depth in ``api/v1/wire.parse_json_body``; header sizes are the HTTP
-server's (Ray Serve's ingress answers 400/431 before the app runs).
+the parameter, never echoing the input): ``n``, ``max_tokens`` / ``max_completion_tokens`` (JSON
+integers only, none above the limit), the number of messages and of prompts. The body size (413,
+before the whole body is read) is in ``api/body.py``, the JSON depth and number sizes in
+``api/v1/wire.parse_json_body``; header sizes are the HTTP server's (Ray Serve's ingress answers
+400/431 before the app runs).
 """
 
 from __future__ import annotations
@@ -33,13 +34,22 @@ class GenerationLimits:
         )
 
 
+COUNT_FIELDS = ("n", "max_tokens", "max_completion_tokens")
+"""Fields that multiply the engine's work: only a JSON integer is taken (an engine would coerce
+the string "9000" and run 9,000 sequences)."""
+
+
 def check_generation_limits(body: Mapping[str, Any], limits: GenerationLimits) -> None:
+    for field in COUNT_FIELDS:
+        value = body.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidRequestError(f"{field} must be an integer.", param=field)
     n = body.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n > limits.max_n:
+    if n is not None and n > limits.max_n:
         raise InvalidRequestError(f"n must be at most {limits.max_n} on this server.", param="n")
     for field in ("max_tokens", "max_completion_tokens"):
         value = body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value > limits.max_output_tokens:
+        if value is not None and value > limits.max_output_tokens:
             raise InvalidRequestError(
                 f"{field} must be at most {limits.max_output_tokens} (this model's context length).",
                 param=field,

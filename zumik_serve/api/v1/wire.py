@@ -122,6 +122,10 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
             "We could not parse the JSON body of your request. The body must be a valid JSON "
             "object; check quoting and commas."
         ) from None
+    except ValueError:  # Python's cap on integer digits (sys.get_int_max_str_digits)
+        raise InvalidRequestError(
+            "The JSON body holds a number with too many digits; send numbers of a sensible size."
+        ) from None
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.")
     if _depth(body) > MAX_JSON_DEPTH:
