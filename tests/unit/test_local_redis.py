@@ -77,3 +77,28 @@ def test_tenant_options_round_trip_through_the_store(tmp_path: Path) -> None:
     assert limited is not None and limited.qos_classes == frozenset({"batch", "standard"})
     assert limited.reuse_accounting is False
     assert plain is not None and plain.qos_classes is None and plain.reuse_accounting is True
+
+
+async def test_the_first_read_after_a_redis_restart_is_served(tmp_path: Path) -> None:
+    """Every pooled connection is stale after a restart: once Redis answers again, the gateway's
+    client serves the next read (and write) instead of failing it with a 503, and a call while
+    Redis is down still fails at once."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from zumik_serve.store.client import gateway_client
+
+    server = LocalRedis(data_dir=tmp_path / "redis").start()
+    client = gateway_client(server.url)
+    try:
+        await asyncio.gather(*(client.set(f"key-{i}", f"value-{i}") for i in range(8)))  # 8 pooled
+        server.kill()
+        with pytest.raises(RedisConnectionError):
+            await client.get("key-0")
+        server.start()
+        assert await asyncio.gather(*(client.get(f"key-{i}") for i in range(8))) == [
+            f"value-{i}".encode() for i in range(8)
+        ]
+        assert await client.incr("counter") == 1  # a write is served too, and runs once
+    finally:
+        await client.aclose()
+        server.stop()

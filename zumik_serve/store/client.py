@@ -11,6 +11,9 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from zumik_serve.errors import StoreUnavailableError
@@ -19,15 +22,24 @@ logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
 
 GATEWAY_POOL_CONNECTIONS = 48
+STALE_CONNECTION_RETRIES = 1
 
 
 def gateway_client(url: str) -> aioredis.Redis:
     """A client over a bounded pool that requests wait on: with admission (not Serve) bounding
-    concurrency, a burst would otherwise open a connection per request at once and time out."""
+    concurrency, a burst would otherwise open a connection per request at once and time out.
+
+    After a Redis restart every pooled connection is stale. Its first use fails (the health
+    check's ping, or the command itself, meets a closed socket), so a connection error is tried
+    once more, at once, on a fresh connection: a server that answers again serves the request.
+    The retry is immediate and only for connection errors (never a timeout), so a command cut
+    off by a crash is not run twice: its retry finds the server still down and fails as before.
+    """
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=GATEWAY_POOL_CONNECTIONS, timeout=30,
         socket_timeout=15.0, socket_connect_timeout=5.0,  # a refused connection still fails at once
         health_check_interval=2,  # a pooled connection idle 2 s is pinged first (stale after a restart)
+        retry=Retry(NoBackoff(), STALE_CONNECTION_RETRIES, supported_errors=(RedisConnectionError,)),
     )  # fmt: skip
     return aioredis.Redis(connection_pool=pool)
 
