@@ -47,9 +47,7 @@ from openai.types.chat import (
 from openai.types.responses import FunctionToolParam, Response
 
 from tests.support.openai_schema import (
-    assert_matches_openai_type,
-    assert_matches_spec_component,
-    spec_available,
+    assert_official,
 )
 
 if TYPE_CHECKING:
@@ -170,9 +168,7 @@ def test_named_tool_choice_calls_that_tool_in_an_official_body(
         temperature=0,
     )
     body = json.loads(raw.text)
-    assert_matches_openai_type(body, ChatCompletion)
-    if spec_available():
-        assert_matches_spec_component(body, "CreateChatCompletionResponse")
+    assert_official(body, ChatCompletion, "CreateChatCompletionResponse")
     completion = raw.parse()
     choice = completion.choices[0]
     # OpenAI ends a named tool call with "stop", not "tool_calls".
@@ -305,9 +301,7 @@ def test_responses_create_body_is_strictly_official(
         model=running_stack.model, input="Say something short.", max_output_tokens=MAX_TOKENS, temperature=0
     )
     body = json.loads(raw.text)
-    assert_matches_openai_type(body, Response)
-    if spec_available():
-        assert_matches_spec_component(body, "Response")
+    assert_official(body, Response, "Response")
     response = raw.parse()
     assert response.object == "response" and response.id
     assert response.model == running_stack.model
@@ -413,9 +407,7 @@ def test_responses_forced_function_call_then_output_continues(
         temperature=0,
     )
     body = json.loads(raw.text)
-    assert_matches_openai_type(body, Response)
-    if spec_available():
-        assert_matches_spec_component(body, "Response")
+    assert_official(body, Response, "Response")
     first = raw.parse()
     _assert_finished(first)
     calls = [item for item in first.output if item.type == "function_call"]

@@ -23,6 +23,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from tests.support.openai_schema import (
     assert_matches_openai_type,
     assert_matches_spec_component,
+    assert_official,
     spec_available,
 )
 
@@ -59,9 +60,7 @@ def test_chat_completion_body_is_strictly_official(http: httpx.Client, running_s
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert_matches_openai_type(body, ChatCompletion)
-    if spec_available():
-        assert_matches_spec_component(body, "CreateChatCompletionResponse")
+    assert_official(body, ChatCompletion, "CreateChatCompletionResponse")
     assert body["object"] == "chat.completion"
     assert body["model"] == running_stack.model
     assert body["usage"]["completion_tokens"] == 8
@@ -78,9 +77,7 @@ def test_completion_body_is_strictly_official(http: httpx.Client, running_stack)
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert_matches_openai_type(body, Completion)
-    if spec_available():
-        assert_matches_spec_component(body, "CreateCompletionResponse")
+    assert_official(body, Completion, "CreateCompletionResponse")
     assert body["object"] == "text_completion"
     assert body["usage"]["completion_tokens"] == 6
 
@@ -137,9 +134,7 @@ def test_stream_include_usage_gives_one_final_usage_chunk(http: httpx.Client, ru
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
     for chunk in chunks:
-        assert_matches_openai_type(chunk, ChatCompletionChunk)
-        if spec_available():
-            assert_matches_spec_component(chunk, "CreateChatCompletionStreamResponse")
+        assert_official(chunk, ChatCompletionChunk, "CreateChatCompletionStreamResponse")
         assert "usage" in chunk
     *content_chunks, usage_chunk = chunks
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 5

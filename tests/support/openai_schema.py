@@ -84,6 +84,14 @@ def spec_available() -> bool:
     return _spec() is not None
 
 
+def assert_official(data: Any, model: type[pydantic.BaseModel], component: str) -> None:
+    """``data`` matches the SDK's ``model`` with no extra key, and, where the spec is present, its
+    ``component`` (the spec's check is skipped only when ``../shared`` is absent)."""
+    assert_matches_openai_type(data, model)
+    if spec_available():
+        assert_matches_spec_component(data, component)
+
+
 def assert_matches_spec_component(data: Any, component: str) -> None:
     """Validate ``data`` against ``#/components/schemas/<component>`` of the official spec."""
     import jsonschema

@@ -152,3 +152,17 @@ async def test_a_revoked_session_takes_its_responses_with_it(gateway: InProcessG
         assert (await http.delete(f"/v2/sessions/{session}")).status_code == 200
         continued = await _create(http, input="More", previous_response_id=first.json()["id"])
         assert continued.status_code == 404 and continued.json()["error"]["param"] == "previous_response_id"
+
+
+async def test_a_deleted_response_still_holds_its_part_of_a_later_ones_conversation(
+    gateway: InProcessGateway,
+) -> None:
+    async with gateway.client() as http:
+        first = (await _create(http, input="Hello")).json()
+        second = (await _create(http, input="More", previous_response_id=first["id"])).json()
+        assert (await http.delete(f"/v1/responses/{first['id']}")).status_code == 200
+        third = await _create(http, input="Last", previous_response_id=second["id"])
+        assert third.status_code == 200, third.text
+        assert [m["content"] for m in gateway.engine.bodies[-1]["messages"]] == [
+            "Hello", gateway.engine.reply, "More", gateway.engine.reply, "Last",
+        ]  # fmt: skip

@@ -32,7 +32,7 @@ def parse_vllm_args(args: Mapping[str, Any], *, field: str = "engine.vllm_args")
     ``VllmArgsError`` naming the first argument vLLM refuses and why."""
     if not args:
         return {}
-    parser, known = _parser()
+    parser, known, actions = _parser()
     for name in args:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3)
@@ -40,11 +40,12 @@ def parse_vllm_args(args: Mapping[str, Any], *, field: str = "engine.vllm_args")
             raise VllmArgsError(f"{field}.{name}: vLLM has no engine or server argument {name!r}{hint}")
     every: list[str] = []
     for name, value in args.items():  # one at a time, so that an error names its argument
+        action = actions.get(name)
         try:
-            tokens = _tokens(parser, name, value)
+            tokens = _tokens(action, name, value)
         except ValueError as exc:
             raise VllmArgsError(f"{field}.{name}: {exc}") from None
-        _check_scalar_type(parser, name, value, field)
+        _check_scalar_type(action, name, value, field)
         try:
             parser.parse_args(tokens)
         except (_ParseError, SystemExit, TypeError, ValueError) as exc:
@@ -77,7 +78,7 @@ class _ParseError(Exception):
 
 
 @functools.cache
-def _parser() -> tuple[Any, list[str]]:
+def _parser() -> tuple[Any, list[str], dict[str, argparse.Action]]:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import FrontendArgs, make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -93,12 +94,11 @@ def _parser() -> tuple[Any, list[str]]:
         {f.name for f in dataclasses.fields(FrontendArgs)}
         | {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     )
-    return parser, known
+    return parser, known, {action.dest: action for action in parser._actions}
 
 
-def _tokens(parser: Any, name: str, value: Any) -> list[str]:
+def _tokens(action: argparse.Action | None, name: str, value: Any) -> list[str]:
     """A plain on/off flag (``store_true``) has no ``--no-`` form: false is its default."""
-    action = next((a for a in parser._actions if a.dest == name), None)
     if value is False and isinstance(action, argparse._StoreTrueAction):
         return []
     if isinstance(value, bool) and action is not None and action.nargs != 0:
@@ -106,10 +106,9 @@ def _tokens(parser: Any, name: str, value: Any) -> list[str]:
     return vllm_arg_tokens(name, value)
 
 
-def _check_scalar_type(parser: Any, name: str, value: Any, field: str) -> None:
+def _check_scalar_type(action: argparse.Action | None, name: str, value: Any, field: str) -> None:
     """The command line turns "4" into 4; a profile is typed, so an int or float argument must
     be given as a number (and never as true/false)."""
-    action = next((a for a in parser._actions if a.dest == name), None)
     wanted = getattr(action, "type", None)
     if wanted not in (int, float):
         return

@@ -38,7 +38,8 @@ class RedisResponseStore:
         if not response_ids:
             return []
         raws = await self._redis.mget([object_key(tenant, rid) for rid in response_ids])
-        return [None if raw is None else _record(_strip_revoked(raw)) for raw in raws]
+        # A deleted record is the same JSON with "revoked_at" first, which the model ignores.
+        return [None if raw is None else _record(raw) for raw in raws]
 
     async def delete(self, tenant: str, response_id: str) -> bool:
         """Mark the record deleted (revoked); False when it was not live."""
@@ -48,15 +49,6 @@ class RedisResponseStore:
 def _revoked(raw: bytes | str) -> bool:
     text = raw.decode() if isinstance(raw, bytes) else raw
     return text.startswith(REVOKED_PREFIX)
-
-
-def _strip_revoked(raw: bytes | str) -> str:
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    if not text.startswith(REVOKED_PREFIX):
-        return text
-    data = json.loads(text)
-    data.pop("revoked_at", None)
-    return json.dumps(data)
 
 
 def _record(raw: bytes | str) -> StoredResponse | None:

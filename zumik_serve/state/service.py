@@ -186,8 +186,7 @@ class StateService:
     ) -> dict[str, Any]:
         """Append the turn ``request`` to the session or branch ``session``; 404 when it is not
         live."""
-        if len(request.content.encode()) > MAX_TURN_CONTENT_BYTES:
-            raise PayloadTooLargeError(f"a turn holds at most {MAX_TURN_CONTENT_BYTES} bytes of content")
+        _check_turn_size(request)
         if handle_kind(session) not in SESSION_LIKE:
             raise _not_found(session)
         this_hash = request_hash(f"turn:{session}", request.sent()) if idem_key is not None else ""
@@ -321,8 +320,7 @@ class StateService:
         on a new branch forked at ``upto`` (someone continued it first). Returns the session or
         branch that holds them and its head. 404 when ``handle`` is not live."""
         for turn in turns:
-            if len(turn.content.encode()) > MAX_TURN_CONTENT_BYTES:
-                raise PayloadTooLargeError(f"a turn holds at most {MAX_TURN_CONTENT_BYTES} bytes of content")
+            _check_turn_size(turn)
         now = int(time.time())
         appended = [Turn(role=turn.role, content=turn.content, created_at_s=now) for turn in turns]
         if after is None:
@@ -425,6 +423,11 @@ class StateService:
         if previous.request_hash != this_hash or not isinstance(previous.result, dict):
             raise _idempotency_conflict()
         return previous.result
+
+
+def _check_turn_size(turn: AppendTurn) -> None:
+    if len(turn.content.encode()) > MAX_TURN_CONTENT_BYTES:
+        raise PayloadTooLargeError(f"a turn holds at most {MAX_TURN_CONTENT_BYTES} bytes of content")
 
 
 def _not_found(handle: str, param: str | None = None) -> NotFoundError:

@@ -7,7 +7,8 @@ and timings go out as ``x-zumik-*`` / ``Server-Timing`` headers (``api/headers.p
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -172,34 +173,20 @@ async def _sse_events(
     completed = False
     usage: dict[str, Any] | None = None
     try:
-        async for event in pipeline.events(generation):
-            if isinstance(event, EngineFailure):
-                failure = {"message": event.message, "type": event.type, "param": event.param}
-                yield _data(render_stream_error({**failure, "code": event.status}))
+        async for item in engine_stream(pipeline, generation):
+            if isinstance(item, StreamFault):
+                yield _data(render_stream_error(item.error))
                 break
-            if not isinstance(event, EngineChunks):
+            rendered = renderer.render(item)
+            if rendered is None:
                 continue
-            failed = False
-            for payload in event.payloads:
-                if not payload or payload == "[DONE]":
-                    continue
-                error = parse_stream_error(payload)
-                if error is not None:
-                    yield _data(render_stream_error(error))
-                    failed = True
-                    break
-                rendered = renderer.render(json.loads(payload))
-                if rendered is None:
-                    continue
-                if rendered.get("usage"):
-                    usage = rendered["usage"]
-                for choice in rendered["choices"]:
-                    if choice["index"] == 0:
-                        reply.append(choice.get("delta", {}).get("content") or choice.get("text") or "")
-                        completed = completed or choice["finish_reason"] is not None
-                yield _data(rendered)
-            if failed:
-                break
+            if rendered.get("usage"):
+                usage = rendered["usage"]
+            for choice in rendered["choices"]:
+                if choice["index"] == 0:
+                    reply.append(choice.get("delta", {}).get("content") or choice.get("text") or "")
+                    completed = completed or choice["finish_reason"] is not None
+            yield _data(rendered)
         if completed:
             await pipeline.finish(generation, Completion("".join(reply), usage))
     except ZumikError as exc:
@@ -215,6 +202,37 @@ async def _sse_events(
             )
         )
     yield b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class StreamFault:
+    """The engine's failure inside a stream, as an error object (``message``, ``type``,
+    ``param``, ``code``: the status when the engine gave one)."""
+
+    error: Mapping[str, Any]
+
+
+async def engine_stream(
+    pipeline: Pipeline, generation: Generation
+) -> AsyncIterator[dict[str, Any] | StreamFault]:
+    """A streamed generation's chunks as the engine sent them (JSON objects, in order); a
+    failure, the engine's event or an in-stream error payload, ends it as one ``StreamFault``."""
+    async for event in pipeline.events(generation):
+        if isinstance(event, EngineFailure):
+            yield StreamFault(
+                {"message": event.message, "type": event.type, "param": event.param, "code": event.status}
+            )
+            return
+        if not isinstance(event, EngineChunks):
+            continue
+        for payload in event.payloads:
+            if not payload or payload == "[DONE]":
+                continue
+            error = parse_stream_error(payload)
+            if error is not None:
+                yield StreamFault(error)
+                return
+            yield json.loads(payload)
 
 
 def _data(obj: dict[str, Any]) -> bytes:

@@ -12,7 +12,6 @@ every /v1 route, no Zumik field enters a body: the session that holds a stored c
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,9 +23,9 @@ from starlette.background import BackgroundTask
 from zumik_serve.api import headers as zumik_headers
 from zumik_serve.api.body import read_body
 from zumik_serve.api.deps import pipeline_of, tenant_of
-from zumik_serve.api.v1.handlers import admit, generation_headers
+from zumik_serve.api.v1.handlers import StreamFault, admit, engine_stream, generation_headers
 from zumik_serve.api.v1.wire import parse_json_body, prepare_request
-from zumik_serve.engines.protocol import EngineCall, EngineChunks, EngineFailure, parse_stream_error
+from zumik_serve.engines.protocol import EngineCall
 from zumik_serve.errors import InvalidRequestError, ZumikError
 from zumik_serve.pipeline.pipeline import Pipeline
 from zumik_serve.pipeline.request import (
@@ -167,32 +166,21 @@ async def _events(
     try:
         for event in translator.start():
             yield sse(event)
-        async for engine_event in pipeline.events(generation):
-            if isinstance(engine_event, EngineFailure):
+        async for item in engine_stream(pipeline, generation):
+            if isinstance(item, StreamFault):
+                status = str(item.error.get("code"))
+                code = int(status) if status.isdigit() else 500
                 for event in _failure(
-                    translator, engine_event.status, engine_event.message, engine_event.param
+                    translator, code, str(item.error.get("message")), item.error.get("param")
                 ):
                     yield sse(event)
                 return
-            if not isinstance(engine_event, EngineChunks):
-                continue
-            for payload in engine_event.payloads:
-                if not payload or payload == "[DONE]":
-                    continue
-                error = parse_stream_error(payload)
-                if error is not None:
-                    status = str(error.get("code"))
-                    code = int(status) if status.isdigit() else 500
-                    for event in _failure(translator, code, str(error.get("message")), error.get("param")):
-                        yield sse(event)
-                    return
-                chunk = json.loads(payload)
-                usage = chunk.get("usage") or usage
-                for choice in chunk.get("choices") or []:
-                    if choice.get("index", 0) == 0:
-                        reply.append((choice.get("delta") or {}).get("content") or "")
-                for event in translator.feed(chunk):
-                    yield sse(event)
+            usage = item.get("usage") or usage
+            for choice in item.get("choices") or []:
+                if choice.get("index", 0) == 0:
+                    reply.append((choice.get("delta") or {}).get("content") or "")
+            for event in translator.feed(item):
+                yield sse(event)
         finished = translator.finish(int(time.time()))
         ended = True
         final = finished[-1]["response"]
