@@ -6,6 +6,7 @@ $ZUMIK_HOME/
   adapters/tiny-lora/   builtin:tiny-lora, a LoRA adapter of builtin:tiny (built on first use)
   redis/                the embedded redis-server's data directory (AOF files)
   run/                  files describing what is running now (redis.json)
+  secrets/              the embedded default's generated secrets, 0600 (see secret_files.py)
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class ZumikHome:
         return self.root / "run"
 
     def ensure(self) -> ZumikHome:
+        """Create the folders, owner-only (0700): the home holds the embedded Redis's data and the
+        secrets, and nothing in it is meant for another user of the machine."""
         for folder in (self.root, self.models_dir, self.redis_dir, self.run_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if folder.stat().st_mode & 0o077:
+                folder.chmod(0o700)
         return self
