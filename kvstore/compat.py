@@ -52,6 +52,10 @@ PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
     "gateway.max_n": FieldEffect.NEUTRAL,
     "gateway.max_messages": FieldEffect.NEUTRAL,
     "gateway.max_prompts": FieldEffect.NEUTRAL,
+    "gateway.body_timeout_s": FieldEffect.NEUTRAL,
+    "gateway.max_bundle_artifacts": FieldEffect.NEUTRAL,
+    "gateway.max_snapshot_bytes": FieldEffect.NEUTRAL,
+    "gateway.max_tokenize_bytes": FieldEffect.NEUTRAL,
     "kv_tiers.enabled": FieldEffect.NEUTRAL,
     "kv_tiers.host_capacity_bytes": FieldEffect.NEUTRAL,
     "kv_tiers.redis": FieldEffect.NEUTRAL,
@@ -68,14 +72,24 @@ PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
     "model.adapters.name": FieldEffect.NEUTRAL,
     "model.adapters.source": FieldEffect.NEUTRAL,
     "routes.max_inflight": FieldEffect.NEUTRAL,
+    "routes.retention_days": FieldEffect.NEUTRAL,  # what a purge's receipt says of a provider
     "qos.default_class": FieldEffect.NEUTRAL,
     "qos.classes.max_running": FieldEffect.NEUTRAL,
     "qos.classes.max_queued": FieldEffect.NEUTRAL,
+    "qos.classes.max_per_tenant": FieldEffect.NEUTRAL,
     "qos.classes.engine_priority": FieldEffect.NEUTRAL,
     "qos.classes.prefer_cheapest_route": FieldEffect.NEUTRAL,
     "qos.queue_timeout_s": FieldEffect.NEUTRAL,
     "qos.retry_after_s": FieldEffect.NEUTRAL,
     "telemetry.traces": FieldEffect.NEUTRAL,
+    # Quotas decide whether a request or a write is taken (and whether a block is kept in the
+    # Redis tier), never what KV an engine computes.
+    "quota.stored_bytes": FieldEffect.NEUTRAL,
+    "quota.objects": FieldEffect.NEUTRAL,
+    "quota.session_turns": FieldEffect.NEUTRAL,
+    "quota.kv_bytes": FieldEffect.NEUTRAL,
+    "quota.requests_per_minute": FieldEffect.NEUTRAL,
+    "quota.tokens_per_minute": FieldEffect.NEUTRAL,
     "routing.replica_choice": FieldEffect.NEUTRAL,
     # Routes and routing choose where a request goes, never what KV an engine computes. The
     # walker in tests/unit/test_kvstore.py names a tuple of routes by its element's fields.

@@ -11,6 +11,8 @@ Loaded by vLLM with ``kv_connector_module_path: kvstore.connector`` and configur
     keyring_redis_url    where the per-scope data keys live (absent: no keyring; then nothing
                          is sealed and purged scopes are not fenced off)
     seal                 seal blocks in the persistent tiers with the scope's data key
+    redis_password_file  the Redis user's password, read from this file (the URLs name the
+                         user, ``zumik-kv``, and hold no password: vLLM logs this config)
 
 Per request, on the scheduler side:
 

@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictInt,
     field_validator,
     model_validator,
 )
@@ -203,6 +204,24 @@ class GatewaySpec(_Frozen):
     max_prompts: Annotated[int, Field(ge=1)] = Field(
         default=64, description="Most prompts in one /v1/completions request."
     )
+    body_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=60.0,
+        description="Most seconds a request body may take to arrive (from the first byte the handler "
+        "reads); a slower upload gets 408. Neither uvicorn nor Ray Serve bounds it by default.",
+    )
+    max_snapshot_bytes: Annotated[int, Field(ge=1024)] = Field(
+        default=8 * 1024 * 1024,
+        description="Most bytes a bundle or snapshot expands to: every artifact reference counted "
+        "in full (a repeated artifact each time), plus a snapshot's turns. Beyond it: 413.",
+    )
+    max_bundle_artifacts: Annotated[int, Field(ge=1)] = Field(
+        default=1024, description="Most artifact references in one bundle (repeats included)."
+    )
+    max_tokenize_bytes: Annotated[int, Field(ge=1024)] = Field(
+        default=8 * 1024 * 1024,
+        description="Most bytes of message text the gateway tokenizes for one request (a snapshot's "
+        "compilation, a /v2 prompt with its snapshot); beyond it: 413.",
+    )
 
 
 class KvTiersSpec(_Frozen):
@@ -229,7 +248,7 @@ def group_served_names(group: ModelGroupSpec) -> tuple[str, ...]:
     return (group.model.served_name, *(adapter.name for adapter in group.model.adapters))
 
 
-PurgeCeiling = Literal["revoked", "unindexed", "deleted", "compacted", "crypto_erased"]
+PurgeCeiling = Literal["revoked", "unindexed", "deleted", "compacted", "crypto_erased", "provider_expiry"]
 
 
 class PurgeSpec(_Frozen):
@@ -238,8 +257,17 @@ class PurgeSpec(_Frozen):
     ceiling: PurgeCeiling = Field(
         default="crypto_erased",
         description="The strongest guarantee class a receipt of this profile may state; receipts "
-        "state the weakest class over the stores that held the data, never above this.",
+        "state the weakest class over the stores that held the data, never above this. "
+        "'provider_expiry' (ranked with 'revoked'): content may go to third-party providers, whose "
+        "copy ends only when their retention does.",
     )
+
+
+# OpenAI's API keeps inputs and outputs in abuse-monitoring logs "for up to 30 days" by default
+# (OpenAI platform docs, "Your data": Data retention controls for abuse monitoring); most
+# OpenAI-compatible managed APIs state the same or less. A route whose provider says otherwise
+# (or has a zero-data-retention agreement) sets ``retention_days``.
+DEFAULT_PROVIDER_RETENTION_DAYS = 30
 
 
 class RouteKind(StrEnum):
@@ -327,6 +355,13 @@ class RouteSpec(_Frozen):
         description="Most requests this gateway has at the route at once; beyond it the route is "
         "skipped for the next fallback, and with none left the request gets 429. None: no limit.",
     )
+    retention_days: Annotated[int, Field(ge=0, le=3650)] | None = Field(
+        default=None,
+        description="managed and byok only: how many days the provider keeps what it is sent, as "
+        "its terms state (0: a zero-data-retention agreement). None: "
+        "DEFAULT_PROVIDER_RETENTION_DAYS. A purge receipt names it for every provider a target's "
+        "content reached (provider_expiry).",
+    )
 
     @model_validator(mode="after")
     def _fields_fit_the_kind(self) -> RouteSpec:
@@ -337,6 +372,7 @@ class RouteSpec(_Frozen):
             ("model", provider, True),
             ("api_key_env", False, self.kind is RouteKind.MANAGED),
             ("prices", provider, provider),
+            ("retention_days", False, provider),
             ("replica_hour_usd", not provider, not provider),
             ("tokens_per_replica_hour", not provider, not provider),
         ]
@@ -350,6 +386,10 @@ class RouteSpec(_Frozen):
         if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url of route {self.name!r} must start with http:// or https://")
         return self
+
+    def provider_retention_days(self) -> int:
+        """How long the provider keeps what it is sent: ``retention_days``, else the default."""
+        return DEFAULT_PROVIDER_RETENTION_DAYS if self.retention_days is None else self.retention_days
 
     def token_prices_pusd(self) -> tuple[int, int, int]:
         """(input, cached_input, output) in integer pico-USD per token.
@@ -445,6 +485,19 @@ class QosClassSpec(_Frozen):
         default=False,
         description="Pick the cheapest healthy route (expected cost) instead of the default pool.",
     )
+    max_per_tenant: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        default=None,
+        description="Most requests of this class one tenant has running plus queued in a gateway; "
+        "beyond it that tenant gets 429 while others are still admitted. None: every running slot "
+        "and half the queue (max_running + max_queued // 2).",
+    )
+
+    def tenant_share(self) -> int:
+        """``max_per_tenant``, else every running slot and half the queue: a tenant alone uses
+        the whole class, and a flood of one tenant leaves the other half of the queue to others."""
+        if self.max_per_tenant is not None:
+            return self.max_per_tenant
+        return self.max_running + self.max_queued // 2
 
 
 def _default_qos_classes() -> dict[QosClass, QosClassSpec]:
@@ -477,6 +530,40 @@ class QosSpec(_Frozen):
         return self
 
 
+QuotaLimit = Annotated[StrictInt, Field(ge=0)] | None
+"""A per-tenant limit: a JSON/YAML integer (a string or a bool is refused), or None for none."""
+
+
+class QuotaSpec(_Frozen):
+    """Per-tenant limits (every tenant's default; ``zumik tenant quota set`` overrides them per
+    tenant). None: no limit. Storage counts what Zumik keeps for the tenant until a purge."""
+
+    stored_bytes: QuotaLimit = Field(
+        default=1024**3,
+        description="Bytes of object records, artifact content (once per distinct content), session "
+        "turns and stored responses.",
+    )
+    objects: QuotaLimit = Field(
+        default=100_000, description="Artifacts, bundles, sessions, branches, snapshots and stored responses."
+    )
+    session_turns: QuotaLimit = Field(
+        default=10_000, description="Most turns one session or branch holds (its head)."
+    )
+    kv_bytes: QuotaLimit = Field(
+        default=None,
+        description="Bytes of KV blocks one tenant's cache scope keeps in the Redis tier; past it, "
+        "blocks are not stored there (the engine recomputes them).",
+    )
+    requests_per_minute: QuotaLimit = Field(
+        default=None, description="Generation requests per minute (a sliding window shared by all gateways)."
+    )
+    tokens_per_minute: QuotaLimit = Field(
+        default=None,
+        description="Prompt plus max output tokens per minute, reserved at admission and corrected "
+        "to the usage the engine reports.",
+    )
+
+
 class TelemetrySpec(_Frozen):
     traces: Literal["none", "otlp", "console"] = Field(
         default="none",
@@ -506,6 +593,7 @@ class Profile(_Frozen):
     )
     routing: RoutingSpec = RoutingSpec()
     qos: QosSpec = QosSpec()
+    quota: QuotaSpec = QuotaSpec()
     telemetry: TelemetrySpec = TelemetrySpec()
 
     @model_validator(mode="after")

@@ -55,6 +55,41 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     create.add_argument("--json", action="store_true", help="machine-readable output")
     create.set_defaults(run=_cmd_tenant_create)
+    listing = tenant.add_parser("list", help="every tenant, its id and how many keys it has")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=_cmd_tenant_list)
+    delete = tenant.add_parser(
+        "delete", help="revoke every key of a tenant, purge all its data, print a signed receipt"
+    )
+    delete.add_argument("name")
+    delete.add_argument("--yes", action="store_true", help="confirm: the deletion cannot be undone")
+    delete.add_argument("--receipt-out", type=Path, help="write the receipt here (default: print it)")
+    delete.add_argument("--profile", default="local-cpu", help="the running profile (its KV tiers, ceiling)")
+    delete.set_defaults(run=_cmd_tenant_delete)
+    key = tenant.add_parser("key", help="a tenant's API keys").add_subparsers(title="key commands")
+    key_create = key.add_parser("create", help="a new API key for a tenant (printed once)")
+    key_list = key.add_parser("list", help="a tenant's key ids, hints and creation times (never the keys)")
+    key_revoke = key.add_parser("revoke", help="revoke one key; every gateway refuses it within 1 s")
+    for command in (key_create, key_list, key_revoke):
+        command.add_argument("tenant")
+    key_revoke.add_argument("key_id", help="as `zumik tenant key list` shows it (key_...)")
+    key_runs = ((key_create, _cmd_key_create), (key_list, _cmd_key_list), (key_revoke, _cmd_key_revoke))
+    for command, run in key_runs:
+        command.add_argument("--json", action="store_true")
+        command.set_defaults(run=run)
+
+    quota = tenant.add_parser("quota", help="a tenant's quotas").add_subparsers(title="quota commands")
+    quota_set = quota.add_parser("set", help="override the profile's default limits for one tenant")
+    quota_show = quota.add_parser("show", help="a tenant's limits in force, its overrides and its usage")
+    for command in (quota_set, quota_show):
+        command.add_argument("tenant", help="the tenant's name (or its id, ten_...)")
+        command.add_argument("--json", action="store_true", help="machine-readable output")
+    quota_show.add_argument("--profile", default="local-cpu", help="the profile whose defaults apply")
+    for name in ("stored_bytes", "objects", "session_turns", "kv_bytes", "requests_per_minute",
+                 "tokens_per_minute"):  # fmt: skip
+        quota_set.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="N|unlimited|default")
+    quota_set.set_defaults(run=_cmd_tenant_quota)
+    quota_show.set_defaults(run=_cmd_tenant_quota)
 
     model = sub.add_parser("model", help="models").add_subparsers(title="model commands")
     tiny = model.add_parser("tiny", help="build the tiny test model (byte-identical every time)")
@@ -136,6 +171,51 @@ def _parser() -> argparse.ArgumentParser:
     qos.add_argument("--out", type=Path, default=Path("bench-out/qos"))
     qos.add_argument("--json", action="store_true")
     qos.set_defaults(run=_cmd_bench_qos)
+    churn = bench.add_parser(
+        "churn", help="tenants read their objects under aborts, Redis and replica restarts: no 401, no leak"
+    )
+    churn.add_argument("--profile", default="local-cpu")
+    churn.add_argument("--tenants", type=int, default=8)
+    churn.add_argument("--objects", type=int, default=8, help="objects per tenant")
+    churn.add_argument("--seconds", type=float, default=600.0, help="reading time (every disruption runs)")
+    churn.add_argument("--redis-restarts", type=int, default=5, help="kill -9 + restart cycles of Redis")
+    churn.add_argument("--replica-restarts", type=int, default=3, help="engine replica actor kills")
+    churn.add_argument("--abort-share", type=float, default=0.25, help="share of requests aborted mid-flight")
+    churn.add_argument("--timeout-s", type=float, default=30.0, help="a reader's request timeout")
+    churn.add_argument("--seed", type=int, default=0)
+    churn.add_argument("--out", type=Path, default=Path("bench-out/churn"))
+    churn.add_argument("--json", action="store_true")
+    churn.set_defaults(run=_cmd_bench_churn)
+    durability = bench.add_parser(
+        "durability", help="kill -9 of Redis and the gateway under /v2 writers: no acknowledged write lost"
+    )
+    durability.add_argument("--profile", default="local-cpu")
+    durability.add_argument("--cycles", type=int, default=20, help="kill -9 cycles of each (alternating)")
+    durability.add_argument(
+        "--placement", choices=["separate", "colocated"], default="separate",
+        help="separate: the gateway is a Gateway replica; colocated: the engine replica (vLLM reload)",
+    )  # fmt: skip
+    durability.add_argument("--gateway-replicas", type=int, default=1, help="Gateway replicas (separate)")
+    durability.add_argument("--writers", type=int, default=4)
+    durability.add_argument("--writes-between", type=int, default=50, help="acknowledged writes per cycle")
+    durability.add_argument("--timeout-s", type=float, default=10.0, help="a writer's request timeout")
+    durability.add_argument("--out", type=Path, default=Path("bench-out/durability"))
+    durability.add_argument("--json", action="store_true")
+    durability.set_defaults(run=_cmd_bench_durability)
+    timing = bench.add_parser(
+        "isolation-timing", help="TTFT on another tenant's cached prefix vs a fresh one (timing channel)"
+    )
+    timing.add_argument("--profile", default="local-cpu")
+    timing.add_argument("--rounds", type=int, default=250, help="samples per arm")
+    timing.add_argument("--prompt-tokens", type=int, default=1900)
+    timing.add_argument("--prefix-fraction", type=float, default=0.95)
+    timing.add_argument("--warm", type=int, default=3, help="tenant A's sends of each prefix before a round")
+    timing.add_argument("--leak-alpha", type=float, default=0.01)
+    timing.add_argument("--control-alpha", type=float, default=1e-6)
+    timing.add_argument("--seed", type=int, default=0)
+    timing.add_argument("--out", type=Path, default=Path("bench-out/isolation-timing"))
+    timing.add_argument("--json", action="store_true")
+    timing.set_defaults(run=_cmd_bench_isolation_timing)
 
     reuse = sub.add_parser("reuse", help="reuse figures").add_subparsers(title="reuse commands")
     report = reuse.add_parser("report", help="a tenant's opportunity and capture, as a table and a plot")
@@ -150,9 +230,30 @@ def _parser() -> argparse.ArgumentParser:
     receipt = sub.add_parser("receipt", help="purge receipts").add_subparsers(title="receipt commands")
     verify = receipt.add_parser("verify", help="check a receipt offline; exit 0 only when it is intact")
     verify.add_argument("file", type=Path, help="a receipt as JSON (the 'receipt' of POST /v2/purge)")
-    verify.add_argument("--public-key", required=True, type=Path, help="PEM file from GET /v2/keys")
+    verify.add_argument(
+        "--public-key", "--keys", dest="public_key", required=True, type=Path,
+        help="PEM with one or more public keys, or the JSON of GET /v2/keys (the receipt's key_id picks)",
+    )  # fmt: skip
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(run=_cmd_receipt_verify)
+
+    secrets = sub.add_parser("secrets", help="the server's secrets (files, never in Redis)").add_subparsers(
+        title="secrets commands"
+    )
+    folder_help = "the secrets folder (default: $ZUMIK_SECRETS_DIR, else $ZUMIK_HOME/secrets)"
+    init = secrets.add_parser("init", help="create the missing secret files (0600); prints their names")
+    migrate = secrets.add_parser(
+        "migrate", help="an earlier deployment's secrets: copied from Redis into files, deleted from Redis"
+    )
+    migrate.add_argument("--redis-url", required=True, help="the deployment's Redis")
+    rotate = secrets.add_parser(
+        "rotate-signing-key", help="a new receipt signing key; the old public key stays listed as retired"
+    )
+    commands = ((init, _cmd_secrets_init), (migrate, _cmd_secrets_migrate), (rotate, _cmd_secrets_rotate))
+    for command, run in commands:
+        command.add_argument("--secrets-dir", type=Path, help=folder_help)
+        command.add_argument("--json", action="store_true", help="machine-readable output")
+        command.set_defaults(run=run)
     return parser
 
 
@@ -220,6 +321,36 @@ def _print_ready(stack: object, model: str, elapsed_s: float) -> None:
     console.print("Press Ctrl-C to stop.")
 
 
+def _cmd_tenant_list(args: argparse.Namespace) -> int:
+    from zumik_serve.tenancy.tenant_cli import run_tenant_list
+
+    return run_tenant_list(args, console)
+
+
+def _cmd_tenant_delete(args: argparse.Namespace) -> int:
+    from zumik_serve.tenancy.tenant_cli import run_tenant_delete
+
+    return run_tenant_delete(args, console)
+
+
+def _cmd_key_create(args: argparse.Namespace) -> int:
+    from zumik_serve.tenancy.tenant_cli import run_key_create
+
+    return run_key_create(args, console)
+
+
+def _cmd_key_list(args: argparse.Namespace) -> int:
+    from zumik_serve.tenancy.tenant_cli import run_key_list
+
+    return run_key_list(args, console)
+
+
+def _cmd_key_revoke(args: argparse.Namespace) -> int:
+    from zumik_serve.tenancy.tenant_cli import run_key_revoke
+
+    return run_key_revoke(args, console)
+
+
 def _cmd_tenant_create(args: argparse.Namespace) -> int:
     from zumik_serve.home import ZumikHome
     from zumik_serve.store.client import plain_client
@@ -266,6 +397,12 @@ def _cmd_tenant_create(args: argparse.Namespace) -> int:
         console.print(f"created tenant [bold]{args.name}[/bold] ({tenant_id}); its API key (shown once):")
         print(api_key)
     return 0
+
+
+def _cmd_tenant_quota(args: argparse.Namespace) -> int:
+    from zumik_serve.qos.quota_cli import run_tenant_quota
+
+    return run_tenant_quota(args, console)
 
 
 def _cmd_model_tiny(args: argparse.Namespace) -> int:
@@ -323,6 +460,24 @@ def _cmd_bench_qos(args: argparse.Namespace) -> int:
     return run_qos_bench(args, console)
 
 
+def _cmd_bench_churn(args: argparse.Namespace) -> int:
+    from zumik_serve.bench.churn import run_churn_bench
+
+    return run_churn_bench(args, console)
+
+
+def _cmd_bench_durability(args: argparse.Namespace) -> int:
+    from zumik_serve.bench.durability import run_durability_bench
+
+    return run_durability_bench(args, console)
+
+
+def _cmd_bench_isolation_timing(args: argparse.Namespace) -> int:
+    from zumik_serve.bench.isolation_timing import run_isolation_timing_bench
+
+    return run_isolation_timing_bench(args, console)
+
+
 def _cmd_reuse_report(args: argparse.Namespace) -> int:
     from zumik_serve.reuse.report import run_reuse_report
 
@@ -333,6 +488,24 @@ def _cmd_receipt_verify(args: argparse.Namespace) -> int:
     from zumik_serve.purge.verify_cli import run_verify
 
     return run_verify(args.file, args.public_key, as_json=args.json)
+
+
+def _cmd_secrets_init(args: argparse.Namespace) -> int:
+    from zumik_serve.app.secrets_setup import run_secrets_init
+
+    return run_secrets_init(args, console)
+
+
+def _cmd_secrets_migrate(args: argparse.Namespace) -> int:
+    from zumik_serve.app.secrets_setup import run_secrets_migrate
+
+    return run_secrets_migrate(args, console)
+
+
+def _cmd_secrets_rotate(args: argparse.Namespace) -> int:
+    from zumik_serve.app.secrets_setup import run_rotate_signing_key
+
+    return run_rotate_signing_key(args, console)
 
 
 if __name__ == "__main__":

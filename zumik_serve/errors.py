@@ -13,6 +13,9 @@
     ├── UnprocessableError            422   invalid_request_error
     │   └── IdempotencyConflictError  422   idempotency_error / idempotency_key_reused
     ├── OverloadedError               429   rate_limit_error / overloaded (with Retry-After)
+    ├── RateLimitExceededError        429   rate_limit_error / rate_limit_exceeded (with Retry-After)
+    ├── QuotaExceededError            429   insufficient_quota / <quota>_quota_exceeded
+    │                                       (x-should-retry: false: waiting does not help)
     ├── StoreUnavailableError         503   service_unavailable_error
     ├── DeadlineExceededError         504   timeout_error / deadline_exceeded
     └── EngineError                   5xx   server_error (or a status the engine chose)
@@ -29,6 +32,7 @@ class ZumikError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    should_retry: bool | None = None  # an SDK hint (``x-should-retry``); None: the status decides
 
     def __init__(
         self,
@@ -113,6 +117,25 @@ class OverloadedError(ZumikError):
     status = 429
     type = "rate_limit_error"
     code = "overloaded"
+
+
+class RateLimitExceededError(ZumikError):
+    """The tenant's requests or tokens per minute are spent (always with Retry-After)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class QuotaExceededError(ZumikError):
+    """A write would take the tenant past a storage quota. The status and type are OpenAI's for
+    an exhausted quota (429 ``insufficient_quota``): the request itself is fine, the tenant's
+    allowance is not, and only freeing usage (a purge) or a higher limit helps; waiting does
+    not, so SDKs are told not to retry."""
+
+    status = 429
+    type = "insufficient_quota"
+    should_retry = False
 
 
 class DeadlineExceededError(ZumikError):

@@ -1,5 +1,11 @@
 """The tiers of one connector configuration (``kv_connector_extra_config``), built the same way
-in the engines (``connector.py``) and in the gateway (a purge sweeps the same tiers)."""
+in the engines (``connector.py``) and in the gateway (a purge sweeps the same tiers).
+
+Redis credentials: ``redis_url`` and ``keyring_redis_url`` name the user (``zumik-kv``) but hold
+no password, because vLLM logs its whole engine config; ``redis_password_file`` names the file
+the password is read from, here, when the clients are built. ``rediss://`` URLs use TLS, with
+redis-py's options in the query (``?ssl_ca_certs=/path/ca.pem``).
+"""
 
 from __future__ import annotations
 
@@ -17,17 +23,47 @@ def host_tier_root(config: dict[str, Any]) -> Path:
     return Path(str(config.get("shm_root") or "/dev/shm")) / f"zumik-kv-{config['compat_digest'][:16]}"
 
 
+class KvRedisPasswordError(RuntimeError):
+    """The Redis password file named by the config is missing or unusable."""
+
+
+def redis_password(config: dict[str, Any]) -> str | None:
+    """The password in ``config["redis_password_file"]`` (its final newline dropped), or None
+    when the config names no file (a Redis without ACL users)."""
+    if not config.get("redis_password_file"):
+        return None
+    path = Path(str(config["redis_password_file"]))
+    try:
+        password = path.read_text().removesuffix("\n").removesuffix("\r")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KvRedisPasswordError(
+            f"the engines' Redis password cannot be read from {path} ({type(exc).__name__}): it is "
+            "redis-kv.password in the secrets folder (ZUMIK_SECRETS_DIR; in Kubernetes the Secret "
+            "mounted at /etc/zumik/secrets); see deploy/redis/README.md"
+        ) from None
+    if not password:
+        raise KvRedisPasswordError(f"{path} is empty: it must hold the zumik-kv user's Redis password")
+    return password
+
+
+def redis_client(config: dict[str, Any], url_key: str) -> Any:
+    """A redis-py client for ``config[url_key]``, logged in with the config's password file."""
+    import redis
+
+    url, password = str(config[url_key]), redis_password(config)
+    return redis.Redis.from_url(url, password=password, socket_timeout=2, socket_connect_timeout=2)
+
+
 def build_tiers(config: dict[str, Any]) -> list[TierBackend]:
     tiers: list[TierBackend] = []
     if int(config.get("host_capacity_bytes") or 0) > 0:
         tiers.append(SharedMemoryTier(host_tier_root(config), int(config["host_capacity_bytes"])))
     if config.get("redis_url"):
-        import redis
-
         from kvstore.tiers.redis_tier import RedisTier
 
-        client = redis.Redis.from_url(str(config["redis_url"]), socket_timeout=2, socket_connect_timeout=2)
-        tiers.append(RedisTier(client))
+        limit = config.get("redis_scope_max_bytes")  # the profile's quota.kv_bytes; None: none
+        scope_max_bytes = None if limit is None else int(limit)
+        tiers.append(RedisTier(redis_client(config, "redis_url"), scope_max_bytes=scope_max_bytes))
     if config.get("disk_root"):
         tiers.append(DiskTier(Path(str(config["disk_root"]))))
     return tiers
@@ -36,12 +72,9 @@ def build_tiers(config: dict[str, Any]) -> list[TierBackend]:
 def build_keyring(config: dict[str, Any]) -> Keyring | None:
     if not config.get("keyring_redis_url"):
         return None
-    import redis
-
     from kvstore.tiers.redis_keyring import RedisKeyring
 
-    url = str(config["keyring_redis_url"])
-    return RedisKeyring(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2))
+    return RedisKeyring(redis_client(config, "keyring_redis_url"))
 
 
 def build_manager(config: dict[str, Any]) -> TierManager:

@@ -2,6 +2,9 @@
 
     <root>/<compat digest>/<scope>/<key[:2]>/<key>.kv
 
+Files are 0600 and folders 0700; the root must be this user's (``atomic_file.claim_private_dir``,
+checked before the first write), so no other user of the host reads or plants a block.
+
 A missing, truncated or unreadable file is a miss plus a failure event, never an exception.
 Values are opaque here (safetensors bytes from ``kvstore.codec``, possibly sealed).
 """
@@ -12,7 +15,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvstore.atomic_file import write_atomic
+from kvstore.atomic_file import claim_private_dir, make_private_dirs, write_atomic
 from kvstore.keys import ScopeId
 from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind
 
@@ -23,6 +26,7 @@ class DiskTier:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._events: list[TierEvent] = []
+        self._root_claimed = False
 
     def path(self, address: BlockAddress) -> Path:
         key = address.key
@@ -43,10 +47,14 @@ class DiskTier:
     def store(self, address: BlockAddress, value: bytes) -> bool:
         path = self.path(address)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if not self._root_claimed:
+                claim_private_dir(self.root)
+                self._root_claimed = True
+            make_private_dirs(path.parent)
             write_atomic(path, value)
         except OSError as exc:
-            self._events.append(TierEvent(TierEventKind.FAILURE, self.tier, 1, 0, f"write: {exc.strerror}"))
+            reason = f"write: {exc.strerror or exc}"
+            self._events.append(TierEvent(TierEventKind.FAILURE, self.tier, 1, 0, reason))
             return False
         return True
 

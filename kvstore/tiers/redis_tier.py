@@ -1,6 +1,21 @@
 """RedisTier: blocks shared by every node of a region, ``kv:{compat digest}:{scope}:{key}`` → value.
 
 An unreachable Redis is a miss plus a failure event (the engine recomputes), never an error.
+
+Each scope's bytes are counted, in the same script that stores or removes a block:
+
+    kv:used:{scope}     bytes of the scope's blocks held now (every compat key)
+    kv:sizes:{scope}    hash  block key → its value's size
+    kv:expiry:{scope}   zset  block key → when its TTL ends (a store first forgets the blocks
+                        whose TTL ended, so the count follows Redis' own expiry)
+    kv:limit:{scope}    the tenant's own limit ("unlimited" or bytes), published by the gateway
+                        (``zumik_serve/qos/store.py``) when the tenant has an override
+
+With a limit (the scope's own, else ``scope_max_bytes``: the profile's ``quota.kv_bytes``), a
+block that would take its scope past it is not stored: ``store`` answers False, like a full
+tier, and the engine recomputes that block when it needs it again. These keys end with the
+scope, so the scope pattern of ``remove_scope`` (``kv:*:{scope}:*``) does not count them as
+blocks; it removes them with the blocks.
 """
 
 from __future__ import annotations
@@ -13,13 +28,72 @@ from redis.exceptions import RedisError
 from kvstore.keys import ScopeId
 from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind
 
+# KEYS: block, used, sizes, expiry, limit. ARGV: value, TTL in s ("" none), the default limit
+# ("" none). Returns 1 when stored, 0 when the scope's limit refused it (nothing changed).
+STORE_COUNTED = """
+local limit = redis.call('GET', KEYS[5]) or ARGV[3]
+if limit == 'unlimited' then limit = '' end
+local now = tonumber(redis.call('TIME')[1])
+local ended = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 1000)
+for _, member in ipairs(ended) do
+  local size = redis.call('HGET', KEYS[3], member)
+  if size then
+    redis.call('DECRBY', KEYS[2], size)
+    redis.call('HDEL', KEYS[3], member)
+  end
+  redis.call('ZREM', KEYS[4], member)
+end
+local old = tonumber(redis.call('HGET', KEYS[3], KEYS[1]) or '0')
+local size = #ARGV[1]
+local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+if limit ~= '' and used - old + size > tonumber(limit) then return 0 end
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[2]), KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('HSET', KEYS[3], KEYS[1], size)
+redis.call('INCRBY', KEYS[2], size - old)
+return 1
+"""
+
+# KEYS: used, sizes, expiry, then blocks of that scope. Returns how many blocks existed.
+REMOVE_COUNTED = """
+local removed = 0
+for index = 4, #KEYS do
+  local size = redis.call('HGET', KEYS[2], KEYS[index])
+  if size then
+    redis.call('DECRBY', KEYS[1], size)
+    redis.call('HDEL', KEYS[2], KEYS[index])
+    redis.call('ZREM', KEYS[3], KEYS[index])
+  end
+  removed = removed + redis.call('UNLINK', KEYS[index])
+end
+return removed
+"""
+
+
+def scope_accounting_keys(scope: ScopeId) -> list[str]:
+    """used, sizes, expiry of ``scope``."""
+    return [f"kv:used:{scope}", f"kv:sizes:{scope}", f"kv:expiry:{scope}"]
+
+
+def scope_limit_key(scope: ScopeId) -> str:
+    return f"kv:limit:{scope}"
+
 
 class RedisTier:
     tier = Tier.REDIS
 
-    def __init__(self, client: redis.Redis, *, ttl_s: int | None = 7 * 24 * 3600) -> None:
+    def __init__(
+        self, client: redis.Redis, *, ttl_s: int | None = 7 * 24 * 3600, scope_max_bytes: int | None = None
+    ) -> None:
         self._redis = client
         self._ttl_s = ttl_s
+        self.scope_max_bytes = scope_max_bytes
+        self._store = client.register_script(STORE_COUNTED)
+        self._remove = client.register_script(REMOVE_COUNTED)
         self._events: list[TierEvent] = []
 
     @staticmethod
@@ -47,21 +121,36 @@ class RedisTier:
         return value if isinstance(value, bytes) else None
 
     def store(self, address: BlockAddress, value: bytes) -> bool:
+        """Store the block and count it in its scope; False when Redis cannot be reached or the
+        scope's limit would be passed."""
+        scope = address.scope
+        keys = [self.redis_key(address), *scope_accounting_keys(scope), scope_limit_key(scope)]
+        ttl = "" if self._ttl_s is None else str(self._ttl_s)
+        limit = "" if self.scope_max_bytes is None else str(self.scope_max_bytes)
         try:
-            self._redis.set(self.redis_key(address), value, ex=self._ttl_s)
+            return bool(self._store(keys=keys, args=[value, ttl, limit]))
         except RedisError as exc:
             self._failure(1, exc)
             return False
-        return True
+
+    def scope_bytes(self, scope: ScopeId) -> int:
+        """The bytes of ``scope``'s blocks as counted (blocks whose TTL ended are forgotten at
+        the scope's next store)."""
+        return int(self._redis.get(scope_accounting_keys(scope)[0]) or 0)
 
     def remove(self, addresses: Sequence[BlockAddress]) -> int:
         if not addresses:
             return 0
+        by_scope: dict[ScopeId, list[str]] = {}
+        for address in addresses:
+            by_scope.setdefault(address.scope, []).append(self.redis_key(address))
+        removed = 0
         try:
-            return int(self._redis.delete(*(self.redis_key(address) for address in addresses)))
+            for scope, keys in by_scope.items():
+                removed += int(self._remove(keys=[*scope_accounting_keys(scope), *keys]))
         except RedisError as exc:
             self._failure(len(addresses), exc)
-            return 0
+        return removed
 
     def remove_scope(self, scope: ScopeId) -> int:
         removed = 0
@@ -73,6 +162,7 @@ class RedisTier:
                 batch = []
         if batch:
             removed += int(self._redis.unlink(*batch))
+        self._redis.unlink(*scope_accounting_keys(scope), scope_limit_key(scope))  # nothing left to count
         return removed
 
     def take_events(self) -> list[TierEvent]:

@@ -5,6 +5,8 @@ to load, the worker loads and stores. A dict in one of them is invisible to the 
 host tier lives in RAM-backed files both can see. The worker is the only writer; it bounds the
 tier's size with an LRU over the files (those left by earlier processes included), removing the
 oldest past ``capacity_bytes``. Engines of one node with the same compat key share the folder.
+Its files are 0600 in 0700 folders, and an existing folder is used only if this user owns it
+(another user could otherwise read blocks there, or plant them).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+from kvstore.atomic_file import claim_private_dir
 from kvstore.keys import BlockKey, ScopeId
 from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind
 from kvstore.tiers.disk import DiskTier
@@ -27,6 +30,9 @@ class SharedMemoryTier(DiskTier):
         self.capacity_bytes = capacity_bytes
         self.used_bytes = 0
         self._written: OrderedDict[BlockAddress, int] = OrderedDict()  # oldest first
+        if self.root.exists():  # /dev/shm is shared by every user: adopt only a folder of ours
+            claim_private_dir(self.root)
+            self._root_claimed = True
         self._adopt_existing()
 
     def _adopt_existing(self) -> None:

@@ -2,15 +2,19 @@
 
 Positive control: tenant A repeating its own prompt hits the prefix cache. Tenant B sending
 exactly A's prompt gets ``cached_tokens == 0``. A client-supplied ``cache_salt`` never reaches
-the engine.
+the engine. ``zumik bench isolation-timing``'s rounds (T5c; its timing figures are the bench's,
+docs/benchmarks.md) report cached tokens for A's repeat and none for B on A's prefix.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import httpx
 import pytest
+
+from zumik_serve.bench.isolation_timing import measure
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm]
 
@@ -38,3 +42,14 @@ def test_client_cache_salt_is_ignored(http: httpx.Client, running_stack) -> None
     assert _cached(http, body) == 0
     # A client trying to pick its own salt still lands in its tenant's scope (and hits its cache).
     assert _cached(http, {**body, "cache_salt": "attacker-chosen"}) > 0
+
+
+def test_isolation_timing_rounds_see_a_hit_for_a_and_none_for_b(running_stack) -> None:
+    result = asyncio.run(measure(
+        running_stack.url, running_stack.tenant_key, running_stack.other_tenant_key, running_stack.model,
+        rounds=3, prompt_tokens=400, warm=1, seed=5,
+    ))  # fmt: skip
+    assert [len(result.cached(arm)) for arm in ("a-repeat", "b-same", "b-fresh")] == [3, 3, 3]
+    assert all(cached > 0 for cached in result.cached("a-repeat")), result.samples  # the control
+    assert result.cached("b-same") == [0, 0, 0], result.samples  # A's warm prefix: nothing for B
+    assert result.cached("b-fresh") == [0, 0, 0], result.samples

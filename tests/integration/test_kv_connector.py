@@ -46,7 +46,9 @@ def test_restore_into_fresh_engines_from_redis_and_disk(tmp_path: Path) -> None:
     model_dir = build_tiny_model(tmp_path / "tiny")
     server = LocalRedis(data_dir=tmp_path / "redis").start()
     try:
-        config = {"compat_digest": COMPAT, "host_capacity_bytes": 0, "redis_url": server.url,
+        kv = server.kv_access  # the engines' least-privilege user, its password in a file
+        config = {"compat_digest": COMPAT, "host_capacity_bytes": 0, "redis_url": kv.url,
+                  "redis_password_file": str(kv.password_file),
                   "disk_root": str(tmp_path / "kv")}  # fmt: skip
         prompt_a = [(i * 7) % 900 + 10 for i in range(700)]
         prompt_b = [(i * 11) % 900 + 10 for i in range(650)]
@@ -65,6 +67,7 @@ def test_restore_into_fresh_engines_from_redis_and_disk(tmp_path: Path) -> None:
         disk.path(BlockAddress(COMPAT, keys_b[14])).unlink()  # a later gap, never reached
 
         second, log = _run_engine(model_dir, config, [prompt_a, prompt_b])
+        assert Path(str(kv.password_file)).read_text() not in log  # vLLM logs its engine config
     finally:
         server.stop()
     aligned_a = (len(prompt_a) - 1) // BLOCK * BLOCK

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -240,6 +241,55 @@ def test_models_answer_while_slow_loris_bodies_are_open(
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_slow_loris_bodies_beyond_a_class_capacity_hold_no_slot_and_end_in_408(
+    http: httpx.Client, running_stack: RunningStack
+) -> None:
+    """More connections than batch has slots (running + queued), each trickling its body a byte
+    at a time: batch requests are still served (the body is read before a slot is taken), and
+    each trickler gets 408 once ``gateway.body_timeout_s`` has passed (nothing in front of the
+    gateway bounds a slow body: uvicorn, Serve and its HAProxy ingress let it trickle)."""
+    address = urlsplit(running_stack.url)
+    sockets = []
+    for _ in range(CAPACITY + 4):
+        sock = socket.create_connection((address.hostname, address.port), timeout=10)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {running_stack.tenant_key}\r\nx-zumik-qos: batch\r\n".encode()
+            + b'Content-Length: 1000000\r\n\r\n{"model":'
+        )
+        sockets.append(sock)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(0.5):
+            for sock in sockets:
+                sock.sendall(b" ")
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    try:
+        for _ in range(3):
+            served = http.post(
+                "/v1/chat/completions",
+                json=chat(running_stack.model, max_tokens=2),
+                headers={"x-zumik-qos": "batch"},
+            )
+            assert served.status_code == 200, served.text[:300]
+            assert served.headers["x-zumik-qos"] == "batch"
+        stop.set()
+        trickler.join()
+        for sock in sockets:
+            sock.settimeout(PROFILE.gateway.body_timeout_s + 60)  # a hang detector
+            head = sock.recv(65536)
+            assert head.startswith(b"HTTP/1.1 408"), head[:200]
+            assert b"body_timeout" in head or b"body_timeout" in sock.recv(65536)
+    finally:
+        stop.set()
+        for sock in sockets:
+            sock.close()
+    assert http.get("/v1/models").status_code == 200
 
 
 def test_server_timing_and_an_otlp_span_carrying_the_decision_id(

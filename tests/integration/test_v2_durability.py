@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.support.waiting import wait_until
-from zumik_serve.store.local_redis import LocalRedis
+from zumik_serve.store.local_redis import embedded_redis
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm]
 
@@ -101,7 +101,8 @@ def test_no_acknowledged_write_lost_across_kill_9(running_stack, http: httpx.Cli
                 lambda before=retries: sum(w.retries for w in writers) > before,
                 timeout_s=30, what="a writer to feel the outage",
             )  # fmt: skip
-            stack.redis = LocalRedis(data_dir=running_stack.home.redis_dir, port=port).start()
+            # As `zumik serve` starts it: same folder, port and password files.
+            stack.redis = embedded_redis(running_stack.home, port=port).start()
         _wait_for_progress(writers, "writes acknowledged after the last restart")
     finally:
         stop.set()

@@ -9,6 +9,10 @@ that serve; only the engine replica is the stand-in. Requests go through httpx's
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
+import shutil
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ from zumik_serve.app.context import GatewaySettings, Metrics, build_context
 from zumik_serve.engines.protocol import EngineClient
 from zumik_serve.pipeline.context import GatewayContext
 from zumik_serve.pipeline.pipeline import Pipeline
+from zumik_serve.server_secrets import generate_missing
 from zumik_serve.store.client import gateway_client
 from zumik_serve.tenancy.store import RedisTenantStore
 
@@ -69,13 +74,25 @@ def make_gateway(
     *,
     profile: Profile | None = None,
     engines: dict[str, FakeEngine] | None = None,
+    secrets_dir: Path | None = None,
 ) -> InProcessGateway:
     """The app of ``profile`` (default ``local-cpu``) over ``engines`` (the BYOC replicas of its
     first BYOC route; default one ``FakeEngine``). Managed routes read their key from the
-    environment, as in production (set it with ``monkeypatch.setenv``)."""
+    environment, as in production (set it with ``monkeypatch.setenv``). Its secrets are read from
+    ``secrets_dir`` (default: ``shared_secrets_dir()``), as a gateway reads them: generated there
+    first, as ``zumik serve`` does before a gateway starts."""
+    secrets_dir = secrets_dir or shared_secrets_dir()
+    generate_missing(secrets_dir)
     profile = profile or load_builtin("local-cpu")
     engines = engines or {"r0": FakeEngine()}
-    settings = GatewaySettings(
+    clients: dict[str, EngineClient] = dict(engines)
+    context = build_context(gateway_settings(redis_url, model_dir, profile, secrets_dir), clients, Metrics())
+    return InProcessGateway(build_app(context), context, engines, redis_url)
+
+
+def gateway_settings(redis_url: str, model_dir: Path, profile: Profile, secrets_dir: Path) -> GatewaySettings:
+    """What ``make_gateway`` builds its gateway with (the secrets are not generated here)."""
+    return GatewaySettings(
         profile_name=profile.name,
         served_model=profile.model.served_name,
         model_created_s=1_767_225_600,
@@ -89,10 +106,17 @@ def make_gateway(
         purge_ceiling=profile.purge.ceiling,
         profile_json=profile.model_dump_json(),
         dev_key=DEV_KEY,
+        secrets_dir=str(secrets_dir),
     )
-    clients: dict[str, EngineClient] = dict(engines)
-    context = build_context(settings, clients, Metrics())
-    return InProcessGateway(build_app(context), context, engines, redis_url)
+
+
+@functools.cache
+def shared_secrets_dir() -> Path:
+    """One secrets folder for every in-process gateway of this test process (like the replicas of
+    one deployment, they share it), removed when the process ends."""
+    folder = Path(tempfile.mkdtemp(prefix="zumik-test-secrets-")) / "secrets"
+    atexit.register(shutil.rmtree, folder.parent, True)
+    return folder
 
 
 async def wait_until(

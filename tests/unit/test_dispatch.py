@@ -8,7 +8,10 @@ Invariants held here:
   after the cooldown one probe goes through and a success closes it again;
 - every attempt is recorded with the decision, and every recorded decision replays equal;
 - the provider gets the route's model, Zumik's or the tenant's key, a prompt_cache_key, and
-  never the engine's cache salt.
+  never the engine's cache salt;
+- a send of a state object's content to a provider is recorded before the provider sees it
+  (route, kind, retention), once per attempt; a refused record sends nothing; the decision is
+  saved with its sources.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import pytest
 from profiles import parse_profile
 from tests.support.fault_server import Fault, FaultServer
 from zumik_serve.engines.protocol import EngineCall, EngineEvent, EngineResponse, ReplicaAssigned
-from zumik_serve.errors import InvalidRequestError, ZumikError
+from zumik_serve.errors import InvalidRequestError, NotFoundError, ZumikError
 from zumik_serve.routing.decision import DecisionRecord
 from zumik_serve.routing.dispatch import Dispatcher, RouteContext
+from zumik_serve.routing.reach import ProviderReach
 from zumik_serve.routing.replay import replay
 from zumik_serve.routing.retry import ATTEMPTS, Attempt
 from zumik_serve.routing.scheduler import ProfileScheduler
@@ -69,18 +73,30 @@ class Harness:
         self.engine = Engine()
         self.sleeps: list[float] = []
         self.records: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+        self.sources: list[tuple[str, ...]] = []
+        self.reached: list[tuple[tuple[str, ...], ProviderReach, int]] = []  # and requests seen then
+        self.refuse: str | None = None
         self.dispatcher = Dispatcher(
             ProfileScheduler(profile, replicas={"local": ["r0"]}),
             engines={"r0": self.engine},
             decisions=self,
             byok_key=self._byok_key,
+            reach=self,
             environ={"TEST_MANAGED_KEY": "sk-zumik-managed"},
             clock_ms=lambda: self.now_ms,
             sleep=self._sleep,
         )
 
-    async def save(self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt]) -> None:
+    async def save(
+        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = ()
+    ) -> None:
         self.records.append((record.to_json(), list(ATTEMPTS.dump_python(tuple(attempts), mode="json"))))
+        self.sources.append(tuple(sources))
+
+    async def sent(self, tenant: str, sources: tuple[str, ...], reach: ProviderReach) -> None:
+        if self.refuse is not None:
+            raise NotFoundError(f"No object {self.refuse!r} exists for you any more.")
+        self.reached.append((sources, reach, len(self.managed.requests) + len(self.byok.requests)))
 
     async def _byok_key(self, tenant: str, route: str) -> str | None:
         return "sk-tenant-own" if tenant == "ten_a" else None
@@ -200,6 +216,35 @@ async def test_probe_taken_between_decision_and_send_falls_back(harness: Harness
     )  # fmt: skip
     assert run.route == "byok:byok"
     assert harness.last_attempts()[0] == ("managed", "skipped", "fallback")
+
+
+async def test_a_send_of_state_content_is_recorded_before_each_provider_sees_it(harness: Harness) -> None:
+    harness.managed.script([Fault.status(500), Fault.status(500)])  # managed fails; byok answers
+    context = RouteContext(sources=("snp_a", "ses_b"))
+    run = await harness.dispatcher.start(
+        EngineCall.CHAT, dict(BODY), stream=False, tenant="ten_a", salt="s" * 64, context=context
+    )
+    assert run.route == "byok:byok"
+    routes = [(sources, r.route, r.kind, r.retention_days) for sources, r, _ in harness.reached]
+    assert routes == [
+        (("snp_a", "ses_b"), "managed", "managed", 30),
+        (("snp_a", "ses_b"), "managed", "managed", 30),  # each attempt is a send
+        (("snp_a", "ses_b"), "byok", "byok", 30),
+    ]
+    assert [seen for _, _, seen in harness.reached] == [0, 1, 2]  # recorded before the provider saw it
+    assert harness.reached[0][1].last_sent_at_s == harness.now_ms // 1000
+    assert harness.sources[-1] == ("snp_a", "ses_b")
+
+    harness.reached.clear()
+    harness.engine.down = False
+    harness.dispatcher.scheduler.breakers.clear()
+    harness.refuse = "snp_a"  # purged meanwhile: nothing goes out
+    before = len(harness.managed.requests) + len(harness.byok.requests)
+    with pytest.raises(NotFoundError):
+        await harness.dispatcher.start(
+            EngineCall.CHAT, dict(BODY), stream=False, tenant="ten_a", salt="s" * 64, context=context
+        )
+    assert len(harness.managed.requests) + len(harness.byok.requests) == before
 
 
 async def test_missing_keys_are_skipped_and_every_record_replays_equal(harness: Harness) -> None:

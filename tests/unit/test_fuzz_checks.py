@@ -310,3 +310,17 @@ def test_unsteered_cases_are_only_capped() -> None:
     assert case.body == {"model": "m", "max_completion_tokens": MAX_TOKENS_CAP, "random": 1}
     model_case = _steer_positive(make_case("GET", "/models/{model}", None), 0, "tiny", {}, {})
     assert model_case.path_parameters == {"model": "tiny"}
+
+
+def test_rows_below_the_asked_examples_are_reported_short() -> None:
+    from zumik_serve.bench.fuzz import FuzzResult, OperationCounts
+
+    result = FuzzResult("http://x", 0, 1000, ("positive", "negative"), "spec.yaml")
+    result.operations = [
+        OperationCounts("v1", "POST /chat/completions", "positive", examples=1000),
+        OperationCounts("v1", "POST /completions", "negative", examples=999),
+        OperationCounts("v1", "GET /models", "negative", skipped="no negative input"),
+        OperationCounts("v2", "GET /v2/artifacts/{id}", "positive", examples=3),
+    ]
+    assert [(c.operation, c.mode) for c in result.short_v1_rows()] == [("POST /completions", "negative")]
+    assert result.to_json()["short_v1_rows"] == ["POST /completions negative: 999"]

@@ -285,3 +285,50 @@ def test_connector_leaves_adapter_requests_out_of_the_tiers(tmp_path: Path) -> N
     stats = connector.get_kv_connector_stats()
     # Only the base request looked in the tiers (3 full blocks, none held yet).
     assert stats is not None and stats.data == {"miss:host": [3, 0], "bypassed:lora": [1, 0]}
+
+
+def test_tier_files_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    """Blocks are 0600; every folder a tier makes (its root and missing parents included) 0700,
+    and an existing root of this user loses group and other access."""
+    import os
+    import stat
+
+    (tmp_path / "shm").mkdir(mode=0o755)
+    (tmp_path / "shm").chmod(0o755)
+    previous = os.umask(0o022)  # files would be 0644 and folders 0755 without the tiers' care
+    try:
+        host = SharedMemoryTier(tmp_path / "shm", 1 << 24)
+        disk = DiskTier(tmp_path / "home" / "kv" / "disk")
+        for tier in (host, disk):
+            assert tier.store(_address(0), _value(_address(0)))
+    finally:
+        os.umask(previous)
+    written = [*(tmp_path / "shm").rglob("*"), *(tmp_path / "home").rglob("*")]
+    files = [path for path in written if path.is_file()]
+    folders = [tmp_path / "shm", tmp_path / "home", *(path for path in written if path.is_dir())]
+    assert len(files) == 2 and len(folders) == 1 + 3 + 3 + 3  # shm, home/kv/disk, then 3 levels each
+    assert {oct(stat.S_IMODE(path.stat().st_mode)) for path in files} == {"0o600"}
+    assert {oct(stat.S_IMODE(path.stat().st_mode)) for path in folders} == {"0o700"}
+
+
+def test_a_tier_root_that_is_a_link_or_another_users_is_refused(tmp_path: Path) -> None:
+    """/dev/shm is shared by every user: a folder someone else made (or a link they planted) at
+    the tier's path is never read from or written to."""
+    import os
+
+    from kvstore.atomic_file import ForeignFolderError
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ForeignFolderError, match="not a folder of this user"):
+        SharedMemoryTier(tmp_path / "link", 1 << 20)
+    disk = DiskTier(tmp_path / "link")
+    assert not disk.store(_address(0), _value(_address(0)))
+    (event,) = disk.take_events()
+    assert event.kind is TierEventKind.FAILURE and "not a folder of this user" in event.detail
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+    if os.geteuid() == 0:  # only root can give a folder away
+        (tmp_path / "theirs").mkdir()
+        os.chown(tmp_path / "theirs", 54321, -1)
+        with pytest.raises(ForeignFolderError):
+            SharedMemoryTier(tmp_path / "theirs", 1 << 20)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from profiles import parse_profile
 from tests.support.fault_server import FaultServer
@@ -251,6 +252,42 @@ async def test_session_records_the_exchange_in_order(gateway: InProcessGateway, 
     assert [(t["seq"], t["role"], t["content"]) for t in turns] == [
         (1, "user", "Hello there"), (2, "assistant", gateway.engine.reply),
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_retried_exchange_is_recorded_once(gateway: InProcessGateway, stream: bool) -> None:
+    """The OpenAI SDK resends a failed request's body unchanged and without an idempotency key:
+    the session records the exchange once; the next request (a longer history) is recorded."""
+    body = {**CHAT, "stream": stream}
+    follow_up = {**body, "messages": [
+        *CHAT["messages"], {"role": "assistant", "content": gateway.engine.reply},
+        {"role": "user", "content": "And then?"},
+    ]}  # fmt: skip
+    headers = {"x-zumik-session": ""}
+    async with gateway.client() as http:
+        session = (await http.post("/v2/sessions", json={})).json()["id"]
+        headers["x-zumik-session"] = session
+        chat = "/v1/chat/completions"
+        sent = [await http.post(chat, json=b, headers=headers) for b in (body, body, follow_up)]
+        assert [r.status_code for r in sent] == [200, 200, 200]
+        turns = (await http.get(f"/v2/sessions/{session}")).json()["turns"]
+        other = (await http.post("/v2/sessions", json={})).json()["id"]  # the same body, another session
+        again = await http.post("/v1/chat/completions", json=body, headers={"x-zumik-session": other})
+        assert again.status_code == 200
+        other_turns = (await http.get(f"/v2/sessions/{other}")).json()["turns"]
+        assert (await http.post("/v2/purge", json={"target": session})).status_code == 200
+    redis = aioredis.from_url(gateway.redis_url)
+    try:  # the exchange keys (a digest of each request) went with the session; what stays is
+        # the purge's own record of the target (a purge again answers with its receipt)
+        left = [key async for key in redis.scan_iter(match=f"*{session}*")]
+    finally:
+        await redis.aclose()
+    assert [key for key in left if b":purge-target:" not in key] == []
+    assert [(t["seq"], t["role"], t["content"]) for t in turns] == [
+        (1, "user", "Hello there"), (2, "assistant", gateway.engine.reply),
+        (3, "user", "And then?"), (4, "assistant", gateway.engine.reply),
+    ]  # fmt: skip
+    assert [t["seq"] for t in other_turns] == [1, 2]
 
 
 async def test_snapshot_messages_come_first_and_the_header_names_it(gateway: InProcessGateway) -> None:

@@ -16,7 +16,6 @@ Invariants held here:
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from tests.support.fault_server import Fault, FaultServer
 from zumik_serve.errors import InvalidRequestError
@@ -37,13 +37,8 @@ from zumik_serve.providers.openai_http import (
     prompt_cache_key_for,
 )
 from zumik_serve.providers.requests import MAX_API_KEY_CHARS, ByokKeyBody
-from zumik_serve.providers.store import (
-    MASTER_KEY_ENV,
-    MASTER_KEY_REDIS_KEY,
-    ByokKeyInfo,
-    RedisByokStore,
-    load_or_create_master_key,
-)
+from zumik_serve.providers.store import ByokKeyInfo, RedisByokStore, tag_untagged_keys
+from zumik_serve.server_secrets import generate_missing, read_byok_master_key
 from zumik_serve.store.local_redis import LocalRedis, free_port
 
 API_KEY = "sk-test-" + "a1b2c3d4e5f6" * 3 + "wxyz"
@@ -284,11 +279,11 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.mark.redis
-async def test_byok_store_round_trip_without_plaintext_in_redis(redis_url: str) -> None:
+async def test_byok_store_round_trip_without_plaintext_in_redis(redis_url: str, tmp_path: Path) -> None:
     client = aioredis.from_url(redis_url)
     try:
-        master = await load_or_create_master_key(client, environ={})
-        assert master == await load_or_create_master_key(client, environ={})  # created once
+        generate_missing(tmp_path / "secrets", environ={})
+        master = read_byok_master_key(tmp_path / "secrets", environ={})
         store = RedisByokStore(client, KeyVault(master))
         stored = await store.put("ten_a", "openai", API_KEY)
         await store.put("ten_a", "groq", "gsk_" + "z" * 40)
@@ -312,12 +307,15 @@ async def test_byok_store_round_trip_without_plaintext_in_redis(redis_url: str) 
             else:
                 for field, value in (await client.hgetall(key)).items():
                     dump += key + b"." + field + b"=" + value + b"\n"
-        assert b"z:ten_a:byok:openai" in dump
+        assert b"z:{ten_a}:byok:openai" in dump and b"z:{ten_a}:byok-index" in dump
         assert API_KEY.encode() not in dump and API_KEY[:-4].encode() not in dump
+        assert master not in dump  # the master key is a file, never in Redis
+        # One tenant's BYOK keys share a Redis Cluster slot (the {tenant} hash tag).
+        assert len({key_slot(key) async for key in client.scan_iter(match="z:*ten_a*")}) == 1
 
-        sealed = await client.get("z:ten_a:byok:openai")
+        sealed = await client.get("z:{ten_a}:byok:openai")
         assert isinstance(sealed, bytes)
-        await client.set("z:ten_b:byok:openai", sealed)  # copied to another tenant: does not open
+        await client.set("z:{ten_b}:byok:openai", sealed)  # copied to another tenant: does not open
         with pytest.raises(SealedKeyError):
             await store.get("ten_b", "openai")
 
@@ -330,33 +328,47 @@ async def test_byok_store_round_trip_without_plaintext_in_redis(redis_url: str) 
 
 
 @pytest.mark.redis
-async def test_master_key_from_env_wins_and_bad_env_fails_early(redis_url: str) -> None:
-    client = aioredis.from_url(redis_url)
-    try:
-        configured = bytes(range(32))
-        env = {MASTER_KEY_ENV: base64.b64encode(configured).decode()}
-        assert await load_or_create_master_key(client, environ=env) == configured
-        assert await client.exists(MASTER_KEY_REDIS_KEY) == 0  # nothing written to Redis
-        with pytest.raises(ValueError, match=MASTER_KEY_ENV):
-            await load_or_create_master_key(
-                client, environ={MASTER_KEY_ENV: base64.b64encode(b"x" * 16).decode()}
-            )
-        with pytest.raises(ValueError, match=MASTER_KEY_ENV):
-            await load_or_create_master_key(client, environ={MASTER_KEY_ENV: "not base64!"})
-    finally:
-        await client.aclose()
-
-
-@pytest.mark.redis
 async def test_byok_index_written_before_reads_back(redis_url: str) -> None:
     client = aioredis.from_url(redis_url)
     try:
         store = RedisByokStore(client, KeyVault(b"m" * 32))
         # json.dumps' defaults, as the version before wrote entries (the ellipsis escaped)
-        await client.hset("z:ten_a:byok-index", "openai", '{"key_hint": "sk-\\u2026wxyz", "updated_at": 17}')
+        entry = '{"key_hint": "sk-\\u2026wxyz", "updated_at": 17}'
+        await client.hset("z:{ten_a}:byok-index", "openai", entry)
         assert await store.describe("ten_a") == [
             ByokKeyInfo(route="openai", key_hint="sk-…wxyz", updated_at=17)
         ]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_byok_keys_stored_without_the_hash_tag_move_under_it(redis_url: str) -> None:
+    client = aioredis.from_url(redis_url)
+    try:
+        vault = KeyVault(b"m" * 32)
+        store = RedisByokStore(client, vault)
+        # The names the version before wrote: no {tenant} hash tag.
+        await client.set("z:ten_a:byok:openai", vault.seal("ten_a", "openai", API_KEY))
+        await client.set("z:ten_a:byok:groq", vault.seal("ten_a", "groq", "gsk_old" + "o" * 20))
+        await client.hset("z:ten_a:byok-index", mapping={
+            "openai": '{"key_hint": "sk-\\u2026wxyz", "updated_at": 17}',
+            "groq": '{"key_hint": "gsk_old\\u2026", "updated_at": 18}',
+        })  # fmt: skip
+        await client.set("z:other:thing", "kept")  # not a BYOK key
+        assert await store.get("ten_a", "openai") is None  # the old names are not read
+        # The tenant set its groq key again under the new name before the migration: that one wins.
+        await store.put("ten_a", "groq", "gsk_new" + "n" * 20)
+
+        assert await tag_untagged_keys(client) == 3
+        assert await store.get("ten_a", "openai") == API_KEY
+        assert await store.get("ten_a", "groq") == "gsk_new" + "n" * 20
+        described = {item.route: item for item in await store.describe("ten_a")}
+        assert described["openai"] == ByokKeyInfo(route="openai", key_hint="sk-…wxyz", updated_at=17)
+        assert described["groq"].key_hint == mask("gsk_new" + "n" * 20)  # the newer entry
+        assert await client.exists("z:ten_a:byok:openai", "z:ten_a:byok:groq", "z:ten_a:byok-index") == 0
+        assert await client.get("z:other:thing") == b"kept"
+        assert await tag_untagged_keys(client) == 0  # run again: nothing left to move
     finally:
         await client.aclose()
 

@@ -70,7 +70,9 @@ from zumik_serve.purge.receipt import (
 )
 from zumik_serve.purge.requests import parse_purge_request
 from zumik_serve.purge.service import ENGINE_ENTRY, PurgeOutcome, PurgeService, receipt_stores
+from zumik_serve.purge.signing_keys import SigningKeys
 from zumik_serve.purge.store import RedisPurgeStore
+from zumik_serve.server_secrets import generate_missing, load_server_secrets
 from zumik_serve.state.objects import ArtifactRole
 from zumik_serve.state.requests import CreateArtifact, CreateBundle, CreateSession, CreateSnapshot
 from zumik_serve.state.service import StateService
@@ -92,15 +94,26 @@ class Harness:
     server: LocalRedis
     tier_config: dict
 
+    @property
+    def secrets_dir(self) -> Path:
+        """The server's secrets, as ``zumik serve`` generates them before a gateway starts."""
+        generate_missing(self.root / "secrets")
+        return self.root / "secrets"
+
+    def salt_secret(self) -> bytes:
+        return load_server_secrets(self.secrets_dir).cache_salt_secret
+
     def services(self, *, ceiling: str = "crypto_erased", step_delay_s: float = 0.0):  # type: ignore[no-untyped-def]
         client = aioredis.from_url(self.server.url)
         tenants = RedisTenantStore(client)
+        salt_secret = self.salt_secret()
 
         async def secret() -> bytes:
-            return await tenants.server_secret("cache-salt")
+            return salt_secret
 
         purges = PurgeService(
-            RedisPurgeStore(client, RedisStateStore(client)), profile="test", ceiling=GuaranteeClass(ceiling),
+            RedisPurgeStore(client, RedisStateStore(client)), signing_keys=SigningKeys(self.secrets_dir),
+            profile="test", ceiling=GuaranteeClass(ceiling),
             tiers=build_tiers(self.tier_config), sealed=True, salt_secret=secret,
             salt_epoch=tenants.salt_epoch, rotate_salt_epoch=tenants.rotate_salt_epoch,
             key_cache_ttl_s=0.0, step_delay_s=step_delay_s,
@@ -171,7 +184,7 @@ async def test_purge_of_an_exposed_snapshot_closes_the_scope_in_every_tier(harne
     state, purges, tenants, _ = harness.services()
     ids = await _objects(state, "ten_a")
     await state.snapshot_messages("ten_a", ids["snp"])  # its content went to an engine
-    secret = await tenants.server_secret("cache-salt")
+    secret = harness.salt_secret()
     scope = scope_id(cache_salt(secret, TenantId("ten_a"), 0))
     other_scope = scope_id(cache_salt(secret, TenantId("ten_b"), 0))
     keyring = RedisKeyring(redis.Redis.from_url(harness.server.url), cache_ttl_s=0)
@@ -409,7 +422,8 @@ async def test_job_in_the_first_versions_format_has_its_typed_values(harness: Ha
     assert job.scopes == ("7dd59956750118aa", "0123456789abcdef")
     assert job.entries == KvResults(ENGINE_ENTRY, TierSweep(3), TierSweep(4), TierSweep(5))
     assert job.compaction == Compaction(True, "AOF rewritten; only the new base and increment files remain")
-    assert job.done == tuple(PurgeStep)[:6]
+    # The steps that version had, up to compact.
+    assert [step.value for step in job.done] == ["revoke", "rotate", "keys", "tiers", "objects", "compact"]
 
 
 @pytest.mark.redis
@@ -435,7 +449,7 @@ async def test_purge_left_unfinished_by_the_first_version_finishes_with_its_resu
     ids = await _objects(state, "ten_a")
     await state.snapshot_messages("ten_a", ids["snp"])
     await tenants.rotate_salt_epoch(TenantId("ten_a"))  # the rotate step it finished
-    scope = scope_id(cache_salt(await tenants.server_secret("cache-salt"), TenantId("ten_a"), 0))
+    scope = scope_id(cache_salt(harness.salt_secret(), TenantId("ten_a"), 0))
     prg = "prg_" + "w" * 26
     await client.set(f"z:{{ten_a}}:purge-target:{ids['snp']}", prg)
     raw = FIRST_VERSION_JOB_AFTER_TIERS.replace("SNP", ids["snp"]).replace("SCOPE", scope).replace("PRG", prg)
@@ -486,14 +500,17 @@ async def test_a_damaged_job_stays_pending_and_others_still_finish(harness: Harn
 
 async def _stopped_purge(harness: Harness, tenant: str, target: str) -> PurgeOutcome:
     """A purge whose compact step fails: Redis refuses CONFIG GET (as a managed Redis may)."""
-    _, purges, _, client = harness.services()
-    await client.execute_command("ACL", "SETUSER", "default", "-config")
+    _, purges, _, _ = harness.services()
+    admin = aioredis.from_url(harness.server.admin_url)
+    await admin.execute_command("ACL", "SETUSER", "zumik-gateway", "-config")
     try:
         outcome = await purges.purge(tenant, target)
     finally:
-        await client.execute_command("ACL", "SETUSER", "default", "+config")
+        await admin.execute_command("ACL", "SETUSER", "zumik-gateway", "+config|get")
+        await admin.aclose()
     assert outcome.receipt is None and outcome.job.status is PurgeStatus.INCOMPLETE
-    assert outcome.job.done == tuple(PurgeStep)[:5] and outcome.job.error is not None
+    before_compact = tuple(PurgeStep)[: tuple(PurgeStep).index(PurgeStep.COMPACT)]
+    assert outcome.job.done == before_compact and outcome.job.error is not None
     return outcome
 
 
@@ -502,7 +519,7 @@ async def _stopped_purge(harness: Harness, tenant: str, target: str) -> PurgeOut
 
 def test_steps_have_stable_values_and_run_in_their_order() -> None:
     assert [step.value for step in PurgeStep] == [
-        "revoke", "rotate", "keys", "tiers", "objects", "compact", "receipt",
+        "revoke", "rotate", "keys", "tiers", "objects", "providers", "decisions", "compact", "receipt",
     ]  # fmt: skip
     assert [status.value for status in PurgeStatus] == ["running", "incomplete", "done"]
 
@@ -564,7 +581,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _gateway(harness: Harness, model_dir: Path) -> InProcessGateway:
     from tests.support.inprocess import make_gateway
 
-    return make_gateway(harness.server.url, model_dir)
+    return make_gateway(harness.server.url, model_dir, secrets_dir=harness.secrets_dir)
 
 
 @pytest.mark.redis
@@ -587,7 +604,8 @@ async def test_purge_over_http_answers_in_the_shapes_clients_rely_on(
         assert (await other.get(f"/v2/receipts/{receipt['id']}")).status_code == 404
         keys = (await http.get("/v2/keys")).json()["keys"]
         key = next(k for k in keys if k["key_id"] == receipt["key_id"])
-        assert set(key) == {"key_id", "algorithm", "public_key"} and key["algorithm"] == "ed25519"
+        assert set(key) == {"key_id", "algorithm", "public_key", "status"} and key["algorithm"] == "ed25519"
+        assert key["status"] == "current"
         assert verify_receipt(receipt, key["public_key"].encode()).ok
 
         missing = await http.post("/v2/purge", json={"target": "art_" + "a" * 26})
@@ -613,21 +631,23 @@ async def test_purge_over_http_that_cannot_finish_is_a_202_then_resumes(
     harness: Harness, model_dir: Path
 ) -> None:
     gateway = _gateway(harness, model_dir)
-    admin = aioredis.from_url(harness.server.url)
+    admin = aioredis.from_url(harness.server.admin_url)
     async with gateway.client() as http:
         art = (await http.post("/v2/artifacts", json={"role": "document", "content": CANARY})).json()["id"]
-        await admin.execute_command("ACL", "SETUSER", "default", "-config")  # compaction cannot start
+        await admin.execute_command("ACL", "SETUSER", "zumik-gateway", "-config")  # compaction cannot start
         try:
             response = await http.post("/v2/purge", json={"target": art})
         finally:
-            await admin.execute_command("ACL", "SETUSER", "default", "+config")
+            await admin.execute_command("ACL", "SETUSER", "zumik-gateway", "+config|get")
         assert response.status_code == 202 and response.headers["retry-after"] == "5"
         body = response.json()
         assert body["receipt"] is None
         progress = body["purge"]
         assert set(progress) == {"id", "target", "status", "steps_done", "error", "message"}
         assert (progress["target"], progress["status"]) == (art, "incomplete")
-        assert progress["steps_done"] == ["revoke", "rotate", "keys", "tiers", "objects"]
+        assert progress["steps_done"] == [
+            "revoke", "rotate", "keys", "tiers", "objects", "providers", "decisions",
+        ]  # fmt: skip
         assert progress["error"].startswith("NoPermissionError: ")
         again = await http.post("/v2/purge", json={"target": art})
         assert again.status_code == 200 and again.json()["receipt"]["id"] == progress["id"]

@@ -65,15 +65,15 @@ def test_a_class_outside_the_tenant_policy_is_403_and_the_default_follows_the_po
 async def test_gate_admits_running_queues_then_rejects_with_retry_after() -> None:
     g = gate(running=2, queued=2)
     first, second = (
-        await g.acquire(wait_s=5, deadline_bound=False),
-        await g.acquire(wait_s=5, deadline_bound=False),
+        await g.acquire("t", wait_s=5, deadline_bound=False),
+        await g.acquire("t", wait_s=5, deadline_bound=False),
     )
-    waiting = [asyncio.create_task(g.acquire(wait_s=5, deadline_bound=False)) for _ in range(2)]
+    waiting = [asyncio.create_task(g.acquire("t", wait_s=5, deadline_bound=False)) for _ in range(2)]
     await asyncio.sleep(0)
     assert (g.running, g.queued) == (2, 2)
     started = time.perf_counter()
     with pytest.raises(OverloadedError) as caught:
-        await g.acquire(wait_s=5, deadline_bound=False)
+        await g.acquire("t", wait_s=5, deadline_bound=False)
     assert caught.value.status == 429 and caught.value.retry_after_s == 3
     assert time.perf_counter() - started < 1.0  # refused without waiting (a hang detector)
     first.release()
@@ -89,11 +89,11 @@ async def test_gate_admits_running_queues_then_rejects_with_retry_after() -> Non
 
 async def test_waiters_are_served_in_arrival_order() -> None:
     g = gate(running=1, queued=5)
-    holder = await g.acquire(wait_s=5, deadline_bound=False)
+    holder = await g.acquire("t", wait_s=5, deadline_bound=False)
     order: list[int] = []
 
     async def wait(index: int) -> None:
-        ticket = await g.acquire(wait_s=5, deadline_bound=False)
+        ticket = await g.acquire("t", wait_s=5, deadline_bound=False)
         order.append(index)
         ticket.release()
 
@@ -106,11 +106,11 @@ async def test_waiters_are_served_in_arrival_order() -> None:
 
 async def test_queue_timeout_is_429_and_a_deadline_is_504_and_neither_leaks_a_slot() -> None:
     g = gate(running=1, queued=2)
-    holder = await g.acquire(wait_s=5, deadline_bound=False)
+    holder = await g.acquire("t", wait_s=5, deadline_bound=False)
     with pytest.raises(OverloadedError):
-        await g.acquire(wait_s=0.05, deadline_bound=False)
+        await g.acquire("t", wait_s=0.05, deadline_bound=False)
     with pytest.raises(DeadlineExceededError) as caught:
-        await g.acquire(wait_s=0.05, deadline_bound=True)
+        await g.acquire("t", wait_s=0.05, deadline_bound=True)
     assert caught.value.status == 504
     assert g.queued == 0
     holder.release()
@@ -119,8 +119,8 @@ async def test_queue_timeout_is_429_and_a_deadline_is_504_and_neither_leaks_a_sl
 
 async def test_a_client_leaving_while_queued_frees_its_place() -> None:
     g = gate(running=1, queued=1)
-    holder = await g.acquire(wait_s=5, deadline_bound=False)
-    waiter = asyncio.create_task(g.acquire(wait_s=5, deadline_bound=False))
+    holder = await g.acquire("t", wait_s=5, deadline_bound=False)
+    waiter = asyncio.create_task(g.acquire("t", wait_s=5, deadline_bound=False))
     await asyncio.sleep(0)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -133,12 +133,14 @@ async def test_a_client_leaving_while_queued_frees_its_place() -> None:
 async def test_a_batch_flood_cannot_take_interactive_slots() -> None:
     controller = AdmissionController(load_builtin("local-cpu").qos)
     batch = controller.spec.classes[QosClass.BATCH]
-    tickets = [await controller.admit(QosClass.BATCH) for _ in range(batch.max_running)]
-    flood = [asyncio.create_task(controller.admit(QosClass.BATCH)) for _ in range(batch.max_queued)]
+    tenants = [f"t{index}" for index in range(batch.max_running + batch.max_queued)]  # each within its share
+    running, queued = tenants[: batch.max_running], tenants[batch.max_running :]
+    tickets = [await controller.admit(QosClass.BATCH, tenant) for tenant in running]
+    flood = [asyncio.create_task(controller.admit(QosClass.BATCH, tenant)) for tenant in queued]
     await asyncio.sleep(0)
     with pytest.raises(OverloadedError):
-        await controller.admit(QosClass.BATCH)
-    interactive = await controller.admit(QosClass.INTERACTIVE)  # at once: its own slots
+        await controller.admit(QosClass.BATCH, "another")
+    interactive = await controller.admit(QosClass.INTERACTIVE, "another")  # at once: its own slots
     assert interactive.queued_ms == 0.0
     interactive.release()
     for ticket in tickets:
@@ -153,16 +155,97 @@ async def test_a_batch_flood_cannot_take_interactive_slots() -> None:
 
 async def test_sustained_overload_keeps_the_queue_bounded() -> None:
     g = gate(running=1, queued=3)
-    holder = await g.acquire(wait_s=5, deadline_bound=False)
-    queued = [asyncio.create_task(g.acquire(wait_s=5, deadline_bound=False)) for _ in range(3)]
+    holder = await g.acquire("t", wait_s=5, deadline_bound=False)
+    queued = [asyncio.create_task(g.acquire("t", wait_s=5, deadline_bound=False)) for _ in range(3)]
     await asyncio.sleep(0)
     for _ in range(10_000):
         with pytest.raises(OverloadedError):
-            await g.acquire(wait_s=5, deadline_bound=False)
+            await g.acquire("t", wait_s=5, deadline_bound=False)
     assert g.queued == 3 and g.rejected == 10_000
     holder.release()
     for task in queued:
         (await task).release()
+
+
+# --- per-tenant shares --------------------------------------------------------------------------
+
+
+def fair_gate(running: int = 2, queued: int = 4) -> ClassGate:
+    share = QosClassSpec(max_running=running, max_queued=queued).tenant_share()
+    return ClassGate(
+        QosClass.BATCH, max_running=running, max_queued=queued, retry_after_s=3, max_per_tenant=share
+    )
+
+
+def test_the_default_share_is_every_running_slot_and_half_the_queue() -> None:
+    assert QosClassSpec(max_running=2, max_queued=4).tenant_share() == 4
+    assert QosClassSpec(max_running=2, max_queued=0).tenant_share() == 2  # alone: the whole class
+    assert QosClassSpec(max_running=2, max_queued=4, max_per_tenant=1).tenant_share() == 1
+    with pytest.raises(ValueError, match="max_per_tenant"):
+        QosClassSpec.model_validate({"max_running": 2, "max_queued": 4, "max_per_tenant": "3"})
+
+
+async def test_one_tenants_flood_leaves_room_for_another_tenant() -> None:
+    g = fair_gate(running=2, queued=4)  # share 4: 2 running + 2 queued
+    flood = [asyncio.create_task(g.acquire("a", wait_s=5, deadline_bound=False)) for _ in range(10)]
+    await asyncio.sleep(0)
+    refused = [task for task in flood if task.done() and task.exception() is not None]
+    assert flood[0].done() and flood[1].done() and refused == flood[4:]  # 2 run, 2 wait, 6 refused
+    assert g.held("a") == 4 and (g.running, g.queued) == (2, 2)
+    for task in refused:
+        error = task.exception()
+        assert isinstance(error, OverloadedError) and error.retry_after_s == 3
+        assert "its share" in error.message
+    other = asyncio.create_task(g.acquire("b", wait_s=5, deadline_bound=False))
+    await asyncio.sleep(0)
+    assert not other.done() and g.queued == 3  # queued, not refused
+    (await flood[0]).release()  # a's turn came first: its first waiter runs
+    await flood[2]
+    (await flood[1]).release()  # then b's turn, ahead of a's later waiter
+    b_ticket = await other
+    assert not flood[3].done()
+    b_ticket.release()
+    for task in (flood[2], flood[3]):
+        (await task).release()
+    assert (g.running, g.queued, g.held("a"), g.held("b")) == (0, 0, 0, 0)
+
+
+async def test_freed_slots_go_round_robin_by_tenant() -> None:
+    g = ClassGate(QosClass.BATCH, max_running=1, max_queued=9, retry_after_s=1, max_per_tenant=4)
+    holder = await g.acquire("a", wait_s=5, deadline_bound=False)
+    order: list[str] = []
+
+    async def wait(tenant: str) -> None:
+        ticket = await g.acquire(tenant, wait_s=5, deadline_bound=False)
+        order.append(tenant)
+        ticket.release()
+
+    tasks = [asyncio.create_task(wait(tenant)) for tenant in ("a", "a", "a", "b", "b", "c")]
+    await asyncio.sleep(0)
+    holder.release()
+    await asyncio.gather(*tasks)
+    assert order == ["a", "b", "c", "a", "b", "a"]
+    assert (g.running, g.queued, g.held("a")) == (0, 0, 0)
+
+
+async def test_a_share_is_given_back_by_timeouts_and_cancellations() -> None:
+    g = ClassGate(QosClass.BATCH, max_running=1, max_queued=4, retry_after_s=1, max_per_tenant=3)
+    holder = await g.acquire("b", wait_s=5, deadline_bound=False)
+    with pytest.raises(OverloadedError):
+        await g.acquire("a", wait_s=0.01, deadline_bound=False)
+    leaving = asyncio.create_task(g.acquire("a", wait_s=5, deadline_bound=False))
+    await asyncio.sleep(0)
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    assert g.held("a") == 0 and g.queued == 0
+    again = [asyncio.create_task(g.acquire("a", wait_s=5, deadline_bound=False)) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert g.held("a") == 3 and not any(task.done() for task in again)  # the whole share again
+    holder.release()
+    for task in again:
+        (await task).release()
+    assert (g.running, g.queued, g.held("a"), g.held("b")) == (0, 0, 0, 0)
 
 
 def test_qos_spec_needs_every_class() -> None:

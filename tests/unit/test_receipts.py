@@ -259,6 +259,7 @@ def test_key_id_is_sha256_prefix_of_raw_public_key(signer: ReceiptSigner) -> Non
         "key_id": signer.key_id,
         "algorithm": "ed25519",
         "public_key": signer.public_pem().decode(),
+        "status": "current",
     }
 
 

@@ -52,16 +52,18 @@ MAX_ARTIFACT_BYTES = 1024
 
 
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
     server = LocalRedis(data_dir=tmp_path_factory.mktemp("redis")).start()
-    yield server.url
+    yield server
     server.stop()
 
 
 @pytest.fixture
-async def state(redis_url: str) -> AsyncIterator[StateService]:
-    client = aioredis.from_url(redis_url)
-    await client.flushall()
+async def state(redis_server: LocalRedis) -> AsyncIterator[StateService]:
+    client = aioredis.from_url(redis_server.url)
+    admin = aioredis.from_url(redis_server.admin_url)  # FLUSHALL is not the gateway's to run
+    await admin.flushall()
+    await admin.aclose()
     yield StateService(RedisStateStore(client), max_artifact_bytes=MAX_ARTIFACT_BYTES)
     await client.aclose()
 

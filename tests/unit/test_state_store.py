@@ -40,16 +40,18 @@ TENANT = "ten_store"
 
 
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
     server = LocalRedis(data_dir=tmp_path_factory.mktemp("redis")).start()
-    yield server.url
+    yield server
     server.stop()
 
 
 @pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
-    await client.flushall()
+async def client(redis_server: LocalRedis) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_server.url)
+    admin = aioredis.from_url(redis_server.admin_url)  # FLUSHALL is not the gateway's to run
+    await admin.flushall()
+    await admin.aclose()
     yield client
     await client.aclose()
 

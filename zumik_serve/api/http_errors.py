@@ -37,6 +37,8 @@ def error_response(request: Request, error: ZumikError) -> JSONResponse:
     code = None if error.code is None else _bounded(error.code, MAX_FIELD_CHARS)
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, int(error.retry_after_s)))
+    if error.should_retry is not None:  # the OpenAI SDKs read it before the status
+        headers["x-should-retry"] = "true" if error.should_retry else "false"
     path = request.url.path
     root = request.scope.get("root_path") or ""
     if root and path.startswith(root):  # an app served under a route prefix (e.g. /gw/v1/...)

@@ -28,6 +28,8 @@ from zumik_serve.engines.vllm_config import engine_kv_transfer, llm_config_kwarg
 from zumik_serve.home import ZumikHome
 from zumik_serve.model.resolve import resolve_adapter, resolve_source
 from zumik_serve.model.tiny_lora import read_adapter_info
+from zumik_serve.secret_files import secrets_dir
+from zumik_serve.store.client import check_access
 
 APP_NAME = "zumik"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
@@ -43,7 +45,9 @@ def build_serve_app(
 ) -> serve.Application:
     """``profile``'s Serve application: one engine group per model (``profile.model_groups()``;
     ``model_dir`` holds the first group's weights, the others are resolved here), and the gateway
-    in front of them."""
+    in front of them. A Redis that refuses ``redis_url``'s user stops the build here, saying
+    what to check (an unreachable one does not: the gateway retries it)."""
+    check_access(redis_url)
     groups = profile.model_groups()
     model_dirs = [model_dir, *(resolve_source(group.model.source, home) for group in groups[1:])]
     engine_groups = [
@@ -68,6 +72,7 @@ def build_serve_app(
         profile_json=profile.model_dump_json(),
         dev_key=dev_key,
         tokenizer_dirs={group.model.served_name: str(g.tokenizer_dir) for group, g in paired},
+        secrets_dir=str(secrets_dir(home)),
     )
     engine_deployment: Any = serve.deployment(EngineReplica)
     # Every group after the first: one deployment (of its num_replicas), reached by handle.

@@ -17,30 +17,39 @@ from zumik_serve.api.app import App, build_app
 from zumik_serve.engines.hf_tokenizer import HfChatTokenizer
 from zumik_serve.engines.models import ServedModels, model_cards
 from zumik_serve.engines.protocol import EngineClient
-from zumik_serve.errors import StoreUnavailableError
+from zumik_serve.errors import NotFoundError, StoreUnavailableError
+from zumik_serve.home import ZumikHome
 from zumik_serve.pipeline.context import GatewayContext
 from zumik_serve.pipeline.limits import GenerationLimits
 from zumik_serve.providers.byok import KeyVault
 from zumik_serve.providers.keys import ByokKeys
-from zumik_serve.providers.store import RedisByokStore, load_or_create_master_key
+from zumik_serve.providers.store import RedisByokStore
 from zumik_serve.purge.classes import GuaranteeClass
 from zumik_serve.purge.service import PurgeService
+from zumik_serve.purge.signing_keys import SigningKeys
 from zumik_serve.purge.store import RedisPurgeStore
 from zumik_serve.qos.admission import AdmissionController
+from zumik_serve.qos.store import RedisQuotaStore
 from zumik_serve.responses.service import ResponsesService
 from zumik_serve.responses.store import RedisResponseStore
 from zumik_serve.reuse.service import ReuseMetrics, ReuseService
 from zumik_serve.reuse.store import RedisReuseStore
 from zumik_serve.routing.decision import DecisionRecord
 from zumik_serve.routing.dispatch import DecisionMetrics, Dispatcher
+from zumik_serve.routing.reach import ProviderReach
 from zumik_serve.routing.retry import Attempt
 from zumik_serve.routing.scheduler import ProfileScheduler
 from zumik_serve.routing.service import RoutingService
 from zumik_serve.routing.store import RedisRoutingStore
+from zumik_serve.secret_files import secrets_dir
+from zumik_serve.server_secrets import load_server_secrets
+from zumik_serve.state.limits import SnapshotLimits
 from zumik_serve.state.service import StateService
 from zumik_serve.state.store import RedisStateStore
+from zumik_serve.state.tokenizing import Tokenization
 from zumik_serve.store.client import gateway_client, guard
 from zumik_serve.store.kv_probe import KvProbe
+from zumik_serve.store.redis_acl import redact_url
 from zumik_serve.telemetry.tracing import Tracing
 from zumik_serve.tenancy.salts import CacheSalts
 from zumik_serve.tenancy.store import RedisTenantStore
@@ -67,11 +76,14 @@ class GatewaySettings:
     dev_key: str | None = None
     # Each model group's tokenizer folder, by its model's served name (default: model_dir).
     tokenizer_dirs: dict[str, str] = field(default_factory=dict)
+    # Where the server's secrets are read from (server_secrets.py); "": $ZUMIK_SECRETS_DIR, else
+    # $ZUMIK_HOME/secrets, of this process.
+    secrets_dir: str = ""
 
-    def __repr__(self) -> str:  # the dev key must never reach a log line
+    def __repr__(self) -> str:  # the dev key and Redis password must never reach a log line
         return (
             f"GatewaySettings(profile_name={self.profile_name!r}, served_model="
-            f"{self.served_model!r}, redis_url={self.redis_url!r}, dev_key=<redacted>)"
+            f"{self.served_model!r}, redis_url={redact_url(self.redis_url)!r}, dev_key=<redacted>)"
         )
 
 
@@ -105,19 +117,33 @@ def build_context(
 ) -> GatewayContext:
     """Everything a gateway process serves with, built once: stores over one Redis pool, the
     profile's scheduler and dispatchers (one per model group), the feature services."""
+    # Secrets first: a missing or malformed file stops the gateway here, naming the file.
+    folder = Path(settings.secrets_dir) if settings.secrets_dir else secrets_dir(ZumikHome.from_env())
+    server_secrets = load_server_secrets(folder)
+    signing_keys = SigningKeys(folder)
     redis_client = gateway_client(settings.redis_url)
     profile = Profile.model_validate_json(settings.profile_json)
     tenants = RedisTenantStore(redis_client)
-    salts = CacheSalts(lambda: tenants.server_secret("cache-salt"), tenants.salt_epoch)
+
+    async def cache_salt_secret() -> bytes:
+        return server_secrets.cache_salt_secret
+
+    salts = CacheSalts(cache_salt_secret, tenants.salt_epoch)
     routing_store = RedisRoutingStore(redis_client)
-    byok = ByokKeys(lambda: _open_byok_store(redis_client))
+    byok = ByokKeys(lambda: _open_byok_store(redis_client, server_secrets.byok_master_key))
     decisions = _DecisionSink(routing_store)
+    reach = _ReachSink(routing_store)
 
     def dispatcher_of(group_profile: Profile, replicas: dict[str, EngineClient]) -> Dispatcher:
         byoc = [route.name for route in group_profile.effective_routes() if route.kind is RouteKind.BYOC]
         scheduler = ProfileScheduler(group_profile, replicas={name: sorted(replicas) for name in byoc[:1]})
         return Dispatcher(
-            scheduler, engines=replicas, decisions=decisions, byok_key=byok.get, metrics=metrics.decisions
+            scheduler,
+            engines=replicas,
+            decisions=decisions,
+            byok_key=byok.get,
+            reach=reach,
+            metrics=metrics.decisions,
         )
 
     dispatcher = dispatcher_of(profile, engines)
@@ -130,11 +156,12 @@ def build_context(
         group_dispatcher = dispatcher_of(profile.group_profile(group), replicas)
         dispatchers.update({name: group_dispatcher for name in group_served_names(group)})
     tokenizer_dirs = settings.tokenizer_dirs or {settings.served_model: settings.model_dir}
-    state_store = RedisStateStore(redis_client)
+    state_store = RedisStateStore(redis_client, profile.quota)
     reuse_store = RedisReuseStore(redis_client)
     kv_tiers = settings.kv_tiers or {}
     purges = PurgeService(
         RedisPurgeStore(redis_client, state_store),
+        signing_keys=signing_keys,
         profile=settings.profile_name,
         ceiling=GuaranteeClass(settings.purge_ceiling),
         tiers=build_tiers(kv_tiers) if kv_tiers else [],
@@ -143,8 +170,14 @@ def build_context(
         salt_epoch=tenants.salt_epoch,
         rotate_salt_epoch=tenants.rotate_salt_epoch,
         forget_scopes=reuse_store.forget_scopes,
+        traces=routing_store,
     )
-    state = StateService(state_store, max_artifact_bytes=settings.max_artifact_bytes)
+    state = StateService(
+        state_store,
+        max_artifact_bytes=settings.max_artifact_bytes,
+        limits=SnapshotLimits.of(profile.gateway),
+        tokenization=Tokenization(profile.gateway.max_tokenize_bytes),
+    )
     return GatewayContext(
         profile=profile,
         models=ServedModels(
@@ -180,19 +213,39 @@ def build_context(
             else None
         ),
         max_body_bytes=settings.max_body_bytes,
+        quotas=RedisQuotaStore(redis_client, profile.quota),
     )
 
 
-async def _open_byok_store(client: Any) -> RedisByokStore:
-    return RedisByokStore(client, KeyVault(await load_or_create_master_key(client)))
+async def _open_byok_store(client: Any, master_key: bytes) -> RedisByokStore:
+    return RedisByokStore(client, KeyVault(master_key))
 
 
 class _DecisionSink:
     def __init__(self, store: RedisRoutingStore) -> None:
         self._store = store
 
-    async def save(self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt]) -> None:
+    async def save(
+        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = ()
+    ) -> None:
         try:
-            await guard(self._store.save_decision(tenant, record, attempts), what="decision store")
+            await guard(self._store.save_decision(tenant, record, attempts, sources), what="decision store")
         except StoreUnavailableError:  # the answer still goes out; its record is lost, and the log says so
             logger.warning("zumik: decision %s could not be recorded (Redis unavailable)", record.decision_id)
+
+
+class _ReachSink:
+    """Provider reach recorded before a send; a store outage is the request's 503 (a send that
+    cannot be recorded does not happen), a revoked source its 404."""
+
+    def __init__(self, store: RedisRoutingStore) -> None:
+        self._store = store
+
+    async def sent(self, tenant: str, sources: tuple[str, ...], reach: ProviderReach) -> None:
+        refused = await guard(self._store.record_reach(tenant, sources, reach), what="provider reach record")
+        if refused is not None:
+            raise NotFoundError(
+                f"No object {refused!r} exists for you any more (revoked or purged while this request "
+                "ran); nothing was sent. Send the request again without it.",
+                code="object_not_found",
+            )

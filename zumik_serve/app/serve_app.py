@@ -6,11 +6,15 @@
         import_path: zumik_serve.app.serve_app:build
         args:
           profile: llama-8b-h100                  # a built-in name or a YAML path on the head node
-          redis_url: redis://zumik-redis:6379/0   # else $ZUMIK_REDIS_URL
+          redis_url: redis://zumik-redis:6379/0   # else $ZUMIK_REDIS_URL (where a password belongs:
+                                                  # a Serve config is no place for one)
 
 The builder runs where Serve builds applications (the head node): a profile's ``model.source``
-directory must exist there and on every GPU node at the same path. ``ZUMIK_DEV_KEY`` in the
-environment enables the development key; leave it unset in production.
+directory must exist there and on every GPU node at the same path. So must the secrets folder
+(``$ZUMIK_SECRETS_DIR`` as set on the head, e.g. a Kubernetes Secret mounted at
+``/etc/zumik/secrets`` on every pod that may run a gateway): gateways read the server's secrets
+from it and do not start without them (``server_secrets.py``); nothing here generates them.
+``ZUMIK_DEV_KEY`` in the environment enables the development key; leave it unset in production.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 Start order (each step reported through ``progress``), stop order reversed:
 
     model (build the tiny one if missing) → redis-server (unless ZUMIK_REDIS_URL)
+      → secrets (an earlier version's moved out of Redis, the missing ones generated, 0600)
       → Ray (local head with num_cpus=8, or join RAY_ADDRESS) → Serve app → /healthz answers
 
 Only what this object started is stopped: a joined Ray cluster or an external Redis is left alone.
@@ -19,9 +20,13 @@ from dataclasses import dataclass, field
 import httpx
 
 from profiles import Profile
+from zumik_serve.app.secrets_setup import prepare_secrets
 from zumik_serve.home import ZumikHome
 from zumik_serve.model.resolve import resolve_model_dir
+from zumik_serve.secret_files import secrets_dir
+from zumik_serve.store.client import check_access
 from zumik_serve.store.local_redis import REDIS_URL_ENV, LocalRedis, embedded_redis, free_port
+from zumik_serve.store.redis_acl import redact_url
 
 Progress = Callable[[str], None]
 
@@ -89,12 +94,21 @@ class LocalStack:
 
         with self._step("redis"):
             if config.redis_url:
-                progress(f"using Redis at {config.redis_url}")
+                progress(f"using Redis at {redact_url(config.redis_url)}")
+                check_access(config.redis_url)  # a refused user stops here, saying what to check
                 self.redis_url = config.redis_url
             else:
                 progress(f"starting redis-server (AOF in {home.redis_dir})")
                 self.redis = embedded_redis(home, port=config.redis_port).start()
                 self.redis_url = self.redis.url
+
+        with self._step("secrets"):
+            folder = secrets_dir(home)
+            prepared = prepare_secrets(folder, self.redis_url)
+            if prepared.migration is not None:
+                progress(f"moved the secrets an earlier version kept in Redis into {folder}")
+            if prepared.created:
+                progress(f"generated {', '.join(p.name for p in prepared.created)} in {folder} (0600)")
 
         with self._step("ray"):
             if not config.ray_address:
@@ -118,6 +132,7 @@ class LocalStack:
                     address="local",
                     num_cpus=LOCAL_RAY_NUM_CPUS,
                     include_dashboard=False,
+                    dashboard_host="127.0.0.1",  # loopback only, should the dashboard be turned on
                     logging_level=logging.WARNING,
                     log_to_driver=False,
                 )

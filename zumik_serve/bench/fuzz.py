@@ -386,6 +386,14 @@ class FuzzResult:
     def failed(self) -> bool:
         return any(counts.failures for counts in self.operations)
 
+    def short_v1_rows(self) -> list[OperationCounts]:
+        """The /v1 operation-and-mode rows that got fewer examples than asked for (hypothesis
+        stops early when it runs out of distinct inputs): the T1 figure is not reached there."""
+        return [
+            c for c in self.operations
+            if c.suite == "v1" and c.skipped is None and c.examples < self.examples_per_operation
+        ]  # fmt: skip
+
     def counts(self, suite: str, operation: str, mode: str) -> OperationCounts:
         return next(c for c in self.operations if (c.suite, c.operation, c.mode) == (suite, operation, mode))
 
@@ -393,7 +401,8 @@ class FuzzResult:
         data = asdict(self)
         for entry, counts in zip(data["operations"], self.operations, strict=True):
             entry["failures"] = counts.failures
-        return {**data, "failed": self.failed}
+        short = [f"{c.operation} {c.mode}: {c.examples}" for c in self.short_v1_rows()]
+        return {**data, "failed": self.failed, "short_v1_rows": short}
 
 
 Progress = Callable[[str, int], None]  # (row label, examples sent in that row so far)
@@ -621,7 +630,7 @@ def run_fuzz_bench(args: Any, console: Any) -> int:
     (args.out / "fuzz.json").write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
     if args.json:
         print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
-        return 1 if result.failed else 0
+        return 1 if result.failed or result.short_v1_rows() else 0
     table = Table(title=f"Fuzz of {result.base_url} (OpenAI spec {result.spec_version}, schemathesis "
                         f"{result.schemathesis_version}, seed {result.seed})")  # fmt: skip
     for column in (
@@ -643,8 +652,14 @@ def run_fuzz_bench(args: Any, console: Any) -> int:
     console.print(table)
     for line in _notes(result):
         console.print(line, markup=False, highlight=False)
+    short = result.short_v1_rows()
+    v1_rows = [c for c in result.operations if c.suite == "v1"]
+    reached = len(v1_rows) - len(short)
+    console.print(f"/v1 rows with at least {args.examples} examples: {reached} of {len(v1_rows)}")
+    for c in short:
+        console.print(f"SHORT {c.operation} ({c.mode}): {c.examples} examples", markup=False, highlight=False)
     console.print(f"{result.elapsed_s:.0f} s; wrote {args.out / 'fuzz.json'}")
-    return 1 if result.failed else 0
+    return 1 if result.failed or short else 0
 
 
 def _table_rows(result: FuzzResult) -> Iterator[OperationCounts]:

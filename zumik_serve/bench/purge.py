@@ -45,7 +45,9 @@ from kvstore.tiers.redis_keyring import RedisKeyring
 from kvstore.tiers.redis_tier import RedisTier
 from zumik_serve.purge.classes import GuaranteeClass
 from zumik_serve.purge.service import PurgeService
+from zumik_serve.purge.signing_keys import SigningKeys
 from zumik_serve.purge.store import RedisPurgeStore
+from zumik_serve.server_secrets import generate_missing, load_server_secrets
 from zumik_serve.state.objects import ArtifactRole
 from zumik_serve.state.requests import CreateArtifact, CreateBundle, CreateSnapshot
 from zumik_serve.state.service import StateService
@@ -72,6 +74,13 @@ async def measure_latency(
     samples: dict[str, list[float]] = {arm: [] for arm in LATENCY_ARMS}
     sync_client = redis.Redis.from_url(url)
     keyring = RedisKeyring(sync_client, cache_ttl_s=0)
+    generate_missing(root / "secrets")
+    secret = load_server_secrets(root / "secrets").cache_salt_secret
+    signing_keys = SigningKeys(root / "secrets")
+
+    async def salt_secret() -> bytes:
+        return secret
+
     for iteration in range(iterations):
         for arm in LATENCY_ARMS:
             config = {"compat_digest": COMPAT, "keyring_redis_url": url, "seal": True}
@@ -83,8 +92,8 @@ async def measure_latency(
                 config["disk_root"] = str(root / "disk")
             tiers = build_tiers(config)
             purges = PurgeService(
-                RedisPurgeStore(client, state_store), profile="bench", ceiling=GuaranteeClass.CRYPTO_ERASED,
-                tiers=tiers, sealed=True, salt_secret=lambda: tenants.server_secret("cache-salt"),
+                RedisPurgeStore(client, state_store), signing_keys=signing_keys, profile="bench",
+                ceiling=GuaranteeClass.CRYPTO_ERASED, tiers=tiers, sealed=True, salt_secret=salt_secret,
                 salt_epoch=tenants.salt_epoch, rotate_salt_epoch=tenants.rotate_salt_epoch,
             )  # fmt: skip
             tenant = f"ten_bench_{arm}_{iteration}"
@@ -96,7 +105,6 @@ async def measure_latency(
             target = artifact["id"]
             if arm != "objects":
                 await state.snapshot_messages(tenant, snapshot["id"])  # exposed to an engine
-                secret = await tenants.server_secret("cache-salt")
                 scope = scope_id(cache_salt(secret, TenantId(tenant), 0))
                 manager = TierManager(tiers, sealer=ScopedSealer(keyring), keyring=keyring)
                 for index in range(blocks):
@@ -161,7 +169,7 @@ def run_purge_bench(args: Any, console: Any) -> int:
         root = Path(tmp)
         server = LocalRedis(data_dir=root / "redis").start()
         try:
-            console.log(f"redis-server with AOF, appendfsync always, at {server.url}")
+            console.log(f"redis-server with AOF, appendfsync always, at {server.redacted_url}")
             with Progress(console=console, transient=True) as progress:
                 task = progress.add_task("purges", total=args.iterations * len(LATENCY_ARMS))
 

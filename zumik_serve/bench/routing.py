@@ -174,6 +174,31 @@ def arm_profile(arm: str) -> Profile:
     return Profile.model_validate(data)
 
 
+async def stream_completion(
+    client: httpx.AsyncClient, model: str, prompt: list[int], *, what: str, max_tokens: int = 2
+) -> tuple[float, int]:
+    """One streamed ``/v1/completions`` of token ids: time to the first chunk with a choice (ms)
+    and ``cached_tokens`` from the usage chunk."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    started = time.perf_counter()
+    first: float | None = None
+    cached = 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{what}: {response.status_code} {await response.aread()!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk.get("choices"):
+                first = time.perf_counter() - started
+            usage = chunk.get("usage")
+            if usage:
+                cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    return (first if first is not None else time.perf_counter() - started) * 1000, cached
+
+
 async def measure_arm(
     url: str, api_key: str, model: str, arm: str, workload: str, prompts: list[list[int]], *,
     block_size: int, concurrency: int, on_request: Callable[[], None] = lambda: None,
@@ -190,27 +215,10 @@ async def measure_arm(
         async def worker() -> None:
             while not queue.empty():
                 index = queue.get_nowait()
-                body = {"model": model, "prompt": prompts[index], "max_tokens": 2, "temperature": 0,
-                        "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-                started = time.perf_counter()
-                first: float | None = None
-                async with client.stream("POST", "/v1/completions", json=body) as response:
-                    if response.status_code != 200:
-                        raise RuntimeError(
-                            f"{arm}/{workload}: {response.status_code} {await response.aread()!r}"
-                        )
-                    async for line in response.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        if first is None and chunk.get("choices"):
-                            first = time.perf_counter() - started
-                        usage = chunk.get("usage")
-                        if usage:
-                            cached[index] = int(
-                                (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                            )
-                ttfts.append((first if first is not None else time.perf_counter() - started) * 1000)
+                ttft_ms, cached[index] = await stream_completion(
+                    client, model, prompts[index], what=f"{arm}/{workload}"
+                )
+                ttfts.append(ttft_ms)
                 on_request()
 
         began = time.perf_counter()

@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 
@@ -68,11 +69,14 @@ class CountingRedis(aioredis.Redis):
         return pipe
 
 
-def redis_benchmark_set(host: str, port: int, requests: int, clients: int) -> float:
+def redis_benchmark_set(admin_url: str, requests: int, clients: int) -> float:
+    """redis-benchmark's SET rate, logged in with ``admin_url``'s user (its keys are not Zumik's)."""
     binary = shutil.which("redis-benchmark")
     if binary is None:
         raise RuntimeError("redis-benchmark is not installed (it comes with `apt-get install redis-server`)")
-    command = [binary, "-h", host, "-p", str(port), "-t", "set", "-n", str(requests), "-c", str(clients)]
+    url = urlsplit(admin_url)
+    command = [binary, "-h", str(url.hostname), "-p", str(url.port), "-t", "set", "-n", str(requests)]
+    command += ["-c", str(clients), "--user", str(url.username), "-a", unquote(str(url.password))]
     command += ["-d", "256", "-r", "100000", "--csv", "-q"]
     output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600).stdout
     for line in output.splitlines():
@@ -147,9 +151,9 @@ def run_state_bench(args: Any, console: Any) -> int:
     with tempfile.TemporaryDirectory(prefix="zumik-bench-state-") as data_dir:
         server = LocalRedis(data_dir=Path(data_dir)).start()
         try:
-            console.log(f"redis-server with AOF, appendfsync always, at {server.url}")
+            console.log(f"redis-server with AOF, appendfsync always, at {server.redacted_url}")
             console.log(f"redis-benchmark SET, {args.ops} requests, {args.concurrency} clients")
-            set_rate = redis_benchmark_set(server.host, int(server.port or 0), args.ops, args.concurrency)
+            set_rate = redis_benchmark_set(server.admin_url, args.ops, args.concurrency)
             results = asyncio.run(
                 measure_state(server.url, ops=args.ops, concurrency=args.concurrency,
                               on_arm=lambda r: console.log(f"{r.name}: {r.ops_per_s:,.0f} ops/s"))

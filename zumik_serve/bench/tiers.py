@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
@@ -69,6 +70,8 @@ def _ceilings(redis_server: LocalRedis, folder: Path, block_bytes: int, count: i
     if binary:
         # SET first, so that the GETs read values of one block's size (not empty replies).
         command = [binary, "-h", redis_server.host, "-p", str(redis_server.port), "-t", "set,get"]
+        admin = urlsplit(redis_server.admin_url)  # a throwaway server's; its keys are not kv:*
+        command += ["--user", str(admin.username), "-a", unquote(str(admin.password))]
         command += ["-n", str(count * 4), "-c", "1", "-d", str(block_bytes), "--csv", "-q"]
         out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300).stdout
         for line in out.splitlines():
@@ -102,14 +105,14 @@ def measure_tiers(model_dir: Path, lengths: list[int], on_step: Any = print) -> 
         redis_server = LocalRedis(data_dir=folder / "redis").start()
         try:
             base = {"compat_digest": compat, "host_capacity_bytes": 0}
-            all_tiers = {**base, "host_capacity_bytes": 1 << 30, "redis_url": redis_server.url,
+            kv = redis_server.kv_access  # as in a deployment: the zumik-kv user, vLLM logs no password
+            redis_tier = {"redis_url": kv.url, "redis_password_file": str(kv.password_file)}
+            all_tiers = {**base, "host_capacity_bytes": 1 << 30, **redis_tier,
                          "disk_root": str(folder / "kv"), "shm_root": str(shm_root)}  # fmt: skip
             on_step("process 1: recompute, then restore from host RAM (stores every tier)")
             primed, host_logs = _engine(model_dir, all_tiers, prompts, "prime")
             on_step("process 2: restore from Redis")
-            from_redis, redis_logs = _engine(
-                model_dir, {**base, "redis_url": redis_server.url}, prompts, "restore"
-            )
+            from_redis, redis_logs = _engine(model_dir, {**base, **redis_tier}, prompts, "restore")
             on_step("process 3: restore from disk")
             from_disk, disk_logs = _engine(
                 model_dir, {**base, "disk_root": str(folder / "kv")}, prompts, "restore"

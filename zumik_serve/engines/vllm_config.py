@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from profiles import Device, ModelGroupSpec, Profile
+from zumik_serve.home import ZumikHome
+from zumik_serve.secret_files import secrets_dir
+from zumik_serve.store.redis_acl import engine_redis_access
 
 
 def vllm_engine_kwargs(
@@ -79,18 +82,26 @@ def vllm_arg_tokens(name: str, value: Any) -> list[str]:
 def kv_transfer_config(
     profile: Profile, *, compat_digest: str, redis_url: str, home_root: Path
 ) -> dict[str, Any] | None:
-    """vLLM ``kv_transfer_config`` loading Zumik's connector over the profile's tiers, or None."""
+    """vLLM ``kv_transfer_config`` loading Zumik's connector over the profile's tiers, or None.
+    ``redis_url`` is the gateway's; the engines get the same server as user ``zumik-kv``, its
+    password in ``redis-kv.password`` of the secrets folder (``secret_files.secrets_dir``)."""
     tiers = profile.kv_tiers
     if not tiers.enabled:
         return None
+    # The engines log in as zumik-kv (KV keys only); vLLM logs this config, so it names the
+    # password's file, never the password.
+    access = engine_redis_access(redis_url, secrets_dir(ZumikHome(home_root)))
     extra: dict[str, Any] = {
         "compat_digest": compat_digest,
         "host_capacity_bytes": tiers.host_capacity_bytes,
-        "keyring_redis_url": redis_url,  # per-scope data keys and purge tombstones
+        "keyring_redis_url": access.url,  # per-scope data keys and purge tombstones
         "seal": tiers.seal,
     }
+    if access.password_file is not None:
+        extra["redis_password_file"] = str(access.password_file)
     if tiers.redis:
-        extra["redis_url"] = redis_url
+        extra["redis_url"] = access.url
+        extra["redis_scope_max_bytes"] = profile.quota.kv_bytes  # per cache scope (tenant)
     if tiers.disk_root:
         extra["disk_root"] = tiers.disk_root.replace("$ZUMIK_HOME", str(home_root))
     return {

@@ -16,6 +16,7 @@ from zumik_serve.pipeline.limits import GenerationLimits
 from zumik_serve.providers.keys import ByokKeys
 from zumik_serve.purge.service import PurgeService
 from zumik_serve.qos.admission import AdmissionController
+from zumik_serve.qos.store import RedisQuotaStore
 from zumik_serve.responses.service import ResponsesService
 from zumik_serve.reuse.service import ReuseService
 from zumik_serve.routing.dispatch import Dispatcher
@@ -46,6 +47,7 @@ class GatewayContext:
     max_body_bytes: int
     responses: ResponsesService
     dispatchers: Mapping[str, Dispatcher] = field(default_factory=dict)  # by served name
+    quotas: RedisQuotaStore | None = None  # per-tenant rate limits; None: none counted
 
     def dispatcher_for(self, model: str) -> Dispatcher:
         """The dispatcher of the engine group serving ``model`` (the first group's by default)."""

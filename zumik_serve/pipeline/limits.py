@@ -1,6 +1,7 @@
 """Input limits of a generation request, checked before any engine sees it (each a 400 naming
 the parameter, never echoing the input): ``n``, ``max_tokens`` / ``max_completion_tokens`` (JSON
-integers only, none above the limit), the number of messages and of prompts. The body size (413,
+integers only, none above the limit), every other integer that sets an amount of work (JSON
+integers only: ``INTEGER_FIELDS``), the number of messages and of prompts. The body size (413,
 before the whole body is read) is in ``api/body.py``, the JSON depth and number sizes in
 ``api/v1/wire.parse_json_body``; header sizes are the HTTP server's (Ray Serve's ingress answers
 400/431 before the app runs).
@@ -37,13 +38,22 @@ class GenerationLimits:
 COUNT_FIELDS = ("n", "max_tokens", "max_completion_tokens")
 """Fields that multiply the engine's work: only a JSON integer is taken (an engine would coerce
 the string "9000" and run 9,000 sequences)."""
+INTEGER_FIELDS = (*COUNT_FIELDS, "top_logprobs", "seed")
+"""Every integer field a generation may send (``api/v1/wire.py`` refuses the others): only a
+JSON integer is taken, never a string or a float the engine would coerce, nor a bool."""
+INTEGER_OR_FLAG_FIELDS = ("logprobs",)
+"""An integer on /v1/completions, a boolean on chat: either, never a string."""
 
 
 def check_generation_limits(body: Mapping[str, Any], limits: GenerationLimits) -> None:
-    for field in COUNT_FIELDS:
+    for field in INTEGER_FIELDS:
         value = body.get(field)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise InvalidRequestError(f"{field} must be an integer.", param=field)
+    for field in INTEGER_OR_FLAG_FIELDS:
+        value = body.get(field)
+        if value is not None and not isinstance(value, int):  # bool is an int
+            raise InvalidRequestError(f"{field} must be an integer or a boolean.", param=field)
     n = body.get("n")
     if n is not None and n > limits.max_n:
         raise InvalidRequestError(f"n must be at most {limits.max_n} on this server.", param="n")

@@ -1,11 +1,13 @@
 """Pipeline: the one owner of a generation request, from admission to telemetry.
 
     surface (api/v1, api/v2) ── parse ──► GenerationRequest
-      admit()     QoS class, deadline, a slot of the class (429 when full); before the body is read
+      admit()     QoS class, deadline, a slot of the class and the tenant's share of it (429
+                  when full); after the body is read, so a slow upload holds no slot
       run()       within the request's deadline:
         ├─ limits      n, max_tokens, message and prompt counts (400 naming the parameter)
         ├─ release     the model names an alias (or the served model, published on first use)
         ├─ state       snapshot messages first; a session checked live; /v2: tokenized here
+        ├─ rate        the tenant's requests and tokens per minute (429 with Retry-After)
         ├─ evidence    what the reuse ledger recorded for the tenant and snapshot (escalation)
         ├─ decide      Dispatcher.decide → Decision (recorded inputs, replayable)
         ├─ accounting  the prefix's opportunity lookup starts, running while the engine works
@@ -15,7 +17,7 @@
       finish()    a stream's end: the same figures, ledger, session exchange and span
     surface ◄── Generation (typed outcome) ── render
 
-Surfaces own the admission's slot (taken before the body is read, given back when the response
+Surfaces own the admission's slot (taken once the body is read, given back when the response
 is done) and the wire format; everything between is here. Nothing here imports a web framework
 or a Redis client.
 """
@@ -29,6 +31,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kvstore.keys import scope_id
 from profiles.model import RouteKind, group_served_names
 from zumik_serve.engines.protocol import EngineCall, EngineEvent
 from zumik_serve.errors import (
@@ -50,6 +53,7 @@ from zumik_serve.pipeline.request import (
 )
 from zumik_serve.qos.admission import choose_class
 from zumik_serve.qos.deadline import Deadline, exceeded
+from zumik_serve.qos.quota import RateReservation, reserved_tokens, used_tokens
 from zumik_serve.reuse.figures import ReuseFigures
 from zumik_serve.routing.decision import NO_EVIDENCE, Evidence
 from zumik_serve.routing.dispatch import RouteContext
@@ -89,7 +93,7 @@ class Pipeline:
         self._first_group = frozenset(group_served_names(context.profile.model_groups()[0]))
         self._evidence: dict[tuple[str, str | None], tuple[float, Evidence]] = {}
 
-    # --- before the body ---------------------------------------------------------------------
+    # --- before the request runs: authenticate first, admit once the body is read ------------
 
     async def authenticate(self, authorization: str | None) -> Tenant:
         tenant = await self.context.authenticator.authenticate(authorization)
@@ -111,7 +115,7 @@ class Pipeline:
             raise InvalidRequestError(f"{qos_param} must be a string.", param=qos_param)
         chosen = choose_class(qos, tenant.qos_classes, controller.spec, param=qos_param)
         deadline = Deadline.parse(timeout_s, param=timeout_param, started=clock.started_monotonic)
-        ticket = await controller.admit(chosen, deadline_s=deadline.left())
+        ticket = await controller.admit(chosen, tenant.id, deadline_s=deadline.left())
         clock.phases_ms["queue"] = ticket.queued_ms
         priority = controller.engine_priority(chosen) if self.context.priority_scheduling else None
         return Admission(chosen, deadline, ticket, priority, controller.prefers_cheapest(chosen))
@@ -136,6 +140,7 @@ class Pipeline:
             )
         call, body, allowed = await self._resolve_state(request, model, release)
         salt = await ctx.salts.for_tenant(tenant.id)
+        reservation = await self._admit_rate(tenant, body, salt)
         body["cache_salt"] = salt
         admission = request.admission
         route = RouteContext(
@@ -146,6 +151,7 @@ class Pipeline:
             qos=admission.qos.value,
             prefer_cheapest=admission.prefer_cheapest,
             engine_priority=admission.engine_priority,
+            sources=request.refs.sources(),
         )
         dispatcher = ctx.dispatcher_for(model)
         decision = dispatcher.decide(call, body, tenant=tenant.id, salt=salt, context=route)
@@ -155,6 +161,7 @@ class Pipeline:
         )
         phases, descriptions = request_phases(run, request.clock)
         generation = Generation(request, model, release, run, phases, descriptions, accounting)
+        generation.rate_reservation = reservation
         if request.stream:  # the opportunity goes out in the headers, before the body
             generation.opportunity_tokens = await accounting.opportunity_tokens()
             return generation
@@ -183,6 +190,16 @@ class Pipeline:
         """A stream has ended with a finished choice: its figures, ledger, session and span."""
         generation.figures = await self._finish(generation, completion)
         return generation.figures
+
+    async def carried(self, tenant: Tenant, generation: Generation, handles: tuple[str, ...]) -> None:
+        """``handles`` now hold content that ``generation`` already sent (a Responses chain's
+        session, created after the answer): when it went to a provider, that is recorded for
+        them as for any source (``routing/reach.py``)."""
+        run = generation.run
+        if run.route_kind == RouteKind.BYOC.value or not handles:
+            return
+        dispatcher = self.context.dispatcher_for(generation.model)
+        await dispatcher.record_sent(tenant.id, handles, run.route_name)
 
     # --- /v2/snapshots/{id}/warm -------------------------------------------------------------
 
@@ -258,8 +275,33 @@ class Pipeline:
                 messages = list(await state.store_call(state.snapshot_messages(tenant, snapshot)))
             messages.extend(body.pop("messages", []))
             tokenizer = self.context.models.tokenizer(model)
-            body["prompt"] = tokenizer.encode_chat(messages, add_generation_prompt=True)
+            body["prompt"] = await state.tokenization.encode_chat(  # off the loop, size-capped
+                tokenizer, messages, add_generation_prompt=True
+            )
         return EngineCall.COMPLETION, body, allowed
+
+    async def _admit_rate(self, tenant: Tenant, body: Mapping[str, Any], salt: str) -> RateReservation | None:
+        """Count the request and the tokens it may use in the tenant's per-minute window, shared
+        by every gateway (429 with Retry-After past a limit); None: no quota store. The tenant's
+        kv_bytes override reaches its cache scope (``salt``'s) on the way."""
+        quotas = self.context.quotas
+        if quotas is None:
+            return None
+        tokens = reserved_tokens(body, self.context.limits.max_output_tokens)
+        admitted = quotas.admit_rate(tenant.id, tokens=tokens, scope=scope_id(salt))
+        return await guard(admitted, what="quota store")
+
+    async def _settle_rate(self, generation: Generation, usage: Mapping[str, Any] | None) -> None:
+        """Replace the request's token reservation by the tokens the engine reports it used
+        (kept as reserved when it reports none); an outage keeps the reservation."""
+        quotas, reservation = self.context.quotas, generation.rate_reservation
+        used = used_tokens(usage)
+        if quotas is None or reservation is None or used is None:
+            return
+        try:
+            await guard(quotas.settle(generation.request.tenant.id, reservation, used), what="quota store")
+        except StoreUnavailableError:
+            logger.warning("zumik: token reservation kept (Redis unavailable)")
 
     async def _escalation_evidence(self, tenant: Tenant, snapshot: str | None) -> Evidence:
         """What the reuse ledger recorded for this tenant and snapshot in the profile's window,
@@ -288,6 +330,7 @@ class Pipeline:
 
     async def _finish(self, generation: Generation, completion: Completion) -> ReuseFigures | None:
         request, run = generation.request, generation.run
+        await self._settle_rate(generation, completion.usage)
         figures = await generation.accounting.figures(
             run, completion.usage, tenant=request.tenant.id, snapshot=request.refs.snapshot
         )
@@ -297,8 +340,8 @@ class Pipeline:
         return figures
 
     async def _record_exchange(self, request: GenerationRequest, reply: str) -> None:
-        """Append the exchange (the request's closing user/tool message, then the reply) to the
-        session, in order."""
+        """Record the exchange (the request's closing user/tool message, then the reply) on the
+        session: in one step, and once per request body (a retried request adds nothing)."""
         state, session = self.context.state, request.refs.session
         assert session is not None
         turns: list[AppendTurn] = []
@@ -309,8 +352,7 @@ class Pipeline:
             if isinstance(content, str):
                 turns.append(AppendTurn(role=TurnRole(last["role"]), content=content))
         turns.append(AppendTurn(role=TurnRole.ASSISTANT, content=reply))
-        for turn in turns:
-            await state.store_call(state.append_turn(request.tenant.id, session, turn, None))
+        await state.store_call(state.record_exchange(request.tenant.id, session, turns, request.body))
 
     def _emit_span(self, generation: Generation, figures: ReuseFigures | None) -> None:
         tracing = self.context.tracing

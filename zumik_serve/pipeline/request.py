@@ -23,6 +23,7 @@ from zumik_serve.errors import EngineError
 from zumik_serve.pipeline.accounting import RequestAccounting
 from zumik_serve.qos.admission import Ticket
 from zumik_serve.qos.deadline import Deadline
+from zumik_serve.qos.quota import RateReservation
 from zumik_serve.reuse.figures import ReuseFigures
 from zumik_serve.routing.dispatch import EngineRun
 from zumik_serve.routing.release import Release
@@ -42,11 +43,19 @@ class Surface(StrEnum):
 class StateRefs:
     """The state objects a request builds on: a snapshot whose messages come first, a session
     that the exchange (the request's last user/tool message and the reply) is appended to, and
-    the release a stored conversation ran under (kept while the request names the same alias)."""
+    the release a stored conversation ran under (kept while the request names the same alias),
+    and other objects whose content the request carries (a Responses chain's session)."""
 
     snapshot: str | None = None
     session: str | None = None
     release: str | None = None
+    carried: tuple[str, ...] = ()
+
+    def sources(self) -> tuple[str, ...]:
+        """Every state object whose content goes out with the request (or, for the session,
+        into which the exchange goes), each once: what a purge of one of them must reach."""
+        named = (self.snapshot, self.session, *self.carried)
+        return tuple(dict.fromkeys(handle for handle in named if handle is not None))
 
 
 @dataclass
@@ -99,6 +108,7 @@ class Generation:
     accounting: RequestAccounting
     opportunity_tokens: int | None = None  # known before a stream's body; None: not known
     figures: ReuseFigures | None = None  # once answered; None: no accounting (store outage)
+    rate_reservation: RateReservation | None = None  # the tokens counted at admission
 
     @property
     def snapshot(self) -> str | None:

@@ -3,9 +3,13 @@
 The gateway renders every route's output the same way, so a provider's OpenAI JSON is passed on
 as engine events (``engines/protocol.py``): a whole body as ``EngineResponse``, a stream as
 ``EngineChunks``, a failure before output as ``EngineFailure`` carrying the attempt outcome and
-``Retry-After`` for the retry policy. The body sent is the checked /v1 body with the route's
-model, Zumik's ``prompt_cache_key`` (derived per tenant scope, so it never links tenants at the
-provider) and no engine-only field.
+``Retry-After`` for the retry policy. A provider's 401/403/407 says the provider refused the key
+Zumik sent (the operator's managed key or the tenant's stored BYOK key), never that the caller's
+Zumik key is wrong: it becomes a 502 ``provider_auth_failed`` failure of the route (an
+``auth_error`` attempt, which falls back to the next route and counts against its breaker), so
+no tenant is ever told "invalid API key" because of a provider. The body sent is the checked
+/v1 body with the route's model, Zumik's ``prompt_cache_key`` (derived per tenant scope, so it
+never links tenants at the provider) and no engine-only field.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ FAILURE_STATUS = {
     ProviderOutcome.TIMEOUT: 504,
     ProviderOutcome.CONNECT_ERROR: 503,
 }
+PROVIDER_AUTH_STATUSES = frozenset({401, 403, 407})  # the provider refused the credentials sent
+AUTH_ERROR_OUTCOME = "auth_error"  # routing.retry.AttemptOutcome.AUTH_ERROR (providers import no routing)
 
 
 def provider_body(engine_body: dict[str, Any], *, model: str, prompt_cache_key: str) -> dict[str, Any]:
@@ -58,13 +64,13 @@ class ProviderEngineClient:
             async for payload in payloads:
                 yield EngineChunks((payload,))
         except ProviderFailure as failure:
-            yield _failure(failure)
+            yield _failure(failure, self._label)
 
     async def complete(self, call: EngineCall, body: dict[str, Any]) -> list[EngineEvent]:
         try:
             reply = await self._provider.complete(_path(call), self._body(body), api_key=self._api_key)
         except ProviderFailure as failure:
-            return [ReplicaAssigned(self._label), _failure(failure)]
+            return [ReplicaAssigned(self._label), _failure(failure, self._label)]
         return [ReplicaAssigned(self._label), EngineResponse(reply.body)]
 
     def _body(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +81,18 @@ def _path(call: EngineCall) -> Any:
     return "/chat/completions" if call is EngineCall.CHAT else "/completions"
 
 
-def _failure(failure: ProviderFailure) -> EngineFailure:
+def _failure(failure: ProviderFailure, route: str) -> EngineFailure:
+    if failure.status in PROVIDER_AUTH_STATUSES:
+        return EngineFailure(
+            status=502,
+            message=(
+                f"the provider of route '{route}' refused the credentials Zumik sent it (HTTP "
+                f"{failure.status}); your Zumik API key is valid. A managed route needs its operator "
+                f"to fix the route's key; for a BYOK route, store a working key with PUT /v2/byok/{route}"
+            ),
+            code="provider_auth_failed",
+            outcome=AUTH_ERROR_OUTCOME,
+        )
     status = failure.status if failure.status is not None else FAILURE_STATUS.get(failure.outcome, 502)
     return EngineFailure(
         status=status,

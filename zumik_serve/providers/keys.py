@@ -1,7 +1,7 @@
 """ByokKeys: tenants' own provider keys, through a store opened on first use.
 
-Opening the store loads (or creates) the BYOK master key, a Redis round trip a gateway that
-never serves a BYOK route should not pay at start.
+The store seals with the BYOK master key the gateway read from its secrets folder at start
+(``server_secrets.py``); nothing about the master key is in Redis.
 """
 
 from __future__ import annotations

@@ -2,29 +2,21 @@
 
 z:{tenant}:byok:{route}     string  sealed key (see ``zumik_serve.providers.byok``)
 z:{tenant}:byok-index       hash    route → {"key_hint", "updated_at"} (JSON), for ``describe``
-zumik:byok-master-key       string  32 random bytes, when ZUMIK_BYOK_MASTER_KEY is not set
 
-Where the master key lives is a trade-off, chosen by the operator:
+The ``{tenant}`` is a hash tag: one tenant's BYOK keys share a Redis Cluster slot, as its other
+keys do. Versions before it wrote ``z:<tenant>:byok:...`` without the braces;
+``tag_untagged_keys`` (run by ``zumik secrets migrate``) moves those under the tagged names.
 
-* Default, in Redis (``SET NX``, first writer wins, so every replica agrees): nothing to
-  configure, and deleting that one Redis key crypto-erases every stored BYOK key. But the master
-  key sits beside the values it seals: sealing then guards against a sealed value leaking alone
-  (a log line, a partial dump, a value copied under another tenant), not against someone who
-  holds the whole Redis dataset or its AOF files.
-* ``ZUMIK_BYOK_MASTER_KEY`` (base64 of 32 bytes, e.g. from a secret manager): a Redis dump alone
-  no longer yields keys. The operator must keep and distribute the key; losing it makes every
-  stored BYOK key unreadable (tenants enter their keys again), and a wrong one fails every open.
+The master key that seals them is a file (``byok-master.key``) or ``ZUMIK_BYOK_MASTER_KEY``
+(``server_secrets.py``), never in Redis: a copy of the Redis dataset or its AOF files alone
+yields no provider key. Losing the master key makes every stored BYOK key unreadable (tenants
+enter their keys again); a wrong one fails every open.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import os
 import re
-import secrets
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,12 +25,12 @@ from pydantic import TypeAdapter
 from redis.exceptions import RedisError
 
 from zumik_serve.errors import StoreUnavailableError
-from zumik_serve.providers.byok import MASTER_KEY_BYTES, KeyVault, mask
+from zumik_serve.providers.byok import KeyVault, mask
 
-MASTER_KEY_ENV = "ZUMIK_BYOK_MASTER_KEY"
-MASTER_KEY_REDIS_KEY = "zumik:byok-master-key"
 ROUTE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_UNTAGGED_KEY = re.compile(r"z:(?P<tenant>[A-Za-z0-9_-]{1,64}):byok:(?P<route>[a-z0-9][a-z0-9._-]{0,63})")
+_UNTAGGED_INDEX = re.compile(r"z:(?P<tenant>[A-Za-z0-9_-]{1,64}):byok-index")
 
 
 @dataclass(frozen=True)
@@ -64,31 +56,6 @@ class _IndexEntry:
 
 _KEY_INFO: TypeAdapter[ByokKeyInfo] = TypeAdapter(ByokKeyInfo)
 _INDEX_ENTRY: TypeAdapter[_IndexEntry] = TypeAdapter(_IndexEntry)
-
-
-async def load_or_create_master_key(
-    client: aioredis.Redis, environ: Mapping[str, str] | None = None
-) -> bytes:
-    """``ZUMIK_BYOK_MASTER_KEY`` when set (a bad value fails here, naming the variable), else the
-    key in Redis, created once with 32 random bytes. See the module docstring for the trade-off."""
-    env = os.environ if environ is None else environ
-    configured = env.get(MASTER_KEY_ENV)
-    if configured:
-        try:
-            key = base64.b64decode(configured, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"{MASTER_KEY_ENV} is not valid base64") from None
-        if len(key) != MASTER_KEY_BYTES:
-            raise ValueError(f"{MASTER_KEY_ENV} must decode to {MASTER_KEY_BYTES} bytes, got {len(key)}")
-        return key
-    try:
-        await client.set(MASTER_KEY_REDIS_KEY, secrets.token_bytes(MASTER_KEY_BYTES), nx=True)
-        value = await client.get(MASTER_KEY_REDIS_KEY)
-    except RedisError as exc:
-        raise StoreUnavailableError("the state store is unavailable; retry shortly", retry_after_s=1) from exc
-    if not isinstance(value, bytes) or len(value) != MASTER_KEY_BYTES:
-        raise RuntimeError(f"Redis key {MASTER_KEY_REDIS_KEY} does not hold {MASTER_KEY_BYTES} bytes")
-    return value
 
 
 class RedisByokStore:
@@ -156,12 +123,33 @@ class RedisByokStore:
         return sorted(result, key=lambda item: item.route)
 
 
+async def tag_untagged_keys(client: aioredis.Redis) -> int:
+    """Move every BYOK key and index an earlier version stored without the ``{tenant}`` hash tag
+    under its tagged name; returns how many Redis keys moved. A tagged value already there (the
+    tenant set the key again since) wins over the old one. Safe to run again after a crash: each
+    key is copied before the old name is deleted."""
+    moved = 0
+    async for raw in client.scan_iter(match="z:*:byok*", count=1000):
+        name = raw.decode() if isinstance(raw, bytes) else raw
+        if (found := _UNTAGGED_KEY.fullmatch(name)) is not None:
+            value = await client.get(name)
+            if value is not None:
+                await client.set(_key(found["tenant"], found["route"]), value, nx=True)
+        elif (found := _UNTAGGED_INDEX.fullmatch(name)) is not None:
+            for route, entry in (await client.hgetall(name)).items():
+                await client.hsetnx(_index(found["tenant"]), route, entry)
+        else:
+            continue
+        moved += int(await client.delete(name))
+    return moved
+
+
 def _key(tenant: str, route: str) -> str:
-    return f"z:{tenant}:byok:{route}"
+    return f"z:{{{tenant}}}:byok:{route}"
 
 
 def _index(tenant: str) -> str:
-    return f"z:{tenant}:byok-index"
+    return f"z:{{{tenant}}}:byok-index"
 
 
 def _check(tenant: str, route: str) -> None:

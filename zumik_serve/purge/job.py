@@ -11,6 +11,8 @@ starts. The JSON form is the one the first version wrote, so jobs it left unfini
      "entries": {"kv_engine": <store entry>,    <- rotate
                  "kv_host" | "kv_redis" | "kv_disk": {"removed_blocks"}},   <- tiers
      "removed_keys",                            <- objects
+     "providers": [{"route", "kind", "retention_days", "last_sent_at_s"}],   <- providers
+     "decisions_removed",                       <- decisions
      "compaction": {"done", "detail"}}          <- compact
 
 A step's result is absent (``None`` here) until that step has run; ``error`` is absent (or null,
@@ -26,6 +28,7 @@ from typing import NewType, TypeVar
 from pydantic import ConfigDict
 
 from zumik_serve.purge.receipt import StoreEntry
+from zumik_serve.routing.reach import ProviderReach
 
 PurgeId = NewType("PurgeId", str)  # ``prg_…``: the job's id and its receipt's id
 T = TypeVar("T")
@@ -44,6 +47,8 @@ class PurgeStep(StrEnum):
     KEYS = "keys"
     TIERS = "tiers"
     OBJECTS = "objects"
+    PROVIDERS = "providers"
+    DECISIONS = "decisions"
     COMPACT = "compact"
     RECEIPT = "receipt"
 
@@ -114,6 +119,8 @@ class PurgeJob:
     scopes: tuple[str, ...] | None = None  # the cache scopes of epochs 0..old_epoch
     entries: KvResults = field(default_factory=KvResults)
     removed_keys: int | None = None
+    providers: tuple[ProviderReach, ...] | None = None  # the provider routes the closure reached
+    decisions_removed: int | None = None  # decision records that carried the closure's content
     compaction: Compaction | None = None
 
     def finished(self, step: PurgeStep) -> PurgeJob:

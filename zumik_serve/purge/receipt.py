@@ -304,19 +304,35 @@ class ChainHead:
     hash: ReceiptHash
 
 
+class KeyStatus(StrEnum):
+    """A signing key's status in ``GET /v2/keys``: ``current`` signs new receipts, a ``retired``
+    key only verifies the receipts it signed before a rotation."""
+
+    CURRENT = "current"
+    RETIRED = "retired"
+
+
 class PublicKeyRecord(TypedDict):
-    """One entry of ``GET /v2/keys``: ``public_key`` is the PEM (SubjectPublicKeyInfo)."""
+    """One entry of ``GET /v2/keys``: ``public_key`` is the PEM (SubjectPublicKeyInfo), ``status``
+    a ``KeyStatus`` value."""
 
     key_id: str
     algorithm: str
     public_key: str
+    status: str
 
 
-def public_key_record(signer: ReceiptSigner) -> PublicKeyRecord:
+def public_key_record(signer: ReceiptSigner, status: KeyStatus = KeyStatus.CURRENT) -> PublicKeyRecord:
     """The entry of ``GET /v2/keys`` for ``signer``'s key."""
+    return public_pem_record(signer.public_pem(), status)
+
+
+def public_pem_record(public_pem: bytes, status: KeyStatus) -> PublicKeyRecord:
+    """The entry of ``GET /v2/keys`` for an Ed25519 public key's PEM; ValueError when it is not one."""
     return PublicKeyRecord(
-        key_id=signer.key_id, algorithm=ALGORITHM, public_key=signer.public_pem().decode("ascii")
-    )
+        key_id=key_id_of(load_public_key(public_pem)), algorithm=ALGORITHM,
+        public_key=public_pem.decode("ascii"), status=status.value,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,11 @@ of step → method:
     tiers     every block of those scopes leaves host RAM, Redis, disk (swept twice, the second
               time after engine processes' key caches expired)
     objects   records, content, turns, compilations, indexes, idempotency results
-    compact   Redis rewrites its AOF; old files are gone               Redis: compacted
+    providers the managed/BYOK routes the closure's content was sent to (recorded at send time)
+                                                                       provider: provider_expiry
+    decisions decision records whose prompt carried the closure's content are removed
+    compact   Redis rewrites its AOF; old files are gone; claimed only with AOF on, appendfsync
+              always and RDB snapshots off                             Redis: compacted
     receipt   classes per store → the receipt (weakest store, capped by the profile's ceiling),
               signed and appended to the tenant's hash-chained log
 
@@ -36,6 +40,7 @@ from kvstore.tiers.redis_keyring import KEY_CACHE_TTL_S
 from zumik_serve.errors import NotFoundError
 from zumik_serve.ids import HandleKind, handle_kind, new_handle
 from zumik_serve.purge.classes import GuaranteeClass
+from zumik_serve.purge.derived import RoutingTraces, decision_entry, provider_entries, reuse_index_entry
 from zumik_serve.purge.job import PurgeId, PurgeJob, PurgeStatus, PurgeStep, TierSweep, saved
 from zumik_serve.purge.receipt import (
     ChainHead,
@@ -44,9 +49,9 @@ from zumik_serve.purge.receipt import (
     StoreEntry,
     StoreResult,
     build_receipt,
-    public_key_record,
     receipt_hash,
 )
+from zumik_serve.purge.signing_keys import SigningKeys
 from zumik_serve.purge.store import RedisPurgeStore
 from zumik_serve.tenancy.tenant import TenantId, cache_salt
 
@@ -83,6 +88,7 @@ class PurgeService:
         self,
         store: RedisPurgeStore,
         *,
+        signing_keys: SigningKeys,
         profile: str,
         ceiling: GuaranteeClass,
         tiers: Sequence[TierBackend],
@@ -91,6 +97,7 @@ class PurgeService:
         salt_epoch: Callable[[TenantId], Awaitable[int]],
         rotate_salt_epoch: Callable[[TenantId], Awaitable[int]],
         forget_scopes: Callable[[list[str]], Awaitable[int]] | None = None,
+        traces: RoutingTraces | None = None,
         key_cache_ttl_s: float = KEY_CACHE_TTL_S,
         step_delay_s: float = 0.0,
     ) -> None:
@@ -103,9 +110,10 @@ class PurgeService:
         self._salt_epoch = salt_epoch
         self._rotate_salt_epoch = rotate_salt_epoch
         self._forget_scopes = forget_scopes  # the opportunity index of purged scopes
+        self._traces = traces  # provider reach and decision records (None: nothing recorded)
         self._key_cache_ttl_s = key_cache_ttl_s
         self._step_delay_s = step_delay_s  # only to let tests stop a purge between steps
-        self._signer: ReceiptSigner | None = None
+        self._signing_keys = signing_keys
         # Every step, in the order it runs.
         self._steps: dict[PurgeStep, Step] = {
             PurgeStep.REVOKE: self._revoke,
@@ -113,27 +121,26 @@ class PurgeService:
             PurgeStep.KEYS: self._destroy_keys,
             PurgeStep.TIERS: self._sweep_tiers,
             PurgeStep.OBJECTS: self._delete_objects,
+            PurgeStep.PROVIDERS: self._providers,
+            PurgeStep.DECISIONS: self._decisions,
             PurgeStep.COMPACT: self._compact,
             PurgeStep.RECEIPT: self._sign_receipt,
         }
         if list(self._steps) != list(PurgeStep):
             raise RuntimeError("the purge step table must list every PurgeStep, in order")
 
+    def step(self, step: PurgeStep) -> Step:
+        """The method that runs ``step``: a tenant deletion (``purge/deletion.py``) runs the
+        purge's own steps but for the ones it replaces."""
+        return self._steps[step]
+
     async def signer(self) -> ReceiptSigner:
-        if self._signer is None:
-            pem = await self._store.signing_key_pem(lambda: ReceiptSigner.generate().private_pem())
-            self._signer = ReceiptSigner.from_pem(pem)
-            await self._store.publish_public_key(self._signer.key_id, self._signer.public_pem())
-        return self._signer
+        """The key that signs receipts now (a rotation reaches it without a restart)."""
+        return self._signing_keys.signer()
 
     async def public_keys(self) -> list[PublicKeyRecord]:
-        """Every key that ever signed a receipt here, the current one first."""
-        current = await self.signer()
-        keys = [public_key_record(current)]
-        for key_id, pem in sorted((await self._store.public_keys()).items()):
-            if key_id != current.key_id:
-                keys.append(PublicKeyRecord(key_id=key_id, algorithm="ed25519", public_key=pem.decode()))
-        return keys
+        """The current signing key, then every retired one (their receipts still verify)."""
+        return self._signing_keys.public_keys()
 
     async def receipt(self, tenant: str, receipt_id: str) -> dict[str, Any]:
         receipt = None
@@ -264,6 +271,22 @@ class PurgeService:
         removed = await self._store.delete_objects(tenant, saved(job.closure, "closure"))
         return replace(job, removed_keys=removed)
 
+    async def _providers(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
+        if self._traces is None:
+            return replace(job, providers=())
+        closure = saved(job.closure, "closure")
+        if job.providers is None:  # read after the revoke: no send of the closure can follow it
+            job = replace(job, providers=tuple(await self._traces.reached(tenant, closure)))
+            await checkpoint(job)  # saved before the lines are dropped
+        await self._traces.forget_reach(tenant, closure)
+        return job
+
+    async def _decisions(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
+        if self._traces is None:
+            return replace(job, decisions_removed=0)
+        removed = await self._traces.forget_decisions(tenant, saved(job.closure, "closure"))
+        return replace(job, decisions_removed=removed)
+
     async def _compact(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
         return replace(job, compaction=await self._store.compact())
 
@@ -271,7 +294,7 @@ class PurgeService:
         if await self._store.receipt(tenant, job.id) is not None:
             return job  # signed and appended before a crash
         signer = await self.signer()
-        stores = receipt_stores(job, sealed=self._sealed)
+        stores = receipt_stores(job, sealed=self._sealed, opportunity_index=self._forget_scopes is not None)
         while True:
             head = await self._store.chain_head(tenant)
             seq = 1 if head is None else head.seq + 1
@@ -288,9 +311,11 @@ class PurgeService:
                 return job  # another gateway resuming this job signed it
 
 
-def receipt_stores(job: PurgeJob, *, sealed: bool) -> list[StoreEntry]:
+def receipt_stores(job: PurgeJob, *, sealed: bool, opportunity_index: bool = False) -> list[StoreEntry]:
     """What each store that held the data reached, from the steps' saved results (the receipt's
-    ``stores``, in this order: redis_state, kv_engine, kv_host, kv_redis, kv_disk)."""
+    ``stores``, in this order: redis_state, kv_engine, kv_host, kv_redis, kv_disk, then the
+    stores of derivatives (``purge/derived.py``): reuse_index (when ``opportunity_index``: the
+    keys step removed the scopes' index), decision_records, provider:<route>...)."""
     compaction = saved(job.compaction, "compaction")
     compacted = compaction.done
     redis_class = GuaranteeClass.COMPACTED if compacted else GuaranteeClass.DELETED
@@ -319,7 +344,23 @@ def receipt_stores(job: PurgeJob, *, sealed: bool) -> list[StoreEntry]:
         entries.append(
             StoreEntry(name, action, StoreResult.DONE, cls, f"{sweep.removed_blocks} blocks removed")
         )
+    if opportunity_index and job.scopes is not None:
+        entries.append(reuse_index_entry(redis_class))
+    decisions = decision_entry(
+        job.decisions_removed or 0,
+        redis_class,
+        compacted_after=_before(job, PurgeStep.DECISIONS, PurgeStep.COMPACT),
+    )
+    if decisions is not None:
+        entries.append(decisions)
+    entries.extend(provider_entries(job.providers or ()))
     return entries
+
+
+def _before(job: PurgeJob, first: PurgeStep, then: PurgeStep) -> bool:
+    """Whether ``first`` finished before ``then`` (a job a version without ``first`` started
+    may have done ``then`` already; ``first`` then ran after it)."""
+    return first in job.done and then in job.done and job.done.index(first) < job.done.index(then)
 
 
 def _sweep(tiers: Sequence[TierBackend], scopes: Sequence[str]) -> dict[Tier, int]:

@@ -6,8 +6,8 @@
     z:{tenant}:receipt:{prg}          a signed receipt (JSON), never changed
     z:{tenant}:receipts               list of receipt ids, oldest first (the tenant's log)
     z:{tenant}:receipt-head           {"seq", "hash"} of the newest receipt (the chain's head)
-    zumik:receipt-signing-key         Ed25519 private key (PEM), created once
-    zumik:receipt-public-keys         hash key_id → public key PEM (every key ever used)
+
+The signing keys are files, never in Redis (``purge/signing_keys.py``).
 
 Jobs and chain heads are stored as sorted, compact JSON of their pydantic ``TypeAdapter`` form
 (``purge/job.py`` describes a job's fields): the form the first version wrote, so what it left
@@ -15,7 +15,9 @@ behind still loads. Appending a receipt is one Lua script (registered once per s
 checks, byte for byte, the chain head the receipt was built on, so two purges of one tenant can
 never fork the chain. Compaction is ``BGREWRITEAOF`` started after the deletes, awaited to
 completion (``aof_rewrites`` moved on, status ok), then a check that the AOF folder holds only
-the files the new manifest names when that folder is reachable here.
+the files the new manifest names when that folder is reachable here. It is claimed only on a
+server configured to keep deleted values out of its files (``durability_gap``: AOF on,
+``appendfsync always``, RDB snapshots off, no RDB file left); otherwise the detail says why not.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import TypeAdapter
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from kvstore.tiers.redis_keyring import DESTROYED, TOMBSTONE_TTL_S, keyring_key
 from zumik_serve.purge.job import Compaction, PendingPurge, PurgeId, PurgeJob, PurgeStatus
@@ -47,8 +49,6 @@ from zumik_serve.state.store import (
 )
 
 PENDING = "zumik:purges:pending"
-SIGNING_KEY = "zumik:receipt-signing-key"
-PUBLIC_KEYS = "zumik:receipt-public-keys"
 COMPACTION_TIMEOUT_S = 120.0
 
 # KEYS: head, receipt, log. ARGV: expected head JSON ("" for none), new head JSON, receipt JSON, id.
@@ -139,13 +139,15 @@ class RedisPurgeStore:
                      compilations_key(tenant, handle)]  # fmt: skip
             if content is not None:
                 keys += [blob_key(tenant, content.digest), bydigest_key(tenant, content.digest)]
-        removed = int(await self._redis.unlink(*keys))
+        removed = await self._state.delete_keys(tenant, keys)  # gives their quota usage back
         await self._redis.srem(exposed_key(tenant), *handles)
-        # Idempotency results name the objects they created; a retry must not resurrect them.
+        # Idempotency results name the objects they created (a retry must not resurrect them);
+        # a /v1 exchange's key names its session and holds a digest of the request.
         marked = [handle.encode() for handle in handles]
         async for key in self._redis.scan_iter(match=f"z:{{{tenant}}}:idem:*", count=1000):
             value = await self._redis.get(key)
-            if value is not None and any(handle in value for handle in marked):
+            named = any(handle in key for handle in marked)
+            if named or (value is not None and any(handle in value for handle in marked)):
                 removed += int(await self._redis.unlink(key))
         return removed
 
@@ -157,10 +159,31 @@ class RedisPurgeStore:
             await pipe.execute()
 
     async def compact(self, *, timeout_s: float = COMPACTION_TIMEOUT_S) -> Compaction:
-        """Rewrite Redis' persistence so that deleted values leave its files too."""
-        config = await self._redis.config_get("appendonly")
-        if _text(config.get("appendonly", "no")) != "yes":
+        """Rewrite Redis' persistence so that deleted values leave its files too; ``done`` only
+        when, besides, the server's configuration keeps them out (``durability_gap``)."""
+        config = await self._durability_config()
+        if config.get("appendonly") != "yes":
             return Compaction(False, "Redis runs without an AOF; its RDB snapshots are not rewritten here")
+        rewritten = await self._rewrite_aof(timeout_s)
+        gap = durability_gap(config)
+        if rewritten.done and gap is not None:
+            return Compaction(False, f"{rewritten.detail}; not claimed compacted: {gap}")
+        return rewritten
+
+    async def _durability_config(self) -> dict[str, str]:
+        """The server settings ``durability_gap`` reads, and whether an RDB file is in its folder
+        (``rdb_file``: "yes"/"no", "unknown" when that folder is not visible from here)."""
+        config: dict[str, str] = {}
+        for name in ("appendonly", "appendfsync", "save", "dir", "dbfilename"):
+            reply = await self._redis.config_get(name)
+            config[name] = _text(reply.get(name, ""))
+        folder = Path(config["dir"])
+        visible = bool(config["dir"]) and folder.is_dir()
+        rdb_file = (folder / config["dbfilename"]).is_file() if visible else None
+        config["rdb_file"] = "unknown" if rdb_file is None else ("yes" if rdb_file else "no")
+        return config
+
+    async def _rewrite_aof(self, timeout_s: float) -> Compaction:
         deadline = time.monotonic() + timeout_s
         before = await self._info_int("aof_rewrites")
         while True:
@@ -259,6 +282,12 @@ class RedisPurgeStore:
             for tenant, _, purge_id in (member.partition("|") for member in members)
         ]
 
+    async def drop_pending(self, tenant: str) -> int:
+        """Forget every unfinished purge of ``tenant`` (its deletion removes them and their
+        objects: nothing is left to resume); returns how many."""
+        members = [m for m in map(_text, await self._redis.smembers(PENDING)) if m.startswith(f"{tenant}|")]
+        return int(await self._redis.srem(PENDING, *members)) if members else 0
+
     # --- receipts ----------------------------------------------------------------------------
 
     async def chain_head(self, tenant: str) -> ChainHead | None:
@@ -282,22 +311,23 @@ class RedisPurgeStore:
     async def receipt_ids(self, tenant: str) -> list[str]:
         return [_text(item) for item in await self._redis.lrange(f"z:{{{tenant}}}:receipts", 0, -1)]
 
-    async def signing_key_pem(self, generate: Callable[[], bytes]) -> bytes:
-        """The receipt signing key, created by ``generate()`` (PEM bytes) on first use."""
-        await self._redis.set(SIGNING_KEY, generate(), nx=True)
-        value = await self._redis.get(SIGNING_KEY)
-        if value is None:
-            raise RedisError("the receipt signing key vanished")
-        return value if isinstance(value, bytes) else value.encode()
 
-    async def publish_public_key(self, key_id: str, public_pem: bytes) -> None:
-        await self._redis.hsetnx(PUBLIC_KEYS, key_id, public_pem)
-
-    async def public_keys(self) -> dict[str, bytes]:
-        return {
-            _text(k): v if isinstance(v, bytes) else v.encode()
-            for k, v in (await self._redis.hgetall(PUBLIC_KEYS)).items()
-        }
+def durability_gap(config: dict[str, str]) -> str | None:
+    """Why a completed AOF rewrite does not make deletes ``compacted`` on a server with this
+    configuration (``CONFIG GET`` values), or None when it does: the AOF is on, every write is
+    fsynced before the reply (``appendfsync always``: a delete acknowledged is a delete on disk,
+    no second of writes to lose and replay) and no RDB snapshot is taken (``save ""``: a
+    ``dump.rdb`` is a copy of the data as it was, which no AOF rewrite touches) or left behind."""
+    if config.get("appendonly") != "yes":
+        return "the AOF is off (appendonly no)"
+    if config.get("appendfsync") != "always":
+        fsync = config.get("appendfsync")
+        return f"appendfsync is {fsync!r}, not 'always': acknowledged writes may not be on disk"
+    if config.get("save", "").strip():
+        return f"RDB snapshots are on (save {config['save']!r}): a dump.rdb may hold the data as it was"
+    if config.get("rdb_file") == "yes":
+        return f"an RDB file ({config.get('dbfilename')}) from an earlier snapshot is in Redis' folder"
+    return None
 
 
 def _artifact_content(raw: bytes | str | None) -> _ArtifactContent | None:

@@ -1,7 +1,12 @@
 """`zumik receipt verify`: check one receipt file offline; exit 0 only for an intact receipt.
 
-Exit codes: 0 intact, 1 not intact (tampered, malformed, wrong key, a claim its stores do not
-support), 2 a file could not be read (missing, unreadable, or the key file is not an Ed25519 PEM).
+The key file is a PEM with one or more Ed25519 public keys, or the JSON body of ``GET /v2/keys``
+(the current key and every retired one): the receipt's ``key_id`` picks the key, so a receipt
+signed before a rotation verifies with the keys listed after it.
+
+Exit codes: 0 intact, 1 not intact (tampered, malformed, wrong or unknown key, a claim its stores
+do not support), 2 a file could not be read (missing, unreadable, or the key file holds no
+Ed25519 public key).
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from zumik_serve.purge.receipt import Verification, load_public_key, verify_receipt
+from zumik_serve.purge.receipt import Verification, key_id_of, load_public_key, verify_receipt
+from zumik_serve.server_secrets import public_key_blocks
 
 EXIT_INTACT = 0
 EXIT_NOT_INTACT = 1
@@ -23,18 +29,13 @@ class UnreadableFileError(Exception):
 
 
 def verify_file(path: Path, public_key_path: Path) -> Verification:
-    """Verify the receipt in ``path`` with the PEM in ``public_key_path``.
+    """Verify the receipt in ``path`` with the key of its ``key_id`` in ``public_key_path``.
 
-    Raises UnreadableFileError when either file cannot be read or the key is not an Ed25519
-    public key. A receipt file that is not JSON (or repeats a key) is a failed Verification:
-    the bytes were readable, they are not an intact receipt."""
-    public_key_pem = _read(public_key_path, "public key")
-    try:
-        load_public_key(public_key_pem)
-    except ValueError as exc:
-        raise UnreadableFileError(
-            f"{public_key_path}: {exc}; pass the receipt key's PEM (from GET /v2/keys, field public_key)"
-        ) from exc
+    Raises UnreadableFileError when either file cannot be read or the key file holds no Ed25519
+    public key. A receipt file that is not JSON (or repeats a key), or whose ``key_id`` is none
+    of the keys given, is a failed Verification: the bytes were readable, they are not a receipt
+    these keys show intact."""
+    keys = read_public_keys(public_key_path)
     raw = _read(path, "receipt")
     try:
         receipt = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
@@ -42,7 +43,41 @@ def verify_file(path: Path, public_key_path: Path) -> Verification:
         return Verification(False, "receipt file is not UTF-8 text")
     except ValueError as exc:
         return Verification(False, f"receipt file is not valid JSON: {exc}")
-    return verify_receipt(receipt, public_key_pem)
+    key_id = receipt.get("key_id") if isinstance(receipt, dict) else None
+    if isinstance(key_id, str) and key_id in keys:
+        return verify_receipt(receipt, keys[key_id])
+    if len(keys) == 1:  # one key given: the verifier says how it differs from the receipt's
+        return verify_receipt(receipt, next(iter(keys.values())))
+    return Verification(
+        False,
+        f"the receipt's key_id {str(key_id)[:80]!r} is none of the {len(keys)} keys in {public_key_path} "
+        f"({', '.join(keys)}); fetch the current list from GET /v2/keys",
+    )
+
+
+def read_public_keys(path: Path) -> dict[str, bytes]:
+    """key_id → PEM of every Ed25519 public key in ``path``: PEM blocks, or the JSON body of
+    ``GET /v2/keys`` (each key's id is computed from its PEM, not taken from the file)."""
+    data = _read(path, "public key")
+    how = "pass a PEM from GET /v2/keys (field public_key), or that response's JSON body"
+    pems: list[bytes]
+    if data.lstrip().startswith(b"{"):
+        try:
+            listed = json.loads(data.decode("utf-8"))["keys"]
+            pems = [str(item["public_key"]).encode("ascii") for item in listed]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UnreadableFileError(f"{path}: not the JSON of GET /v2/keys ({exc}); {how}") from None
+    else:
+        pems = public_key_blocks(data) or [data]
+    keys: dict[str, bytes] = {}
+    for pem in pems:
+        try:
+            keys[key_id_of(load_public_key(pem))] = pem
+        except ValueError as exc:
+            raise UnreadableFileError(f"{path}: {exc}; {how}") from exc
+    if not keys:
+        raise UnreadableFileError(f"{path}: holds no public key; {how}")
+    return keys
 
 
 def run_verify(path: Path, public_key_path: Path, *, as_json: bool) -> int:

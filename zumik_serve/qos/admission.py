@@ -1,10 +1,18 @@
-"""Admission: each QoS class has its own running and queued slots in a gateway process.
+"""Admission: each QoS class has its own running and queued slots in a gateway process, shared
+fairly among tenants.
 
-    request ─► class gate ─┬─ a running slot free        → admitted at once
-                           ├─ queue not full             → waits (FIFO) for a slot, at most
-                           │                               min(queue_timeout_s, the deadline)
-                           └─ running and queue full     → OverloadedError (429, Retry-After)
-    admitted ... finished ─► release: the slot goes to the first waiter
+    request ─► class gate ─┬─ the tenant holds its share       → OverloadedError (429, Retry-After)
+               (tenant)    ├─ a running slot free, nobody waits → admitted at once
+                           ├─ queue not full                    → waits for a slot, at most
+                           │                                      min(queue_timeout_s, the deadline)
+                           └─ running and queue full            → OverloadedError (429, Retry-After)
+    admitted ... finished ─► release: the slot goes to the next waiting tenant, round-robin
+
+Fairness rule: a tenant holds at most ``QosClassSpec.tenant_share()`` of a class's running plus
+queued requests (by default every running slot and half the queue), so one tenant's flood
+leaves room in the queue for others; and a freed slot goes to the tenants with waiters in turn
+(each tenant's own requests in arrival order), so another tenant's request waits for one slot
+to free, not for the flood ahead of it. A tenant alone can still use every running slot.
 
 Rejection is decided without waiting on anything, so a refused request is answered in the time
 it takes to parse it, and the number of waiters is bounded, so memory stays flat under any
@@ -58,35 +66,59 @@ class Ticket:
     """An admitted request's slot; ``release`` once the request is done (idempotent)."""
 
     gate: ClassGate
+    tenant: str
     queued_ms: float
     released: bool = False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.gate.release()
+            self.gate.release(self.tenant)
 
 
 class ClassGate:
-    def __init__(self, qos: QosClass, *, max_running: int, max_queued: int, retry_after_s: int) -> None:
+    """One class's slots. ``max_per_tenant``: most running plus queued requests of one tenant
+    (None: no per-tenant bound). Waiters are kept per tenant; ``_turns`` is the round-robin
+    order of the tenants that have waiters (each at most once)."""
+
+    def __init__(
+        self, qos: QosClass, *, max_running: int, max_queued: int, retry_after_s: int,
+        max_per_tenant: int | None = None,
+    ) -> None:  # fmt: skip
         self.qos = qos
         self.max_running = max_running
         self.max_queued = max_queued
+        self.max_per_tenant = max_per_tenant
         self.retry_after_s = retry_after_s
         self.running = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
         self.rejected = 0
+        self._held: dict[str, int] = {}  # tenant → its running plus queued requests
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._turns: deque[str] = deque()
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return sum(len(waiters) for waiters in self._waiters.values())
 
-    async def acquire(self, *, wait_s: float, deadline_bound: bool) -> Ticket:
+    def held(self, tenant: str) -> int:
+        """The tenant's running plus queued requests in this class."""
+        return self._held.get(tenant, 0)
+
+    async def acquire(self, tenant: str, *, wait_s: float, deadline_bound: bool) -> Ticket:
         started = time.perf_counter()
-        if self.running < self.max_running and not self._waiters:
+        if self.max_per_tenant is not None and self.held(tenant) >= self.max_per_tenant:
+            self.rejected += 1
+            raise OverloadedError(
+                f"This API key's tenant already has {self.max_per_tenant} '{self.qos.value}' "
+                "requests running or queued on this server, its share of the class. Retry after "
+                f"{self.retry_after_s} s, or once some of them have finished.",
+                retry_after_s=self.retry_after_s,
+            )
+        if self.running < self.max_running and not self._turns:
             self.running += 1
-            return Ticket(self, 0.0)
-        if len(self._waiters) >= self.max_queued:
+            self._hold(tenant)
+            return Ticket(self, tenant, 0.0)
+        if self.queued >= self.max_queued:
             self.rejected += 1
             raise OverloadedError(
                 f"Too many '{self.qos.value}' requests right now ({self.max_running} running, "
@@ -94,14 +126,14 @@ class ClassGate:
                 retry_after_s=self.retry_after_s,
             )
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        self._enqueue(tenant, waiter)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), timeout=max(0.0, wait_s))
         except TimeoutError:
             if waiter.done() and not waiter.cancelled():  # the slot arrived as time ran out
-                return Ticket(self, (time.perf_counter() - started) * 1000)
+                return Ticket(self, tenant, (time.perf_counter() - started) * 1000)
             waiter.cancel()
-            self._discard(waiter)
+            self._abandon(tenant, waiter)
             self.rejected += 1
             if deadline_bound:
                 raise DeadlineExceededError(
@@ -114,24 +146,58 @@ class ClassGate:
             ) from None
         except asyncio.CancelledError:  # the client went away while queued
             if waiter.done() and not waiter.cancelled():
-                self.release()  # it had been handed a slot: pass it on
+                self.release(tenant)  # it had been handed a slot: pass it on
             else:
                 waiter.cancel()
-                self._discard(waiter)
+                self._abandon(tenant, waiter)
             raise
-        return Ticket(self, (time.perf_counter() - started) * 1000)
+        return Ticket(self, tenant, (time.perf_counter() - started) * 1000)
 
-    def release(self) -> None:
-        while self._waiters:  # hand the slot over: ``running`` stays the same
-            waiter = self._waiters.popleft()
+    def release(self, tenant: str) -> None:
+        """``tenant``'s request is done: its slot goes to the next tenant in turn that waits
+        (``running`` stays the same), else it is free."""
+        self._unhold(tenant)
+        while self._turns:
+            turn = self._turns.popleft()
+            waiters = self._waiters[turn]
+            waiter = waiters.popleft()
+            if waiters:
+                self._turns.append(turn)  # its next request waits for its next turn
+            else:
+                del self._waiters[turn]
             if not waiter.done():
                 waiter.set_result(None)
                 return
         self.running = max(0, self.running - 1)
 
-    def _discard(self, waiter: asyncio.Future[None]) -> None:
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(waiter)
+    def _enqueue(self, tenant: str, waiter: asyncio.Future[None]) -> None:
+        self._hold(tenant)
+        if tenant not in self._waiters:
+            self._waiters[tenant] = deque()
+            self._turns.append(tenant)
+        self._waiters[tenant].append(waiter)
+
+    def _abandon(self, tenant: str, waiter: asyncio.Future[None]) -> None:
+        """A waiter left before it got a slot (timeout, cancellation)."""
+        waiters = self._waiters.get(tenant)
+        if waiters is not None:
+            with contextlib.suppress(ValueError):
+                waiters.remove(waiter)
+                self._unhold(tenant)
+            if not waiters:
+                del self._waiters[tenant]
+                with contextlib.suppress(ValueError):
+                    self._turns.remove(tenant)
+
+    def _hold(self, tenant: str) -> None:
+        self._held[tenant] = self._held.get(tenant, 0) + 1
+
+    def _unhold(self, tenant: str) -> None:
+        left = self._held.get(tenant, 0) - 1
+        if left > 0:
+            self._held[tenant] = left
+        else:
+            self._held.pop(tenant, None)
 
 
 class AdmissionController:
@@ -141,18 +207,20 @@ class AdmissionController:
         self.spec = spec
         self.gates = {
             qos: ClassGate(
-                qos, max_running=cls.max_running, max_queued=cls.max_queued, retry_after_s=spec.retry_after_s
+                qos, max_running=cls.max_running, max_queued=cls.max_queued,
+                retry_after_s=spec.retry_after_s, max_per_tenant=cls.tenant_share(),
             )
             for qos, cls in spec.classes.items()
-        }
+        }  # fmt: skip
 
-    async def admit(self, qos: QosClass, *, deadline_s: float | None = None) -> Ticket:
-        """A slot of ``qos``; ``deadline_s`` is the time left of the request's own deadline."""
+    async def admit(self, qos: QosClass, tenant: str, *, deadline_s: float | None = None) -> Ticket:
+        """A slot of ``qos`` for ``tenant``; ``deadline_s`` is the time left of the request's
+        own deadline."""
         wait_s = self.spec.queue_timeout_s
         deadline_bound = deadline_s is not None and deadline_s < wait_s
         if deadline_s is not None:
             wait_s = min(wait_s, deadline_s)
-        return await self.gates[qos].acquire(wait_s=wait_s, deadline_bound=deadline_bound)
+        return await self.gates[qos].acquire(tenant, wait_s=wait_s, deadline_bound=deadline_bound)
 
     def engine_priority(self, qos: QosClass) -> int:
         return self.spec.classes[qos].engine_priority

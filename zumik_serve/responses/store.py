@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 
 from zumik_serve.responses.records import StoredResponse
-from zumik_serve.state.store import REVOKED_PREFIX, RedisStateStore, derived_key, object_key
+from zumik_serve.state.store import REVOKED_PREFIX, RedisStateStore, object_key
 
 
 class RedisResponseStore:
@@ -19,11 +19,9 @@ class RedisResponseStore:
         self._state = state
 
     async def put(self, tenant: str, record: StoredResponse, parents: Sequence[str]) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(object_key(tenant, record.id), record.model_dump_json(), nx=True)
-            for parent in dict.fromkeys(parents):
-                pipe.sadd(derived_key(tenant, parent), record.id)
-            await pipe.execute()
+        """Store the record (counted in the tenant's objects and stored_bytes quotas, with the
+        state objects': QuotaExceededError when it does not fit, and nothing is written)."""
+        await self._state.put_json(tenant, record.id, record.model_dump_json(), parents)
 
     async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
         """The live record (None when unknown, deleted, purged or another kind of object)."""

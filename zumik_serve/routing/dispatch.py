@@ -17,12 +17,19 @@ before it is sent (``breaker.admit``), and a concurrent request falls back.
 
 BYOC picks go to the engine client of that replica; managed and BYOK picks go to the provider
 (``providers/engine_client.py``) with Zumik's key from the environment or the tenant's own key.
+Before content of a state object (``RouteContext.sources``) goes to a provider, the send is
+recorded (``routing/reach.py``), so a purge of the object can name that provider's retention.
+
+A decision's ``request_digest`` is an HMAC of the prompt under the tenant's cache salt: it ties
+requests with one prompt together (ties, replay) but confirms no guess of the prompt to anyone
+without the server's salt secret.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -54,6 +61,7 @@ from zumik_serve.ids import DecisionId, new_decision_id
 from zumik_serve.providers.engine_client import ProviderEngineClient
 from zumik_serve.providers.openai_http import OpenAICompatProvider, prompt_cache_key_for
 from zumik_serve.routing.decision import NO_EVIDENCE, DecisionRecord, Evidence, Pick
+from zumik_serve.routing.reach import ProviderReach, ReachSink
 from zumik_serve.routing.retry import Attempt, AttemptOutcome, RetryAction, classify
 from zumik_serve.routing.scheduler import ProfileScheduler, SchedulingRequest
 
@@ -61,7 +69,11 @@ PROBE_OUT = "breaker half open: its probe is in flight"
 
 
 class DecisionSink(Protocol):
-    async def save(self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt]) -> None: ...
+    async def save(
+        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = ()
+    ) -> None:
+        """Record the decision; ``sources``: the state objects whose content its prompt carried."""
+        ...
 
 
 class DecisionMetrics(Protocol):
@@ -79,6 +91,7 @@ class RouteContext:
     qos: str = "standard"
     prefer_cheapest: bool = False  # the class takes the cheapest healthy route
     engine_priority: int | None = None  # vLLM priority on BYOC engines (None: not sent)
+    sources: tuple[str, ...] = ()  # state objects whose content the prompt carries (purgeable)
 
 
 @dataclass(frozen=True)
@@ -145,6 +158,7 @@ class Dispatcher:
         engines: dict[str, EngineClient],
         decisions: DecisionSink,
         byok_key: Callable[[str, str], Awaitable[str | None]] | None = None,
+        reach: ReachSink | None = None,
         metrics: DecisionMetrics | None = None,
         environ: dict[str, str] | None = None,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
@@ -154,6 +168,7 @@ class Dispatcher:
         self._engines = engines
         self._decisions = decisions
         self._byok_key = byok_key
+        self._reach = reach
         self._metrics = metrics
         self._environ = os.environ if environ is None else environ
         self._clock_ms = clock_ms
@@ -174,7 +189,7 @@ class Dispatcher:
         request = SchedulingRequest(
             tenant=tenant, cache_salt=salt, prompt_text=prompt_text,
             expected_output_tokens=_max_tokens(engine_body),
-            request_digest=hashlib.sha256(prompt_text.encode()).hexdigest()[:32],
+            request_digest=prompt_digest(salt, prompt_text),
             release_id=context.release_id, snapshot_id=context.snapshot_id,
             allowed_routes=context.allowed_routes, evidence=context.evidence,
             qos=context.qos, prefer_cheapest=context.prefer_cheapest,
@@ -200,12 +215,12 @@ class Dispatcher:
         try:
             run = await self._execute(
                 decision.record, list(decision.prefix_keys), call, engine_body, stream, tenant, salt,
-                attempts, context.engine_priority,
+                attempts, context,
             )  # fmt: skip
             timing["first-output"] = (time.perf_counter() - started) * 1000
         finally:
             saved = time.perf_counter()
-            await self._decisions.save(tenant, decision.record, attempts)
+            await self._decisions.save(tenant, decision.record, attempts, context.sources)
             timing["record"] = (time.perf_counter() - saved) * 1000
         run.timing_ms = timing
         return run
@@ -222,8 +237,9 @@ class Dispatcher:
 
     async def _execute(
         self, record: DecisionRecord, keys: list[str], call: EngineCall, engine_body: dict[str, Any],
-        stream: bool, tenant: str, salt: str, attempts: list[Attempt], engine_priority: int | None,
+        stream: bool, tenant: str, salt: str, attempts: list[Attempt], context: RouteContext,
     ) -> EngineRun:  # fmt: skip
+        engine_priority = context.engine_priority
         picks = ([record.pick] if record.pick is not None else []) + list(record.fallbacks)
         if not picks:
             raise EngineError(
@@ -256,6 +272,12 @@ class Dispatcher:
                 if client is None:
                     attempts.append(_attempt(pick, attempt, "skipped", None, "fallback", "no api key"))
                     break
+                if route.kind is not RouteKind.BYOC and context.sources:
+                    try:
+                        await self.record_sent(tenant, context.sources, route.name)
+                    except BaseException:  # not sent: a probe it held goes back
+                        self.scheduler.release_probe(pick)
+                        raise
                 self.scheduler.sent(pick, keys)
                 result = await _first_output(client, call, body, stream)
                 now_ms = self._clock_ms()
@@ -335,6 +357,18 @@ class Dispatcher:
             self._providers[route.name], label=route.name, model=route.model or "",
             api_key=api_key, prompt_cache_key=prompt_cache_key_for(salt, prefix),
         )  # fmt: skip
+
+    async def record_sent(self, tenant: str, sources: tuple[str, ...], route_name: str) -> None:
+        """Record, before it is sent, that content of ``sources`` goes to a provider route;
+        ``NotFoundError`` (nothing sent) when one of them was revoked or purged meanwhile."""
+        if self._reach is None:
+            raise RuntimeError("a provider route needs a reach sink to send a state object's content")
+        route = self.scheduler.route(route_name)
+        reach = ProviderReach(
+            route=route.name, kind=route.kind.value, retention_days=route.provider_retention_days(),
+            last_sent_at_s=self._clock_ms() // 1000,
+        )  # fmt: skip
+        await self._reach.sent(tenant, sources, reach)
 
     async def _finishing(self, pick: Pick, rest: AsyncIterator[EngineEvent]) -> AsyncIterator[EngineEvent]:
         try:
@@ -418,6 +452,13 @@ def _route_label(kind: RouteKind, name: str, replica_id: str) -> str:
     if kind is RouteKind.BYOC:
         return f"byoc:{replica_id}"
     return f"{kind.value}:{name}"
+
+
+def prompt_digest(salt: str, prompt_text: str) -> str:
+    """The recorded digest of a prompt: HMAC-SHA256 under the tenant's cache salt, 32 hex
+    characters. The salt is itself an HMAC of the server's secret (``tenancy/tenant.py``), so
+    only the server can tell which prompt a digest stands for."""
+    return hmac.new(salt.encode(), prompt_text.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def _prompt_text(call: EngineCall, body: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ class AttemptOutcome(StrEnum):
     TIMEOUT = "timeout"  # no complete answer within the route's timeout_s
     CONNECT_ERROR = "connect_error"  # the request never reached the provider
     CLIENT_ERROR = "client_error"  # HTTP 4xx other than 429: the request itself is wrong
+    AUTH_ERROR = "auth_error"  # HTTP 401/403/407 from a provider: it refused the route's key
 
 
 @dataclass(frozen=True)

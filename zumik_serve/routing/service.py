@@ -19,7 +19,7 @@ from zumik_serve.ids import HandleKind, handle_kind
 from zumik_serve.routing.release import AliasState, Release, new_release_id, release_for, validate_alias_name
 from zumik_serve.routing.replay import Replayed, replay
 from zumik_serve.routing.requests import PublishRelease, alias_name
-from zumik_serve.routing.store import RedisRoutingStore, StoredDecision
+from zumik_serve.routing.store import DecisionPage, RedisRoutingStore, StoredDecision
 
 
 class RoutingService:
@@ -97,6 +97,17 @@ class RoutingService:
                 code="decision_not_found",
             )
         return stored
+
+    async def decisions(self, tenant: str, *, limit: int, after: str | None) -> DecisionPage:
+        """A page of the tenant's decisions (kept 30 days), newest first, after ``after``."""
+        page = await self._store.decision_page(tenant, limit=limit, after=after)
+        if page is None:
+            raise InvalidRequestError(
+                f"No decision {after!r} is in your list (expired, purged or unknown). List again "
+                "without 'after'.",
+                param="after",
+            )
+        return page
 
     async def replay(self, tenant: str, decision_id: str) -> Replayed:
         equal, recomputed = replay((await self.decision(tenant, decision_id)).record)

@@ -1,6 +1,11 @@
 """Decision records and alias releases in Redis, scoped by tenant.
 
     z:{tenant}:dec:{id}               {"record": <DecisionRecord JSON>, "attempts": [...]} (30 days)
+    z:{tenant}:decs                   sorted set: decision id, scored by its ``now_ms`` (the list)
+    z:{tenant}:dec-src:{handle}       set of the decisions whose prompt carried that state
+                                      object's content (a purge of the object removes them)
+    z:{tenant}:reach:{handle}         hash: provider route → {"kind", "retention_days",
+                                      "last_sent_at_s"} (``routing/reach.py``)
     z:{tenant}:rel:{id}               a release (canonical JSON), never changed
     z:{tenant}:alias:{name}           the id of the alias' current release
     z:{tenant}:alias-history:{name}   list of its release ids, oldest first
@@ -8,6 +13,8 @@
 Publishing is one Lua script: the release is stored only if the alias still points where the
 publisher saw it point, so two concurrent publishes never lose one another's history. Every
 key of a tenant shares its hash tag, so the scripts and multi-key reads stay in one slot.
+Recording provider reach is one script too: it refuses when a source object is revoked or gone
+(``REACH``), so a purge that revoked first and reads the reach after misses no send.
 """
 
 from __future__ import annotations
@@ -15,15 +22,39 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
 from zumik_serve.routing.decision import DecisionRecord
+from zumik_serve.routing.reach import ProviderReach
 from zumik_serve.routing.release import AliasState, Release
 from zumik_serve.routing.retry import ATTEMPTS, Attempt
+from zumik_serve.state.store import REVOKED_PREFIX, object_key
 
 DECISION_TTL_S = 30 * 24 * 3600
+
+# KEYS: n object keys, then their n reach keys. ARGV: route, reach JSON, its expiry (unix s),
+# the revoked-record prefix. Returns 0 when recorded, else the (1-based) index of the first
+# object that is revoked or gone (then nothing is written). An existing line of the route is
+# replaced only by one that expires later, so concurrent sends keep the latest expiry.
+REACH = """
+local n = #KEYS / 2
+for i = 1, n do
+  local record = redis.call('GET', KEYS[i])
+  if not record or string.sub(record, 1, string.len(ARGV[4])) == ARGV[4] then return i end
+end
+for i = 1, n do
+  local old = redis.call('HGET', KEYS[n + i], ARGV[1])
+  local keep = false
+  if old then
+    local line = cjson.decode(old)
+    keep = line['last_sent_at_s'] + line['retention_days'] * 86400 > tonumber(ARGV[3])
+  end
+  if not keep then redis.call('HSET', KEYS[n + i], ARGV[1], ARGV[2]) end
+end
+return 0
+"""
 
 # KEYS: alias, history, release. ARGV: expected current ("" for none), release id, release JSON.
 PUBLISH = """
@@ -54,15 +85,29 @@ class StoredDecision:
     attempts: tuple[dict[str, Any], ...]
 
 
+@dataclass(frozen=True)
+class DecisionPage:
+    """Decision ids of one page of a tenant's list, newest first, and whether more follow."""
+
+    ids: tuple[str, ...]
+    decisions: tuple[StoredDecision, ...]
+    has_more: bool
+
+
 class RedisRoutingStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
         self._publish = client.register_script(PUBLISH)
         self._resolve = client.register_script(RESOLVE)
+        self._reach = client.register_script(REACH)
 
-    async def save_decision(self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt]) -> None:
+    async def save_decision(
+        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = ()
+    ) -> None:
         """Record a decision with its attempts, for 30 days: ``{"record", "attempts"}``, each as
-        its JSON, serialised by pydantic in one step (this is on the request's path)."""
+        its JSON, serialised by pydantic in one step (this is on the request's path), listed in
+        the tenant's decisions and indexed under each state object in ``sources`` (the objects
+        whose content its prompt carried). One round trip."""
         value = (
             b'{"record":'
             + record.to_json_bytes()
@@ -70,14 +115,99 @@ class RedisRoutingStore:
             + ATTEMPTS.dump_json(tuple(attempts))
             + b"}"
         )
-        await self._redis.set(_key(tenant, "dec", record.decision_id), value, ex=DECISION_TTL_S)
+        decision_id = record.decision_id
+        now_ms = record.inputs.now_ms
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(_key(tenant, "dec", decision_id), value, ex=DECISION_TTL_S)
+            pipe.zadd(_list_key(tenant), {decision_id: now_ms})
+            pipe.zremrangebyscore(_list_key(tenant), "-inf", f"({now_ms - DECISION_TTL_S * 1000}")
+            pipe.expire(_list_key(tenant), DECISION_TTL_S)
+            for handle in dict.fromkeys(sources):
+                pipe.sadd(_key(tenant, "dec-src", handle), decision_id)
+                pipe.expire(_key(tenant, "dec-src", handle), DECISION_TTL_S)
+            await pipe.execute()
+
+    async def decision_page(self, tenant: str, *, limit: int, after: str | None) -> DecisionPage | None:
+        """Up to ``limit`` of the tenant's decisions, newest first, after decision ``after`` (None:
+        from the newest); None when ``after`` is not in the list (expired, purged, or not the
+        tenant's). A listed decision whose record expired meanwhile is left out."""
+        start = 0
+        if after is not None:
+            rank = cast(int | None, await self._redis.zrevrank(_list_key(tenant), after))
+            if rank is None:
+                return None
+            start = rank + 1
+        listed = cast(list[bytes], await self._redis.zrevrange(_list_key(tenant), start, start + limit))
+        ids = [_text(item) for item in listed]
+        has_more = len(ids) > limit
+        ids = ids[:limit]
+        raws = await self._redis.mget([_key(tenant, "dec", item) for item in ids]) if ids else []
+        found = [(item, _stored(raw)) for item, raw in zip(ids, raws, strict=True) if raw is not None]
+        return DecisionPage(
+            ids=tuple(item for item, _ in found),
+            decisions=tuple(stored for _, stored in found),
+            has_more=has_more,
+        )
+
+    async def forget_decisions(self, tenant: str, handles: Sequence[str]) -> int:
+        """Remove every decision whose prompt carried content of one of ``handles``, with its
+        place in the list, then the handles' indexes; returns how many decisions were indexed
+        (a removal cut short and run again counts the same ones: the indexes go last)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for handle in handles:
+                pipe.smembers(_key(tenant, "dec-src", handle))
+            replies = await pipe.execute()
+        ids = sorted({_text(member) for members in replies for member in members})
+        if ids:
+            await self._redis.unlink(*[_key(tenant, "dec", item) for item in ids])
+            await self._redis.zrem(_list_key(tenant), *ids)
+        await self._redis.unlink(*[_key(tenant, "dec-src", handle) for handle in handles])
+        return len(ids)
+
+    async def record_reach(self, tenant: str, sources: Sequence[str], reach: ProviderReach) -> str | None:
+        """Record that content of ``sources`` goes to ``reach.route`` (see ``REACH``); returns the
+        first source that is revoked or gone (then nothing is recorded), None when recorded."""
+        handles = list(dict.fromkeys(sources))
+        line = json.dumps(
+            {
+                "kind": reach.kind,
+                "retention_days": reach.retention_days,
+                "last_sent_at_s": reach.last_sent_at_s,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        keys = [object_key(tenant, h) for h in handles] + [_key(tenant, "reach", h) for h in handles]
+        refused = int(
+            await self._reach(keys=keys, args=[reach.route, line, reach.expires_at_s, REVOKED_PREFIX])
+        )
+        return None if refused == 0 else handles[refused - 1]
+
+    async def reached(self, tenant: str, handles: Sequence[str]) -> list[ProviderReach]:
+        """Every provider route that content of ``handles`` reached, one line per route (the
+        latest expiry over the handles), ordered by route."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for handle in handles:
+                pipe.hgetall(_key(tenant, "reach", handle))
+            replies = await pipe.execute()
+        lines: dict[str, ProviderReach] = {}
+        for reply in replies:
+            for route, raw in reply.items():
+                line = json.loads(raw)
+                reach = ProviderReach(
+                    route=_text(route), kind=line["kind"], retention_days=int(line["retention_days"]),
+                    last_sent_at_s=int(line["last_sent_at_s"]),
+                )  # fmt: skip
+                lines[reach.route] = reach.merged(lines[reach.route]) if reach.route in lines else reach
+        return [lines[route] for route in sorted(lines)]
+
+    async def forget_reach(self, tenant: str, handles: Sequence[str]) -> None:
+        """Drop the reach lines of ``handles`` (once a purge has saved them in its job)."""
+        await self._redis.unlink(*[_key(tenant, "reach", handle) for handle in handles])
 
     async def decision(self, tenant: str, decision_id: str) -> StoredDecision | None:
         raw = await self._redis.get(_key(tenant, "dec", decision_id))
-        if raw is None:
-            return None
-        stored = json.loads(raw)
-        return StoredDecision(record=stored["record"], attempts=tuple(stored["attempts"]))
+        return None if raw is None else _stored(raw)
 
     async def publish(self, tenant: str, release: Release, expected: str | None) -> bool:
         """Store ``release`` and point its alias at it, only if the alias points at ``expected``
@@ -128,6 +258,15 @@ class RedisRoutingStore:
 
 def _key(tenant: str, kind: str, name: str) -> str:
     return f"z:{{{tenant}}}:{kind}:{name}"
+
+
+def _list_key(tenant: str) -> str:
+    return f"z:{{{tenant}}}:decs"
+
+
+def _stored(raw: bytes | str) -> StoredDecision:
+    stored = json.loads(raw)
+    return StoredDecision(record=stored["record"], attempts=tuple(stored["attempts"]))
 
 
 def _text(value: bytes | str) -> str:

@@ -29,9 +29,9 @@ from zumik_serve.state.compiler import (
     ChatTokenizer,
     CompiledSnapshot,
     Message,
-    compile_messages,
     snapshot_messages,
 )
+from zumik_serve.state.limits import DEFAULT_LIMITS, SnapshotLimits, expanded_bytes
 from zumik_serve.state.objects import (
     Artifact,
     Bundle,
@@ -63,6 +63,7 @@ from zumik_serve.state.responses import (
     bundle_read_body,
     created_body,
 )
+from zumik_serve.state.tokenizing import Tokenization, default_tokenization
 
 # (tenant, Idempotency-Key, request hash) of the create running in this task, if any.
 _IDEMPOTENT: ContextVar[tuple[str, str, str] | None] = ContextVar("zumik_idempotent", default=None)
@@ -103,9 +104,17 @@ def request_hash(operation: str, body: Any) -> str:
 
 
 class StateService:
-    def __init__(self, store: RedisStateStore, *, max_artifact_bytes: int) -> None:
+    def __init__(
+        self, store: RedisStateStore, *, max_artifact_bytes: int, limits: SnapshotLimits = DEFAULT_LIMITS,
+        tokenization: Tokenization | None = None,
+    ) -> None:  # fmt: skip
+        """``limits``: what a bundle or snapshot may expand to (``state/limits.py``);
+        ``tokenization``: where compilations run (``state/tokenizing.py``; default: the
+        profile defaults' cap on a pool of its own)."""
         self._store = store
         self.max_artifact_bytes = max_artifact_bytes
+        self.limits = limits
+        self.tokenization = tokenization if tokenization is not None else default_tokenization()
 
     async def store_call(self, operation: Awaitable[T]) -> T:
         """Await a call of this service; a store outage becomes a 503 with Retry-After."""
@@ -146,9 +155,11 @@ class StateService:
 
     async def create_bundle(self, tenant: str, request: CreateBundle, idem_key: str | None) -> dict[str, Any]:
         artifacts = request.artifacts
+        self.limits.check_references(len(artifacts))  # before any store read
 
         async def create() -> dict[str, Any]:
             records = await self._store.get_records(tenant, artifacts)
+            sizes: dict[str, int] = {}
             for index, (handle, record) in enumerate(zip(artifacts, records, strict=True)):
                 if not isinstance(record, Artifact) or handle_kind(handle) is not HandleKind.ARTIFACT:
                     raise UnprocessableError(
@@ -157,6 +168,8 @@ class StateService:
                         param=f"artifacts[{index}]",
                         code="unknown_artifact",
                     )
+                sizes[handle] = record.size_bytes
+            self.limits.check_expanded(expanded_bytes(artifacts, sizes), what="bundle", param="artifacts")
             handle = await self._new_handle(HandleKind.BUNDLE)
             bundle = Bundle(id=handle, artifacts=artifacts, created_at_s=int(time.time()))
             await self._store.put_record(tenant, bundle, parents=artifacts)
@@ -205,6 +218,33 @@ class StateService:
                 raise _not_found(session)
         return AppendedTurnBody(object="turn", session=session, seq=seq, role=request.role).body()
 
+    async def record_exchange(
+        self, tenant: str, session: str, turns: Sequence[AppendTurn], request_body: Any
+    ) -> int:
+        """Record a /v1 exchange (its closing user or tool message, then the reply) on the session
+        or branch ``session``: all its turns in one step, and once per request. The exchange is
+        keyed by the request body, so a client's retry of the same request (the OpenAI SDK
+        resends the body unchanged, with no idempotency key) records nothing more: the turns of
+        the first are kept. The seq of the exchange's last turn; 404 when ``session`` is not live.
+        The key names the session, so a purge of it removes the key too."""
+        for turn in turns:
+            _check_turn_size(turn)
+        if handle_kind(session) not in SESSION_LIKE:
+            raise _not_found(session)
+        body_hash = request_hash(f"exchange:{session}", request_body)
+        now = int(time.time())
+        appended = [Turn(role=turn.role, content=turn.content, created_at_s=now) for turn in turns]
+        outcome = await self._store.append_turns(
+            tenant, session, appended, idem_key=f"exchange:{session}:{body_hash}", request_hash=body_hash
+        )
+        match outcome:
+            case TurnAppended(seq=seq):
+                return seq
+            case TurnReplayed(first=first) if isinstance(first.result, int):
+                return first.result
+            case _:
+                raise _not_found(session)
+
     async def create_branch(
         self, tenant: str, session: str, request: CreateBranch, idem_key: str | None
     ) -> dict[str, Any]:
@@ -251,6 +291,7 @@ class StateService:
                         param="upto_turn",
                     )
                 turns = [FrozenTurn(turn.role, turn.content) for _, turn in all_turns[:upto_turn]]
+            await self._check_snapshot_size(tenant, artifacts, turns)
             snapshot = Snapshot(
                 id=await self._new_handle(HandleKind.SNAPSHOT), bundle=bundle, artifacts=artifacts,
                 session=session, upto_turn=upto_turn, turns=tuple(turns), created_at_s=int(time.time()),
@@ -288,27 +329,30 @@ class StateService:
                 return SnapshotBody.of(record, compilations=compilations).body()
 
     async def snapshot_messages(self, tenant: str, snapshot: str) -> list[Message]:
-        """The snapshot's content as chat messages (see ``state/compiler.py``); 404 if not live.
-        The snapshot counts as exposed to the engines from here on (see ``purge/service.py``)."""
+        """The snapshot's content as chat messages (see ``state/compiler.py``); 404 if not live,
+        413 if it expands beyond the limits (a snapshot made before them; checked on the
+        artifacts' records, before any content is read). Each distinct artifact's content is
+        read once. The snapshot counts as exposed to the engines from here on (see
+        ``purge/service.py``)."""
         record = await self._require(tenant, snapshot, Snapshot, param="snapshot")
+        records = await self._check_snapshot_size(tenant, record.artifacts, record.turns, param="snapshot")
         await self._store.mark_exposed(tenant, [snapshot])
-        found = await self._store.get_records(tenant, record.artifacts)
         # A snapshot is frozen: an artifact revoked later still belongs to it until purged.
-        for index, artifact in enumerate(found):
-            if artifact is None:
-                found[index] = await self._store.get_record_any(tenant, record.artifacts[index])
-        artifacts = [artifact for artifact in found if isinstance(artifact, Artifact)]
-        blobs = await self._store.get_blobs(tenant, [artifact.digest for artifact in artifacts])
+        artifacts = [records[handle] for handle in record.artifacts if handle in records]
+        digests = list(dict.fromkeys(artifact.digest for artifact in artifacts))
+        blobs = dict(zip(digests, await self._store.get_blobs(tenant, digests), strict=True))
         contents = [
-            ArtifactContent(artifact.role, artifact.media_type, blob or b"")
-            for artifact, blob in zip(artifacts, blobs, strict=True)
+            ArtifactContent(artifact.role, artifact.media_type, blobs[artifact.digest] or b"")
+            for artifact in artifacts
         ]
         return snapshot_messages(contents, record.turns)
 
     async def compile_snapshot(
         self, tenant: str, snapshot: str, tokenizer: ChatTokenizer
     ) -> CompiledSnapshot:
-        compiled = compile_messages(await self.snapshot_messages(tenant, snapshot), tokenizer)
+        """The snapshot compiled with ``tokenizer`` (off the event loop, within the tokenizing
+        cap: ``state/tokenizing.py``), its compilation pinned."""
+        compiled = await self.tokenization.compile(await self.snapshot_messages(tenant, snapshot), tokenizer)
         await self._store.pin_compilation(tenant, snapshot, compiled.compilation)
         return compiled
 
@@ -363,6 +407,25 @@ class StateService:
         await self._store.mark_exposed(tenant, [session])
 
     # --- helpers ----------------------------------------------------------------------------
+
+    async def _check_snapshot_size(
+        self, tenant: str, artifacts: Sequence[str], turns: Sequence[FrozenTurn], param: str | None = None
+    ) -> dict[str, Artifact]:
+        """413 unless ``artifacts`` (references, repeats included) and ``turns`` stay within the
+        limits (``state/limits.py``): the count first, with no store read, then the sizes from
+        the records of the distinct artifacts (revoked ones too). Those records, by handle."""
+        self.limits.check_references(len(artifacts))
+        distinct = list(dict.fromkeys(artifacts))
+        found = await self._store.get_records(tenant, distinct)
+        records: dict[str, Artifact] = {}
+        for handle, artifact in zip(distinct, found, strict=True):
+            if artifact is None:
+                artifact = await self._store.get_record_any(tenant, handle)
+            if isinstance(artifact, Artifact):
+                records[handle] = artifact
+        sizes = {handle: artifact.size_bytes for handle, artifact in records.items()}
+        self.limits.check_expanded(expanded_bytes(artifacts, sizes, turns), what="snapshot", param=param)
+        return records
 
     async def _require(
         self,

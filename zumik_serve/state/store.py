@@ -12,6 +12,10 @@
     z:{tenant}:turns:{session}          list of turn JSON; index i holds seq fork_at + i + 1
     z:{tenant}:comp:{snapshot}          hash: compilation key → pinned compilation JSON
     z:{tenant}:idem:{key}               {"hash", "result"} of the first write with that key (24 h)
+    z:{tenant}:usage, :charges, :quota  the tenant's quota counts and overrides (``qos/store.py``):
+                                        every write script here that adds a record, content or
+                                        turns checks and counts them in the same step, and
+                                        ``delete_keys`` gives them back
 
 Records, turns and compilations are the JSON of the values of ``state/objects.py``, written
 canonically (keys sorted, compact, UTF-8) and read back with their ``TypeAdapter``. A revoked
@@ -23,10 +27,10 @@ does not exist. ``{tenant}`` is a Redis hash tag, so one tenant's keys share a c
 the Lua scripts below stay atomic. Durability comes from the server (AOF, fsync always): a
 reply to any write here means the write is on disk.
 
-Round trips: appending a turn is one (``EVALSHA`` of ``APPEND_TURN``, which also checks the
-session, the idempotency key and numbering, atomically). The scripts are registered once per
-store (``register_script``); after a server restart emptied its script cache, the first call
-loads the script again.
+Round trips: appending a turn, or a /v1 exchange's turns, is one (``EVALSHA`` of
+``APPEND_TURN``, which also checks the session, the idempotency key and numbering, atomically).
+The scripts are registered once per store (``register_script``); after a server restart emptied
+its script cache, the first call loads the script again.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ import redis.asyncio as aioredis
 from pydantic import TypeAdapter
 from redis.exceptions import RedisError
 
+from profiles.model import QuotaSpec
 from zumik_serve.errors import StoreUnavailableError
+from zumik_serve.qos.store import DELETE_CHARGED, charges_key, quota_keys, quota_lua, raise_refusal, usage_key
 from zumik_serve.state.objects import (
     COMPILATION,
     STATE_OBJECT,
@@ -81,8 +87,9 @@ def _lua(source: str) -> str:
     )
 
 
-# KEYS: object, turns, idem ("" for none). ARGV: turn JSON, request hash.
-# Returns {"ok", seq} | {"missing"} | {"idem", stored JSON}.
+# KEYS: object, turns, idem ("" for none), then ``quota_keys``. ARGV: request hash, then each
+# turn's JSON. Returns {"ok", seq of the last turn} | {"missing"} | {"idem", stored JSON} |
+# a quota refusal (``qos/store.py``; nothing appended).
 APPEND_TURN = _lua("""
 if KEYS[3] ~= '' then
   local prev = redis.call('GET', KEYS[3])
@@ -91,23 +98,37 @@ end
 local raw = redis.call('GET', KEYS[1])
 if not raw or string.sub(raw, 1, {prefix_len}) == '{prefix}' then return {'missing'} end
 local obj = cjson.decode(raw)
-local n = redis.call('RPUSH', KEYS[2], ARGV[1])
+local adding, bytes = #ARGV - 1, 0
+for index = 2, #ARGV do bytes = bytes + #ARGV[index] end
+local head = (tonumber(obj['fork_at']) or 0) + redis.call('LLEN', KEYS[2])
+local refused = zq_turns_fit(head, adding) or zq_fits(0, bytes)
+if refused then return refused end
+local n = 0
+for index = 2, #ARGV do n = redis.call('RPUSH', KEYS[2], ARGV[index]) end
+zq_charge(KEYS[2], 0, bytes)
 local seq = (tonumber(obj['fork_at']) or 0) + n
 if KEYS[3] ~= '' then
-  redis.call('SET', KEYS[3], cjson.encode({hash=ARGV[2], result=seq}), 'EX', {ttl})
+  redis.call('SET', KEYS[3], cjson.encode({hash=ARGV[1], result=seq}), 'EX', {ttl})
 end
 return {'ok', tostring(seq)}
 """)
 
-# KEYS: object, turns. ARGV: the own turn count expected now, then each turn's JSON.
-# Returns {"ok", seq of the last turn} | {"moved"} (another writer appended first) | {"missing"}.
+# KEYS: object, turns, then ``quota_keys``. ARGV: the own turn count expected now, then each
+# turn's JSON. Returns {"ok", seq of the last turn} | {"moved"} (another writer appended first)
+# | {"missing"} | a quota refusal.
 APPEND_TURNS_AT = _lua("""
 local raw = redis.call('GET', KEYS[1])
 if not raw or string.sub(raw, 1, {prefix_len}) == '{prefix}' then return {'missing'} end
 if redis.call('LLEN', KEYS[2]) ~= tonumber(ARGV[1]) then return {'moved'} end
 local obj = cjson.decode(raw)
+local adding, bytes = #ARGV - 1, 0
+for index = 2, #ARGV do bytes = bytes + #ARGV[index] end
+local head = (tonumber(obj['fork_at']) or 0) + redis.call('LLEN', KEYS[2])
+local refused = zq_turns_fit(head, adding) or zq_fits(0, bytes)
+if refused then return refused end
 local n = 0
 for index = 2, #ARGV do n = redis.call('RPUSH', KEYS[2], ARGV[index]) end
+zq_charge(KEYS[2], 0, bytes)
 return {'ok', tostring((tonumber(obj['fork_at']) or 0) + n)}
 """)
 
@@ -121,12 +142,54 @@ redis.call('SET', KEYS[1], '{prefix}' .. ARGV[1] .. ',' .. string.sub(raw, 2))
 return 1
 """)
 
+# KEYS: ``quota_keys``, object, then the ``derived`` set of each parent. ARGV: record JSON,
+# its handle.
+# Returns {"ok"} | {"exists"} (records never change: nothing written) | a quota refusal.
+PUT_RECORD = """
+if redis.call('EXISTS', KEYS[4]) == 1 then return {'exists'} end
+local refused = zq_fits(1, #ARGV[1])
+if refused then return refused end
+redis.call('SET', KEYS[4], ARGV[1])
+for index = 5, #KEYS do redis.call('SADD', KEYS[index], ARGV[2]) end
+zq_charge(KEYS[4], 1, #ARGV[1])
+return {'ok'}
+"""
+
+# KEYS: ``quota_keys``, blob, object, bydigest. ARGV: content, record JSON, handle. The content
+# is stored (and counted) once per digest, the record once per handle.
+# Returns {"ok"} | a quota refusal.
+PUT_ARTIFACT = """
+local new_blob = redis.call('EXISTS', KEYS[4]) == 0
+local new_record = redis.call('EXISTS', KEYS[5]) == 0
+local blob_bytes, record_bytes, objects = 0, 0, 0
+if new_blob then blob_bytes = #ARGV[1] end
+if new_record then record_bytes, objects = #ARGV[2], 1 end
+local refused = zq_fits(objects, blob_bytes + record_bytes)
+if refused then return refused end
+if new_blob then
+  redis.call('SET', KEYS[4], ARGV[1])
+  zq_charge(KEYS[4], 0, blob_bytes)
+end
+if new_record then
+  redis.call('SET', KEYS[5], ARGV[2])
+  zq_charge(KEYS[5], 1, record_bytes)
+end
+redis.call('SADD', KEYS[6], ARGV[3])
+return {'ok'}
+"""
+
 
 class RedisStateStore:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, quota: QuotaSpec | None = None) -> None:
+        """``quota``: the profile's per-tenant defaults (``profiles.model.QuotaSpec``); a
+        tenant's overrides are read by the scripts themselves."""
         self._redis = client
-        self._append_turn = client.register_script(APPEND_TURN)
-        self._append_turns_at = client.register_script(APPEND_TURNS_AT)
+        quota = quota or QuotaSpec()
+        self._append_turn = client.register_script(quota_lua(quota, 4) + APPEND_TURN)
+        self._append_turns_at = client.register_script(quota_lua(quota, 3) + APPEND_TURNS_AT)
+        self._put_record = client.register_script(quota_lua(quota, 1) + PUT_RECORD)
+        self._put_artifact = client.register_script(quota_lua(quota, 1) + PUT_ARTIFACT)
+        self._delete_charged = client.register_script(DELETE_CHARGED)
         self._revoke = client.register_script(REVOKE)
         self._secret: bytes | None = None
 
@@ -174,13 +237,25 @@ class RedisStateStore:
 
     async def put_record(self, tenant: str, record: StateObject, parents: Sequence[str] = ()) -> bool:
         """Store a new object built on ``parents`` (indexed, so that purging a parent finds it);
-        False when its handle already exists (records never change)."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(object_key(tenant, record.id), _canonical(record), nx=True)
-            for parent in dict.fromkeys(parents):
-                pipe.sadd(derived_key(tenant, parent), record.id)
-            stored, *_ = await pipe.execute()
-        return bool(stored)
+        False when its handle already exists (records never change). QuotaExceededError when
+        it would take the tenant past its objects or stored_bytes quota (nothing is written)."""
+        return await self.put_json(tenant, record.id, _canonical(record), parents)
+
+    async def put_json(self, tenant: str, handle: str, record_json: str, parents: Sequence[str] = ()) -> bool:
+        """``put_record`` of a record already encoded (a stored response's)."""
+        keys = [*quota_keys(tenant), object_key(tenant, handle)]
+        keys += [derived_key(tenant, parent) for parent in dict.fromkeys(parents)]
+        reply = await self._put_record(keys=keys, args=[record_json, handle])
+        raise_refusal(reply)
+        return _text(reply[0]) == "ok"
+
+    async def delete_keys(self, tenant: str, keys: Sequence[str]) -> int:
+        """Remove ``keys`` (all the tenant's) and give back what they were charged, in one
+        step; returns how many existed."""
+        if not keys:
+            return 0
+        charged = [usage_key(tenant), charges_key(tenant), *keys]
+        return int(await self._delete_charged(keys=charged, args=[object_key(tenant, "")]))
 
     async def mark_exposed(self, tenant: str, handles: list[str]) -> None:
         """Note that these objects' content may now be in an engine's KV cache (a purge must then
@@ -205,12 +280,14 @@ class RedisStateStore:
         return f"z:{{{tenant}}}:gen:{name}"
 
     async def put_artifact(self, tenant: str, artifact: Artifact, content: bytes) -> None:
-        """Store the artifact's record and its bytes (kept once per digest)."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(blob_key(tenant, artifact.digest), content, nx=True)
-            pipe.set(object_key(tenant, artifact.id), _canonical(artifact), nx=True)
-            pipe.sadd(bydigest_key(tenant, artifact.digest), artifact.id)
-            await pipe.execute()
+        """Store the artifact's record and its bytes (kept once per digest). QuotaExceededError
+        when that would take the tenant past a quota (nothing is written)."""
+        keys = [
+            *quota_keys(tenant), blob_key(tenant, artifact.digest), object_key(tenant, artifact.id),
+            bydigest_key(tenant, artifact.digest),
+        ]  # fmt: skip
+        reply = await self._put_artifact(keys=keys, args=[content, _canonical(artifact), artifact.id])
+        raise_refusal(reply)
 
     async def get_blobs(self, tenant: str, digests: list[str]) -> list[bytes | None]:
         if not digests:
@@ -225,9 +302,18 @@ class RedisStateStore:
     ) -> AppendOutcome:
         """Append ``turn`` to the live session or branch ``session``, in one round trip. Under
         ``idem_key`` that was used before, nothing is appended and the first entry comes back."""
+        return await self.append_turns(tenant, session, [turn], idem_key=idem_key, request_hash=request_hash)
+
+    async def append_turns(
+        self, tenant: str, session: str, turns: Sequence[Turn], *, idem_key: str | None, request_hash: str
+    ) -> AppendOutcome:
+        """Append ``turns`` (in order, all or none) to the live session or branch ``session``, in
+        one round trip; the seq is the last turn's. Under ``idem_key`` that was used before,
+        nothing is appended and the first entry comes back."""
         idem = _idem(tenant, idem_key) if idem_key else ""
-        keys = [object_key(tenant, session), turns_key(tenant, session), idem]
-        reply = await self._append_turn(keys=keys, args=[_canonical(turn), request_hash])
+        keys = [object_key(tenant, session), turns_key(tenant, session), idem, *quota_keys(tenant)]
+        reply = await self._append_turn(keys=keys, args=[request_hash, *(_canonical(t) for t in turns)])
+        raise_refusal(reply, session=session)
         status = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
         if status == "ok":
             return TurnAppended(seq=int(reply[1]))
@@ -240,8 +326,9 @@ class RedisStateStore:
     ) -> int | Literal["moved", "missing"]:
         """Append ``turns`` to the live ``session`` only if it holds ``own_count`` turns of its
         own now (nobody appended since), in one step: the seq of the last turn, else why not."""
-        keys = [object_key(tenant, session), turns_key(tenant, session)]
+        keys = [object_key(tenant, session), turns_key(tenant, session), *quota_keys(tenant)]
         reply = await self._append_turns_at(keys=keys, args=[own_count, *(_canonical(t) for t in turns)])
+        raise_refusal(reply, session=session)
         status = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
         if status == "ok":
             return int(reply[1])
@@ -332,6 +419,10 @@ def _idem(tenant: str, key: str) -> str:
 
 def _canonical(value: StateObject | Turn | Compilation) -> str:
     return _encode(value_json(value))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _encode(data: Any) -> str:

@@ -2,6 +2,9 @@
 
 Callers outside the store modules never see a ``RedisError``: ``guard`` turns an outage into
 ``StoreUnavailableError`` (503 with ``Retry-After``), and logs the Redis error's class (no data).
+A refused user is a misconfiguration, not an outage: ``check_access`` stops a deployment at
+start with what to check, and ``guard`` logs the same advice should it happen later (a password
+rotated in Redis but not in the gateway).
 """
 
 from __future__ import annotations
@@ -10,13 +13,15 @@ import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from zumik_serve.errors import StoreUnavailableError
+from zumik_serve.store.redis_acl import GATEWAY_USER, RedisAccessError, access_refused_message, advice
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -44,6 +49,22 @@ def gateway_client(url: str) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
+def check_access(url: str, *, timeout_s: float = 5.0) -> None:
+    """Raise ``RedisAccessError`` (which user, what to check) when Redis refuses the URL's user
+    or its access to Zumik's keys. An unreachable Redis passes: that is an outage, which the
+    gateway answers with 503 and retries, not a misconfiguration."""
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        client.ping()
+        client.exists("zumik:access-check")  # NOPERM for a user without Zumik's keys (zumik-kv)
+    except (AuthenticationError, NoPermissionError) as exc:
+        raise RedisAccessError(access_refused_message(url, exc)) from None
+    except RedisError:
+        return
+    finally:
+        client.close()
+
+
 def plain_client(url: str) -> aioredis.Redis:
     """A client for one-off commands (the CLI)."""
     return aioredis.from_url(url)
@@ -53,6 +74,15 @@ async def guard(operation: Awaitable[T], *, what: str = "state store") -> T:
     """Await ``operation``; a Redis outage becomes a 503 the client can retry."""
     try:
         return await operation
+    except (AuthenticationError, NoPermissionError) as exc:
+        logger.error(
+            "zumik: Redis refused the gateway's %s call (%s: %s): %s",
+            what, type(exc).__name__, str(exc)[:120], advice(GATEWAY_USER),
+        )  # fmt: skip
+        raise StoreUnavailableError(
+            f"The {what} is unavailable; nothing was changed unless a response said so. Retry shortly.",
+            retry_after_s=1,
+        ) from exc
     except RedisError as exc:
         logger.warning("zumik: %s call failed: %s: %s", what, type(exc).__name__, str(exc)[:200])
         raise StoreUnavailableError(

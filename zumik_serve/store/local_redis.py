@@ -4,43 +4,119 @@ Durability choice: ``appendonly yes`` with ``appendfsync always``, so Redis fsyn
 it answers a write; an object Zumik has acknowledged survives ``kill -9`` of redis-server.
 (``WAITAOF`` gives the same promise per command; ``always`` gives it for every write without
 extra round trips, at a throughput cost that Zumik's write rate does not notice.)
+
+Access: the ACL users of ``redis_acl.py`` (``default`` off), loaded from ``users.acl`` in the data
+directory (SHA-256 hashes only; no password on the command line, where ``ps`` would show it),
+with the passwords read from (or, when missing, generated into) the secrets folder. A third
+user, ``zumik-admin``, exists for whoever started the server (tests flush and change ACLs with
+it): its password lives only in this object's memory. Files: the data directory is 0700 and the
+server runs with umask 077, so its AOF, its log and the ACL file are 0600; so is the run file,
+which holds no password.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
 from zumik_serve.home import ZumikHome
+from zumik_serve.secret_files import (
+    ensure_private_dir,
+    read_or_create_secret_file,
+    secrets_dir,
+    write_private_file,
+)
+from zumik_serve.store.redis_acl import (
+    GATEWAY_PASSWORD_FILE,
+    GATEWAY_USER,
+    KV_PASSWORD_FILE,
+    EngineRedisAccess,
+    RedisAccessError,
+    RedisPasswords,
+    access_refused_message,
+    acl_file_text,
+    engine_redis_access,
+    parse_password,
+    password_sha256,
+    read_password,
+    redact_url,
+    with_user,
+)
 
 REDIS_URL_ENV = "ZUMIK_REDIS_URL"
+ADMIN_USER = "zumik-admin"
+ACL_FILE = "users.acl"
 
 
 class RedisNotInstalledError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a TLS-only server: its certificate and key, and the CA clients verify it with."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
 @dataclass
 class LocalRedis:
-    """A redis-server child process with AOF on, bound to loopback."""
+    """A redis-server child process with AOF on, bound to loopback, with ACL users.
+
+    ``secrets_dir``: where the users' password files are (default: ``data_dir/secrets``);
+    missing ones are generated (0600)."""
 
     data_dir: Path
     run_file: Path | None = None
     port: int | None = None
     host: str = "127.0.0.1"
+    secrets_dir: Path | None = None
+    tls: TlsFiles | None = None  # TLS only (no plain port); URLs are rediss:// with the CA named
     _process: subprocess.Popen[bytes] | None = None
+    command: list[str] = field(default_factory=list, init=False, repr=False)  # as started (no secret)
+    _admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+
+    @property
+    def secrets_folder(self) -> Path:
+        return self.secrets_dir if self.secrets_dir is not None else self.data_dir / "secrets"
 
     @property
     def url(self) -> str:
+        """The gateway user's URL, password included: never log it (``redacted_url``)."""
+        password = read_password(self.secrets_folder, GATEWAY_PASSWORD_FILE)
+        return with_user(self._plain_url, GATEWAY_USER, password)
+
+    @property
+    def redacted_url(self) -> str:
+        return redact_url(self.url)
+
+    @property
+    def admin_url(self) -> str:
+        """An all-powerful user's URL, for tests and tools of the process that started the server."""
+        return with_user(self._plain_url, ADMIN_USER, self._admin_password)
+
+    @property
+    def kv_access(self) -> EngineRedisAccess:
+        """The engines' access: the ``zumik-kv`` user, its password in a file."""
+        return engine_redis_access(self.url, self.secrets_folder)
+
+    @property
+    def _plain_url(self) -> str:
+        if self.tls is not None:
+            return f"rediss://{self.host}:{self.port}/0?ssl_ca_certs={quote(str(self.tls.ca_file))}"
         return f"redis://{self.host}:{self.port}/0"
 
     @property
@@ -52,17 +128,26 @@ class LocalRedis:
         if not Path(binary).exists():
             raise RedisNotInstalledError(
                 "redis-server is not installed; install it with `apt-get install redis-server` "
-                f"or point Zumik at a running server with {REDIS_URL_ENV}=redis://HOST:PORT/0"
+                f"or point Zumik at a running server with {REDIS_URL_ENV}=redis://zumik-gateway:PASSWORD@HOST:PORT/0"
             )
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.data_dir)
+        acl_file = self.data_dir / ACL_FILE
+        admin_line = f"user {ADMIN_USER} on resetpass #{password_sha256(self._admin_password)} ~* &* +@all"
+        acl_text = acl_file_text(ensure_passwords(self.secrets_folder), (admin_line,))
+        write_private_file(acl_file, acl_text.encode(), overwrite=True)
         if self.port is None:
             self.port = free_port(self.host)
+        if self.tls is None:
+            listen = ["--port", str(self.port)]
+        else:
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert_file),
+                      "--tls-key-file", str(self.tls.key_file), "--tls-ca-cert-file", str(self.tls.ca_file),
+                      "--tls-auth-clients", "no"]  # fmt: skip
         args = [
             binary,
             "--bind",
             self.host,
-            "--port",
-            str(self.port),
+            *listen,
             "--dir",
             str(self.data_dir),
             "--appendonly",
@@ -77,16 +162,20 @@ class LocalRedis:
             "no",
             "--protected-mode",
             "yes",
+            "--aclfile",
+            str(acl_file),
             "--logfile",
             str(self.data_dir / "redis.log"),
         ]
+        # umask 077: the AOF folder and files, the log and any rewrite are created owner-only.
+        self.command = args
         self._process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, umask=0o077
         )
         wait_for_redis(self.url, timeout_s=timeout_s, process=self._process)
         if self.run_file is not None:
-            self.run_file.parent.mkdir(parents=True, exist_ok=True)
-            self.run_file.write_text(json.dumps({"url": self.url, "pid": self._process.pid}))
+            info = {"url": self._plain_url, "pid": self._process.pid, "secrets_dir": str(self.secrets_folder)}
+            write_private_file(self.run_file, json.dumps(info).encode(), overwrite=True)
         return self
 
     def kill(self) -> None:
@@ -111,11 +200,23 @@ class LocalRedis:
 
 
 def embedded_redis(home: ZumikHome, port: int | None = None) -> LocalRedis:
-    return LocalRedis(data_dir=home.redis_dir, run_file=home.run_dir / "redis.json", port=port)
+    run_file = home.run_dir / "redis.json"
+    return LocalRedis(data_dir=home.redis_dir, run_file=run_file, port=port, secrets_dir=secrets_dir(home))
+
+
+def ensure_passwords(folder: Path) -> RedisPasswords:
+    """The users' passwords from ``folder``, each generated (0600) when its file is missing."""
+
+    def password(name: str) -> str:
+        data = read_or_create_secret_file(folder / name, lambda: secrets.token_urlsafe(32).encode())
+        return parse_password(data, folder / name)
+
+    return RedisPasswords(gateway=password(GATEWAY_PASSWORD_FILE), kv=password(KV_PASSWORD_FILE))
 
 
 def running_redis_url(home: ZumikHome) -> str | None:
-    """``ZUMIK_REDIS_URL``, else the embedded server's URL if it is running now, else None."""
+    """``ZUMIK_REDIS_URL``, else the embedded server's URL (the gateway user's, password from
+    its file) if it is running now, else None."""
     if os.environ.get(REDIS_URL_ENV):
         return os.environ[REDIS_URL_ENV]
     run_file = home.run_dir / "redis.json"
@@ -124,7 +225,8 @@ def running_redis_url(home: ZumikHome) -> str | None:
         os.kill(int(info["pid"]), 0)
     except (OSError, ValueError, KeyError):
         return None
-    return str(info["url"])
+    folder = Path(info["secrets_dir"]) if "secrets_dir" in info else secrets_dir(home)
+    return with_user(str(info["url"]), GATEWAY_USER, read_password(folder, GATEWAY_PASSWORD_FILE))
 
 
 def wait_for_redis(url: str, *, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -139,10 +241,12 @@ def wait_for_redis(url: str, *, timeout_s: float, process: subprocess.Popen[byte
                 # Answering is not enough: while it loads its AOF, every command is a LOADING error.
                 if client.ping() and int(client.info("persistence").get("loading", 0)) == 0:
                     return
+            except (redis.exceptions.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+                raise RedisAccessError(access_refused_message(url, exc)) from None
             except redis.exceptions.RedisError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"redis at {url} did not answer within {timeout_s:.0f} s")
+                raise TimeoutError(f"redis at {redact_url(url)} did not answer within {timeout_s:.0f} s")
             time.sleep(0.05)
     finally:
         client.close()

@@ -1,9 +1,11 @@
 """Tenants and API keys: who is calling, decided from a bearer key.
 
 Rules kept here: a key is shown once, at creation, and only its sha256 digest is stored; a key
-belongs to exactly one tenant; the development key (``ZUMIK_DEV_KEY``) maps to the fixed
-tenant ``dev`` and is meant for the embedded default only. Lookups go through the
-``TenantDirectory`` protocol; the Redis implementation is ``tenancy/store.py``.
+belongs to exactly one tenant and has a key id (``key_`` + the first 16 hex digits of its
+digest) and a hint (its last 4 characters) by which it is listed and revoked; the development
+key (``ZUMIK_DEV_KEY``) maps to the fixed tenant ``dev`` and is meant for the embedded default
+only. Lookups go through the ``TenantDirectory`` protocol; the Redis implementation is
+``tenancy/store.py``.
 """
 
 from __future__ import annotations
@@ -13,14 +15,21 @@ import hmac
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NewType, Protocol
 
 TenantId = NewType("TenantId", str)
+KeyId = NewType("KeyId", str)  # ``key_`` + 16 hex digits of the key's sha256
 
 API_KEY_PREFIX = "zk-"
 TENANT_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 DEV_TENANT = TenantId("ten_dev")
+KEY_ID_PATTERN = re.compile(r"^key_[0-9a-f]{16}$")
+KEY_HINT_CHARS = 4
+# How long a gateway may still accept a key after it was revoked (or its tenant deleted): the
+# Authenticator's positive cache lives this long, counted from before the lookup it caches.
+REVOCATION_BOUND_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,38 @@ def new_api_key() -> str:
 
 def hash_api_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def key_id_of(key_hash: str) -> KeyId:
+    """The id of the key whose sha256 hex digest is ``key_hash``: the same for keys made before
+    key ids existed, so every key can be listed and revoked."""
+    return KeyId("key_" + key_hash[:16])
+
+
+def key_hint(api_key: str) -> str:
+    """What a listing shows of a key: its last characters (never enough to use it)."""
+    return api_key[-KEY_HINT_CHARS:]
+
+
+def validate_key_id(key_id: str) -> KeyId:
+    if not KEY_ID_PATTERN.match(key_id):
+        raise ValueError(
+            f"invalid key id {key_id!r}: key ids look like key_0123456789abcdef; "
+            "`zumik tenant key list TENANT` shows them"
+        )
+    return KeyId(key_id)
+
+
+@dataclass(frozen=True)
+class ApiKeyInfo:
+    """One API key of a tenant, without the key. ``hint`` (its last 4 characters) and
+    ``created_at_s`` are None for a key created before keys were indexed (``legacy``): it still
+    authenticates and can be revoked by its id."""
+
+    id: KeyId
+    hint: str | None
+    created_at_s: int | None
+    legacy: bool = False
 
 
 def new_tenant_id() -> TenantId:
@@ -62,8 +103,11 @@ class TenantDirectory(Protocol):
 class Authenticator:
     """Bearer key → tenant, with the dev key and a short positive cache in front of the store.
 
-    The cache holds a resolved key for ``cache_ttl_s`` seconds, so a busy gateway does one store
-    round trip per key per window instead of one per request.
+    The cache holds a resolved key for ``cache_ttl_s`` seconds (``REVOCATION_BOUND_S``), so a
+    busy gateway does one store round trip per key per window instead of one per request. The
+    window is counted from ``clock()`` read *before* the lookup, so a key revoked while (or after)
+    it was looked up is refused by every gateway at most ``cache_ttl_s`` after the revocation,
+    however slow the lookup was. Unknown keys are never cached.
     """
 
     def __init__(
@@ -71,13 +115,15 @@ class Authenticator:
         directory: TenantDirectory,
         *,
         dev_key: str | None = None,
-        cache_ttl_s: float = 5.0,
+        cache_ttl_s: float = REVOCATION_BOUND_S,
         max_cached_keys: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._directory = directory
         self._dev_key = dev_key or None
         self._cache_ttl_s = cache_ttl_s
         self._max_cached_keys = max_cached_keys
+        self._clock = clock
         self._cache: dict[str, tuple[Tenant, float]] = {}
 
     async def authenticate(self, authorization: str | None) -> Tenant | None:
@@ -87,7 +133,7 @@ class Authenticator:
         if self._dev_key is not None and hmac.compare_digest(api_key, self._dev_key):
             return Tenant(id=DEV_TENANT, name="dev", created_at_s=0)
         key_hash = hash_api_key(api_key)
-        now = time.monotonic()
+        now = self._clock()
         cached = self._cache.get(key_hash)
         if cached is not None and cached[1] > now:
             return cached[0]

@@ -81,10 +81,10 @@ async def _generate(request: Request, call: EngineCall) -> Response:
     clock = RequestClock()
     pipeline = pipeline_of(request)
     tenant = await tenant_of(request)
-    admission = await admit(pipeline, tenant, request, clock)
+    body = parse_json_body(await read_body(request, pipeline.context.max_body_bytes))
+    prepared = prepare_request(call, body)
+    admission = await admit(pipeline, tenant, request, clock)  # the body is in: no slot waits on it
     try:
-        body = parse_json_body(await read_body(request, pipeline.context.max_body_bytes))
-        prepared = prepare_request(call, body)
         generation = await pipeline.run(
             GenerationRequest(
                 tenant=tenant,
@@ -121,7 +121,7 @@ async def _generate(request: Request, call: EngineCall) -> Response:
 
 async def admit(pipeline: Pipeline, tenant: Tenant, request: Request, clock: RequestClock) -> Admission:
     """A /v1 generation's admission, from its ``x-zumik-qos`` and ``x-zumik-timeout-s`` headers.
-    It comes first: an overloaded class answers 429 before the body is even read."""
+    It comes once the body is read and parsed: a slow or bad upload never holds a slot."""
     qos, timeout = zumik_headers.QOS, zumik_headers.TIMEOUT
     return await pipeline.admit(
         tenant, qos=request.headers.get(qos), timeout_s=request.headers.get(timeout), clock=clock,

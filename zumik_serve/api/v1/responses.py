@@ -59,9 +59,9 @@ async def create_response(request: Request) -> Response:
     clock = RequestClock()
     pipeline = pipeline_of(request)
     tenant = await tenant_of(request)
-    admission = await admit(pipeline, tenant, request, clock)
+    parsed = parse_request(parse_json_body(await read_body(request, pipeline.context.max_body_bytes)))
+    admission = await admit(pipeline, tenant, request, clock)  # the body is in: no slot waits on it
     try:
-        parsed = parse_request(parse_json_body(await read_body(request, pipeline.context.max_body_bytes)))
         responses = pipeline.context.responses
         previous = None
         if parsed.previous_response_id is not None:
@@ -75,7 +75,10 @@ async def create_response(request: Request) -> Response:
                 model=prepared.model,
                 body=prepared.engine_body,
                 stream=prepared.stream,
-                refs=StateRefs(release=previous.record.release if previous is not None else None),
+                refs=StateRefs(
+                    release=previous.record.release if previous is not None else None,
+                    carried=(previous.record.session,) if previous is not None else (),
+                ),
                 admission=admission,
                 clock=clock,
             )  # fmt: skip
@@ -145,6 +148,9 @@ async def _store(
         tenant.id, response_id=rendered["id"], body=rendered, added=added, previous=previous,
         release=generation.release.id if generation.release is not None else None,
     )  # fmt: skip
+    # The conversation went to the route before its session held it: a provider's copy is
+    # recorded against the session now, so a purge of it names that provider.
+    await pipeline.carried(tenant, generation, (record.session,))
     return record.session
 
 

@@ -66,5 +66,7 @@ def _is_message(value: Any) -> bool:
 
 
 class WarmBody(_Body):
+    """The optional body of ``/v2/snapshots/{id}/warm`` and ``/compile``: their admission."""
+
     qos: Any = None
     timeout_s: Any = None

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from zumik_serve.api.body import read_body
 from zumik_serve.api.deps import pipeline_of, tenant_of
 from zumik_serve.api.v1.wire import parse_json_body
+from zumik_serve.api.v2.models import WarmBody, parse_model
 from zumik_serve.errors import InvalidRequestError, MethodNotAllowedError
 from zumik_serve.state.objects import ObjectKind
 from zumik_serve.state.requests import (
@@ -28,6 +29,7 @@ from zumik_serve.state.requests import (
     parse_request,
 )
 from zumik_serve.state.service import StateService
+from zumik_serve.telemetry.tracing import RequestClock
 
 router = APIRouter(prefix="/v2")
 
@@ -109,10 +111,21 @@ async def create_snapshot(request: Request) -> JSONResponse:
 
 @router.post("/snapshots/{handle}/compile")
 async def compile_snapshot(handle: str, request: Request) -> JSONResponse:
+    """Compiling tokenizes the whole snapshot: it takes an admission slot like generation does
+    (an optional body ``{"qos", "timeout_s"}``, as for ``/warm``), once the body is read."""
+    clock = RequestClock()
     pipeline, state = pipeline_of(request), _state(request)
     tenant = await tenant_of(request)
-    tokenizer = pipeline.context.models.tokenizer()
-    compiled = await state.store_call(state.compile_snapshot(tenant.id, handle, tokenizer))
+    raw = await read_body(request, pipeline.context.max_body_bytes)
+    body = parse_model(WarmBody, parse_json_body(raw) if raw.strip() else {})
+    admission = await pipeline.admit(tenant, qos=body.qos, timeout_s=body.timeout_s, clock=clock)
+    try:
+        tokenizer = pipeline.context.models.tokenizer()
+        compiled = await admission.deadline.run(
+            state.store_call(state.compile_snapshot(tenant.id, handle, tokenizer))
+        )
+    finally:
+        admission.release()
     return JSONResponse({"snapshot": handle, **compiled.compilation.record()})
 
 

@@ -2,6 +2,7 @@
 
 POST /v2/aliases/{name}/releases   publish a release and point the alias at it → 201
 GET  /v2/aliases/{name}            the current release and the alias' history
+GET  /v2/decisions                 the tenant's decisions, newest first, a page at a time
 GET  /v2/decisions/{id}            a decision record and the attempts that carried it out
 POST /v2/decisions/{id}/replay     recompute it from its recorded inputs → {"equal", "record"}
 GET  /v2/profiles                  the profile served here: routes, policy, purge ceiling
@@ -26,7 +27,7 @@ from zumik_serve.errors import InvalidRequestError, NotFoundError
 from zumik_serve.pipeline.context import GatewayContext
 from zumik_serve.providers.requests import ByokKeyBody
 from zumik_serve.routing.release import Release
-from zumik_serve.routing.requests import PublishRelease, alias_name
+from zumik_serve.routing.requests import PublishRelease, alias_name, decision_page_query
 from zumik_serve.routing.service import RoutingService
 
 router = APIRouter(prefix="/v2")
@@ -58,6 +59,27 @@ async def read_alias(alias: str, request: Request) -> JSONResponse:
         "object": "alias",
         "current": None if state.current is None else _as_stored(state.current),
         "history": [_as_stored(release) for release in state.history],
+    })  # fmt: skip
+
+
+@router.get("/decisions")
+async def list_decisions(
+    request: Request, limit: str | None = None, after: str | None = None
+) -> JSONResponse:
+    """The tenant's decisions, newest first, ``limit`` a page (1..100, default 20), ``after``
+    the ``last_id`` of the page before."""
+    tenant, context = await _tenant(request)
+    count, cursor = decision_page_query(limit, after)
+    page = await context.state.store_call(context.routing.decisions(tenant, limit=count, after=cursor))
+    return JSONResponse({
+        "object": "list",
+        "data": [
+            {"id": item, "object": "decision", "record": stored.record, "attempts": list(stored.attempts)}
+            for item, stored in zip(page.ids, page.decisions, strict=True)
+        ],
+        "first_id": page.ids[0] if page.ids else None,
+        "last_id": page.ids[-1] if page.ids else None,
+        "has_more": page.has_more,
     })  # fmt: skip
 
 

@@ -1,0 +1,274 @@
+"""Quota state in Redis: overrides, usage counters, and the per-minute rate window.
+
+    z:{tenant}:quota     hash  quota name → the tenant's own limit ("unlimited" or an integer);
+                               a name absent: the profile's default
+    z:{tenant}:usage     hash  stored_bytes, objects: what the tenant holds now
+    z:{tenant}:charges   hash  stored key → the bytes it was charged (an object record, a turns
+                               list, an artifact's content): deleting the key gives exactly these
+                               back, and an object record's key one object
+    z:{tenant}:rate      hash  start, requests, tokens, prev_requests, prev_tokens: this window's
+                               and the previous window's counts (a sliding window counter)
+    kv:limit:{scope}           the tenant's kv_bytes override, copied for the engines' Redis KV
+                               tier (``kvstore/tiers/redis_tier.py``), which sees scopes only
+
+All four carry the ``{tenant}`` hash tag of the state keys, so the state store's write scripts
+(``state/store.py``) read the override and update usage in the same atomic script that writes
+or deletes the data: a refused write leaves nothing, and a crash cannot separate a write from
+its count. ``QUOTA_LUA`` is the part of those scripts that checks and charges. The rate window
+takes Redis' clock (``TIME``), so gateways with skewed clocks share one window.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from kvstore.keys import ScopeId
+from kvstore.tiers.redis_tier import scope_limit_key
+from profiles.model import QuotaSpec
+from zumik_serve.qos.quota import (
+    UNLIMITED,
+    QuotaOverrides,
+    QuotaUsage,
+    RateReservation,
+    default_text,
+    rate_refusal,
+    storage_refusal,
+)
+
+RATE_WINDOW_S = 60
+
+
+def quota_key(tenant: str) -> str:
+    return f"z:{{{tenant}}}:quota"
+
+
+def usage_key(tenant: str) -> str:
+    return f"z:{{{tenant}}}:usage"
+
+
+def charges_key(tenant: str) -> str:
+    return f"z:{{{tenant}}}:charges"
+
+
+def rate_key(tenant: str) -> str:
+    return f"z:{{{tenant}}}:rate"
+
+
+def quota_keys(tenant: str) -> list[str]:
+    """The three keys ``QUOTA_LUA`` expects, in its order (after a script's own keys)."""
+    return [usage_key(tenant), quota_key(tenant), charges_key(tenant)]
+
+
+def quota_lua(spec: QuotaSpec, first_key: int) -> str:
+    """Lua functions a write script starts with; its keys ``first_key`` .. ``first_key + 2``
+    are ``quota_keys(tenant)``. The profile's defaults are part of the script's text (one
+    script per profile), so a script's own ARGV layout stays its own.
+
+    ``zq_fits(objects, bytes)`` and ``zq_turns_fit(head, adding)`` return nil when the write
+    fits, else the refusal ``{'quota', name, limit, used, requested}`` to return at once (before
+    anything is written). ``zq_charge(key, objects, bytes)`` counts a write of ``key``.
+    """
+    defaults = {
+        "{objects}": default_text(spec.objects),
+        "{stored_bytes}": default_text(spec.stored_bytes),
+        "{session_turns}": default_text(spec.session_turns),
+    }
+    source = _QUOTA_LUA.replace("{usage}", f"KEYS[{first_key}]")
+    source = source.replace("{override}", f"KEYS[{first_key + 1}]").replace(
+        "{charges}", f"KEYS[{first_key + 2}]"
+    )
+    for name, value in defaults.items():
+        source = source.replace(name, value)
+    return source.replace("{unlimited}", UNLIMITED)
+
+
+_QUOTA_LUA = """
+local function zq_limit(name, default)
+  local value = redis.call('HGET', {override}, name) or default
+  if value == '{unlimited}' then return nil end
+  return tonumber(value)
+end
+local function zq_fits(objects, bytes)
+  local wanted = {{'objects', objects, '{objects}'}, {'stored_bytes', bytes, '{stored_bytes}'}}
+  for _, check in ipairs(wanted) do
+    if check[2] > 0 then
+      local limit = zq_limit(check[1], check[3])
+      local used = tonumber(redis.call('HGET', {usage}, check[1]) or '0')
+      if limit and used + check[2] > limit then
+        return {'quota', check[1], tostring(limit), tostring(used), tostring(check[2])}
+      end
+    end
+  end
+  return nil
+end
+local function zq_turns_fit(head, adding)
+  local limit = zq_limit('session_turns', '{session_turns}')
+  if limit and head + adding > limit then
+    return {'quota', 'session_turns', tostring(limit), tostring(head), tostring(adding)}
+  end
+  return nil
+end
+local function zq_charge(key, objects, bytes)
+  if objects ~= 0 then redis.call('HINCRBY', {usage}, 'objects', objects) end
+  if bytes ~= 0 then
+    redis.call('HINCRBY', {usage}, 'stored_bytes', bytes)
+    redis.call('HINCRBY', {charges}, key, bytes)
+  end
+end
+"""
+
+# KEYS: usage, charges, then the keys to delete. ARGV: the prefix of the tenant's object keys.
+# Each deleted key that was charged gives its bytes back (and an object record one object).
+DELETE_CHARGED = """
+local removed = 0
+for index = 3, #KEYS do
+  local key = KEYS[index]
+  local charged = redis.call('HGET', KEYS[2], key)
+  if charged then
+    redis.call('HINCRBY', KEYS[1], 'stored_bytes', -tonumber(charged))
+    if string.sub(key, 1, #ARGV[1]) == ARGV[1] then redis.call('HINCRBY', KEYS[1], 'objects', -1) end
+    redis.call('HDEL', KEYS[2], key)
+  end
+  removed = removed + redis.call('UNLINK', key)
+end
+return removed
+"""
+
+# KEYS: rate, override, the request's KV scope's limit key. ARGV: default requests/min, default
+# tokens/min, requests, tokens, window. The tenant's kv_bytes override is published to the
+# scope's limit key first (written only when it changed), where the engines' Redis tier reads
+# it. Returns {"ok", window start} | {"rate", name, limit, used, requested, retry_after_s or -1}.
+RATE_ADMIT = """
+local kv_limit = redis.call('HGET', KEYS[2], 'kv_bytes')
+if kv_limit ~= redis.call('GET', KEYS[3]) then
+  if kv_limit then redis.call('SET', KEYS[3], kv_limit) else redis.call('DEL', KEYS[3]) end
+end
+local function zq_limit(name, default)
+  local value = redis.call('HGET', KEYS[2], name) or default
+  if value == 'unlimited' then return nil end
+  return tonumber(value)
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local window = tonumber(ARGV[5])
+local start = math.floor(now / window) * window
+local state = redis.call('HMGET', KEYS[1], 'start', 'requests', 'tokens', 'prev_requests', 'prev_tokens')
+local was = tonumber(state[1]) or start
+local cur = {tonumber(state[2]) or 0, tonumber(state[3]) or 0}
+local prev = {tonumber(state[4]) or 0, tonumber(state[5]) or 0}
+if was ~= start then
+  if was == start - window then prev = cur else prev = {0, 0} end
+  cur = {0, 0}
+end
+local elapsed = now - start
+local weight = 1 - elapsed / window
+local names = {'requests_per_minute', 'tokens_per_minute'}
+for index = 1, 2 do
+  local amount = tonumber(ARGV[index + 2])
+  local limit = zq_limit(names[index], ARGV[index])
+  if limit and amount > 0 then
+    local used = prev[index] * weight + cur[index]
+    if used + amount > limit then
+      local wait = -1
+      if amount <= limit then
+        if cur[index] + amount <= limit then
+          wait = window * (1 - (limit - cur[index] - amount) / prev[index]) - elapsed
+        else
+          wait = (window - elapsed) + window * (1 - (limit - amount) / cur[index])
+        end
+        wait = math.max(1, math.ceil(wait))
+      end
+      return {'rate', names[index], tostring(limit), tostring(math.floor(used)), tostring(amount),
+        tostring(wait)}
+    end
+  end
+end
+redis.call('HSET', KEYS[1], 'start', start, 'requests', cur[1] + tonumber(ARGV[3]),
+  'tokens', cur[2] + tonumber(ARGV[4]), 'prev_requests', prev[1], 'prev_tokens', prev[2])
+redis.call('EXPIRE', KEYS[1], 2 * window)
+return {'ok', tostring(start)}
+"""
+
+# KEYS: rate. ARGV: the window start a reservation was counted in, the token correction, window.
+# Moves the count of that window (now the current or the previous one) by the correction.
+RATE_CORRECT = """
+local start = tonumber(redis.call('HGET', KEYS[1], 'start') or '-1')
+local field = nil
+if start == tonumber(ARGV[1]) then field = 'tokens' end
+if start == tonumber(ARGV[1]) + tonumber(ARGV[3]) then field = 'prev_tokens' end
+if field then
+  local value = tonumber(redis.call('HGET', KEYS[1], field) or '0') + tonumber(ARGV[2])
+  redis.call('HSET', KEYS[1], field, math.max(0, value))
+end
+return 0
+"""
+
+
+class RedisQuotaStore:
+    def __init__(self, client: aioredis.Redis, spec: QuotaSpec) -> None:
+        self._redis = client
+        self.spec = spec
+        self._rate_admit = client.register_script(RATE_ADMIT)
+        self._rate_correct = client.register_script(RATE_CORRECT)
+
+    async def overrides(self, tenant: str) -> QuotaOverrides:
+        fields = await self._redis.hgetall(quota_key(tenant))
+        return QuotaOverrides.from_stored({_text(k): _text(v) for k, v in fields.items()})
+
+    async def set_overrides(
+        self, tenant: str, changes: QuotaOverrides, *, reset: frozenset[str] = frozenset()
+    ) -> None:
+        """Set the fields ``changes`` gives and drop those named in ``reset`` (back to the
+        profile's default), in one step."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if reset:
+                pipe.hdel(quota_key(tenant), *sorted(reset))
+            stored = changes.stored()
+            if stored:
+                pipe.hset(quota_key(tenant), mapping=stored)  # type: ignore[arg-type]
+            await pipe.execute()
+
+    async def usage(self, tenant: str) -> QuotaUsage:
+        fields = await self._redis.hmget(usage_key(tenant), ["stored_bytes", "objects"])
+        stored_bytes, objects = (int(value or 0) for value in fields)
+        return QuotaUsage(stored_bytes=stored_bytes, objects=objects)
+
+    async def admit_rate(self, tenant: str, *, tokens: int, scope: ScopeId) -> RateReservation:
+        """Count one request and ``tokens`` reserved for it in the tenant's window;
+        RateLimitExceededError (429) when either per-minute limit would be passed (then nothing
+        is counted). ``scope``: the request's KV cache scope, where the tenant's kv_bytes
+        override is published for the engines."""
+        args: list[Any] = [
+            default_text(self.spec.requests_per_minute), default_text(self.spec.tokens_per_minute),
+            1, tokens, RATE_WINDOW_S,
+        ]  # fmt: skip
+        keys = [rate_key(tenant), quota_key(tenant), scope_limit_key(scope)]
+        reply = await self._rate_admit(keys=keys, args=args)
+        fields = [_text(value) for value in reply]
+        if fields[0] == "ok":
+            return RateReservation(window_start=int(fields[1]), tokens=tokens)
+        wait = int(fields[5])
+        raise rate_refusal(
+            fields[1], int(fields[2]), int(fields[3]), int(fields[4]), wait if wait > 0 else None
+        )
+
+    async def settle(self, tenant: str, reservation: RateReservation, used_tokens: int) -> None:
+        """Replace a reservation by the tokens the request used."""
+        correction = used_tokens - reservation.tokens
+        if correction:
+            args = [reservation.window_start, correction, RATE_WINDOW_S]
+            await self._rate_correct(keys=[rate_key(tenant)], args=args)
+
+
+def raise_refusal(reply: list[Any], *, session: str | None = None) -> None:
+    """Raise the QuotaExceededError a write script's reply holds (``{'quota', ...}``); nothing
+    for any other reply."""
+    if reply and _text(reply[0]) == "quota":
+        name, limit, used, requested = (_text(value) for value in reply[1:5])
+        raise storage_refusal(name, int(limit), int(used), int(requested), session=session)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
