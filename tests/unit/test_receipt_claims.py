@@ -34,7 +34,8 @@ import redis.asyncio as aioredis
 from profiles import parse_profile
 from profiles.model import DEFAULT_PROVIDER_RETENTION_DAYS
 from tests.support.fault_server import FaultServer
-from tests.support.inprocess import InProcessGateway, make_gateway
+from tests.support.inprocess import InProcessGateway, make_gateway, shared_secrets_dir
+from zumik_serve.home import ZumikHome
 from zumik_serve.purge.classes import GuaranteeClass
 from zumik_serve.purge.receipt import StoreEntry, StoreResult, receipt_class, verify_receipt
 from zumik_serve.purge.store import durability_gap
@@ -43,6 +44,7 @@ from zumik_serve.routing.reach import DAY_S, ProviderReach
 from zumik_serve.routing.store import RedisRoutingStore
 from zumik_serve.store.local_redis import free_port, wait_for_redis
 from zumik_serve.tenancy.tenant import DEV_TENANT, TenantId
+from zumik_serve.tenancy.tenant_cli import tenant_deletion
 
 pytestmark = pytest.mark.redis
 
@@ -132,6 +134,39 @@ async def test_purge_of_a_snapshot_sent_to_a_managed_route_says_provider_expiry(
         quiet = (await http.post("/v2/purge", json={"target": other})).json()["receipt"]
         assert not [entry for entry in quiet["stores"] if entry["store"].startswith("provider:")]
         assert "decision_records" not in {entry["store"] for entry in quiet["stores"]}
+
+
+async def test_deleting_a_tenant_names_every_provider_its_plain_requests_reached(
+    module_redis_url: str, tiny_model_dir: Path, managed: FaultServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A /v1 request with no state object still sends the tenant's content to the provider: the
+    tenant's deletion receipt has its provider line; a purge of an object it never used has none."""
+    gateway = _gateway(module_redis_url, tiny_model_dir, managed)
+    key = await gateway.create_tenant("plain-sender")
+    async with gateway.client(key) as http:
+        other = await _snapshot(http, "never sent anywhere")
+        before = int(time.time())
+        plain = {**CHAT, "messages": [{"role": "user", "content": CANARY}]}
+        sent = await http.post("/v1/chat/completions", json=plain)
+        assert sent.status_code == 200 and sent.headers["x-zumik-route"] == "managed:managed", sent.text
+        quiet = (await http.post("/v2/purge", json={"target": other})).json()["receipt"]
+    assert not [entry for entry in quiet["stores"] if entry["store"].startswith("provider:")]
+    monkeypatch.setenv("ZUMIK_SECRETS_DIR", str(shared_secrets_dir()))
+    client = aioredis.from_url(module_redis_url)
+    try:
+        deletion = tenant_deletion(
+            client, url=module_redis_url, profile=gateway.context.profile, home=ZumikHome(tmp_path),
+            revocation_wait_s=0.0,
+        )  # fmt: skip
+        outcome = await deletion.delete("plain-sender")
+    finally:
+        await client.aclose()
+    assert outcome.receipt is not None
+    provider = next(entry for entry in outcome.receipt["stores"] if entry["store"] == "provider:managed")
+    assert (provider["result"], provider["guarantee_class"]) == ("done", "provider_expiry")
+    assert provider["expires_at"] >= before + DEFAULT_PROVIDER_RETENTION_DAYS * DAY_S
+    assert outcome.receipt["guarantee_class"] == "provider_expiry"
 
 
 async def test_route_retention_days_sets_the_expiry_of_a_purged_session(

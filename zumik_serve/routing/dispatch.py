@@ -272,7 +272,10 @@ class Dispatcher:
                 if client is None:
                     attempts.append(_attempt(pick, attempt, "skipped", None, "fallback", "no api key"))
                     break
-                if route.kind is not RouteKind.BYOC and context.sources:
+                # The tenant's content leaves for a provider: recorded first, for the receipts of
+                # a purge of its objects and of a deletion of the tenant (a dispatcher wired
+                # without a reach sink, in tests, can send only content of no object).
+                if route.kind is not RouteKind.BYOC and (context.sources or self._reach is not None):
                     try:
                         await self.record_sent(tenant, context.sources, route.name)
                     except BaseException:  # not sent: a probe it held goes back

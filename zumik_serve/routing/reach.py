@@ -7,6 +7,9 @@ states for it and the last time content went there. A purge reads what every obj
 closure reached and gives each provider a ``provider_expiry`` line in the receipt: the provider
 keeps its copy until ``expires_at_s``, which no purge of ours can shorten.
 
+Every send to a provider is also recorded under the tenant itself (any request's content, with
+objects or none), so the receipt of a tenant's deletion names every provider it reached.
+
 Recording refuses an object that is revoked or gone, atomically with the check: a purge revokes
 first and reads the reach after, so every send either is in the receipt or never happened.
 """

@@ -34,24 +34,26 @@ from zumik_serve.state.store import REVOKED_PREFIX, object_key
 
 DECISION_TTL_S = 30 * 24 * 3600
 
-# KEYS: n object keys, then their n reach keys. ARGV: route, reach JSON, its expiry (unix s),
-# the revoked-record prefix. Returns 0 when recorded, else the (1-based) index of the first
-# object that is revoked or gone (then nothing is written). An existing line of the route is
-# replaced only by one that expires later, so concurrent sends keep the latest expiry.
+# KEYS: n object keys, then their n reach keys, then the tenant's own reach key. ARGV: route,
+# reach JSON, its expiry (unix s), the revoked-record prefix. Returns 0 when recorded, else the
+# (1-based) index of the first object that is revoked or gone (then nothing is written). The
+# tenant's own line takes every send (with or without objects): a deletion of the tenant names
+# every provider its content reached. An existing line of the route is replaced only by one that
+# expires later, so concurrent sends keep the latest expiry.
 REACH = """
-local n = #KEYS / 2
+local n = (#KEYS - 1) / 2
 for i = 1, n do
   local record = redis.call('GET', KEYS[i])
   if not record or string.sub(record, 1, string.len(ARGV[4])) == ARGV[4] then return i end
 end
-for i = 1, n do
-  local old = redis.call('HGET', KEYS[n + i], ARGV[1])
+for i = n + 1, #KEYS do
+  local old = redis.call('HGET', KEYS[i], ARGV[1])
   local keep = false
   if old then
     local line = cjson.decode(old)
     keep = line['last_sent_at_s'] + line['retention_days'] * 86400 > tonumber(ARGV[3])
   end
-  if not keep then redis.call('HSET', KEYS[n + i], ARGV[1], ARGV[2]) end
+  if not keep then redis.call('HSET', KEYS[i], ARGV[1], ARGV[2]) end
 end
 return 0
 """
@@ -165,8 +167,10 @@ class RedisRoutingStore:
         return len(ids)
 
     async def record_reach(self, tenant: str, sources: Sequence[str], reach: ProviderReach) -> str | None:
-        """Record that content of ``sources`` goes to ``reach.route`` (see ``REACH``); returns the
-        first source that is revoked or gone (then nothing is recorded), None when recorded."""
+        """Record that content of ``sources``, and of the tenant, goes to ``reach.route`` (see
+        ``REACH``; the tenant's own line is the reach of the tenant id, the first handle of a
+        tenant deletion's closure); returns the first source that is revoked or gone (then
+        nothing is recorded), None when recorded."""
         handles = list(dict.fromkeys(sources))
         line = json.dumps(
             {
@@ -178,6 +182,7 @@ class RedisRoutingStore:
             separators=(",", ":"),
         )
         keys = [object_key(tenant, h) for h in handles] + [_key(tenant, "reach", h) for h in handles]
+        keys.append(_key(tenant, "reach", tenant))
         refused = int(
             await self._reach(keys=keys, args=[reach.route, line, reach.expires_at_s, REVOKED_PREFIX])
         )
