@@ -221,10 +221,11 @@ def _judge(
     return None
 
 
-def write_outputs(tally: ChurnTally, out: Path, settings: dict[str, Any]) -> Path:
+def write_summary(out: Path, name: str, settings: dict[str, Any], summary: dict[str, Any]) -> Path:
+    """``out/<name>.json``: the run's settings and its summary (the churn and durability benches)."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "churn.json"
-    path.write_text(json.dumps({"settings": settings, **tally.summary()}, indent=2) + "\n")
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({"settings": settings, **summary}, indent=2) + "\n")
     return path
 
 
@@ -282,7 +283,7 @@ def run_churn_bench(args: Any, console: Any) -> int:
         "seed",
     )
     settings = {name: getattr(args, name) for name in names}
-    path = write_outputs(tally, args.out, settings)
+    path = write_summary(args.out, "churn", settings, tally.summary())
     summary = tally.summary()
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -31,12 +31,11 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from zumik_serve.bench.churn import UNAVAILABLE_STATUSES, Disruption, restart_redis
+from zumik_serve.bench.churn import UNAVAILABLE_STATUSES, Disruption, restart_redis, write_summary
 
 MAX_KEPT_SAMPLES = 20
 TURNS_PER_SESSION = 1000  # a new session then: the profile's turn quota is per session
@@ -419,13 +418,6 @@ def kill_replica_process(app: str, deployment: str, replicas: int, timeout_s: fl
 # --- the CLI command ---------------------------------------------------------------------
 
 
-def write_outputs(run: DurabilityRun, out: Path, settings: dict[str, Any]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "durability.json"
-    path.write_text(json.dumps({"settings": settings, **run.summary()}, indent=2) + "\n")
-    return path
-
-
 def run_durability_bench(args: Any, console: Any) -> int:
     import logging
 
@@ -488,7 +480,7 @@ def run_durability_bench(args: Any, console: Any) -> int:
     settings = {name: getattr(args, name) for name in ("profile", "placement", "gateway_replicas",
                                                         "cycles", "writers", "writes_between")}  # fmt: skip
     settings.update(killed_deployment=deployment, wall_s=round(time.monotonic() - started, 1))
-    path = write_outputs(run, args.out, settings)
+    path = write_summary(args.out, "durability", settings, run.summary())
     summary = run.summary()
     if args.json:
         print(json.dumps(summary, indent=2))
