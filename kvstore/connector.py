@@ -13,6 +13,8 @@ Loaded by vLLM with ``kv_connector_module_path: kvstore.connector`` and configur
     seal                 seal blocks in the persistent tiers with the scope's data key
     redis_password_file  the Redis user's password, read from this file (the URLs name the
                          user, ``zumik-kv``, and hold no password: vLLM logs this config)
+    disk_capacity_bytes  the disk tier's byte budget (LRU); host_capacity_bytes is per node
+    write_behind_max_bytes  bound of the store queue (default 256 MiB; beyond it stores drop)
 
 Per request, on the scheduler side:
 
@@ -21,11 +23,15 @@ Per request, on the scheduler side:
                      ─► TierManager.plan: longest continuous prefix some tier holds
                      ─► tokens vLLM may load beyond its own prefix cache (whole blocks)
 
-and on the worker side, each step: blocks to load are copied from tier values into the paged KV
-cache before the forward (``start_load_kv``); full prompt blocks computed in this step are read
-out of the paged cache after it (``wait_for_save``) and stored in every tier. A block copies all
-layers at once, on the block dimension of each layer's cache. Any tier failure is a miss (the
-engine recomputes); the connector never fails a request.
+and on the worker side, each step: blocks to load are read from the tiers (one read per tier
+for the whole run: ``TierManager.load_prefix``) and copied into the paged KV cache before the
+forward (``start_load_kv``); full prompt blocks computed in this step are copied out of the
+paged cache after it, one gather per layer for all of the step's blocks (``wait_for_save``),
+and handed to the write-behind thread (``write_behind.py``), which encodes them and stores them
+in every tier: the step never waits on a tier, and vLLM may reuse the blocks as soon as the step
+ends because the copy is already out. Promotions of restored blocks go the same way. Any tier
+failure is a miss (the engine recomputes), a full store queue a dropped store (counted); the
+connector never fails a request.
 
 Per request, what the cache gave it goes back to the caller in the final output's
 ``kv_transfer_params`` (vLLM's channel for connector results) under ``zumik_kv``:
@@ -40,11 +46,13 @@ time come from the worker (absent when the request finished in the step that res
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -58,10 +66,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 from kvstore.codec import decode_block, encode_block
-from kvstore.keys import chain_block_keys, scope_id, seed_from_digest
-from kvstore.manager import TierManager
-from kvstore.tier import BlockAddress, TierEvent
+from kvstore.compat import CompatKey, CompatMismatch, check_engine_compat
+from kvstore.fingerprint import adapter_fingerprint
+from kvstore.keys import ScopeId, adapter_seed, chain_block_keys, scope_id, seed_from_digest
+from kvstore.layout import KvLayout, KvShard, LayoutError, check_view, layout_of, shard_digest
+from kvstore.manager import Restored, TierManager
+from kvstore.tier import BlockAddress, TierEvent, TierUsage
 from kvstore.tiers.build import build_manager
+from kvstore.transfer import BlockCopier
+from kvstore.write_behind import StoreBatch, WriteBehind
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -76,7 +89,9 @@ logger = logging.getLogger("vllm.zumik.kvstore")
 RESTORE_LOG = "zumik kv restore"
 
 STORED_MEMORY_BLOCKS = 100_000
+WRITE_BEHIND_MAX_BYTES = 256 << 20
 _MANAGERS: dict[tuple[Any, ...], TierManager] = {}
+_WRITERS: dict[int, WriteBehind] = {}
 _MANAGERS_LOCK = threading.Lock()
 
 
@@ -92,9 +107,29 @@ def shared_manager(config: dict[str, Any]) -> TierManager:
         return manager
 
 
+def flush_writes(timeout_s: float = 60.0) -> bool:
+    """Wait until this process's write-behind queues are written (a harness that restores what
+    it just computed, e.g. ``zumik bench tiers``; vLLM's ``collective_rpc`` runs it on workers)."""
+    with _MANAGERS_LOCK:
+        writers = list(_WRITERS.values())
+    return all(writer.flush(timeout_s) for writer in writers)
+
+
+def shared_writer(config: dict[str, Any], manager: TierManager) -> WriteBehind:
+    """The write-behind queue of ``manager`` (one per process and configuration, worker side)."""
+    with _MANAGERS_LOCK:
+        writer = _WRITERS.get(id(manager))
+        if writer is None:
+            limit = int(config.get("write_behind_max_bytes") or WRITE_BEHIND_MAX_BYTES)
+            writer = _WRITERS[id(manager)] = WriteBehind(manager, max_pending_bytes=limit)
+        return writer
+
+
 @dataclass
 class ZumikKVConnectorStats(KVConnectorStats):
-    """Tier events since the last report: ``{"<event>:<tier>": [num_blocks, num_bytes]}``.
+    """Tier events since the last report: ``{"<event>:<tier>": [num_blocks, num_bytes]}``, and
+    the tiers' occupancy when measured since: ``{"usage:<tier>": [used_bytes, capacity_bytes]}``
+    (capacity 0: unbounded or unknown; a later figure replaces an earlier one, never adds).
 
     vLLM gathers these from the scheduler and the worker each step, logs them, and records them
     as Prometheus metrics (Ray metrics under Ray Serve, with ``log_engine_metrics``).
@@ -107,28 +142,44 @@ class ZumikKVConnectorStats(KVConnectorStats):
             self.data[key] = [blocks + event.num_blocks, num_bytes + event.num_bytes]
         return self
 
+    def record_usage(self, usage: list[TierUsage]) -> ZumikKVConnectorStats:
+        for tier_usage in usage:
+            key = f"{USAGE}:{tier_usage.tier.name.lower()}"
+            self.data[key] = [tier_usage.used_bytes, tier_usage.capacity_bytes or 0]
+        return self
+
     def reset(self) -> None:
         self.data = {}
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for key, (blocks, num_bytes) in other.data.items():
+            if key.startswith(f"{USAGE}:"):
+                self.data[key] = [blocks, num_bytes]  # a gauge: the later figure
+                continue
             mine = self.data.get(key, (0, 0))
             self.data[key] = [mine[0] + blocks, mine[1] + num_bytes]
         return self
 
     def reduce(self) -> dict[str, int | float]:
         reduced: dict[str, int | float] = {}
-        for key, (blocks, num_bytes) in sorted(self.data.items()):
-            reduced[f"{key}_blocks"] = blocks
-            reduced[f"{key}_bytes"] = num_bytes
+        for key, (first, second) in sorted(self.data.items()):
+            names = ("used_bytes", "capacity_bytes") if key.startswith(f"{USAGE}:") else ("blocks", "bytes")
+            reduced[f"{key}_{names[0]}"] = first
+            reduced[f"{key}_{names[1]}"] = second
         return reduced
 
     def is_empty(self) -> bool:
         return not self.data
 
 
+USAGE = "usage"
+
+
 class ZumikKVPromMetrics(KVConnectorPromMetrics):
-    """``zumik:kv_tier_blocks`` and ``zumik:kv_tier_bytes`` counters by event and tier."""
+    """``zumik:kv_tier_blocks`` and ``zumik:kv_tier_bytes`` counters by event and tier (events
+    include ``eviction`` and ``dropped``: stores the write-behind queue had no room for, tier
+    ``engine``); ``zumik:kv_tier_used_bytes`` and ``zumik:kv_tier_capacity_bytes`` gauges by
+    tier (the host tier's are the node's, the Redis tier's its server's)."""
 
     def __init__(
         self,
@@ -147,11 +198,24 @@ class ZumikKVPromMetrics(KVConnectorPromMetrics):
             name="zumik:kv_tier_bytes", documentation="KV bytes loaded or stored, by tier event and tier",
             labelnames=names,
         )  # fmt: skip
+        tier_names = [*labelnames, "tier"]
+        self._used: Any = self._gauge_cls(
+            name="zumik:kv_tier_used_bytes", documentation="Bytes a KV tier holds now (host: the node's "
+            "shared memory folder; redis: the KV server's used_memory)", labelnames=tier_names,
+        )  # fmt: skip
+        self._capacity: Any = self._gauge_cls(
+            name="zumik:kv_tier_capacity_bytes", documentation="A KV tier's byte bound (0: none known)",
+            labelnames=tier_names,
+        )  # fmt: skip
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         base = self.per_engine_labelvalues[engine_idx]
         for key, (blocks, num_bytes) in transfer_stats_data.items():
             event, tier = key.split(":", 1)
+            if event == USAGE:
+                self._used.labels(*base, tier).set(blocks)
+                self._capacity.labels(*base, tier).set(num_bytes)
+                continue
             self._blocks.labels(*base, event, tier).inc(blocks)
             if num_bytes:
                 self._bytes.labels(*base, event, tier).inc(num_bytes)
@@ -197,7 +261,22 @@ class ZumikKVConnector(KVConnectorBase_V1):
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self._compat_digest = str(extra["compat_digest"])
         self._block_size = int(vllm_config.cache_config.block_size)
+        if role == KVConnectorRole.SCHEDULER:  # once per engine, on the engine's node
+            _check_engine_compat(vllm_config, extra)
+        # What the blocks' bytes depend on beyond the compat key (refuses what it cannot copy),
+        # and the shards blocks are filed under: this rank's (worker side, set when the caches
+        # are registered) and every rank's (the scheduler plans a block only if all hold it).
+        self._layout = _engine_layout(vllm_config, kv_cache_config)
+        shards = _engine_shard(vllm_config, kv_cache_config, 0, 0).all_shards()
+        self._shard_digests = [shard_digest(self._compat_digest, self._layout, shard) for shard in shards]
+        self._shard = self._shard_digests[0]  # the scheduler sends rank 0's addresses
+        self._copier: BlockCopier | None = None
+        self._key_sources: dict[str, _KeySource] = {}
+        self._adapter_fingerprints: dict[str, str] = {}
         self._manager = shared_manager(extra)
+        self._extra = extra
+        self._writer: WriteBehind | None = None  # worker side, made at the first store
+        self._usage_reported: list[TierUsage] | None = None
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._load_errors: set[int] = set()
         # scheduler side: per request, the addresses it may load and how many tokens that is
@@ -211,9 +290,9 @@ class ZumikKVConnector(KVConnectorBase_V1):
         # Addresses this engine already stored, newest last, bounded (a re-store is only waste).
         self._stored: OrderedDict[BlockAddress, None] = OrderedDict()
         self._salts: dict[str, str | None] = {}
-        # Requests whose KV depends on more than their tokens (a LoRA adapter, multimodal
-        # inputs): the block keys cannot tell them apart, so they never load from or store to
-        # a tier. Counted per reason until the next stats report.
+        # Requests whose KV depends on something the block keys cannot name (an adapter vLLM
+        # gives no readable path for): they never load from or store to a tier. Counted per
+        # reason until the next stats report.
         self._bypassing: set[str] = set()
         self._bypassed: dict[str, int] = {}
 
@@ -224,30 +303,30 @@ class ZumikKVConnector(KVConnectorBase_V1):
     ) -> tuple[int | None, bool]:
         self._salts[request.request_id] = request.cache_salt
         self._reuse[request.request_id] = {"engine_tokens": int(num_computed_tokens), "tiers": {}}
-        reason = _bypass_reason(request)
-        if reason is not None:
-            if request.request_id not in self._bypassing:
-                self._bypassing.add(request.request_id)
-                self._bypassed[reason] = self._bypassed.get(reason, 0) + 1
+        source = self._key_sources.get(request.request_id)
+        if source is None and request.request_id not in self._bypassing:
+            source = self._key_source(request)
+        if source is None:
             return 0, False
         token_ids = list(request.prompt_token_ids or [])
         # The last prompt token is always computed by the engine (it yields the first logits).
         loadable = (len(token_ids) - 1) // self._block_size * self._block_size
         if loadable <= num_computed_tokens:
             return 0, False
-        keys = chain_block_keys(
-            token_ids[:loadable], self._block_size, seed_from_digest(self._compat_digest, request.cache_salt)
-        )
-        scope = scope_id(request.cache_salt)
-        addresses = [BlockAddress(self._compat_digest, key, scope) for key in keys]
+        addresses = self._block_addresses(request.request_id, token_ids[:loadable])
         plan = self._manager.plan(addresses)
-        restorable = plan.num_blocks * self._block_size
+        num_blocks = plan.num_blocks
+        for other in self._shard_digests[1:]:  # every rank must hold a block for it to load
+            if num_blocks:
+                mine = [BlockAddress(other, a.key, a.scope) for a in addresses[:num_blocks]]
+                num_blocks = min(num_blocks, self._manager.plan(mine).num_blocks)
+        restorable = num_blocks * self._block_size
         if restorable <= num_computed_tokens:
             return 0, False
         first_block = num_computed_tokens // self._block_size
-        self._load_plans[request.request_id] = (first_block, list(plan.addresses[first_block:]))
+        self._load_plans[request.request_id] = (first_block, list(plan.addresses[first_block:num_blocks]))
         tiers: dict[str, int] = {}
-        for tier in plan.sources[first_block:]:
+        for tier in plan.sources[first_block:num_blocks]:
             tiers[tier.name.lower()] = tiers.get(tier.name.lower(), 0) + self._block_size
         self._planned_tiers[request.request_id] = tiers
         return restorable - num_computed_tokens, False
@@ -293,12 +372,11 @@ class ZumikKVConnector(KVConnectorBase_V1):
             full_blocks = computed_after // self._block_size
             if full_blocks <= first_new:
                 continue
-            salt = self._salts.get(new.req_id)
-            seed = seed_from_digest(self._compat_digest, salt)
-            keys = chain_block_keys(token_ids[: full_blocks * self._block_size], self._block_size, seed)
-            scope = scope_id(salt)
+            if new.req_id not in self._key_sources:
+                continue  # its keys were never derived: nothing is stored rather than misfiled
+            block_addresses = self._block_addresses(new.req_id, token_ids[: full_blocks * self._block_size])
             store = [
-                (block_ids[index], BlockAddress(self._compat_digest, keys[index], scope))
+                (block_ids[index], block_addresses[index])
                 for index in range(first_new, min(full_blocks, len(block_ids)))
             ]
             store = [(b, a) for b, a in store if a not in self._stored]
@@ -313,9 +391,12 @@ class ZumikKVConnector(KVConnectorBase_V1):
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         events = self._manager.take_events()
-        if not events and not self._bypassed:
+        usage = self._writer.usage if self._writer is not None else []
+        new_usage = usage if usage != self._usage_reported else []  # measured anew
+        if not events and not self._bypassed and not new_usage:
             return None
-        stats = ZumikKVConnectorStats(data={}).record(events)
+        self._usage_reported = usage
+        stats = ZumikKVConnectorStats(data={}).record(events).record_usage(new_usage)
         for reason, requests in self._bypassed.items():
             stats.data[f"bypassed:{reason}"] = [requests, 0]  # requests, not blocks
         self._bypassed = {}
@@ -337,41 +418,126 @@ class ZumikKVConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._salts.pop(request.request_id, None)
+        self._key_sources.pop(request.request_id, None)
         self._bypassing.discard(request.request_id)
         self._load_plans.pop(request.request_id, None)
         self._planned_tiers.pop(request.request_id, None)
         reuse = self._reuse.pop(request.request_id, None)
+        if reuse is not None:
+            reuse["shard"] = self._shard  # where rank 0 filed its blocks (a gateway's KvProbe)
         return False, ({"zumik_kv": reuse} if reuse is not None else None)
+
+    def _key_source(self, request: Request) -> _KeySource | None:
+        """How ``request``'s block keys are derived (remembered until it finishes), or None when
+        they cannot name what its KV depends on: then it bypasses the tiers, counted."""
+        seed = seed_from_digest(self._compat_digest, request.cache_salt)
+        lora = getattr(request, "lora_request", None)
+        if lora is not None:
+            identity = self._adapter_identity(lora)
+            if identity is None:
+                self._bypassing.add(request.request_id)
+                self._bypassed["lora"] = self._bypassed.get("lora", 0) + 1
+                return None
+            seed = adapter_seed(seed, *identity)
+        source = _KeySource(seed, scope_id(request.cache_salt), _block_extras(request, self._block_size))
+        self._key_sources[request.request_id] = source
+        return source
+
+    def _adapter_identity(self, lora: Any) -> tuple[str, str] | None:
+        """(name, fingerprint of the adapter's files) of a LoRA request, or None when vLLM names
+        no adapter folder this process can read (the fingerprint is taken once per path)."""
+        path = str(getattr(lora, "lora_path", "") or "")
+        if not path:
+            return None
+        fingerprint = self._adapter_fingerprints.get(path)
+        if fingerprint is None:
+            try:
+                fingerprint = adapter_fingerprint(Path(path))
+            except OSError:
+                return None
+            self._adapter_fingerprints[path] = fingerprint
+        return str(getattr(lora, "lora_name", "")), fingerprint
+
+    def _block_addresses(self, request_id: str, token_ids: list[int]) -> list[BlockAddress]:
+        """Rank 0's addresses of the full blocks of ``token_ids`` (``_key_source`` ran)."""
+        source = self._key_sources[request_id]
+        keys = chain_block_keys(token_ids, self._block_size, source.seed, source.extras)
+        return [BlockAddress(self._shard, key, source.scope) for key in keys]
 
     # --- worker side ------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Checks every layer's view against the layout vLLM's spec describes (refusing to
+        start otherwise) and files this rank's blocks under its own shard."""
+        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+        num_blocks = int(self._kv_cache_config.num_blocks)
+        for name, tensor in kv_caches.items():
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            check_view(self._layout, name, tuple(tensor.shape), dtype, num_blocks)
         self._kv_caches = dict(kv_caches)
-        for name, tensor in list(self._kv_caches.items())[:1]:
-            logger.info("zumik kv connector: layer %s cache %s %s", name, tuple(tensor.shape), tensor.dtype)
+        self._copier = BlockCopier(self._kv_caches, num_blocks)
+        tp_rank, pp_rank = get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
+        shard = _engine_shard(self._vllm_config, self._kv_cache_config, tp_rank, pp_rank)
+        self._shard = shard_digest(self._compat_digest, self._layout, shard)
+        logger.info(
+            "zumik kv connector: %d layers, %s, %d bytes a block, shard %s (%s)", len(kv_caches),
+            self._layout.describe(), self._copier.bytes_per_block, shard.label(), self._shard[:16],
+        )  # fmt: skip
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """The scheduler names rank 0's addresses; this rank loads and stores its own shard's
+        (same keys and scopes, its own digest), so no rank ever reads another's block."""
+        if (
+            isinstance(connector_metadata, ZumikConnectorMetadata)
+            and self._shard != self._shard_digests[0]
+            and (connector_metadata.loads or connector_metadata.stores)
+        ):
+            connector_metadata = ZumikConnectorMetadata(
+                loads=[self._for_this_rank(transfer) for transfer in connector_metadata.loads],
+                stores=[self._for_this_rank(transfer) for transfer in connector_metadata.stores],
+            )
+        super().bind_connector_metadata(connector_metadata)
+
+    def _for_this_rank(self, transfer: _Transfer) -> _Transfer:
+        addresses = []
+        for address in transfer.addresses:
+            if address.compat_digest != self._shard_digests[0]:
+                raise LayoutError(
+                    f"the scheduler filed a block under {address.compat_digest[:16]}, not rank 0's "
+                    f"shard {self._shard_digests[0][:16]} of this worker's layout: the two disagree "
+                    "on the KV layout"
+                )
+            addresses.append(BlockAddress(self._shard, address.key, address.scope))
+        return _Transfer(transfer.request_id, list(transfer.block_ids), addresses)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, ZumikConnectorMetadata)
         for transfer in meta.loads:
             started = time.perf_counter()
-            plan = self._manager.plan(transfer.addresses)
-            values = self._manager.load(plan)
-            restored = 0
-            for index, (block_id, address) in enumerate(
-                zip(transfer.block_ids, transfer.addresses, strict=True)
-            ):
-                tensors = decode_block(values[index], address) if index < len(values) else None
-                if tensors is None or not self._inject(block_id, tensors):
-                    # vLLM recomputes from the first block that did not load (policy "recompute").
-                    self._load_errors.update(transfer.block_ids[index:])
-                    logger.warning("zumik kv: %d block(s) not restorable; the engine recomputes them",
-                                   len(transfer.block_ids) - index)  # fmt: skip
+            try:
+                loaded = self._manager.load_prefix(transfer.addresses)  # one read per tier
+            except Exception:  # a tier's bug is a miss: the engine recomputes, the request goes on
+                logger.exception("zumik kv: loading from the tiers failed")
+                loaded = Restored((), (), ())
+            values = loaded.values
+            decoded: list[dict[str, np.ndarray]] = []
+            for value, address in zip(values, loaded.addresses, strict=True):
+                tensors = decode_block(value, address)  # views of the value: no copy
+                if tensors is None:
                     break
-                restored += 1
+                decoded.append(tensors)
+            restored = self._inject_many(transfer.block_ids[: len(decoded)], decoded)  # one batch
+            if restored < len(transfer.block_ids):
+                # vLLM recomputes from the first block that did not load (policy "recompute").
+                self._load_errors.update(transfer.block_ids[restored:])
+                logger.warning("zumik kv: %d block(s) not restorable; the engine recomputes them",
+                               len(transfer.block_ids) - restored)  # fmt: skip
             by_tier: dict[str, int] = {}
-            for tier in plan.sources[:restored]:
+            for tier in loaded.sources[:restored]:
                 by_tier[tier.name.lower()] = by_tier.get(tier.name.lower(), 0) + 1
+            self._promote(loaded, restored)
             elapsed = time.perf_counter() - started
             num_bytes = sum(len(value) for value in values[:restored])
             self._worker_restores[transfer.request_id] = RestoreReport(by_tier, num_bytes, elapsed)
@@ -392,13 +558,21 @@ class ZumikKVConnector(KVConnectorBase_V1):
         return errors
 
     def _inject(self, block_id: int, tensors: dict[str, np.ndarray]) -> bool:
-        for name, cache in self._kv_caches.items():
-            target = cache[block_id]
-            source = tensors.get(name)
-            if source is None or source.nbytes != target.numel() * target.element_size():
-                return False
-            target.copy_(torch.from_numpy(source).view(cache.dtype).reshape(target.shape))
-        return True
+        """Copy one decoded block into the paged cache; False (nothing written) when it lacks a
+        layer or a layer's bytes are not one block of it."""
+        return self._inject_many([block_id], [tensors]) == 1
+
+    def _inject_many(self, block_ids: list[int], blocks: list[dict[str, np.ndarray]]) -> int:
+        """Copy decoded blocks into the paged cache in one batch (``transfer.BlockCopier``: on
+        CUDA pinned staging and a side stream the forward waits on); how many were written,
+        from the first: it stops at the first malformed block."""
+        if self._copier is None:
+            return 0
+        return self._copier.inject(block_ids, blocks)
+
+    def _extract(self, block_id: int) -> dict[str, np.ndarray]:
+        """One block of every layer as owned bytes in canonical [H, N, C] order (``transfer``)."""
+        return self._copy_out([block_id])[0]
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -409,21 +583,137 @@ class ZumikKVConnector(KVConnectorBase_V1):
         return
 
     def wait_for_save(self) -> None:
+        """Copy this step's new blocks out of the paged cache (in the step: vLLM may reuse them
+        once it ends) and hand them to the write-behind thread; never waits on a tier."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, ZumikConnectorMetadata)
-        for transfer in meta.stores:
-            for block_id, address in zip(transfer.block_ids, transfer.addresses, strict=True):
-                tensors = {
-                    name: cache[block_id].detach().cpu().contiguous().view(torch.uint8).numpy()
-                    for name, cache in self._kv_caches.items()
-                }
-                self._manager.store(address, encode_block(tensors, address))
+        if not meta.stores or not self._kv_caches:
+            return
+        block_ids = [block_id for transfer in meta.stores for block_id in transfer.block_ids]
+        addresses = tuple(address for transfer in meta.stores for address in transfer.addresses)
+        blocks = self._copy_out(block_ids)
+        num_bytes = sum(array.nbytes for block in blocks for array in block.values())
+
+        def value(index: int) -> bytes:  # runs on the writer thread
+            return encode_block(blocks[index], addresses[index])
+
+        self._store_queue().submit(StoreBatch(addresses, num_bytes, value))
+
+    def _copy_out(self, block_ids: list[int]) -> list[dict[str, np.ndarray]]:
+        """Per block, ``{layer: bytes}`` copied out of the paged cache (one gather per layer
+        for all the blocks): nothing here is a view of the cache, so it outlives the step."""
+        if self._copier is None:
+            return []
+        return self._copier.extract(block_ids)  # canonical [H, N, C] bytes, any physical layout
+
+    def _promote(self, loaded: Restored, restored: int) -> None:
+        """Restored blocks from a far tier go to the nearer ones, behind the step."""
+        indexes = [index for index in self._manager.promotions(loaded) if index < restored]
+        if not indexes:
+            return
+        values = [loaded.values[index] for index in indexes]
+        batch = StoreBatch(
+            addresses=tuple(loaded.addresses[index] for index in indexes),
+            num_bytes=sum(len(value) for value in values),
+            value=values.__getitem__,
+            sources=tuple(loaded.sources[index] for index in indexes),
+        )
+        self._store_queue().submit(batch)
+
+    def _store_queue(self) -> WriteBehind:
+        if self._writer is None:
+            self._writer = shared_writer(self._extra, self._manager)
+        return self._writer
+
+    def shutdown(self) -> None:
+        """Write what the queue holds (bounded wait); what cannot be written is counted."""
+        if self._writer is not None:
+            self._writer.close()
 
 
-def _bypass_reason(request: Request) -> str | None:
-    """Why ``request``'s KV cannot be filed under its tokens alone, or None when it can."""
-    if getattr(request, "lora_request", None) is not None:
-        return "lora"
-    if getattr(request, "mm_features", None):
-        return "multimodal"
-    return None
+@dataclass(frozen=True)
+class _KeySource:
+    """What a request's block keys are derived from besides its tokens (``keys``)."""
+
+    seed: bytes  # compat digest | cache salt [| adapter]
+    scope: ScopeId
+    extras: dict[int, bytes] | None  # block index -> digest of its multimodal / embedding inputs
+
+
+_SEEDED_EXTRAS = (("cache_salt",), ("lora",))
+
+
+def _block_extras(request: Request, block_size: int) -> dict[int, bytes] | None:
+    """Per full prompt block, a digest of vLLM's own extra hash keys for it (multimodal input
+    hashes with their offsets, prompt-embedding hashes): the inputs besides token ids that make
+    its KV. None for a text-only request (its keys are then those a gateway computes)."""
+    if not getattr(request, "mm_features", None) and getattr(request, "prompt_embeds", None) is None:
+        return None
+    from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys
+
+    extras: dict[int, bytes] = {}
+    mm_index = 0
+    for index in range(int(request.num_prompt_tokens) // block_size):
+        start = index * block_size
+        keys, mm_index = generate_block_hash_extra_keys(request, start, start + block_size, mm_index)
+        # The salt is in the seed, and so is the adapter (by its files, not its path).
+        kept = [key for key in keys or () if not (isinstance(key, tuple) and key[:1] in _SEEDED_EXTRAS)]
+        if kept:
+            extras[index] = hashlib.sha256(repr(kept).encode()).digest()
+    return extras
+
+
+def _check_engine_compat(vllm_config: VllmConfig, extra: dict[str, Any]) -> None:
+    """Refuse to start when the weights, tokenizer or vLLM this engine really loaded (or the
+    engine settings it really runs with) give another compat digest than its profile's."""
+    declared = extra.get("compat_key")
+    if declared is None:
+        logger.warning(
+            "zumik kv connector: no compat_key in kv_connector_extra_config, so this engine cannot "
+            "check its weights against compat_digest %s (configs from engine_kv_transfer have it)",
+            extra["compat_digest"],
+        )
+        return
+    model = vllm_config.model_config
+    model_dir = Path(str(model.model))
+    tokenizer_dir = Path(str(model.tokenizer or model.model))
+    if not (model_dir / "config.json").is_file():
+        raise CompatMismatch(
+            f"this engine loaded {model.model}, not a model folder on this node, so it cannot check its "
+            "weights against the profile's compat digest: serve the model from a local folder"
+        )
+    observed = {
+        "device": str(vllm_config.device_config.device_type),
+        "block_size": int(vllm_config.cache_config.block_size),
+        "kv_cache_dtype": str(vllm_config.cache_config.cache_dtype),
+        "tensor_parallel_size": int(vllm_config.parallel_config.tensor_parallel_size),
+        "pipeline_parallel_size": int(vllm_config.parallel_config.pipeline_parallel_size),
+    }
+    started = time.perf_counter()
+    mine = check_engine_compat(
+        str(extra["compat_digest"]), CompatKey.from_config(declared), model_dir=model_dir,
+        tokenizer_dir=tokenizer_dir, observed=observed,
+    )  # fmt: skip
+    logger.info(
+        "zumik kv connector: this engine's weights, tokenizer and %s match compat digest %s (%.1f s)",
+        mine.vllm_version, mine.digest()[:16], time.perf_counter() - started,
+    )  # fmt: skip
+
+
+def _engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> KvLayout:
+    parallel = vllm_config.parallel_config
+    context = int(getattr(parallel, "decode_context_parallel_size", 1)) * int(
+        getattr(parallel, "prefill_context_parallel_size", 1)
+    )
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    return layout_of(kv_cache_config, cache_dtype=cache_dtype, context_parallel=context)
+
+
+def _engine_shard(
+    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, tp_rank: int, pp_rank: int
+) -> KvShard:
+    parallel = vllm_config.parallel_config
+    return KvShard.of_rank(
+        tp_rank, int(parallel.tensor_parallel_size), pp_rank, int(parallel.pipeline_parallel_size),
+        tp_replicas=int(getattr(kv_cache_config, "kv_tp_replicas", 1) or 1),
+    )  # fmt: skip

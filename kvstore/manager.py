@@ -14,15 +14,32 @@ Each block comes from the nearest tier that holds it; the first block that no ti
 the prefix, because KV for a later block is only valid after every block before it. A block
 that loads but does not decode (truncated, corrupt, sealed with a destroyed key) also ends the
 prefix there, with a failure event: the engine recomputes from that point.
+
+Reads are batched: ``load`` reads each run of blocks planned from one tier with one
+``load_many`` (one ``MGET`` pipeline for Redis); ``load_prefix`` (the engine worker's restore)
+asks each tier, nearest first, once for every block the nearer ones did not give, so a restore
+costs at most one round trip per tier and no separate ``contains``. Writes (``store``) are
+meant to run behind the engine step (``write_behind.py``); the manager itself is thread-safe
+for one writer thread beside the step's reads.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvstore.keys import ScopeId
-from kvstore.tier import BlockAddress, Keyring, Sealer, Tier, TierBackend, TierEvent, TierEventKind
+from kvstore.tier import (
+    BlockAddress,
+    Keyring,
+    Sealer,
+    Tier,
+    TierBackend,
+    TierEvent,
+    TierEventKind,
+    TierUsage,
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +52,20 @@ class KvPlan:
     @property
     def num_blocks(self) -> int:
         return len(self.sources)
+
+
+@dataclass(frozen=True)
+class Restored:
+    """The longest prefix of the asked blocks that loaded and opened: values in order, each with
+    the tier it came from."""
+
+    addresses: tuple[BlockAddress, ...]
+    values: tuple[bytes, ...]
+    sources: tuple[Tier, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.values)
 
 
 @dataclass(frozen=True)
@@ -69,6 +100,7 @@ class TierManager:
     def __post_init__(self) -> None:
         self.tiers = sorted(self.tiers, key=lambda backend: backend.tier)
         self._by_tier = {backend.tier: backend for backend in self.tiers}
+        self._events_lock = threading.Lock()
 
     def plan(self, addresses: Sequence[BlockAddress]) -> KvPlan:
         """The longest continuous prefix of ``addresses`` some tier holds, nearest tier first."""
@@ -82,30 +114,82 @@ class TierManager:
         for backend in self.tiers:
             hits = sum(1 for source in sources if source is backend.tier)
             if hits:
-                self._events.append(TierEvent(TierEventKind.HIT, backend.tier, hits))
+                self.record(TierEvent(TierEventKind.HIT, backend.tier, hits))
         missed = len(addresses) - len(sources)
         if missed and self.tiers:
-            self._events.append(TierEvent(TierEventKind.MISS, self.tiers[-1].tier, missed))
+            self.record(TierEvent(TierEventKind.MISS, self.tiers[-1].tier, missed))
         return KvPlan(addresses=tuple(addresses[: len(sources)]), sources=tuple(sources))
 
     def load(self, plan: KvPlan) -> list[bytes]:
-        """Values of the plan's blocks in order; stops at the first block that fails to load."""
+        """Values of the plan's blocks in order, each run from one tier read at once; stops at
+        the first block that fails to load. Loaded blocks are promoted to nearer tiers here (the
+        engine's restore uses ``load_prefix`` and promotes behind the step instead)."""
         values: list[bytes] = []
-        for address, source in zip(plan.addresses, plan.sources, strict=True):
-            value = self._read(address, source)
-            if value is None:
-                self._events.append(TierEvent(TierEventKind.FAILURE, source, 1, 0, "unreadable block"))
-                break
-            values.append(value)
-            self._events.append(TierEvent(TierEventKind.LOAD, source, 1, len(value)))
-            for target in self.promotion.targets(source, list(self._by_tier)):
-                self._write(address, value, target)
+        start = 0
+        while start < plan.num_blocks:
+            source = plan.sources[start]
+            end = start
+            while end < plan.num_blocks and plan.sources[end] is source:
+                end += 1
+            run = plan.addresses[start:end]
+            loaded = self._by_tier[source].load_many(run)
+            for address, raw in zip(run, loaded, strict=True):
+                value = self._open(address, raw, source)
+                if value is None:
+                    self.record(TierEvent(TierEventKind.FAILURE, source, 1, 0, "unreadable block"))
+                    return values
+                values.append(value)
+                self.record(TierEvent(TierEventKind.LOAD, source, 1, len(value)))
+                self.store(address, value, source=source)
+            start = end
         return values
 
-    def store(self, address: BlockAddress, value: bytes) -> None:
-        """Store a newly computed block in every tier the store policy names."""
-        for target in self.storing.targets(list(self._by_tier)):
+    def load_prefix(self, addresses: Sequence[BlockAddress]) -> Restored:
+        """The longest prefix of ``addresses`` the tiers give now: each tier, nearest first, is
+        asked once (``load_many``) for every block the nearer tiers did not give. Nothing is
+        promoted here (``promotions`` names what to store behind the step)."""
+        values: list[bytes | None] = [None] * len(addresses)
+        sources: list[Tier | None] = [None] * len(addresses)
+        for backend in self.tiers:
+            wanted = [index for index, value in enumerate(values) if value is None]
+            if not wanted:
+                break
+            loaded = backend.load_many([addresses[index] for index in wanted])
+            for index, raw in zip(wanted, loaded, strict=True):
+                value = self._open(addresses[index], raw, backend.tier)
+                if raw is not None and value is None:
+                    self.record(TierEvent(TierEventKind.FAILURE, backend.tier, 1, 0, "unreadable block"))
+                values[index], sources[index] = value, (backend.tier if value is not None else None)
+        prefix = next((index for index, value in enumerate(values) if value is None), len(values))
+        restored = Restored(
+            addresses=tuple(addresses[:prefix]),
+            values=tuple(value for value in values[:prefix] if value is not None),
+            sources=tuple(source for source in sources[:prefix] if source is not None),
+        )
+        for backend in self.tiers:
+            pairs = zip(restored.values, restored.sources, strict=True)
+            sizes = [len(value) for value, source in pairs if source is backend.tier]
+            if sizes:
+                self.record(TierEvent(TierEventKind.LOAD, backend.tier, len(sizes), sum(sizes)))
+        return restored
+
+    def promotions(self, restored: Restored) -> list[int]:
+        """Indexes of ``restored``'s blocks that the promotion policy stores in a nearer tier."""
+        tiers = list(self._by_tier)
+        sources = enumerate(restored.sources)
+        return [index for index, source in sources if self.promotion.targets(source, tiers)]
+
+    def store(self, address: BlockAddress, value: bytes, *, source: Tier | None = None) -> None:
+        """Store a block: a newly computed one (``source`` None) in every tier the store policy
+        names; one loaded from ``source`` in the nearer tiers the promotion policy names."""
+        tiers = list(self._by_tier)
+        targets = self.storing.targets(tiers) if source is None else self.promotion.targets(source, tiers)
+        for target in targets:
             self._write(address, value, target)
+
+    def usage(self) -> list[TierUsage]:
+        """Occupancy of every tier that can tell (reads files or asks servers: not in a step)."""
+        return [usage for backend in self.tiers if (usage := backend.usage()) is not None]
 
     def remove(self, addresses: Sequence[BlockAddress]) -> dict[Tier, int]:
         return {backend.tier: backend.remove(addresses) for backend in self.tiers}
@@ -115,14 +199,18 @@ class TierManager:
         return {backend.tier: backend.remove_scope(scope) for backend in self.tiers}
 
     def take_events(self) -> list[TierEvent]:
-        events = self._events
+        with self._events_lock:
+            events, self._events = self._events, []
         for backend in self.tiers:
             events.extend(backend.take_events())
-        self._events = []
         return events
 
-    def _read(self, address: BlockAddress, tier: Tier) -> bytes | None:
-        value = self._by_tier[tier].load(address)
+    def record(self, event: TierEvent) -> None:
+        """Add an event of the caller's (the write-behind queue's drops) to the log."""
+        with self._events_lock:
+            self._events.append(event)
+
+    def _open(self, address: BlockAddress, value: bytes | None, tier: Tier) -> bytes | None:
         if value is not None and tier in self.persistent and self.sealer is not None:
             value = self.sealer.open(value, address)
         return value
@@ -134,8 +222,8 @@ class TierManager:
         if tier in self.persistent and self.sealer is not None:
             sealed = self.sealer.seal(value, address)
             if sealed is None:
-                self._events.append(TierEvent(TierEventKind.FAILURE, tier, 1, 0, "cannot seal"))
+                self.record(TierEvent(TierEventKind.FAILURE, tier, 1, 0, "cannot seal"))
                 return
             stored = sealed
         if self._by_tier[tier].store(address, stored):
-            self._events.append(TierEvent(TierEventKind.STORE, tier, 1, len(stored)))
+            self.record(TierEvent(TierEventKind.STORE, tier, 1, len(stored)))

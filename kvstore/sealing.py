@@ -1,7 +1,9 @@
 """AES-GCM sealing of block values for persistent tiers (``cryptography``).
 
-A sealed value is ``nonce (12 bytes) | ciphertext+tag``, with the block's address (compat key,
-scope, block key) as associated data, so a value copied under another address does not open.
+A sealed value is ``nonce (12 bytes) | ciphertext+tag``, with the block's address (its shard
+digest, scope, block key) as associated data, so a value copied under another address does not
+open: the shard digest (``layout.shard_digest``) names the compat key, the KV layout and the
+TP/PP rank, so one rank's sealed block never opens as another rank's.
 ``ScopedSealer`` uses one data key per isolation scope from a ``Keyring``: destroying a scope's
 key makes every sealed copy of it unreadable (crypto-erasure), wherever the copies are.
 """

@@ -11,6 +11,10 @@ A tier stores opaque block values (safetensors bytes, possibly sealed by a ``Sea
 salt) groups a tenant's blocks so that a purge removes them all at once. Every method but
 ``remove_scope`` reports a miss or a failure as a value (None, False) and never raises for it: a
 broken tier is a slow path, not a client error.
+
+Each tier is bounded: the host tier by a byte budget per node (``tiers/budget.py``), the disk
+tier by a byte budget per folder, the Redis tier by its server's ``maxmemory`` with an LRU
+policy (a Redis of its own, apart from tenant state). ``usage`` reports what a tier holds.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class TierEventKind(StrEnum):
     STORE = "store"
     EVICTION = "eviction"
     FAILURE = "failure"
+    DROPPED = "dropped"  # a store the write-behind queue had no room for (never reached the tier)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,18 @@ class TierEvent:
     num_blocks: int
     num_bytes: int = 0
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class TierUsage:
+    """What a tier holds now: ``used_bytes`` of its blocks, against ``capacity_bytes`` (None: no
+    bound known to Zumik), and ``evictions`` the tier made since it started counting (for Redis,
+    the server's own ``evicted_keys``; None when the tier cannot tell)."""
+
+    tier: Tier
+    used_bytes: int
+    capacity_bytes: int | None
+    evictions: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,12 @@ class TierBackend(Protocol):
         """The stored value, or None on a miss or a failure."""
         ...
 
+    def load_many(self, addresses: Sequence[BlockAddress]) -> list[bytes | None]:
+        """The values of ``addresses`` in order (None for each miss or failure), read in as few
+        round trips as the medium allows: one ``MGET`` pipeline for Redis, no per-block
+        bookkeeping beyond the read for files."""
+        ...
+
     def store(self, address: BlockAddress, value: bytes) -> bool:
         """Store a value; False when the tier could not (full, unreachable)."""
         ...
@@ -82,7 +105,13 @@ class TierBackend(Protocol):
         ...
 
     def take_events(self) -> list[TierEvent]:
-        """Events since the last call (evictions, failures), oldest first."""
+        """Events since the last call (evictions, failures), oldest first. Safe to call from
+        another thread than the one storing (the write-behind thread stores)."""
+        ...
+
+    def usage(self) -> TierUsage | None:
+        """Occupancy now (it may read a file or ask a server: never call it in an engine
+        step), or None when the tier cannot tell."""
         ...
 
 

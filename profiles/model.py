@@ -99,11 +99,29 @@ VLLM_ARGS_OWNED_BY_PROFILE: dict[str, str] = {
 that each setting has one place (and the compat key sees it)."""
 
 
+class AutoscalingSpec(_Frozen):
+    """Ray Serve autoscaling of an engine group (one deployment; Zumik still picks the replica).
+    ``num_replicas`` is then ignored."""
+
+    min_replicas: Annotated[int, Field(ge=0, le=64)] = 1
+    max_replicas: Annotated[int, Field(ge=1, le=64)] = 2
+    target_ongoing_requests: Annotated[float, Field(gt=0)] = 4.0
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("engine.autoscaling.min_replicas must not exceed max_replicas")
+        return self
+
+
 class EngineSpec(_Frozen):
     """How the vLLM engine replicas run."""
 
     device: Device = Device.CPU
     num_replicas: Annotated[int, Field(ge=1, le=64)] = 1
+    autoscaling: AutoscalingSpec | None = Field(
+        default=None, description="Serve autoscaling of the engine group instead of num_replicas."
+    )
     dtype: str = Field(default="bfloat16", description="Weights/activation dtype for vLLM.")
     quantization: str | None = Field(default=None, description="vLLM weight quantization.")
     kv_cache_dtype: str = Field(default="auto", description="vLLM KV cache dtype.")
@@ -229,12 +247,32 @@ class KvTiersSpec(_Frozen):
 
     enabled: bool = False
     host_capacity_bytes: Annotated[int, Field(ge=0)] = Field(
-        default=0, description="Host-RAM tier per engine process; 0 for none."
+        default=0,
+        description="Host-RAM tier (shared memory) per node: every engine process of the node "
+        "counts into one budget, least recently used blocks go first; 0 for none.",
     )
-    redis: bool = Field(default=False, description="Use Zumik's Redis as the region-shared tier.")
+    redis: bool = Field(
+        default=False,
+        description="Use a KV Redis as the region-shared tier: its own server, never the state "
+        "Redis (``zumik serve`` starts one; else ZUMIK_KV_REDIS_URL or the Serve args' kv_redis_url).",
+    )
+    redis_max_memory_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=1 << 30,
+        description="maxmemory of the KV Redis that ``zumik serve`` starts (volatile-lru: least "
+        "recently used blocks are evicted); an external KV Redis sets its own.",
+    )
     disk_root: str | None = Field(
         default=None,
         description="Folder of the disk tier ('$ZUMIK_HOME' expands to Zumik's data folder); None: none.",
+    )
+    disk_capacity_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=16 << 30,
+        description="Byte budget of the disk tier's folder (least recently used blocks go first).",
+    )
+    write_behind_max_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=256 << 20,
+        description="Bound of each engine worker's store queue: stores run behind the engine "
+        "step, and a store that finds the queue full is dropped (counted; recomputed when needed).",
     )
     seal: bool = Field(
         default=True,
@@ -453,8 +491,9 @@ class RoutingSpec(_Frozen):
     replica_choice: Literal["scheduler", "serve"] = Field(
         default="scheduler",
         description="'scheduler': Zumik picks the BYOC replica (prefix residency and load; one Serve "
-        "deployment per replica). 'serve': one deployment of engine.num_replicas replicas and Ray "
-        "Serve's own load balancing (the baseline of `zumik bench routing`).",
+        "deployment whose RequestRouter honours the pick). 'serve': one deployment of "
+        "engine.num_replicas replicas and Ray Serve's own load balancing (the baseline of "
+        "`zumik bench routing`).",
     )
 
 
@@ -595,6 +634,12 @@ class Profile(_Frozen):
     qos: QosSpec = QosSpec()
     quota: QuotaSpec = QuotaSpec()
     telemetry: TelemetrySpec = TelemetrySpec()
+    niceness: Annotated[int, Field(ge=0, le=19)] = Field(
+        default=0,
+        description="CPU priority (nice value) of the serving processes: engine replicas with "
+        "vLLM's engine core, gateway, and, on a Ray head Zumik starts, Serve's proxy and HAProxy. "
+        "0 is normal priority; Ray's own default for its workers is 15.",
+    )
 
     @model_validator(mode="after")
     def _routing_names_existing_routes(self) -> Profile:

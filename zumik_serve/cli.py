@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zumik", description=__doc__)
     sub = parser.add_subparsers(title="commands")
 
-    serve = sub.add_parser("serve", help="start Redis, Ray and the Zumik app; Ctrl-C stops all")
+    serve = sub.add_parser(
+        "serve", help="start Redis, Ray and the Zumik app; SIGTERM or Ctrl-C drains, then stops all"
+    )
     serve.add_argument("--profile", default="local-cpu", help="built-in profile name or YAML path")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         "--ingress", choices=["haproxy", "serve"], default="haproxy",
         help="HTTP ingress of a local Ray head: Serve's HAProxy (default, fastest) or its Python proxy",
     )  # fmt: skip
+    _add_monitoring_arguments(serve)
     serve.set_defaults(run=_cmd_serve)
 
     tenant = sub.add_parser("tenant", help="manage tenants").add_subparsers(title="tenant commands")
@@ -53,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         "--no-reuse-accounting", action="store_true",
         help="keep no opportunity index of its prompts and no reuse ledger (headers say 'unknown')",
     )  # fmt: skip
+    create.add_argument(
+        "--profiles", help="profiles it may use (x-zumik-profile), comma-separated (default: every profile)"
+    )
     create.add_argument("--json", action="store_true", help="machine-readable output")
     create.set_defaults(run=_cmd_tenant_create)
     listing = tenant.add_parser("list", help="every tenant, its id and how many keys it has")
@@ -91,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     quota_set.set_defaults(run=_cmd_tenant_quota)
     quota_show.set_defaults(run=_cmd_tenant_quota)
 
+    decision = sub.add_parser("decision", help="routing decisions").add_subparsers(title="decision commands")
+    replay = decision.add_parser("replay", help="replay a recorded decision; exit 1 if it differs")
+    replay.add_argument("decision_id", help="as the x-zumik-decision-id response header gives it (dec_...)")
+    replay.add_argument("--tenant", help="the tenant's name (default: whichever tenant holds the id)")
+    replay.add_argument("--json", action="store_true", help="machine-readable output")
+    replay.set_defaults(run=_cmd_decision_replay)
+
     model = sub.add_parser("model", help="models").add_subparsers(title="model commands")
     tiny = model.add_parser("tiny", help="build the tiny test model (byte-identical every time)")
     tiny.add_argument("--out", required=True, type=Path)
@@ -110,6 +122,15 @@ def _parser() -> argparse.ArgumentParser:
         "--placement", choices=["separate", "colocated"], help="override the profile's gateway placement"
     )
     overhead.add_argument("--ingress", choices=["haproxy", "serve"], default="haproxy")
+    overhead.add_argument(
+        "--shapes", type=lambda text: text.split(","), default=["repeated", "shared-prefix", "unique"],
+        help="comma-separated prompt shapes: repeated, shared-prefix, unique",
+    )  # fmt: skip
+    overhead.add_argument(
+        "--arms", type=lambda text: text.split(","),
+        default=["vllm-defaults", "vllm", "vllm-connector", "zumik"],
+        help="comma-separated arms: vllm-defaults, vllm, vllm-connector, zumik (vllm is needed)",
+    )  # fmt: skip
     overhead.add_argument(
         "--accounting", action="store_true",
         help="add an arm for a tenant without reuse accounting (its cost, as a share of the added latency)",
@@ -147,6 +168,14 @@ def _parser() -> argparse.ArgumentParser:
     routing.add_argument("--concurrency", type=int, default=4)
     routing.add_argument("--seed", type=int, default=1)
     routing.add_argument("--out", type=Path, default=Path("bench-out/routing"))
+    routing.add_argument("--escalation-requests", type=int, default=120, help="escalation arm requests")
+    routing.add_argument(
+        "--escalation-only", action="store_true", help="only the escalation arm (in process, no Ray)"
+    )
+    routing.add_argument(
+        "--cluster-only", action="store_true",
+        help="only the in-process figures: two gateways with and without one owner, decision times",
+    )  # fmt: skip
     routing.add_argument("--json", action="store_true")
     routing.set_defaults(run=_cmd_bench_routing)
     fuzz = bench.add_parser("fuzz", help="schemathesis on the official OpenAI spec (/v1) and on /v2")
@@ -259,6 +288,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from profiles import ProfileError, resolve_profile
+    from zumik_serve.app.monitoring import MonitoringOptions
+    from zumik_serve.app.shutdown import StopSignals
     from zumik_serve.app.stack import LocalStack, StackConfig
 
     try:
@@ -269,39 +300,77 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # vLLM's INFO lines (from imports in this process) would bury the progress display; the
     # engine replicas' own logs stay in Ray's log folder.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    stack = LocalStack(StackConfig.from_env(profile, host=args.host, port=args.port, ingress=args.ingress))
-    stopping = threading.Event()
-
-    def _stop(signum: int, _frame: object) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, _stop)
+    monitoring = MonitoringOptions(
+        include_dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
+        dashboard_port=args.dashboard_port, metrics_port=args.metrics_port,
+    )  # fmt: skip
+    config = StackConfig.from_env(profile, host=args.host, port=args.port, ingress=args.ingress)
+    config.monitoring = monitoring
+    stack = LocalStack(config)
+    signals = StopSignals()
+    signals.install()
     t0 = time.monotonic()
     try:
         with console.status("starting Zumik", spinner="dots") as status:
 
             def progress(message: str) -> None:
+                signals.install()  # again: ray.init replaces the process's SIGTERM handler
                 console.log(message)
                 status.update(f"{message} ({time.monotonic() - t0:.0f} s)")
 
             stack.start(progress)
     except KeyboardInterrupt:
+        signals.stopping()
         console.print("interrupted; stopping what was started")
         stack.stop()
-        return 130
+        return 0 if signals.received == signal.SIGTERM else 130
     except Exception as exc:
         console.print(f"[red]error:[/red] Zumik did not start: {exc}")
         return 1
+    signals.install()
+    signals.serving()
     _print_ready(stack, profile.model.served_name, time.monotonic() - t0)
+    received = signals.wait()
+    console.print(
+        f"{signal.Signals(received).name}: draining (new requests get 503; waiting up to "
+        f"{args.drain_timeout:g} s for those in flight)"
+    )
+    t1 = time.monotonic()
     try:
-        while not stopping.wait(0.5):
-            pass
+        console.print(stack.drain(args.drain_timeout).summary(time.monotonic() - t1))
     except KeyboardInterrupt:
-        pass
+        console.print("second signal: stopping without waiting for requests in flight")
+    except Exception as exc:
+        console.print(f"[yellow]drain failed ({exc}); stopping anyway[/yellow]")
+    signals.stopping()
     console.print("stopping Zumik (Serve app, Ray, Redis)...")
     stack.stop()
     console.print("stopped.")
     return 0
+
+
+def _add_monitoring_arguments(serve: argparse.ArgumentParser) -> None:
+    from zumik_serve.app import monitoring as m
+
+    env = os.environ.get
+    serve.add_argument(
+        "--dashboard-host", default=env("ZUMIK_DASHBOARD_HOST", m.LOOPBACK),
+        help="address of the Ray dashboard (default 127.0.0.1; $ZUMIK_DASHBOARD_HOST)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--dashboard-port", type=int, default=int(env("ZUMIK_DASHBOARD_PORT", m.DEFAULT_DASHBOARD_PORT)),
+        help="port of the Ray dashboard (default 8265; $ZUMIK_DASHBOARD_PORT)",
+    )  # fmt: skip
+    serve.add_argument("--no-dashboard", action="store_true", help="start Ray without its dashboard")
+    serve.add_argument(
+        "--metrics-port", type=int, default=int(env("ZUMIK_METRICS_PORT", m.DEFAULT_METRICS_PORT)),
+        help="Ray's metrics export port, Prometheus text at /metrics (default 8080; $ZUMIK_METRICS_PORT)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--drain-timeout", type=float, default=float(env("ZUMIK_DRAIN_TIMEOUT_S", "30")),
+        help="on SIGTERM or Ctrl-C, seconds to wait for requests in flight before stopping "
+        "(default 30; $ZUMIK_DRAIN_TIMEOUT_S)",
+    )  # fmt: skip
 
 
 def _print_ready(stack: object, model: str, elapsed_s: float) -> None:
@@ -318,7 +387,24 @@ def _print_ready(stack: object, model: str, elapsed_s: float) -> None:
         f'"max_tokens": 16}}\'\n',
         flush=True,
     )
-    console.print("Press Ctrl-C to stop.")
+    _print_monitoring(stack.monitoring)  # type: ignore[attr-defined]
+    console.print("Press Ctrl-C (or send SIGTERM) to drain and stop.")
+
+
+def _print_monitoring(urls: object) -> None:
+    """The dashboard and metrics URLs, one per line on stdout (scripts read them)."""
+    dashboard = getattr(urls, "dashboard", None)
+    print(f"Ray dashboard:  {dashboard or 'off (--no-dashboard, or Ray without its dashboard)'}")
+    for url in getattr(urls, "metrics", ()):
+        print(f"Metrics:        {url}   (ray_zumik_*, ray_vllm_*, ray_serve_*)")
+    targets = getattr(urls, "discovery_file", "")
+    print(f"Prometheus:     deploy/prometheus/prometheus.yml (metrics addresses: {targets})\n", flush=True)
+
+
+def _cmd_decision_replay(args: argparse.Namespace) -> int:
+    from zumik_serve.routing.decision_cli import run_decision_replay
+
+    return run_decision_replay(args, console)
 
 
 def _cmd_tenant_list(args: argparse.Namespace) -> int:
@@ -376,8 +462,10 @@ def _cmd_tenant_create(args: argparse.Namespace) -> int:
     async def create() -> tuple[str, str]:
         client = plain_client(url)
         try:
+            names = (args.profiles or "").split(",")
+            profiles = frozenset(n.strip() for n in names if n.strip()) if args.profiles else None
             tenant, api_key = await RedisTenantStore(client).create_tenant(
-                args.name, qos_classes=qos, reuse_accounting=not args.no_reuse_accounting
+                args.name, qos_classes=qos, reuse_accounting=not args.no_reuse_accounting, profiles=profiles
             )
         finally:
             await client.aclose()

@@ -17,6 +17,7 @@
     ├── QuotaExceededError            429   insufficient_quota / <quota>_quota_exceeded
     │                                       (x-should-retry: false: waiting does not help)
     ├── StoreUnavailableError         503   service_unavailable_error
+    ├── ShuttingDownError             503   service_unavailable_error / shutting_down (with Retry-After)
     ├── DeadlineExceededError         504   timeout_error / deadline_exceeded
     └── EngineError                   5xx   server_error (or a status the engine chose)
 
@@ -148,6 +149,15 @@ class StoreUnavailableError(ZumikError):
     status = 503
     type = "service_unavailable_error"
     code = "store_unavailable"
+
+
+class ShuttingDownError(ZumikError):
+    """The server is draining before it stops (SIGTERM): requests in flight finish, new ones are
+    refused so that a client retries elsewhere or after the restart (always with Retry-After)."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "shutting_down"
 
 
 class EngineError(ZumikError):

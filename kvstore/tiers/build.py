@@ -1,6 +1,11 @@
 """The tiers of one connector configuration (``kv_connector_extra_config``), built the same way
 in the engines (``connector.py``) and in the gateway (a purge sweeps the same tiers).
 
+Bounds: ``host_capacity_bytes`` for the node's shared-memory folder (every process on the node
+counts into it), ``disk_capacity_bytes`` for the disk folder, the KV Redis's own
+``maxmemory`` (``redis_url``: a Redis of its own; ``keyring_redis_url``: the state Redis, where
+the data keys and the tenants' KV limits stay, never evicted).
+
 Redis credentials: ``redis_url`` and ``keyring_redis_url`` name the user (``zumik-kv``) but hold
 no password, because vLLM logs its whole engine config; ``redis_password_file`` names the file
 the password is read from, here, when the clients are built. ``rediss://`` URLs use TLS, with
@@ -19,8 +24,9 @@ from kvstore.tiers.shared_memory import SharedMemoryTier
 
 
 def host_tier_root(config: dict[str, Any]) -> Path:
-    """Engines of one node with the same compat key share this shared-memory folder."""
-    return Path(str(config.get("shm_root") or "/dev/shm")) / f"zumik-kv-{config['compat_digest'][:16]}"
+    """Every engine of the node (of this user) shares this shared-memory folder and its budget;
+    blocks of each compat key live under their own digest in it."""
+    return Path(str(config.get("shm_root") or "/dev/shm")) / "zumik-kv"
 
 
 class KvRedisPasswordError(RuntimeError):
@@ -63,9 +69,17 @@ def build_tiers(config: dict[str, Any]) -> list[TierBackend]:
 
         limit = config.get("redis_scope_max_bytes")  # the profile's quota.kv_bytes; None: none
         scope_max_bytes = None if limit is None else int(limit)
-        tiers.append(RedisTier(redis_client(config, "redis_url"), scope_max_bytes=scope_max_bytes))
+        # The tenants' own KV limits are published in the state Redis (the keyring's); blocks
+        # live in the KV Redis, unless the deployment runs one Redis for both.
+        state_url = config.get("keyring_redis_url")
+        separate = bool(state_url) and state_url != config["redis_url"]
+        limits = redis_client(config, "keyring_redis_url") if separate else None
+        tiers.append(
+            RedisTier(redis_client(config, "redis_url"), scope_max_bytes=scope_max_bytes, limits=limits)
+        )
     if config.get("disk_root"):
-        tiers.append(DiskTier(Path(str(config["disk_root"]))))
+        capacity = config.get("disk_capacity_bytes")  # None: unbounded (tools' plain folders)
+        tiers.append(DiskTier(Path(str(config["disk_root"])), None if capacity is None else int(capacity)))
     return tiers
 
 

@@ -1,9 +1,14 @@
-"""DiskTier: one file per block, written atomically (temp file, fsync, rename).
+"""DiskTier: one file per block, written atomically (temp file, fsync, rename), within a byte budget.
 
     <root>/<compat digest>/<scope>/<key[:2]>/<key>.kv
+    <root>/.budget        the bytes its blocks take (``tiers/budget.py``), when it has a budget
 
 Files are 0600 and folders 0700; the root must be this user's (``atomic_file.claim_private_dir``,
 checked before the first write), so no other user of the host reads or plants a block.
+
+With ``capacity_bytes``, every process storing under ``root`` keeps it within that many bytes,
+removing the least recently used blocks first (a load counts as a use). Without, it grows
+unbounded (only the tools and tests that want a plain folder of blocks build it so).
 
 A missing, truncated or unreadable file is a miss plus a failure event, never an exception.
 Values are opaque here (safetensors bytes from ``kvstore.codec``, possibly sealed).
@@ -11,22 +16,38 @@ Values are opaque here (safetensors bytes from ``kvstore.codec``, possibly seale
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
 from kvstore.atomic_file import claim_private_dir, make_private_dirs, write_atomic
 from kvstore.keys import ScopeId
-from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind
+from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind, TierUsage
+from kvstore.tiers.budget import FolderBudget, touch
 
 
 class DiskTier:
     tier = Tier.DISK
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, capacity_bytes: int | None = None) -> None:
         self.root = Path(root)
-        self._events: list[TierEvent] = []
+        self._events: deque[TierEvent] = deque()
         self._root_claimed = False
+        self.budget = None if capacity_bytes is None else FolderBudget(self.root, capacity_bytes)
+
+    @property
+    def capacity_bytes(self) -> int | None:
+        return None if self.budget is None else self.budget.capacity_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        """The ledger's bytes (0 without a budget: nothing counts them)."""
+        if self.budget is None or not self.root.is_dir():
+            return 0
+        self._claim_root()
+        return self.budget.used_bytes()
 
     def path(self, address: BlockAddress) -> Path:
         key = address.key
@@ -36,47 +57,99 @@ class DiskTier:
         return [self.path(address).is_file() for address in addresses]
 
     def load(self, address: BlockAddress) -> bytes | None:
-        try:
-            return self.path(address).read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            self._events.append(TierEvent(TierEventKind.FAILURE, self.tier, 1, 0, f"read: {exc.strerror}"))
-            return None
+        return self.load_many([address])[0]
+
+    def load_many(self, addresses: Sequence[BlockAddress]) -> list[bytes | None]:
+        values: list[bytes | None] = []
+        for address in addresses:
+            path = self.path(address)
+            try:
+                values.append(path.read_bytes())
+            except FileNotFoundError:
+                values.append(None)
+                continue
+            except OSError as exc:
+                self._failure(f"read: {exc.strerror}")
+                values.append(None)
+                continue
+            if self.budget is not None:
+                touch(path)  # most recently used, for every process's LRU
+        return values
 
     def store(self, address: BlockAddress, value: bytes) -> bool:
         path = self.path(address)
         try:
-            if not self._root_claimed:
-                claim_private_dir(self.root)
-                self._root_claimed = True
+            self._claim_root()
             make_private_dirs(path.parent)
-            write_atomic(path, value)
         except OSError as exc:
-            reason = f"write: {exc.strerror or exc}"
-            self._events.append(TierEvent(TierEventKind.FAILURE, self.tier, 1, 0, reason))
+            self._failure(f"write: {exc.strerror or exc}")
             return False
+        try:
+            if self.budget is None:
+                write_atomic(path, value)
+                return True
+            with self.budget.admit(path, len(value)) as reservation:
+                if reservation is None:
+                    return False  # larger than the whole budget
+                write_atomic(path, value)
+        except OSError as exc:
+            self._failure(f"write: {exc.strerror or exc}")
+            return False
+        if reservation.evicted_blocks:
+            evicted, num_bytes = reservation.evicted_blocks, reservation.evicted_bytes
+            self._events.append(TierEvent(TierEventKind.EVICTION, self.tier, evicted, num_bytes, "lru"))
         return True
 
     def remove(self, addresses: Sequence[BlockAddress]) -> int:
-        removed = 0
+        removed = removed_bytes = 0
         for address in addresses:
+            path = self.path(address)
             try:
-                self.path(address).unlink()
-                removed += 1
+                size = path.stat().st_size
+                path.unlink()
             except FileNotFoundError:
-                pass
+                continue
+            removed += 1
+            removed_bytes += size
+        self._refund(removed_bytes)
         return removed
 
     def remove_scope(self, scope: ScopeId) -> int:
-        removed = 0
+        removed = removed_bytes = 0
         if not self.root.is_dir():
             return 0
         for folder in self.root.glob(f"*/{scope}"):
-            removed += sum(1 for _ in folder.glob("*/*.kv"))
+            for path in folder.glob("*/*.kv"):
+                removed += 1
+                with contextlib.suppress(FileNotFoundError):
+                    removed_bytes += path.stat().st_size
             shutil.rmtree(folder)
+        self._refund(removed_bytes)
         return removed
 
     def take_events(self) -> list[TierEvent]:
-        events, self._events = self._events, []
+        events: list[TierEvent] = []
+        while self._events:
+            events.append(self._events.popleft())
         return events
+
+    def usage(self) -> TierUsage | None:
+        if self.budget is None:
+            return None
+        try:
+            return TierUsage(self.tier, self.used_bytes, self.budget.capacity_bytes)
+        except OSError:
+            return None
+
+    def _claim_root(self) -> None:
+        if not self._root_claimed:
+            claim_private_dir(self.root)
+            self._root_claimed = True
+
+    def _refund(self, num_bytes: int) -> None:
+        if self.budget is not None and num_bytes and self.root.is_dir():
+            self._claim_root()
+            self.budget.refund(num_bytes)
+
+    def _failure(self, reason: str) -> None:
+        self._events.append(TierEvent(TierEventKind.FAILURE, self.tier, 1, 0, reason))

@@ -16,17 +16,31 @@ block that would take its scope past it is not stored: ``store`` answers False, 
 tier, and the engine recomputes that block when it needs it again. These keys end with the
 scope, so the scope pattern of ``remove_scope`` (``kv:*:{scope}:*``) does not count them as
 blocks; it removes them with the blocks.
+
+The KV Redis is its own server, bounded by ``maxmemory`` with ``volatile-lru`` (the embedded one:
+``store/local_redis.py``; tenant state stays in a ``noeviction`` server and is never evicted
+by KV): every block carries a TTL, so any block can be evicted, and the counts above carry
+none, so they never are. The server may then evict blocks the counts still hold: each store
+forgets those among 4 counted blocks picked at random, and a store that would pass the limit
+first forgets them among 256, then decides.
+Limits live in the state Redis (the gateway publishes them there); with ``limits`` set, the
+tier reads ``kv:limit:{scope}`` from it (cached ``LIMIT_CACHE_TTL_S``) and hands it to the
+script. Loads of a run of blocks are one ``MGET``: one round trip.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Sequence
 
 import redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from kvstore.keys import ScopeId
-from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind
+from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind, TierUsage
+
+LIMIT_CACHE_TTL_S = 1.0
 
 # KEYS: block, used, sizes, expiry, limit. ARGV: value, TTL in s ("" none), the default limit
 # ("" none). Returns 1 when stored, 0 when the scope's limit refused it (nothing changed).
@@ -43,10 +57,29 @@ for _, member in ipairs(ended) do
   end
   redis.call('ZREM', KEYS[4], member)
 end
+-- Blocks the server evicted (maxmemory) are still counted: each store forgets those among a
+-- few counted blocks (so the counts stay near what is held), a store over the limit among many.
+local function forget_evicted(count)
+  local sample = redis.call('HRANDFIELD', KEYS[3], count, 'WITHVALUES')
+  for index = 1, #sample, 2 do
+    if redis.call('EXISTS', sample[index]) == 0 then
+      redis.call('DECRBY', KEYS[2], sample[index + 1])
+      redis.call('HDEL', KEYS[3], sample[index])
+      redis.call('ZREM', KEYS[4], sample[index])
+    end
+  end
+end
+forget_evicted(4)
+if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('DEL', KEYS[2]) end  -- (allkeys-lru) counts lost
 local old = tonumber(redis.call('HGET', KEYS[3], KEYS[1]) or '0')
 local size = #ARGV[1]
 local used = tonumber(redis.call('GET', KEYS[2]) or '0')
-if limit ~= '' and used - old + size > tonumber(limit) then return 0 end
+if limit ~= '' and used - old + size > tonumber(limit) then
+  forget_evicted(256)
+  old = tonumber(redis.call('HGET', KEYS[3], KEYS[1]) or '0')
+  used = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if used - old + size > tonumber(limit) then return 0 end
+end
 if ARGV[2] ~= '' then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
   redis.call('ZADD', KEYS[4], now + tonumber(ARGV[2]), KEYS[1])
@@ -87,14 +120,25 @@ class RedisTier:
     tier = Tier.REDIS
 
     def __init__(
-        self, client: redis.Redis, *, ttl_s: int | None = 7 * 24 * 3600, scope_max_bytes: int | None = None
+        self,
+        client: redis.Redis,
+        *,
+        ttl_s: int | None = 7 * 24 * 3600,
+        scope_max_bytes: int | None = None,
+        limits: redis.Redis | None = None,
     ) -> None:
+        """``limits``: the state Redis, where the gateway publishes ``kv:limit:{scope}``
+        (None: the limits are in ``client``'s server, as when state and KV shared one)."""
         self._redis = client
+        self._limits = limits
         self._ttl_s = ttl_s
         self.scope_max_bytes = scope_max_bytes
         self._store = client.register_script(STORE_COUNTED)
         self._remove = client.register_script(REMOVE_COUNTED)
-        self._events: list[TierEvent] = []
+        self._events: deque[TierEvent] = deque()
+        self._limit_cache: dict[ScopeId, tuple[str | None, float]] = {}
+        self._evicted_keys: int | None = None  # the server's count at the last usage()
+        self._usage_refused = False
 
     @staticmethod
     def redis_key(address: BlockAddress) -> str:
@@ -113,12 +157,17 @@ class RedisTier:
             return [False] * len(addresses)
 
     def load(self, address: BlockAddress) -> bytes | None:
+        return self.load_many([address])[0]
+
+    def load_many(self, addresses: Sequence[BlockAddress]) -> list[bytes | None]:
+        if not addresses:
+            return []
         try:
-            value = self._redis.get(self.redis_key(address))
+            values = self._redis.mget([self.redis_key(address) for address in addresses])
         except RedisError as exc:
-            self._failure(1, exc)
-            return None
-        return value if isinstance(value, bytes) else None
+            self._failure(len(addresses), exc)
+            return [None] * len(addresses)
+        return [value if isinstance(value, bytes) else None for value in values]
 
     def store(self, address: BlockAddress, value: bytes) -> bool:
         """Store the block and count it in its scope; False when Redis cannot be reached or the
@@ -128,6 +177,7 @@ class RedisTier:
         ttl = "" if self._ttl_s is None else str(self._ttl_s)
         limit = "" if self.scope_max_bytes is None else str(self.scope_max_bytes)
         try:
+            limit = self._scope_limit(scope) or limit
             return bool(self._store(keys=keys, args=[value, ttl, limit]))
         except RedisError as exc:
             self._failure(1, exc)
@@ -166,8 +216,51 @@ class RedisTier:
         return removed
 
     def take_events(self) -> list[TierEvent]:
-        events, self._events = self._events, []
+        events: list[TierEvent] = []
+        while self._events:
+            events.append(self._events.popleft())
         return events
+
+    def usage(self) -> TierUsage | None:
+        """The server's ``used_memory`` against its ``maxmemory`` (None: unbounded), and its
+        ``evicted_keys``; new evictions since the last call also become an eviction event.
+        None when the server cannot answer or does not let this user run INFO."""
+        if self._usage_refused:
+            return None
+        try:
+            with self._redis.pipeline(transaction=False) as pipe:
+                pipe.info("memory")
+                pipe.info("stats")
+                memory, stats = pipe.execute()
+        except (NoPermissionError, ResponseError):
+            self._usage_refused = True  # a shared server's ACL: the tier works, unmeasured
+            return None
+        except RedisError:
+            return None
+        evicted = int(stats.get("evicted_keys", 0))
+        if self._evicted_keys is not None and evicted > self._evicted_keys:
+            self._events.append(TierEvent(
+                TierEventKind.EVICTION, self.tier, evicted - self._evicted_keys, 0, "maxmemory"
+            ))  # fmt: skip
+        self._evicted_keys = evicted
+        capacity = int(memory.get("maxmemory", 0))
+        return TierUsage(self.tier, int(memory.get("used_memory", 0)), capacity or None, evicted)
+
+    def _scope_limit(self, scope: ScopeId) -> str | None:
+        """The scope's own limit from the state Redis ("unlimited" or bytes); None: none set, or
+        the limits live with the blocks (the script reads them there)."""
+        if self._limits is None:
+            return None
+        now = time.monotonic()
+        cached = self._limit_cache.get(scope)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        raw = self._limits.get(scope_limit_key(scope))
+        value = raw.decode() if isinstance(raw, bytes) else None
+        if len(self._limit_cache) > 4096:
+            self._limit_cache.clear()
+        self._limit_cache[scope] = (value, now + LIMIT_CACHE_TTL_S)
+        return value
 
     def _failure(self, num_blocks: int, exc: Exception) -> None:
         self._events.append(TierEvent(TierEventKind.FAILURE, self.tier, num_blocks, 0, type(exc).__name__))

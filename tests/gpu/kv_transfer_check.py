@@ -1,14 +1,23 @@
-"""GPU check: KV-shaped blocks between pinned host memory, the GPU, and the disk tier's files.
+"""GPU check of the KV connector's real copy path, on every cache layout vLLM's CUDA backends use.
 
-Needs only PyTorch (and safetensors, which ships with it in the image) and a CUDA GPU. Reports,
-in one run, the bandwidth of:
+Runs the functions the connector itself calls (``kvstore.transfer.BlockCopier``: batched
+gathers and scatters, pinned staging, non-blocking copies on a side stream), the block format
+(``kvstore.codec``), the disk tier (``kvstore.tiers.disk``) and the shard addressing
+(``kvstore.layout``), on caches built the way vLLM 0.32 builds them (one int8 buffer per group
+viewed ``[L, B, H, N, C]`` with the resolved stride order, one ``[B, H, N, C]`` view per layer,
+FP8 as ``uint8``). It needs only PyTorch, numpy and safetensors: no vLLM, no model.
 
-    ceiling   one large contiguous copy, pinned host -> GPU and GPU -> host
-    blocks    N separate KV blocks, pinned host -> GPU and GPU -> host (what a tier restore does)
-    disk      the same blocks written as safetensors files (one per block, tmp + fsync + rename,
-              the disk tier's format) and read back into pinned memory, then to the GPU
+Per layout (bf16 and FP8; the four physical orders, block-first among them; MLA in bf16 and
+FP8; a manager block split into kernel blocks) and per rank of a simulated TP=2 engine:
 
-and each as a fraction of the ceiling measured in the same run.
+    store     copy blocks out of rank r's cache, encode them under rank r's shard, write them
+    restore   read them back into a zeroed cache of rank r: bit for bit the original bytes
+    isolate   rank 1 finds none of rank 0's blocks under its addresses; rank 0's bytes copied
+              under rank 1's address do not decode; a K/V-first (pre-0.2x vLLM) cache is refused
+
+On CUDA it also measures, in the same run, restore and store bandwidth of the real path against
+one pinned host<->device ``memcpy`` of the same bytes (the medium's ceiling). The same checks run
+on CPU (``--device cpu``) in the unit suite, without the CUDA-only parts.
 
     python tests/gpu/kv_transfer_check.py --blocks 256 --out gpu-kv.json
 """
@@ -17,123 +26,251 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-# An 8B Llama block: 32 layers x K,V x 16 tokens x 8 KV heads x 128 dims, bf16 = 2 MiB.
-DEFAULT_SHAPE = (32, 2, 16, 8, 128)
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+
+from kvstore.codec import decode_block, encode_block  # noqa: E402
+from kvstore.keys import BlockKey, ScopeId  # noqa: E402
+from kvstore.layout import KvLayout, KvShard, shard_digest  # noqa: E402
+from kvstore.tier import BlockAddress  # noqa: E402
+from kvstore.tiers.disk import DiskTier  # noqa: E402
+from kvstore.transfer import BlockCopier, CacheLayoutError  # noqa: E402
+
+# vLLM 0.32 KVCacheLayout stride orders of the logical [L, B, H, N, C] buffer.
+ORDERS = {
+    "LBHNC": (0, 1, 2, 3, 4),
+    "LBNHC": (0, 1, 3, 2, 4),
+    "BLHNC": (1, 0, 2, 3, 4),
+    "BLNHC": (1, 0, 3, 2, 4),
+}
+COMPAT = "c" * 64
 
 
-def _gbps(num_bytes: int, seconds: float) -> float:
-    return num_bytes / seconds / 1e9
+@dataclass(frozen=True)
+class Case:
+    name: str
+    heads: int  # H of one rank
+    content: int  # C in elements of dtype
+    dtype: torch.dtype
+    physical: str
+    kernel_split: int = 1  # kernel blocks per manager block
+    spec: str = "FullAttentionSpec"
 
 
-def run_check(num_blocks: int, shape: tuple[int, ...] = DEFAULT_SHAPE, repeats: int = 3) -> dict[str, object]:
-    import torch
-    from safetensors.torch import load_file, save_file
+def cases(head_size: int, kv_heads: int) -> list[Case]:
+    kv = 2 * head_size  # K and V packed in C
+    found = [Case(f"bf16 {order}", kv_heads, kv, torch.bfloat16, order) for order in ORDERS]
+    found += [Case(f"fp8 {order}", kv_heads, kv, torch.uint8, order) for order in ("LBNHC", "LBHNC", "BLNHC")]
+    found += [
+        Case("mla bf16", 1, 576, torch.bfloat16, "LBNHC", spec="MLAAttentionSpec"),
+        Case("mla fp8_ds_mla", 1, 656, torch.uint8, "LBNHC", spec="MLAAttentionSpec"),
+        Case("bf16 LBNHC kernel-split x2", kv_heads, kv, torch.bfloat16, "LBNHC", kernel_split=2),
+    ]
+    return found
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("no CUDA GPU visible to PyTorch")
-    device = torch.device("cuda")
-    dtype = torch.bfloat16
-    block_bytes = torch.empty(shape, dtype=dtype).numel() * 2
-    total_bytes = block_bytes * num_blocks
 
-    def timed(fn) -> float:  # best of `repeats`, synchronized with CUDA events
-        best = float("inf")
+def layer_views(
+    case: Case, layers: int, blocks: int, tokens: int, device: str, seed: int
+) -> dict[str, torch.Tensor]:
+    """Per-layer ``[B*R, H, N/R, C]`` views of one int8 buffer, as vLLM's create_kv_cache_views."""
+    itemsize = torch.empty(0, dtype=case.dtype).element_size()
+    rows, n = blocks * case.kernel_split, tokens // case.kernel_split
+    shape = (layers, rows, case.heads, n, case.content * itemsize)
+    strides = [0] * 5
+    current = 1
+    for dim in reversed(ORDERS[case.physical]):
+        strides[dim] = current
+        current *= shape[dim]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    raw = torch.randint(-128, 128, (current,), dtype=torch.int8, device=device, generator=generator)
+    view = torch.as_strided(raw, shape, strides)
+    return {f"model.layers.{layer}.self_attn.attn": view[layer].view(case.dtype) for layer in range(layers)}
+
+
+def layout_of_case(case: Case, tokens: int) -> KvLayout:
+    mla = case.spec == "MLAAttentionSpec"
+    return KvLayout(
+        spec=case.spec, physical=case.physical, torch_dtype=str(case.dtype).removeprefix("torch."),
+        cache_dtype="fp8" if case.dtype == torch.uint8 else "auto",
+        quant_mode="FP8_PER_TENSOR" if case.dtype == torch.uint8 else "NONE", block_size=tokens,
+        num_kv_heads=case.heads, head_size=case.content if mla else case.content // 2,
+        head_size_v=0 if mla else case.content // 2,
+        block_shape=(case.heads, tokens, case.content),
+    )  # fmt: skip
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def check_case(
+    case: Case, *, device: str, layers: int, blocks: int, tokens: int, folder: Path
+) -> dict[str, Any]:
+    layout = layout_of_case(case, tokens)
+    shards = [shard_digest(COMPAT, layout, KvShard(rank, 2)) for rank in (0, 1)]
+    keys = [BlockKey(f"{index:032x}") for index in range(blocks)]
+    scope = ScopeId("check")
+    disk = DiskTier(folder / case.name.replace(" ", "-"))
+    block_ids = list(range(blocks - 1, -1, -1))  # any order: block i of the prompt in engine block B-1-i
+    originals: list[dict[str, torch.Tensor]] = []
+    for rank in (0, 1):
+        caches = layer_views(case, layers, blocks, tokens, device, seed=rank + 1)
+        originals.append({name: view.clone() for name, view in caches.items()})
+        copied = BlockCopier(caches, blocks).extract(block_ids)
+        for key, tensors in zip(keys, copied, strict=True):
+            address = BlockAddress(shards[rank], key, scope)
+            assert disk.store(address, encode_block(tensors, address)), "the disk tier refused a block"
+    result: dict[str, Any] = {"bit_exact": True, "isolated": True}
+    for rank in (0, 1):
+        caches = layer_views(case, layers, blocks, tokens, device, seed=99)
+        for view in caches.values():
+            view.view(torch.uint8).zero_()
+        copier = BlockCopier(caches, blocks)
+        decoded = []
+        for key in keys:
+            address = BlockAddress(shards[rank], key, scope)
+            value = disk.load(address)
+            block = decode_block(value, address) if value is not None else None
+            assert block is not None, f"{case.name}: rank {rank} lost a block"
+            decoded.append(block)
+        restored = copier.inject(block_ids, decoded)
+        copier.synchronize()
+        _sync(device)
+        same = restored == blocks and all(
+            torch.equal(caches[name].view(torch.uint8), originals[rank][name].view(torch.uint8))
+            for name in caches
+        )
+        other = all(
+            not torch.equal(caches[name].view(torch.uint8), originals[1 - rank][name].view(torch.uint8))
+            for name in caches
+        )
+        result["bit_exact"] = result["bit_exact"] and same
+        result["isolated"] = result["isolated"] and other
+    # Rank 0's bytes under rank 1's address: refused.
+    stolen = disk.load(BlockAddress(shards[0], keys[0], scope))
+    result["isolated"] = bool(
+        result["isolated"]
+        and stolen is not None
+        and decode_block(stolen, BlockAddress(shards[1], keys[0], scope)) is None
+    )
+    return result
+
+
+def refuses_kv_first(device: str) -> bool:
+    """A pre-refactor FlashAttention cache ``(2, B, N, H, D)`` is not copied as blocks."""
+    try:
+        BlockCopier({"l0": torch.zeros((2, 64, 16, 8, 128), dtype=torch.bfloat16, device=device)}, 64)
+    except CacheLayoutError:
+        return True
+    return False
+
+
+def measure_bandwidth(*, layers: int, blocks: int, tokens: int, repeats: int) -> dict[str, Any]:
+    """Restore and store through BlockCopier vs one pinned memcpy of the same bytes (CUDA)."""
+    case = Case("bf16 LBNHC", 8, 256, torch.bfloat16, "LBNHC")
+    caches = layer_views(case, layers, blocks, tokens, "cuda", seed=5)
+    copier = BlockCopier(caches, blocks)
+    block_ids = list(range(blocks))
+    host_blocks = copier.extract(block_ids)
+    total = copier.bytes_per_block * blocks
+    pinned = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    device_buffer = torch.empty(total, dtype=torch.uint8, device="cuda")
+    encoded = [
+        encode_block(t, BlockAddress(COMPAT, BlockKey(f"{i:032x}"))) for i, t in enumerate(host_blocks)
+    ]
+
+    def best(step: Any) -> float:
+        times = []
         for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
+            started = time.perf_counter()
+            step()
             torch.cuda.synchronize()
-            best = min(best, start.elapsed_time(end) / 1000.0)
-        return best
+            times.append(time.perf_counter() - started)
+        return min(times)
 
-    def ceilings() -> tuple[float, float]:  # buffers freed on return
-        big_host = torch.empty(total_bytes // 2, dtype=dtype).pin_memory()
-        big_gpu = torch.empty_like(big_host, device=device)
-        h2d = _gbps(total_bytes, timed(lambda: big_gpu.copy_(big_host, non_blocking=True)))
-        d2h = _gbps(total_bytes, timed(lambda: big_host.copy_(big_gpu, non_blocking=True)))
-        return h2d, d2h
+    def restore_decoded() -> None:
+        copier.inject(block_ids, host_blocks)
 
-    ceiling_h2d, ceiling_d2h = ceilings()
+    def restore_encoded() -> None:
+        decoded = [
+            decode_block(v, BlockAddress(COMPAT, BlockKey(f"{i:032x}"))) for i, v in enumerate(encoded)
+        ]
+        copier.inject(block_ids, [d for d in decoded if d is not None])
 
-    generator = torch.Generator().manual_seed(0)
-    host_blocks = [torch.randn(shape, generator=generator).to(dtype).pin_memory() for _ in range(num_blocks)]
-    gpu_blocks = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_blocks)]
-
-    def h2d() -> None:
-        for host, gpu in zip(host_blocks, gpu_blocks, strict=True):
-            gpu.copy_(host, non_blocking=True)
-
-    def d2h() -> None:
-        for host, gpu in zip(host_blocks, gpu_blocks, strict=True):
-            host.copy_(gpu, non_blocking=True)
-
-    blocks_h2d = _gbps(total_bytes, timed(h2d))
-    blocks_d2h = _gbps(total_bytes, timed(d2h))
-
-    with tempfile.TemporaryDirectory(prefix="zumik-gpu-kv-") as folder:
-        paths = [Path(folder, f"block-{index:06d}.safetensors") for index in range(num_blocks)]
-        t0 = time.perf_counter()
-        for path, gpu in zip(paths, gpu_blocks, strict=True):
-            tmp = path.with_suffix(".tmp")
-            save_file({"kv": gpu.cpu()}, str(tmp), metadata={"format": "zumik-kv-block/1"})
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        disk_write = _gbps(total_bytes, time.perf_counter() - t0)
-
-        restored = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_blocks)]
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for path, target in zip(paths, restored, strict=True):
-            target.copy_(load_file(str(path))["kv"].pin_memory(), non_blocking=True)
-        torch.cuda.synchronize()
-        disk_to_gpu = _gbps(total_bytes, time.perf_counter() - t0)
-        identical = all(torch.equal(a, b) for a, b in zip(restored, gpu_blocks, strict=True))
-
-    return {
-        "gpu": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "num_blocks": num_blocks,
-        "block_bytes": block_bytes,
-        "total_bytes": total_bytes,
-        "gbps": {
-            "ceiling_h2d": ceiling_h2d,
-            "ceiling_d2h": ceiling_d2h,
-            "blocks_h2d": blocks_h2d,
-            "blocks_d2h": blocks_d2h,
-            "disk_write_from_gpu": disk_write,
-            "disk_read_to_gpu": disk_to_gpu,
-        },
-        "fraction_of_ceiling": {
-            "blocks_h2d": blocks_h2d / ceiling_h2d,
-            "blocks_d2h": blocks_d2h / ceiling_d2h,
-            "disk_read_to_gpu": disk_to_gpu / ceiling_h2d,
-        },
-        "disk_round_trip_identical": identical,
+    seconds = {
+        "h2d_memcpy_pinned": best(lambda: device_buffer.copy_(pinned, non_blocking=True)),
+        "d2h_memcpy_pinned": best(lambda: pinned.copy_(device_buffer, non_blocking=True)),
+        "restore_blocks": best(restore_decoded),
+        "restore_blocks_with_decode": best(restore_encoded),
+        "store_blocks": best(lambda: copier.extract(block_ids)),
     }
+    gbps = {name: round(total / value / 1e9, 2) for name, value in seconds.items()}
+    return {
+        "bytes": total, "block_bytes": copier.bytes_per_block, "gbps": gbps,
+        "restore_vs_h2d": round(gbps["restore_blocks"] / gbps["h2d_memcpy_pinned"], 3),
+        "restore_with_decode_vs_h2d": round(
+            gbps["restore_blocks_with_decode"] / gbps["h2d_memcpy_pinned"], 3
+        ),
+        "store_vs_d2h": round(gbps["store_blocks"] / gbps["d2h_memcpy_pinned"], 3),
+        "pinned_staging": bool(copier._host.is_pinned()),
+        "side_stream": copier._stream is not None and copier._stream != torch.cuda.current_stream(),
+    }  # fmt: skip
 
 
-def main() -> int:
+def run_check(
+    *, device: str = "cuda", layers: int = 32, blocks: int = 64, tokens: int = 16, head_size: int = 128,
+    kv_heads: int = 8, bandwidth_blocks: int = 256, repeats: int = 3,
+) -> dict[str, Any]:  # fmt: skip
+    started = time.perf_counter()
+    result: dict[str, Any] = {"device": device, "torch": torch.__version__, "cases": {}}
+    if device == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+    with tempfile.TemporaryDirectory(prefix="zumik-kv-check-") as scratch:
+        for case in cases(head_size, kv_heads):
+            result["cases"][case.name] = check_case(
+                case, device=device, layers=layers, blocks=blocks, tokens=tokens, folder=Path(scratch)
+            )
+    result["refuses_kv_first"] = refuses_kv_first(device)
+    if device == "cuda":
+        result["bandwidth"] = measure_bandwidth(
+            layers=layers, blocks=bandwidth_blocks, tokens=tokens, repeats=repeats
+        )
+    result["ok"] = result["refuses_kv_first"] and all(
+        case["bit_exact"] and case["isolated"] for case in result["cases"].values()
+    )
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--blocks", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--blocks", type=int, default=256, help="blocks in the bandwidth measurement")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    result = run_check(args.blocks)
+    result = run_check(
+        device=args.device, layers=args.layers, bandwidth_blocks=args.blocks, repeats=args.repeats
+    )
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         args.out.write_text(text)
-    return 0 if result["disk_round_trip_identical"] else 1
+    raise SystemExit(0 if result["ok"] else 1)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

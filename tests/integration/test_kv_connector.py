@@ -1,7 +1,9 @@
 """Zumik's KV connector in real vLLM engines on CPU: restore into fresh engine processes.
 
 Process 1 computes two prompts and stores their blocks in the Redis and disk tiers. Then prompt
-B's Redis entries are deleted and some of its disk files are damaged. Process 2, a fresh engine:
+B's Redis entries are deleted and some of its disk files are damaged (found under the shard
+digest the connector reports: blocks are filed per KV layout and rank). Both engines check their
+weights against the compat key they are given before they start. Process 2, a fresh engine:
 - prompt A restores from Redis: at least 90% of its block-aligned tokens are reported cached,
   and its greedy output is identical to the full computation of process 1;
 - prompt B restores from disk up to the first damaged block (a truncated file), then recomputes:
@@ -18,6 +20,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from kvstore.compat import CompatKey, installed_vllm_version
+from kvstore.fingerprint import model_fingerprint, tokenizer_fingerprint
 from kvstore.keys import chain_block_keys, seed_from_digest
 from kvstore.tier import BlockAddress
 from kvstore.tiers.disk import DiskTier
@@ -28,7 +32,6 @@ from zumik_serve.store.local_redis import LocalRedis
 pytestmark = [pytest.mark.vllm, pytest.mark.redis]
 
 BLOCK = 32
-COMPAT = "c" * 64
 
 
 def _run_engine(model_dir: Path, config: dict, prompts: list[list[int]]) -> tuple[list[dict], str]:
@@ -44,27 +47,39 @@ def _run_engine(model_dir: Path, config: dict, prompts: list[list[int]]) -> tupl
 
 def test_restore_into_fresh_engines_from_redis_and_disk(tmp_path: Path) -> None:
     model_dir = build_tiny_model(tmp_path / "tiny")
+    # The compat key of kv_engine's settings on this model: each engine recomputes it from the
+    # files it loads and refuses to start on a mismatch.
+    key = CompatKey(
+        model_fingerprint=model_fingerprint(model_dir, cache_path=tmp_path / "fingerprints.json"),
+        tokenizer_fingerprint=tokenizer_fingerprint(model_dir), device="cpu", dtype="bfloat16",
+        weights_quantization="none", kv_cache_dtype="auto", block_size=BLOCK, tensor_parallel_size=1,
+        pipeline_parallel_size=1, region="test", vllm_version=installed_vllm_version(),
+    )  # fmt: skip
+    compat = key.digest()
     server = LocalRedis(data_dir=tmp_path / "redis").start()
     try:
         kv = server.kv_access  # the engines' least-privilege user, its password in a file
-        config = {"compat_digest": COMPAT, "host_capacity_bytes": 0, "redis_url": kv.url,
-                  "redis_password_file": str(kv.password_file),
+        config = {"compat_digest": compat, "compat_key": key.as_config(), "host_capacity_bytes": 0,
+                  "redis_url": kv.url, "redis_password_file": str(kv.password_file),
                   "disk_root": str(tmp_path / "kv")}  # fmt: skip
         prompt_a = [(i * 7) % 900 + 10 for i in range(700)]
         prompt_b = [(i * 11) % 900 + 10 for i in range(650)]
-        first, _ = _run_engine(model_dir, config, [prompt_a, prompt_b])
+        first, first_log = _run_engine(model_dir, config, [prompt_a, prompt_b])
+        assert f"match compat digest {compat[:16]}" in first_log
         assert [r["cached"] for r in first] == [0, 0]
         assert [r["kv"]["tiers"] for r in first] == [{}, {}]  # the connector's report: nothing restored
+        shard = first[0]["kv"]["shard"]  # the digest this engine's rank files its blocks under
+        assert shard != compat and "shard tp0of1-pp0of1" in first_log
 
         keys_b = chain_block_keys(
-            prompt_b[: (len(prompt_b) - 1) // BLOCK * BLOCK], BLOCK, seed_from_digest(COMPAT, None)
+            prompt_b[: (len(prompt_b) - 1) // BLOCK * BLOCK], BLOCK, seed_from_digest(compat, None)
         )
         client = redis.Redis.from_url(server.url)
-        redis_keys = [RedisTier.redis_key(BlockAddress(COMPAT, key)) for key in keys_b]
+        redis_keys = [RedisTier.redis_key(BlockAddress(shard, key)) for key in keys_b]
         assert client.delete(*redis_keys) == len(keys_b)
         disk = DiskTier(tmp_path / "kv")
-        disk.path(BlockAddress(COMPAT, keys_b[10])).write_bytes(b"truncated")  # the walk stops here
-        disk.path(BlockAddress(COMPAT, keys_b[14])).unlink()  # a later gap, never reached
+        disk.path(BlockAddress(shard, keys_b[10])).write_bytes(b"truncated")  # the walk stops here
+        disk.path(BlockAddress(shard, keys_b[14])).unlink()  # a later gap, never reached
 
         second, log = _run_engine(model_dir, config, [prompt_a, prompt_b])
         assert Path(str(kv.password_file)).read_text() not in log  # vLLM logs its engine config

@@ -23,11 +23,10 @@ def _dashboard_metrics() -> set[str]:
     return {name for expr in exprs for name in re.findall(r"\bray_[a-z0-9_]+", expr)}
 
 
-def _scrape() -> str:
-    import ray
-
-    port = ray._private.worker.global_worker.node.metrics_export_port
-    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+def _scrape(running_stack) -> str:
+    monitoring = running_stack.stack.monitoring  # the URLs `zumik serve` prints (app/monitoring.py)
+    (url,) = monitoring.metrics  # one node
+    return httpx.get(url, timeout=10).text
 
 
 def test_kv_tier_counters_and_dashboard_series_are_exported(http: httpx.Client, running_stack) -> None:
@@ -39,7 +38,7 @@ def test_kv_tier_counters_and_dashboard_series_are_exported(http: httpx.Client, 
     assert "ray_zumik_kv_tier_blocks_total" in wanted
     deadline = time.monotonic() + 120
     while True:  # Ray exports metrics on an interval
-        text = _scrape()
+        text = _scrape(running_stack)
         exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and line[0] != "#"}
         missing = wanted - exported
         stores = [line for line in text.splitlines() if line.startswith("ray_zumik_kv_tier_blocks_total{")]

@@ -253,38 +253,51 @@ def test_connector_stats_sum_events_by_kind_and_tier() -> None:
     assert merged.is_empty()
 
 
-def test_connector_leaves_adapter_requests_out_of_the_tiers(tmp_path: Path) -> None:
-    """A LoRA request's KV depends on the adapter, which the block keys do not carry: it never
-    loads from a tier nor stores to one, and is counted; a base request beside it is stored."""
+def test_connector_keys_adapter_requests_apart_and_bypasses_unnamed_adapters(tmp_path: Path) -> None:
+    """A LoRA request's blocks are keyed by its adapter (name and files): stored apart from the
+    base model's blocks of the same tokens. A LoRA request vLLM names no adapter folder for
+    never loads from nor stores to a tier, and is counted once."""
     pytest.importorskip("vllm")
     from collections import OrderedDict
     from types import SimpleNamespace
 
     from kvstore.connector import ZumikKVConnector
 
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
     connector = ZumikKVConnector.__new__(ZumikKVConnector)  # the scheduler side, without an engine
-    manager = TierManager([SharedMemoryTier(tmp_path, 1 << 20)])
+    manager = TierManager([SharedMemoryTier(tmp_path / "shm", 1 << 20)])
     connector.__dict__.update(
-        _compat_digest=COMPAT.digest(), _block_size=32, _manager=manager,
+        _compat_digest=COMPAT.digest(), _block_size=32, _manager=manager, _shard="s" * 64,
+        _shard_digests=["s" * 64], _key_sources={}, _adapter_fingerprints={}, _writer=None,
+        _usage_reported=None,
         _salts={}, _reuse={}, _bypassing=set(), _bypassed={}, _pending_loads={}, _load_plans={},
         _planned_tiers={}, _stored=OrderedDict(),
     )  # fmt: skip
     tokens = list(range(100))
-    lora = SimpleNamespace(request_id="lora", cache_salt="s", prompt_token_ids=tokens, lora_request=object())
-    base = SimpleNamespace(request_id="base", cache_salt="s", prompt_token_ids=tokens, lora_request=None)
-    assert connector.get_num_new_matched_tokens(lora, 0) == (0, False)  # type: ignore[arg-type]
-    assert connector.get_num_new_matched_tokens(lora, 0) == (0, False)  # type: ignore[arg-type]  # counted once
-    assert connector.get_num_new_matched_tokens(base, 0) == (0, False)  # type: ignore[arg-type]
+
+    def request(rid: str, lora: object) -> SimpleNamespace:
+        return SimpleNamespace(request_id=rid, cache_salt="s", prompt_token_ids=tokens, lora_request=lora)
+
+    named = SimpleNamespace(lora_name="a", lora_int_id=1, lora_path=str(adapter))
+    unnamed = SimpleNamespace(lora_name="b", lora_int_id=2, lora_path="")
+    for rid, lora in (("lora", named), ("unnamed", unnamed), ("unnamed", unnamed), ("base", None)):
+        assert connector.get_num_new_matched_tokens(request(rid, lora), 0) == (0, False)  # type: ignore[arg-type]
     scheduled = [
         SimpleNamespace(req_id=rid, block_ids=([0, 1, 2, 3],), prompt_token_ids=tokens, num_computed_tokens=0)
-        for rid in ("lora", "base")
+        for rid in ("lora", "unnamed", "base")
     ]
-    output = SimpleNamespace(scheduled_new_reqs=scheduled, num_scheduled_tokens={"lora": 100, "base": 100})
+    output = SimpleNamespace(
+        scheduled_new_reqs=scheduled, num_scheduled_tokens={"lora": 100, "unnamed": 100, "base": 100}
+    )
     meta = connector.build_connector_meta(output)  # type: ignore[arg-type]
-    assert [store.request_id for store in meta.stores] == ["base"]
+    assert [store.request_id for store in meta.stores] == ["lora", "base"]
+    lora_keys, base_keys = ({a.key for a in store.addresses} for store in meta.stores)
+    assert len(lora_keys) == len(base_keys) == 3 and not lora_keys & base_keys
     stats = connector.get_kv_connector_stats()
-    # Only the base request looked in the tiers (3 full blocks, none held yet).
-    assert stats is not None and stats.data == {"miss:host": [3, 0], "bypassed:lora": [1, 0]}
+    # The adapter and the base request looked in the tiers (3 full blocks each, none held yet).
+    assert stats is not None and stats.data == {"miss:host": [6, 0], "bypassed:lora": [1, 0]}
 
 
 def test_tier_files_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
@@ -306,7 +319,9 @@ def test_tier_files_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
     written = [*(tmp_path / "shm").rglob("*"), *(tmp_path / "home").rglob("*")]
     files = [path for path in written if path.is_file()]
     folders = [tmp_path / "shm", tmp_path / "home", *(path for path in written if path.is_dir())]
-    assert len(files) == 2 and len(folders) == 1 + 3 + 3 + 3  # shm, home/kv/disk, then 3 levels each
+    # two blocks and the host tier's budget ledger (the disk tier here has no budget)
+    assert len(files) == 3 and (tmp_path / "shm" / ".budget") in files
+    assert len(folders) == 1 + 3 + 3 + 3  # shm, home/kv/disk, then 3 levels each
     assert {oct(stat.S_IMODE(path.stat().st_mode)) for path in files} == {"0o600"}
     assert {oct(stat.S_IMODE(path.stat().st_mode)) for path in folders} == {"0o700"}
 

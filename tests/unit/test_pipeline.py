@@ -396,8 +396,13 @@ async def test_ledger_evidence_escalates_the_tenant_to_its_own_engines(
     assert routes == ["managed:managed", "managed:managed"]
     assert escalated.headers["x-zumik-route"].startswith("byoc:")
     inputs = record["record"]["inputs"]
-    assert inputs["evidence"] == {"level": "reported", "reused_tokens_in_window": 400}
-    assert record["record"]["escalation"]["met"] is True
+    evidence = inputs["evidence"]  # the prompt's prefix family's, with its counts and age
+    assert (evidence["level"], evidence["reused_tokens_in_window"]) == ("reported", 400)
+    assert evidence["requests_in_window"] == 2 and evidence["family"].startswith("fam_")
+    assert 0 <= evidence["age_s"] < 3600
+    escalation = record["record"]["escalation"]
+    assert escalation["met"] is True
+    assert escalation["escalated_cost_pusd"] < escalation["default_cost_pusd"]
 
 
 @pytest.mark.parametrize(

@@ -83,13 +83,16 @@ def make_inputs(evidence: Evidence, **changes: Any) -> DecisionInputs:
     return DecisionInputs(**{**fields, **changes})
 
 
+# The pinned records are decide-1's (stored before the priced escalation of decide-2): decided
+# under that policy they stay byte for byte what was stored, and replay under it.
 def escalated_record() -> DecisionRecord:
-    return decide("dec_aaaaaaaaaaaaaaaaaaaaaaaaaa", make_inputs(Evidence(EvidenceLevel.OBSERVED, 20_000)))
+    inputs = make_inputs(Evidence(EvidenceLevel.OBSERVED, 20_000))
+    return decide("dec_aaaaaaaaaaaaaaaaaaaaaaaaaa", inputs, version="decide-1")
 
 
 def batch_record() -> DecisionRecord:
     inputs = make_inputs(NO_EVIDENCE, release_id=None, snapshot_id=None, qos="batch", prefer_cheapest=True)
-    return decide("dec_bbbbbbbbbbbbbbbbbbbbbbbbbb", inputs)
+    return decide("dec_bbbbbbbbbbbbbbbbbbbbbbbbbb", inputs, version="decide-1")
 
 
 def stored_bytes(data: dict[str, Any]) -> bytes:

@@ -106,7 +106,9 @@ def make_inputs(
     )
 
 
-ENOUGH = Evidence(EvidenceLevel.REPORTED, 20_000)
+# Past the profile's threshold, with a family that reuses 20000 of its 21000 prompt tokens: at
+# that ratio the BYOC replicas are cheaper than the managed route (decide-2 prices it).
+ENOUGH = Evidence(EvidenceLevel.REPORTED, 20_000, "fam_a", 5, 21_000, 30)
 
 
 def verdict_of(record: DecisionRecord, route: str, replica: str | None = None) -> dict[str, Any]:
@@ -288,7 +290,13 @@ def test_decide_escalates_on_recorded_evidence_and_says_why() -> None:
     record = decide("dec_1", make_inputs(evidence=ENOUGH))
     assert record.pick is not None and record.pick.route == "local" and record.pick_reason == "escalated"
     assert record.escalation_met is True
-    assert record.escalation_reason == "met: evidence reported >= reported, reused 20000 >= 10000 in 3600s"
+    assert record.escalation_reason.startswith(
+        "met: evidence reported >= reported, reused 20000 >= 10000 in 3600s over 5 requests, newest 30s ago; "
+        "priced with "
+    )
+    verdict = record.escalation
+    assert verdict.escalated_cost_pusd is not None and verdict.default_cost_pusd is not None
+    assert verdict.escalated_cost_pusd < verdict.default_cost_pusd
     assert record.fallbacks[:2] == (Pick("managed", None), Pick("byok", None))
 
 

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from zumik_serve import __version__
+from zumik_serve.api.drain import install_drain
 from zumik_serve.api.http_errors import install_error_handlers
 from zumik_serve.api.v1 import handlers as v1
 from zumik_serve.api.v1 import responses as v1_responses
@@ -39,6 +40,7 @@ def build_app(context: GatewayContext) -> FastAPI:
     app = FastAPI(title="Zumik", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.pipeline = Pipeline(context)
     install_error_handlers(app)
+    drain = install_drain(app)  # SIGTERM: in-flight requests finish, new ones get 503 (api/drain.py)
     app.include_router(v1.router)
     app.include_router(v1_responses.router)
     app.include_router(v2_purge.router)  # before v2_objects, whose /v2/{kind}/{id} would match too
@@ -48,7 +50,8 @@ def build_app(context: GatewayContext) -> FastAPI:
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        # The requests this process is serving, this check left out (what a drain waits for).
+        return JSONResponse({"status": "ok", "in_flight": drain.in_flight - 1})
 
     return app
 

@@ -22,7 +22,10 @@ from profiles import GatewayPlacement, ModelGroupSpec, Profile
 from zumik_serve.app.colocated import IngressEngineReplica
 from zumik_serve.app.context import GatewaySettings
 from zumik_serve.app.gateway import Gateway
-from zumik_serve.engines.replica import EngineReplica
+from zumik_serve.app.priority import with_niceness
+from zumik_serve.app.request_router import zumik_router_config
+from zumik_serve.app.scheduler_actor import SchedulerOwner
+from zumik_serve.engines.replica import EngineReplica, with_kv_events
 from zumik_serve.engines.vllm_args import engine_kwargs_for_vllm, parse_vllm_args
 from zumik_serve.engines.vllm_config import engine_kv_transfer, llm_config_kwargs
 from zumik_serve.home import ZumikHome
@@ -42,18 +45,24 @@ def build_serve_app(
     redis_url: str,
     dev_key: str | None,
     home: ZumikHome,
+    kv_redis_url: str | None = None,
 ) -> serve.Application:
     """``profile``'s Serve application: one engine group per model (``profile.model_groups()``;
     ``model_dir`` holds the first group's weights, the others are resolved here), and the gateway
     in front of them. A Redis that refuses ``redis_url``'s user stops the build here, saying
-    what to check (an unreachable one does not: the gateway retries it)."""
+    what to check (an unreachable one does not: the gateway retries it). ``kv_redis_url``: the
+    KV tier's own Redis (gateway user's URL); None: the KV blocks share ``redis_url``'s server."""
     check_access(redis_url)
     groups = profile.model_groups()
     model_dirs = [model_dir, *(resolve_source(group.model.source, home) for group in groups[1:])]
+    grouped = is_replica_group(profile)
     engine_groups = [
-        _engine_group(profile, group, index, group_dir, redis_url=redis_url, home=home)
+        _engine_group(
+            profile, group, index, group_dir, redis_url=redis_url, home=home, kv_redis_url=kv_redis_url,
+            kv_events=grouped and index == 0,
+        )
         for index, (group, group_dir) in enumerate(zip(groups, model_dirs, strict=True))
-    ]
+    ]  # fmt: skip
     paired = list(zip(groups, engine_groups, strict=True))
     first = engine_groups[0]
     settings = GatewaySettings(
@@ -69,6 +78,7 @@ def build_serve_app(
         kv_redis_tier=profile.kv_tiers.enabled and profile.kv_tiers.redis,
         purge_ceiling=profile.purge.ceiling,
         kv_tiers=first.kv_tiers,
+        kv_redis_url=kv_redis_url,
         profile_json=profile.model_dump_json(),
         dev_key=dev_key,
         tokenizer_dirs={group.model.served_name: str(g.tokenizer_dir) for group, g in paired},
@@ -89,24 +99,33 @@ def build_serve_app(
         return ingress_engine.options(name="EngineReplica", **first.options).bind(
             first.llm_config, settings, other_groups
         )
-    if profile.engine.num_replicas == 1 or profile.routing.replica_choice == "serve":
+    group = None
+    if not grouped:
         engines = {
             "r0": engine_deployment.options(name="EngineReplica", **first.options).bind(first.llm_config)
         }
     else:
-        # A replica group the scheduler chooses from: one deployment per replica, so that the
-        # gateway's handle reaches exactly the replica its decision picked (docs/architecture.md).
-        single = {**first.options, "num_replicas": 1}
-        engines = {
-            f"r{index}": engine_deployment.options(name=f"EngineReplica-r{index}", **single).bind(
-                first.llm_config
-            )
-            for index in range(profile.engine.num_replicas)
-        }
+        # A replica group the scheduler chooses from: one deployment (its replicas may come and
+        # go), each call naming the replica its decision picked (app/request_router.py).
+        # Its engines publish KV events (engines/replica.py) to the scheduler owner.
+        engines = {}
+        group = engine_deployment.options(
+            name="EngineReplica", **{**first.options, "request_router_config": zumik_router_config()}
+        ).bind(first.llm_config)
+    # One owner of the scheduler state when several gateways route or a group's engines report
+    # what they hold (app/scheduler_actor.py).
+    owner_deployment: Any = SchedulerOwner
+    owner = None
+    if profile.gateway.num_replicas > 1 or group is not None:
+        owner = owner_deployment.bind(profile.model_dump_json())
     gateway: Any = Gateway
+    gateway_options = with_niceness(
+        {"ray_actor_options": dict(gateway.ray_actor_options or {})}, profile.niceness
+    )
     return gateway.options(
-        num_replicas=profile.gateway.num_replicas, max_ongoing_requests=gateway_max_ongoing_requests(profile)
-    ).bind(settings, engines, other_groups)
+        num_replicas=profile.gateway.num_replicas, max_ongoing_requests=gateway_max_ongoing_requests(profile),
+        **gateway_options,
+    ).bind(settings, engines, other_groups, group=group, owner=owner)
 
 
 @dataclass(frozen=True)
@@ -119,21 +138,33 @@ class _EngineGroup:
 
 
 def _engine_group(
-    profile: Profile, group: ModelGroupSpec, index: int, model_dir: Path, *, redis_url: str, home: ZumikHome
+    profile: Profile,
+    group: ModelGroupSpec,
+    index: int,
+    model_dir: Path,
+    *,
+    redis_url: str,
+    home: ZumikHome,
+    kv_redis_url: str | None = None,
+    kv_events: bool = False,
 ) -> _EngineGroup:
     """One engine group's LLMConfig and deployment options, its vllm_args checked by vLLM's
-    own parser first (a wrong one stops the deploy here, naming it)."""
+    own parser first (a wrong one stops the deploy here, naming it); ``kv_events``: its engines
+    publish KV cache events (a replica group's)."""
     field = "engine.vllm_args" if index == 0 else f"models[{index - 1}].engine.vllm_args"
     parsed = parse_vllm_args(group.engine.vllm_args, field=field)
     tokenizer_dir = Path(group.model.tokenizer) if group.model.tokenizer else None
     adapter_dirs = {adapter.name: resolve_adapter(adapter.source, home) for adapter in group.model.adapters}
     kv_transfer = engine_kv_transfer(
-        profile, model_dir=model_dir, redis_url=redis_url, home_root=home.root, group=group
-    )
+        profile, model_dir=model_dir, redis_url=redis_url, home_root=home.root, group=group,
+        kv_redis_url=kv_redis_url,
+    )  # fmt: skip
     kwargs = llm_config_kwargs(
         profile, model_dir, tokenizer_dir, kv_transfer, group=group, adapter_dirs=adapter_dirs
     )
     engine_kwargs = {**kwargs["engine_kwargs"], **parsed}
+    if kv_events:  # before the LLMConfig: ray.serve.llm caches the engine config it builds
+        engine_kwargs = with_kv_events(engine_kwargs)
     if adapter_dirs and "max_lora_rank" not in parsed:  # the smallest vLLM allows that fits them all
         rank = max(read_adapter_info(path).rank for path in adapter_dirs.values())
         engine_kwargs["max_lora_rank"] = next((r for r in LORA_RANKS if r >= rank), rank)
@@ -145,12 +176,24 @@ def _engine_group(
         **EngineReplica.get_deployment_options(llm_config),
         "max_ongoing_requests": gateway_max_ongoing_requests(profile),
     }
+    options = with_niceness(options, profile.niceness)  # Ray would start the replica at 15
     return _EngineGroup(
         llm_config=llm_config,
         options=options,
         tokenizer_dir=tokenizer_dir or model_dir,
         compat_digest=kv_transfer["kv_connector_extra_config"]["compat_digest"] if kv_transfer else "",
         kv_tiers=kv_transfer["kv_connector_extra_config"] if kv_transfer else None,
+    )
+
+
+def is_replica_group(profile: Profile) -> bool:
+    """Whether the first engine group is one deployment whose replicas Zumik picks (separate
+    placement, several or autoscaled replicas, ``replica_choice: scheduler``)."""
+    several = profile.engine.num_replicas > 1 or profile.engine.autoscaling is not None
+    return (
+        profile.gateway.placement is not GatewayPlacement.COLOCATED
+        and several
+        and profile.routing.replica_choice == "scheduler"
     )
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from zumik_serve.api.drain import DrainReport, drain_app
 from zumik_serve.app.context import GatewaySettings, make_gateway_app
 from zumik_serve.app.gateway import ray_clients, ray_metrics
+from zumik_serve.app.node_sweep import ray_node_sweeper
 from zumik_serve.engines.protocol import EngineClient
 from zumik_serve.engines.replica import EngineReplica, InProcessEngineClient
 
@@ -28,7 +30,12 @@ class IngressEngineReplica(EngineReplica):
         self._gateway_app = make_gateway_app(
             settings, engines, ray_metrics(settings),
             other_groups={model: ray_clients(handles) for model, handles in (other_groups or {}).items()},
+            nodes=ray_node_sweeper(settings.kv_tiers),
         )  # fmt: skip
 
     async def __serve_build_asgi_app__(self) -> Any:
         return self._gateway_app
+
+    async def drain(self, timeout_s: float) -> DrainReport:
+        """New requests get 503; waits up to ``timeout_s`` for those in flight (``app/shutdown.py``)."""
+        return await drain_app(self._gateway_app, timeout_s)

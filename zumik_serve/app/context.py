@@ -25,6 +25,7 @@ from zumik_serve.providers.byok import KeyVault
 from zumik_serve.providers.keys import ByokKeys
 from zumik_serve.providers.store import RedisByokStore
 from zumik_serve.purge.classes import GuaranteeClass
+from zumik_serve.purge.nodes import NodeSweeper
 from zumik_serve.purge.service import PurgeService
 from zumik_serve.purge.signing_keys import SigningKeys
 from zumik_serve.purge.store import RedisPurgeStore
@@ -72,6 +73,7 @@ class GatewaySettings:
     kv_redis_tier: bool
     purge_ceiling: str = "crypto_erased"
     kv_tiers: dict[str, Any] | None = None  # the engines' connector config (a purge sweeps its tiers)
+    kv_redis_url: str | None = None  # the KV Redis (gateway user's URL); None: KV blocks are in redis_url's
     profile_json: str = ""  # the whole profile (routes, routing policy) as JSON
     dev_key: str | None = None
     # Each model group's tokenizer folder, by its model's served name (default: model_dir).
@@ -101,11 +103,14 @@ def make_gateway_app(
     metrics: Metrics | None = None,
     *,
     other_groups: dict[str, dict[str, EngineClient]] | None = None,
+    nodes: NodeSweeper | None = None,
 ) -> App:
     """The gateway's FastAPI app over its BYOC engine replicas (``{"r0": client, ...}``), the
     other model groups' replicas (by model) and the profile's provider routes; the same app in
-    both topologies."""
-    return build_app(build_context(settings, engines, metrics or Metrics(), other_groups=other_groups))
+    both topologies. ``nodes``: where a purge sweeps the node tiers (None: this process's node)."""
+    return build_app(
+        build_context(settings, engines, metrics or Metrics(), other_groups=other_groups, nodes=nodes)
+    )
 
 
 def build_context(
@@ -114,6 +119,7 @@ def build_context(
     metrics: Metrics,
     *,
     other_groups: dict[str, dict[str, EngineClient]] | None = None,
+    nodes: NodeSweeper | None = None,
 ) -> GatewayContext:
     """Everything a gateway process serves with, built once: stores over one Redis pool, the
     profile's scheduler and dispatchers (one per model group), the feature services."""
@@ -171,6 +177,7 @@ def build_context(
         rotate_salt_epoch=tenants.rotate_salt_epoch,
         forget_scopes=reuse_store.forget_scopes,
         traces=routing_store,
+        nodes=nodes,
     )
     state = StateService(
         state_store,
@@ -208,7 +215,10 @@ def build_context(
         tracing=Tracing(profile.telemetry.traces),
         byok=byok,
         kv_probe=(
-            KvProbe(redis_client, compat_digest=settings.compat_digest, block_size=settings.block_size)
+            KvProbe(
+                gateway_client(settings.kv_redis_url) if settings.kv_redis_url else redis_client,
+                compat_digest=settings.compat_digest, block_size=settings.block_size,
+            )  # fmt: skip
             if settings.kv_redis_tier
             else None
         ),

@@ -8,6 +8,9 @@
           profile: llama-8b-h100                  # a built-in name or a YAML path on the head node
           redis_url: redis://zumik-redis:6379/0   # else $ZUMIK_REDIS_URL (where a password belongs:
                                                   # a Serve config is no place for one)
+          kv_redis_url: redis://zumik-redis-kv:6379/0  # the KV tier's own Redis (maxmemory, an LRU
+                                                  # policy); else $ZUMIK_KV_REDIS_URL; else the
+                                                  # state Redis holds KV blocks too
 
 The builder runs where Serve builds applications (the head node): a profile's ``model.source``
 directory must exist there and on every GPU node at the same path. So must the secrets folder
@@ -28,7 +31,7 @@ from profiles import resolve_profile
 from zumik_serve.app.application import build_serve_app
 from zumik_serve.home import ZumikHome
 from zumik_serve.model.resolve import resolve_model_dir
-from zumik_serve.store.local_redis import REDIS_URL_ENV
+from zumik_serve.store.local_redis import KV_REDIS_URL_ENV, REDIS_URL_ENV
 
 
 def build(args: dict[str, Any]) -> serve.Application:
@@ -47,4 +50,5 @@ def build(args: dict[str, Any]) -> serve.Application:
         redis_url=str(redis_url),
         dev_key=os.environ.get("ZUMIK_DEV_KEY") or None,
         home=home,
+        kv_redis_url=str(args.get("kv_redis_url") or os.environ.get(KV_REDIS_URL_ENV) or "") or None,
     )

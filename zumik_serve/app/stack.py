@@ -3,6 +3,8 @@
 Start order (each step reported through ``progress``), stop order reversed:
 
     model (build the tiny one if missing) → redis-server (unless ZUMIK_REDIS_URL)
+      → the KV redis-server, when the profile's KV tiers use Redis (unless ZUMIK_KV_REDIS_URL):
+        maxmemory kv_tiers.redis_max_memory_bytes, volatile-lru, no AOF (store/local_redis.py)
       → secrets (an earlier version's moved out of Redis, the missing ones generated, 0600)
       → Ray (local head with num_cpus=8, or join RAY_ADDRESS) → Serve app → /healthz answers
 
@@ -20,12 +22,22 @@ from dataclasses import dataclass, field
 import httpx
 
 from profiles import Profile
+from zumik_serve.app.monitoring import MonitoringOptions, MonitoringUrls, monitoring_urls
+from zumik_serve.app.priority import WORKER_NICENESS_ENV
 from zumik_serve.app.secrets_setup import prepare_secrets
+from zumik_serve.app.shutdown import DrainOutcome, drain_serve_app
 from zumik_serve.home import ZumikHome
 from zumik_serve.model.resolve import resolve_model_dir
 from zumik_serve.secret_files import secrets_dir
 from zumik_serve.store.client import check_access
-from zumik_serve.store.local_redis import REDIS_URL_ENV, LocalRedis, embedded_redis, free_port
+from zumik_serve.store.local_redis import (
+    KV_REDIS_URL_ENV,
+    REDIS_URL_ENV,
+    LocalRedis,
+    embedded_kv_redis,
+    embedded_redis,
+    free_port,
+)
 from zumik_serve.store.redis_acl import redact_url
 
 Progress = Callable[[str], None]
@@ -45,10 +57,13 @@ class StackConfig:
     ray_address: str | None = None
     dev_key: str | None = None
     redis_port: int | None = None
+    kv_redis_url: str | None = None  # an external KV Redis (gateway user's URL); None: start one
     # "haproxy": Ray Serve's HAProxy ingress straight to replica ports (several ms faster per
     # request here than Serve's Python proxy; replica ports then listen on all interfaces).
     # "serve": Serve's default proxy. Only applies to a Ray head this stack starts.
     ingress: str = "haproxy"
+    # The Ray dashboard and the metrics export port of a head this stack starts (app/monitoring.py).
+    monitoring: MonitoringOptions = field(default_factory=MonitoringOptions)
 
     @classmethod
     def from_env(cls, profile: Profile, **overrides: object) -> StackConfig:
@@ -56,6 +71,7 @@ class StackConfig:
             profile=profile,
             home=ZumikHome.from_env(),
             redis_url=os.environ.get(REDIS_URL_ENV) or None,
+            kv_redis_url=os.environ.get(KV_REDIS_URL_ENV) or None,
             ray_address=os.environ.get("RAY_ADDRESS") or None,
             dev_key=os.environ.get("ZUMIK_DEV_KEY") or None,
         )
@@ -69,8 +85,11 @@ class LocalStack:
     config: StackConfig
     redis: LocalRedis | None = None
     redis_url: str = ""
+    kv_redis: LocalRedis | None = None  # the KV Redis this stack started
+    kv_redis_url: str | None = None  # the engines' KV Redis (gateway user's URL); None: no Redis tier
     started_ray: bool = False
     timings_s: dict[str, float] = field(default_factory=dict)
+    monitoring: MonitoringUrls | None = None  # the dashboard and metrics URLs, once Ray runs
 
     @property
     def url(self) -> str:
@@ -101,6 +120,7 @@ class LocalStack:
                 progress(f"starting redis-server (AOF in {home.redis_dir})")
                 self.redis = embedded_redis(home, port=config.redis_port).start()
                 self.redis_url = self.redis.url
+            self._ensure_kv_redis(config.profile, progress)
 
         with self._step("secrets"):
             folder = secrets_dir(home)
@@ -119,24 +139,31 @@ class LocalStack:
                 # `zumik serve`) can start.
                 for variable in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
                     os.environ.setdefault(variable, str(free_port()))
+                # Every worker of this head (Serve's proxy and HAProxy included) at the profile's
+                # niceness instead of Ray's 15 (app/priority.py).
+                os.environ[WORKER_NICENESS_ENV] = str(config.profile.niceness)
             import ray
 
             if config.ray_address:
                 progress(f"joining Ray cluster at {config.ray_address}")
-                ray.init(address=config.ray_address, logging_level=logging.WARNING, log_to_driver=False)
-            else:
-                progress(
-                    f"starting a local Ray head ({LOCAL_RAY_NUM_CPUS} logical CPUs, {config.ingress} ingress)"
+                context = ray.init(
+                    address=config.ray_address, logging_level=logging.WARNING, log_to_driver=False
                 )
-                ray.init(
+            else:
+                monitoring = config.monitoring.resolved()  # a taken fixed port stops here, naming it
+                progress(
+                    f"starting a local Ray head ({LOCAL_RAY_NUM_CPUS} logical CPUs, "
+                    f"{config.ingress} ingress, {monitoring.describe()})"
+                )
+                context = ray.init(
                     address="local",
                     num_cpus=LOCAL_RAY_NUM_CPUS,
-                    include_dashboard=False,
-                    dashboard_host="127.0.0.1",  # loopback only, should the dashboard be turned on
                     logging_level=logging.WARNING,
                     log_to_driver=False,
+                    **monitoring.ray_init_kwargs(),
                 )
                 self.started_ray = True
+            self.monitoring = monitoring_urls(context)
 
         # Ray routes the root logger through its JSON handler; keep per-request client logs out.
         logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -158,6 +185,7 @@ class LocalStack:
                 redis_url=self.redis_url,
                 dev_key=config.dev_key,
                 home=home,
+                kv_redis_url=self.kv_redis_url,
             )
             serve.run(app, name=APP_NAME, route_prefix="/")
 
@@ -173,12 +201,19 @@ class LocalStack:
 
         progress(f"deploying profile {profile.name}")
         model_dir = resolve_model_dir(profile, self.config.home)
+        self._ensure_kv_redis(profile, progress)
         app = build_serve_app(
             profile, model_dir=model_dir, redis_url=self.redis_url, dev_key=self.config.dev_key,
-            home=self.config.home,
+            home=self.config.home, kv_redis_url=self.kv_redis_url,
         )  # fmt: skip
         serve.run(app, name=APP_NAME, route_prefix="/")
         wait_for_http(f"{self.url}/healthz", timeout_s=120)
+
+    def drain(self, timeout_s: float) -> DrainOutcome:
+        """New requests get 503 from now on; waits up to ``timeout_s`` for those in flight."""
+        from zumik_serve.app.application import APP_NAME
+
+        return drain_serve_app(APP_NAME, timeout_s)
 
     def stop(self) -> None:
         """Stop what this stack started; safe to call twice."""
@@ -193,9 +228,27 @@ class LocalStack:
                 finally:
                     ray.shutdown()
         finally:
+            if self.kv_redis is not None:
+                self.kv_redis.stop()
+                self.kv_redis = None
             if self.redis is not None:
                 self.redis.stop()
                 self.redis = None
+
+    def _ensure_kv_redis(self, profile: Profile, progress: Progress) -> None:
+        """The KV Redis ``profile``'s tiers need: the configured one, else one started here."""
+        tiers = profile.kv_tiers
+        if self.kv_redis_url is not None or not (tiers.enabled and tiers.redis):
+            return
+        if self.config.kv_redis_url:
+            progress(f"using the KV Redis at {redact_url(self.config.kv_redis_url)}")
+            check_access(self.config.kv_redis_url)
+            self.kv_redis_url = self.config.kv_redis_url
+            return
+        home = self.config.home
+        progress(f"starting the KV redis-server (maxmemory {tiers.redis_max_memory_bytes} B, volatile-lru)")
+        self.kv_redis = embedded_kv_redis(home, tiers.redis_max_memory_bytes).start()
+        self.kv_redis_url = self.kv_redis.url
 
     class _Timer:
         def __init__(self, stack: LocalStack, name: str) -> None:

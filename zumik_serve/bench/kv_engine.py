@@ -7,6 +7,8 @@ REQUEST_JSON: {"model_dir", "config" (kv_connector_extra_config), "prompts" (tok
 a list with, per prompt, ``cached`` (prompt tokens vLLM reports cached), ``ids`` (greedy output)
 and ``seconds`` (the generate call); in ``prime`` mode also ``host_seconds`` / ``host_cached``,
 the same prompt again after the engine's own prefix cache was reset (so it restores from tiers).
+Stores run behind the engine step (``kvstore/write_behind.py``): before a restore of what it
+just computed, and before it exits, the process waits for its workers' store queues.
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ import time
 from typing import Any
 
 
+class FlushKvWrites:
+    """Mixed into vLLM's workers (``worker_extension_cls``): ``collective_rpc("flush_kv_writes")``
+    waits for each worker's store queue."""
+
+    def flush_kv_writes(self) -> bool:
+        from kvstore.connector import flush_writes
+
+        return flush_writes()
+
+
 def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -25,6 +37,7 @@ def main() -> None:
     llm = LLM(
         model=request["model_dir"], dtype="bfloat16", block_size=32, kv_cache_memory_bytes=128 << 20,
         max_model_len=2048, enforce_eager=True, enable_prefix_caching=True, seed=0,
+        worker_extension_cls="zumik_serve.bench.kv_engine.FlushKvWrites",
         kv_transfer_config={
             "kv_connector": "ZumikKVConnector", "kv_connector_module_path": "kvstore.connector",
             "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
@@ -48,10 +61,12 @@ def main() -> None:
     for prompt in request["prompts"]:  # one request at a time: each restore is measured alone
         result = run(prompt)
         if request.get("mode") == "prime":
+            llm.collective_rpc("flush_kv_writes")
             llm.reset_prefix_cache()
             again = run(prompt)
             result.update(host_seconds=again["seconds"], host_cached=again["cached"])
         results.append(result)
+    llm.collective_rpc("flush_kv_writes")
     print("RESULT " + json.dumps(results), flush=True)
 
 

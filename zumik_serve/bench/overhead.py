@@ -1,18 +1,31 @@
 """``zumik bench overhead``: the latency Zumik's /v1 adds over vLLM's own OpenAI server.
 
-Method (the side-by-side template of ``research/performance-anchors.md`` section 5.2):
-both arms run on this machine at once, with the same engine settings from the same profile;
-each round sends ``requests`` sequential 1-token completions to each arm, arms in a shuffled
-order per round, over keep-alive connections with TCP_NODELAY. The added latency is reported
-as the median over rounds of (Zumik round p50 - direct round p50), with its IQR, beside the
-pooled p50/p99 of each arm. Only ratios and differences measured in one run mean anything on
+Method (the side-by-side template of ``research/performance-anchors.md`` section 5.2): every
+arm is up at once on this machine, and requests alternate between arms (a shuffled order per
+request index), so that machine noise hits all of them alike. Each request is a sequential
+1-token completion over a keep-alive connection with TCP_NODELAY. Arms:
+
+    vllm-defaults   vLLM's own server at its defaults (the KV cache size aside)
+    vllm            vLLM's own server at Zumik's engine settings, no KV connector
+    vllm-connector  the same with Zumik's KV connector and the profile's tiers
+    zumik           Zumik's stack with the profile (tiers on in local-cpu)
+
+Prompt shapes, each measured in every round (about 70 tokens unless said otherwise):
+
+    repeated        the same prompt every time (the engine's prefix cache holds it)
+    shared-prefix   a shared ~117-token prefix and a new ~60-token suffix (the agent shape)
+    unique          new tokens from the first one: nothing cached, every block new
+
+Every arm gets prompts of its own (a per-arm, per-run number in front), so that no arm restores
+another's blocks from the shared tiers: "nothing to restore" holds for the connector arms.
+Differences are reported per shape as pooled p50/p99 differences and as the median (IQR) over
+rounds of the per-round p50 differences. Only differences measured in one run mean anything on
 these noisy machines.
 
-With ``--accounting`` a third arm joins: Zumik for a tenant that keeps no reuse accounting
-(``zumik tenant create --no-reuse-accounting``), on the same stack, in the same rounds; the
-prompt is then a few hundred tokens of repeated prefix, so the opportunity index has blocks to
-walk. The accounting's cost is the per-round difference of the two Zumik arms, reported as a
-share of the gateway's added latency (goal of issue #6: under 5%).
+With ``--accounting`` the arms are vllm, zumik and zumik-no-accounting (a tenant created with
+``--no-reuse-accounting``, same stack) on one shape, a ~600-token repeated prompt, so the
+opportunity index has blocks to walk; the accounting's cost is the per-round difference of the
+two Zumik arms, as a share of the gateway's added latency (goal of issue #6: under 5%).
 """
 
 from __future__ import annotations
@@ -21,68 +34,78 @@ import asyncio
 import json
 import logging
 import os
-import random
-import socket
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from profiles import GatewayPlacement, Profile
+from zumik_serve.bench.overhead_measure import (
+    ACCOUNTING_PROMPT,
+    ARM_LABELS,
+    DEFAULT_ARMS,
+    DEFAULT_SHAPES,
+    DIRECT_ARMS,
+    OverheadResult,
+    Prompts,
+    Shape,
+    accounting_summary,
+    measure,
+    parse_selection,
+)
 
-PROMPT = "Reply with one token."
+__all__ = [
+    "ACCOUNTING_PROMPT", "DEFAULT_SHAPES", "Prompts", "Shape", "accounting_summary", "direct_vllm_command",
+    "measure", "run_overhead_bench", "start_direct_vllm", "tenant_without_accounting", "wait_ready",
+    "write_outputs",
+]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class ArmStats:
-    name: str
-    n: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
+def direct_vllm_command(
+    arm: str, profile: Profile, model_dir: Path, port: int, kv_transfer: dict[str, Any] | None = None
+) -> list[str]:
+    """The command line of a direct arm: vLLM's own OpenAI server, at its defaults
+    (``vllm-defaults``: only the model, its served name, the KV cache size so that every engine
+    fits this machine, and usage details, which change nothing the engine computes) or at the
+    profile's engine settings (``vllm``), with Zumik's KV connector (``vllm-connector``)."""
+    from zumik_serve.engines.vllm_config import vllm_cli_args
 
-
-@dataclass(frozen=True)
-class OverheadResult:
-    rounds: int
-    requests_per_round: int
-    direct: ArmStats
-    zumik: ArmStats
-    added_p50_ms: float
-    added_p99_ms: float
-    added_round_median_ms: float
-    added_round_iqr_ms: tuple[float, float]
-    per_round_added_ms: list[float]
-    samples_ms: dict[str, list[float]]
-    per_round_p50_ms: dict[str, list[float]] | None = None  # every arm's p50, round by round
-
-    def summary(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("samples_ms")
-        return data
+    if arm == "vllm-defaults":
+        args = ["--model", str(model_dir), "--served-model-name", profile.model.served_name,
+                "--enable-prompt-tokens-details"]  # fmt: skip
+        if profile.engine.kv_cache_memory_bytes is not None:
+            args += ["--kv-cache-memory-bytes", str(profile.engine.kv_cache_memory_bytes)]
+    elif arm in ("vllm", "vllm-connector"):
+        if arm == "vllm-connector" and kv_transfer is None:
+            raise ValueError("the vllm-connector arm needs the profile's KV transfer config (kv_tiers on)")
+        args = vllm_cli_args(profile, model_dir, kv_transfer if arm == "vllm-connector" else None)
+    else:
+        raise ValueError(f"{arm!r} is not a direct arm ({', '.join(DIRECT_ARMS)})")
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args,
+        "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log",
+    ]  # fmt: skip
 
 
 def start_direct_vllm(
-    profile: Profile, model_dir: Path, port: int, log_path: Path, kv_transfer: dict[str, Any] | None = None
+    profile: Profile,
+    model_dir: Path,
+    port: int,
+    log_path: Path,
+    kv_transfer: dict[str, Any] | None = None,
+    *,
+    arm: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """vLLM's own OpenAI server with the profile's engine settings (the baseline arm), the
-    KV connector included when the profile has tiers, so that only the gateway differs."""
-    from zumik_serve.engines.vllm_config import vllm_cli_args
-
+    """A direct arm's server (``arm``; default: ``vllm-connector`` when ``kv_transfer`` is
+    given, else ``vllm``), its output in ``log_path``."""
+    arm = arm or ("vllm-connector" if kv_transfer is not None else "vllm")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        *vllm_cli_args(profile, model_dir, kv_transfer),
-        "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log",
-    ]  # fmt: skip
-    log = log_path.open("wb")
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    log_file = log_path.open("wb")
+    command = direct_vllm_command(arm, profile, model_dir, port, kv_transfer)
+    return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ})
 
 
 def wait_ready(
@@ -102,114 +125,13 @@ def wait_ready(
     raise TimeoutError(f"{url} was not ready within {timeout_s:.0f} s")
 
 
-def nodelay_client(base_url: str, headers: dict[str, str]) -> httpx.Client:
-    transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-    return httpx.Client(base_url=base_url, headers=headers, transport=transport, timeout=60.0)
-
-
-def measure(
-    arms: dict[str, tuple[str, dict[str, str]]],
-    *,
-    model: str,
-    rounds: int,
-    requests: int,
-    warmup: int,
-    on_progress: Any = None,
-    seed: int = 0,
-    prompt: str = PROMPT,
-) -> OverheadResult:
-    """Interleaved rounds over ``arms`` (name → (base URL, headers)): 'direct' and 'zumik', and
-    any others (measured alike, in ``samples_ms`` and ``per_round_p50_ms``)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
-    clients = {name: nodelay_client(url, headers) for name, (url, headers) in arms.items()}
-    rng = random.Random(seed)
-    samples: dict[str, list[float]] = {name: [] for name in arms}
-    per_round: list[float] = []
-    per_round_p50: dict[str, list[float]] = {name: [] for name in arms}
-    try:
-        for client in clients.values():
-            for _ in range(warmup):
-                _timed_post(client, body)
-        for _ in range(rounds):
-            order = list(arms)
-            rng.shuffle(order)
-            round_p50: dict[str, float] = {}
-            for name in order:
-                latencies = [_timed_post(clients[name], body) for _ in range(requests)]
-                samples[name].extend(latencies)
-                round_p50[name] = statistics.median(latencies)
-                per_round_p50[name].append(round_p50[name])
-                if on_progress is not None:
-                    on_progress(requests)
-            per_round.append(round_p50["zumik"] - round_p50["direct"])
-    finally:
-        for client in clients.values():
-            client.close()
-    direct, zumik = _stats("direct", samples["direct"]), _stats("zumik", samples["zumik"])
-    quartiles = statistics.quantiles(per_round, n=4) if len(per_round) >= 2 else [per_round[0]] * 3
-    return OverheadResult(
-        rounds=rounds,
-        requests_per_round=requests,
-        direct=direct,
-        zumik=zumik,
-        added_p50_ms=zumik.p50_ms - direct.p50_ms,
-        added_p99_ms=zumik.p99_ms - direct.p99_ms,
-        added_round_median_ms=statistics.median(per_round),
-        added_round_iqr_ms=(quartiles[0], quartiles[2]),
-        per_round_added_ms=per_round,
-        samples_ms=samples,
-        per_round_p50_ms=per_round_p50,
-    )
-
-
-ACCOUNTING_PROMPT = "You are a careful assistant. Follow the tools' schemas exactly. " * 40
-
-
-def accounting_summary(result: OverheadResult) -> dict[str, Any]:
-    """The reuse accounting's cost: per round, (Zumik with accounting) - (Zumik without), and its
-    share of the gateway's added latency (Zumik with accounting - vLLM direct)."""
-    assert result.per_round_p50_ms is not None
-    on, off, direct = (result.per_round_p50_ms[name] for name in ("zumik", "zumik-no-accounting", "direct"))
-    cost = [a - b for a, b in zip(on, off, strict=True)]
-    added = [a - d for a, d in zip(on, direct, strict=True)]
-    share = (
-        statistics.median(cost) / statistics.median(added) if statistics.median(added) > 0 else float("nan")
-    )
-    return {
-        "accounting_cost_round_median_ms": round(statistics.median(cost), 3),
-        "accounting_cost_per_round_ms": [round(value, 3) for value in cost],
-        "gateway_added_round_median_ms": round(statistics.median(added), 3),
-        "accounting_share_of_added": round(share, 4),
-        "goal_under_5_percent": share < 0.05,
-    }
-
-
-def _timed_post(client: httpx.Client, body: dict[str, Any]) -> float:
-    t0 = time.perf_counter()
-    response = client.post("/v1/completions", json=body)
-    elapsed_ms = (time.perf_counter() - t0) * 1000.0
-    if response.status_code != 200:
-        raise RuntimeError(f"{client.base_url} answered {response.status_code}: {response.text[:200]}")
-    return elapsed_ms
-
-
-def _stats(name: str, values: list[float]) -> ArmStats:
-    ordered = sorted(values)
-
-    def pct(p: float) -> float:
-        return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]
-
-    return ArmStats(
-        name=name, n=len(values), p50_ms=pct(0.5), p90_ms=pct(0.9), p99_ms=pct(0.99),
-        mean_ms=statistics.fmean(values),
-    )  # fmt: skip
-
-
 def write_outputs(result: OverheadResult, out_dir: Path) -> tuple[Path, Path]:
+    """``overhead.json`` (the summary, every sample) and ``overhead.png``: p50/p99 per arm and
+    shape, and the differences per shape against their goals."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "overhead.json"
     summary = result.summary()
-    if result.per_round_p50_ms and "zumik-no-accounting" in result.per_round_p50_ms:
+    if Shape.ACCOUNTING.value in result.shapes:
         summary["accounting"] = accounting_summary(result)
     json_path.write_text(json.dumps({**summary, "samples_ms": result.samples_ms}, indent=2))
     png_path = out_dir / "overhead.png"
@@ -218,31 +140,60 @@ def write_outputs(result: OverheadResult, out_dir: Path) -> tuple[Path, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    labels = {"direct": "vLLM direct", "zumik": "Zumik /v1", "zumik-no-accounting": "Zumik, no accounting"}
-    names = [name for name in labels if name in result.samples_ms]
-    left.boxplot([result.samples_ms[name] for name in names], tick_labels=[labels[n] for n in names],
-                 showfliers=False)  # fmt: skip
-    left.set_ylabel("latency of a 1-token completion (ms)")
-    left.set_title(f"{result.rounds} rounds x {result.requests_per_round} requests per arm")
-    right.plot(range(1, result.rounds + 1), result.per_round_added_ms, marker="o")
-    right.axhline(1.0, color="green", linestyle="--", label="goal p50 <= 1 ms")
-    right.set_xlabel("round")
-    right.set_ylabel("added p50 (ms)")
-    right.set_title(f"added p50: median {result.added_round_median_ms:.2f} ms over rounds")
-    right.legend()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
+    width = 0.8 / max(1, len(result.arms))
+    for index, arm in enumerate(result.arms):
+        xs = [s + index * width for s in range(len(result.shapes))]
+        p50 = [result.stats[shape][arm].p50_ms for shape in result.shapes]
+        p99 = [result.stats[shape][arm].p99_ms for shape in result.shapes]
+        left.bar(xs, p50, width, label=ARM_LABELS.get(arm, arm))
+        left.scatter(xs, p99, marker="_", color="black", zorder=3)
+    left.set_xticks([s + 0.4 - width / 2 for s in range(len(result.shapes))], result.shapes)
+    left.set_ylabel("1-token completion latency (ms): bar p50, dash p99")
+    left.set_title(f"{result.rounds} rounds x {result.requests_per_round} requests per arm and shape")
+    left.legend(fontsize=8)
+    names = sorted({key for deltas in result.deltas.values() for key in deltas})
+    width = 0.8 / max(1, len(names))
+    for index, key in enumerate(names):
+        xs = [s + index * width for s in range(len(result.shapes))]
+        values = [
+            result.deltas[shape][key].p50_ms if key in result.deltas[shape] else 0.0
+            for shape in result.shapes
+        ]
+        right.bar(xs, values, width, label=key)
+    right.axhline(1.0, color="green", linestyle="--", label="goal zumik-vllm p50 <= 1 ms")
+    right.axhline(0.3, color="purple", linestyle=":", label="goal connector p50 <= 0.3 ms")
+    right.set_xticks([s + 0.4 - width / 2 for s in range(len(result.shapes))], result.shapes)
+    right.set_ylabel("difference of pooled p50 (ms)")
+    right.set_title("differences per prompt shape")
+    right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return json_path, png_path
 
 
+def tree_state() -> dict[str, Any]:
+    """The code measured: the commit and whether the work tree had changes (the bench may run
+    on a tree mid-change; the figures then belong to that state, not to the commit)."""
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=False)
+        except OSError:
+            return ""
+        return done.stdout.strip()
+
+    changed = git("diff", "--name-only", "HEAD").splitlines()
+    return {"commit": git("rev-parse", "HEAD"), "changed_files": changed}
+
+
 def run_overhead_bench(args: Any, console: Any) -> int:
-    """The CLI command: start both arms (or reuse a running Zumik), measure, report, plot."""
-    from rich.progress import Progress
-    from rich.table import Table
+    """The CLI command: start every arm, measure interleaved, report, plot."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from profiles import resolve_profile
+    from zumik_serve.app.priority import engine_replica_pids, process_niceness
     from zumik_serve.app.stack import LocalStack, StackConfig
     from zumik_serve.engines.vllm_config import engine_kv_transfer
     from zumik_serve.home import ZumikHome
@@ -254,63 +205,93 @@ def run_overhead_bench(args: Any, console: Any) -> int:
     if args.placement:
         gateway = profile.gateway.model_copy(update={"placement": GatewayPlacement(args.placement)})
         profile = profile.model_copy(update={"gateway": gateway})
-    console.log(
-        f"arms: vLLM direct vs Zumik (gateway {profile.gateway.placement.value}, ingress {args.ingress})"
-    )
+    accounting = bool(getattr(args, "accounting", False))
+    if accounting:
+        arm_names: list[str] = ["vllm", "zumik", "zumik-no-accounting"]
+        shapes: list[Shape] = [Shape.ACCOUNTING]
+    else:
+        try:
+            arm_names, shapes = parse_selection(
+                getattr(args, "arms", None) or DEFAULT_ARMS, getattr(args, "shapes", None) or DEFAULT_SHAPES
+            )
+        except ValueError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            return 2
+        if "vllm-connector" in arm_names and not profile.kv_tiers.enabled:
+            arm_names.remove("vllm-connector")
+            console.log(f"profile {profile.name} has no KV tiers: no vllm-connector arm")
+    console.log(f"arms: {', '.join(arm_names)}; shapes: {', '.join(s.value for s in shapes)} "
+                f"(gateway {profile.gateway.placement.value}, ingress {args.ingress})")  # fmt: skip
     home = ZumikHome.from_env().ensure()
     model_dir = resolve_model_dir(profile, home)
     dev_key = os.environ.get("ZUMIK_DEV_KEY") or "zk-bench-" + os.urandom(8).hex()
-    direct_port = free_port()
-    accounting = bool(getattr(args, "accounting", False))
     stack = LocalStack(StackConfig.from_env(profile, port=free_port(), dev_key=dev_key, ingress=args.ingress))
-    direct = None
+    direct: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    context: dict[str, Any] = {"tree": tree_state(), "profile": profile.name, "ingress": args.ingress,
+                               "placement": profile.gateway.placement.value}  # fmt: skip
     try:
-        with console.status("starting the Zumik stack and vLLM's own OpenAI server (about 2 minutes)"):
+        with console.status("starting the Zumik stack and vLLM's own OpenAI servers (a few minutes)"):
             stack.start(lambda message: console.log(message))
             kv_transfer = engine_kv_transfer(
                 profile, model_dir=model_dir, redis_url=stack.redis_url, home_root=stack.config.home.root
             )
-            direct = start_direct_vllm(
-                profile, model_dir, direct_port, args.out / "vllm-direct.log", kv_transfer
-            )
-            direct_url = f"http://127.0.0.1:{direct_port}"
-            wait_ready(direct_url, {}, timeout_s=300, process=direct)
-        arms = {"direct": (direct_url, {}), "zumik": (stack.url, {"Authorization": f"Bearer {dev_key}"})}
-        if accounting:  # the same stack, a tenant without reuse accounting
-            key = asyncio.run(tenant_without_accounting(stack.redis_url))
-            arms["zumik-no-accounting"] = (stack.url, {"Authorization": f"Bearer {key}"})
-        total = len(arms) * args.rounds * args.requests
-        with Progress(console=console) as progress:
-            task = progress.add_task("interleaved rounds", total=total)
+            for arm in (a for a in arm_names if a in DIRECT_ARMS):  # start together, wait together
+                port = free_port()
+                process = start_direct_vllm(
+                    profile, model_dir, port, args.out / f"{arm}.log", kv_transfer, arm=arm
+                )
+                direct[arm] = (process, f"http://127.0.0.1:{port}")
+            for arm, (process, url) in list(direct.items()):
+                try:
+                    wait_ready(url, {}, timeout_s=600, process=process)
+                except (RuntimeError, TimeoutError) as exc:
+                    if arm == "vllm":  # every difference is taken against it
+                        raise RuntimeError(f"{exc}; see {args.out / 'vllm.log'}") from None
+                    console.log(f"[red]{arm} did not start ({exc}); measuring without it, see "
+                                f"{args.out / (arm + '.log')}[/red]")  # fmt: skip
+                    context.setdefault("arms_not_started", {})[arm] = str(exc)
+                    process.kill()
+                    process.wait(timeout=30)
+                    del direct[arm]
+                    arm_names.remove(arm)
+                    continue
+                console.log(f"{arm} ready at {url}")
+        urls: dict[str, tuple[str, dict[str, str]]] = {}
+        for arm in arm_names:
+            if arm in direct:
+                urls[arm] = (direct[arm][1], {})
+            elif arm == "zumik":
+                urls[arm] = (stack.url, {"Authorization": f"Bearer {dev_key}"})
+            elif arm == "zumik-no-accounting":  # the same stack, a tenant without reuse accounting
+                key = asyncio.run(tenant_without_accounting(stack.redis_url))
+                urls[arm] = (stack.url, {"Authorization": f"Bearer {key}"})
+        context["niceness"] = {
+            **{arm: process_niceness(process.pid) for arm, (process, _) in direct.items()},
+            **{f"zumik-replica-{pid}": process_niceness(pid) for pid in engine_replica_pids()},
+        }
+        total = len(urls) * len(shapes) * args.rounds * args.requests
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("interleaved requests", total=total)
             result = measure(
-                arms, model=profile.model.served_name, rounds=args.rounds, requests=args.requests,
-                warmup=args.warmup, on_progress=lambda n: progress.advance(task, n),
-                prompt=ACCOUNTING_PROMPT if accounting else PROMPT,
+                urls, model=profile.model.served_name, rounds=args.rounds, requests=args.requests,
+                warmup=args.warmup, shapes=shapes, on_progress=lambda n: progress.advance(task, n),
             )  # fmt: skip
     finally:
         stack.stop()
-        if direct is not None:
-            direct.terminate()
+        for process, _ in direct.values():
+            process.terminate()
+        for process, _ in direct.values():
             try:
-                direct.wait(timeout=30)
+                process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                direct.kill()
+                process.kill()
+    result.context.update(context)
     json_path, png_path = write_outputs(result, args.out)
     if args.json:
         print(json.dumps(result.summary(), indent=2))
         return 0
-    table = Table(title="Zumik /v1 overhead vs vLLM direct (1-token completion, sequential)")
-    for column in ("arm", "n", "p50 ms", "p90 ms", "p99 ms", "mean ms"):
-        table.add_column(column)
-    for arm in (result.direct, result.zumik):
-        table.add_row(arm.name, str(arm.n), f"{arm.p50_ms:.2f}", f"{arm.p90_ms:.2f}", f"{arm.p99_ms:.2f}",
-                      f"{arm.mean_ms:.2f}")  # fmt: skip
-    console.print(table)
-    low, high = result.added_round_iqr_ms
-    console.print(
-        f"added p50 {result.added_p50_ms:.2f} ms, added p99 {result.added_p99_ms:.2f} ms; "
-        f"median of round differences {result.added_round_median_ms:.2f} ms (IQR {low:.2f}-{high:.2f})"
-    )
+    _print_tables(result, console)
     if accounting:
         summary = accounting_summary(result)
         console.print(
@@ -320,6 +301,40 @@ def run_overhead_bench(args: Any, console: Any) -> int:
         )
     console.print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+def _print_tables(result: OverheadResult, console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title="1-token completions, sequential, arms interleaved per request (ms)")
+    for column in ("shape", "arm", "n", "prompt tokens", "cached", "p50", "p90", "p99", "mean"):
+        table.add_column(column)
+    for shape in result.shapes:
+        for arm in result.arms:
+            s, cached = result.stats[shape][arm], result.cached_tokens[shape][arm]
+            table.add_row(shape, arm, str(s.n), f"{result.prompt_tokens[shape][arm]:.0f}",
+                          "-" if cached is None else f"{cached:.0f}", f"{s.p50_ms:.2f}", f"{s.p90_ms:.2f}",
+                          f"{s.p99_ms:.2f}", f"{s.mean_ms:.2f}")  # fmt: skip
+    console.print(table)
+    differences = Table(title="differences (ms): pooled p50, p99; median (IQR) of per-round p50 differences")
+    for column in ("shape", "difference", "p50", "p99", "round median (IQR)"):
+        differences.add_column(column)
+    for shape, deltas in result.deltas.items():
+        for key, d in deltas.items():
+            low, high = d.round_iqr_ms
+            differences.add_row(shape, key, f"{d.p50_ms:.2f}", f"{d.p99_ms:.2f}",
+                                f"{d.round_median_ms:.2f} ({low:.2f}-{high:.2f})")  # fmt: skip
+    console.print(differences)
+    for shape, phases in result.server_timing_ms.items():
+        if phases:
+            console.print(
+                f"Zumik Server-Timing medians, {shape}: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+            )
+    for shape, goals in result.goals().items():
+        console.print(
+            f"goals, {shape}: " + "; ".join(f"{k}: {'met' if ok else 'not met'}" for k, ok in goals.items())
+        )
 
 
 async def tenant_without_accounting(redis_url: str) -> str:

@@ -41,6 +41,7 @@ from typing import Any
 import httpx
 
 from profiles import Profile, load_builtin
+from zumik_serve.bench.routing_cluster import cluster_figures, run_cluster_only, token_decision_times_us
 
 ARMS = ("rr-nocache", "rr-cache", "zumik")
 WORKLOADS = ("no_reuse", "shared_prefix", "agent_sessions", "mooncake")
@@ -279,9 +280,19 @@ def run_routing_bench(args: Any, console: Any) -> int:
     from rich.table import Table
 
     from zumik_serve.app.stack import LocalStack, StackConfig
+    from zumik_serve.bench.escalation import print_escalation, run_escalation
     from zumik_serve.home import ZumikHome
     from zumik_serve.store.local_redis import free_port
 
+    if getattr(args, "cluster_only", False):  # in process: bench/routing_cluster.py
+        return run_cluster_only(args, console)
+    # The escalation arm (bench/escalation.py) runs in process first: managed, BYOC, Zumik's choice.
+    escalation = run_escalation(requests=getattr(args, "escalation_requests", 120), seed=args.seed)
+    if getattr(args, "escalation_only", False):
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "escalation.json").write_text(json.dumps(escalation, indent=2))
+        print(json.dumps(escalation, indent=2)) if args.json else print_escalation(escalation, console)
+        return 0 if escalation["within_5_percent"] else 1
     block_size = load_builtin("local-cpu-2x").engine.block_size
     trace = shared_trace()
     if trace is None:
@@ -318,11 +329,16 @@ def run_routing_bench(args: Any, console: Any) -> int:
             if stack is not None:
                 stack.stop()
     decisions = decision_times_us(arm_profile("zumik"))
+    cluster = cluster_figures(arm_profile("zumik"), seed=args.seed)  # two gateways, one owner
+    token_decisions = token_decision_times_us(arm_profile("zumik"), lengths=DECISION_LENGTHS)
     summary = {
         "seed": args.seed, "scale": args.scale, "concurrency": args.concurrency,
         "results": [r.to_json() for r in results],
         "decision_us": {str(length): times for length, times in decisions.items()},
         "mooncake": str(trace) if trace else None,
+        "escalation": escalation,
+        "cluster": [arm.to_json() for arm in cluster],
+        "decision_us_token_ids": {str(length): times for length, times in token_decisions.items()},
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "routing.json").write_text(json.dumps(summary, indent=2))
@@ -355,7 +371,16 @@ def run_routing_bench(args: Any, console: Any) -> int:
         timing.add_column(column)
     for length, times in decisions.items():
         timing.add_row(str(length), f"{times['p50']:.0f}", f"{times['p99']:.0f}")
+    for length, times in token_decisions.items():  # keys: the engine's own block hashes
+        timing.add_row(f"{length} (token ids)", f"{times['p50']:.0f}", f"{times['p99']:.0f}")
     console.print(timing)
+    print_escalation(escalation, console)
+    owners = Table(title="Two gateways, three replicas: one owner of the scheduler state (simulated)")
+    for column in ("arm", "capture eff.", "belief wrong"):
+        owners.add_column(column)
+    for sim in cluster:
+        owners.add_row(sim.arm, f"{sim.capture_efficiency:.3f}", f"{sim.belief_wrong}/{sim.requests}")
+    console.print(owners)
     console.print(f"wrote {args.out / 'routing.json'} and {args.out / 'routing.png'}")
     return 0
 

@@ -99,30 +99,36 @@ def measure_tiers(model_dir: Path, lengths: list[int], on_step: Any = print) -> 
     # A compat digest of this run only: nothing from an earlier run (shared memory outlives
     # processes) can be mistaken for a restore, and the recompute arm really recomputes.
     compat = secrets.token_hex(32)
-    shm_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    # A shared-memory folder of this run's own (the host tier's budget is the node's: a run must
+    # neither evict a running engine's blocks nor count them).
+    shm_base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    shm_root = shm_base / f"zumik-bench-tiers-{compat[:12]}"
     with tempfile.TemporaryDirectory(prefix="zumik-bench-tiers-") as scratch:
         folder = Path(scratch)
-        redis_server = LocalRedis(data_dir=folder / "redis").start()
+        # A KV Redis as `zumik serve` starts one: maxmemory (ample here), volatile-lru, no AOF.
+        redis_server = LocalRedis(data_dir=folder / "redis", role="kv", maxmemory_bytes=4 << 30).start()
         try:
             base = {"compat_digest": compat, "host_capacity_bytes": 0}
             kv = redis_server.kv_access  # as in a deployment: the zumik-kv user, vLLM logs no password
             redis_tier = {"redis_url": kv.url, "redis_password_file": str(kv.password_file)}
             all_tiers = {**base, "host_capacity_bytes": 1 << 30, **redis_tier,
-                         "disk_root": str(folder / "kv"), "shm_root": str(shm_root)}  # fmt: skip
+                         "disk_root": str(folder / "kv"), "disk_capacity_bytes": 4 << 30,
+                         "shm_root": str(shm_root)}  # fmt: skip
             on_step("process 1: recompute, then restore from host RAM (stores every tier)")
             primed, host_logs = _engine(model_dir, all_tiers, prompts, "prime")
             on_step("process 2: restore from Redis")
             from_redis, redis_logs = _engine(model_dir, {**base, **redis_tier}, prompts, "restore")
             on_step("process 3: restore from disk")
             from_disk, disk_logs = _engine(
-                model_dir, {**base, "disk_root": str(folder / "kv")}, prompts, "restore"
+                model_dir, {**base, "disk_root": str(folder / "kv"), "disk_capacity_bytes": 4 << 30},
+                prompts, "restore",
             )
             block_bytes = host_logs[0]["bytes"] // max(host_logs[0]["blocks"], 1) if host_logs else 131072
             on_step("medium ceilings: memcpy, redis-benchmark GET, file reads")
             ceilings = _ceilings(redis_server, folder, block_bytes)
         finally:
             redis_server.stop()
-            shutil.rmtree(shm_root / f"zumik-kv-{compat[:16]}", ignore_errors=True)
+            shutil.rmtree(shm_root, ignore_errors=True)
     rows = []
     for index, length in enumerate(lengths):
         recompute = primed[index]["seconds"]

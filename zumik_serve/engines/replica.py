@@ -9,6 +9,11 @@ reach the gateway as a bare 500.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -24,14 +29,45 @@ from zumik_serve.engines.protocol import (
     EngineResponse,
     ReplicaAssigned,
 )
+from zumik_serve.routing.block_hashes import HASH_ALGO, event_key
+from zumik_serve.routing.owner import KvEvent
+
+KV_EVENTS_TOPIC = "zumik-kv"
+KV_EVENTS_BATCH_S = 0.05  # events are sent to the owner at most this often
+OWNER_DEPLOYMENT = "SchedulerOwner"
+
+log = logging.getLogger(__name__)
+
+
+def with_kv_events(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``engine_kwargs`` with vLLM's KV cache events on (ZMQ; each replica binds its own
+    endpoint, ``EngineReplica.__init__``) and the block hash the gateway reproduces
+    (``routing/block_hashes.py``)."""
+    events = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": KV_EVENTS_TOPIC}
+    return {**engine_kwargs, "kv_events_config": events, "prefix_caching_hash_algo": HASH_ALGO}
 
 
 class EngineReplica(LLMServer):
-    async def complete(self, call: str, body: dict[str, Any]) -> list[EngineEvent]:
-        """A non-streaming call as one unary reply: cheaper over a handle than a stream."""
+    async def __init__(self, llm_config: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[misc]
+        """With KV events on (``with_kv_events``), the engine publishes on an endpoint of this
+        replica's own, and a task forwards its events to the profile's scheduler owner."""
+        endpoint = _own_kv_events_endpoint(llm_config)
+        await super().__init__(llm_config, *args, **kwargs)
+        self._kv_events_task = None
+        if endpoint is not None:
+            self._kv_events_task = asyncio.create_task(_forward_kv_events(endpoint, _replica_id()))
+
+    async def complete(
+        self, call: str, body: dict[str, Any], zumik_replica: str | None = None
+    ) -> list[EngineEvent]:
+        """A non-streaming call as one unary reply: cheaper over a handle than a stream.
+        ``zumik_replica``: the replica the gateway picked (read by ``app/request_router.py``
+        before the call reaches a replica; unused here)."""
         return [event async for event in self.generate(call, body)]
 
-    async def generate(self, call: str, body: dict[str, Any]) -> AsyncGenerator[EngineEvent, None]:
+    async def generate(
+        self, call: str, body: dict[str, Any], zumik_replica: str | None = None
+    ) -> AsyncGenerator[EngineEvent, None]:
         yield ReplicaAssigned(replica_id=_replica_id())
         from vllm.exceptions import VLLMClientError
 
@@ -125,3 +161,66 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:
         return "unknown"
+
+
+def _own_kv_events_endpoint(llm_config: Any) -> str | None:
+    """Give this replica's engine an IPC endpoint of its own (replicas of one deployment share
+    their config, and a TCP port would collide on one node); None when events are off."""
+    events = (llm_config.engine_kwargs or {}).get("kv_events_config")
+    if not isinstance(events, dict) or not events.get("enable_kv_cache_events"):
+        return None
+    endpoint = f"ipc://{os.environ.get('TMPDIR', '/tmp')}/zumik-kv-{uuid.uuid4().hex[:12]}"
+    llm_config.engine_kwargs["kv_events_config"] = {**events, "endpoint": endpoint}
+    # ray.serve.llm caches the engine config built from engine_kwargs (get_engine_config), and
+    # the deployment's options already built it: build it again from the changed kwargs.
+    llm_config._engine_config = None
+    return endpoint
+
+
+def kv_events_of(batch: Any, replica: str) -> list[KvEvent]:
+    """vLLM's ``KVEventBatch`` as the owner's ``KvEvent`` values (blocks named as in residency)."""
+    from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+
+    events: list[KvEvent] = []
+    for event in batch.events:
+        if isinstance(event, BlockStored):
+            events.append(KvEvent(replica, stored=tuple(event_key(h) for h in event.block_hashes)))
+        elif isinstance(event, BlockRemoved):
+            events.append(KvEvent(replica, removed=tuple(event_key(h) for h in event.block_hashes)))
+        elif isinstance(event, AllBlocksCleared):
+            events.append(KvEvent(replica, cleared=True))
+    return events
+
+
+async def _forward_kv_events(endpoint: str, replica: str) -> None:
+    """Subscribe to the engine's events and send them, batched, to the scheduler owner (its
+    application's ``SchedulerOwner``); without one, events are read and dropped."""
+    import msgspec
+    import zmq
+    import zmq.asyncio
+    from vllm.distributed.kv_events import KVEventBatch
+
+    decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+    socket = zmq.asyncio.Context.instance().socket(zmq.SUB)
+    socket.connect(endpoint)
+    socket.setsockopt_string(zmq.SUBSCRIBE, KV_EVENTS_TOPIC)
+    owner = None
+    with contextlib.suppress(Exception):
+        owner = serve.get_deployment_handle(OWNER_DEPLOYMENT, serve.get_replica_context().app_name)
+    pending: list[KvEvent] = []
+    loop = asyncio.get_running_loop()
+    sent_at = loop.time()
+    try:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                _topic, _seq, payload = await asyncio.wait_for(socket.recv_multipart(), KV_EVENTS_BATCH_S)
+                pending.extend(kv_events_of(decoder.decode(payload), replica))
+            if pending and loop.time() - sent_at >= KV_EVENTS_BATCH_S:
+                batch, pending, sent_at = pending, [], loop.time()
+                if owner is not None:
+                    try:
+                        await owner.engine_events.remote(batch)
+                    except Exception as exc:  # the owner restarts: these events are lost, the
+                        log.warning("KV events not delivered (%s)", type(exc).__name__)  # sends stay
+    finally:
+        socket.close(linger=0)

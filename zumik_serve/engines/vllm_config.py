@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from profiles import Device, ModelGroupSpec, Profile
+from profiles.model import EngineSpec
 from zumik_serve.home import ZumikHome
 from zumik_serve.secret_files import secrets_dir
 from zumik_serve.store.redis_acl import engine_redis_access
@@ -80,30 +81,41 @@ def vllm_arg_tokens(name: str, value: Any) -> list[str]:
 
 
 def kv_transfer_config(
-    profile: Profile, *, compat_digest: str, redis_url: str, home_root: Path
+    profile: Profile,
+    *,
+    compat_digest: str,
+    redis_url: str,
+    home_root: Path,
+    kv_redis_url: str | None = None,
 ) -> dict[str, Any] | None:
     """vLLM ``kv_transfer_config`` loading Zumik's connector over the profile's tiers, or None.
-    ``redis_url`` is the gateway's; the engines get the same server as user ``zumik-kv``, its
-    password in ``redis-kv.password`` of the secrets folder (``secret_files.secrets_dir``)."""
+    ``redis_url`` is the gateway's state Redis, where the per-scope data keys stay;
+    ``kv_redis_url`` the KV Redis (its own server, bounded, LRU; None: the state Redis, as a
+    deployment without one had it). The engines reach both as user ``zumik-kv``, its password
+    in ``redis-kv.password`` of the secrets folder (``secret_files.secrets_dir``)."""
     tiers = profile.kv_tiers
     if not tiers.enabled:
         return None
     # The engines log in as zumik-kv (KV keys only); vLLM logs this config, so it names the
     # password's file, never the password.
-    access = engine_redis_access(redis_url, secrets_dir(ZumikHome(home_root)))
+    folder = secrets_dir(ZumikHome(home_root))
+    access = engine_redis_access(redis_url, folder)
     extra: dict[str, Any] = {
         "compat_digest": compat_digest,
-        "host_capacity_bytes": tiers.host_capacity_bytes,
-        "keyring_redis_url": access.url,  # per-scope data keys and purge tombstones
+        "host_capacity_bytes": tiers.host_capacity_bytes,  # per node
+        "keyring_redis_url": access.url,  # per-scope data keys and purge tombstones (never evicted)
         "seal": tiers.seal,
+        "write_behind_max_bytes": tiers.write_behind_max_bytes,
     }
     if access.password_file is not None:
         extra["redis_password_file"] = str(access.password_file)
     if tiers.redis:
-        extra["redis_url"] = access.url
+        kv_access = access if kv_redis_url is None else engine_redis_access(kv_redis_url, folder)
+        extra["redis_url"] = kv_access.url
         extra["redis_scope_max_bytes"] = profile.quota.kv_bytes  # per cache scope (tenant)
     if tiers.disk_root:
         extra["disk_root"] = tiers.disk_root.replace("$ZUMIK_HOME", str(home_root))
+        extra["disk_capacity_bytes"] = tiers.disk_capacity_bytes
     return {
         "kv_connector": "ZumikKVConnector",
         "kv_connector_module_path": "kvstore.connector",
@@ -120,6 +132,7 @@ def engine_kv_transfer(
     redis_url: str,
     home_root: Path,
     group: ModelGroupSpec | None = None,
+    kv_redis_url: str | None = None,
 ) -> dict[str, Any] | None:
     """The connector config of the engines of ``group`` (default: the profile's own model),
     with the compat key derived from the model and tokenizer on disk (the same for every
@@ -137,9 +150,13 @@ def engine_kv_transfer(
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_dir),
         group=group,
     )
-    return kv_transfer_config(
-        profile, compat_digest=compat.digest(), redis_url=redis_url, home_root=home_root
-    )
+    config = kv_transfer_config(
+        profile, compat_digest=compat.digest(), redis_url=redis_url, home_root=home_root,
+        kv_redis_url=kv_redis_url,
+    )  # fmt: skip
+    if config is not None:  # each engine recomputes the key from its own files, refuses a mismatch
+        config["kv_connector_extra_config"]["compat_key"] = compat.as_config()
+    return config
 
 
 def llm_config_kwargs(
@@ -168,7 +185,7 @@ def llm_config_kwargs(
         "model_loading_config": loading,
         "engine_kwargs": engine_kwargs,
         "deployment_config": {
-            "num_replicas": engine.num_replicas,
+            **_replicas(engine),
             "ray_actor_options": {"num_cpus": engine.cpus_per_replica},
         },
         # Streamed tokens leave the replica at once; batching would add up to 50 ms to TTFT.
@@ -180,6 +197,10 @@ def llm_config_kwargs(
         kwargs["accelerator_config"] = {"kind": "cpu"}
     if engine.accelerator_type is not None:
         kwargs["accelerator_type"] = engine.accelerator_type
+    if engine.device is Device.CUDA and engine.tensor_parallel_size * engine.pipeline_parallel_size > 1:
+        # One GPU per rank, all on one node (Ray Serve LLM's default, PACK, may spread the ranks
+        # over nodes, and NCCL then goes over the network); deploy/kuberay sizes pods to fit.
+        kwargs["placement_group_config"] = {"bundle_per_worker": {"GPU": 1}, "strategy": "STRICT_PACK"}
     return kwargs
 
 
@@ -191,3 +212,17 @@ def vllm_cli_args(profile: Profile, model_dir: Path, kv_transfer: dict[str, Any]
     for key, value in vllm_engine_kwargs(profile).items():
         args.extend(vllm_arg_tokens(key, value))
     return args
+
+
+def _replicas(engine: EngineSpec) -> dict[str, Any]:
+    """A fixed ``num_replicas``, or Serve's ``autoscaling_config`` (``engine.autoscaling``)."""
+    spec = engine.autoscaling
+    if spec is None:
+        return {"num_replicas": engine.num_replicas}
+    return {
+        "autoscaling_config": {
+            "min_replicas": spec.min_replicas,
+            "max_replicas": spec.max_replicas,
+            "target_ongoing_requests": spec.target_ongoing_requests,
+        }
+    }

@@ -31,6 +31,7 @@ class RequestAccounting:
     def __init__(self, reuse: ReuseService | None, decision: Decision) -> None:
         """``reuse`` None: the tenant keeps no reuse accounting."""
         self._reuse = reuse
+        self._family = decision.family  # the ledger counts the prompt's prefix family too
         self._lookup: asyncio.Task[int] | None = None
         self._opportunity: int | None = None
         self._skipped = False
@@ -74,7 +75,10 @@ class RequestAccounting:
             kv_report=run.kv_report(),
         )
         if self._reuse is not None:  # telemetry, not state: written after the answer is sent
-            in_background(self._reuse.record(tenant, figures, snapshot=snapshot, route=run.route_name))
+            family = self._family or None
+            in_background(
+                self._reuse.record(tenant, figures, snapshot=snapshot, route=run.route_name, family=family)
+            )
         return figures
 
 

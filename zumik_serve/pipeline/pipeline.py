@@ -8,7 +8,8 @@
         ├─ release     the model names an alias (or the served model, published on first use)
         ├─ state       snapshot messages first; a session checked live; /v2: tokenized here
         ├─ rate        the tenant's requests and tokens per minute (429 with Retry-After)
-        ├─ evidence    what the reuse ledger recorded for the tenant and snapshot (escalation)
+        ├─ evidence    what the reuse ledger recorded for the tenant and the prompt's prefix
+        │              family (escalation), read at most once per EVIDENCE_TTL_S per family
         ├─ decide      Dispatcher.decide → Decision (recorded inputs, replayable)
         ├─ accounting  the prefix's opportunity lookup starts, running while the engine works
         ├─ dispatch    Dispatcher.execute → EngineRun (first output) or the client's error
@@ -38,6 +39,8 @@ from zumik_serve.errors import (
     AuthenticationError,
     InvalidRequestError,
     ModelNotFoundError,
+    NotFoundError,
+    PermissionDeniedError,
     StoreUnavailableError,
 )
 from zumik_serve.pipeline.accounting import RequestAccounting
@@ -54,6 +57,7 @@ from zumik_serve.pipeline.request import (
 from zumik_serve.qos.admission import choose_class
 from zumik_serve.qos.deadline import Deadline, exceeded
 from zumik_serve.qos.quota import RateReservation, reserved_tokens, used_tokens
+from zumik_serve.reuse.evidence import EvidenceLevel
 from zumik_serve.reuse.figures import ReuseFigures
 from zumik_serve.routing.decision import NO_EVIDENCE, Evidence
 from zumik_serve.routing.dispatch import RouteContext
@@ -91,7 +95,8 @@ class Pipeline:
         )
         self._escalates = context.profile.routing.escalation.to != "none"
         self._first_group = frozenset(group_served_names(context.profile.model_groups()[0]))
-        self._evidence: dict[tuple[str, str | None], tuple[float, Evidence]] = {}
+        self._evidence: dict[tuple[str, str], tuple[float, Evidence]] = {}
+        self.evidence_ttl_s = EVIDENCE_TTL_S  # 0: read the ledger on every request (benches)
 
     # --- before the request runs: authenticate first, admit once the body is read ------------
 
@@ -129,6 +134,7 @@ class Pipeline:
     async def _run(self, request: GenerationRequest) -> Generation:
         ctx = self.context
         tenant = request.tenant
+        self.check_profile(tenant, request.profile)
         check_generation_limits(request.body, ctx.limits)
         release = await self._release(tenant, request.model, pinned=request.refs.release)
         model = release.model if release is not None else (request.model or ctx.models.default)
@@ -141,20 +147,22 @@ class Pipeline:
         call, body, allowed = await self._resolve_state(request, model, release)
         salt = await ctx.salts.for_tenant(tenant.id)
         reservation = await self._admit_rate(tenant, body, salt)
+        dispatcher = ctx.dispatcher_for(model)
+        prompt = dispatcher.prompt(call, body, salt=salt)
         body["cache_salt"] = salt
         admission = request.admission
         route = RouteContext(
             release_id=release.id if release is not None else None,
             allowed_routes=allowed,
             snapshot_id=request.refs.snapshot,
-            evidence=await self._escalation_evidence(tenant, request.refs.snapshot),
+            evidence=await self._escalation_evidence(tenant, prompt.family),
             qos=admission.qos.value,
             prefer_cheapest=admission.prefer_cheapest,
             engine_priority=admission.engine_priority,
             sources=request.refs.sources(),
+            client_cache_key=request.client_cache_key,
         )
-        dispatcher = ctx.dispatcher_for(model)
-        decision = dispatcher.decide(call, body, tenant=tenant.id, salt=salt, context=route)
+        decision = dispatcher.decide(call, body, tenant=tenant.id, salt=salt, context=route, prompt=prompt)
         accounting = RequestAccounting(ctx.reuse if tenant.reuse_accounting else None, decision)
         run = await dispatcher.execute(
             decision, call, body, stream=request.stream, tenant=tenant.id, salt=salt, context=route
@@ -201,6 +209,26 @@ class Pipeline:
         dispatcher = self.context.dispatcher_for(generation.model)
         await dispatcher.record_sent(tenant.id, handles, run.route_name)
 
+    def check_profile(self, tenant: Tenant, requested: str | None, *, param: str = "x-zumik-profile") -> None:
+        """The profile a request runs on (``requested``, else the one served here) must be one
+        the tenant may use (403 otherwise) and one this deployment serves (404 otherwise)."""
+        served = self.context.profile.name
+        name = served if requested is None else requested
+        if tenant.profiles is not None and name not in tenant.profiles:
+            allowed = ", ".join(sorted(tenant.profiles)) or "none"
+            raise PermissionDeniedError(
+                f"Your tenant may not use profile {name!r}; it may use: {allowed}. Send {param} with one "
+                "of them, or ask the operator to allow this profile for your tenant.",
+                param=param,
+            )
+        if name != served:
+            raise NotFoundError(
+                f"This deployment serves profile {served!r}, not {name!r}. Send {param}: {served} "
+                "(GET /v2/profiles lists what is served), or call the deployment serving that profile.",
+                param=param,
+                code="profile_not_found",
+            )
+
     # --- /v2/snapshots/{id}/warm -------------------------------------------------------------
 
     async def warm(self, tenant: Tenant, snapshot: str, admission: Admission) -> Warmed:
@@ -221,7 +249,9 @@ class Pipeline:
         probe = ctx.kv_probe
         if probe is None:
             return Warmed(generation, len(token_ids), compiled, None, None, None, None)
-        addresses = probe.addresses(token_ids, await ctx.salts.for_tenant(tenant.id))
+        report = generation.run.kv_report() or {}  # the engine's connector names its shard
+        shard = report.get("shard") if isinstance(report.get("shard"), str) else None
+        addresses = probe.addresses(token_ids, await ctx.salts.for_tenant(tenant.id), shard=shard)
         persisted = await probe.count_in_redis(addresses)
         return Warmed(
             generation, len(token_ids), compiled, probe.compat_digest, probe.block_size,
@@ -303,21 +333,23 @@ class Pipeline:
         except StoreUnavailableError:
             logger.warning("zumik: token reservation kept (Redis unavailable)")
 
-    async def _escalation_evidence(self, tenant: Tenant, snapshot: str | None) -> Evidence:
-        """What the reuse ledger recorded for this tenant and snapshot in the profile's window,
-        read at most once per ``EVIDENCE_TTL_S`` per (tenant, snapshot); ``unknown`` when the
-        profile never escalates (no read at all) or the ledger cannot be read."""
+    async def _escalation_evidence(self, tenant: Tenant, family: str) -> Evidence:
+        """What the reuse ledger recorded for this tenant and prefix family in the profile's
+        window, read at most once per ``EVIDENCE_TTL_S`` per (tenant, family), so a busy family
+        costs no Redis round trip per request; ``unknown`` when the profile never escalates (no
+        read at all) or the ledger cannot be read."""
         if not self._escalates or not tenant.reuse_accounting:
             return NO_EVIDENCE
-        key = (tenant.id, snapshot)
+        key = (tenant.id, family)
         now = time.monotonic()
         cached = self._evidence.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-        window_s = self.context.profile.routing.escalation.window_s
+        spec = self.context.profile.routing.escalation
+        window_s, min_level = spec.window_s, EvidenceLevel.parse(spec.min_evidence)
         try:
             evidence = await guard(
-                self.context.reuse.escalation_evidence(tenant.id, snapshot=snapshot, window_s=window_s),
+                self.context.reuse.family_evidence(tenant.id, family, window_s=window_s, min_level=min_level),
                 what="reuse ledger",
             )
         except StoreUnavailableError:
@@ -325,7 +357,7 @@ class Pipeline:
             evidence = NO_EVIDENCE
         if len(self._evidence) > 10_000:
             self._evidence.clear()
-        self._evidence[key] = (now + EVIDENCE_TTL_S, evidence)
+        self._evidence[key] = (now + self.evidence_ttl_s, evidence)
         return evidence
 
     async def _finish(self, generation: Generation, completion: Completion) -> ReuseFigures | None:

@@ -83,6 +83,8 @@ class GenerationRequest:
     refs: StateRefs
     admission: Admission
     clock: RequestClock = field(default_factory=RequestClock)
+    client_cache_key: str | None = None  # the client's prompt_cache_key (kept inside its tenant)
+    profile: str | None = None  # the profile the client asked for (x-zumik-profile); None: served one
 
 
 @dataclass(frozen=True)

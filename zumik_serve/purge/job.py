@@ -9,7 +9,10 @@ starts. The JSON form is the one the first version wrote, so jobs it left unfini
      "old_epoch",                               <- rotate (saved before it rotates)
      "scopes",                                  <- keys
      "entries": {"kv_engine": <store entry>,    <- rotate
-                 "kv_host" | "kv_redis" | "kv_disk": {"removed_blocks"}},   <- tiers
+                 "kv_host" | "kv_redis" | "kv_disk": {"removed_blocks",     <- tiers
+                                                      "nodes": [{"node_id", "hostname",
+                                                        "removed_blocks", "remaining_blocks",
+                                                        "reason"}]}},  (nodes: kv_host, kv_disk)
      "removed_keys",                            <- objects
      "providers": [{"route", "kind", "retention_days", "last_sent_at_s"}],   <- providers
      "decisions_removed",                       <- decisions
@@ -27,6 +30,7 @@ from typing import NewType, TypeVar
 
 from pydantic import ConfigDict
 
+from zumik_serve.purge.nodes import NodeTierSweep
 from zumik_serve.purge.receipt import StoreEntry
 from zumik_serve.routing.reach import ProviderReach
 
@@ -68,11 +72,14 @@ class PurgeJobError(RuntimeError):
 
 @dataclass(frozen=True)
 class TierSweep:
-    """What the tiers step removed from one tier: blocks over both sweeps."""
+    """What the tiers step removed from one tier: blocks over both sweeps (on every node, for a
+    node tier). ``nodes``: a node tier's result on each node (``purge/nodes.py``); None for the
+    Redis tier, and in jobs saved before nodes were swept one by one (their receipts list none)."""
 
     __pydantic_config__ = _CONFIG
 
     removed_blocks: int
+    nodes: tuple[NodeTierSweep, ...] | None = None
 
 
 @dataclass(frozen=True)

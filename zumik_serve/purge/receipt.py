@@ -8,6 +8,9 @@ A receipt (API.md, Receipts) is a JSON object with exactly these fields::
 ``signature`` is base64 (standard alphabet) of Ed25519 over ``canonical_bytes`` of every other
 field, ``key_id`` included. ``prev_receipt_hash`` is ``receipt_hash`` of the tenant's previous
 receipt (None for its first), so a tenant's receipts form a chain. Receipts hold no floats.
+A node-tier store (``kv_host``, ``kv_disk``) may list its ``nodes`` (``NodeEntry``): then its
+class is the weakest of theirs, and the verifier checks that too; receipts signed before nodes
+were listed have none, and verify as they did.
 """
 
 from __future__ import annotations
@@ -93,6 +96,40 @@ _CLASS_NAMES = frozenset(cls.value for cls in GuaranteeClass)
 
 
 @dataclass(frozen=True)
+class NodeEntry:
+    """One node's line under a node-tier store (``kv_host``, ``kv_disk``): the purge swept that
+    tier on each node of the cluster that may hold blocks.
+
+    ``result``: ``done`` when the last sweep reached the node and its re-check found no block of
+    the scope left; ``failed`` when not (the node was down or unreachable, the sweep failed or
+    timed out there, blocks remained), and ``detail`` says why. ``guarantee_class`` is what holds
+    on that node: the store's class when done; when failed, what holds without the sweep
+    (``unindexed``: the blocks are unreachable under the rotated salt, or ``crypto_erased`` for
+    blocks sealed under a destroyed, compacted key). ``removed_blocks``: removed there by the
+    purge; ``remaining_blocks``: what the last re-check found, None (absent from the JSON) when
+    the last sweep did not reach the node.
+    """
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    node_id: StrictStr
+    hostname: StrictStr
+    result: StoreResult
+    guarantee_class: GuaranteeClass
+    removed_blocks: StrictInt
+    detail: StrictStr
+    remaining_blocks: StrictInt | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.result, StoreResult):
+            object.__setattr__(self, "result", StoreResult(self.result))
+        if self.result is StoreResult.NOT_HELD:
+            raise ValueError(f"node entry {self.node_id}: result is done or failed, not not_held")
+        if not isinstance(self.guarantee_class, GuaranteeClass):
+            raise ValueError(f"node entry {self.node_id}: guarantee_class must be a GuaranteeClass")
+
+
+@dataclass(frozen=True)
 class StoreEntry:
     """One store's line in a receipt.
 
@@ -101,7 +138,9 @@ class StoreEntry:
     ``salt_epoch_rotated``, ``key_destroyed+unlink``); ``result`` is a ``StoreResult`` (its value
     is accepted too); ``guarantee_class`` is what the action achieves when done; ``expires_at``
     (unix seconds) is when a provider's retention ends, None when not applicable (then absent
-    from the JSON). Its JSON form, the one signed, is ``STORE_ENTRIES``'s.
+    from the JSON). ``nodes``: for a node-tier store, each node's line (``NodeEntry``), the store's
+    class being the weakest of theirs; None (absent from the JSON) for every other store and in
+    receipts signed before nodes were listed. Its JSON form, the one signed, is ``STORE_ENTRIES``'s.
     """
 
     __pydantic_config__ = ConfigDict(extra="forbid")
@@ -112,6 +151,7 @@ class StoreEntry:
     guarantee_class: GuaranteeClass
     detail: StrictStr = ""
     expires_at: StrictInt | None = None
+    nodes: tuple[NodeEntry, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.store:
@@ -154,12 +194,39 @@ def parse_store_entries(data: Any) -> list[StoreEntry]:
             raise ValueError(f"stores[{index}] lacks {missing}")
         if "expires_at" in entry and entry["expires_at"] is None:
             raise ValueError(f"stores[{index}].expires_at is not an integer")
+        if "nodes" in entry:
+            _check_node_json(entry["nodes"], f"stores[{index}].nodes")
     try:
         return STORE_ENTRIES.validate_python(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
         where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"])
         raise ValueError(f"stores{where}: {first['msg']}") from None
+
+
+def _check_node_json(nodes: Any, where: str) -> None:
+    if not isinstance(nodes, list) or not nodes:
+        raise ValueError(f"{where} is not a non-empty list")
+    for index, node in enumerate(nodes):
+        if isinstance(node, dict) and "remaining_blocks" in node and node["remaining_blocks"] is None:
+            raise ValueError(f"{where}[{index}].remaining_blocks is not an integer")
+
+
+def nodes_error(stores: Sequence[StoreEntry]) -> str | None:
+    """Why a store's class is not what its nodes show (None when every store with nodes states
+    the weakest class of its nodes, as ``done``)."""
+    for index, entry in enumerate(stores):
+        if entry.nodes is None:
+            continue
+        if not entry.nodes:
+            return f"stores[{index}] lists no nodes"
+        shown = weakest(node.guarantee_class for node in entry.nodes)
+        if entry.result is not StoreResult.DONE or entry.guarantee_class is not shown:
+            return (
+                f"stores[{index}] ({entry.store}) states {entry.result}/{entry.guarantee_class}, "
+                f"not what its nodes show (done/{shown})"
+            )
+    return None
 
 
 def receipt_class(stores: Sequence[StoreEntry], ceiling: GuaranteeClass) -> GuaranteeClass:
@@ -217,6 +284,8 @@ def build_receipt(
         raise ValueError("seq must be a non-negative int")
     if prev_receipt_hash is not None and not _HASH_RE.fullmatch(prev_receipt_hash):
         raise ValueError("prev_receipt_hash must be 64 lower-case hex characters or None")
+    if (error := nodes_error(stores)) is not None:
+        raise ValueError(error)
     return {
         "id": receipt_id,
         "object": RECEIPT_OBJECT,
@@ -350,7 +419,8 @@ def verify_receipt(receipt: Any, public_key_pem: bytes) -> Verification:
     Checks, in order: shape (a dict with exactly the receipt fields, typed as ``build_receipt``
     writes them, no floats), the key (``key_id`` is that of ``public_key_pem``), the signature,
     then the claim: ``guarantee_class`` is not above ``profile_ceiling`` and equals
-    ``receipt_class`` of its stores and ceiling.
+    ``receipt_class`` of its stores and ceiling, and each store that lists nodes states the
+    weakest class of its nodes (``nodes_error``).
     """
     try:
         return _verify(receipt, public_key_pem)
@@ -405,6 +475,8 @@ def _verify(receipt: Any, public_key_pem: bytes) -> Verification:
     computed = receipt_class(stores, ceiling)
     if claimed != computed:
         return _fail(f"guarantee_class {claimed} is not what its stores show ({computed})")
+    if (error := nodes_error(stores)) is not None:
+        return _fail(error)
     return Verification(True, f"intact: signed by {key_id}, class {claimed} within ceiling {ceiling}")
 
 

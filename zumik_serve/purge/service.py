@@ -10,7 +10,8 @@ of step → method:
     keys      the data keys of the tenant's old scopes become tombstones; the opportunity
               index of those scopes is removed
     tiers     every block of those scopes leaves host RAM, Redis, disk (swept twice, the second
-              time after engine processes' key caches expired)
+              time after engine processes' key caches expired); host RAM and disk on every node
+              (``purge/nodes.py``), each node listed, a node not swept lowering its store
     objects   records, content, turns, compilations, indexes, idempotency results
     providers the managed/BYOK routes the closure's content was sent to (recorded at send time)
                                                                        provider: provider_expiry
@@ -39,11 +40,13 @@ from kvstore.tier import Tier, TierBackend
 from kvstore.tiers.redis_keyring import KEY_CACHE_TTL_S
 from zumik_serve.errors import NotFoundError
 from zumik_serve.ids import HandleKind, handle_kind, new_handle
-from zumik_serve.purge.classes import GuaranteeClass
+from zumik_serve.purge.classes import GuaranteeClass, weakest
 from zumik_serve.purge.derived import RoutingTraces, decision_entry, provider_entries, reuse_index_entry
 from zumik_serve.purge.job import PurgeId, PurgeJob, PurgeStatus, PurgeStep, TierSweep, saved
+from zumik_serve.purge.nodes import NODE_TIERS, LocalNodeSweeper, NodeReport, NodeSweeper, merge_passes
 from zumik_serve.purge.receipt import (
     ChainHead,
+    NodeEntry,
     PublicKeyRecord,
     ReceiptSigner,
     StoreEntry,
@@ -100,11 +103,16 @@ class PurgeService:
         traces: RoutingTraces | None = None,
         key_cache_ttl_s: float = KEY_CACHE_TTL_S,
         step_delay_s: float = 0.0,
+        nodes: NodeSweeper | None = None,
     ) -> None:
+        """``tiers``: the connector's tiers as this process builds them. The Redis tier is swept
+        from here; the node tiers (host RAM, disk) by ``nodes`` on every node of the cluster
+        (None: this process's own node tiers, the one node of a gateway without Ray)."""
         self._store = store
         self.profile = profile
         self.ceiling = ceiling
-        self._tiers = list(tiers)
+        self._tiers = [tier for tier in tiers if tier.tier not in NODE_TIERS]
+        self._nodes = nodes if nodes is not None else LocalNodeSweeper(tiers)
         self._sealed = sealed
         self._salt_secret = salt_secret
         self._salt_epoch = salt_epoch
@@ -251,21 +259,30 @@ class PurgeService:
         return replace(job, scopes=scopes)
 
     async def _sweep_tiers(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
-        if not saved(job.exposed, "exposed") or not self._tiers:
+        if not saved(job.exposed, "exposed") or not (self._tiers or self._nodes.tiers):
             return job
         scopes = saved(job.scopes, "scopes")
-        counts = await asyncio.to_thread(_sweep, self._tiers, scopes)
+        counts, reports = await self._sweep(scopes)
         # Engine processes cache data keys briefly; after that nothing can write these scopes.
         await asyncio.sleep(self._key_cache_ttl_s + 0.2)
-        again = await asyncio.to_thread(_sweep, self._tiers, scopes)
+        again, reports_again = await self._sweep(scopes)
 
         def swept(tier: Tier) -> TierSweep | None:
+            if tier in self._nodes.tiers:
+                nodes = merge_passes(tier, reports, reports_again)
+                return TierSweep(sum(node.removed_blocks for node in nodes), nodes)
             return TierSweep(counts[tier] + again[tier]) if tier in counts else None
 
         entries = replace(
             job.entries, kv_host=swept(Tier.HOST), kv_redis=swept(Tier.REDIS), kv_disk=swept(Tier.DISK)
         )
         return replace(job, entries=entries)
+
+    async def _sweep(self, scopes: Sequence[str]) -> tuple[dict[Tier, int], list[NodeReport]]:
+        """One pass: the shared tiers from here (blocks removed per tier), the node tiers on
+        every node (one report per node)."""
+        counts = await asyncio.to_thread(_sweep, self._tiers, scopes)
+        return counts, await self._nodes.sweep(scopes)
 
     async def _delete_objects(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
         removed = await self._store.delete_objects(tenant, saved(job.closure, "closure"))
@@ -341,9 +358,15 @@ def receipt_stores(job: PurgeJob, *, sealed: bool, opportunity_index: bool = Fal
             continue
         cls = sealed_class if erased and name != "kv_host" else plain_class
         action = ("key_destroyed+" if erased and name != "kv_host" else "") + "unlink_scope"
-        entries.append(
-            StoreEntry(name, action, StoreResult.DONE, cls, f"{sweep.removed_blocks} blocks removed")
-        )
+        if sweep.nodes is None:  # the Redis tier, or a job saved before nodes were listed
+            entries.append(
+                StoreEntry(name, action, StoreResult.DONE, cls, f"{sweep.removed_blocks} blocks removed")
+            )
+        else:
+            # Without the sweep, a node's blocks are unreachable under the rotated salt; sealed
+            # ones are erased anyway once their key's removal is compacted.
+            unswept = cls if cls is GuaranteeClass.CRYPTO_ERASED else GuaranteeClass.UNINDEXED
+            entries.append(node_tier_entry(name, action, sweep, swept=cls, unswept=unswept))
     if opportunity_index and job.scopes is not None:
         entries.append(reuse_index_entry(redis_class))
     decisions = decision_entry(
@@ -355,6 +378,36 @@ def receipt_stores(job: PurgeJob, *, sealed: bool, opportunity_index: bool = Fal
         entries.append(decisions)
     entries.extend(provider_entries(job.providers or ()))
     return entries
+
+
+def node_tier_entry(
+    name: str, action: str, sweep: TierSweep, *, swept: GuaranteeClass, unswept: GuaranteeClass
+) -> StoreEntry:
+    """A node tier's receipt line: each node, ``swept`` where it is clean, ``unswept`` (with the
+    reason) where it is not; the store states the weakest of its nodes."""
+    nodes = tuple(
+        NodeEntry(
+            node_id=node.node_id, hostname=node.hostname,
+            result=StoreResult.DONE if node.clean else StoreResult.FAILED,
+            guarantee_class=swept if node.clean else unswept, removed_blocks=node.removed_blocks,
+            detail=node.reason or "", remaining_blocks=node.remaining_blocks,
+        )  # fmt: skip
+        for node in sweep.nodes or ()
+    )
+    if not nodes:  # no node answered at all
+        return StoreEntry(name, action, StoreResult.DONE, unswept, "no node could be swept")
+    clean = sum(1 for node in nodes if node.result is StoreResult.DONE)
+    detail = f"{sweep.removed_blocks} blocks removed; {clean} of {len(nodes)} nodes swept clean"
+    missed = [
+        f"{node.hostname} ({node.node_id}): {node.detail}"
+        for node in nodes
+        if node.result is not StoreResult.DONE
+    ]
+    if missed:
+        detail += "; not swept: " + "; ".join(missed)
+    return StoreEntry(
+        name, action, StoreResult.DONE, weakest(node.guarantee_class for node in nodes), detail, nodes=nodes
+    )
 
 
 def _before(job: PurgeJob, first: PurgeStep, then: PurgeStep) -> bool:

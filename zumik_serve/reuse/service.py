@@ -8,11 +8,14 @@ when a provider leaves it out). Each request adds both to the tenant's ledger an
 metrics. The report sums the ledger over a window, grouped by tenant, profile, snapshot or
 route, with each capture level kept apart (never one blended hit rate), and the money the
 capture saved at each route's prices, labelled with the same level. ``escalation_evidence`` is
-what the ledger says of a tenant's (or one snapshot's) capture in the escalation window.
+what the ledger says of a tenant's (or one snapshot's) capture in the escalation window;
+``family_evidence`` says it of one prefix family (``routing/family.py``), with its request and
+prompt counts and the age of its newest capture: what the scheduler's escalation reads.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, Protocol
@@ -52,9 +55,12 @@ class ReuseService:
         blocks = await self._store.seen_prefix_blocks(scope, self._scope_digest, prefix_keys)
         return blocks * self.profile.engine.block_size
 
-    async def record(self, tenant: str, figures: ReuseFigures, *, snapshot: str | None, route: str) -> None:
+    async def record(
+        self, tenant: str, figures: ReuseFigures, *, snapshot: str | None, route: str,
+        family: str | None = None,
+    ) -> None:  # fmt: skip
         group = LedgerGroup(profile=self.profile.name, snapshot=snapshot, route=route)
-        await self._store.record(tenant, group, LedgerCounts.of(figures))
+        await self._store.record(tenant, group, LedgerCounts.of(figures), family=family)
         if self._metrics is not None:
             self._metrics.observe(tenant=tenant, profile=self.profile.name, route=route, figures=figures)
 
@@ -71,6 +77,26 @@ class ReuseService:
                 reused = sum(tokens for other, tokens in captured.items() if other >= level)
                 return Evidence(level, reused)
         return NO_EVIDENCE
+
+    async def family_evidence(
+        self, tenant: str, family: str, *, window_s: int, min_level: EvidenceLevel = EvidenceLevel.REPORTED,
+        now_s: int | None = None,
+    ) -> Evidence:  # fmt: skip
+        """What the ledger recorded of one prefix family of the tenant in the last ``window_s``
+        seconds (whole minutes): the strongest capture level with captured tokens > 0 and the
+        tokens captured at ``min_level`` (the profile's ``min_evidence``) or stronger, every
+        such level summed (a family that moved from a provider to Zumik's engines keeps its
+        reported capture next to its observed one); when the strongest level is below
+        ``min_level``, the tokens at that level (``NO_EVIDENCE``'s level and 0 when none). With
+        the family's requests and prompt tokens in the window and the age of its newest capture
+        (from the start of that minute). One Redis round trip."""
+        now = int(time.time()) if now_s is None else now_s
+        counts = await self._store.family_counts(tenant, family, window_s=window_s, now_s=now)
+        level = max(counts.captured_tokens, default=EvidenceLevel.UNKNOWN)
+        floor = min_level if level >= min_level else level
+        reused = sum(tokens for other, tokens in counts.captured_tokens.items() if other >= floor)
+        age = None if counts.newest_capture_s is None else max(0, now - counts.newest_capture_s)
+        return Evidence(level, reused, family, counts.requests, counts.prompt_tokens, age)
 
     async def series(self, tenant: str, *, group_by: str, window_s: int) -> list[dict[str, Any]]:
         """Minute by minute, per group: opportunity and capture by level (for plots)."""

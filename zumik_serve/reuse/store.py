@@ -7,7 +7,10 @@
                                         gateway replica
     z:{tenant}:reuse:{minute}           hash: (group, figure) → count (kept 8 days)
     z:{tenant}:reuse-capture:{minute}   hash: (snapshot or null for all, level) → captured tokens
-                                        (kept 8 days): what escalation evidence reads
+                                        (kept 8 days)
+    z:{tenant}:reuse-family:{minute}    hash: (prefix family, figure) → count, figures
+                                        ``requests``, ``prompt`` and ``captured:<level>`` (kept 8
+                                        days): what escalation evidence reads, per family
 
 A ledger field is the JSON array ``[profile, snapshot, route, figure]`` (snapshot null when the
 request pinned none), so no name can be mistaken for a separator. Fields written before, as
@@ -105,6 +108,18 @@ class LedgerCounts:
 
 
 @dataclass(frozen=True)
+class FamilyCounts:
+    """A prefix family's figures over a window: its requests, their prompt tokens, the tokens
+    captured at each level (levels never captured are absent), and the start (unix seconds) of
+    the newest minute in which it captured anything (None: none in the window)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    captured_tokens: Mapping[EvidenceLevel, int] = field(default_factory=dict)
+    newest_capture_s: int | None = None
+
+
+@dataclass(frozen=True)
 class LedgerBucket:
     """One minute of a tenant's ledger: its start (unix seconds) and each group's counts."""
 
@@ -130,12 +145,22 @@ class RedisReuseStore:
         return int(await self._seen(keys=[seen_key(scope, compat_digest)], args=args))
 
     async def record(
-        self, tenant: str, group: LedgerGroup, counts: LedgerCounts, *, now_s: int | None = None
-    ) -> None:
-        """Add ``counts`` to the group's figures of this minute (one round trip)."""
+        self, tenant: str, group: LedgerGroup, counts: LedgerCounts, *, now_s: int | None = None,
+        family: str | None = None,
+    ) -> None:  # fmt: skip
+        """Add ``counts`` to the group's figures of this minute, and to the prefix family's when
+        ``family`` is given (one round trip)."""
         bucket = (int(time.time()) if now_s is None else now_s) // BUCKET_S
         ledger, capture = _ledger_key(tenant, bucket), _capture_key(tenant, bucket)
         async with self._redis.pipeline(transaction=True) as pipe:
+            if family is not None:
+                by_family = _family_key(tenant, bucket)
+                family_figures = [("requests", counts.requests), ("prompt", counts.prompt_tokens)]
+                by_level = counts.captured_tokens.items()
+                family_figures += [(f"captured:{level.label}", n) for level, n in by_level if n > 0]
+                for figure, value in family_figures:
+                    pipe.hincrby(by_family, _FAMILY_FIELD.dump_json((family, figure)), value)
+                pipe.expire(by_family, LEDGER_TTL_S)
             for figure, value in _figures_of(counts):
                 pipe.hincrby(ledger, _ledger_field(group, figure), value)
             pipe.expire(ledger, LEDGER_TTL_S)
@@ -188,6 +213,32 @@ class RedisReuseStore:
                     totals[level] = totals.get(level, 0) + int(value)
         return totals
 
+    async def family_counts(
+        self, tenant: str, family: str, *, window_s: int, now_s: int | None = None
+    ) -> FamilyCounts:
+        """The family's figures over the last ``window_s`` seconds (whole minutes); one round
+        trip."""
+        levels = [level for level in EvidenceLevel if level is not EvidenceLevel.UNKNOWN]
+        figures = ["requests", "prompt", *(f"captured:{level.label}" for level in levels)]
+        fields = [_FAMILY_FIELD.dump_json((family, figure)) for figure in figures]
+        minutes = _minutes(window_s, now_s)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for bucket in minutes:
+                pipe.hmget(_family_key(tenant, bucket), fields)
+            replies = await pipe.execute()
+        requests = prompt = 0
+        captured: dict[EvidenceLevel, int] = {}
+        newest: int | None = None
+        for bucket, values in zip(minutes, replies, strict=True):
+            counts = [int(value) if value is not None else None for value in values]
+            requests += counts[0] or 0
+            prompt += counts[1] or 0
+            for level, tokens in zip(levels, counts[2:], strict=True):
+                if tokens:
+                    captured[level] = captured.get(level, 0) + tokens
+                    newest = bucket * BUCKET_S
+        return FamilyCounts(requests, prompt, captured, newest)
+
     async def forget_scopes(self, scopes: Sequence[str]) -> int:
         """Remove the opportunity index of purged scopes."""
         removed = 0
@@ -204,6 +255,7 @@ def seen_key(scope: str, compat_digest: str) -> str:
 # [profile, snapshot or null, route, figure] and [snapshot or null, level label]
 _LEDGER_FIELD: TypeAdapter[tuple[str, str | None, str, str]] = TypeAdapter(tuple[str, str | None, str, str])
 _CAPTURE_FIELD: TypeAdapter[tuple[str | None, str]] = TypeAdapter(tuple[str | None, str])
+_FAMILY_FIELD: TypeAdapter[tuple[str, str]] = TypeAdapter(tuple[str, str])  # [family, figure]
 
 
 def _ledger_key(tenant: str, bucket: int) -> str:
@@ -212,6 +264,10 @@ def _ledger_key(tenant: str, bucket: int) -> str:
 
 def _capture_key(tenant: str, bucket: int) -> str:
     return f"z:{{{tenant}}}:reuse-capture:{bucket}"
+
+
+def _family_key(tenant: str, bucket: int) -> str:
+    return f"z:{{{tenant}}}:reuse-family:{bucket}"
 
 
 def _ledger_field(group: LedgerGroup, figure: str) -> bytes:

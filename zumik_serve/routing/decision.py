@@ -13,8 +13,14 @@ Policy (``DECIDE_VERSION``), in order:
 2. **escalation**: the default route's kind (managed, normally) is the default pool. The
    escalation kind (byok or byoc) becomes the preferred pool only when the recorded evidence
    meets the profile's spec (level at least ``min_evidence`` and ``reused_tokens_in_window`` at
-   least the threshold); otherwise its candidates are filtered for the pick. Other kinds never
-   make the pick except as a fallback.
+   least the threshold) **and** (``decide-2``) the priced comparison says it is cheaper: each
+   side's expected cost of this request with the part of the prompt the evidence says is reused
+   (``reused_tokens_in_window / prompt_tokens_in_window`` of the prompt, the family's reuse
+   ratio) priced at that route's cached-input price, the rest at its input price, plus the
+   expected output; the escalation kind's cheapest passing candidate must cost strictly less
+   than the default route's (both figures are recorded in the verdict). Otherwise its
+   candidates are filtered for the pick. Other kinds never make the pick except as a fallback.
+   ``decide-1`` records (written before the priced comparison) replay under ``decide-1``.
 3. **scores** (integers; lower rank wins):
 
    * every candidate: ``expected_cost_pusd`` = cached_tokens * cached_price + (prompt - cached)
@@ -44,7 +50,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, PlainSerializer, TypeAdapter
+from pydantic import (
+    BeforeValidator,
+    PlainSerializer,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    WrapSerializer,
+)
 
 from profiles.model import Profile, RouteKind, RouteSpec
 from zumik_serve.reuse.evidence import EvidenceLevel
@@ -56,7 +68,8 @@ from zumik_serve.routing.breaker import (
     current,
 )
 
-DECIDE_VERSION = "decide-1"
+DECIDE_VERSION = "decide-2"
+DECIDE_VERSIONS = ("decide-1", "decide-2")  # every policy a stored record may name (replay)
 PASS = "pass"
 
 
@@ -67,6 +80,13 @@ def _pairs_of_object(value: Any) -> Any:
 
 def _object_of_pairs(pairs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
     return dict(pairs)
+
+
+def _without_none(value: Any, handler: SerializerFunctionWrapHandler) -> Any:
+    """A value's JSON object without its fields that are None: fields added to a recorded value
+    later are None in records written before, which then render as they were written."""
+    data = handler(value)
+    return {name: item for name, item in data.items() if item is not None} if isinstance(data, dict) else data
 
 
 # (name, value) pairs sorted by name, written as one JSON object (so that a record read back from
@@ -113,13 +133,32 @@ class RouteCandidate:
 
 @dataclass(frozen=True)
 class Evidence:
-    """The recorded reuse evidence of this tenant (or of one snapshot of it) over the escalation
-    window: the strongest capture level seen, and the reused tokens counted at that level or
-    stronger (``ReuseService.escalation_evidence``). ``NO_EVIDENCE`` is unknown with 0 tokens.
-    In a record, the level is its label (``"observed"``)."""
+    """The recorded reuse evidence of this tenant for one prefix family (or, in records written
+    before families, of the tenant or one snapshot) over the escalation window: the strongest
+    capture level seen, and the reused tokens counted at that level or stronger
+    (``reuse.family.FamilyEvidence``). ``NO_EVIDENCE`` is unknown with 0 tokens.
+
+    ``family`` is the prompt's prefix family (``routing.family``); ``requests_in_window`` and
+    ``prompt_tokens_in_window`` count the family's requests and their prompt tokens in the window
+    (so ``reused / prompt`` is its reuse ratio, what the priced comparison uses); ``age_s`` is
+    how long ago its newest capture was recorded (minute buckets). Each is None when not known
+    (and then absent from the record's JSON). In a record, the level is its label
+    (``"observed"``)."""
 
     level: EvidenceLevel
     reused_tokens_in_window: int
+    family: str | None = None
+    requests_in_window: int | None = None
+    prompt_tokens_in_window: int | None = None
+    age_s: int | None = None
+
+    def reused_part(self, prompt_num_tokens: int) -> int:
+        """The tokens of a prompt of ``prompt_num_tokens`` the evidence says are reused: the
+        family's reuse ratio of it (0 when its prompt tokens are unknown)."""
+        total = self.prompt_tokens_in_window
+        if not total or prompt_num_tokens <= 0:
+            return 0
+        return min(prompt_num_tokens, prompt_num_tokens * self.reused_tokens_in_window // total)
 
 
 NO_EVIDENCE = Evidence(EvidenceLevel.UNKNOWN, 0)
@@ -155,7 +194,7 @@ class DecisionInputs:
     now_ms: int
     seed: int
     candidates: tuple[RouteCandidate, ...]
-    evidence: Evidence
+    evidence: Annotated[Evidence, WrapSerializer(_without_none)]
     escalation: Escalation
     fallback_order: tuple[str, ...]
     default_route: str
@@ -180,11 +219,17 @@ class Pick:
 
 @dataclass(frozen=True)
 class EscalationVerdict:
-    """Whether the recorded evidence met the escalation spec, and why (``"met: ..."``,
-    ``"not met: ..."`` or ``"disabled: ..."``)."""
+    """Whether the recorded evidence met the escalation spec and the escalation was priced
+    cheaper, and why (``"met: ..."``, ``"not met: ..."`` or ``"disabled: ..."``).
+    ``default_cost_pusd`` and ``escalated_cost_pusd``: this request's expected cost on the
+    default route and on the escalation kind's cheapest passing candidate, at the evidence's
+    reuse ratio (``decide-2``, once the evidence met the spec; None otherwise, and then absent
+    from the JSON)."""
 
     met: bool
     reason: str
+    default_cost_pusd: int | None = None
+    escalated_cost_pusd: int | None = None
 
 
 @dataclass(frozen=True)
@@ -220,7 +265,7 @@ class DecisionRecord:
     policy_version: str
     seed: int
     inputs: DecisionInputs
-    escalation: EscalationVerdict
+    escalation: Annotated[EscalationVerdict, WrapSerializer(_without_none)]
     candidates: tuple[CandidateVerdict, ...]
     pick: Pick | None
     pick_reason: str
@@ -314,12 +359,51 @@ def escalation_verdict(evidence: Evidence, escalation: Escalation) -> Escalation
         f"reused {evidence.reused_tokens_in_window} {'>=' if tokens_ok else '<'} "
         f"{escalation.min_reused_tokens_in_window} in {escalation.window_s}s"
     )
+    if evidence.requests_in_window is not None:
+        detail += f" over {evidence.requests_in_window} requests"
+    if evidence.age_s is not None:
+        detail += f", newest {evidence.age_s}s ago"
     met = level_ok and tokens_ok
     return EscalationVerdict(met, f"{'met' if met else 'not met'}: {detail}")
 
 
-def decide(decision_id: str, inputs: DecisionInputs) -> DecisionRecord:
-    """Choose a route (and replica) for one request; see the module docstring for the policy."""
+def priced_verdict(
+    verdict: EscalationVerdict, inputs: DecisionInputs, passing: list[RouteCandidate]
+) -> EscalationVerdict:
+    """``verdict`` (met by the evidence) checked against prices: the escalation kind's cheapest
+    passing candidate must cost this request strictly less than the default route, both priced
+    with the evidence's reused part of the prompt at each route's cached-input price. With no
+    default candidate passing, the evidence alone decides (the default is unavailable)."""
+    escalated = [c for c in passing if c.kind.value == inputs.escalation.to]
+    default = [c for c in passing if c.route == inputs.default_route]
+    if not verdict.met or not escalated:
+        return verdict
+    prompt, output = inputs.prompt_num_tokens, inputs.expected_output_tokens
+    reused = inputs.evidence.reused_part(prompt)
+    escalated_cost = min(_cost_pusd(c, prompt, reused, output) for c in escalated)
+    where = f"priced with {reused} of {prompt} prompt tokens reused"
+    if not default:
+        return EscalationVerdict(
+            True, f"{verdict.reason}; {where}: {inputs.escalation.to} {escalated_cost} pUSD, default "
+            "route unavailable", None, escalated_cost,
+        )  # fmt: skip
+    default_cost = min(_cost_pusd(c, prompt, reused, output) for c in default)
+    cheaper = escalated_cost < default_cost
+    comparison = (
+        f"{where}: {inputs.escalation.to} {escalated_cost} {'<' if cheaper else '>='} "
+        f"{inputs.default_route} {default_cost} pUSD"
+    )
+    if cheaper:
+        return EscalationVerdict(True, f"{verdict.reason}; {comparison}", default_cost, escalated_cost)
+    reason = "not met: " + verdict.reason.removeprefix("met: ") + f"; {comparison} (not cheaper)"
+    return EscalationVerdict(False, reason, default_cost, escalated_cost)
+
+
+def decide(decision_id: str, inputs: DecisionInputs, *, version: str = DECIDE_VERSION) -> DecisionRecord:
+    """Choose a route (and replica) for one request; see the module docstring for the policy.
+    ``version``: the policy (``DECIDE_VERSIONS``); a replay passes the record's own."""
+    if version not in DECIDE_VERSIONS:
+        raise ValueError(f"unknown decide version {version!r}; this build knows {', '.join(DECIDE_VERSIONS)}")
     candidates = inputs.candidates
     keys = [candidate.key for candidate in candidates]
     if len(set(keys)) != len(keys):
@@ -328,6 +412,12 @@ def decide(decision_id: str, inputs: DecisionInputs) -> DecisionRecord:
         raise ValueError("prompt_num_tokens and expected_output_tokens must be >= 0, block_size >= 1")
 
     escalation = escalation_verdict(inputs.evidence, inputs.escalation)
+    if version != "decide-1":
+        passing = [
+            c for c in candidates
+            if _breaker_verdict(current(c.breaker, inputs.now_ms, inputs.breaker_policy)).startswith(PASS)
+        ]  # fmt: skip
+        escalation = priced_verdict(escalation, inputs, passing)
     met = escalation.met
     default_kind = next((c.kind for c in candidates if c.route == inputs.default_route), RouteKind.MANAGED)
     escalated_kind = RouteKind(inputs.escalation.to) if inputs.escalation.to != "none" else None
@@ -386,7 +476,7 @@ def decide(decision_id: str, inputs: DecisionInputs) -> DecisionRecord:
 
     return DecisionRecord(
         decision_id=decision_id,
-        decide_version=DECIDE_VERSION,
+        decide_version=version,
         policy_version=inputs.policy_version,
         seed=inputs.seed,
         inputs=inputs,

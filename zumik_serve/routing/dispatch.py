@@ -22,7 +22,14 @@ recorded (``routing/reach.py``), so a purge of the object can name that provider
 
 A decision's ``request_digest`` is an HMAC of the prompt under the tenant's cache salt: it ties
 requests with one prompt together (ties, replay) but confirms no guess of the prompt to anyone
-without the server's salt secret.
+without the server's salt secret. The prompt's prefix family (``routing/family.py``) is what its
+escalation evidence is read by and what the provider's ``prompt_cache_key`` is derived from (a
+client's own key is kept, namespaced inside its tenant).
+
+Fault domains: a BYOK route's breaker and retry budget are the tenant's own (its key is the
+tenant's: one tenant's revoked key opens the route for that tenant only); every other route's are
+shared, and move only on what says something of the route itself (5xx, timeouts, connection
+errors, a refused managed key), never on a client error.
 """
 
 from __future__ import annotations
@@ -59,13 +66,15 @@ from zumik_serve.errors import (
 )
 from zumik_serve.ids import DecisionId, new_decision_id
 from zumik_serve.providers.engine_client import ProviderEngineClient
-from zumik_serve.providers.openai_http import OpenAICompatProvider, prompt_cache_key_for
+from zumik_serve.providers.openai_http import OpenAICompatProvider
 from zumik_serve.routing.decision import NO_EVIDENCE, DecisionRecord, Evidence, Pick
+from zumik_serve.routing.family import PrefixFamily, prefix_family, provider_cache_key
 from zumik_serve.routing.reach import ProviderReach, ReachSink
-from zumik_serve.routing.retry import Attempt, AttemptOutcome, RetryAction, classify
+from zumik_serve.routing.retry import Attempt, AttemptOutcome, RetryAction, RetryBudget, classify
 from zumik_serve.routing.scheduler import ProfileScheduler, SchedulingRequest
 
 PROBE_OUT = "breaker half open: its probe is in flight"
+MAX_TENANT_BUDGETS = 10_000  # per-tenant BYOK retry budgets kept (least recently used dropped)
 
 
 class DecisionSink(Protocol):
@@ -92,6 +101,16 @@ class RouteContext:
     prefer_cheapest: bool = False  # the class takes the cheapest healthy route
     engine_priority: int | None = None  # vLLM priority on BYOC engines (None: not sent)
     sources: tuple[str, ...] = ()  # state objects whose content the prompt carries (purgeable)
+    client_cache_key: str | None = None  # the client's own prompt_cache_key (kept, namespaced)
+
+
+@dataclass(frozen=True)
+class PromptView:
+    """A request's prompt as routing sees it: stable text and its prefix family (computed once,
+    before the decision, so that the family's evidence can be read first)."""
+
+    text: str
+    family: PrefixFamily
 
 
 @dataclass(frozen=True)
@@ -103,6 +122,7 @@ class Decision:
     prefix_keys: tuple[str, ...]
     scope: str
     decide_ms: float
+    family: str = ""  # the prompt's prefix family (``routing/family.py``)
 
     @property
     def decision_id(self) -> DecisionId:
@@ -174,18 +194,27 @@ class Dispatcher:
         self._clock_ms = clock_ms
         self._sleep = sleep
         self._providers: dict[str, OpenAICompatProvider] = {}
+        self._tenant_budgets: dict[tuple[str, str], RetryBudget] = {}  # (tenant, byok route)
         for route in scheduler.routes.values():
             if route.kind is not RouteKind.BYOC and route.base_url:
                 self._providers[route.name] = OpenAICompatProvider(
                     route.name, route.base_url, timeout_s=route.timeout_s
                 )
 
+    def prompt(self, call: EngineCall, engine_body: dict[str, Any], *, salt: str) -> PromptView:
+        """The prompt's stable text and prefix family in the tenant's scope (no I/O)."""
+        text = _prompt_text(call, engine_body)
+        return PromptView(text, prefix_family(salt, text))
+
     def decide(
-        self, call: EngineCall, engine_body: dict[str, Any], *, tenant: str, salt: str, context: RouteContext
-    ) -> Decision:
-        """The route of one request, as a recorded decision (no I/O)."""
+        self, call: EngineCall, engine_body: dict[str, Any], *, tenant: str, salt: str, context: RouteContext,
+        prompt: PromptView | None = None,
+    ) -> Decision:  # fmt: skip
+        """The route of one request, as a recorded decision (no I/O). ``prompt``: ``prompt()``
+        of this body, when the caller already has it."""
         started = time.perf_counter()
-        prompt_text = _prompt_text(call, engine_body)
+        view = prompt if prompt is not None else self.prompt(call, engine_body, salt=salt)
+        prompt_text = view.text
         request = SchedulingRequest(
             tenant=tenant, cache_salt=salt, prompt_text=prompt_text,
             expected_output_tokens=_max_tokens(engine_body),
@@ -193,6 +222,7 @@ class Dispatcher:
             release_id=context.release_id, snapshot_id=context.snapshot_id,
             allowed_routes=context.allowed_routes, evidence=context.evidence,
             qos=context.qos, prefer_cheapest=context.prefer_cheapest,
+            prompt_token_ids=_token_ids(call, engine_body),
         )  # fmt: skip
         record, keys = self.scheduler.decide(
             new_decision_id(), request, now_ms=self._clock_ms(), seed=secrets.randbits(31)
@@ -201,7 +231,10 @@ class Dispatcher:
         if self._metrics is not None:
             route = record.pick.route if record.pick is not None else "none"
             self._metrics.observe(route=route, reason=record.pick_reason, decide_us=decide_ms * 1000)
-        return Decision(record=record, prefix_keys=tuple(keys), scope=scope_id(salt), decide_ms=decide_ms)
+        return Decision(
+            record=record, prefix_keys=tuple(keys), scope=scope_id(salt), decide_ms=decide_ms,
+            family=view.family,
+        )
 
     async def execute(
         self, decision: Decision, call: EngineCall, engine_body: dict[str, Any], *, stream: bool,
@@ -214,8 +247,7 @@ class Dispatcher:
         timing: dict[str, float] = {"decide": decision.decide_ms}
         try:
             run = await self._execute(
-                decision.record, list(decision.prefix_keys), call, engine_body, stream, tenant, salt,
-                attempts, context,
+                decision, call, engine_body, stream, tenant, salt, attempts, context,
             )  # fmt: skip
             timing["first-output"] = (time.perf_counter() - started) * 1000
         finally:
@@ -236,9 +268,11 @@ class Dispatcher:
         )
 
     async def _execute(
-        self, record: DecisionRecord, keys: list[str], call: EngineCall, engine_body: dict[str, Any],
-        stream: bool, tenant: str, salt: str, attempts: list[Attempt], context: RouteContext,
+        self, decision: Decision, call: EngineCall, engine_body: dict[str, Any], stream: bool, tenant: str,
+        salt: str, attempts: list[Attempt], context: RouteContext,
     ) -> EngineRun:  # fmt: skip
+        record, keys = decision.record, list(decision.prefix_keys)
+        cache_key = provider_cache_key(salt, family=decision.family, client_key=context.client_cache_key)
         engine_priority = context.engine_priority
         picks = ([record.pick] if record.pick is not None else []) + list(record.fallbacks)
         if not picks:
@@ -256,19 +290,21 @@ class Dispatcher:
                 saturated += 1
                 attempts.append(_attempt(pick, 1, "saturated", None, "fallback", "route at max_inflight"))
                 continue
-            if not self.scheduler.admit(pick, self._clock_ms()):
+            if not self.scheduler.admit(pick, self._clock_ms(), tenant):
                 attempts.append(_attempt(pick, 1, "skipped", None, "fallback", PROBE_OUT))
                 continue
             body = engine_body
             if route.kind is RouteKind.BYOC and engine_priority is not None:
                 body = {**engine_body, "priority": engine_priority}
+            if route.kind is RouteKind.BYOK:
+                self._tenant_budget_request(tenant, route.name)
             attempt = 0
             while True:
                 attempt += 1
-                if attempt > 1 and self.scheduler.breaker_open(pick, self._clock_ms()):
+                if attempt > 1 and self.scheduler.breaker_open(pick, self._clock_ms(), tenant):
                     attempts.append(_attempt(pick, attempt, "skipped", None, "fallback", "breaker open"))
                     break
-                client = await self._client(pick, tenant, salt, record)
+                client = await self._client(pick, tenant, cache_key)
                 if client is None:
                     attempts.append(_attempt(pick, attempt, "skipped", None, "fallback", "no api key"))
                     break
@@ -279,14 +315,14 @@ class Dispatcher:
                     try:
                         await self.record_sent(tenant, context.sources, route.name)
                     except BaseException:  # not sent: a probe it held goes back
-                        self.scheduler.release_probe(pick)
+                        self.scheduler.release_probe(pick, tenant)
                         raise
                 self.scheduler.sent(pick, keys)
                 result = await _first_output(client, call, body, stream)
                 now_ms = self._clock_ms()
                 if isinstance(result, tuple):
                     replica_id, first, rest = result
-                    breaker = self.scheduler.succeeded(pick, now_ms)
+                    breaker = self.scheduler.succeeded(pick, now_ms, tenant)
                     attempts.append(_attempt(pick, attempt, "ok", None, "done", "", breaker.state.value))
                     if not stream:  # the whole answer is here: the replica is done with it
                         self.scheduler.finished(pick)
@@ -312,11 +348,13 @@ class Dispatcher:
                 )
                 breaker_state = None
                 if verdict.counts_as_failure:
-                    breaker_state = self.scheduler.failed(pick, now_ms).state.value
+                    breaker_state = self.scheduler.failed(pick, now_ms, tenant).state.value
                 else:  # not the route's fault: a half-open probe it held is given back
-                    self.scheduler.release_probe(pick)
+                    self.scheduler.release_probe(pick, tenant)
                 action = verdict.action
-                if action is RetryAction.RETRY and not self.scheduler.allow_retry(now_ms):
+                if action is RetryAction.RETRY and not self._allow_retry(
+                    route.kind, tenant, route.name, now_ms
+                ):
                     action = RetryAction.FALLBACK
                 attempts.append(_attempt(
                     pick, attempt, outcome.value, failure.status, action.value, verdict.reason, breaker_state
@@ -343,9 +381,29 @@ class Dispatcher:
             retry_after_s=2,
         )
 
-    async def _client(
-        self, pick: Pick, tenant: str, salt: str, record: DecisionRecord
-    ) -> EngineClient | None:
+    def _tenant_budget_request(self, tenant: str, route: str) -> None:
+        key = (tenant, route)
+        budget = self._tenant_budgets.pop(key, None) or RetryBudget(ratio=self.scheduler.budget.ratio)
+        self._tenant_budgets[key] = budget.record_request(self._clock_ms())
+        if len(self._tenant_budgets) > MAX_TENANT_BUDGETS:
+            del self._tenant_budgets[next(iter(self._tenant_budgets))]
+
+    def _allow_retry(self, kind: RouteKind, tenant: str, route: str, now_ms: int) -> bool:
+        """One more attempt within the retry budget: a BYOK route's is the tenant's own for that
+        route (its failures are its key's), every other route's is the profile's."""
+        if kind is not RouteKind.BYOK:
+            return self.scheduler.allow_retry(now_ms)
+        budget = self._tenant_budgets.get((tenant, route)) or RetryBudget(ratio=self.scheduler.budget.ratio)
+        if not budget.allow(now_ms):
+            return False
+        self._tenant_budgets[(tenant, route)] = budget.record_retry(now_ms)
+        return True
+
+    def tenant_budget(self, tenant: str, route: str) -> RetryBudget | None:
+        """The tenant's retry budget of BYOK route ``route`` (None: it sent nothing there)."""
+        return self._tenant_budgets.get((tenant, route))
+
+    async def _client(self, pick: Pick, tenant: str, cache_key: str) -> EngineClient | None:
         route = self.scheduler.route(pick.route)
         if route.kind is RouteKind.BYOC:
             return self._engines[pick.replica or ""]
@@ -355,10 +413,9 @@ class Dispatcher:
             api_key = await self._byok_key(tenant, route.name) if self._byok_key else None
         if not api_key:
             return None
-        prefix = record.inputs.snapshot_id or record.inputs.request_digest
         return ProviderEngineClient(
             self._providers[route.name], label=route.name, model=route.model or "",
-            api_key=api_key, prompt_cache_key=prompt_cache_key_for(salt, prefix),
+            api_key=api_key, prompt_cache_key=cache_key,
         )  # fmt: skip
 
     async def record_sent(self, tenant: str, sources: tuple[str, ...], route_name: str) -> None:
@@ -471,6 +528,14 @@ def _prompt_text(call: EngineCall, body: dict[str, Any]) -> str:
         return "".join(json.dumps(message, sort_keys=True, ensure_ascii=False) for message in messages)
     prompt = body.get("prompt")
     return prompt if isinstance(prompt, str) else json.dumps(prompt)
+
+
+def _token_ids(call: EngineCall, body: dict[str, Any]) -> list[int] | None:
+    """A completion prompt given as token ids (the engine's own block hashes key it then)."""
+    prompt = body.get("prompt") if call is EngineCall.COMPLETION else None
+    if isinstance(prompt, list) and prompt and all(type(token) is int for token in prompt):
+        return prompt
+    return None
 
 
 def _max_tokens(body: dict[str, Any]) -> int:

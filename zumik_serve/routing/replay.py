@@ -1,7 +1,9 @@
 """Replay: rebuild a recorded decision from its inputs and check it byte for byte.
 
-A record replays equal when the same ``decide`` (``decide_version``) over the recorded inputs,
-with the recorded decision id, yields the same canonical JSON. A mismatch means the policy code
+A record replays equal when the same ``decide`` (the record's own ``decide_version``: a record
+written under an earlier policy replays under it) over the recorded inputs, with the recorded
+decision id, yields the same canonical JSON. A record naming a policy this build does not know
+replays under the current one (and so compares unequal). A mismatch means the policy code
 changed under the record or the record was altered; either way the caller learns it as a value.
 """
 
@@ -10,7 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from zumik_serve.routing.decision import DecisionInputs, canonical_bytes, decide
+from zumik_serve.routing.decision import (
+    DECIDE_VERSION,
+    DECIDE_VERSIONS,
+    DecisionInputs,
+    canonical_bytes,
+    decide,
+)
 
 
 @dataclass(frozen=True)
@@ -26,5 +34,7 @@ class Replayed:
 def replay(record_json: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
     """(equal, the recomputed record's JSON) for a record as stored (``DecisionRecord.to_json``)."""
     inputs = DecisionInputs.from_json(record_json["inputs"])
-    recomputed = decide(record_json["decision_id"], inputs).to_json()
+    version = record_json.get("decide_version")
+    version = version if version in DECIDE_VERSIONS else DECIDE_VERSION
+    recomputed = decide(record_json["decision_id"], inputs, version=version).to_json()
     return canonical_bytes(recomputed) == canonical_bytes(record_json), recomputed

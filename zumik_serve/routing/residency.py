@@ -52,6 +52,16 @@ class ResidencyIndex:
             for key in removed:
                 blocks.pop(key, None)
 
+    def keys(self, replica: str) -> tuple[str, ...]:
+        """The replica's keys, least recently used first (what ``replace`` takes back)."""
+        return tuple(self._blocks.get(replica, ()))
+
+    def replace(self, entries: Iterable[tuple[str, Sequence[str]]]) -> None:
+        """Forget everything, then hold ``entries``: per replica, keys least recently used first."""
+        self._blocks = {}
+        for replica, keys in entries:
+            self._store(replica, keys)
+
     def forget_replica(self, replica: str) -> None:
         """The replica is gone or reset its prefix cache: it holds nothing."""
         self._blocks.pop(replica, None)

@@ -1,10 +1,10 @@
-"""ProfileScheduler: the one owner of a profile's replica selection state, and its decisions.
+"""ProfileScheduler: a gateway's view of its profile's replica selection state, and its decisions.
 
 It keeps what ``routing.decision.decide`` needs as recorded inputs and nothing else:
 
     breakers     one per route (per replica for BYOC), moved by attempt outcomes
-    residency    which prefix blocks each BYOC replica holds: its own record of what it sent
-                 where (bounded LRU per replica)
+    residency    which prefix blocks each BYOC replica holds: the record of what was sent where,
+                 corrected by the engines' KV events (bounded LRU per replica)
     in-flight    requests sent to each replica and not finished (running + queued)
     retry budget retries allowed per request volume
 
@@ -13,10 +13,16 @@ Each request becomes ``DecisionInputs`` (time, seed and state passed in, then re
 the prompt text in chunks of about one KV block (``CHARS_PER_TOKEN`` characters per token),
 seeded with the tenant's cache salt, so one tenant's traffic never changes another's routing.
 Computing them does not need the tokenizer (SGLang's cache-aware router matches text too).
+A prompt given as token ids is keyed by the engine's own block hashes instead
+(``routing/block_hashes.py``, salted by the engine with the same cache salt), the names its KV
+events use.
 
-No I/O, no clock: the gateway passes ``now_ms`` and the seed in. It runs inside the gateway
-process (a handle call per request costs milliseconds here, see docs/benchmarks.md); a profile
-has one gateway replica that routes, so one scheduler.
+No I/O, no clock: the gateway passes ``now_ms`` and the seed in. It runs inside each gateway
+process as that gateway's local view of the profile's state (a remote call per request would cost
+milliseconds here, see docs/benchmarks.md). Linked to the profile's owner (``routing/owner.py``,
+``link``), it also queues what it did as ops (``take_report``) and takes the owner's view back
+(``apply_view``): other gateways' sends, outcomes and load, the engines' KV events. Unlinked (one
+process) it is the owner itself.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from decimal import Decimal
 
 from profiles import Profile
 from profiles.model import RouteKind, RouteSpec
+from zumik_serve.routing.block_hashes import engine_block_keys
 from zumik_serve.routing.breaker import (
     CLOSED,
     BreakerState,
@@ -47,10 +54,25 @@ from zumik_serve.routing.decision import (
     decide,
     escalation_of,
 )
+from zumik_serve.routing.owner import (
+    BreakerKind,
+    BreakerOp,
+    BudgetOp,
+    KvEvent,
+    Op,
+    ProfileOwner,
+    Report,
+    Sent,
+    View,
+    apply_kv_event,
+    breaker_transition,
+    budget_after,
+)
 from zumik_serve.routing.residency import ResidencyIndex
 from zumik_serve.routing.retry import RetryBudget
 
 CHARS_PER_TOKEN = 4
+ANY_REPLICA = "*"  # a BYOC pick that names no replica: the group had none the scheduler knew
 RESIDENCY_BLOCKS_PER_REPLICA = 65_536
 
 
@@ -66,8 +88,20 @@ def prefix_keys(text: str, *, block_size: int, salt: str, max_blocks: int) -> li
     return keys
 
 
-def breaker_key(pick: Pick) -> str:
-    return pick.route if pick.replica is None else f"{pick.route}/{pick.replica}"
+def owner_for(profile: Profile) -> ProfileOwner:
+    """The owner of ``profile``'s scheduler state (``routing/owner.py``), sized as a gateway's."""
+    return ProfileOwner(
+        breaker_policy_of(profile),
+        capacity_blocks=RESIDENCY_BLOCKS_PER_REPLICA,
+        budget_ratio=Decimal(profile.routing.breaker.retry_budget_ratio),
+    )
+
+
+def breaker_key(pick: Pick, tenant: str | None = None) -> str:
+    """The breaker a pick's outcomes move: per route (per replica for BYOC), and per tenant too
+    when ``tenant`` is given (a BYOK route: one tenant's bad key is no other tenant's fault)."""
+    key = pick.route if pick.replica is None else f"{pick.route}/{pick.replica}"
+    return key if tenant is None else f"{tenant}|{key}"
 
 
 @dataclass(frozen=True)
@@ -85,6 +119,9 @@ class SchedulingRequest:
     evidence: Evidence
     qos: str = "standard"
     prefer_cheapest: bool = False
+    # A prompt given as token ids: its prefix keys are then the engine's own block hashes
+    # (routing/block_hashes.py), which the engines' KV events name too.
+    prompt_token_ids: Sequence[int] | None = None
 
 
 class ProfileScheduler:
@@ -102,6 +139,15 @@ class ProfileScheduler:
         self.route_inflight: dict[str, int] = {}  # by route (admission per route)
         self.budget = RetryBudget(ratio=Decimal(profile.routing.breaker.retry_budget_ratio))
         self._max_blocks = profile.engine.max_model_len // profile.engine.block_size + 1
+        # Linked to the profile's owner (``link``): ops not yet reported, reports not yet
+        # acknowledged, the owner's version applied here, other gateways' load.
+        self.gateway: str | None = None
+        self.version = 0
+        self._outbox: list[Op] | None = None
+        self._unacked: list[Report] = []
+        self._seq = 0
+        self.remote_inflight: dict[str, int] = {}
+        self.remote_route_inflight: dict[str, int] = {}
 
     def route(self, name: str) -> RouteSpec:
         return self.routes[name]
@@ -111,17 +157,28 @@ class ProfileScheduler:
     ) -> tuple[DecisionInputs, list[str]]:
         """The recorded inputs of one decision, and the prompt's prefix keys."""
         block_size = self.profile.engine.block_size
-        keys = prefix_keys(
-            request.prompt_text, block_size=block_size, salt=request.cache_salt, max_blocks=self._max_blocks
-        )
+        if request.prompt_token_ids is not None:
+            keys = engine_block_keys(
+                request.prompt_token_ids, block_size=block_size, cache_salt=request.cache_salt,
+                max_blocks=self._max_blocks,
+            )  # fmt: skip
+            num_tokens = len(request.prompt_token_ids)
+        else:
+            keys = prefix_keys(
+                request.prompt_text, block_size=block_size, salt=request.cache_salt,
+                max_blocks=self._max_blocks,
+            )  # fmt: skip
+            num_tokens = len(request.prompt_text) // CHARS_PER_TOKEN
         candidates = []
         for route in self.routes.values():
             if request.allowed_routes is not None and route.name not in request.allowed_routes:
                 continue
             if route.kind is RouteKind.BYOC:
-                for replica in self.replicas.get(route.name, []):
+                # A group whose running replicas are not known (yet, or none is running): one
+                # candidate for the group; its engine client waits for a replica, bounded.
+                for replica in self.replicas.get(route.name) or [ANY_REPLICA]:
                     pick = Pick(route.name, replica)
-                    inflight = self.inflight.get(replica, 0)
+                    inflight = self.inflight.get(replica, 0) + self.remote_inflight.get(replica, 0)
                     max_seqs = self.profile.engine.max_num_seqs
                     candidates.append(
                         candidate_for_route(
@@ -135,13 +192,14 @@ class ProfileScheduler:
                         )
                     )
             else:
+                pick = Pick(route.name, None)
                 candidates.append(
-                    candidate_for_route(route, breaker=self._breaker(Pick(route.name, None), now_ms))
+                    candidate_for_route(route, breaker=self._breaker(pick, now_ms, request.tenant))
                 )
         inputs = DecisionInputs(
             request_digest=request.request_digest,
             tenant=request.tenant,
-            prompt_num_tokens=max(1, len(request.prompt_text) // CHARS_PER_TOKEN),
+            prompt_num_tokens=max(1, num_tokens),
             num_prompt_blocks=len(keys),
             block_size=block_size,
             profile_name=self.profile.name,
@@ -168,58 +226,154 @@ class ProfileScheduler:
     ) -> tuple[DecisionRecord, list[str]]:
         inputs, keys = self.inputs(request, now_ms=now_ms, seed=seed)
         self.budget = self.budget.record_request(now_ms)
+        if self._outbox is not None:
+            self._outbox.append(BudgetOp("request", now_ms))
         return decide(decision_id, inputs), keys
 
     # --- what happened -----------------------------------------------------------------------
 
     def route_full(self, name: str) -> bool:
-        """Whether ``name`` has its ``max_inflight`` requests from this gateway already."""
+        """Whether ``name`` has its ``max_inflight`` requests already (this gateway's and, linked
+        to the owner, the others' as of its last view)."""
         limit = self.routes[name].max_inflight
-        return limit is not None and self.route_inflight.get(name, 0) >= limit
+        inflight = self.route_inflight.get(name, 0) + self.remote_route_inflight.get(name, 0)
+        return limit is not None and inflight >= limit
 
     def sent(self, pick: Pick, keys: Sequence[str]) -> None:
         self.route_inflight[pick.route] = self.route_inflight.get(pick.route, 0) + 1
         if pick.replica is not None:
             self.inflight[pick.replica] = self.inflight.get(pick.replica, 0) + 1
             self.residency.record_sent(pick.replica, keys)
+            if self._outbox is not None:
+                self._outbox.append(Sent(pick.replica, tuple(keys)))
 
     def finished(self, pick: Pick) -> None:
         self.route_inflight[pick.route] = max(0, self.route_inflight.get(pick.route, 0) - 1)
         if pick.replica is not None:
             self.inflight[pick.replica] = max(0, self.inflight.get(pick.replica, 0) - 1)
 
-    def admit(self, pick: Pick, now_ms: int) -> bool:
+    def admit(self, pick: Pick, now_ms: int, tenant: str | None = None) -> bool:
         """Whether ``pick``'s breaker lets a request through now; half open, the admitted request
         takes the one probe, and later decisions see it out (``breaker.admit``)."""
-        admitted, state = admit(self._breaker(pick, now_ms), now_ms, self._policy)
-        self.breakers[breaker_key(pick)] = state
+        admitted, state = admit(self._breaker(pick, now_ms, tenant), now_ms, self._policy)
+        self.breakers[self._breaker_key(pick, tenant)] = state
+        if admitted:
+            self._report_breaker(pick, "admit", now_ms, tenant)
         return admitted
 
-    def breaker_open(self, pick: Pick, now_ms: int) -> bool:
-        return self._breaker(pick, now_ms).state is BreakerStatus.OPEN
+    def breaker_open(self, pick: Pick, now_ms: int, tenant: str | None = None) -> bool:
+        return self._breaker(pick, now_ms, tenant).state is BreakerStatus.OPEN
 
-    def release_probe(self, pick: Pick) -> None:
+    def release_probe(self, pick: Pick, tenant: str | None = None) -> None:
         """Give back a half-open probe whose attempt ended without saying anything of the route
         (a client error): the next request may probe."""
-        state = self.breakers.get(breaker_key(pick))
+        state = self.breakers.get(self._breaker_key(pick, tenant))
         if state is not None and state.probe_started_at_ms is not None:
-            self.breakers[breaker_key(pick)] = replace(state, probe_started_at_ms=None)
+            self.breakers[self._breaker_key(pick, tenant)] = replace(state, probe_started_at_ms=None)
+            self._report_breaker(pick, "release", 0, tenant)
 
-    def succeeded(self, pick: Pick, now_ms: int) -> BreakerState:
-        state = record_success(self._breaker(pick, now_ms), now_ms, self._policy)
-        self.breakers[breaker_key(pick)] = state
+    def succeeded(self, pick: Pick, now_ms: int, tenant: str | None = None) -> BreakerState:
+        state = record_success(self._breaker(pick, now_ms, tenant), now_ms, self._policy)
+        self.breakers[self._breaker_key(pick, tenant)] = state
+        self._report_breaker(pick, "success", now_ms, tenant)
         return state
 
-    def failed(self, pick: Pick, now_ms: int) -> BreakerState:
-        state = record_failure(self._breaker(pick, now_ms), now_ms, self._policy)
-        self.breakers[breaker_key(pick)] = state
+    def failed(self, pick: Pick, now_ms: int, tenant: str | None = None) -> BreakerState:
+        state = record_failure(self._breaker(pick, now_ms, tenant), now_ms, self._policy)
+        self.breakers[self._breaker_key(pick, tenant)] = state
+        self._report_breaker(pick, "failure", now_ms, tenant)
         return state
 
     def allow_retry(self, now_ms: int) -> bool:
         if not self.budget.allow(now_ms):
             return False
         self.budget = self.budget.record_retry(now_ms)
+        if self._outbox is not None:
+            self._outbox.append(BudgetOp("retry", now_ms))
         return True
 
-    def _breaker(self, pick: Pick, now_ms: int) -> BreakerState:
-        return current(self.breakers.get(breaker_key(pick), CLOSED), now_ms, self._policy)
+    def _breaker_key(self, pick: Pick, tenant: str | None) -> str:
+        """A BYOK route's breaker is per tenant (its key is the tenant's); every other route's
+        is shared by all tenants."""
+        per_tenant = tenant is not None and self.routes[pick.route].kind is RouteKind.BYOK
+        return breaker_key(pick, tenant if per_tenant else None)
+
+    def _breaker(self, pick: Pick, now_ms: int, tenant: str | None = None) -> BreakerState:
+        return current(self.breakers.get(self._breaker_key(pick, tenant), CLOSED), now_ms, self._policy)
+
+    # --- replicas and the engines' own word --------------------------------------------------
+
+    def set_replicas(self, route: str, replicas: Sequence[str]) -> None:
+        """The live replicas of BYOC route ``route`` (a group that scaled, a replica that died):
+        the next decision chooses among these; a replica gone is forgotten."""
+        gone = set(self.replicas.get(route, [])) - set(replicas)
+        self.replicas[route] = sorted(replicas)
+        for replica in gone:
+            self.residency.forget_replica(replica)
+            self.inflight.pop(replica, None)
+
+    def apply_kv_events(self, events: Sequence[KvEvent]) -> None:
+        """KV events of engine replicas, applied here at once (an unlinked scheduler is the
+        owner; a linked one receives them in views)."""
+        for event in events:
+            apply_kv_event(self.residency, event)
+
+    # --- the owner's link (routing/owner.py) -------------------------------------------------
+
+    def link(self, gateway: str) -> None:
+        """From now on, queue every op for the profile's owner as gateway ``gateway``."""
+        if not gateway:
+            raise ValueError("a gateway id must not be empty (the empty origin is the engines')")
+        self.gateway = gateway
+        self._outbox = []
+
+    def take_report(self) -> Report:
+        """The ops since the last report as the next batch (kept until the owner acknowledges
+        it), with this gateway's load now; an empty batch is a heartbeat of the load."""
+        if self._outbox is None or self.gateway is None:
+            raise RuntimeError("take_report needs link() first")
+        ops, self._outbox = tuple(self._outbox), []
+        seq = self._seq
+        if ops:
+            self._seq += 1
+            seq = self._seq
+        report = Report(
+            self.gateway, seq, ops,
+            inflight=tuple(sorted((r, n) for r, n in self.inflight.items() if n)),
+            route_inflight=tuple(sorted((r, n) for r, n in self.route_inflight.items() if n)),
+        )  # fmt: skip
+        if ops:
+            self._unacked.append(report)
+        return report
+
+    def apply_view(self, view: View) -> None:
+        """Take the owner's state: its breakers and budget with this gateway's unacknowledged
+        ops replayed on top, the residency ops of others since the last view (or the whole
+        index, then this gateway's unacknowledged sends again), the others' load."""
+        self._unacked = [report for report in self._unacked if report.seq > view.acked_seq]
+        pending = [op for report in self._unacked for op in report.ops] + list(self._outbox or [])
+        self.breakers = dict(view.breakers)
+        self.budget = view.budget
+        for op in pending:
+            if isinstance(op, BreakerOp):
+                state = self.breakers.get(op.key, CLOSED)
+                self.breakers[op.key] = breaker_transition(state, op, self._policy)
+            elif isinstance(op, BudgetOp):
+                self.budget = budget_after(self.budget, op)
+        if view.residency_full is not None:
+            self.residency.replace(view.residency_full)
+            for op in pending:
+                if isinstance(op, Sent):
+                    self.residency.record_sent(op.replica, op.keys)
+        for residency_op in view.residency_ops:
+            if isinstance(residency_op, Sent):
+                self.residency.record_sent(residency_op.replica, residency_op.keys)
+            else:
+                apply_kv_event(self.residency, residency_op)
+        self.remote_inflight = dict(view.load)
+        self.remote_route_inflight = dict(view.route_load)
+        self.version = view.version
+
+    def _report_breaker(self, pick: Pick, kind: BreakerKind, now_ms: int, tenant: str | None = None) -> None:
+        if self._outbox is not None:
+            self._outbox.append(BreakerOp(self._breaker_key(pick, tenant), kind, now_ms))

@@ -214,6 +214,17 @@ class RedisRoutingStore:
         raw = await self._redis.get(_key(tenant, "dec", decision_id))
         return None if raw is None else _stored(raw)
 
+    async def find_decision(self, decision_id: str) -> tuple[str, StoredDecision] | None:
+        """The tenant and record of ``decision_id`` whoever's it is (decision ids are unique): one
+        SCAN over every tenant's records, an operator's command (``zumik decision replay``), never
+        a request path. None when no record has that id."""
+        async for key in self._redis.scan_iter(match=_key("*", "dec", decision_id), count=1000):
+            name = _text(key)
+            raw = await self._redis.get(name)
+            if raw is not None:
+                return name[len("z:{") : name.index("}:dec:")], _stored(raw)
+        return None
+
     async def publish(self, tenant: str, release: Release, expected: str | None) -> bool:
         """Store ``release`` and point its alias at it, only if the alias points at ``expected``
         now (None: at nothing) and no release has its id; False otherwise, nothing written."""

@@ -22,10 +22,15 @@ class KvProbe:
         self.compat_digest = compat_digest
         self.block_size = block_size
 
-    def addresses(self, token_ids: Sequence[int], cache_salt: str) -> list[BlockAddress]:
+    def addresses(
+        self, token_ids: Sequence[int], cache_salt: str, *, shard: str | None = None
+    ) -> list[BlockAddress]:
+        """The blocks' addresses under ``shard``: the digest an engine's rank 0 files blocks
+        under (``kvstore.layout.shard_digest``: it names the engine's KV layout, which only the
+        engine knows), as the connector reports it in ``zumik_kv``; the compat digest if None."""
         keys = chain_block_keys(token_ids, self.block_size, seed_from_digest(self.compat_digest, cache_salt))
         scope = scope_id(cache_salt)
-        return [BlockAddress(self.compat_digest, key, scope) for key in keys]
+        return [BlockAddress(shard or self.compat_digest, key, scope) for key in keys]
 
     async def count_in_redis(self, addresses: Sequence[BlockAddress]) -> int | None:
         """How many of ``addresses`` the Redis tier holds; None when Redis cannot answer."""

@@ -5,6 +5,13 @@ it answers a write; an object Zumik has acknowledged survives ``kill -9`` of red
 (``WAITAOF`` gives the same promise per command; ``always`` gives it for every write without
 extra round trips, at a throughput cost that Zumik's write rate does not notice.)
 
+The KV Redis (``role="kv"``, ``embedded_kv_redis``): a second server for the engines' KV blocks
+only, so that KV growth never touches tenant state. It is a cache: ``maxmemory`` with
+``volatile-lru`` (the least recently used blocks are evicted: each has a TTL; the tier's
+per-scope byte counts have none and are never evicted), no AOF and no RDB. The state
+server keeps ``noeviction``; the per-scope data keys (the keyring) stay there. On the KV server
+the ``zumik-kv`` user may also run INFO (the tier reports the server's memory and evictions).
+
 Access: the ACL users of ``redis_acl.py`` (``default`` off), loaded from ``users.acl`` in the data
 directory (SHA-256 hashes only; no password on the command line, where ``ps`` would show it),
 with the passwords read from (or, when missing, generated into) the secrets folder. A third
@@ -41,6 +48,7 @@ from zumik_serve.store.redis_acl import (
     GATEWAY_PASSWORD_FILE,
     GATEWAY_USER,
     KV_PASSWORD_FILE,
+    KV_USER,
     EngineRedisAccess,
     RedisAccessError,
     RedisPasswords,
@@ -55,6 +63,7 @@ from zumik_serve.store.redis_acl import (
 )
 
 REDIS_URL_ENV = "ZUMIK_REDIS_URL"
+KV_REDIS_URL_ENV = "ZUMIK_KV_REDIS_URL"  # the KV tier's own Redis (gateway user's URL)
 ADMIN_USER = "zumik-admin"
 ACL_FILE = "users.acl"
 
@@ -85,6 +94,8 @@ class LocalRedis:
     host: str = "127.0.0.1"
     secrets_dir: Path | None = None
     tls: TlsFiles | None = None  # TLS only (no plain port); URLs are rediss:// with the CA named
+    role: str = "state"  # "state": AOF, noeviction; "kv": maxmemory_bytes with volatile-lru, no AOF
+    maxmemory_bytes: int | None = None  # the KV server's bound (required for role "kv")
     _process: subprocess.Popen[bytes] | None = None
     command: list[str] = field(default_factory=list, init=False, repr=False)  # as started (no secret)
     _admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
@@ -134,6 +145,11 @@ class LocalRedis:
         acl_file = self.data_dir / ACL_FILE
         admin_line = f"user {ADMIN_USER} on resetpass #{password_sha256(self._admin_password)} ~* &* +@all"
         acl_text = acl_file_text(ensure_passwords(self.secrets_folder), (admin_line,))
+        if self.role == "kv":  # the KV tier reports this server's memory and evictions (INFO)
+            acl_text = "".join(
+                f"{line} +info\n" if line.startswith(f"user {KV_USER} ") else f"{line}\n"
+                for line in acl_text.splitlines()
+            )
         write_private_file(acl_file, acl_text.encode(), overwrite=True)
         if self.port is None:
             self.port = free_port(self.host)
@@ -150,12 +166,7 @@ class LocalRedis:
             *listen,
             "--dir",
             str(self.data_dir),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--appenddirname",
-            "appendonly",
+            *self._role_args(),
             "--save",
             "",
             "--daemonize",
@@ -177,6 +188,15 @@ class LocalRedis:
             info = {"url": self._plain_url, "pid": self._process.pid, "secrets_dir": str(self.secrets_folder)}
             write_private_file(self.run_file, json.dumps(info).encode(), overwrite=True)
         return self
+
+    def _role_args(self) -> list[str]:
+        if self.role == "state":
+            return ["--appendonly", "yes", "--appendfsync", "always", "--appenddirname", "appendonly",
+                    "--maxmemory-policy", "noeviction"]  # fmt: skip
+        if self.role != "kv" or not self.maxmemory_bytes or self.maxmemory_bytes <= 0:
+            raise ValueError("a KV Redis (role 'kv') needs a positive maxmemory_bytes")
+        return ["--appendonly", "no", "--maxmemory", str(self.maxmemory_bytes),
+                "--maxmemory-policy", "volatile-lru"]  # fmt: skip
 
     def kill(self) -> None:
         """SIGKILL, as a crash would (used by durability tests)."""
@@ -204,6 +224,14 @@ def embedded_redis(home: ZumikHome, port: int | None = None) -> LocalRedis:
     return LocalRedis(data_dir=home.redis_dir, run_file=run_file, port=port, secrets_dir=secrets_dir(home))
 
 
+def embedded_kv_redis(home: ZumikHome, maxmemory_bytes: int, port: int | None = None) -> LocalRedis:
+    """The KV Redis of ``zumik serve``: same users and secrets as the state server, its own folder."""
+    return LocalRedis(
+        data_dir=home.root / "redis-kv", run_file=home.run_dir / "redis-kv.json", port=port,
+        secrets_dir=secrets_dir(home), role="kv", maxmemory_bytes=maxmemory_bytes,
+    )  # fmt: skip
+
+
 def ensure_passwords(folder: Path) -> RedisPasswords:
     """The users' passwords from ``folder``, each generated (0600) when its file is missing."""
 
@@ -222,6 +250,20 @@ def running_redis_url(home: ZumikHome) -> str | None:
     run_file = home.run_dir / "redis.json"
     try:
         info = json.loads(run_file.read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    folder = Path(info["secrets_dir"]) if "secrets_dir" in info else secrets_dir(home)
+    return with_user(str(info["url"]), GATEWAY_USER, read_password(folder, GATEWAY_PASSWORD_FILE))
+
+
+def running_kv_redis_url(home: ZumikHome) -> str | None:
+    """``ZUMIK_KV_REDIS_URL``, else the embedded KV server's URL (the gateway user's) if it is
+    running now, else None (the KV blocks, if any, are in the state Redis)."""
+    if os.environ.get(KV_REDIS_URL_ENV):
+        return os.environ[KV_REDIS_URL_ENV]
+    try:
+        info = json.loads((home.run_dir / "redis-kv.json").read_text())
         os.kill(int(info["pid"]), 0)
     except (OSError, ValueError, KeyError):
         return None

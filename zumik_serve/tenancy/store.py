@@ -2,6 +2,7 @@
 
 zumik:tenant:{id}          hash   name, created_at_s, qos (comma-joined class names, absent:
                                   every class), reuse ("off" when the tenant keeps no ledger),
+                                  profiles (comma-joined profile names, absent: every profile),
                                   deleting (while a deletion runs: its job, ``purge/deletion.py``)
 zumik:tenant-name:{name}   string tenant id (names are unique)
 zumik:apikey:{sha256}      string tenant id: what authentication reads
@@ -145,14 +146,16 @@ class RedisTenantStore:
         self._forget_tenant = client.register_script(FORGET_TENANT)
 
     async def create_tenant(
-        self, name: str, *, qos_classes: frozenset[str] | None = None, reuse_accounting: bool = True
-    ) -> tuple[Tenant, str]:
+        self, name: str, *, qos_classes: frozenset[str] | None = None, reuse_accounting: bool = True,
+        profiles: frozenset[str] | None = None,
+    ) -> tuple[Tenant, str]:  # fmt: skip
         """Create a tenant and its first API key; returns the key (shown once, never stored).
-        ``qos_classes``: the QoS classes its requests may use (None: every class)."""
+        ``qos_classes``: the QoS classes its requests may use (None: every class); ``profiles``:
+        the profiles it may use (None: every profile)."""
         validate_tenant_name(name)
         tenant = Tenant(
             id=new_tenant_id(), name=name, created_at_s=int(time.time()), qos_classes=qos_classes,
-            reuse_accounting=reuse_accounting,
+            reuse_accounting=reuse_accounting, profiles=profiles,
         )  # fmt: skip
         api_key = new_api_key()
         key_hash = hash_api_key(api_key)
@@ -369,6 +372,8 @@ def _fields_of(tenant: Tenant) -> dict[FieldT, EncodableT]:
         fields["qos"] = ",".join(sorted(tenant.qos_classes))
     if not tenant.reuse_accounting:
         fields["reuse"] = "off"
+    if tenant.profiles is not None:
+        fields["profiles"] = ",".join(sorted(tenant.profiles))
     return fields
 
 
@@ -379,6 +384,7 @@ def _tenant_of(tenant_id: TenantId, fields: dict[str, str]) -> Tenant:
         created_at_s=int(fields["created_at_s"]),
         qos_classes=frozenset(fields["qos"].split(",")) if fields.get("qos") else None,
         reuse_accounting=fields.get("reuse") != "off",
+        profiles=frozenset(fields["profiles"].split(",")) if fields.get("profiles") else None,
     )
 
 

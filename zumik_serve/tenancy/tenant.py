@@ -39,6 +39,7 @@ class Tenant:
     created_at_s: int
     qos_classes: frozenset[str] | None = None  # the QoS classes it may use; None: every class
     reuse_accounting: bool = True  # False: no opportunity index of its prompts, no reuse ledger
+    profiles: frozenset[str] | None = None  # the profiles it may use (x-zumik-profile); None: any
 
 
 def new_api_key() -> str:

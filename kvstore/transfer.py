@@ -1,0 +1,199 @@
+"""Copies of whole KV blocks between an engine's paged KV cache and host bytes (plain PyTorch).
+
+The connector (``kvstore/connector.py``) hands this module vLLM's per-layer cache views and
+nothing else of vLLM, so the same code runs in the engine, in the CPU unit tests and in the GPU
+check (``tests/gpu/kv_transfer_check.py``) on a machine with only PyTorch.
+
+What a cache looks like (vLLM 0.32, ``create_kv_cache_views``): per layer a logical
+``[B, H, N, C]`` view, blocks first, whatever the physical stride order; where the attention
+backend splits a manager block into R kernel blocks, ``[B*R, H, N/R, C]``. A block's bytes are
+always written in one canonical order, that of its logical ``[H, N, C]`` view:
+
+    manager block b, layer l  ──►  bytes of cache_l[b] as a contiguous [H, N, C] array
+    (kernel-split: cache_l viewed [B, R, H, N/R, C], block b permuted to [H, R, N/R, C])
+
+so the bytes do not depend on the physical layout, and a block copies out and back bit for bit.
+Everything is copied as bytes (``uint8`` views of the cache), whatever the dtype (bf16, FP8).
+
+On CUDA a transfer is batched: one host<->device copy of every block and layer through a pinned
+staging buffer, ``non_blocking`` on a side stream, and one gather (``index_select``) or
+scatter (``index_copy_``) kernel per layer. A restore records an event the engine's stream
+waits on (the forward waits for the restored blocks, the CPU does not); a store waits on the
+engine's stream, then for its own copy to land in host memory before returning the bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+
+class CacheLayoutError(ValueError):
+    """A cache tensor is not blocks-first at manager-block granularity (e.g. a pre-0.2x vLLM
+    ``(2, num_blocks, ...)`` K/V-first cache): the connector refuses it."""
+
+
+def manager_blocks(cache: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """``cache`` as bytes with manager blocks on dim 0: ``[B, H, N, C']`` or, kernel-split,
+    ``[B, R, H, N/R, C']`` (``C'`` in bytes)."""
+    if cache.dim() != 4:
+        raise CacheLayoutError(f"a KV cache view is [B, H, N, C], not of shape {tuple(cache.shape)}")
+    if cache.stride(-1) != 1:
+        raise CacheLayoutError("a KV cache view's content dimension C must be contiguous")
+    as_bytes = cache.view(torch.uint8)
+    rows = as_bytes.shape[0]
+    if rows == num_blocks:
+        return as_bytes
+    if rows > num_blocks and rows % num_blocks == 0:
+        return as_bytes.unflatten(0, (num_blocks, rows // num_blocks))
+    raise CacheLayoutError(
+        f"a KV cache view has {rows} blocks on dim 0 for {num_blocks} engine blocks: not a "
+        "blocks-first layout Zumik's KV connector can copy"
+    )
+
+
+def block_nbytes(blocks: torch.Tensor) -> int:
+    return int(blocks[0].numel())
+
+
+def canonical(selected: torch.Tensor) -> torch.Tensor:
+    """Rows of ``manager_blocks`` (``[k, ...]``) in canonical byte order, shape ``[k, H, N', C']``
+    (``[k, H, R, N/R, C']`` when kernel-split): a view, contiguous only if the cache is."""
+    if selected.dim() == 5:  # [k, R, H, N/R, C] -> [k, H, R, N/R, C]
+        return selected.permute(0, 2, 1, 3, 4)
+    return selected
+
+
+class BlockCopier:
+    """Copies whole blocks of every layer of one engine rank's KV cache.
+
+    ``extract`` returns, per block, ``{layer name: uint8 array}`` that the caller owns;
+    ``inject`` writes such dicts back and returns how many blocks it wrote, from the first:
+    it stops at the first block that lacks a layer or whose bytes are not that layer's block
+    size (that block and the ones after it are the caller's to recompute).
+    """
+
+    def __init__(self, caches: Mapping[str, torch.Tensor], num_blocks: int) -> None:
+        if not caches:
+            raise CacheLayoutError("no KV cache layers to copy")
+        self.num_blocks = int(num_blocks)
+        self._blocks = {name: manager_blocks(cache, self.num_blocks) for name, cache in caches.items()}
+        self.block_nbytes = {name: block_nbytes(blocks) for name, blocks in self._blocks.items()}
+        self.device = next(iter(self._blocks.values())).device
+        self._cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._host = torch.empty(0, dtype=torch.uint8)  # pinned on CUDA
+        self._pending: torch.cuda.Event | None = None  # the last copy that reads self._host
+
+    @property
+    def bytes_per_block(self) -> int:
+        return sum(self.block_nbytes.values())
+
+    def extract(self, block_ids: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        layers = self.extract_layers(block_ids)
+        return [{name: rows[i] for name, rows in layers.items()} for i in range(len(block_ids))]
+
+    def extract_layers(self, block_ids: Sequence[int]) -> dict[str, np.ndarray]:
+        """Per layer, ``[len(block_ids), block bytes]`` (``uint8``, owned by the caller)."""
+        count = len(block_ids)
+        if count == 0:
+            return {name: np.empty((0, size), dtype=np.uint8) for name, size in self.block_nbytes.items()}
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
+        if self._stream is None:  # host memory: one gather per layer is the copy
+            return {
+                name: canonical(blocks.index_select(0, index)).contiguous().reshape(count, -1).numpy()
+                for name, blocks in self._blocks.items()
+            }
+        host = self._staging(count * self.bytes_per_block)
+        offsets: dict[str, int] = {}
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the forward wrote them
+        with torch.cuda.stream(self._stream):
+            staged = torch.empty(count * self.bytes_per_block, dtype=torch.uint8, device=self.device)
+            offset = 0
+            for name, blocks in self._blocks.items():
+                size = count * self.block_nbytes[name]
+                gathered = canonical(blocks.index_select(0, index))
+                staged[offset : offset + size].view(gathered.shape).copy_(gathered)
+                offsets[name] = offset
+                offset += size
+            host.copy_(staged, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        done.synchronize()
+        flat = host.numpy()
+        return {
+            name: flat[offsets[name] : offsets[name] + count * size].reshape(count, size).copy()
+            for name, size in self.block_nbytes.items()
+        }
+
+    def inject(self, block_ids: Sequence[int], blocks: Sequence[Mapping[str, np.ndarray]]) -> int:
+        count = 0
+        for tensors in blocks[: len(block_ids)]:
+            if not all(
+                (source := tensors.get(name)) is not None and source.nbytes == size
+                for name, size in self.block_nbytes.items()
+            ):
+                break
+            count += 1
+        if count == 0:
+            return 0
+        if self._stream is None:  # host memory: straight from the decoded arrays, no staging
+            for block_id, tensors in zip(block_ids[:count], blocks[:count], strict=True):
+                for name, layer in self._blocks.items():
+                    target = layer[block_id]
+                    if target.dim() == 4:  # kernel-split [R, H, N/R, C] <- canonical [H, R, N/R, C]
+                        target = target.permute(1, 0, 2, 3)
+                    target.copy_(torch.from_numpy(_bytes_of(tensors[name])).view(target.shape))
+            return count
+        index = torch.tensor(list(block_ids[:count]), dtype=torch.long, device=self.device)
+        host = self._staging(count * self.bytes_per_block)
+        flat = host.numpy()
+        offsets: dict[str, int] = {}
+        offset = 0
+        for name, size in self.block_nbytes.items():
+            offsets[name] = offset
+            for i in range(count):
+                start = offset + i * size
+                flat[start : start + size] = _bytes_of(blocks[i][name])
+            offset += count * size
+        with torch.cuda.stream(self._stream):
+            staged = host.to(self.device, non_blocking=True)
+            self._scatter(staged, index, offsets)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        torch.cuda.current_stream(self.device).wait_event(done)  # the forward waits, not the CPU
+        self._pending = done  # self._host is read until then
+        return count
+
+    def synchronize(self) -> None:
+        """Wait until the last restore has landed (tests, and before freeing the caches)."""
+        if self._pending is not None:
+            self._pending.synchronize()
+            self._pending = None
+
+    def _scatter(self, staged: torch.Tensor, index: torch.Tensor, offsets: dict[str, int]) -> None:
+        count = int(index.numel())
+        for name, blocks in self._blocks.items():
+            size = count * self.block_nbytes[name]
+            rows = staged[offsets[name] : offsets[name] + size]
+            one = canonical(blocks[:1]).shape[1:]  # [H, ...] of one block, canonical order
+            source = rows.view(count, *one)
+            if blocks.dim() == 5:  # back from [k, H, R, N/R, C] to the view's [k, R, H, N/R, C]
+                source = source.permute(0, 2, 1, 3, 4)
+            blocks.index_copy_(0, index, source)
+
+    def _staging(self, num_bytes: int) -> torch.Tensor:
+        self.synchronize()  # the previous restore may still read the staging buffer
+        if self._host.numel() < num_bytes:
+            capacity = max(num_bytes, 2 * self._host.numel())
+            self._host = torch.empty(capacity, dtype=torch.uint8, pin_memory=self._cuda)
+        return self._host[:num_bytes]
+
+
+def _bytes_of(array: np.ndarray) -> np.ndarray:
+    """``array``'s bytes as a flat ``uint8`` array (no copy when it already is one)."""
+    if array.dtype == np.uint8 and array.ndim == 1 and array.flags.c_contiguous:
+        return array
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)

@@ -1,0 +1,159 @@
+"""WriteBehind: stores to the tiers happen on a thread of their own, never in the engine step.
+
+    engine step (wait_for_save)                     writer thread
+      blocks copied out of the paged cache ──submit──► bounded queue ──► encode, seal, write
+      (the copy stays in the step: vLLM may           (at most max_pending_bytes; a batch
+       reuse the blocks once the step ends)             that does not fit is dropped, counted)
+
+``submit`` never waits: it takes the batch when the queue has room and otherwise drops it whole
+and counts it (a ``dropped`` event, tier ENGINE: the blocks never reached a tier). A dropped
+store costs a later recompute, never a failed request. ``close`` (the worker's shutdown, and
+at interpreter exit) stops taking batches and waits up to ``timeout_s`` for the queue to
+drain; what is left then is counted as dropped and logged.
+
+The thread also measures the tiers' occupancy (``TierManager.usage``, which reads files and
+asks servers) every ``usage_every_s``, so that the step's stats only read the last figures.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvstore.manager import TierManager
+from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind, TierUsage
+
+logger = logging.getLogger("vllm.zumik.kvstore")
+
+
+@dataclass(frozen=True)
+class StoreBatch:
+    """Blocks to store, in order. ``value(i)`` makes block ``i``'s value (the writer thread
+    calls it: encoding happens there); ``num_bytes`` is what the batch holds in memory until
+    written. ``sources``: None for newly computed blocks (stored in every tier), else the tier
+    each block was loaded from (promoted to the nearer tiers)."""
+
+    addresses: tuple[BlockAddress, ...]
+    num_bytes: int
+    value: Callable[[int], bytes]
+    sources: tuple[Tier, ...] | None = None
+
+
+class WriteBehind:
+    def __init__(
+        self, manager: TierManager, *, max_pending_bytes: int, usage_every_s: float | None = 5.0
+    ) -> None:
+        if max_pending_bytes <= 0:
+            raise ValueError("max_pending_bytes must be positive")
+        self.manager = manager
+        self.max_pending_bytes = max_pending_bytes
+        self._usage_every_s = usage_every_s
+        self._queue: deque[StoreBatch] = deque()
+        self._pending_bytes = 0  # queued plus the batch being written
+        self._busy = False
+        self._closed = False
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._usage: list[TierUsage] = []
+        self._usage_at = float("-inf")
+
+    @property
+    def pending_bytes(self) -> int:
+        with self._changed:
+            return self._pending_bytes
+
+    @property
+    def usage(self) -> list[TierUsage]:
+        """The tiers' occupancy as last measured by the writer thread (no I/O here)."""
+        return list(self._usage)
+
+    def submit(self, batch: StoreBatch) -> bool:
+        """Queue ``batch`` for the writer thread and return at once; False (and a dropped
+        event) when the queue has no room for it or the writer was closed."""
+        with self._changed:
+            accepted = not self._closed and self._pending_bytes + batch.num_bytes <= self.max_pending_bytes
+            if accepted:
+                self._queue.append(batch)
+                self._pending_bytes += batch.num_bytes
+                self._changed.notify_all()
+                if self._thread is None:
+                    self._start()
+        if not accepted:
+            self._dropped(len(batch.addresses), batch.num_bytes, "write-behind queue full")
+        return accepted
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every batch taken so far is written; False if ``timeout_s`` passed first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._queue and not self._busy, timeout=timeout_s)
+
+    def close(self, timeout_s: float = 30.0) -> int:
+        """Take no more batches; write what is queued within ``timeout_s``. Returns how many
+        blocks were left unwritten (counted as dropped)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        deadline = time.monotonic() + timeout_s
+        if self.flush(timeout_s) and self._thread is not None:
+            self._thread.join(max(deadline - time.monotonic(), 0.0))  # its last measurement
+        with self._changed:
+            left = list(self._queue)
+            self._queue.clear()
+            for batch in left:
+                self._pending_bytes -= batch.num_bytes
+            self._changed.notify_all()
+        blocks = sum(len(batch.addresses) for batch in left)
+        if blocks:
+            self._dropped(blocks, sum(batch.num_bytes for batch in left), "shutdown")
+            logger.warning("zumik kv: %d block(s) not stored before shutdown (tiers too slow)", blocks)
+        return blocks
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="zumik-kv-writer", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._queue or self._closed, timeout=self._usage_every_s)
+                if not self._queue and self._closed:
+                    return
+                batch = self._queue.popleft() if self._queue else None
+                self._busy = batch is not None
+            if batch is not None:
+                self._write(batch)
+                with self._changed:
+                    self._pending_bytes -= batch.num_bytes
+                    self._busy = False
+                    self._changed.notify_all()
+            self._measure()
+
+    def _write(self, batch: StoreBatch) -> None:
+        for index, address in enumerate(batch.addresses):
+            source = None if batch.sources is None else batch.sources[index]
+            try:
+                self.manager.store(address, batch.value(index), source=source)
+            except Exception:  # a bug must not end the thread: the block is lost, counted
+                logger.exception("zumik kv: storing a block failed")
+                self.manager.record(TierEvent(TierEventKind.FAILURE, Tier.ENGINE, 1, 0, "store raised"))
+
+    def _measure(self) -> None:
+        if self._usage_every_s is None:
+            return
+        now = time.monotonic()
+        if now - self._usage_at < self._usage_every_s:
+            return
+        self._usage_at = now
+        try:
+            self._usage = self.manager.usage()
+        except Exception:  # occupancy is a metric: never worth the thread
+            logger.exception("zumik kv: measuring the tiers failed")
+
+    def _dropped(self, blocks: int, num_bytes: int, why: str) -> None:
+        self.manager.record(TierEvent(TierEventKind.DROPPED, Tier.ENGINE, blocks, num_bytes, why))

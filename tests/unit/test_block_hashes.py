@@ -1,0 +1,55 @@
+"""The gateway's engine block hashes (routing/block_hashes.py) equal vLLM's own, byte for byte.
+
+Invariants held here:
+- for a token-id prompt, with and without a cache salt, every full block's hash equals what
+  vLLM's request block hasher computes with ``sha256_cbor`` (the partial last block has none),
+  token ids of every CBOR width included;
+- the residency key of a block is the 64-bit int a KV event carries for it;
+- a different salt changes every block's hash (the salt is in the first, the chain carries it).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import sha256_cbor
+from vllm.v1.core import kv_cache_utils
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash, maybe_convert_block_hash
+from vllm.v1.request import Request
+
+from zumik_serve.routing.block_hashes import engine_block_hashes, engine_block_keys, event_key
+
+BLOCK = 16
+
+
+def vllm_hashes(tokens: list[int], salt: str | None) -> list[bytes]:
+    init_none_hash(sha256_cbor)
+    request = Request(
+        request_id="r", prompt_token_ids=tokens, sampling_params=SamplingParams(max_tokens=1),
+        pooling_params=None, cache_salt=salt, block_hasher=get_request_block_hasher(BLOCK, sha256_cbor),
+    )  # fmt: skip
+    return [bytes(block_hash) for block_hash in request.block_hashes]
+
+
+@pytest.mark.parametrize("salt", [None, "tenant-salt-" + "a" * 52])
+def test_block_hashes_equal_vllms_own(salt: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    edges = [0, 23, 24, 255, 256, 65_535, 65_536, 151_000]  # each CBOR width, and past the table
+    rng = random.Random(5)
+    tokens = [
+        rng.choice(edges) if rng.random() < 0.2 else rng.randrange(10, 30_000) for _ in range(BLOCK * 7 + 5)
+    ]
+    ours = engine_block_hashes(tokens, block_size=BLOCK, cache_salt=salt, max_blocks=100)
+    assert len(ours) == 7 and ours == vllm_hashes(tokens, salt)
+    assert kv_cache_utils.NONE_HASH is not None
+    keys = engine_block_keys(tokens, block_size=BLOCK, cache_salt=salt, max_blocks=3)
+    assert keys == [event_key(maybe_convert_block_hash(h)) for h in ours[:3]]  # what an event says
+
+
+def test_a_salt_changes_every_block() -> None:
+    tokens = list(range(10, 10 + BLOCK * 4))
+    plain = engine_block_hashes(tokens, block_size=BLOCK, cache_salt=None, max_blocks=10)
+    salted = engine_block_hashes(tokens, block_size=BLOCK, cache_salt="s", max_blocks=10)
+    assert not set(plain) & set(salted)

@@ -1,0 +1,184 @@
+"""Two gateways, one profile: what one owner of the scheduler state (``routing/owner.py``) is worth.
+
+A simulation over the real scheduler code, no engine (labelled so in every output): requests of
+a shared-prefix workload arrive at two gateways in turn (as an ingress spreads them); each
+gateway decides with its own ``ProfileScheduler`` and sends to one of three replicas whose
+prefix caches are LRU sets of ``capacity_blocks`` blocks (the engines' truth, the working set
+larger than one replica). Arms, on the same request sequence:
+
+    one-gateway      every request through one scheduler (the reference)
+    two-no-owner     two schedulers, each knowing only what it sent (today without an owner)
+    two-owner        two schedulers linked to one ProfileOwner, exchanging after every request
+    two-owner-every-10  the same, exchanging every 10 requests (views that lag)
+
+Per arm: cached blocks (the engine's LRU walked at send time) over the workload's ideal (every
+block-aligned prefix seen before is a hit), and how often the deciding gateway's belief of the
+picked replica differed from its truth (``belief_wrong``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from profiles import Profile
+from zumik_serve.routing.decision import NO_EVIDENCE
+from zumik_serve.routing.owner import exchange
+from zumik_serve.routing.residency import ResidencyIndex
+from zumik_serve.routing.scheduler import ProfileScheduler, SchedulingRequest, owner_for
+
+REPLICAS = ("r0", "r1", "r2")
+LAGGING_EVERY = 10  # views that lag: the gateways exchange with the owner every 10 requests
+SALT = "s" * 64
+
+
+@dataclass(frozen=True)
+class ClusterArm:
+    arm: str
+    requests: int
+    cached_blocks: int
+    ideal_blocks: int
+    belief_wrong: int
+
+    @property
+    def capture_efficiency(self) -> float:
+        return self.cached_blocks / self.ideal_blocks if self.ideal_blocks else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "arm": self.arm, "requests": self.requests, "cached_blocks": self.cached_blocks,
+            "ideal_blocks": self.ideal_blocks, "capture_efficiency": self.capture_efficiency,
+            "belief_wrong": self.belief_wrong, "evidence": "simulated (scheduler code, LRU engines)",
+        }  # fmt: skip
+
+
+def shared_prefix_texts(seed: int, *, groups: int, prefix_chars: int, requests: int) -> list[str]:
+    rng = random.Random(seed)
+    prefixes = ["".join(rng.choice("abcdefghij ") for _ in range(prefix_chars)) for _ in range(groups)]
+    order = [rng.randrange(groups) for _ in range(requests)]
+    return [prefixes[g] + f" question {index} " + "x" * 64 for index, g in enumerate(order)]
+
+
+def run_arm(
+    profile: Profile, arm: str, texts: list[str], *, capacity_blocks: int, every: int = 1
+) -> ClusterArm:
+    gateways = [ProfileScheduler(profile, replicas={"local": list(REPLICAS)})]
+    if arm != "one-gateway":
+        gateways.append(ProfileScheduler(profile, replicas={"local": list(REPLICAS)}))
+    owner = owner_for(profile) if arm == "two-owner" else None
+    if owner is not None:
+        for index, gateway in enumerate(gateways):
+            gateway.link(f"gw-{index}")
+    engines = ResidencyIndex(capacity_blocks)
+    seen: set[str] = set()
+    cached = ideal = wrong = 0
+    for index, text in enumerate(texts):
+        gateway = gateways[index % len(gateways)]
+        request = SchedulingRequest(
+            tenant="ten_bench", cache_salt=SALT, prompt_text=text, expected_output_tokens=4,
+            request_digest=f"{index:032x}", release_id=None, snapshot_id=None,
+            allowed_routes=frozenset({"local"}), evidence=NO_EVIDENCE,
+        )  # fmt: skip
+        record, keys = gateway.decide(f"dec_{index}", request, now_ms=index, seed=index)
+        assert record.pick is not None and record.pick.replica is not None
+        replica = record.pick.replica
+        believed = gateway.residency.matched_prefix_blocks(replica, keys)
+        held = engines.matched_prefix_blocks(replica, keys)
+        cached += held
+        wrong += believed != held
+        ideal += next((n for n in range(len(keys), 0, -1) if keys[n - 1] in seen), 0)
+        seen.update(keys)
+        engines.record_sent(replica, keys)
+        gateway.sent(record.pick, keys)
+        gateway.finished(record.pick)
+        if owner is not None and (index + 1) % every == 0:
+            for each in gateways:
+                exchange(each, owner, index)
+    return ClusterArm(arm, len(texts), cached, ideal, wrong)
+
+
+def cluster_figures(profile: Profile, *, seed: int = 1, requests: int = 400) -> list[ClusterArm]:
+    """The three arms on one shared-prefix sequence whose working set is 2x one replica."""
+    block_chars = profile.engine.block_size * 4
+    groups, prefix_chars = 12, block_chars * 24
+    capacity = groups * 24 // 2  # half the working set per replica: three hold 1.5x of it
+    texts = shared_prefix_texts(seed, groups=groups, prefix_chars=prefix_chars, requests=requests)
+    arms = [run_arm(profile, arm, texts, capacity_blocks=capacity) for arm in ("one-gateway", "two-no-owner")]
+    arms.append(run_arm(profile, "two-owner", texts, capacity_blocks=capacity))
+    lagging = run_arm(profile, "two-owner", texts, capacity_blocks=capacity, every=LAGGING_EVERY)
+    return [*arms, ClusterArm(f"two-owner-every-{LAGGING_EVERY}", *_counts(lagging))]
+
+
+def _counts(arm: ClusterArm) -> tuple[int, int, int, int]:
+    return arm.requests, arm.cached_blocks, arm.ideal_blocks, arm.belief_wrong
+
+
+def token_decision_times_us(
+    profile: Profile, *, lengths: tuple[int, ...], samples: int = 200
+) -> dict[int, dict[str, float]]:
+    """Decision time when the prompt is token ids (keys: the engine's block hashes), by length."""
+    import statistics
+    import time
+
+    scheduler = ProfileScheduler(profile, replicas={"local": list(REPLICAS)})
+    rng = random.Random(7)
+    result: dict[int, dict[str, float]] = {}
+    for length in lengths:
+        tokens = [rng.randrange(10, 30_000) for _ in range(length)]
+        request = SchedulingRequest(
+            tenant="ten_bench", cache_salt=SALT, prompt_text="", expected_output_tokens=16,
+            request_digest="d" * 32, release_id=None, snapshot_id=None, allowed_routes=None,
+            evidence=NO_EVIDENCE, prompt_token_ids=tokens,
+        )  # fmt: skip
+        record, keys = scheduler.decide("dec_warm", request, now_ms=0, seed=1)
+        if record.pick is not None:
+            scheduler.sent(record.pick, keys)
+        times = []
+        for index in range(samples):
+            started = time.perf_counter()
+            scheduler.decide(f"dec_{index}", request, now_ms=index, seed=index)
+            times.append((time.perf_counter() - started) * 1e6)
+        times.sort()
+        result[length] = {"p50": statistics.median(times), "p99": times[int(0.99 * (len(times) - 1))]}
+    return result
+
+
+def run_cluster_only(args: Any, console: Any) -> int:
+    """``zumik bench routing --cluster-only``: this module's figures and both decision timers."""
+    import json
+
+    from rich.table import Table
+
+    from zumik_serve.bench.routing import DECISION_LENGTHS, arm_profile, decision_times_us
+
+    profile = arm_profile("zumik")
+    arms = cluster_figures(profile, seed=args.seed)
+    text = decision_times_us(profile)
+    tokens = token_decision_times_us(profile, lengths=DECISION_LENGTHS)
+    summary = {
+        "seed": args.seed,
+        "cluster": [arm.to_json() for arm in arms],
+        "decision_us": {str(length): times for length, times in text.items()},
+        "decision_us_token_ids": {str(length): times for length, times in tokens.items()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cluster.json").write_text(json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    owners = Table(title="Two gateways, three replicas: one owner of the scheduler state (simulated)")
+    for column in ("arm", "capture eff.", "belief wrong"):
+        owners.add_column(column)
+    for arm in arms:
+        owners.add_row(arm.arm, f"{arm.capture_efficiency:.3f}", f"{arm.belief_wrong}/{arm.requests}")
+    console.print(owners)
+    timing = Table(title="Scheduler decision time (prefix keys + decide), in-process")
+    for column in ("prompt tokens", "keys", "p50 us", "p99 us"):
+        timing.add_column(column)
+    for label, times_by_length in (("text", text), ("token ids", tokens)):
+        for length, times in times_by_length.items():
+            timing.add_row(str(length), label, f"{times['p50']:.0f}", f"{times['p99']:.0f}")
+    console.print(timing)
+    console.print(f"wrote {args.out / 'cluster.json'}")
+    return 0
