@@ -49,6 +49,19 @@ setup() {
     # The Debian package starts a system server; Zumik runs its own, so stop that one.
     $sudo systemctl disable --now redis-server >/dev/null 2>&1 || $sudo service redis-server stop >/dev/null 2>&1 || true
   fi
+  if ! command -v promtool >/dev/null 2>&1; then
+    # promtool checks deploy/prometheus's scrape configs (tests/unit/test_monitoring.py); the
+    # check is skipped, saying so, when apt cannot install it.
+    say "installing promtool (the prometheus package) with apt"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq >/dev/null 2>&1 || true
+    if DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; then
+      $sudo systemctl disable --now prometheus >/dev/null 2>&1 || $sudo service prometheus stop >/dev/null 2>&1 || true
+    else
+      say "promtool not installed; the scrape config check will be skipped"
+    fi
+  fi
   local tiny="${ZUMIK_HOME:-$HOME/.zumik}/models/tiny"
   if [ ! -f "$tiny/model.safetensors" ]; then
     say "building the tiny test model in $tiny"

@@ -24,10 +24,15 @@ engine's stream, then for its own copy to land in host memory before returning t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+
+# Restored blocks arrive as read-only views of the bytes read (no copy before the copy into the
+# cache); torch only ever reads them (the source of ``copy_``), so its warning says nothing here.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 class CacheLayoutError(ValueError):

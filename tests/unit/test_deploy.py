@@ -440,7 +440,7 @@ def test_the_kv_redis_is_a_bounded_lru_cache_with_the_same_users() -> None:
 
     redis_dir = DEPLOY / "redis"
     conf = (redis_dir / "kv-redis.conf").read_text().splitlines()
-    for line in ("appendonly no", 'save ""', "maxmemory-policy allkeys-lru", "protected-mode yes",
+    for line in ("appendonly no", 'save ""', "maxmemory-policy volatile-lru", "protected-mode yes",
                  "aclfile /run/redis/users.acl", "bind 127.0.0.1"):  # fmt: skip
         assert line in conf, line
     (maxmemory,) = [line.split()[1] for line in conf if line.startswith("maxmemory ")]
@@ -599,12 +599,14 @@ def test_the_shipped_kv_redis_evicts_old_blocks_and_keeps_its_users(tmp_path: Pa
     try:
         kv = redis.Redis(host="127.0.0.1", port=port, username="zumik-kv", password=KV_PASSWORD)
         block = b"x" * (256 * 1024)
-        for index in range(64):  # 16 MB of blocks into a 4 MB server: every store succeeds
-            assert kv.set(f"kv:c:s:{index:03d}", block)
+        assert kv.set("kv:used:c:s", 0)  # a tier byte counter: no TTL, so never evicted
+        for index in range(64):  # 16 MB of blocks (each with a TTL, as the tier stores them) into 4 MB
+            assert kv.set(f"kv:c:s:{index:03d}", block, ex=3600)
         stats = kv.info("stats")
         assert stats["evicted_keys"] > 0 and kv.get("kv:c:s:063") == block and kv.get("kv:c:s:000") is None
+        assert kv.get("kv:used:c:s") == b"0"
         memory = kv.info("memory")
-        assert memory["maxmemory_policy"] == "allkeys-lru"
+        assert memory["maxmemory_policy"] == "volatile-lru"
         assert kv.info("persistence")["aof_enabled"] == 0 and not list((tmp_path / "data").iterdir())
         with pytest.raises(redis.exceptions.NoPermissionError):
             kv.set("zumik:apikey:x", b"ten_a")

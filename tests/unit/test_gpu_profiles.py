@@ -83,6 +83,18 @@ def test_the_engines_get_zumiks_connector_over_every_tier(name: str, tmp_path: P
     assert extra["disk_capacity_bytes"] == profile.kv_tiers.disk_capacity_bytes
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_left_behind() -> object:
+    """Ray Serve LLM's deployment options start a local Ray instance when none is up; shut it
+    down after this module so that the integration stack's own ``ray.init`` starts clean."""
+    import ray
+
+    was_up = ray.is_initialized()
+    yield
+    if not was_up and ray.is_initialized():
+        ray.shutdown()
+
+
 def _deployment_options(profile: Profile) -> dict[str, object]:
     from ray.serve.llm import LLMConfig
 

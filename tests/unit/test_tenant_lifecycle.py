@@ -563,3 +563,29 @@ def test_cli_manages_keys_and_deletes_a_tenant_to_a_verifiable_receipt(
     assert code == 1 and "no tenant is named" in err
     code, _, _ = zumik("tenant", "create", name)  # the name is free
     assert code == 0
+
+
+def test_tenant_deletion_sweeps_the_nodes_host_tier_folder_every_engine_writes(tmp_path: Path) -> None:
+    """`zumik tenant delete` reaches the host tier where the engines' connector writes it (the
+    node's shared folder, ``kvstore.tiers.build.host_tier_root``): a block stored there by an
+    engine's tier is gone after the deletion's tiers sweep the scope; another scope's stays."""
+    import secrets as token_source
+
+    from kvstore.tier import BlockAddress
+    from kvstore.tiers.build import build_tiers
+    from profiles import load_builtin
+    from zumik_serve.tenancy.tenant_cli import deletion_tiers
+
+    profile = load_builtin("local-cpu")
+    assert profile.kv_tiers.host_capacity_bytes > 0
+    (engine_host, *_) = build_tiers({"host_capacity_bytes": profile.kv_tiers.host_capacity_bytes})
+    digest, mine, other = "d" * 64, f"scope-{token_source.token_hex(6)}", f"scope-{token_source.token_hex(6)}"
+    ours, theirs = BlockAddress(digest, "k" * 32, mine), BlockAddress(digest, "k" * 32, other)  # type: ignore[arg-type]
+    assert engine_host.store(ours, b"block") and engine_host.store(theirs, b"block")
+    try:
+        tiers, _ = deletion_tiers(profile, redis_url="redis://unused", home_root=tmp_path)
+        host = [tier for tier in tiers if tier.tier is engine_host.tier]
+        assert len(host) == 1 and host[0].remove_scope(mine) == 1  # type: ignore[arg-type]
+        assert engine_host.contains([ours, theirs]) == [False, True]
+    finally:
+        engine_host.remove_scope(other)  # type: ignore[arg-type]

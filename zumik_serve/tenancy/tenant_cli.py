@@ -23,8 +23,7 @@ from typing import Any, TypeVar
 from rich.console import Console
 
 from kvstore.tier import TierBackend
-from kvstore.tiers.build import build_tiers, host_tier_root
-from kvstore.tiers.shared_memory import SharedMemoryTier
+from kvstore.tiers.build import build_tiers
 from profiles import Profile, ProfileError, resolve_profile
 from zumik_serve.home import ZumikHome
 from zumik_serve.purge.classes import GuaranteeClass
@@ -38,7 +37,7 @@ from zumik_serve.secret_files import secrets_dir
 from zumik_serve.server_secrets import load_server_secrets
 from zumik_serve.state.store import RedisStateStore
 from zumik_serve.store.client import plain_client
-from zumik_serve.store.local_redis import embedded_redis, running_redis_url
+from zumik_serve.store.local_redis import embedded_redis, running_kv_redis_url, running_redis_url
 from zumik_serve.tenancy.store import RedisTenantStore, TenantDeletingError, TenantNotFoundError
 from zumik_serve.tenancy.tenant import REVOCATION_BOUND_S, validate_key_id
 
@@ -179,7 +178,9 @@ def tenant_deletion(
     tenants = RedisTenantStore(client)
     state_store = RedisStateStore(client)
     purge_store = RedisPurgeStore(client, state_store)
-    tiers, sealed = deletion_tiers(profile, redis_url=url, home_root=home.root)
+    tiers, sealed = deletion_tiers(
+        profile, redis_url=url, home_root=home.root, kv_redis_url=running_kv_redis_url(home)
+    )
 
     async def salt_secret() -> bytes:
         return server_secrets.cache_salt_secret
@@ -193,26 +194,22 @@ def tenant_deletion(
     return TenantDeletion(tenants, purges, purge_store, revocation_wait_s=revocation_wait_s)
 
 
-def deletion_tiers(profile: Profile, *, redis_url: str, home_root: Path) -> tuple[list[TierBackend], bool]:
-    """The KV tiers of ``profile`` this machine reaches, and whether they are sealed: every host
-    tier folder under the shared-memory root (one per model's compat key: the folder is named
-    after it), then Redis (as the gateway's user) and disk; the engines' connector config
-    (``engines/vllm_config.py``) places them the same way."""
+def deletion_tiers(
+    profile: Profile, *, redis_url: str, home_root: Path, kv_redis_url: str | None = None
+) -> tuple[list[TierBackend], bool]:
+    """The KV tiers of ``profile`` this machine reaches, and whether they are sealed: the node's
+    host tier folder (every compat key's blocks live under it), the KV Redis (``kv_redis_url``,
+    as the gateway's user; the state Redis when the blocks live there) and disk; the engines'
+    connector config (``engines/vllm_config.py``) places them the same way."""
     spec = profile.kv_tiers
     if not spec.enabled:
         return [], False
-    tiers: list[TierBackend] = []
-    if spec.host_capacity_bytes > 0:
-        root = host_tier_root({"compat_digest": ""}).parent
-        tiers += [
-            SharedMemoryTier(folder, spec.host_capacity_bytes) for folder in sorted(root.glob("zumik-kv-*"))
-        ]
-    config: dict[str, Any] = {}
+    config: dict[str, Any] = {"host_capacity_bytes": spec.host_capacity_bytes}
     if spec.redis:
-        config["redis_url"] = redis_url
+        config["redis_url"] = kv_redis_url or redis_url
     if spec.disk_root:
         config["disk_root"] = spec.disk_root.replace("$ZUMIK_HOME", str(home_root))
-    return tiers + build_tiers(config), spec.seal
+    return build_tiers(config), spec.seal
 
 
 def _keep_receipt(outcome: DeletionOutcome, path: Path | None, console: Console) -> bool:
