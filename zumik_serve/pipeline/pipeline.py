@@ -28,11 +28,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kvstore.keys import scope_id
+from kvstore.tier import BlockAddress
 from profiles.model import RouteKind, group_served_names
 from zumik_serve.engines.protocol import EngineCall, EngineEvent
 from zumik_serve.errors import (
@@ -66,6 +67,7 @@ from zumik_serve.state.compiler import CompiledSnapshot
 from zumik_serve.state.objects import TurnRole
 from zumik_serve.state.requests import AppendTurn
 from zumik_serve.store.client import guard
+from zumik_serve.store.kv_probe import KvProbe
 from zumik_serve.telemetry.tracing import RequestClock, request_phases
 from zumik_serve.tenancy.tenant import Tenant
 
@@ -252,7 +254,7 @@ class Pipeline:
         report = generation.run.kv_report() or {}  # the engine's connector names its shard
         shard = report.get("shard") if isinstance(report.get("shard"), str) else None
         addresses = probe.addresses(token_ids, await ctx.salts.for_tenant(tenant.id), shard=shard)
-        persisted = await probe.count_in_redis(addresses)
+        persisted = await _persisted(probe, addresses)
         return Warmed(
             generation, len(token_ids), compiled, probe.compat_digest, probe.block_size,
             len(addresses), persisted,
@@ -416,3 +418,18 @@ def _reply(call: EngineCall, answer: Mapping[str, Any]) -> str:
         message = first.get("message")
         return str((message or {}).get("content") or "") if isinstance(message, Mapping) else ""
     return str(first.get("text") or "")
+
+
+WARM_PERSIST_WAIT_S = 10.0
+
+
+async def _persisted(probe: KvProbe, addresses: Sequence[BlockAddress]) -> int | None:
+    """How many of a warmed snapshot's blocks the Redis tier holds. The engine's connector
+    stores write-behind (``kvstore/write_behind.py``): the generation returns before its
+    blocks reach the tier, so this waits, up to ``WARM_PERSIST_WAIT_S``, for all of them."""
+    deadline = asyncio.get_running_loop().time() + WARM_PERSIST_WAIT_S
+    while True:
+        persisted = await probe.count_in_redis(addresses)
+        if persisted is None or persisted >= len(addresses) or asyncio.get_running_loop().time() >= deadline:
+            return persisted
+        await asyncio.sleep(0.05)
