@@ -38,6 +38,12 @@ APP_NAME = "zumik"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 
 
+# Engines publishing vLLM's KV cache events to the profile's scheduler owner (issue #17 item 3):
+# off. On the real stack no event reached the owner (the end-to-end test failed and its cause is
+# not found yet), so residency stays the gateways' record of what they sent until it does.
+ENGINE_KV_EVENTS = False
+
+
 def build_serve_app(
     profile: Profile,
     *,
@@ -59,7 +65,7 @@ def build_serve_app(
     engine_groups = [
         _engine_group(
             profile, group, index, group_dir, redis_url=redis_url, home=home, kv_redis_url=kv_redis_url,
-            kv_events=grouped and index == 0,
+            kv_events=ENGINE_KV_EVENTS and grouped and index == 0,
         )
         for index, (group, group_dir) in enumerate(zip(groups, model_dirs, strict=True))
     ]  # fmt: skip
