@@ -41,7 +41,13 @@ from typing import Any
 import httpx
 
 from profiles import Profile, load_builtin
-from zumik_serve.bench.routing_cluster import cluster_figures, run_cluster_only, token_decision_times_us
+from zumik_serve.bench.routing_cluster import (
+    cluster_figures,
+    owners_table,
+    run_cluster_only,
+    time_decisions,
+    token_decision_times_us,
+)
 
 ARMS = ("rr-nocache", "rr-cache", "zumik")
 WORKLOADS = ("no_reuse", "shared_prefix", "agent_sessions", "mooncake")
@@ -249,15 +255,7 @@ def decision_times_us(profile: Profile, *, samples: int = 200) -> dict[int, dict
             request_digest="d" * 32, release_id=None, snapshot_id=None, allowed_routes=None,
             evidence=NO_EVIDENCE,
         )  # fmt: skip
-        _, keys = scheduler.decide("dec_warm", request, now_ms=0, seed=1)
-        scheduler.sent(scheduler.decide("dec_warm", request, now_ms=0, seed=1)[0].pick, keys)  # type: ignore[arg-type]
-        times = []
-        for index in range(samples):
-            started = time.perf_counter()
-            scheduler.decide(f"dec_{index}", request, now_ms=index, seed=index)
-            times.append((time.perf_counter() - started) * 1e6)
-        times.sort()
-        result[length] = {"p50": statistics.median(times), "p99": times[int(0.99 * (len(times) - 1))]}
+        result[length] = time_decisions(scheduler, request, samples=samples)
     return result
 
 
@@ -375,12 +373,7 @@ def run_routing_bench(args: Any, console: Any) -> int:
         timing.add_row(f"{length} (token ids)", f"{times['p50']:.0f}", f"{times['p99']:.0f}")
     console.print(timing)
     print_escalation(escalation, console)
-    owners = Table(title="Two gateways, three replicas: one owner of the scheduler state (simulated)")
-    for column in ("arm", "capture eff.", "belief wrong"):
-        owners.add_column(column)
-    for sim in cluster:
-        owners.add_row(sim.arm, f"{sim.capture_efficiency:.3f}", f"{sim.belief_wrong}/{sim.requests}")
-    console.print(owners)
+    console.print(owners_table(cluster))
     console.print(f"wrote {args.out / 'routing.json'} and {args.out / 'routing.png'}")
     return 0
 

@@ -118,8 +118,6 @@ def token_decision_times_us(
     profile: Profile, *, lengths: tuple[int, ...], samples: int = 200
 ) -> dict[int, dict[str, float]]:
     """Decision time when the prompt is token ids (keys: the engine's block hashes), by length."""
-    import statistics
-    import time
 
     scheduler = ProfileScheduler(profile, replicas={"local": list(REPLICAS)})
     rng = random.Random(7)
@@ -131,17 +129,40 @@ def token_decision_times_us(
             request_digest="d" * 32, release_id=None, snapshot_id=None, allowed_routes=None,
             evidence=NO_EVIDENCE, prompt_token_ids=tokens,
         )  # fmt: skip
-        record, keys = scheduler.decide("dec_warm", request, now_ms=0, seed=1)
-        if record.pick is not None:
-            scheduler.sent(record.pick, keys)
-        times = []
-        for index in range(samples):
-            started = time.perf_counter()
-            scheduler.decide(f"dec_{index}", request, now_ms=index, seed=index)
-            times.append((time.perf_counter() - started) * 1e6)
-        times.sort()
-        result[length] = {"p50": statistics.median(times), "p99": times[int(0.99 * (len(times) - 1))]}
+        result[length] = time_decisions(scheduler, request, samples=samples)
     return result
+
+
+def time_decisions(
+    scheduler: ProfileScheduler, request: SchedulingRequest, *, samples: int
+) -> dict[str, float]:
+    """p50 and p99 (µs) of ``decide`` for ``request``, after one warm decision whose pick is
+    recorded as sent (so the prefix is resident, as for an agent's next turn)."""
+    import statistics
+    import time
+
+    record, keys = scheduler.decide("dec_warm", request, now_ms=0, seed=1)
+    if record.pick is not None:
+        scheduler.sent(record.pick, keys)
+    times = []
+    for index in range(samples):
+        started = time.perf_counter()
+        scheduler.decide(f"dec_{index}", request, now_ms=index, seed=index)
+        times.append((time.perf_counter() - started) * 1e6)
+    times.sort()
+    return {"p50": statistics.median(times), "p99": times[int(0.99 * (len(times) - 1))]}
+
+
+def owners_table(arms: list[ClusterArm]) -> Any:
+    """The simulated arms as a rich table (``zumik bench routing`` and ``--cluster-only``)."""
+    from rich.table import Table
+
+    table = Table(title="Two gateways, three replicas: one owner of the scheduler state (simulated)")
+    for column in ("arm", "capture eff.", "belief wrong"):
+        table.add_column(column)
+    for arm in arms:
+        table.add_row(arm.arm, f"{arm.capture_efficiency:.3f}", f"{arm.belief_wrong}/{arm.requests}")
+    return table
 
 
 def run_cluster_only(args: Any, console: Any) -> int:
@@ -167,12 +188,7 @@ def run_cluster_only(args: Any, console: Any) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    owners = Table(title="Two gateways, three replicas: one owner of the scheduler state (simulated)")
-    for column in ("arm", "capture eff.", "belief wrong"):
-        owners.add_column(column)
-    for arm in arms:
-        owners.add_row(arm.arm, f"{arm.capture_efficiency:.3f}", f"{arm.belief_wrong}/{arm.requests}")
-    console.print(owners)
+    console.print(owners_table(arms))
     timing = Table(title="Scheduler decision time (prefix keys + decide), in-process")
     for column in ("prompt tokens", "keys", "p50 us", "p99 us"):
         timing.add_column(column)
