@@ -358,10 +358,8 @@ def test_the_local_stack_starts_a_bounded_kv_redis_for_a_profile_with_a_redis_ti
         assert admin.config_get("maxmemory") == {"maxmemory": str(profile.kv_tiers.redis_max_memory_bytes)}
         assert admin.config_get("maxmemory-policy")["maxmemory-policy"] == "volatile-lru"
     finally:
-        # Only the KV Redis: LocalStack.stop would also stop the Ray/Serve this process is
-        # connected to, which in a full run is the integration suite's shared stack.
-        if stack.kv_redis is not None:
-            stack.kv_redis.stop()
+        stack.stop()  # never the Ray/Serve of this process (a full run's shared stack): not its own
+    assert stack.kv_redis is None
 
 
 def test_wait_for_save_copies_out_in_the_step_and_never_waits_on_a_tier(tmp_path: Path) -> None:

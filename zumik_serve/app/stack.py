@@ -88,6 +88,7 @@ class LocalStack:
     kv_redis: LocalRedis | None = None  # the KV Redis this stack started
     kv_redis_url: str | None = None  # the engines' KV Redis (gateway user's URL); None: no Redis tier
     started_ray: bool = False
+    connected_ray: bool = False  # this stack called ray.init (a head of its own, or joined one)
     timings_s: dict[str, float] = field(default_factory=dict)
     monitoring: MonitoringUrls | None = None  # the dashboard and metrics URLs, once Ray runs
 
@@ -163,6 +164,7 @@ class LocalStack:
                     **monitoring.ray_init_kwargs(),
                 )
                 self.started_ray = True
+            self.connected_ray = True
             self.monitoring = monitoring_urls(context)
 
         # Ray routes the root logger through its JSON handler; keep per-request client logs out.
@@ -220,7 +222,7 @@ class LocalStack:
         try:
             import ray
 
-            if ray.is_initialized():
+            if self.connected_ray and ray.is_initialized():  # never a Ray this stack did not join
                 from ray import serve
 
                 try:
