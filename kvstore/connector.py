@@ -173,13 +173,19 @@ class ZumikKVConnectorStats(KVConnectorStats):
 
 
 USAGE = "usage"
+GAUGE_REFRESH_S = 5.0  # under Ray's gauge TTL: twice its 10 s export interval by default
 
 
 class ZumikKVPromMetrics(KVConnectorPromMetrics):
     """``zumik:kv_tier_blocks`` and ``zumik:kv_tier_bytes`` counters by event and tier (events
     include ``eviction`` and ``dropped``: stores the write-behind queue had no room for, tier
     ``engine``); ``zumik:kv_tier_used_bytes`` and ``zumik:kv_tier_capacity_bytes`` gauges by
-    tier (the host tier's are the node's, the Redis tier's its server's)."""
+    tier (the host tier's are the node's, the Redis tier's its server's).
+
+    vLLM hands the tiers' occupancy over only in engine steps, and Ray's metrics agent drops a
+    gauge that was not set again within two export intervals: an idle engine's occupancy would
+    vanish from the dashboard. A daemon thread sets the last figures again every
+    ``GAUGE_REFRESH_S``, so the series shows the last occupancy the engine measured."""
 
     def __init__(
         self,
@@ -207,18 +213,37 @@ class ZumikKVPromMetrics(KVConnectorPromMetrics):
             name="zumik:kv_tier_capacity_bytes", documentation="A KV tier's byte bound (0: none known)",
             labelnames=tier_names,
         )  # fmt: skip
+        self._last_usage: dict[tuple[object, ...], tuple[int, int]] = {}  # labels -> used, capacity
+        self._usage_lock = threading.Lock()
+        self._refresher: threading.Thread | None = None
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         base = self.per_engine_labelvalues[engine_idx]
         for key, (blocks, num_bytes) in transfer_stats_data.items():
             event, tier = key.split(":", 1)
             if event == USAGE:
-                self._used.labels(*base, tier).set(blocks)
-                self._capacity.labels(*base, tier).set(num_bytes)
+                self._set_usage((*base, tier), blocks, num_bytes)
                 continue
             self._blocks.labels(*base, event, tier).inc(blocks)
             if num_bytes:
                 self._bytes.labels(*base, event, tier).inc(num_bytes)
+
+    def _set_usage(self, labels: tuple[object, ...], used: int, capacity: int) -> None:
+        with self._usage_lock:
+            self._last_usage[labels] = (used, capacity)
+            self._used.labels(*labels).set(used)
+            self._capacity.labels(*labels).set(capacity)
+            if self._refresher is None:
+                self._refresher = threading.Thread(target=self._refresh, name="zumik-kv-gauges", daemon=True)
+                self._refresher.start()
+
+    def _refresh(self) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            with self._usage_lock:
+                for labels, (used, capacity) in self._last_usage.items():
+                    self._used.labels(*labels).set(used)
+                    self._capacity.labels(*labels).set(capacity)
 
 
 @dataclass
