@@ -35,7 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve", help="start Redis, Ray and the Zumik app; SIGTERM or Ctrl-C drains, then stops all"
     )
-    serve.add_argument("--profile", default="local-cpu", help="built-in profile name or YAML path")
+    serve.add_argument(
+        "--profile", action="append", default=None,
+        help="built-in profile name or YAML path (default local-cpu); repeat it to serve several "
+        "profiles, the first being the default and x-zumik-profile choosing",
+    )  # fmt: skip
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument(
@@ -293,7 +297,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from zumik_serve.app.stack import LocalStack, StackConfig
 
     try:
-        profile = resolve_profile(args.profile)
+        profile, *more = [resolve_profile(name) for name in (args.profile or ["local-cpu"])]
     except ProfileError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
@@ -304,7 +308,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         include_dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
         dashboard_port=args.dashboard_port, metrics_port=args.metrics_port,
     )  # fmt: skip
-    config = StackConfig.from_env(profile, host=args.host, port=args.port, ingress=args.ingress)
+    config = StackConfig.from_env(
+        profile, host=args.host, port=args.port, ingress=args.ingress, more_profiles=tuple(more)
+    )
     config.monitoring = monitoring
     stack = LocalStack(config)
     signals = StopSignals()

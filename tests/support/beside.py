@@ -3,17 +3,20 @@ cluster, under a route prefix of its own (its own engines; the shared Redis and 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from profiles import load_builtin
+from profiles import Profile, load_builtin
 from zumik_serve.model.resolve import resolve_model_dir
 
 
 @contextmanager
-def deployed_beside(running_stack: Any, profile_name: str, *, app: str, prefix: str) -> Iterator[str]:
-    """Run ``profile_name``'s app as ``app`` under ``prefix`` while the block runs; yields the prefix."""
+def deployed_beside(
+    running_stack: Any, profile_name: str, *, app: str, prefix: str, more: Sequence[Profile] = ()
+) -> Iterator[str]:
+    """Run ``profile_name``'s app as ``app`` under ``prefix`` while the block runs, serving the
+    ``more`` profiles beside it (``x-zumik-profile`` chooses); yields the prefix."""
     from ray import serve
 
     from tests.integration.conftest import DEV_KEY
@@ -26,6 +29,7 @@ def deployed_beside(running_stack: Any, profile_name: str, *, app: str, prefix: 
         redis_url=running_stack.redis_url,
         dev_key=DEV_KEY,
         home=running_stack.home,
+        more=[(other, resolve_model_dir(other, running_stack.home)) for other in more],
     )
     serve.run(built, name=app, route_prefix=prefix)
     try:

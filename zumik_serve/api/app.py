@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -29,7 +29,10 @@ logger = logging.getLogger("ray.serve")
 App = FastAPI  # what wiring code names the app by (only the API imports the web framework)
 
 
-def build_app(context: GatewayContext) -> FastAPI:
+def build_app(context: GatewayContext, *, more: Sequence[GatewayContext] = ()) -> FastAPI:
+    """The app over ``context``'s profile, and ``more`` profiles beside it: a request's
+    ``x-zumik-profile`` picks the pipeline (``api/deps.py``), the first profile without one."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Purges a crash or an outage left unfinished are finished in the background.
@@ -38,7 +41,14 @@ def build_app(context: GatewayContext) -> FastAPI:
         task.cancel()
 
     app = FastAPI(title="Zumik", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.pipeline = Pipeline(context)
+    pipelines = [Pipeline(served) for served in (context, *more)]
+    names = [pipeline.context.profile.name for pipeline in pipelines]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a profile is served twice: {names}")
+    for pipeline in pipelines:
+        pipeline.served_profiles = tuple(names)
+    app.state.pipeline = pipelines[0]
+    app.state.pipelines = dict(zip(names, pipelines, strict=True))
     install_error_handlers(app)
     drain = install_drain(app)  # SIGTERM: in-flight requests finish, new ones get 503 (api/drain.py)
     app.include_router(v1.router)

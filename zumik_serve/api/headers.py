@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from zumik_serve.reuse.evidence import EvidenceLevel
 from zumik_serve.reuse.figures import ReuseFigures
 
@@ -20,6 +22,12 @@ SERVER_TIMING = "server-timing"
 
 # Headers a browser client may read (CORS), and that proxies must not strip.
 EXPOSED = (DECISION_ID, ROUTE, RELEASE, SNAPSHOT, REUSE_CAPTURED_TOKENS, REUSE_EVIDENCE)
+
+
+def requested_profile(headers: Mapping[str, str]) -> str | None:
+    """The profile a request asks for (``x-zumik-profile``); None (also when empty): the one
+    served here. Every generation surface passes it on to ``Pipeline.check_profile``."""
+    return headers.get(PROFILE) or None
 
 
 def route_headers(decision_id: str, route: str) -> dict[str, str]:

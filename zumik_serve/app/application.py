@@ -11,6 +11,7 @@ replicas that cannot scale apart from engines.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,93 @@ def build_serve_app(
     dev_key: str | None,
     home: ZumikHome,
     kv_redis_url: str | None = None,
+    more: Sequence[tuple[Profile, Path]] = (),
 ) -> serve.Application:
     """``profile``'s Serve application: one engine group per model (``profile.model_groups()``;
     ``model_dir`` holds the first group's weights, the others are resolved here), and the gateway
     in front of them. A Redis that refuses ``redis_url``'s user stops the build here, saying
     what to check (an unreachable one does not: the gateway retries it). ``kv_redis_url``: the
-    KV tier's own Redis (gateway user's URL); None: the KV blocks share ``redis_url``'s server."""
+    KV tier's own Redis (gateway user's URL); None: the KV blocks share ``redis_url``'s server.
+
+    ``more``: other profiles (with their model folders) served beside it, each with its own
+    engines, scheduler owner and policy; the gateway (``profile``'s placement, replicas and
+    limits) serves them all, ``x-zumik-profile`` choosing (the first profile without it).
+    Several profiles need the separate placement: a colocated gateway is one engine's."""
+    served = [(profile, model_dir), *more]
+    names = [served_profile.name for served_profile, _ in served]
+    if len(set(names)) != len(names):
+        raise ValueError(f"A profile is given twice ({', '.join(names)}); name each profile once.")
+    if more and any(p.gateway.placement is GatewayPlacement.COLOCATED for p, _ in served):
+        colocated = [p.name for p, _ in served if p.gateway.placement is GatewayPlacement.COLOCATED]
+        raise ValueError(
+            f"Profile(s) {', '.join(colocated)} use the colocated placement, where the gateway is one "
+            "engine's; serving several profiles needs gateway.placement: separate in every one of them."
+        )
     check_access(redis_url)
+    parts = [
+        _profile_parts(
+            served_profile,
+            served_dir,
+            redis_url=redis_url,
+            dev_key=dev_key,
+            home=home,
+            kv_redis_url=kv_redis_url,
+            prefix="" if index == 0 else f"{served_profile.name}-",
+        )  # fmt: skip
+        for index, (served_profile, served_dir) in enumerate(served)
+    ]
+    first = parts[0]
+    if profile.gateway.placement is GatewayPlacement.COLOCATED:
+        # Ray's stubs type serve.deployment(cls) as a decorator factory; it returns a Deployment.
+        ingress_engine: Any = serve.deployment(serve.ingress()(IngressEngineReplica))
+        return ingress_engine.options(name="EngineReplica", **first.engine.options).bind(
+            first.engine.llm_config, first.settings, first.other_groups
+        )
+    gateway: Any = Gateway
+    gateway_options = with_niceness(
+        {"ray_actor_options": dict(gateway.ray_actor_options or {})}, profile.niceness
+    )
+    return gateway.options(
+        num_replicas=profile.gateway.num_replicas,
+        max_ongoing_requests=max(gateway_max_ongoing_requests(p) for p, _ in served),
+        **gateway_options,
+    ).bind(
+        first.settings, first.engines, first.other_groups, group=first.group, owner=first.owner,
+        more=[part.bind_args() for part in parts[1:]],
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _ProfileParts:
+    """One profile's deployments and its gateway settings, bound for one Serve app."""
+
+    settings: GatewaySettings
+    engine: _EngineGroup  # its first model group's
+    engines: dict[str, Any]  # the first group's replicas by id (empty when ``group`` is set)
+    other_groups: dict[str, dict[str, Any]]
+    group: Any  # the first group's one deployment whose replicas Zumik picks, or None
+    owner: Any  # its scheduler owner, or None
+
+    def bind_args(self) -> dict[str, Any]:
+        """What ``Gateway`` takes for one more profile (``app/gateway.py``)."""
+        return {
+            "settings": self.settings, "engines": self.engines, "other_groups": self.other_groups,
+            "group": self.group, "owner": self.owner,
+        }  # fmt: skip
+
+
+def _profile_parts(
+    profile: Profile,
+    model_dir: Path,
+    *,
+    redis_url: str,
+    dev_key: str | None,
+    home: ZumikHome,
+    kv_redis_url: str | None,
+    prefix: str,
+) -> _ProfileParts:
+    """``profile``'s engine deployments (named with ``prefix``: unique in the app), its scheduler
+    owner and its gateway settings."""
     groups = profile.model_groups()
     model_dirs = [model_dir, *(resolve_source(group.model.source, home) for group in groups[1:])]
     grouped = is_replica_group(profile)
@@ -94,21 +175,21 @@ def build_serve_app(
     # Every group after the first: one deployment (of its num_replicas), reached by handle.
     other_groups = {
         group.model.served_name: {
-            "r0": engine_deployment.options(name=f"EngineReplica-{index}", **g.options).bind(g.llm_config)
+            "r0": engine_deployment.options(name=f"{prefix}EngineReplica-{index}", **g.options).bind(
+                g.llm_config
+            )
         }
         for index, (group, g) in enumerate(paired)
         if index > 0
     }
     if profile.gateway.placement is GatewayPlacement.COLOCATED:
-        # Ray's stubs type serve.deployment(cls) as a decorator factory; it returns a Deployment.
-        ingress_engine: Any = serve.deployment(serve.ingress()(IngressEngineReplica))
-        return ingress_engine.options(name="EngineReplica", **first.options).bind(
-            first.llm_config, settings, other_groups
-        )
+        return _ProfileParts(settings, first, {}, other_groups, None, None)
     group = None
     if not grouped:
         engines = {
-            "r0": engine_deployment.options(name="EngineReplica", **first.options).bind(first.llm_config)
+            "r0": engine_deployment.options(name=f"{prefix}EngineReplica", **first.options).bind(
+                first.llm_config
+            )
         }
     else:
         # A replica group the scheduler chooses from: one deployment (its replicas may come and
@@ -116,22 +197,15 @@ def build_serve_app(
         # Its engines publish KV events (engines/replica.py) to the scheduler owner.
         engines = {}
         group = engine_deployment.options(
-            name="EngineReplica", **{**first.options, "request_router_config": zumik_router_config()}
+            name=f"{prefix}EngineReplica", **{**first.options, "request_router_config": zumik_router_config()}
         ).bind(first.llm_config)
     # One owner of the scheduler state when several gateways route or a group's engines report
     # what they hold (app/scheduler_actor.py).
     owner_deployment: Any = SchedulerOwner
     owner = None
     if profile.gateway.num_replicas > 1 or group is not None:
-        owner = owner_deployment.bind(profile.model_dump_json())
-    gateway: Any = Gateway
-    gateway_options = with_niceness(
-        {"ray_actor_options": dict(gateway.ray_actor_options or {})}, profile.niceness
-    )
-    return gateway.options(
-        num_replicas=profile.gateway.num_replicas, max_ongoing_requests=gateway_max_ongoing_requests(profile),
-        **gateway_options,
-    ).bind(settings, engines, other_groups, group=group, owner=owner)
+        owner = owner_deployment.options(name=f"{prefix}SchedulerOwner").bind(profile.model_dump_json())
+    return _ProfileParts(settings, first, engines, other_groups, group, owner)
 
 
 @dataclass(frozen=True)

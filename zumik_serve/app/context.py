@@ -5,7 +5,7 @@ same wiring runs in the Serve deployments and in the in-process tests."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,17 @@ class Metrics:
     reuse: ReuseMetrics | None = None
 
 
+@dataclass(frozen=True)
+class ServedProfile:
+    """One more profile a gateway serves (``x-zumik-profile`` selects it): its settings, its
+    engines (its first group's replicas by id) and its other model groups' (by model)."""
+
+    settings: GatewaySettings
+    engines: dict[str, EngineClient]
+    metrics: Metrics = field(default_factory=Metrics)
+    other_groups: dict[str, dict[str, EngineClient]] | None = None
+
+
 def make_gateway_app(
     settings: GatewaySettings,
     engines: dict[str, EngineClient],
@@ -104,13 +115,71 @@ def make_gateway_app(
     *,
     other_groups: dict[str, dict[str, EngineClient]] | None = None,
     nodes: NodeSweeper | None = None,
+    more: Sequence[ServedProfile] = (),
 ) -> App:
     """The gateway's FastAPI app over its BYOC engine replicas (``{"r0": client, ...}``), the
     other model groups' replicas (by model) and the profile's provider routes; the same app in
-    both topologies. ``nodes``: where a purge sweeps the node tiers (None: this process's node)."""
-    return build_app(
-        build_context(settings, engines, metrics or Metrics(), other_groups=other_groups, nodes=nodes)
-    )
+    both topologies. ``more``: the other profiles it serves (the first is the default); a purge
+    through any of them sweeps every profile's tiers (``purge_tier_config``). ``nodes``: where
+    a purge sweeps the node tiers (None: this process's node)."""
+    tier_configs = [settings.kv_tiers, *(served.settings.kv_tiers for served in more)]
+    purge_tiers = purge_tier_config(tier_configs) if more else None
+    contexts = [
+        build_context(
+            served.settings,
+            served.engines,
+            served.metrics,
+            other_groups=served.other_groups,
+            nodes=nodes,
+            purge_tiers=purge_tiers,
+        )
+        for served in [ServedProfile(settings, engines, metrics or Metrics(), other_groups), *more]
+    ]
+    return build_app(contexts[0], more=contexts[1:])
+
+
+# Where each KV tier keeps its blocks: profiles served together must agree on them.
+_TIER_LOCATIONS = {"host": ("shm_root",), "redis": ("redis_url",), "disk": ("disk_root",)}
+
+
+def purge_tier_config(configs: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
+    """The tiers a purge sweeps when a gateway serves several profiles: every tier any of them
+    uses (blocks of each profile live under its own compat digest in the same places), so a
+    purge through one profile also removes the tenant's blocks another profile stored. Profiles
+    whose tiers live in different places cannot share a gateway: ``ValueError`` names them."""
+    given = [dict(config) for config in configs if config]
+    if not given:
+        return None
+    merged: dict[str, Any] = {}
+    for config in given:
+        uses = {
+            "host": int(config.get("host_capacity_bytes") or 0) > 0,
+            "redis": bool(config.get("redis_url")),
+            "disk": bool(config.get("disk_root")),
+        }
+        for tier, keys in _TIER_LOCATIONS.items():
+            if not uses[tier]:
+                continue
+            if merged.get(f"_{tier}") and any(merged.get(key) != config.get(key) for key in keys):
+                where = ", ".join(f"{key}={config.get(key)!r} vs {merged.get(key)!r}" for key in keys)
+                raise ValueError(
+                    f"The profiles served together keep their {tier} KV tier in different places "
+                    f"({where}); give them the same tier locations, or serve them from separate "
+                    "deployments."
+                )
+            merged[f"_{tier}"] = True
+            for key in keys:
+                if config.get(key) is not None:
+                    merged[key] = config[key]
+        for key, value in config.items():
+            if key.endswith("_capacity_bytes") or key == "redis_scope_max_bytes":
+                known = [int(v) for v in (value, merged.get(key)) if v is not None]
+                merged[key] = max(known) if known else None  # None: unbounded
+            elif key == "seal":
+                merged[key] = bool(merged.get(key)) or bool(value)
+            else:
+                merged.setdefault(key, value)
+    return {key: value for key, value in merged.items() if not key.startswith("_")}
 
 
 def build_context(
@@ -120,9 +189,11 @@ def build_context(
     *,
     other_groups: dict[str, dict[str, EngineClient]] | None = None,
     nodes: NodeSweeper | None = None,
+    purge_tiers: Mapping[str, Any] | None = None,
 ) -> GatewayContext:
     """Everything a gateway process serves with, built once: stores over one Redis pool, the
-    profile's scheduler and dispatchers (one per model group), the feature services."""
+    profile's scheduler and dispatchers (one per model group), the feature services.
+    ``purge_tiers``: the tiers a purge sweeps (default: this profile's engines')."""
     # Secrets first: a missing or malformed file stops the gateway here, naming the file.
     folder = Path(settings.secrets_dir) if settings.secrets_dir else secrets_dir(ZumikHome.from_env())
     server_secrets = load_server_secrets(folder)
@@ -164,7 +235,7 @@ def build_context(
     tokenizer_dirs = settings.tokenizer_dirs or {settings.served_model: settings.model_dir}
     state_store = RedisStateStore(redis_client, profile.quota)
     reuse_store = RedisReuseStore(redis_client)
-    kv_tiers = settings.kv_tiers or {}
+    kv_tiers = dict(purge_tiers if purge_tiers is not None else settings.kv_tiers or {})
     purges = PurgeService(
         RedisPurgeStore(redis_client, state_store),
         signing_keys=signing_keys,
@@ -217,7 +288,8 @@ def build_context(
         kv_probe=(
             KvProbe(
                 gateway_client(settings.kv_redis_url) if settings.kv_redis_url else redis_client,
-                compat_digest=settings.compat_digest, block_size=settings.block_size,
+                compat_digest=settings.compat_digest,
+                block_size=settings.block_size,
             )  # fmt: skip
             if settings.kv_redis_tier
             else None

@@ -12,7 +12,13 @@ from ray import serve
 
 from zumik_serve.api.app import App
 from zumik_serve.api.drain import DrainReport, drain_app
-from zumik_serve.app.context import GatewaySettings, Metrics, make_gateway_app
+from zumik_serve.app.context import (
+    GatewaySettings,
+    Metrics,
+    ServedProfile,
+    make_gateway_app,
+    purge_tier_config,
+)
 from zumik_serve.app.metrics import RayDecisionMetrics, RayReuseMetrics
 from zumik_serve.app.node_sweep import ray_node_sweeper
 from zumik_serve.app.replica_group import GroupEngines
@@ -42,22 +48,53 @@ class Gateway:
         *,
         group: Any = None,
         owner: Any = None,
+        more: list[dict[str, Any]] | None = None,
     ) -> None:
         """``engines``: the first model group's replicas by id, or ``group``: its one deployment
         whose replicas Zumik picks (``app/replica_group.py``); ``other_groups``: each other
         model's (by its served name); ``owner``: the profile's scheduler owner, when several
-        gateways route or a group's engines report (``app/scheduler_actor.py``)."""
-        self._engines = GroupEngines(group) if group is not None else ray_clients(engines)
-        self._owner = owner
+        gateways route or a group's engines report (``app/scheduler_actor.py``). ``more``: the
+        other profiles this gateway serves, each with the same keys (``application.py``)."""
+        served = [
+            {
+                "settings": settings,
+                "engines": engines,
+                "other_groups": other_groups,
+                "group": group,
+                "owner": owner,
+            },
+            *(more or []),
+        ]
+        self._wired = [
+            (
+                GroupEngines(entry["group"]) if entry["group"] is not None else ray_clients(entry["engines"]),
+                entry,
+            )
+            for entry in served
+        ]
+        profiles = [
+            ServedProfile(
+                entry["settings"],
+                clients,
+                ray_metrics(entry["settings"]),
+                other_groups={model: ray_clients(h) for model, h in (entry["other_groups"] or {}).items()},
+            )
+            for clients, entry in self._wired
+        ]
+        first = profiles[0]
+        tier_configs = [profile.settings.kv_tiers for profile in profiles]
         self._app = make_gateway_app(
-            settings, self._engines, ray_metrics(settings),
-            other_groups={model: ray_clients(handles) for model, handles in (other_groups or {}).items()},
-            nodes=ray_node_sweeper(settings.kv_tiers),
+            first.settings, first.engines, first.metrics, other_groups=first.other_groups,
+            nodes=ray_node_sweeper(purge_tier_config(tier_configs)), more=profiles[1:],
         )  # fmt: skip
 
     async def __serve_build_asgi_app__(self) -> App:
-        scheduler = self._app.state.pipeline.context.dispatcher.scheduler
-        self._link = link_gateway(scheduler, self._engines, self._owner)
+        self._links = [
+            link_gateway(pipeline.context.dispatcher.scheduler, clients, entry["owner"])
+            for pipeline, (clients, entry) in zip(
+                self._app.state.pipelines.values(), self._wired, strict=True
+            )
+        ]
         return self._app
 
     async def drain(self, timeout_s: float) -> DrainReport:

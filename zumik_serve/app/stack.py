@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -51,6 +52,7 @@ LOCAL_RAY_NUM_CPUS = 8
 class StackConfig:
     profile: Profile
     home: ZumikHome
+    more_profiles: tuple[Profile, ...] = ()  # served beside ``profile`` (x-zumik-profile chooses)
     host: str = "127.0.0.1"
     port: int = 8000
     redis_url: str | None = None
@@ -111,6 +113,7 @@ class LocalStack:
         with self._step("model"):
             progress(f"preparing model {config.profile.model.source}")
             model_dir = resolve_model_dir(config.profile, home)
+            more = _more_models(config.more_profiles, home, progress)
 
         with self._step("redis"):
             if config.redis_url:
@@ -121,7 +124,8 @@ class LocalStack:
                 progress(f"starting redis-server (AOF in {home.redis_dir})")
                 self.redis = embedded_redis(home, port=config.redis_port).start()
                 self.redis_url = self.redis.url
-            self._ensure_kv_redis(config.profile, progress)
+            for profile in (config.profile, *config.more_profiles):
+                self._ensure_kv_redis(profile, progress)
 
         with self._step("secrets"):
             folder = secrets_dir(home)
@@ -176,10 +180,12 @@ class LocalStack:
             from zumik_serve.app.application import APP_NAME, build_serve_app
 
             logging.getLogger("ray.serve").setLevel(logging.WARNING)
-            progress(
-                f"deploying profile {config.profile.name}: gateway + "
-                f"{config.profile.engine.num_replicas} vLLM replica(s) (loading takes a minute)"
-            )
+            for index, profile in enumerate((config.profile, *config.more_profiles)):
+                progress(
+                    f"deploying profile {profile.name}{' (the default)' if index == 0 and more else ''}: "
+                    f"{'gateway + ' if index == 0 else ''}{profile.engine.num_replicas} vLLM replica(s) "
+                    "(loading takes a minute)"
+                )
             serve.start(http_options={"host": config.host, "port": config.port})
             app = build_serve_app(
                 config.profile,
@@ -188,6 +194,7 @@ class LocalStack:
                 dev_key=config.dev_key,
                 home=home,
                 kv_redis_url=self.kv_redis_url,
+                more=more,
             )
             serve.run(app, name=APP_NAME, route_prefix="/")
 
@@ -195,18 +202,23 @@ class LocalStack:
             progress(f"waiting for {self.url}/healthz")
             wait_for_http(f"{self.url}/healthz", timeout_s=120)
 
-    def redeploy(self, profile: Profile, progress: Progress = lambda _: None) -> None:
-        """Replace the running app by ``profile``'s (same Redis, same Ray head, same URL)."""
+    def redeploy(
+        self, profile: Profile, progress: Progress = lambda _: None, *, more: Sequence[Profile] = ()
+    ) -> None:
+        """Replace the running app by ``profile``'s, with ``more`` profiles beside it (same
+        Redis, same Ray head, same URL)."""
         from ray import serve
 
         from zumik_serve.app.application import APP_NAME, build_serve_app
 
-        progress(f"deploying profile {profile.name}")
+        progress(f"deploying profile(s) {', '.join(p.name for p in (profile, *more))}")
         model_dir = resolve_model_dir(profile, self.config.home)
-        self._ensure_kv_redis(profile, progress)
+        served_more = _more_models(tuple(more), self.config.home, progress)
+        for served in (profile, *more):
+            self._ensure_kv_redis(served, progress)
         app = build_serve_app(
             profile, model_dir=model_dir, redis_url=self.redis_url, dev_key=self.config.dev_key,
-            home=self.config.home, kv_redis_url=self.kv_redis_url,
+            home=self.config.home, kv_redis_url=self.kv_redis_url, more=served_more,
         )  # fmt: skip
         serve.run(app, name=APP_NAME, route_prefix="/")
         wait_for_http(f"{self.url}/healthz", timeout_s=120)
@@ -264,6 +276,17 @@ class LocalStack:
 
     def _step(self, name: str) -> LocalStack._Timer:
         return LocalStack._Timer(self, name)
+
+
+def _more_models(
+    profiles: tuple[Profile, ...], home: ZumikHome, progress: Progress
+) -> list[tuple[Profile, Path]]:
+    """Each further profile with its model folder (prepared like the first's)."""
+    served = []
+    for profile in profiles:
+        progress(f"preparing model {profile.model.source} (profile {profile.name})")
+        served.append((profile, resolve_model_dir(profile, home)))
+    return served
 
 
 def wait_for_http(url: str, *, timeout_s: float) -> None:

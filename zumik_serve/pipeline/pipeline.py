@@ -99,6 +99,8 @@ class Pipeline:
         self._first_group = frozenset(group_served_names(context.profile.model_groups()[0]))
         self._evidence: dict[tuple[str, str], tuple[float, Evidence]] = {}
         self.evidence_ttl_s = EVIDENCE_TTL_S  # 0: read the ledger on every request (benches)
+        # Every profile the gateway serves (``api/app.py`` sets it when it serves several).
+        self.served_profiles: tuple[str, ...] = (context.profile.name,)
 
     # --- before the request runs: authenticate first, admit once the body is read ------------
 
@@ -213,7 +215,8 @@ class Pipeline:
 
     def check_profile(self, tenant: Tenant, requested: str | None, *, param: str = "x-zumik-profile") -> None:
         """The profile a request runs on (``requested``, else the one served here) must be one
-        the tenant may use (403 otherwise) and one this deployment serves (404 otherwise)."""
+        the tenant may use (403 otherwise) and this pipeline's (404 when this deployment serves no
+        such profile; ``api/deps.py`` hands a request for another served profile to its own)."""
         served = self.context.profile.name
         name = served if requested is None else requested
         if tenant.profiles is not None and name not in tenant.profiles:
@@ -224,9 +227,10 @@ class Pipeline:
                 param=param,
             )
         if name != served:
+            listed = ", ".join(repr(profile) for profile in self.served_profiles)
             raise NotFoundError(
-                f"This deployment serves profile {served!r}, not {name!r}. Send {param}: {served} "
-                "(GET /v2/profiles lists what is served), or call the deployment serving that profile.",
+                f"This deployment serves profile(s) {listed}, not {name!r}. Send {param} with one of "
+                "them (GET /v2/profiles lists what is served), or call the deployment serving that profile.",
                 param=param,
                 code="profile_not_found",
             )

@@ -305,9 +305,11 @@ def candidate_for_route(
     running: int = 0,
     max_num_seqs: int = 1,
     predicted_cached_tokens: int | None = None,
+    prices: tuple[int, int, int] | None = None,
 ) -> RouteCandidate:
-    """A candidate for a profile's route (byoc: one per replica), priced from the profile."""
-    input_price, cached_price, output_price = route.token_prices_pusd()
+    """A candidate for a profile's route (byoc: one per replica), priced from the profile
+    (``prices``: its ``token_prices_pusd()`` computed once by the caller, the same figures)."""
+    input_price, cached_price, output_price = route.token_prices_pusd() if prices is None else prices
     return RouteCandidate(
         route=route.name,
         kind=route.kind,

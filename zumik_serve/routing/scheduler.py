@@ -139,6 +139,10 @@ class ProfileScheduler:
         self.route_inflight: dict[str, int] = {}  # by route (admission per route)
         self.budget = RetryBudget(ratio=Decimal(profile.routing.breaker.retry_budget_ratio))
         self._max_blocks = profile.engine.max_model_len // profile.engine.block_size + 1
+        # What every decision reads of the profile, computed once (a profile does not change).
+        self._prices = {name: route.token_prices_pusd() for name, route in self.routes.items()}
+        self._fallback_order = tuple(profile.effective_fallback_order())
+        self._default_route = profile.effective_default_route()
         # Linked to the profile's owner (``link``): ops not yet reported, reports not yet
         # acknowledged, the owner's version applied here, other gateways' load.
         self.gateway: str | None = None
@@ -170,16 +174,17 @@ class ProfileScheduler:
             )  # fmt: skip
             num_tokens = len(request.prompt_text) // CHARS_PER_TOKEN
         candidates = []
+        max_seqs = self.profile.engine.max_num_seqs
         for route in self.routes.values():
             if request.allowed_routes is not None and route.name not in request.allowed_routes:
                 continue
+            prices = self._prices[route.name]
             if route.kind is RouteKind.BYOC:
                 # A group whose running replicas are not known (yet, or none is running): one
                 # candidate for the group; its engine client waits for a replica, bounded.
                 for replica in self.replicas.get(route.name) or [ANY_REPLICA]:
                     pick = Pick(route.name, replica)
                     inflight = self.inflight.get(replica, 0) + self.remote_inflight.get(replica, 0)
-                    max_seqs = self.profile.engine.max_num_seqs
                     candidates.append(
                         candidate_for_route(
                             route,
@@ -189,12 +194,15 @@ class ProfileScheduler:
                             queue_depth=max(0, inflight - max_seqs),
                             running=min(inflight, max_seqs),
                             max_num_seqs=max_seqs,
+                            prices=prices,
                         )
                     )
             else:
                 pick = Pick(route.name, None)
                 candidates.append(
-                    candidate_for_route(route, breaker=self._breaker(pick, now_ms, request.tenant))
+                    candidate_for_route(
+                        route, breaker=self._breaker(pick, now_ms, request.tenant), prices=prices
+                    )
                 )
         inputs = DecisionInputs(
             request_digest=request.request_digest,
@@ -212,8 +220,8 @@ class ProfileScheduler:
             candidates=tuple(candidates),
             evidence=request.evidence,
             escalation=self._escalation,
-            fallback_order=tuple(self.profile.effective_fallback_order()),
-            default_route=self.profile.effective_default_route(),
+            fallback_order=self._fallback_order,
+            default_route=self._default_route,
             breaker_policy=self._policy,
             expected_output_tokens=request.expected_output_tokens,
             qos=request.qos,

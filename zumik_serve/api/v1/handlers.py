@@ -99,7 +99,7 @@ async def _generate(request: Request, call: EngineCall) -> Response:
                 admission=admission,
                 clock=clock,
                 client_cache_key=_client_cache_key(body),
-                profile=request.headers.get(zumik_headers.PROFILE) or None,
+                profile=zumik_headers.requested_profile(request.headers),
             )  # fmt: skip
         )
         headers = generation_headers(generation)

@@ -61,7 +61,9 @@ async def create_response(request: Request) -> Response:
     tenant = await tenant_of(request)
     parsed = parse_request(parse_json_body(await read_body(request, pipeline.context.max_body_bytes)))
     admission = await admit(pipeline, tenant, request, clock)  # the body is in: no slot waits on it
+    profile = zumik_headers.requested_profile(request.headers)
     try:
+        pipeline.check_profile(tenant, profile)  # before a stored conversation is read
         responses = pipeline.context.responses
         previous = None
         if parsed.previous_response_id is not None:
@@ -81,6 +83,7 @@ async def create_response(request: Request) -> Response:
                 ),
                 admission=admission,
                 clock=clock,
+                profile=profile,
             )  # fmt: skip
         )
         head = ResponseHead(

@@ -1,7 +1,9 @@
 """/v2 generation: ``POST /v2/generate`` and ``POST /v2/snapshots/{id}/warm``.
 
 Handlers parse (``GenerateBody``), call the pipeline, and render native JSON: the answer with
-its decision, route, release, snapshot, reuse figures, QoS and telemetry.
+its decision, route, release, snapshot, reuse figures, QoS and telemetry. The profile a request
+asks for is the ``x-zumik-profile`` header, as on /v1 (``Pipeline.check_profile``: 403 outside
+the tenant's policy, 404 for a profile not served here).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ async def generate(request: Request) -> JSONResponse:
                 refs=StateRefs(snapshot=body.snapshot),
                 admission=admission,
                 clock=clock,
+                profile=zumik_headers.requested_profile(request.headers),
             )  # fmt: skip
         )
     finally:
@@ -93,6 +96,7 @@ async def warm_snapshot(handle: str, request: Request) -> JSONResponse:
     body = parse_model(WarmBody, parse_json_body(raw) if raw.strip() else {})
     admission = await pipeline.admit(tenant, qos=body.qos, timeout_s=body.timeout_s, clock=clock)
     try:
+        pipeline.check_profile(tenant, zumik_headers.requested_profile(request.headers))
         warmed = await pipeline.warm(tenant, handle, admission)
     finally:
         admission.release()

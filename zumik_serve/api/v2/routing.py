@@ -5,7 +5,7 @@ GET  /v2/aliases/{name}            the current release and the alias' history
 GET  /v2/decisions                 the tenant's decisions, newest first, a page at a time
 GET  /v2/decisions/{id}            a decision record and the attempts that carried it out
 POST /v2/decisions/{id}/replay     recompute it from its recorded inputs → {"equal", "record"}
-GET  /v2/profiles                  the profile served here: routes, policy, purge ceiling
+GET  /v2/profiles                  the profiles served here: routes, policy, purge ceiling
 PUT  /v2/byok/{route}              store the tenant's own key for a BYOK route (sealed at rest)
 GET  /v2/byok, DELETE /v2/byok/{route}
 """
@@ -103,8 +103,11 @@ async def replay_decision(decision_id: str, request: Request) -> JSONResponse:
 
 @router.get("/profiles")
 async def list_profiles(request: Request) -> JSONResponse:
-    _, context = await _tenant(request)
-    return JSONResponse({"object": "list", "data": [context.routing.describe_profile()]})
+    tenant = await tenant_of(request)
+    served = request.app.state.pipelines  # every profile this gateway serves, by name
+    names = [name for name in served if tenant.profiles is None or name in tenant.profiles]
+    described = [served[name].context.routing.describe_profile() for name in names]
+    return JSONResponse({"object": "list", "data": described})
 
 
 @router.put("/byok/{route}")
