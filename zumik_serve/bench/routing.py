@@ -47,6 +47,7 @@ from zumik_serve.bench.routing_cluster import (
     run_cluster_only,
     time_decisions,
     token_decision_times_us,
+    with_context,
 )
 
 ARMS = ("rr-nocache", "rr-cache", "zumik")
@@ -245,7 +246,9 @@ def decision_times_us(profile: Profile, *, samples: int = 200) -> dict[int, dict
     from zumik_serve.routing.decision import NO_EVIDENCE
     from zumik_serve.routing.scheduler import CHARS_PER_TOKEN, ProfileScheduler, SchedulingRequest
 
-    scheduler = ProfileScheduler(profile, replicas={"local": ["r0", "r1"]})
+    scheduler = ProfileScheduler(
+        with_context(profile, max(DECISION_LENGTHS)), replicas={"local": ["r0", "r1"]}
+    )
     rng = random.Random(7)
     result: dict[int, dict[str, float]] = {}
     for length in DECISION_LENGTHS:

@@ -117,9 +117,10 @@ def _counts(arm: ClusterArm) -> tuple[int, int, int, int]:
 def token_decision_times_us(
     profile: Profile, *, lengths: tuple[int, ...], samples: int = 200
 ) -> dict[int, dict[str, float]]:
-    """Decision time when the prompt is token ids (keys: the engine's block hashes), by length."""
+    """Decision time when the prompt is token ids (keys: the engine's block hashes), by length:
+    with the profile's context raised to the longest length, so every block of it is keyed."""
 
-    scheduler = ProfileScheduler(profile, replicas={"local": list(REPLICAS)})
+    scheduler = ProfileScheduler(with_context(profile, max(lengths)), replicas={"local": list(REPLICAS)})
     rng = random.Random(7)
     result: dict[int, dict[str, float]] = {}
     for length in lengths:
@@ -131,6 +132,13 @@ def token_decision_times_us(
         )  # fmt: skip
         result[length] = time_decisions(scheduler, request, samples=samples)
     return result
+
+
+def with_context(profile: Profile, tokens: int) -> Profile:
+    """``profile`` with an engine context of at least ``tokens`` (the scheduler keys a prompt's
+    blocks up to the context; a shorter one would time a cut prompt)."""
+    engine = profile.engine.model_copy(update={"max_model_len": max(tokens, profile.engine.max_model_len)})
+    return profile.model_copy(update={"engine": engine})
 
 
 def time_decisions(
