@@ -190,3 +190,13 @@ def test_several_profiles_need_the_separate_placement(tmp_path: Path) -> None:
             colocated, model_dir=tmp_path, redis_url="redis://127.0.0.1:1", dev_key=None,
             home=ZumikHome(tmp_path), more=[(second, tmp_path)],
         )  # fmt: skip
+
+
+def test_serve_takes_several_profiles_and_names_a_bad_one(capsys: pytest.CaptureFixture[str]) -> None:
+    from zumik_serve.cli import _parser, main
+
+    args = _parser().parse_args(["serve", "--profile", "local-cpu-separate", "--profile", "local-cpu-2x"])
+    assert args.profile == ["local-cpu-separate", "local-cpu-2x"]
+    assert _parser().parse_args(["serve"]).profile is None  # local-cpu, as before
+    assert main(["serve", "--profile", "local-cpu-separate", "--profile", "no-such-profile"]) == 2
+    assert "no-such-profile" in capsys.readouterr().err
