@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -164,3 +165,98 @@ def test_byok_keys_are_sealed_listed_masked_and_per_tenant(
     assert "base_url" not in json.dumps(profile) and profile["purge_ceiling"] == "crypto_erased"
     assert tenant.delete("/v2/byok/byok").json() == {"route": "byok", "deleted": True}
     assert tenant.get("/v2/byok").json()["data"] == []
+
+
+def test_the_serving_replicas_engine_reports_the_blocks_of_its_prompt(
+    two_replicas: RunningStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica group's engines publish vLLM KV events to the profile's scheduler owner: once
+    a prompt is served, the owner's residency of the serving replica, built from that engine's
+    events alone (never from the gateway's record of sends), holds every full block of the
+    prompt, named by vLLM's own hasher over the token ids the engine took and the tenant's
+    cache salt. A second prompt over the same prefix stores only its new blocks (a cached
+    block publishes nothing), and the gateways' record of sends agrees with the engine's word."""
+    from ray import serve
+    from transformers import AutoTokenizer
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import sha256_cbor
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash, maybe_convert_block_hash
+    from vllm.v1.request import Request
+
+    from zumik_serve.model.resolve import resolve_model_dir
+    from zumik_serve.routing.block_hashes import event_key
+    from zumik_serve.secret_files import secrets_dir
+    from zumik_serve.server_secrets import load_server_secrets
+    from zumik_serve.tenancy.tenant import TenantId, cache_salt
+
+    profile = load_builtin("local-cpu-2x")
+    block_size = profile.engine.block_size
+    tenant_id, key = asyncio.run(_create_tenant_with_id(two_replicas.redis_url, f"kv-{uuid.uuid4().hex[:8]}"))
+    salt = cache_salt(
+        load_server_secrets(secrets_dir(two_replicas.home)).cache_salt_secret, TenantId(tenant_id), 0
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(profile, two_replicas.home)))
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)  # the engines hash with the default seed
+    init_none_hash(sha256_cbor)
+
+    def engine_keys(text: str) -> list[str]:
+        """vLLM's names of the full blocks of ``text`` sent as /v2 sends it (one user message)."""
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+        tokens = list(tokenizer.encode(chat, add_special_tokens=False))
+        request = Request(
+            request_id="r", prompt_token_ids=tokens, sampling_params=SamplingParams(max_tokens=1),
+            pooling_params=None, cache_salt=salt,
+            block_hasher=get_request_block_hasher(block_size, sha256_cbor),
+        )  # fmt: skip
+        assert len(request.block_hashes) == len(tokens) // block_size
+        return [event_key(maybe_convert_block_hash(block_hash)) for block_hash in request.block_hashes]
+
+    owner = serve.get_deployment_handle("SchedulerOwner", "zumik")
+
+    def held_by_engine(replica: str, keys: list[str]) -> set[str]:
+        for _ in range(300):  # the engine's events for this prompt reached the owner
+            held = set(owner.engine_residency.remote(replica).result())
+            if set(keys) <= held:
+                break
+            time.sleep(0.1)
+        return held
+
+    document = f"{uuid.uuid4()} " + "A section of the service handbook the agent quotes. " * 20
+    with httpx.Client(
+        base_url=two_replicas.url, headers={"Authorization": f"Bearer {key}"}, timeout=180
+    ) as client:
+        first = client.post("/v2/generate", json={"input": document, "max_tokens": 1})
+        assert first.status_code == 200, first.text
+        replica = first.json()["route"].split(":", 1)[1]
+        keys = engine_keys(document)
+        assert len(keys) >= 10 and first.json()["usage"]["prompt_tokens"] // block_size == len(keys)
+        held = held_by_engine(replica, keys)
+        assert set(keys) <= held, f"{len(set(keys) - held)} of {len(keys)} blocks not reported"
+
+        before = owner.stats.remote().result()
+        follow_up = document + " And one question about it, long enough for new full blocks?" * 6
+        second = client.post("/v2/generate", json={"input": follow_up, "max_tokens": 1})
+        assert second.status_code == 200, second.text
+        assert second.json()["route"] == first.json()["route"]  # the prefix lives there
+        assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        more = engine_keys(follow_up)
+        assert more[:3] == keys[:3] and len(more) > len(keys)
+        held = held_by_engine(replica, more)
+        assert set(more) <= held, f"{len(set(more) - held)} of {len(more)} blocks not reported"
+    after = owner.stats.remote().result()
+    assert after["belief_checked"] > before["belief_checked"]  # the send was checked against them
+    assert after["belief_wrong"] == before["belief_wrong"], (before, after)
+
+
+async def _create_tenant_with_id(redis_url: str, name: str) -> tuple[str, str]:
+    import redis.asyncio as aioredis
+
+    from zumik_serve.tenancy.store import RedisTenantStore
+
+    client = aioredis.from_url(redis_url)
+    try:
+        tenant, key = await RedisTenantStore(client).create_tenant(name)
+    finally:
+        await client.aclose()
+    return str(tenant.id), key

@@ -39,10 +39,10 @@ APP_NAME = "zumik"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 
 
-# Engines publishing vLLM's KV cache events to the profile's scheduler owner (issue #17 item 3):
-# off. On the real stack no event reached the owner (the end-to-end test failed and its cause is
-# not found yet), so residency stays the gateways' record of what they sent until it does.
-ENGINE_KV_EVENTS = False
+# A replica group's engines publish vLLM's KV cache events to the profile's scheduler owner
+# (issue #17 item 3; engines/replica.py): residency then follows what each engine really holds,
+# evictions included, with the gateways' record of sends beside it for events that lag.
+ENGINE_KV_EVENTS = True
 
 
 def build_serve_app(

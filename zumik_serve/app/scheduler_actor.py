@@ -3,7 +3,9 @@
     SchedulerOwner   one replica per profile (the application's): ``routing.owner.ProfileOwner``
                      behind three methods: ``report`` (a gateway's batch), ``engine_events``
                      (KV events of engine replicas), ``view`` (long-polled: answers as soon as
-                     the owner moves past the caller's version, or after ``wait_s``)
+                     the owner moves past the caller's version, or after ``wait_s``); and two
+                     to read it: ``stats``, ``engine_residency`` (a replica's blocks by its
+                     engine's events alone)
     OwnerLink        in each gateway process, two background tasks, never on a request's path:
                      report loop  every ``REPORT_INTERVAL_S``, the scheduler's batch → ``report``
                                   (a batch that failed is sent again first)
@@ -79,6 +81,10 @@ class SchedulerOwner:
             "belief_checked": owner.belief_checked,
             "belief_wrong": owner.belief_wrong,
         }
+
+    async def engine_residency(self, replica: str) -> list[str]:
+        """The block keys ``replica``'s engine says it holds (its KV events only)."""
+        return list(self._owner.engine_residency(replica))
 
     async def engine_events(self, events: list[KvEvent]) -> int:
         before = self._owner.version

@@ -5,6 +5,15 @@ vLLM's own protocol models, runs it through vLLM's OpenAI serving layer, and yie
 of ``engines/protocol.py``. Failures inside the engine become ``EngineFailure`` events (before
 output) or an ``{"error": ...}`` payload (after output began), never an exception that would
 reach the gateway as a bare 500.
+
+With KV events on (a replica group's engines, ``with_kv_events``), each replica also forwards
+its engine's KV cache events to the profile's scheduler owner:
+
+    vLLM engine core ── ZMQ PUB (ipc, this replica's own) ──► forward_kv_events (SUB, in the
+    replica's loop) ── KvEvent batches, at most every KV_EVENTS_BATCH_S ──► SchedulerOwner
+
+The engine publishes a ``BlockStored`` only for blocks it newly caches: a prompt whose full
+blocks are all cached already (a repeated prefix) publishes nothing, and that is no loss.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -35,6 +44,7 @@ from zumik_serve.routing.owner import KvEvent
 KV_EVENTS_TOPIC = "zumik-kv"
 KV_EVENTS_BATCH_S = 0.05  # events are sent to the owner at most this often
 OWNER_DEPLOYMENT = "SchedulerOwner"
+IPC_PATH_MAX = 100  # a Unix socket path longer than about 107 bytes cannot be bound
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +62,31 @@ class EngineReplica(LLMServer):
         """With KV events on (``with_kv_events``), the engine publishes on an endpoint of this
         replica's own, and a task forwards its events to the profile's scheduler owner."""
         endpoint = _own_kv_events_endpoint(llm_config)
-        await super().__init__(llm_config, *args, **kwargs)
-        self._kv_events_task = None
         if endpoint is not None:
-            self._kv_events_task = asyncio.create_task(_forward_kv_events(endpoint, _replica_id()))
+            seed = unpin_hash_seed(os.environ)  # before the engine core process starts
+            if seed is not None:
+                log.warning("PYTHONHASHSEED=%s unset for this engine: its block hashes must be "
+                            "the ones the gateway computes (routing/block_hashes.py)", seed)  # fmt: skip
+        await super().__init__(llm_config, *args, **kwargs)
+        self._kv_events_task: asyncio.Task[None] | None = None
+        if endpoint is not None:
+            deliver = _owner_delivery(serve.get_replica_context().app_name)
+            task = asyncio.create_task(forward_kv_events(endpoint, _replica_id(), deliver))
+            task.add_done_callback(_report_end)
+            self._kv_events_task = task
+        self._kv_events_endpoint = endpoint
+
+    async def __del__(self) -> None:
+        """Stop forwarding, shut the engine down, and remove the IPC socket file its publisher
+        bound (a file per replica start would pile up in the temporary folder otherwise)."""
+        task = getattr(self, "_kv_events_task", None)
+        if task is not None:
+            task.cancel()
+        await super().__del__()
+        endpoint = getattr(self, "_kv_events_endpoint", None)
+        if endpoint is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(endpoint.removeprefix("ipc://"))
 
     async def complete(
         self, call: str, body: dict[str, Any], zumik_replica: str | None = None
@@ -169,12 +200,28 @@ def _own_kv_events_endpoint(llm_config: Any) -> str | None:
     events = (llm_config.engine_kwargs or {}).get("kv_events_config")
     if not isinstance(events, dict) or not events.get("enable_kv_cache_events"):
         return None
-    endpoint = f"ipc://{os.environ.get('TMPDIR', '/tmp')}/zumik-kv-{uuid.uuid4().hex[:12]}"
+    endpoint = ipc_endpoint(os.environ.get("TMPDIR") or "/tmp", uuid.uuid4().hex[:12])
     llm_config.engine_kwargs["kv_events_config"] = {**events, "endpoint": endpoint}
     # ray.serve.llm caches the engine config built from engine_kwargs (get_engine_config), and
     # the deployment's options already built it: build it again from the changed kwargs.
     llm_config._engine_config = None
     return endpoint
+
+
+def ipc_endpoint(folder: str, name: str) -> str:
+    """``ipc://`` in ``folder``, or in /tmp when a path there would be too long to bind."""
+    path = f"{folder.rstrip('/')}/zumik-kv-{name}"
+    if len(path.encode()) > IPC_PATH_MAX:
+        path = f"/tmp/zumik-kv-{name}"
+    return f"ipc://{path}"
+
+
+def unpin_hash_seed(environ: MutableMapping[str, str]) -> str | None:
+    """Drop ``PYTHONHASHSEED`` from ``environ`` (the one the engine core process inherits) and
+    return it; None when it was not set. vLLM derives its first block's parent from it when it
+    is set (``vllm/v1/core/kv_cache_utils.py`` ``resolve_none_hash_seed``), so an engine that
+    publishes KV events must hash with the default seed the gateway reproduces."""
+    return environ.pop("PYTHONHASHSEED", None)
 
 
 def kv_events_of(batch: Any, replica: str) -> list[KvEvent]:
@@ -192,9 +239,14 @@ def kv_events_of(batch: Any, replica: str) -> list[KvEvent]:
     return events
 
 
-async def _forward_kv_events(endpoint: str, replica: str) -> None:
-    """Subscribe to the engine's events and send them, batched, to the scheduler owner (its
-    application's ``SchedulerOwner``); without one, events are read and dropped."""
+Deliver = Callable[[list[KvEvent]], Awaitable[Any]]
+
+
+async def forward_kv_events(endpoint: str, replica: str, deliver: Deliver) -> None:
+    """Subscribe to the engine's events on ``endpoint`` and hand them to ``deliver`` in batches:
+    the first event of a batch waits at most ``KV_EVENTS_BATCH_S`` for others. A message that
+    does not decode is skipped (logged); a batch ``deliver`` fails on is lost (logged): the
+    gateways' record of sends stays, and later events correct the owner's view."""
     import msgspec
     import zmq
     import zmq.asyncio
@@ -204,23 +256,59 @@ async def _forward_kv_events(endpoint: str, replica: str) -> None:
     socket = zmq.asyncio.Context.instance().socket(zmq.SUB)
     socket.connect(endpoint)
     socket.setsockopt_string(zmq.SUBSCRIBE, KV_EVENTS_TOPIC)
-    owner = None
-    with contextlib.suppress(Exception):
-        owner = serve.get_deployment_handle(OWNER_DEPLOYMENT, serve.get_replica_context().app_name)
-    pending: list[KvEvent] = []
     loop = asyncio.get_running_loop()
-    sent_at = loop.time()
+    pending: list[KvEvent] = []
+    flush_at: float | None = None
+    last_seq: int | None = None
     try:
         while True:
-            with contextlib.suppress(TimeoutError):
-                _topic, _seq, payload = await asyncio.wait_for(socket.recv_multipart(), KV_EVENTS_BATCH_S)
-                pending.extend(kv_events_of(decoder.decode(payload), replica))
-            if pending and loop.time() - sent_at >= KV_EVENTS_BATCH_S:
-                batch, pending, sent_at = pending, [], loop.time()
-                if owner is not None:
-                    try:
-                        await owner.engine_events.remote(batch)
-                    except Exception as exc:  # the owner restarts: these events are lost, the
-                        log.warning("KV events not delivered (%s)", type(exc).__name__)  # sends stay
+            wait_s = None if flush_at is None else flush_at - loop.time()
+            # Never a receive that a timeout cancels: poll, then take what is there.
+            if (wait_s is None or wait_s > 0) and await socket.poll(
+                None if wait_s is None else wait_s * 1000
+            ):
+                frames = await socket.recv_multipart()
+                seq, events = _decoded(frames, decoder, replica)
+                if seq is not None and last_seq is not None and seq != last_seq + 1:
+                    log.warning("KV events %d..%d from the engine were missed", last_seq + 1, seq - 1)
+                last_seq = seq if seq is not None else last_seq
+                if events and flush_at is None:
+                    flush_at = loop.time() + KV_EVENTS_BATCH_S
+                pending.extend(events)
+                continue
+            batch, pending, flush_at = pending, [], None
+            try:
+                await deliver(batch)
+            except Exception as exc:  # the owner restarts: these events are lost, the sends stay
+                log.warning("KV events not delivered (%s: %s)", type(exc).__name__, exc)
     finally:
         socket.close(linger=0)
+
+
+def _decoded(frames: Sequence[bytes], decoder: Any, replica: str) -> tuple[int | None, list[KvEvent]]:
+    """One published message (topic, 8-byte sequence number, msgpack batch) as its sequence
+    number and events; (None, []) for one that does not decode."""
+    try:
+        _topic, seq, payload = frames
+        return int.from_bytes(seq, "big"), kv_events_of(decoder.decode(payload), replica)
+    except Exception as exc:
+        log.warning("a KV event message skipped (%s: %s)", type(exc).__name__, exc)
+        return None, []
+
+
+def _owner_delivery(app_name: str) -> Deliver:
+    """Send a batch to ``app_name``'s scheduler owner (its handle made on first use)."""
+    handle: Any = None
+
+    async def deliver(batch: list[KvEvent]) -> None:
+        nonlocal handle
+        if handle is None:
+            handle = serve.get_deployment_handle(OWNER_DEPLOYMENT, app_name)
+        await handle.engine_events.remote(batch)
+
+    return deliver
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("KV event forwarding stopped: %r", task.exception())

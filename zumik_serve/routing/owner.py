@@ -222,6 +222,11 @@ class ProfileOwner:
             self._apply("", events)
         return self.version
 
+    def engine_residency(self, replica: str) -> tuple[str, ...]:
+        """The blocks ``replica`` holds by its engine's KV events alone (no gateway's sends),
+        least recently stored first; empty for a replica whose engine never reported."""
+        return self._engine_only.keys(replica)
+
     def view(self, gateway: str, since_version: int, now_ms: int) -> View:
         oldest = self._log[0][0] if self._log else self.version + 1
         behind = since_version < oldest - 1 or since_version > self.version

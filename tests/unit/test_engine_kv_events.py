@@ -1,0 +1,192 @@
+"""A replica's forwarding of its engine's KV events (engines/replica.py) over real ZMQ sockets.
+
+Invariants held here:
+- what vLLM's own publisher (``ZmqEventPublisher``, as the engine core runs it) sends on an IPC
+  endpoint reaches the owner's ``deliver`` as ``KvEvent`` values: stored and removed blocks
+  named as residency names them (``block_hashes.event_key`` of the event's 64-bit hashes, in
+  the event's order), a cleared cache as ``cleared``, events published together in one batch;
+- a message that does not decode is skipped and the next one still arrives; a batch the owner
+  fails to take is dropped and the next batch is still delivered;
+- the owner's engine residency of a replica holds what its engine's events say and nothing a
+  gateway only sent;
+- an engine that publishes events runs without ``PYTHONHASHSEED`` (vLLM would derive its first
+  block's parent from it, and the gateway's hashes would never match), and its IPC path fits
+  a Unix socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+from pathlib import Path
+
+import msgspec
+import pytest
+import zmq
+from vllm.distributed.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventBatch,
+    ZmqEventPublisher,
+)
+
+from zumik_serve.engines.replica import (
+    IPC_PATH_MAX,
+    KV_EVENTS_TOPIC,
+    forward_kv_events,
+    ipc_endpoint,
+    unpin_hash_seed,
+)
+from zumik_serve.routing.block_hashes import event_key
+from zumik_serve.routing.breaker import BreakerPolicy
+from zumik_serve.routing.owner import KvEvent, ProfileOwner, Report, Sent
+
+WAIT_S = 20.0
+
+
+class Owner:
+    """The owner's side of delivery: the batches it took, failing the first ``fail`` of them."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.batches: list[list[KvEvent]] = []
+        self.refused = 0
+        self._fail = fail
+
+    async def deliver(self, batch: list[KvEvent]) -> None:
+        if self.refused < self._fail:
+            self.refused += 1
+            raise ConnectionError("the owner restarts")
+        self.batches.append(batch)
+
+    def events(self) -> list[KvEvent]:
+        return [event for batch in self.batches for event in batch]
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path) -> str:
+    return ipc_endpoint(str(tmp_path), uuid.uuid4().hex[:12])
+
+
+@pytest.fixture
+async def forwarding(endpoint: str) -> AsyncIterator[Callable[[Owner], None]]:
+    tasks: list[asyncio.Task[None]] = []
+
+    def start(owner: Owner) -> None:
+        tasks.append(asyncio.create_task(forward_kv_events(endpoint, "r0", owner.deliver)))
+
+    yield start
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until(condition: Callable[[], bool], publish: Callable[[], None] | None = None) -> None:
+    """Wait for ``condition``, publishing again meanwhile when ``publish`` is given (a SUB
+    socket misses what is published before it is connected)."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, "nothing arrived"
+        if publish is not None:
+            publish()
+        await asyncio.sleep(0.05)
+
+
+def stored(hashes: list[int]) -> BlockStored:
+    return BlockStored(
+        block_hashes=list[bytes | int](hashes), parent_block_hash=None,
+        token_ids=list(range(4 * len(hashes))), block_size=4, lora_id=None, medium="GPU", lora_name=None,
+    )  # fmt: skip
+
+
+async def test_what_vllms_publisher_sends_reaches_the_owner_as_residency_keys(
+    endpoint: str, forwarding: Callable[[Owner], None]
+) -> None:
+    publisher = ZmqEventPublisher(0, endpoint=endpoint, topic=KV_EVENTS_TOPIC)
+    owner = Owner()
+    forwarding(owner)
+    try:
+        await until(
+            lambda: bool(owner.batches),
+            lambda: publisher.publish(KVEventBatch(ts=time.time(), events=[AllBlocksCleared()])),
+        )
+        await asyncio.sleep(0.3)  # the probes still under way
+        owner.batches.clear()
+        hashes = [2**64 - 1, 7, 2**63 + 5]
+        publisher.publish(
+            KVEventBatch(
+                ts=time.time(),
+                events=[stored(hashes), BlockRemoved(block_hashes=[7], medium="GPU"), AllBlocksCleared()],
+            )
+        )
+        await until(lambda: bool(owner.batches))
+        keys = tuple(event_key(h) for h in hashes)
+        assert keys == ("ffffffffffffffff", "0000000000000007", "8000000000000005")
+        assert owner.batches == [
+            [
+                KvEvent("r0", stored=keys),
+                KvEvent("r0", removed=(keys[1],)),
+                KvEvent("r0", cleared=True),
+            ]
+        ]
+    finally:
+        publisher.shutdown()
+
+
+async def test_a_bad_message_or_a_failed_delivery_never_stops_forwarding(
+    endpoint: str, forwarding: Callable[[Owner], None]
+) -> None:
+    socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
+    socket.bind(endpoint)
+    encoder = msgspec.msgpack.Encoder()
+    seq = iter(range(1_000_000))
+
+    def send(frames_after_topic: list[bytes]) -> None:
+        socket.send_multipart([KV_EVENTS_TOPIC.encode(), *frames_after_topic])
+
+    def batch(*hashes: int) -> list[bytes]:
+        events = KVEventBatch(ts=time.time(), events=[stored(list(hashes))])
+        return [next(seq).to_bytes(8, "big"), encoder.encode(events)]
+
+    owner = Owner(fail=1)
+    forwarding(owner)
+    try:
+        await until(lambda: owner.refused == 1, lambda: send(batch(1)))  # connected; lost
+        await asyncio.sleep(0.3)
+        owner.batches.clear()
+        send([next(seq).to_bytes(8, "big"), b"not msgpack"])
+        send([b"one frame short"])
+        send(batch(2, 3))
+        await until(lambda: bool(owner.batches))
+        assert owner.events() == [KvEvent("r0", stored=(event_key(2), event_key(3)))]
+    finally:
+        socket.close(linger=0)
+
+
+def test_the_owners_engine_residency_is_the_engines_word_alone() -> None:
+    owner = ProfileOwner(BreakerPolicy(), capacity_blocks=100, budget_ratio=Decimal("0.2"))
+    keys = tuple(event_key(h) for h in range(1, 6))
+    owner.report(Report("g1", 1, (Sent("r0", keys),)), now_ms=0)  # a send: not the engine's word
+    assert owner.engine_residency("r0") == ()
+    owner.engine_events([KvEvent("r0", stored=keys[:3]), KvEvent("r1", stored=keys)])
+    assert set(owner.engine_residency("r0")) == set(keys[:3])
+    owner.engine_events([KvEvent("r0", removed=(keys[2],))])
+    assert set(owner.engine_residency("r0")) == set(keys[:2])
+    owner.engine_events([KvEvent("r1", cleared=True)])
+    assert owner.engine_residency("r1") == ()
+
+
+def test_an_engine_publishing_events_runs_without_a_hash_seed() -> None:
+    environ = {"PYTHONHASHSEED": "0", "PATH": "/bin"}
+    assert unpin_hash_seed(environ) == "0" and environ == {"PATH": "/bin"}
+    assert unpin_hash_seed(environ) is None and environ == {"PATH": "/bin"}
+
+
+def test_an_ipc_endpoint_fits_a_unix_socket_path() -> None:
+    assert ipc_endpoint("/tmp/", "abc") == "ipc:///tmp/zumik-kv-abc"
+    deep = "/tmp/" + "d" * 120
+    assert ipc_endpoint(deep, "abc") == "ipc:///tmp/zumik-kv-abc"
+    assert len(ipc_endpoint("/tmp/" + "d" * 60, "abc")) - len("ipc://") <= IPC_PATH_MAX
