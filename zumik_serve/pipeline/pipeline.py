@@ -7,16 +7,25 @@
         ├─ limits      n, max_tokens, message and prompt counts (400 naming the parameter)
         ├─ release     the model names an alias (or the served model, published on first use)
         ├─ state       snapshot messages first; a session checked live; /v2: tokenized here
+        │  ║ salt      the tenant's cache salt, read beside the release and state (never cached:
+        │              a purge moves it on); awaited after them, so their errors come first
         ├─ rate        the tenant's requests and tokens per minute (429 with Retry-After)
-        ├─ evidence    what the reuse ledger recorded for the tenant and the prompt's prefix
+        │  ║ evidence  what the reuse ledger recorded for the tenant and the prompt's prefix
         │              family (escalation), read at most once per EVIDENCE_TTL_S per family
         ├─ decide      Dispatcher.decide → Decision (recorded inputs, replayable)
         ├─ accounting  the prefix's opportunity lookup starts, running while the engine works
-        ├─ dispatch    Dispatcher.execute → EngineRun (first output) or the client's error
-        └─ a whole answer: figures, ledger (after), session exchange, span
+        ├─ dispatch    Dispatcher.execute → EngineRun (first output) or the client's error (its
+        │              decision saved first); the decision's save starts at the first output
+        ├─ a stream: the save ║ the opportunity (for the headers), both awaited
+        └─ a whole answer: the save ║ rate settlement ║ figures ║ session exchange, all
+           awaited (the first failure raised, the save's first); span; ledger (after)
       events()    a stream's events within the deadline
-      finish()    a stream's end: the same figures, ledger, session exchange and span
+      finish()    a stream's end: settlement ║ figures ║ session exchange, then the span
     surface ◄── Generation (typed outcome) ── render
+
+(``║``: side by side, each its own Redis round trip.) A generation is returned only once its
+decision is saved, so the decision id it answers with is readable at ``/v2/decisions/{id}``; a
+request cancelled meanwhile (its deadline) leaves the save running, and waits for it.
 
 Surfaces own the admission's slot (taken once the body is read, given back when the response
 is done) and the wire format; everything between is here. Nothing here imports a web framework
@@ -28,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,26 +149,38 @@ class Pipeline:
         tenant = request.tenant
         self.check_profile(tenant, request.profile)
         check_generation_limits(request.body, ctx.limits)
-        release = await self._release(tenant, request.model, pinned=request.refs.release)
-        model = release.model if release is not None else (request.model or ctx.models.default)
-        if model not in ctx.models.ids:
-            raise ModelNotFoundError(
-                f"The model '{model}' does not exist or you do not have access to it. "
-                "GET /v1/models lists the models you can use.",
-                param="model",
-            )
-        call, body, allowed = await self._resolve_state(request, model, release)
-        salt = await ctx.salts.for_tenant(tenant.id)
-        reservation = await self._admit_rate(tenant, body, salt)
+        # The salt's read needs only the tenant: it runs beside the release and state reads and
+        # is awaited where it is used, so an earlier step's error still comes first.
+        salt_read = asyncio.ensure_future(ctx.salts.for_tenant(tenant.id))
+        try:
+            release = await self._release(tenant, request.model, pinned=request.refs.release)
+            model = release.model if release is not None else (request.model or ctx.models.default)
+            if model not in ctx.models.ids:
+                raise ModelNotFoundError(
+                    f"The model '{model}' does not exist or you do not have access to it. "
+                    "GET /v1/models lists the models you can use.",
+                    param="model",
+                )
+            call, body, allowed = await self._resolve_state(request, model, release)
+            salt = await salt_read
+        finally:
+            if not salt_read.done():  # an earlier step failed: the salt is not needed
+                salt_read.cancel()
+            salt_read.add_done_callback(_retrieve)
         dispatcher = ctx.dispatcher_for(model)
         prompt = dispatcher.prompt(call, body, salt=salt)
+        # The rate admission and the escalation evidence (a read, usually cached) side by side;
+        # a refusal is raised once both are done (the evidence never fails a request).
+        reservation, evidence = await _all(
+            self._admit_rate(tenant, body, salt), self._escalation_evidence(tenant, prompt.family)
+        )
         body["cache_salt"] = salt
         admission = request.admission
         route = RouteContext(
             release_id=release.id if release is not None else None,
             allowed_routes=allowed,
             snapshot_id=request.refs.snapshot,
-            evidence=await self._escalation_evidence(tenant, prompt.family),
+            evidence=evidence,
             qos=admission.qos.value,
             prefer_cheapest=admission.prefer_cheapest,
             engine_priority=admission.engine_priority,
@@ -168,18 +189,24 @@ class Pipeline:
         )
         decision = dispatcher.decide(call, body, tenant=tenant.id, salt=salt, context=route, prompt=prompt)
         accounting = RequestAccounting(ctx.reuse if tenant.reuse_accounting else None, decision)
+        # The decision's record is saved while the work after the first output runs; both are
+        # awaited before the generation is returned (the id it answers with is readable then).
         run = await dispatcher.execute(
-            decision, call, body, stream=request.stream, tenant=tenant.id, salt=salt, context=route
-        )
-        phases, descriptions = request_phases(run, request.clock)
-        generation = Generation(request, model, release, run, phases, descriptions, accounting)
+            decision, call, body, stream=request.stream, tenant=tenant.id, salt=salt, context=route,
+            defer_record=True,
+        )  # fmt: skip
+        generation = Generation(request, model, release, run, {}, {}, accounting)
         generation.rate_reservation = reservation
-        if request.stream:  # the opportunity goes out in the headers, before the body
-            generation.opportunity_tokens = await accounting.opportunity_tokens()
-            return generation
-        answer = generation.answer
-        completion = Completion(_reply(call, answer), answer.get("usage"))
-        generation.figures = await self._finish(generation, completion)
+        try:
+            if request.stream:  # the opportunity goes out in the headers, before the body
+                _, generation.opportunity_tokens = await _all(run.recorded(), accounting.opportunity_tokens())
+            else:
+                answer = generation.answer
+                completion = Completion(_reply(call, answer), answer.get("usage"))
+                generation.figures = await self._finish(generation, completion, recording=run.recorded())
+        finally:
+            await run.recorded()  # done by now, unless a step above failed: its save comes first
+        generation.phases_ms, generation.phase_descriptions = request_phases(run, request.clock)
         return generation
 
     async def events(self, generation: Generation) -> AsyncIterator[EngineEvent]:
@@ -295,11 +322,15 @@ class Pipeline:
         body: dict[str, Any] = {**request.body, "model": model}
         snapshot, session = request.refs.snapshot, request.refs.session
         if request.surface is Surface.V1:
-            if snapshot is not None:
-                prefix = await state.store_call(state.snapshot_messages(tenant, snapshot))
+            # The snapshot's read and the session's check side by side; the snapshot's error
+            # first. Either may mark its object exposed though the other fails: a purge then
+            # sweeps the engines' tiers for it too (more than needed, never less).
+            prefix, _ = await _all(
+                None if snapshot is None else state.store_call(state.snapshot_messages(tenant, snapshot)),
+                None if session is None else state.store_call(state.use_session(tenant, session)),
+            )
+            if prefix is not None:
                 body["messages"] = [*prefix, *body["messages"]]
-            if session is not None:
-                await state.store_call(state.use_session(tenant, session))
             return request.call, body, allowed
         # /v2 and warming send token ids of this deployment's own tokenizer: only its engines
         # (byoc routes) can take them.
@@ -366,14 +397,24 @@ class Pipeline:
         self._evidence[key] = (now + self.evidence_ttl_s, evidence)
         return evidence
 
-    async def _finish(self, generation: Generation, completion: Completion) -> ReuseFigures | None:
+    async def _finish(
+        self, generation: Generation, completion: Completion, *, recording: Awaitable[None] | None = None
+    ) -> ReuseFigures | None:
+        """The answer's rate settlement, reuse figures and session exchange, side by side, and
+        the decision record's save when it is still under way (``recording``): all awaited,
+        then the first failure raised, the save's first. Then the span."""
         request, run = generation.request, generation.run
-        await self._settle_rate(generation, completion.usage)
-        figures = await generation.accounting.figures(
-            run, completion.usage, tenant=request.tenant.id, snapshot=request.refs.snapshot
+        exchange = (
+            self._record_exchange(request, completion.reply) if request.refs.session is not None else None
         )
-        if request.refs.session is not None:
-            await self._record_exchange(request, completion.reply)
+        _, _, figures, _ = await _all(
+            recording,
+            self._settle_rate(generation, completion.usage),
+            generation.accounting.figures(
+                run, completion.usage, tenant=request.tenant.id, snapshot=request.refs.snapshot
+            ),
+            exchange,
+        )
         self._emit_span(generation, figures)
         return figures
 
@@ -410,6 +451,25 @@ class Pipeline:
             if figures.captured_tokens is not None:
                 attributes["zumik.reuse_captured_tokens"] = figures.captured_tokens
         tracing.request(generation.run, request.clock, attributes)
+
+
+async def _all(*steps: Awaitable[Any] | None) -> tuple[Any, ...]:
+    """Run ``steps`` side by side (None: a step not taken, whose result is None) and wait for
+    every one of them; then raise the first failure in the order given, else return the results
+    in that order. A step never outlives the call that ran it, and a later step's failure never
+    hides an earlier one's (as when they ran one after another, unless an earlier one failed)."""
+    taken = [step for step in steps if step is not None]
+    outcomes = iter(await asyncio.gather(*taken, return_exceptions=True))
+    results = [None if step is None else next(outcomes) for step in steps]
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return tuple(results)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _reply(call: EngineCall, answer: Mapping[str, Any]) -> str:

@@ -38,6 +38,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import time
@@ -72,6 +73,8 @@ from zumik_serve.routing.family import PrefixFamily, prefix_family, provider_cac
 from zumik_serve.routing.reach import ProviderReach, ReachSink
 from zumik_serve.routing.retry import Attempt, AttemptOutcome, RetryAction, RetryBudget, classify
 from zumik_serve.routing.scheduler import ProfileScheduler, SchedulingRequest
+
+logger = logging.getLogger("ray.serve")
 
 PROBE_OUT = "breaker half open: its probe is in flight"
 MAX_TENANT_BUDGETS = 10_000  # per-tenant BYOK retry budgets kept (least recently used dropped)
@@ -143,6 +146,14 @@ class EngineRun:
     scope: str = ""  # the isolation scope of the request's cache salt (``kvstore.keys.scope_id``)
     prefix_keys: tuple[str, ...] = ()  # the scheduler's prefix keys of the prompt
     timing_ms: dict[str, float] | None = None  # where the time went before the first output
+    recording: asyncio.Future[None] | None = None  # the decision record's save (``execute``)
+
+    async def recorded(self) -> None:
+        """Wait for the decision record's save and raise its failure (done already unless
+        ``execute(..., defer_record=True)``). A caller cancelled meanwhile (a deadline, a client
+        gone) leaves the save running to its end."""
+        if self.recording is not None:
+            await asyncio.shield(self.recording)
 
     @property
     def route(self) -> str:
@@ -234,14 +245,19 @@ class Dispatcher:
         return Decision(
             record=record, prefix_keys=tuple(keys), scope=scope_id(salt), decide_ms=decide_ms,
             family=view.family,
-        )
+        )  # fmt: skip
 
     async def execute(
         self, decision: Decision, call: EngineCall, engine_body: dict[str, Any], *, stream: bool,
-        tenant: str, salt: str, context: RouteContext,
+        tenant: str, salt: str, context: RouteContext, defer_record: bool = False,
     ) -> EngineRun:  # fmt: skip
         """Carry ``decision`` out: the first route that gives a first output, or the client's
-        error. The decision and every attempt are recorded either way."""
+        error. The decision and every attempt are recorded either way: before the error is
+        raised, and before the run is returned; with ``defer_record`` the run is returned with
+        its save under way (``EngineRun.recording``), so that the caller can do its own work
+        after the first output meanwhile, and it awaits ``run.recorded()`` before it answers
+        (the decision id it answers with is then readable, and a failed save fails the request
+        as it would here). ``timing_ms["record"]`` is the save's own time either way."""
         started = time.perf_counter()
         attempts: list[Attempt] = []
         timing: dict[str, float] = {"decide": decision.decide_ms}
@@ -249,13 +265,33 @@ class Dispatcher:
             run = await self._execute(
                 decision, call, engine_body, stream, tenant, salt, attempts, context,
             )  # fmt: skip
-            timing["first-output"] = (time.perf_counter() - started) * 1000
-        finally:
-            saved = time.perf_counter()
-            await self._decisions.save(tenant, decision.record, attempts, context.sources)
-            timing["record"] = (time.perf_counter() - saved) * 1000
+        except BaseException:
+            await asyncio.shield(self._record(tenant, decision, attempts, context, timing))
+            raise
+        timing["first-output"] = (time.perf_counter() - started) * 1000
         run.timing_ms = timing
+        run.recording = self._record(tenant, decision, attempts, context, timing)
+        if not defer_record:
+            await run.recorded()
         return run
+
+    def _record(
+        self, tenant: str, decision: Decision, attempts: Sequence[Attempt], context: RouteContext,
+        timing: dict[str, float],
+    ) -> asyncio.Future[None]:  # fmt: skip
+        """The decision's save, started now; it runs to its end even when whoever awaits it is
+        cancelled (its failure is logged then). ``timing["record"]``: its own time."""
+
+        async def save() -> None:
+            saved = time.perf_counter()
+            try:
+                await self._decisions.save(tenant, decision.record, attempts, context.sources)
+            finally:
+                timing["record"] = (time.perf_counter() - saved) * 1000
+
+        saving = asyncio.ensure_future(save())
+        saving.add_done_callback(_retrieve)
+        return saving
 
     async def start(
         self, call: EngineCall, engine_body: dict[str, Any], *, stream: bool, tenant: str, salt: str,
@@ -440,6 +476,13 @@ class Dispatcher:
     async def aclose(self) -> None:
         for provider in self._providers.values():
             await provider.aclose()
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """A save's failure, logged: whoever waits for it raises it too, but a caller cancelled
+    before it waits (a deadline, a client gone) never does."""
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("zumik: a decision record could not be saved: %r", future.exception())
 
 
 async def _first_output(
