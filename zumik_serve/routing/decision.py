@@ -376,10 +376,12 @@ def priced_verdict(
     passing candidate must cost this request strictly less than the default route, both priced
     with the evidence's reused part of the prompt at each route's cached-input price. With no
     default candidate passing, the evidence alone decides (the default is unavailable)."""
-    escalated = [c for c in passing if c.kind.value == inputs.escalation.to]
-    default = [c for c in passing if c.route == inputs.default_route]
-    if not verdict.met or not escalated:
+    if not verdict.met:
         return verdict
+    escalated = [c for c in passing if c.kind.value == inputs.escalation.to]
+    if not escalated:
+        return verdict
+    default = [c for c in passing if c.route == inputs.default_route]
     prompt, output = inputs.prompt_num_tokens, inputs.expected_output_tokens
     reused = inputs.evidence.reused_part(prompt)
     escalated_cost = min(_cost_pusd(c, prompt, reused, output) for c in escalated)
@@ -413,12 +415,13 @@ def decide(decision_id: str, inputs: DecisionInputs, *, version: str = DECIDE_VE
     if inputs.prompt_num_tokens < 0 or inputs.block_size < 1 or inputs.expected_output_tokens < 0:
         raise ValueError("prompt_num_tokens and expected_output_tokens must be >= 0, block_size >= 1")
 
+    # Each candidate's breaker as of now, and its verdict: computed once, read twice.
+    now_ms, policy = inputs.now_ms, inputs.breaker_policy
+    breakers = [current(c.breaker, now_ms, policy) for c in candidates]
+    breaker_verdicts = [_breaker_verdict(breaker) for breaker in breakers]
     escalation = escalation_verdict(inputs.evidence, inputs.escalation)
     if version != "decide-1":
-        passing = [
-            c for c in candidates
-            if _breaker_verdict(current(c.breaker, inputs.now_ms, inputs.breaker_policy)).startswith(PASS)
-        ]  # fmt: skip
+        passing = [c for c, v in zip(candidates, breaker_verdicts, strict=True) if v.startswith(PASS)]
         escalation = priced_verdict(escalation, inputs, passing)
     met = escalation.met
     default_kind = next((c.kind for c in candidates if c.route == inputs.default_route), RouteKind.MANAGED)
@@ -429,9 +432,9 @@ def decide(decision_id: str, inputs: DecisionInputs, *, version: str = DECIDE_VE
     ranked: list[tuple[int, tuple[int, ...], Pick]] = []  # (pool, rank key, pick)
     by_cost: list[tuple[tuple[int, ...], Pick]] = []  # every passing candidate, cheapest first
     fallback_pool: list[tuple[tuple[int, ...], Pick]] = []
-    for candidate, key in zip(candidates, keys, strict=True):
-        breaker = current(candidate.breaker, inputs.now_ms, inputs.breaker_policy)
-        breaker_verdict = _breaker_verdict(breaker)
+    for candidate, key, breaker, breaker_verdict in zip(
+        candidates, keys, breakers, breaker_verdicts, strict=True
+    ):
         if candidate.kind is escalated_kind and met:
             pool, escalation_filter = 0, "pass:escalated"
         elif candidate.kind is default_kind:
@@ -441,7 +444,7 @@ def decide(decision_id: str, inputs: DecisionInputs, *, version: str = DECIDE_VE
         else:
             pool, escalation_filter = -1, "neither the default nor the escalation kind"
         health = 0 if breaker.state is BreakerStatus.CLOSED else 1
-        scores, rank_key = _score(candidate, key, health, inputs)
+        scores, rank_key, cost = _score(candidate, key, health, inputs)
         verdict = CandidateVerdict(
             route=candidate.route,
             replica=candidate.replica,
@@ -454,7 +457,7 @@ def decide(decision_id: str, inputs: DecisionInputs, *, version: str = DECIDE_VE
         if not breaker_verdict.startswith(PASS):
             continue
         pick = Pick(candidate.route, candidate.replica)
-        by_cost.append(((dict(scores)["expected_cost_pusd"], health, *rank_key), pick))
+        by_cost.append(((cost, health, *rank_key), pick))
         if pool >= 0:
             ranked.append((pool, rank_key, pick))
         if candidate.route in fallback_index:
@@ -500,7 +503,8 @@ def _breaker_verdict(breaker: BreakerState) -> str:
 
 def _score(
     candidate: RouteCandidate, key: str, health: int, inputs: DecisionInputs
-) -> tuple[tuple[tuple[str, int], ...], tuple[int, ...]]:
+) -> tuple[tuple[tuple[str, int], ...], tuple[int, ...], int]:
+    """The candidate's score components (sorted by name), its rank key and its expected cost."""
     prompt = inputs.prompt_num_tokens
     tie = tiebreak(inputs.seed, inputs.request_digest, key)
     if candidate.kind is RouteKind.BYOC:
@@ -516,12 +520,12 @@ def _score(
             ("score_tokens", score),
             ("tiebreak", tie),
         )
-        return scores, (-score, health, cost, tie)
+        return scores, (-score, health, cost, tie), cost
     cached = min(candidate.predicted_cached_tokens or 0, prompt)
     cost = _cost_pusd(candidate, prompt, cached, inputs.expected_output_tokens)
     not_default = 0 if candidate.route == inputs.default_route else 1
     provider_scores = (("expected_cost_pusd", cost), ("predicted_cached_tokens", cached), ("tiebreak", tie))
-    return provider_scores, (cost, health, not_default, tie)
+    return provider_scores, (cost, health, not_default, tie), cost
 
 
 def _cost_pusd(candidate: RouteCandidate, prompt: int, cached: int, output: int) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from itertools import takewhile
 
 
 class ResidencyIndex:
@@ -72,12 +73,7 @@ class ResidencyIndex:
         blocks = self._blocks.get(replica)
         if not blocks:
             return 0
-        matched = 0
-        for key in block_keys:
-            if key not in blocks:
-                break
-            matched += 1
-        return matched
+        return len(list(takewhile(blocks.__contains__, block_keys)))  # the walk, in C
 
     def snapshot(self, replicas: Iterable[str], block_keys: Sequence[str]) -> dict[str, int]:
         """The matched prefix length per replica for one request: what a decision records."""

@@ -80,11 +80,14 @@ def prefix_keys(text: str, *, block_size: int, salt: str, max_blocks: int) -> li
     """Chained keys of every full chunk of ``text`` (about one KV block each)."""
     width = block_size * CHARS_PER_TOKEN
     data = text.encode()
-    parent = hashlib.blake2b(f"zumik-prefix|{salt}".encode(), digest_size=16).digest()
+    count = min(len(data) // width, max_blocks)
+    blake2b = hashlib.blake2b
+    parent = blake2b(f"zumik-prefix|{salt}".encode(), digest_size=16).digest()
     keys: list[str] = []
-    for start in range(0, min(len(data) - width + 1, max_blocks * width), width):
-        parent = hashlib.blake2b(parent + data[start : start + width], digest_size=16).digest()
-        keys.append(parent.hex())
+    append = keys.append
+    for start in range(0, count * width, width):  # one hash per chunk: the chain is the floor
+        parent = blake2b(parent + data[start : start + width], digest_size=16).digest()
+        append(parent.hex())
     return keys
 
 
