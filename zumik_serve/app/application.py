@@ -85,7 +85,7 @@ def build_serve_app(
             home=home,
             kv_redis_url=kv_redis_url,
             prefix="" if index == 0 else f"{served_profile.name}-",
-        )  # fmt: skip
+        )
         for index, (served_profile, served_dir) in enumerate(served)
     ]
     first = parts[0]
@@ -101,7 +101,8 @@ def build_serve_app(
     )
     return gateway.options(
         num_replicas=profile.gateway.num_replicas,
-        max_ongoing_requests=max(gateway_max_ongoing_requests(p) for p, _ in served),
+        # Each profile admits its own QoS slots: Serve's cap is above all of them together.
+        max_ongoing_requests=sum(gateway_max_ongoing_requests(p) for p, _ in served),
         **gateway_options,
     ).bind(
         first.settings, first.engines, first.other_groups, group=first.group, owner=first.owner,
