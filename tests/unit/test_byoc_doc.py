@@ -128,9 +128,9 @@ def _check_zumik(argv: list[str], findings: Findings) -> None:
         findings.problems.append(f"zumik {' '.join(argv)}: Zumik's command line refuses it")
         return
     profile = getattr(args, "profile", None)
-    if profile is not None:
+    for name in [profile] if isinstance(profile, str) else profile or []:  # serve's may repeat
         try:
-            resolve_profile(profile)
+            resolve_profile(name)
         except ProfileError as exc:
             findings.problems.append(f"zumik {' '.join(argv)}: {exc}")
 
@@ -166,9 +166,9 @@ def _check_docker_run(tokens: list[str], findings: Findings) -> None:
             findings.problems.append(
                 f"{where}: {DATA_DIR} (Redis data, secrets, disk tier) is not in a volume"
             )
-        profile = resolve_profile(_parser().parse_args(argv).profile)
+        names = _parser().parse_args(argv).profile or ["local-cpu"]  # --profile may repeat
         shm = _option_values(tokens, "--shm-size")
-        host_gib = profile.kv_tiers.host_capacity_bytes / 1024**3
+        host_gib = sum(resolve_profile(name).kv_tiers.host_capacity_bytes for name in names) / 1024**3
         if not shm or _gib(shm[0]) < host_gib + 2:  # the host tier and some room for Ray's object store
             findings.problems.append(
                 f"{where}: --shm-size must hold the {host_gib:.0f} GiB host tier and more"
