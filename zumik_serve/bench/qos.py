@@ -128,12 +128,32 @@ async def measure_ttft(
     return samples, tallies
 
 
+IDLE_WAIT_S = 300.0
+
+
+async def wait_idle(client: httpx.AsyncClient, *, timeout_s: float = IDLE_WAIT_S) -> float:
+    """Wait until the gateway serves nothing (``/healthz``'s ``in_flight``; the check itself not
+    counted): a flood's requests run on after their clients went away, holding their class's
+    slots, and a burst measured meanwhile would meet them instead of an idle gateway. Returns
+    the seconds waited; raises ``TimeoutError`` past ``timeout_s``."""
+    started = time.monotonic()
+    while True:
+        health = await client.get("/healthz")
+        if health.status_code == 200 and health.json().get("in_flight", 0) <= 0:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"the gateway still serves {health.text} after {timeout_s:.0f} s")
+        await asyncio.sleep(0.5)
+
+
 async def measure_burst(url: str, key: str, model: str, n: int) -> dict[str, Any]:
-    """``n`` batch requests at once: statuses, Retry-After and error shape, time to reject."""
+    """``n`` batch requests at once, from an idle gateway: statuses, Retry-After and error
+    shape, time to reject."""
     limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
     headers = {"Authorization": f"Bearer {key}", "x-zumik-qos": "batch"}
     body = {"model": model, "messages": [{"role": "user", "content": FLOOD}], "max_tokens": 128}
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=300) as client:
+        await wait_idle(client)
         await asyncio.gather(*(client.get("/v1/models") for _ in range(min(n, 64))))  # open connections first
         gate = asyncio.Event()
 
