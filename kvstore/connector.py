@@ -231,19 +231,22 @@ class ZumikKVPromMetrics(KVConnectorPromMetrics):
     def _set_usage(self, labels: tuple[object, ...], used: int, capacity: int) -> None:
         with self._usage_lock:
             self._last_usage[labels] = (used, capacity)
-            self._used.labels(*labels).set(used)
-            self._capacity.labels(*labels).set(capacity)
+            self._publish_usage()
             if self._refresher is None:
                 self._refresher = threading.Thread(target=self._refresh, name="zumik-kv-gauges", daemon=True)
                 self._refresher.start()
+
+    def _publish_usage(self) -> None:
+        """Set both gauges of every tier to its last figures (the caller holds the lock)."""
+        for labels, (used, capacity) in self._last_usage.items():
+            self._used.labels(*labels).set(used)
+            self._capacity.labels(*labels).set(capacity)
 
     def _refresh(self) -> None:
         while True:
             time.sleep(GAUGE_REFRESH_S)
             with self._usage_lock:
-                for labels, (used, capacity) in self._last_usage.items():
-                    self._used.labels(*labels).set(used)
-                    self._capacity.labels(*labels).set(capacity)
+                self._publish_usage()
 
 
 @dataclass
