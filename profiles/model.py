@@ -106,11 +106,24 @@ class AutoscalingSpec(_Frozen):
     min_replicas: Annotated[int, Field(ge=0, le=64)] = 1
     max_replicas: Annotated[int, Field(ge=1, le=64)] = 2
     target_ongoing_requests: Annotated[float, Field(gt=0)] = 4.0
+    initial_replicas: Annotated[int, Field(ge=0, le=64)] | None = Field(
+        default=None, description="Replicas at deploy (Serve's default: min_replicas)."
+    )
+    # Serve's defaults. An engine replica takes minutes to start and its prefix cache is lost
+    # when it stops: scale down slowly unless the load really changes.
+    upscale_delay_s: Annotated[float, Field(ge=0)] = 30.0
+    downscale_delay_s: Annotated[float, Field(ge=0)] = 600.0
+    look_back_period_s: Annotated[float, Field(gt=0)] = Field(
+        default=30.0, description="The window Serve averages ongoing requests over."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
         if self.min_replicas > self.max_replicas:
             raise ValueError("engine.autoscaling.min_replicas must not exceed max_replicas")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError("engine.autoscaling.initial_replicas must lie within min_replicas..max_replicas")
         return self
 
 

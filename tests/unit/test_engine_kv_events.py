@@ -7,6 +7,10 @@ Invariants held here:
   the event's order), a cleared cache as ``cleared``, events published together in one batch;
 - a message that does not decode is skipped and the next one still arrives; a batch the owner
   fails to take is dropped and the next batch is still delivered;
+- with the engine's replay endpoint, what it published before the forwarder subscribed and any
+  range a gap in the sequence numbers shows are fetched from its buffer: every message reaches
+  the owner once, in order; a replay socket that does not answer costs a logged gap, never the
+  forwarding;
 - the owner's engine residency of a replica holds what its engine's events say and nothing a
   gateway only sent;
 - an engine that publishes events runs without ``PYTHONHASHSEED`` (vLLM would derive its first
@@ -26,6 +30,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import zmq
+import zmq.asyncio
 from vllm.distributed.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -34,6 +39,7 @@ from vllm.distributed.kv_events import (
     ZmqEventPublisher,
 )
 
+from zumik_serve.engines import replica as replica_module
 from zumik_serve.engines.replica import (
     IPC_PATH_MAX,
     KV_EVENTS_TOPIC,
@@ -164,6 +170,125 @@ async def test_a_bad_message_or_a_failed_delivery_never_stops_forwarding(
         assert owner.events() == [KvEvent("r0", stored=(event_key(2), event_key(3)))]
     finally:
         socket.close(linger=0)
+
+
+async def test_what_the_engine_published_before_the_forwarder_subscribed_is_replayed(
+    endpoint: str, tmp_path: Path
+) -> None:
+    replay = ipc_endpoint(str(tmp_path), uuid.uuid4().hex[:12] + "-r")
+    publisher = ZmqEventPublisher(0, endpoint=endpoint, replay_endpoint=replay, topic=KV_EVENTS_TOPIC)
+    owner = Owner()
+    task: asyncio.Task[None] | None = None
+    try:
+        for hashes in ([1, 2], [3], [4, 5]):  # seq 0, 1, 2: nobody subscribed yet
+            publisher.publish(KVEventBatch(ts=time.time(), events=[stored(hashes)]))
+        await asyncio.sleep(0.5)  # the publisher's thread has sent them (to no one) and kept them
+        task = asyncio.create_task(forward_kv_events(endpoint, "r0", owner.deliver, replay=replay))
+        await until(lambda: len(owner.events()) >= 3)
+        publisher.publish(KVEventBatch(ts=time.time(), events=[stored([6])]))  # seq 3, live
+        await until(lambda: len(owner.events()) >= 4)
+        await asyncio.sleep(0.3)  # nothing more comes (no message twice)
+        assert owner.events() == [
+            KvEvent("r0", stored=tuple(event_key(h) for h in hashes)) for hashes in ([1, 2], [3], [4, 5], [6])
+        ]
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        publisher.shutdown()
+
+
+class Engine:
+    """vLLM's side of the sockets, sent by hand: a PUB that can skip sequence numbers, and a
+    ROUTER that answers replay requests as ``ZmqEventPublisher`` does (each message from the
+    asked start, then the end marker), or not at all."""
+
+    def __init__(self, endpoint: str, replay: str, *, answers: bool = True) -> None:
+        context = zmq.asyncio.Context.instance()
+        self.pub = context.socket(zmq.PUB)
+        self.pub.bind(endpoint)
+        self.router = context.socket(zmq.ROUTER)
+        self.router.bind(replay)
+        self.sent: dict[int, bytes] = {}
+        self.asked: list[int] = []
+        self.answers = answers
+        self._encoder = msgspec.msgpack.Encoder()
+        self._serving = asyncio.create_task(self._serve())
+
+    def message(self, seq: int, *hashes: int) -> list[bytes]:
+        payload = self._encoder.encode(KVEventBatch(ts=time.time(), events=[stored(list(hashes))]))
+        self.sent[seq] = payload
+        return [KV_EVENTS_TOPIC.encode(), seq.to_bytes(8, "big"), payload]
+
+    async def publish(self, seq: int, *hashes: int) -> None:
+        await self.pub.send_multipart(self.message(seq, *hashes))
+
+    async def _serve(self) -> None:
+        while True:
+            client, _, start = await self.router.recv_multipart()
+            self.asked.append(int.from_bytes(start, "big"))
+            if not self.answers:
+                continue
+            for seq in sorted(s for s in self.sent if s >= int.from_bytes(start, "big")):
+                await self.router.send_multipart([client, b"", KV_EVENTS_TOPIC.encode(),
+                                                  seq.to_bytes(8, "big"), self.sent[seq]])  # fmt: skip
+            await self.router.send_multipart([client, b"", b"", replica_module.REPLAY_END, b""])
+
+    async def close(self) -> None:
+        self._serving.cancel()
+        await asyncio.gather(self._serving, return_exceptions=True)
+        self.pub.close(linger=0)
+        self.router.close(linger=0)
+
+
+@pytest.mark.parametrize("answers", [True, False])
+async def test_a_gap_in_the_sequence_is_filled_from_the_replay_buffer(
+    endpoint: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    answers: bool,
+) -> None:
+    monkeypatch.setattr(replica_module, "KV_REPLAY_TIMEOUT_S", 0.5)
+    replay = ipc_endpoint(str(tmp_path), uuid.uuid4().hex[:12] + "-r")
+    engine = Engine(endpoint, replay, answers=answers)
+    owner = Owner()
+    task = asyncio.create_task(forward_kv_events(endpoint, "r0", owner.deliver, replay=replay))
+    try:
+        await until(lambda: bool(engine.asked))  # the catch-up at start: nothing published yet
+        await asyncio.sleep(1.0)  # its answer (or its timeout) is in
+        seq = 0
+
+        async def first() -> None:  # a SUB misses what is sent before it is connected: resend
+            nonlocal seq
+            if not owner.events():
+                await engine.publish(seq, 100 + seq)
+                seq += 1
+
+        deadline = time.monotonic() + WAIT_S
+        while not owner.events():
+            assert time.monotonic() < deadline
+            await first()
+            await asyncio.sleep(0.1)
+        taken = len(owner.events())
+        base = seq
+        engine.message(base, 1)  # never published live: the forwarder misses them
+        engine.message(base + 1, 2)
+        await engine.publish(base + 2, 3)
+        await until(lambda: len(owner.events()) >= taken + (3 if answers else 1))
+        await asyncio.sleep(0.3)
+        events = owner.events()[taken - 1 :]
+        keys = [event.stored for event in events]
+        if answers:
+            assert keys[1:] == [(event_key(1),), (event_key(2),), (event_key(3),)]
+            assert base in engine.asked
+        else:
+            assert keys[1:] == [(event_key(3),)]
+            assert f"KV events {base}..{base + 1} from the engine were missed" in caplog.text
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await engine.close()
 
 
 def test_the_owners_engine_residency_is_the_engines_word_alone() -> None:

@@ -182,6 +182,7 @@ def test_an_autoscaled_group_is_one_deployment_with_serves_autoscaling_config() 
     load, naming it."""
     from pathlib import Path
 
+    from ray.serve.config import AutoscalingConfig
     from ray.serve.llm import LLMConfig
 
     from profiles import ProfileError, parse_profile
@@ -194,8 +195,21 @@ def test_an_autoscaled_group_is_one_deployment_with_serves_autoscaling_config() 
     assert "num_replicas" not in deployment  # (Serve's options from it would start Ray here)
     assert deployment["autoscaling_config"]["max_replicas"] == 3
     assert deployment["autoscaling_config"]["target_ongoing_requests"] == 2
+    assert deployment["autoscaling_config"]["downscale_delay_s"] == 600  # Serve's default, written
+    data["engine"]["autoscaling"] = {
+        "min_replicas": 2, "max_replicas": 3, "initial_replicas": 3, "upscale_delay_s": 5,
+        "downscale_delay_s": 10, "look_back_period_s": 5,
+    }  # fmt: skip
+    profile = parse_profile(json.dumps(data), source="test")
+    config = LLMConfig(**llm_config_kwargs(profile, Path("/models/tiny"), None)).deployment_config
+    served = AutoscalingConfig.model_validate(config["autoscaling_config"])  # Serve's own schema
+    assert (served.initial_replicas, served.upscale_delay_s, served.downscale_delay_s) == (3, 5, 10)
+    assert served.look_back_period_s == 5
     data["engine"]["autoscaling"] = {"min_replicas": 4, "max_replicas": 3}
     with pytest.raises(ProfileError, match="min_replicas"):
+        parse_profile(json.dumps(data), source="test")
+    data["engine"]["autoscaling"] = {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 4}
+    with pytest.raises(ProfileError, match="initial_replicas"):
         parse_profile(json.dumps(data), source="test")
 
 
@@ -228,14 +242,14 @@ def test_a_group_replica_gives_its_engine_an_events_endpoint_of_its_own() -> Non
 
     from ray.serve.llm import LLMConfig
 
-    from zumik_serve.engines.replica import _own_kv_events_endpoint, with_kv_events
+    from zumik_serve.engines.replica import _own_kv_events_endpoints, with_kv_events
     from zumik_serve.engines.vllm_config import llm_config_kwargs
 
     kwargs = llm_config_kwargs(load_builtin("local-cpu-2x"), Path("/models/tiny"), None)
     kwargs["engine_kwargs"] = with_kv_events(kwargs["engine_kwargs"])
     config = LLMConfig(**kwargs)
     assert (
-        _own_kv_events_endpoint(
+        _own_kv_events_endpoints(
             LLMConfig(**llm_config_kwargs(load_builtin("local-cpu-2x"), Path("/m"), None))
         )
         is None
@@ -244,8 +258,11 @@ def test_a_group_replica_gives_its_engine_an_events_endpoint_of_its_own() -> Non
     for _ in range(2):
         copy = config.model_copy(deep=True)
         copy._engine_config = "built before the endpoint was set"  # type: ignore[assignment]
-        endpoints.append(_own_kv_events_endpoint(copy))
+        own = _own_kv_events_endpoints(copy)
+        assert own is not None
         assert copy._engine_config is None  # rebuilt from the kwargs below on first use
-        assert copy.engine_kwargs["kv_events_config"]["endpoint"] == endpoints[-1]
+        events = copy.engine_kwargs["kv_events_config"]
+        assert (events["endpoint"], events["replay_endpoint"]) == own
         assert copy.engine_kwargs["prefix_caching_hash_algo"] == "sha256_cbor"
-    assert len(set(endpoints)) == 2 and all(e and e.startswith("ipc://") for e in endpoints)
+        endpoints.extend(own)
+    assert len(set(endpoints)) == 4 and all(e.startswith("ipc://") for e in endpoints)

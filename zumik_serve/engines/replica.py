@@ -12,6 +12,11 @@ its engine's KV cache events to the profile's scheduler owner:
     vLLM engine core ── ZMQ PUB (ipc, this replica's own) ──► forward_kv_events (SUB, in the
     replica's loop) ── KvEvent batches, at most every KV_EVENTS_BATCH_S ──► SchedulerOwner
 
+Nothing published is missed for good while the engine's replay buffer holds it: the forwarder
+asks the engine's replay socket (ZMQ ROUTER, its own endpoint beside the PUB one) for what it
+published before the forwarder connected, and for any range a gap in the sequence numbers shows
+it missed; what the buffer no longer holds is logged as missed.
+
 The engine publishes a ``BlockStored`` only for blocks it newly caches: a prompt whose full
 blocks are all cached already (a repeated prefix) publishes nothing, and that is no loss.
 """
@@ -43,6 +48,8 @@ from zumik_serve.routing.owner import KvEvent
 
 KV_EVENTS_TOPIC = "zumik-kv"
 KV_EVENTS_BATCH_S = 0.05  # events are sent to the owner at most this often
+KV_REPLAY_TIMEOUT_S = 2.0  # an engine's replay socket that does not answer within this is skipped
+REPLAY_END = (-1).to_bytes(8, "big", signed=True)  # vLLM's ZmqEventPublisher.END_SEQ
 OWNER_DEPLOYMENT = "SchedulerOwner"
 IPC_PATH_MAX = 100  # a Unix socket path longer than about 107 bytes cannot be bound
 
@@ -61,7 +68,8 @@ class EngineReplica(LLMServer):
     async def __init__(self, llm_config: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[misc]
         """With KV events on (``with_kv_events``), the engine publishes on an endpoint of this
         replica's own, and a task forwards its events to the profile's scheduler owner."""
-        endpoint = _own_kv_events_endpoint(llm_config)
+        endpoints = _own_kv_events_endpoints(llm_config)
+        endpoint, replay = endpoints or (None, None)
         if endpoint is not None:
             seed = unpin_hash_seed(os.environ)  # before the engine core process starts
             if seed is not None:
@@ -71,10 +79,10 @@ class EngineReplica(LLMServer):
         self._kv_events_task: asyncio.Task[None] | None = None
         if endpoint is not None:
             deliver = _owner_delivery(serve.get_replica_context().app_name)
-            task = asyncio.create_task(forward_kv_events(endpoint, _replica_id(), deliver))
+            task = asyncio.create_task(forward_kv_events(endpoint, _replica_id(), deliver, replay=replay))
             task.add_done_callback(_report_end)
             self._kv_events_task = task
-        self._kv_events_endpoint = endpoint
+        self._kv_events_endpoints = tuple(e for e in (endpoint, replay) if e is not None)
 
     async def __del__(self) -> None:
         """Stop forwarding, shut the engine down, and remove the IPC socket file its publisher
@@ -83,8 +91,7 @@ class EngineReplica(LLMServer):
         if task is not None:
             task.cancel()
         await super().__del__()
-        endpoint = getattr(self, "_kv_events_endpoint", None)
-        if endpoint is not None:
+        for endpoint in getattr(self, "_kv_events_endpoints", ()):
             with contextlib.suppress(OSError):
                 os.unlink(endpoint.removeprefix("ipc://"))
 
@@ -194,18 +201,21 @@ def _replica_id() -> str:
         return "unknown"
 
 
-def _own_kv_events_endpoint(llm_config: Any) -> str | None:
-    """Give this replica's engine an IPC endpoint of its own (replicas of one deployment share
-    their config, and a TCP port would collide on one node); None when events are off."""
+def _own_kv_events_endpoints(llm_config: Any) -> tuple[str, str] | None:
+    """Give this replica's engine IPC endpoints of its own, for publishing and for replay
+    (replicas of one deployment share their config, and a TCP port would collide on one node);
+    None when events are off."""
     events = (llm_config.engine_kwargs or {}).get("kv_events_config")
     if not isinstance(events, dict) or not events.get("enable_kv_cache_events"):
         return None
-    endpoint = ipc_endpoint(os.environ.get("TMPDIR") or "/tmp", uuid.uuid4().hex[:12])
-    llm_config.engine_kwargs["kv_events_config"] = {**events, "endpoint": endpoint}
+    name = uuid.uuid4().hex[:12]
+    folder = os.environ.get("TMPDIR") or "/tmp"
+    endpoint, replay = ipc_endpoint(folder, name), ipc_endpoint(folder, f"{name}-r")
+    llm_config.engine_kwargs["kv_events_config"] = {**events, "endpoint": endpoint, "replay_endpoint": replay}
     # ray.serve.llm caches the engine config built from engine_kwargs (get_engine_config), and
     # the deployment's options already built it: build it again from the changed kwargs.
     llm_config._engine_config = None
-    return endpoint
+    return endpoint, replay
 
 
 def ipc_endpoint(folder: str, name: str) -> str:
@@ -242,11 +252,16 @@ def kv_events_of(batch: Any, replica: str) -> list[KvEvent]:
 Deliver = Callable[[list[KvEvent]], Awaitable[Any]]
 
 
-async def forward_kv_events(endpoint: str, replica: str, deliver: Deliver) -> None:
+async def forward_kv_events(
+    endpoint: str, replica: str, deliver: Deliver, *, replay: str | None = None
+) -> None:
     """Subscribe to the engine's events on ``endpoint`` and hand them to ``deliver`` in batches:
-    the first event of a batch waits at most ``KV_EVENTS_BATCH_S`` for others. A message that
-    does not decode is skipped (logged); a batch ``deliver`` fails on is lost (logged): the
-    gateways' record of sends stays, and later events correct the owner's view."""
+    the first event of a batch waits at most ``KV_EVENTS_BATCH_S`` for others. With ``replay``
+    (the engine's replay endpoint) what was published before the subscription and any range a
+    gap in the sequence numbers shows is fetched from the engine's buffer first, in order, each
+    message once. A message that does not decode is skipped (logged); a batch ``deliver`` fails
+    on is lost (logged): the gateways' record of sends stays, and later events correct the
+    owner's view."""
     import msgspec
     import zmq
     import zmq.asyncio
@@ -260,7 +275,29 @@ async def forward_kv_events(endpoint: str, replica: str, deliver: Deliver) -> No
     pending: list[KvEvent] = []
     flush_at: float | None = None
     last_seq: int | None = None
+
+    def take(seq: int | None, events: list[KvEvent]) -> None:
+        nonlocal last_seq, flush_at
+        last_seq = seq if seq is not None else last_seq
+        if events and flush_at is None:
+            flush_at = loop.time() + KV_EVENTS_BATCH_S
+        pending.extend(events)
+
+    async def catch_up(start: int, before: int | None) -> None:
+        """Take the replayed messages from ``start`` up to ``before`` (all when None)."""
+        replayed = None
+        if replay is not None:
+            replayed = await replay_kv_events(replay, start, decoder, replica, timeout_s=KV_REPLAY_TIMEOUT_S)
+        for seq, events in replayed or []:
+            if (before is None or seq < before) and (last_seq is None or seq > last_seq):
+                take(seq, events)
+        if before is not None and (last_seq is None or last_seq + 1 < before):
+            first = start if last_seq is None else last_seq + 1
+            log.warning("KV events %d..%d from the engine were missed", first, before - 1)
+
     try:
+        if replay is not None:
+            await catch_up(0, None)  # what the engine published before this subscription
         while True:
             wait_s = None if flush_at is None else flush_at - loop.time()
             # Never a receive that a timeout cancels: poll, then take what is there.
@@ -269,18 +306,46 @@ async def forward_kv_events(endpoint: str, replica: str, deliver: Deliver) -> No
             ):
                 frames = await socket.recv_multipart()
                 seq, events = _decoded(frames, decoder, replica)
-                if seq is not None and last_seq is not None and seq != last_seq + 1:
-                    log.warning("KV events %d..%d from the engine were missed", last_seq + 1, seq - 1)
-                last_seq = seq if seq is not None else last_seq
-                if events and flush_at is None:
-                    flush_at = loop.time() + KV_EVENTS_BATCH_S
-                pending.extend(events)
+                if seq is not None and last_seq is not None and seq <= last_seq:
+                    continue  # taken from a replay already
+                if seq is not None and last_seq is not None and seq > last_seq + 1:
+                    await catch_up(last_seq + 1, seq)
+                elif seq is not None and last_seq is None and seq > 0 and replay is not None:
+                    await catch_up(0, seq)  # the first replay found the engine silent, or not bound
+                take(seq, events)
                 continue
             batch, pending, flush_at = pending, [], None
             try:
                 await deliver(batch)
             except Exception as exc:  # the owner restarts: these events are lost, the sends stay
                 log.warning("KV events not delivered (%s: %s)", type(exc).__name__, exc)
+    finally:
+        socket.close(linger=0)
+
+
+async def replay_kv_events(
+    endpoint: str, start: int, decoder: Any, replica: str, *, timeout_s: float = KV_REPLAY_TIMEOUT_S
+) -> list[tuple[int, list[KvEvent]]] | None:
+    """The messages from sequence number ``start`` on that the engine's replay buffer still
+    holds (vLLM's protocol: a DEALER sends the start, the engine answers each message, then an
+    end marker); None when the engine does not answer within ``timeout_s`` (logged)."""
+    import zmq
+    import zmq.asyncio
+
+    socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    socket.connect(endpoint)
+    replayed: list[tuple[int, list[KvEvent]]] = []
+    try:
+        await socket.send_multipart([b"", start.to_bytes(8, "big")])
+        while await socket.poll(timeout_s * 1000):
+            frames = await socket.recv_multipart()
+            if len(frames) == 4 and frames[2] == REPLAY_END:
+                return replayed
+            seq, events = _decoded(frames[1:], decoder, replica)
+            if seq is not None:
+                replayed.append((seq, events))
+        log.warning("the engine's KV event replay did not answer within %.0f s", timeout_s)
+        return None
     finally:
         socket.close(linger=0)
 

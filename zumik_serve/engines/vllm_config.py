@@ -219,10 +219,5 @@ def _replicas(engine: EngineSpec) -> dict[str, Any]:
     spec = engine.autoscaling
     if spec is None:
         return {"num_replicas": engine.num_replicas}
-    return {
-        "autoscaling_config": {
-            "min_replicas": spec.min_replicas,
-            "max_replicas": spec.max_replicas,
-            "target_ongoing_requests": spec.target_ongoing_requests,
-        }
-    }
+    config = spec.model_dump(exclude_none=True)  # the fields are Serve's AutoscalingConfig's own
+    return {"autoscaling_config": config}
