@@ -5,13 +5,21 @@
 address's shard digest, ``layout.shard_digest``): the caller counts a miss and recomputes.
 The arrays it returns are read-only views of ``value`` (no copy: a restore copies each block
 once, into the engine's cache); a header whose offsets do not tile the data exactly is a miss.
+
+``BlockSink`` puts a restore's blocks where the engine's cache wants them (``RestoreTarget``),
+checking each the same way: from a file (``read_file``: the header is read and checked first,
+then one ``preadv`` reads the tensors straight into their places, no buffer in between) or from
+a value in memory (``take``: each tensor copied once into its place).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +35,13 @@ _DTYPES = {
     "F16": np.float16, "U32": np.uint32, "I32": np.int32, "F32": np.float32, "U64": np.uint64,
     "I64": np.int64, "F64": np.float64,
 }  # fmt: skip
+# Bytes per element of every safetensors dtype (blocks are stored as U8; the rest for safety).
+_ITEMSIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "I16": 2,
+    "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
+HEAD_GUESS = 4096  # bytes first read of a block file (the header; a block's is ~600 bytes)
+_BLANK_KEY = b"\0" * 32  # a block key (32 hex characters) blanked in a known header
 
 
 def encode_block(tensors: dict[str, np.ndarray], address: BlockAddress) -> bytes:
@@ -86,3 +101,137 @@ def _views(value: bytes, header: dict[str, Any], data_start: int) -> dict[str, n
     if data_start + position != len(value):
         raise ValueError("the block's data does not end where its last tensor does")
     return views
+
+
+@dataclass(frozen=True)
+class BlockHeader:
+    """A checked block header: where the data starts and its tensors' bytes, in data order."""
+
+    data_start: int
+    tensors: tuple[tuple[str, int], ...]  # (name, bytes)
+    size: int = field(init=False)  # the whole value's bytes (nothing may follow the last tensor)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", self.data_start + sum(nbytes for _, nbytes in self.tensors))
+
+
+def parse_header(head: bytes, address: BlockAddress) -> BlockHeader | None:
+    """The header at the start of ``head`` (which holds at least ``8 + header length`` bytes,
+    see ``header_length``), or None unless it names ``address`` and its tensors tile the data."""
+    try:
+        parsed = _header(head)
+        if parsed is None:
+            return None
+        header, data_start = parsed
+        metadata = header.get("__metadata__")
+        if (
+            not isinstance(metadata, dict)
+            or metadata.get("compat") != address.compat_digest
+            or metadata.get("key") != address.key
+        ):
+            return None
+        entries = sorted(
+            ((name, entry) for name, entry in header.items() if name != "__metadata__"),
+            key=lambda item: int(item[1]["data_offsets"][0]),
+        )
+        tensors: list[tuple[str, int]] = []
+        position = 0
+        for name, entry in entries:
+            begin, end = (int(offset) for offset in entry["data_offsets"])
+            count = math.prod(int(size) for size in entry["shape"])
+            if begin != position or end - begin != count * _ITEMSIZES[entry["dtype"]]:
+                return None
+            tensors.append((name, end - begin))
+            position = end
+        return BlockHeader(data_start, tuple(tensors))
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def header_length(head: bytes | memoryview) -> int | None:
+    """Bytes of a value's start that hold its header (8 + the JSON), from its first 8 bytes."""
+    if len(head) < 8:
+        return None
+    return 8 + int(struct.unpack("<Q", head[:8])[0])
+
+
+class BlockSink:
+    """Puts a restore's blocks in place: ``place(i)`` gives, per layer, the writable flat
+    ``uint8`` array block ``i``'s bytes go to (``transfer.RestoreTarget.block``). A block is
+    taken only when it is intact, of its address, and has exactly those layers at those sizes;
+    otherwise nothing says it was (its places may hold partial bytes: the caller recomputes the
+    block, overwriting them)."""
+
+    def __init__(self, place: Callable[[int], Mapping[str, np.ndarray]]) -> None:
+        self._place = place
+        self._head_guess = HEAD_GUESS  # then the last header's length: one read for the header
+        self._tail = bytearray(1)  # a byte past the end: a longer file reads into it and fails
+        # Headers parsed, with their block key blanked: the blocks of one restore share their
+        # header but for the key (and the order of the metadata, which safetensors writes from
+        # a hash map: at most 6 orders), so the next one is checked by comparing bytes.
+        self._known: list[tuple[str, bytes, BlockHeader]] = []
+
+    def read_file(self, index: int, fd: int, address: BlockAddress) -> int:
+        """Read block ``index`` from the open file ``fd``: its size, or 0 when not taken."""
+        head = os.pread(fd, self._head_guess, 0)
+        length = header_length(head)
+        if length is None or length > (1 << 20):
+            return 0
+        if length > len(head):
+            head += os.pread(fd, length - len(head), len(head))
+            if len(head) != length:
+                return 0
+        head = head[:length]
+        self._head_guess = length
+        header = self._header(head, address)
+        places = self._places(index, header)
+        if header is None or places is None:
+            return 0
+        wanted = header.size - header.data_start
+        buffers: list[Any] = [*places, self._tail]
+        read = os.preadv(fd, buffers, header.data_start)
+        return header.size if read == wanted else 0
+
+    def take(self, index: int, value: bytes | memoryview, address: BlockAddress) -> bool:
+        """Copy block ``index`` from ``value`` (a block value in memory) into its places."""
+        length = header_length(value)
+        if length is None or length > len(value):
+            return False
+        header = self._header(bytes(value[:length]), address)
+        places = self._places(index, header)
+        if header is None or places is None or header.size != len(value):
+            return False
+        offset = header.data_start
+        for place, (_, nbytes) in zip(places, header.tensors, strict=True):
+            place[:] = np.frombuffer(value, dtype=np.uint8, count=nbytes, offset=offset)
+            offset += nbytes
+        return True
+
+    def _header(self, head: bytes, address: BlockAddress) -> BlockHeader | None:
+        """``parse_header``, or the same answer by comparing ``head`` with the last header
+        parsed (same shard digest) with this block's key in place of that one's."""
+        key = address.key.encode()
+        for compat, blanked, known in self._known:
+            if compat == address.compat_digest and head == blanked.replace(_BLANK_KEY, key):
+                return known
+        header = parse_header(head, address)
+        # JSON holds no raw NUL: the blank stands exactly where the key did.
+        if header is not None and len(key) == len(_BLANK_KEY) and head.count(key) == 1:
+            self._known = [*self._known[-7:], (address.compat_digest, head.replace(key, _BLANK_KEY), header)]
+        return header
+
+    def _places(self, index: int, header: BlockHeader | None) -> list[np.ndarray] | None:
+        """The places of ``header``'s tensors in data order; None unless they are exactly the
+        target's layers, each of its block size."""
+        if header is None:
+            return None
+        rows = self._place(index)
+        if len(header.tensors) != len(rows):
+            return None
+        places = []
+        for name, nbytes in header.tensors:
+            row = rows.get(name)
+            if row is None or row.nbytes != nbytes:
+                return None
+            places.append(row)
+        return places

@@ -24,8 +24,10 @@ Per request, on the scheduler side:
                      ─► tokens vLLM may load beyond its own prefix cache (whole blocks)
 
 and on the worker side, each step: blocks to load are read from the tiers (one read per tier
-for the whole run: ``TierManager.load_prefix``) and copied into the paged KV cache before the
-forward (``start_load_kv``); full prompt blocks computed in this step are copied out of the
+for the whole run: ``TierManager.restore``) straight into the paged KV cache before the forward
+(``start_load_kv``: a host or disk block file is read into the cache's own blocks, with no
+buffer in between, on vLLM's CPU layout; a Redis reply lands in a reused buffer and each block
+is copied once); full prompt blocks computed in this step are copied out of the
 paged cache after it, one gather per layer for all of the step's blocks (``wait_for_save``),
 and handed to the write-behind thread (``write_behind.py``), which encodes them and stores them
 in every tier: the step never waits on a tier, and vLLM may reuse the blocks as soon as the step
@@ -65,12 +67,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
-from kvstore.codec import decode_block, encode_block
+from kvstore.codec import BlockSink, encode_block
 from kvstore.compat import CompatKey, CompatMismatch, check_engine_compat
 from kvstore.fingerprint import adapter_fingerprint
 from kvstore.keys import ScopeId, adapter_seed, chain_block_keys, scope_id, seed_from_digest
 from kvstore.layout import KvLayout, KvShard, LayoutError, check_view, layout_of, shard_digest
-from kvstore.manager import Restored, TierManager
+from kvstore.manager import Placed, TierManager
 from kvstore.tier import BlockAddress, TierEvent, TierUsage
 from kvstore.tiers.build import build_manager
 from kvstore.transfer import BlockCopier
@@ -544,36 +546,40 @@ class ZumikKVConnector(KVConnectorBase_V1):
         assert isinstance(meta, ZumikConnectorMetadata)
         for transfer in meta.loads:
             started = time.perf_counter()
-            try:
-                loaded = self._manager.load_prefix(transfer.addresses)  # one read per tier
-            except Exception:  # a tier's bug is a miss: the engine recomputes, the request goes on
-                logger.exception("zumik kv: loading from the tiers failed")
-                loaded = Restored((), (), ())
-            values = loaded.values
-            decoded: list[dict[str, np.ndarray]] = []
-            for value, address in zip(values, loaded.addresses, strict=True):
-                tensors = decode_block(value, address)  # views of the value: no copy
-                if tensors is None:
-                    break
-                decoded.append(tensors)
-            restored = self._inject_many(transfer.block_ids[: len(decoded)], decoded)  # one batch
+            placed = self._restore(transfer)
+            restored = placed.num_blocks
             if restored < len(transfer.block_ids):
                 # vLLM recomputes from the first block that did not load (policy "recompute").
                 self._load_errors.update(transfer.block_ids[restored:])
                 logger.warning("zumik kv: %d block(s) not restorable; the engine recomputes them",
                                len(transfer.block_ids) - restored)  # fmt: skip
             by_tier: dict[str, int] = {}
-            for tier in loaded.sources[:restored]:
+            for tier in placed.sources:
                 by_tier[tier.name.lower()] = by_tier.get(tier.name.lower(), 0) + 1
-            self._promote(loaded, restored)
+            self._promote(placed)
             elapsed = time.perf_counter() - started
-            num_bytes = sum(len(value) for value in values[:restored])
+            num_bytes = placed.num_bytes
             self._worker_restores[transfer.request_id] = RestoreReport(by_tier, num_bytes, elapsed)
             sources = ",".join(sorted(by_tier))
             logger.info(
                 "%s blocks=%d bytes=%d seconds=%.6f tiers=%s", RESTORE_LOG, restored,
                 num_bytes, elapsed, sources,
             )  # fmt: skip
+
+    def _restore(self, transfer: _Transfer) -> Placed:
+        """The transfer's blocks read from the tiers straight into the paged cache (one read per
+        tier for the run: ``TierManager.restore``; on vLLM's CPU layout each file is read into
+        the cache's own blocks, on CUDA into pinned staging copied over on a side stream)."""
+        if self._copier is None:
+            return Placed((), (), (), {})
+        target = self._copier.restore_target(transfer.block_ids)
+        try:
+            placed = self._manager.restore(transfer.addresses, BlockSink(target.block))
+        except Exception:  # a tier's bug is a miss: the engine recomputes, the request goes on
+            logger.exception("zumik kv: loading from the tiers failed")
+            placed = Placed((), (), (), {})
+        target.commit(placed.num_blocks)
+        return placed
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         if not self._worker_restores:
@@ -634,17 +640,17 @@ class ZumikKVConnector(KVConnectorBase_V1):
             return []
         return self._copier.extract(block_ids)  # canonical [H, N, C] bytes, any physical layout
 
-    def _promote(self, loaded: Restored, restored: int) -> None:
+    def _promote(self, placed: Placed) -> None:
         """Restored blocks from a far tier go to the nearer ones, behind the step."""
-        indexes = [index for index in self._manager.promotions(loaded) if index < restored]
+        indexes = sorted(placed.promote)
         if not indexes:
             return
-        values = [loaded.values[index] for index in indexes]
+        values = [placed.promote[index] for index in indexes]
         batch = StoreBatch(
-            addresses=tuple(loaded.addresses[index] for index in indexes),
+            addresses=tuple(placed.addresses[index] for index in indexes),
             num_bytes=sum(len(value) for value in values),
             value=values.__getitem__,
-            sources=tuple(loaded.sources[index] for index in indexes),
+            sources=tuple(placed.sources[index] for index in indexes),
         )
         self._store_queue().submit(batch)
 

@@ -16,15 +16,18 @@ that loads but does not decode (truncated, corrupt, sealed with a destroyed key)
 prefix there, with a failure event: the engine recomputes from that point.
 
 Reads are batched: ``load`` reads each run of blocks planned from one tier with one
-``load_many`` (one ``MGET`` pipeline for Redis); ``load_prefix`` (the engine worker's restore)
-asks each tier, nearest first, once for every block the nearer ones did not give, so a restore
-costs at most one round trip per tier and no separate ``contains``. Writes (``store``) are
+``load_many`` (one ``MGET`` pipeline for Redis); ``load_prefix`` asks each tier, nearest first,
+once for every block the nearer ones did not give, so a restore costs at most one round trip per
+tier and no separate ``contains``. ``restore`` (the engine worker's) walks the same way but puts
+each block straight into the engine's cache through a ``BlockSink``: an unsealed block file is
+read into place (no value in memory), a Redis reply lands in the tier's reused buffer. Writes (``store``) are
 meant to run behind the engine step (``write_behind.py``); the manager itself is thread-safe
 for one writer thread beside the step's reads.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +35,8 @@ from dataclasses import dataclass, field
 from kvstore.keys import ScopeId
 from kvstore.tier import (
     BlockAddress,
+    BlockSink,
+    FileBlocks,
     Keyring,
     Sealer,
     Tier,
@@ -39,6 +44,7 @@ from kvstore.tier import (
     TierEvent,
     TierEventKind,
     TierUsage,
+    ViewLoads,
 )
 
 
@@ -66,6 +72,25 @@ class Restored:
     @property
     def num_blocks(self) -> int:
         return len(self.values)
+
+
+@dataclass(frozen=True)
+class Placed:
+    """The longest prefix of the asked blocks that a restore put in place (``restore``): each
+    block's tier and value bytes, and the owned values of those to promote, by index."""
+
+    addresses: tuple[BlockAddress, ...]
+    sources: tuple[Tier, ...]
+    sizes: tuple[int, ...]
+    promote: dict[int, bytes]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.sources)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(self.sizes)
 
 
 @dataclass(frozen=True)
@@ -173,6 +198,84 @@ class TierManager:
                 self.record(TierEvent(TierEventKind.LOAD, backend.tier, len(sizes), sum(sizes)))
         return restored
 
+    def restore(self, addresses: Sequence[BlockAddress], sink: BlockSink) -> Placed:
+        """``load_prefix`` into ``sink`` (the engine's cache): each tier, nearest first, is
+        asked once for every block the nearer ones did not give, and each block it gives goes
+        straight to the sink, which checks it. A file tier whose blocks are neither sealed nor
+        promoted hands over the files (``FileBlocks``): the sink reads each into place (no
+        value in memory); Redis reads a run into its own reused buffer (``ViewLoads``) unless
+        its blocks are promoted. A block the sink refuses is a failure, and a farther tier may
+        still give it. Blocks to promote come back as owned values (``Placed.promote``)."""
+        count = len(addresses)
+        sources: list[Tier | None] = [None] * count
+        sizes = [0] * count
+        promote: dict[int, bytes] = {}
+        tiers = list(self._by_tier)
+        for backend in self.tiers:
+            wanted = [index for index in range(count) if sources[index] is None]
+            if not wanted:
+                break
+            promoted = bool(self.promotion.targets(backend.tier, tiers))
+            sealed = backend.tier in self.persistent and self.sealer is not None
+            failures = 0
+            if isinstance(backend, FileBlocks) and not sealed and not promoted:
+                for index in wanted:
+                    size = self._read_file(backend, addresses[index], index, sink)
+                    if size is None:
+                        continue
+                    if size:
+                        sources[index], sizes[index] = backend.tier, size
+                    else:
+                        failures += 1
+            else:
+                asked = [addresses[index] for index in wanted]
+                loaded: Sequence[bytes | memoryview | None]
+                if isinstance(backend, ViewLoads) and not promoted:
+                    loaded = backend.load_views(asked)  # the tier's buffer, copied into place below
+                else:
+                    loaded = backend.load_many(asked)
+                for index, raw in zip(wanted, loaded, strict=True):
+                    if raw is None:
+                        continue
+                    value = self._open_view(addresses[index], raw, backend.tier)
+                    if value is None or not sink.take(index, value, addresses[index]):
+                        failures += 1
+                        continue
+                    sources[index], sizes[index] = backend.tier, len(value)
+                    if promoted:
+                        promote[index] = bytes(value)
+            if failures:
+                self.record(TierEvent(TierEventKind.FAILURE, backend.tier, failures, 0, "unreadable block"))
+        prefix = next((index for index, source in enumerate(sources) if source is None), count)
+        placed = Placed(
+            addresses=tuple(addresses[:prefix]),
+            sources=tuple(source for source in sources[:prefix] if source is not None),
+            sizes=tuple(sizes[:prefix]),
+            promote={index: value for index, value in promote.items() if index < prefix},
+        )
+        for backend in self.tiers:
+            loaded_sizes = [
+                size
+                for size, source in zip(placed.sizes, placed.sources, strict=True)
+                if source is backend.tier
+            ]
+            if loaded_sizes:
+                self.record(TierEvent(TierEventKind.LOAD, backend.tier, len(loaded_sizes), sum(loaded_sizes)))
+        return placed
+
+    @staticmethod
+    def _read_file(backend: FileBlocks, address: BlockAddress, index: int, sink: BlockSink) -> int | None:
+        """The block's size read into ``sink`` from its file, 0 when refused, None on a miss."""
+        fd = backend.open_block(address)
+        if fd is None:
+            return None
+        try:
+            return sink.read_file(index, fd, address)
+        except OSError:
+            return 0
+        finally:
+            os.close(fd)
+
     def promotions(self, restored: Restored) -> list[int]:
         """Indexes of ``restored``'s blocks that the promotion policy stores in a nearer tier."""
         tiers = list(self._by_tier)
@@ -213,6 +316,14 @@ class TierManager:
     def _open(self, address: BlockAddress, value: bytes | None, tier: Tier) -> bytes | None:
         if value is not None and tier in self.persistent and self.sealer is not None:
             value = self.sealer.open(value, address)
+        return value
+
+    def _open_view(
+        self, address: BlockAddress, value: bytes | memoryview, tier: Tier
+    ) -> bytes | memoryview | None:
+        """``_open`` of a value that may be a view of a tier's buffer."""
+        if tier in self.persistent and self.sealer is not None:
+            return self.sealer.open(value, address)
         return value
 
     def _write(self, address: BlockAddress, value: bytes, tier: Tier) -> None:

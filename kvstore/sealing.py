@@ -28,7 +28,7 @@ class AesGcmSealer:
         nonce = os.urandom(12)
         return nonce + self._aead.encrypt(nonce, value, _associated(address))
 
-    def open(self, sealed: bytes, address: BlockAddress) -> bytes | None:
+    def open(self, sealed: bytes | memoryview, address: BlockAddress) -> bytes | None:
         if len(sealed) < 12 + 16:
             return None
         try:
@@ -51,7 +51,7 @@ class ScopedSealer:
         nonce = os.urandom(12)
         return nonce + self._aead(data_key).encrypt(nonce, value, _associated(address))
 
-    def open(self, sealed: bytes, address: BlockAddress) -> bytes | None:
+    def open(self, sealed: bytes | memoryview, address: BlockAddress) -> bytes | None:
         data_key = self._keyring.data_key(address.scope, create=False)
         if data_key is None or len(sealed) < 12 + 16:
             return None

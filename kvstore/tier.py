@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from kvstore.keys import SHARED_SCOPE, BlockKey, ScopeId
 
@@ -115,6 +115,40 @@ class TierBackend(Protocol):
         ...
 
 
+@runtime_checkable
+class FileBlocks(Protocol):
+    """A tier of one file per block (host, disk) can hand a restore the file, to read an unsealed
+    block straight into the engine's cache (``TierManager.restore``)."""
+
+    def open_block(self, address: BlockAddress) -> int | None:
+        """A read-only file descriptor of the block's file (the caller closes it); None on a
+        miss or a failure. Counts as a use (LRU), like ``load``."""
+        ...
+
+
+@runtime_checkable
+class ViewLoads(Protocol):
+    """A tier that can read a run of blocks into a buffer of its own, reused (Redis: one
+    ``MGET`` reply read into it, no object per block)."""
+
+    def load_views(self, addresses: Sequence[BlockAddress]) -> list[memoryview | None]:
+        """Like ``load_many``, but views of the tier's buffer, valid until its next call."""
+        ...
+
+
+class BlockSink(Protocol):
+    """Where a restore puts the blocks it reads (``codec.BlockSink``): each call checks the
+    block against its address and the engine's layout, and says whether it took it."""
+
+    def read_file(self, index: int, fd: int, address: BlockAddress) -> int:
+        """Block ``index`` from an open file: its value's bytes, or 0 when not taken."""
+        ...
+
+    def take(self, index: int, value: bytes | memoryview, address: BlockAddress) -> bool:
+        """Block ``index`` from its (opened) value in memory."""
+        ...
+
+
 class Sealer(Protocol):
     """Seals values before a persistent tier stores them (e.g. AES-GCM with a per-scope key), so
     that destroying the scope's key erases every copy. ``seal`` returns None when it cannot seal
@@ -124,7 +158,7 @@ class Sealer(Protocol):
 
     def seal(self, value: bytes, address: BlockAddress) -> bytes | None: ...
 
-    def open(self, sealed: bytes, address: BlockAddress) -> bytes | None: ...
+    def open(self, sealed: bytes | memoryview, address: BlockAddress) -> bytes | None: ...
 
 
 class Keyring(Protocol):

@@ -90,6 +90,14 @@ class BlockCopier:
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._host = torch.empty(0, dtype=torch.uint8)  # pinned on CUDA
+        # vLLM's CPU layout: restores write the cache's own blocks (``restore_target``)
+        self._rows: dict[str, np.ndarray] | None = {}
+        for name, blocks in self._blocks.items():
+            rows = _host_rows(blocks, self.block_nbytes[name])
+            if rows is None:
+                self._rows = None
+                break
+            self._rows[name] = rows
         self._pending: torch.cuda.Event | None = None  # the last copy that reads self._host
 
     @property
@@ -144,33 +152,56 @@ class BlockCopier:
             count += 1
         if count == 0:
             return 0
-        if self._stream is None:  # host memory: straight from the decoded arrays, no staging
-            for block_id, tensors in zip(block_ids[:count], blocks[:count], strict=True):
-                for name, layer in self._blocks.items():
-                    target = layer[block_id]
-                    if target.dim() == 4:  # kernel-split [R, H, N/R, C] <- canonical [H, R, N/R, C]
-                        target = target.permute(1, 0, 2, 3)
-                    target.copy_(torch.from_numpy(_bytes_of(tensors[name])).view(target.shape))
-            return count
+        target = self.restore_target(block_ids[:count])
+        for index, tensors in enumerate(blocks[:count]):
+            for name, row in target.block(index).items():
+                row[:] = _bytes_of(tensors[name])
+        target.commit(count)
+        return count
+
+    def restore_target(self, block_ids: Sequence[int]) -> RestoreTarget:
+        """Where a restore of ``block_ids`` writes each block's bytes (``RestoreTarget``): the
+        cache's own rows when every layer's block is one contiguous run of canonical bytes in
+        host memory (vLLM's CPU layout: no staging, no second copy), else a staging buffer
+        (pinned on CUDA) that ``commit`` scatters into the cache, one kernel per layer."""
+        ids = [int(block_id) for block_id in block_ids]
+        if self._rows is not None:
+            return RestoreTarget(ids, self._rows, None)
+        size = sum(self.block_nbytes.values())
+        flat = self._staging(len(ids) * size).numpy()
+        views: dict[str, np.ndarray] = {}
+        offset = 0
+        for name, nbytes in self.block_nbytes.items():
+            views[name] = flat[offset : offset + len(ids) * nbytes].reshape(len(ids), nbytes)
+            offset += len(ids) * nbytes
+        return RestoreTarget(ids, views, self)
+
+    def _commit_staged(self, block_ids: Sequence[int], views: Mapping[str, np.ndarray], count: int) -> None:
+        """Scatter the first ``count`` staged blocks (``restore_target``) into the cache."""
+        if count == 0:
+            return
         index = torch.tensor(list(block_ids[:count]), dtype=torch.long, device=self.device)
-        host = self._staging(count * self.bytes_per_block)
-        flat = host.numpy()
+        if self._stream is None:  # host memory, a layout whose blocks are not contiguous
+            for name, blocks in self._blocks.items():
+                _scatter_rows(blocks, index, torch.from_numpy(views[name][:count]))
+            return
+        rows = len(block_ids)
         offsets: dict[str, int] = {}
         offset = 0
         for name, size in self.block_nbytes.items():
             offsets[name] = offset
-            for i in range(count):
-                start = offset + i * size
-                flat[start : start + size] = _bytes_of(blocks[i][name])
-            offset += count * size
+            offset += rows * size
+        host = self._host[: rows * self.bytes_per_block]
         with torch.cuda.stream(self._stream):
-            staged = host.to(self.device, non_blocking=True)
-            self._scatter(staged, index, offsets)
+            staged = host.to(self.device, non_blocking=True)  # one host-to-device copy
+            for name, blocks in self._blocks.items():
+                size = self.block_nbytes[name]
+                layer = staged[offsets[name] : offsets[name] + rows * size].view(rows, size)
+                _scatter_rows(blocks, index, layer[:count])
             done = torch.cuda.Event()
             done.record(self._stream)
         torch.cuda.current_stream(self.device).wait_event(done)  # the forward waits, not the CPU
         self._pending = done  # self._host is read until then
-        return count
 
     def synchronize(self) -> None:
         """Wait until the last restore has landed (tests, and before freeing the caches)."""
@@ -178,23 +209,54 @@ class BlockCopier:
             self._pending.synchronize()
             self._pending = None
 
-    def _scatter(self, staged: torch.Tensor, index: torch.Tensor, offsets: dict[str, int]) -> None:
-        count = int(index.numel())
-        for name, blocks in self._blocks.items():
-            size = count * self.block_nbytes[name]
-            rows = staged[offsets[name] : offsets[name] + size]
-            one = canonical(blocks[:1]).shape[1:]  # [H, ...] of one block, canonical order
-            source = rows.view(count, *one)
-            if blocks.dim() == 5:  # back from [k, H, R, N/R, C] to the view's [k, R, H, N/R, C]
-                source = source.permute(0, 2, 1, 3, 4)
-            blocks.index_copy_(0, index, source)
-
     def _staging(self, num_bytes: int) -> torch.Tensor:
         self.synchronize()  # the previous restore may still read the staging buffer
         if self._host.numel() < num_bytes:
             capacity = max(num_bytes, 2 * self._host.numel())
             self._host = torch.empty(capacity, dtype=torch.uint8, pin_memory=self._cuda)
         return self._host[:num_bytes]
+
+
+def _scatter_rows(blocks: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """Write ``rows`` (``[k, block bytes]``, canonical order) into blocks ``index`` of one layer
+    (``manager_blocks``): one ``index_copy_`` for all of them."""
+    one = canonical(blocks[:1]).shape[1:]  # [H, ...] of one block, canonical order
+    source = rows.reshape(rows.shape[0], *one)
+    if blocks.dim() == 5:  # back from [k, H, R, N/R, C] to the view's [k, R, H, N/R, C]
+        source = source.permute(0, 2, 1, 3, 4)
+    blocks.index_copy_(0, index, source)
+
+
+def _host_rows(blocks: torch.Tensor, nbytes: int) -> np.ndarray | None:
+    """One layer's blocks as a writable ``[B, block bytes]`` array over the cache's own memory,
+    or None unless each block is one contiguous run of canonical bytes in host memory."""
+    if blocks.device.type != "cpu" or blocks.dim() != 4 or not blocks[0].is_contiguous():
+        return None
+    if blocks.shape[0] > 1 and blocks.stride(0) < nbytes:  # overlapping blocks: not a cache
+        return None
+    return blocks.as_strided((blocks.shape[0], nbytes), (blocks.stride(0), 1)).numpy()
+
+
+class RestoreTarget:
+    """Where the blocks of one restore go: ``block(i)`` gives, per layer, a writable flat
+    ``uint8`` array of the ``i``-th block's canonical bytes, to fill (a file read straight into
+    it, or a copy from a decoded value); ``commit(count)`` then lands the first ``count`` blocks
+    in the cache. On vLLM's CPU layout the arrays are the cache's own blocks (written as they
+    are filled; ``commit`` has nothing to do), otherwise rows of a staging buffer that
+    ``commit`` scatters, one kernel per layer (on CUDA after one host-to-device copy)."""
+
+    def __init__(self, block_ids: list[int], rows: dict[str, np.ndarray], copier: BlockCopier | None) -> None:
+        self.block_ids = block_ids
+        self._rows = rows
+        self._copier = copier  # None: rows are the cache's own, indexed by block id
+
+    def block(self, index: int) -> dict[str, np.ndarray]:
+        row = index if self._copier is not None else self.block_ids[index]
+        return {name: rows[row] for name, rows in self._rows.items()}
+
+    def commit(self, count: int) -> None:
+        if self._copier is not None:
+            self._copier._commit_staged(self.block_ids, self._rows, count)
 
 
 def _bytes_of(array: np.ndarray) -> np.ndarray:

@@ -11,13 +11,16 @@ removing the least recently used blocks first (a load counts as a use). Without,
 unbounded (only the tools and tests that want a plain folder of blocks build it so).
 
 A missing, truncated or unreadable file is a miss plus a failure event, never an exception.
-Values are opaque here (safetensors bytes from ``kvstore.codec``, possibly sealed).
+Values are opaque here (safetensors bytes from ``kvstore.codec``, possibly sealed); ``open_block``
+hands a restore the file itself, to read an unsealed block straight into the engine's cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,8 +53,11 @@ class DiskTier:
         return self.budget.used_bytes()
 
     def path(self, address: BlockAddress) -> Path:
+        return Path(self._path(address))
+
+    def _path(self, address: BlockAddress) -> str:
         key = address.key
-        return Path(f"{self.root}/{address.compat_digest}/{address.scope}/{key[:2]}/{key}.kv")
+        return f"{self.root}/{address.compat_digest}/{address.scope}/{key[:2]}/{key}.kv"
 
     def contains(self, addresses: Sequence[BlockAddress]) -> list[bool]:
         return [self.path(address).is_file() for address in addresses]
@@ -75,6 +81,23 @@ class DiskTier:
             if self.budget is not None:
                 touch(path)  # most recently used, for every process's LRU
         return values
+
+    def open_block(self, address: BlockAddress) -> int | None:
+        """A read-only file descriptor of the block's file (the caller closes it), so that a
+        restore reads it straight into place (``codec.BlockSink.read_file``); None on a miss or
+        a failure. Counts as a use, like ``load``."""
+        try:
+            fd = os.open(self._path(address), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._failure(f"read: {exc.strerror}")
+            return None
+        if self.budget is not None:
+            now = time.time_ns()
+            with contextlib.suppress(OSError):
+                os.utime(fd, ns=(now, now))  # most recently used, for every process's LRU
+        return fd
 
     def store(self, address: BlockAddress, value: bytes) -> bool:
         path = self.path(address)

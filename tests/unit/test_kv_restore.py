@@ -1,0 +1,249 @@
+"""Restores put blocks straight into the engine's KV cache, and check every block on the way.
+
+Invariants held here, on real tiers (shared memory, disk, a real redis-server), real sealing and
+the connector's real copy code (``kvstore.transfer``):
+- on vLLM's CPU layout (each block of a layer one contiguous run) a block file is read into
+  the cache's own blocks, with no staging buffer; other layouts (physical LBNHC, kernel-split
+  blocks) go through staging and one scatter per layer; every way is bit-exact;
+- a truncated, extended, foreign or damaged block is refused (a failure event): the restore's
+  prefix ends there, unless a farther tier holds an intact copy, which is then used;
+- sealed blocks are opened before they are copied, and blocks to promote come back as owned
+  values equal to what was stored;
+- a Redis restore reads the ``MGET`` reply into one reused buffer (RESP2 and RESP3 clients),
+  misses are None, and an error reply leaves the client usable;
+- the connector recomputes from the first block that did not restore.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import torch
+
+from kvstore.codec import BlockSink, encode_block
+from kvstore.keys import BlockKey, ScopeId
+from kvstore.manager import Placed, TierManager
+from kvstore.sealing import AesGcmSealer
+from kvstore.tier import BlockAddress, Tier, TierEventKind
+from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.redis_tier import MgetReader, RedisTier
+from kvstore.tiers.shared_memory import SharedMemoryTier
+from kvstore.transfer import BlockCopier
+from zumik_serve.store.local_redis import LocalRedis
+
+COMPAT = "d" * 64
+SCOPE = ScopeId("0123456789abcdef")
+LAYERS, BLOCKS, HEADS, TOKENS, CONTENT = 3, 16, 2, 8, 16
+SOURCE_IDS = [3, 9, 1, 12, 6]
+TARGET_IDS = [2, 7, 11, 4, 14]
+
+
+def _addresses(count: int = len(SOURCE_IDS)) -> list[BlockAddress]:
+    return [BlockAddress(COMPAT, BlockKey(f"{index:032x}"), SCOPE) for index in range(count)]
+
+
+def _caches(layout: str, seed: int) -> dict[str, torch.Tensor]:
+    """Per layer a ``[B, H, N, C]`` bf16 view over one buffer, as vLLM builds them: ``LBHNC``
+    (vLLM's CPU layout: blocks contiguous), ``LBNHC`` (heads inside tokens: not contiguous in
+    canonical order) or ``split`` (each manager block two kernel blocks of N/2 tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    if layout == "LBNHC":
+        raw = torch.randn((LAYERS, BLOCKS, TOKENS, HEADS, CONTENT), generator=generator).to(torch.bfloat16)
+        return {f"layer{index}": raw[index].permute(0, 2, 1, 3) for index in range(LAYERS)}
+    raw = torch.randn((LAYERS, BLOCKS, HEADS, TOKENS, CONTENT), generator=generator).to(torch.bfloat16)
+    if layout == "split":
+        raw = raw.reshape(LAYERS, BLOCKS * 2, HEADS, TOKENS // 2, CONTENT)
+    return {f"layer{index}": raw[index] for index in range(LAYERS)}
+
+
+def _values(caches: dict[str, torch.Tensor], addresses: list[BlockAddress]) -> list[bytes]:
+    blocks = BlockCopier(caches, BLOCKS).extract(SOURCE_IDS[: len(addresses)])
+    return [encode_block(tensors, address) for tensors, address in zip(blocks, addresses, strict=True)]
+
+
+def _restore(manager: TierManager, copier: BlockCopier, addresses: list[BlockAddress]) -> Placed:
+    """What the connector's ``_restore`` does."""
+    target = copier.restore_target(TARGET_IDS[: len(addresses)])
+    placed = manager.restore(addresses, BlockSink(target.block))
+    target.commit(placed.num_blocks)
+    copier.synchronize()
+    return placed
+
+
+def _same_blocks(restored: dict[str, torch.Tensor], original: dict[str, torch.Tensor], count: int) -> bool:
+    copier, source = BlockCopier(restored, BLOCKS), BlockCopier(original, BLOCKS)
+    got = copier.extract(TARGET_IDS[:count])
+    want = source.extract(SOURCE_IDS[:count])
+    same = [bool((got[i][name] == want[i][name]).all()) for i in range(count) for name in original]
+    return bool(same) and all(same)
+
+
+@pytest.fixture(scope="module")
+def kv_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    server = LocalRedis(data_dir=tmp_path_factory.mktemp("kv"), role="kv", maxmemory_bytes=64 << 20).start()
+    yield server
+    server.stop()
+
+
+def _client(server: LocalRedis, protocol: int = 3) -> redis.Redis:
+    access = server.kv_access
+    assert access.password_file is not None
+    return redis.Redis.from_url(access.url, password=access.password_file.read_text(), protocol=protocol)
+
+
+@pytest.mark.parametrize("tier_kind", ["host", "disk"])
+def test_block_files_are_read_into_the_caches_own_blocks(tmp_path: Path, tier_kind: str) -> None:
+    original = _caches("LBHNC", seed=1)
+    addresses = _addresses()
+    values = _values(original, addresses)
+    budget = 1 << 24  # both with a budget: a restore marks each block used (LRU)
+    tier = (
+        SharedMemoryTier(tmp_path / "shm", budget)
+        if tier_kind == "host"
+        else DiskTier(tmp_path / "d", budget)
+    )
+    manager = TierManager([tier])
+    for address, value in zip(addresses, values, strict=True):
+        assert tier.store(address, value)
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    copier = BlockCopier(fresh, BLOCKS)
+    for address in addresses:
+        os.utime(tier.path(address), ns=(1, 1))
+    placed = _restore(manager, copier, addresses)
+    assert all(tier.path(address).stat().st_mtime_ns > 1 for address in addresses)  # used now
+    assert placed.num_blocks == len(addresses) and set(placed.sources) == {tier.tier}
+    assert placed.sizes == tuple(len(value) for value in values) and placed.promote == {}
+    assert copier._host.numel() == 0  # no staging: the files went straight into the cache
+    assert _same_blocks(fresh, original, len(addresses))
+    untouched = [index for index in range(BLOCKS) if index not in TARGET_IDS]
+    assert all(not cache[untouched].view(torch.uint8).any() for cache in fresh.values())
+    loads = [event for event in manager.take_events() if event.kind is TierEventKind.LOAD]
+    assert [(e.tier, e.num_blocks, e.num_bytes) for e in loads] == [(tier.tier, 5, sum(map(len, values)))]
+
+
+@pytest.mark.parametrize("layout", ["LBNHC", "split"])
+@pytest.mark.redis
+def test_other_layouts_restore_through_staging_bit_exact(
+    tmp_path: Path, kv_redis: LocalRedis, layout: str
+) -> None:
+    original = _caches(layout, seed=2)
+    addresses = _addresses()
+    values = _values(original, addresses)
+    host = SharedMemoryTier(tmp_path / "shm", 1 << 24)
+    remote = RedisTier(_client(kv_redis))
+    for index, (address, value) in enumerate(zip(addresses, values, strict=True)):
+        assert (host if index < 2 else remote).store(address, value)  # a run from each tier
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    copier = BlockCopier(fresh, BLOCKS)
+    placed = _restore(TierManager([host, remote]), copier, addresses)
+    assert placed.sources == (Tier.HOST, Tier.HOST, Tier.REDIS, Tier.REDIS, Tier.REDIS)
+    assert copier._host.numel() > 0  # staged, then scattered
+    assert _same_blocks(fresh, original, len(addresses))
+    assert sorted(placed.promote) == [2, 3, 4]  # Redis blocks go to the host tier: owned values
+    assert [placed.promote[index] for index in (2, 3, 4)] == values[2:]
+
+
+def test_a_damaged_block_ends_the_prefix_unless_a_farther_tier_has_it(tmp_path: Path) -> None:
+    original = _caches("LBHNC", seed=3)
+    addresses = _addresses()
+    values = _values(original, addresses)
+    host = SharedMemoryTier(tmp_path / "shm", 1 << 24)
+    for address, value in zip(addresses, values, strict=True):
+        assert host.store(address, value)
+    host.path(addresses[3]).write_bytes(values[3] + b"\0")  # longer than its header says
+    host.path(addresses[4]).write_bytes(values[4][:-1])  # truncated
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    manager = TierManager([host])
+    placed = _restore(manager, BlockCopier(fresh, BLOCKS), addresses)
+    assert placed.num_blocks == 3 and _same_blocks(fresh, original, 3)
+    failures = [event for event in manager.take_events() if event.kind is TierEventKind.FAILURE]
+    assert sum(event.num_blocks for event in failures) == 2
+
+    # Another block's bytes (after intact ones: a known header only differs by its key) and
+    # a damaged header are refused too; a farther tier's intact copies are used instead.
+    host.path(addresses[1]).write_bytes(values[0])
+    host.path(addresses[2]).write_bytes(values[2].replace(b'"U8"', b'"U9"', 1))
+    disk = DiskTier(tmp_path / "disk", 1 << 24)
+    for address, value in zip(addresses, values, strict=True):
+        assert disk.store(address, value)
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    placed = _restore(TierManager([host, disk]), BlockCopier(fresh, BLOCKS), addresses)
+    assert placed.sources == (Tier.HOST, Tier.DISK, Tier.DISK, Tier.DISK, Tier.DISK)
+    assert _same_blocks(fresh, original, len(addresses))
+    assert sorted(placed.promote) == [1, 2, 3, 4]  # disk blocks are promoted: read as values
+
+
+def test_sealed_blocks_are_opened_then_copied_and_a_tampered_one_is_refused(tmp_path: Path) -> None:
+    original = _caches("LBHNC", seed=4)
+    addresses = _addresses()
+    values = _values(original, addresses)
+    disk = DiskTier(tmp_path / "disk", 1 << 24)
+    manager = TierManager([disk], sealer=AesGcmSealer(b"k" * 32))
+    for address, value in zip(addresses, values, strict=True):
+        manager.store(address, value)
+    assert disk.load(addresses[0]) != values[0]  # sealed on disk
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    placed = _restore(manager, BlockCopier(fresh, BLOCKS), addresses)
+    assert placed.num_blocks == len(addresses) and _same_blocks(fresh, original, len(addresses))
+    sealed = bytearray(disk.load(addresses[2]) or b"")
+    sealed[-20] ^= 1
+    disk.path(addresses[2]).write_bytes(bytes(sealed))
+    placed = _restore(manager, BlockCopier(fresh, BLOCKS), addresses)
+    assert placed.num_blocks == 2
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_redis_restores_read_the_reply_into_one_reused_buffer(kv_redis: LocalRedis, protocol: int) -> None:
+    client = _client(kv_redis, protocol)
+    tier = RedisTier(client)
+    addresses = _addresses(6)
+    values = [bytes([index]) * (300_000 + index) for index in range(6)]  # past the first buffer
+    tier.remove(addresses)
+    for address, value in zip(addresses, values, strict=True):
+        if address != addresses[4]:
+            assert tier.store(address, value)
+    first = tier.load_views(addresses)
+    assert [None if view is None else bytes(view) for view in first] == [*values[:4], None, values[5]]
+    second = tier.load_views(addresses[:2])
+    assert [bytes(view or b"") for view in second] == values[:2]
+    buffer: Any = second[0]
+    assert buffer is not None and buffer.obj is tier._reader._buffer  # reused, not reallocated
+    with pytest.raises(redis.ResponseError):  # MGET of no key: an error reply
+        MgetReader().mget(client, [])
+    assert client.ping() and client.mget([tier.redis_key(addresses[0])]) == [values[0]]
+    assert tier.load_views([addresses[3]]) == [memoryview(values[3])]
+
+
+@pytest.mark.redis
+def test_the_connector_recomputes_from_the_first_block_that_did_not_restore(
+    tmp_path: Path, kv_redis: LocalRedis
+) -> None:
+    pytest.importorskip("vllm")
+    from kvstore.connector import ZumikConnectorMetadata, ZumikKVConnector, _Transfer
+
+    original = _caches("LBHNC", seed=5)
+    addresses = _addresses()
+    values = _values(original, addresses)
+    host = SharedMemoryTier(tmp_path / "shm", 1 << 24)
+    remote = RedisTier(_client(kv_redis))
+    for index in (0, 1, 3):
+        assert host.store(addresses[index], values[index])
+    remote.remove([addresses[2]])
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    worker = ZumikKVConnector.__new__(ZumikKVConnector)
+    meta = ZumikConnectorMetadata(loads=[_Transfer("r", list(TARGET_IDS), addresses)])
+    worker.__dict__.update(
+        _kv_caches=fresh, _copier=BlockCopier(fresh, BLOCKS), _manager=TierManager([host, remote]),
+        _writer=None, _extra={}, _connector_metadata=meta, _load_errors=set(), _worker_restores={},
+    )  # fmt: skip
+    worker.start_load_kv(None)  # type: ignore[arg-type]
+    assert worker.get_block_ids_with_load_errors() == set(TARGET_IDS[2:])
+    report = worker._worker_restores["r"]
+    assert report.tiers == {"host": 2} and report.num_bytes == len(values[0]) + len(values[1])
+    assert _same_blocks(fresh, original, 2)
