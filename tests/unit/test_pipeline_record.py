@@ -12,14 +12,17 @@ Invariants held here:
 - a deadline that passes during the save answers 504, and the decision is saved all the same;
 - the tenant's salt is read beside the release lookup, yet an error of an earlier step (an
   unknown model) is still the one answered when the salt cannot be read;
-- a snapshot's read and a session's check go side by side; the snapshot's error comes first.
+- a snapshot's read and a session's check go side by side; the snapshot's error comes first;
+- the reuse ledger's write (it only counts the answer) starts once the answer's last bytes have
+  been sent, on every generation surface, whole or streamed, and it does happen.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+import uuid
+from collections.abc import AsyncIterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +212,50 @@ async def test_a_snapshot_and_a_session_are_read_together_and_the_snapshots_erro
     assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "snapshot"
     assert no_session.status_code == 404 and no_session.json()["error"]["param"] == "session"
     assert len(gateway.engine.calls) == 1
+
+
+SURFACES = [
+    ("/v1/chat/completions", CHAT, b"}"),
+    ("/v1/chat/completions", {**CHAT, "stream": True}, b"data: [DONE]"),
+    ("/v1/completions", {"model": "zumik-tiny", "prompt": "Hello there", "max_tokens": 8}, b"}"),
+    ("/v1/responses", {"model": "zumik-tiny", "input": "Hello there"}, b"}"),
+    ("/v1/responses", {"model": "zumik-tiny", "input": "Hello there", "stream": True}, b"response.completed"),
+    ("/v2/generate", {"input": "Hello there", "max_tokens": 8}, b"}"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "last"), SURFACES)
+async def test_the_ledger_is_written_once_the_answer_is_sent(
+    gateway: InProcessGateway, path: str, body: dict[str, Any], last: bytes
+) -> None:
+    events: list[str] = []
+    app = gateway.app
+
+    async def observed(scope: Any, receive: Any, send: Any) -> None:
+        async def sending(message: MutableMapping[str, Any]) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and last in message.get("body", b""):
+                events.append("answer sent")
+
+        await app(scope, receive, sending)
+
+    reuse = gateway.context.reuse
+    record = reuse.record
+
+    async def counted(*args: Any, **kwargs: Any) -> None:
+        events.append("ledger")
+        await record(*args, **kwargs)
+
+    reuse.record = counted  # type: ignore[method-assign]
+    key = await gateway.create_tenant(f"ledger-{uuid.uuid4().hex[:12]}")
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=observed), base_url="http://zumik.test",
+        headers={"Authorization": f"Bearer {key}"},
+    ) as http:  # fmt: skip
+        response = await http.post(path, json=body)
+        assert response.status_code == 200, response.text
+        await wait_until(lambda: _true("ledger" in events), what="the ledger's write")
+    assert events == ["answer sent", "ledger"]
 
 
 async def _true(value: bool) -> bool:

@@ -13,6 +13,8 @@
   reported > estimated; none: unknown) with the tokens at that level or stronger, for the
   tenant's whole traffic or one snapshot, and never another tenant's or an older window's.
 - The scripts are registered once per store and survive a ``SCRIPT FLUSH`` (reloaded).
+- One request's figures write exactly the group's, its prefix family's and (when it captured
+  any) the capture roll-up hashes of its minute, each with the ledger's TTL.
 """
 
 from __future__ import annotations
@@ -241,3 +243,43 @@ async def test_escalation_evidence_counts_stronger_levels_and_only_its_window(re
     )
     with pytest.raises(ValueError, match="window_s"):
         await service.escalation_evidence("ten_a", snapshot=None, window_s=0)
+
+
+async def test_one_record_writes_every_hash_of_its_minute_with_the_ledger_ttl(redis_url: str) -> None:
+    """The exact hashes one request's figures write (one script): the group's figures, the
+    prefix family's, and the capture roll-ups of the tenant and its snapshot, each expiring
+    with the ledger; a request that captured nothing writes no capture hash."""
+    client = aioredis.from_url(redis_url)
+    store = RedisReuseStore(client)
+    now = int(time.time())
+    minute = now // BUCKET_S
+    group = LedgerGroup("p", "snp_x", "local")
+    await store.record("ten_a", group, LedgerCounts.of(figures_of("byoc", 32)), now_s=now, family="fam_1")
+    await store.record("ten_a", group, LedgerCounts.of(figures_of("byoc", 8)), now_s=now, family="fam_1")
+    ledger = await client.hgetall(f"z:{{ten_a}}:reuse:{minute}")
+    assert ledger == {
+        b'["p","snp_x","local","requests"]': b"2",
+        b'["p","snp_x","local","prompt"]': b"200",
+        b'["p","snp_x","local","opportunity:estimated"]': b"128",
+        b'["p","snp_x","local","captured:observed"]': b"40",
+    }
+    assert await client.hgetall(f"z:{{ten_a}}:reuse-family:{minute}") == {
+        b'["fam_1","requests"]': b"2",
+        b'["fam_1","prompt"]': b"200",
+        b'["fam_1","captured:observed"]': b"40",
+    }
+    assert await client.hgetall(f"z:{{ten_a}}:reuse-capture:{minute}") == {
+        b'[null,"observed"]': b"40",
+        b'["snp_x","observed"]': b"40",
+    }
+    for kind in ("reuse", "reuse-family", "reuse-capture"):
+        assert 8 * 24 * 3600 - 5 <= await client.ttl(f"z:{{ten_a}}:{kind}:{minute}") <= 8 * 24 * 3600
+    await client.script_flush()  # a restarted Redis forgets scripts: the store loads it again
+    await store.record(
+        "ten_b", LedgerGroup("p", None, "managed"), LedgerCounts.of(figures_of("managed", None))
+    )
+    assert (
+        await client.exists(f"z:{{ten_b}}:reuse-capture:{minute}", f"z:{{ten_b}}:reuse-family:{minute}") == 0
+    )
+    assert (await client.hgetall(f"z:{{ten_b}}:reuse:{minute}"))[b'["p",null,"managed","requests"]'] == b"1"
+    await client.aclose()

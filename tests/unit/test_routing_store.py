@@ -9,7 +9,10 @@ Invariants held here:
   ``model``; another tenant's alias or decision is not found;
 - a stored decision reads back as written (its record not re-parsed) and replays equal; an
   altered one replays not equal;
-- the store's scripts survive a ``SCRIPT FLUSH`` (reloaded on use).
+- the store's scripts survive a ``SCRIPT FLUSH`` (reloaded on use);
+- a decision's save writes its record byte for byte with a 30-day TTL, lists it by its
+  ``now_ms`` (dropping entries older than 30 days, keeping the one exactly 30 days old) and
+  indexes it once under each source object, each key expiring with it.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from zumik_serve.errors import ConflictError, InvalidRequestError, NotFoundError
 from zumik_serve.routing.decision import decide
 from zumik_serve.routing.release import Release
 from zumik_serve.routing.requests import PublishRelease
-from zumik_serve.routing.retry import Attempt
+from zumik_serve.routing.retry import ATTEMPTS, Attempt
 from zumik_serve.routing.service import RoutingService
-from zumik_serve.routing.store import RedisRoutingStore
+from zumik_serve.routing.store import DECISION_TTL_S, RedisRoutingStore
 from zumik_serve.store.local_redis import LocalRedis
 
 pytestmark = pytest.mark.redis
@@ -156,3 +159,29 @@ async def test_scripts_reload_after_a_script_flush(client: aioredis.Redis) -> No
     await client.script_flush()
     second = await routing.publish("ten_a", "prod", PublishRelease())
     assert second.previous == first.id
+
+
+async def test_a_decisions_save_writes_its_record_list_and_source_indexes(client: aioredis.Redis) -> None:
+    store = RedisRoutingStore(client)
+    month_ms = DECISION_TTL_S * 1000
+    now_ms = 10 * month_ms
+    listed = "z:{ten_a}:decs"
+    await client.zadd(listed, {"dec_too_old": now_ms - month_ms - 1, "dec_just_kept": now_ms - month_ms})
+    record = decide("dec_" + "b" * 26, make_inputs(make_replica("r0"), evidence=ENOUGH, now_ms=now_ms))
+    attempts = [Attempt("local", "r0", 1, "ok", None, "done", "", "closed")]
+    await client.script_flush()  # the save's script is loaded on use
+    await store.save_decision("ten_a", record, attempts, ["ses_1", "snp_2", "ses_1"])
+    key = f"z:{{ten_a}}:dec:{record.decision_id}"
+    assert await client.get(key) == (
+        b'{"record":' + record.to_json_bytes() + b',"attempts":' + ATTEMPTS.dump_json(tuple(attempts)) + b"}"
+    )
+    assert await client.zrange(listed, 0, -1, withscores=True) == [
+        (b"dec_just_kept", float(now_ms - month_ms)),
+        (record.decision_id.encode(), float(now_ms)),
+    ]
+    for handle in ("ses_1", "snp_2"):
+        assert await client.smembers(f"z:{{ten_a}}:dec-src:{handle}") == {record.decision_id.encode()}
+    for expiring in (key, listed, "z:{ten_a}:dec-src:ses_1", "z:{ten_a}:dec-src:snp_2"):
+        assert DECISION_TTL_S - 5 <= await client.ttl(expiring) <= DECISION_TTL_S
+    assert await store.forget_decisions("ten_a", ["snp_2"]) == 1
+    assert await client.exists(key) == 0 and await client.zscore(listed, record.decision_id) is None

@@ -3,7 +3,9 @@
     decided ──► opportunity lookup starts (the prefix's blocks in the tenant scope's index)
                  │ runs while the engine works
     answered ─► figures (opportunity + capture, each with its evidence level)
-                 └─ ledger write and metrics after the answer, in the background
+    sent ─────► ledger write and metrics, in the background (``sent()``: the surface has sent
+                the answer; at the latest ``LEDGER_WAIT_S`` after the figures), so that their
+                Redis round trip and CPU never delay the answer they count
 
 Accounting never fails a request: a store outage skips it (and the log says so). A tenant that
 keeps no accounting gets capture figures only (opportunity ``unknown``) and no ledger entry.
@@ -12,8 +14,9 @@ keeps no accounting gets capture figures only (opportunity ``unknown``) and no l
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from zumik_serve.errors import StoreUnavailableError
@@ -25,6 +28,7 @@ from zumik_serve.store.client import guard
 logger = logging.getLogger("ray.serve")
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
+LEDGER_WAIT_S = 1.0  # the longest a ledger write waits for its answer to be sent
 
 
 class RequestAccounting:
@@ -35,6 +39,9 @@ class RequestAccounting:
         self._lookup: asyncio.Task[int] | None = None
         self._opportunity: int | None = None
         self._skipped = False
+        self._ledger: Callable[[], Coroutine[Any, Any, None]] | None = None  # written once sent
+        self._ledger_timer: asyncio.TimerHandle | None = None
+        self._sent = False
         if reuse is not None:
             lookup = guard(reuse.opportunity_tokens(decision.scope, decision.prefix_keys), what="reuse index")
             self._lookup = asyncio.ensure_future(lookup)
@@ -76,10 +83,25 @@ class RequestAccounting:
         )
         if self._reuse is not None:  # telemetry, not state: written after the answer is sent
             family = self._family or None
-            in_background(
-                self._reuse.record(tenant, figures, snapshot=snapshot, route=run.route_name, family=family)
+            self._ledger = functools.partial(
+                self._reuse.record, tenant, figures, snapshot=snapshot, route=run.route_name, family=family
             )
+            if self._sent:
+                self.sent()
+            else:  # a surface that never says so (a failure after the figures) still writes
+                self._ledger_timer = asyncio.get_running_loop().call_later(LEDGER_WAIT_S, self.sent)
         return figures
+
+    def sent(self) -> None:
+        """The answer has gone out (or is known never to): the ledger write starts now, or as
+        soon as the figures are known."""
+        self._sent = True
+        if self._ledger_timer is not None:
+            self._ledger_timer.cancel()
+            self._ledger_timer = None
+        if self._ledger is not None:
+            write, self._ledger = self._ledger, None
+            in_background(write())
 
 
 def _retrieve(task: asyncio.Task[int]) -> None:

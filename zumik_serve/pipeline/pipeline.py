@@ -18,9 +18,11 @@
         │              decision saved first); the decision's save starts at the first output
         ├─ a stream: the save ║ the opportunity (for the headers), both awaited
         └─ a whole answer: the save ║ rate settlement ║ figures ║ session exchange, all
-           awaited (the first failure raised, the save's first); span; ledger (after)
+           awaited (the first failure raised, the save's first); span
       events()    a stream's events within the deadline
       finish()    a stream's end: settlement ║ figures ║ session exchange, then the span
+      sent()      the surface has sent the answer: the reuse ledger's write starts (it counts
+                  the answer, nobody waits for it; ``pipeline/accounting.py``)
     surface ◄── Generation (typed outcome) ── render
 
 (``║``: side by side, each its own Redis round trip.) A generation is returned only once its
@@ -230,6 +232,11 @@ class Pipeline:
         generation.figures = await self._finish(generation, completion)
         return generation.figures
 
+    async def sent(self, generation: Generation) -> None:
+        """The surface has sent ``generation``'s answer (or its stream has ended): the work that
+        only counts it (the reuse ledger) runs now, not while the answer waits."""
+        generation.accounting.sent()
+
     async def carried(self, tenant: Tenant, generation: Generation, handles: tuple[str, ...]) -> None:
         """``handles`` now hold content that ``generation`` already sent (a Responses chain's
         session, created after the answer): when it went to a provider, that is recorded for
@@ -279,6 +286,7 @@ class Pipeline:
             stream=False, refs=StateRefs(), admission=admission,
         )  # fmt: skip
         generation = await self.run(request)
+        await self.sent(generation)  # nothing of it goes to the client
         probe = ctx.kv_probe
         if probe is None:
             return Warmed(generation, len(token_ids), compiled, None, None, None, None)

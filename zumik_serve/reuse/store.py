@@ -21,11 +21,13 @@ request pinned none), so no name can be mistaken for a separator. Fields written
 
 Looking a prompt up and recording it is one round trip (``SEEN``): the walk counts the leading
 keys already present, stops at the first gap (a later block is only reusable after every block
-before it), then records every key.
+before it), then records every key. Recording a request's figures is one script too (``ADD``):
+one reply to read instead of one per field, which is most of its cost on the gateway's CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +59,14 @@ local size = redis.call('ZCARD', KEYS[1])
 if size > cap then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, size - cap - 1) end
 redis.call('EXPIRE', KEYS[1], ttl)
 return matched
+"""
+
+# KEYS: the hashes written. ARGV: their ttl, then (key index, field, increment) triples. Every
+# increment, then every hash's expiry, in one atomic step.
+ADD = """
+for i = 2, #ARGV, 3 do redis.call('HINCRBY', KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]) end
+for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], ARGV[1]) end
+return 0
 """
 
 
@@ -135,6 +145,7 @@ class RedisReuseStore:
         self._ttl_s = seen_ttl_s
         self._max_entries = max_entries
         self._seen = client.register_script(SEEN)
+        self._add = client.register_script(ADD)
 
     async def seen_prefix_blocks(self, scope: str, compat_digest: str, keys: Sequence[str]) -> int:
         """How many leading ``keys`` this scope has seen before; records them all as seen now."""
@@ -151,26 +162,29 @@ class RedisReuseStore:
         """Add ``counts`` to the group's figures of this minute, and to the prefix family's when
         ``family`` is given (one round trip)."""
         bucket = (int(time.time()) if now_s is None else now_s) // BUCKET_S
-        ledger, capture = _ledger_key(tenant, bucket), _capture_key(tenant, bucket)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            if family is not None:
-                by_family = _family_key(tenant, bucket)
-                family_figures = [("requests", counts.requests), ("prompt", counts.prompt_tokens)]
-                by_level = counts.captured_tokens.items()
-                family_figures += [(f"captured:{level.label}", n) for level, n in by_level if n > 0]
-                for figure, value in family_figures:
-                    pipe.hincrby(by_family, _FAMILY_FIELD.dump_json((family, figure)), value)
-                pipe.expire(by_family, LEDGER_TTL_S)
-            for figure, value in _figures_of(counts):
-                pipe.hincrby(ledger, _ledger_field(group, figure), value)
-            pipe.expire(ledger, LEDGER_TTL_S)
-            captured = [(level, tokens) for level, tokens in counts.captured_tokens.items() if tokens > 0]
-            for level, tokens in captured:
-                for snapshot in {None, group.snapshot}:  # the tenant's traffic, and the snapshot's
-                    pipe.hincrby(capture, _CAPTURE_FIELD.dump_json((snapshot, level.label)), tokens)
-            if captured:
-                pipe.expire(capture, LEDGER_TTL_S)
-            await pipe.execute()
+        keys: list[str] = []
+        args: list[str | int | bytes] = [LEDGER_TTL_S]
+
+        def add(key: str, field: bytes, value: int) -> None:
+            if key not in keys:
+                keys.append(key)
+            args.extend((keys.index(key) + 1, field, value))
+
+        if family is not None:
+            by_family = _family_key(tenant, bucket)
+            family_figures = [("requests", counts.requests), ("prompt", counts.prompt_tokens)]
+            by_level = counts.captured_tokens.items()
+            family_figures += [(f"captured:{level.label}", n) for level, n in by_level if n > 0]
+            for figure, value in family_figures:
+                add(by_family, _family_field(family, figure), value)
+        ledger = _ledger_key(tenant, bucket)
+        for figure, value in _figures_of(counts):
+            add(ledger, _ledger_field(group, figure), value)
+        captured = [(level, tokens) for level, tokens in counts.captured_tokens.items() if tokens > 0]
+        for level, tokens in captured:
+            for snapshot in {None, group.snapshot}:  # the tenant's traffic, and the snapshot's
+                add(_capture_key(tenant, bucket), _capture_field(snapshot, level.label), tokens)
+        await self._add(keys=keys, args=args)
 
     async def window(
         self, tenant: str, window_s: int, *, now_s: int | None = None
@@ -270,8 +284,21 @@ def _family_key(tenant: str, bucket: int) -> str:
     return f"z:{{{tenant}}}:reuse-family:{bucket}"
 
 
+# The fields' JSON, cached: a request writes about ten, nearly all of them seen before (their
+# parts are profile, snapshot, route, figure and family names, none of them a tenant's id).
+@functools.lru_cache(maxsize=4096)
 def _ledger_field(group: LedgerGroup, figure: str) -> bytes:
     return _LEDGER_FIELD.dump_json((group.profile, group.snapshot, group.route, figure))
+
+
+@functools.lru_cache(maxsize=4096)
+def _family_field(family: str, figure: str) -> bytes:
+    return _FAMILY_FIELD.dump_json((family, figure))
+
+
+@functools.lru_cache(maxsize=1024)
+def _capture_field(snapshot: str | None, level: str) -> bytes:
+    return _CAPTURE_FIELD.dump_json((snapshot, level))
 
 
 def _minutes(window_s: int, now_s: int | None) -> range:

@@ -68,6 +68,22 @@ redis.call('RPUSH', KEYS[2], ARGV[2])
 return 1
 """
 
+# KEYS: the decision, the tenant's list, then the index of each source object. ARGV: the record
+# (JSON), its ttl (s), its id, its now_ms, and the list's oldest score kept. One atomic step (as
+# MULTI was), one reply to read.
+SAVE = """
+local ttl = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[5])
+redis.call('EXPIRE', KEYS[2], ttl)
+for i = 3, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[3])
+  redis.call('EXPIRE', KEYS[i], ttl)
+end
+return 0
+"""
+
 # KEYS: alias. ARGV: the release key prefix. The current release's JSON, or false: one round trip.
 RESOLVE = """
 local current = redis.call('GET', KEYS[1])
@@ -102,6 +118,7 @@ class RedisRoutingStore:
         self._publish = client.register_script(PUBLISH)
         self._resolve = client.register_script(RESOLVE)
         self._reach = client.register_script(REACH)
+        self._save = client.register_script(SAVE)
 
     async def save_decision(
         self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = ()
@@ -109,7 +126,7 @@ class RedisRoutingStore:
         """Record a decision with its attempts, for 30 days: ``{"record", "attempts"}``, each as
         its JSON, serialised by pydantic in one step (this is on the request's path), listed in
         the tenant's decisions and indexed under each state object in ``sources`` (the objects
-        whose content its prompt carried). One round trip."""
+        whose content its prompt carried). One round trip, one script (``SAVE``)."""
         value = (
             b'{"record":'
             + record.to_json_bytes()
@@ -119,15 +136,16 @@ class RedisRoutingStore:
         )
         decision_id = record.decision_id
         now_ms = record.inputs.now_ms
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(_key(tenant, "dec", decision_id), value, ex=DECISION_TTL_S)
-            pipe.zadd(_list_key(tenant), {decision_id: now_ms})
-            pipe.zremrangebyscore(_list_key(tenant), "-inf", f"({now_ms - DECISION_TTL_S * 1000}")
-            pipe.expire(_list_key(tenant), DECISION_TTL_S)
-            for handle in dict.fromkeys(sources):
-                pipe.sadd(_key(tenant, "dec-src", handle), decision_id)
-                pipe.expire(_key(tenant, "dec-src", handle), DECISION_TTL_S)
-            await pipe.execute()
+        keys = [_key(tenant, "dec", decision_id), _list_key(tenant)]
+        keys += [_key(tenant, "dec-src", handle) for handle in dict.fromkeys(sources)]
+        args: list[bytes | str | int] = [
+            value,
+            DECISION_TTL_S,
+            decision_id,
+            now_ms,
+            now_ms - DECISION_TTL_S * 1000,
+        ]
+        await self._save(keys=keys, args=args)
 
     async def decision_page(self, tenant: str, *, limit: int, after: str | None) -> DecisionPage | None:
         """Up to ``limit`` of the tenant's decisions, newest first, after decision ``after`` (None:

@@ -109,7 +109,9 @@ async def _generate(request: Request, call: EngineCall) -> Response:
             if generation.figures is not None:
                 headers.update(zumik_headers.reuse_headers(generation.figures))
             admission.release()
-            return JSONResponse(rendered, headers=headers)
+            return JSONResponse(
+                rendered, headers=headers, background=BackgroundTask(pipeline.sent, generation)
+            )
         if generation.opportunity_tokens is not None:
             headers[zumik_headers.REUSE_OPPORTUNITY_TOKENS] = str(generation.opportunity_tokens)
     except BaseException:
@@ -180,6 +182,7 @@ async def _sse(
             yield chunk
     finally:
         admission.release()
+        await pipeline.sent(generation)
 
 
 async def _sse_events(

@@ -102,7 +102,9 @@ async def create_response(request: Request) -> Response:
             if generation.figures is not None:
                 headers.update(zumik_headers.reuse_headers(generation.figures))
             admission.release()
-            return JSONResponse(rendered, headers=headers)
+            return JSONResponse(
+                rendered, headers=headers, background=BackgroundTask(pipeline.sent, generation)
+            )
     except BaseException:
         admission.release()
         raise
@@ -212,6 +214,7 @@ async def _events(
                 yield sse(event)
     finally:
         admission.release()
+        await pipeline.sent(generation)
 
 
 def _failure(translator: StreamTranslator, status: int, message: str, param: Any) -> list[dict[str, Any]]:

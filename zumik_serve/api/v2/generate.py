@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.background import BackgroundTask
 
 from zumik_serve.api import headers as zumik_headers
 from zumik_serve.api.body import read_body
@@ -81,7 +82,7 @@ async def generate(request: Request) -> JSONResponse:
         headers[zumik_headers.RELEASE] = generation.release.id
     if generation.snapshot is not None:
         headers[zumik_headers.SNAPSHOT] = generation.snapshot
-    return JSONResponse(result, headers=headers)
+    return JSONResponse(result, headers=headers, background=BackgroundTask(pipeline.sent, generation))
 
 
 @router.post("/snapshots/{handle}/warm")
