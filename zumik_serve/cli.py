@@ -166,10 +166,23 @@ def _parser() -> argparse.ArgumentParser:
     purge.set_defaults(run=_cmd_bench_purge)
 
     routing = bench.add_parser(
-        "routing", help="hit ratio, TTFT and decision time: round-robin vs Zumik, 2 replicas"
+        "routing",
+        help="hit ratio, TTFT and decision time: Serve's balancing vs Zumik, several gateways and replicas",
     )
     routing.add_argument("--scale", type=int, default=10, help="requests per workload = 4 x scale")
-    routing.add_argument("--concurrency", type=int, default=4)
+    routing.add_argument("--concurrency", type=int, default=6)
+    routing.add_argument("--replicas", type=int, default=3, help="vLLM engine replicas in the group")
+    routing.add_argument("--gateways", type=int, default=2, help="gateway replicas")
+    routing.add_argument(
+        "--kv-mib", type=int, default=32, help="KV cache per replica (MiB): below the working set"
+    )
+    routing.add_argument(
+        "--arms", default="rr-cache,zumik,zumik-scaling",
+        help="comma-separated, of rr-nocache (the floor), rr-cache, zumik, zumik-scaling",
+    )  # fmt: skip
+    routing.add_argument("--mooncake-requests", type=int, default=400, help="requests of the Mooncake slice")
+    routing.add_argument("--scaling-requests", type=int, default=4000, help="at most, for the scaling arm")
+    routing.add_argument("--scaling-phase-requests", type=int, default=120, help="steady and after phases")
     routing.add_argument("--seed", type=int, default=1)
     routing.add_argument("--out", type=Path, default=Path("bench-out/routing"))
     routing.add_argument("--escalation-requests", type=int, default=120, help="escalation arm requests")

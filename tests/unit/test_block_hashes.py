@@ -8,7 +8,9 @@ Invariants held here:
   past 32 and 64 bits: hashed as the engine's ``cbor2`` would, never an error);
 - ``max_blocks`` cuts the chain: the hashes are the first ones of the whole prompt's;
 - the residency key of a block is the 64-bit int a KV event carries for it;
-- a different salt changes every block's hash (the salt is in the first, the chain carries it).
+- a different salt changes every block's hash (the salt is in the first, the chain carries it);
+- keys recalled from the chain memo (an agent's next turn on its previous prompt) are still
+  what vLLM's own hashes name.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from zumik_serve.routing.block_hashes import (
     engine_block_keys,
     event_key,
 )
+from zumik_serve.routing.chain_memo import ChainMemo
 
 BLOCK = 16
 
@@ -93,3 +96,18 @@ def test_ids_no_vocabulary_has_hash_as_the_engines_cbor(length: int, monkeypatch
 def test_a_prompt_shorter_than_a_block_has_no_hash() -> None:
     assert engine_block_hashes([1, 2, 3], block_size=BLOCK, cache_salt=None, max_blocks=10) == []
     assert engine_block_keys(list(range(BLOCK * 2)), block_size=BLOCK, cache_salt=None, max_blocks=0) == []
+
+
+@pytest.mark.parametrize("salt", [None, "tenant-salt-" + "c" * 52])
+def test_keys_recalled_from_the_memo_name_vllms_own_hashes(
+    salt: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    rng = random.Random(13)
+    previous = [rng.randrange(0, 200_000) for _ in range(BLOCK * 40 + 3)]
+    turn = previous + [rng.randrange(0, 200_000) for _ in range(VECTOR_MIN_TOKENS + 9)]
+    memo = ChainMemo(run_bytes=8 * BLOCK * 4)  # runs of 8 blocks
+    engine_block_keys(previous, block_size=BLOCK, cache_salt=salt, max_blocks=1000, memo=memo)
+    keys = engine_block_keys(turn, block_size=BLOCK, cache_salt=salt, max_blocks=1000, memo=memo)
+    assert memo.hits == 5  # the previous prompt's five whole runs of 8 blocks
+    assert keys == [event_key(maybe_convert_block_hash(h)) for h in vllm_hashes(turn, salt)]

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -46,11 +46,16 @@ from zumik_serve.bench.routing_cluster import (
     owners_table,
     run_cluster_only,
     time_decisions,
+    timer_requests,
+    timing_table,
     token_decision_times_us,
     with_context,
 )
 
-ARMS = ("rr-nocache", "rr-cache", "zumik")
+if TYPE_CHECKING:
+    from zumik_serve.bench.routing_scaling import ScalingRun
+
+ARMS = ("rr-nocache", "rr-cache", "zumik", "zumik-scaling")
 WORKLOADS = ("no_reuse", "shared_prefix", "agent_sessions", "mooncake")
 VOCAB = (10, 1000)  # token ids drawn from here: plain tokens of the tiny model
 DECISION_LENGTHS = (1024, 2048, 4096, 8192)
@@ -67,6 +72,13 @@ class ArmResult:
     ttft_p50_ms: float
     ttft_p90_ms: float
     wall_s: float
+    pooled_ideal_tokens: int | None = None  # one LRU cache of the group's whole KV (``pooled_ideal``)
+
+    @property
+    def pooled_capture(self) -> float | None:
+        """Cached tokens over what one cache of the whole group's capacity would hit: how close
+        the routing comes to a perfect partition of the KV it has."""
+        return self.cached_tokens / self.pooled_ideal_tokens if self.pooled_ideal_tokens else None
 
     @property
     def hit_ratio(self) -> float:
@@ -89,6 +101,7 @@ class ArmResult:
         data.update(
             hit_ratio=self.hit_ratio, ideal_ratio=self.ideal_ratio,
             capture_efficiency=self.capture_efficiency, prefill_tokens=self.prefill_tokens,
+            pooled_capture=self.pooled_capture,
             tokens_per_s=self.prompt_tokens / self.wall_s if self.wall_s else 0.0,
         )  # fmt: skip
         return data
@@ -122,7 +135,7 @@ def agent_sessions(rng: random.Random, scale: int) -> list[list[int]]:
 
 
 def mooncake(
-    rng: random.Random, scale: int, *, block_size: int, trace: Path | None
+    rng: random.Random, count: int, *, block_size: int, trace: Path | None
 ) -> list[list[int]] | None:
     if trace is None or not trace.is_file():
         return None
@@ -134,7 +147,7 @@ def mooncake(
             for hash_id in hash_ids:
                 blocks.setdefault(hash_id, _tokens(rng, block_size))
             prompts.append([token for hash_id in hash_ids for token in blocks[hash_id]] + _tokens(rng, 8))
-            if len(prompts) >= 4 * scale:
+            if len(prompts) >= count:
                 break
     return prompts
 
@@ -155,13 +168,51 @@ def ideal_cached(prompts: list[list[int]], block_size: int) -> list[int]:
     return result
 
 
-def make_workloads(seed: int, scale: int, block_size: int, trace: Path | None) -> dict[str, list[list[int]]]:
+def pooled_ideal(prompts: list[list[int]], block_size: int, capacity_blocks: int) -> list[int]:
+    """Per request, the tokens one LRU cache of ``capacity_blocks`` blocks (a group's replicas'
+    KV pooled) would serve, prompts in order: the longest whole-block prefix it still holds
+    (never the last token), then every full block of the prompt touched, the prefix's first
+    block most recent last. The unlimited ``ideal_cached`` is out of reach when the working set
+    is larger than the group's KV (the Mooncake slice: mostly blocks seen once, long ago)."""
+    from collections import OrderedDict
+
+    cache: OrderedDict[tuple[int, ...], None] = OrderedDict()
+    result = []
+    for prompt in prompts:
+        loadable = (len(prompt) - 1) // block_size
+        keys = [tuple(prompt[: (b + 1) * block_size]) for b in range(len(prompt) // block_size)]
+        hit = 0
+        while hit < loadable and keys[hit] in cache:
+            hit += 1
+        result.append(hit * block_size)
+        for key in reversed(keys):  # the tail goes first when space runs out, as in vLLM
+            cache[key] = None
+            cache.move_to_end(key)
+        while len(cache) > capacity_blocks:
+            cache.popitem(last=False)
+    return result
+
+
+def kv_block_bytes(model_dir: Path, block_size: int, dtype_bytes: int = 2) -> int:
+    """One KV block's bytes across layers (K and V) for the model in ``model_dir`` (bf16)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return int(config["num_hidden_layers"]) * 2 * int(heads) * int(head_dim) * block_size * dtype_bytes
+
+
+def make_workloads(
+    seed: int, scale: int, block_size: int, trace: Path | None, *, mooncake_requests: int | None = None
+) -> dict[str, list[list[int]]]:
+    """The workloads of 4 x ``scale`` requests each (the Mooncake slice: ``mooncake_requests``,
+    else 4 x ``scale`` too)."""
     workloads: dict[str, list[list[int]]] = {
         "no_reuse": no_reuse(random.Random(seed), scale),
         "shared_prefix": shared_prefix(random.Random(seed + 1), scale),
         "agent_sessions": agent_sessions(random.Random(seed + 2), scale),
     }
-    traced = mooncake(random.Random(seed + 3), scale, block_size=block_size, trace=trace)
+    count = mooncake_requests if mooncake_requests is not None else 4 * scale
+    traced = mooncake(random.Random(seed + 3), count, block_size=block_size, trace=trace)
     if traced is not None:
         workloads["mooncake"] = traced
     return workloads
@@ -170,16 +221,37 @@ def make_workloads(seed: int, scale: int, block_size: int, trace: Path | None) -
 # --- arms --------------------------------------------------------------------------------------
 
 
-def arm_profile(arm: str) -> Profile:
-    """``local-cpu-2x`` with only its BYOC route, as each arm runs it."""
+def arm_profile(arm: str, *, replicas: int = 2, gateways: int = 1, kv_bytes: int | None = None) -> Profile:
+    """``local-cpu-2x`` with only its BYOC route, as each arm runs it: ``replicas`` engine
+    replicas (``zumik-scaling``: Serve autoscaling between ``replicas - 1`` and ``replicas``,
+    starting at ``replicas``), ``gateways`` gateway replicas, ``kv_bytes`` of KV per replica."""
     base = load_builtin("local-cpu-2x")
     data = base.model_dump(mode="json")
     data["routes"] = [route for route in data["routes"] if route["kind"] == "byoc"]
     data["routing"] = {**data["routing"], "default_route": "local", "fallback_order": ["local"],
-                       "replica_choice": "scheduler" if arm == "zumik" else "serve"}  # fmt: skip
+                       "replica_choice": "scheduler" if arm.startswith("zumik") else "serve"}  # fmt: skip
     data["engine"]["enable_prefix_caching"] = arm != "rr-nocache"
+    data["engine"]["num_replicas"] = replicas
+    if kv_bytes is not None:
+        data["engine"]["kv_cache_memory_bytes"] = kv_bytes
+    if arm == "zumik-scaling":
+        data["engine"]["autoscaling"] = {
+            "min_replicas": max(1, replicas - 1), "max_replicas": replicas, "initial_replicas": replicas,
+            "target_ongoing_requests": SCALING_TARGET, **SCALING_DELAYS,
+        }  # fmt: skip
+    data["gateway"]["num_replicas"] = gateways
     data["name"] = f"bench-routing-{arm}"
     return Profile.model_validate(data)
+
+
+# The scaling arm: one ongoing request per replica is Serve's target, so one request at a time
+# asks for one replica (the minimum holds) and the arm's concurrency asks for more than there are,
+# with no ambiguous load in between (a target near the load makes Serve flap: it stopped each
+# starting replica when the load dipped). Short windows so that the run sees both within
+# minutes; Serve wants the window above its 10 s metrics push. A production profile keeps
+# Serve's slow downscale.
+SCALING_TARGET = 1.0
+SCALING_DELAYS = {"upscale_delay_s": 2.0, "downscale_delay_s": 20.0, "look_back_period_s": 12.0}
 
 
 async def stream_completion(
@@ -210,7 +282,10 @@ async def stream_completion(
 async def measure_arm(
     url: str, api_key: str, model: str, arm: str, workload: str, prompts: list[list[int]], *,
     block_size: int, concurrency: int, on_request: Callable[[], None] = lambda: None,
+    capacity_blocks: int | None = None,
 ) -> ArmResult:  # fmt: skip
+    """One arm on one workload; ``capacity_blocks``: the group's KV in blocks, for the pooled
+    ideal (``pooled_ideal``)."""
     ttfts: list[float] = []
     cached: list[int] = [0] * len(prompts)
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -238,13 +313,17 @@ async def measure_arm(
         cached_tokens=sum(cached), ideal_cached_tokens=sum(ideal_cached(prompts, block_size)),
         ttft_p50_ms=statistics.median(ordered), ttft_p90_ms=ordered[int(0.9 * (len(ordered) - 1))],
         wall_s=wall_s,
+        pooled_ideal_tokens=(
+            sum(pooled_ideal(prompts, block_size, capacity_blocks)) if capacity_blocks else None
+        ),
     )  # fmt: skip
 
 
 def decision_times_us(profile: Profile, *, samples: int = 200) -> dict[int, dict[str, float]]:
-    """Time of one scheduling decision (prefix keys of the prompt + ``decide``), by length."""
-    from zumik_serve.routing.decision import NO_EVIDENCE
-    from zumik_serve.routing.scheduler import CHARS_PER_TOKEN, ProfileScheduler, SchedulingRequest
+    """Time of one scheduling decision (prefix keys of the text prompt + ``decide``), by length:
+    a prompt's first request (``p50``, ``p99``) and an agent's next turn (``turn_p50``,
+    ``turn_p99``), as ``time_decisions`` defines them."""
+    from zumik_serve.routing.scheduler import CHARS_PER_TOKEN, ProfileScheduler
 
     scheduler = ProfileScheduler(
         with_context(profile, max(DECISION_LENGTHS)), replicas={"local": ["r0", "r1"]}
@@ -253,12 +332,7 @@ def decision_times_us(profile: Profile, *, samples: int = 200) -> dict[int, dict
     result: dict[int, dict[str, float]] = {}
     for length in DECISION_LENGTHS:
         text = "".join(rng.choice("abcdefghij ") for _ in range(length * CHARS_PER_TOKEN))
-        request = SchedulingRequest(
-            tenant="ten_bench", cache_salt="s" * 64, prompt_text=text, expected_output_tokens=16,
-            request_digest="d" * 32, release_id=None, snapshot_id=None, allowed_routes=None,
-            evidence=NO_EVIDENCE,
-        )  # fmt: skip
-        result[length] = time_decisions(scheduler, request, samples=samples)
+        result[length] = time_decisions(scheduler, *timer_requests(text), samples=samples)
     return result
 
 
@@ -280,9 +354,12 @@ def run_routing_bench(args: Any, console: Any) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
+    from zumik_serve.app.application import APP_NAME
     from zumik_serve.app.stack import LocalStack, StackConfig
     from zumik_serve.bench.escalation import print_escalation, run_escalation
+    from zumik_serve.bench.routing_scaling import owner_stats
     from zumik_serve.home import ZumikHome
+    from zumik_serve.model.resolve import resolve_model_dir
     from zumik_serve.store.local_redis import free_port
 
     if getattr(args, "cluster_only", False):  # in process: bench/routing_cluster.py
@@ -298,20 +375,36 @@ def run_routing_bench(args: Any, console: Any) -> int:
     trace = shared_trace()
     if trace is None:
         console.log("mooncake workload skipped: ../shared/data/mooncake is not beside this checkout")
-    workloads = make_workloads(args.seed, args.scale, block_size, trace)
+    workloads = make_workloads(
+        args.seed, args.scale, block_size, trace, mooncake_requests=args.mooncake_requests
+    )
     dev_key = os.environ.get("ZUMIK_DEV_KEY") or "zk-bench-" + os.urandom(8).hex()
+    shape = {"replicas": args.replicas, "gateways": args.gateways, "kv_bytes": args.kv_mib << 20}
+    arms = [arm for arm in args.arms.split(",") if arm]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {', '.join(unknown)}: choose among {', '.join(ARMS)}")
     results: list[ArmResult] = []
+    owners: dict[str, dict[str, int] | None] = {}
+    scaling: ScalingRun | None = None
     with tempfile.TemporaryDirectory(prefix="zumik-bench-routing-") as tmp:
         home = ZumikHome(Path(tmp))
         stack: LocalStack | None = None
         try:
-            for arm in ARMS:
-                profile = arm_profile(arm)
+            for arm in arms:
+                profile = arm_profile(arm, **shape)
                 if stack is None:
                     config = StackConfig.from_env(profile, port=free_port(), dev_key=dev_key, home=home)
                     stack = LocalStack(config).start(console.log)
                 else:
                     stack.redeploy(profile, console.log)
+                block_bytes = kv_block_bytes(resolve_model_dir(profile, home), block_size)
+                capacity_blocks = args.replicas * (shape["kv_bytes"] // block_bytes)
+                if arm == "zumik-scaling":
+                    scaling = _run_scaling_arm(stack, dev_key, profile, args, block_size, console)
+                    results.append(scaling.result)
+                    owners[arm] = owner_stats(APP_NAME)
+                    continue
                 total = sum(len(prompts) for prompts in workloads.values())
                 with Progress(console=console, transient=True) as progress:
                     task = progress.add_task(f"{arm}", total=total)
@@ -320,12 +413,15 @@ def run_routing_bench(args: Any, console: Any) -> int:
                             stack.url, dev_key, profile.model.served_name, arm, workload, prompts,
                             block_size=block_size, concurrency=args.concurrency,
                             on_request=functools.partial(progress.advance, task),
+                            capacity_blocks=capacity_blocks,
                         ))  # fmt: skip
                         results.append(result)
                         console.log(
                             f"{arm:>10} {workload:<15} hit {result.hit_ratio:.3f} (ideal "
                             f"{result.ideal_ratio:.3f}) ttft p50 {result.ttft_p50_ms:.0f} ms"
                         )
+                if arm.startswith("zumik"):
+                    owners[arm] = owner_stats(APP_NAME)
         finally:
             if stack is not None:
                 stack.stop()
@@ -333,8 +429,10 @@ def run_routing_bench(args: Any, console: Any) -> int:
     cluster = cluster_figures(arm_profile("zumik"), seed=args.seed)  # two gateways, one owner
     token_decisions = token_decision_times_us(arm_profile("zumik"), lengths=DECISION_LENGTHS)
     summary = {
-        "seed": args.seed, "scale": args.scale, "concurrency": args.concurrency,
+        "seed": args.seed, "scale": args.scale, "concurrency": args.concurrency, **shape,
         "results": [r.to_json() for r in results],
+        "figures": figures(results), "owners": owners,
+        "scaling": scaling.to_json() if scaling is not None else None,
         "decision_us": {str(length): times for length, times in decisions.items()},
         "mooncake": str(trace) if trace else None,
         "escalation": escalation,
@@ -347,7 +445,10 @@ def run_routing_bench(args: Any, console: Any) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    table = Table(title="Routing arms on two vLLM CPU replicas (32 MiB KV each)")
+    table = Table(
+        title=f"Routing arms: {args.gateways} gateway(s), {args.replicas} vLLM CPU replicas "
+        f"({args.kv_mib} MiB KV each)"
+    )
     for column in (
         "workload",
         "arm",
@@ -367,18 +468,84 @@ def run_routing_bench(args: Any, console: Any) -> int:
             f"{r.ttft_p50_ms:.0f}", f"{r.ttft_p90_ms:.0f}", f"{data['tokens_per_s']:,.0f}",
         )  # fmt: skip
     console.print(table)
-    timing = Table(title="Scheduler decision time (prefix keys + decide), in-process")
-    for column in ("prompt tokens", "p50 us", "p99 us"):
-        timing.add_column(column)
-    for length, times in decisions.items():
-        timing.add_row(str(length), f"{times['p50']:.0f}", f"{times['p99']:.0f}")
-    for length, times in token_decisions.items():  # keys: the engine's own block hashes
-        timing.add_row(f"{length} (token ids)", f"{times['p50']:.0f}", f"{times['p99']:.0f}")
-    console.print(timing)
+    console.print(timing_table(decisions, token_decisions))
+    console.print(figures_table(summary))
     print_escalation(escalation, console)
     console.print(owners_table(cluster))
     console.print(f"wrote {args.out / 'routing.json'} and {args.out / 'routing.png'}")
     return 0
+
+
+def _run_scaling_arm(
+    stack: Any, dev_key: str, profile: Profile, args: Any, block_size: int, console: Any
+) -> ScalingRun:
+    """The scaling arm (``bench/routing_scaling.py``) on the deployed ``zumik-scaling`` profile."""
+    from zumik_serve.app.application import APP_NAME
+    from zumik_serve.bench.routing_scaling import measure_scaling_arm, running_replicas
+
+    prompts = shared_prefix(random.Random(args.seed + 4), args.scaling_requests // 4 + 1)
+
+    async def run() -> ScalingRun:
+        headers = {"Authorization": f"Bearer {dev_key}"}
+        async with httpx.AsyncClient(base_url=stack.url, headers=headers, timeout=300) as client:
+            return await measure_scaling_arm(
+                client, profile.model.served_name, prompts[: args.scaling_requests],
+                block_size=block_size, concurrency=args.concurrency, replicas=args.replicas,
+                running=running_replicas(APP_NAME, "EngineReplica"),
+                phase_requests=args.scaling_phase_requests, progress=console.log,
+            )  # fmt: skip
+
+    return asyncio.run(run())
+
+
+def figures(results: list[ArmResult]) -> dict[str, dict[str, float | None]]:
+    """Issue #17's figures per workload, Zumik against Serve's balancing with prefix caching
+    (``rr-cache``) in the same run: capture efficiency, TTFT p90 ratio (Serve's / Zumik's, higher
+    is better for Zumik) and throughput ratio (Zumik's / Serve's)."""
+    by = {(r.arm, r.workload): r for r in results}
+    out: dict[str, dict[str, float | None]] = {}
+    for (arm, workload), zumik in by.items():
+        if arm != "zumik":
+            continue
+        serve = by.get(("rr-cache", workload))
+        out[workload] = {
+            "capture_efficiency": zumik.capture_efficiency,
+            "pooled_capture": zumik.pooled_capture,
+            "serve_pooled_capture": serve.pooled_capture if serve else None,
+            "ttft_p90_ratio": serve.ttft_p90_ms / zumik.ttft_p90_ms if serve and zumik.ttft_p90_ms else None,
+            "throughput_ratio": (
+                (zumik.prompt_tokens / zumik.wall_s) / (serve.prompt_tokens / serve.wall_s)
+                if serve and zumik.wall_s and serve.wall_s else None
+            ),
+        }  # fmt: skip
+    return out
+
+
+def figures_table(summary: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Zumik against Serve's balancing (rr-cache), same run")
+    columns = ("workload", "capture eff. (goal >= 0.95)", "of the pooled ideal (Serve's)",
+               "TTFT p90 ratio (>= 3)", "throughput ratio")  # fmt: skip
+    for column in columns:
+        table.add_column(column)
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    for workload, row in summary["figures"].items():
+        pooled = f"{cell(row['pooled_capture'])} ({cell(row['serve_pooled_capture'])})"
+        table.add_row(workload, cell(row["capture_efficiency"]), pooled, cell(row["ttft_p90_ratio"]),
+                      cell(row["throughput_ratio"]))  # fmt: skip
+    scaling = summary.get("scaling")
+    if scaling:
+        result = scaling["result"]
+        table.add_row(
+            f"scaling ({'scaled' if scaling['scaled'] else 'NOT scaled'}, "
+            f"{len(scaling['failures'])} failed of {result['requests']})",
+            cell(result["capture_efficiency"]) + " (goal >= 0.9)", "-", "-", "-",
+        )  # fmt: skip
+    return table
 
 
 def plot_routing(summary: dict[str, Any], path: Path) -> None:

@@ -19,6 +19,7 @@ picked replica differed from its truth (``belief_wrong``).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +27,12 @@ from profiles import Profile
 from zumik_serve.routing.decision import NO_EVIDENCE
 from zumik_serve.routing.owner import exchange
 from zumik_serve.routing.residency import ResidencyIndex
-from zumik_serve.routing.scheduler import ProfileScheduler, SchedulingRequest, owner_for
+from zumik_serve.routing.scheduler import CHARS_PER_TOKEN, ProfileScheduler, SchedulingRequest, owner_for
 
 REPLICAS = ("r0", "r1", "r2")
 LAGGING_EVERY = 10  # views that lag: the gateways exchange with the owner every 10 requests
 SALT = "s" * 64
+AGENT_TURN_TOKENS = 256  # what an agent's next turn adds to its previous prompt, in the timers
 
 
 @dataclass(frozen=True)
@@ -118,20 +120,56 @@ def token_decision_times_us(
     profile: Profile, *, lengths: tuple[int, ...], samples: int = 200
 ) -> dict[int, dict[str, float]]:
     """Decision time when the prompt is token ids (keys: the engine's block hashes), by length:
-    with the profile's context raised to the longest length, so every block of it is keyed."""
+    with the profile's context raised to the longest length, so every block of it is keyed.
+    Both cases of ``time_decisions``: a prompt's first request, and an agent's next turn."""
 
     scheduler = ProfileScheduler(with_context(profile, max(lengths)), replicas={"local": list(REPLICAS)})
     rng = random.Random(7)
     result: dict[int, dict[str, float]] = {}
     for length in lengths:
         tokens = [rng.randrange(10, 30_000) for _ in range(length)]
-        request = SchedulingRequest(
-            tenant="ten_bench", cache_salt=SALT, prompt_text="", expected_output_tokens=16,
-            request_digest="d" * 32, release_id=None, snapshot_id=None, allowed_routes=None,
-            evidence=NO_EVIDENCE, prompt_token_ids=tokens,
-        )  # fmt: skip
-        result[length] = time_decisions(scheduler, request, samples=samples)
+        result[length] = time_decisions(scheduler, *timer_requests(tokens), samples=samples)
     return result
+
+
+def timer_requests(
+    prompt: str | list[int],
+) -> tuple[SchedulingRequest, Callable[[int], SchedulingRequest], Callable[[int], SchedulingRequest]]:
+    """The requests ``time_decisions`` times, from ``prompt`` (text of ``CHARS_PER_TOKEN``
+    characters a token, or token ids): the agent's previous turn (``prompt`` less its last
+    ``AGENT_TURN_TOKENS``), the first request ``first(i)`` (``prompt`` with sample ``i``'s mark
+    at its start: no block shared with any request before it) and the next turn ``turn(i)``
+    (the previous turn, sample ``i``'s mark, then the rest of ``prompt``). A mark is ``#`` and
+    eight digits in text, the id ``30_000 + i`` in token ids: neither may occur in ``prompt``."""
+    if isinstance(prompt, str):
+        text, cut = prompt, len(prompt) - AGENT_TURN_TOKENS * CHARS_PER_TOKEN
+
+        def first_text(index: int) -> SchedulingRequest:
+            return bench_request(f"#{index:08d}" + text[9:])
+
+        def turn_text(index: int) -> SchedulingRequest:
+            return bench_request(f"{text[:cut]}#{index:08d}" + text[cut + 9 :])
+
+        return bench_request(text[:cut]), first_text, turn_text
+    tokens, end = prompt, len(prompt) - AGENT_TURN_TOKENS
+
+    def first_ids(index: int) -> SchedulingRequest:
+        return bench_request([30_000 + index, *tokens[1:]])
+
+    def turn_ids(index: int) -> SchedulingRequest:
+        return bench_request([*tokens[:end], 30_000 + index, *tokens[end + 1 :]])
+
+    return bench_request(tokens[:end]), first_ids, turn_ids
+
+
+def bench_request(prompt: str | list[int]) -> SchedulingRequest:
+    """The request the decision timers decide: ``prompt`` as text, or as token ids."""
+    text, token_ids = (prompt, None) if isinstance(prompt, str) else ("", prompt)
+    return SchedulingRequest(
+        tenant="ten_bench", cache_salt=SALT, prompt_text=text, expected_output_tokens=16,
+        request_digest="d" * 32, release_id=None, snapshot_id=None, allowed_routes=None,
+        evidence=NO_EVIDENCE, prompt_token_ids=token_ids,
+    )  # fmt: skip
 
 
 def with_context(profile: Profile, tokens: int) -> Profile:
@@ -142,23 +180,60 @@ def with_context(profile: Profile, tokens: int) -> Profile:
 
 
 def time_decisions(
-    scheduler: ProfileScheduler, request: SchedulingRequest, *, samples: int
+    scheduler: ProfileScheduler,
+    previous: SchedulingRequest,
+    first: Callable[[int], SchedulingRequest],
+    turn: Callable[[int], SchedulingRequest],
+    *,
+    samples: int,
 ) -> dict[str, float]:
-    """p50 and p99 (µs) of ``decide`` for ``request``, after one warm decision whose pick is
-    recorded as sent (so the prefix is resident, as for an agent's next turn)."""
+    """p50 and p99 (µs) of ``decide`` in two cases, their samples alternating:
+
+        p50, p99            a prompt's first request: ``first(i)`` shares no block with any
+                            request before it (nothing resident, no chain remembered)
+        turn_p50, turn_p99  an agent's next turn: ``turn(i)`` is ``previous`` (decided and
+                            sent once before the timing: resident, its chain remembered) with a
+                            new suffix of its own
+
+    Requests are built outside the timed call."""
     import statistics
     import time
 
-    record, keys = scheduler.decide("dec_warm", request, now_ms=0, seed=1)
+    record, keys = scheduler.decide("dec_previous", previous, now_ms=0, seed=1)
     if record.pick is not None:
         scheduler.sent(record.pick, keys)
-    times = []
+    times: dict[str, list[float]] = {"first": [], "turn": []}
     for index in range(samples):
-        started = time.perf_counter()
-        scheduler.decide(f"dec_{index}", request, now_ms=index, seed=index)
-        times.append((time.perf_counter() - started) * 1e6)
-    times.sort()
-    return {"p50": statistics.median(times), "p99": times[int(0.99 * (len(times) - 1))]}
+        for case, make in (("first", first), ("turn", turn)):
+            request = make(index)
+            started = time.perf_counter()
+            scheduler.decide(f"dec_{case}_{index}", request, now_ms=index, seed=index)
+            times[case].append((time.perf_counter() - started) * 1e6)
+    result: dict[str, float] = {}
+    for case, prefix in (("first", ""), ("turn", "turn_")):
+        ordered = sorted(times[case])
+        result[f"{prefix}p50"] = statistics.median(ordered)
+        result[f"{prefix}p99"] = ordered[int(0.99 * (len(ordered) - 1))]
+    return result
+
+
+def timing_table(text: dict[int, dict[str, float]], tokens: dict[int, dict[str, float]]) -> Any:
+    """Both decision timers as one rich table (``zumik bench routing``, with ``--cluster-only``
+    too): a prompt's first request, and an agent's next turn."""
+    from rich.table import Table
+
+    table = Table(
+        title="Scheduler decision time (prefix keys + decide), in-process, µs: a prompt's first "
+        f"request, and an agent's next turn (same prefix, {AGENT_TURN_TOKENS} new tokens)"
+    )
+    for column in ("prompt tokens", "keys", "first p50", "first p99", "next turn p50", "next turn p99"):
+        table.add_column(column)
+    for label, times_by_length in (("text", text), ("token ids", tokens)):
+        for length, times in times_by_length.items():
+            table.add_row(
+                str(length), label, *(f"{times[name]:.0f}" for name in ("p50", "p99", "turn_p50", "turn_p99"))
+            )
+    return table
 
 
 def owners_table(arms: list[ClusterArm]) -> Any:
@@ -176,8 +251,6 @@ def owners_table(arms: list[ClusterArm]) -> Any:
 def run_cluster_only(args: Any, console: Any) -> int:
     """``zumik bench routing --cluster-only``: this module's figures and both decision timers."""
     import json
-
-    from rich.table import Table
 
     from zumik_serve.bench.routing import DECISION_LENGTHS, arm_profile, decision_times_us
 
@@ -197,12 +270,6 @@ def run_cluster_only(args: Any, console: Any) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     console.print(owners_table(arms))
-    timing = Table(title="Scheduler decision time (prefix keys + decide), in-process")
-    for column in ("prompt tokens", "keys", "p50 us", "p99 us"):
-        timing.add_column(column)
-    for label, times_by_length in (("text", text), ("token ids", tokens)):
-        for length, times in times_by_length.items():
-            timing.add_row(str(length), label, f"{times['p50']:.0f}", f"{times['p99']:.0f}")
-    console.print(timing)
+    console.print(timing_table(text, tokens))
     console.print(f"wrote {args.out / 'cluster.json'}")
     return 0

@@ -15,8 +15,10 @@ are on) each block is::
 and the event names a block by the low 64 bits of its hash, big-endian (vLLM's default
 ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``). Prompts with LoRA adapters or multimodal inputs add
 extra keys this module does not model (their blocks then never match: a worse pick, never a
-wrong answer). ``tests/unit/test_block_hashes.py`` checks equality with vLLM's own function, and
-the integration smoke against the hashes a real engine publishes.
+wrong answer). ``engine_block_keys`` with a chain memo (``routing/chain_memo.py``) recalls the
+blocks a recent prompt of the same salt began with instead of encoding and hashing them again.
+``tests/unit/test_block_hashes.py`` checks equality with vLLM's own function, and the
+integration smoke against the hashes a real engine publishes.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ import hashlib
 from array import array
 from collections.abc import Callable, Sequence
 from itertools import accumulate
+from typing import cast
 
 import numpy as np
+
+from zumik_serve.routing.chain_memo import ChainMemo
 
 NONE_HASH_SEED = "vllm-none-hash"
 HASH_ALGO = "sha256_cbor"
@@ -46,17 +51,30 @@ def engine_block_hashes(
     if num_blocks <= 0:
         return []
     body, ends = _encoded_blocks(token_ids[: num_blocks * block_size], block_size)
+    return _chain(body, ends, block_size, NONE_HASH, _salt_extra(cache_salt))
+
+
+def _chain(
+    body: bytes, ends: Sequence[int], block_size: int, parent: bytes, first_extra: bytes
+) -> list[bytes]:
+    """The hashes of the blocks encoded in ``body`` (block ``i`` ends at ``ends[i]``), chained
+    from ``parent``; ``first_extra`` is the first block's extra keys (the salt of a prompt's
+    block 0, CBOR null for any later block)."""
     sha256 = hashlib.sha256
     items = _head(4, block_size)  # the block's tokens: an array of block_size items
-    salted = _CBOR_NULL if not cache_salt else b"\x81\x82" + _text("cache_salt") + _text(cache_salt)
     start = ends[0]
-    parent = sha256(_PARENT + NONE_HASH + items + body[:start] + salted).digest()
+    parent = sha256(_PARENT + parent + items + body[:start] + first_extra).digest()
     hashes = [parent]
     for end in ends[1:]:
         parent = sha256(_PARENT + parent + items + body[start:end] + _CBOR_NULL).digest()
         hashes.append(parent)
         start = end
     return hashes
+
+
+def _salt_extra(cache_salt: str | None) -> bytes:
+    """Block 0's extra keys: ``(("cache_salt", salt),)``, or null without a salt."""
+    return _CBOR_NULL if not cache_salt else b"\x81\x82" + _text("cache_salt") + _text(cache_salt)
 
 
 _CBOR_NULL = b"\xf6"
@@ -163,10 +181,47 @@ def event_key(block_hash: bytes | int) -> str:
 
 
 def engine_block_keys(
-    token_ids: Sequence[int], *, block_size: int, cache_salt: str | None, max_blocks: int
+    token_ids: Sequence[int],
+    *,
+    block_size: int,
+    cache_salt: str | None,
+    max_blocks: int,
+    memo: ChainMemo | None = None,
 ) -> list[str]:
-    """``engine_block_hashes`` as residency keys (``event_key``)."""
-    hashes = engine_block_hashes(
-        token_ids, block_size=block_size, cache_salt=cache_salt, max_blocks=max_blocks
-    )
-    return [block_hash[-8:].hex() for block_hash in hashes]  # event_key of a 32-byte hash
+    """``engine_block_hashes`` as residency keys (``event_key``). With ``memo``, the blocks a
+    recent prompt of the same salt began with are recalled, not encoded and hashed
+    (``routing/chain_memo.py``): the same keys, byte for byte."""
+    num_blocks = min(len(token_ids) // block_size, max_blocks)
+    if memo is None or num_blocks <= 0:
+        hashes = engine_block_hashes(
+            token_ids, block_size=block_size, cache_salt=cache_salt, max_blocks=max_blocks
+        )
+        return [block_hash[-8:].hex() for block_hash in hashes]  # event_key of a 32-byte hash
+    num_tokens = num_blocks * block_size
+    try:  # the memo's content: each id's 4 bytes, exact for 0 <= id < 2**32
+        ids = array("I", token_ids if len(token_ids) < num_tokens + block_size else token_ids[:num_tokens])
+    except OverflowError:  # an id no engine accepts: hashed, not remembered
+        return engine_block_keys(
+            token_ids, block_size=block_size, cache_salt=cache_salt, max_blocks=max_blocks
+        )
+    del ids[num_tokens:]  # a partial last block: not hashed
+    content = ids.tobytes()
+    chain = (HASH_ALGO, block_size)
+    block_bytes = ids.itemsize * block_size
+    keys: list[str] = []
+    # The root carries the salt: block 0's extra keys hold it, and NONE_HASH is every salt's.
+    done, link = memo.recall(chain, ("cache_salt", cache_salt or ""), content, block_bytes, num_blocks, keys)
+    if done == num_blocks:
+        return keys
+    first = done * block_size
+    if num_tokens - first >= VECTOR_MIN_TOKENS:
+        body, ends = _vector_encoded(np.frombuffer(ids, dtype=np.uintc)[first:], block_size)
+    else:
+        body, ends = _joined_blocks(token_ids[first:num_tokens], block_size, _table_block)
+    if done:
+        hashes = _chain(body, ends, block_size, cast(bytes, link), _CBOR_NULL)
+    else:
+        hashes = _chain(body, ends, block_size, NONE_HASH, _salt_extra(cache_salt))
+    keys.extend([block_hash[-8:].hex() for block_hash in hashes])
+    memo.remember(chain, link, content, block_bytes, done, keys, hashes)
+    return keys

@@ -15,7 +15,8 @@ seeded with the tenant's cache salt, so one tenant's traffic never changes anoth
 Computing them does not need the tokenizer (SGLang's cache-aware router matches text too).
 A prompt given as token ids is keyed by the engine's own block hashes instead
 (``routing/block_hashes.py``, salted by the engine with the same cache salt), the names its KV
-events use.
+events use. Both chains are remembered across requests (``routing/chain_memo.py``, one memo per
+process): an agent's next turn hashes only what it added to its previous prompt.
 
 No I/O, no clock: the gateway passes ``now_ms`` and the seed in. It runs inside each gateway
 process as that gateway's local view of the profile's state (a remote call per request would cost
@@ -31,6 +32,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
+from typing import cast
 
 from profiles import Profile
 from profiles.model import RouteKind, RouteSpec
@@ -44,6 +46,7 @@ from zumik_serve.routing.breaker import (
     record_failure,
     record_success,
 )
+from zumik_serve.routing.chain_memo import PREFIX_CHAINS, ChainMemo
 from zumik_serve.routing.decision import (
     DecisionInputs,
     DecisionRecord,
@@ -74,20 +77,37 @@ from zumik_serve.routing.retry import RetryBudget
 CHARS_PER_TOKEN = 4
 ANY_REPLICA = "*"  # a BYOC pick that names no replica: the group had none the scheduler knew
 RESIDENCY_BLOCKS_PER_REPLICA = 65_536
+TEXT_CHAIN = "zumik-prefix/blake2b-16"  # prefix_keys' chain, as the chain memo names it
 
 
-def prefix_keys(text: str, *, block_size: int, salt: str, max_blocks: int) -> list[str]:
-    """Chained keys of every full chunk of ``text`` (about one KV block each)."""
+def prefix_keys(
+    text: str, *, block_size: int, salt: str, max_blocks: int, memo: ChainMemo | None = None
+) -> list[str]:
+    """Chained keys of every full chunk of ``text`` (about one KV block each). With ``memo``,
+    the chunks a recent prompt of the same salt began with are recalled, not hashed
+    (``routing/chain_memo.py``): the same keys, byte for byte."""
     width = block_size * CHARS_PER_TOKEN
     data = text.encode()
     count = min(len(data) // width, max_blocks)
     blake2b = hashlib.blake2b
     parent = blake2b(f"zumik-prefix|{salt}".encode(), digest_size=16).digest()
     keys: list[str] = []
-    append = keys.append
-    for start in range(0, count * width, width):  # one hash per chunk: the chain is the floor
+    done = 0
+    chain = (TEXT_CHAIN, width)
+    if memo is not None and count:
+        done, link = memo.recall(chain, parent, data, width, count, keys)
+        if done == count:
+            return keys
+        parent = cast(bytes, link)
+    start_link = parent
+    links: list[bytes] = []
+    append = links.append
+    for start in range(done * width, count * width, width):  # one hash per chunk: the chain is the floor
         parent = blake2b(parent + data[start : start + width], digest_size=16).digest()
-        append(parent.hex())
+        append(parent)
+    keys.extend(map(bytes.hex, links))
+    if memo is not None and count:
+        memo.remember(chain, start_link, data, width, done, keys, links)
     return keys
 
 
@@ -128,9 +148,18 @@ class SchedulingRequest:
 
 
 class ProfileScheduler:
-    def __init__(self, profile: Profile, *, replicas: dict[str, Sequence[str]]) -> None:
-        """``replicas``: the replica ids of each BYOC route (e.g. ``{"local": ["r0", "r1"]}``)."""
+    def __init__(
+        self,
+        profile: Profile,
+        *,
+        replicas: dict[str, Sequence[str]],
+        chains: ChainMemo | None = PREFIX_CHAINS,
+    ) -> None:
+        """``replicas``: the replica ids of each BYOC route (e.g. ``{"local": ["r0", "r1"]}``).
+        ``chains``: where prompts' prefix key chains are remembered across requests (the
+        process's memo; ``None``: every prompt is hashed whole)."""
         self.profile = profile
+        self.chains = chains
         self.routes = {route.name: route for route in profile.effective_routes()}
         self.replicas = {name: list(ids) for name, ids in replicas.items()}
         self.fingerprint = profile.fingerprint()
@@ -167,13 +196,13 @@ class ProfileScheduler:
         if request.prompt_token_ids is not None:
             keys = engine_block_keys(
                 request.prompt_token_ids, block_size=block_size, cache_salt=request.cache_salt,
-                max_blocks=self._max_blocks,
+                max_blocks=self._max_blocks, memo=self.chains,
             )  # fmt: skip
             num_tokens = len(request.prompt_token_ids)
         else:
             keys = prefix_keys(
                 request.prompt_text, block_size=block_size, salt=request.cache_salt,
-                max_blocks=self._max_blocks,
+                max_blocks=self._max_blocks, memo=self.chains,
             )  # fmt: skip
             num_tokens = len(request.prompt_text) // CHARS_PER_TOKEN
         candidates = []

@@ -1,0 +1,109 @@
+"""`zumik bench routing`'s scaling arm, driven through the real gateway in process (the engine is
+the shared stand-in; the autoscaler is played by ``running()``, stepping on the engine's count of
+calls). The arm on real engines and Serve's real autoscaler is `zumik bench routing`
+(docs/benchmarks.md); here: the phases end on the autoscaler's steps and nowhere else, every
+request is counted once, a failed request is reported and never retried or dropped, and a step
+that never comes is reported as not reached."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.support.fake_engine import FakeEngine
+from tests.support.inprocess import make_gateway
+from zumik_serve.bench.routing import ArmResult, figures, ideal_cached, pooled_ideal, shared_prefix
+from zumik_serve.bench.routing_scaling import measure_scaling_arm
+from zumik_serve.engines.protocol import EngineFailure
+
+pytestmark = pytest.mark.redis
+
+STEADY = 6
+
+
+def autoscaler(engine: FakeEngine, steps: list[tuple[int, int]]) -> tuple[list[int], object]:
+    """``running()`` that reports, once the engine saw ``calls`` calls, the ``replicas`` of the
+    last step ``(calls, replicas)`` reached; and the counts it reported."""
+    seen: list[int] = []
+
+    async def running() -> int:
+        calls = len(engine.bodies)
+        count = [replicas for after, replicas in steps if calls >= after][-1]
+        seen.append(count)
+        return count
+
+    return seen, running
+
+
+async def test_the_phases_follow_the_autoscaler_and_count_every_request(
+    module_redis_url: str, tiny_model_dir: Path
+) -> None:
+    gateway = make_gateway(module_redis_url, tiny_model_dir)
+    engine = gateway.engine
+    prompts = shared_prefix(random.Random(5), 30)  # 120 requests, far more than the run needs
+    # Idle after the deploy: 2 running; the steady load brings the third, then the scaling steps.
+    steps = [(0, 2), (STEADY + 3, 3), (STEADY + 8, 2), (STEADY + 14, 3)]
+    seen, running = autoscaler(engine, steps)
+    # The first request fails for good (a 503 would be retried by the gateway, and succeed).
+    engine.fail_next(EngineFailure(status=400, message="bad prompt", type="invalid_request_error"))
+    async with gateway.client() as client:
+        run = await measure_scaling_arm(
+            client, "zumik-tiny", prompts, block_size=32, concurrency=3,
+            replicas=3, running=running, phase_requests=STEADY, poll_s=0.01,  # type: ignore[arg-type]
+        )  # fmt: skip
+    names = [phase.name for phase in run.phases]
+    assert names == ["steady", "scale-down", "scale-up", "after"]
+    steady, down, up, after = run.phases
+    assert steady.requests >= STEADY + 3 and steady.replicas_at_end == 3 and after.requests == STEADY
+    assert down.reached and down.replicas_at_end == 2 and up.reached and up.replicas_at_end == 3
+    assert run.scaled and 2 in seen
+    sent = sum(phase.requests for phase in run.phases)
+    assert run.result.requests == sent == len(engine.bodies)  # each reached the engine once
+    assert len(run.failures) == 1 and run.failures[0].startswith("request ") and "400" in run.failures[0]
+    assert run.result.prompt_tokens == sum(len(p) for p in prompts[:sent])
+    assert run.result.ideal_cached_tokens == sum(ideal_cached(prompts[:sent], 32))
+    assert run.to_json()["scaled"] is True and run.to_json()["failures"] == list(run.failures)
+
+
+async def test_a_step_that_never_comes_is_reported_not_reached(
+    module_redis_url: str, tiny_model_dir: Path
+) -> None:
+    gateway = make_gateway(module_redis_url, tiny_model_dir)
+
+    async def never_scales() -> int:
+        return 3
+
+    prompts = shared_prefix(random.Random(6), 3)  # 12 requests: the scale-down phase runs them out
+    async with gateway.client() as client:
+        run = await measure_scaling_arm(
+            client, "zumik-tiny", prompts, block_size=32, concurrency=2,
+            replicas=3, running=never_scales, phase_requests=4, poll_s=0.01,
+        )  # fmt: skip
+    assert not run.scaled and not run.phases[1].reached and run.phases[1].replicas_at_end == 3
+    assert sum(phase.requests for phase in run.phases) == run.result.requests == len(prompts)
+    assert not run.failures
+
+
+def test_the_figures_compare_zumik_with_serves_balancing_in_the_same_run() -> None:
+    def arm(name: str, *, cached: int, p90: float, wall: float) -> ArmResult:
+        return ArmResult(name, "shared_prefix", 10, 1000, cached, 900, 10.0, p90, wall)
+
+    zumik = arm("zumik", cached=880, p90=30.0, wall=2.0)
+    rows = figures([arm("rr-cache", cached=300, p90=90.0, wall=4.0), zumik])
+    assert rows["shared_prefix"]["ttft_p90_ratio"] == pytest.approx(3.0)
+    assert rows["shared_prefix"]["throughput_ratio"] == pytest.approx(2.0)
+    assert rows["shared_prefix"]["capture_efficiency"] == pytest.approx(880 / 900)
+    alone = figures([zumik])  # no rr-cache arm in the run
+    assert alone["shared_prefix"]["ttft_p90_ratio"] is None
+
+
+def test_the_pooled_ideal_is_the_unlimited_one_until_the_groups_kv_runs_out() -> None:
+    a, b = list(range(10, 75)), list(range(100, 165))  # 65 tokens: two full blocks of 32 each
+    prompts = [a, b, a, b]
+    assert pooled_ideal(prompts, 32, capacity_blocks=100) == ideal_cached(prompts, 32) == [0, 0, 64, 64]
+    # Room for 3 blocks: when b's blocks came in, a's tail went (a tail goes before its head),
+    # so a's second request finds a's first block only; b's then finds b's first block only.
+    assert pooled_ideal(prompts, 32, capacity_blocks=3) == [0, 0, 32, 32]
+    assert pooled_ideal(prompts, 32, capacity_blocks=1) == [0, 0, 0, 0]
