@@ -1,12 +1,16 @@
 """``zumik bench routing``: how much reuse each way of choosing a replica captures.
 
-Two vLLM CPU replicas of the tiny model, each with a small KV cache (``local-cpu-2x``: 32 MiB,
-about 8k tokens), so one replica cannot hold a workload's whole working set. Arms, one after
-another on the same request sequences, each on freshly started engines:
+A group of vLLM CPU replicas of the tiny model (``--replicas``, default 3) behind ``--gateways``
+gateway replicas (default 2, one scheduler owner), each replica with a small KV cache
+(``--kv-mib``, default 32 MiB: 256 blocks of 32 tokens), so one replica cannot hold a
+workload's whole working set. Arms (``--arms``), one after another on the same request
+sequences, each on freshly started engines:
 
-    rr-nocache   Ray Serve's own balancing, prefix caching off   (the floor)
-    rr-cache     Ray Serve's own balancing, prefix caching on    (what a plain deployment gets)
-    zumik        Zumik's scheduler: prefix residency and load    (``routing.replica_choice``)
+    rr-nocache     Ray Serve's own balancing, prefix caching off   (the floor)
+    rr-cache       Ray Serve's own balancing, prefix caching on    (what a plain deployment gets)
+    zumik          Zumik's scheduler: prefix residency and load    (``routing.replica_choice``)
+    zumik-scaling  Zumik's scheduler while Serve's autoscaler removes a replica and adds one
+                   (``bench/routing_scaling.py``)
 
 Workloads (token-id prompts on ``/v1/completions``, so that sharing is exact and the ideal is
 computable from the workload itself; ``--seed`` makes them identical across runs):
@@ -20,8 +24,9 @@ computable from the workload itself; ``--seed`` makes them identical across runs
 
 Per arm and workload: token-weighted hit ratio (cached / prompt tokens), capture efficiency
 (hit ratio over the ideal one: every block-aligned prefix seen before is a hit, unlimited
-cache), prefill tokens computed, TTFT p50/p90 and throughput. Separately, the scheduler's
-decision time (prefix keys + ``decide``) by prompt length, in-process.
+cache), the share of the pooled ideal (one LRU cache of the group's whole KV), prefill tokens
+computed, TTFT p50/p90 and throughput. Separately, the scheduler's decision time (prefix keys +
+``decide``) by prompt length, in-process.
 """
 
 from __future__ import annotations
