@@ -49,19 +49,29 @@ def encode_block(tensors: dict[str, np.ndarray], address: BlockAddress) -> bytes
     return bytes(save(tensors, metadata=metadata))
 
 
+def _named_header(value: bytes, address: BlockAddress) -> tuple[dict[str, Any], int] | None:
+    """The safetensors header at the start of ``value`` and where its data starts, or None
+    unless its metadata names ``address`` (compat digest and key)."""
+    parsed = _header(value)
+    if parsed is None:
+        return None
+    header, _ = parsed
+    metadata = header.get("__metadata__")
+    if (
+        not isinstance(metadata, dict)
+        or metadata.get("compat") != address.compat_digest
+        or metadata.get("key") != address.key
+    ):
+        return None
+    return parsed
+
+
 def decode_block(value: bytes, address: BlockAddress) -> dict[str, np.ndarray] | None:
     try:
-        parsed = _header(value)
+        parsed = _named_header(value, address)
         if parsed is None:
             return None
         header, data_start = parsed
-        metadata = header.get("__metadata__")
-        if (
-            not isinstance(metadata, dict)
-            or metadata.get("compat") != address.compat_digest
-            or metadata.get("key") != address.key
-        ):
-            return None
         views = _views(value, header, data_start)
         return views if views is not None else dict(load(value))
     except (SafetensorError, ValueError, TypeError, KeyError, OSError):
@@ -119,17 +129,10 @@ def parse_header(head: bytes, address: BlockAddress) -> BlockHeader | None:
     """The header at the start of ``head`` (which holds at least ``8 + header length`` bytes,
     see ``header_length``), or None unless it names ``address`` and its tensors tile the data."""
     try:
-        parsed = _header(head)
+        parsed = _named_header(head, address)
         if parsed is None:
             return None
         header, data_start = parsed
-        metadata = header.get("__metadata__")
-        if (
-            not isinstance(metadata, dict)
-            or metadata.get("compat") != address.compat_digest
-            or metadata.get("key") != address.key
-        ):
-            return None
         entries = sorted(
             ((name, entry) for name, entry in header.items() if name != "__metadata__"),
             key=lambda item: int(item[1]["data_offsets"][0]),
@@ -170,9 +173,18 @@ class BlockSink:
         # header but for the key (and the order of the metadata, which safetensors writes from
         # a hash map: at most 6 orders), so the next one is checked by comparing bytes.
         self._known: list[tuple[str, bytes, BlockHeader]] = []
+        self._last: tuple[str, BlockHeader] | None = None  # the last file's (shard digest, header)
 
     def read_file(self, index: int, fd: int, address: BlockAddress) -> int:
-        """Read block ``index`` from the open file ``fd``: its size, or 0 when not taken."""
+        """Read block ``index`` from the open file ``fd``: its size, or 0 when not taken. After
+        the first file, one ``preadv`` reads the header the last file had and the tensors into
+        the places that header gives, and the header is checked after: the block is taken only
+        if it has that same header (for this address), else it is read again the long way
+        (header first, then the tensors)."""
+        if self._last is not None:
+            size = self._read_as_known(index, fd, address, *self._last)
+            if size is not None:
+                return size
         head = os.pread(fd, self._head_guess, 0)
         length = header_length(head)
         if length is None or length > (1 << 20):
@@ -187,10 +199,30 @@ class BlockSink:
         places = self._places(index, header)
         if header is None or places is None:
             return 0
+        self._last = (address.compat_digest, header)
         wanted = header.size - header.data_start
         buffers: list[Any] = [*places, self._tail]
         read = os.preadv(fd, buffers, header.data_start)
         return header.size if read == wanted else 0
+
+    def _read_as_known(
+        self, index: int, fd: int, address: BlockAddress, compat: str, known: BlockHeader
+    ) -> int | None:
+        """The block's size read in one ``preadv`` as the last header parsed says; 0 when the
+        file is not such a block of ``address`` and cannot be one (too long, too short with
+        the header as expected), None when its header differs (read it the long way)."""
+        if compat != address.compat_digest:
+            return None
+        places = self._places(index, known)
+        if places is None:
+            return None
+        head = bytearray(known.data_start)
+        buffers: list[Any] = [head, *places, self._tail]
+        read = os.preadv(fd, buffers, 0)
+        head_bytes = bytes(head)
+        if header_length(head_bytes) != known.data_start or self._header(head_bytes, address) != known:
+            return None
+        return known.size if read == known.size else 0
 
     def take(self, index: int, value: bytes | memoryview, address: BlockAddress) -> bool:
         """Copy block ``index`` from ``value`` (a block value in memory) into its places."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvstore.keys import ScopeId
@@ -203,13 +203,16 @@ class TierManager:
         asked once for every block the nearer ones did not give, and each block it gives goes
         straight to the sink, which checks it. A file tier whose blocks are neither sealed nor
         promoted hands over the files (``FileBlocks``): the sink reads each into place (no
-        value in memory); Redis reads a run into its own reused buffer (``ViewLoads``) unless
-        its blocks are promoted. A block the sink refuses is a failure, and a farther tier may
-        still give it. Blocks to promote come back as owned values (``Placed.promote``)."""
+        value in memory); sealed, each file is read into one reused buffer. Redis reads a run
+        into its own reused buffer (``ViewLoads``) unless its blocks are promoted. A sealed
+        block is opened into one buffer reused for every block (``Sealer.open_into``), and is
+        taken only when it authenticates. A block the sink refuses is a failure, and a farther
+        tier may still give it. Blocks to promote come back as owned values (``Placed.promote``)."""
         count = len(addresses)
         sources: list[Tier | None] = [None] * count
         sizes = [0] * count
         promote: dict[int, bytes] = {}
+        opened = memoryview(bytearray())  # sealed blocks' plaintext, one at a time
         tiers = list(self._by_tier)
         for backend in self.tiers:
             wanted = [index for index in range(count) if sources[index] is None]
@@ -229,15 +232,25 @@ class TierManager:
                         failures += 1
             else:
                 asked = [addresses[index] for index in wanted]
-                loaded: Sequence[bytes | memoryview | None]
+                loaded: Iterable[bytes | memoryview | None]
                 if isinstance(backend, ViewLoads) and not promoted:
                     loaded = backend.load_views(asked)  # the tier's buffer, copied into place below
+                elif isinstance(backend, FileBlocks) and not promoted:
+                    loaded = _file_values(backend, asked)  # each file into one reused buffer
                 else:
                     loaded = backend.load_many(asked)
                 for index, raw in zip(wanted, loaded, strict=True):
                     if raw is None:
                         continue
-                    value = self._open_view(addresses[index], raw, backend.tier)
+                    value: bytes | memoryview | None
+                    if sealed:
+                        # opened into one buffer reused for the run (no fresh plaintext per
+                        # block); a value that does not authenticate is never taken
+                        if len(opened) < len(raw):  # a value opens to fewer bytes than it has
+                            opened = memoryview(bytearray(len(raw)))
+                        value = self._sealer_open_into(addresses[index], raw, opened)
+                    else:
+                        value = raw
                     if value is None or not sink.take(index, value, addresses[index]):
                         failures += 1
                         continue
@@ -318,13 +331,12 @@ class TierManager:
             value = self.sealer.open(value, address)
         return value
 
-    def _open_view(
-        self, address: BlockAddress, value: bytes | memoryview, tier: Tier
-    ) -> bytes | memoryview | None:
-        """``_open`` of a value that may be a view of a tier's buffer."""
-        if tier in self.persistent and self.sealer is not None:
-            return self.sealer.open(value, address)
-        return value
+    def _sealer_open_into(
+        self, address: BlockAddress, value: bytes | memoryview, out: memoryview
+    ) -> memoryview | None:
+        """A sealed value (maybe a view of a tier's buffer) opened into ``out``."""
+        assert self.sealer is not None
+        return self.sealer.open_into(value, address, out)
 
     def _write(self, address: BlockAddress, value: bytes, tier: Tier) -> None:
         if self.keyring is not None and self.keyring.is_destroyed(address.scope):
@@ -338,3 +350,25 @@ class TierManager:
             stored = sealed
         if self._by_tier[tier].store(address, stored):
             self.record(TierEvent(TierEventKind.STORE, tier, 1, len(stored)))
+
+
+def _file_values(backend: FileBlocks, addresses: Sequence[BlockAddress]) -> Iterator[memoryview | None]:
+    """The values of ``addresses``' block files in order (None: a miss; empty: unreadable),
+    each read into one buffer reused for the next (a view valid until then): no fresh bytes
+    object per block, and no ``fstat`` while the files are no longer than the last one."""
+    buffer = memoryview(bytearray(1 << 17))
+    for address in addresses:
+        fd = backend.open_block(address)
+        if fd is None:
+            yield None
+            continue
+        try:
+            read = os.preadv(fd, [buffer], 0)
+            while read == len(buffer):  # it may go on: read it whole
+                buffer = memoryview(bytearray(max(os.fstat(fd).st_size + 1, 2 * len(buffer))))
+                read = os.preadv(fd, [buffer], 0)
+        except OSError:
+            read = 0
+        finally:
+            os.close(fd)
+        yield buffer[:read]

@@ -160,6 +160,14 @@ class Sealer(Protocol):
 
     def open(self, sealed: bytes | memoryview, address: BlockAddress) -> bytes | None: ...
 
+    def open_into(
+        self, sealed: bytes | memoryview, address: BlockAddress, out: memoryview
+    ) -> memoryview | None:
+        """``open``, the plaintext written into ``out`` (``sealing.opened_size`` bytes at
+        least) and returned as a view of it; None as ``open`` (``out`` then holds nothing to
+        use)."""
+        ...
+
 
 class Keyring(Protocol):
     """Data keys per isolation scope (``tiers/redis_keyring.py``).

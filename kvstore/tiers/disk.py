@@ -7,7 +7,8 @@ Files are 0600 and folders 0700; the root must be this user's (``atomic_file.cla
 checked before the first write), so no other user of the host reads or plants a block.
 
 With ``capacity_bytes``, every process storing under ``root`` keeps it within that many bytes,
-removing the least recently used blocks first (a load counts as a use). Without, it grows
+removing the least recently used blocks first (a load counts as a use; a process marks a block
+used at most once per ``TOUCH_INTERVAL_S``, so recency is that coarse). Without, it grows
 unbounded (only the tools and tests that want a plain folder of blocks build it so).
 
 A missing, truncated or unreadable file is a miss plus a failure event, never an exception.
@@ -30,6 +31,9 @@ from kvstore.keys import ScopeId
 from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind, TierUsage
 from kvstore.tiers.budget import FolderBudget, touch
 
+TOUCH_INTERVAL_S = 1.0  # a block's use is marked on its file at most once per this, per process
+TOUCH_MEMO = 1 << 16  # blocks remembered as marked (then forgotten at once: marked again)
+
 
 class DiskTier:
     tier = Tier.DISK
@@ -39,6 +43,8 @@ class DiskTier:
         self._events: deque[TierEvent] = deque()
         self._root_claimed = False
         self.budget = None if capacity_bytes is None else FolderBudget(self.root, capacity_bytes)
+        self.touch_interval_s = TOUCH_INTERVAL_S
+        self._touched: dict[tuple[str, str, str], float] = {}  # block -> when marked used (monotonic)
 
     @property
     def capacity_bytes(self) -> int | None:
@@ -78,7 +84,7 @@ class DiskTier:
                 self._failure(f"read: {exc.strerror}")
                 values.append(None)
                 continue
-            if self.budget is not None:
+            if self.budget is not None and self._due(address):
                 touch(path)  # most recently used, for every process's LRU
         return values
 
@@ -93,11 +99,26 @@ class DiskTier:
         except OSError as exc:
             self._failure(f"read: {exc.strerror}")
             return None
-        if self.budget is not None:
+        if self.budget is not None and self._due(address):
             now = time.time_ns()
             with contextlib.suppress(OSError):
                 os.utime(fd, ns=(now, now))  # most recently used, for every process's LRU
         return fd
+
+    def _due(self, address: BlockAddress) -> bool:
+        """Whether a use of ``address`` is to be marked on its file now: not when this process
+        marked it less than ``touch_interval_s`` ago (the file's mtime is at least that mark:
+        only a store, setting it to its own now, changes it otherwise). Recency is then that
+        coarse, like Redis' LRU clock (1 s), and a restore of recent blocks writes no inode."""
+        now = time.monotonic()
+        key = (address.compat_digest, address.scope, address.key)
+        last = self._touched.get(key)
+        if last is not None and now - last < self.touch_interval_s:
+            return False
+        if len(self._touched) >= TOUCH_MEMO:
+            self._touched.clear()
+        self._touched[key] = now
+        return True
 
     def store(self, address: BlockAddress, value: bytes) -> bool:
         path = self.path(address)

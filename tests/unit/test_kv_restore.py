@@ -8,7 +8,11 @@ the connector's real copy code (``kvstore.transfer``):
 - a truncated, extended, foreign or damaged block is refused (a failure event): the restore's
   prefix ends there, unless a farther tier holds an intact copy, which is then used;
 - sealed blocks are opened before they are copied, and blocks to promote come back as owned
-  values equal to what was stored;
+  values equal to what was stored; ``Sealer.open_into`` (one reused buffer, ``decrypt_into``)
+  gives exactly what ``open`` gives and nothing for a value that does not authenticate, so a
+  tampered block never reaches the cache and the engine recomputes it (nothing counted from it);
+- a restore marks each block file used (LRU) at most once per ``touch_interval_s`` per process,
+  and the budget's eviction then keeps it over older blocks;
 - a Redis restore reads the ``MGET`` reply into one reused buffer (RESP2 and RESP3 clients),
   misses are None, and an error reply leaves the client usable;
 - the connector recomputes from the first block that did not restore.
@@ -21,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 import torch
@@ -28,9 +33,10 @@ import torch
 from kvstore.codec import BlockSink, encode_block
 from kvstore.keys import BlockKey, ScopeId
 from kvstore.manager import Placed, TierManager
-from kvstore.sealing import AesGcmSealer
+from kvstore.sealing import AesGcmSealer, ScopedSealer
 from kvstore.tier import BlockAddress, Tier, TierEventKind
 from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.redis_keyring import RedisKeyring
 from kvstore.tiers.redis_tier import MgetReader, RedisTier
 from kvstore.tiers.shared_memory import SharedMemoryTier
 from kvstore.transfer import BlockCopier
@@ -247,3 +253,170 @@ def test_the_connector_recomputes_from_the_first_block_that_did_not_restore(
     report = worker._worker_restores["r"]
     assert report.tiers == {"host": 2} and report.num_bytes == len(values[0]) + len(values[1])
     assert _same_blocks(fresh, original, 2)
+
+
+@pytest.mark.redis
+def test_open_into_gives_the_bytes_open_gives_and_nothing_that_does_not_authenticate(
+    kv_redis: LocalRedis,
+) -> None:
+    keyring = RedisKeyring(_client(kv_redis))
+    address = _addresses(1)[0]
+    value = _values(_caches("LBHNC", seed=6), [address])[0]
+    for sealer in (AesGcmSealer(b"k" * 32), ScopedSealer(keyring)):
+        sealed = sealer.seal(value, address)
+        assert sealed is not None
+        out = memoryview(bytearray(len(sealed)))
+        for given in (sealed, memoryview(bytearray(sealed))):  # bytes, or a view of a tier's buffer
+            opened = sealer.open_into(given, address, out)
+            assert opened is not None and opened.obj is out.obj  # into the caller's buffer
+            assert bytes(opened) == sealer.open(given, address) == value
+        for position in (0, 11, 12, len(sealed) // 2, len(sealed) - 1):  # nonce, data, tag
+            tampered = bytearray(sealed)
+            tampered[position] ^= 1
+            assert sealer.open(bytes(tampered), address) is None
+            assert sealer.open_into(memoryview(tampered), address, out) is None
+        for other in (
+            BlockAddress("e" * 64, address.key, address.scope),
+            BlockAddress(address.compat_digest, BlockKey("f" * 32), address.scope),
+            BlockAddress(address.compat_digest, address.key, ScopeId("fedcba9876543210")),
+        ):  # the associated data names the address: another's copy does not open
+            assert sealer.open(sealed, other) is None and sealer.open_into(sealed, other, out) is None
+        assert sealer.open_into(sealed[:27], address, out) is None  # shorter than nonce and tag
+        assert sealer.open_into(sealed, address, out[: len(value) - 1]) is None  # no room
+    scoped = ScopedSealer(keyring)
+    scope = ScopeId("00000000deadbeef")
+    mine = BlockAddress(COMPAT, BlockKey("a" * 32), scope)
+    sealed = scoped.seal(value, mine)
+    assert sealed is not None
+    keyring.destroy(scope)  # crypto-erasure: nothing of the scope opens, into a buffer either
+    assert scoped.open_into(sealed, mine, memoryview(bytearray(len(sealed)))) is None
+
+
+def _sealed_tier(kind: str, tmp_path: Path, kv_redis: LocalRedis) -> DiskTier | RedisTier:
+    if kind == "disk":
+        return DiskTier(tmp_path / "disk", 1 << 24)
+    tier = RedisTier(_client(kv_redis))
+    tier.remove(_addresses())
+    return tier
+
+
+def _tamper(tier: DiskTier | RedisTier, address: BlockAddress) -> None:
+    sealed = bytearray(tier.load(address) or b"")
+    sealed[len(sealed) // 2] ^= 1  # a bit of the ciphertext: the tag no longer verifies
+    if isinstance(tier, DiskTier):
+        tier.path(address).write_bytes(bytes(sealed))
+    else:
+        tier._redis.set(tier.redis_key(address), bytes(sealed))
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("kind", ["disk", "redis"])
+def test_a_tampered_sealed_block_is_never_written_into_the_cache(
+    tmp_path: Path, kv_redis: LocalRedis, kind: str
+) -> None:
+    original = _caches("LBHNC", seed=7)
+    addresses = _addresses()
+    values = _values(original, addresses)
+    tier = _sealed_tier(kind, tmp_path, kv_redis)
+    sealer = AesGcmSealer(b"s" * 32)
+    manager = TierManager([tier], sealer=sealer)
+    for address, value in zip(addresses, values, strict=True):
+        manager.store(address, value)
+    assert tier.load(addresses[0]) != values[0]  # sealed in the tier
+    _tamper(tier, addresses[2])
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    placed = _restore(manager, BlockCopier(fresh, BLOCKS), addresses)
+    assert placed.num_blocks == 2 and placed.sizes == (len(values[0]), len(values[1]))
+    assert _same_blocks(fresh, original, 2)
+    # decrypted into a buffer of its own and copied only once it authenticated: the tampered
+    # block's place in the cache holds none of its bytes (it stays as it was: zeros)
+    assert all(not cache[TARGET_IDS[2]].view(torch.uint8).any() for cache in fresh.values())
+    events = manager.take_events()
+    loads = [(e.tier, e.num_blocks, e.num_bytes) for e in events if e.kind is TierEventKind.LOAD]
+    assert loads == [(tier.tier, 2, len(values[0]) + len(values[1]))]
+    assert [e.num_blocks for e in events if e.kind is TierEventKind.FAILURE] == [1]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("kind", ["disk", "redis"])
+def test_the_connector_recomputes_a_tampered_sealed_block_and_counts_none_from_it(
+    tmp_path: Path, kv_redis: LocalRedis, kind: str
+) -> None:
+    pytest.importorskip("vllm")
+    from kvstore.connector import ZumikConnectorMetadata, ZumikKVConnector, _Transfer
+
+    original = _caches("LBHNC", seed=8)
+    addresses = _addresses()
+    values = _values(original, addresses)
+    tier = _sealed_tier(kind, tmp_path, kv_redis)
+    manager = TierManager([tier], sealer=AesGcmSealer(b"c" * 32))
+    for address, value in zip(addresses, values, strict=True):
+        manager.store(address, value)
+    _tamper(tier, addresses[1])
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    worker = ZumikKVConnector.__new__(ZumikKVConnector)
+    meta = ZumikConnectorMetadata(loads=[_Transfer("r", list(TARGET_IDS), addresses)])
+    worker.__dict__.update(
+        _kv_caches=fresh, _copier=BlockCopier(fresh, BLOCKS), _manager=manager,
+        _writer=None, _extra={}, _connector_metadata=meta, _load_errors=set(), _worker_restores={},
+    )  # fmt: skip
+    worker.start_load_kv(None)  # type: ignore[arg-type]
+    assert worker.get_block_ids_with_load_errors() == set(TARGET_IDS[1:])  # recomputed
+    report = worker._worker_restores["r"]
+    assert report.tiers == {kind: 1} and report.num_bytes == len(values[0])
+    assert _same_blocks(fresh, original, 1)
+
+
+def test_sealed_block_files_larger_than_the_read_buffer_restore_bit_exact(tmp_path: Path) -> None:
+    heads, tokens, content = 4, 32, 128  # bf16: 32 KiB per layer-block, 96 KiB a block (3 layers)
+    generator = torch.Generator().manual_seed(9)
+    raw = torch.randn((LAYERS, BLOCKS, heads, tokens, content), generator=generator).to(torch.bfloat16)
+    original = {f"layer{index}": raw[index] for index in range(LAYERS)}
+    addresses = _addresses()
+    values = _values(original, addresses)
+    disk = DiskTier(tmp_path / "disk", 1 << 26)
+    manager = TierManager([disk], sealer=AesGcmSealer(b"b" * 32))
+    for address, value in zip(addresses, values, strict=True):
+        manager.store(address, value)
+    bigger = BlockCopier(original, BLOCKS).extract([SOURCE_IDS[3]])[0]
+    grown = {name: np.concatenate([row, row]) for name, row in bigger.items()}  # 192 KiB
+    manager.store(addresses[3], encode_block(grown, addresses[3]))  # not this cache's layout
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    placed = _restore(manager, BlockCopier(fresh, BLOCKS), addresses)
+    assert placed.num_blocks == 3 and _same_blocks(fresh, original, 3)  # read whole, then refused
+    manager.store(addresses[3], values[3])
+    disk.path(addresses[4]).write_bytes(b"")  # an empty file: refused, not an error
+    placed = _restore(manager, BlockCopier(fresh, BLOCKS), addresses)
+    assert placed.num_blocks == 4 and _same_blocks(fresh, original, 4)
+
+
+@pytest.mark.parametrize("tier_kind", ["host", "disk"])
+def test_a_restore_marks_a_block_used_once_per_interval_and_the_lru_keeps_it(
+    tmp_path: Path, tier_kind: str
+) -> None:
+    original = _caches("LBHNC", seed=10)
+    addresses = _addresses()
+    values = _values(original, addresses)
+    budget = sum(len(value) for value in values[:3])  # room for three blocks
+    tier = (
+        SharedMemoryTier(tmp_path / "shm", budget)
+        if tier_kind == "host"
+        else DiskTier(tmp_path / "d", budget)
+    )
+    manager = TierManager([tier])
+    for address, value in zip(addresses[:3], values[:3], strict=True):
+        assert tier.store(address, value)
+    copier = BlockCopier({name: torch.zeros_like(cache) for name, cache in original.items()}, BLOCKS)
+    tier.touch_interval_s = 3600.0
+    assert _restore(manager, copier, addresses[:1]).num_blocks == 1
+    marked = tier.path(addresses[0]).stat().st_mtime_ns
+    assert marked > tier.path(addresses[2]).stat().st_mtime_ns  # the restore made it the newest
+    assert _restore(manager, copier, addresses[:1]).num_blocks == 1
+    assert tier.path(addresses[0]).stat().st_mtime_ns == marked  # marked already: no write
+    assert tier.store(addresses[3], values[3])  # evicts the least recently used: block 1
+    assert tier.contains(addresses[:4]) == [True, False, True, True]
+    tier.touch_interval_s = 0.0
+    assert _restore(manager, copier, addresses[2:3]).num_blocks == 1
+    assert tier.path(addresses[2]).stat().st_mtime_ns > tier.path(addresses[3]).stat().st_mtime_ns
+    assert tier.store(addresses[4], values[4])  # now block 0 is the least recently used
+    assert tier.contains(addresses) == [False, False, True, True, True]
