@@ -184,14 +184,22 @@ def test_a_damaged_block_ends_the_prefix_unless_a_farther_tier_has_it(tmp_path: 
     assert sorted(placed.promote) == [1, 2, 3, 4]  # disk blocks are promoted: read as values
 
 
+def _sealed_disk(
+    tmp_path: Path, key: bytes, capacity: int, addresses: list[BlockAddress], values: list[bytes]
+) -> tuple[DiskTier, TierManager]:
+    """A disk tier behind a manager that seals with ``key``, holding ``values`` at ``addresses``."""
+    disk = DiskTier(tmp_path / "disk", capacity)
+    manager = TierManager([disk], sealer=AesGcmSealer(key))
+    for address, value in zip(addresses, values, strict=True):
+        manager.store(address, value)
+    return disk, manager
+
+
 def test_sealed_blocks_are_opened_then_copied_and_a_tampered_one_is_refused(tmp_path: Path) -> None:
     original = _caches("LBHNC", seed=4)
     addresses = _addresses()
     values = _values(original, addresses)
-    disk = DiskTier(tmp_path / "disk", 1 << 24)
-    manager = TierManager([disk], sealer=AesGcmSealer(b"k" * 32))
-    for address, value in zip(addresses, values, strict=True):
-        manager.store(address, value)
+    disk, manager = _sealed_disk(tmp_path, b"k" * 32, 1 << 24, addresses, values)
     assert disk.load(addresses[0]) != values[0]  # sealed on disk
     fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
     placed = _restore(manager, BlockCopier(fresh, BLOCKS), addresses)
@@ -374,10 +382,7 @@ def test_sealed_block_files_larger_than_the_read_buffer_restore_bit_exact(tmp_pa
     original = {f"layer{index}": raw[index] for index in range(LAYERS)}
     addresses = _addresses()
     values = _values(original, addresses)
-    disk = DiskTier(tmp_path / "disk", 1 << 26)
-    manager = TierManager([disk], sealer=AesGcmSealer(b"b" * 32))
-    for address, value in zip(addresses, values, strict=True):
-        manager.store(address, value)
+    disk, manager = _sealed_disk(tmp_path, b"b" * 32, 1 << 26, addresses, values)
     bigger = BlockCopier(original, BLOCKS).extract([SOURCE_IDS[3]])[0]
     grown = {name: np.concatenate([row, row]) for name, row in bigger.items()}  # 192 KiB
     manager.store(addresses[3], encode_block(grown, addresses[3]))  # not this cache's layout

@@ -403,13 +403,13 @@ def run_routing_bench(args: Any, console: Any) -> int:
                     stack = LocalStack(config).start(console.log)
                 else:
                     stack.redeploy(profile, console.log)
-                block_bytes = kv_block_bytes(resolve_model_dir(profile, home), block_size)
-                capacity_blocks = args.replicas * (shape["kv_bytes"] // block_bytes)
                 if arm == "zumik-scaling":
                     scaling = _run_scaling_arm(stack, dev_key, profile, args, block_size, console)
                     results.append(scaling.result)
                     owners[arm] = owner_stats(APP_NAME)
                     continue
+                block_bytes = kv_block_bytes(resolve_model_dir(profile, home), block_size)
+                capacity_blocks = args.replicas * (shape["kv_bytes"] // block_bytes)
                 total = sum(len(prompts) for prompts in workloads.values())
                 with Progress(console=console, transient=True) as progress:
                     task = progress.add_task(f"{arm}", total=total)
