@@ -149,8 +149,15 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     token.write_text(secrets.token_hex(32))
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     nodes = {
-        name: Node(name, temp, {**auth, SHM_ROOT_ENV: str(tmp_path / name / "shm"),
-                                DISK_ROOT_ENV: str(tmp_path / name / "disk")})  # fmt: skip
+        name: Node(
+            name,
+            temp,
+            {
+                **auth,
+                SHM_ROOT_ENV: str(tmp_path / name / "shm"),
+                DISK_ROOT_ENV: str(tmp_path / name / "disk"),
+            },
+        )  # fmt: skip
         for name, temp in temps.items()
     }
     # The head's GCS notices a dead raylet within about a second (default: tens of seconds).

@@ -137,7 +137,10 @@ async def test_purge_of_a_snapshot_sent_to_a_managed_route_says_provider_expiry(
 
 
 async def test_deleting_a_tenant_names_every_provider_its_plain_requests_reached(
-    module_redis_url: str, tiny_model_dir: Path, managed: FaultServer, tmp_path: Path,
+    module_redis_url: str,
+    tiny_model_dir: Path,
+    managed: FaultServer,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A /v1 request with no state object still sends the tenant's content to the provider: the

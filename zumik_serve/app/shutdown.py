@@ -1,9 +1,9 @@
 """Draining the Serve app before a stack stops (``zumik serve`` on SIGTERM or Ctrl-C).
 
-    SIGTERM ─► every replica of the app's ingress deployment (the Gateway, or the colocated
-               EngineReplica) drains at once (a Serve broadcast; ``api/drain.py``): new requests
-               get 503, those in flight finish ─► all idle, or the grace period is over
-             ─► Serve, Ray and the embedded Redis stop (``LocalStack.stop``)
+SIGTERM ─► every replica of the app's ingress deployment (the Gateway, or the colocated
+           EngineReplica) drains at once (a Serve broadcast; ``api/drain.py``): new requests
+           get 503, those in flight finish ─► all idle, or the grace period is over
+         ─► Serve, Ray and the embedded Redis stop (``LocalStack.stop``)
 """
 
 from __future__ import annotations

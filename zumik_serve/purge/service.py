@@ -387,10 +387,13 @@ def node_tier_entry(
     reason) where it is not; the store states the weakest of its nodes."""
     nodes = tuple(
         NodeEntry(
-            node_id=node.node_id, hostname=node.hostname,
+            node_id=node.node_id,
+            hostname=node.hostname,
             result=StoreResult.DONE if node.clean else StoreResult.FAILED,
-            guarantee_class=swept if node.clean else unswept, removed_blocks=node.removed_blocks,
-            detail=node.reason or "", remaining_blocks=node.remaining_blocks,
+            guarantee_class=swept if node.clean else unswept,
+            removed_blocks=node.removed_blocks,
+            detail=node.reason or "",
+            remaining_blocks=node.remaining_blocks,
         )  # fmt: skip
         for node in sweep.nodes or ()
     )
