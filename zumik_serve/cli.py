@@ -181,6 +181,15 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated, of rr-nocache (the floor), rr-cache, zumik, zumik-scaling",
     )  # fmt: skip
     routing.add_argument("--mooncake-requests", type=int, default=400, help="requests of the Mooncake slice")
+    routing.add_argument(
+        "--workloads", default="no_reuse,shared_prefix,agent_sessions,mooncake",
+        help="comma-separated, of no_reuse, shared_prefix, agent_sessions, mooncake",
+    )  # fmt: skip
+    routing.add_argument(
+        "--open-loop-load", type=float, default=0.0,
+        help="also send fresh prompts of each reuse workload open loop (Poisson arrivals) at this "
+        "multiple of the request rate rr-cache sustained in closed loop (needs rr-cache first; 0: off)",
+    )  # fmt: skip
     routing.add_argument("--scaling-requests", type=int, default=4000, help="at most, for the scaling arm")
     routing.add_argument("--scaling-phase-requests", type=int, default=120, help="steady and after phases")
     routing.add_argument("--seed", type=int, default=1)

@@ -14,6 +14,7 @@ from tests.integration.conftest import DEV_KEY, RunningStack
 from zumik_serve.bench.routing import (
     DECISION_LENGTHS,
     arm_profile,
+    arrival_offsets,
     decision_times_us,
     ideal_cached,
     measure_arm,
@@ -39,6 +40,12 @@ def test_one_arm_measured_on_the_real_stack(running_stack: RunningStack, tmp_pat
     assert result.requests == 4 and result.prompt_tokens == sum(len(p) for p in prompts)
     assert 0 < result.cached_tokens <= result.ideal_cached_tokens + 32 * len(prompts)
     assert result.ttft_p50_ms > 0 and result.capture_efficiency is not None
+    opened = asyncio.run(
+        measure_arm(running_stack.url, DEV_KEY, running_stack.model, "zumik", "shared_prefix", prompts,
+                    block_size=32, concurrency=2, arrivals=arrival_offsets(20.0, len(prompts), seed=1))
+    )  # fmt: skip
+    assert opened.arrival == "open" and opened.requests == 4 and opened.rate_per_s is not None
+    assert opened.cached_tokens > 0  # the same prompts again: their prefixes are cached by now
     times = decision_times_us(arm_profile("zumik"), samples=5)
     assert set(times) == set(DECISION_LENGTHS) and all(t["p50"] > 0 for t in times.values())
     summary = {"results": [result.to_json(), {**result.to_json(), "arm": "rr-cache"}]}

@@ -14,7 +14,14 @@ import pytest
 
 from tests.support.fake_engine import FakeEngine
 from tests.support.inprocess import make_gateway
-from zumik_serve.bench.routing import ArmResult, figures, ideal_cached, pooled_ideal, shared_prefix
+from zumik_serve.bench.routing import (
+    ArmResult,
+    arrival_offsets,
+    figures,
+    ideal_cached,
+    pooled_ideal,
+    shared_prefix,
+)
 from zumik_serve.bench.routing_scaling import measure_scaling_arm
 from zumik_serve.engines.protocol import EngineFailure
 
@@ -97,6 +104,31 @@ def test_the_figures_compare_zumik_with_serves_balancing_in_the_same_run() -> No
     assert rows["shared_prefix"]["capture_efficiency"] == pytest.approx(880 / 900)
     alone = figures([zumik])  # no rr-cache arm in the run
     assert alone["shared_prefix"]["ttft_p90_ratio"] is None
+    assert rows["shared_prefix"]["ttft_p90_ratio_open"] is None  # no open-loop phase ran
+
+
+def test_open_loop_results_have_their_own_ratio_and_leave_the_closed_loop_figures_alone() -> None:
+    def arm(name: str, *, p90: float, arrival: str) -> ArmResult:
+        rate = 2.0 if arrival == "open" else None
+        return ArmResult(name, "shared_prefix", 10, 1000, 500, 900, 10.0, p90, 5.0, None, arrival, rate)
+
+    rows = figures([
+        arm("rr-cache", p90=90.0, arrival="closed"), arm("rr-cache", p90=800.0, arrival="open"),
+        arm("zumik", p90=45.0, arrival="closed"), arm("zumik", p90=100.0, arrival="open"),
+    ])  # fmt: skip
+    assert rows["shared_prefix"]["ttft_p90_ratio"] == pytest.approx(2.0)
+    assert rows["shared_prefix"]["ttft_p90_ratio_open"] == pytest.approx(8.0)
+    assert rows["shared_prefix"]["open_rate_per_s"] == 2.0
+
+
+def test_arrivals_are_a_seeded_poisson_process_at_the_asked_rate() -> None:
+    offsets = arrival_offsets(4.0, 4001, seed=7)
+    assert offsets == arrival_offsets(4.0, 4001, seed=7)  # every arm gets the same schedule
+    assert offsets[0] == 0.0 and all(b > a for a, b in zip(offsets, offsets[1:], strict=False))
+    gaps = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
+    assert sum(gaps) / len(gaps) == pytest.approx(0.25, rel=0.05)  # mean gap 1/rate
+    # exponential gaps: about e^-1 of them are longer than the mean (a fixed pace would give none)
+    assert sum(gap > 0.25 for gap in gaps) / len(gaps) == pytest.approx(0.368, abs=0.03)
 
 
 def test_the_pooled_ideal_is_the_unlimited_one_until_the_groups_kv_runs_out() -> None:

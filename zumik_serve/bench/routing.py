@@ -78,6 +78,9 @@ class ArmResult:
     ttft_p90_ms: float
     wall_s: float
     pooled_ideal_tokens: int | None = None  # one LRU cache of the group's whole KV (``pooled_ideal``)
+    # "closed": ``concurrency`` clients back to back; "open": Poisson arrivals at ``rate_per_s``
+    arrival: str = "closed"
+    rate_per_s: float | None = None
 
     @property
     def pooled_capture(self) -> float | None:
@@ -284,33 +287,57 @@ async def stream_completion(
     return (first if first is not None else time.perf_counter() - started) * 1000, cached
 
 
+def arrival_offsets(rate_per_s: float, count: int, seed: int) -> list[float]:
+    """Seconds from the start at which an open-loop client sends each of ``count`` requests: a
+    Poisson process of ``rate_per_s`` (exponential gaps), the same for every arm given ``seed``."""
+    rng = random.Random(seed)
+    offsets, at = [], 0.0
+    for _ in range(count):
+        offsets.append(at)
+        at += rng.expovariate(rate_per_s)
+    return offsets
+
+
 async def measure_arm(
     url: str, api_key: str, model: str, arm: str, workload: str, prompts: list[list[int]], *,
     block_size: int, concurrency: int, on_request: Callable[[], None] = lambda: None,
-    capacity_blocks: int | None = None,
+    capacity_blocks: int | None = None, arrivals: list[float] | None = None,
 ) -> ArmResult:  # fmt: skip
     """One arm on one workload; ``capacity_blocks``: the group's KV in blocks, for the pooled
-    ideal (``pooled_ideal``)."""
+    ideal (``pooled_ideal``). Closed loop by default: ``concurrency`` clients, each sending its
+    next request when the last one is done. With ``arrivals`` (``arrival_offsets``), open loop:
+    each request is sent at its time whatever is still running, as independent users do, so a
+    group slower than the offered load queues and its TTFT shows it."""
     ttfts: list[float] = []
     cached: list[int] = [0] * len(prompts)
     queue: asyncio.Queue[int] = asyncio.Queue()
     for index in range(len(prompts)):
         queue.put_nowait(index)
     headers = {"Authorization": f"Bearer {api_key}"}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
 
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=limits) as client:
+
+        async def send(index: int) -> None:
+            ttft_ms, cached[index] = await stream_completion(
+                client, model, prompts[index], what=f"{arm}/{workload}"
+            )
+            ttfts.append(ttft_ms)
+            on_request()
 
         async def worker() -> None:
             while not queue.empty():
-                index = queue.get_nowait()
-                ttft_ms, cached[index] = await stream_completion(
-                    client, model, prompts[index], what=f"{arm}/{workload}"
-                )
-                ttfts.append(ttft_ms)
-                on_request()
+                await send(queue.get_nowait())
+
+        async def arrive(index: int, at_s: float) -> None:
+            await asyncio.sleep(max(0.0, began + at_s - time.perf_counter()))
+            await send(index)
 
         began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        if arrivals is None:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        else:
+            await asyncio.gather(*(arrive(index, at) for index, at in enumerate(arrivals)))
         wall_s = time.perf_counter() - began
     ordered = sorted(ttfts)
     return ArmResult(
@@ -321,6 +348,8 @@ async def measure_arm(
         pooled_ideal_tokens=(
             sum(pooled_ideal(prompts, block_size, capacity_blocks)) if capacity_blocks else None
         ),
+        arrival="closed" if arrivals is None else "open",
+        rate_per_s=None if arrivals is None else (len(arrivals) - 1) / arrivals[-1] if arrivals[-1] else None,
     )  # fmt: skip
 
 
@@ -383,12 +412,36 @@ def run_routing_bench(args: Any, console: Any) -> int:
     workloads = make_workloads(
         args.seed, args.scale, block_size, trace, mooncake_requests=args.mooncake_requests
     )
+    chosen = [name for name in getattr(args, "workloads", ",".join(WORKLOADS)).split(",") if name]
+    if set(chosen) - set(WORKLOADS):
+        raise SystemExit(f"unknown workload(s) {', '.join(sorted(set(chosen) - set(WORKLOADS)))}: "
+                         f"choose among {', '.join(WORKLOADS)}")  # fmt: skip
+    workloads = {name: prompts for name, prompts in workloads.items() if name in chosen}
+    # Open loop: fresh prompts of the same shapes (the closed loop's are cached by now), sent at
+    # ``open_loop_load`` x the request rate Serve's balancing sustained on them in closed loop.
+    open_load = float(getattr(args, "open_loop_load", 0.0) or 0.0)
+    open_workloads = (
+        {
+            name: prompts
+            for name, prompts in make_workloads(
+                args.seed + 1000, args.scale, block_size, trace, mooncake_requests=args.mooncake_requests
+            ).items()
+            if name in workloads and name != "no_reuse"
+        }
+        if open_load > 0
+        else {}
+    )
+    serve_rates: dict[str, float] = {}
     dev_key = os.environ.get("ZUMIK_DEV_KEY") or "zk-bench-" + os.urandom(8).hex()
     shape = {"replicas": args.replicas, "gateways": args.gateways, "kv_bytes": args.kv_mib << 20}
     arms = [arm for arm in args.arms.split(",") if arm]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"unknown arm(s) {', '.join(unknown)}: choose among {', '.join(ARMS)}")
+    if open_workloads and (not arms or arms[0] != "rr-cache"):
+        raise SystemExit(
+            "--open-loop-load needs rr-cache as the first arm: its closed-loop rate sets the load"
+        )
     results: list[ArmResult] = []
     owners: dict[str, dict[str, int] | None] = {}
     scaling: ScalingRun | None = None
@@ -411,6 +464,8 @@ def run_routing_bench(args: Any, console: Any) -> int:
                 block_bytes = kv_block_bytes(resolve_model_dir(profile, home), block_size)
                 capacity_blocks = args.replicas * (shape["kv_bytes"] // block_bytes)
                 total = sum(len(prompts) for prompts in workloads.values())
+                if arm != "rr-nocache":
+                    total += sum(len(prompts) for prompts in open_workloads.values())
                 with Progress(console=console, transient=True) as progress:
                     task = progress.add_task(f"{arm}", total=total)
                     for workload, prompts in workloads.items():
@@ -424,6 +479,23 @@ def run_routing_bench(args: Any, console: Any) -> int:
                         console.log(
                             f"{arm:>10} {workload:<15} hit {result.hit_ratio:.3f} (ideal "
                             f"{result.ideal_ratio:.3f}) ttft p50 {result.ttft_p50_ms:.0f} ms"
+                        )
+                        if arm == "rr-cache":
+                            serve_rates[workload] = result.requests / result.wall_s
+                        opened = open_workloads.get(workload) if arm != "rr-nocache" else None
+                        if opened is None:
+                            continue
+                        rate = open_load * serve_rates[workload]
+                        result = asyncio.run(measure_arm(
+                            stack.url, dev_key, profile.model.served_name, arm, workload, opened,
+                            block_size=block_size, concurrency=args.concurrency,
+                            on_request=functools.partial(progress.advance, task),
+                            arrivals=arrival_offsets(rate, len(opened), seed=args.seed),
+                        ))  # fmt: skip
+                        results.append(result)
+                        console.log(
+                            f"{arm:>10} {workload:<15} open loop at {rate:.2f} req/s: hit "
+                            f"{result.hit_ratio:.3f} ttft p90 {result.ttft_p90_ms:.0f} ms"
                         )
                 if arm.startswith("zumik"):
                     owners[arm] = owner_stats(APP_NAME)
@@ -469,7 +541,8 @@ def run_routing_bench(args: Any, console: Any) -> int:
         data = r.to_json()
         efficiency = "-" if r.capture_efficiency is None else f"{r.capture_efficiency:.2f}"
         table.add_row(
-            r.workload, r.arm, f"{r.hit_ratio:.3f}", efficiency, f"{r.prefill_tokens:,}",
+            r.workload if r.arrival == "closed" else f"{r.workload}, open loop at {r.rate_per_s:.2f} req/s",
+            r.arm, f"{r.hit_ratio:.3f}", efficiency, f"{r.prefill_tokens:,}",
             f"{r.ttft_p50_ms:.0f}", f"{r.ttft_p90_ms:.0f}", f"{data['tokens_per_s']:,.0f}",
         )  # fmt: skip
     console.print(table)
@@ -507,13 +580,19 @@ def figures(results: list[ArmResult]) -> dict[str, dict[str, float | None]]:
     """Issue #17's figures per workload, Zumik against Serve's balancing with prefix caching
     (``rr-cache``) in the same run: capture efficiency, TTFT p90 ratio (Serve's / Zumik's, higher
     is better for Zumik) and throughput ratio (Zumik's / Serve's)."""
-    by = {(r.arm, r.workload): r for r in results}
+    by = {(r.arm, r.workload): r for r in results if r.arrival == "closed"}
+    opened = {(r.arm, r.workload): r for r in results if r.arrival == "open"}
     out: dict[str, dict[str, float | None]] = {}
     for (arm, workload), zumik in by.items():
         if arm != "zumik":
             continue
         serve = by.get(("rr-cache", workload))
+        serve_open, zumik_open = opened.get(("rr-cache", workload)), opened.get(("zumik", workload))
         out[workload] = {
+            "ttft_p90_ratio_open": (
+                serve_open.ttft_p90_ms / zumik_open.ttft_p90_ms if serve_open and zumik_open else None
+            ),
+            "open_rate_per_s": zumik_open.rate_per_s if zumik_open else None,
             "capture_efficiency": zumik.capture_efficiency,
             "pooled_capture": zumik.pooled_capture,
             "serve_pooled_capture": serve.pooled_capture if serve else None,
@@ -531,7 +610,7 @@ def figures_table(summary: dict[str, Any]) -> Any:
 
     table = Table(title="Zumik against Serve's balancing (rr-cache), same run")
     columns = ("workload", "capture eff. (goal >= 0.95)", "of the pooled ideal (Serve's)",
-               "TTFT p90 ratio (>= 3)", "throughput ratio")  # fmt: skip
+               "TTFT p90 ratio (>= 3)", "open loop: TTFT p90 ratio at req/s", "throughput ratio")  # fmt: skip
     for column in columns:
         table.add_column(column)
 
@@ -540,15 +619,17 @@ def figures_table(summary: dict[str, Any]) -> Any:
 
     for workload, row in summary["figures"].items():
         pooled = f"{cell(row['pooled_capture'])} ({cell(row['serve_pooled_capture'])})"
+        ratio_open = row.get("ttft_p90_ratio_open")
+        opened = "-" if ratio_open is None else f"{ratio_open:.2f} at {row['open_rate_per_s']:.2f}"
         table.add_row(workload, cell(row["capture_efficiency"]), pooled, cell(row["ttft_p90_ratio"]),
-                      cell(row["throughput_ratio"]))  # fmt: skip
+                      opened, cell(row["throughput_ratio"]))  # fmt: skip
     scaling = summary.get("scaling")
     if scaling:
         result = scaling["result"]
         table.add_row(
             f"scaling ({'scaled' if scaling['scaled'] else 'NOT scaled'}, "
             f"{len(scaling['failures'])} failed of {result['requests']})",
-            cell(result["capture_efficiency"]) + " (goal >= 0.9)", "-", "-", "-",
+            cell(result["capture_efficiency"]) + " (goal >= 0.9)", "-", "-", "-", "-",
         )  # fmt: skip
     return table
 
@@ -559,10 +640,26 @@ def plot_routing(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = summary["results"]
+    results = [r for r in summary["results"] if r.get("arrival", "closed") == "closed"]
+    opened = [r for r in summary["results"] if r.get("arrival") == "open"]
     workloads = list(dict.fromkeys(r["workload"] for r in results))
     arms = list(dict.fromkeys(r["arm"] for r in results))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 3 if opened else 2, figsize=(18 if opened else 12, 4))
+    left, right = axes[0], axes[1]
+    if opened:
+        open_workloads = list(dict.fromkeys(r["workload"] for r in opened))
+        open_arms = list(dict.fromkeys(r["arm"] for r in opened))
+        open_width = 0.8 / len(open_arms)
+        for offset, arm in enumerate(open_arms):
+            rows = {r["workload"]: r for r in opened if r["arm"] == arm}
+            xs = [index + offset * open_width for index in range(len(open_workloads))]
+            axes[2].bar(xs, [rows[w]["ttft_p90_ms"] if w in rows else 0 for w in open_workloads],
+                        open_width, label=arm)  # fmt: skip
+        middle = open_width * (len(open_arms) - 1) / 2
+        axes[2].set_xticks([index + middle for index in range(len(open_workloads))], open_workloads)
+        axes[2].set_ylabel("TTFT p90 (ms)")
+        axes[2].set_title("Open loop, at Serve's closed-loop request rate")
+        axes[2].legend()
     width = 0.8 / max(1, len(arms))
     for offset, arm in enumerate(arms):
         rows = {r["workload"]: r for r in results if r["arm"] == arm}
