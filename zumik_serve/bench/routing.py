@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from profiles import Profile, load_builtin
+from zumik_serve.bench import cpu_share
 from zumik_serve.bench.routing_cluster import (
     cluster_figures,
     owners_table,
@@ -432,6 +433,8 @@ def run_routing_bench(args: Any, console: Any) -> int:
         else {}
     )
     serve_rates: dict[str, float] = {}
+    cpu_ms: dict[str, dict[str, dict[str, float]]] = {}  # workload -> arm -> component -> ms/request
+    warmup = no_reuse(random.Random(args.seed + 2000), max(1, args.concurrency // 2))
     dev_key = os.environ.get("ZUMIK_DEV_KEY") or "zk-bench-" + os.urandom(8).hex()
     shape = {"replicas": args.replicas, "gateways": args.gateways, "kv_bytes": args.kv_mib << 20}
     arms = [arm for arm in args.arms.split(",") if arm]
@@ -466,9 +469,16 @@ def run_routing_bench(args: Any, console: Any) -> int:
                 total = sum(len(prompts) for prompts in workloads.values())
                 if arm != "rr-nocache":
                     total += sum(len(prompts) for prompts in open_workloads.values())
+                # Each arm starts on fresh engines: a few unique prompts first, not counted, so
+                # the first workload does not pay for the engines' and gateways' first requests.
+                asyncio.run(measure_arm(
+                    stack.url, dev_key, profile.model.served_name, arm, "warmup", warmup,
+                    block_size=block_size, concurrency=args.concurrency,
+                ))  # fmt: skip
                 with Progress(console=console, transient=True) as progress:
                     task = progress.add_task(f"{arm}", total=total)
                     for workload, prompts in workloads.items():
+                        before = cpu_share.snapshot()
                         result = asyncio.run(measure_arm(
                             stack.url, dev_key, profile.model.served_name, arm, workload, prompts,
                             block_size=block_size, concurrency=args.concurrency,
@@ -476,6 +486,9 @@ def run_routing_bench(args: Any, console: Any) -> int:
                             capacity_blocks=capacity_blocks,
                         ))  # fmt: skip
                         results.append(result)
+                        cpu_ms.setdefault(workload, {})[arm] = cpu_share.per_request_ms(
+                            cpu_share.delta(before, cpu_share.snapshot()), result.requests
+                        )
                         console.log(
                             f"{arm:>10} {workload:<15} hit {result.hit_ratio:.3f} (ideal "
                             f"{result.ideal_ratio:.3f}) ttft p50 {result.ttft_p50_ms:.0f} ms"
@@ -515,6 +528,7 @@ def run_routing_bench(args: Any, console: Any) -> int:
         "escalation": escalation,
         "cluster": [arm.to_json() for arm in cluster],
         "decision_us_token_ids": {str(length): times for length, times in token_decisions.items()},
+        "cpu_ms_per_request": cpu_ms,
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "routing.json").write_text(json.dumps(summary, indent=2))
@@ -548,6 +562,13 @@ def run_routing_bench(args: Any, console: Any) -> int:
     console.print(table)
     console.print(timing_table(decisions, token_decisions))
     console.print(figures_table(summary))
+    for workload, by_arm in cpu_ms.items():
+        cpu_table = Table(title=f"CPU ms per request by component, {workload} (closed loop)")
+        for column in ("component", *by_arm):
+            cpu_table.add_column(column)
+        for row in cpu_share.table_rows(by_arm):
+            cpu_table.add_row(*row)
+        console.print(cpu_table)
     print_escalation(escalation, console)
     console.print(owners_table(cluster))
     console.print(f"wrote {args.out / 'routing.json'} and {args.out / 'routing.png'}")
