@@ -27,6 +27,7 @@ from profiles import parse_profile
 from tests.support.fault_server import Fault, FaultServer
 from zumik_serve.engines.protocol import EngineCall, EngineEvent, EngineResponse, ReplicaAssigned
 from zumik_serve.errors import InvalidRequestError, NotFoundError, ZumikError
+from zumik_serve.qos.quota import RateSettlement
 from zumik_serve.routing.decision import DecisionRecord
 from zumik_serve.routing.dispatch import Dispatcher, RouteContext
 from zumik_serve.routing.reach import ProviderReach
@@ -88,8 +89,9 @@ class Harness:
         )
 
     async def save(
-        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = ()
-    ) -> None:
+        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = (),
+        settlement: RateSettlement | None = None,
+    ) -> None:  # fmt: skip
         self.records.append((record.to_json(), list(ATTEMPTS.dump_python(tuple(attempts), mode="json"))))
         self.sources.append(tuple(sources))
 

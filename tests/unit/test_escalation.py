@@ -36,6 +36,7 @@ from tests.support.fault_server import Fault, FaultServer
 from tests.support.inprocess import make_gateway
 from zumik_serve.cli import main
 from zumik_serve.engines.protocol import EngineCall
+from zumik_serve.qos.quota import RateSettlement
 from zumik_serve.reuse.evidence import EvidenceLevel
 from zumik_serve.reuse.figures import ReuseFigures
 from zumik_serve.reuse.service import ReuseService
@@ -218,8 +219,9 @@ class Harness:
         )  # fmt: skip
 
     async def save(
-        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = ()
-    ) -> None:
+        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = (),
+        settlement: RateSettlement | None = None,
+    ) -> None:  # fmt: skip
         self.records.append((record, list(ATTEMPTS.dump_python(tuple(attempts), mode="json"))))
 
     async def sent(self, tenant: str, sources: tuple[str, ...], reach: ProviderReach) -> None:

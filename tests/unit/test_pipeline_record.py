@@ -10,8 +10,8 @@ Invariants held here:
   saved;
 - a failed save fails the request as it did when the save came first (its error, not another);
 - a deadline that passes during the save answers 504, and the decision is saved all the same;
-- the tenant's salt is read beside the release lookup, yet an error of an earlier step (an
-  unknown model) is still the one answered when the salt cannot be read;
+- the tenant's salt epoch is read with the release, in the same round trip: a purge's new epoch
+  is what the very next request runs with;
 - a snapshot's read and a session's check go side by side; the snapshot's error comes first;
 - the reuse ledger's write (it only counts the answer) starts once the answer's last bytes have
   been sent, on every generation surface, whole or streamed, and it does happen.
@@ -20,7 +20,6 @@ Invariants held here:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import uuid
 from collections.abc import AsyncIterator, MutableMapping, Sequence
 from pathlib import Path
@@ -32,11 +31,13 @@ import pytest
 from tests.support.inprocess import InProcessGateway, make_gateway, wait_until
 from zumik_serve.engines.protocol import EngineFailure
 from zumik_serve.errors import StoreUnavailableError
+from zumik_serve.qos.quota import RateSettlement
 from zumik_serve.routing.decision import DecisionRecord
 from zumik_serve.routing.dispatch import DecisionSink
 from zumik_serve.routing.retry import Attempt
-from zumik_serve.tenancy.salts import CacheSalts
-from zumik_serve.tenancy.tenant import TenantId
+from zumik_serve.store.client import gateway_client
+from zumik_serve.tenancy.store import RedisTenantStore
+from zumik_serve.tenancy.tenant import cache_salt
 
 pytestmark = pytest.mark.redis
 
@@ -55,13 +56,14 @@ class HeldSaves:
         self.failure: Exception | None = None
 
     async def save(
-        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = ()
-    ) -> None:
+        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = (),
+        settlement: RateSettlement | None = None,
+    ) -> None:  # fmt: skip
         self.held.append(record.decision_id)
         await self.open.wait()
         if self.failure is not None:
             raise self.failure
-        await self.sink.save(tenant, record, attempts, sources)
+        await self.sink.save(tenant, record, attempts, sources, settlement)
         self.saved.append(record.decision_id)
 
 
@@ -172,22 +174,22 @@ async def test_a_deadline_passing_during_the_save_is_504_and_the_decision_is_sav
     assert decision["id"] == saves.held[0] and decision["attempts"][0]["outcome"] == "ok"
 
 
-async def test_an_earlier_steps_error_comes_first_when_the_salt_cannot_be_read(
-    gateway: InProcessGateway,
-) -> None:
-    async def unreadable(tenant: TenantId) -> int:
-        raise StoreUnavailableError("The state store is unavailable; retry shortly.", retry_after_s=1)
-
-    pipeline = gateway.pipeline
-    pipeline.context = dataclasses.replace(
-        pipeline.context, salts=CacheSalts(gateway.context.salts.secret, unreadable)
-    )
-    async with gateway.client() as http:
-        unknown = await http.post("/v1/chat/completions", json={**CHAT, "model": "gpt-nope"})
-        known = await http.post("/v1/chat/completions", json=CHAT)
-    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
-    assert known.status_code == 503
-    assert gateway.engine.calls == []
+async def test_a_request_runs_with_the_salt_epoch_read_with_its_release(gateway: InProcessGateway) -> None:
+    key = await gateway.create_tenant(f"epoch-{uuid.uuid4().hex[:12]}")
+    async with gateway.client(key) as http:
+        assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        before = gateway.engine.bodies[-1]["cache_salt"]
+        tenant = (await gateway.pipeline.authenticate(f"Bearer {key}")).id
+        client = gateway_client(gateway.redis_url)
+        try:  # a purge elsewhere moves the epoch on: the very next request runs with the new one
+            epoch = await RedisTenantStore(client).rotate_salt_epoch(tenant)
+        finally:
+            await client.aclose()
+        assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+    after = gateway.engine.bodies[-1]["cache_salt"]
+    secret = await gateway.context.salts.secret()
+    assert (before, after) == (cache_salt(secret, tenant, 0), cache_salt(secret, tenant, epoch))
+    assert epoch == 1
 
 
 async def test_a_snapshot_and_a_session_are_read_together_and_the_snapshots_error_comes_first(

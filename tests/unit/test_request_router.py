@@ -35,6 +35,7 @@ from zumik_serve.engines.protocol import (
     ReplicaAssigned,
 )
 from zumik_serve.errors import EngineError
+from zumik_serve.qos.quota import RateSettlement
 from zumik_serve.routing.decision import DecisionRecord
 from zumik_serve.routing.dispatch import Dispatcher, RouteContext
 from zumik_serve.routing.retry import Attempt
@@ -99,8 +100,9 @@ class _Sink:
         self.records: list[DecisionRecord] = []
 
     async def save(
-        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = ()
-    ) -> None:
+        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = (),
+        settlement: RateSettlement | None = None,
+    ) -> None:  # fmt: skip
         self.records.append(record)
 
 

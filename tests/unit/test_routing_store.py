@@ -9,10 +9,14 @@ Invariants held here:
   ``model``; another tenant's alias or decision is not found;
 - a stored decision reads back as written (its record not re-parsed) and replays equal; an
   altered one replays not equal;
+- a request's release lookup reads the tenant's salt epoch in the same step, so a purge's new
+  epoch is what the next request runs with; a pinned release runs while its alias is the one
+  named, else the alias' current release;
 - the store's scripts survive a ``SCRIPT FLUSH`` (reloaded on use);
 - a decision's save writes its record byte for byte with a 30-day TTL, lists it by its
   ``now_ms`` (dropping entries older than 30 days, keeping the one exactly 30 days old) and
-  indexes it once under each source object, each key expiring with it.
+  indexes it once under each source object, each key expiring with it; with a rate settlement
+  it writes the same bytes and settles the tenant's rate exactly as ``settle`` alone does.
 """
 
 from __future__ import annotations
@@ -25,16 +29,21 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from kvstore.keys import ScopeId
 from profiles import load_builtin
 from tests.unit.test_routing import ENOUGH, make_inputs, make_replica
 from zumik_serve.errors import ConflictError, InvalidRequestError, NotFoundError
+from zumik_serve.qos.quota import RateSettlement
+from zumik_serve.qos.store import RATE_WINDOW_S, RedisQuotaStore, rate_key
 from zumik_serve.routing.decision import decide
 from zumik_serve.routing.release import Release
 from zumik_serve.routing.requests import PublishRelease
 from zumik_serve.routing.retry import ATTEMPTS, Attempt
-from zumik_serve.routing.service import RoutingService
+from zumik_serve.routing.service import RequestRelease, RoutingService
 from zumik_serve.routing.store import DECISION_TTL_S, RedisRoutingStore
 from zumik_serve.store.local_redis import LocalRedis
+from zumik_serve.tenancy.store import RedisTenantStore
+from zumik_serve.tenancy.tenant import TenantId
 
 pytestmark = pytest.mark.redis
 
@@ -120,9 +129,33 @@ async def test_aliases_are_per_tenant(client: aioredis.Redis) -> None:
     with pytest.raises(NotFoundError):
         await routing.alias("ten_b", "prod")
     assert await routing.resolve("ten_b", "prod") is None
-    implicit = await routing.release_for_request("ten_b", SERVED)  # the served model's own alias
+    implicit = (await routing.release_for_request("ten_b", SERVED)).release  # the served model's own alias
     assert implicit is not None and implicit.alias == SERVED
-    assert await routing.release_for_request("ten_b", "gpt-other") is None
+    assert (await routing.release_for_request("ten_b", "gpt-other")).release is None
+
+
+async def test_a_requests_release_lookup_reads_the_salt_epoch_it_runs_with(client: aioredis.Redis) -> None:
+    routing = make_service(client)
+    tenants = RedisTenantStore(client)
+    first = await routing.publish("ten_a", "prod", PublishRelease())
+    assert await routing.release_for_request("ten_a", "prod") == RequestRelease(first, 0)
+    assert await tenants.rotate_salt_epoch(TenantId("ten_a")) == 1  # a purge, on any gateway
+    assert await routing.release_for_request("ten_a", "prod") == RequestRelease(first, 1)
+    # No alias to resolve (no model, a name no alias can have, another tenant's): the epoch still.
+    for model in (None, "Not Valid", "gpt-other"):
+        assert await routing.release_for_request("ten_a", model) == RequestRelease(None, 1)
+    assert await routing.release_for_request("ten_b", "prod") == RequestRelease(None, 0)
+
+
+async def test_a_pinned_release_runs_while_its_alias_is_the_one_named(client: aioredis.Redis) -> None:
+    routing = make_service(client)
+    first = await routing.publish("ten_a", "prod", PublishRelease())
+    second = await routing.publish("ten_a", "prod", PublishRelease())
+    other = await routing.publish("ten_a", "canary", PublishRelease())
+    assert (await routing.release_for_request("ten_a", "prod", pinned=first.id)).release == first
+    assert (await routing.release_for_request("ten_a", "prod", pinned=other.id)).release == second
+    assert (await routing.release_for_request("ten_a", "prod", pinned="rel_gone")).release == second
+    assert (await routing.release_for_request("ten_a", None, pinned=first.id)).release is None
 
 
 async def test_a_stored_decision_reads_back_as_written_and_replays(client: aioredis.Redis) -> None:
@@ -185,3 +218,44 @@ async def test_a_decisions_save_writes_its_record_list_and_source_indexes(client
         assert DECISION_TTL_S - 5 <= await client.ttl(expiring) <= DECISION_TTL_S
     assert await store.forget_decisions("ten_a", ["snp_2"]) == 1
     assert await client.exists(key) == 0 and await client.zscore(listed, record.decision_id) is None
+
+
+async def test_a_save_with_a_settlement_writes_the_same_record_and_settles_as_settle_does(
+    client: aioredis.Redis,
+) -> None:
+    store = RedisRoutingStore(client)
+    quotas = RedisQuotaStore(client, PROFILE.quota)
+    scope = ScopeId("scope")
+    attempts = [Attempt("local", "r0", 1, "ok", None, "done", "", "closed")]
+    saved: dict[str, bytes | None] = {}
+    for tenant, correction in (("ten_a", -40), ("ten_b", -40), ("ten_c", 7)):
+        reservation = await quotas.admit_rate(tenant, tokens=50, scope=scope)
+        settlement = RateSettlement.of(reservation, reservation.tokens + correction)
+        assert settlement is not None and settlement.correction == correction
+        record = decide(f"dec_{tenant[-1] * 26}", make_inputs(make_replica("r0"), evidence=ENOUGH))
+        if tenant == "ten_b":  # the settlement on its own, as at a stream's end
+            await store.save_decision(tenant, record, attempts, ["ses_1"])
+            await quotas.settle(tenant, settlement)
+        else:
+            await store.save_decision(tenant, record, attempts, ["ses_1"], settlement)
+        key = f"z:{{{tenant}}}:dec:{record.decision_id}"
+        saved[tenant] = await client.get(key)
+        assert saved[tenant] == (
+            b'{"record":'
+            + record.to_json_bytes()
+            + b',"attempts":'
+            + ATTEMPTS.dump_json(tuple(attempts))
+            + b"}"
+        )
+        assert await client.smembers(f"z:{{{tenant}}}:dec-src:ses_1") == {record.decision_id.encode()}
+        assert await client.ttl(rate_key(tenant)) <= 2 * RATE_WINDOW_S  # the rate keeps its own expiry
+    rates = {  # a window may begin between two tenants' admissions: their starts may differ
+        tenant: {
+            field: value
+            for field, value in (await client.hgetall(rate_key(tenant))).items()
+            if field != b"start"
+        }
+        for tenant in ("ten_a", "ten_b", "ten_c")
+    }
+    assert rates["ten_a"] == rates["ten_b"] and rates["ten_a"][b"tokens"] == b"10"
+    assert rates["ten_c"][b"tokens"] == b"57"

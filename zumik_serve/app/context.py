@@ -30,6 +30,7 @@ from zumik_serve.purge.service import PurgeService
 from zumik_serve.purge.signing_keys import SigningKeys
 from zumik_serve.purge.store import RedisPurgeStore
 from zumik_serve.qos.admission import AdmissionController
+from zumik_serve.qos.quota import RateSettlement
 from zumik_serve.qos.store import RedisQuotaStore
 from zumik_serve.responses.service import ResponsesService
 from zumik_serve.responses.store import RedisResponseStore
@@ -308,12 +309,17 @@ class _DecisionSink:
         self._store = store
 
     async def save(
-        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = ()
-    ) -> None:
+        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = (),
+        settlement: RateSettlement | None = None,
+    ) -> None:  # fmt: skip
+        saving = self._store.save_decision(tenant, record, attempts, sources, settlement)
         try:
-            await guard(self._store.save_decision(tenant, record, attempts, sources), what="decision store")
+            await guard(saving, what="decision store")
         except StoreUnavailableError:  # the answer still goes out; its record is lost, and the log says so
-            logger.warning("zumik: decision %s could not be recorded (Redis unavailable)", record.decision_id)
+            kept = "; its token reservation is kept" if settlement is not None else ""
+            logger.warning(
+                "zumik: decision %s could not be recorded (Redis unavailable)%s", record.decision_id, kept
+            )
 
 
 class _ReachSink:

@@ -5,10 +5,10 @@
                   when full); after the body is read, so a slow upload holds no slot
       run()       within the request's deadline:
         ├─ limits      n, max_tokens, message and prompt counts (400 naming the parameter)
-        ├─ release     the model names an alias (or the served model, published on first use)
+        ├─ release     the model names an alias (or the served model, published on first use);
+        │              the tenant's salt epoch is read in the same round trip (never cached: a
+        │              purge moves it on), its cache salt derived once the state is resolved
         ├─ state       snapshot messages first; a session checked live; /v2: tokenized here
-        │  ║ salt      the tenant's cache salt, read beside the release and state (never cached:
-        │              a purge moves it on); awaited after them, so their errors come first
         ├─ rate        the tenant's requests and tokens per minute (429 with Retry-After)
         │  ║ evidence  what the reuse ledger recorded for the tenant and the prompt's prefix
         │              family (escalation), read at most once per EVIDENCE_TTL_S per family
@@ -17,8 +17,9 @@
         ├─ dispatch    Dispatcher.execute → EngineRun (first output) or the client's error (its
         │              decision saved first); the decision's save starts at the first output
         ├─ a stream: the save ║ the opportunity (for the headers), both awaited
-        └─ a whole answer: the save ║ rate settlement ║ figures ║ session exchange, all
-           awaited (the first failure raised, the save's first); span
+        └─ a whole answer: the save, which writes the rate settlement in the same script ║
+           figures ║ session exchange, all awaited (the first failure raised, the save's
+           first); span
       events()    a stream's events within the deadline
       finish()    a stream's end: settlement ║ figures ║ session exchange, then the span
       sent()      the surface has sent the answer: the reuse ledger's write starts (it counts
@@ -68,12 +69,13 @@ from zumik_serve.pipeline.request import (
 )
 from zumik_serve.qos.admission import choose_class
 from zumik_serve.qos.deadline import Deadline, exceeded
-from zumik_serve.qos.quota import RateReservation, reserved_tokens, used_tokens
+from zumik_serve.qos.quota import RateReservation, RateSettlement, reserved_tokens, used_tokens
 from zumik_serve.reuse.evidence import EvidenceLevel
 from zumik_serve.reuse.figures import ReuseFigures
 from zumik_serve.routing.decision import NO_EVIDENCE, Evidence
 from zumik_serve.routing.dispatch import RouteContext
 from zumik_serve.routing.release import Release
+from zumik_serve.routing.service import RequestRelease
 from zumik_serve.state.compiler import CompiledSnapshot
 from zumik_serve.state.objects import TurnRole
 from zumik_serve.state.requests import AppendTurn
@@ -151,24 +153,17 @@ class Pipeline:
         tenant = request.tenant
         self.check_profile(tenant, request.profile)
         check_generation_limits(request.body, ctx.limits)
-        # The salt's read needs only the tenant: it runs beside the release and state reads and
-        # is awaited where it is used, so an earlier step's error still comes first.
-        salt_read = asyncio.ensure_future(ctx.salts.for_tenant(tenant.id))
-        try:
-            release = await self._release(tenant, request.model, pinned=request.refs.release)
-            model = release.model if release is not None else (request.model or ctx.models.default)
-            if model not in ctx.models.ids:
-                raise ModelNotFoundError(
-                    f"The model '{model}' does not exist or you do not have access to it. "
-                    "GET /v1/models lists the models you can use.",
-                    param="model",
-                )
-            call, body, allowed = await self._resolve_state(request, model, release)
-            salt = await salt_read
-        finally:
-            if not salt_read.done():  # an earlier step failed: the salt is not needed
-                salt_read.cancel()
-            salt_read.add_done_callback(_retrieve)
+        lookup = await self._release(tenant, request.model, pinned=request.refs.release)
+        release = lookup.release
+        model = release.model if release is not None else (request.model or ctx.models.default)
+        if model not in ctx.models.ids:
+            raise ModelNotFoundError(
+                f"The model '{model}' does not exist or you do not have access to it. "
+                "GET /v1/models lists the models you can use.",
+                param="model",
+            )
+        call, body, allowed = await self._resolve_state(request, model, release)
+        salt = await ctx.salts.at_epoch(tenant.id, lookup.salt_epoch)  # the epoch this request read
         dispatcher = ctx.dispatcher_for(model)
         prompt = dispatcher.prompt(call, body, salt=salt)
         # The rate admission and the escalation evidence (a read, usually cached) side by side;
@@ -191,8 +186,9 @@ class Pipeline:
         )
         decision = dispatcher.decide(call, body, tenant=tenant.id, salt=salt, context=route, prompt=prompt)
         accounting = RequestAccounting(ctx.reuse if tenant.reuse_accounting else None, decision)
-        # The decision's record is saved while the work after the first output runs; both are
-        # awaited before the generation is returned (the id it answers with is readable then).
+        # The decision's record is saved while the work after the first output runs (a whole
+        # answer's rate settlement in the same script); both are awaited before the generation
+        # is returned (the id it answers with is readable then).
         run = await dispatcher.execute(
             decision, call, body, stream=request.stream, tenant=tenant.id, salt=salt, context=route,
             defer_record=True,
@@ -201,10 +197,12 @@ class Pipeline:
         generation.rate_reservation = reservation
         try:
             if request.stream:  # the opportunity goes out in the headers, before the body
+                run.start_recording()
                 _, generation.opportunity_tokens = await _all(run.recorded(), accounting.opportunity_tokens())
             else:
                 answer = generation.answer
                 completion = Completion(_reply(call, answer), answer.get("usage"))
+                run.start_recording(RateSettlement.of(reservation, used_tokens(completion.usage)))
                 generation.figures = await self._finish(generation, completion, recording=run.recorded())
         finally:
             await run.recorded()  # done by now, unless a step above failed: its save comes first
@@ -303,19 +301,13 @@ class Pipeline:
 
     async def _release(
         self, tenant: Tenant, model: str | None, *, pinned: str | None = None
-    ) -> Release | None:
+    ) -> RequestRelease:
         """The release the request's ``model`` (an alias, or the served model) pins: the
         ``pinned`` one (a stored conversation's) while it is a release of that same alias, else
-        the alias's current release."""
+        the alias's current release; with the tenant's salt epoch, in one round trip."""
         name = model if model is not None else self.context.models.default
-        if not name:
-            return None
         routing, state = self.context.routing, self.context.state
-        if pinned is not None:
-            release = await state.store_call(routing.release(tenant.id, pinned))
-            if release is not None and release.alias == name:
-                return release
-        return await state.store_call(routing.release_for_request(tenant.id, name))
+        return await state.store_call(routing.release_for_request(tenant.id, name or None, pinned=pinned))
 
     async def _resolve_state(
         self, request: GenerationRequest, model: str, release: Release | None
@@ -369,12 +361,12 @@ class Pipeline:
     async def _settle_rate(self, generation: Generation, usage: Mapping[str, Any] | None) -> None:
         """Replace the request's token reservation by the tokens the engine reports it used
         (kept as reserved when it reports none); an outage keeps the reservation."""
-        quotas, reservation = self.context.quotas, generation.rate_reservation
-        used = used_tokens(usage)
-        if quotas is None or reservation is None or used is None:
+        quotas = self.context.quotas
+        settlement = RateSettlement.of(generation.rate_reservation, used_tokens(usage))
+        if quotas is None or settlement is None:
             return
         try:
-            await guard(quotas.settle(generation.request.tenant.id, reservation, used), what="quota store")
+            await guard(quotas.settle(generation.request.tenant.id, settlement), what="quota store")
         except StoreUnavailableError:
             logger.warning("zumik: token reservation kept (Redis unavailable)")
 
@@ -409,15 +401,16 @@ class Pipeline:
         self, generation: Generation, completion: Completion, *, recording: Awaitable[None] | None = None
     ) -> ReuseFigures | None:
         """The answer's rate settlement, reuse figures and session exchange, side by side, and
-        the decision record's save when it is still under way (``recording``): all awaited,
-        then the first failure raised, the save's first. Then the span."""
+        the decision record's save when it is still under way (``recording``, which writes the
+        settlement itself): all awaited, then the first failure raised, the save's first. Then
+        the span."""
         request, run = generation.request, generation.run
         exchange = (
             self._record_exchange(request, completion.reply) if request.refs.session is not None else None
         )
         _, _, figures, _ = await _all(
             recording,
-            self._settle_rate(generation, completion.usage),
+            self._settle_rate(generation, completion.usage) if recording is None else None,
             generation.accounting.figures(
                 run, completion.usage, tenant=request.tenant.id, snapshot=request.refs.snapshot
             ),
@@ -473,11 +466,6 @@ async def _all(*steps: Awaitable[Any] | None) -> tuple[Any, ...]:
         if isinstance(result, BaseException):
             raise result
     return tuple(results)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 def _reply(call: EngineCall, answer: Mapping[str, Any]) -> str:

@@ -139,6 +139,23 @@ class RateReservation:
     tokens: int
 
 
+@dataclass(frozen=True)
+class RateSettlement:
+    """A reservation replaced by the tokens its request used: ``correction`` tokens (used minus
+    reserved, never 0) move the count of the window that began at ``window_start``."""
+
+    window_start: int
+    correction: int
+
+    @staticmethod
+    def of(reservation: RateReservation | None, used: int | None) -> RateSettlement | None:
+        """None when there is nothing to settle: no reservation, no usage reported (the
+        reservation stands), or exactly the tokens reserved."""
+        if reservation is None or used is None or used == reservation.tokens:
+            return None
+        return RateSettlement(reservation.window_start, used - reservation.tokens)
+
+
 CHARS_PER_TOKEN = 4  # before tokenization, a prompt's tokens are estimated from its UTF-8 bytes
 
 

@@ -32,6 +32,7 @@ from zumik_serve.qos.quota import (
     QuotaOverrides,
     QuotaUsage,
     RateReservation,
+    RateSettlement,
     default_text,
     rate_refusal,
     storage_refusal,
@@ -191,19 +192,36 @@ redis.call('EXPIRE', KEYS[1], 2 * window)
 return {'ok', tostring(start)}
 """
 
-# KEYS: rate. ARGV: the window start a reservation was counted in, the token correction, window.
-# Moves the count of that window (now the current or the previous one) by the correction.
-RATE_CORRECT = """
-local start = tonumber(redis.call('HGET', KEYS[1], 'start') or '-1')
-local field = nil
-if start == tonumber(ARGV[1]) then field = 'tokens' end
-if start == tonumber(ARGV[1]) + tonumber(ARGV[3]) then field = 'prev_tokens' end
-if field then
-  local value = tonumber(redis.call('HGET', KEYS[1], field) or '0') + tonumber(ARGV[2])
-  redis.call('HSET', KEYS[1], field, math.max(0, value))
+# A Lua function a script starts with: ``zq_settle(rate, start, correction, window)`` moves the
+# token count of the window that began at ``start`` (now the current or the previous one) by
+# ``correction``. The decision record's save runs it too (``routing/store.py``), so a whole
+# answer's record and its settlement are one write.
+SETTLE_LUA = """
+local function zq_settle(rate, start, correction, window)
+  local current = tonumber(redis.call('HGET', rate, 'start') or '-1')
+  local field = nil
+  if current == start then field = 'tokens' end
+  if current == start + window then field = 'prev_tokens' end
+  if field then
+    local value = tonumber(redis.call('HGET', rate, field) or '0') + correction
+    redis.call('HSET', rate, field, math.max(0, value))
+  end
 end
+"""
+
+# KEYS: rate. ARGV: ``settle_args``.
+RATE_SETTLE = (
+    SETTLE_LUA
+    + """
+zq_settle(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
 return 0
 """
+)
+
+
+def settle_args(settlement: RateSettlement) -> list[int]:
+    """``zq_settle``'s arguments after the rate key: window start, correction, window."""
+    return [settlement.window_start, settlement.correction, RATE_WINDOW_S]
 
 
 class RedisQuotaStore:
@@ -211,7 +229,7 @@ class RedisQuotaStore:
         self._redis = client
         self.spec = spec
         self._rate_admit = client.register_script(RATE_ADMIT)
-        self._rate_correct = client.register_script(RATE_CORRECT)
+        self._rate_settle = client.register_script(RATE_SETTLE)
 
     async def overrides(self, tenant: str) -> QuotaOverrides:
         fields = await self._redis.hgetall(quota_key(tenant))
@@ -254,12 +272,9 @@ class RedisQuotaStore:
             fields[1], int(fields[2]), int(fields[3]), int(fields[4]), wait if wait > 0 else None
         )
 
-    async def settle(self, tenant: str, reservation: RateReservation, used_tokens: int) -> None:
-        """Replace a reservation by the tokens the request used."""
-        correction = used_tokens - reservation.tokens
-        if correction:
-            args = [reservation.window_start, correction, RATE_WINDOW_S]
-            await self._rate_correct(keys=[rate_key(tenant)], args=args)
+    async def settle(self, tenant: str, settlement: RateSettlement) -> None:
+        """Replace a reservation by the tokens the request used (``RateSettlement.of``)."""
+        await self._rate_settle(keys=[rate_key(tenant)], args=settle_args(settlement))
 
 
 def raise_refusal(reply: list[Any], *, session: str | None = None) -> None:

@@ -35,6 +35,7 @@ errors, a refused managed key), never on a client error.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
@@ -43,7 +44,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kvstore.keys import scope_id
@@ -68,6 +69,7 @@ from zumik_serve.errors import (
 from zumik_serve.ids import DecisionId, new_decision_id
 from zumik_serve.providers.engine_client import ProviderEngineClient
 from zumik_serve.providers.openai_http import OpenAICompatProvider
+from zumik_serve.qos.quota import RateSettlement
 from zumik_serve.routing.decision import NO_EVIDENCE, DecisionRecord, Evidence, Pick
 from zumik_serve.routing.family import PrefixFamily, prefix_family, provider_cache_key
 from zumik_serve.routing.reach import ProviderReach, ReachSink
@@ -82,9 +84,11 @@ MAX_TENANT_BUDGETS = 10_000  # per-tenant BYOK retry budgets kept (least recentl
 
 class DecisionSink(Protocol):
     async def save(
-        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = ()
-    ) -> None:
-        """Record the decision; ``sources``: the state objects whose content its prompt carried."""
+        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = (),
+        settlement: RateSettlement | None = None,
+    ) -> None:  # fmt: skip
+        """Record the decision; ``sources``: the state objects whose content its prompt carried;
+        ``settlement``: the request's rate settlement, written in the same step (None: none)."""
         ...
 
 
@@ -147,11 +151,21 @@ class EngineRun:
     prefix_keys: tuple[str, ...] = ()  # the scheduler's prefix keys of the prompt
     timing_ms: dict[str, float] | None = None  # where the time went before the first output
     recording: asyncio.Future[None] | None = None  # the decision record's save (``execute``)
+    # Starts the save when ``execute(..., defer_record=True)`` left that to the caller.
+    saver: Callable[[RateSettlement | None], asyncio.Future[None]] | None = field(default=None, repr=False)
+
+    def start_recording(self, settlement: RateSettlement | None = None) -> None:
+        """Start the decision record's save, unless it has started (``execute`` starts it unless
+        ``defer_record``); ``settlement``: the request's rate settlement, written in the same
+        step, so a whole answer's record and settlement cost one round trip."""
+        if self.recording is None and self.saver is not None:
+            self.recording = self.saver(settlement)
 
     async def recorded(self) -> None:
-        """Wait for the decision record's save and raise its failure (done already unless
-        ``execute(..., defer_record=True)``). A caller cancelled meanwhile (a deadline, a client
-        gone) leaves the save running to its end."""
+        """Wait for the decision record's save (started now if it has not been) and raise its
+        failure. A caller cancelled meanwhile (a deadline, a client gone) leaves the save
+        running to its end."""
+        self.start_recording()
         if self.recording is not None:
             await asyncio.shield(self.recording)
 
@@ -254,10 +268,11 @@ class Dispatcher:
         """Carry ``decision`` out: the first route that gives a first output, or the client's
         error. The decision and every attempt are recorded either way: before the error is
         raised, and before the run is returned; with ``defer_record`` the run is returned with
-        its save under way (``EngineRun.recording``), so that the caller can do its own work
-        after the first output meanwhile, and it awaits ``run.recorded()`` before it answers
-        (the decision id it answers with is then readable, and a failed save fails the request
-        as it would here). ``timing_ms["record"]`` is the save's own time either way."""
+        its save not started: the caller starts it at once (``run.start_recording``, with the
+        request's rate settlement when it has one), does its own work after the first output
+        meanwhile, and awaits ``run.recorded()`` before it answers (the decision id it answers
+        with is then readable, and a failed save fails the request as it would here).
+        ``timing_ms["record"]`` is the save's own time either way."""
         started = time.perf_counter()
         attempts: list[Attempt] = []
         timing: dict[str, float] = {"decide": decision.decide_ms}
@@ -270,22 +285,25 @@ class Dispatcher:
             raise
         timing["first-output"] = (time.perf_counter() - started) * 1000
         run.timing_ms = timing
-        run.recording = self._record(tenant, decision, attempts, context, timing)
+        run.saver = functools.partial(self._record, tenant, decision, attempts, context, timing)
         if not defer_record:
             await run.recorded()
         return run
 
     def _record(
         self, tenant: str, decision: Decision, attempts: Sequence[Attempt], context: RouteContext,
-        timing: dict[str, float],
+        timing: dict[str, float], settlement: RateSettlement | None = None,
     ) -> asyncio.Future[None]:  # fmt: skip
-        """The decision's save, started now; it runs to its end even when whoever awaits it is
-        cancelled (its failure is logged then). ``timing["record"]``: its own time."""
+        """The decision's save (with ``settlement``, see ``DecisionSink``), started now; it runs
+        to its end even when whoever awaits it is cancelled (its failure is logged then).
+        ``timing["record"]``: its own time."""
 
         async def save() -> None:
             saved = time.perf_counter()
             try:
-                await self._decisions.save(tenant, decision.record, attempts, context.sources)
+                await self._decisions.save(
+                    tenant, decision.record, attempts, context.sources, settlement=settlement
+                )
             finally:
                 timing["record"] = (time.perf_counter() - saved) * 1000
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from profiles import Profile
@@ -20,6 +21,16 @@ from zumik_serve.routing.release import AliasState, Release, new_release_id, rel
 from zumik_serve.routing.replay import Replayed, replay
 from zumik_serve.routing.requests import PublishRelease, alias_name
 from zumik_serve.routing.store import DecisionPage, RedisRoutingStore, StoredDecision
+
+
+@dataclass(frozen=True)
+class RequestRelease:
+    """What a request's release lookup gives: the release it runs under (None: its model names
+    no alias and no served model) and the tenant's salt epoch, read in the same round trip
+    (``tenancy/salts.py``: the epoch is read for every request, never kept)."""
+
+    release: Release | None
+    salt_epoch: int
 
 
 class RoutingService:
@@ -67,22 +78,28 @@ class RoutingService:
 
     async def resolve(self, tenant: str, name: str) -> Release | None:
         """The current release of the tenant's alias ``name``; None when no such alias."""
-        try:
-            validate_alias_name(name)
-        except ValueError:
+        if not _is_alias_name(name):
             return None
         return await self._store.resolve(tenant, name)
 
-    async def release_for_request(self, tenant: str, model: str) -> Release | None:
-        """The release a request naming ``model`` runs under: the tenant's alias of that name, or
-        for a served model's (or adapter's) own name an implicit alias published on first use (so
-        every response pins a release); None when ``model`` is neither."""
-        release = await self.resolve(tenant, model)
-        if release is not None or model not in self.profile.served_names():
-            return release
-        with contextlib.suppress(ConflictError):  # another request published it first
-            await self.publish(tenant, model, PublishRelease(model=model, expected_release=None))
-        return await self.resolve(tenant, model)
+    async def release_for_request(
+        self, tenant: str, model: str | None, *, pinned: str | None = None
+    ) -> RequestRelease:
+        """The release a request naming ``model`` runs under, and the tenant's salt epoch, read
+        in one round trip: the ``pinned`` release (a stored conversation's) while it is a release
+        of that same alias, else the tenant's alias of that name, or for a served model's (or
+        adapter's) own name an implicit alias published on first use (so every response pins a
+        release); no release when ``model`` is neither (or None)."""
+        alias = model if model is not None and _is_alias_name(model) else None
+        found = await self._store.lookup(tenant, alias, pinned if alias is not None else None)
+        if found.pinned is not None and found.pinned.alias == model:
+            return RequestRelease(found.pinned, found.salt_epoch)
+        release = found.current
+        if release is None and model is not None and model in self.profile.served_names():
+            with contextlib.suppress(ConflictError):  # another request published it first
+                await self.publish(tenant, model, PublishRelease(model=model, expected_release=None))
+            release = await self.resolve(tenant, model)
+        return RequestRelease(release, found.salt_epoch)
 
     # --- decisions ---------------------------------------------------------------------------
 
@@ -129,6 +146,14 @@ class RoutingService:
             "policy_version": profile.routing.policy_version,
             "purge_ceiling": profile.purge.ceiling,
         }
+
+
+def _is_alias_name(name: str) -> bool:
+    try:
+        validate_alias_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _alias_not_found(alias: str) -> NotFoundError:

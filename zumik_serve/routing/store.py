@@ -9,12 +9,20 @@
     z:{tenant}:rel:{id}               a release (canonical JSON), never changed
     z:{tenant}:alias:{name}           the id of the alias' current release
     z:{tenant}:alias-history:{name}   list of its release ids, oldest first
+    zumik:salt-epoch:{tenant}         read only, with a request's release (``tenancy/store.py``)
+    z:{tenant}:rate                   written only, with a whole answer's decision record: the
+                                      rate settlement (``qos/store.py``)
 
 Publishing is one Lua script: the release is stored only if the alias still points where the
 publisher saw it point, so two concurrent publishes never lose one another's history. Every
 key of a tenant shares its hash tag, so the scripts and multi-key reads stay in one slot.
 Recording provider reach is one script too: it refuses when a source object is revoked or gone
 (``REACH``), so a purge that revoked first and reads the reach after misses no send.
+
+A request pays a Redis round trip in CPU whatever it carries, so its two routing steps are one
+round trip each: the release lookup reads the tenant's salt epoch with the release (``LOOKUP``),
+and the decision record's save applies the rate settlement of a whole answer (``SAVE``). The
+salt epoch's key carries no tenant hash tag, which the single Redis primary Zumik runs on allows.
 """
 
 from __future__ import annotations
@@ -26,11 +34,14 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
+from zumik_serve.qos.quota import RateSettlement
+from zumik_serve.qos.store import SETTLE_LUA, rate_key, settle_args
 from zumik_serve.routing.decision import DecisionRecord
 from zumik_serve.routing.reach import ProviderReach
 from zumik_serve.routing.release import AliasState, Release
 from zumik_serve.routing.retry import ATTEMPTS, Attempt
 from zumik_serve.state.store import REVOKED_PREFIX, object_key
+from zumik_serve.tenancy.store import salt_epoch_key
 
 DECISION_TTL_S = 30 * 24 * 3600
 
@@ -68,21 +79,30 @@ redis.call('RPUSH', KEYS[2], ARGV[2])
 return 1
 """
 
-# KEYS: the decision, the tenant's list, then the index of each source object. ARGV: the record
-# (JSON), its ttl (s), its id, its now_ms, and the list's oldest score kept. One atomic step (as
-# MULTI was), one reply to read.
-SAVE = """
+# KEYS: the decision, the tenant's list, then the index of each source object, then (with a
+# settlement) the tenant's rate. ARGV: the record (JSON), its ttl (s), its id, its now_ms, the
+# list's oldest score kept, then (with a settlement) ``settle_args``. One atomic step (as MULTI
+# was), one reply to read.
+SAVE = (
+    SETTLE_LUA
+    + """
 local ttl = tonumber(ARGV[2])
+local last = #KEYS
+if ARGV[6] then
+  zq_settle(KEYS[last], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]))
+  last = last - 1
+end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[5])
 redis.call('EXPIRE', KEYS[2], ttl)
-for i = 3, #KEYS do
+for i = 3, last do
   redis.call('SADD', KEYS[i], ARGV[3])
   redis.call('EXPIRE', KEYS[i], ttl)
 end
 return 0
 """
+)
 
 # KEYS: alias. ARGV: the release key prefix. The current release's JSON, or false: one round trip.
 RESOLVE = """
@@ -90,6 +110,33 @@ local current = redis.call('GET', KEYS[1])
 if not current then return false end
 return redis.call('GET', ARGV[1] .. current)
 """
+
+
+# KEYS: the tenant's salt epoch, then the alias (none: no alias to resolve). ARGV: the release
+# key prefix, then a pinned release's id (none: no pinned release). A request's lookups in one
+# round trip: {the salt epoch, the alias' current release's JSON, the pinned release's JSON},
+# each false when absent.
+LOOKUP = """
+local release = false
+if KEYS[2] then
+  local current = redis.call('GET', KEYS[2])
+  if current then release = redis.call('GET', ARGV[1] .. current) end
+end
+local pinned = false
+if ARGV[2] then pinned = redis.call('GET', ARGV[1] .. ARGV[2]) end
+return {redis.call('GET', KEYS[1]), release, pinned}
+"""
+
+
+@dataclass(frozen=True)
+class RequestLookup:
+    """What a request reads before it runs, in one round trip (``LOOKUP``): the tenant's salt
+    epoch (0 before its first purge), its alias' current release and a pinned release (None:
+    no such alias or release, or none asked for)."""
+
+    salt_epoch: int
+    current: Release | None
+    pinned: Release | None
 
 
 @dataclass(frozen=True)
@@ -119,14 +166,17 @@ class RedisRoutingStore:
         self._resolve = client.register_script(RESOLVE)
         self._reach = client.register_script(REACH)
         self._save = client.register_script(SAVE)
+        self._lookup = client.register_script(LOOKUP)
 
     async def save_decision(
-        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = ()
-    ) -> None:
+        self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = (),
+        settlement: RateSettlement | None = None,
+    ) -> None:  # fmt: skip
         """Record a decision with its attempts, for 30 days: ``{"record", "attempts"}``, each as
         its JSON, serialised by pydantic in one step (this is on the request's path), listed in
         the tenant's decisions and indexed under each state object in ``sources`` (the objects
-        whose content its prompt carried). One round trip, one script (``SAVE``)."""
+        whose content its prompt carried); with ``settlement``, the tenant's rate settlement is
+        written in the same step. One round trip, one script (``SAVE``)."""
         value = (
             b'{"record":'
             + record.to_json_bytes()
@@ -145,6 +195,9 @@ class RedisRoutingStore:
             now_ms,
             now_ms - DECISION_TTL_S * 1000,
         ]
+        if settlement is not None:
+            keys.append(rate_key(tenant))
+            args += settle_args(settlement)
         await self._save(keys=keys, args=args)
 
     async def decision_page(self, tenant: str, *, limit: int, after: str | None) -> DecisionPage | None:
@@ -254,6 +307,19 @@ class RedisRoutingStore:
         args: list[str | bytes] = [expected or "", release.id, release.canonical_json()]
         return bool(await self._publish(keys=keys, args=args))
 
+    async def lookup(self, tenant: str, alias: str | None, pinned: str | None = None) -> RequestLookup:
+        """The tenant's salt epoch, the current release of ``alias`` (None: none to resolve) and
+        the release ``pinned`` (None: none), in one round trip (``LOOKUP``)."""
+        keys, args = [salt_epoch_key(tenant)], [_key(tenant, "rel", "")]
+        if alias is not None:
+            keys.append(_key(tenant, "alias", alias))
+        if pinned is not None:
+            args.append(pinned)
+        epoch, current, pinned_raw = await self._lookup(keys=keys, args=args)
+        return RequestLookup(
+            salt_epoch=int(epoch or 0), current=_release(current), pinned=_release(pinned_raw)
+        )
+
     async def resolve(self, tenant: str, alias: str) -> Release | None:
         """The alias' current release in one round trip; None when there is no such alias."""
         raw = await self._resolve(keys=[_key(tenant, "alias", alias)], args=[_key(tenant, "rel", "")])
@@ -301,6 +367,10 @@ def _list_key(tenant: str) -> str:
 def _stored(raw: bytes | str) -> StoredDecision:
     stored = json.loads(raw)
     return StoredDecision(record=stored["record"], attempts=tuple(stored["attempts"]))
+
+
+def _release(raw: bytes | str | None) -> Release | None:
+    return Release.from_json(json.loads(raw)) if raw else None
 
 
 def _text(value: bytes | str) -> str:

@@ -113,6 +113,15 @@ return 1
 """
 
 
+# KEYS: api key. ARGV: the tenant record's key prefix. What authentication reads, in one round
+# trip: false for an unknown key, else {tenant id, the record's field, value pairs}.
+TENANT_FOR_KEY = """
+local tenant = redis.call('GET', KEYS[1])
+if not tenant then return false end
+return {tenant, redis.call('HGETALL', ARGV[1] .. tenant)}
+"""
+
+
 class TenantExistsError(ValueError):
     pass
 
@@ -144,6 +153,7 @@ class RedisTenantStore:
         self._revoke_all = client.register_script(REVOKE_ALL)
         self._save_deletion = client.register_script(SAVE_DELETION)
         self._forget_tenant = client.register_script(FORGET_TENANT)
+        self._tenant_for_key = client.register_script(TENANT_FOR_KEY)
 
     async def create_tenant(
         self, name: str, *, qos_classes: frozenset[str] | None = None, reuse_accounting: bool = True,
@@ -170,7 +180,7 @@ class RedisTenantStore:
 
     async def salt_epoch(self, tenant: TenantId) -> int:
         try:
-            return int(await self._redis.get(f"zumik:salt-epoch:{tenant}") or 0)
+            return int(await self._redis.get(salt_epoch_key(tenant)) or 0)
         except RedisError as exc:
             raise StoreUnavailableError(
                 "the state store is unavailable; retry shortly", retry_after_s=1
@@ -178,22 +188,21 @@ class RedisTenantStore:
 
     async def rotate_salt_epoch(self, tenant: TenantId) -> int:
         """Move the tenant's salt epoch on; returns the new epoch."""
-        return int(await self._redis.incr(f"zumik:salt-epoch:{tenant}"))
+        return int(await self._redis.incr(salt_epoch_key(tenant)))
 
     async def tenant_for_key_hash(self, key_hash: str) -> Tenant | None:
+        """The tenant whose key has the digest ``key_hash``, in one round trip
+        (``TENANT_FOR_KEY``); None when the key or its tenant's record is gone."""
         try:
-            tenant_id = await self._redis.get(f"zumik:apikey:{key_hash}")
-            if tenant_id is None:
-                return None
-            tenant_id = _text(tenant_id)
-            fields = await self._redis.hgetall(f"zumik:tenant:{tenant_id}")
+            found = await self._tenant_for_key(keys=[_apikey_key(key_hash)], args=[_tenant_key("")])
         except RedisError as exc:
             raise StoreUnavailableError(
                 "the state store is unavailable; retry shortly", retry_after_s=1
             ) from exc
-        if not fields:
+        if not found or not found[1]:
             return None
-        return _tenant_of(TenantId(tenant_id), {_text(k): _text(v) for k, v in fields.items()})
+        pairs = [_text(part) for part in found[1]]
+        return _tenant_of(TenantId(_text(found[0])), dict(zip(pairs[::2], pairs[1::2], strict=True)))
 
     # --- the directory, for the operator (``zumik tenant ...``) -------------------------------
 
@@ -321,7 +330,7 @@ class RedisTenantStore:
         still under its prefixes, in one step: afterwards the name is free."""
         leftovers = await self.data_keys(tenant.id)
         await self._forget_tenant(
-            keys=[_tenant_key(tenant.id), _index_key(tenant.id), f"zumik:salt-epoch:{tenant.id}",
+            keys=[_tenant_key(tenant.id), _index_key(tenant.id), salt_epoch_key(tenant.id),
                   _name_key(tenant.name), *leftovers],
             args=[tenant.id],
         )  # fmt: skip
@@ -341,6 +350,12 @@ class RedisTenantStore:
         hashes = [key.removeprefix(_apikey_key("")) for key, owner in zip(found, owners, strict=True)
                   if owner is not None and _text(owner) == tenant]  # fmt: skip
         return sorted(h for h in hashes if h not in indexed)
+
+
+def salt_epoch_key(tenant: str) -> str:
+    """The key of the tenant's salt epoch (a request's release lookup reads it too,
+    ``routing/store.py``)."""
+    return f"zumik:salt-epoch:{tenant}"
 
 
 def _name_key(name: str) -> str:
