@@ -178,3 +178,21 @@ async def test_authenticating_an_uncached_key_is_one_command_and_a_cached_one_no
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_new_gateway_connection_costs_one_command_and_no_error(redis_server: LocalRedis) -> None:
+    """Redis 7.0 answers ``CLIENT SETINFO`` and ``CLIENT MAINT_NOTIFICATIONS`` with errors: the
+    gateway's client sends neither (wasted commands, and errors a cut-off handshake would leave
+    for the connection's next command). ``MONITOR`` hides ``CLIENT``, so the server's own error
+    count is what tells."""
+    admin = aioredis.from_url(redis_server.admin_url)
+    client = gateway_client(redis_server.url)
+    try:
+        await admin.ping()
+        errors = sum(entry["count"] for entry in (await admin.info("errorstats")).values())
+        assert await client.echo(END) == END.encode()  # a new connection: its handshake, then the echo
+        after = sum(entry["count"] for entry in (await admin.info("errorstats")).values())
+        assert after == errors
+    finally:
+        await client.aclose()
+        await admin.aclose()

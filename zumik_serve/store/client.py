@@ -19,6 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from zumik_serve.errors import StoreUnavailableError
 from zumik_serve.store.redis_acl import GATEWAY_USER, RedisAccessError, access_refused_message, advice
@@ -39,12 +40,20 @@ def gateway_client(url: str) -> aioredis.Redis:
     once more, at once, on a fresh connection: a server that answers again serves the request.
     The retry is immediate and only for connection errors (never a timeout), so a command cut
     off by a crash is not run twice: its retry finds the server still down and fails as before.
+
+    A new connection's handshake is ``HELLO`` alone: no ``CLIENT SETINFO`` and no ``CLIENT
+    MAINT_NOTIFICATIONS`` (for managed Redis Enterprise failovers), which the Redis 7.0 that
+    Debian and Ubuntu ship answers with errors that redis-py reads and drops: three wasted
+    commands per connection, and a handshake cut off between those sends and their reads would
+    leave an error for the connection's next command to read.
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=GATEWAY_POOL_CONNECTIONS, timeout=30,
         socket_timeout=15.0, socket_connect_timeout=5.0,  # a refused connection still fails at once
         health_check_interval=2,  # a pooled connection idle 2 s is pinged first (stale after a restart)
         retry=Retry(NoBackoff(), STALE_CONNECTION_RETRIES, supported_errors=(RedisConnectionError,)),
+        driver_info=None,  # no CLIENT SETINFO (see above)
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )  # fmt: skip
     return aioredis.Redis(connection_pool=pool)
 
