@@ -9,7 +9,15 @@
     OwnerLink        in each gateway process, two background tasks, never on a request's path:
                      report loop  every ``REPORT_INTERVAL_S``, the scheduler's batch → ``report``
                                   (a batch that failed is sent again first)
-                     view loop    ``view(gateway, version)`` → ``scheduler.apply_view``
+                     view loop    ``view(gateway, version)`` → ``scheduler.apply_view``, at
+                                  most every ``VIEW_INTERVAL_S``
+
+Each call to the owner costs both sides a few milliseconds of CPU (a Serve handle call), so the
+loops are paced, not driven by every change: whatever moves meanwhile goes in the next batch or
+view. At most (1 / REPORT_INTERVAL_S + 1 / VIEW_INTERVAL_S) calls a second per gateway and
+1 / KV_EVENTS_BATCH_S per engine replica (``engines/replica.py``), whatever the request rate:
+when the rate is low the owner's CPU per request is what the pacing bounds (``zumik bench
+routing`` prints it by component).
 
 A request decides with the gateway's local scheduler only: at most ``REPORT_INTERVAL_S`` plus a
 call later, every other gateway routes with what it did. If the owner restarts it starts empty;
@@ -31,9 +39,10 @@ from zumik_serve.app.replica_group import GroupEngines
 from zumik_serve.routing.owner import KvEvent, Report, View
 from zumik_serve.routing.scheduler import ProfileScheduler, owner_for
 
-REPORT_INTERVAL_S = 0.02
+REPORT_INTERVAL_S = 0.05
 HEARTBEAT_S = 1.0  # an empty report carries the gateway's load at least this often
 VIEW_WAIT_S = 2.0
+VIEW_INTERVAL_S = 0.05  # a view is asked for at most this often
 RETRY_S = 0.5
 
 log = logging.getLogger(__name__)
@@ -64,8 +73,10 @@ class SchedulerOwner:
         self._checks.set_default_tags(tags)
         self._wrong.set_default_tags(tags)
         self._counted = (0, 0)
+        self._calls = {"report": 0, "view": 0, "engine_events": 0}  # what the owner answered
 
     async def report(self, report: Report) -> int:
+        self._calls["report"] += 1
         before = self._owner.version
         version = self._owner.report(report, _now_ms())
         self._wake(before)
@@ -80,6 +91,7 @@ class SchedulerOwner:
             "engine_events": owner.engine_event_count,
             "belief_checked": owner.belief_checked,
             "belief_wrong": owner.belief_wrong,
+            **{f"calls_{name}": count for name, count in self._calls.items()},
         }
 
     async def engine_residency(self, replica: str) -> list[str]:
@@ -87,12 +99,14 @@ class SchedulerOwner:
         return list(self._owner.engine_residency(replica))
 
     async def engine_events(self, events: list[KvEvent]) -> int:
+        self._calls["engine_events"] += 1
         before = self._owner.version
         version = self._owner.engine_events(events)
         self._wake(before)
         return version
 
     async def view(self, gateway: str, since_version: int, wait_s: float) -> View:
+        self._calls["view"] += 1
         if self._owner.version == since_version:
             moved = self._moved
             with contextlib.suppress(TimeoutError):
@@ -159,6 +173,7 @@ class OwnerLink:
                 await asyncio.sleep(RETRY_S)
                 continue
             self._scheduler.apply_view(view)
+            await asyncio.sleep(VIEW_INTERVAL_S)
 
 
 def link_gateway(scheduler: ProfileScheduler, engines: dict[str, Any], owner: Any | None) -> OwnerLink | None:

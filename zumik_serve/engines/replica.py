@@ -47,7 +47,7 @@ from zumik_serve.routing.block_hashes import HASH_ALGO, event_key
 from zumik_serve.routing.owner import KvEvent
 
 KV_EVENTS_TOPIC = "zumik-kv"
-KV_EVENTS_BATCH_S = 0.05  # events are sent to the owner at most this often
+KV_EVENTS_BATCH_S = 0.1  # events are sent to the owner at most this often (each call costs CPU)
 KV_REPLAY_TIMEOUT_S = 2.0  # an engine's replay socket that does not answer within this is skipped
 REPLAY_END = (-1).to_bytes(8, "big", signed=True)  # vLLM's ZmqEventPublisher.END_SEQ
 OWNER_DEPLOYMENT = "SchedulerOwner"

@@ -236,10 +236,14 @@ class ProfileOwner:
             full = tuple(
                 (replica, self.state.residency.keys(replica)) for replica in self.state.residency.replicas()
             )
-        else:
-            ops = tuple(
-                op for version, origin, op in self._log if version > since_version and origin != gateway
-            )
+        else:  # the log is in version order: only its tail after ``since_version`` is read
+            newer: list[Sent | KvEvent] = []
+            for version, origin, op in reversed(self._log):
+                if version <= since_version:
+                    break
+                if origin != gateway:
+                    newer.append(op)
+            ops = tuple(reversed(newer))
         load: dict[str, int] = {}
         route_load: dict[str, int] = {}
         for name, entry in self._load.items():
