@@ -23,10 +23,12 @@ integration smoke against the hashes a real engine publishes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from array import array
 from collections.abc import Callable, Sequence
 from itertools import accumulate
+from operator import itemgetter
 from typing import cast
 
 import numpy as np
@@ -45,29 +47,32 @@ def engine_block_hashes(
 
     Each block's CBOR is written here rather than by ``cbor2`` (pure Python in this build: about
     35 µs a block, 9 ms for an 8k-token prompt): the shape is fixed, and the prompt's tokens are
-    encoded in one pass (``_encoded_blocks``), so that only the chain of sha256 calls runs per
+    encoded in one pass (``_framed_blocks``), so that only the chain of sha256 calls runs per
     block. ``tests/unit/test_block_hashes.py`` holds it equal to vLLM's own hasher."""
     num_blocks = min(len(token_ids) // block_size, max_blocks)
     if num_blocks <= 0:
         return []
-    body, ends = _encoded_blocks(token_ids[: num_blocks * block_size], block_size)
-    return _chain(body, ends, block_size, NONE_HASH, _salt_extra(cache_salt))
+    framed, ends = _framed_blocks(token_ids[: num_blocks * block_size], block_size)
+    return _chain(framed, ends, NONE_HASH, _salt_extra(cache_salt))
 
 
-def _chain(
-    body: bytes, ends: Sequence[int], block_size: int, parent: bytes, first_extra: bytes
-) -> list[bytes]:
-    """The hashes of the blocks encoded in ``body`` (block ``i`` ends at ``ends[i]``), chained
-    from ``parent``; ``first_extra`` is the first block's extra keys (the salt of a prompt's
-    block 0, CBOR null for any later block)."""
-    sha256 = hashlib.sha256
-    items = _head(4, block_size)  # the block's tokens: an array of block_size items
+def _chain(framed: bytes, ends: Sequence[int], parent: bytes, first_extra: bytes) -> list[bytes]:
+    """The hashes of the blocks in ``framed`` (block ``i`` ends at ``ends[i]``), chained from
+    ``parent``; ``first_extra`` is the first block's extra keys (the salt of a prompt's block 0,
+    CBOR null for any later block). A block in ``framed`` is the tail of its CBOR: the tokens'
+    array head, the tokens, null; each hash copies a sha256 that has taken the array's first
+    bytes (cheaper than a new one) and takes the parent and that tail."""
     start = ends[0]
-    parent = sha256(_PARENT + parent + items + body[:start] + first_extra).digest()
+    parent = hashlib.sha256(_PARENT + parent + framed[: start - 1] + first_extra).digest()
     hashes = [parent]
+    append = hashes.append
+    new = _SHA256_OF_PARENT_HEAD.copy
     for end in ends[1:]:
-        parent = sha256(_PARENT + parent + items + body[start:end] + _CBOR_NULL).digest()
-        hashes.append(parent)
+        block = new()
+        block.update(parent)
+        block.update(framed[start:end])
+        parent = block.digest()
+        append(parent)
         start = end
     return hashes
 
@@ -79,6 +84,7 @@ def _salt_extra(cache_salt: str | None) -> bytes:
 
 _CBOR_NULL = b"\xf6"
 _PARENT = b"\x83\x58\x20"  # an array of 3 (parent, tokens, extra), then the parent: 32 bytes
+_SHA256_OF_PARENT_HEAD = hashlib.sha256(_PARENT)  # only ever copied, so threads may share it
 
 
 def _head(major: int, length: int) -> bytes:
@@ -109,27 +115,32 @@ def _text(value: str) -> bytes:
     return _head(3, len(data)) + data
 
 
-def _encoded_blocks(tokens: Sequence[int], block_size: int) -> tuple[bytes, list[int]]:
-    """The CBOR items of ``tokens`` (whole blocks) in one string, and where each block ends in it.
+def _framed_blocks(tokens: Sequence[int], block_size: int) -> tuple[bytes, list[int]]:
+    """Each block of ``tokens`` (whole blocks) framed as ``_chain`` hashes it, in one string:
+    ``head(array of block_size) + the tokens' CBOR items + null``, and where each block ends.
 
-    Ids of 32 bits (every vocabulary's) are encoded by numpy for a long prompt
-    (``_vector_encoded``), block by block from a table of encodings for a short one; anything
-    else (an id below 0 or past 32 bits: no engine accepts it) id by id, as ``cbor2`` would."""
+    Ids of 32 bits (every vocabulary's) are encoded by numpy for a long prompt or one with ids
+    past 2**16 (``_vector_framed``), block by block from a table of encodings for a short one;
+    anything else (an id below 0 or past 32 bits: no engine accepts it) id by id, as ``cbor2``
+    would."""
     try:
         values = np.frombuffer(array("I", tokens), dtype=np.uintc)  # raises unless 0 <= id < 2**32
     except OverflowError:
         return _joined_blocks(tokens, block_size, _any_block)
-    if len(values) >= VECTOR_MIN_TOKENS:
-        return _vector_encoded(values, block_size)
+    if _vectored(values):
+        return _vector_framed(values, block_size)
     return _joined_blocks(tokens, block_size, _table_block)
 
 
+def _vectored(values: np.ndarray) -> bool:
+    """Whether numpy encodes these ids faster than the table: a long prompt, or an id past the
+    table (those would be encoded one by one)."""
+    return len(values) >= VECTOR_MIN_TOKENS or int(values.max(initial=0)) >= len(_ENCODED)
+
+
 def _table_block(block: Sequence[int]) -> bytes:
-    """A block of ids from 0 to 2**32 - 1: from the table of encodings when they all fit it."""
-    try:
-        return b"".join(map(_ENCODED.__getitem__, block))
-    except IndexError:
-        return _any_block(block)
+    """A block of ids below the table's end, from the table of encodings."""
+    return b"".join(map(_ENCODED.__getitem__, block))
 
 
 def _any_block(block: Sequence[int]) -> bytes:
@@ -139,35 +150,86 @@ def _any_block(block: Sequence[int]) -> bytes:
 def _joined_blocks(
     tokens: Sequence[int], block_size: int, encode: Callable[[Sequence[int]], bytes]
 ) -> tuple[bytes, list[int]]:
-    parts = [encode(tokens[i : i + block_size]) for i in range(0, len(tokens), block_size)]
+    head = _head(4, block_size)
+    starts = range(0, len(tokens), block_size)
+    parts = [head + encode(tokens[i : i + block_size]) + _CBOR_NULL for i in starts]
     return b"".join(parts), list(accumulate(map(len, parts)))
 
 
-# A token id's CBOR is 1, 2, 3 or 5 bytes (below 24, 2**8, 2**16, 2**32): the head byte of its
-# width sits above the id's own bytes in one big-endian 8-byte word, whose last bytes it is.
-_WIDTH_LENGTHS = np.array([1, 2, 3, 5], dtype=np.uint8)
-_WIDTH_HEADS = np.array([0, 24 << 8, 25 << 16, 26 << 32], dtype=np.uint64)
-_WIDTH_MASKS = (  # per width, which of the word's 8 bytes are the id's CBOR (8 flags as one word)
-    np.array([[byte >= 8 - n for byte in range(8)] for n in (1, 2, 3, 5)], dtype=np.bool_)
-    .view(np.uint64)
-    .ravel()
-)
+class _Frames:
+    """Rows of fixed-width slots that ``_vector_framed`` writes a prompt's blocks into, one row a
+    block: its array head, its ids, null. A slot is ``size`` bytes (3: ids below 2**16, 5: any
+    below 2**32), an item sits in its last bytes, and a mask of the same shape flags them. The
+    template has what no id changes written once (the frame; each id slot's widest head and
+    last byte); a prompt copies it, grown on demand by doubling to the longest prompt seen."""
+
+    def __init__(self, size: int, block_size: int) -> None:
+        head = _head(4, block_size)
+        slots = np.zeros((1, block_size + 2, size), dtype=np.uint8)
+        kept = np.zeros((1, block_size + 2, size), dtype=np.bool_)
+        for column, item in ((0, head), (-1, _CBOR_NULL)):
+            slots[0, column, size - len(item) :] = list(item)
+            kept[0, column, size - len(item) :] = True
+        slots[0, 1:-1, 0] = 0x19 if size == 3 else 0x1A  # the head of a 2- or 4-byte id
+        kept[0, 1:-1, -1] = True  # an id's last byte is always its item's
+        self.size = size
+        self._templates = (slots, kept)
+
+    def copies(self, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+        """Fresh rows for ``num_blocks`` blocks, and their mask."""
+        slots, kept = self._templates
+        if len(slots) < num_blocks:  # one tuple, replaced whole: a racing thread sees either
+            repeats = -(-max(num_blocks, 2 * len(slots)) // len(slots))
+            slots, kept = np.tile(slots, (repeats, 1, 1)), np.tile(kept, (repeats, 1, 1))
+            self._templates = (slots, kept)
+        return slots[:num_blocks].copy(), kept[:num_blocks].copy()
 
 
-def _vector_encoded(values: np.ndarray, block_size: int) -> tuple[bytes, list[int]]:
-    """``_encoded_blocks`` of ids below 2**32, with no Python loop over the tokens: every id as
-    its 8-byte word, then the CBOR bytes of all words kept in order (a mask drops the rest)."""
-    # The width class (0 to 3) of each id, from three comparisons (a searchsorted costs more).
-    width = (values >= 24).view(np.uint8) + (values >= 1 << 8).view(np.uint8)
-    width += (values >= 1 << 16).view(np.uint8)
-    words = (_WIDTH_HEADS[width] | values).astype(">u8").view(np.uint8)
-    kept = _WIDTH_MASKS[width].view(np.bool_)
-    block_lengths = _WIDTH_LENGTHS[width].reshape(-1, block_size).sum(axis=1, dtype=np.intp)
-    return words[kept].tobytes(), np.cumsum(block_lengths).tolist()
+# By how many of (below 2**8, below 2**16) an id is: what its 4 bytes carry above it (0x19 as
+# the head of a 2-byte id, 0x18 of a 1-byte one; the bytes above an item are never kept).
+_WIDE_HEADS = np.array([0, 0x19 << 16, 0x19 << 16 | 0x18 << 8], dtype=np.uint32)
+
+
+@functools.cache
+def _frames(size: int, block_size: int) -> _Frames:
+    return _Frames(size, block_size)
+
+
+def _vector_framed(values: np.ndarray, block_size: int) -> tuple[bytes, list[int]]:
+    """``_framed_blocks`` of ids below 2**32, with no Python loop over the tokens: each id's
+    bytes written into its slot of a copy of the template (``_Frames``), its head byte where its
+    item is 1 or 2 bytes, then the flagged bytes of all slots kept in order.
+
+    A slot of 3 bytes: ``0x19, byte 1, byte 0`` (``byte 1`` is 0x18 below 2**8); of 5 bytes:
+    ``0x1a, byte 3, byte 2, byte 1, byte 0`` (``byte 2`` is 0x19 below 2**16). Kept: the last
+    1 (below 24), 2 (below 2**8), 3 (below 2**16) or 5 bytes."""
+    num_blocks = len(values) // block_size
+    wide = int(values.max()) >= 1 << 16 or block_size >= 1 << 16  # the array head fits 3 bytes
+    slots, kept = _frames(5 if wide else 3, block_size).copies(num_blocks)
+    ids = values.reshape(num_blocks, block_size)
+    items, items_kept = slots[:, 1:-1], kept[:, 1:-1]
+    below_256 = ids < 1 << 8
+    np.greater_equal(ids, 24, out=items_kept[..., -2])
+    np.logical_not(below_256, out=items_kept[..., -3])
+    if wide:
+        below_2_16 = ids < 1 << 16
+        np.logical_not(below_2_16, out=items_kept[..., 0])
+        items_kept[..., 1] = items_kept[..., 0]
+        heads = _WIDE_HEADS.take(below_256.view(np.uint8) + below_2_16.view(np.uint8))
+        items[..., 1:].view(">u4")[..., 0] = ids | heads  # byte 3 to byte 0 of each slot
+    else:
+        items[..., 1:].view(">u2")[..., 0] = ids | below_256.view(np.uint8) * np.uint32(0x18 << 8)
+    # Each block's length: the bytes its row keeps, summed in floats (exact, and a BLAS call).
+    flags = kept.reshape(num_blocks, -1).view(np.uint8)
+    lengths = flags.astype(np.float64) @ np.ones(flags.shape[1])
+    return slots[kept].tobytes(), np.cumsum(lengths, dtype=np.intp).tolist()
 
 
 _ENCODED = [_head(0, token) for token in range(1 << 16)]  # most vocabularies fit
 NONE_HASH = hashlib.sha256(_text(NONE_HASH_SEED)).digest()
+
+
+_LOW_64_BITS = itemgetter(slice(-8, None))  # of a hash: what a KV event names its block by
 
 
 def event_key(block_hash: bytes | int) -> str:
@@ -196,7 +258,7 @@ def engine_block_keys(
         hashes = engine_block_hashes(
             token_ids, block_size=block_size, cache_salt=cache_salt, max_blocks=max_blocks
         )
-        return [block_hash[-8:].hex() for block_hash in hashes]  # event_key of a 32-byte hash
+        return list(map(bytes.hex, map(_LOW_64_BITS, hashes)))  # event_key of 32-byte hashes
     num_tokens = num_blocks * block_size
     try:  # the memo's content: each id's 4 bytes, exact for 0 <= id < 2**32
         ids = array("I", token_ids if len(token_ids) < num_tokens + block_size else token_ids[:num_tokens])
@@ -214,14 +276,15 @@ def engine_block_keys(
     if done == num_blocks:
         return keys
     first = done * block_size
-    if num_tokens - first >= VECTOR_MIN_TOKENS:
-        body, ends = _vector_encoded(np.frombuffer(ids, dtype=np.uintc)[first:], block_size)
+    values = np.frombuffer(ids, dtype=np.uintc)[first:]
+    if _vectored(values):
+        framed, ends = _vector_framed(values, block_size)
     else:
-        body, ends = _joined_blocks(token_ids[first:num_tokens], block_size, _table_block)
+        framed, ends = _joined_blocks(token_ids[first:num_tokens], block_size, _table_block)
     if done:
-        hashes = _chain(body, ends, block_size, cast(bytes, link), _CBOR_NULL)
+        hashes = _chain(framed, ends, cast(bytes, link), _CBOR_NULL)
     else:
-        hashes = _chain(body, ends, block_size, NONE_HASH, _salt_extra(cache_salt))
-    keys.extend([block_hash[-8:].hex() for block_hash in hashes])
+        hashes = _chain(framed, ends, NONE_HASH, _salt_extra(cache_salt))
+    keys.extend(map(bytes.hex, map(_LOW_64_BITS, hashes)))  # event_key of 32-byte hashes
     memo.remember(chain, link, content, block_bytes, done, keys, hashes)
     return keys

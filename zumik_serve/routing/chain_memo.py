@@ -52,11 +52,6 @@ RunKey = tuple[Hashable, Hashable, bytes]  # chain, the link before the run, the
 Run = tuple[tuple[str, ...], Hashable, int]
 
 
-def _size(content: bytes, keys: tuple[str, ...]) -> int:
-    """The estimated bytes of one entry: a function of its content's and keys' lengths only."""
-    return ENTRY_OVERHEAD_BYTES + len(content) + len(keys) * (KEY_OVERHEAD_BYTES + len(keys[0]))
-
-
 class ChainMemo:
     """The runs of recent prompts' key chains, least recently used evicted first.
 
@@ -135,20 +130,30 @@ class ChainMemo:
         chained from ``link``: ``keys`` are the whole prompt's keys, ``links[i]`` the link after
         block ``first_block + i``."""
         step = self.blocks_per_run(block_bytes)
-        if first_block % step and first_block != len(keys):
+        count = len(keys)
+        if first_block % step and first_block != count:
             raise ValueError("runs start at block 0 and every blocks_per_run blocks")
+        if first_block >= count:
+            return
+        new_keys = tuple(keys[first_block:])  # a slice of it is each run's keys: one copy a run
+        key_bytes = KEY_OVERHEAD_BYTES + len(new_keys[0])
+        entries: list[tuple[RunKey, Run]] = []
+        for first in range(first_block, count, step):
+            last = first + step if first + step < count else count  # not min(): a call
+            run_content = content[first * block_bytes : last * block_bytes]
+            after = links[last - 1 - first_block]
+            # The entry's estimated bytes: a function of its content's and keys' lengths only.
+            size = ENTRY_OVERHEAD_BYTES + len(run_content) + (last - first) * key_bytes
+            run_keys = new_keys[first - first_block : last - first_block]
+            entries.append(((chain, link, run_content), (run_keys, after, size)))
+            link = after
         runs = self._runs
         with self._lock:
-            for first in range(first_block, len(keys), step):
-                last = min(first + step, len(keys))
-                key = (chain, link, content[first * block_bytes : last * block_bytes])
-                run_keys = tuple(keys[first:last])
-                link = links[last - 1 - first_block]
-                size = _size(key[2], run_keys)
+            for key, run in entries:
                 before = len(runs)
-                runs[key] = (run_keys, link, size)
+                runs[key] = run
                 if len(runs) > before:
-                    self.size_bytes += size
+                    self.size_bytes += run[2]
                 else:  # remembered already (a pure function of its key: the same run, same size)
                     runs.move_to_end(key)
             while runs and (self.size_bytes > self.max_bytes or len(runs) > self.max_entries):
