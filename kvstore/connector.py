@@ -53,6 +53,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 
 from kvstore.codec import BlockSink, encode_block
 from kvstore.compat import CompatKey, CompatMismatch, check_engine_compat
+from kvstore.cpu_placement import spare_cpus
 from kvstore.fingerprint import adapter_fingerprint
 from kvstore.keys import ScopeId, adapter_seed, chain_block_keys, scope_id, seed_from_digest
 from kvstore.layout import KvLayout, KvShard, LayoutError, check_view, layout_of, shard_digest
@@ -118,12 +120,13 @@ def flush_writes(timeout_s: float = 60.0) -> bool:
 
 
 def shared_writer(config: dict[str, Any], manager: TierManager) -> WriteBehind:
-    """The write-behind queue of ``manager`` (one per process and configuration, worker side)."""
+    """The write-behind queue of ``manager`` (one per process and configuration, worker side),
+    its thread on the cores the forward's threads leave (``cpu_placement``)."""
     with _MANAGERS_LOCK:
         writer = _WRITERS.get(id(manager))
         if writer is None:
             limit = int(config.get("write_behind_max_bytes") or WRITE_BEHIND_MAX_BYTES)
-            writer = _WRITERS[id(manager)] = WriteBehind(manager, max_pending_bytes=limit)
+            writer = _WRITERS[id(manager)] = WriteBehind(manager, max_pending_bytes=limit, cpus=spare_cpus())
         return writer
 
 
@@ -144,7 +147,7 @@ class ZumikKVConnectorStats(KVConnectorStats):
             self.data[key] = [blocks + event.num_blocks, num_bytes + event.num_bytes]
         return self
 
-    def record_usage(self, usage: list[TierUsage]) -> ZumikKVConnectorStats:
+    def record_usage(self, usage: Sequence[TierUsage]) -> ZumikKVConnectorStats:
         for tier_usage in usage:
             key = f"{USAGE}:{tier_usage.tier.name.lower()}"
             self.data[key] = [tier_usage.used_bytes, tier_usage.capacity_bytes or 0]
@@ -306,7 +309,7 @@ class ZumikKVConnector(KVConnectorBase_V1):
         self._manager = shared_manager(extra)
         self._extra = extra
         self._writer: WriteBehind | None = None  # worker side, made at the first store
-        self._usage_reported: list[TierUsage] | None = None
+        self._usage_reported: Sequence[TierUsage] | None = None
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._load_errors: set[int] = set()
         # scheduler side: per request, the addresses it may load and how many tokens that is
@@ -319,7 +322,8 @@ class ZumikKVConnector(KVConnectorBase_V1):
         self._worker_restores: dict[str, RestoreReport] = {}
         # Addresses this engine already stored, newest last, bounded (a re-store is only waste).
         self._stored: OrderedDict[BlockAddress, None] = OrderedDict()
-        self._salts: dict[str, str | None] = {}
+        # scheduler side: per request, rank 0's addresses of its full prompt blocks
+        self._addresses: dict[str, list[BlockAddress]] = {}
         # Requests whose KV depends on something the block keys cannot name (an adapter vLLM
         # gives no readable path for): they never load from or store to a tier. Counted per
         # reason until the next stats report.
@@ -331,34 +335,37 @@ class ZumikKVConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        self._salts[request.request_id] = request.cache_salt
-        self._reuse[request.request_id] = {"engine_tokens": int(num_computed_tokens), "tiers": {}}
-        source = self._key_sources.get(request.request_id)
-        if source is None and request.request_id not in self._bypassing:
+        """Tokens the tiers can give beyond vLLM's own prefix cache. Only blocks past vLLM's hit
+        are looked up, and none when it has every full block before the last prompt token
+        (that token is always computed: it yields the first logits): then this costs no tier
+        call and derives no block key."""
+        request_id = request.request_id
+        self._reuse[request_id] = {"engine_tokens": int(num_computed_tokens), "tiers": {}}
+        source = self._key_sources.get(request_id)
+        if source is None and request_id not in self._bypassing:
             source = self._key_source(request)
         if source is None:
             return 0, False
-        token_ids = list(request.prompt_token_ids or [])
-        # The last prompt token is always computed by the engine (it yields the first logits).
-        loadable = (len(token_ids) - 1) // self._block_size * self._block_size
-        if loadable <= num_computed_tokens:
+        token_ids = request.prompt_token_ids or ()
+        first_block = num_computed_tokens // self._block_size  # vLLM's hit ends in or after it
+        loadable_blocks = (len(token_ids) - 1) // self._block_size
+        if loadable_blocks <= first_block:
             return 0, False
-        addresses = self._block_addresses(request.request_id, token_ids[:loadable])
-        plan = self._manager.plan(addresses)
+        wanted = self._block_addresses(request_id, token_ids)[first_block:loadable_blocks]
+        plan = self._manager.plan(wanted)
         num_blocks = plan.num_blocks
         for other in self._shard_digests[1:]:  # every rank must hold a block for it to load
             if num_blocks:
-                mine = [BlockAddress(other, a.key, a.scope) for a in addresses[:num_blocks]]
+                mine = [BlockAddress(other, a.key, a.scope) for a in wanted[:num_blocks]]
                 num_blocks = min(num_blocks, self._manager.plan(mine).num_blocks)
-        restorable = num_blocks * self._block_size
+        restorable = (first_block + num_blocks) * self._block_size
         if restorable <= num_computed_tokens:
             return 0, False
-        first_block = num_computed_tokens // self._block_size
-        self._load_plans[request.request_id] = (first_block, list(plan.addresses[first_block:num_blocks]))
+        self._load_plans[request_id] = (first_block, list(plan.addresses[:num_blocks]))
         tiers: dict[str, int] = {}
-        for tier in plan.sources[first_block:num_blocks]:
+        for tier in plan.sources[:num_blocks]:
             tiers[tier.name.lower()] = tiers.get(tier.name.lower(), 0) + self._block_size
-        self._planned_tiers[request.request_id] = tiers
+        self._planned_tiers[request_id] = tiers
         return restorable - num_computed_tokens, False
 
     def update_state_after_alloc(
@@ -385,10 +392,9 @@ class ZumikKVConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = ZumikConnectorMetadata()
         for new in scheduler_output.scheduled_new_reqs:
-            block_ids = list(new.block_ids[0])
-            token_ids = list(new.prompt_token_ids or [])
             if new.req_id in self._bypassing:
                 continue
+            block_ids = new.block_ids[0]
             addresses = self._pending_loads.pop(new.req_id, None)
             if addresses:
                 first = new.num_computed_tokens // self._block_size - len(addresses)
@@ -396,20 +402,21 @@ class ZumikKVConnector(KVConnectorBase_V1):
                 meta.loads.append(_Transfer(new.req_id, block_ids[first : first + len(addresses)], addresses))
             # Store the full prompt blocks this step computes; blocks before num_computed_tokens
             # came from a cache (the engine's own or a tier) and are not stored again.
+            token_ids = new.prompt_token_ids or ()
             scheduled = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
             computed_after = min(new.num_computed_tokens + scheduled, len(token_ids))
             first_new = new.num_computed_tokens // self._block_size
-            full_blocks = computed_after // self._block_size
+            full_blocks = min(computed_after // self._block_size, len(block_ids))
             if full_blocks <= first_new:
                 continue
             if new.req_id not in self._key_sources:
                 continue  # its keys were never derived: nothing is stored rather than misfiled
-            block_addresses = self._block_addresses(new.req_id, token_ids[: full_blocks * self._block_size])
+            block_addresses = self._block_addresses(new.req_id, token_ids)
             store = [
                 (block_ids[index], block_addresses[index])
-                for index in range(first_new, min(full_blocks, len(block_ids)))
+                for index in range(first_new, full_blocks)
+                if block_addresses[index] not in self._stored
             ]
-            store = [(b, a) for b, a in store if a not in self._stored]
             if store:
                 for _, address in store:
                     self._stored[address] = None
@@ -421,12 +428,12 @@ class ZumikKVConnector(KVConnectorBase_V1):
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         events = self._manager.take_events()
-        usage = self._writer.usage if self._writer is not None else []
-        new_usage = usage if usage != self._usage_reported else []  # measured anew
-        if not events and not self._bypassed and not new_usage:
+        usage = self._writer.usage if self._writer is not None else ()
+        measured_anew = usage is not self._usage_reported and usage != self._usage_reported
+        if not events and not self._bypassed and not measured_anew:
             return None
         self._usage_reported = usage
-        stats = ZumikKVConnectorStats(data={}).record(events).record_usage(new_usage)
+        stats = ZumikKVConnectorStats(data={}).record(events).record_usage(usage if measured_anew else ())
         for reason, requests in self._bypassed.items():
             stats.data[f"bypassed:{reason}"] = [requests, 0]  # requests, not blocks
         self._bypassed = {}
@@ -447,8 +454,8 @@ class ZumikKVConnector(KVConnectorBase_V1):
         return ZumikKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._salts.pop(request.request_id, None)
         self._key_sources.pop(request.request_id, None)
+        self._addresses.pop(request.request_id, None)
         self._bypassing.discard(request.request_id)
         self._load_plans.pop(request.request_id, None)
         self._planned_tiers.pop(request.request_id, None)
@@ -488,11 +495,16 @@ class ZumikKVConnector(KVConnectorBase_V1):
             self._adapter_fingerprints[path] = fingerprint
         return str(getattr(lora, "lora_name", "")), fingerprint
 
-    def _block_addresses(self, request_id: str, token_ids: list[int]) -> list[BlockAddress]:
-        """Rank 0's addresses of the full blocks of ``token_ids`` (``_key_source`` ran)."""
-        source = self._key_sources[request_id]
-        keys = chain_block_keys(token_ids, self._block_size, source.seed, source.extras)
-        return [BlockAddress(self._shard, key, source.scope) for key in keys]
+    def _block_addresses(self, request_id: str, token_ids: Sequence[int]) -> list[BlockAddress]:
+        """Rank 0's addresses of every full block of the request's prompt ``token_ids``
+        (``_key_source`` ran), derived once per request: the lookup and the store share them."""
+        addresses = self._addresses.get(request_id)
+        if addresses is None or len(addresses) != len(token_ids) // self._block_size:
+            source = self._key_sources[request_id]
+            keys = chain_block_keys(token_ids, self._block_size, source.seed, source.extras)
+            addresses = [BlockAddress(self._shard, key, source.scope) for key in keys]
+            self._addresses[request_id] = addresses
+        return addresses
 
     # --- worker side ------------------------------------------------------------------------
 
@@ -514,6 +526,19 @@ class ZumikKVConnector(KVConnectorBase_V1):
             "zumik kv connector: %d layers, %s, %d bytes a block, shard %s (%s)", len(kv_caches),
             self._layout.describe(), self._copier.bytes_per_block, shard.label(), self._shard[:16],
         )  # fmt: skip
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """A best-effort cache: a store never holds blocks past its step (``wait_for_save``
+        copies them out), so a preempted request's hand-off is never pending."""
+        return False
+
+    def has_connector_metadata(self) -> bool:
+        """False unless this step has blocks to load or store: vLLM then skips the per-layer
+        hooks (``wait_for_layer_load``, ``save_kv_layer``; once per layer per step), which
+        have nothing to do here anyway (loads happen before the forward, stores after it)."""
+        meta = self._connector_metadata
+        return isinstance(meta, ZumikConnectorMetadata) and bool(meta.loads or meta.stores)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         """The scheduler names rank 0's addresses; this rank loads and stores its own shard's
@@ -543,7 +568,8 @@ class ZumikKVConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
-        assert isinstance(meta, ZumikConnectorMetadata)
+        if not isinstance(meta, ZumikConnectorMetadata):
+            raise TypeError(f"ZumikKVConnector was bound {type(meta).__name__}, not its own metadata")
         for transfer in meta.loads:
             started = time.perf_counter()
             placed = self._restore(transfer)
@@ -620,7 +646,8 @@ class ZumikKVConnector(KVConnectorBase_V1):
         """Copy this step's new blocks out of the paged cache (in the step: vLLM may reuse them
         once it ends) and hand them to the write-behind thread; never waits on a tier."""
         meta = self._get_connector_metadata()
-        assert isinstance(meta, ZumikConnectorMetadata)
+        if not isinstance(meta, ZumikConnectorMetadata):
+            raise TypeError(f"ZumikKVConnector was bound {type(meta).__name__}, not its own metadata")
         if not meta.stores or not self._kv_caches:
             return
         block_ids = [block_id for transfer in meta.stores for block_id in transfer.block_ids]

@@ -113,6 +113,9 @@ class BlockCopier:
         count = len(block_ids)
         if count == 0:
             return {name: np.empty((0, size), dtype=np.uint8) for name, size in self.block_nbytes.items()}
+        if self._rows is not None:  # vLLM's CPU layout: one numpy gather per layer is the copy
+            ids = np.fromiter(block_ids, dtype=np.intp, count=count)
+            return {name: rows[ids] for name, rows in self._rows.items()}
         index = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
         if self._stream is None:  # host memory: one gather per layer is the copy
             return {

@@ -11,8 +11,11 @@ store costs a later recompute, never a failed request. ``close`` (the worker's s
 at interpreter exit) stops taking batches and waits up to ``timeout_s`` for the queue to
 drain; what is left then is counted as dropped and logged.
 
-The thread also measures the tiers' occupancy (``TierManager.usage``, which reads files and
-asks servers) every ``usage_every_s``, so that the step's stats only read the last figures.
+On a vLLM CPU engine the thread runs on the cores the forward's threads are not bound to
+(``cpu_placement.spare_cpus``, given as ``cpus``), not on the core it would inherit (the
+forward's first). The thread also measures the tiers' occupancy (``TierManager.usage``, which
+reads files and asks servers) every ``usage_every_s``, so that the step's stats only read the
+last figures.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvstore.cpu_placement import move_this_thread
 from kvstore.manager import TierManager
 from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind, TierUsage
 
@@ -46,11 +50,17 @@ class StoreBatch:
 
 class WriteBehind:
     def __init__(
-        self, manager: TierManager, *, max_pending_bytes: int, usage_every_s: float | None = 5.0
+        self,
+        manager: TierManager,
+        *,
+        max_pending_bytes: int,
+        usage_every_s: float | None = 5.0,
+        cpus: frozenset[int] | None = None,
     ) -> None:
         if max_pending_bytes <= 0:
             raise ValueError("max_pending_bytes must be positive")
         self.manager = manager
+        self.cpus = cpus  # where the thread runs (None: where the thread that starts it does)
         self.max_pending_bytes = max_pending_bytes
         self._usage_every_s = usage_every_s
         self._queue: deque[StoreBatch] = deque()
@@ -59,7 +69,7 @@ class WriteBehind:
         self._closed = False
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._usage: list[TierUsage] = []
+        self._usage: tuple[TierUsage, ...] = ()
         self._usage_at = float("-inf")
 
     @property
@@ -68,9 +78,10 @@ class WriteBehind:
             return self._pending_bytes
 
     @property
-    def usage(self) -> list[TierUsage]:
-        """The tiers' occupancy as last measured by the writer thread (no I/O here)."""
-        return list(self._usage)
+    def usage(self) -> tuple[TierUsage, ...]:
+        """The tiers' occupancy as last measured by the writer thread (no I/O here); the same
+        object until the next measurement."""
+        return self._usage
 
     def submit(self, batch: StoreBatch) -> bool:
         """Queue ``batch`` for the writer thread and return at once; False (and a dropped
@@ -119,6 +130,7 @@ class WriteBehind:
         atexit.register(self.close)
 
     def _run(self) -> None:
+        move_this_thread(self.cpus)
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._queue or self._closed, timeout=self._usage_every_s)
@@ -151,7 +163,7 @@ class WriteBehind:
             return
         self._usage_at = now
         try:
-            self._usage = self.manager.usage()
+            self._usage = tuple(self.manager.usage())
         except Exception:  # occupancy is a metric: never worth the thread
             logger.exception("zumik kv: measuring the tiers failed")
 

@@ -258,23 +258,12 @@ def test_connector_keys_adapter_requests_apart_and_bypasses_unnamed_adapters(tmp
     base model's blocks of the same tokens. A LoRA request vLLM names no adapter folder for
     never loads from nor stores to a tier, and is counted once."""
     pytest.importorskip("vllm")
-    from collections import OrderedDict
     from types import SimpleNamespace
-
-    from kvstore.connector import ZumikKVConnector
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"weights")
-    connector = ZumikKVConnector.__new__(ZumikKVConnector)  # the scheduler side, without an engine
-    manager = TierManager([SharedMemoryTier(tmp_path / "shm", 1 << 20)])
-    connector.__dict__.update(
-        _compat_digest=COMPAT.digest(), _block_size=32, _manager=manager, _shard="s" * 64,
-        _shard_digests=["s" * 64], _key_sources={}, _adapter_fingerprints={}, _writer=None,
-        _usage_reported=None,
-        _salts={}, _reuse={}, _bypassing=set(), _bypassed={}, _pending_loads={}, _load_plans={},
-        _planned_tiers={}, _stored=OrderedDict(),
-    )  # fmt: skip
+    connector = _scheduler_side(TierManager([SharedMemoryTier(tmp_path / "shm", 1 << 20)]))
     tokens = list(range(100))
 
     def request(rid: str, lora: object) -> SimpleNamespace:
@@ -298,6 +287,69 @@ def test_connector_keys_adapter_requests_apart_and_bypasses_unnamed_adapters(tmp
     stats = connector.get_kv_connector_stats()
     # The adapter and the base request looked in the tiers (3 full blocks each, none held yet).
     assert stats is not None and stats.data == {"miss:host": [6, 0], "bypassed:lora": [1, 0]}
+
+
+def _scheduler_side(manager: TierManager) -> typing.Any:
+    """A ZumikKVConnector's scheduler side over ``manager``, without an engine (rank 0's shard
+    digest "s" * 64, blocks of 32 tokens)."""
+    from collections import OrderedDict
+
+    from kvstore.connector import ZumikKVConnector
+
+    connector = ZumikKVConnector.__new__(ZumikKVConnector)
+    connector.__dict__.update(
+        _compat_digest=COMPAT.digest(), _block_size=32, _manager=manager, _shard="s" * 64,
+        _shard_digests=["s" * 64], _key_sources={}, _adapter_fingerprints={}, _writer=None,
+        _usage_reported=None, _connector_metadata=None,
+        _addresses={}, _reuse={}, _bypassing=set(), _bypassed={}, _pending_loads={}, _load_plans={},
+        _planned_tiers={}, _stored=OrderedDict(),
+    )  # fmt: skip
+    return connector
+
+
+def test_connector_looks_in_the_tiers_only_past_the_engines_own_hit(tmp_path: Path) -> None:
+    """Only blocks past vLLM's prefix-cache hit are looked up, and nothing at all when vLLM holds
+    every full block before the last prompt token: no tier call, no event. Blocks the engine
+    holds need not be in a tier for the ones after them to restore."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from kvstore.keys import scope_id, seed_from_digest
+
+    host = SharedMemoryTier(tmp_path / "shm", 1 << 24)
+    manager = TierManager([host])
+    connector = _scheduler_side(manager)
+    tokens = list(range(100))  # 3 full blocks; the last token is always the engine's
+    keys = chain_block_keys(tokens, 32, seed_from_digest(COMPAT.digest(), "s"))
+    addresses = [BlockAddress("s" * 64, key, scope_id("s")) for key in keys]
+    for address in addresses[1:]:  # block 0 is not in the tier: only the engine holds it
+        host.store(address, _value(address))
+
+    def request(rid: str) -> SimpleNamespace:
+        return SimpleNamespace(request_id=rid, cache_salt="s", prompt_token_ids=tokens, lora_request=None)
+
+    assert connector.get_num_new_matched_tokens(request("all-cached"), 96) == (0, False)
+    assert manager.take_events() == []  # no lookup
+    assert connector.get_num_new_matched_tokens(request("cold"), 0) == (0, False)  # block 0: nowhere
+    assert connector.get_num_new_matched_tokens(request("warm"), 32) == (64, False)
+    events = manager.take_events()
+    assert {(e.kind, e.tier, e.num_blocks) for e in events} == {
+        (TierEventKind.MISS, Tier.HOST, 3),  # the cold request's 3 blocks
+        (TierEventKind.HIT, Tier.HOST, 2),  # the warm one asked for blocks 1-2 only
+    }
+
+
+def test_connector_per_layer_hooks_are_skipped_in_a_step_with_nothing_to_load_or_store() -> None:
+    pytest.importorskip("vllm")
+    from kvstore.connector import ZumikConnectorMetadata, _Transfer
+
+    worker = _scheduler_side(TierManager([]))  # the same object serves as a worker here
+    assert not worker.has_connector_metadata()
+    worker.bind_connector_metadata(ZumikConnectorMetadata())
+    assert not worker.has_connector_metadata()  # vLLM then calls neither per-layer hook
+    worker.bind_connector_metadata(ZumikConnectorMetadata(stores=[_Transfer("r", [1], [_address(0)])]))
+    assert worker.has_connector_metadata()
+    assert worker.requires_kv_delivery is False  # stores are copied out in the step
 
 
 def test_tier_files_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:

@@ -56,6 +56,7 @@ from zumik_serve.bench.overhead_measure import (
     measure,
     parse_selection,
 )
+from zumik_serve.engines.vllm_config import connector_engine_environment
 
 __all__ = [
     "ACCOUNTING_PROMPT", "DEFAULT_SHAPES", "Prompts", "Shape", "accounting_summary", "direct_vllm_command",
@@ -105,7 +106,10 @@ def start_direct_vllm(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_file = log_path.open("wb")
     command = direct_vllm_command(arm, profile, model_dir, port, kv_transfer)
-    return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ})
+    env = {**os.environ}
+    if arm == "vllm-connector":  # as Zumik's engines with the connector run (vllm_config.py)
+        env.update(connector_engine_environment(profile))
+    return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_ready(
@@ -233,8 +237,9 @@ def run_overhead_bench(args: Any, console: Any) -> int:
         with console.status("starting the Zumik stack and vLLM's own OpenAI servers (a few minutes)"):
             stack.start(lambda message: console.log(message))
             kv_transfer = engine_kv_transfer(
-                profile, model_dir=model_dir, redis_url=stack.redis_url, home_root=stack.config.home.root
-            )
+                profile, model_dir=model_dir, redis_url=stack.redis_url, home_root=stack.config.home.root,
+                kv_redis_url=stack.kv_redis_url,  # the KV Redis Zumik's engines store blocks in
+            )  # fmt: skip
             for arm in (a for a in arm_names if a in DIRECT_ARMS):  # start together, wait together
                 port = free_port()
                 process = start_direct_vllm(

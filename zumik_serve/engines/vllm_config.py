@@ -195,6 +195,8 @@ def llm_config_kwargs(
     }
     if engine.device is Device.CPU:
         kwargs["accelerator_config"] = {"kind": "cpu"}
+        if kv_transfer is not None and (env_vars := connector_engine_environment(profile, group)):
+            kwargs["deployment_config"]["ray_actor_options"]["runtime_env"] = {"env_vars": env_vars}
     if engine.accelerator_type is not None:
         kwargs["accelerator_type"] = engine.accelerator_type
     if engine.device is Device.CUDA and engine.tensor_parallel_size * engine.pipeline_parallel_size > 1:
@@ -202,6 +204,17 @@ def llm_config_kwargs(
         # over nodes, and NCCL then goes over the network); deploy/kuberay sizes pods to fit.
         kwargs["placement_group_config"] = {"bundle_per_worker": {"GPU": 1}, "strategy": "STRICT_PACK"}
     return kwargs
+
+
+def connector_engine_environment(profile: Profile, group: ModelGroupSpec | None = None) -> dict[str, str]:
+    """Environment of a CPU engine of ``group`` that runs Zumik's KV connector: the cores vLLM
+    reserves beside the forward as without a connector (``kvstore/cpu_placement.py``)."""
+    engine = (group or profile.model_groups()[0]).engine
+    if engine.device is not Device.CPU:
+        return {}
+    from kvstore.cpu_placement import engine_environment
+
+    return engine_environment(engine.tensor_parallel_size * engine.pipeline_parallel_size)
 
 
 def vllm_cli_args(profile: Profile, model_dir: Path, kv_transfer: dict[str, Any] | None = None) -> list[str]:
