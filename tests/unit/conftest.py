@@ -14,11 +14,17 @@ from zumik_serve.store.local_redis import LocalRedis
 
 
 @pytest.fixture(scope="module")
-def module_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
     """A real redis-server of the test module's own (its tests share it, other modules don't)."""
     server = LocalRedis(data_dir=tmp_path_factory.mktemp("redis")).start()
-    yield server.url
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_redis_url(module_redis: LocalRedis) -> str:
+    """``module_redis``'s URL."""
+    return module_redis.url
 
 
 @pytest.fixture(scope="session")

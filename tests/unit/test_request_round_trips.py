@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,16 +61,9 @@ class Command:
     keys: tuple[str, ...] = ()
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    server = LocalRedis(data_dir=tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-async def gateway(redis_server: LocalRedis, tiny_model_dir: Path) -> InProcessGateway:
-    gateway = make_gateway(redis_server.url, tiny_model_dir)
+async def gateway(module_redis: LocalRedis, tiny_model_dir: Path) -> InProcessGateway:
+    gateway = make_gateway(module_redis.url, tiny_model_dir)
     async with gateway.client() as http:  # the served model's alias published, scripts loaded
         for body in (CHAT, {**CHAT, "stream": True, "stream_options": {"include_usage": True}}):
             assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
@@ -130,9 +123,9 @@ async def _ledger_written(seen: list[Command]) -> None:
 
 
 async def test_a_plain_chat_completion_sends_three_commands_then_the_ledgers_write(
-    gateway: InProcessGateway, redis_server: LocalRedis
+    gateway: InProcessGateway, module_redis: LocalRedis
 ) -> None:
-    async with gateway.client() as http, watching(redis_server) as seen:
+    async with gateway.client() as http, watching(module_redis) as seen:
         response = await http.post("/v1/chat/completions", json=CHAT)
         assert response.status_code == 200, response.text
         await _ledger_written(seen)
@@ -144,10 +137,10 @@ async def test_a_plain_chat_completion_sends_three_commands_then_the_ledgers_wri
 
 @pytest.mark.parametrize("include_usage", [False, True])
 async def test_a_stream_sends_the_same_three_and_settles_at_its_end_when_usage_comes(
-    gateway: InProcessGateway, redis_server: LocalRedis, include_usage: bool
+    gateway: InProcessGateway, module_redis: LocalRedis, include_usage: bool
 ) -> None:
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": include_usage}}
-    async with gateway.client() as http, watching(redis_server) as seen:
+    async with gateway.client() as http, watching(module_redis) as seen:
         response = await http.post("/v1/chat/completions", json=body)
         assert response.status_code == 200, response.text
         await _ledger_written(seen)
@@ -157,15 +150,15 @@ async def test_a_stream_sends_the_same_three_and_settles_at_its_end_when_usage_c
 
 
 async def test_authenticating_an_uncached_key_is_one_command_and_a_cached_one_none(
-    gateway: InProcessGateway, redis_server: LocalRedis
+    gateway: InProcessGateway, module_redis: LocalRedis
 ) -> None:
-    client = gateway_client(redis_server.url)
+    client = gateway_client(module_redis.url)
     try:
         store = RedisTenantStore(client)
         key = await gateway.create_tenant("round-trips")
         authenticator = Authenticator(store, clock=lambda: 0.0)  # a cached key never expires here
         assert await authenticator.authenticate("Bearer zk-unknown") is None  # its script loaded
-        async with watching(redis_server) as seen:
+        async with watching(module_redis) as seen:
             first = await authenticator.authenticate(f"Bearer {key}")
             again = await authenticator.authenticate(f"Bearer {key}")
             unknown = await authenticator.authenticate("Bearer zk-unknown")
@@ -180,13 +173,13 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_a_new_gateway_connection_costs_one_command_and_no_error(redis_server: LocalRedis) -> None:
+async def test_a_new_gateway_connection_costs_one_command_and_no_error(module_redis: LocalRedis) -> None:
     """Redis 7.0 answers ``CLIENT SETINFO`` and ``CLIENT MAINT_NOTIFICATIONS`` with errors: the
     gateway's client sends neither (wasted commands, and errors a cut-off handshake would leave
     for the connection's next command). ``MONITOR`` hides ``CLIENT``, so the server's own error
     count is what tells."""
-    admin = aioredis.from_url(redis_server.admin_url)
-    client = gateway_client(redis_server.url)
+    admin = aioredis.from_url(module_redis.admin_url)
+    client = gateway_client(module_redis.url)
     try:
         await admin.ping()
         errors = sum(entry["count"] for entry in (await admin.info("errorstats")).values())

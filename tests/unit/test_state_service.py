@@ -16,7 +16,7 @@ Invariants held here:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +51,10 @@ TENANT = "ten_a"
 MAX_ARTIFACT_BYTES = 1024
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    server = LocalRedis(data_dir=tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-async def state(redis_server: LocalRedis) -> AsyncIterator[StateService]:
-    client = aioredis.from_url(redis_server.url)
-    admin = aioredis.from_url(redis_server.admin_url)  # FLUSHALL is not the gateway's to run
+async def state(module_redis: LocalRedis) -> AsyncIterator[StateService]:
+    client = aioredis.from_url(module_redis.url)
+    admin = aioredis.from_url(module_redis.admin_url)  # FLUSHALL is not the gateway's to run
     await admin.flushall()
     await admin.aclose()
     yield StateService(RedisStateStore(client), max_artifact_bytes=MAX_ARTIFACT_BYTES)

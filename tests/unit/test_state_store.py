@@ -13,7 +13,7 @@ Invariants held here:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Literal
 
 import pytest
@@ -39,17 +39,10 @@ pytestmark = pytest.mark.redis
 TENANT = "ten_store"
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    server = LocalRedis(data_dir=tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-async def client(redis_server: LocalRedis) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_server.url)
-    admin = aioredis.from_url(redis_server.admin_url)  # FLUSHALL is not the gateway's to run
+async def client(module_redis: LocalRedis) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(module_redis.url)
+    admin = aioredis.from_url(module_redis.admin_url)  # FLUSHALL is not the gateway's to run
     await admin.flushall()
     await admin.aclose()
     yield client
