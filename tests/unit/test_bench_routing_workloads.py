@@ -5,20 +5,24 @@ from __future__ import annotations
 import random
 
 from profiles import load_builtin
-from zumik_serve.bench.routing import SESSION_MAX_PROMPT_TOKENS, agent_sessions
+from zumik_serve.bench.routing import AGENT_SESSIONS, SESSION_MAX_PROMPT_TOKENS, agent_sessions
 
 
 def test_agent_sessions_start_over_before_the_context_is_full() -> None:
-    prompts = agent_sessions(random.Random(7), 40)  # 160 turns: 27 a session, past 2,048 tokens
-    assert len(prompts) == 160
+    prompts = agent_sessions(random.Random(7), 80)  # 320 turns: 26 a session, past 2,048 tokens
+    assert len(prompts) == 320
     assert max(map(len, prompts)) <= SESSION_MAX_PROMPT_TOKENS
     tools = prompts[0][:500]
     assert all(prompt[:500] == tools for prompt in prompts)  # every session resends the tools
     # a session that started over: its turn is shorter than its previous one, a new history
-    restarts = [turn for turn in range(6, len(prompts)) if len(prompts[turn]) < len(prompts[turn - 6])]
+    restarts = [
+        turn
+        for turn in range(AGENT_SESSIONS, len(prompts))
+        if len(prompts[turn]) < len(prompts[turn - AGENT_SESSIONS])
+    ]
     assert restarts
     first = restarts[0]
-    assert prompts[first][500:800] != prompts[first - 6][500:800]
+    assert prompts[first][500:800] != prompts[first - AGENT_SESSIONS][500:800]
     assert len(prompts[first]) == 500 + 300 + 60
 
 
@@ -27,6 +31,15 @@ def test_session_cap_leaves_room_in_the_bench_engines_context() -> None:
 
 
 def test_short_runs_keep_the_growing_sessions() -> None:
-    prompts = agent_sessions(random.Random(7), 5)  # 20 turns: no session reaches the cap
-    for turn in range(6, len(prompts)):
-        assert prompts[turn][: len(prompts[turn - 6])] == prompts[turn - 6]
+    prompts = agent_sessions(random.Random(7), 10)  # 40 turns: no session reaches the cap
+    for turn in range(AGENT_SESSIONS, len(prompts)):
+        earlier = prompts[turn - AGENT_SESSIONS]
+        assert prompts[turn][: len(earlier)] == earlier
+
+
+def test_sessions_outgrow_one_replica_but_not_the_group() -> None:
+    """Like shared_prefix's groups: one replica's KV (256 blocks of 32 tokens at the bench's
+    default --kv-mib) cannot hold every session, the group's three can."""
+    prompts = agent_sessions(random.Random(7), 20)
+    blocks = {tuple(prompt[: (b + 1) * 32]) for prompt in prompts for b in range(len(prompt) // 32)}
+    assert 256 < len(blocks) <= 3 * 256

@@ -17,7 +17,7 @@ computable from the workload itself; ``--seed`` makes them identical across runs
 
     no_reuse        unique prompts (the control: throughput must not drop)
     shared_prefix   groups sharing a long prefix, interleaved across groups
-    agent_sessions  sessions that resend a shared tools block + their growing history
+    agent_sessions  12 sessions that resend a shared tools block + their growing history
     mooncake        a rescaled slice of the Mooncake conversation trace: each of its hash ids
                     (a 512-token block there) becomes one block of ``block_size`` tokens here;
                     read from ``../shared/data/mooncake`` and skipped, saying so, when absent
@@ -68,6 +68,7 @@ DECISION_LENGTHS = (1024, 2048, 4096, 8192)
 # The bench's engines take 2,048 tokens (``local-cpu-2x``'s max_model_len); a session's prompt
 # stays below, with room for the answer.
 SESSION_MAX_PROMPT_TOKENS = 2000
+AGENT_SESSIONS = 12  # agent_sessions' working set: more than a replica's KV, less than the group's
 
 
 @dataclass(frozen=True)
@@ -138,12 +139,15 @@ def shared_prefix(rng: random.Random, scale: int) -> list[list[int]]:
 def agent_sessions(
     rng: random.Random, scale: int, *, max_prompt_tokens: int = SESSION_MAX_PROMPT_TOKENS
 ) -> list[list[int]]:
-    """6 sessions taking turns, each resending the shared tools block and its history plus 60
-    new tokens. A session whose next turn would pass ``max_prompt_tokens`` starts over (the
-    same tools, a new history), as an agent starts a new session when its context is full: at
-    any ``scale`` every prompt fits the engine's context."""
+    """``AGENT_SESSIONS`` sessions taking turns, each resending the shared tools block and its
+    history plus 60 new tokens. Their histories together (about 1,300 tokens a session) are
+    more than one replica's KV holds (8,192 tokens at the default ``--kv-mib``) and less than
+    the group's, like ``shared_prefix``'s groups: a replica that serves every session evicts.
+    A session whose next turn would pass ``max_prompt_tokens`` starts over (the same tools, a
+    new history), as an agent starts a new session when its context is full: at any ``scale``
+    every prompt fits the engine's context."""
     tools = _tokens(rng, 500)
-    histories = [tools + _tokens(rng, 300) for _ in range(6)]
+    histories = [tools + _tokens(rng, 300) for _ in range(AGENT_SESSIONS)]
     prompts = []
     for turn in range(4 * scale):
         session = turn % len(histories)
