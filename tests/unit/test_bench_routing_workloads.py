@@ -5,7 +5,15 @@ from __future__ import annotations
 import random
 
 from profiles import load_builtin
-from zumik_serve.bench.routing import AGENT_SESSIONS, SESSION_MAX_PROMPT_TOKENS, agent_sessions
+from profiles.model import QosClass
+from zumik_serve.bench.routing import (
+    AGENT_SESSIONS,
+    BENCH_MAX_QUEUED,
+    BENCH_QUEUE_TIMEOUT_S,
+    SESSION_MAX_PROMPT_TOKENS,
+    agent_sessions,
+    arm_profile,
+)
 
 
 def test_agent_sessions_start_over_before_the_context_is_full() -> None:
@@ -43,3 +51,15 @@ def test_sessions_outgrow_one_replica_but_not_the_group() -> None:
     prompts = agent_sessions(random.Random(7), 20)
     blocks = {tuple(prompt[: (b + 1) * 32]) for prompt in prompts for b in range(len(prompt) // 32)}
     assert 256 < len(blocks) <= 3 * 256
+
+
+def test_arms_queue_an_open_loop_instead_of_refusing_it() -> None:
+    """An open loop past the group's rate queues in the gateways (the TTFT it measures), never
+    429s at the standard class's share: the same for every arm, the running slots unchanged."""
+    for arm in ("rr-cache", "zumik"):
+        qos = arm_profile(arm, replicas=3, gateways=2).qos
+        standard = qos.classes[QosClass.STANDARD]
+        assert standard.max_queued == BENCH_MAX_QUEUED
+        assert standard.tenant_share() > BENCH_MAX_QUEUED // 2  # a tenant alone: half the queue
+        assert standard.max_running == load_builtin("local-cpu-2x").qos.classes[QosClass.STANDARD].max_running
+        assert qos.queue_timeout_s == BENCH_QUEUE_TIMEOUT_S

@@ -68,6 +68,8 @@ DECISION_LENGTHS = (1024, 2048, 4096, 8192)
 # The bench's engines take 2,048 tokens (``local-cpu-2x``'s max_model_len); a session's prompt
 # stays below, with room for the answer.
 SESSION_MAX_PROMPT_TOKENS = 2000
+BENCH_MAX_QUEUED = 100_000  # the standard class's queue in each arm's gateways: never full
+BENCH_QUEUE_TIMEOUT_S = 600.0  # the longest a profile allows
 AGENT_SESSIONS = 12  # agent_sessions' working set: more than a replica's KV, less than the group's
 
 
@@ -264,6 +266,11 @@ def arm_profile(arm: str, *, replicas: int = 2, gateways: int = 1, kv_bytes: int
             "target_ongoing_requests": SCALING_TARGET, **SCALING_DELAYS,
         }  # fmt: skip
     data["gateway"]["num_replicas"] = gateways
+    # An open loop past what the group sustains queues without bound: the requests wait in the
+    # gateway for as long as it takes (TTFT measures the wait) instead of a 429 at the class's
+    # share, which would end the run. The running slots, what the engines see at once, stay.
+    data["qos"]["classes"]["standard"].update(max_queued=BENCH_MAX_QUEUED, max_per_tenant=None)
+    data["qos"]["queue_timeout_s"] = BENCH_QUEUE_TIMEOUT_S
     data["name"] = f"bench-routing-{arm}"
     return Profile.model_validate(data)
 
