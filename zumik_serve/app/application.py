@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.llm import LLMConfig
 
 from profiles import GatewayPlacement, ModelGroupSpec, Profile
-from zumik_serve.app.colocated import IngressEngineReplica
+from zumik_serve.app.colocated import IngressEngineReplica, colocated_options
 from zumik_serve.app.context import GatewaySettings
 from zumik_serve.app.gateway import Gateway
 from zumik_serve.app.priority import with_niceness
@@ -92,7 +92,7 @@ def build_serve_app(
     if profile.gateway.placement is GatewayPlacement.COLOCATED:
         # Ray's stubs type serve.deployment(cls) as a decorator factory; it returns a Deployment.
         ingress_engine: Any = serve.deployment(serve.ingress()(IngressEngineReplica))
-        return ingress_engine.options(name="EngineReplica", **first.engine.options).bind(
+        return ingress_engine.options(name="EngineReplica", **colocated_options(first.engine.options)).bind(
             first.engine.llm_config, first.settings, first.other_groups
         )
     gateway: Any = Gateway
