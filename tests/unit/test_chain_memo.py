@@ -306,7 +306,7 @@ def test_the_bench_timers_time_first_requests_cold_and_next_turns_warm(kind: str
         else [rng.randrange(10, 30_000) for _ in range(length)]
     )
     times = time_decisions(scheduler, *timer_requests(prompt), samples=samples)
-    assert set(times) == {"p50", "p99", "turn_p50", "turn_p99"}
+    assert set(times) == {"p50", "p99", "rest_p50", "turn_p50", "turn_p99", "turn_rest_p50"}
     block_bytes = profile.engine.block_size * CHARS_PER_TOKEN  # 4 bytes a token, as text or ids
     whole_runs = (length - AGENT_TURN_TOKENS) // profile.engine.block_size // memo.blocks_per_run(block_bytes)
     assert whole_runs >= 2

@@ -9,6 +9,9 @@ Invariants held here:
 - every attempt is recorded with the decision, and every recorded decision replays equal;
 - the provider gets the route's model, Zumik's or the tenant's key, a prompt_cache_key, and
   never the engine's cache salt;
+- a BYOC call reaches the engine before the prompt's keys the decision did not read are
+  computed; they reach residency then, so the same prompt's next decision finds the replica
+  holding every block;
 - a send of a state object's content to a provider is recorded before the provider sees it
   (route, kind, retention), once per attempt; a refused record sends nothing; the decision is
   saved with its sources.
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -30,6 +33,7 @@ from zumik_serve.errors import InvalidRequestError, NotFoundError, ZumikError
 from zumik_serve.qos.quota import RateSettlement
 from zumik_serve.routing.decision import DecisionRecord
 from zumik_serve.routing.dispatch import Dispatcher, RouteContext
+from zumik_serve.routing.prompt_keys import PromptKeys
 from zumik_serve.routing.reach import ProviderReach
 from zumik_serve.routing.replay import replay
 from zumik_serve.routing.retry import ATTEMPTS, Attempt
@@ -55,12 +59,15 @@ BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}
 
 class Engine:
     down = False
+    on_call: Callable[[], None] | None = None  # run when a call reaches the engine
 
     async def generate(self, call: EngineCall, body: dict[str, Any]):
         for event in await self.complete(call, body):
             yield event
 
     async def complete(self, call: EngineCall, body: dict[str, Any]) -> list[EngineEvent]:
+        if self.on_call is not None:
+            self.on_call()
         if self.down:
             raise ConnectionError("replica gone")
         return [ReplicaAssigned("replica-0"), EngineResponse({"id": "cmpl-local", "choices": []})]
@@ -259,6 +266,37 @@ async def test_missing_keys_are_skipped_and_every_record_replays_equal(harness: 
     for record, _ in harness.records:
         equal, _ = replay(record)
         assert equal
+
+
+async def test_a_byoc_call_leaves_before_the_keys_the_decision_left_and_they_reach_residency(
+    harness: Harness,
+) -> None:
+    scheduler = harness.dispatcher.scheduler
+    block_size = scheduler.profile.engine.block_size
+    num_blocks = scheduler.profile.engine.max_model_len // block_size - 2
+    body = {
+        "model": "tiny",
+        "prompt": [10 + i % 5_000 for i in range(num_blocks * block_size)],
+        "max_tokens": 4,
+    }
+    context = RouteContext(allowed_routes=frozenset({"local"}))
+    computed_at_call: list[int] = []
+    decisions = []
+    for _ in range(2):
+        decision = harness.dispatcher.decide(EngineCall.COMPLETION, dict(body), tenant="ten_a", salt="s" * 64,
+                                             context=context)  # fmt: skip
+        keys = decision.prefix_keys
+        assert isinstance(keys, PromptKeys) and len(keys) == num_blocks
+        harness.engine.on_call = lambda: computed_at_call.append(keys.computed)  # noqa: B023
+        run = await harness.dispatcher.execute(decision, EngineCall.COMPLETION, dict(body), stream=False,
+                                               tenant="ten_a", salt="s" * 64, context=context)  # fmt: skip
+        assert run.route == "byoc:replica-0" and keys.computed == num_blocks
+        decisions.append(decision.record)
+    assert computed_at_call[0] < num_blocks  # the first call left with only the run the walk read
+    first, second = (record.inputs.candidates[0].matched_prefix_blocks for record in decisions)
+    assert first == 0 and second == num_blocks and scheduler.residency.num_blocks("r0") == num_blocks
+    for record, _ in harness.records:
+        assert replay(record)[0]
 
 
 async def test_no_route_left_is_a_503_naming_the_decision(harness: Harness) -> None:

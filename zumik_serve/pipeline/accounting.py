@@ -44,7 +44,7 @@ class RequestAccounting:
         self._sent = False
         if reuse is not None:
             lookup = guard(reuse.opportunity_tokens(decision.scope, decision.prefix_keys), what="reuse index")
-            self._lookup = asyncio.ensure_future(lookup)
+            self._lookup = asyncio.ensure_future(_after_a_step(lookup))
             self._lookup.add_done_callback(_retrieve)  # a failed request never awaits it
 
     async def opportunity_tokens(self) -> int | None:
@@ -102,6 +102,14 @@ class RequestAccounting:
         if self._ledger is not None:
             write, self._ledger = self._ledger, None
             in_background(write())
+
+
+async def _after_a_step(lookup: Coroutine[Any, Any, int]) -> int:
+    """``lookup``, one loop step late: the engine call started meanwhile goes first, and the
+    prompt keys its decision did not read are computed after the call is handed on
+    (``routing/prompt_keys.py``), not by the lookup before it."""
+    await asyncio.sleep(0)
+    return await lookup
 
 
 def _retrieve(task: asyncio.Task[int]) -> None:

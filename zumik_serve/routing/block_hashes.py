@@ -56,6 +56,26 @@ def engine_block_hashes(
     return _chain(framed, ends, NONE_HASH, _salt_extra(cache_salt))
 
 
+def chained_hashes(
+    token_ids: Sequence[int], content: bytes | None, *, block_size: int, parent: bytes | None,
+    cache_salt: str | None,
+) -> list[bytes]:  # fmt: skip
+    """The hashes of the whole blocks of ``token_ids``, chained from ``parent``: the hash of the
+    block before them, or None when they begin the prompt (block 0 then carries the salt).
+    ``content``: their ids as 4 bytes each (``array("I")``), when the caller has it (the chain
+    memo's content), saves converting them again."""
+    tokens = token_ids[: len(token_ids) // block_size * block_size]
+    if not tokens:
+        return []
+    if content is not None and _vectored(values := np.frombuffer(content, dtype=np.uintc)):
+        framed, ends = _vector_framed(values, block_size)
+    else:
+        framed, ends = _framed_blocks(tokens, block_size)
+    if parent is None:
+        return _chain(framed, ends, NONE_HASH, _salt_extra(cache_salt))
+    return _chain(framed, ends, parent, _CBOR_NULL)
+
+
 def _chain(framed: bytes, ends: Sequence[int], parent: bytes, first_extra: bytes) -> list[bytes]:
     """The hashes of the blocks in ``framed`` (block ``i`` ends at ``ends[i]``), chained from
     ``parent``; ``first_extra`` is the first block's extra keys (the salt of a prompt's block 0,

@@ -43,7 +43,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -123,10 +123,12 @@ class PromptView:
 @dataclass(frozen=True)
 class Decision:
     """A decided request, not yet carried out: the record, the prompt's prefix keys and the
-    isolation scope of its cache salt (what the reuse accounting looks the prefix up by)."""
+    isolation scope of its cache salt (what the reuse accounting looks the prefix up by).
+    ``prefix_keys`` is a ``PromptKeys``: computed as far as the decision read them, the rest
+    when first read in full (after the call is handed on, or by the reuse accounting)."""
 
     record: DecisionRecord
-    prefix_keys: tuple[str, ...]
+    prefix_keys: Sequence[str]
     scope: str
     decide_ms: float
     family: str = ""  # the prompt's prefix family (``routing/family.py``)
@@ -148,7 +150,7 @@ class EngineRun:
     route_name: str = "local"  # the profile's route that served it
     route_kind: str = "byoc"
     scope: str = ""  # the isolation scope of the request's cache salt (``kvstore.keys.scope_id``)
-    prefix_keys: tuple[str, ...] = ()  # the scheduler's prefix keys of the prompt
+    prefix_keys: Sequence[str] = ()  # the scheduler's prefix keys of the prompt
     timing_ms: dict[str, float] | None = None  # where the time went before the first output
     recording: asyncio.Future[None] | None = None  # the decision record's save (``execute``)
     # Starts the save when ``execute(..., defer_record=True)`` left that to the caller.
@@ -257,7 +259,7 @@ class Dispatcher:
             route = record.pick.route if record.pick is not None else "none"
             self._metrics.observe(route=route, reason=record.pick_reason, decide_us=decide_ms * 1000)
         return Decision(
-            record=record, prefix_keys=tuple(keys), scope=scope_id(salt), decide_ms=decide_ms,
+            record=record, prefix_keys=keys, scope=scope_id(salt), decide_ms=decide_ms,
             family=view.family,
         )  # fmt: skip
 
@@ -321,11 +323,31 @@ class Dispatcher:
             decision, call, engine_body, stream=stream, tenant=tenant, salt=salt, context=context
         )
 
+    async def _send(
+        self, pick: Pick, keys: Sequence[str], attempt: Coroutine[Any, Any, FirstOutput]
+    ) -> FirstOutput:
+        """Run ``attempt`` (one call of ``pick``) to its first output, the pick in flight from
+        before it starts. The prompt's keys are recorded as sent to the replica once its first
+        step has handed the call on (a Serve handle's ``.remote()``): what the decision did not
+        read of them is hashed then, not before the call leaves. A decision between the two
+        sees the load but not the keys (a worse pick at worst, never a wrong answer)."""
+        self.scheduler.started(pick)
+        if pick.replica is None:  # a provider's route: no residency to record
+            return await attempt
+        call = asyncio.ensure_future(attempt)
+        try:
+            await asyncio.sleep(0)  # the call's first step runs
+            self.scheduler.record_sent(pick, keys)
+        except BaseException:
+            call.cancel()
+            raise
+        return await call
+
     async def _execute(
         self, decision: Decision, call: EngineCall, engine_body: dict[str, Any], stream: bool, tenant: str,
         salt: str, attempts: list[Attempt], context: RouteContext,
     ) -> EngineRun:  # fmt: skip
-        record, keys = decision.record, list(decision.prefix_keys)
+        record, keys = decision.record, decision.prefix_keys
         cache_key = provider_cache_key(salt, family=decision.family, client_key=context.client_cache_key)
         engine_priority = context.engine_priority
         picks = ([record.pick] if record.pick is not None else []) + list(record.fallbacks)
@@ -371,8 +393,7 @@ class Dispatcher:
                     except BaseException:  # not sent: a probe it held goes back
                         self.scheduler.release_probe(pick, tenant)
                         raise
-                self.scheduler.sent(pick, keys)
-                result = await _first_output(client, call, body, stream)
+                result = await self._send(pick, keys, _first_output(client, call, body, stream))
                 now_ms = self._clock_ms()
                 if isinstance(result, tuple):
                     replica_id, first, rest = result
@@ -389,7 +410,7 @@ class Dispatcher:
                         route_name=route.name,
                         route_kind=route.kind.value,
                         scope=scope_id(salt),
-                        prefix_keys=tuple(keys),
+                        prefix_keys=keys,
                     )
                 self.scheduler.finished(pick)
                 failure = result
@@ -503,9 +524,12 @@ def _retrieve(future: asyncio.Future[None]) -> None:
         logger.warning("zumik: a decision record could not be saved: %r", future.exception())
 
 
+FirstOutput = tuple[str, Any, AsyncIterator[EngineEvent]] | EngineFailure
+
+
 async def _first_output(
     client: EngineClient, call: EngineCall, body: dict[str, Any], stream: bool
-) -> tuple[str, Any, AsyncIterator[EngineEvent]] | EngineFailure:
+) -> FirstOutput:
     """The first output of one attempt, or the failure that came before any."""
     replica_id = "unknown"
     try:

@@ -21,6 +21,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from itertools import takewhile
 
+from zumik_serve.routing.prompt_keys import PromptKeys
+
 
 class ResidencyIndex:
     """Per replica, at most ``capacity_blocks`` block keys, least recently used evicted first.
@@ -69,10 +71,13 @@ class ResidencyIndex:
 
     def matched_prefix_blocks(self, replica: str, block_keys: Sequence[str]) -> int:
         """How many of ``block_keys`` the replica holds, walking from the first key and stopping
-        at the first miss (a block after a gap is useless: its KV depends on the missing one)."""
+        at the first miss (a block after a gap is useless: its KV depends on the missing one).
+        ``PromptKeys`` are computed only as far as the walk goes."""
         blocks = self._blocks.get(replica)
         if not blocks:
             return 0
+        if isinstance(block_keys, PromptKeys):
+            return block_keys.matched(blocks.__contains__)
         return len(list(takewhile(blocks.__contains__, block_keys)))  # the walk, in C
 
     def snapshot(self, replicas: Iterable[str], block_keys: Sequence[str]) -> dict[str, int]:

@@ -16,7 +16,9 @@ Computing them does not need the tokenizer (SGLang's cache-aware router matches 
 A prompt given as token ids is keyed by the engine's own block hashes instead
 (``routing/block_hashes.py``, salted by the engine with the same cache salt), the names its KV
 events use. Both chains are remembered across requests (``routing/chain_memo.py``, one memo per
-process): an agent's next turn hashes only what it added to its previous prompt.
+process): an agent's next turn hashes only what it added to its previous prompt. And a decision
+computes them only as far as its residency walks read (``routing/prompt_keys.py``): a first
+request hashes one memo run of its prompt (512 tokens), the rest after the call is handed on.
 
 No I/O, no clock: the gateway passes ``now_ms`` and the seed in. It runs inside each gateway
 process as that gateway's local view of the profile's state (a remote call per request would cost
@@ -28,15 +30,12 @@ process) it is the owner itself.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
-from typing import cast
 
 from profiles import Profile
 from profiles.model import RouteKind, RouteSpec
-from zumik_serve.routing.block_hashes import engine_block_keys
 from zumik_serve.routing.breaker import (
     CLOSED,
     BreakerState,
@@ -71,19 +70,13 @@ from zumik_serve.routing.owner import (
     breaker_transition,
     budget_after,
 )
+from zumik_serve.routing.prompt_keys import PromptKeys, TextChain, TokenIdChain
 from zumik_serve.routing.residency import ResidencyIndex
 from zumik_serve.routing.retry import RetryBudget
 
 CHARS_PER_TOKEN = 4
 ANY_REPLICA = "*"  # a BYOC pick that names no replica: the group had none the scheduler knew
 RESIDENCY_BLOCKS_PER_REPLICA = 65_536
-TEXT_CHAIN = "zumik-prefix/blake2b-16"  # prefix_keys' chain, as the chain memo names it
-
-
-# Each chunk's hash copies this empty one: the same bytes as ``blake2b(..., digest_size=16)``,
-# without parsing the keyword on every call (a third of a call's cost). Never updated itself, so
-# threads may share it.
-_BLAKE2B_16 = hashlib.blake2b(digest_size=16)
 
 
 def prefix_keys(
@@ -92,32 +85,24 @@ def prefix_keys(
     """Chained keys of every full chunk of ``text`` (about one KV block each). With ``memo``,
     the chunks a recent prompt of the same salt began with are recalled, not hashed
     (``routing/chain_memo.py``): the same keys, byte for byte."""
-    width = block_size * CHARS_PER_TOKEN
-    data = text.encode()
-    count = min(len(data) // width, max_blocks)
-    parent = hashlib.blake2b(f"zumik-prefix|{salt}".encode(), digest_size=16).digest()
-    keys: list[str] = []
-    done = 0
-    chain = (TEXT_CHAIN, width)
-    if memo is not None and count:
-        done, link = memo.recall(chain, parent, data, width, count, keys)
-        if done == count:
-            return keys
-        parent = cast(bytes, link)
-    start_link = parent
-    links: list[bytes] = []
-    append = links.append
-    new = _BLAKE2B_16.copy
-    for start in range(done * width, count * width, width):  # one hash per chunk: the chain is the floor
-        chunk = new()
-        chunk.update(parent)
-        chunk.update(data[start : start + width])
-        parent = chunk.digest()
-        append(parent)
-    keys.extend(map(bytes.hex, links))
-    if memo is not None and count:
-        memo.remember(chain, start_link, data, width, done, keys, links)
-    return keys
+    return text_prefix_keys(text, block_size=block_size, salt=salt, max_blocks=max_blocks, memo=memo).all()
+
+
+def text_prefix_keys(
+    text: str, *, block_size: int, salt: str, max_blocks: int, memo: ChainMemo | None
+) -> PromptKeys:
+    """``prefix_keys``, computed as far as they are read (``routing/prompt_keys.py``)."""
+    chain = TextChain(text, width=block_size * CHARS_PER_TOKEN, salt=salt)
+    return PromptKeys(chain, min(chain.num_blocks(), max_blocks), memo)
+
+
+def token_prefix_keys(
+    token_ids: Sequence[int], *, block_size: int, cache_salt: str | None, max_blocks: int,
+    memo: ChainMemo | None,
+) -> PromptKeys:  # fmt: skip
+    """``block_hashes.engine_block_keys``, computed as far as they are read."""
+    chain = TokenIdChain(token_ids, block_size=block_size, cache_salt=cache_salt)
+    return PromptKeys(chain, min(len(token_ids) // block_size, max_blocks), memo)
 
 
 def owner_for(profile: Profile) -> ProfileOwner:
@@ -199,17 +184,19 @@ class ProfileScheduler:
 
     def inputs(
         self, request: SchedulingRequest, *, now_ms: int, seed: int
-    ) -> tuple[DecisionInputs, list[str]]:
-        """The recorded inputs of one decision, and the prompt's prefix keys."""
+    ) -> tuple[DecisionInputs, PromptKeys]:
+        """The recorded inputs of one decision, and the prompt's prefix keys: computed here only
+        as far as the residency walks need them (a first request's: its first run of blocks),
+        the rest when read (``sent``, after the call is handed on)."""
         block_size = self.profile.engine.block_size
         if request.prompt_token_ids is not None:
-            keys = engine_block_keys(
+            keys = token_prefix_keys(
                 request.prompt_token_ids, block_size=block_size, cache_salt=request.cache_salt,
                 max_blocks=self._max_blocks, memo=self.chains,
             )  # fmt: skip
             num_tokens = len(request.prompt_token_ids)
         else:
-            keys = prefix_keys(
+            keys = text_prefix_keys(
                 request.prompt_text, block_size=block_size, salt=request.cache_salt,
                 max_blocks=self._max_blocks, memo=self.chains,
             )  # fmt: skip
@@ -272,7 +259,7 @@ class ProfileScheduler:
 
     def decide(
         self, decision_id: str, request: SchedulingRequest, *, now_ms: int, seed: int
-    ) -> tuple[DecisionRecord, list[str]]:
+    ) -> tuple[DecisionRecord, PromptKeys]:
         inputs, keys = self.inputs(request, now_ms=now_ms, seed=seed)
         self.budget = self.budget.record_request(now_ms)
         if self._outbox is not None:
@@ -289,12 +276,24 @@ class ProfileScheduler:
         return limit is not None and inflight >= limit
 
     def sent(self, pick: Pick, keys: Sequence[str]) -> None:
+        """A request of ``pick`` went out with these prefix keys: ``started`` and ``record_sent``."""
+        self.started(pick)
+        self.record_sent(pick, keys)
+
+    def started(self, pick: Pick) -> None:
+        """A request of ``pick`` is going out: in flight from now on (decisions see its load)."""
         self.route_inflight[pick.route] = self.route_inflight.get(pick.route, 0) + 1
         if pick.replica is not None:
             self.inflight[pick.replica] = self.inflight.get(pick.replica, 0) + 1
-            self.residency.record_sent(pick.replica, keys)
+
+    def record_sent(self, pick: Pick, keys: Sequence[str]) -> None:
+        """The request of ``pick`` went out with these prefix keys: a BYOC replica holds them
+        now (every key is computed here when ``keys`` is a ``PromptKeys``)."""
+        if pick.replica is not None:
+            every = keys.all() if isinstance(keys, PromptKeys) else keys
+            self.residency.record_sent(pick.replica, every)
             if self._outbox is not None:
-                self._outbox.append(Sent(pick.replica, tuple(keys)))
+                self._outbox.append(Sent(pick.replica, tuple(every)))
 
     def finished(self, pick: Pick) -> None:
         self.route_inflight[pick.route] = max(0, self.route_inflight.get(pick.route, 0) - 1)
