@@ -8,8 +8,10 @@ once, into the engine's cache); a header whose offsets do not tile the data exac
 
 ``BlockSink`` puts a restore's blocks where the engine's cache wants them (``RestoreTarget``),
 checking each the same way: from a file (``read_file``: the header is read and checked first,
-then one ``preadv`` reads the tensors straight into their places, no buffer in between) or from
-a value in memory (``take``: each tensor copied once into its place).
+then one ``preadv`` reads the tensors straight into their places, no buffer in between), from
+a value in memory (``take``: each tensor copied once into its place), or from a sealed value
+(``take_sealed``: each tensor decrypted straight into its place, the tag checked last and the
+places wiped when it does not verify).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
-from kvstore.tier import BlockAddress
+from kvstore.tier import BlockAddress, Opening
 
 FORMAT = "zumik-kv-block/1"
 # safetensors dtype names numpy reads as they are (others, e.g. BF16, go through safetensors).
@@ -165,15 +167,14 @@ class BlockSink:
     otherwise nothing says it was (its places may hold partial bytes: the caller recomputes the
     block, overwriting them)."""
 
-    def __init__(self, place: Callable[[int], Mapping[str, np.ndarray]]) -> None:
+    def __init__(
+        self, place: Callable[[int], Mapping[str, np.ndarray]], headers: KnownHeaders | None = None
+    ) -> None:
+        """``headers``: the headers earlier restores checked (an engine worker keeps one for all
+        its restores, so that a restore parses none); None: this restore's own."""
         self._place = place
-        self._head_guess = HEAD_GUESS  # then the last header's length: one read for the header
         self._tail = bytearray(1)  # a byte past the end: a longer file reads into it and fails
-        # Headers parsed, with their block key blanked: the blocks of one restore share their
-        # header but for the key (and the order of the metadata, which safetensors writes from
-        # a hash map: at most 6 orders), so the next one is checked by comparing bytes.
-        self._known: list[tuple[str, bytes, BlockHeader]] = []
-        self._last: tuple[str, BlockHeader] | None = None  # the last file's (shard digest, header)
+        self._headers = headers if headers is not None else KnownHeaders()
 
     def read_file(self, index: int, fd: int, address: BlockAddress) -> int:
         """Read block ``index`` from the open file ``fd``: its size, or 0 when not taken. After
@@ -181,11 +182,12 @@ class BlockSink:
         the places that header gives, and the header is checked after: the block is taken only
         if it has that same header (for this address), else it is read again the long way
         (header first, then the tensors)."""
-        if self._last is not None:
-            size = self._read_as_known(index, fd, address, *self._last)
+        headers = self._headers
+        if headers.last is not None:
+            size = self._read_as_known(index, fd, address, *headers.last)
             if size is not None:
                 return size
-        head = os.pread(fd, self._head_guess, 0)
+        head = os.pread(fd, headers.head_guess, 0)
         length = header_length(head)
         if length is None or length > (1 << 20):
             return 0
@@ -194,12 +196,12 @@ class BlockSink:
             if len(head) != length:
                 return 0
         head = head[:length]
-        self._head_guess = length
+        headers.head_guess = length
         header = self._header(head, address)
         places = self._places(index, header)
         if header is None or places is None:
             return 0
-        self._last = (address.compat_digest, header)
+        headers.last = (address.compat_digest, header)
         wanted = header.size - header.data_start
         buffers: list[Any] = [*places, self._tail]
         read = os.preadv(fd, buffers, header.data_start)
@@ -239,18 +241,33 @@ class BlockSink:
             offset += nbytes
         return True
 
+    def take_sealed(self, index: int, opening: Opening, address: BlockAddress) -> int:
+        """Decrypt block ``index`` straight into its places: the header first (checked, and
+        telling the places), then each tensor into its place, then the tag. Its size, or 0
+        when not taken; a block whose tag does not verify is wiped from its places (nothing
+        unauthenticated stays in the cache)."""
+        head = bytearray(8)
+        if not opening.read_into(head):
+            return 0
+        length = header_length(bytes(head))
+        if length is None or length > min(opening.size, 1 << 20):
+            return 0
+        rest = bytearray(length - 8)
+        if not opening.read_into(rest):
+            return 0
+        header = self._header(bytes(head + rest), address)
+        places = self._places(index, header)
+        if header is None or places is None or header.size != opening.size:
+            return 0
+        read = all(opening.read_into(place) for place in places)
+        if not read or not opening.verify():
+            for place in places:
+                place.fill(0)
+            return 0
+        return header.size
+
     def _header(self, head: bytes, address: BlockAddress) -> BlockHeader | None:
-        """``parse_header``, or the same answer by comparing ``head`` with the last header
-        parsed (same shard digest) with this block's key in place of that one's."""
-        key = address.key.encode()
-        for compat, blanked, known in self._known:
-            if compat == address.compat_digest and head == blanked.replace(_BLANK_KEY, key):
-                return known
-        header = parse_header(head, address)
-        # JSON holds no raw NUL: the blank stands exactly where the key did.
-        if header is not None and len(key) == len(_BLANK_KEY) and head.count(key) == 1:
-            self._known = [*self._known[-7:], (address.compat_digest, head.replace(key, _BLANK_KEY), header)]
-        return header
+        return self._headers.check(head, address)
 
     def _places(self, index: int, header: BlockHeader | None) -> list[np.ndarray] | None:
         """The places of ``header``'s tensors in data order; None unless they are exactly the
@@ -267,3 +284,32 @@ class BlockSink:
                 return None
             places.append(row)
         return places
+
+
+class KnownHeaders:
+    """Block headers already checked, with their block key blanked, so that the next block's is
+    checked by comparing bytes (``check``): the blocks of one engine share their header but for
+    the key and the order of the metadata (safetensors writes it from a hash map: at most 6
+    orders). Also the last file's header (``BlockSink.read_file`` reads the next file as if it
+    had the same, then checks) and its length. Not thread-safe: one restore at a time."""
+
+    RETAINED = 16  # headers kept (6 orders per shard digest; a worker restores for one shard)
+
+    def __init__(self) -> None:
+        self.head_guess = HEAD_GUESS  # then the last header's length: one read for the header
+        self.last: tuple[str, BlockHeader] | None = None  # the last file's (shard digest, header)
+        self._known: list[tuple[str, bytes, BlockHeader]] = []
+
+    def check(self, head: bytes, address: BlockAddress) -> BlockHeader | None:
+        """``parse_header``, or the same answer by comparing ``head`` with a header parsed
+        before (same shard digest) with this block's key in place of that one's."""
+        key = address.key.encode()
+        for compat, blanked, known in self._known:
+            if compat == address.compat_digest and head == blanked.replace(_BLANK_KEY, key):
+                return known
+        header = parse_header(head, address)
+        # JSON holds no raw NUL: the blank stands exactly where the key did.
+        if header is not None and len(key) == len(_BLANK_KEY) and head.count(key) == 1:
+            entry = (address.compat_digest, head.replace(key, _BLANK_KEY), header)
+            self._known = [*self._known[-(self.RETAINED - 1) :], entry]
+        return header

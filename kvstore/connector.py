@@ -68,7 +68,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
-from kvstore.codec import BlockSink, encode_block
+from kvstore.codec import BlockSink, KnownHeaders, encode_block
 from kvstore.compat import CompatKey, CompatMismatch, check_engine_compat
 from kvstore.cpu_placement import spare_cpus
 from kvstore.fingerprint import adapter_fingerprint
@@ -93,6 +93,7 @@ logger = logging.getLogger("vllm.zumik.kvstore")
 RESTORE_LOG = "zumik kv restore"
 
 STORED_MEMORY_BLOCKS = 100_000
+HEADER_ROOM_BYTES = 4096  # a block value's bytes beyond its tensors' (header, seal, framing)
 WRITE_BEHIND_MAX_BYTES = 256 << 20
 _MANAGERS: dict[tuple[Any, ...], TierManager] = {}
 _WRITERS: dict[int, WriteBehind] = {}
@@ -304,6 +305,7 @@ class ZumikKVConnector(KVConnectorBase_V1):
         self._shard_digests = [shard_digest(self._compat_digest, self._layout, shard) for shard in shards]
         self._shard = self._shard_digests[0]  # the scheduler sends rank 0's addresses
         self._copier: BlockCopier | None = None
+        self._headers = KnownHeaders()  # worker side: block headers its restores checked
         self._key_sources: dict[str, _KeySource] = {}
         self._adapter_fingerprints: dict[str, str] = {}
         self._manager = shared_manager(extra)
@@ -519,6 +521,10 @@ class ZumikKVConnector(KVConnectorBase_V1):
             check_view(self._layout, name, tuple(tensor.shape), dtype, num_blocks)
         self._kv_caches = dict(kv_caches)
         self._copier = BlockCopier(self._kv_caches, num_blocks)
+        # A restore's one-time costs (a connection, a reply buffer) paid now, not by the first
+        # request that restores: a request restores at most its whole context.
+        max_blocks = -(-int(self._vllm_config.model_config.max_model_len) // self._block_size)
+        self._manager.prepare_restores(max_blocks * (self._copier.bytes_per_block + HEADER_ROOM_BYTES))
         tp_rank, pp_rank = get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
         shard = _engine_shard(self._vllm_config, self._kv_cache_config, tp_rank, pp_rank)
         self._shard = shard_digest(self._compat_digest, self._layout, shard)
@@ -600,7 +606,7 @@ class ZumikKVConnector(KVConnectorBase_V1):
             return Placed((), (), (), {})
         target = self._copier.restore_target(transfer.block_ids)
         try:
-            placed = self._manager.restore(transfer.addresses, BlockSink(target.block))
+            placed = self._manager.restore(transfer.addresses, BlockSink(target.block, self._headers))
         except Exception:  # a tier's bug is a miss: the engine recomputes, the request goes on
             logger.exception("zumik kv: loading from the tiers failed")
             placed = Placed((), (), (), {})

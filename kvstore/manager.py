@@ -20,9 +20,10 @@ Reads are batched: ``load`` reads each run of blocks planned from one tier with 
 once for every block the nearer ones did not give, so a restore costs at most one round trip per
 tier and no separate ``contains``. ``restore`` (the engine worker's) walks the same way but puts
 each block straight into the engine's cache through a ``BlockSink``: an unsealed block file is
-read into place (no value in memory), a Redis reply lands in the tier's reused buffer. Writes (``store``) are
-meant to run behind the engine step (``write_behind.py``); the manager itself is thread-safe
-for one writer thread beside the step's reads.
+read into place (no value in memory), a Redis reply lands in the tier's reused buffer.
+Writes (``store``; ``store_many`` for a batch: each tier written once, each block sealed once
+for every persistent tier) are meant to run behind the engine step (``write_behind.py``); the
+manager itself is thread-safe for one writer thread beside the step's reads.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from kvstore.tier import (
     BlockSink,
     FileBlocks,
     Keyring,
+    PreparesRestores,
     Sealer,
     Tier,
     TierBackend,
@@ -126,6 +128,10 @@ class TierManager:
         self.tiers = sorted(self.tiers, key=lambda backend: backend.tier)
         self._by_tier = {backend.tier: backend for backend in self.tiers}
         self._events_lock = threading.Lock()
+        # restore's buffers, reused by every restore (one at a time: the engine worker's step):
+        # a sealed block's plaintext, and a block file read whole
+        self._opened = memoryview(bytearray())
+        self._file_buffer = _Buffer(memoryview(bytearray(1 << 17)))
 
     def plan(self, addresses: Sequence[BlockAddress]) -> KvPlan:
         """The longest continuous prefix of ``addresses`` some tier holds, nearest tier first."""
@@ -205,14 +211,16 @@ class TierManager:
         promoted hands over the files (``FileBlocks``): the sink reads each into place (no
         value in memory); sealed, each file is read into one reused buffer. Redis reads a run
         into its own reused buffer (``ViewLoads``) unless its blocks are promoted. A sealed
-        block is opened into one buffer reused for every block (``Sealer.open_into``), and is
-        taken only when it authenticates. A block the sink refuses is a failure, and a farther
-        tier may still give it. Blocks to promote come back as owned values (``Placed.promote``)."""
+        block is decrypted straight into the cache (``Sealer.opening``, ``take_sealed``), or,
+        to be promoted, opened into one buffer reused for every block (``Sealer.open_into``);
+        either way it is taken only when it authenticates. A block the sink refuses is a
+        failure, and a farther tier may still give it. Blocks to promote come back as owned
+        values (``Placed.promote``)."""
         count = len(addresses)
         sources: list[Tier | None] = [None] * count
         sizes = [0] * count
         promote: dict[int, bytes] = {}
-        opened = memoryview(bytearray())  # sealed blocks' plaintext, one at a time
+        opened = self._opened  # sealed blocks' plaintext, one at a time
         tiers = list(self._by_tier)
         for backend in self.tiers:
             wanted = [index for index in range(count) if sources[index] is None]
@@ -236,18 +244,27 @@ class TierManager:
                 if isinstance(backend, ViewLoads) and not promoted:
                     loaded = backend.load_views(asked)  # the tier's buffer, copied into place below
                 elif isinstance(backend, FileBlocks) and not promoted:
-                    loaded = _file_values(backend, asked)  # each file into one reused buffer
+                    loaded = _file_values(backend, asked, self._file_buffer)  # into one reused buffer
                 else:
                     loaded = backend.load_many(asked)
                 for index, raw in zip(wanted, loaded, strict=True):
                     if raw is None:
                         continue
+                    if sealed and not promoted:
+                        # decrypted straight into the cache, the tag checked last: a value
+                        # that does not authenticate is never taken (and wiped from the cache)
+                        size = self._take_sealed(sink, index, addresses[index], raw)
+                        if not size:
+                            failures += 1
+                            continue
+                        sources[index], sizes[index] = backend.tier, size
+                        continue
                     value: bytes | memoryview | None
                     if sealed:
                         # opened into one buffer reused for the run (no fresh plaintext per
-                        # block); a value that does not authenticate is never taken
+                        # block): its owned copy is promoted
                         if len(opened) < len(raw):  # a value opens to fewer bytes than it has
-                            opened = memoryview(bytearray(len(raw)))
+                            opened = self._opened = memoryview(bytearray(len(raw)))
                         value = self._sealer_open_into(addresses[index], raw, opened)
                     else:
                         value = raw
@@ -276,6 +293,13 @@ class TierManager:
                 self.record(TierEvent(TierEventKind.LOAD, backend.tier, len(loaded_sizes), sum(loaded_sizes)))
         return placed
 
+    def prepare_restores(self, max_bytes: int) -> None:
+        """Pay each tier's one-time restore costs now (``PreparesRestores``; the engine worker,
+        when its caches are registered), for restores of up to ``max_bytes``."""
+        for backend in self.tiers:
+            if isinstance(backend, PreparesRestores):
+                backend.prepare_restores(max_bytes)
+
     @staticmethod
     def _read_file(backend: FileBlocks, address: BlockAddress, index: int, sink: BlockSink) -> int | None:
         """The block's size read into ``sink`` from its file, 0 when refused, None on a miss."""
@@ -298,10 +322,59 @@ class TierManager:
     def store(self, address: BlockAddress, value: bytes, *, source: Tier | None = None) -> None:
         """Store a block: a newly computed one (``source`` None) in every tier the store policy
         names; one loaded from ``source`` in the nearer tiers the promotion policy names."""
+        self.store_many([address], [value], None if source is None else [source])
+
+    def store_many(
+        self,
+        addresses: Sequence[BlockAddress],
+        values: Sequence[bytes],
+        sources: Sequence[Tier | None] | None = None,
+    ) -> None:
+        """``store`` for a batch (the write-behind thread's): each tier is written once for the
+        whole batch (``TierBackend.store_many``: one Redis round trip, one budget lock per
+        folder), nearest tier first, and a block goes to persistent tiers sealed once (the
+        same sealed bytes to Redis and disk: one nonce, one plaintext, one address; two
+        identical copies of a ciphertext reveal nothing more than one). ``sources``: None
+        when every block is newly computed, else each block's tier (None: newly computed).
+        Nothing is written for a block of a destroyed (purged) scope."""
         tiers = list(self._by_tier)
-        targets = self.storing.targets(tiers) if source is None else self.promotion.targets(source, tiers)
-        for target in targets:
-            self._write(address, value, target)
+        destroyed = self._destroyed_scopes(addresses)
+        by_tier: dict[Tier, list[tuple[BlockAddress, bytes]]] = {}
+        unsealable: dict[Tier, int] = {}
+        for index, (address, value) in enumerate(zip(addresses, values, strict=True)):
+            if address.scope in destroyed:
+                continue  # purged: in-flight requests of it must not write blocks back
+            source = None if sources is None else sources[index]
+            targets = self.storing.targets(tiers) if source is None else self.promotion.targets(source, tiers)
+            sealed: bytes | None = None
+            if self.sealer is not None and any(target in self.persistent for target in targets):
+                sealed = self.sealer.seal(value, address)
+            for target in targets:
+                stored: bytes | None = value
+                if target in self.persistent and self.sealer is not None:
+                    stored = sealed
+                if stored is None:
+                    unsealable[target] = unsealable.get(target, 0) + 1
+                    continue
+                by_tier.setdefault(target, []).append((address, stored))
+        for target, count in unsealable.items():
+            self.record(TierEvent(TierEventKind.FAILURE, target, count, 0, "cannot seal"))
+        for backend in self.tiers:
+            blocks = by_tier.get(backend.tier)
+            if not blocks:
+                continue
+            sealed_values = backend.tier in self.persistent and self.sealer is not None
+            written = backend.store_many(blocks, sealed=sealed_values)
+            sizes = [len(value) for (_, value), done in zip(blocks, written, strict=True) if done]
+            if sizes:
+                self.record(TierEvent(TierEventKind.STORE, backend.tier, len(sizes), sum(sizes)))
+
+    def _destroyed_scopes(self, addresses: Sequence[BlockAddress]) -> set[ScopeId]:
+        """The scopes of ``addresses`` whose keys were destroyed (asked once per scope)."""
+        if self.keyring is None:
+            return set()
+        scopes = {address.scope for address in addresses}
+        return {scope for scope in scopes if self.keyring.is_destroyed(scope)}
 
     def usage(self) -> list[TierUsage]:
         """Occupancy of every tier that can tell (reads files or asks servers: not in a step)."""
@@ -331,6 +404,14 @@ class TierManager:
             value = self.sealer.open(value, address)
         return value
 
+    def _take_sealed(
+        self, sink: BlockSink, index: int, address: BlockAddress, value: bytes | memoryview
+    ) -> int:
+        """A sealed value decrypted into ``sink``'s places (``Sealer.opening``): its size, or 0."""
+        assert self.sealer is not None
+        opening = self.sealer.opening(value, address)
+        return 0 if opening is None else sink.take_sealed(index, opening, address)
+
     def _sealer_open_into(
         self, address: BlockAddress, value: bytes | memoryview, out: memoryview
     ) -> memoryview | None:
@@ -338,37 +419,32 @@ class TierManager:
         assert self.sealer is not None
         return self.sealer.open_into(value, address, out)
 
-    def _write(self, address: BlockAddress, value: bytes, tier: Tier) -> None:
-        if self.keyring is not None and self.keyring.is_destroyed(address.scope):
-            return  # purged scope: in-flight requests of it must not write blocks back
-        stored = value
-        if tier in self.persistent and self.sealer is not None:
-            sealed = self.sealer.seal(value, address)
-            if sealed is None:
-                self.record(TierEvent(TierEventKind.FAILURE, tier, 1, 0, "cannot seal"))
-                return
-            stored = sealed
-        if self._by_tier[tier].store(address, stored):
-            self.record(TierEvent(TierEventKind.STORE, tier, 1, len(stored)))
+
+@dataclass
+class _Buffer:
+    """A buffer that grows (a new one: views of the old one may still be read)."""
+
+    view: memoryview
 
 
-def _file_values(backend: FileBlocks, addresses: Sequence[BlockAddress]) -> Iterator[memoryview | None]:
+def _file_values(
+    backend: FileBlocks, addresses: Sequence[BlockAddress], buffer: _Buffer
+) -> Iterator[memoryview | None]:
     """The values of ``addresses``' block files in order (None: a miss; empty: unreadable),
-    each read into one buffer reused for the next (a view valid until then): no fresh bytes
+    each read into ``buffer``, reused for the next (a view valid until then): no fresh bytes
     object per block, and no ``fstat`` while the files are no longer than the last one."""
-    buffer = memoryview(bytearray(1 << 17))
     for address in addresses:
         fd = backend.open_block(address)
         if fd is None:
             yield None
             continue
         try:
-            read = os.preadv(fd, [buffer], 0)
-            while read == len(buffer):  # it may go on: read it whole
-                buffer = memoryview(bytearray(max(os.fstat(fd).st_size + 1, 2 * len(buffer))))
-                read = os.preadv(fd, [buffer], 0)
+            read = os.preadv(fd, [buffer.view], 0)
+            while read == len(buffer.view):  # it may go on: read it whole
+                buffer.view = memoryview(bytearray(max(os.fstat(fd).st_size + 1, 2 * len(buffer.view))))
+                read = os.preadv(fd, [buffer.view], 0)
         except OSError:
             read = 0
         finally:
             os.close(fd)
-        yield buffer[:read]
+        yield buffer.view[:read]

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from kvstore.keys import SHARED_SCOPE, BlockKey, ScopeId
 
@@ -95,6 +95,13 @@ class TierBackend(Protocol):
         """Store a value; False when the tier could not (full, unreachable)."""
         ...
 
+    def store_many(self, blocks: Sequence[tuple[BlockAddress, bytes]], *, sealed: bool = False) -> list[bool]:
+        """Store each ``(address, value)`` as ``store`` would, in order, in as few round trips
+        as the medium allows (one for Redis); whether each was stored. ``sealed``: every value
+        is sealed (``Sealer``), so a torn or stale copy never opens, and a file tier may skip
+        flushing a file to its disk before renaming it into place (see ``tiers/disk.py``)."""
+        ...
+
     def remove(self, addresses: Sequence[BlockAddress]) -> int:
         """Remove addresses; returns how many were present."""
         ...
@@ -136,6 +143,16 @@ class ViewLoads(Protocol):
         ...
 
 
+@runtime_checkable
+class PreparesRestores(Protocol):
+    """A tier with one-time costs for its first restore (Redis: its connection, its reply
+    buffer), which it can pay before (``TierManager.prepare_restores``, at the engine's start)."""
+
+    def prepare_restores(self, max_bytes: int) -> None:
+        """Get ready for restores of up to ``max_bytes``; never raises for a tier failure."""
+        ...
+
+
 class BlockSink(Protocol):
     """Where a restore puts the blocks it reads (``codec.BlockSink``): each call checks the
     block against its address and the engine's layout, and says whether it took it."""
@@ -147,6 +164,28 @@ class BlockSink(Protocol):
     def take(self, index: int, value: bytes | memoryview, address: BlockAddress) -> bool:
         """Block ``index`` from its (opened) value in memory."""
         ...
+
+    def take_sealed(self, index: int, opening: Opening, address: BlockAddress) -> int:
+        """Block ``index`` decrypted straight into its places (``Opening``): its value's bytes,
+        or 0 when not taken (then its places hold none of its bytes)."""
+        ...
+
+
+class Opening(Protocol):
+    """A sealed value opened piece by piece, in order (``Sealer.opening``). Nothing read is to
+    be trusted before ``verify()`` is True: the tag is checked once every byte was read."""
+
+    size: int  # the plaintext's bytes
+
+    @property
+    def remaining(self) -> int: ...
+
+    def read_into(self, out: Any) -> bool:
+        """The next ``len(out)`` bytes decrypted into ``out``; False (nothing written) when
+        fewer remain."""
+        ...
+
+    def verify(self) -> bool: ...
 
 
 class Sealer(Protocol):
@@ -166,6 +205,11 @@ class Sealer(Protocol):
         """``open``, the plaintext written into ``out`` (``sealing.opened_size`` bytes at
         least) and returned as a view of it; None as ``open`` (``out`` then holds nothing to
         use)."""
+        ...
+
+    def opening(self, sealed: bytes | memoryview, address: BlockAddress) -> Opening | None:
+        """``sealed`` to open piece by piece (a restore decrypts into the engine's cache); None
+        when it cannot be opened (too short, the scope's key destroyed or unreachable)."""
         ...
 
 

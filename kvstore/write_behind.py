@@ -3,7 +3,8 @@
     engine step (wait_for_save)                     writer thread
       blocks copied out of the paged cache ──submit──► bounded queue ──► encode, seal, write
       (the copy stays in the step: vLLM may           (at most max_pending_bytes; a batch
-       reuse the blocks once the step ends)             that does not fit is dropped, counted)
+       reuse the blocks once the step ends)             that does not fit is dropped, counted;
+                                                        each tier written once per batch)
 
 ``submit`` never waits: it takes the batch when the queue has room and otherwise drops it whole
 and counts it (a ``dropped`` event, tier ENGINE: the blocks never reached a tier). A dropped
@@ -147,13 +148,30 @@ class WriteBehind:
             self._measure()
 
     def _write(self, batch: StoreBatch) -> None:
+        """Encode the batch's blocks, then hand them to the manager at once (each tier written
+        once per batch). A bug must not end the thread: what raised is lost, counted."""
+        addresses: list[BlockAddress] = []
+        values: list[bytes] = []
+        sources: list[Tier | None] | None = None if batch.sources is None else []
         for index, address in enumerate(batch.addresses):
-            source = None if batch.sources is None else batch.sources[index]
             try:
-                self.manager.store(address, batch.value(index), source=source)
-            except Exception:  # a bug must not end the thread: the block is lost, counted
-                logger.exception("zumik kv: storing a block failed")
+                value = batch.value(index)
+            except Exception:
+                logger.exception("zumik kv: encoding a block failed")
                 self.manager.record(TierEvent(TierEventKind.FAILURE, Tier.ENGINE, 1, 0, "store raised"))
+                continue
+            addresses.append(address)
+            values.append(value)
+            if sources is not None and batch.sources is not None:
+                sources.append(batch.sources[index])
+        if not addresses:
+            return
+        try:
+            self.manager.store_many(addresses, values, sources)
+        except Exception:
+            logger.exception("zumik kv: storing a batch failed")
+            event = TierEvent(TierEventKind.FAILURE, Tier.ENGINE, len(addresses), 0, "store raised")
+            self.manager.record(event)
 
     def _measure(self) -> None:
         if self._usage_every_s is None:

@@ -152,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     tiers.add_argument("--lengths", default="512,1024,2040", help="prompt lengths in tokens, comma-separated")
     tiers.add_argument("--out", type=Path, default=Path("bench-out/tiers"))
+    tiers.add_argument("--plain", action="store_true", help="Redis and disk blocks unsealed (default sealed)")
     tiers.add_argument("--json", action="store_true")
     tiers.set_defaults(run=_cmd_bench_tiers)
     purge = bench.add_parser(

@@ -22,6 +22,7 @@ from kvstore.tiers.disk import DiskTier
 
 class SharedMemoryTier(DiskTier):
     tier = Tier.HOST
+    durable = False  # RAM: a power loss takes every block with it, so no write is flushed to a disk
 
     def __init__(self, root: Path, capacity_bytes: int) -> None:
         if capacity_bytes <= 0:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,10 +236,10 @@ class _BlockingTier(DiskTier):
         self.release = threading.Event()
         self.entered = threading.Event()
 
-    def store(self, address: BlockAddress, value: bytes) -> bool:
+    def store_many(self, blocks: Sequence[tuple[BlockAddress, bytes]], *, sealed: bool = False) -> list[bool]:
         self.entered.set()
         self.release.wait()
-        return super().store(address, value)
+        return super().store_many(blocks, sealed=sealed)
 
 
 def _batch(first: int, count: int, size: int = 1000) -> StoreBatch:

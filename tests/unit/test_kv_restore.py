@@ -7,14 +7,21 @@ the connector's real copy code (``kvstore.transfer``):
   blocks) go through staging and one scatter per layer; every way is bit-exact;
 - a truncated, extended, foreign or damaged block is refused (a failure event): the restore's
   prefix ends there, unless a farther tier holds an intact copy, which is then used;
-- sealed blocks are opened before they are copied, and blocks to promote come back as owned
-  values equal to what was stored; ``Sealer.open_into`` (one reused buffer, ``decrypt_into``)
-  gives exactly what ``open`` gives and nothing for a value that does not authenticate, so a
-  tampered block never reaches the cache and the engine recomputes it (nothing counted from it);
+- sealed blocks are decrypted straight into their places (``Sealer.opening``: the tag checked
+  last, the places wiped when it does not verify; a header that is not the address's is refused
+  before any tensor is written), and blocks to promote are opened into one reused buffer
+  (``Sealer.open_into``) and come back as owned values equal to what was stored; both give
+  exactly what ``open`` gives and nothing for a value that does not authenticate, so a tampered
+  block never stays in the cache and the engine recomputes it (nothing counted from it);
 - a restore marks each block file used (LRU) at most once per ``touch_interval_s`` per process,
   and the budget's eviction then keeps it over older blocks;
 - a Redis restore reads the ``MGET`` reply into one reused buffer (RESP2 and RESP3 clients),
   misses are None, and an error reply leaves the client usable;
+- headers checked by one restore are compared as bytes by the next ones (``KnownHeaders``, kept
+  by the worker), and a block whose header differs (another key, another shard) is still
+  refused; a restore's buffers (plaintext, file reads) are reused by the next restore;
+- ``prepare_restores`` (the worker's start) connects to Redis and sizes the reply buffer, so the
+  first restore grows nothing; an unreachable Redis makes it a failure event, not an error;
 - the connector recomputes from the first block that did not restore.
 """
 
@@ -30,7 +37,7 @@ import pytest
 import redis
 import torch
 
-from kvstore.codec import BlockSink, encode_block
+from kvstore.codec import BlockSink, KnownHeaders, encode_block
 from kvstore.keys import BlockKey, ScopeId
 from kvstore.manager import Placed, TierManager
 from kvstore.sealing import AesGcmSealer, ScopedSealer
@@ -72,10 +79,15 @@ def _values(caches: dict[str, torch.Tensor], addresses: list[BlockAddress]) -> l
     return [encode_block(tensors, address) for tensors, address in zip(blocks, addresses, strict=True)]
 
 
-def _restore(manager: TierManager, copier: BlockCopier, addresses: list[BlockAddress]) -> Placed:
-    """What the connector's ``_restore`` does."""
+def _restore(
+    manager: TierManager,
+    copier: BlockCopier,
+    addresses: list[BlockAddress],
+    headers: KnownHeaders | None = None,
+) -> Placed:
+    """What the connector's ``_restore`` does (``headers``: the worker's, kept across restores)."""
     target = copier.restore_target(TARGET_IDS[: len(addresses)])
-    placed = manager.restore(addresses, BlockSink(target.block))
+    placed = manager.restore(addresses, BlockSink(target.block, headers))
     target.commit(placed.num_blocks)
     copier.synchronize()
     return placed
@@ -255,12 +267,23 @@ def test_the_connector_recomputes_from_the_first_block_that_did_not_restore(
     worker.__dict__.update(
         _kv_caches=fresh, _copier=BlockCopier(fresh, BLOCKS), _manager=TierManager([host, remote]),
         _writer=None, _extra={}, _connector_metadata=meta, _load_errors=set(), _worker_restores={},
+        _headers=KnownHeaders(),
     )  # fmt: skip
     worker.start_load_kv(None)  # type: ignore[arg-type]
     assert worker.get_block_ids_with_load_errors() == set(TARGET_IDS[2:])
     report = worker._worker_restores["r"]
     assert report.tiers == {"host": 2} and report.num_bytes == len(values[0]) + len(values[1])
     assert _same_blocks(fresh, original, 2)
+
+
+def _opened_in_pieces(sealer: Any, sealed: bytes | memoryview, address: BlockAddress) -> bytes | None:
+    """``sealed`` opened in three pieces (``Sealer.opening``), or None unless it verifies."""
+    opening = sealer.opening(sealed, address)
+    if opening is None:
+        return None
+    pieces = [bytearray(8), bytearray(100), bytearray(opening.size - 108)]
+    assert all(opening.read_into(piece) for piece in pieces)
+    return b"".join(pieces) if opening.verify() else None
 
 
 @pytest.mark.redis
@@ -291,6 +314,16 @@ def test_open_into_gives_the_bytes_open_gives_and_nothing_that_does_not_authenti
             assert sealer.open(sealed, other) is None and sealer.open_into(sealed, other, out) is None
         assert sealer.open_into(sealed[:27], address, out) is None  # shorter than nonce and tag
         assert sealer.open_into(sealed, address, out[: len(value) - 1]) is None  # no room
+        assert _opened_in_pieces(sealer, sealed, address) == value  # an opening: the same bytes
+        for position in (0, 11, 12, len(sealed) // 2, len(sealed) - 1):
+            tampered = bytearray(sealed)
+            tampered[position] ^= 1
+            assert _opened_in_pieces(sealer, memoryview(tampered), address) is None
+        assert _opened_in_pieces(sealer, sealed, BlockAddress("e" * 64, address.key, address.scope)) is None
+        assert sealer.opening(sealed[:27], address) is None
+        opening = sealer.opening(sealed, address)
+        assert opening is not None and not opening.read_into(bytearray(len(value) + 1))  # past the end
+        assert not opening.verify()  # not every byte read: never verified
     scoped = ScopedSealer(keyring)
     scope = ScopeId("00000000deadbeef")
     mine = BlockAddress(COMPAT, BlockKey("a" * 32), scope)
@@ -336,8 +369,8 @@ def test_a_tampered_sealed_block_is_never_written_into_the_cache(
     placed = _restore(manager, BlockCopier(fresh, BLOCKS), addresses)
     assert placed.num_blocks == 2 and placed.sizes == (len(values[0]), len(values[1]))
     assert _same_blocks(fresh, original, 2)
-    # decrypted into a buffer of its own and copied only once it authenticated: the tampered
-    # block's place in the cache holds none of its bytes (it stays as it was: zeros)
+    # decrypted into its place and wiped there when its tag did not verify: the tampered
+    # block's place in the cache holds none of its bytes (zeros)
     assert all(not cache[TARGET_IDS[2]].view(torch.uint8).any() for cache in fresh.values())
     events = manager.take_events()
     loads = [(e.tier, e.num_blocks, e.num_bytes) for e in events if e.kind is TierEventKind.LOAD]
@@ -367,6 +400,7 @@ def test_the_connector_recomputes_a_tampered_sealed_block_and_counts_none_from_i
     worker.__dict__.update(
         _kv_caches=fresh, _copier=BlockCopier(fresh, BLOCKS), _manager=manager,
         _writer=None, _extra={}, _connector_metadata=meta, _load_errors=set(), _worker_restores={},
+        _headers=KnownHeaders(),
     )  # fmt: skip
     worker.start_load_kv(None)  # type: ignore[arg-type]
     assert worker.get_block_ids_with_load_errors() == set(TARGET_IDS[1:])  # recomputed
@@ -425,3 +459,76 @@ def test_a_restore_marks_a_block_used_once_per_interval_and_the_lru_keeps_it(
     assert tier.path(addresses[2]).stat().st_mtime_ns > tier.path(addresses[3]).stat().st_mtime_ns
     assert tier.store(addresses[4], values[4])  # now block 0 is the least recently used
     assert tier.contains(addresses) == [False, False, True, True, True]
+
+
+def test_headers_checked_once_serve_later_restores_and_a_foreign_block_is_still_refused(
+    tmp_path: Path,
+) -> None:
+    original = _caches("LBHNC", seed=11)
+    addresses = _addresses()
+    values = _values(original, addresses)
+    disk = DiskTier(tmp_path / "disk", 1 << 24)
+    shm = SharedMemoryTier(tmp_path / "shm", 1 << 24)
+    for address, value in zip(addresses, values, strict=True):
+        assert disk.store(address, value) and shm.store(address, value)
+    headers = KnownHeaders()
+    for tier in (shm, disk):
+        manager = TierManager([tier])
+        for _ in range(2):  # the second restore compares every header with one checked before
+            fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+            placed = _restore(manager, BlockCopier(fresh, BLOCKS), addresses, headers)
+            assert placed.num_blocks == len(addresses) and _same_blocks(fresh, original, len(addresses))
+        assert headers.last is not None
+        tier.path(addresses[2]).write_bytes(values[1])  # block 1's intact bytes filed as block 2
+        fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+        placed = _restore(manager, BlockCopier(fresh, BLOCKS), addresses, headers)
+        assert placed.num_blocks == 2 and _same_blocks(fresh, original, 2)
+        events = manager.take_events()
+        assert [(e.tier, e.num_blocks) for e in events if e.kind is TierEventKind.FAILURE] == [(tier.tier, 1)]
+
+
+def test_a_sealed_restore_decrypts_into_the_cache_and_reuses_its_file_buffer(tmp_path: Path) -> None:
+    original = _caches("LBHNC", seed=12)
+    addresses = _addresses()
+    values = _values(original, addresses)
+    disk, manager = _sealed_disk(tmp_path, b"b" * 32, 1 << 24, addresses, values)
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    assert _restore(manager, BlockCopier(fresh, BLOCKS), addresses).num_blocks == len(addresses)
+    read = manager._file_buffer.view
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    assert _restore(manager, BlockCopier(fresh, BLOCKS), addresses).num_blocks == len(addresses)
+    assert manager._file_buffer.view is read and len(manager._opened) == 0  # no plaintext buffer
+    assert _same_blocks(fresh, original, len(addresses))
+    # block 1's value sealed as block 2 (it authenticates): its header names another key, so it
+    # is refused before any of its tensors reaches the cache
+    disk.path(addresses[2]).write_bytes(AesGcmSealer(b"b" * 32).seal(values[1], addresses[2]))
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    assert _restore(manager, BlockCopier(fresh, BLOCKS), addresses).num_blocks == 2
+    assert all(not cache[TARGET_IDS[2]].view(torch.uint8).any() for cache in fresh.values())
+
+
+@pytest.mark.redis
+def test_prepare_restores_connects_and_sizes_the_reply_buffer_before_the_first_restore(
+    kv_redis: LocalRedis,
+) -> None:
+    original = _caches("LBHNC", seed=13)
+    addresses = _addresses()
+    values = _values(original, addresses)
+    client = _client(kv_redis, protocol=2)
+    tier = RedisTier(client)
+    for address, value in zip(addresses, values, strict=True):
+        assert tier.store(address, value)
+    tier = RedisTier(_client(kv_redis, protocol=2))
+    manager = TierManager([tier])
+    manager.prepare_restores(len(values) * (len(values[0]) + 4096))
+    buffer = tier._reader._buffer
+    assert len(buffer) >= len(values) * (len(values[0]) + 4096)
+    assert tier._redis.connection_pool._created_connections == 1  # connected before any restore
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    assert _restore(manager, BlockCopier(fresh, BLOCKS), addresses).num_blocks == len(addresses)
+    assert tier._reader._buffer is buffer  # the reply fit: nothing grew
+    assert _same_blocks(fresh, original, len(addresses))
+    assert [event.kind for event in manager.take_events()] == [TierEventKind.LOAD]  # no failure
+    unreachable = RedisTier(redis.Redis(port=1, socket_connect_timeout=0.5))
+    TierManager([unreachable]).prepare_restores(1 << 20)  # no error: a failure event
+    assert [e.kind for e in unreachable.take_events()] == [TierEventKind.FAILURE]

@@ -3,10 +3,14 @@
     python -m zumik_serve.bench.kv_engine REQUEST_JSON
 
 REQUEST_JSON: {"model_dir", "config" (kv_connector_extra_config), "prompts" (token id lists),
-"mode": "generate" | "prime" | "restore", "max_tokens"}. Prints one line ``RESULT <json>``:
-a list with, per prompt, ``cached`` (prompt tokens vLLM reports cached), ``ids`` (greedy output)
-and ``seconds`` (the generate call); in ``prime`` mode also ``host_seconds`` / ``host_cached``,
-the same prompt again after the engine's own prefix cache was reset (so it restores from tiers).
+"mode": "generate" | "prime" | "restore", "max_tokens", "repeats"}. Prints one line
+``RESULT <json>``: a list with, per prompt, ``cached`` (prompt tokens vLLM reports cached),
+``ids`` (greedy output) and ``seconds`` (the generate call); in ``prime`` mode also
+``host_seconds`` / ``host_cached``, the same prompt again after the engine's own prefix cache was
+reset (so it restores from tiers). With ``repeats`` (restore and prime modes), the restore is
+done that many times more, the engine's prefix cache reset before each (``warm_seconds``): the
+first restore of a fresh engine pays first-call costs (connections, buffers growing) that the
+later ones, like a serving engine's, do not.
 Stores run behind the engine step (``kvstore/write_behind.py``): before a restore of what it
 just computed, and before it exits, the process waits for its workers' store queues.
 """
@@ -57,14 +61,20 @@ def main() -> None:
             "kv": (output.kv_transfer_params or {}).get("zumik_kv"),  # the connector's report
         }
 
+    def restore_again(prompt: list[int]) -> dict[str, Any]:
+        llm.reset_prefix_cache()
+        return run(prompt)
+
     results = []
+    repeats = int(request.get("repeats", 0))
     for prompt in request["prompts"]:  # one request at a time: each restore is measured alone
         result = run(prompt)
         if request.get("mode") == "prime":
             llm.collective_rpc("flush_kv_writes")
-            llm.reset_prefix_cache()
-            again = run(prompt)
+            again = restore_again(prompt)
             result.update(host_seconds=again["seconds"], host_cached=again["cached"])
+        if request.get("mode") in ("prime", "restore"):
+            result["warm_seconds"] = [restore_again(prompt)["seconds"] for _ in range(repeats)]
         results.append(result)
     llm.collective_rpc("flush_kv_writes")
     print("RESULT " + json.dumps(results), flush=True)

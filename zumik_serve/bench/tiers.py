@@ -9,11 +9,25 @@ vLLM engine processes on CPU with Zumik's connector:
     redis       process 2, configured with only the Redis tier
     disk        process 3, configured with only the disk tier
 
-Each restore's bandwidth (bytes / seconds, logged by the connector) is set beside the ceiling of
-its medium measured in the same run: a memcpy, ``redis-benchmark`` GETs of one block's size,
-and sequential reads of block-sized files into one reused buffer (``file_read``; reading each
-into a fresh object, ``file_read_bytes``, is also reported: it is the allocator's ceiling more
-than the medium's). The bench's tiers are unsealed (no keyring): a sealed restore also decrypts.
+Redis and disk blocks are sealed (AES-GCM, a data key per scope), as a deployment's default profile
+stores them (``--plain``: unsealed); host blocks never are. Each engine restores every prompt
+once fresh (its TTFT is the one compared with recompute) and ``REPEATS`` times more after
+resetting vLLM's prefix cache: a fresh engine's first restore also pays one-time costs (the
+tier's connection, its buffers growing), so bandwidth is reported for both, and the warm
+restores' median is what is set beside the ceilings, which are warm figures too.
+
+Each medium's ceiling is measured in the same run on the same bytes a restore reads: as many
+blocks of the restored block's size, read the way a tier of that medium must read them:
+
+    memcpy      one C copy of all of them (a reference: no tier of files or servers reaches it)
+    shm_read    one file per block in shared memory, each read into one reused buffer (the
+                host tier's medium)
+    redis_mget  one ``MGET`` of all of them (a restore's one round trip), its reply received
+                into one reused buffer and not parsed: the server and the socket, no client
+                work (``redis-benchmark``'s figures are reported too: ``redis_get``, one ``GET``
+                per block, and ``redis_benchmark_mget``, whose client copies the reply again)
+    file_read   one file per block on the disk tier's file system, into one reused buffer
+                (``file_read_bytes``: each into a fresh object, the allocator's ceiling)
 """
 
 from __future__ import annotations
@@ -31,22 +45,26 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
+import redis
 
 from kvstore.connector import RESTORE_LOG
 from zumik_serve.store.local_redis import LocalRedis
 
+REPEATS = 5  # warm restores per prompt and engine, after the fresh one
 LOG_PATTERN = re.compile(RESTORE_LOG + r" blocks=(\d+) bytes=(\d+) seconds=([0-9.]+) tiers=(\S*)")
 
 
 def _engine(
     model_dir: Path, config: dict[str, Any], prompts: list[list[int]], mode: str
 ) -> tuple[list[dict], list]:
+    """Per prompt, the engine's result and its restores' logs, in order (the fresh one first)."""
     request = {
         "model_dir": str(model_dir),
         "config": config,
         "prompts": prompts,
         "mode": mode,
         "max_tokens": 1,
+        "repeats": REPEATS,
     }
     result = subprocess.run(
         [sys.executable, "-m", "zumik_serve.bench.kv_engine", json.dumps(request)],
@@ -59,44 +77,102 @@ def _engine(
         {"blocks": int(m[1]), "bytes": int(m[2]), "seconds": float(m[3]), "tiers": m[4]}
         for m in LOG_PATTERN.finditer(result.stdout + result.stderr)  # vLLM logs to stdout
     ]
-    return json.loads(lines[-1].removeprefix("RESULT ")), restores
+    per_prompt = [
+        restores[index * (REPEATS + 1) : (index + 1) * (REPEATS + 1)] for index in range(len(prompts))
+    ]
+    return json.loads(lines[-1].removeprefix("RESULT ")), per_prompt
 
 
-def _ceilings(redis_server: LocalRedis, folder: Path, block_bytes: int, count: int = 256) -> dict[str, float]:
-    payload = np.random.default_rng(0).integers(0, 255, size=block_bytes * count, dtype=np.uint8)
+def _ceilings(
+    redis_server: LocalRedis, folders: dict[str, Path], block_bytes: int, count: int
+) -> dict[str, float]:
+    """Bytes per second of each medium for ``count`` blocks of ``block_bytes`` (see the module's
+    docstring); ``folders``: "shm" and "disk", where the block files go."""
+    total = block_bytes * count
+    payload = np.random.default_rng(0).integers(0, 255, size=total, dtype=np.uint8)
     target = np.empty_like(payload)
-    best = min(_timed(lambda: np.copyto(target, payload)) for _ in range(5))
-    memcpy = payload.nbytes / best
+    memcpy = total / min(_timed(lambda: np.copyto(target, payload)) for _ in range(15))
+    client = redis.Redis.from_url(redis_server.admin_url)  # a throwaway server's; keys not kv:*
+    keys = [f"ceiling:{index}" for index in range(count)]
+    for index, key in enumerate(keys):
+        client.set(key, payload[index * block_bytes : (index + 1) * block_bytes].tobytes())
+    reply_bytes = len(b"*%d\r\n" % count) + count * (len(b"$%d\r\n" % block_bytes) + block_bytes + 2)
+    reply = bytearray(reply_bytes)
+    redis_mget = total / min(_timed(lambda: _drain_mget(client, keys, reply)) for _ in range(15))
+    client.close()
+    redis_get = benchmark_mget = 0.0
     binary = shutil.which("redis-benchmark")
-    redis_rate = 0.0
     if binary:
-        # SET first, so that the GETs read values of one block's size (not empty replies).
-        command = [binary, "-h", redis_server.host, "-p", str(redis_server.port), "-t", "set,get"]
         admin = urlsplit(redis_server.admin_url)  # a throwaway server's; its keys are not kv:*
-        command += ["--user", str(admin.username), "-a", unquote(str(admin.password))]
-        command += ["-n", str(count * 4), "-c", "1", "-d", str(block_bytes), "--csv", "-q"]
-        out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300).stdout
-        for line in out.splitlines():
-            cells = [cell.strip('"') for cell in line.split(",")]
-            if cells and cells[0] == "GET":
-                redis_rate = float(cells[1]) * block_bytes
-    files = []
-    for index in range(count):
-        path = folder / f"ceiling-{index}.bin"
-        path.write_bytes(payload[index * block_bytes : (index + 1) * block_bytes].tobytes())
-        files.append(path)
-    # Into one reused buffer: a fresh object per read (``read_bytes``) measures the allocator
-    # (fresh pages for every block) more than the medium, 5-9x slower here than the medium.
+        command = [binary, "-h", redis_server.host, "-p", str(redis_server.port)]
+        command += [
+            "--user",
+            str(admin.username),
+            "-a",
+            unquote(str(admin.password)),
+            "-c",
+            "1",
+            "--csv",
+            "-q",
+        ]
+        # SET first, so that the GETs read values of one block's size (not empty replies).
+        redis_get = _benchmark_rps(
+            command + ["-t", "set,get", "-n", str(count * 16), "-d", str(block_bytes)], "GET"
+        )
+        redis_get *= block_bytes
+        benchmark_mget = _benchmark_rps(command + ["-n", "200", "MGET", *keys], "MGET") * total
     buffer = bytearray(block_bytes)
+    rates: dict[str, float] = {}
+    fresh = 0.0
+    for medium, folder in folders.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        files = []
+        for index in range(count):
+            path = folder / f"ceiling-{index}.bin"
+            path.write_bytes(payload[index * block_bytes : (index + 1) * block_bytes].tobytes())
+            files.append(path)
 
-    def read_into() -> None:
-        for path in files:
-            with path.open("rb", buffering=0) as file:
-                file.readinto(buffer)
+        def read_into(files: list[Path] = files) -> None:
+            for path in files:
+                with path.open("rb", buffering=0) as file:
+                    file.readinto(buffer)
 
-    file_read = block_bytes * count / min(_timed(read_into) for _ in range(3))
-    fresh = block_bytes * count / min(_timed(lambda: [p.read_bytes() for p in files]) for _ in range(3))
-    return {"memcpy": memcpy, "redis_get": redis_rate, "file_read": file_read, "file_read_bytes": fresh}
+        rates[medium] = total / min(_timed(read_into) for _ in range(15))
+        if medium == "disk":
+            fresh = total / min(_timed(lambda files=files: [p.read_bytes() for p in files]) for _ in range(5))
+        shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "memcpy": memcpy, "shm_read": rates["shm"], "redis_mget": redis_mget, "redis_get": redis_get,
+        "redis_benchmark_mget": benchmark_mget,
+        "file_read": rates["disk"], "file_read_bytes": fresh,
+    }  # fmt: skip
+
+
+def _drain_mget(client: redis.Redis, keys: list[str], reply: bytearray) -> None:
+    """Send one ``MGET`` of ``keys`` and receive its reply, exactly ``len(reply)`` bytes, into
+    ``reply`` (not parsed)."""
+    connection = client.connection_pool.get_connection()
+    try:
+        connection.send_command("MGET", *keys)
+        sock: Any = connection._sock
+        view, received = memoryview(reply), 0
+        while received < len(reply):
+            got = sock.recv_into(view[received:])
+            if got == 0:
+                raise ConnectionError("Redis closed the connection during an MGET reply")
+            received += got
+    finally:
+        client.connection_pool.release(connection)
+
+
+def _benchmark_rps(command: list[str], test: str) -> float:
+    """Requests per second ``redis-benchmark`` reports for its test named ``test``."""
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300).stdout
+    for line in out.splitlines():
+        cells = [cell.strip('"') for cell in line.split('","')]
+        if cells and cells[0].split(" ")[0] == test:
+            return float(cells[1])
+    return 0.0
 
 
 def _timed(fn: Any) -> float:
@@ -105,7 +181,9 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - started
 
 
-def measure_tiers(model_dir: Path, lengths: list[int], on_step: Any = print) -> dict[str, Any]:
+def measure_tiers(
+    model_dir: Path, lengths: list[int], on_step: Any = print, *, sealed: bool = True
+) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     prompts = [[int(t) for t in rng.integers(10, 900, size=length)] for length in lengths]
     # A compat digest of this run only: nothing from an earlier run (shared memory outlives
@@ -120,26 +198,29 @@ def measure_tiers(model_dir: Path, lengths: list[int], on_step: Any = print) -> 
         # A KV Redis as `zumik serve` starts one: maxmemory (ample here), volatile-lru, no AOF.
         redis_server = LocalRedis(data_dir=folder / "redis", role="kv", maxmemory_bytes=4 << 30).start()
         try:
-            base = {"compat_digest": compat, "host_capacity_bytes": 0}
+            base: dict[str, Any] = {"compat_digest": compat, "host_capacity_bytes": 0}
             kv = redis_server.kv_access  # as in a deployment: the zumik-kv user, vLLM logs no password
             redis_tier = {"redis_url": kv.url, "redis_password_file": str(kv.password_file)}
-            all_tiers = {**base, "host_capacity_bytes": 1 << 30, **redis_tier,
-                         "disk_root": str(folder / "kv"), "disk_capacity_bytes": 4 << 30,
+            if sealed:  # the data keys in the same server (a deployment keeps them in the state Redis)
+                base |= {
+                    "keyring_redis_url": kv.url,
+                    "redis_password_file": str(kv.password_file),
+                    "seal": True,
+                }
+            disk_tier = {"disk_root": str(folder / "kv"), "disk_capacity_bytes": 4 << 30}
+            all_tiers = {**base, "host_capacity_bytes": 1 << 30, **redis_tier, **disk_tier,
                          "shm_root": str(shm_root)}  # fmt: skip
             on_step("process 1: recompute, then restore from host RAM (stores every tier)")
             primed, host_logs = _engine(model_dir, all_tiers, prompts, "prime")
             on_step("process 2: restore from Redis")
             from_redis, redis_logs = _engine(model_dir, {**base, **redis_tier}, prompts, "restore")
             on_step("process 3: restore from disk")
-            from_disk, disk_logs = _engine(
-                model_dir,
-                {**base, "disk_root": str(folder / "kv"), "disk_capacity_bytes": 4 << 30},
-                prompts,
-                "restore",
-            )
-            block_bytes = host_logs[0]["bytes"] // max(host_logs[0]["blocks"], 1) if host_logs else 131072
-            on_step("medium ceilings: memcpy, redis-benchmark GET, file reads")
-            ceilings = _ceilings(redis_server, folder, block_bytes)
+            from_disk, disk_logs = _engine(model_dir, {**base, **disk_tier}, prompts, "restore")
+            first = host_logs[-1][0] if host_logs and host_logs[-1] else {"bytes": 131072, "blocks": 1}
+            block_bytes = first["bytes"] // max(first["blocks"], 1)
+            on_step("medium ceilings: memcpy, shared-memory file reads, Redis MGET, file reads")
+            media = {"shm": shm_root / "ceiling", "disk": folder / "ceiling"}
+            ceilings = _ceilings(redis_server, media, block_bytes, max(first["blocks"], 1))
         finally:
             redis_server.stop()
             shutil.rmtree(shm_root, ignore_errors=True)
@@ -147,21 +228,33 @@ def measure_tiers(model_dir: Path, lengths: list[int], on_step: Any = print) -> 
     for index, length in enumerate(lengths):
         recompute = primed[index]["seconds"]
         tiers = {
-            "host": (primed[index]["host_seconds"], primed[index]["host_cached"], host_logs, "memcpy"),
-            "redis": (from_redis[index]["seconds"], from_redis[index]["cached"], redis_logs, "redis_get"),
-            "disk": (from_disk[index]["seconds"], from_disk[index]["cached"], disk_logs, "file_read"),
+            "host": (primed[index]["host_seconds"], primed[index], host_logs, "shm_read"),
+            "redis": (from_redis[index]["seconds"], from_redis[index], redis_logs, "redis_mget"),
+            "disk": (from_disk[index]["seconds"], from_disk[index], disk_logs, "file_read"),
         }
         row: dict[str, Any] = {"tokens": length, "recompute_ttft_s": recompute}
-        for name, (seconds, cached, logs, medium) in tiers.items():
-            log = logs[index] if index < len(logs) else None
-            bandwidth = log["bytes"] / log["seconds"] if log and log["seconds"] > 0 else 0.0
+        for name, (seconds, result, logs, medium) in tiers.items():
+            cached = result["host_cached"] if name == "host" else result["cached"]
+            restores = logs[index] if index < len(logs) else []
+            rates = [log["bytes"] / log["seconds"] for log in restores if log["seconds"] > 0]
+            fresh = rates[0] if rates else 0.0
+            warm = float(np.median(rates[1:])) if len(rates) > 1 else 0.0
+            ceiling = ceilings[medium]
+            warm_ttft = float(np.median(result["warm_seconds"])) if result.get("warm_seconds") else None
             row[name] = {
-                "ttft_s": seconds, "cached_tokens": cached, "ratio_to_recompute": seconds / recompute,
-                "restore_bytes_per_s": bandwidth, "ceiling_bytes_per_s": ceilings[medium],
-                "fraction_of_ceiling": bandwidth / ceilings[medium] if ceilings[medium] else None,
+                "ttft_s": seconds, "warm_ttft_s": warm_ttft,
+                "cached_tokens": cached, "ratio_to_recompute": seconds / recompute,
+                "sealed": sealed and name != "host", "ceiling": medium,
+                "restore_bytes_per_s": warm, "first_restore_bytes_per_s": fresh,
+                "ceiling_bytes_per_s": ceiling,
+                "fraction_of_ceiling": warm / ceiling if ceiling else None,
+                "first_fraction_of_ceiling": fresh / ceiling if ceiling else None,
             }  # fmt: skip
         rows.append(row)
-    return {"lengths": lengths, "block_bytes": block_bytes, "ceilings_bytes_per_s": ceilings, "rows": rows}
+    return {
+        "lengths": lengths, "block_bytes": block_bytes, "sealed": sealed, "repeats": REPEATS,
+        "ceilings_bytes_per_s": ceilings, "rows": rows,
+    }  # fmt: skip
 
 
 def run_tiers_bench(args: Any, console: Any) -> int:
@@ -173,24 +266,19 @@ def run_tiers_bench(args: Any, console: Any) -> int:
 
     model_dir = resolve_model_dir(load_builtin("local-cpu"), ZumikHome.from_env().ensure())
     lengths = [int(x) for x in args.lengths.split(",")]
-    result = measure_tiers(model_dir, lengths, on_step=lambda message: console.log(message))
+    sealed = not getattr(args, "plain", False)
+    result = measure_tiers(model_dir, lengths, on_step=lambda message: console.log(message), sealed=sealed)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tiers.json").write_text(json.dumps(result, indent=2))
     _plot(result, args.out / "tiers.png")
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    table = Table(title="TTFT restoring from each tier vs recompute (fresh engines, tiny model on CPU)")
-    for column in (
-        "tokens",
-        "recompute ms",
-        "tier",
-        "ttft ms",
-        "x recompute",
-        "cached",
-        "restore MB/s",
-        "ceiling MB/s",
-    ):
+    title = "TTFT restoring from each tier vs recompute (fresh engines, tiny model on CPU)"
+    table = Table(title=f"{title}; Redis and disk {'sealed' if sealed else 'unsealed'}")
+    columns = ("tokens", "recompute ms", "tier", "ttft ms", "x recompute", "cached", "first MB/s",
+               "warm MB/s", "ceiling MB/s", "warm / ceiling")  # fmt: skip
+    for column in columns:
         table.add_column(column)
     for row in result["rows"]:
         for tier in ("host", "redis", "disk"):
@@ -199,7 +287,9 @@ def run_tiers_bench(args: Any, console: Any) -> int:
             table.add_row(
                 str(row["tokens"]), f"{recompute_ms:.1f}", tier, f"{ttft_ms:.1f}",
                 f"{cell['ratio_to_recompute']:.2f}", str(cell["cached_tokens"]),
-                f"{cell['restore_bytes_per_s'] / 1e6:.0f}", f"{cell['ceiling_bytes_per_s'] / 1e6:.0f}",
+                f"{cell['first_restore_bytes_per_s'] / 1e6:.0f}", f"{cell['restore_bytes_per_s'] / 1e6:.0f}",
+                f"{cell['ceiling_bytes_per_s'] / 1e6:.0f} ({cell['ceiling']})",
+                f"{cell['fraction_of_ceiling'] or 0:.2f}",
             )  # fmt: skip
     console.print(table)
     console.print(f"wrote {args.out / 'tiers.json'} and {args.out / 'tiers.png'}")
