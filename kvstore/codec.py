@@ -1,4 +1,11 @@
-"""Block values: KV tensors of one block as safetensors bytes, checked on the way back.
+"""Block values: KV tensors of one block as safetensors bytes and a checksum, checked on the way back.
+
+A value is the safetensors bytes of the block's tensors followed by ``CHECKSUM_BYTES``: the
+xxh3-64 of the tensors' bytes (the data after the header), big-endian. A tier that does not
+seal (host shared memory always; Redis and disk with sealing off) would otherwise hand back a
+block whose tensor bytes changed (a flipped bit, a stray write) with an intact header, and the
+engine would answer from it: a block whose checksum does not match is refused like any damaged
+one, and recomputed. A sealed block is authenticated by its tag as well.
 
 ``decode_block`` returns None for anything that is not an intact block of the expected address
 (truncated, corrupt, another block's bytes, another rank's or layout's: the header names the
@@ -25,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import xxhash
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
@@ -44,14 +52,25 @@ _ITEMSIZES = {
 }  # fmt: skip
 HEAD_GUESS = 4096  # bytes first read of a block file (the header; a block's is ~600 bytes)
 _BLANK_KEY = b"\0" * 32  # a block key (32 hex characters) blanked in a known header
+CHECKSUM_BYTES = 8  # the xxh3-64 of the tensors' bytes, after them
+
+
+def checksum(parts: Any) -> bytes:
+    """The xxh3-64 (big-endian) of ``parts`` (buffers) in order: a value's trailer."""
+    digest = xxhash.xxh3_64()
+    for part in parts:
+        digest.update(part)
+    return digest.digest()
 
 
 def encode_block(tensors: dict[str, np.ndarray], address: BlockAddress) -> bytes:
     metadata = {"format": FORMAT, "compat": address.compat_digest, "key": address.key}
-    return bytes(save(tensors, metadata=metadata))
+    body = save(tensors, metadata=metadata)
+    data = memoryview(body)[header_length(body) or 0 :]
+    return bytes(body) + xxhash.xxh3_64_digest(data)
 
 
-def _named_header(value: bytes, address: BlockAddress) -> tuple[dict[str, Any], int] | None:
+def _named_header(value: bytes | memoryview, address: BlockAddress) -> tuple[dict[str, Any], int] | None:
     """The safetensors header at the start of ``value`` and where its data starts, or None
     unless its metadata names ``address`` (compat digest and key)."""
     parsed = _header(value)
@@ -70,27 +89,34 @@ def _named_header(value: bytes, address: BlockAddress) -> tuple[dict[str, Any], 
 
 def decode_block(value: bytes, address: BlockAddress) -> dict[str, np.ndarray] | None:
     try:
-        parsed = _named_header(value, address)
+        if len(value) < 8 + CHECKSUM_BYTES:
+            return None
+        body = memoryview(value)[:-CHECKSUM_BYTES]
+        parsed = _named_header(body, address)
         if parsed is None:
             return None
         header, data_start = parsed
-        views = _views(value, header, data_start)
-        return views if views is not None else dict(load(value))
+        if xxhash.xxh3_64_digest(body[data_start:]) != value[-CHECKSUM_BYTES:]:
+            return None  # the tensors' bytes changed since the block was encoded
+        views = _views(body, header, data_start)
+        return views if views is not None else dict(load(bytes(body)))
     except (SafetensorError, ValueError, TypeError, KeyError, OSError):
         return None
 
 
-def _header(value: bytes) -> tuple[dict[str, Any], int] | None:
+def _header(value: bytes | memoryview) -> tuple[dict[str, Any], int] | None:
     if len(value) < 8:
         return None
     (header_len,) = struct.unpack("<Q", value[:8])
     if header_len > len(value) - 8:
         return None
-    header = json.loads(value[8 : 8 + header_len])
+    header = json.loads(bytes(value[8 : 8 + header_len]))
     return (header, 8 + header_len) if isinstance(header, dict) else None
 
 
-def _views(value: bytes, header: dict[str, Any], data_start: int) -> dict[str, np.ndarray] | None:
+def _views(
+    value: bytes | memoryview, header: dict[str, Any], data_start: int
+) -> dict[str, np.ndarray] | None:
     """Every tensor as a view of ``value``; None when a dtype needs safetensors. Raises
     ValueError when the offsets do not tile the data exactly (a damaged block)."""
     entries = sorted(
@@ -121,10 +147,11 @@ class BlockHeader:
 
     data_start: int
     tensors: tuple[tuple[str, int], ...]  # (name, bytes)
-    size: int = field(init=False)  # the whole value's bytes (nothing may follow the last tensor)
+    size: int = field(init=False)  # the whole value's bytes: header, tensors, checksum; no more
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "size", self.data_start + sum(nbytes for _, nbytes in self.tensors))
+        data = sum(nbytes for _, nbytes in self.tensors)
+        object.__setattr__(self, "size", self.data_start + data + CHECKSUM_BYTES)
 
 
 def parse_header(head: bytes, address: BlockAddress) -> BlockHeader | None:
@@ -174,6 +201,7 @@ class BlockSink:
         its restores, so that a restore parses none); None: this restore's own."""
         self._place = place
         self._tail = bytearray(1)  # a byte past the end: a longer file reads into it and fails
+        self._sum = bytearray(CHECKSUM_BYTES)  # the value's checksum, read after the tensors
         self._headers = headers if headers is not None else KnownHeaders()
 
     def read_file(self, index: int, fd: int, address: BlockAddress) -> int:
@@ -203,9 +231,9 @@ class BlockSink:
             return 0
         headers.last = (address.compat_digest, header)
         wanted = header.size - header.data_start
-        buffers: list[Any] = [*places, self._tail]
+        buffers: list[Any] = [*places, self._sum, self._tail]
         read = os.preadv(fd, buffers, header.data_start)
-        return header.size if read == wanted else 0
+        return header.size if read == wanted and self._intact(places) else 0
 
     def _read_as_known(
         self, index: int, fd: int, address: BlockAddress, compat: str, known: BlockHeader
@@ -219,12 +247,12 @@ class BlockSink:
         if places is None:
             return None
         head = bytearray(known.data_start)
-        buffers: list[Any] = [head, *places, self._tail]
+        buffers: list[Any] = [head, *places, self._sum, self._tail]
         read = os.preadv(fd, buffers, 0)
         head_bytes = bytes(head)
         if header_length(head_bytes) != known.data_start or self._header(head_bytes, address) != known:
             return None
-        return known.size if read == known.size else 0
+        return known.size if read == known.size and self._intact(places) else 0
 
     def take(self, index: int, value: bytes | memoryview, address: BlockAddress) -> bool:
         """Copy block ``index`` from ``value`` (a block value in memory) into its places."""
@@ -235,6 +263,9 @@ class BlockSink:
         places = self._places(index, header)
         if header is None or places is None or header.size != len(value):
             return False
+        data = memoryview(value)[header.data_start :]
+        if xxhash.xxh3_64_digest(data[:-CHECKSUM_BYTES]) != data[-CHECKSUM_BYTES:]:
+            return False  # checked before any byte is copied: the places keep what they had
         offset = header.data_start
         for place, (_, nbytes) in zip(places, header.tensors, strict=True):
             place[:] = np.frombuffer(value, dtype=np.uint8, count=nbytes, offset=offset)
@@ -259,8 +290,8 @@ class BlockSink:
         places = self._places(index, header)
         if header is None or places is None or header.size != opening.size:
             return 0
-        read = all(opening.read_into(place) for place in places)
-        if not read or not opening.verify():
+        read = all(opening.read_into(place) for place in places) and opening.read_into(self._sum)
+        if not read or not opening.verify():  # the tag authenticates the checksum too
             for place in places:
                 place.fill(0)
             return 0
@@ -268,6 +299,11 @@ class BlockSink:
 
     def _header(self, head: bytes, address: BlockAddress) -> BlockHeader | None:
         return self._headers.check(head, address)
+
+    def _intact(self, places: list[np.ndarray]) -> bool:
+        """Whether the bytes just read into ``places`` are the ones the checksum read after them
+        was taken of (a block that fails leaves them there: the caller recomputes it)."""
+        return checksum(places) == self._sum
 
     def _places(self, index: int, header: BlockHeader | None) -> list[np.ndarray] | None:
         """The places of ``header``'s tensors in data order; None unless they are exactly the

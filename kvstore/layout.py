@@ -32,7 +32,7 @@ from typing import Any
 
 # How the connector writes a block: per layer, the bytes of the block's logical [H, N, C] view
 # in that order (``transfer.block_bytes``). Bump on any change of that format.
-BLOCK_FORMAT_VERSION = 1
+BLOCK_FORMAT_VERSION = 2  # 2: a checksum of the tensors' bytes after them (``codec``)
 
 # vLLM KV cache spec kinds whose blocks the connector can copy whole (one manager block holds
 # every layer's KV of block_size tokens, and nothing else depends on the block).

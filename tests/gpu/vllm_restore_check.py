@@ -33,10 +33,10 @@ for its prefix-caching tests (``check_logprobs_close`` in vLLM's tests/models/ut
 ids equal, or at the first divergence each run's token is in the other's top-k; the largest
 logprob difference is reported either way.
 
-Without Redis (``--redis none``) or with ``--no-seal`` the blocks are stored unsealed, and the
-block format checks a block's header (address, layout, sizes), not its tensor bytes: a flipped
-byte in the data restores silently, so the corrupt step fails there (measured on CPU: logprobs
-off by 1e-2, another top-5 set), as it should until unsealed blocks carry a checksum.
+Without Redis (``--redis none``) or with ``--no-seal`` the blocks are stored unsealed: the
+checksum after each block's tensors (``kvstore/codec.py``) is then what refuses the flipped
+bytes (before it, such a block restored silently: measured on CPU, logprobs off by 1e-2 and
+another top-5 set).
 
 Exit status 0 only when every step passed. Figures: TTFT (vLLM's first-token latency) of each
 prompt cold, warm and restored, and restore over cold.

@@ -37,7 +37,7 @@ import pytest
 import redis
 import torch
 
-from kvstore.codec import BlockSink, KnownHeaders, encode_block
+from kvstore.codec import BlockSink, KnownHeaders, decode_block, encode_block
 from kvstore.keys import BlockKey, ScopeId
 from kvstore.manager import Placed, TierManager
 from kvstore.sealing import AesGcmSealer, ScopedSealer
@@ -194,6 +194,42 @@ def test_a_damaged_block_ends_the_prefix_unless_a_farther_tier_has_it(tmp_path: 
     assert placed.sources == (Tier.HOST, Tier.DISK, Tier.DISK, Tier.DISK, Tier.DISK)
     assert _same_blocks(fresh, original, len(addresses))
     assert sorted(placed.promote) == [1, 2, 3, 4]  # disk blocks are promoted: read as values
+
+
+def _flipped(value: bytes) -> bytes:
+    """``value`` with one byte of its tensors changed: the header (and its size) intact."""
+    middle = len(value) // 2
+    return value[:middle] + bytes([value[middle] ^ 0x40]) + value[middle + 1 :]
+
+
+@pytest.mark.redis
+def test_an_unsealed_block_whose_tensor_bytes_changed_is_refused_on_every_path(
+    tmp_path: Path, kv_redis: LocalRedis
+) -> None:
+    """Unsealed, only the checksum after the tensors tells a changed byte: a file read straight
+    into the cache (host), a file read twice with a known header (its second block), a value
+    copied in (Redis), and ``decode_block`` each refuse it; the farther tier's copy is used."""
+    original = _caches("LBHNC", seed=8)
+    addresses = _addresses()
+    values = _values(original, addresses)
+    assert decode_block(_flipped(values[0]), addresses[0]) is None
+    assert decode_block(values[0], addresses[0]) is not None
+    host = SharedMemoryTier(tmp_path / "shm", 1 << 24)
+    client = _client(kv_redis)
+    remote = RedisTier(client)
+    disk = DiskTier(tmp_path / "disk", 1 << 24)
+    for address, value in zip(addresses, values, strict=True):
+        assert host.store(address, value) and remote.store(address, value) and disk.store(address, value)
+    for index in (0, 2):  # the first file (header parsed) and a later one (header known)
+        host.path(addresses[index]).write_bytes(_flipped(values[index]))
+    client.set(RedisTier.redis_key(addresses[0]), _flipped(values[0]))
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    manager = TierManager([host, remote, disk])
+    placed = _restore(manager, BlockCopier(fresh, BLOCKS), addresses)
+    assert placed.sources == (Tier.DISK, Tier.HOST, Tier.REDIS, Tier.HOST, Tier.HOST)
+    assert _same_blocks(fresh, original, len(addresses))
+    failures = [event for event in manager.take_events() if event.kind is TierEventKind.FAILURE]
+    assert {(event.tier, event.num_blocks) for event in failures} == {(Tier.HOST, 2), (Tier.REDIS, 1)}
 
 
 def _sealed_disk(
