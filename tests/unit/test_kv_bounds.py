@@ -36,7 +36,7 @@ from kvstore.tiers.redis_keyring import RedisKeyring, keyring_key
 from kvstore.tiers.redis_tier import RedisTier
 from kvstore.tiers.shared_memory import SharedMemoryTier
 from kvstore.write_behind import StoreBatch, WriteBehind
-from zumik_serve.store.local_redis import LocalRedis
+from tests.support.kv_redis import kv_client, state_and_kv
 
 COMPAT = "c" * 64
 SCOPE = ScopeId("0123456789abcdef")
@@ -55,20 +55,8 @@ def _block(index: int, size: int = BLOCK_BYTES) -> bytes:
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A state Redis (AOF, noeviction) and a KV Redis (maxmemory 8 MiB, volatile-lru, no AOF),
     with the same users, as ``zumik serve`` starts them."""
-    secrets = tmp_path_factory.mktemp("secrets")
-    state = LocalRedis(data_dir=tmp_path_factory.mktemp("state"), secrets_dir=secrets).start()
-    kv = LocalRedis(
-        data_dir=tmp_path_factory.mktemp("kv"), secrets_dir=secrets, role="kv", maxmemory_bytes=8 << 20
-    ).start()
-    yield state, kv
-    kv.stop()
-    state.stop()
-
-
-def _kv_client(server: LocalRedis) -> redis.Redis:
-    access = server.kv_access
-    assert access.password_file is not None
-    return redis.Redis.from_url(access.url, password=access.password_file.read_text())
+    with state_and_kv(tmp_path_factory, kv_maxmemory_bytes=8 << 20) as servers:
+        yield servers
 
 
 @pytest.mark.redis
@@ -81,9 +69,9 @@ def test_kv_redis_is_a_bounded_lru_cache_and_the_state_redis_is_not(servers: Any
     assert state_admin.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
     assert state_admin.config_get("appendonly") == {"appendonly": "yes"}
     # The engines' user may read the KV server's INFO (the tier's occupancy), not the state's.
-    _kv_client(kv).info("memory")
+    kv_client(kv).info("memory")
     with pytest.raises(redis.exceptions.NoPermissionError):
-        _kv_client(state).info("memory")
+        kv_client(state).info("memory")
 
 
 @pytest.mark.redis
@@ -93,8 +81,8 @@ def test_kv_blocks_are_evicted_under_maxmemory_while_state_and_data_keys_survive
     kv_admin.flushall()
     state_client = redis.Redis.from_url(state.url)
     state_client.set("zumik:tenant:probe", "tenant state")
-    keyring = RedisKeyring(_kv_client(state), cache_ttl_s=0.0)
-    tier = RedisTier(_kv_client(kv), limits=_kv_client(state))
+    keyring = RedisKeyring(kv_client(state), cache_ttl_s=0.0)
+    tier = RedisTier(kv_client(kv), limits=kv_client(state))
     manager = TierManager([tier], sealer=ScopedSealer(keyring), keyring=keyring)
     assert tier.usage() is not None  # the baseline of the server's eviction count
 
@@ -132,7 +120,7 @@ def test_a_scope_count_forgets_evicted_blocks_before_refusing(servers: Any) -> N
     kv_admin = redis.Redis.from_url(kv.admin_url)
     kv_admin.flushall()
     limit = 9 << 20
-    tier = RedisTier(_kv_client(kv), scope_max_bytes=limit)
+    tier = RedisTier(kv_client(kv), scope_max_bytes=limit)
     stored = [tier.store(_address(index), _block(index)) for index in range(200)]
     assert all(stored) and int(kv_admin.info("stats")["evicted_keys"]) > 0
     held = sum(BLOCK_BYTES for found in tier.contains([_address(i) for i in range(200)]) if found)
@@ -145,7 +133,7 @@ def test_a_tenant_limit_in_the_state_redis_applies_to_the_kv_redis(servers: Any)
     redis.Redis.from_url(kv.admin_url).flushall()
     scope = ScopeId("fedcba9876543210")
     redis.Redis.from_url(state.url).set(f"kv:limit:{scope}", str(2 * BLOCK_BYTES + 100))
-    tier = RedisTier(_kv_client(kv), scope_max_bytes=None, limits=_kv_client(state))
+    tier = RedisTier(kv_client(kv), scope_max_bytes=None, limits=kv_client(state))
     assert [tier.store(_address(i, scope), _block(i)) for i in range(3)] == [True, True, False]
 
 

@@ -36,6 +36,7 @@ from kvstore.tiers.redis_keyring import RedisKeyring
 from kvstore.tiers.redis_tier import RedisTier
 from kvstore.tiers.shared_memory import SharedMemoryTier
 from kvstore.write_behind import StoreBatch, WriteBehind
+from tests.support.kv_redis import kv_client, state_and_kv
 from zumik_serve.store.local_redis import LocalRedis
 
 COMPAT = "c" * 64
@@ -55,20 +56,8 @@ def _value(address: BlockAddress, size: int = 4096) -> bytes:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalRedis, LocalRedis]]:
     """A state Redis (data keys) and a KV Redis (blocks), with the users ``zumik serve`` makes."""
-    secrets = tmp_path_factory.mktemp("secrets")
-    state = LocalRedis(data_dir=tmp_path_factory.mktemp("state"), secrets_dir=secrets).start()
-    kv = LocalRedis(
-        data_dir=tmp_path_factory.mktemp("kv"), secrets_dir=secrets, role="kv", maxmemory_bytes=64 << 20
-    ).start()
-    yield state, kv
-    kv.stop()
-    state.stop()
-
-
-def _client(server: LocalRedis) -> redis.Redis:
-    access = server.kv_access
-    assert access.password_file is not None
-    return redis.Redis.from_url(access.url, password=access.password_file.read_text())
+    with state_and_kv(tmp_path_factory, kv_maxmemory_bytes=64 << 20) as servers:
+        yield servers
 
 
 def _admin(server: LocalRedis) -> redis.Redis:
@@ -90,7 +79,7 @@ def test_a_batch_is_one_round_trip_counted_as_stores_one_after_another(servers: 
     admin = _admin(kv)
     sizes = [1000, 3000, 2000, 1500]
     limit = 1000 + 3000 + 1500 + 100  # the third block would pass it; the fourth fits again
-    tier = RedisTier(_client(kv), scope_max_bytes=limit)
+    tier = RedisTier(kv_client(kv), scope_max_bytes=limit)
     blocks = [(_address(index), bytes([index]) * size) for index, size in enumerate(sizes)]
     assert tier.store_many([(_address(0, B), b"b")]) == [True]  # the script is loaded once, here
     admin.config_resetstat()
@@ -122,7 +111,7 @@ def test_a_batch_counts_each_scope_against_its_own_limit(servers: Any) -> None:
     state, kv = servers
     _admin(kv)
     redis.Redis.from_url(state.admin_url).set(f"kv:limit:{B}", "2500")  # B's own limit
-    tier = RedisTier(_client(kv), scope_max_bytes=None, limits=_client(state))
+    tier = RedisTier(kv_client(kv), scope_max_bytes=None, limits=kv_client(state))
     blocks = [(_address(index, scope), b"x" * 1000) for index in range(3) for scope in (A, B)]
 
     assert tier.store_many(blocks) == [True, True, True, True, True, False]
@@ -133,7 +122,7 @@ def test_a_batch_counts_each_scope_against_its_own_limit(servers: Any) -> None:
 def test_stored_blocks_keep_the_tiers_ttl_or_none(servers: Any) -> None:
     _, kv = servers
     admin = _admin(kv)
-    expiring, lasting = RedisTier(_client(kv), ttl_s=600), RedisTier(_client(kv), ttl_s=None)
+    expiring, lasting = RedisTier(kv_client(kv), ttl_s=600), RedisTier(kv_client(kv), ttl_s=None)
     assert expiring.store_many([(_address(0), b"a")]) == [True]
     assert lasting.store_many([(_address(1), b"b")]) == [True]
     assert 590 <= admin.ttl(RedisTier.redis_key(_address(0))) <= 600
@@ -145,7 +134,7 @@ def test_stored_blocks_keep_the_tiers_ttl_or_none(servers: Any) -> None:
 def test_a_server_that_lost_its_scripts_still_stores(servers: Any) -> None:
     _, kv = servers
     admin = _admin(kv)
-    tier = RedisTier(_client(kv))
+    tier = RedisTier(kv_client(kv))
     assert tier.store_many([(_address(0), b"a")]) == [True]
     admin.script_flush()  # as after a restart
     assert tier.store_many([(_address(1), b"b"), (_address(2), b"c")]) == [True, True]
@@ -157,8 +146,8 @@ def test_a_server_that_lost_its_scripts_still_stores(servers: Any) -> None:
 def test_a_sealed_batch_is_sealed_once_and_opens_from_either_tier(servers: Any, tmp_path: Path) -> None:
     state, kv = servers
     _admin(kv)
-    keyring = RedisKeyring(_client(state), cache_ttl_s=0)
-    remote, disk = RedisTier(_client(kv)), DiskTier(tmp_path / "disk")
+    keyring = RedisKeyring(kv_client(state), cache_ttl_s=0)
+    remote, disk = RedisTier(kv_client(kv)), DiskTier(tmp_path / "disk")
     host = SharedMemoryTier(tmp_path / "shm", 1 << 24)
     manager = TierManager([host, remote, disk], sealer=ScopedSealer(keyring), keyring=keyring)
     addresses = [_address(index) for index in range(3)]
@@ -183,8 +172,12 @@ def test_a_sealed_batch_is_sealed_once_and_opens_from_either_tier(servers: Any, 
 def test_nothing_of_a_purged_scope_is_written_in_the_middle_of_a_batch(servers: Any, tmp_path: Path) -> None:
     state, kv = servers
     _admin(kv)
-    keyring = RedisKeyring(_client(state), cache_ttl_s=0)
-    tiers = [SharedMemoryTier(tmp_path / "shm", 1 << 24), RedisTier(_client(kv)), DiskTier(tmp_path / "disk")]
+    keyring = RedisKeyring(kv_client(state), cache_ttl_s=0)
+    tiers = [
+        SharedMemoryTier(tmp_path / "shm", 1 << 24),
+        RedisTier(kv_client(kv)),
+        DiskTier(tmp_path / "disk"),
+    ]
     manager = TierManager(tiers, sealer=ScopedSealer(keyring), keyring=keyring)
     keyring.data_key(B, create=True)
     keyring.destroy(B)  # B was purged while its requests were in flight
@@ -227,7 +220,7 @@ def test_the_writer_hands_each_batch_to_the_tiers_at_once(servers: Any, tmp_path
     cannot be made is lost alone (counted), the rest of its batch is stored."""
     _, kv = servers
     admin = _admin(kv)
-    remote = RedisTier(_client(kv))
+    remote = RedisTier(kv_client(kv))
     assert remote.store_many([(_address(0, B), b"b")]) == [True]  # the script is loaded once, here
     manager = TierManager([SharedMemoryTier(tmp_path / "shm", 1 << 24), remote])
     writer = WriteBehind(manager, max_pending_bytes=1 << 20, usage_every_s=None)
