@@ -38,7 +38,7 @@ from safetensors.numpy import load, save
 
 from kvstore.tier import BlockAddress, Opening
 
-FORMAT = "zumik-kv-block/1"
+FORMAT = "zumik-kv-block/2"  # 2: the checksum after the tensors (layout.BLOCK_FORMAT_VERSION)
 # safetensors dtype names numpy reads as they are (others, e.g. BF16, go through safetensors).
 _DTYPES = {
     "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
