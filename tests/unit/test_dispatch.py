@@ -299,6 +299,33 @@ async def test_a_byoc_call_leaves_before_the_keys_the_decision_left_and_they_rea
         assert replay(record)[0]
 
 
+async def test_a_byoc_call_owes_its_uncached_prompt_to_the_replica_until_its_first_output(
+    harness: Harness,
+) -> None:
+    scheduler = harness.dispatcher.scheduler
+    block_size = scheduler.profile.engine.block_size
+    context = RouteContext(allowed_routes=frozenset({"local"}))
+    owed_at_call: list[dict[str, int]] = []
+    harness.engine.on_call = lambda: owed_at_call.append(dict(scheduler.pending_prefill))
+    first = [10 + i for i in range(4 * block_size)]
+    for prompt in (first, first + [7] * (block_size + 5)):  # the next turn adds 1 block and 5 tokens
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 4}
+        decision = harness.dispatcher.decide(EngineCall.COMPLETION, dict(body), tenant="ten_a", salt="s" * 64,
+                                             context=context)  # fmt: skip
+        await harness.dispatcher.execute(decision, EngineCall.COMPLETION, dict(body), stream=False,
+                                         tenant="ten_a", salt="s" * 64, context=context)  # fmt: skip
+        assert scheduler.pending_prefill == {}  # its output came: nothing owed
+    assert owed_at_call == [{"r0": 4 * block_size}, {"r0": block_size + 5}]
+    harness.engine.down = True
+    body = {"model": "tiny", "prompt": [3] * 40}
+    decision = harness.dispatcher.decide(EngineCall.COMPLETION, dict(body), tenant="ten_a", salt="s" * 64,
+                                         context=context)  # fmt: skip
+    with pytest.raises(ZumikError):
+        await harness.dispatcher.execute(decision, EngineCall.COMPLETION, dict(body), stream=False,
+                                         tenant="ten_a", salt="s" * 64, context=context)  # fmt: skip
+    assert owed_at_call[-1] == {"r0": 40} and scheduler.pending_prefill == {}  # a failed call owes nothing
+
+
 async def test_no_route_left_is_a_503_naming_the_decision(harness: Harness) -> None:
     harness.managed.stop()
     harness.byok.stop()

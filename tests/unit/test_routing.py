@@ -5,8 +5,9 @@ Invariants held here:
   cooldown, admits exactly one probe, closes on its success and re-opens on its failure;
 - the residency walk stops at the first missing block, and each replica's index stays within
   its bound, forgetting leaf blocks before the prefix they hang from;
-- a shared prefix goes to the replica that holds it unless that replica's queue costs more than
-  the prefill it saves; without reuse, requests spread evenly over equally loaded replicas;
+- a shared prefix goes to the replica that holds it unless the prefill that replica still owes
+  its requests (queued or running) costs more than the prefill it saves; without reuse,
+  requests spread evenly over equally loaded replicas;
 - an open breaker is filtered and recorded; escalation leaves the managed default only on
   recorded evidence that meets the profile's spec, and the evidence is in the record;
 - a record holds no floats, round-trips through JSON, and replays byte for byte, also in another
@@ -58,7 +59,9 @@ PROMPT_TOKENS = 8192
 BLOCK_SIZE = 32
 
 
-def make_replica(replica: str, *, matched: int = 0, queue: int = 0, running: int = 0) -> RouteCandidate:
+def make_replica(
+    replica: str, *, matched: int = 0, queue: int = 0, running: int = 0, owed: int | None = None
+) -> RouteCandidate:
     return candidate_for_route(
         ROUTES["local"],
         replica=replica,
@@ -66,6 +69,7 @@ def make_replica(replica: str, *, matched: int = 0, queue: int = 0, running: int
         queue_depth=queue,
         running=running,
         max_num_seqs=16,
+        pending_prefill_tokens=owed,
     )
 
 
@@ -219,6 +223,46 @@ def test_decide_leaves_the_prefix_holder_when_its_queue_costs_more_than_the_pref
     lightly_loaded_holder = make_replica("r0", matched=200, running=4)
     record = decide("dec_1", make_inputs(lightly_loaded_holder, make_replica("r1"), evidence=ENOUGH))
     assert record.pick == Pick("local", "r0")
+
+
+def test_decide_leaves_a_holder_that_owes_more_prefill_than_the_prefix_saves_though_nothing_queues() -> None:
+    # r0 holds 6,400 tokens of this prompt and runs 10 requests (no queue) that still owe 7,000
+    # tokens of prefill: on r0 ours waits for those 7,000 and prefills 1,792 more; on the idle r1
+    # it prefills all 8,192. decide-2 saw 10 running requests as 10/16 of one prefill and stayed.
+    holder = make_replica("r0", matched=200, running=10, owed=7_000)
+    inputs = make_inputs(holder, make_replica("r1", owed=0), evidence=ENOUGH)
+    record = decide("dec_1", inputs)
+    assert record.decide_version == "decide-3" and record.pick == Pick("local", "r1")
+    scores = verdict_of(record, "local", "r0")["scores"]
+    assert scores["load_penalty_tokens"] == 7_000 + 10 * PROMPT_TOKENS // 16
+    assert decide("dec_1", inputs, version="decide-2").pick == Pick("local", "r0")
+    lightly_owing = make_replica("r0", matched=200, running=10, owed=500)
+    assert decide("dec_1", make_inputs(lightly_owing, make_replica("r1", owed=0))).pick == Pick("local", "r0")
+    for version in ("decide-2", "decide-3"):
+        stored = json.loads(canonical_bytes(decide("dec_1", inputs, version=version)))
+        assert stored["inputs"]["candidates"][0]["pending_prefill_tokens"] == 7_000
+        assert replay(stored)[0]
+
+
+def test_a_candidate_without_the_owed_prefill_keeps_the_old_penalty_and_json() -> None:
+    # A record written before the figure has no such key; read back, it is None, decide-3 scores
+    # it as decide-2 did, and its JSON renders without the key again.
+    busy_holder = make_replica("r0", matched=200, queue=2, running=16)
+    record = decide("dec_1", make_inputs(busy_holder, make_replica("r1", running=1), evidence=ENOUGH))
+    assert "pending_prefill_tokens" not in record.to_json()["inputs"]["candidates"][0]
+    assert (
+        verdict_of(record, "local", "r0")["scores"]["load_penalty_tokens"]
+        == (2 * 16 + 16) * PROMPT_TOKENS // 16
+    )
+    stored = json.loads(canonical_bytes(record))
+    assert replay(stored)[0]
+
+
+def test_the_prefill_a_pick_owes_is_the_prompt_less_the_prefix_its_decision_saw_there() -> None:
+    record = decide("dec_1", make_inputs(make_replica("r0", matched=10), make_replica("r1"), evidence=ENOUGH))
+    assert record.prefill_tokens(Pick("local", "r0")) == PROMPT_TOKENS - 10 * BLOCK_SIZE
+    assert record.prefill_tokens(Pick("local", "r1")) == PROMPT_TOKENS
+    assert record.prefill_tokens(Pick("managed", None)) == 0
 
 
 def test_decide_without_reuse_spreads_evenly_over_request_digests() -> None:

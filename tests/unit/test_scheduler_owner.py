@@ -7,7 +7,8 @@ Invariants held here:
   the breaker in both once the sum reaches the threshold;
 - a gateway's own ops that the owner has not acknowledged yet survive a view taken before them;
   a report seen twice counts once;
-- load is the sum of the other gateways' absolute counts, and a silent gateway's load expires;
+- load (in-flight counts, the prefill owed to each replica) is the sum of the other gateways'
+  absolute figures, and a silent gateway's load expires;
 - a gateway behind the owner's bounded log gets the whole index, keeping its own unreported
   sends;
 - an engine's KV events (stored, evicted, cleared) reach every gateway's belief;
@@ -135,6 +136,31 @@ def test_load_is_the_other_gateways_sum_and_expires_when_they_fall_silent() -> N
     exchange(b, owner, 1_000 + LOAD_TTL_MS + 1)  # a said nothing since
     inputs, _ = b.inputs(make_request("x"), now_ms=1_000, seed=1)
     assert all(c.running == 0 for c in inputs.candidates)
+
+
+def test_the_prefill_owed_to_a_replica_is_summed_over_gateways_until_each_first_output() -> None:
+    owner = owner_for(PROFILE)
+    a, b = make_gateway("gw-a"), make_gateway("gw-b")
+    a.started(Pick("local", "r1"), 700)
+    a.started(Pick("local", "r1"), 300)
+    b.started(Pick("local", "r1"), 50)
+    b.started(Pick("local", "r2"), 20)
+    for gateway in (a, b, a, b):
+        exchange(gateway, owner, 1_000)
+
+    def owed(scheduler: ProfileScheduler) -> dict[str | None, int | None]:
+        inputs, _ = scheduler.inputs(make_request("x"), now_ms=1_000, seed=1)
+        return {c.replica: c.pending_prefill_tokens for c in inputs.candidates}
+
+    assert owed(a) == owed(b) == {"r0": 0, "r1": 1_050, "r2": 20}
+    a.prefilled(Pick("local", "r1"), 700)  # its first output came
+    b.prefilled(Pick("local", "r2"), 20)
+    assert a.pending_prefill == {"r1": 300} and b.pending_prefill == {"r1": 50}
+    for gateway in (a, b, a, b):
+        exchange(gateway, owner, 1_000)
+    assert owed(a) == owed(b) == {"r0": 0, "r1": 350, "r2": 0}
+    exchange(b, owner, 1_000 + LOAD_TTL_MS + 1)  # a silent: what it owed is no one's now
+    assert owed(b) == {"r0": 0, "r1": 50, "r2": 0}
 
 
 def test_a_gateway_behind_the_log_gets_the_whole_index_and_keeps_its_own_sends() -> None:

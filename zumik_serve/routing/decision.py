@@ -28,13 +28,21 @@ Policy (``DECIDE_VERSION``), in order:
      provider's predicted cached part (``predicted_cached_tokens``; unknown: 0) or, for byoc,
      the matched prefix. ``tiebreak`` = the first 6 bytes of sha256(seed, digest, candidate).
    * byoc replicas: ``matched_tokens`` = matched_prefix_blocks * block_size (prefill saved);
-     ``load_penalty_tokens`` = (queue_depth * max_num_seqs + running) * prompt_num_tokens
-     // max_num_seqs: a queued request ahead of ours costs about one prefill of a prompt like
-     ours (agent traffic is many near-identical prompts, and we assume none of it cached), a
-     running one shares the batch and costs 1/max_num_seqs of that; ``score_tokens`` =
-     matched_tokens - load_penalty_tokens. A shared prefix goes where it lives unless the
-     queue there costs more than the prefill it saves; with no match anywhere this is "least
-     loaded", and equal loads spread by the seeded tiebreak.
+     ``load_penalty_tokens`` (``decide-3``, when the candidate carries
+     ``pending_prefill_tokens``) = pending_prefill_tokens + running * prompt_num_tokens //
+     max_num_seqs: the prefill the replica still owes the requests sent to it (each one's
+     prompt less the prefix the decision that sent it saw there, until its first output),
+     which ours waits behind whether those requests are queued or already running (a CPU
+     engine, and a GPU one with chunked prefill, prefills them in the same steps as ours),
+     plus each running request's share of the batch. Before (``decide-1``, ``decide-2``, and a
+     candidate without the figure) it was (queue_depth * max_num_seqs + running) *
+     prompt_num_tokens // max_num_seqs: a queued request ahead of ours as one uncached
+     prefill of a prompt like ours, a running one as 1/max_num_seqs of that, which let a
+     replica holding many sessions' prefixes fall behind on their new tokens while its
+     requests all counted as running. ``score_tokens`` = matched_tokens -
+     load_penalty_tokens. A shared prefix goes where it lives unless the work queued there
+     costs more than the prefill it saves; with no match anywhere this is "least loaded", and
+     equal loads spread by the seeded tiebreak.
    * rank: byoc by (-score_tokens, health, expected cost, tiebreak); managed and byok by
      (expected cost, health, not the default route, tiebreak); health is 0 closed, 1 half open.
 4. **fallbacks**: every other candidate that passes the breaker filter and whose route is in
@@ -68,8 +76,8 @@ from zumik_serve.routing.breaker import (
     current,
 )
 
-DECIDE_VERSION = "decide-2"
-DECIDE_VERSIONS = ("decide-1", "decide-2")  # every policy a stored record may name (replay)
+DECIDE_VERSION = "decide-3"
+DECIDE_VERSIONS = ("decide-1", "decide-2", "decide-3")  # every policy a stored record may name (replay)
 PASS = "pass"
 
 
@@ -87,6 +95,15 @@ def _without_none(value: Any, handler: SerializerFunctionWrapHandler) -> Any:
     later are None in records written before, which then render as they were written."""
     data = handler(value)
     return {name: item for name, item in data.items() if item is not None} if isinstance(data, dict) else data
+
+
+def _without_unknown_load(value: Any, handler: SerializerFunctionWrapHandler) -> Any:
+    """A candidate's JSON object without ``pending_prefill_tokens`` when it is None (a record
+    written before the figure renders as it was written; its other None fields stay)."""
+    data = handler(value)
+    if isinstance(data, dict) and data.get("pending_prefill_tokens", 0) is None:
+        del data["pending_prefill_tokens"]
+    return data
 
 
 # (name, value) pairs sorted by name, written as one JSON object (so that a record read back from
@@ -110,8 +127,10 @@ class RouteCandidate:
     Prices are integer pico-USD per token (``RouteSpec.token_prices_pusd``). ``replica`` is None
     for managed and byok routes. ``predicted_cached_tokens`` is a provider route's predicted
     cached prompt part, None when unknown (then priced as all uncached). ``matched_prefix_blocks``
-    comes from ``ResidencyIndex.snapshot``; ``queue_depth``, ``running`` and ``max_num_seqs``
-    are the replica's load as last published."""
+    comes from ``ResidencyIndex.snapshot``; ``queue_depth``, ``running``, ``max_num_seqs`` and
+    ``pending_prefill_tokens`` (the prompt tokens sent there and not yet prefilled, as far as the
+    gateways know: None in records written before it, and then absent from the JSON) are the
+    replica's load as last published."""
 
     route: str
     kind: RouteKind
@@ -125,6 +144,7 @@ class RouteCandidate:
     running: int = 0
     max_num_seqs: int = 1
     predicted_cached_tokens: int | None = None
+    pending_prefill_tokens: int | None = None
 
     @property
     def key(self) -> str:
@@ -193,7 +213,7 @@ class DecisionInputs:
     policy_version: str
     now_ms: int
     seed: int
-    candidates: tuple[RouteCandidate, ...]
+    candidates: tuple[Annotated[RouteCandidate, WrapSerializer(_without_unknown_load)], ...]
     evidence: Annotated[Evidence, WrapSerializer(_without_none)]
     escalation: Escalation
     fallback_order: tuple[str, ...]
@@ -279,6 +299,15 @@ class DecisionRecord:
     def escalation_reason(self) -> str:
         return self.escalation.reason
 
+    def prefill_tokens(self, pick: Pick) -> int:
+        """The prompt tokens ``pick`` is expected to prefill: the prompt less the prefix this
+        decision saw held there (a BYOC replica's ``matched_tokens``); 0 for a provider's route."""
+        for verdict in self.candidates:
+            if verdict.replica is not None and (verdict.route, verdict.replica) == (pick.route, pick.replica):
+                matched = dict(verdict.scores).get("matched_tokens", 0)
+                return max(0, self.inputs.prompt_num_tokens - matched)
+        return 0
+
     def to_json(self) -> dict[str, Any]:
         return _RECORD.dump_python(self, mode="json")
 
@@ -305,6 +334,7 @@ def candidate_for_route(
     running: int = 0,
     max_num_seqs: int = 1,
     predicted_cached_tokens: int | None = None,
+    pending_prefill_tokens: int | None = None,
     prices: tuple[int, int, int] | None = None,
 ) -> RouteCandidate:
     """A candidate for a profile's route (byoc: one per replica), priced from the profile
@@ -323,6 +353,7 @@ def candidate_for_route(
         running=running,
         max_num_seqs=max_num_seqs,
         predicted_cached_tokens=predicted_cached_tokens,
+        pending_prefill_tokens=pending_prefill_tokens,
     )
 
 
@@ -444,7 +475,7 @@ def decide(decision_id: str, inputs: DecisionInputs, *, version: str = DECIDE_VE
         else:
             pool, escalation_filter = -1, "neither the default nor the escalation kind"
         health = 0 if breaker.state is BreakerStatus.CLOSED else 1
-        scores, rank_key, cost = _score(candidate, key, health, inputs)
+        scores, rank_key, cost = _score(candidate, key, health, inputs, version)
         verdict = CandidateVerdict(
             route=candidate.route,
             replica=candidate.replica,
@@ -502,7 +533,7 @@ def _breaker_verdict(breaker: BreakerState) -> str:
 
 
 def _score(
-    candidate: RouteCandidate, key: str, health: int, inputs: DecisionInputs
+    candidate: RouteCandidate, key: str, health: int, inputs: DecisionInputs, version: str
 ) -> tuple[tuple[tuple[str, int], ...], tuple[int, ...], int]:
     """The candidate's score components (sorted by name), its rank key and its expected cost."""
     prompt = inputs.prompt_num_tokens
@@ -510,7 +541,11 @@ def _score(
     if candidate.kind is RouteKind.BYOC:
         matched_tokens = min(candidate.matched_prefix_blocks * inputs.block_size, prompt)
         slots = max(1, candidate.max_num_seqs)
-        penalty = (candidate.queue_depth * slots + candidate.running) * prompt // slots
+        pending = candidate.pending_prefill_tokens
+        if version in ("decide-1", "decide-2") or pending is None:
+            penalty = (candidate.queue_depth * slots + candidate.running) * prompt // slots
+        else:
+            penalty = pending + candidate.running * prompt // slots
         score = matched_tokens - penalty
         cost = _cost_pusd(candidate, prompt, matched_tokens, inputs.expected_output_tokens)
         scores = (  # sorted by name

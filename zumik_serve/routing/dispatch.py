@@ -324,24 +324,28 @@ class Dispatcher:
         )
 
     async def _send(
-        self, pick: Pick, keys: Sequence[str], attempt: Coroutine[Any, Any, FirstOutput]
+        self, pick: Pick, keys: Sequence[str], attempt: Coroutine[Any, Any, FirstOutput], prefill_tokens: int
     ) -> FirstOutput:
         """Run ``attempt`` (one call of ``pick``) to its first output, the pick in flight from
-        before it starts. The prompt's keys are recorded as sent to the replica once its first
-        step has handed the call on (a Serve handle's ``.remote()``): what the decision did not
-        read of them is hashed then, not before the call leaves. A decision between the two
-        sees the load but not the keys (a worse pick at worst, never a wrong answer)."""
-        self.scheduler.started(pick)
+        before it starts and its ``prefill_tokens`` owed by the replica until then. The prompt's
+        keys are recorded as sent to the replica once its first step has handed the call on (a
+        Serve handle's ``.remote()``): what the decision did not read of them is hashed then,
+        not before the call leaves. A decision between the two sees the load but not the keys
+        (a worse pick at worst, never a wrong answer)."""
+        self.scheduler.started(pick, prefill_tokens)
         if pick.replica is None:  # a provider's route: no residency to record
             return await attempt
-        call = asyncio.ensure_future(attempt)
         try:
-            await asyncio.sleep(0)  # the call's first step runs
-            self.scheduler.record_sent(pick, keys)
-        except BaseException:
-            call.cancel()
-            raise
-        return await call
+            call = asyncio.ensure_future(attempt)
+            try:
+                await asyncio.sleep(0)  # the call's first step runs
+                self.scheduler.record_sent(pick, keys)
+            except BaseException:
+                call.cancel()
+                raise
+            return await call
+        finally:
+            self.scheduler.prefilled(pick, prefill_tokens)
 
     async def _execute(
         self, decision: Decision, call: EngineCall, engine_body: dict[str, Any], stream: bool, tenant: str,
@@ -393,7 +397,9 @@ class Dispatcher:
                     except BaseException:  # not sent: a probe it held goes back
                         self.scheduler.release_probe(pick, tenant)
                         raise
-                result = await self._send(pick, keys, _first_output(client, call, body, stream))
+                result = await self._send(
+                    pick, keys, _first_output(client, call, body, stream), record.prefill_tokens(pick)
+                )
                 now_ms = self._clock_ms()
                 if isinstance(result, tuple):
                     replica_id, first, rest = result

@@ -16,9 +16,10 @@ What a view carries, and how a gateway applies it (``ProfileScheduler.apply_view
     residency               the owner's log since the gateway's version, without the gateway's
                             own sends (it applied those when it sent); a gateway behind the
                             bounded log gets the whole index instead (``residency_full``)
-    load                    the other gateways' in-flight counts per replica and per route; each
-                            gateway reports absolute counts, so a lost report costs nothing, and
-                            a gateway silent for ``LOAD_TTL_MS`` counts for nothing
+    load                    the other gateways' in-flight counts per replica and per route, and
+                            the prompt tokens they sent each replica that are not prefilled yet;
+                            each gateway reports absolute figures, so a lost report costs
+                            nothing, and a gateway silent for ``LOAD_TTL_MS`` counts for nothing
 
 Pure: no I/O, no clock (``now_ms`` comes in), no framework. In one process the owner is a plain
 object (``LocalLink``); in a cluster ``app/scheduler_actor.py`` puts it in one Ray actor per
@@ -95,13 +96,15 @@ Op = Sent | KvEvent | BreakerOp | BudgetOp
 @dataclass(frozen=True)
 class Report:
     """One batch from one gateway: its ops in the order it applied them, numbered ``seq``
-    (1, 2, ... per gateway), and its own in-flight counts now (absolute, per replica and route)."""
+    (1, 2, ... per gateway), and its own load now (absolute): in-flight counts per replica and
+    route, and per replica the prompt tokens it sent there that are not prefilled yet."""
 
     gateway: str
     seq: int
     ops: tuple[Op, ...]
     inflight: tuple[tuple[str, int], ...] = ()
     route_inflight: tuple[tuple[str, int], ...] = ()
+    pending_prefill: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class View:
     residency_full: tuple[tuple[str, tuple[str, ...]], ...] | None = None
     load: tuple[tuple[str, int], ...] = ()
     route_load: tuple[tuple[str, int], ...] = ()
+    prefill_load: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -175,6 +179,7 @@ class _GatewayLoad:
     seen_ms: int
     inflight: dict[str, int]
     route_inflight: dict[str, int]
+    pending_prefill: dict[str, int]
 
 
 class ProfileOwner:
@@ -207,7 +212,9 @@ class ProfileOwner:
     def report(self, report: Report, now_ms: int) -> int:
         """Apply one gateway batch (a batch seen before is ignored: its ops are in already);
         the version after it."""
-        self._load[report.gateway] = _GatewayLoad(now_ms, dict(report.inflight), dict(report.route_inflight))
+        self._load[report.gateway] = _GatewayLoad(
+            now_ms, dict(report.inflight), dict(report.route_inflight), dict(report.pending_prefill)
+        )
         if report.seq <= self._acked.get(report.gateway, 0):
             return self.version
         self._acked[report.gateway] = report.seq
@@ -246,13 +253,17 @@ class ProfileOwner:
             ops = tuple(reversed(newer))
         load: dict[str, int] = {}
         route_load: dict[str, int] = {}
+        prefill_load: dict[str, int] = {}
         for name, entry in self._load.items():
             if name == gateway or now_ms - entry.seen_ms > LOAD_TTL_MS:
                 continue
-            for replica, count in entry.inflight.items():
-                load[replica] = load.get(replica, 0) + count
-            for route, count in entry.route_inflight.items():
-                route_load[route] = route_load.get(route, 0) + count
+            for totals, counts in (
+                (load, entry.inflight),
+                (route_load, entry.route_inflight),
+                (prefill_load, entry.pending_prefill),
+            ):
+                for key, count in counts.items():
+                    totals[key] = totals.get(key, 0) + count
         return View(
             version=self.version,
             acked_seq=self._acked.get(gateway, 0),
@@ -262,6 +273,7 @@ class ProfileOwner:
             residency_full=full,
             load=tuple(sorted(load.items())),
             route_load=tuple(sorted(route_load.items())),
+            prefill_load=tuple(sorted(prefill_load.items())),
         )
 
     def _check_belief(self, op: Op) -> None:

@@ -5,7 +5,9 @@ It keeps what ``routing.decision.decide`` needs as recorded inputs and nothing e
     breakers     one per route (per replica for BYOC), moved by attempt outcomes
     residency    which prefix blocks each BYOC replica holds: the record of what was sent where,
                  corrected by the engines' KV events (bounded LRU per replica)
-    in-flight    requests sent to each replica and not finished (running + queued)
+    in-flight    requests sent to each replica and not finished (running + queued), and the
+                 prompt tokens sent to each replica that it has not prefilled yet (each
+                 request's prompt less the prefix its decision saw there, until its first output)
     retry budget retries allowed per request volume
 
 Each request becomes ``DecisionInputs`` (time, seed and state passed in, then recorded) and one
@@ -162,6 +164,7 @@ class ProfileScheduler:
         self.breakers: dict[str, BreakerState] = {}
         self.residency = ResidencyIndex(RESIDENCY_BLOCKS_PER_REPLICA)
         self.inflight: dict[str, int] = {}  # by replica
+        self.pending_prefill: dict[str, int] = {}  # by replica: prompt tokens sent, not prefilled
         self.route_inflight: dict[str, int] = {}  # by route (admission per route)
         self.budget = RetryBudget(ratio=Decimal(profile.routing.breaker.retry_budget_ratio))
         self._max_blocks = profile.engine.max_model_len // profile.engine.block_size + 1
@@ -178,6 +181,7 @@ class ProfileScheduler:
         self._seq = 0
         self.remote_inflight: dict[str, int] = {}
         self.remote_route_inflight: dict[str, int] = {}
+        self.remote_pending_prefill: dict[str, int] = {}
 
     def route(self, name: str) -> RouteSpec:
         return self.routes[name]
@@ -222,6 +226,8 @@ class ProfileScheduler:
                             queue_depth=max(0, inflight - max_seqs),
                             running=min(inflight, max_seqs),
                             max_num_seqs=max_seqs,
+                            pending_prefill_tokens=self.pending_prefill.get(replica, 0)
+                            + self.remote_pending_prefill.get(replica, 0),
                             prices=prices,
                         )
                     )
@@ -280,11 +286,26 @@ class ProfileScheduler:
         self.started(pick)
         self.record_sent(pick, keys)
 
-    def started(self, pick: Pick) -> None:
-        """A request of ``pick`` is going out: in flight from now on (decisions see its load)."""
+    def started(self, pick: Pick, prefill_tokens: int = 0) -> None:
+        """A request of ``pick`` is going out: in flight from now on (decisions see its load),
+        and its ``prefill_tokens`` (``DecisionRecord.prefill_tokens``) owed by the replica until
+        ``prefilled``."""
         self.route_inflight[pick.route] = self.route_inflight.get(pick.route, 0) + 1
         if pick.replica is not None:
             self.inflight[pick.replica] = self.inflight.get(pick.replica, 0) + 1
+            if prefill_tokens:
+                owed = self.pending_prefill.get(pick.replica, 0)
+                self.pending_prefill[pick.replica] = owed + prefill_tokens
+
+    def prefilled(self, pick: Pick, prefill_tokens: int) -> None:
+        """The request ``started`` with ``prefill_tokens`` has its first output (or failed
+        before it): the replica owes its prefill no more."""
+        if pick.replica is not None and prefill_tokens:
+            left = self.pending_prefill.get(pick.replica, 0) - prefill_tokens
+            if left > 0:
+                self.pending_prefill[pick.replica] = left
+            else:
+                self.pending_prefill.pop(pick.replica, None)
 
     def record_sent(self, pick: Pick, keys: Sequence[str]) -> None:
         """The request of ``pick`` went out with these prefix keys: a BYOC replica holds them
@@ -359,6 +380,7 @@ class ProfileScheduler:
         for replica in gone:
             self.residency.forget_replica(replica)
             self.inflight.pop(replica, None)
+            self.pending_prefill.pop(replica, None)
 
     def apply_kv_events(self, events: Sequence[KvEvent]) -> None:
         """KV events of engine replicas, applied here at once (an unlinked scheduler is the
@@ -389,6 +411,7 @@ class ProfileScheduler:
             self.gateway, seq, ops,
             inflight=tuple(sorted((r, n) for r, n in self.inflight.items() if n)),
             route_inflight=tuple(sorted((r, n) for r, n in self.route_inflight.items() if n)),
+            pending_prefill=tuple(sorted(self.pending_prefill.items())),
         )  # fmt: skip
         if ops:
             self._unacked.append(report)
@@ -420,6 +443,7 @@ class ProfileScheduler:
                 apply_kv_event(self.residency, residency_op)
         self.remote_inflight = dict(view.load)
         self.remote_route_inflight = dict(view.route_load)
+        self.remote_pending_prefill = dict(view.prefill_load)
         self.version = view.version
 
     def _report_breaker(self, pick: Pick, kind: BreakerKind, now_ms: int, tenant: str | None = None) -> None:
