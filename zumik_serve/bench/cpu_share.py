@@ -47,8 +47,13 @@ def component(title: str) -> str | None:
 
 @dataclass(frozen=True)
 class Sample:
+    """One process as seen: its title, CPU seconds so far, and when it started (what tells a
+    process from a later one that got the same pid; its title is no such mark, since Ray sets an
+    actor's title to the method it runs)."""
+
     title: str
     cpu_s: float
+    started: float = 0.0
 
 
 def snapshot() -> dict[int, Sample]:
@@ -57,26 +62,28 @@ def snapshot() -> dict[int, Sample]:
 
     samples: dict[int, Sample] = {}
     me = os.getpid()
-    for process in psutil.process_iter(["cmdline", "name"]):
+    for process in psutil.process_iter(["cmdline", "name", "create_time"]):
         try:
             title = "bench client" if process.pid == me else " ".join(process.info["cmdline"] or ())
             times = process.cpu_times()
         except psutil.Error:  # exited meanwhile, or not ours to read
             continue
-        samples[process.pid] = Sample(title or process.info["name"] or "", times.user + times.system)
+        started = process.info["create_time"] or 0.0
+        samples[process.pid] = Sample(title or process.info["name"] or "", times.user + times.system, started)
     return samples
 
 
 def delta(before: Mapping[int, Sample], after: Mapping[int, Sample]) -> dict[str, float]:
-    """CPU seconds each component used between the snapshots (a process started meanwhile counts
-    from zero; one that ended meanwhile is lost, which undercounts short-lived workers)."""
+    """CPU seconds each component used between the snapshots, each process named by its title
+    now (a process started meanwhile counts from zero; one that ended meanwhile is lost, which
+    undercounts short-lived workers)."""
     used: dict[str, float] = {}
     for pid, sample in after.items():
         name = "bench client" if sample.title == "bench client" else component(sample.title)
         if name is None:
             continue
         earlier = before.get(pid)
-        start = earlier.cpu_s if earlier is not None and earlier.title == sample.title else 0.0
+        start = earlier.cpu_s if earlier is not None and earlier.started == sample.started else 0.0
         used[name] = used.get(name, 0.0) + max(0.0, sample.cpu_s - start)
     return dict(sorted(used.items(), key=lambda item: -item[1]))
 
