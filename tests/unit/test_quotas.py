@@ -9,7 +9,9 @@ Invariants held here:
 - another tenant's writes and requests are unaffected by one tenant's exhausted quota;
 - requests and tokens per minute are a window shared by every gateway: past it a 429
   ``rate_limit_error`` with Retry-After; a request over the limit on its own is told so; the
-  tokens reserved at admission are corrected to the usage the engine reports;
+  tokens reserved at admission are corrected to the usage the engine reports; an admission
+  taken in the release lookup's round trip counts and refuses exactly as one on its own, and is
+  taken only at the salt epoch its scope was derived at; a refund takes one back;
 - every limit is a strict integer (a string or a bool is refused at load).
 """
 
@@ -25,12 +27,16 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
+from kvstore.keys import ScopeId
+from kvstore.tiers.redis_tier import scope_limit_key
 from profiles import Profile, load_builtin
 from profiles.model import QuotaSpec
 from tests.support.inprocess import InProcessGateway, make_gateway
 from zumik_serve.cli import main as cli_main
-from zumik_serve.qos.quota import QuotaOverrides
+from zumik_serve.errors import RateLimitExceededError
+from zumik_serve.qos.quota import QuotaOverrides, RateReservation
 from zumik_serve.qos.store import RedisQuotaStore, rate_key
+from zumik_serve.routing.store import RedisRoutingStore
 from zumik_serve.state.objects import content_digest
 from zumik_serve.state.store import blob_key
 from zumik_serve.tenancy.tenant import TenantId
@@ -324,7 +330,7 @@ def test_kv_bytes_are_counted_per_scope_and_a_block_past_the_limit_is_not_stored
         assert tier.remove_scope(mine) == 2 and tier.scope_bytes(mine) == 0  # blocks only counted
         assert tier.scope_bytes(theirs) == 200
 
-        expiring = RedisTier(sync_redis.Redis.from_url(server.url), ttl_s=1, scope_max_bytes=150)
+        expiring = RedisTier(sync_redis.Redis.from_url(server.url), ttl_s=3600, scope_max_bytes=150)
         assert expiring.store(block(mine, 5), b"e" * 100)
         assert not expiring.store(block(mine, 6), b"f" * 100)
         # Its TTL ends (the recorded expiry moved to the past, instead of waiting for the clock):
@@ -362,3 +368,37 @@ async def test_a_tenants_kv_bytes_override_reaches_the_engines_tier_for_its_scop
         assert (await http.post("/v1/chat/completions", json=chat)).status_code == 200
         assert tier.store(block(1), b"k" * 100)  # back to the profile's 10,000 per scope
     assert tier.remove_scope(scope) == 2 and tier.scope_bytes(scope) == 0
+
+
+async def test_an_admission_in_the_release_lookup_counts_and_refuses_as_alone_and_only_at_its_epoch(
+    module_redis_url: str,
+) -> None:
+    client = aioredis.from_url(module_redis_url)
+    quotas = RedisQuotaStore(client, UNLIMITED.model_copy(update={"requests_per_minute": 2}))
+    routing = RedisRoutingStore(client)
+    tenant = f"ten_{uuid.uuid4().hex[:12]}"
+    admission = quotas.rate_admission(tenant, tokens=5, scope=ScopeId(f"scope-{tenant}"))
+
+    async def counted() -> tuple[int, int]:
+        fields = await client.hmget(rate_key(tenant), ["requests", "prev_requests", "tokens", "prev_tokens"])
+        values = [int(value or 0) for value in fields]
+        return values[0] + values[1], values[2] + values[3]  # (a minute may have begun meanwhile)
+
+    try:
+        # Derived at another epoch than the one read (a purge moved it on): not taken, nothing counted.
+        missed = await routing.lookup(tenant, None, admission=admission, admission_epoch=1)
+        assert missed.salt_epoch == 0 and missed.admitted is None
+        assert await client.exists(rate_key(tenant), scope_limit_key(ScopeId(f"scope-{tenant}"))) == 0
+        first = await routing.lookup(tenant, None, admission=admission, admission_epoch=0)
+        assert isinstance(first.admitted, RateReservation) and first.admitted.tokens == 5
+        await quotas.admit_rate(tenant, tokens=5, scope=ScopeId(f"scope-{tenant}"))  # the limit reached
+        refused = await routing.lookup(tenant, None, admission=admission)
+        assert isinstance(refused.admitted, RateLimitExceededError)
+        assert "requests per minute: limit 2, used 2" in refused.admitted.message
+        assert await counted() == (2, 10)  # a refusal counts nothing
+        await quotas.refund(tenant, first.admitted)  # a request refused after its admission
+        assert await counted() == (1, 5)
+        again = await routing.lookup(tenant, None, admission=admission)
+        assert isinstance(again.admitted, RateReservation) and await counted() == (2, 10)
+    finally:
+        await client.aclose()

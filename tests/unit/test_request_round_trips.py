@@ -5,12 +5,16 @@ Each round trip costs the gateway a fixed slice of CPU whatever it carries (docs
 so the commands a request sends are part of what it costs; a change that adds one fails here.
 
 Invariants held here:
-- a plain /v1 chat completion (no snapshot, no session) sends exactly three commands before its
-  answer, one script each: the release lookup, which reads the tenant's salt epoch too; the rate
-  admission; the decision record's save, which writes the rate settlement too. The reuse
-  ledger's write follows the answer;
-- a stream sends the same three; its rate settlement, when the engine reports usage at the end,
+- a plain /v1 chat completion (no snapshot, no session) sends exactly two commands before its
+  answer, one script each: the release lookup, which reads the tenant's salt epoch and takes the
+  rate admission too; the decision record's save, which writes the rate settlement too. The
+  reuse ledger's write follows the answer;
+- a stream sends the same two; its rate settlement, when the engine reports usage at the end,
   is one more;
+- after a purge moved the tenant's salt epoch on, the admission the lookup carried (its scope
+  the old epoch's) is not taken there: the request admits on its own, under the new scope, once;
+- a request with a session admits on its own after the lookup (the session's check may refuse
+  it: nothing is counted then);
 - authenticating a key the gateway has not cached is one command; a cached key, none.
 
 Not counted: a pooled connection's handshake (when the pool grows) and the ping that checks a
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +35,16 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from kvstore.keys import scope_id
+from kvstore.tiers.redis_tier import scope_limit_key
 from tests.support.inprocess import InProcessGateway, make_gateway, wait_until
-from zumik_serve.qos.store import RATE_ADMIT, RATE_SETTLE
+from zumik_serve.qos.store import RATE_ADMIT, RATE_REFUND, RATE_SETTLE
 from zumik_serve.reuse.store import ADD
 from zumik_serve.routing.store import LOOKUP, SAVE
 from zumik_serve.store.client import gateway_client
 from zumik_serve.store.local_redis import LocalRedis
 from zumik_serve.tenancy.store import TENANT_FOR_KEY, RedisTenantStore
-from zumik_serve.tenancy.tenant import Authenticator
+from zumik_serve.tenancy.tenant import Authenticator, cache_salt
 
 pytestmark = pytest.mark.redis
 
@@ -46,7 +53,7 @@ SCRIPTS = {
     hashlib.sha1(source.encode()).hexdigest(): name
     for name, source in [
         ("LOOKUP", LOOKUP), ("RATE_ADMIT", RATE_ADMIT), ("SAVE", SAVE), ("RATE_SETTLE", RATE_SETTLE),
-        ("LEDGER_ADD", ADD), ("TENANT_FOR_KEY", TENANT_FOR_KEY),
+        ("LEDGER_ADD", ADD), ("TENANT_FOR_KEY", TENANT_FOR_KEY), ("RATE_REFUND", RATE_REFUND),
     ]
 }  # fmt: skip
 NOT_PER_REQUEST = {"HELLO", "CLIENT", "AUTH", "PING"}  # a new connection's handshake; an idle one's check
@@ -122,21 +129,21 @@ async def _ledger_written(seen: list[Command]) -> None:
     await wait_until(lambda: _true("LEDGER_ADD" in names(seen)), what="the reuse ledger's write")
 
 
-async def test_a_plain_chat_completion_sends_three_commands_then_the_ledgers_write(
+async def test_a_plain_chat_completion_sends_two_commands_then_the_ledgers_write(
     gateway: InProcessGateway, module_redis: LocalRedis
 ) -> None:
     async with gateway.client() as http, watching(module_redis) as seen:
         response = await http.post("/v1/chat/completions", json=CHAT)
         assert response.status_code == 200, response.text
         await _ledger_written(seen)
-    assert names(seen) == ["LOOKUP", "RATE_ADMIT", "SAVE", "LEDGER_ADD"]
-    lookup, admit, save, _ = seen
+    assert names(seen) == ["LOOKUP", "SAVE", "LEDGER_ADD"]
+    lookup, save, _ = seen
     assert lookup.keys[0] == "zumik:salt-epoch:ten_dev" and lookup.keys[1].endswith(":alias:zumik-tiny")
-    assert save.keys[-1] == admit.keys[0] == "z:{ten_dev}:rate"  # the engine reported usage: settled
+    assert save.keys[-1] == lookup.keys[2] == "z:{ten_dev}:rate"  # the engine reported usage: settled
 
 
 @pytest.mark.parametrize("include_usage", [False, True])
-async def test_a_stream_sends_the_same_three_and_settles_at_its_end_when_usage_comes(
+async def test_a_stream_sends_the_same_two_and_settles_at_its_end_when_usage_comes(
     gateway: InProcessGateway, module_redis: LocalRedis, include_usage: bool
 ) -> None:
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": include_usage}}
@@ -145,8 +152,80 @@ async def test_a_stream_sends_the_same_three_and_settles_at_its_end_when_usage_c
         assert response.status_code == 200, response.text
         await _ledger_written(seen)
     settled = ["RATE_SETTLE"] if include_usage else []
-    assert names(seen) == ["LOOKUP", "RATE_ADMIT", "SAVE", *settled, "LEDGER_ADD"]
-    assert not any(key.endswith(":rate") for key in seen[2].keys)  # the usage comes after the save
+    assert names(seen) == ["LOOKUP", "SAVE", *settled, "LEDGER_ADD"]
+    assert not any(key.endswith(":rate") for key in seen[1].keys)  # the usage comes after the save
+
+
+async def test_after_a_purge_moved_the_salt_epoch_the_request_admits_on_its_own_under_the_new_scope(
+    gateway: InProcessGateway, module_redis: LocalRedis
+) -> None:
+    key = await gateway.create_tenant(f"epoch-{uuid.uuid4().hex[:12]}")
+    tenant = (await gateway.pipeline.authenticate(f"Bearer {key}")).id
+    client = gateway_client(module_redis.url)
+    try:
+        async with gateway.client(key) as http:
+            for _ in range(2):  # the second: after a purge (RATE_ADMIT's script loaded here)
+                assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+                epoch = await RedisTenantStore(client).rotate_salt_epoch(tenant)
+            async with watching(module_redis) as seen:
+                assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+                assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+                await wait_until(lambda: _true(names(seen).count("LEDGER_ADD") == 2), what="the ledger")
+        counted = await client.hget(f"z:{{{tenant}}}:rate", "requests")
+    finally:
+        await client.aclose()
+    per_request = [name for name in names(seen) if name != "LEDGER_ADD"]
+    assert per_request == ["LOOKUP", "RATE_ADMIT", "SAVE", "LOOKUP", "SAVE"]  # the new epoch, then known
+    secret = await gateway.context.salts.secret()
+    new_scope = scope_id(cache_salt(secret, tenant, epoch))
+    assert seen[1].keys[2] == seen[3].keys[-1] == scope_limit_key(new_scope)
+    assert int(counted or 0) == 4  # each request counted once
+
+
+async def test_a_request_with_a_session_admits_after_its_check_and_a_refused_one_counts_nothing(
+    gateway: InProcessGateway, module_redis: LocalRedis
+) -> None:
+    key = await gateway.create_tenant(f"session-{uuid.uuid4().hex[:12]}")
+    tenant = (await gateway.pipeline.authenticate(f"Bearer {key}")).id
+    async with gateway.client(key) as http:
+        session = (await http.post("/v2/sessions", json={})).json()["id"]
+        async with watching(module_redis) as seen:
+            answered = await http.post(
+                "/v1/chat/completions", json=CHAT, headers={"x-zumik-session": session}
+            )
+            unknown = await http.post(
+                "/v1/chat/completions", json=CHAT, headers={"x-zumik-session": "ses_nope"}
+            )
+    assert answered.status_code == 200 and unknown.status_code == 404
+    lookups = [command for command in seen if command.name == "LOOKUP"]
+    assert len(lookups) == 2 and all(len(lookup.keys) == 2 for lookup in lookups)  # no admission in them
+    assert names(seen).count("RATE_ADMIT") == 1  # the answered request's, after its session's check
+    client = gateway_client(module_redis.url)
+    try:
+        assert await client.hget(f"z:{{{tenant}}}:rate", "requests") == b"1"
+    finally:
+        await client.aclose()
+
+
+async def test_an_unknown_model_takes_back_the_admission_its_lookup_counted(
+    gateway: InProcessGateway, module_redis: LocalRedis
+) -> None:
+    key = await gateway.create_tenant(f"unknown-{uuid.uuid4().hex[:12]}")
+    tenant = (await gateway.pipeline.authenticate(f"Bearer {key}")).id
+    async with gateway.client(key) as http:
+        assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        unknown = {**CHAT, "model": "gpt-nope"}
+        assert (await http.post("/v1/chat/completions", json=unknown)).status_code == 404  # scripts loaded
+        async with watching(module_redis) as seen:
+            missing = await http.post("/v1/chat/completions", json=unknown)
+    assert missing.status_code == 404, missing.text
+    assert names(seen) == ["LOOKUP", "RATE_REFUND"]
+    client = gateway_client(module_redis.url)
+    try:
+        counted = await client.hmget(f"z:{{{tenant}}}:rate", ["requests", "prev_requests"])
+    finally:
+        await client.aclose()
+    assert sum(int(value or 0) for value in counted) == 1  # the answered request only
 
 
 async def test_authenticating_an_uncached_key_is_one_command_and_a_cached_one_none(

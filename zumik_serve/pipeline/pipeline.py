@@ -7,9 +7,11 @@
         ├─ limits      n, max_tokens, message and prompt counts (400 naming the parameter)
         ├─ release     the model names an alias (or the served model, published on first use);
         │              the tenant's salt epoch is read in the same round trip (never cached: a
-        │              purge moves it on), its cache salt derived once the state is resolved
+        │              purge moves it on), its cache salt derived once the state is resolved;
+        │              a /v1 request without state objects takes its rate admission in it too
         ├─ state       snapshot messages first; a session checked live; /v2: tokenized here
-        ├─ rate        the tenant's requests and tokens per minute (429 with Retry-After)
+        ├─ rate        the tenant's requests and tokens per minute (429 with Retry-After), for
+        │              the requests that did not take it with the release
         │  ║ evidence  what the reuse ledger recorded for the tenant and the prompt's prefix
         │              family (escalation), read at most once per EVIDENCE_TTL_S per family
         ├─ decide      Dispatcher.decide → Decision (recorded inputs, replayable)
@@ -42,7 +44,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvstore.keys import scope_id
 from kvstore.tier import BlockAddress
@@ -54,6 +56,7 @@ from zumik_serve.errors import (
     ModelNotFoundError,
     NotFoundError,
     PermissionDeniedError,
+    RateLimitExceededError,
     StoreUnavailableError,
 )
 from zumik_serve.pipeline.accounting import RequestAccounting
@@ -84,9 +87,22 @@ from zumik_serve.store.kv_probe import KvProbe
 from zumik_serve.telemetry.tracing import RequestClock, request_phases
 from zumik_serve.tenancy.tenant import Tenant
 
+if TYPE_CHECKING:
+    from zumik_serve.qos.store import RateAdmission
+
 logger = logging.getLogger("ray.serve")
 
 EVIDENCE_TTL_S = 2.0  # how long a tenant's escalation evidence is reused before it is read again
+
+
+@dataclass(frozen=True)
+class EarlyAdmission:
+    """A request's rate admission to take with its release lookup (``Pipeline._early_admission``):
+    its scope is the one of ``salt``, the tenant's salt at ``epoch``."""
+
+    admission: RateAdmission
+    epoch: int
+    salt: str
 
 
 @dataclass(frozen=True)
@@ -111,6 +127,7 @@ class Pipeline:
         self._escalates = context.profile.routing.escalation.to != "none"
         self._first_group = frozenset(group_served_names(context.profile.model_groups()[0]))
         self._evidence: dict[tuple[str, str], tuple[float, Evidence]] = {}
+        self._salt_epochs: dict[str, int] = {}  # a tenant's last salt epoch read (a guess only)
         self.evidence_ttl_s = EVIDENCE_TTL_S  # 0: read the ledger on every request (benches)
         # Every profile the gateway serves (``api/app.py`` sets it when it serves several).
         self.served_profiles: tuple[str, ...] = (context.profile.name,)
@@ -153,24 +170,37 @@ class Pipeline:
         tenant = request.tenant
         self.check_profile(tenant, request.profile)
         check_generation_limits(request.body, ctx.limits)
-        lookup = await self._release(tenant, request.model, pinned=request.refs.release)
+        early = await self._early_admission(request)
+        lookup = await self._release(tenant, request.model, pinned=request.refs.release, early=early)
+        admitted = lookup.admitted
         release = lookup.release
         model = release.model if release is not None else (request.model or ctx.models.default)
         if model not in ctx.models.ids:
+            if isinstance(admitted, RateReservation):  # counted with the lookup: taken back
+                await self._refund_rate(tenant, admitted)
             raise ModelNotFoundError(
                 f"The model '{model}' does not exist or you do not have access to it. "
                 "GET /v1/models lists the models you can use.",
                 param="model",
             )
+        if isinstance(admitted, RateLimitExceededError):
+            raise admitted
         call, body, allowed = await self._resolve_state(request, model, release)
-        salt = await ctx.salts.at_epoch(tenant.id, lookup.salt_epoch)  # the epoch this request read
+        if early is not None and lookup.salt_epoch == early.epoch:
+            salt = early.salt
+        else:  # the epoch this request read
+            salt = await ctx.salts.at_epoch(tenant.id, lookup.salt_epoch)
         dispatcher = ctx.dispatcher_for(model)
         prompt = dispatcher.prompt(call, body, salt=salt)
-        # The rate admission and the escalation evidence (a read, usually cached) side by side;
-        # a refusal is raised once both are done (the evidence never fails a request).
+        # The rate admission (unless taken with the lookup) and the escalation evidence (a read,
+        # usually cached) side by side; a refusal is raised once both are done (the evidence
+        # never fails a request).
         reservation, evidence = await _all(
-            self._admit_rate(tenant, body, salt), self._escalation_evidence(tenant, prompt.family)
+            self._admit_rate(tenant, body, salt) if admitted is None else None,
+            self._escalation_evidence(tenant, prompt.family),
         )
+        if admitted is not None:
+            reservation = admitted
         body["cache_salt"] = salt
         admission = request.admission
         route = RouteContext(
@@ -300,14 +330,55 @@ class Pipeline:
     # --- steps -------------------------------------------------------------------------------
 
     async def _release(
-        self, tenant: Tenant, model: str | None, *, pinned: str | None = None
-    ) -> RequestRelease:
+        self, tenant: Tenant, model: str | None, *, pinned: str | None = None,
+        early: EarlyAdmission | None = None,
+    ) -> RequestRelease:  # fmt: skip
         """The release the request's ``model`` (an alias, or the served model) pins: the
         ``pinned`` one (a stored conversation's) while it is a release of that same alias, else
-        the alias's current release; with the tenant's salt epoch, in one round trip."""
+        the alias's current release; with the tenant's salt epoch, in one round trip, and the
+        ``early`` rate admission in it when its epoch is the one read."""
         name = model if model is not None else self.context.models.default
         routing, state = self.context.routing, self.context.state
-        return await state.store_call(routing.release_for_request(tenant.id, name or None, pinned=pinned))
+        lookup = await state.store_call(
+            routing.release_for_request(
+                tenant.id, name or None, pinned=pinned,
+                admission=early.admission if early is not None else None,
+                admission_epoch=early.epoch if early is not None else 0,
+            )
+        )  # fmt: skip
+        if len(self._salt_epochs) > 10_000:
+            self._salt_epochs.clear()
+        self._salt_epochs[tenant.id] = lookup.salt_epoch
+        return lookup
+
+    async def _early_admission(self, request: GenerationRequest) -> EarlyAdmission | None:
+        """The rate admission to take with the release lookup, in its round trip: only for a
+        /v1 request with no state objects (its body, hence its reserved tokens, is known before
+        it runs, and nothing read after the lookup can refuse it but an unknown model, which
+        takes the admission back). Its KV scope is the one of the tenant's last salt epoch seen
+        here (0 at first): a guess, which the lookup checks against the epoch it reads; when a
+        purge has moved it on, the admission is taken on its own after the lookup."""
+        quotas = self.context.quotas
+        refs = request.refs
+        if quotas is None or request.surface is not Surface.V1 or refs.snapshot is not None:
+            return None
+        if refs.session is not None:  # its check may refuse the request after the lookup
+            return None
+        tenant = request.tenant.id
+        epoch = self._salt_epochs.get(tenant, 0)
+        salt = await self.context.salts.at_epoch(tenant, epoch)
+        tokens = reserved_tokens(request.body, self.context.limits.max_output_tokens)
+        return EarlyAdmission(quotas.rate_admission(tenant, tokens=tokens, scope=scope_id(salt)), epoch, salt)
+
+    async def _refund_rate(self, tenant: Tenant, reservation: RateReservation) -> None:
+        """Take back an admission counted for a request refused after it; an outage keeps it."""
+        quotas = self.context.quotas
+        if quotas is None:
+            return
+        try:
+            await guard(quotas.refund(tenant.id, reservation), what="quota store")
+        except StoreUnavailableError:
+            logger.warning("zumik: a refused request's rate admission kept (Redis unavailable)")
 
     async def _resolve_state(
         self, request: GenerationRequest, model: str, release: Release | None

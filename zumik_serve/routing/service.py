@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from profiles import Profile
-from zumik_serve.errors import ConflictError, InvalidRequestError, NotFoundError
+from zumik_serve.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitExceededError
 from zumik_serve.ids import HandleKind, handle_kind
+from zumik_serve.qos.quota import RateReservation
+from zumik_serve.qos.store import RateAdmission
 from zumik_serve.routing.release import AliasState, Release, new_release_id, release_for, validate_alias_name
 from zumik_serve.routing.replay import Replayed, replay
 from zumik_serve.routing.requests import PublishRelease, alias_name
@@ -31,6 +33,7 @@ class RequestRelease:
 
     release: Release | None
     salt_epoch: int
+    admitted: RateReservation | RateLimitExceededError | None = None  # ``RequestLookup.admitted``
 
 
 class RoutingService:
@@ -83,23 +86,29 @@ class RoutingService:
         return await self._store.resolve(tenant, name)
 
     async def release_for_request(
-        self, tenant: str, model: str | None, *, pinned: str | None = None
-    ) -> RequestRelease:
+        self, tenant: str, model: str | None, *, pinned: str | None = None,
+        admission: RateAdmission | None = None, admission_epoch: int = 0,
+    ) -> RequestRelease:  # fmt: skip
         """The release a request naming ``model`` runs under, and the tenant's salt epoch, read
         in one round trip: the ``pinned`` release (a stored conversation's) while it is a release
         of that same alias, else the tenant's alias of that name, or for a served model's (or
         adapter's) own name an implicit alias published on first use (so every response pins a
-        release); no release when ``model`` is neither (or None)."""
+        release); no release when ``model`` is neither (or None). With ``admission``, the
+        request's rate admission in the same round trip when ``admission_epoch`` is the epoch
+        read (``RedisRoutingStore.lookup``)."""
         alias = model if model is not None and _is_alias_name(model) else None
-        found = await self._store.lookup(tenant, alias, pinned if alias is not None else None)
+        found = await self._store.lookup(
+            tenant, alias, pinned if alias is not None else None, admission=admission,
+            admission_epoch=admission_epoch,
+        )  # fmt: skip
         if found.pinned is not None and found.pinned.alias == model:
-            return RequestRelease(found.pinned, found.salt_epoch)
+            return RequestRelease(found.pinned, found.salt_epoch, found.admitted)
         release = found.current
         if release is None and model is not None and model in self.profile.served_names():
             with contextlib.suppress(ConflictError):  # another request published it first
                 await self.publish(tenant, model, PublishRelease(model=model, expected_release=None))
             release = await self.resolve(tenant, model)
-        return RequestRelease(release, found.salt_epoch)
+        return RequestRelease(release, found.salt_epoch, found.admitted)
 
     # --- decisions ---------------------------------------------------------------------------
 

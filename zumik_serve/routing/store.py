@@ -10,8 +10,9 @@
     z:{tenant}:alias:{name}           the id of the alias' current release
     z:{tenant}:alias-history:{name}   list of its release ids, oldest first
     zumik:salt-epoch:{tenant}         read only, with a request's release (``tenancy/store.py``)
-    z:{tenant}:rate                   written only, with a whole answer's decision record: the
-                                      rate settlement (``qos/store.py``)
+    z:{tenant}:rate                   the rate admission, with a request's release lookup; the
+                                      rate settlement, with a whole answer's decision record
+                                      (``qos/store.py``)
 
 Publishing is one Lua script: the release is stored only if the alias still points where the
 publisher saw it point, so two concurrent publishes never lose one another's history. Every
@@ -20,8 +21,9 @@ Recording provider reach is one script too: it refuses when a source object is r
 (``REACH``), so a purge that revoked first and reads the reach after misses no send.
 
 A request pays a Redis round trip in CPU whatever it carries, so its two routing steps are one
-round trip each: the release lookup reads the tenant's salt epoch with the release (``LOOKUP``),
-and the decision record's save applies the rate settlement of a whole answer (``SAVE``). The
+round trip each: the release lookup reads the tenant's salt epoch with the release and, for a
+request whose reserved tokens are known before it runs, takes its rate admission (``LOOKUP``);
+the decision record's save applies the rate settlement of a whole answer (``SAVE``). The
 salt epoch's key carries no tenant hash tag, which the single Redis primary Zumik runs on allows.
 """
 
@@ -34,8 +36,9 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from zumik_serve.qos.quota import RateSettlement
-from zumik_serve.qos.store import SETTLE_LUA, rate_key, settle_args
+from zumik_serve.errors import RateLimitExceededError
+from zumik_serve.qos.quota import RateReservation, RateSettlement
+from zumik_serve.qos.store import ADMIT_LUA, SETTLE_LUA, RateAdmission, rate_key, settle_args
 from zumik_serve.routing.decision import DecisionRecord
 from zumik_serve.routing.reach import ProviderReach
 from zumik_serve.routing.release import AliasState, Release
@@ -112,31 +115,47 @@ return redis.call('GET', ARGV[1] .. current)
 """
 
 
-# KEYS: the tenant's salt epoch, then the alias (none: no alias to resolve). ARGV: the release
-# key prefix, then a pinned release's id (none: no pinned release). A request's lookups in one
-# round trip: {the salt epoch, the alias' current release's JSON, the pinned release's JSON},
-# each false when absent.
-LOOKUP = """
+# KEYS: the tenant's salt epoch, then the alias (none: no alias to resolve), then with an
+# admission the ``RateAdmission`` keys. ARGV: the release key prefix, a pinned release's id (""
+# for none), the salt epoch the admission's scope was derived at ("" for none: no admission),
+# then the ``RateAdmission`` args. A request's lookups, and its rate admission, in one round
+# trip: {the salt epoch, the alias' current release's JSON, the pinned release's JSON, the
+# admission's reply}, each false when absent. The admission runs only when the epoch read is the
+# one its scope was derived at (else its scope is another's: the caller admits on its own).
+LOOKUP = (
+    ADMIT_LUA
+    + """
+local admits = ARGV[3] ~= ''
+local lookups = #KEYS
+if admits then lookups = lookups - 3 end
 local release = false
-if KEYS[2] then
+if lookups >= 2 then
   local current = redis.call('GET', KEYS[2])
   if current then release = redis.call('GET', ARGV[1] .. current) end
 end
 local pinned = false
-if ARGV[2] then pinned = redis.call('GET', ARGV[1] .. ARGV[2]) end
-return {redis.call('GET', KEYS[1]), release, pinned}
+if ARGV[2] ~= '' then pinned = redis.call('GET', ARGV[1] .. ARGV[2]) end
+local epoch = redis.call('GET', KEYS[1])
+local admitted = false
+if admits and (epoch or '0') == ARGV[3] then
+  admitted = zq_admit(KEYS[lookups + 1], KEYS[lookups + 2], KEYS[lookups + 3], ARGV, 4)
+end
+return {epoch, release, pinned, admitted}
 """
+)
 
 
 @dataclass(frozen=True)
 class RequestLookup:
     """What a request reads before it runs, in one round trip (``LOOKUP``): the tenant's salt
     epoch (0 before its first purge), its alias' current release and a pinned release (None:
-    no such alias or release, or none asked for)."""
+    no such alias or release, or none asked for), and its rate admission's outcome when one was
+    asked for at the epoch read (None: none ran; the refusal is the error to raise)."""
 
     salt_epoch: int
     current: Release | None
     pinned: Release | None
+    admitted: RateReservation | RateLimitExceededError | None = None  # None: no admission ran
 
 
 @dataclass(frozen=True)
@@ -307,18 +326,28 @@ class RedisRoutingStore:
         args: list[str | bytes] = [expected or "", release.id, release.canonical_json()]
         return bool(await self._publish(keys=keys, args=args))
 
-    async def lookup(self, tenant: str, alias: str | None, pinned: str | None = None) -> RequestLookup:
+    async def lookup(
+        self, tenant: str, alias: str | None, pinned: str | None = None, *,
+        admission: RateAdmission | None = None, admission_epoch: int = 0,
+    ) -> RequestLookup:  # fmt: skip
         """The tenant's salt epoch, the current release of ``alias`` (None: none to resolve) and
-        the release ``pinned`` (None: none), in one round trip (``LOOKUP``)."""
-        keys, args = [salt_epoch_key(tenant)], [_key(tenant, "rel", "")]
+        the release ``pinned`` (None: none), in one round trip (``LOOKUP``); with ``admission``
+        (its scope derived at salt epoch ``admission_epoch``), the rate admission in the same
+        step when that is the epoch read."""
+        keys = [salt_epoch_key(tenant)]
+        args: list[str | int] = [_key(tenant, "rel", ""), pinned or ""]
         if alias is not None:
             keys.append(_key(tenant, "alias", alias))
-        if pinned is not None:
-            args.append(pinned)
-        epoch, current, pinned_raw = await self._lookup(keys=keys, args=args)
+        if admission is None:
+            args.append("")
+        else:
+            keys += admission.keys
+            args += [str(admission_epoch), *admission.args]
+        epoch, current, pinned_raw, admitted = await self._lookup(keys=keys, args=args)
         return RequestLookup(
-            salt_epoch=int(epoch or 0), current=_release(current), pinned=_release(pinned_raw)
-        )
+            salt_epoch=int(epoch or 0), current=_release(current), pinned=_release(pinned_raw),
+            admitted=admission.outcome(admitted) if admission is not None and admitted else None,
+        )  # fmt: skip
 
     async def resolve(self, tenant: str, alias: str) -> Release | None:
         """The alias' current release in one round trip; None when there is no such alias."""
