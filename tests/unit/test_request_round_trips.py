@@ -125,6 +125,12 @@ def names(commands: list[Command]) -> list[str]:
     return [command.name for command in commands]
 
 
+async def _new_tenant(gateway: InProcessGateway, prefix: str) -> tuple[str, str]:
+    """A new tenant's API key and id."""
+    key = await gateway.create_tenant(f"{prefix}-{uuid.uuid4().hex[:12]}")
+    return key, (await gateway.pipeline.authenticate(f"Bearer {key}")).id
+
+
 async def _ledger_written(seen: list[Command]) -> None:
     await wait_until(lambda: _true("LEDGER_ADD" in names(seen)), what="the reuse ledger's write")
 
@@ -159,8 +165,7 @@ async def test_a_stream_sends_the_same_two_and_settles_at_its_end_when_usage_com
 async def test_after_a_purge_moved_the_salt_epoch_the_request_admits_on_its_own_under_the_new_scope(
     gateway: InProcessGateway, module_redis: LocalRedis
 ) -> None:
-    key = await gateway.create_tenant(f"epoch-{uuid.uuid4().hex[:12]}")
-    tenant = (await gateway.pipeline.authenticate(f"Bearer {key}")).id
+    key, tenant = await _new_tenant(gateway, "epoch")
     client = gateway_client(module_redis.url)
     try:
         async with gateway.client(key) as http:
@@ -185,8 +190,7 @@ async def test_after_a_purge_moved_the_salt_epoch_the_request_admits_on_its_own_
 async def test_a_request_with_a_session_admits_after_its_check_and_a_refused_one_counts_nothing(
     gateway: InProcessGateway, module_redis: LocalRedis
 ) -> None:
-    key = await gateway.create_tenant(f"session-{uuid.uuid4().hex[:12]}")
-    tenant = (await gateway.pipeline.authenticate(f"Bearer {key}")).id
+    key, tenant = await _new_tenant(gateway, "session")
     async with gateway.client(key) as http:
         session = (await http.post("/v2/sessions", json={})).json()["id"]
         async with watching(module_redis) as seen:
@@ -210,8 +214,7 @@ async def test_a_request_with_a_session_admits_after_its_check_and_a_refused_one
 async def test_an_unknown_model_takes_back_the_admission_its_lookup_counted(
     gateway: InProcessGateway, module_redis: LocalRedis
 ) -> None:
-    key = await gateway.create_tenant(f"unknown-{uuid.uuid4().hex[:12]}")
-    tenant = (await gateway.pipeline.authenticate(f"Bearer {key}")).id
+    key, tenant = await _new_tenant(gateway, "unknown")
     async with gateway.client(key) as http:
         assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
         unknown = {**CHAT, "model": "gpt-nope"}
