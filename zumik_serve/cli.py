@@ -188,8 +188,9 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     routing.add_argument(
         "--open-loop-load", type=float, default=0.0,
-        help="also send fresh prompts of each reuse workload open loop (Poisson arrivals) at this "
-        "multiple of the request rate rr-cache sustained in closed loop (needs rr-cache first; 0: off)",
+        help="also send fresh prompts of each reuse workload open loop (Poisson arrivals) to rr-cache "
+        "and zumik side by side, together at this multiple of the request rate rr-cache sustained "
+        "in closed loop (needs rr-cache first and zumik; 0: off)",
     )  # fmt: skip
     routing.add_argument("--scaling-requests", type=int, default=4000, help="at most, for the scaling arm")
     routing.add_argument("--scaling-phase-requests", type=int, default=120, help="steady and after phases")

@@ -42,7 +42,8 @@ def test_one_arm_measured_on_the_real_stack(running_stack: RunningStack, tmp_pat
     assert result.ttft_p50_ms > 0 and result.capture_efficiency is not None
     opened = asyncio.run(
         measure_arm(running_stack.url, DEV_KEY, running_stack.model, "zumik", "shared_prefix", prompts,
-                    block_size=32, concurrency=2, arrivals=arrival_offsets(20.0, len(prompts), seed=1))
+                    block_size=32, concurrency=2, arrivals=arrival_offsets(20.0, len(prompts), seed=1),
+                    profile=running_stack.stack.config.profile.name)  # as the side-by-side open loop asks
     )  # fmt: skip
     assert opened.arrival == "open" and opened.requests == 4 and opened.rate_per_s is not None
     assert opened.cached_tokens > 0  # the same prompts again: their prefixes are cached by now

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
+
+import httpx
 
 from profiles import load_builtin
 from profiles.model import QosClass
@@ -13,6 +17,9 @@ from zumik_serve.bench.routing import (
     SESSION_MAX_PROMPT_TOKENS,
     agent_sessions,
     arm_profile,
+    measure_arm,
+    previous_turns,
+    shared_prefix,
 )
 
 
@@ -63,3 +70,51 @@ def test_arms_queue_an_open_loop_instead_of_refusing_it() -> None:
         assert standard.tenant_share() > BENCH_MAX_QUEUED // 2  # a tenant alone: half the queue
         assert standard.max_running == load_builtin("local-cpu-2x").qos.classes[QosClass.STANDARD].max_running
         assert qos.queue_timeout_s == BENCH_QUEUE_TIMEOUT_S
+
+
+def test_a_session_turn_continues_its_previous_turn_and_nothing_else_does() -> None:
+    prompts = agent_sessions(random.Random(7), 80)  # restarts included
+    after = previous_turns(prompts)
+    assert after[:AGENT_SESSIONS] == [None] * AGENT_SESSIONS
+    for turn in range(AGENT_SESSIONS, len(prompts)):
+        earlier = turn - AGENT_SESSIONS
+        restarted = len(prompts[turn]) < len(prompts[earlier])
+        assert after[turn] == (None if restarted else earlier)
+    assert previous_turns(shared_prefix(random.Random(7), 10)) == [None] * 40
+
+
+def test_a_turn_is_sent_only_once_its_previous_turn_has_answered() -> None:
+    """Open loop, every request due at once: without the wait a session's turns would be in
+    flight together. The server (httpx's in-process transport, a streamed completion each)
+    notes which prompts are in flight when a request arrives, and the profile asked for."""
+    prompts = agent_sessions(random.Random(7), 6)  # 24 turns, 12 sessions of 2
+    after = previous_turns(prompts)
+    in_flight: set[int] = set()
+    seen: list[tuple[int, set[int], str | None]] = []
+    by_prompt = {tuple(prompt): index for index, prompt in enumerate(prompts)}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        index = by_prompt[tuple(json.loads(request.content)["prompt"])]
+        seen.append((index, set(in_flight), request.headers.get("x-zumik-profile")))
+        in_flight.add(index)
+        await asyncio.sleep(0.01)  # every other due request arrives meanwhile
+        in_flight.discard(index)
+        usage = {"prompt_tokens_details": {"cached_tokens": 32}}
+        chunks = [{"choices": [{"text": "x"}]}, {"choices": [], "usage": usage}]
+        body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    result = asyncio.run(measure_arm(
+        "http://bench", "key", "m", "zumik", "agent_sessions", prompts, block_size=32, concurrency=4,
+        arrivals=[0.0] * len(prompts), profile="bench-routing-zumik",
+        transport=httpx.MockTransport(handler),
+    ))  # fmt: skip
+    assert sorted(index for index, _, _ in seen) == list(range(len(prompts)))
+    assert {profile for _, _, profile in seen} == {"bench-routing-zumik"}
+    order = [index for index, _, _ in seen]
+    for position, (index, busy, _) in enumerate(seen):
+        previous = after[index]
+        if previous is not None:  # it had arrived and left before this turn arrived
+            assert previous in order[:position] and previous not in busy
+    assert result.held_turns == sum(previous is not None for previous in after) == 12
+    assert result.cached_tokens == 32 * len(prompts)

@@ -22,6 +22,13 @@ computable from the workload itself; ``--seed`` makes them identical across runs
                     (a 512-token block there) becomes one block of ``block_size`` tokens here;
                     read from ``../shared/data/mooncake`` and skipped, saying so, when absent
 
+With both rr-cache and zumik among the arms, the workloads again with the two side by side
+(``_run_side_by_side``): both profiles deployed together on fresh engines and sent the same
+requests at once, closed loop, and with ``--open-loop-load`` fresh prompts of the reuse
+workloads open loop (Poisson arrivals), so that both arms meet the same load from the rest of
+the machine. In every loop a session's turn waits for its previous turn's answer
+(``previous_turns``).
+
 Per arm and workload: token-weighted hit ratio (cached / prompt tokens), capture efficiency
 (hit ratio over the ideal one: every block-aligned prefix seen before is a hit, unlimited
 cache), the share of the pooled ideal (one LRU cache of the group's whole KV), prefill tokens
@@ -34,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import random
 import statistics
 import tempfile
@@ -46,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from profiles import Profile, load_builtin
+from zumik_serve.api.headers import PROFILE as PROFILE_HEADER
 from zumik_serve.bench import cpu_share
 from zumik_serve.bench.routing_cluster import (
     cluster_figures,
@@ -88,6 +97,9 @@ class ArmResult:
     # "closed": ``concurrency`` clients back to back; "open": Poisson arrivals at ``rate_per_s``
     arrival: str = "closed"
     rate_per_s: float | None = None
+    # open loop: turns sent after their arrival time because their previous turn had not answered
+    held_turns: int = 0
+    side_by_side: bool = False  # measured at the same time as the other arm (``_run_side_by_side``)
 
     @property
     def pooled_capture(self) -> float | None:
@@ -176,6 +188,23 @@ def mooncake(
             if len(prompts) >= count:
                 break
     return prompts
+
+
+def previous_turns(prompts: list[list[int]]) -> list[int | None]:
+    """Per request, the earlier request it continues (the latest one that is a proper prefix of
+    it: a session's previous turn), or None. A turn is sent only once that one has answered, as
+    an agent sends its next turn only with the last answer in hand; ``agent_sessions``' turns
+    have one, ``shared_prefix``'s and the Mooncake slice's requests (each ends with its own
+    tokens) have none."""
+    index_of: dict[tuple[int, ...], int] = {}
+    lengths: set[int] = set()
+    result: list[int | None] = []
+    for index, prompt in enumerate(prompts):
+        earlier = [index_of.get(tuple(prompt[:length])) for length in lengths if length < len(prompt)]
+        result.append(max((i for i in earlier if i is not None), default=None))
+        index_of[tuple(prompt)] = index
+        lengths.add(len(prompt))
+    return result
 
 
 def ideal_cached(prompts: list[list[int]], block_size: int) -> list[int]:
@@ -325,26 +354,42 @@ async def measure_arm(
     url: str, api_key: str, model: str, arm: str, workload: str, prompts: list[list[int]], *,
     block_size: int, concurrency: int, on_request: Callable[[], None] = lambda: None,
     capacity_blocks: int | None = None, arrivals: list[float] | None = None,
+    profile: str | None = None, transport: httpx.AsyncBaseTransport | None = None,
+    side_by_side: bool = False,
 ) -> ArmResult:  # fmt: skip
     """One arm on one workload; ``capacity_blocks``: the group's KV in blocks, for the pooled
     ideal (``pooled_ideal``). Closed loop by default: ``concurrency`` clients, each sending its
     next request when the last one is done. With ``arrivals`` (``arrival_offsets``), open loop:
     each request is sent at its time whatever is still running, as independent users do, so a
-    group slower than the offered load queues and its TTFT shows it."""
+    group slower than the offered load queues and its TTFT shows it. Either way a session's turn
+    (``previous_turns``) is sent only once its previous turn has answered, and TTFT counts from
+    its send. ``profile``: the ``x-zumik-profile`` to ask for (None: the stack's first);
+    ``transport``: httpx's, for tests; ``side_by_side``: noted in the result."""
     ttfts: list[float] = []
     cached: list[int] = [0] * len(prompts)
+    after = previous_turns(prompts)
+    answered = [asyncio.Event() for _ in prompts]
+    held = 0
     queue: asyncio.Queue[int] = asyncio.Queue()
     for index in range(len(prompts)):
         queue.put_nowait(index)
     headers = {"Authorization": f"Bearer {api_key}"}
+    if profile is not None:
+        headers[PROFILE_HEADER] = profile
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
 
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=300, limits=limits, transport=transport
+    ) as client:
 
         async def send(index: int) -> None:
+            previous = after[index]
+            if previous is not None:
+                await answered[previous].wait()
             ttft_ms, cached[index] = await stream_completion(
                 client, model, prompts[index], what=f"{arm}/{workload}"
             )
+            answered[index].set()
             ttfts.append(ttft_ms)
             on_request()
 
@@ -353,7 +398,10 @@ async def measure_arm(
                 await send(queue.get_nowait())
 
         async def arrive(index: int, at_s: float) -> None:
+            nonlocal held
             await asyncio.sleep(max(0.0, began + at_s - time.perf_counter()))
+            previous = after[index]
+            held += previous is not None and not answered[previous].is_set()
             await send(index)
 
         began = time.perf_counter()
@@ -373,6 +421,7 @@ async def measure_arm(
         ),
         arrival="closed" if arrivals is None else "open",
         rate_per_s=None if arrivals is None else (len(arrivals) - 1) / arrivals[-1] if arrivals[-1] else None,
+        held_turns=held, side_by_side=side_by_side,
     )  # fmt: skip
 
 
@@ -421,6 +470,9 @@ def run_routing_bench(args: Any, console: Any) -> int:
 
     if getattr(args, "cluster_only", False):  # in process: bench/routing_cluster.py
         return run_cluster_only(args, console)
+    # The escalation arm's in-process requests would each print a line once vLLM's import has
+    # set up logging (the stack does the same once Ray is up).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # The escalation arm (bench/escalation.py) runs in process first: managed, BYOC, Zumik's choice.
     escalation = run_escalation(requests=getattr(args, "escalation_requests", 120), seed=args.seed)
     if getattr(args, "escalation_only", False):
@@ -440,8 +492,9 @@ def run_routing_bench(args: Any, console: Any) -> int:
         raise SystemExit(f"unknown workload(s) {', '.join(sorted(set(chosen) - set(WORKLOADS)))}: "
                          f"choose among {', '.join(WORKLOADS)}")  # fmt: skip
     workloads = {name: prompts for name, prompts in workloads.items() if name in chosen}
-    # Open loop: fresh prompts of the same shapes (the closed loop's are cached by now), sent at
-    # ``open_loop_load`` x the request rate Serve's balancing sustained on them in closed loop.
+    # Open loop: fresh prompts of the same shapes, sent to rr-cache and zumik side by side
+    # (``_run_side_by_side``) at ``open_loop_load`` x the request rate Serve's balancing
+    # sustained on them in closed loop, shared by the two arms.
     open_load = float(getattr(args, "open_loop_load", 0.0) or 0.0)
     open_workloads = (
         {
@@ -463,9 +516,10 @@ def run_routing_bench(args: Any, console: Any) -> int:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"unknown arm(s) {', '.join(unknown)}: choose among {', '.join(ARMS)}")
-    if open_workloads and (not arms or arms[0] != "rr-cache"):
+    if open_workloads and (not arms or arms[0] != "rr-cache" or "zumik" not in arms):
         raise SystemExit(
-            "--open-loop-load needs rr-cache as the first arm: its closed-loop rate sets the load"
+            "--open-loop-load needs rr-cache as the first arm (its closed-loop rate sets the load) "
+            "and the zumik arm (the open loop runs the two side by side)"
         )
     results: list[ArmResult] = []
     owners: dict[str, dict[str, int] | None] = {}
@@ -489,8 +543,6 @@ def run_routing_bench(args: Any, console: Any) -> int:
                 block_bytes = kv_block_bytes(resolve_model_dir(profile, home), block_size)
                 capacity_blocks = args.replicas * (shape["kv_bytes"] // block_bytes)
                 total = sum(len(prompts) for prompts in workloads.values())
-                if arm != "rr-nocache":
-                    total += sum(len(prompts) for prompts in open_workloads.values())
                 # Each arm starts on fresh engines: a few unique prompts first, not counted, so
                 # the first workload does not pay for the engines' and gateways' first requests.
                 asyncio.run(measure_arm(
@@ -517,23 +569,13 @@ def run_routing_bench(args: Any, console: Any) -> int:
                         )
                         if arm == "rr-cache":
                             serve_rates[workload] = result.requests / result.wall_s
-                        opened = open_workloads.get(workload) if arm != "rr-nocache" else None
-                        if opened is None:
-                            continue
-                        rate = open_load * serve_rates[workload]
-                        result = asyncio.run(measure_arm(
-                            stack.url, dev_key, profile.model.served_name, arm, workload, opened,
-                            block_size=block_size, concurrency=args.concurrency,
-                            on_request=functools.partial(progress.advance, task),
-                            arrivals=arrival_offsets(rate, len(opened), seed=args.seed),
-                        ))  # fmt: skip
-                        results.append(result)
-                        console.log(
-                            f"{arm:>10} {workload:<15} open loop at {rate:.2f} req/s: hit "
-                            f"{result.hit_ratio:.3f} ttft p90 {result.ttft_p90_ms:.0f} ms"
-                        )
                 if arm.startswith("zumik"):
                     owners[arm] = owner_stats(APP_NAME)
+            if {"rr-cache", "zumik"} <= set(arms) and stack is not None:
+                results.extend(_run_side_by_side(
+                    stack, dev_key, shape, workloads, open_workloads, serve_rates, open_load, args,
+                    block_size, console,
+                ))  # fmt: skip
         finally:
             if stack is not None:
                 stack.stop()
@@ -551,6 +593,10 @@ def run_routing_bench(args: Any, console: Any) -> int:
         "cluster": [arm.to_json() for arm in cluster],
         "decision_us_token_ids": {str(length): times for length, times in token_decisions.items()},
         "cpu_ms_per_request": cpu_ms,
+        "open_loop": (
+            f"rr-cache and zumik side by side on fresh engines, the same arrivals, each at "
+            f"{open_load}/2 x rr-cache's closed-loop rate" if open_workloads else None
+        ),
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "routing.json").write_text(json.dumps(summary, indent=2))
@@ -577,7 +623,7 @@ def run_routing_bench(args: Any, console: Any) -> int:
         data = r.to_json()
         efficiency = "-" if r.capture_efficiency is None else f"{r.capture_efficiency:.2f}"
         table.add_row(
-            r.workload if r.arrival == "closed" else f"{r.workload}, open loop at {r.rate_per_s:.2f} req/s",
+            _row_label(r),
             r.arm, f"{r.hit_ratio:.3f}", efficiency, f"{r.prefill_tokens:,}",
             f"{r.ttft_p50_ms:.0f}", f"{r.ttft_p90_ms:.0f}", f"{data['tokens_per_s']:,.0f}",
         )  # fmt: skip
@@ -595,6 +641,88 @@ def run_routing_bench(args: Any, console: Any) -> int:
     console.print(owners_table(cluster))
     console.print(f"wrote {args.out / 'routing.json'} and {args.out / 'routing.png'}")
     return 0
+
+
+def _run_side_by_side(
+    stack: Any, dev_key: str, shape: dict[str, int], workloads: dict[str, list[list[int]]],
+    open_workloads: dict[str, list[list[int]]], serve_rates: dict[str, float], load: float,
+    args: Any, block_size: int, console: Any,
+) -> list[ArmResult]:  # fmt: skip
+    """Serve's balancing (``rr-cache``) and Zumik's scheduler served side by side: both
+    profiles deployed at once (fresh engines, the same gateways, ``x-zumik-profile`` choosing),
+    each workload sent to both arms at once. Arms run one after the other meet different loads
+    from the rest of the machine; run together, both meet the same. Closed loop: ``workloads``,
+    ``concurrency`` clients per arm. Open loop: ``open_workloads``' arrivals at the same
+    instants in both arms, each offered half of ``load`` x rr-cache's closed-loop rate (the two
+    share the machine), so the machine as a whole gets ``load`` x what Serve's balancing
+    sustained alone."""
+    from rich.progress import Progress
+
+    pair = ("rr-cache", "zumik")
+    profiles = {arm: _sharing_cpus(arm_profile(arm, **shape)) for arm in pair}
+    # The last arm's app goes first: a rolling update would keep one of its replicas (and its
+    # CPUs) until a new one runs, and the new ones would wait on those CPUs.
+    from ray import serve
+
+    from zumik_serve.app.application import APP_NAME
+
+    serve.delete(APP_NAME)
+    stack.redeploy(profiles["zumik"], console.log, more=(profiles["rr-cache"],))
+    model = profiles["zumik"].model.served_name
+
+    async def both(
+        workload: str, prompts: list[list[int]], arrivals: list[float] | None, on_request: Callable[[], None]
+    ) -> list[ArmResult]:
+        return list(await asyncio.gather(*(
+            measure_arm(
+                stack.url, dev_key, model, arm, workload, prompts, block_size=block_size,
+                concurrency=args.concurrency, arrivals=arrivals, profile=profiles[arm].name,
+                on_request=on_request, side_by_side=True,
+            )
+            for arm in pair
+        )))  # fmt: skip
+
+    warmup = no_reuse(random.Random(args.seed + 3000), max(1, args.concurrency // 2))
+    asyncio.run(both("warmup", warmup, None, lambda: None))  # fresh engines, not counted
+    results: list[ArmResult] = []
+    with Progress(console=console, transient=True) as progress:
+        total = len(pair) * sum(len(p) for runs in (workloads, open_workloads) for p in runs.values())
+        task = progress.add_task("rr-cache + zumik, side by side", total=total)
+        advance = functools.partial(progress.advance, task)
+        for workload, prompts in workloads.items():
+            measured = asyncio.run(both(workload, prompts, None, advance))
+            results.extend(measured)
+            for result in measured:
+                console.log(
+                    f"{result.arm:>10} {workload:<15} side by side: hit {result.hit_ratio:.3f} "
+                    f"ttft p90 {result.ttft_p90_ms:.0f} ms, {result.prompt_tokens / result.wall_s:.0f} tok/s"
+                )
+            opened = open_workloads.get(workload)
+            if opened is None:
+                continue
+            rate = load * serve_rates[workload] / len(pair)
+            measured = asyncio.run(
+                both(workload, opened, arrival_offsets(rate, len(opened), seed=args.seed), advance)
+            )
+            results.extend(measured)
+            for result in measured:
+                console.log(
+                    f"{result.arm:>10} {workload:<15} open loop at {rate:.2f} req/s, side by side: "
+                    f"hit {result.hit_ratio:.3f} ttft p90 {result.ttft_p90_ms:.0f} ms, "
+                    f"{result.held_turns} turns held for their previous answer"
+                )
+    return results
+
+
+# Ray's logical CPUs a side-by-side replica asks for (its engine's own bundle of 1 comes on top):
+# two groups of 3 replicas then fit the local head's 8 with the gateways. Ray's figure only
+# places actors; the engines' threads and processes are the same as in the arms alone.
+PAIRED_CPUS_PER_REPLICA = 0.1
+
+
+def _sharing_cpus(profile: Profile) -> Profile:
+    engine = profile.engine.model_copy(update={"cpus_per_replica": PAIRED_CPUS_PER_REPLICA})
+    return profile.model_copy(update={"engine": engine})
 
 
 def _run_scaling_arm(
@@ -619,11 +747,20 @@ def _run_scaling_arm(
     return asyncio.run(run())
 
 
+def _row_label(result: ArmResult) -> str:
+    label = result.workload
+    if result.arrival == "open":
+        label += f", open loop at {result.rate_per_s:.2f} req/s"
+    return label + (", side by side" if result.side_by_side else "")
+
+
 def figures(results: list[ArmResult]) -> dict[str, dict[str, float | None]]:
     """Issue #17's figures per workload, Zumik against Serve's balancing with prefix caching
     (``rr-cache``) in the same run: capture efficiency, TTFT p90 ratio (Serve's / Zumik's, higher
-    is better for Zumik) and throughput ratio (Zumik's / Serve's)."""
-    by = {(r.arm, r.workload): r for r in results if r.arrival == "closed"}
+    is better for Zumik) and throughput ratio (Zumik's / Serve's); from the arms one after the
+    other, and from the arms side by side (``_side_by_side``, and the open loop's)."""
+    by = {(r.arm, r.workload): r for r in results if r.arrival == "closed" and not r.side_by_side}
+    paired = {(r.arm, r.workload): r for r in results if r.arrival == "closed" and r.side_by_side}
     opened = {(r.arm, r.workload): r for r in results if r.arrival == "open"}
     out: dict[str, dict[str, float | None]] = {}
     for (arm, workload), zumik in by.items():
@@ -631,7 +768,16 @@ def figures(results: list[ArmResult]) -> dict[str, dict[str, float | None]]:
             continue
         serve = by.get(("rr-cache", workload))
         serve_open, zumik_open = opened.get(("rr-cache", workload)), opened.get(("zumik", workload))
+        serve_paired, zumik_paired = paired.get(("rr-cache", workload)), paired.get(("zumik", workload))
         out[workload] = {
+            "ttft_p90_ratio_side_by_side": (
+                serve_paired.ttft_p90_ms / zumik_paired.ttft_p90_ms if serve_paired and zumik_paired else None
+            ),
+            "throughput_ratio_side_by_side": (
+                _tokens_per_s(zumik_paired) / _tokens_per_s(serve_paired)
+                if serve_paired and zumik_paired
+                else None
+            ),
             "ttft_p90_ratio_open": (
                 serve_open.ttft_p90_ms / zumik_open.ttft_p90_ms if serve_open and zumik_open else None
             ),
@@ -648,12 +794,18 @@ def figures(results: list[ArmResult]) -> dict[str, dict[str, float | None]]:
     return out
 
 
+def _tokens_per_s(result: ArmResult) -> float:
+    return result.prompt_tokens / result.wall_s if result.wall_s else 0.0
+
+
 def figures_table(summary: dict[str, Any]) -> Any:
     from rich.table import Table
 
     table = Table(title="Zumik against Serve's balancing (rr-cache), same run")
     columns = ("workload", "capture eff. (goal >= 0.95)", "of the pooled ideal (Serve's)",
-               "TTFT p90 ratio (>= 3)", "open loop: TTFT p90 ratio at req/s", "throughput ratio")  # fmt: skip
+               "TTFT p90 ratio (>= 3)", "throughput ratio", "side by side: TTFT p90 ratio",
+               "side by side: throughput ratio",
+               "open loop, side by side: TTFT p90 ratio at req/s per arm")  # fmt: skip
     for column in columns:
         table.add_column(column)
 
@@ -665,14 +817,15 @@ def figures_table(summary: dict[str, Any]) -> Any:
         ratio_open = row.get("ttft_p90_ratio_open")
         opened = "-" if ratio_open is None else f"{ratio_open:.2f} at {row['open_rate_per_s']:.2f}"
         table.add_row(workload, cell(row["capture_efficiency"]), pooled, cell(row["ttft_p90_ratio"]),
-                      opened, cell(row["throughput_ratio"]))  # fmt: skip
+                      cell(row["throughput_ratio"]), cell(row.get("ttft_p90_ratio_side_by_side")),
+                      cell(row.get("throughput_ratio_side_by_side")), opened)  # fmt: skip
     scaling = summary.get("scaling")
     if scaling:
         result = scaling["result"]
         table.add_row(
             f"scaling ({'scaled' if scaling['scaled'] else 'NOT scaled'}, "
             f"{len(scaling['failures'])} failed of {result['requests']})",
-            cell(result["capture_efficiency"]) + " (goal >= 0.9)", "-", "-", "-", "-",
+            cell(result["capture_efficiency"]) + " (goal >= 0.9)", "-", "-", "-", "-", "-", "-",
         )  # fmt: skip
     return table
 
@@ -683,7 +836,9 @@ def plot_routing(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = [r for r in summary["results"] if r.get("arrival", "closed") == "closed"]
+    results = [
+        r for r in summary["results"] if r.get("arrival", "closed") == "closed" and not r.get("side_by_side")
+    ]
     opened = [r for r in summary["results"] if r.get("arrival") == "open"]
     workloads = list(dict.fromkeys(r["workload"] for r in results))
     arms = list(dict.fromkeys(r["arm"] for r in results))
@@ -701,7 +856,7 @@ def plot_routing(summary: dict[str, Any], path: Path) -> None:
         middle = open_width * (len(open_arms) - 1) / 2
         axes[2].set_xticks([index + middle for index in range(len(open_workloads))], open_workloads)
         axes[2].set_ylabel("TTFT p90 (ms)")
-        axes[2].set_title("Open loop, at Serve's closed-loop request rate")
+        axes[2].set_title("Open loop, the arms side by side")
         axes[2].legend()
     width = 0.8 / max(1, len(arms))
     for offset, arm in enumerate(arms):
