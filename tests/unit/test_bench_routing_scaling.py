@@ -19,6 +19,7 @@ from zumik_serve.bench.routing import (
     arrival_offsets,
     figures,
     ideal_cached,
+    plot_routing,
     pooled_ideal,
     shared_prefix,
 )
@@ -119,6 +120,22 @@ def test_open_loop_results_have_their_own_ratio_and_leave_the_closed_loop_figure
     assert rows["shared_prefix"]["ttft_p90_ratio"] == pytest.approx(2.0)
     assert rows["shared_prefix"]["ttft_p90_ratio_open"] == pytest.approx(8.0)
     assert rows["shared_prefix"]["open_rate_per_s"] == 2.0
+
+
+def test_side_by_side_results_have_their_own_ratios_and_plot(tmp_path: Path) -> None:
+    def arm(name: str, *, p90: float, wall: float, paired: bool) -> ArmResult:
+        return ArmResult(name, "no_reuse", 10, 1000, 0, 0, 10.0, p90, wall, side_by_side=paired)
+
+    results = [
+        arm("rr-cache", p90=90.0, wall=4.0, paired=False), arm("zumik", p90=45.0, wall=8.0, paired=False),
+        arm("rr-cache", p90=60.0, wall=5.0, paired=True), arm("zumik", p90=50.0, wall=4.0, paired=True),
+    ]  # fmt: skip
+    rows = figures(results)["no_reuse"]
+    assert rows["ttft_p90_ratio"] == pytest.approx(2.0) and rows["throughput_ratio"] == pytest.approx(0.5)
+    assert rows["ttft_p90_ratio_side_by_side"] == pytest.approx(1.2)
+    assert rows["throughput_ratio_side_by_side"] == pytest.approx(1.25)
+    plot_routing({"results": [result.to_json() for result in results]}, tmp_path / "routing.png")
+    assert (tmp_path / "routing.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_arrivals_are_a_seeded_poisson_process_at_the_asked_rate() -> None:

@@ -839,6 +839,9 @@ def plot_routing(summary: dict[str, Any], path: Path) -> None:
     results = [
         r for r in summary["results"] if r.get("arrival", "closed") == "closed" and not r.get("side_by_side")
     ]
+    paired = [
+        r for r in summary["results"] if r.get("arrival", "closed") == "closed" and r.get("side_by_side")
+    ]
     opened = [r for r in summary["results"] if r.get("arrival") == "open"]
     workloads = list(dict.fromkeys(r["workload"] for r in results))
     arms = list(dict.fromkeys(r["arm"] for r in results))
@@ -863,7 +866,8 @@ def plot_routing(summary: dict[str, Any], path: Path) -> None:
         rows = {r["workload"]: r for r in results if r["arm"] == arm}
         xs = [index + offset * width for index in range(len(workloads))]
         left.bar(xs, [rows[w]["hit_ratio"] if w in rows else 0 for w in workloads], width, label=arm)
-        right.bar(xs, [rows[w]["ttft_p50_ms"] if w in rows else 0 for w in workloads], width, label=arm)
+        timed = {r["workload"]: r for r in (paired or results) if r["arm"] == arm}
+        right.bar(xs, [timed[w]["ttft_p50_ms"] if w in timed else 0 for w in workloads], width, label=arm)
     ideal = {r["workload"]: r["ideal_ratio"] for r in results}
     for index, workload in enumerate(workloads):
         left.hlines(ideal[workload], index - width / 2, index + width * (len(arms) - 0.5), colors="black",
@@ -873,7 +877,7 @@ def plot_routing(summary: dict[str, Any], path: Path) -> None:
         axis.set_ylabel(label)
         axis.legend()
     left.set_title("Cache hits by routing arm (dashed: the workload's ideal)")
-    right.set_title("Time to first token")
+    right.set_title("Time to first token, closed loop" + (", the arms side by side" if paired else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
