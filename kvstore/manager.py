@@ -15,6 +15,9 @@ the prefix, because KV for a later block is only valid after every block before 
 that loads but does not decode (truncated, corrupt, sealed with a destroyed key) also ends the
 prefix there, with a failure event: the engine recomputes from that point.
 
+The scheduler's ``plan`` walks the same way and stops at the first gap too: a prompt whose
+first block no tier holds costs one probe per tier and nothing more (see ``plan``).
+
 Reads are batched: ``load`` reads each run of blocks planned from one tier with one
 ``load_many`` (one ``MGET`` pipeline for Redis); ``load_prefix`` asks each tier, nearest first,
 once for every block the nearer ones did not give, so a restore costs at most one round trip per
@@ -32,6 +35,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from kvstore.keys import ScopeId
 from kvstore.tier import (
@@ -39,7 +43,9 @@ from kvstore.tier import (
     BlockSink,
     FileBlocks,
     Keyring,
+    LocalLookups,
     PreparesRestores,
+    ProbesFirst,
     Sealer,
     Tier,
     TierBackend,
@@ -127,6 +133,9 @@ class TierManager:
     def __post_init__(self) -> None:
         self.tiers = sorted(self.tiers, key=lambda backend: backend.tier)
         self._by_tier = {backend.tier: backend for backend in self.tiers}
+        # how plan's walk asks each tier (a runtime protocol check is slow enough to do once)
+        self._local = frozenset(backend.tier for backend in self.tiers if isinstance(backend, LocalLookups))
+        self._probes_first = frozenset(b.tier for b in self.tiers if isinstance(b, ProbesFirst))
         self._events_lock = threading.Lock()
         # restore's buffers, reused by every restore (one at a time: the engine worker's step):
         # a sealed block's plaintext, and a block file read whole
@@ -134,11 +143,22 @@ class TierManager:
         self._file_buffer = _Buffer(memoryview(bytearray(1 << 17)))
 
     def plan(self, addresses: Sequence[BlockAddress]) -> KvPlan:
-        """The longest continuous prefix of ``addresses`` some tier holds, nearest tier first."""
-        holdings = {backend.tier: backend.contains(addresses) for backend in self.tiers}
+        """The longest continuous prefix of ``addresses`` some tier holds, nearest tier first.
+
+        It runs in the engine's scheduler, on every new request, so it asks no more than the
+        rule of continuity needs. It walks the blocks in order, each through the tiers nearest
+        first, and stops at the first block that no tier holds. A tier of local checks
+        (``LocalLookups``: a file's stat) is asked one block at a time, so never about a block
+        past the end of the prefix. A tier with a round trip is asked about the first block
+        and, only when it holds it, about every later one in the same round trip
+        (``ProbesFirst``); when the walk needs it past a block it lacks, it is asked once more,
+        about every block from there. So a prompt whose first block no tier holds costs one
+        stat per file tier and one single-key ``EXISTS``; a prefix the host tier holds, no
+        round trip; one that only Redis holds, one round trip."""
         sources: list[Tier] = []
+        answers: dict[Tier, dict[int, bool]] = {}  # round-trip tiers' answers, by block index
         for index in range(len(addresses)):
-            source = next((backend.tier for backend in self.tiers if holdings[backend.tier][index]), None)
+            source = next((b.tier for b in self.tiers if self._holds(b, addresses, index, answers)), None)
             if source is None:
                 break
             sources.append(source)
@@ -150,6 +170,27 @@ class TierManager:
         if missed and self.tiers:
             self.record(TierEvent(TierEventKind.MISS, self.tiers[-1].tier, missed))
         return KvPlan(addresses=tuple(addresses[: len(sources)]), sources=tuple(sources))
+
+    def _holds(
+        self,
+        backend: TierBackend,
+        addresses: Sequence[BlockAddress],
+        index: int,
+        answers: dict[Tier, dict[int, bool]],
+    ) -> bool:
+        """Whether ``backend`` holds block ``index`` of ``addresses`` (``plan``'s walk)."""
+        if backend.tier in self._local:
+            return cast(LocalLookups, backend).holds(addresses[index])
+        known = answers.setdefault(backend.tier, {})
+        if index not in known:
+            if index == 0 and backend.tier in self._probes_first:
+                held = cast(ProbesFirst, backend).contains_if_first(addresses)
+                known.update(enumerate(held) if held is not None else [(0, False)])
+            elif index == 0:
+                known[0] = backend.contains(addresses[:1])[0]
+            else:
+                known.update(enumerate(backend.contains(addresses[index:]), start=index))
+        return known[index]
 
     def load(self, plan: KvPlan) -> list[bytes]:
         """Values of the plan's blocks in order, each run from one tier read at once; stops at

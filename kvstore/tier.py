@@ -134,6 +134,28 @@ class FileBlocks(Protocol):
 
 
 @runtime_checkable
+class LocalLookups(Protocol):
+    """A tier that tells whether it holds a block by a local check (a file's stat), with no round
+    trip: the scheduler's walk (``TierManager.plan``) asks it one block at a time, in order, and
+    never about a block past the end of the prefix."""
+
+    def holds(self, address: BlockAddress) -> bool:
+        """Whether this tier holds ``address`` now (False when it cannot tell)."""
+        ...
+
+
+@runtime_checkable
+class ProbesFirst(Protocol):
+    """A tier with a round trip (Redis) that can answer for a prompt's blocks in one, and look
+    past the first block only when it holds it (``TierManager.plan``)."""
+
+    def contains_if_first(self, addresses: Sequence[BlockAddress]) -> list[bool] | None:
+        """``contains(addresses)`` in one round trip, or None when this tier lacks the first
+        address (or cannot answer): then no other address was looked up."""
+        ...
+
+
+@runtime_checkable
 class ViewLoads(Protocol):
     """A tier that can read a run of blocks into a buffer of its own, reused (Redis: one
     ``MGET`` reply read into it, no object per block)."""

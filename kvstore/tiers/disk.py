@@ -70,7 +70,11 @@ class DiskTier:
         return f"{self.root}/{address.compat_digest}/{address.scope}/{key[:2]}/{key}.kv"
 
     def contains(self, addresses: Sequence[BlockAddress]) -> list[bool]:
-        return [self.path(address).is_file() for address in addresses]
+        return [self.holds(address) for address in addresses]
+
+    def holds(self, address: BlockAddress) -> bool:
+        """One ``stat`` of the block's file (``LocalLookups``); not a use (no LRU mark)."""
+        return os.path.isfile(self._path(address))
 
     def load(self, address: BlockAddress) -> bytes | None:
         return self.load_many([address])[0]

@@ -29,10 +29,12 @@ forgets those among 4 counted blocks picked at random, and a store that would pa
 first forgets them among 256, then decides.
 Limits live in the state Redis (the gateway publishes them there); with ``limits`` set, the
 tier reads ``kv:limit:{scope}`` from it (cached ``LIMIT_CACHE_TTL_S``) and hands it to the
-script. Loads of a run of blocks are one ``MGET``: one round trip. A restore's ``MGET``
-(``load_views``) reads its reply off the connection into one buffer the tier reuses
-(``MgetReader``): redis-py would make a fresh object of every value, and on this 2-core machine
-that allocation (fresh pages for every 128 KiB value) took more than half of a restore's time.
+script. The scheduler's lookup of a prompt's blocks is one round trip that looks past the first
+block only when it is held (``contains_if_first``). Loads of a run of blocks are one ``MGET``:
+one round trip. A restore's ``MGET`` (``load_views``) reads its reply off the connection into
+one buffer the tier reuses (``MgetReader``): redis-py would make a fresh object of every value,
+and on this 2-core machine that allocation (fresh pages for every 128 KiB value) took more than
+half of a restore's time.
 """
 
 from __future__ import annotations
@@ -121,6 +123,16 @@ end
 return results
 """
 
+# KEYS: a prompt's blocks in order. Returns 0 when the first does not exist, having looked up no
+# other (the scheduler's probe: most new prompts' first blocks are held nowhere), else 1 or 0 for
+# each block.
+CONTAINS_IF_FIRST = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local held = {1}
+for index = 2, #KEYS do held[index] = redis.call('EXISTS', KEYS[index]) end
+return held
+"""
+
 # KEYS: used, sizes, expiry, then blocks of that scope. Returns how many blocks existed.
 REMOVE_COUNTED = """
 local removed = 0
@@ -168,6 +180,7 @@ class RedisTier:
         self._incoming_ids = itertools.count()
         self._store = client.register_script(STORE_COUNTED)
         self._remove = client.register_script(REMOVE_COUNTED)
+        self._contains_if_first = client.register_script(CONTAINS_IF_FIRST)
         self._events: deque[TierEvent] = deque()
         self._limit_cache: dict[ScopeId, tuple[str | None, float]] = {}
         self._evicted_keys: int | None = None  # the server's count at the last usage()
@@ -189,6 +202,23 @@ class RedisTier:
         except RedisError as exc:
             self._failure(len(addresses), exc)
             return [False] * len(addresses)
+
+    def contains_if_first(self, addresses: Sequence[BlockAddress]) -> list[bool] | None:
+        """``contains`` in one round trip (``CONTAINS_IF_FIRST``; a plain ``EXISTS`` for one
+        address), or None when the first address is not held (or Redis cannot answer): then the
+        server looked up no other."""
+        if not addresses:
+            return []
+        try:
+            if len(addresses) == 1:
+                held = [bool(self._redis.exists(self.redis_key(addresses[0])))]
+            else:
+                reply = self._contains_if_first(keys=[self.redis_key(address) for address in addresses])
+                held = [bool(flag) for flag in reply] if isinstance(reply, list) else [False]
+        except RedisError as exc:
+            self._failure(len(addresses), exc)
+            return None
+        return held if held[0] else None
 
     def load(self, address: BlockAddress) -> bytes | None:
         return self.load_many([address])[0]
