@@ -758,7 +758,7 @@ def figures(results: list[ArmResult]) -> dict[str, dict[str, float | None]]:
     """Issue #17's figures per workload, Zumik against Serve's balancing with prefix caching
     (``rr-cache``) in the same run: capture efficiency, TTFT p90 ratio (Serve's / Zumik's, higher
     is better for Zumik) and throughput ratio (Zumik's / Serve's); from the arms one after the
-    other, and from the arms side by side (``_side_by_side``, and the open loop's)."""
+    other, and from the arms side by side (``_run_side_by_side``: closed loop, and the open loop)."""
     by = {(r.arm, r.workload): r for r in results if r.arrival == "closed" and not r.side_by_side}
     paired = {(r.arm, r.workload): r for r in results if r.arrival == "closed" and r.side_by_side}
     opened = {(r.arm, r.workload): r for r in results if r.arrival == "open"}
