@@ -123,13 +123,17 @@ class ArmResult:
     def prefill_tokens(self) -> int:
         return self.prompt_tokens - self.cached_tokens
 
+    @property
+    def tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.wall_s if self.wall_s else 0.0
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(
             hit_ratio=self.hit_ratio, ideal_ratio=self.ideal_ratio,
             capture_efficiency=self.capture_efficiency, prefill_tokens=self.prefill_tokens,
             pooled_capture=self.pooled_capture,
-            tokens_per_s=self.prompt_tokens / self.wall_s if self.wall_s else 0.0,
+            tokens_per_s=self.tokens_per_s,
         )  # fmt: skip
         return data
 
@@ -656,16 +660,15 @@ def _run_side_by_side(
     instants in both arms, each offered half of ``load`` x rr-cache's closed-loop rate (the two
     share the machine), so the machine as a whole gets ``load`` x what Serve's balancing
     sustained alone."""
+    from ray import serve
     from rich.progress import Progress
+
+    from zumik_serve.app.application import APP_NAME
 
     pair = ("rr-cache", "zumik")
     profiles = {arm: _sharing_cpus(arm_profile(arm, **shape)) for arm in pair}
     # The last arm's app goes first: a rolling update would keep one of its replicas (and its
     # CPUs) until a new one runs, and the new ones would wait on those CPUs.
-    from ray import serve
-
-    from zumik_serve.app.application import APP_NAME
-
     serve.delete(APP_NAME)
     stack.redeploy(profiles["zumik"], console.log, more=(profiles["rr-cache"],))
     model = profiles["zumik"].model.served_name
@@ -695,7 +698,7 @@ def _run_side_by_side(
             for result in measured:
                 console.log(
                     f"{result.arm:>10} {workload:<15} side by side: hit {result.hit_ratio:.3f} "
-                    f"ttft p90 {result.ttft_p90_ms:.0f} ms, {result.prompt_tokens / result.wall_s:.0f} tok/s"
+                    f"ttft p90 {result.ttft_p90_ms:.0f} ms, {result.tokens_per_s:.0f} tok/s"
                 )
             opened = open_workloads.get(workload)
             if opened is None:
@@ -774,8 +777,8 @@ def figures(results: list[ArmResult]) -> dict[str, dict[str, float | None]]:
                 serve_paired.ttft_p90_ms / zumik_paired.ttft_p90_ms if serve_paired and zumik_paired else None
             ),
             "throughput_ratio_side_by_side": (
-                _tokens_per_s(zumik_paired) / _tokens_per_s(serve_paired)
-                if serve_paired and zumik_paired
+                zumik_paired.tokens_per_s / serve_paired.tokens_per_s
+                if serve_paired and zumik_paired and zumik_paired.wall_s and serve_paired.wall_s
                 else None
             ),
             "ttft_p90_ratio_open": (
@@ -787,15 +790,10 @@ def figures(results: list[ArmResult]) -> dict[str, dict[str, float | None]]:
             "serve_pooled_capture": serve.pooled_capture if serve else None,
             "ttft_p90_ratio": serve.ttft_p90_ms / zumik.ttft_p90_ms if serve and zumik.ttft_p90_ms else None,
             "throughput_ratio": (
-                (zumik.prompt_tokens / zumik.wall_s) / (serve.prompt_tokens / serve.wall_s)
-                if serve and zumik.wall_s and serve.wall_s else None
+                zumik.tokens_per_s / serve.tokens_per_s if serve and zumik.wall_s and serve.wall_s else None
             ),
         }  # fmt: skip
     return out
-
-
-def _tokens_per_s(result: ArmResult) -> float:
-    return result.prompt_tokens / result.wall_s if result.wall_s else 0.0
 
 
 def figures_table(summary: dict[str, Any]) -> Any:
