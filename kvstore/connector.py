@@ -15,6 +15,8 @@ Loaded by vLLM with ``kv_connector_module_path: kvstore.connector`` and configur
                          user, ``zumik-kv``, and hold no password: vLLM logs this config)
     disk_capacity_bytes  the disk tier's byte budget (LRU); host_capacity_bytes is per node
     write_behind_max_bytes  bound of the store queue (default 256 MiB; beyond it stores drop)
+    write_behind_process  stores written by a child process (``store_process.py``, the
+                         default) rather than a thread of the engine process (false)
 
 Per request, on the scheduler side:
 
@@ -29,9 +31,10 @@ for the whole run: ``TierManager.restore``) straight into the paged KV cache bef
 buffer in between, on vLLM's CPU layout; a Redis reply lands in a reused buffer and each block
 is copied once); full prompt blocks computed in this step are copied out of the
 paged cache after it, one gather per layer for all of the step's blocks (``wait_for_save``),
-and handed to the write-behind thread (``write_behind.py``), which encodes them and stores them
-in every tier: the step never waits on a tier, and vLLM may reuse the blocks as soon as the step
-ends because the copy is already out. Promotions of restored blocks go the same way. Any tier
+and handed to the write-behind queue (``write_behind.py``; its writer a child process,
+``store_process.py``), which encodes them and stores them in every tier: the step never waits
+on a tier, and vLLM may reuse the blocks as soon as the step ends because the copy is already
+out. Promotions of restored blocks go the same way. Any tier
 failure is a miss (the engine recomputes), a full store queue a dropped store (counted); the
 connector never fails a request.
 
@@ -68,17 +71,18 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
-from kvstore.codec import BlockSink, KnownHeaders, encode_block
+from kvstore.codec import BlockSink, KnownHeaders
 from kvstore.compat import CompatKey, CompatMismatch, check_engine_compat
 from kvstore.cpu_placement import spare_cpus
 from kvstore.fingerprint import adapter_fingerprint
 from kvstore.keys import ScopeId, adapter_seed, chain_block_keys, scope_id, seed_from_digest
 from kvstore.layout import KvLayout, KvShard, LayoutError, check_view, layout_of, shard_digest
 from kvstore.manager import Placed, TierManager
+from kvstore.store_process import StoreProcess
 from kvstore.tier import BlockAddress, TierEvent, TierUsage
 from kvstore.tiers.build import build_manager
 from kvstore.transfer import BlockCopier
-from kvstore.write_behind import StoreBatch, WriteBehind
+from kvstore.write_behind import EncodeBlocks, StoreBatch, StoreQueue, Values, WriteBehind
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -96,7 +100,8 @@ STORED_MEMORY_BLOCKS = 100_000
 HEADER_ROOM_BYTES = 4096  # a block value's bytes beyond its tensors' (header, seal, framing)
 WRITE_BEHIND_MAX_BYTES = 256 << 20
 _MANAGERS: dict[tuple[Any, ...], TierManager] = {}
-_WRITERS: dict[int, WriteBehind] = {}
+WRITE_BEHIND_PROCESS = True
+_WRITERS: dict[int, StoreQueue] = {}
 _MANAGERS_LOCK = threading.Lock()
 
 
@@ -120,15 +125,29 @@ def flush_writes(timeout_s: float = 60.0) -> bool:
     return all(writer.flush(timeout_s) for writer in writers)
 
 
-def shared_writer(config: dict[str, Any], manager: TierManager) -> WriteBehind:
+def shared_writer(config: dict[str, Any], manager: TierManager) -> StoreQueue:
     """The write-behind queue of ``manager`` (one per process and configuration, worker side),
-    its thread on the cores the forward's threads leave (``cpu_placement``)."""
+    its writer on the cores the forward's threads leave (``cpu_placement``): a child process
+    with tiers of its own built from ``config`` (``write_behind_process``, the default), else
+    a thread of this process writing through ``manager``."""
     with _MANAGERS_LOCK:
         writer = _WRITERS.get(id(manager))
         if writer is None:
             limit = int(config.get("write_behind_max_bytes") or WRITE_BEHIND_MAX_BYTES)
-            writer = _WRITERS[id(manager)] = WriteBehind(manager, max_pending_bytes=limit, cpus=spare_cpus())
+            in_child = _flag(config.get("write_behind_process", WRITE_BEHIND_PROCESS))
+            writer = _WRITERS[id(manager)] = (
+                StoreProcess(manager, config, max_pending_bytes=limit, cpus=spare_cpus())
+                if in_child
+                else WriteBehind(manager, max_pending_bytes=limit, cpus=spare_cpus())
+            )
         return writer
+
+
+def _flag(value: Any) -> bool:
+    """A boolean of the extra config, which may come as a string (``--kv-transfer-config``)."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "0", "false", "no", "off")
+    return bool(value)
 
 
 @dataclass
@@ -310,7 +329,7 @@ class ZumikKVConnector(KVConnectorBase_V1):
         self._adapter_fingerprints: dict[str, str] = {}
         self._manager = shared_manager(extra)
         self._extra = extra
-        self._writer: WriteBehind | None = None  # worker side, made at the first store
+        self._writer: StoreQueue | None = None  # worker side, made at the first store
         self._usage_reported: Sequence[TierUsage] | None = None
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._load_errors: set[int] = set()
@@ -658,13 +677,10 @@ class ZumikKVConnector(KVConnectorBase_V1):
             return
         block_ids = [block_id for transfer in meta.stores for block_id in transfer.block_ids]
         addresses = tuple(address for transfer in meta.stores for address in transfer.addresses)
-        blocks = self._copy_out(block_ids)
+        blocks = tuple(self._copy_out(block_ids))
         num_bytes = sum(array.nbytes for block in blocks for array in block.values())
-
-        def value(index: int) -> bytes:  # runs on the writer thread
-            return encode_block(blocks[index], addresses[index])
-
-        self._store_queue().submit(StoreBatch(addresses, num_bytes, value))
+        # encoded where the writer runs (``EncodeBlocks`` pickles for a store process)
+        self._store_queue().submit(StoreBatch(addresses, num_bytes, EncodeBlocks(blocks, addresses)))
 
     def _copy_out(self, block_ids: list[int]) -> list[dict[str, np.ndarray]]:
         """Per block, ``{layer: bytes}`` copied out of the paged cache (one gather per layer
@@ -678,16 +694,16 @@ class ZumikKVConnector(KVConnectorBase_V1):
         indexes = sorted(placed.promote)
         if not indexes:
             return
-        values = [placed.promote[index] for index in indexes]
+        values = tuple(placed.promote[index] for index in indexes)
         batch = StoreBatch(
             addresses=tuple(placed.addresses[index] for index in indexes),
             num_bytes=sum(len(value) for value in values),
-            value=values.__getitem__,
+            value=Values(values),
             sources=tuple(placed.sources[index] for index in indexes),
         )
         self._store_queue().submit(batch)
 
-    def _store_queue(self) -> WriteBehind:
+    def _store_queue(self) -> StoreQueue:
         if self._writer is None:
             self._writer = shared_writer(self._extra, self._manager)
         return self._writer

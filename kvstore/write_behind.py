@@ -17,6 +17,10 @@ On a vLLM CPU engine the thread runs on the cores the forward's threads are not 
 forward's first). The thread also measures the tiers' occupancy (``TierManager.usage``, which
 reads files and asks servers) every ``usage_every_s``, so that the step's stats only read the
 last figures.
+
+The thread shares the engine process's GIL with the scheduler and the forward's Python glue;
+``store_process.StoreProcess`` keeps this contract (``StoreQueue``) with the writing done in a
+child process instead. A batch for it must pickle: ``EncodeBlocks`` and ``Values`` do.
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
+
+from kvstore.codec import encode_block
 from kvstore.cpu_placement import move_this_thread
 from kvstore.manager import TierManager
 from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind, TierUsage
@@ -47,6 +55,48 @@ class StoreBatch:
     num_bytes: int
     value: Callable[[int], bytes]
     sources: tuple[Tier, ...] | None = None
+
+
+@dataclass(frozen=True)
+class EncodeBlocks:
+    """``StoreBatch.value`` of blocks copied out of the paged cache: block ``index`` encoded
+    (``codec.encode_block``) where the writer runs. It pickles (the arrays out of band), so a
+    store process can take it."""
+
+    blocks: tuple[dict[str, np.ndarray], ...]
+    addresses: tuple[BlockAddress, ...]
+
+    def __call__(self, index: int) -> bytes:
+        return encode_block(self.blocks[index], self.addresses[index])
+
+
+@dataclass(frozen=True)
+class Values:
+    """``StoreBatch.value`` of values already encoded (restored blocks to promote)."""
+
+    values: tuple[bytes, ...]
+
+    def __call__(self, index: int) -> bytes:
+        return self.values[index]
+
+
+class StoreQueue(Protocol):
+    """What the connector hands stores to (``WriteBehind``, ``store_process.StoreProcess``):
+    ``submit`` never waits and drops a batch that does not fit whole (counted); ``flush`` waits
+    for what was taken; ``close`` takes no more, waits at most ``timeout_s`` and counts what is
+    left; ``usage`` is the last occupancy measured off the step."""
+
+    @property
+    def pending_bytes(self) -> int: ...
+
+    @property
+    def usage(self) -> tuple[TierUsage, ...]: ...
+
+    def submit(self, batch: StoreBatch) -> bool: ...
+
+    def flush(self, timeout_s: float | None = None) -> bool: ...
+
+    def close(self, timeout_s: float = 30.0) -> int: ...
 
 
 class WriteBehind:
@@ -140,38 +190,12 @@ class WriteBehind:
                 batch = self._queue.popleft() if self._queue else None
                 self._busy = batch is not None
             if batch is not None:
-                self._write(batch)
+                write_batch(self.manager, batch)
                 with self._changed:
                     self._pending_bytes -= batch.num_bytes
                     self._busy = False
                     self._changed.notify_all()
             self._measure()
-
-    def _write(self, batch: StoreBatch) -> None:
-        """Encode the batch's blocks, then hand them to the manager at once (each tier written
-        once per batch). A bug must not end the thread: what raised is lost, counted."""
-        addresses: list[BlockAddress] = []
-        values: list[bytes] = []
-        sources: list[Tier | None] | None = None if batch.sources is None else []
-        for index, address in enumerate(batch.addresses):
-            try:
-                value = batch.value(index)
-            except Exception:
-                logger.exception("zumik kv: encoding a block failed")
-                self.manager.record(TierEvent(TierEventKind.FAILURE, Tier.ENGINE, 1, 0, "store raised"))
-                continue
-            addresses.append(address)
-            values.append(value)
-            if sources is not None and batch.sources is not None:
-                sources.append(batch.sources[index])
-        if not addresses:
-            return
-        try:
-            self.manager.store_many(addresses, values, sources)
-        except Exception:
-            logger.exception("zumik kv: storing a batch failed")
-            event = TierEvent(TierEventKind.FAILURE, Tier.ENGINE, len(addresses), 0, "store raised")
-            self.manager.record(event)
 
     def _measure(self) -> None:
         if self._usage_every_s is None:
@@ -187,3 +211,29 @@ class WriteBehind:
 
     def _dropped(self, blocks: int, num_bytes: int, why: str) -> None:
         self.manager.record(TierEvent(TierEventKind.DROPPED, Tier.ENGINE, blocks, num_bytes, why))
+
+
+def write_batch(manager: TierManager, batch: StoreBatch) -> None:
+    """Encode the batch's blocks, then hand them to ``manager`` at once (each tier written once
+    per batch). A bug must not end the writer: what raised is lost, counted."""
+    addresses: list[BlockAddress] = []
+    values: list[bytes] = []
+    sources: list[Tier | None] | None = None if batch.sources is None else []
+    for index, address in enumerate(batch.addresses):
+        try:
+            value = batch.value(index)
+        except Exception:
+            logger.exception("zumik kv: encoding a block failed")
+            manager.record(TierEvent(TierEventKind.FAILURE, Tier.ENGINE, 1, 0, "store raised"))
+            continue
+        addresses.append(address)
+        values.append(value)
+        if sources is not None and batch.sources is not None:
+            sources.append(batch.sources[index])
+    if not addresses:
+        return
+    try:
+        manager.store_many(addresses, values, sources)
+    except Exception:
+        logger.exception("zumik kv: storing a batch failed")
+        manager.record(TierEvent(TierEventKind.FAILURE, Tier.ENGINE, len(addresses), 0, "store raised"))

@@ -353,8 +353,9 @@ def test_the_local_stack_starts_a_bounded_kv_redis_for_a_profile_with_a_redis_ti
 
 def test_wait_for_save_copies_out_in_the_step_and_never_waits_on_a_tier(tmp_path: Path) -> None:
     """The step's blocks are copied out before ``wait_for_save`` returns (vLLM may overwrite
-    them right after), while the tier store happens later on the writer thread; a step whose
-    blocks find the queue full drops them, counted, and still returns."""
+    them right after), while the tier store happens later on the writer thread (the thread: its
+    tier here blocks in this process; ``test_kv_store_process`` stops a store process); a step
+    whose blocks find the queue full drops them, counted, and still returns."""
     pytest.importorskip("vllm")
     import torch
 
@@ -371,7 +372,8 @@ def test_wait_for_save_copies_out_in_the_step_and_never_waits_on_a_tier(tmp_path
     first = ZumikConnectorMetadata(stores=[_Transfer("r", [3, 4], [_address(0), _address(1)])])
     worker.__dict__.update(
         _kv_caches=caches, _copier=BlockCopier(caches, 16), _manager=manager, _writer=None,
-        _extra={"write_behind_max_bytes": 3 * block_bytes}, _connector_metadata=first,
+        _extra={"write_behind_max_bytes": 3 * block_bytes, "write_behind_process": False},
+        _connector_metadata=first,
     )  # fmt: skip
     worker.wait_for_save()  # returns although the tier will block
     assert tier.entered.wait(timeout=60)
