@@ -55,6 +55,7 @@ async def test_chat_answer_is_official_and_zumik_data_is_in_headers(gateway: InP
     assert headers["x-zumik-release"].startswith("rel_") and headers["x-zumik-qos"] == "standard"
     phases = [part.split(";")[0] for part in headers["server-timing"].split(", ")]
     assert phases[:4] == ["queue", "decide", "first-output", "record"]
+    assert {"lookup", "to-decide", "in-app"} <= set(phases)  # the app's own clock, around the engine
     assert headers["x-zumik-reuse-captured-tokens"] == "0"
     assert headers["x-zumik-reuse-evidence"] == "opportunity=estimated; captured=observed"
     sent = gateway.engine.bodies[-1]

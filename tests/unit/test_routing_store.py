@@ -11,7 +11,8 @@ Invariants held here:
   altered one replays not equal;
 - a request's release lookup reads the tenant's salt epoch in the same step, so a purge's new
   epoch is what the next request runs with; a pinned release runs while its alias is the one
-  named, else the alias' current release;
+  named, else the alias' current release; a stored release (which never changes) is parsed
+  once per process;
 - the store's scripts survive a ``SCRIPT FLUSH`` (reloaded on use);
 - a decision's save writes its record byte for byte with a 30-day TTL, lists it by its
   ``now_ms`` (dropping entries older than 30 days, keeping the one exactly 30 days old) and
@@ -156,6 +157,16 @@ async def test_a_pinned_release_runs_while_its_alias_is_the_one_named(client: ai
     assert (await routing.release_for_request("ten_a", "prod", pinned=other.id)).release == second
     assert (await routing.release_for_request("ten_a", "prod", pinned="rel_gone")).release == second
     assert (await routing.release_for_request("ten_a", None, pinned=first.id)).release is None
+
+
+async def test_a_stored_release_is_parsed_once_and_a_new_one_read_as_stored(client: aioredis.Redis) -> None:
+    routing = make_service(client)
+    first = await routing.publish("ten_a", "prod", PublishRelease())
+    read = (await routing.release_for_request("ten_a", "prod")).release
+    again = (await routing.release_for_request("ten_a", "prod")).release
+    assert read == first and again is read  # the same bytes: the value parsed the first time
+    second = await routing.publish("ten_a", "prod", PublishRelease())
+    assert (await routing.release_for_request("ten_a", "prod")).release == second != first
 
 
 async def test_a_stored_decision_reads_back_as_written_and_replays(client: aioredis.Redis) -> None:

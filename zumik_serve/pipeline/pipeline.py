@@ -171,7 +171,9 @@ class Pipeline:
         self.check_profile(tenant, request.profile)
         check_generation_limits(request.body, ctx.limits)
         early = await self._early_admission(request)
+        lookup_started = time.perf_counter()
         lookup = await self._release(tenant, request.model, pinned=request.refs.release, early=early)
+        lookup_ms = (time.perf_counter() - lookup_started) * 1000
         admitted = lookup.admitted
         release = lookup.release
         model = release.model if release is not None else (request.model or ctx.models.default)
@@ -214,6 +216,7 @@ class Pipeline:
             sources=request.refs.sources(),
             client_cache_key=request.client_cache_key,
         )
+        to_decide_ms = request.clock.elapsed_ms()
         decision = dispatcher.decide(call, body, tenant=tenant.id, salt=salt, context=route, prompt=prompt)
         accounting = RequestAccounting(ctx.reuse if tenant.reuse_accounting else None, decision)
         # The decision's record is saved while the work after the first output runs (a whole
@@ -237,6 +240,11 @@ class Pipeline:
         finally:
             await run.recorded()  # done by now, unless a step above failed: its save comes first
         generation.phases_ms, generation.phase_descriptions = request_phases(run, request.clock)
+        # Where a request's time goes around the engine, in the app's own clock: the release
+        # lookup's round trip, from the handler's start to the decision, to the answer ready.
+        generation.phases_ms.update(
+            {"lookup": lookup_ms, "to-decide": to_decide_ms, "in-app": request.clock.elapsed_ms()}
+        )
         return generation
 
     async def events(self, generation: Generation) -> AsyncIterator[EngineEvent]:
@@ -531,8 +539,21 @@ async def _all(*steps: Awaitable[Any] | None) -> tuple[Any, ...]:
     in that order. A step never outlives the call that ran it, and a later step's failure never
     hides an earlier one's (as when they ran one after another, unless an earlier one failed)."""
     taken = [step for step in steps if step is not None]
-    outcomes = iter(await asyncio.gather(*taken, return_exceptions=True))
-    results = [None if step is None else next(outcomes) for step in steps]
+    outcomes: list[Any] = []
+    if taken:  # the last step runs in the caller's task: a lone step costs no task at all
+        beside = [asyncio.ensure_future(step) for step in taken[:-1]]
+        try:
+            try:
+                last = await taken[-1]
+            except Exception as exc:
+                last = exc
+            outcomes = [*(await asyncio.gather(*beside, return_exceptions=True) if beside else ()), last]
+        except BaseException:  # the caller is cancelled: so is every step still running
+            for task in beside:
+                task.cancel()
+            raise
+    taken_outcomes = iter(outcomes)
+    results = [None if step is None else next(taken_outcomes) for step in steps]
     for result in results:
         if isinstance(result, BaseException):
             raise result

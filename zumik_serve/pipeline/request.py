@@ -105,7 +105,10 @@ class Generation:
     model: str  # the served model it ran on (what the answer names)
     release: Release | None
     run: EngineRun
-    phases_ms: dict[str, float]  # queue, decide, first-output, record (and restore)
+    # queue, decide, first-output, record (and restore); then lookup (the release lookup's round
+    # trip), to-decide and in-app (from the handler's start to the decision, and to the answer,
+    # or a stream's first output, ready): what the app's own clock saw
+    phases_ms: dict[str, float]
     phase_descriptions: dict[str, str]
     accounting: RequestAccounting
     opportunity_tokens: int | None = None  # known before a stream's body; None: not known

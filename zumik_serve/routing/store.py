@@ -29,6 +29,7 @@ salt epoch's key carries no tenant hash tag, which the single Redis primary Zumi
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from zumik_serve.state.store import REVOKED_PREFIX, object_key
 from zumik_serve.tenancy.store import salt_epoch_key
 
 DECISION_TTL_S = 30 * 24 * 3600
+RELEASES_PARSED = 1024  # stored releases kept parsed (``_parsed_release``), least recently read dropped
 
 # KEYS: n object keys, then their n reach keys, then the tenant's own reach key. ARGV: route,
 # reach JSON, its expiry (unix s), the revoked-record prefix. Returns 0 when recorded, else the
@@ -399,7 +401,15 @@ def _stored(raw: bytes | str) -> StoredDecision:
 
 
 def _release(raw: bytes | str | None) -> Release | None:
-    return Release.from_json(json.loads(raw)) if raw else None
+    return _parsed_release(raw) if raw else None
+
+
+@functools.lru_cache(maxsize=RELEASES_PARSED)
+def _parsed_release(raw: bytes | str) -> Release:
+    """A stored release's value, parsed once per process: a release never changes (``publish``
+    writes a release id once) and ``Release`` is frozen, so one parsed value serves every request
+    that reads the same bytes (each request reads its alias's current release)."""
+    return Release.from_json(json.loads(raw))
 
 
 def _text(value: bytes | str) -> str:
