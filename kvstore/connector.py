@@ -669,7 +669,7 @@ class ZumikKVConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         """Copy this step's new blocks out of the paged cache (in the step: vLLM may reuse them
-        once it ends) and hand them to the write-behind thread; never waits on a tier."""
+        once it ends) and hand them to the write-behind queue (the store process); never waits on a tier."""
         meta = self._get_connector_metadata()
         if not isinstance(meta, ZumikConnectorMetadata):
             raise TypeError(f"ZumikKVConnector was bound {type(meta).__name__}, not its own metadata")

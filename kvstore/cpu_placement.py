@@ -4,19 +4,20 @@ vLLM's CPU backend binds each rank's OpenMP threads (the forward) to a list of c
 ``reserve_cpu_num`` cores to the engine core, the API server and other threads. With any KV
 connector configured it reserves one more core per rank, for the transfer threads of NIXL's
 prefill/decode split (``vllm/utils/ompmultiprocessing.py``). Zumik's connector has no such
-threads: loads run in the step, stores on one write-behind thread. So:
+threads: loads run in the step, stores in one store process (``store_process.py``). So:
 
 - ``engine_environment`` pins the reservation to what vLLM reserves without a connector (one
   core per local rank on x86, Arm and RISC-V). On a 2-core node vLLM's extra core would leave
   no core reserved at all, the forward's threads on both cores beside the busy engine core: about
   5 ms more per short request than the same engine without a connector
   (``zumik bench overhead``, docs/benchmarks.md).
-- ``spare_cpus`` names the cores the forward's threads are not bound to, where the write-behind
-  thread runs (it would otherwise inherit the worker's binding, the forward's first core).
+- ``spare_cpus`` names the cores the forward's threads are not bound to, where the store process
+  (or the write-behind thread) and its hand-over threads run (they would otherwise inherit the
+  worker's binding, the forward's first core).
 
     cores:      0    1    2    3
     forward     ✓    ✓    ✓    ·      OMP threads, bound by vLLM
-    reserved    ·    ·    ·    ✓      engine core, API server, the write-behind thread
+    reserved    ·    ·    ·    ✓      engine core, API server, the store process
 """
 
 from __future__ import annotations
