@@ -4,7 +4,8 @@ Invariants held here:
 - what vLLM's own publisher (``ZmqEventPublisher``, as the engine core runs it) sends on an IPC
   endpoint reaches the owner's ``deliver`` as ``KvEvent`` values: stored and removed blocks
   named as residency names them (``block_hashes.event_key`` of the event's 64-bit hashes, in
-  the event's order), a cleared cache as ``cleared``, events published together in one batch;
+  the event's order), a cleared cache as ``cleared``, events published together in one batch,
+  and messages published within ``KV_EVENTS_BATCH_S`` of each other in one delivery, in order;
 - a message that does not decode is skipped and the next one still arrives; a batch the owner
   fails to take is dropped and the next batch is still delivered;
 - with the engine's replay endpoint, what it published before the forwarder subscribed and any
@@ -168,6 +169,36 @@ async def test_a_bad_message_or_a_failed_delivery_never_stops_forwarding(
         send(batch(2, 3))
         await until(lambda: bool(owner.batches))
         assert owner.events() == [KvEvent("r0", stored=(event_key(2), event_key(3)))]
+    finally:
+        socket.close(linger=0)
+
+
+async def test_messages_published_within_the_batch_time_reach_the_owner_in_one_delivery(
+    endpoint: str, forwarding: Callable[[Owner], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replica_module, "KV_EVENTS_BATCH_S", 1.0)
+    socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
+    socket.bind(endpoint)
+    encoder = msgspec.msgpack.Encoder()
+    seq = iter(range(1_000_000))
+
+    def send(*hashes: int) -> None:
+        events = KVEventBatch(ts=time.time(), events=[stored(list(hashes))])
+        socket.send_multipart(
+            [KV_EVENTS_TOPIC.encode(), next(seq).to_bytes(8, "big"), encoder.encode(events)]
+        )
+
+    owner = Owner()
+    forwarding(owner)
+    try:
+        await until(lambda: bool(owner.batches), lambda: send(1))  # connected
+        await asyncio.sleep(1.5)  # the probes still under way are delivered
+        owner.batches.clear()
+        for h in range(10, 15):
+            send(h)
+        await until(lambda: bool(owner.batches))
+        await asyncio.sleep(1.5)  # no second delivery follows
+        assert owner.batches == [[KvEvent("r0", stored=(event_key(h),)) for h in range(10, 15)]]
     finally:
         socket.close(linger=0)
 

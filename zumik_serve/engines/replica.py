@@ -47,7 +47,10 @@ from zumik_serve.routing.block_hashes import HASH_ALGO, event_key
 from zumik_serve.routing.owner import KvEvent
 
 KV_EVENTS_TOPIC = "zumik-kv"
-KV_EVENTS_BATCH_S = 0.1  # events are sent to the owner at most this often (each call costs CPU)
+# Events go to the owner at most this often: each delivery is a Serve call costing both sides
+# several ms of CPU, and an eviction reaches the owner at most this late (the gateways' record
+# of their sends stands meanwhile). 0.1 s cost about twice the calls, for the same capture.
+KV_EVENTS_BATCH_S = 0.5
 KV_REPLAY_TIMEOUT_S = 2.0  # an engine's replay socket that does not answer within this is skipped
 REPLAY_END = (-1).to_bytes(8, "big", signed=True)  # vLLM's ZmqEventPublisher.END_SEQ
 OWNER_DEPLOYMENT = "SchedulerOwner"
@@ -256,12 +259,15 @@ async def forward_kv_events(
     endpoint: str, replica: str, deliver: Deliver, *, replay: str | None = None
 ) -> None:
     """Subscribe to the engine's events on ``endpoint`` and hand them to ``deliver`` in batches:
-    the first event of a batch waits at most ``KV_EVENTS_BATCH_S`` for others. With ``replay``
-    (the engine's replay endpoint) what was published before the subscription and any range a
-    gap in the sequence numbers shows is fetched from the engine's buffer first, in order, each
-    message once. A message that does not decode is skipped (logged); a batch ``deliver`` fails
-    on is lost (logged): the gateways' record of sends stays, and later events correct the
-    owner's view."""
+    a batch is what the engine published from one message on until ``KV_EVENTS_BATCH_S`` later.
+    The forwarder wakes once per batch, not per message: it waits for the first message, sleeps
+    while the socket queues the others, then takes every queued message at once (what overflows
+    the socket's queue meanwhile is a gap, caught up as below). With ``replay`` (the engine's
+    replay endpoint) what was published before the subscription and any range a gap in the
+    sequence numbers shows is fetched from the engine's buffer first, in order, each message
+    once. A message that does not decode is skipped (logged); a batch ``deliver`` fails on is
+    lost (logged): the gateways' record of sends stays, and later events correct the owner's
+    view."""
     import msgspec
     import zmq
     import zmq.asyncio
@@ -271,16 +277,13 @@ async def forward_kv_events(
     socket = zmq.asyncio.Context.instance().socket(zmq.SUB)
     socket.connect(endpoint)
     socket.setsockopt_string(zmq.SUBSCRIBE, KV_EVENTS_TOPIC)
-    loop = asyncio.get_running_loop()
+    queued: zmq.Socket[bytes] = zmq.Socket.shadow(socket.underlying)  # the same socket, no event loop
     pending: list[KvEvent] = []
-    flush_at: float | None = None
     last_seq: int | None = None
 
     def take(seq: int | None, events: list[KvEvent]) -> None:
-        nonlocal last_seq, flush_at
+        nonlocal last_seq
         last_seq = seq if seq is not None else last_seq
-        if events and flush_at is None:
-            flush_at = loop.time() + KV_EVENTS_BATCH_S
         pending.extend(events)
 
     async def catch_up(start: int, before: int | None) -> None:
@@ -299,12 +302,10 @@ async def forward_kv_events(
         if replay is not None:
             await catch_up(0, None)  # what the engine published before this subscription
         while True:
-            wait_s = None if flush_at is None else flush_at - loop.time()
-            # Never a receive that a timeout cancels: poll, then take what is there.
-            if (wait_s is None or wait_s > 0) and await socket.poll(
-                None if wait_s is None else wait_s * 1000
-            ):
-                frames = await socket.recv_multipart()
+            if not pending:
+                await socket.poll()  # the first message of the next batch (a poll: never a lost receive)
+            await asyncio.sleep(KV_EVENTS_BATCH_S)  # the rest of the batch queues meanwhile
+            while (frames := _queued_message(queued)) is not None:
                 seq, events = _decoded(frames, decoder, replica)
                 if seq is not None and last_seq is not None and seq <= last_seq:
                     continue  # taken from a replay already
@@ -313,14 +314,25 @@ async def forward_kv_events(
                 elif seq is not None and last_seq is None and seq > 0 and replay is not None:
                     await catch_up(0, seq)  # the first replay found the engine silent, or not bound
                 take(seq, events)
+            if not pending:
                 continue
-            batch, pending, flush_at = pending, [], None
+            batch, pending = pending, []
             try:
                 await deliver(batch)
             except Exception as exc:  # the owner restarts: these events are lost, the sends stay
                 log.warning("KV events not delivered (%s: %s)", type(exc).__name__, exc)
     finally:
         socket.close(linger=0)
+
+
+def _queued_message(socket: Any) -> list[bytes] | None:
+    """The next message the socket holds already, or None when it holds none."""
+    import zmq
+
+    try:
+        return socket.recv_multipart(zmq.NOBLOCK)
+    except zmq.Again:
+        return None
 
 
 async def replay_kv_events(
