@@ -32,7 +32,6 @@ children of daemonic processes.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
@@ -52,7 +51,7 @@ from typing import Any
 from kvstore.cpu_placement import move_this_thread
 from kvstore.manager import TierManager
 from kvstore.tier import Tier, TierEvent, TierEventKind, TierUsage
-from kvstore.write_behind import StoreBatch, write_batch
+from kvstore.write_behind import StoreBatch, StoreQueue, write_batch
 
 logger = logging.getLogger("vllm.zumik.kvstore")
 
@@ -93,7 +92,7 @@ class _Child:
     gone: bool = False  # its batches are accounted for: by ``_lost`` or by ``close``
 
 
-class StoreProcess:
+class StoreProcess(StoreQueue):
     def __init__(
         self,
         manager: TierManager,
@@ -108,60 +107,21 @@ class StoreProcess:
         """``manager``: this process's, where the child's tier events are recorded (its
         ``take_events`` feeds the connector's stats); ``config``: the connector's, from which
         the child builds its own tiers."""
-        if max_pending_bytes <= 0:
-            raise ValueError("max_pending_bytes must be positive")
-        self.manager = manager
-        self.cpus = cpus
-        self.max_pending_bytes = max_pending_bytes
+        super().__init__(manager, max_pending_bytes=max_pending_bytes, usage_every_s=usage_every_s, cpus=cpus)
         self._config = dict(config)
-        self._usage_every_s = usage_every_s
         self._niceness = niceness
         self._restart_after_s = restart_after_s
-        self._queue: deque[StoreBatch] = deque()
-        self._pending_bytes = 0  # queued, being sent, and sent until reported written
-        self._sending: StoreBatch | None = None
-        self._closed = False
-        self._changed = threading.Condition()
+        self._sending: StoreBatch | None = None  # pending bytes: queued, being sent, sent until written
         self._sender: threading.Thread | None = None
         self._child: _Child | None = None
         self._children: list[_Child] = []  # every child started, for close
         self._next_start = float("-inf")
-        self._usage: tuple[TierUsage, ...] = ()
-
-    @property
-    def pending_bytes(self) -> int:
-        with self._changed:
-            return self._pending_bytes
-
-    @property
-    def usage(self) -> tuple[TierUsage, ...]:
-        """The tiers' occupancy as last measured by the store process (no I/O here)."""
-        return self._usage
 
     @property
     def pid(self) -> int | None:
         """The current store process's pid (None: none running)."""
         child = self._child
         return None if child is None else child.process.pid
-
-    def submit(self, batch: StoreBatch) -> bool:
-        """Queue ``batch`` for the store process and return at once; False (and a dropped
-        event) when the queue has no room for it or the writer was closed."""
-        with self._changed:
-            accepted = not self._closed and self._pending_bytes + batch.num_bytes <= self.max_pending_bytes
-            if accepted:
-                self._queue.append(batch)
-                self._pending_bytes += batch.num_bytes
-                self._changed.notify_all()
-                if self._sender is None:
-                    self._sender = threading.Thread(
-                        target=self._send_loop, name="zumik-kv-sender", daemon=True
-                    )
-                    self._sender.start()
-                    atexit.register(self.close)
-        if not accepted:
-            self._dropped(len(batch.addresses), batch.num_bytes, "write-behind queue full")
-        return accepted
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every batch taken so far is written (or lost with its process, counted);
@@ -207,13 +167,13 @@ class StoreProcess:
             child.sock.close()
         if self._sender is not None:
             self._sender.join(max(deadline - time.monotonic(), 1.0))
-        blocks = sum(len(batch.addresses) for batch in left)
-        if blocks:
-            self._dropped(blocks, sum(batch.num_bytes for batch in left), "shutdown")
-            logger.warning("zumik kv: %d block(s) not stored before shutdown (tiers too slow)", blocks)
-        return blocks
+        return self._left_at_shutdown(left)
 
     # --- the parent's threads ---------------------------------------------------------------
+
+    def _begin(self) -> None:
+        self._sender = threading.Thread(target=self._send_loop, name="zumik-kv-sender", daemon=True)
+        self._sender.start()
 
     def _send_loop(self) -> None:
         move_this_thread(self.cpus)
@@ -341,9 +301,6 @@ class StoreProcess:
         with self._changed:
             self._pending_bytes -= num_bytes
             self._changed.notify_all()
-
-    def _dropped(self, blocks: int, num_bytes: int, why: str) -> None:
-        self.manager.record(TierEvent(TierEventKind.DROPPED, Tier.ENGINE, blocks, num_bytes, why))
 
 
 # --- the wire: a pickle with its out-of-band buffers, length-prefixed ----------------------------

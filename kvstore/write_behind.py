@@ -25,6 +25,7 @@ child process instead. A batch for it must pickle: ``EncodeBlocks`` and ``Values
 
 from __future__ import annotations
 
+import abc
 import atexit
 import logging
 import threading
@@ -32,7 +33,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
@@ -80,26 +80,13 @@ class Values:
         return self.values[index]
 
 
-class StoreQueue(Protocol):
+class StoreQueue(abc.ABC):
     """What the connector hands stores to (``WriteBehind``, ``store_process.StoreProcess``):
     ``submit`` never waits and drops a batch that does not fit whole (counted); ``flush`` waits
     for what was taken; ``close`` takes no more, waits at most ``timeout_s`` and counts what is
-    left; ``usage`` is the last occupancy measured off the step."""
+    left; ``usage`` is the last occupancy measured off the step. The bounded queue is here;
+    a subclass writes what it holds (``_begin`` starts its writer at the first batch taken)."""
 
-    @property
-    def pending_bytes(self) -> int: ...
-
-    @property
-    def usage(self) -> tuple[TierUsage, ...]: ...
-
-    def submit(self, batch: StoreBatch) -> bool: ...
-
-    def flush(self, timeout_s: float | None = None) -> bool: ...
-
-    def close(self, timeout_s: float = 30.0) -> int: ...
-
-
-class WriteBehind:
     def __init__(
         self,
         manager: TierManager,
@@ -111,17 +98,15 @@ class WriteBehind:
         if max_pending_bytes <= 0:
             raise ValueError("max_pending_bytes must be positive")
         self.manager = manager
-        self.cpus = cpus  # where the thread runs (None: where the thread that starts it does)
+        self.cpus = cpus  # where the writer runs (None: where the thread that starts it does)
         self.max_pending_bytes = max_pending_bytes
         self._usage_every_s = usage_every_s
         self._queue: deque[StoreBatch] = deque()
-        self._pending_bytes = 0  # queued plus the batch being written
-        self._busy = False
+        self._pending_bytes = 0  # taken and not yet written (or counted as dropped)
         self._closed = False
         self._changed = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._begun = False
         self._usage: tuple[TierUsage, ...] = ()
-        self._usage_at = float("-inf")
 
     @property
     def pending_bytes(self) -> int:
@@ -130,24 +115,55 @@ class WriteBehind:
 
     @property
     def usage(self) -> tuple[TierUsage, ...]:
-        """The tiers' occupancy as last measured by the writer thread (no I/O here); the same
-        object until the next measurement."""
+        """The tiers' occupancy as last measured by the writer (no I/O here); the same object
+        until the next measurement."""
         return self._usage
 
     def submit(self, batch: StoreBatch) -> bool:
-        """Queue ``batch`` for the writer thread and return at once; False (and a dropped
-        event) when the queue has no room for it or the writer was closed."""
+        """Queue ``batch`` for the writer and return at once; False (and a dropped event) when
+        the queue has no room for it or the writer was closed."""
         with self._changed:
             accepted = not self._closed and self._pending_bytes + batch.num_bytes <= self.max_pending_bytes
             if accepted:
                 self._queue.append(batch)
                 self._pending_bytes += batch.num_bytes
                 self._changed.notify_all()
-                if self._thread is None:
-                    self._start()
+                if not self._begun:
+                    self._begun = True
+                    self._begin()
+                    atexit.register(self.close)
         if not accepted:
             self._dropped(len(batch.addresses), batch.num_bytes, "write-behind queue full")
         return accepted
+
+    @abc.abstractmethod
+    def flush(self, timeout_s: float | None = None) -> bool: ...
+
+    @abc.abstractmethod
+    def close(self, timeout_s: float = 30.0) -> int: ...
+
+    @abc.abstractmethod
+    def _begin(self) -> None:
+        """Start the writer (called once, holding the queue's lock, at the first batch taken)."""
+
+    def _dropped(self, blocks: int, num_bytes: int, why: str) -> None:
+        self.manager.record(TierEvent(TierEventKind.DROPPED, Tier.ENGINE, blocks, num_bytes, why))
+
+    def _left_at_shutdown(self, left: list[StoreBatch]) -> int:
+        """Count ``left`` (taken, not written when ``close`` gave up) as dropped; its blocks."""
+        blocks = sum(len(batch.addresses) for batch in left)
+        if blocks:
+            self._dropped(blocks, sum(batch.num_bytes for batch in left), "shutdown")
+            logger.warning("zumik kv: %d block(s) not stored before shutdown (tiers too slow)", blocks)
+        return blocks
+
+
+class WriteBehind(StoreQueue):
+    """The writer on a thread of this process (``StoreQueue``'s constructor)."""
+
+    _busy = False  # a batch taken off the queue is being written
+    _thread: threading.Thread | None = None
+    _usage_at = float("-inf")  # when the tiers were last measured
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every batch taken so far is written; False if ``timeout_s`` passed first."""
@@ -169,16 +185,11 @@ class WriteBehind:
             for batch in left:
                 self._pending_bytes -= batch.num_bytes
             self._changed.notify_all()
-        blocks = sum(len(batch.addresses) for batch in left)
-        if blocks:
-            self._dropped(blocks, sum(batch.num_bytes for batch in left), "shutdown")
-            logger.warning("zumik kv: %d block(s) not stored before shutdown (tiers too slow)", blocks)
-        return blocks
+        return self._left_at_shutdown(left)
 
-    def _start(self) -> None:
+    def _begin(self) -> None:
         self._thread = threading.Thread(target=self._run, name="zumik-kv-writer", daemon=True)
         self._thread.start()
-        atexit.register(self.close)
 
     def _run(self) -> None:
         move_this_thread(self.cpus)
@@ -208,9 +219,6 @@ class WriteBehind:
             self._usage = tuple(self.manager.usage())
         except Exception:  # occupancy is a metric: never worth the thread
             logger.exception("zumik kv: measuring the tiers failed")
-
-    def _dropped(self, blocks: int, num_bytes: int, why: str) -> None:
-        self.manager.record(TierEvent(TierEventKind.DROPPED, Tier.ENGINE, blocks, num_bytes, why))
 
 
 def write_batch(manager: TierManager, batch: StoreBatch) -> None:
