@@ -2,6 +2,9 @@
 
 Callers outside the store modules never see a ``RedisError``: ``guard`` turns an outage into
 ``StoreUnavailableError`` (503 with ``Retry-After``), and logs the Redis error's class (no data).
+Every command and pipeline of the gateway's client ends within ``COMMAND_TIMEOUT_S``, whoever
+calls it: a hung Redis is a ``redis.exceptions.TimeoutError`` (a ``RedisError``), never a request
+that waits forever.
 A refused user is a misconfiguration, not an outage: ``check_access`` stops a deployment at
 start with what to check, and ``guard`` logs the same advice should it happen later (a password
 rotated in Redis but not in the gateway).
@@ -9,16 +12,19 @@ rotated in Redis but not in the gateway).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from zumik_serve.errors import StoreUnavailableError
@@ -29,11 +35,19 @@ T = TypeVar("T")
 
 GATEWAY_POOL_CONNECTIONS = 48
 STALE_CONNECTION_RETRIES = 1
+COMMAND_TIMEOUT_S = 15.0  # a command or pipeline, from the wait for a pooled connection to its reply
 
 
 def gateway_client(url: str) -> aioredis.Redis:
     """A client over a bounded pool that requests wait on: with admission (not Serve) bounding
     concurrency, a burst would otherwise open a connection per request at once and time out.
+
+    A hung Redis is bounded by one ``asyncio.timeout`` per command or pipeline
+    (``COMMAND_TIMEOUT_S``, the wait for a pooled connection included), not by the connections'
+    ``socket_timeout``: on Python 3.11 redis-py runs every send under ``asyncio.wait_for``
+    when a socket timeout is set, a task per command: about a tenth of the Python calls a
+    request makes. A command cut off by the bound is cancelled, and redis-py closes a connection
+    whose send or read was interrupted, so no later command reads the late reply.
 
     After a Redis restart every pooled connection is stale. Its first use fails (the health
     check's ping, or the command itself, meets a closed socket), so a connection error is tried
@@ -48,14 +62,62 @@ def gateway_client(url: str) -> aioredis.Redis:
     leave an error for the connection's next command to read.
     """
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=GATEWAY_POOL_CONNECTIONS, timeout=30,
-        socket_timeout=15.0, socket_connect_timeout=5.0,  # a refused connection still fails at once
+        url, max_connections=GATEWAY_POOL_CONNECTIONS, timeout=None,  # bounded by COMMAND_TIMEOUT_S
+        socket_timeout=None, socket_connect_timeout=5.0,  # a refused connection still fails at once
         health_check_interval=2,  # a pooled connection idle 2 s is pinged first (stale after a restart)
         retry=Retry(NoBackoff(), STALE_CONNECTION_RETRIES, supported_errors=(RedisConnectionError,)),
         driver_info=None,  # no CLIENT SETINFO (see above)
         maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )  # fmt: skip
-    return aioredis.Redis(connection_pool=pool)
+    return BoundedRedis(connection_pool=pool)
+
+
+class BoundedRedis(aioredis.Redis):
+    """A client whose every command (scripts included) and pipeline ends within
+    ``COMMAND_TIMEOUT_S``, or raises ``redis.exceptions.TimeoutError``."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                return await super().execute_command(*args, **options)
+        except TimeoutError:
+            raise _timed_out(args[0]) from None
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        return BoundedPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+class BoundedPipeline(Pipeline):
+    """A pipeline whose execution, and each command run at once while it watches keys, ends
+    within ``COMMAND_TIMEOUT_S``."""
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                return await super().execute(raise_on_error)
+        except TimeoutError:
+            raise _timed_out("pipeline") from None
+
+    async def immediate_execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                return await super().immediate_execute_command(*args, **options)
+        except TimeoutError:
+            raise _timed_out(args[0]) from None
+
+    async def reset(self) -> None:  # type: ignore[override]  # Pipeline's, not the RESET command
+        if not self.watching:  # nothing to send: the connection goes back to the pool
+            return await super().reset()
+        try:  # an UNWATCH, on a connection a timed-out command left closed perhaps
+            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                await super().reset()
+        except TimeoutError:
+            raise _timed_out("UNWATCH") from None
+
+
+def _timed_out(what: object) -> RedisTimeoutError:
+    name = what.decode(errors="replace") if isinstance(what, bytes) else str(what)
+    return RedisTimeoutError(f"Redis did not answer {name[:40]} within {COMMAND_TIMEOUT_S:g} s")
 
 
 def check_access(url: str, *, timeout_s: float = 5.0) -> None:
