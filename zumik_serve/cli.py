@@ -179,7 +179,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     routing.add_argument(
         "--arms", default="rr-cache,zumik,zumik-scaling",
-        help="comma-separated, of rr-nocache (the floor), rr-cache, zumik, zumik-scaling",
+        help="comma-separated, of rr-nocache (the floor), rr-cache, zumik, zumik-scaling, zumik-text-chat",
+    )  # fmt: skip
+    routing.add_argument(
+        "--api", choices=("completions", "chat"), default="completions",
+        help="send the workloads as token ids on /v1/completions, or as conversations on "
+        "/v1/chat/completions (arm zumik-text-chat: chat prompts with text keys)",
     )  # fmt: skip
     routing.add_argument("--mooncake-requests", type=int, default=400, help="requests of the Mooncake slice")
     routing.add_argument(

@@ -9,7 +9,9 @@
   both replicas;
 - another tenant cannot read a tenant's decisions or aliases.
 - the replica group (one Serve deployment, Zumik's RequestRouter) publishes vLLM KV events to
-  the profile's scheduler owner, naming the very block hashes the gateway computed.
+  the profile's scheduler owner, naming the very block hashes the gateway computed: for /v2's
+  token ids, and for a /v1 chat request through the official client (the gateway renders and
+  tokenizes it as vLLM does, ``engines/chat_prompt.py``).
 
 This module replaces the shared stack's app, so it runs after every other integration test.
 """
@@ -247,6 +249,97 @@ def test_the_serving_replicas_engine_reports_the_blocks_of_its_prompt(
     after = owner.stats.remote().result()
     assert after["belief_checked"] > before["belief_checked"]  # the send was checked against them
     assert after["belief_wrong"] == before["belief_wrong"], (before, after)
+
+
+def test_a_chat_requests_keys_are_the_blocks_its_engine_reports(
+    two_replicas: RunningStack, provider: VllmProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A /v1 chat request (the official ``openai`` client, the agent shape: a system prompt and
+    a user turn) served by a replica of the group: the keys the gateway sent it with are the
+    engine's own, so every full block of the prompt vLLM built is in the owner's residency of
+    that replica by its engine's events, and the send is checked against them
+    (``belief_checked``: only engine-keyed sends can be); the next turn over the same
+    conversation goes to the same replica and finds its prefix cached."""
+    from ray import serve
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import sha256_cbor
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash, maybe_convert_block_hash
+    from vllm.v1.request import Request
+
+    from zumik_serve.engines.hf_tokenizer import HfChatTokenizer
+    from zumik_serve.engines.vllm_args import chat_content_format
+    from zumik_serve.model.resolve import resolve_model_dir
+    from zumik_serve.routing.block_hashes import event_key
+    from zumik_serve.secret_files import secrets_dir
+    from zumik_serve.server_secrets import load_server_secrets
+    from zumik_serve.tenancy.tenant import TenantId, cache_salt
+
+    provider.stop()  # the managed route away: /v1 falls back to the group's replicas
+    profile = load_builtin("local-cpu-2x")
+    block_size = profile.engine.block_size
+    tenant_id, key = asyncio.run(
+        _create_tenant_with_id(two_replicas.redis_url, f"chat-{uuid.uuid4().hex[:8]}")
+    )
+    salt = cache_salt(
+        load_server_secrets(secrets_dir(two_replicas.home)).cache_salt_secret, TenantId(tenant_id), 0
+    )
+    model_dir = resolve_model_dir(profile, two_replicas.home)
+    tokenizer = HfChatTokenizer(
+        model_dir, chat_content_format=chat_content_format(model_dir, profile.engine.vllm_args)
+    )
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    init_none_hash(sha256_cbor)
+
+    def engine_keys(messages: list[dict[str, str]]) -> list[str]:
+        tokens = tokenizer.encode_engine_chat({"messages": messages})
+        assert isinstance(tokens, list)
+        request = Request(
+            request_id="r", prompt_token_ids=tokens, sampling_params=SamplingParams(max_tokens=1),
+            pooling_params=None, cache_salt=salt,
+            block_hasher=get_request_block_hasher(block_size, sha256_cbor),
+        )  # fmt: skip
+        return [event_key(maybe_convert_block_hash(block_hash)) for block_hash in request.block_hashes]
+
+    owner = serve.get_deployment_handle("SchedulerOwner", "zumik")
+    sdk = openai.OpenAI(base_url=f"{two_replicas.url}/v1", api_key=key, max_retries=0, timeout=180)
+    messages = [
+        {"role": "system", "content": f"{uuid.uuid4()} You triage the support queue of a bike shop. " * 12},
+        {"role": "user", "content": "My chain skips on the third gear."},
+    ]
+    before = owner.stats.remote().result()
+    raw = sdk.chat.completions.with_raw_response.create(
+        model=two_replicas.model, messages=messages, max_tokens=1
+    )
+    route = raw.headers["x-zumik-route"]
+    assert route.startswith("byoc:"), route
+    replica = route.split(":", 1)[1]
+    keys = engine_keys(messages)
+    assert len(keys) >= 8 and raw.parse().usage.prompt_tokens // block_size == len(keys)
+    for _ in range(300):  # the engine's events for this prompt reached the owner
+        held = set(owner.engine_residency.remote(replica).result())
+        if set(keys) <= held:
+            break
+        time.sleep(0.1)
+    assert set(keys) <= held, f"{len(set(keys) - held)} of {len(keys)} blocks not reported"
+
+    turn = [
+        *messages,
+        {"role": "assistant", "content": "Check the hanger."},
+        {"role": "user", "content": "How?"},
+    ]
+    again = sdk.chat.completions.with_raw_response.create(
+        model=two_replicas.model, messages=turn, max_tokens=1
+    )
+    assert again.headers["x-zumik-route"] == route  # the conversation's prefix lives there
+    usage = again.parse().usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens >= len(keys) * block_size - block_size
+    for _ in range(100):  # the gateways report their sends every 20 ms
+        after = owner.stats.remote().result()
+        if after["belief_checked"] >= before["belief_checked"] + 2:
+            break
+        time.sleep(0.1)
+    assert after["belief_checked"] >= before["belief_checked"] + 2, (before, after)  # engine-keyed sends
 
 
 async def _create_tenant_with_id(redis_url: str, name: str) -> tuple[str, str]:

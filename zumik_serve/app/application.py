@@ -27,7 +27,7 @@ from zumik_serve.app.priority import with_niceness
 from zumik_serve.app.request_router import zumik_router_config
 from zumik_serve.app.scheduler_actor import SchedulerOwner
 from zumik_serve.engines.replica import EngineReplica, with_kv_events
-from zumik_serve.engines.vllm_args import engine_kwargs_for_vllm, parse_vllm_args
+from zumik_serve.engines.vllm_args import chat_content_format, engine_kwargs_for_vllm, parse_vllm_args
 from zumik_serve.engines.vllm_config import engine_kv_transfer, llm_config_kwargs
 from zumik_serve.home import ZumikHome
 from zumik_serve.model.resolve import resolve_adapter, resolve_source
@@ -171,6 +171,12 @@ def _profile_parts(
         dev_key=dev_key,
         tokenizer_dirs={group.model.served_name: str(g.tokenizer_dir) for group, g in paired},
         secrets_dir=str(secrets_dir(home)),
+        engine_kv_events=ENGINE_KV_EVENTS and grouped,
+        chat_content_format=(
+            chat_content_format(first.tokenizer_dir, profile.engine.vllm_args)
+            if ENGINE_KV_EVENTS and grouped
+            else None
+        ),
     )
     engine_deployment: Any = serve.deployment(EngineReplica)
     # Every group after the first: one deployment (of its num_replicas), reached by handle.

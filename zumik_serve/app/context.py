@@ -14,6 +14,7 @@ from kvstore.tiers.build import build_tiers
 from profiles import Profile
 from profiles.model import RouteKind, group_served_names
 from zumik_serve.api.app import App, build_app
+from zumik_serve.engines.chat_prompt import ContentFormat
 from zumik_serve.engines.hf_tokenizer import HfChatTokenizer
 from zumik_serve.engines.models import ServedModels, model_cards
 from zumik_serve.engines.protocol import EngineClient
@@ -82,6 +83,11 @@ class GatewaySettings:
     # Where the server's secrets are read from (server_secrets.py); "": $ZUMIK_SECRETS_DIR, else
     # $ZUMIK_HOME/secrets, of this process.
     secrets_dir: str = ""
+    # The first group's engines report KV events (``application.py`` ``ENGINE_KV_EVENTS``): its
+    # scheduler keys chat prompts by the engine's block hashes too, rebuilt with the content
+    # format its vLLM renders the template with (``engines/vllm_args.py``; None: not rebuilt).
+    engine_kv_events: bool = False
+    chat_content_format: ContentFormat | None = None
 
     def __repr__(self) -> str:  # the dev key and Redis password must never reach a log line
         return (
@@ -212,9 +218,13 @@ def build_context(
     decisions = _DecisionSink(routing_store)
     reach = _ReachSink(routing_store)
 
-    def dispatcher_of(group_profile: Profile, replicas: dict[str, EngineClient]) -> Dispatcher:
+    def dispatcher_of(
+        group_profile: Profile, replicas: dict[str, EngineClient], *, engine_events: bool = False
+    ) -> Dispatcher:
         byoc = [route.name for route in group_profile.effective_routes() if route.kind is RouteKind.BYOC]
-        scheduler = ProfileScheduler(group_profile, replicas={name: sorted(replicas) for name in byoc[:1]})
+        scheduler = ProfileScheduler(
+            group_profile, replicas={name: sorted(replicas) for name in byoc[:1]}, engine_events=engine_events
+        )
         return Dispatcher(
             scheduler,
             engines=replicas,
@@ -224,7 +234,7 @@ def build_context(
             metrics=metrics.decisions,
         )
 
-    dispatcher = dispatcher_of(profile, engines)
+    dispatcher = dispatcher_of(profile, engines, engine_events=settings.engine_kv_events)
     groups = profile.model_groups()
     dispatchers = {name: dispatcher for name in group_served_names(groups[0])}
     for group in groups[1:]:
@@ -265,7 +275,8 @@ def build_context(
                 settings.model_created_s,
             ),
             tokenizer_factory=lambda model: HfChatTokenizer(
-                Path(tokenizer_dirs.get(model, settings.model_dir))
+                Path(tokenizer_dirs.get(model, settings.model_dir)),
+                chat_content_format=settings.chat_content_format if model == settings.served_model else None,
             ),
         ),
         authenticator=Authenticator(tenants, dev_key=settings.dev_key),

@@ -11,9 +11,12 @@ sequences, each on freshly started engines:
     zumik          Zumik's scheduler: prefix residency and load    (``routing.replica_choice``)
     zumik-scaling  Zumik's scheduler while Serve's autoscaler removes a replica and adds one
                    (``bench/routing_scaling.py``)
+    zumik-text-chat  Zumik's scheduler with text keys for chat prompts (``--api chat``:
+                   ``bench/routing_chat.py``)
 
 Workloads (token-id prompts on ``/v1/completions``, so that sharing is exact and the ideal is
-computable from the workload itself; ``--seed`` makes them identical across runs):
+computable from the workload itself; ``--seed`` makes them identical across runs; with
+``--api chat`` each as conversations on ``/v1/chat/completions``, ``bench/routing_chat.py``):
 
     no_reuse        unique prompts (the control: throughput must not drop)
     shared_prefix   groups sharing a long prefix, interleaved across groups
@@ -56,6 +59,13 @@ import httpx
 from profiles import Profile, load_builtin
 from zumik_serve.api.headers import PROFILE as PROFILE_HEADER
 from zumik_serve.bench import cpu_share
+from zumik_serve.bench.routing_chat import (
+    TEXT_CHAT_ARM,
+    TEXT_CHAT_VLLM_ARGS,
+    Messages,
+    chat_workloads,
+    stream_chat,
+)
 from zumik_serve.bench.routing_cluster import (
     cluster_figures,
     owners_table,
@@ -70,13 +80,14 @@ from zumik_serve.bench.routing_cluster import (
 if TYPE_CHECKING:
     from zumik_serve.bench.routing_scaling import ScalingRun
 
-ARMS = ("rr-nocache", "rr-cache", "zumik", "zumik-scaling")
+ARMS = ("rr-nocache", "rr-cache", "zumik", "zumik-scaling", TEXT_CHAT_ARM)
 WORKLOADS = ("no_reuse", "shared_prefix", "agent_sessions", "mooncake")
 VOCAB = (10, 1000)  # token ids drawn from here: plain tokens of the tiny model
 DECISION_LENGTHS = (1024, 2048, 4096, 8192)
 # The bench's engines take 2,048 tokens (``local-cpu-2x``'s max_model_len); a session's prompt
 # stays below, with room for the answer.
 SESSION_MAX_PROMPT_TOKENS = 2000
+CHAT_SESSION_MAX_PROMPT_TOKENS = 1400  # --api chat: its conversations' ids stay below 2,048
 BENCH_MAX_QUEUED = 100_000  # the standard class's queue in each arm's gateways: never full
 BENCH_QUEUE_TIMEOUT_S = 600.0  # the longest a profile allows
 AGENT_SESSIONS = 12  # agent_sessions' working set: more than a replica's KV, less than the group's
@@ -260,6 +271,18 @@ def kv_block_bytes(model_dir: Path, block_size: int, dtype_bytes: int = 2) -> in
     return int(config["num_hidden_layers"]) * 2 * int(heads) * int(head_dim) * block_size * dtype_bytes
 
 
+def chat_sized(workloads: dict[str, list[list[int]]], seed: int, scale: int) -> dict[str, list[list[int]]]:
+    """``workloads`` for ``--api chat``: sessions that start over earlier, as their conversations
+    take about a third more tokens than their ids (decoded and tokenized again, and each turn's
+    role tokens) and must stay within the engine's context."""
+    if "agent_sessions" not in workloads:
+        return workloads
+    sessions = agent_sessions(
+        random.Random(seed + 2), scale, max_prompt_tokens=CHAT_SESSION_MAX_PROMPT_TOKENS
+    )
+    return {**workloads, "agent_sessions": sessions}
+
+
 def make_workloads(
     seed: int, scale: int, block_size: int, trace: Path | None, *, mooncake_requests: int | None = None
 ) -> dict[str, list[list[int]]]:
@@ -293,6 +316,8 @@ def arm_profile(arm: str, *, replicas: int = 2, gateways: int = 1, kv_bytes: int
     data["engine"]["num_replicas"] = replicas
     if kv_bytes is not None:
         data["engine"]["kv_cache_memory_bytes"] = kv_bytes
+    if arm == TEXT_CHAT_ARM:  # chat prompts keep text keys (bench/routing_chat.py)
+        data["engine"]["vllm_args"] = {**(data["engine"].get("vllm_args") or {}), **TEXT_CHAT_VLLM_ARGS}
     if arm == "zumik-scaling":
         data["engine"]["autoscaling"] = {
             "min_replicas": max(1, replicas - 1), "max_replicas": replicas, "initial_replicas": replicas,
@@ -359,7 +384,7 @@ async def measure_arm(
     block_size: int, concurrency: int, on_request: Callable[[], None] = lambda: None,
     capacity_blocks: int | None = None, arrivals: list[float] | None = None,
     profile: str | None = None, transport: httpx.AsyncBaseTransport | None = None,
-    side_by_side: bool = False,
+    side_by_side: bool = False, chats: list[Messages] | None = None,
 ) -> ArmResult:  # fmt: skip
     """One arm on one workload; ``capacity_blocks``: the group's KV in blocks, for the pooled
     ideal (``pooled_ideal``). Closed loop by default: ``concurrency`` clients, each sending its
@@ -368,7 +393,9 @@ async def measure_arm(
     group slower than the offered load queues and its TTFT shows it. Either way a session's turn
     (``previous_turns``) is sent only once its previous turn has answered, and TTFT counts from
     its send. ``profile``: the ``x-zumik-profile`` to ask for (None: the stack's first);
-    ``transport``: httpx's, for tests; ``side_by_side``: noted in the result."""
+    ``transport``: httpx's, for tests; ``side_by_side``: noted in the result; ``chats``: each
+    request sent as this conversation on ``/v1/chat/completions`` (``prompts``: the token ids
+    the engine builds from it, ``bench/routing_chat.py``)."""
     ttfts: list[float] = []
     cached: list[int] = [0] * len(prompts)
     after = previous_turns(prompts)
@@ -390,9 +417,14 @@ async def measure_arm(
             previous = after[index]
             if previous is not None:
                 await answered[previous].wait()
-            ttft_ms, cached[index] = await stream_completion(
-                client, model, prompts[index], what=f"{arm}/{workload}"
-            )
+            if chats is not None:
+                ttft_ms, cached[index] = await stream_chat(
+                    client, model, chats[index], what=f"{arm}/{workload}"
+                )
+            else:
+                ttft_ms, cached[index] = await stream_completion(
+                    client, model, prompts[index], what=f"{arm}/{workload}"
+                )
             answered[index].set()
             ttfts.append(ttft_ms)
             on_request()
@@ -525,6 +557,10 @@ def run_routing_bench(args: Any, console: Any) -> int:
             "--open-loop-load needs rr-cache as the first arm (its closed-loop rate sets the load) "
             "and the zumik arm (the open loop runs the two side by side)"
         )
+    chat = getattr(args, "api", "completions") == "chat"
+    chats: dict[str, tuple[list[Messages], list[list[int]]]] = {}
+    if chat and (open_workloads or "zumik-scaling" in arms):
+        raise SystemExit("--api chat runs the closed-loop arms only (no --open-loop-load, no zumik-scaling)")
     results: list[ArmResult] = []
     owners: dict[str, dict[str, int] | None] = {}
     scaling: ScalingRun | None = None
@@ -544,7 +580,11 @@ def run_routing_bench(args: Any, console: Any) -> int:
                     results.append(scaling.result)
                     owners[arm] = owner_stats(APP_NAME)
                     continue
-                block_bytes = kv_block_bytes(resolve_model_dir(profile, home), block_size)
+                model_dir = resolve_model_dir(profile, home)
+                block_bytes = kv_block_bytes(model_dir, block_size)
+                if chat and not chats:  # the conversations, and the engine's ids of each
+                    chats = chat_workloads(chat_sized(workloads, args.seed, args.scale), model_dir)
+                    workloads = {name: ids for name, (_, ids) in chats.items()}
                 capacity_blocks = args.replicas * (shape["kv_bytes"] // block_bytes)
                 total = sum(len(prompts) for prompts in workloads.values())
                 # Each arm starts on fresh engines: a few unique prompts first, not counted, so
@@ -562,6 +602,7 @@ def run_routing_bench(args: Any, console: Any) -> int:
                             block_size=block_size, concurrency=args.concurrency,
                             on_request=functools.partial(progress.advance, task),
                             capacity_blocks=capacity_blocks,
+                            chats=chats[workload][0] if chat else None,
                         ))  # fmt: skip
                         results.append(result)
                         cpu_ms.setdefault(workload, {})[arm] = cpu_share.per_request_ms(
@@ -575,7 +616,7 @@ def run_routing_bench(args: Any, console: Any) -> int:
                             serve_rates[workload] = result.requests / result.wall_s
                 if arm.startswith("zumik"):
                     owners[arm] = owner_stats(APP_NAME)
-            if {"rr-cache", "zumik"} <= set(arms) and stack is not None:
+            if {"rr-cache", "zumik"} <= set(arms) and stack is not None and not chat:
                 results.extend(_run_side_by_side(
                     stack, dev_key, shape, workloads, open_workloads, serve_rates, open_load, args,
                     block_size, console,
@@ -588,6 +629,7 @@ def run_routing_bench(args: Any, console: Any) -> int:
     token_decisions = token_decision_times_us(arm_profile("zumik"), lengths=DECISION_LENGTHS)
     summary = {
         "seed": args.seed, "scale": args.scale, "concurrency": args.concurrency, **shape,
+        "api": "chat" if chat else "completions",
         "results": [r.to_json() for r in results],
         "figures": figures(results), "owners": owners,
         "scaling": scaling.to_json() if scaling is not None else None,

@@ -21,7 +21,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 from profiles import Profile
 from zumik_serve.routing.decision import NO_EVIDENCE
@@ -130,6 +131,62 @@ def token_decision_times_us(
         tokens = [rng.randrange(10, 30_000) for _ in range(length)]
         result[length] = time_decisions(scheduler, *timer_requests(tokens), samples=samples)
     return result
+
+
+def chat_render_times_us(
+    model_dir: Path, *, lengths: tuple[int, ...], samples: int = 30
+) -> dict[int, dict[str, float]]:
+    """What keying a /v1 chat prompt by the engine's block hashes costs the gateway before its
+    decision, by prompt length (tokens): p50 and p99 (µs) of rendering the chat template and
+    tokenizing (``HfChatTokenizer.encode_engine_chat``, the tiny model's tokenizer) for an
+    agent's conversation (a system prompt, then user and assistant turns of about
+    ``AGENT_TURN_TOKENS`` tokens each, words of the model's corpus); each sample is a new turn
+    (the last user message changed), so nothing is reused between samples. The keys then cost
+    what a token-id prompt's do (``token_decision_times_us``)."""
+    import time
+
+    from zumik_serve.engines.hf_tokenizer import HfChatTokenizer
+    from zumik_serve.engines.vllm_args import chat_content_format
+    from zumik_serve.model.tiny import CORPUS_PATH
+
+    tokenizer = HfChatTokenizer(model_dir, chat_content_format=chat_content_format(model_dir, {}))
+    words = CORPUS_PATH.read_text().split()
+    rng = random.Random(11)
+
+    def text(tokens: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(tokens // 2))
+
+    result: dict[int, dict[str, float]] = {}
+    for length in lengths:
+        messages: list[dict[str, Any]] = [{"role": "system", "content": text(AGENT_TURN_TOKENS)}]
+        while len(cast(list[int], tokenizer.encode_engine_chat({"messages": messages}))) < length:
+            role = "user" if messages[-1]["role"] != "user" else "assistant"
+            messages.append({"role": role, "content": text(AGENT_TURN_TOKENS)})
+        if messages[-1]["role"] != "user":
+            messages.append({"role": "user", "content": text(AGENT_TURN_TOKENS)})
+        times = []
+        for index in range(samples):
+            body = {"messages": [*messages[:-1], {"role": "user", "content": f"#{index} " + text(64)}]}
+            started = time.perf_counter()
+            tokenizer.encode_engine_chat(body)
+            times.append((time.perf_counter() - started) * 1e6)
+        times.sort()
+        result[length] = {
+            "p50": times[len(times) // 2],
+            "p99": times[min(len(times) - 1, len(times) * 99 // 100)],
+        }
+    return result
+
+
+def chat_table(times: dict[int, dict[str, float]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="A /v1 chat prompt's engine token ids in the gateway (template + tokenizer), µs")
+    for column in ("prompt tokens", "p50", "p99"):
+        table.add_column(column)
+    for length, row in times.items():
+        table.add_row(str(length), f"{row['p50']:.0f}", f"{row['p99']:.0f}")
+    return table
 
 
 def timer_requests(
@@ -259,18 +316,23 @@ def owners_table(arms: list[ClusterArm]) -> Any:
 def run_cluster_only(args: Any, console: Any) -> int:
     """``zumik bench routing --cluster-only``: this module's figures and both decision timers."""
     import json
+    import tempfile
 
     from zumik_serve.bench.routing import DECISION_LENGTHS, arm_profile, decision_times_us
+    from zumik_serve.model.tiny import build_tiny_model
 
     profile = arm_profile("zumik")
     arms = cluster_figures(profile, seed=args.seed)
     text = decision_times_us(profile)
     tokens = token_decision_times_us(profile, lengths=DECISION_LENGTHS)
+    with tempfile.TemporaryDirectory() as folder:
+        chat = chat_render_times_us(build_tiny_model(Path(folder) / "tiny"), lengths=DECISION_LENGTHS)
     summary = {
         "seed": args.seed,
         "cluster": [arm.to_json() for arm in arms],
         "decision_us": {str(length): times for length, times in text.items()},
         "decision_us_token_ids": {str(length): times for length, times in tokens.items()},
+        "chat_token_ids_us": {str(length): times for length, times in chat.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cluster.json").write_text(json.dumps(summary, indent=2))
@@ -279,5 +341,6 @@ def run_cluster_only(args: Any, console: Any) -> int:
         return 0
     console.print(owners_table(arms))
     console.print(timing_table(text, tokens))
+    console.print(chat_table(chat))
     console.print(f"wrote {args.out / 'cluster.json'}")
     return 0

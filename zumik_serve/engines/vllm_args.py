@@ -18,7 +18,8 @@ import dataclasses
 import difflib
 import functools
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import Any, Literal, NoReturn
 
 from zumik_serve.engines.vllm_config import vllm_arg_tokens
 
@@ -71,6 +72,34 @@ def engine_kwargs_for_vllm(kwargs: Mapping[str, Any]) -> dict[str, Any]:
             module if isinstance(module, LoRAModulePath) else LoRAModulePath(**module) for module in modules
         ]
     return converted
+
+
+# vLLM arguments that change how an engine renders a chat request, or with which tokenizer: with
+# any of them the gateway does not rebuild its chat prompts (``engines/chat_prompt.py``).
+CHAT_RENDERING_ARGS = frozenset({
+    "chat_template", "chat_template_content_format", "default_chat_template_kwargs", "tokenizer",
+    "tokenizer_mode", "tokenizer_revision", "revision", "code_revision", "trust_remote_code",
+    "hf_overrides", "hf_config_path", "skip_tokenizer_init", "enable_prompt_embeds",
+})  # fmt: skip
+
+
+def chat_content_format(tokenizer_dir: Path, args: Mapping[str, Any]) -> Literal["string", "openai"] | None:
+    """What vLLM's chat front end resolves ``chat_template_content_format: auto`` to for the
+    chat template of ``tokenizer_dir`` (its own detection, from the template's syntax tree): the
+    shape a message's content takes in the template. None: the gateway does not rebuild chat
+    prompts for these engines (``args`` change the rendering, or there is no single template)."""
+    if CHAT_RENDERING_ARGS & set(args):
+        return None
+    from transformers import AutoTokenizer
+
+    try:  # a private function of vLLM's: another vLLM may move it (then chat keeps text keys)
+        from vllm.renderers.hf import _detect_content_format
+    except ImportError:
+        return None
+    template = AutoTokenizer.from_pretrained(str(tokenizer_dir)).chat_template
+    if not isinstance(template, str):
+        return None
+    return _detect_content_format(template, default="string")
 
 
 class _ParseError(Exception):

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from kvstore.keys import scope_id
 from kvstore.tier import BlockAddress
 from profiles.model import RouteKind, group_served_names
+from zumik_serve.engines.chat_prompt import ChatFallback
 from zumik_serve.engines.protocol import EngineCall, EngineEvent
 from zumik_serve.errors import (
     AuthenticationError,
@@ -78,6 +79,7 @@ from zumik_serve.reuse.figures import ReuseFigures
 from zumik_serve.routing.decision import NO_EVIDENCE, Evidence
 from zumik_serve.routing.dispatch import RouteContext
 from zumik_serve.routing.release import Release
+from zumik_serve.routing.scheduler import ENGINE_KEYS
 from zumik_serve.routing.service import RequestRelease
 from zumik_serve.state.compiler import CompiledSnapshot
 from zumik_serve.state.objects import TurnRole
@@ -195,11 +197,12 @@ class Pipeline:
         dispatcher = ctx.dispatcher_for(model)
         prompt = dispatcher.prompt(call, body, salt=salt)
         # The rate admission (unless taken with the lookup) and the escalation evidence (a read,
-        # usually cached) side by side; a refusal is raised once both are done (the evidence
-        # never fails a request).
-        reservation, evidence = await _all(
+        # usually cached) side by side, and a chat prompt's engine token ids meanwhile; a
+        # refusal is raised once all are done (the evidence and the ids never fail a request).
+        reservation, evidence, chat_ids = await _all(
             self._admit_rate(tenant, body, salt) if admitted is None else None,
             self._escalation_evidence(tenant, prompt.family),
+            self._engine_chat_ids(call, body, model, allowed),
         )
         if admitted is not None:
             reservation = admitted
@@ -217,7 +220,9 @@ class Pipeline:
             client_cache_key=request.client_cache_key,
         )
         to_decide_ms = request.clock.elapsed_ms()
-        decision = dispatcher.decide(call, body, tenant=tenant.id, salt=salt, context=route, prompt=prompt)
+        decision = dispatcher.decide(
+            call, body, tenant=tenant.id, salt=salt, context=route, prompt=prompt, prompt_token_ids=chat_ids
+        )
         accounting = RequestAccounting(ctx.reuse if tenant.reuse_accounting else None, decision)
         # The decision's record is saved while the work after the first output runs (a whole
         # answer's rate settlement in the same script); both are awaited before the generation
@@ -425,6 +430,24 @@ class Pipeline:
                 tokenizer, messages, add_generation_prompt=True
             )
         return EngineCall.COMPLETION, body, allowed
+
+    async def _engine_chat_ids(
+        self, call: EngineCall, body: dict[str, Any], model: str, allowed: frozenset[str] | None
+    ) -> list[int] | None:
+        """The token ids the engine builds from a chat body, which key its prefix by the
+        engine's own block hashes (``routing/scheduler.py``), when the group's engines report
+        KV events and a BYOC route may take it; None: text keys (counted by reason)."""
+        scheduler = self.context.dispatcher_for(model).scheduler
+        if call is not EngineCall.CHAT or not scheduler.engine_events:
+            return None
+        if allowed is not None and not allowed & self._byoc_routes:
+            return None
+        ids: list[int] | ChatFallback = ChatFallback.ADAPTER
+        if model == self.context.profile.model.served_name:  # an adapter's name is in its hashes
+            models = self.context.models
+            ids = await self.context.state.tokenization.engine_chat(lambda: models.tokenizer(model), body)
+        scheduler.count_chat_keys(ENGINE_KEYS if not isinstance(ids, ChatFallback) else ids.value)
+        return None if isinstance(ids, ChatFallback) else ids
 
     async def _admit_rate(self, tenant: Tenant, body: Mapping[str, Any], salt: str) -> RateReservation | None:
         """Count the request and the tokens it may use in the tenant's per-minute window, shared

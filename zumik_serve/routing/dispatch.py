@@ -235,10 +235,11 @@ class Dispatcher:
 
     def decide(
         self, call: EngineCall, engine_body: dict[str, Any], *, tenant: str, salt: str, context: RouteContext,
-        prompt: PromptView | None = None,
+        prompt: PromptView | None = None, prompt_token_ids: Sequence[int] | None = None,
     ) -> Decision:  # fmt: skip
         """The route of one request, as a recorded decision (no I/O). ``prompt``: ``prompt()``
-        of this body, when the caller already has it."""
+        of this body, when the caller already has it; ``prompt_token_ids``: the token ids the
+        engine will build from a chat body (its prefix keys are then the engine's own)."""
         started = time.perf_counter()
         view = prompt if prompt is not None else self.prompt(call, engine_body, salt=salt)
         prompt_text = view.text
@@ -249,7 +250,7 @@ class Dispatcher:
             release_id=context.release_id, snapshot_id=context.snapshot_id,
             allowed_routes=context.allowed_routes, evidence=context.evidence,
             qos=context.qos, prefer_cheapest=context.prefer_cheapest,
-            prompt_token_ids=_token_ids(call, engine_body),
+            prompt_token_ids=_token_ids(call, engine_body) if prompt_token_ids is None else prompt_token_ids,
         )  # fmt: skip
         record, keys = self.scheduler.decide(
             new_decision_id(), request, now_ms=self._clock_ms(), seed=secrets.randbits(31)

@@ -17,8 +17,11 @@ seeded with the tenant's cache salt, so one tenant's traffic never changes anoth
 Computing them does not need the tokenizer (SGLang's cache-aware router matches text too).
 A prompt given as token ids is keyed by the engine's own block hashes instead
 (``routing/block_hashes.py``, salted by the engine with the same cache salt), the names its KV
-events use. Both chains are remembered across requests (``routing/chain_memo.py``, one memo per
-process): an agent's next turn hashes only what it added to its previous prompt. And a decision
+events use; so is a /v1 chat prompt when the group's engines report KV events
+(``engine_events``): the gateway renders and tokenizes it as vLLM will
+(``engines/chat_prompt.py``) and counts, by reason, the chat prompts it keeps text keys for
+(``chat_keys``). Both chains are remembered across requests (``routing/chain_memo.py``, one
+memo per process): an agent's next turn hashes only what it added to its previous prompt. And a decision
 computes them only as far as its residency walks read (``routing/prompt_keys.py``): a first
 request hashes one memo run of its prompt (512 tokens), the rest after the call is handed on.
 
@@ -32,6 +35,8 @@ process) it is the owner itself.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -76,7 +81,10 @@ from zumik_serve.routing.prompt_keys import PromptKeys, TextChain, TokenIdChain
 from zumik_serve.routing.residency import ResidencyIndex
 from zumik_serve.routing.retry import RetryBudget
 
+logger = logging.getLogger("ray.serve")
+
 CHARS_PER_TOKEN = 4
+ENGINE_KEYS = "engine"  # a chat prompt keyed by the engine's block hashes (``chat_keys``)
 ANY_REPLICA = "*"  # a BYOC pick that names no replica: the group had none the scheduler knew
 RESIDENCY_BLOCKS_PER_REPLICA = 65_536
 
@@ -150,12 +158,19 @@ class ProfileScheduler:
         *,
         replicas: dict[str, Sequence[str]],
         chains: ChainMemo | None = PREFIX_CHAINS,
+        engine_events: bool = False,
     ) -> None:
         """``replicas``: the replica ids of each BYOC route (e.g. ``{"local": ["r0", "r1"]}``).
         ``chains``: where prompts' prefix key chains are remembered across requests (the
-        process's memo; ``None``: every prompt is hashed whole)."""
+        process's memo; ``None``: every prompt is hashed whole). ``engine_events``: the BYOC
+        group's engines report KV events, so a chat prompt is worth its engine keys (the
+        request pipeline tokenizes it then)."""
         self.profile = profile
         self.chains = chains
+        self.engine_events = engine_events
+        # Chat prompts by how they were keyed: ENGINE_KEYS, or the ChatFallback value that kept
+        # text keys (engine_events only).
+        self.chat_keys: Counter[str] = Counter()
         self.routes = {route.name: route for route in profile.effective_routes()}
         self.replicas = {name: list(ids) for name, ids in replicas.items()}
         self.fingerprint = profile.fingerprint()
@@ -185,6 +200,13 @@ class ProfileScheduler:
 
     def route(self, name: str) -> RouteSpec:
         return self.routes[name]
+
+    def count_chat_keys(self, kind: str) -> None:
+        """A chat prompt was keyed as ``kind`` (``ENGINE_KEYS`` or a fallback's reason); each
+        reason is logged the first time this process sees it."""
+        if kind != ENGINE_KEYS and not self.chat_keys[kind]:
+            logger.info("zumik: a chat prompt keeps text keys (%s); chat_keys counts each reason", kind)
+        self.chat_keys[kind] += 1
 
     def inputs(
         self, request: SchedulingRequest, *, now_ms: int, seed: int

@@ -8,19 +8,27 @@ the work on a thread pool of its own: the loop keeps serving while it runs, and 
 ``threads`` tokenizations run at once (the rest wait in the pool's queue, which admission
 bounds: only admitted requests tokenize). A tokenization whose request is cancelled (deadline,
 client gone) is dropped if it has not started and finishes unobserved if it has.
+
+``engine_chat`` is the one use that never fails a request: a /v1 chat prompt's token ids, only
+to key its prefix (``engines/chat_prompt.py``); past the limit, or on any failure, it returns
+the reason instead (the prompt then keeps text keys).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from profiles.model import GatewaySpec
+from zumik_serve.engines.chat_prompt import ChatFallback
 from zumik_serve.errors import PayloadTooLargeError
 from zumik_serve.state.compiler import ChatTokenizer, CompiledSnapshot, Message, compile_messages
+
+logger = logging.getLogger("ray.serve")
 
 TOKENIZER_THREADS = 2  # tokenizations at once per gateway process (each holds a core)
 T = TypeVar("T")
@@ -58,6 +66,32 @@ class Tokenization:
         return await self.run(
             messages, lambda: tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
         )
+
+    async def engine_chat(
+        self, tokenizer: Callable[[], Any], body: Mapping[str, Any]
+    ) -> list[int] | ChatFallback:
+        """The token ids vLLM builds from the chat ``body`` (``HfChatTokenizer.encode_engine_chat``
+        of ``tokenizer()``, which is loaded in the pool too), or why not: never an error."""
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
+            return ChatFallback.MESSAGE
+        if message_bytes(messages) > self.max_bytes:
+            return ChatFallback.TOO_LARGE
+
+        def work() -> list[int] | ChatFallback:
+            try:
+                encode = getattr(tokenizer(), "encode_engine_chat", None)
+            except Exception:
+                return ChatFallback.NO_TOKENIZER
+            if encode is None:  # a tokenizer that does not rebuild vLLM's rendering
+                return ChatFallback.NO_TOKENIZER
+            try:
+                return encode(body)
+            except Exception:  # a body no rule here foresaw: its keys only, never the request
+                logger.exception("zumik: a chat prompt's engine token ids failed; it keeps text keys")
+                return ChatFallback.RENDER_ERROR
+
+        return await self.run(messages, work)
 
     async def compile(self, messages: Sequence[Message], tokenizer: ChatTokenizer) -> CompiledSnapshot:
         return await self.run(messages, lambda: compile_messages(messages, tokenizer))
