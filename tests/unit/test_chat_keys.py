@@ -189,7 +189,22 @@ def test_engine_chat_past_the_limit_or_failing_is_a_reason_not_an_error(tiny_mod
     assert asyncio.run(Tokenization(10_000).engine_chat(Failing, body)) is ChatFallback.RENDER_ERROR
 
 
-def _gateway(redis_url: str, model_dir: Path, *, engine_events: bool) -> InProcessGateway:
+class DecisionCounts:
+    """The gateway's decision metrics, counted here (``app/metrics.py`` exports them to Ray)."""
+
+    def __init__(self) -> None:
+        self.chat: dict[str, int] = {}
+
+    def observe(self, *, route: str, reason: str, decide_us: float) -> None:
+        pass
+
+    def chat_keys(self, kind: str) -> None:
+        self.chat[kind] = self.chat.get(kind, 0) + 1
+
+
+def _gateway(
+    redis_url: str, model_dir: Path, *, engine_events: bool, decisions: DecisionCounts | None = None
+) -> InProcessGateway:
     generate_missing(shared_secrets_dir())
     profile = load_builtin("local-cpu")
     settings = gateway_settings(redis_url, model_dir, profile, shared_secrets_dir())
@@ -197,7 +212,7 @@ def _gateway(redis_url: str, model_dir: Path, *, engine_events: bool) -> InProce
     settings = replace(
         settings, engine_kv_events=engine_events, chat_content_format=chat_content_format(model_dir, {})
     )
-    context = build_context(settings, dict(engines), Metrics())
+    context = build_context(settings, dict(engines), Metrics(decisions=decisions))
     return InProcessGateway(build_app(context), context, engines, redis_url)
 
 
@@ -211,7 +226,8 @@ CONVERSATION = [
 def test_chat_keys_are_the_engine_block_hashes_of_vllms_token_ids(
     module_redis_url: str, tiny_model_dir: Path
 ) -> None:
-    gateway = _gateway(module_redis_url, tiny_model_dir, engine_events=True)
+    metrics = DecisionCounts()
+    gateway = _gateway(module_redis_url, tiny_model_dir, engine_events=True, decisions=metrics)
     scheduler = gateway.context.dispatcher.scheduler
     block_size = gateway.context.profile.engine.block_size
 
@@ -238,6 +254,7 @@ def test_chat_keys_are_the_engine_block_hashes_of_vllms_token_ids(
             answer = await client.post("/v1/chat/completions", json={**with_tools, "tools": tools})
             assert answer.status_code == 200, answer.text
             assert scheduler.chat_keys == {"engine": 1, "tools": 1}
+            assert metrics.chat == {"engine": 1, "tools": 1}  # the metric counts the same
             text_keys = _text_keys(gateway, with_tools["messages"], sent["cache_salt"])
             assert text_keys and set(text_keys) <= set(scheduler.residency.keys("r0"))
 

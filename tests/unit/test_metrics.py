@@ -39,3 +39,4 @@ def test_reuse_and_decision_metrics_take_zero_and_unknown_figures(ray_runtime: N
         )
         reuse.observe(tenant="ten_a", profile="p", route="local", figures=figures)
     RayDecisionMetrics("p").observe(route="local", reason="default", decide_us=12.5)
+    RayDecisionMetrics("p").chat_keys("engine")

@@ -7,6 +7,7 @@ so they show in the Ray dashboard, Prometheus and the Grafana dashboard in ``dep
     zumik_reuse_captured_source_tokens counter tenant, profile, route, source (engine|host|redis|disk)
     zumik_decisions                  counter  profile, route, reason (the pick's reason)
     zumik_decision_time_us           histogram profile (prefix keys + decide, microseconds)
+    zumik_chat_prompt_keys           counter  profile, keys (engine, or why text: tools, content, ...)
 """
 
 from __future__ import annotations
@@ -67,7 +68,16 @@ class RayDecisionMetrics:
             "zumik_decision_time_us", "Scheduler decision time (prefix keys + decide), microseconds",
             boundaries=DECISION_TIME_BOUNDARIES_US, tag_keys=("profile",),
         )  # fmt: skip
+        self._chat_keys = Counter(
+            "zumik_chat_prompt_keys",
+            "Chat prompts of a group with KV events, by how they were keyed: the engine's block "
+            "hashes, or why text keys (tools, content, ...)",
+            tag_keys=("profile", "keys"),
+        )
 
     def observe(self, *, route: str, reason: str, decide_us: float) -> None:
         self._decisions.inc(1, tags={"profile": self._profile, "route": route, "reason": reason})
         self._time.observe(decide_us, tags={"profile": self._profile})
+
+    def chat_keys(self, kind: str) -> None:
+        self._chat_keys.inc(1, tags={"profile": self._profile, "keys": kind})

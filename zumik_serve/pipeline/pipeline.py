@@ -437,8 +437,8 @@ class Pipeline:
         """The token ids the engine builds from a chat body, which key its prefix by the
         engine's own block hashes (``routing/scheduler.py``), when the group's engines report
         KV events and a BYOC route may take it; None: text keys (counted by reason)."""
-        scheduler = self.context.dispatcher_for(model).scheduler
-        if call is not EngineCall.CHAT or not scheduler.engine_events:
+        dispatcher = self.context.dispatcher_for(model)
+        if call is not EngineCall.CHAT or not dispatcher.scheduler.engine_events:
             return None
         if allowed is not None and not allowed & self._byoc_routes:
             return None
@@ -446,7 +446,7 @@ class Pipeline:
         if model == self.context.profile.model.served_name:  # an adapter's name is in its hashes
             models = self.context.models
             ids = await self.context.state.tokenization.engine_chat(lambda: models.tokenizer(model), body)
-        scheduler.count_chat_keys(ENGINE_KEYS if not isinstance(ids, ChatFallback) else ids.value)
+        dispatcher.count_chat_keys(ENGINE_KEYS if not isinstance(ids, ChatFallback) else ids.value)
         return None if isinstance(ids, ChatFallback) else ids
 
     async def _admit_rate(self, tenant: Tenant, body: Mapping[str, Any], salt: str) -> RateReservation | None:

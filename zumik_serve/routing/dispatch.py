@@ -95,6 +95,11 @@ class DecisionSink(Protocol):
 class DecisionMetrics(Protocol):
     def observe(self, *, route: str, reason: str, decide_us: float) -> None: ...
 
+    def chat_keys(self, kind: str) -> None:
+        """A chat prompt was keyed as ``kind`` (``scheduler.ENGINE_KEYS`` or a fallback's
+        reason)."""
+        ...
+
 
 @dataclass(frozen=True)
 class RouteContext:
@@ -227,6 +232,12 @@ class Dispatcher:
                 self._providers[route.name] = OpenAICompatProvider(
                     route.name, route.base_url, timeout_s=route.timeout_s
                 )
+
+    def count_chat_keys(self, kind: str) -> None:
+        """A chat prompt was keyed as ``kind``: counted by the scheduler and in the metrics."""
+        self.scheduler.count_chat_keys(kind)
+        if self._metrics is not None:
+            self._metrics.chat_keys(kind)
 
     def prompt(self, call: EngineCall, engine_body: dict[str, Any], *, salt: str) -> PromptView:
         """The prompt's stable text and prefix family in the tenant's scope (no I/O)."""
