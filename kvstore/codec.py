@@ -23,6 +23,7 @@ places wiped when it does not verify).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -64,10 +65,65 @@ def checksum(parts: Any) -> bytes:
 
 
 def encode_block(tensors: dict[str, np.ndarray], address: BlockAddress) -> bytes:
-    metadata = {"format": FORMAT, "compat": address.compat_digest, "key": address.key}
-    body = save(tensors, metadata=metadata)
-    data = memoryview(body)[header_length(body) or 0 :]
-    return bytes(body) + xxhash.xxh3_64_digest(data)
+    """The block's value: a safetensors file of ``tensors`` (its metadata naming the format and
+    ``address``), then the checksum of its data. The header is written here and the tensors'
+    bytes joined after it, each copied once; safetensors' own writer only for a dtype numpy
+    cannot name to it (a value of either reads the same: ``safetensors.numpy.load`` and
+    ``decode_block`` take both)."""
+    layout = _layout(tensors)
+    if layout is None:
+        body = save(tensors, metadata={"format": FORMAT, "compat": address.compat_digest, "key": address.key})
+        data = memoryview(body)[header_length(body) or 0 :]
+        return bytes(body) + xxhash.xxh3_64_digest(data)
+    names, entries = layout
+    before, after = _header_template(entries, address.compat_digest)
+    header = before + json.dumps(address.key).encode() + after
+    header += b" " * (-len(header) % 8)  # the data starts 8-aligned, as safetensors writes it
+    parts: list[Any] = [struct.pack("<Q", len(header)), header]
+    digest = xxhash.xxh3_64()
+    for name in names:
+        flat = np.ascontiguousarray(tensors[name]).reshape(-1).view(np.uint8).data
+        digest.update(flat)
+        parts.append(flat)
+    parts.append(digest.digest())
+    return b"".join(parts)
+
+
+_NAMES = {np.dtype(dtype): name for name, dtype in _DTYPES.items()}  # numpy dtype -> safetensors
+_KEY_MARK = "\0key\0"  # where a block's key goes in a header template
+
+
+def _layout(
+    tensors: dict[str, np.ndarray],
+) -> tuple[list[str], tuple[tuple[str, str, tuple[int, ...]], ...]] | None:
+    """The tensors' names in data order (the widest dtype first, so that each stays aligned,
+    then by name) and each one's (name, safetensors dtype, shape); None when a dtype has no
+    safetensors name here (or is not in native byte order)."""
+    described = []
+    for name, array in tensors.items():
+        dtype_name = _NAMES.get(array.dtype) if array.dtype.isnative else None
+        if dtype_name is None:
+            return None
+        described.append((-array.dtype.itemsize, name, dtype_name, tuple(int(size) for size in array.shape)))
+    described.sort()
+    return [name for _, name, _, _ in described], tuple((n, d, shape) for _, n, d, shape in described)
+
+
+@functools.lru_cache(maxsize=64)
+def _header_template(
+    entries: tuple[tuple[str, str, tuple[int, ...]], ...], compat: str
+) -> tuple[bytes, bytes]:
+    """The safetensors header JSON of blocks of ``entries`` under ``compat``, split where the
+    block's key goes (a JSON string)."""
+    header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "compat": compat, "key": _KEY_MARK}}
+    position = 0
+    for name, dtype, shape in entries:
+        end = position + math.prod(shape) * _ITEMSIZES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, end]}
+        position = end
+    text = json.dumps(header, separators=(",", ":"))
+    before, _, after = text.partition(json.dumps(_KEY_MARK))
+    return before.encode(), after.encode()
 
 
 def _named_header(value: bytes | memoryview, address: BlockAddress) -> tuple[dict[str, Any], int] | None:

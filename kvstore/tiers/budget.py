@@ -4,10 +4,11 @@
                        while the file is locked (``flock``), so every process of the node (engine
                        workers, TP ranks, several engines, the gateway's purge) counts into it
 
-A block is stored inside ``admit``, which holds the lock while it makes room, charges the
-block's size and the caller writes the file (so the ledger never misses a block being written,
-and no two processes overfill the folder between them). When the folder would pass
-``capacity_bytes``, the least recently used block files are removed until it fits: recency is
+A batch of blocks is stored inside ``admit_many``, which holds the lock while it makes room for
+them, charges their sizes and the caller writes the files (so the ledger never misses a block
+being written, and no two processes overfill the folder between them): one lock, one read and
+one write of the ledger a batch. When the folder would pass ``capacity_bytes``, the least
+recently used block files are removed until it fits (never a file of the batch): recency is
 a file's mtime, which a store sets and a load moves to now (``touch``), so a block another
 process reads is recent for this one too. Each process keeps the candidates it knows (its last
 scan of the folder, then its own stores) oldest first and checks a candidate's mtime before
@@ -24,7 +25,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,19 @@ class Reservation:
     evicted_bytes: int
 
 
+@dataclass
+class Admission:
+    """Room made for a batch of blocks (``FolderBudget.admit_many``): block ``i``'s
+    ``reservations[i]`` (None: write nothing), and whether the caller wrote its file."""
+
+    reservations: list[Reservation | None]
+    written: list[bool]
+
+    def wrote(self, index: int) -> None:
+        """Block ``index``'s file is written: its charge stands."""
+        self.written[index] = True
+
+
 class FolderBudget:
     def __init__(self, root: Path, capacity_bytes: int, pattern: str = "*/*/*/*.kv") -> None:
         if capacity_bytes <= 0:
@@ -51,70 +65,89 @@ class FolderBudget:
         self.root = Path(root)
         self.capacity_bytes = capacity_bytes
         self._pattern = pattern
-        self._candidates: deque[tuple[int, Path]] = deque()  # (mtime ns, path), oldest first
+        self._candidates: deque[tuple[int, str]] = deque()  # (mtime ns, path), oldest first
         self._fd: int | None = None
         self._lock = threading.Lock()  # this process's threads; flock orders the processes
 
     @contextlib.contextmanager
-    def admit(self, path: Path, size_bytes: int) -> Iterator[Reservation | None]:
-        """Room for ``size_bytes`` at ``path`` (replacing what is there), charged, while the
-        caller writes the file in the ``with`` block; None when the block cannot fit even in
-        an empty folder (nothing is charged; write nothing). An exception in the block takes
-        the charge back. Afterwards the file is the most recently used block."""
-        if size_bytes > self.capacity_bytes:
-            yield None
-            return
+    def admit_many(self, blocks: Sequence[tuple[str, int]]) -> Iterator[Admission]:
+        """Room for each ``(path, size_bytes)`` (each replacing what is at its path; no path
+        twice), made and charged under one lock, held while the caller writes the files in
+        the ``with`` block and marks each it wrote (``Admission.wrote``). A block gets None
+        when it cannot fit even in an empty folder (nothing is charged for it; write nothing).
+        When the block ends, by an exception too, the charge of each file not marked written
+        is taken back, and each written file becomes the most recently used block, in order."""
+        paths = [path for path, _ in blocks]
+        if len(set(paths)) != len(paths):
+            raise ValueError("a path is admitted twice in one batch")
+        batch = frozenset(paths)
         with self._locked() as fd:
-            reservation = self._reserve(fd, path, size_bytes)
-            if reservation is None:
-                yield None
-                return
+            used = self._ledger(fd)
+            reserved = 0  # charged for this batch so far (not on disk yet: a rescan misses it)
+            reservations: list[Reservation | None] = []
+            for path, size_bytes in blocks:
+                reservation = None
+                if size_bytes <= self.capacity_bytes:
+                    reservation, used = self._reserve(path, size_bytes, used, reserved, batch)
+                if reservation is not None:
+                    reserved += reservation.delta_bytes
+                reservations.append(reservation)
+            _write(fd, used)
+            admission = Admission(reservations, [False] * len(blocks))
             try:
-                yield reservation
-            except BaseException:
-                _write(fd, self._ledger(fd) - reservation.delta_bytes)
-                raise
-            now = time.time_ns()
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(path, ns=(now, now))
-            self._candidates.append((now, path))
+                yield admission
+            finally:
+                unwritten = [
+                    reservation.delta_bytes
+                    for reservation, written in zip(reservations, admission.written, strict=True)
+                    if reservation is not None and not written
+                ]
+                if unwritten:
+                    _write(fd, self._ledger(fd) - sum(unwritten))
+                for index, (path, _) in enumerate(blocks):
+                    if reservations[index] is not None and admission.written[index]:
+                        now = time.time_ns()
+                        with contextlib.suppress(FileNotFoundError):
+                            os.utime(path, ns=(now, now))
+                        self._candidates.append((now, path))
 
-    def _reserve(self, fd: int, path: Path, size_bytes: int) -> Reservation | None:
-        """Evict least recently used files until ``size_bytes`` fits, then charge it (the lock
-        is held); None when nothing more can be evicted."""
+    def _reserve(
+        self, path: str, size_bytes: int, used: int, reserved: int, batch: frozenset[str]
+    ) -> tuple[Reservation | None, int]:
+        """Evict least recently used files until ``size_bytes`` fits in ``used`` (the ledger's
+        bytes, ``reserved`` of them charged for files of ``batch`` not written yet), then charge
+        it (the lock is held): the reservation (None when nothing more can be evicted) and the
+        ledger's bytes after it. No file of ``batch`` is evicted."""
         try:
-            old = path.stat().st_size
-        except FileNotFoundError:
+            old = os.stat(path).st_size
+        except OSError:  # none there (or no folder: its write fails, refunded)
             old = 0
         delta = size_bytes - old
-        used = self._ledger(fd)
         evicted = evicted_bytes = 0
         rescanned = False
         while used + delta > self.capacity_bytes:
             if not self._candidates:
                 if rescanned:
-                    _write(fd, used)
-                    return None  # nothing left to evict (the folder holds only this block)
-                used = self._rescan()
+                    return None, used  # nothing left to evict (the folder holds only this batch)
+                used = self._rescan() + reserved
                 rescanned = True
                 continue
             mtime_ns, candidate = self._candidates.popleft()
-            if candidate == path:
-                continue
+            if candidate in batch:
+                continue  # charged for, or being replaced: back once written
             try:
-                info = candidate.stat()
+                info = os.stat(candidate)
             except FileNotFoundError:
                 continue  # evicted or purged by another process
             if info.st_mtime_ns > mtime_ns:
                 self._candidates.append((info.st_mtime_ns, candidate))  # used since: recent
                 continue
             with contextlib.suppress(FileNotFoundError):
-                candidate.unlink()
+                os.unlink(candidate)
                 used -= info.st_size
                 evicted += 1
                 evicted_bytes += info.st_size
-        _write(fd, used + delta)
-        return Reservation(delta, evicted, evicted_bytes)
+        return Reservation(delta, evicted, evicted_bytes), used + delta
 
     def refund(self, num_bytes: int) -> None:
         """Take ``num_bytes`` off the ledger (a failed write's reservation, removed blocks)."""
@@ -136,14 +169,14 @@ class FolderBudget:
 
     def _rescan(self) -> int:
         """Every block file of the folder, oldest first, as candidates; the ledger's bytes."""
-        files: list[tuple[int, Path]] = []
+        files: list[tuple[int, str]] = []
         total = 0
         for path in self.root.glob(self._pattern):
             try:
                 info = path.stat()
             except FileNotFoundError:
                 continue
-            files.append((info.st_mtime_ns, path))
+            files.append((info.st_mtime_ns, str(path)))
             total += info.st_size
         files.sort()
         self._candidates = deque(files)

@@ -133,37 +133,52 @@ class DiskTier:
 
     def store_many(self, blocks: Sequence[tuple[BlockAddress, bytes]], *, sealed: bool = False) -> list[bool]:
         """Write each block's file (``_write_file``: atomic; flushed to the disk unless
-        ``sealed`` or in RAM) within the budget; whether each was stored."""
+        ``sealed`` or in RAM) within the budget, room for the whole batch made under one lock
+        of it (``FolderBudget.admit_many``); whether each was stored. A block twice in the
+        batch is written once, with its last value."""
         try:
             self._claim_root()
         except OSError as exc:
             self._failure(f"write: {exc.strerror or exc}", len(blocks))
             return [False] * len(blocks)
         sync = self.durable and not sealed
-        stored: list[bool] = []
+        # a block twice in one batch: its last value is written, and answers for both
+        block_paths = [self._path(address) for address, _ in blocks]
+        last = {path: index for index, path in enumerate(block_paths)}
+        paths = list(last)
+        values = [blocks[index][1] for index in last.values()]
+        written = [False] * len(paths)
         evicted = evicted_bytes = 0
-        for address, value in blocks:
-            path = self._path(address)
+        if self.budget is None:
+            for index, path in enumerate(paths):
+                written[index] = self._write(path, values[index], sync)
+        else:
             try:
-                if self.budget is None:
-                    self._write_file(path, value, sync=sync)
-                    stored.append(True)
-                    continue
-                with self.budget.admit(Path(path), len(value)) as reservation:
-                    if reservation is None:
-                        stored.append(False)  # larger than the whole budget
-                        continue
-                    self._write_file(path, value, sync=sync)
-            except OSError as exc:
-                self._failure(f"write: {exc.strerror or exc}")
-                stored.append(False)
-                continue
-            stored.append(True)
-            evicted += reservation.evicted_blocks
-            evicted_bytes += reservation.evicted_bytes
+                sizes = [(path, len(value)) for path, value in zip(paths, values, strict=True)]
+                with self.budget.admit_many(sizes) as admission:
+                    for index, reservation in enumerate(admission.reservations):
+                        if reservation is None:
+                            continue  # larger than the whole budget
+                        written[index] = self._write(paths[index], values[index], sync)
+                        if written[index]:
+                            admission.wrote(index)
+                            evicted += reservation.evicted_blocks
+                            evicted_bytes += reservation.evicted_bytes
+            except OSError as exc:  # the ledger, or making room: what was not written is not stored
+                self._failure(f"write: {exc.strerror or exc}", written.count(False))
         if evicted:
             self._events.append(TierEvent(TierEventKind.EVICTION, self.tier, evicted, evicted_bytes, "lru"))
-        return stored
+        done = dict(zip(paths, written, strict=True))
+        return [done[path] for path in block_paths]
+
+    def _write(self, path: str, value: bytes, sync: bool) -> bool:
+        """``_write_file``; False (a failure event) when it raised ``OSError``."""
+        try:
+            self._write_file(path, value, sync=sync)
+        except OSError as exc:
+            self._failure(f"write: {exc.strerror or exc}")
+            return False
+        return True
 
     def _write_file(self, path: str, value: bytes, *, sync: bool) -> None:
         """Write ``value`` to a temporary file beside ``path`` (0600; named after this process,

@@ -44,17 +44,17 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
 
 import redis
-from redis.connection import PythonRespSerializer
 from redis.exceptions import NoPermissionError, NoScriptError, RedisError, ResponseError
 
 from kvstore.keys import ScopeId
 from kvstore.tier import BlockAddress, Tier, TierEvent, TierEventKind, TierUsage
+from kvstore.tiers.resp import MgetReader, send_commands
+
+__all__ = ["MgetReader", "RedisTier", "scope_accounting_keys", "scope_limit_key"]
 
 LIMIT_CACHE_TTL_S = 1.0
-VALUE_CHUNK_BYTES = 6000  # redis-py's own cutoff: a longer argument is sent as it is, not copied
 INCOMING_TTL_S = 300  # an incoming value no script took (its writer was cut off) goes by then
 
 # KEYS, 6 a block: the block, its incoming key (where its value was just SET), then its scope's
@@ -175,7 +175,6 @@ class RedisTier:
         self._limits = limits
         self._ttl_s = ttl_s
         self.scope_max_bytes = scope_max_bytes
-        self._writer = _python_packing(client)
         self._incoming_token = secrets.token_hex(6)  # 12 characters: never a scope (16)
         self._incoming_ids = itertools.count()
         self._store = client.register_script(STORE_COUNTED)
@@ -279,19 +278,24 @@ class RedisTier:
             limits = {scope: self._scope_limit(scope) or default_limit for scope in scopes}
             keys: list[str] = []
             args: list[str | int] = [ttl]
-            with self._writer.pipeline(transaction=False) as pipe:
-                for address, value in blocks:
-                    incoming = f"kv:incoming:{self._incoming_token}:{next(self._incoming_ids)}"
-                    pipe.set(incoming, value, ex=INCOMING_TTL_S)
-                    scope = address.scope
-                    keys += [self.redis_key(address), incoming, *scope_accounting_keys(scope)]
-                    keys.append(scope_limit_key(scope))
-                    args += [len(value), limits[scope]]
-                pipe.evalsha(self._store.sha, len(keys), *keys, *args)
-                replies = pipe.execute(raise_on_error=False)
+            commands: list[tuple[str | int | bytes, ...]] = []
+            for address, value in blocks:
+                incoming = f"kv:incoming:{self._incoming_token}:{next(self._incoming_ids)}"
+                commands.append(("SET", incoming, value, "EX", INCOMING_TTL_S))
+                scope = address.scope
+                keys += [self.redis_key(address), incoming, *scope_accounting_keys(scope)]
+                keys.append(scope_limit_key(scope))
+                args += [len(value), limits[scope]]
+            commands.append(("EVALSHA", self._store.sha, len(keys), *keys, *args))
+            replies = send_commands(self._redis, commands)
+            if replies is None:  # a client of another kind: its own pipeline
+                with self._redis.pipeline(transaction=False) as pipe:
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    replies = pipe.execute(raise_on_error=False)
             counted = replies[-1]
             if isinstance(counted, NoScriptError):  # a restarted server: load it, count again
-                counted = self._store(keys=keys, args=args, client=self._writer)
+                counted = self._store(keys=keys, args=args)
             if isinstance(counted, Exception):
                 raise counted
         except RedisError as exc:
@@ -383,122 +387,3 @@ class RedisTier:
 
     def _failure(self, num_blocks: int, exc: Exception) -> None:
         self._events.append(TierEvent(TierEventKind.FAILURE, self.tier, num_blocks, 0, type(exc).__name__))
-
-
-def _python_packing(client: Any) -> Any:
-    """A client on the server of ``client`` whose connections pack commands with redis-py's
-    Python packer, for storing blocks: with ``hiredis`` installed redis-py packs with
-    ``hiredis.pack_command``, which copied each 128 KiB value (about 190 us of the writer's
-    CPU a block, measured here, against 4 us for the Python packer, which sends large values
-    as they are). ``client`` itself when it is not a plain ``redis.Redis``."""
-    if type(client) is not redis.Redis:
-        return client
-    pool = client.connection_pool
-    packer = PythonRespSerializer(VALUE_CHUNK_BYTES, pool.get_encoder().encode)
-    kwargs = {**pool.connection_kwargs, "command_packer": packer}
-    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
-
-
-class MgetReader:
-    """Sends ``MGET`` on a connection of a redis-py client and reads the reply (RESP2 or RESP3)
-    off its socket into one buffer, reused: the values come back as views of it (None for a
-    missing key). Any error, or a reply that is not the array asked for, closes the connection
-    (the pool opens a fresh one) and raises. A buffer grown past ``RETAINED_BYTES`` is not kept."""
-
-    RETAINED_BYTES = 64 << 20
-
-    def __init__(self) -> None:
-        self._buffer = bytearray(1 << 20)
-
-    def reserve(self, num_bytes: int) -> None:
-        """A buffer of ``num_bytes`` now (up to ``RETAINED_BYTES``), its pages written once, so
-        that replies that fit are read with no allocation or page fault."""
-        size = min(int(num_bytes), self.RETAINED_BYTES)
-        if size > len(self._buffer):
-            self._buffer = bytearray(size)  # zero-filled: every page is touched here
-
-    def mget(self, client: Any, keys: Sequence[str]) -> list[memoryview | None] | None:
-        """The values of ``keys``; None when ``client`` is not one this reader can use."""
-        if type(client) is not redis.Redis:
-            return None
-        pool = client.connection_pool
-        connection = pool.get_connection()
-        done = False
-        try:
-            sock = getattr(connection, "_sock", None)
-            if sock is None:
-                return None
-            connection.send_command("MGET", *keys)
-            spans = self._read(sock, len(keys))
-            done = True
-        finally:
-            if not done:
-                connection.disconnect()
-            pool.release(connection)
-        view = memoryview(self._buffer)
-        values = [None if span is None else view[span[0] : span[0] + span[1]] for span in spans]
-        if len(self._buffer) > self.RETAINED_BYTES:
-            self._buffer = bytearray(1 << 20)  # the views keep the large one alive meanwhile
-        return values
-
-    def _read(self, sock: Any, count: int) -> list[tuple[int, int] | None]:
-        """(offset, length) in the buffer of each value of an ``MGET`` reply of ``count``."""
-        self._filled = 0
-        self._pos = 0
-        header = self._line(sock)
-        if header[:1] in (b"-", b"!"):
-            raise ResponseError(header[1:].decode(errors="replace"))
-        if header != b"*%d" % count:
-            raise ValueError(f"an MGET of {count} keys answered {header[:32]!r}")
-        spans: list[tuple[int, int] | None] = []
-        sized = False
-        for index in range(count):
-            line = self._line(sock)
-            if line in (b"$-1", b"_"):
-                spans.append(None)
-                continue
-            if line[:1] != b"$":
-                raise ValueError(f"an MGET value is not a bulk string: {line[:32]!r}")
-            length = int(line[1:])
-            if not sized:  # a run's blocks have one size: room for all of them, grown once
-                self._grow(self._pos + (count - index) * (length + len(line) + 4))
-                sized = True
-            self._fill(sock, self._pos + length + 2)
-            if self._buffer[self._pos + length : self._pos + length + 2] != b"\r\n":
-                raise ValueError("an MGET value does not end where its length says")
-            spans.append((self._pos, length))
-            self._pos += length + 2
-        if self._filled != self._pos:
-            raise ValueError("an MGET reply is followed by unexpected bytes")
-        return spans
-
-    def _line(self, sock: Any) -> bytes:
-        while True:
-            end = self._buffer.find(b"\r\n", self._pos, self._filled)
-            if end >= 0:
-                line = bytes(self._buffer[self._pos : end])
-                self._pos = end + 2
-                return line
-            self._fill(sock, self._filled + 1)
-
-    def _grow(self, size: int) -> None:
-        """A buffer of at least ``size`` bytes holding what was received (a new one: views of
-        the old one may still be read)."""
-        if size > len(self._buffer):
-            grown = bytearray(size)
-            grown[: self._filled] = self._buffer[: self._filled]
-            self._buffer = grown
-
-    def _fill(self, sock: Any, size: int) -> None:
-        """Receive until the buffer holds ``size`` bytes (growing it when it is smaller)."""
-        if size > len(self._buffer):
-            self._grow(max(size, 2 * len(self._buffer)))
-        view = memoryview(self._buffer)
-        try:
-            while self._filled < size:
-                received = sock.recv_into(view[self._filled :])
-                if received == 0:
-                    raise ConnectionError("Redis closed the connection during an MGET reply")
-                self._filled += received
-        finally:
-            view.release()

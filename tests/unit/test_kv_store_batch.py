@@ -12,11 +12,21 @@ Invariants held here, on real redis-servers (the KV user's ACL) and real files:
 - the write-behind thread hands a batch to the tiers at once; a block it cannot encode is lost
   alone (counted);
 - an unsealed block file is flushed to its disk before its rename; a sealed one (its tag
-  catches a torn file) and the host tier's (RAM) are not.
+  catches a torn file) and the host tier's (RAM) are not;
+- a file tier takes its budget's lock once a batch and keeps the ledger exact: least recently
+  used blocks are evicted first, never a block of the batch itself (a rescan in the middle of
+  a batch counts the blocks it charged for), a write that fails is refunded, a block twice in
+  a batch is written once;
+- ``encode_block`` writes the safetensors header itself: safetensors' reader loads its values,
+  and blocks written by safetensors' writer (stored before) decode the same; every block of a
+  layout has the same header but for its key;
+- commands packed here carry large values as they are (never copied); their replies come back
+  in order, an error reply as a value, and a cut connection is replaced.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +35,10 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from safetensors.numpy import load as safetensors_load
+from safetensors.numpy import save as safetensors_save
 
-from kvstore.codec import decode_block, encode_block
+from kvstore.codec import CHECKSUM_BYTES, FORMAT, checksum, decode_block, encode_block, header_length
 from kvstore.keys import BlockKey, ScopeId
 from kvstore.manager import TierManager
 from kvstore.sealing import ScopedSealer
@@ -34,6 +46,7 @@ from kvstore.tier import BlockAddress, Tier, TierEventKind
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.redis_keyring import RedisKeyring
 from kvstore.tiers.redis_tier import RedisTier
+from kvstore.tiers.resp import INLINE_BYTES, pack_commands, send_commands
 from kvstore.tiers.shared_memory import SharedMemoryTier
 from kvstore.write_behind import StoreBatch, WriteBehind
 from tests.support.kv_redis import kv_client, state_and_kv
@@ -240,3 +253,147 @@ def test_the_writer_hands_each_batch_to_the_tiers_at_once(servers: Any, tmp_path
     events = manager.take_events()
     failures = [(e.tier, e.num_blocks) for e in events if e.kind is TierEventKind.FAILURE]
     assert failures == [(Tier.ENGINE, 1)]
+
+
+# --- the store path's CPU: one budget lock a batch, a header written here, RESP packed here ---
+
+
+def _files(root: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_size for path in root.rglob("*.kv")}
+
+
+def test_a_batch_takes_the_budget_lock_once_and_evicts_least_recently_used_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = DiskTier(tmp_path / "disk", capacity_bytes=4 * 1000 + 10)
+    assert disk.store_many([(_address(index), b"o" * 1000) for index in range(4)]) == [True] * 4
+    assert disk.load(_address(0)) is not None  # block 1 is now the least recently used
+    locks: list[int] = []
+    flock = fcntl.flock
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (locks.append(op), flock(fd, op))[1])
+
+    assert disk.store_many([(_address(index), b"n" * 1000) for index in (10, 11)]) == [True, True]
+    assert locks == [fcntl.LOCK_EX, fcntl.LOCK_UN]  # one lock for the batch
+    assert disk.contains([_address(index) for index in (0, 1, 2, 3, 10, 11)]) == [
+        True, False, False, True, True, True,
+    ]  # fmt: skip
+    assert disk.used_bytes == sum(_files(tmp_path / "disk").values()) == 4000
+    assert [(e.kind, e.num_blocks, e.num_bytes) for e in disk.take_events()] == [
+        (TierEventKind.EVICTION, 2, 2000)
+    ]
+
+
+def test_a_batch_never_evicts_its_own_blocks_and_a_rescan_counts_them(tmp_path: Path) -> None:
+    """A process whose view of the folder is empty rescans it in the middle of a batch: the
+    blocks it already charged for (not written yet) still count, so the folder stays within its
+    budget and the ledger says what is there."""
+    root = tmp_path / "disk"
+    first = DiskTier(root, capacity_bytes=3 * 1000 + 10)
+    assert first.store_many([(_address(index), b"o" * 1000) for index in range(2)]) == [True, True]
+    other = DiskTier(root, capacity_bytes=3 * 1000 + 10)  # another process: no candidates known
+
+    assert other.store_many([(_address(index), b"n" * 1000) for index in (10, 11)]) == [True, True]
+    held = _files(root)
+    assert len(held) == 3 and sum(held.values()) <= 3 * 1000 + 10
+    assert other.used_bytes == sum(held.values())
+    assert other.contains([_address(10), _address(11)]) == [True, True]
+    # a batch larger than the folder: every older block goes, none of its own, the rest refused
+    whole = [(_address(index), b"w" * 1000) for index in (20, 21, 22, 23)]
+    assert other.store_many(whole) == [True, True, True, False]
+    assert set(_files(root)) == {f"{_address(index).key}.kv" for index in (20, 21, 22)}
+    assert other.used_bytes == 3000
+
+
+def test_a_write_that_fails_in_a_batch_is_refunded_and_the_rest_stored(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path / "disk", capacity_bytes=1 << 20)
+    addresses = [BlockAddress(COMPAT, BlockKey(f"{index:02x}" + "0" * 30), A) for index in range(3)]
+    folder = tmp_path / "disk" / COMPAT / A
+    folder.mkdir(parents=True)
+    (folder / addresses[1].key[:2]).write_bytes(b"")  # a file where the block's folder goes
+
+    assert disk.store_many([(address, b"x" * 1000) for address in addresses]) == [True, False, True]
+    assert disk.used_bytes == sum(_files(tmp_path / "disk").values()) == 2000
+    failures = [e for e in disk.take_events() if e.kind is TierEventKind.FAILURE]
+    assert [e.num_blocks for e in failures] == [1]
+
+
+def test_a_block_twice_in_a_batch_is_written_once_with_its_last_value(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path / "disk", capacity_bytes=1 << 20)
+    blocks = [(_address(0), b"a" * 10), (_address(1), b"b" * 20), (_address(0), b"c" * 30)]
+    assert disk.store_many(blocks) == [True, True, True]
+    assert disk.load_many([_address(0), _address(1)]) == [b"c" * 30, b"b" * 20]
+    assert disk.used_bytes == 50
+
+
+def test_encoded_blocks_are_safetensors_files_and_older_blocks_still_decode() -> None:
+    """``encode_block`` writes the safetensors header itself: the value loads with safetensors'
+    own reader and decodes; a block written by safetensors' writer (every block stored before)
+    decodes the same; a dtype without a name here goes through safetensors' writer."""
+    address = _address(7)
+    tensors = {
+        "model.layers.1.attn": np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+        "model.layers.0.attn": np.arange(5, dtype=np.uint8),
+        "half": np.ones(3, dtype=np.float16),
+        "flags": np.array([True, False]),
+        "scalar": np.array(2.5),
+        "empty": np.zeros(0, dtype=np.int64),
+        "strided": np.arange(20, dtype=np.int32)[::2],
+    }
+    value = encode_block(tensors, address)
+    loaded = safetensors_load(value[:-CHECKSUM_BYTES])
+    decoded = decode_block(value, address)
+    assert decoded is not None
+    for name, array in tensors.items():
+        for got in (loaded[name], decoded[name]):
+            assert got.dtype == array.dtype and got.shape == array.shape and (got == array).all(), name
+    assert value[-CHECKSUM_BYTES:] == checksum([value[header_length(value) or 0 : -CHECKSUM_BYTES]])
+    assert decode_block(value, _address(8)) is None  # another block's address
+
+    metadata = {"format": FORMAT, "compat": address.compat_digest, "key": address.key}
+    tensors["strided"] = np.ascontiguousarray(tensors["strided"])  # safetensors' writer wants it so
+    body = safetensors_save(tensors, metadata=metadata)
+    older = bytes(body) + checksum([memoryview(body)[header_length(body) or 0 :]])
+    decoded = decode_block(older, address)
+    assert decoded is not None and all((decoded[name] == tensors[name]).all() for name in tensors)
+
+    swapped = {"x": np.arange(3, dtype=">f4")}  # not in native byte order: safetensors' writer
+    assert (decode_block(encode_block(swapped, address), address) or {})["x"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_blocks_of_one_layout_share_their_header_but_for_the_key() -> None:
+    """A restore checks the next block's header by comparing bytes (``KnownHeaders``): the
+    header is the same for every block of a layout, with the key in its place."""
+    tensors = {f"layer{index}": np.zeros(64, dtype=np.uint8) for index in range(3)}
+    heads = []
+    for index in range(4):
+        value = encode_block(tensors, _address(index))
+        head = value[: header_length(value)]
+        heads.append(head.replace(_address(index).key.encode(), b"K" * 32))
+        assert (header_length(value) or 0) % 8 == 0  # the data starts 8-aligned
+    assert len(set(heads)) == 1
+
+
+def test_commands_are_packed_with_large_values_as_they_are() -> None:
+    value = b"v" * (INLINE_BYTES + 1)
+    buffers = pack_commands([("SET", "k", value, "EX", 5), ("GET", "k")])
+    assert any(buffer is value for buffer in buffers)  # never copied
+    assert b"".join(bytes(buffer) for buffer in buffers) == (
+        b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$%d\r\n%s\r\n$2\r\nEX\r\n$1\r\n5\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+        % (len(value), value)
+    )
+
+
+@pytest.mark.redis
+def test_sent_commands_answer_in_order_with_error_replies_as_values(servers: Any) -> None:
+    _, kv = servers
+    admin = _admin(kv)
+    client = kv_client(kv)
+    big = os.urandom(200_000)
+    replies = send_commands(client, [("SET", "kv:x", big), ("INCR", "kv:x"), ("GET", "kv:x")])
+    assert replies is not None
+    assert replies[0] == b"OK" and isinstance(replies[1], redis.ResponseError) and replies[2] == big
+    admin.client_kill_filter(_type="normal", skipme=True)  # the pooled connection is cut meanwhile
+    assert send_commands(client, [("GET", "kv:x")]) == [big]  # the pool gives a fresh one
+    with pytest.raises(redis.ConnectionError):  # cut in the middle of the replies
+        send_commands(admin, [("PING",), ("CLIENT", "KILL", "SKIPME", "no", "TYPE", "normal"), ("PING",)])
+    assert send_commands(admin, [("GET", "kv:x")]) == [big]
