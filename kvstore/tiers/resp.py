@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -61,15 +62,10 @@ def send_commands(client: Any, commands: Sequence[Sequence[Argument]]) -> list[A
     ``raise_on_error=False``). None when ``client`` is not one this can use (not a plain
     ``redis.Redis``). Raises ``redis`` ``ConnectionError``/``TimeoutError`` when the connection
     fails (the connection is closed then)."""
-    if type(client) is not redis.Redis:
-        return None
-    pool = client.connection_pool
-    connection = pool.get_connection()
-    done = False
-    try:
-        sock = getattr(connection, "_sock", None)
-        if sock is None:
+    with _pooled_socket(client) as pooled:
+        if pooled is None:
             return None
+        connection, sock = pooled
         try:
             _send_all(sock, pack_commands(commands))
         except TimeoutError:
@@ -82,11 +78,26 @@ def send_commands(client: Any, commands: Sequence[Sequence[Argument]]) -> list[A
                 replies.append(connection.read_response())
             except ResponseError as exc:  # the command's own error: the connection is fine
                 replies.append(exc)
-        done = True
         return replies
+
+
+@contextmanager
+def _pooled_socket(client: Any) -> Iterator[tuple[Any, Any] | None]:
+    """A connection of ``client``'s pool and its socket while the block runs, then back to the
+    pool; None when ``client`` is not a plain ``redis.Redis`` or the connection has no socket.
+    An exception closes the connection first: the pool opens a fresh one next time."""
+    if type(client) is not redis.Redis:
+        yield None
+        return
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        sock = getattr(connection, "_sock", None)
+        yield None if sock is None else (connection, sock)
+    except BaseException:
+        connection.disconnect()
+        raise
     finally:
-        if not done:
-            connection.disconnect()
         pool.release(connection)
 
 
@@ -126,22 +137,12 @@ class MgetReader:
 
     def mget(self, client: Any, keys: Sequence[str]) -> list[memoryview | None] | None:
         """The values of ``keys``; None when ``client`` is not one this reader can use."""
-        if type(client) is not redis.Redis:
-            return None
-        pool = client.connection_pool
-        connection = pool.get_connection()
-        done = False
-        try:
-            sock = getattr(connection, "_sock", None)
-            if sock is None:
+        with _pooled_socket(client) as pooled:
+            if pooled is None:
                 return None
+            connection, sock = pooled
             connection.send_command("MGET", *keys)
             spans = self._read(sock, len(keys))
-            done = True
-        finally:
-            if not done:
-                connection.disconnect()
-            pool.release(connection)
         view = memoryview(self._buffer)
         values = [None if span is None else view[span[0] : span[0] + span[1]] for span in spans]
         if len(self._buffer) > self.RETAINED_BYTES:

@@ -65,6 +65,7 @@ from zumik_serve.bench.routing_chat import (
     Messages,
     chat_workloads,
     stream_chat,
+    stream_first_chunk,
 )
 from zumik_serve.bench.routing_cluster import (
     cluster_figures,
@@ -348,24 +349,8 @@ async def stream_completion(
 ) -> tuple[float, int]:
     """One streamed ``/v1/completions`` of token ids: time to the first chunk with a choice (ms)
     and ``cached_tokens`` from the usage chunk."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    started = time.perf_counter()
-    first: float | None = None
-    cached = 0
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"{what}: {response.status_code} {await response.aread()!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if first is None and chunk.get("choices"):
-                first = time.perf_counter() - started
-            usage = chunk.get("usage")
-            if usage:
-                cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-    return (first if first is not None else time.perf_counter() - started) * 1000, cached
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens}
+    return await stream_first_chunk(client, "/v1/completions", body, what=what)
 
 
 def arrival_offsets(rate_per_s: float, count: int, seed: int) -> list[float]:

@@ -71,12 +71,20 @@ async def stream_chat(
 ) -> tuple[float, int]:
     """One streamed ``/v1/chat/completions``: time to the first chunk with a choice (ms) and
     ``cached_tokens`` from the usage chunk."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens}
+    return await stream_first_chunk(client, "/v1/chat/completions", body, what=what)
+
+
+async def stream_first_chunk(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], *, what: str
+) -> tuple[float, int]:
+    """One streamed generation of ``body`` at ``path`` (greedy, with usage): time to the first
+    chunk with a choice (ms) and ``cached_tokens`` from the usage chunk."""
+    body = {**body, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
     first: float | None = None
     cached = 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+    async with client.stream("POST", path, json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{what}: {response.status_code} {await response.aread()!r}")
         async for line in response.aiter_lines():
