@@ -5,21 +5,26 @@ Invariants held here:
   equal those vLLM's own chat renderer builds from it, for the tiny model's template (BOS from
   the template, a string-format template, developer turned system and merged) and for templates
   that iterate content parts ("openai" format), name the developer role or take
-  ``reasoning_effort``; with and without ``add_generation_prompt``; text content parts; ``name``,
-  tool results and empty assistant content;
-- requests whose rendering the gateway does not reproduce (tools, tool calls, template
-  arguments, images, unknown roles, prompts past the tokenizing limit, engines whose vllm_args
-  change the rendering) give a reason, never an error;
+  ``reasoning_effort``, and one that writes ``tools`` and every message as JSON (each key, its
+  order and value); with and without ``add_generation_prompt``; text content parts; ``name``,
+  tool results and empty assistant content; tools (None fields, ``strict``, ``defer_loading``,
+  extras) under each tool_choice that renders them, assistant tool calls (arguments as JSON
+  text, empty, invalid or not an object; extras; an empty list) and reasoning;
+- requests whose rendering the gateway does not reproduce (tools with tool_choice "none" or
+  that vLLM rejects, malformed tool calls, template arguments, images, unknown roles, prompts
+  past the tokenizing limit, engines whose vllm_args change the rendering) give a reason, never
+  an error;
 - through the gateway's request path, with the group's engines reporting KV events, a chat
   request's recorded prefix keys are ``engine_block_keys`` of vLLM's token ids under the
-  request's cache salt, the engine still gets the chat body, and ``chat_keys`` counts it; a
-  request with tools keeps text keys and is counted by its reason; without KV events nothing is
-  tokenized.
+  request's cache salt, the engine still gets the chat body, and ``chat_keys`` counts it, a
+  request with tools too; one with tool_choice "none" keeps text keys and is counted by its
+  reason; without KV events nothing is tokenized.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import shutil
 from dataclasses import replace
@@ -53,6 +58,36 @@ DEVELOPER_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
+# Writes what the template gets, keys in order: equal ids mean an equal conversation and tools.
+JSON_TEMPLATE = (
+    "{{ bos_token }}{% if tools is not none %}<|tools|>\n{{ tools | tojson }}<|end|>\n{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message | tojson }}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Find an order",
+        "parameters": {"type": "object", "properties": {"order": {"type": "string"}}},
+    },
+}
+TOOL_CALLS = [
+    {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"order": "42"}'}},
+    {"type": "function", "function": {"arguments": "", "name": "lookup"}, "id": "c2"},
+    {"id": "c3", "type": "function", "function": {"name": "lookup", "arguments": "{not json"}},
+    {"id": "c4", "type": "function", "function": {"name": "lookup", "arguments": "[1, 2]"}},
+    {"id": "c5", "type": "function", "function": {"name": "f", "arguments": "{}", "x": 1}, "index": 0},
+]
+TOOL_TURNS = [
+    {"role": "system", "content": "you look orders up"},
+    {"role": "user", "content": "where is order 42?"},
+    {"role": "assistant", "content": None, "tool_calls": TOOL_CALLS, "reasoning_content": "look"},
+    {"role": "tool", "content": "shipped", "tool_call_id": "c1"},
+    {"role": "assistant", "content": "it shipped", "tool_calls": [], "reasoning": "done"},
+    {"role": "user", "content": "thanks"},
+]
+
 BODIES: list[dict[str, Any]] = [
     {"messages": [{"role": "user", "content": "hello there"}]},
     {"messages": [{"role": "user", "content": "hello"}], "add_generation_prompt": False},
@@ -77,6 +112,23 @@ BODIES: list[dict[str, Any]] = [
         "temperature": 0,
         "max_tokens": 3,
     },
+    {"messages": TOOL_TURNS},
+    {"messages": TOOL_TURNS[:2], "tools": [LOOKUP]},
+    {"messages": TOOL_TURNS, "tools": [LOOKUP], "tool_choice": "auto", "parallel_tool_calls": False},
+    {
+        "messages": TOOL_TURNS[:2],
+        "tools": [
+            {"function": {"name": "bare"}, "defer_loading": True, "cache_control": {}},
+            {"type": "function", "function": {"name": "s", "strict": False, "parameters": {}, "y": 2}},
+        ],
+        "tool_choice": None,
+    },
+    {"messages": TOOL_TURNS, "tools": [LOOKUP], "tool_choice": "required"},
+    {
+        "messages": TOOL_TURNS,
+        "tools": [LOOKUP],
+        "tool_choice": {"type": "function", "function": {"name": "lookup"}},
+    },
 ]
 
 
@@ -96,20 +148,35 @@ def model_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         "tiny": tiny_model_dir,
         "openai": _with_template(tiny_model_dir, root / "openai", OPENAI_FORMAT_TEMPLATE),
         "developer": _with_template(tiny_model_dir, root / "developer", DEVELOPER_TEMPLATE),
+        "json": _with_template(tiny_model_dir, root / "json", JSON_TEMPLATE),
     }
 
 
-def vllm_chat_ids(model_dir: Path, body: dict[str, Any]) -> list[int]:
-    """The prompt token ids vLLM's own chat renderer builds for ``body``."""
+@functools.cache
+def _vllm_chat_renderer(model_dir: Path) -> Any:
+    """vLLM's chat front end for ``model_dir`` as an engine with a tool parser deploys it (so
+    every tool_choice renders; the parser adjusts a request only after its prompt is built)."""
     from vllm.config import ModelConfig, VllmConfig
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.renderers.hf import HfRenderer
+    from vllm.renderers.online_renderer import OnlineRenderer
     from vllm.tokenizers import get_tokenizer
 
-    config = VllmConfig(model_config=ModelConfig(model=str(model_dir), tokenizer=str(model_dir)))
-    renderer = HfRenderer(config, get_tokenizer(str(model_dir)))
-    request = ChatCompletionRequest(**{"model": "m", **body})
-    _, prompt = renderer.render_messages(request.messages, request.build_chat_params(None, "auto"))
+    model_config = ModelConfig(model=str(model_dir), tokenizer=str(model_dir))
+    renderer = HfRenderer(VllmConfig(model_config=model_config), get_tokenizer(str(model_dir)))
+    return OnlineRenderer(
+        model_config, renderer, request_logger=None, chat_template=None,
+        chat_template_content_format="auto", enable_auto_tools=True, tool_parser="pythonic",
+    )  # fmt: skip
+
+
+def vllm_chat_ids(model_dir: Path, body: dict[str, Any]) -> list[int]:
+    """The prompt token ids vLLM's own chat front end (``render_chat``) builds for ``body``."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    request = ChatCompletionRequest(**json.loads(json.dumps({"model": "m", **body})))  # vLLM's copy
+    rendered = asyncio.run(_vllm_chat_renderer(model_dir).render_chat(request))
+    assert isinstance(rendered, tuple), rendered
+    _, (prompt,) = rendered
     return list(prompt["prompt_token_ids"])
 
 
@@ -118,7 +185,7 @@ def engine_tokenizer(model_dir: Path) -> HfChatTokenizer:
     return HfChatTokenizer(model_dir, chat_content_format=chat_content_format(model_dir, {}))
 
 
-@pytest.mark.parametrize("template", ["tiny", "openai", "developer"])
+@pytest.mark.parametrize("template", ["tiny", "openai", "developer", "json"])
 def test_engine_chat_ids_equal_vllms_own_rendering(model_dirs: dict[str, Path], template: str) -> None:
     tokenizer = engine_tokenizer(model_dirs[template])
     for body in BODIES:
@@ -139,12 +206,44 @@ def test_engines_that_render_with_their_own_arguments_keep_text_keys(tiny_model_
     [
         ({"messages": [{"role": "user", "content": "x"}], "tools": []}, ChatFallback.TOOLS),
         (
+            {"messages": [{"role": "user", "content": "x"}], "tools": [LOOKUP], "tool_choice": "none"},
+            ChatFallback.TOOLS,
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, ChatFallback.TOOLS),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "tools": [{"function": {"name": 1}}]},
+            ChatFallback.TOOLS,
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"function": {"name": "f", "strict": "true"}}],
+            },
+            ChatFallback.TOOLS,
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}, ChatFallback.TOOLS),
+        (
             {
                 "messages": [
                     {"role": "user", "content": "x"},
                     {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {}}]},
                 ]
             },
+            ChatFallback.TOOLS,
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}"}}],
+                    }
+                ]
+            },
+            ChatFallback.TOOLS,
+        ),
+        (
+            {"messages": [{"role": "developer", "content": "x", "tools": [LOOKUP]}]},
             ChatFallback.TOOLS,
         ),
         (
@@ -239,22 +338,29 @@ def test_chat_keys_are_the_engine_block_hashes_of_vllms_token_ids(
             assert answer.status_code == 200, answer.text
             sent = gateway.engine.bodies[-1]
             assert sent["messages"] == CONVERSATION and "prompt" not in sent  # vLLM still gets chat
-            ids = vllm_chat_ids(tiny_model_dir, {"messages": CONVERSATION})
+            ids = await asyncio.to_thread(vllm_chat_ids, tiny_model_dir, {"messages": CONVERSATION})
             expected = engine_block_keys(
                 ids, block_size=block_size, cache_salt=sent["cache_salt"], max_blocks=1_000
             )
             assert len(expected) >= 4 and scheduler.residency.keys("r0") == tuple(reversed(expected))
             assert scheduler.chat_keys == {"engine": 1}
 
-            tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
-            with_tools = {
-                "model": "zumik-tiny",
-                "messages": CONVERSATION + [{"role": "user", "content": "?"}],
-            }
-            answer = await client.post("/v1/chat/completions", json={**with_tools, "tools": tools})
+            with_tools = {"messages": CONVERSATION + [{"role": "user", "content": "?"}], "tools": [LOOKUP]}
+            answer = await client.post("/v1/chat/completions", json={"model": "zumik-tiny", **with_tools})
             assert answer.status_code == 200, answer.text
-            assert scheduler.chat_keys == {"engine": 1, "tools": 1}
-            assert metrics.chat == {"engine": 1, "tools": 1}  # the metric counts the same
+            assert gateway.engine.bodies[-1]["tools"] == [LOOKUP]
+            ids = await asyncio.to_thread(vllm_chat_ids, tiny_model_dir, with_tools)
+            expected = engine_block_keys(
+                ids, block_size=block_size, cache_salt=sent["cache_salt"], max_blocks=1_000
+            )
+            assert set(expected) <= set(scheduler.residency.keys("r0"))
+            assert scheduler.chat_keys == {"engine": 2}
+
+            not_reproduced = {**with_tools, "tool_choice": "none"}  # the engines' flag decides
+            answer = await client.post("/v1/chat/completions", json={"model": "zumik-tiny", **not_reproduced})
+            assert answer.status_code == 200, answer.text
+            assert scheduler.chat_keys == {"engine": 2, "tools": 1}
+            assert metrics.chat == {"engine": 2, "tools": 1}  # the metric counts the same
             text_keys = _text_keys(gateway, with_tools["messages"], sent["cache_salt"])
             assert text_keys and set(text_keys) <= set(scheduler.residency.keys("r0"))
 

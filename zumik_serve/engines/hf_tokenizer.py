@@ -55,7 +55,8 @@ class HfChatTokenizer:
             return chat
         try:  # vLLM's template arguments (those it leaves unset, None, are not passed)
             ids = self._tokenizer.apply_chat_template(
-                list(chat.conversation), tools=None, chat_template=self._template, tokenize=True,
+                list(chat.conversation), tools=None if chat.tools is None else list(chat.tools),
+                chat_template=self._template, tokenize=True,
                 return_dict=False, add_generation_prompt=chat.add_generation_prompt,
                 continue_final_message=False,
             )  # fmt: skip
