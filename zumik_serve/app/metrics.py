@@ -7,7 +7,7 @@ so they show in the Ray dashboard, Prometheus and the Grafana dashboard in ``dep
     zumik_reuse_captured_source_tokens counter tenant, profile, route, source (engine|host|redis|disk)
     zumik_decisions                  counter  profile, route, reason (the pick's reason)
     zumik_decision_time_us           histogram profile (prefix keys + decide, microseconds)
-    zumik_chat_prompt_keys           counter  profile, keys (engine, or why text: tools, content, ...)
+    zumik_chat_prompt_keys           counter  profile, keys (engine, or why text: no_events, tools, ...)
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ class RayDecisionMetrics:
         )  # fmt: skip
         self._chat_keys = Counter(
             "zumik_chat_prompt_keys",
-            "Chat prompts of a group with KV events, by how they were keyed: the engine's block "
-            "hashes, or why text keys (tools, content, ...)",
+            "Chat prompts by how they were keyed: the engine's block hashes, or why text keys "
+            "(no_events, tools, content, ...)",
             tag_keys=("profile", "keys"),
         )
 

@@ -69,6 +69,7 @@ class ChatFallback(Enum):
     ENGINE_TEMPLATE = "engine_template"  # the engines render with arguments of their own
     TOO_LARGE = "too_large"  # above the gateway's tokenizing limit
     RENDER_ERROR = "render_error"  # the template failed (vLLM answers the request itself)
+    NO_EVENTS = "no_events"  # the group's engines report no KV events: nothing is tokenized
 
 
 @dataclass(frozen=True)

@@ -438,7 +438,10 @@ class Pipeline:
         engine's own block hashes (``routing/scheduler.py``), when the group's engines report
         KV events and a BYOC route may take it; None: text keys (counted by reason)."""
         dispatcher = self.context.dispatcher_for(model)
-        if call is not EngineCall.CHAT or not dispatcher.scheduler.engine_events:
+        if call is not EngineCall.CHAT:
+            return None
+        if not dispatcher.scheduler.engine_events:  # text keys are all the engines' record needs
+            dispatcher.count_chat_keys(ChatFallback.NO_EVENTS.value)
             return None
         if allowed is not None and not allowed & self._byoc_routes:
             return None
