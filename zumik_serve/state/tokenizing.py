@@ -87,8 +87,10 @@ class Tokenization:
                 return ChatFallback.NO_TOKENIZER
             try:
                 return encode(body)
-            except Exception:  # a body no rule here foresaw: its keys only, never the request
-                logger.exception("zumik: a chat prompt's engine token ids failed; it keeps text keys")
+            except Exception as exc:  # a body no rule here foresaw: its keys only, never the request
+                # The error's class only: its message may quote the tenant's prompt.
+                logger.warning("zumik: a chat prompt's engine token ids failed (%s); it keeps text keys",
+                               type(exc).__name__)  # fmt: skip
                 return ChatFallback.RENDER_ERROR
 
         return await self.run(messages, work)
