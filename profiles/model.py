@@ -99,6 +99,9 @@ VLLM_ARGS_OWNED_BY_PROFILE: dict[str, str] = {
 that each setting has one place (and the compat key sees it)."""
 
 
+SERVE_METRICS_INTERVAL_S = 10.0  # Serve's AutoscalingConfig.metrics_interval_s default
+
+
 class AutoscalingSpec(_Frozen):
     """Ray Serve autoscaling of an engine group (one deployment; Zumik still picks the replica).
     ``num_replicas`` is then ignored."""
@@ -124,6 +127,12 @@ class AutoscalingSpec(_Frozen):
         initial = self.initial_replicas
         if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
             raise ValueError("engine.autoscaling.initial_replicas must lie within min_replicas..max_replicas")
+        if self.look_back_period_s <= SERVE_METRICS_INTERVAL_S:
+            raise ValueError(
+                f"engine.autoscaling.look_back_period_s ({self.look_back_period_s:g}) must be above "
+                f"Serve's metrics interval ({SERVE_METRICS_INTERVAL_S:g} s): a window that short holds "
+                "one report at most (Serve warns now and will refuse it); use 12 or more"
+            )
         return self
 
 

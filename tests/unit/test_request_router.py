@@ -200,13 +200,16 @@ def test_an_autoscaled_group_is_one_deployment_with_serves_autoscaling_config() 
     assert deployment["autoscaling_config"]["downscale_delay_s"] == 600  # Serve's default, written
     data["engine"]["autoscaling"] = {
         "min_replicas": 2, "max_replicas": 3, "initial_replicas": 3, "upscale_delay_s": 5,
-        "downscale_delay_s": 10, "look_back_period_s": 5,
+        "downscale_delay_s": 10, "look_back_period_s": 15,
     }  # fmt: skip
     profile = parse_profile(json.dumps(data), source="test")
     config = LLMConfig(**llm_config_kwargs(profile, Path("/models/tiny"), None)).deployment_config
     served = AutoscalingConfig.model_validate(config["autoscaling_config"])  # Serve's own schema
     assert (served.initial_replicas, served.upscale_delay_s, served.downscale_delay_s) == (3, 5, 10)
-    assert served.look_back_period_s == 5
+    assert served.look_back_period_s == 15
+    data["engine"]["autoscaling"] = {"min_replicas": 1, "max_replicas": 3, "look_back_period_s": 10}
+    with pytest.raises(ProfileError, match="look_back_period_s .* above Serve's metrics interval"):
+        parse_profile(json.dumps(data), source="test")
     data["engine"]["autoscaling"] = {"min_replicas": 4, "max_replicas": 3}
     with pytest.raises(ProfileError, match="min_replicas"):
         parse_profile(json.dumps(data), source="test")
