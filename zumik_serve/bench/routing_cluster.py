@@ -19,6 +19,7 @@ picked replica differed from its truth (``belief_wrong``).
 from __future__ import annotations
 
 import random
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,11 +171,7 @@ def chat_render_times_us(
             started = time.perf_counter()
             tokenizer.encode_engine_chat(body)
             times.append((time.perf_counter() - started) * 1e6)
-        times.sort()
-        result[length] = {
-            "p50": times[len(times) // 2],
-            "p99": times[min(len(times) - 1, len(times) * 99 // 100)],
-        }
+        result[length] = _p50_p99(times)
     return result
 
 
@@ -255,7 +252,6 @@ def time_decisions(
     and ``rest_p50``, ``turn_rest_p50``: the time, after the decision, of the prompt keys it did
     not read (``routing/prompt_keys.py``; the dispatcher computes them once the call is handed
     on), timed separately. Requests are built outside the timed calls."""
-    import statistics
     import time
 
     record, keys = scheduler.decide("dec_previous", previous, now_ms=0, seed=1)
@@ -273,9 +269,7 @@ def time_decisions(
             times[f"{case}_rest"].append((time.perf_counter() - decided) * 1e6)
     result: dict[str, float] = {}
     for case, prefix in (("first", ""), ("turn", "turn_")):
-        ordered = sorted(times[case])
-        result[f"{prefix}p50"] = statistics.median(ordered)
-        result[f"{prefix}p99"] = ordered[int(0.99 * (len(ordered) - 1))]
+        result.update({f"{prefix}{name}": value for name, value in _p50_p99(times[case]).items()})
         result[f"{prefix}rest_p50"] = statistics.median(times[f"{case}_rest"])
     return result
 
@@ -344,3 +338,9 @@ def run_cluster_only(args: Any, console: Any) -> int:
     console.print(chat_table(chat))
     console.print(f"wrote {args.out / 'cluster.json'}")
     return 0
+
+
+def _p50_p99(times: list[float]) -> dict[str, float]:
+    """The median and the 99th percentile (nearest rank below) of ``times``."""
+    ordered = sorted(times)
+    return {"p50": statistics.median(ordered), "p99": ordered[int(0.99 * (len(ordered) - 1))]}

@@ -77,11 +77,7 @@ class BoundedRedis(aioredis.Redis):
     ``COMMAND_TIMEOUT_S``, or raises ``redis.exceptions.TimeoutError``."""
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
-        try:
-            async with asyncio.timeout(COMMAND_TIMEOUT_S):
-                return await super().execute_command(*args, **options)
-        except TimeoutError:
-            raise _timed_out(args[0]) from None
+        return await _bounded(super().execute_command(*args, **options), args[0])
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
         return BoundedPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
@@ -92,32 +88,27 @@ class BoundedPipeline(Pipeline):
     within ``COMMAND_TIMEOUT_S``."""
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        try:
-            async with asyncio.timeout(COMMAND_TIMEOUT_S):
-                return await super().execute(raise_on_error)
-        except TimeoutError:
-            raise _timed_out("pipeline") from None
+        return await _bounded(super().execute(raise_on_error), "pipeline")
 
     async def immediate_execute_command(self, *args: Any, **options: Any) -> Any:
-        try:
-            async with asyncio.timeout(COMMAND_TIMEOUT_S):
-                return await super().immediate_execute_command(*args, **options)
-        except TimeoutError:
-            raise _timed_out(args[0]) from None
+        return await _bounded(super().immediate_execute_command(*args, **options), args[0])
 
     async def reset(self) -> None:  # type: ignore[override]  # Pipeline's, not the RESET command
         if not self.watching:  # nothing to send: the connection goes back to the pool
             return await super().reset()
-        try:  # an UNWATCH, on a connection a timed-out command left closed perhaps
-            async with asyncio.timeout(COMMAND_TIMEOUT_S):
-                await super().reset()
-        except TimeoutError:
-            raise _timed_out("UNWATCH") from None
+        # an UNWATCH, on a connection a timed-out command left closed perhaps
+        await _bounded(super().reset(), "UNWATCH")
 
 
-def _timed_out(what: object) -> RedisTimeoutError:
-    name = what.decode(errors="replace") if isinstance(what, bytes) else str(what)
-    return RedisTimeoutError(f"Redis did not answer {name[:40]} within {COMMAND_TIMEOUT_S:g} s")
+async def _bounded(operation: Awaitable[T], what: object) -> T:
+    """``operation``'s result, or ``redis.exceptions.TimeoutError`` naming ``what`` (a command's
+    name) when it takes longer than ``COMMAND_TIMEOUT_S``."""
+    try:
+        async with asyncio.timeout(COMMAND_TIMEOUT_S):
+            return await operation
+    except TimeoutError:
+        name = what.decode(errors="replace") if isinstance(what, bytes) else str(what)
+        raise RedisTimeoutError(f"Redis did not answer {name[:40]} within {COMMAND_TIMEOUT_S:g} s") from None
 
 
 def check_access(url: str, *, timeout_s: float = 5.0) -> None:
