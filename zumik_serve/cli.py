@@ -186,6 +186,12 @@ def _parser() -> argparse.ArgumentParser:
         help="send the workloads as token ids on /v1/completions, or as conversations on "
         "/v1/chat/completions (arm zumik-text-chat: chat prompts with text keys)",
     )  # fmt: skip
+    routing.add_argument(
+        "--model", default=None,
+        help="the engines' model source (default: the profile's builtin:tiny); builtin:tiny-wide has "
+        "the same tokenizer and KV bytes per token with a prefill several times heavier, so a "
+        "prompt's compute outweighs the stack's fixed work per request, as on a GPU",
+    )  # fmt: skip
     routing.add_argument("--mooncake-requests", type=int, default=400, help="requests of the Mooncake slice")
     routing.add_argument(
         "--workloads", default="no_reuse,shared_prefix,agent_sessions,mooncake",

@@ -3,6 +3,7 @@
 $ZUMIK_HOME/
   models/tiny/          the built-in model builtin:tiny (built on first use)
   models/tiny-b/        the second built-in model builtin:tiny-b (built on first use)
+  models/tiny-wide/     builtin:tiny-wide, heavier prefill for benches (built on first use)
   adapters/tiny-lora/   builtin:tiny-lora, a LoRA adapter of builtin:tiny (built on first use)
   redis/                the embedded redis-server's data directory (AOF files)
   run/                  files describing what is running now (redis.json)
@@ -35,6 +36,10 @@ class ZumikHome:
     @property
     def tiny_b_model_dir(self) -> Path:
         return self.models_dir / "tiny-b"
+
+    @property
+    def tiny_wide_model_dir(self) -> Path:
+        return self.models_dir / "tiny-wide"
 
     @property
     def adapters_dir(self) -> Path:

@@ -3,6 +3,8 @@
 Invariants held here:
 - builtin:tiny-b and builtin:tiny-lora build byte-identically; tiny-b shares builtin:tiny's
   tokenizer but not its weights or KV layout.
+- builtin:tiny-wide shares builtin:tiny's tokenizer and KV bytes per token (benches size their
+  caches alike) with more weights per layer.
 - every adapter tensor is named after a linear module of the base model, with lora_A of shape
   (r, in_features) and lora_B of shape (out_features, r), and config.json-consistent sizes;
   its B is non-zero, so the adapter changes outputs (checked against vLLM by hand, not here).
@@ -24,6 +26,7 @@ from zumik_serve.home import ZumikHome
 from zumik_serve.model.resolve import (
     TINY_B_MODEL_SOURCE,
     TINY_LORA_SOURCE,
+    TINY_WIDE_MODEL_SOURCE,
     ModelSourceError,
     resolve_adapter,
     resolve_model_dir,
@@ -32,6 +35,7 @@ from zumik_serve.model.resolve import (
 from zumik_serve.model.tiny import (
     MODEL_FILES,
     TINY_B_SPEC,
+    TINY_WIDE_SPEC,
     TinyModelSpec,
     build_tiny_model,
     fingerprint_model_dir,
@@ -85,6 +89,19 @@ def test_tiny_b_differs_from_tiny_in_weights_and_kv_layout_but_shares_tokenizer(
     name = "model.layers.0.self_attn.q_proj.weight"
     assert weights[name].shape == weights_b[name].shape
     assert not np.array_equal(weights[name], weights_b[name])  # another seed
+
+
+def test_tiny_wide_keeps_tiny_tokenizer_and_kv_bytes_per_token_with_wider_layers(tmp_path: Path) -> None:
+    from zumik_serve.bench.routing import kv_block_bytes
+
+    tiny = build_tiny_model(tmp_path / "tiny")
+    wide = build_tiny_model(tmp_path / "tiny-wide", TINY_WIDE_SPEC)
+    assert (tiny / "tokenizer.json").read_bytes() == (wide / "tokenizer.json").read_bytes()
+    assert kv_block_bytes(tiny, 16) == kv_block_bytes(wide, 16)
+    config, config_w = (json.loads((d / "config.json").read_text()) for d in (tiny, wide))
+    assert config_w["head_dim"] == config["head_dim"] == 64
+    weights, weights_w = (load_file(str(d / "model.safetensors")) for d in (tiny, wide))
+    assert sum(w.size for w in weights_w.values()) > 5 * sum(w.size for w in weights.values())
 
 
 # --- builtin:tiny-lora ----------------------------------------------------------------------
@@ -174,7 +191,11 @@ def test_unknown_target_module_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("source", "home_folder"),
-    [(TINY_MODEL_SOURCE, "tiny_model_dir"), (TINY_B_MODEL_SOURCE, "tiny_b_model_dir")],
+    [
+        (TINY_MODEL_SOURCE, "tiny_model_dir"),
+        (TINY_B_MODEL_SOURCE, "tiny_b_model_dir"),
+        (TINY_WIDE_MODEL_SOURCE, "tiny_wide_model_dir"),
+    ],
 )
 def test_resolve_source_builds_builtin_on_first_use_and_reuses_it(
     tmp_path: Path, source: str, home_folder: str

@@ -304,12 +304,19 @@ def make_workloads(
 # --- arms --------------------------------------------------------------------------------------
 
 
-def arm_profile(arm: str, *, replicas: int = 2, gateways: int = 1, kv_bytes: int | None = None) -> Profile:
+def arm_profile(
+    arm: str, *, replicas: int = 2, gateways: int = 1, kv_bytes: int | None = None,
+    model_source: str | None = None,
+) -> Profile:  # fmt: skip
     """``local-cpu-2x`` with only its BYOC route, as each arm runs it: ``replicas`` engine
     replicas (``zumik-scaling``: Serve autoscaling between ``replicas - 1`` and ``replicas``,
-    starting at ``replicas``), ``gateways`` gateway replicas, ``kv_bytes`` of KV per replica."""
+    starting at ``replicas``), ``gateways`` gateway replicas, ``kv_bytes`` of KV per replica,
+    the model ``model_source`` (default: the profile's, ``builtin:tiny``; the served name stays,
+    so the workloads' requests are unchanged)."""
     base = load_builtin("local-cpu-2x")
     data = base.model_dump(mode="json")
+    if model_source is not None:
+        data["model"]["source"] = model_source
     data["routes"] = [route for route in data["routes"] if route["kind"] == "byoc"]
     data["routing"] = {**data["routing"], "default_route": "local", "fallback_order": ["local"],
                        "replica_choice": "scheduler" if arm.startswith("zumik") else "serve"}  # fmt: skip
@@ -532,7 +539,8 @@ def run_routing_bench(args: Any, console: Any) -> int:
     cpu_ms: dict[str, dict[str, dict[str, float]]] = {}  # workload -> arm -> component -> ms/request
     warmup = no_reuse(random.Random(args.seed + 2000), max(1, args.concurrency // 2))
     dev_key = os.environ.get("ZUMIK_DEV_KEY") or "zk-bench-" + os.urandom(8).hex()
-    shape = {"replicas": args.replicas, "gateways": args.gateways, "kv_bytes": args.kv_mib << 20}
+    shape = {"replicas": args.replicas, "gateways": args.gateways, "kv_bytes": args.kv_mib << 20,
+             "model_source": getattr(args, "model", None)}  # fmt: skip
     arms = [arm for arm in args.arms.split(",") if arm]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
@@ -675,7 +683,7 @@ def run_routing_bench(args: Any, console: Any) -> int:
 
 
 def _run_side_by_side(
-    stack: Any, dev_key: str, shape: dict[str, int], workloads: dict[str, list[list[int]]],
+    stack: Any, dev_key: str, shape: dict[str, Any], workloads: dict[str, list[list[int]]],
     open_workloads: dict[str, list[list[int]]], serve_rates: dict[str, float], load: float,
     args: Any, block_size: int, console: Any,
 ) -> list[ArmResult]:  # fmt: skip

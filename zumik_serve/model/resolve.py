@@ -4,7 +4,8 @@ Rule kept here: nothing is downloaded from a model hub. A source is either a bui
 built under ``ZUMIK_HOME`` on first use and reused after, or a local folder, which must hold
 what its kind needs; anything else fails with a ``ModelSourceError`` naming the source.
 
-    model sources     builtin:tiny, builtin:tiny-b, or a Hugging Face folder with config.json
+    model sources     builtin:tiny, builtin:tiny-b, builtin:tiny-wide, or a Hugging Face folder
+                      with config.json
     adapter sources   builtin:tiny-lora, or a PEFT LoRA folder with adapter_config.json
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from profiles import TINY_MODEL_SOURCE, Profile
 from zumik_serve.home import ZumikHome
-from zumik_serve.model.tiny import TINY_B_SPEC, TinyModelSpec, build_tiny_model, is_model_dir
+from zumik_serve.model.tiny import TINY_B_SPEC, TINY_WIDE_SPEC, TinyModelSpec, build_tiny_model, is_model_dir
 from zumik_serve.model.tiny_lora import (
     TinyLoraSpec,
     build_tiny_lora,
@@ -26,6 +27,7 @@ from zumik_serve.model.tiny_lora import (
 
 BUILTIN_PREFIX = "builtin:"
 TINY_B_MODEL_SOURCE = "builtin:tiny-b"
+TINY_WIDE_MODEL_SOURCE = "builtin:tiny-wide"
 TINY_LORA_SOURCE = "builtin:tiny-lora"
 
 # vLLM's LoRA loader reads the first of these that exists (vllm/lora/lora_model.py).
@@ -52,6 +54,7 @@ class _BuiltinAdapter:
 BUILTIN_MODELS: dict[str, _BuiltinModel] = {
     TINY_MODEL_SOURCE: _BuiltinModel(lambda home: home.tiny_model_dir, TinyModelSpec()),
     TINY_B_MODEL_SOURCE: _BuiltinModel(lambda home: home.tiny_b_model_dir, TINY_B_SPEC),
+    TINY_WIDE_MODEL_SOURCE: _BuiltinModel(lambda home: home.tiny_wide_model_dir, TINY_WIDE_SPEC),
 }
 BUILTIN_ADAPTERS: dict[str, _BuiltinAdapter] = {
     TINY_LORA_SOURCE: _BuiltinAdapter(

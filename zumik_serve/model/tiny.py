@@ -72,6 +72,16 @@ class TinyModelSpec:
 # profiles serving two models exercise two distinct compat keys and cache geometries.
 TINY_B_SPEC = TinyModelSpec(num_layers=2, num_kv_heads=2, seed=20261209)
 
+# ``builtin:tiny-wide``: the default's tokenizer and KV layout (4 layers of 4 KV heads of 64: the
+# same KV bytes per token, so a bench sizes its caches alike) with about 8x its weights per
+# layer (hidden 768 in 12 query heads, MLP 2,048). Its prefill costs several times the
+# default's on a CPU, so a prompt's compute outweighs the serving stack's fixed work per
+# request, as a real model's does on a GPU: what ``zumik bench routing --model`` uses to show
+# what prefix-aware routing saves in TTFT.
+TINY_WIDE_SPEC = TinyModelSpec(
+    hidden_size=768, intermediate_size=2048, num_heads=12, num_kv_heads=4, seed=20261203
+)
+
 
 def build_tiny_model(out_dir: Path, spec: TinyModelSpec | None = None) -> Path:
     """Build the tiny model into ``out_dir`` (created; existing model files are replaced).
