@@ -179,7 +179,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     routing.add_argument(
         "--arms", default="rr-cache,zumik,zumik-scaling",
-        help="comma-separated, of rr-nocache (the floor), rr-cache, zumik, zumik-scaling, zumik-text-chat",
+        help="comma-separated, of rr-nocache (the floor), rr-cache, zumik, zumik-scaling, zumik-text-chat; "
+        "with zumik and its baseline (zumik-text-chat under --api chat when given, else rr-cache), "
+        "the two again side by side",
     )  # fmt: skip
     routing.add_argument(
         "--api", choices=("completions", "chat"), default="completions",

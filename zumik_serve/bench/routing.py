@@ -25,18 +25,21 @@ computable from the workload itself; ``--seed`` makes them identical across runs
                     (a 512-token block there) becomes one block of ``block_size`` tokens here;
                     read from ``../shared/data/mooncake`` and skipped, saying so, when absent
 
-With both rr-cache and zumik among the arms, the workloads again with the two side by side
-(``_run_side_by_side``): both profiles deployed together on fresh engines and sent the same
-requests at once, closed loop, and with ``--open-loop-load`` fresh prompts of the reuse
-workloads open loop (Poisson arrivals), so that both arms meet the same load from the rest of
-the machine. In every loop a session's turn waits for its previous turn's answer
-(``previous_turns``).
+With zumik and its baseline among the arms (``side_by_side_pair``: ``zumik-text-chat`` with
+``--api chat`` when it is given, else ``rr-cache``), the workloads again with the two side by
+side (``_run_side_by_side``): both profiles deployed together on fresh engines and sent the same
+requests at once, closed loop, and with ``--open-loop-load`` (completions only, baseline
+rr-cache) fresh prompts of the reuse workloads open loop (Poisson arrivals), so that both arms
+meet the same load from the rest of the machine. In every loop a session's turn waits for its
+previous turn's answer (``previous_turns``).
 
 Per arm and workload: token-weighted hit ratio (cached / prompt tokens), capture efficiency
 (hit ratio over the ideal one: every block-aligned prefix seen before is a hit, unlimited
 cache), the share of the pooled ideal (one LRU cache of the group's whole KV), prefill tokens
-computed, TTFT p50/p90 and throughput. Separately, the scheduler's decision time (prefix keys +
-``decide``) by prompt length, in-process.
+computed, TTFT p50/p90, throughput and, for an arm whose scheduler owner checks the gateways'
+record of sends against the engines' events, how many checks and how many found it wrong.
+Separately, the scheduler's decision time (prefix keys + ``decide``) by prompt length,
+in-process.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +115,10 @@ class ArmResult:
     # open loop: turns sent after their arrival time because their previous turn had not answered
     held_turns: int = 0
     side_by_side: bool = False  # measured at the same time as the other arm (``_run_side_by_side``)
+    # the owner's checks of the gateways' record of sends against the engines' events during
+    # this workload, and how many found the record wrong; None: the arm has no owner
+    belief_checked: int | None = None
+    belief_wrong: int | None = None
 
     @property
     def pooled_capture(self) -> float | None:
@@ -554,6 +561,7 @@ def run_routing_bench(args: Any, console: Any) -> int:
     chats: dict[str, tuple[list[Messages], list[list[int]]]] = {}
     if chat and (open_workloads or "zumik-scaling" in arms):
         raise SystemExit("--api chat runs the closed-loop arms only (no --open-loop-load, no zumik-scaling)")
+    pair = side_by_side_pair(arms, chat=chat)
     results: list[ArmResult] = []
     owners: dict[str, dict[str, int] | None] = {}
     scaling: ScalingRun | None = None
@@ -590,6 +598,7 @@ def run_routing_bench(args: Any, console: Any) -> int:
                     task = progress.add_task(f"{arm}", total=total)
                     for workload, prompts in workloads.items():
                         before = cpu_share.snapshot()
+                        beliefs_before = owner_stats(APP_NAME)
                         result = asyncio.run(measure_arm(
                             stack.url, dev_key, profile.model.served_name, arm, workload, prompts,
                             block_size=block_size, concurrency=args.concurrency,
@@ -597,6 +606,7 @@ def run_routing_bench(args: Any, console: Any) -> int:
                             capacity_blocks=capacity_blocks,
                             chats=chats[workload][0] if chat else None,
                         ))  # fmt: skip
+                        result = with_beliefs(result, beliefs_before, owner_stats(APP_NAME))
                         results.append(result)
                         cpu_ms.setdefault(workload, {})[arm] = cpu_share.per_request_ms(
                             cpu_share.delta(before, cpu_share.snapshot()), result.requests
@@ -604,19 +614,22 @@ def run_routing_bench(args: Any, console: Any) -> int:
                         console.log(
                             f"{arm:>10} {workload:<15} hit {result.hit_ratio:.3f} (ideal "
                             f"{result.ideal_ratio:.3f}) ttft p50 {result.ttft_p50_ms:.0f} ms"
+                            f"{_belief_note(result)}"
                         )
                         if arm == "rr-cache":
                             serve_rates[workload] = result.requests / result.wall_s
                 if arm.startswith("zumik"):
                     owners[arm] = owner_stats(APP_NAME)
-            if {"rr-cache", "zumik"} <= set(arms) and stack is not None and not chat:
+            if pair is not None and stack is not None:
                 results.extend(_run_side_by_side(
-                    stack, dev_key, shape, workloads, open_workloads, serve_rates, open_load, args,
-                    block_size, console,
+                    stack, dev_key, shape, pair, workloads, open_workloads, serve_rates, open_load,
+                    args, block_size, console,
+                    chats={name: messages for name, (messages, _) in chats.items()} if chat else None,
                 ))  # fmt: skip
         finally:
             if stack is not None:
                 stack.stop()
+    baseline = pair[0] if pair is not None else "rr-cache"  # what the figures compare zumik with
     decisions = decision_times_us(arm_profile("zumik"))
     cluster = cluster_figures(arm_profile("zumik"), seed=args.seed)  # two gateways, one owner
     token_decisions = token_decision_times_us(arm_profile("zumik"), lengths=DECISION_LENGTHS)
@@ -624,7 +637,7 @@ def run_routing_bench(args: Any, console: Any) -> int:
         "seed": args.seed, "scale": args.scale, "concurrency": args.concurrency, **shape,
         "api": "chat" if chat else "completions",
         "results": [r.to_json() for r in results],
-        "figures": figures(results), "owners": owners,
+        "baseline": baseline, "figures": figures(results, baseline=baseline), "owners": owners,
         "scaling": scaling.to_json() if scaling is not None else None,
         "decision_us": {str(length): times for length, times in decisions.items()},
         "mooncake": str(trace) if trace else None,
@@ -656,6 +669,7 @@ def run_routing_bench(args: Any, console: Any) -> int:
         "TTFT p50 ms",
         "p90 ms",
         "tok/s",
+        "record wrong / checks",
     ):
         table.add_column(column)
     for r in results:
@@ -665,6 +679,7 @@ def run_routing_bench(args: Any, console: Any) -> int:
             _row_label(r),
             r.arm, f"{r.hit_ratio:.3f}", efficiency, f"{r.prefill_tokens:,}",
             f"{r.ttft_p50_ms:.0f}", f"{r.ttft_p90_ms:.0f}", f"{data['tokens_per_s']:,.0f}",
+            "-" if r.belief_checked is None else f"{r.belief_wrong} / {r.belief_checked}",
         )  # fmt: skip
     console.print(table)
     console.print(timing_table(decisions, token_decisions))
@@ -682,65 +697,101 @@ def run_routing_bench(args: Any, console: Any) -> int:
     return 0
 
 
+def side_by_side_pair(arms: list[str], *, chat: bool) -> tuple[str, str] | None:
+    """The arms ``_run_side_by_side`` serves together, the baseline first and ``zumik``: with
+    ``--api chat`` (``chat``) the text keys for chat (``zumik-text-chat``) when among ``arms``,
+    else Serve's balancing with prefix caching (``rr-cache``); None when either is missing."""
+    baseline = TEXT_CHAT_ARM if chat and TEXT_CHAT_ARM in arms else "rr-cache"
+    return (baseline, "zumik") if {baseline, "zumik"} <= set(arms) else None
+
+
+def with_beliefs(result: ArmResult, before: dict[str, int] | None, after: dict[str, int] | None) -> ArmResult:
+    """``result`` with its owner's belief checks between two of its ``owner_stats``; unchanged
+    when the arm has no owner."""
+    if before is None or after is None:
+        return result
+    return replace(
+        result,
+        belief_checked=after["belief_checked"] - before["belief_checked"],
+        belief_wrong=after["belief_wrong"] - before["belief_wrong"],
+    )
+
+
 def _run_side_by_side(
-    stack: Any, dev_key: str, shape: dict[str, Any], workloads: dict[str, list[list[int]]],
-    open_workloads: dict[str, list[list[int]]], serve_rates: dict[str, float], load: float,
-    args: Any, block_size: int, console: Any,
+    stack: Any, dev_key: str, shape: dict[str, Any], pair: tuple[str, str],
+    workloads: dict[str, list[list[int]]], open_workloads: dict[str, list[list[int]]],
+    serve_rates: dict[str, float], load: float, args: Any, block_size: int, console: Any,
+    chats: dict[str, list[Messages]] | None = None,
 ) -> list[ArmResult]:  # fmt: skip
-    """Serve's balancing (``rr-cache``) and Zumik's scheduler served side by side: both
-    profiles deployed at once (fresh engines, the same gateways, ``x-zumik-profile`` choosing),
-    each workload sent to both arms at once. Arms run one after the other meet different loads
-    from the rest of the machine; run together, both meet the same. Closed loop: ``workloads``,
-    ``concurrency`` clients per arm. Open loop: ``open_workloads``' arrivals at the same
-    instants in both arms, each offered half of ``load`` x rr-cache's closed-loop rate (the two
-    share the machine), so the machine as a whole gets ``load`` x what Serve's balancing
-    sustained alone."""
+    """The two arms of ``pair`` (``side_by_side_pair``: a baseline, then ``zumik``) served side
+    by side: both profiles deployed at once (fresh engines, the same gateways,
+    ``x-zumik-profile`` choosing), each workload sent to both arms at once. Arms run one after
+    the other meet different loads from the rest of the machine; run together, both meet the
+    same. Closed loop: ``workloads``, ``concurrency`` clients per arm, each request as its
+    conversation in ``chats`` when given (``--api chat``). Open loop (baseline ``rr-cache``):
+    ``open_workloads``' arrivals at the same instants in both arms, each offered half of
+    ``load`` x rr-cache's closed-loop rate (``serve_rates``; the two share the machine), so the
+    machine as a whole gets ``load`` x what Serve's balancing sustained alone."""
     from ray import serve
     from rich.progress import Progress
 
     from zumik_serve.app.application import APP_NAME
+    from zumik_serve.bench.routing_scaling import owner_stats
 
-    pair = ("rr-cache", "zumik")
+    baseline, zumik = pair
     profiles = {arm: _sharing_cpus(arm_profile(arm, **shape)) for arm in pair}
     # The last arm's app goes first: a rolling update would keep one of its replicas (and its
     # CPUs) until a new one runs, and the new ones would wait on those CPUs.
     serve.delete(APP_NAME)
-    stack.redeploy(profiles["zumik"], console.log, more=(profiles["rr-cache"],))
-    model = profiles["zumik"].model.served_name
+    stack.redeploy(profiles[zumik], console.log, more=(profiles[baseline],))
+    model = profiles[zumik].model.served_name
+    # The first profile's owner is the app's SchedulerOwner, another's is named with its
+    # profile's name first (``build_serve_app``).
+    owners = {zumik: "SchedulerOwner", baseline: f"{profiles[baseline].name}-SchedulerOwner"}
+
+    def beliefs() -> dict[str, dict[str, int] | None]:
+        return {arm: owner_stats(APP_NAME, owners[arm]) for arm in pair}
 
     async def both(
         workload: str, prompts: list[list[int]], arrivals: list[float] | None, on_request: Callable[[], None]
     ) -> list[ArmResult]:
-        return list(await asyncio.gather(*(
-            measure_arm(
-                stack.url, dev_key, model, arm, workload, prompts, block_size=block_size,
-                concurrency=args.concurrency, arrivals=arrivals, profile=profiles[arm].name,
-                on_request=on_request, side_by_side=True,
-            )
-            for arm in pair
-        )))  # fmt: skip
+        return await measure_side_by_side(
+            stack.url, dev_key, model, {arm: profiles[arm].name for arm in pair}, workload, prompts,
+            block_size=block_size, concurrency=args.concurrency, arrivals=arrivals,
+            on_request=on_request,
+            chats=chats.get(workload) if chats is not None and arrivals is None else None,
+        )  # fmt: skip
+
+    def measured_both(
+        workload: str, prompts: list[list[int]], arrivals: list[float] | None, on_request: Callable[[], None]
+    ) -> list[ArmResult]:
+        before = beliefs()
+        measured = asyncio.run(both(workload, prompts, arrivals, on_request))
+        after = beliefs()
+        return [with_beliefs(result, before[result.arm], after[result.arm]) for result in measured]
 
     warmup = no_reuse(random.Random(args.seed + 3000), max(1, args.concurrency // 2))
     asyncio.run(both("warmup", warmup, None, lambda: None))  # fresh engines, not counted
     results: list[ArmResult] = []
     with Progress(console=console, transient=True) as progress:
         total = len(pair) * sum(len(p) for runs in (workloads, open_workloads) for p in runs.values())
-        task = progress.add_task("rr-cache + zumik, side by side", total=total)
+        task = progress.add_task(f"{baseline} + {zumik}, side by side", total=total)
         advance = functools.partial(progress.advance, task)
         for workload, prompts in workloads.items():
-            measured = asyncio.run(both(workload, prompts, None, advance))
+            measured = measured_both(workload, prompts, None, advance)
             results.extend(measured)
             for result in measured:
                 console.log(
                     f"{result.arm:>10} {workload:<15} side by side: hit {result.hit_ratio:.3f} "
                     f"ttft p90 {result.ttft_p90_ms:.0f} ms, {result.tokens_per_s:.0f} tok/s"
+                    f"{_belief_note(result)}"
                 )
             opened = open_workloads.get(workload)
             if opened is None:
                 continue
             rate = load * serve_rates[workload] / len(pair)
-            measured = asyncio.run(
-                both(workload, opened, arrival_offsets(rate, len(opened), seed=args.seed), advance)
+            measured = measured_both(
+                workload, opened, arrival_offsets(rate, len(opened), seed=args.seed), advance
             )
             results.extend(measured)
             for result in measured:
@@ -750,6 +801,30 @@ def _run_side_by_side(
                     f"{result.held_turns} turns held for their previous answer"
                 )
     return results
+
+
+async def measure_side_by_side(
+    url: str, api_key: str, model: str, profiles: dict[str, str], workload: str,
+    prompts: list[list[int]], *, block_size: int, concurrency: int,
+    arrivals: list[float] | None = None, on_request: Callable[[], None] = lambda: None,
+    chats: list[Messages] | None = None, transport: httpx.AsyncBaseTransport | None = None,
+) -> list[ArmResult]:  # fmt: skip
+    """``workload`` sent to every arm of ``profiles`` (arm -> its ``x-zumik-profile``) at once,
+    each as ``measure_arm`` sends it; their results, in ``profiles``' order."""
+    return list(await asyncio.gather(*(
+        measure_arm(
+            url, api_key, model, arm, workload, prompts, block_size=block_size,
+            concurrency=concurrency, arrivals=arrivals, profile=profile, on_request=on_request,
+            side_by_side=True, chats=chats, transport=transport,
+        )
+        for arm, profile in profiles.items()
+    )))  # fmt: skip
+
+
+def _belief_note(result: ArmResult) -> str:
+    if result.belief_checked is None:
+        return ""
+    return f", record of sends wrong in {result.belief_wrong} of {result.belief_checked} checks"
 
 
 # Ray's logical CPUs a side-by-side replica asks for (its engine's own bundle of 1 comes on top):
@@ -792,11 +867,13 @@ def _row_label(result: ArmResult) -> str:
     return label + (", side by side" if result.side_by_side else "")
 
 
-def figures(results: list[ArmResult]) -> dict[str, dict[str, float | None]]:
-    """Issue #17's figures per workload, Zumik against Serve's balancing with prefix caching
-    (``rr-cache``) in the same run: capture efficiency, TTFT p90 ratio (Serve's / Zumik's, higher
-    is better for Zumik) and throughput ratio (Zumik's / Serve's); from the arms one after the
-    other, and from the arms side by side (``_run_side_by_side``: closed loop, and the open loop)."""
+def figures(results: list[ArmResult], *, baseline: str = "rr-cache") -> dict[str, dict[str, float | None]]:
+    """Issue #17's figures per workload, Zumik against ``baseline`` in the same run (Serve's
+    balancing with prefix caching, or with ``--api chat`` the text keys for chat:
+    ``side_by_side_pair``): capture efficiency, TTFT p90 ratio (the baseline's / Zumik's, higher
+    is better for Zumik) and throughput ratio (Zumik's / the baseline's); from the arms one after
+    the other, and from the arms side by side (``_run_side_by_side``: closed loop, and the open
+    loop)."""
     by = {(r.arm, r.workload): r for r in results if r.arrival == "closed" and not r.side_by_side}
     paired = {(r.arm, r.workload): r for r in results if r.arrival == "closed" and r.side_by_side}
     opened = {(r.arm, r.workload): r for r in results if r.arrival == "open"}
@@ -804,9 +881,9 @@ def figures(results: list[ArmResult]) -> dict[str, dict[str, float | None]]:
     for (arm, workload), zumik in by.items():
         if arm != "zumik":
             continue
-        serve = by.get(("rr-cache", workload))
-        serve_open, zumik_open = opened.get(("rr-cache", workload)), opened.get(("zumik", workload))
-        serve_paired, zumik_paired = paired.get(("rr-cache", workload)), paired.get(("zumik", workload))
+        serve = by.get((baseline, workload))
+        serve_open, zumik_open = opened.get((baseline, workload)), opened.get(("zumik", workload))
+        serve_paired, zumik_paired = paired.get((baseline, workload)), paired.get(("zumik", workload))
         out[workload] = {
             "ttft_p90_ratio_side_by_side": (
                 serve_paired.ttft_p90_ms / zumik_paired.ttft_p90_ms if serve_paired and zumik_paired else None
@@ -822,7 +899,7 @@ def figures(results: list[ArmResult]) -> dict[str, dict[str, float | None]]:
             "open_rate_per_s": zumik_open.rate_per_s if zumik_open else None,
             "capture_efficiency": zumik.capture_efficiency,
             "pooled_capture": zumik.pooled_capture,
-            "serve_pooled_capture": serve.pooled_capture if serve else None,
+            "baseline_pooled_capture": serve.pooled_capture if serve else None,
             "ttft_p90_ratio": serve.ttft_p90_ms / zumik.ttft_p90_ms if serve and zumik.ttft_p90_ms else None,
             "throughput_ratio": (
                 zumik.tokens_per_s / serve.tokens_per_s if serve and zumik.wall_s and serve.wall_s else None
@@ -834,8 +911,9 @@ def figures(results: list[ArmResult]) -> dict[str, dict[str, float | None]]:
 def figures_table(summary: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    table = Table(title="Zumik against Serve's balancing (rr-cache), same run")
-    columns = ("workload", "capture eff. (goal >= 0.95)", "of the pooled ideal (Serve's)",
+    baseline = summary.get("baseline", "rr-cache")
+    table = Table(title=f"Zumik against {baseline}, same run")
+    columns = ("workload", "capture eff. (goal >= 0.95)", f"of the pooled ideal ({baseline}'s)",
                "TTFT p90 ratio (>= 3)", "throughput ratio", "side by side: TTFT p90 ratio",
                "side by side: throughput ratio",
                "open loop, side by side: TTFT p90 ratio at req/s per arm")  # fmt: skip
@@ -846,7 +924,7 @@ def figures_table(summary: dict[str, Any]) -> Any:
         return "-" if value is None else f"{value:.2f}"
 
     for workload, row in summary["figures"].items():
-        pooled = f"{cell(row['pooled_capture'])} ({cell(row['serve_pooled_capture'])})"
+        pooled = f"{cell(row['pooled_capture'])} ({cell(row['baseline_pooled_capture'])})"
         ratio_open = row.get("ttft_p90_ratio_open")
         opened = "-" if ratio_open is None else f"{ratio_open:.2f} at {row['open_rate_per_s']:.2f}"
         table.add_row(workload, cell(row["capture_efficiency"]), pooled, cell(row["ttft_p90_ratio"]),
