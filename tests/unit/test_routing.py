@@ -232,16 +232,52 @@ def test_decide_leaves_a_holder_that_owes_more_prefill_than_the_prefix_saves_tho
     holder = make_replica("r0", matched=200, running=10, owed=7_000)
     inputs = make_inputs(holder, make_replica("r1", owed=0), evidence=ENOUGH)
     record = decide("dec_1", inputs)
-    assert record.decide_version == "decide-3" and record.pick == Pick("local", "r1")
+    assert record.decide_version == "decide-4" and record.pick == Pick("local", "r1")
+    assert decide("dec_1", inputs, version="decide-3").pick == Pick("local", "r1")
     scores = verdict_of(record, "local", "r0")["scores"]
     assert scores["load_penalty_tokens"] == 7_000 + 10 * PROMPT_TOKENS // 16
     assert decide("dec_1", inputs, version="decide-2").pick == Pick("local", "r0")
     lightly_owing = make_replica("r0", matched=200, running=10, owed=500)
     assert decide("dec_1", make_inputs(lightly_owing, make_replica("r1", owed=0))).pick == Pick("local", "r0")
-    for version in ("decide-2", "decide-3"):
+    for version in ("decide-2", "decide-3", "decide-4"):
         stored = json.loads(canonical_bytes(decide("dec_1", inputs, version=version)))
         assert stored["inputs"]["candidates"][0]["pending_prefill_tokens"] == 7_000
         assert replay(stored)[0]
+
+
+def test_decide_4_keeps_a_busy_holder_when_the_other_replica_is_busy_too() -> None:
+    # Both owe prefill, r0 a little more: on r0 ours waits 20,000 + 1,792; on r1 12,000 + 8,192.
+    # decide-3 compared the two waits and left the prefix (recomputed on r1, evicting there);
+    # decide-4 leaves it only when the holder's wait is more than 3/2 of the other's.
+    holder, other = make_replica("r0", matched=200, owed=20_000), make_replica("r1", owed=12_000)
+    inputs = make_inputs(holder, other, evidence=ENOUGH)
+    assert decide("dec_1", inputs, version="decide-3").pick == Pick("local", "r1")
+    record = decide("dec_1", inputs)
+    assert record.pick == Pick("local", "r0")
+    held, spilled = verdict_of(record, "local", "r0")["scores"], verdict_of(record, "local", "r1")["scores"]
+    assert (held["holds_longest_match"], held["wait_tokens"]) == (1, 20_000 + PROMPT_TOKENS - 200 * BLOCK_SIZE)
+    assert held["score_tokens"] == 200 * BLOCK_SIZE - 20_000  # a holder scores as in decide-3
+    assert (spilled["holds_longest_match"], spilled["wait_tokens"]) == (0, 12_000 + PROMPT_TOKENS)
+    assert spilled["score_tokens"] == PROMPT_TOKENS - (12_000 + PROMPT_TOKENS) * 3 // 2
+    assert replay(json.loads(canonical_bytes(record)))[0]
+
+
+def test_decide_4_still_sheds_a_busy_holders_load_to_an_idle_replica() -> None:
+    holder = make_replica("r0", matched=200, owed=20_000)
+    assert decide("dec_1", make_inputs(holder, make_replica("r1", owed=0))).pick == Pick("local", "r1")
+
+
+def test_decide_4_counts_the_margin_against_a_shorter_match_and_ignores_an_open_breakers_match() -> None:
+    # r1 holds half the prefix r0 holds: it is not the longest match, and pays the margin.
+    longer, shorter = make_replica("r0", matched=200, owed=9_000), make_replica("r1", matched=100, owed=3_000)
+    record = decide("dec_1", make_inputs(longer, shorter, evidence=ENOUGH))
+    assert verdict_of(record, "local", "r1")["scores"]["holds_longest_match"] == 0
+    assert record.pick == Pick("local", "r0")  # 9,000 + 1,792 < (3,000 + 4,992) x 3/2
+    # A holder whose breaker is open cannot be picked: the longest match among the rest counts.
+    blocked = replace(make_replica("r0", matched=200), breaker=OPEN)
+    record = decide("dec_1", make_inputs(blocked, make_replica("r1", matched=100), make_replica("r2")))
+    assert verdict_of(record, "local", "r1")["scores"]["holds_longest_match"] == 1
+    assert record.pick == Pick("local", "r1")
 
 
 def test_a_candidate_without_the_owed_prefill_keeps_the_old_penalty_and_json() -> None:

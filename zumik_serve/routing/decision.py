@@ -43,6 +43,19 @@ Policy (``DECIDE_VERSION``), in order:
      load_penalty_tokens. A shared prefix goes where it lives unless the work queued there
      costs more than the prefill it saves; with no match anywhere this is "least loaded", and
      equal loads spread by the seeded tiebreak.
+   * byoc replicas, ``decide-4``: the same comparison of expected waits (``wait_tokens`` =
+     load_penalty_tokens + prompt - matched_tokens, the prefill ahead of this request's first
+     token, its own included; ranking by it is ranking by ``score_tokens``), with a relative
+     margin against leaving the prefix: a replica that does not hold the longest match among
+     the byoc candidates passing the breaker filter (``holds_longest_match`` 0) counts its wait
+     x 3/2 (``SPILL_MARGIN``), so it wins only when the holder's wait is more than 1.5x its
+     own. Leaving the holder computes the prefix again elsewhere and evicts there; under
+     saturation every replica's owed prefill swings by more than one prompt's, and decide-3's
+     plain comparison left holders on those swings (capture 0.85 of the ideal open loop with
+     ``builtin:tiny-wide``, below Serve's balancing's throughput gain). A relative margin (as
+     SGLang's router's ``balance_rel_threshold``) still sheds a busy holder's load to an idle
+     replica, and keeps requests with their prefix when every replica is busy. ``score_tokens``
+     = prompt - the wait as counted (the holders': decide-3's score).
    * rank: byoc by (-score_tokens, health, expected cost, tiebreak); managed and byok by
      (expected cost, health, not the default route, tiebreak); health is 0 closed, 1 half open.
 4. **fallbacks**: every other candidate that passes the breaker filter and whose route is in
@@ -76,8 +89,9 @@ from zumik_serve.routing.breaker import (
     current,
 )
 
-DECIDE_VERSION = "decide-3"
-DECIDE_VERSIONS = ("decide-1", "decide-2", "decide-3")  # every policy a stored record may name (replay)
+DECIDE_VERSION = "decide-4"
+DECIDE_VERSIONS = ("decide-1", "decide-2", "decide-3", "decide-4")  # every policy a record may name (replay)
+SPILL_MARGIN = (3, 2)  # decide-4: a replica without the longest match counts its wait x 3/2
 PASS = "pass"
 
 
@@ -459,6 +473,16 @@ def decide(decision_id: str, inputs: DecisionInputs, *, version: str = DECIDE_VE
     escalated_kind = RouteKind(inputs.escalation.to) if inputs.escalation.to != "none" else None
     fallback_index = {route: index for index, route in enumerate(inputs.fallback_order)}
 
+    # decide-4: the longest match any byoc candidate passing the breaker filter holds.
+    longest = max(
+        (
+            _matched_tokens(c, inputs)
+            for c, v in zip(candidates, breaker_verdicts, strict=True)
+            if c.kind is RouteKind.BYOC and v.startswith(PASS)
+        ),
+        default=0,
+    )
+
     verdicts: list[CandidateVerdict] = []
     ranked: list[tuple[int, tuple[int, ...], Pick]] = []  # (pool, rank key, pick)
     by_cost: list[tuple[tuple[int, ...], Pick]] = []  # every passing candidate, cheapest first
@@ -475,7 +499,7 @@ def decide(decision_id: str, inputs: DecisionInputs, *, version: str = DECIDE_VE
         else:
             pool, escalation_filter = -1, "neither the default nor the escalation kind"
         health = 0 if breaker.state is BreakerStatus.CLOSED else 1
-        scores, rank_key, cost = _score(candidate, key, health, inputs, version)
+        scores, rank_key, cost = _score(candidate, key, health, inputs, version, longest)
         verdict = CandidateVerdict(
             route=candidate.route,
             replica=candidate.replica,
@@ -532,14 +556,19 @@ def _breaker_verdict(breaker: BreakerState) -> str:
     return "probe in flight" if breaker.probe_started_at_ms is not None else "pass:half_open probe"
 
 
+def _matched_tokens(candidate: RouteCandidate, inputs: DecisionInputs) -> int:
+    return min(candidate.matched_prefix_blocks * inputs.block_size, inputs.prompt_num_tokens)
+
+
 def _score(
-    candidate: RouteCandidate, key: str, health: int, inputs: DecisionInputs, version: str
+    candidate: RouteCandidate, key: str, health: int, inputs: DecisionInputs, version: str, longest: int
 ) -> tuple[tuple[tuple[str, int], ...], tuple[int, ...], int]:
-    """The candidate's score components (sorted by name), its rank key and its expected cost."""
+    """The candidate's score components (sorted by name), its rank key and its expected cost.
+    ``longest``: the longest match a passing byoc candidate holds (decide-4's margin)."""
     prompt = inputs.prompt_num_tokens
     tie = tiebreak(inputs.seed, inputs.request_digest, key)
     if candidate.kind is RouteKind.BYOC:
-        matched_tokens = min(candidate.matched_prefix_blocks * inputs.block_size, prompt)
+        matched_tokens = _matched_tokens(candidate, inputs)
         slots = max(1, candidate.max_num_seqs)
         pending = candidate.pending_prefill_tokens
         if version in ("decide-1", "decide-2") or pending is None:
@@ -548,12 +577,21 @@ def _score(
             penalty = pending + candidate.running * prompt // slots
         score = matched_tokens - penalty
         cost = _cost_pusd(candidate, prompt, matched_tokens, inputs.expected_output_tokens)
+        margin: tuple[tuple[str, int], ...] = ()
+        if version not in ("decide-1", "decide-2", "decide-3"):
+            holds = 1 if matched_tokens >= longest else 0
+            wait = penalty + prompt - matched_tokens
+            if not holds:
+                score = prompt - wait * SPILL_MARGIN[0] // SPILL_MARGIN[1]
+            margin = (("holds_longest_match", holds), ("wait_tokens", wait))
         scores = (  # sorted by name
             ("expected_cost_pusd", cost),
+            *margin[:1],
             ("load_penalty_tokens", penalty),
             ("matched_tokens", matched_tokens),
             ("score_tokens", score),
             ("tiebreak", tie),
+            *margin[1:],
         )
         return scores, (-score, health, cost, tie), cost
     cached = min(candidate.predicted_cached_tokens or 0, prompt)
