@@ -51,8 +51,8 @@ Policy (``DECIDE_VERSION``), in order:
      x 3/2 (``SPILL_MARGIN``), so it wins only when the holder's wait is more than 1.5x its
      own. Leaving the holder computes the prefix again elsewhere and evicts there; under
      saturation every replica's owed prefill swings by more than one prompt's, and decide-3's
-     plain comparison left holders on those swings (capture 0.85 of the ideal open loop with
-     ``builtin:tiny-wide``, below Serve's balancing's throughput gain). A relative margin (as
+     plain comparison left holders on those swings (with ``builtin:tiny-wide``, capture fell
+     to 0.85 of the ideal open loop; ``docs/benchmarks.md``). A relative margin (as
      SGLang's router's ``balance_rel_threshold``) still sheds a busy holder's load to an idle
      replica, and keeps requests with their prefix when every replica is busy. ``score_tokens``
      = prompt - the wait as counted (the holders': decide-3's score).
