@@ -255,7 +255,8 @@ def test_decide_4_keeps_a_busy_holder_when_the_other_replica_is_busy_too() -> No
     record = decide("dec_1", inputs)
     assert record.pick == Pick("local", "r0")
     held, spilled = verdict_of(record, "local", "r0")["scores"], verdict_of(record, "local", "r1")["scores"]
-    assert (held["holds_longest_match"], held["wait_tokens"]) == (1, 20_000 + PROMPT_TOKENS - 200 * BLOCK_SIZE)
+    held_wait = 20_000 + PROMPT_TOKENS - 200 * BLOCK_SIZE
+    assert (held["holds_longest_match"], held["wait_tokens"]) == (1, held_wait)
     assert held["score_tokens"] == 200 * BLOCK_SIZE - 20_000  # a holder scores as in decide-3
     assert (spilled["holds_longest_match"], spilled["wait_tokens"]) == (0, 12_000 + PROMPT_TOKENS)
     assert spilled["score_tokens"] == PROMPT_TOKENS - (12_000 + PROMPT_TOKENS) * 3 // 2
