@@ -251,11 +251,20 @@ class BlockSink:
     block, overwriting them)."""
 
     def __init__(
-        self, place: Callable[[int], Mapping[str, np.ndarray]], headers: KnownHeaders | None = None
+        self,
+        place: Callable[[int], Mapping[str, np.ndarray]],
+        headers: KnownHeaders | None = None,
+        whole: Callable[[int], np.ndarray | None] | None = None,
+        layers: tuple[tuple[str, int], ...] = (),
     ) -> None:
         """``headers``: the headers earlier restores checked (an engine worker keeps one for all
-        its restores, so that a restore parses none); None: this restore's own."""
+        its restores, so that a restore parses none); None: this restore's own. ``whole``: where
+        block ``i``'s layers lie back to back as ``layers`` says ((name, bytes) in that order;
+        ``transfer.RestoreTarget.whole``): a block whose tensors are exactly those, in that
+        order, is read, checked and copied as one buffer."""
         self._place = place
+        self._whole = whole
+        self._layers = layers
         self._tail = bytearray(1)  # a byte past the end: a longer file reads into it and fails
         self._sum = bytearray(CHECKSUM_BYTES)  # the value's checksum, read after the tensors
         self._headers = headers if headers is not None else KnownHeaders()
@@ -323,9 +332,9 @@ class BlockSink:
         if xxhash.xxh3_64_digest(data[:-CHECKSUM_BYTES]) != data[-CHECKSUM_BYTES:]:
             return False  # checked before any byte is copied: the places keep what they had
         offset = header.data_start
-        for place, (_, nbytes) in zip(places, header.tensors, strict=True):
-            place[:] = np.frombuffer(value, dtype=np.uint8, count=nbytes, offset=offset)
-            offset += nbytes
+        for place in places:  # the tensors in data order, or the block's whole run
+            place[:] = np.frombuffer(value, dtype=np.uint8, count=place.nbytes, offset=offset)
+            offset += place.nbytes
         return True
 
     def take_sealed(self, index: int, opening: Opening, address: BlockAddress) -> int:
@@ -362,10 +371,15 @@ class BlockSink:
         return checksum(places) == self._sum
 
     def _places(self, index: int, header: BlockHeader | None) -> list[np.ndarray] | None:
-        """The places of ``header``'s tensors in data order; None unless they are exactly the
-        target's layers, each of its block size."""
+        """The places of ``header``'s tensors in data order (one, the block's whole run, where
+        the target has one in that order); None unless they are exactly the target's layers,
+        each of its block size."""
         if header is None:
             return None
+        if self._whole is not None and header.tensors == self._layers:
+            run = self._whole(index)
+            if run is not None:
+                return [run]
         rows = self._place(index)
         if len(header.tensors) != len(rows):
             return None

@@ -71,7 +71,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
-from kvstore.codec import BlockSink, KnownHeaders
+from kvstore.codec import KnownHeaders
 from kvstore.compat import CompatKey, CompatMismatch, check_engine_compat
 from kvstore.cpu_placement import spare_cpus
 from kvstore.fingerprint import adapter_fingerprint
@@ -625,7 +625,7 @@ class ZumikKVConnector(KVConnectorBase_V1):
             return Placed((), (), (), {})
         target = self._copier.restore_target(transfer.block_ids)
         try:
-            placed = self._manager.restore(transfer.addresses, BlockSink(target.block, self._headers))
+            placed = self._manager.restore(transfer.addresses, target.sink(self._headers))
         except Exception:  # a tier's bug is a miss: the engine recomputes, the request goes on
             logger.exception("zumik kv: loading from the tiers failed")
             placed = Placed((), (), (), {})

@@ -24,11 +24,16 @@ engine's stream, then for its own copy to land in host memory before returning t
 
 from __future__ import annotations
 
+import os
+import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from kvstore.codec import BlockSink, KnownHeaders
 
 # Restored blocks arrive as read-only views of the bytes read (no copy before the copy into the
 # cache); torch only ever reads them (the source of ``copy_``), so its warning says nothing here.
@@ -86,6 +91,15 @@ class BlockCopier:
         self.num_blocks = int(num_blocks)
         self._blocks = {name: manager_blocks(cache, self.num_blocks) for name, cache in caches.items()}
         self.block_nbytes = {name: block_nbytes(blocks) for name, blocks in self._blocks.items()}
+        # Staged and copied-out blocks are block-major: a block's layers back to back, in the
+        # order a block value holds them (by name: ``codec.encode_block``), so that a block
+        # moves between a tier's bytes and the staging buffer in one copy (``RestoreTarget.whole``).
+        self.layer_order = sorted(self._blocks)
+        self._offsets: dict[str, int] = {}
+        offset = 0
+        for name in self.layer_order:
+            self._offsets[name] = offset
+            offset += self.block_nbytes[name]
         self.device = next(iter(self._blocks.values())).device
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
@@ -103,6 +117,13 @@ class BlockCopier:
     @property
     def bytes_per_block(self) -> int:
         return sum(self.block_nbytes.values())
+
+    def _layer_views(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Per layer, its ``[k, block bytes]`` columns of block-major ``rows`` (``[k, bytes_per_block]``)."""
+        return {
+            name: rows[:, self._offsets[name] : self._offsets[name] + size]
+            for name, size in self.block_nbytes.items()
+        }
 
     def extract(self, block_ids: Sequence[int]) -> list[dict[str, np.ndarray]]:
         layers = self.extract_layers(block_ids)
@@ -123,26 +144,21 @@ class BlockCopier:
                 for name, blocks in self._blocks.items()
             }
         host = self._staging(count * self.bytes_per_block)
-        offsets: dict[str, int] = {}
         self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the forward wrote them
         with torch.cuda.stream(self._stream):
-            staged = torch.empty(count * self.bytes_per_block, dtype=torch.uint8, device=self.device)
-            offset = 0
-            for name, blocks in self._blocks.items():
-                size = count * self.block_nbytes[name]
-                gathered = canonical(blocks.index_select(0, index))
-                staged[offset : offset + size].view(gathered.shape).copy_(gathered)
-                offsets[name] = offset
-                offset += size
-            host.copy_(staged, non_blocking=True)
+            staged = torch.empty((count, self.bytes_per_block), dtype=torch.uint8, device=self.device)
+            for name in self.layer_order:
+                gathered = canonical(self._blocks[name].index_select(0, index))
+                start = self._offsets[name]
+                staged[:, start : start + self.block_nbytes[name]].view(gathered.shape).copy_(gathered)
+            host.copy_(staged.view(-1), non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._stream)
         done.synchronize()
-        flat = host.numpy()
-        return {
-            name: flat[offsets[name] : offsets[name] + count * size].reshape(count, size).copy()
-            for name, size in self.block_nbytes.items()
-        }
+        owned = np.empty((count, self.bytes_per_block), dtype=np.uint8)
+        staged_rows = host.numpy().reshape(count, self.bytes_per_block)
+        copy_all((owned[i], staged_rows[i]) for i in range(count))
+        return self._layer_views(owned)
 
     def inject(self, block_ids: Sequence[int], blocks: Sequence[Mapping[str, np.ndarray]]) -> int:
         count = 0
@@ -156,9 +172,17 @@ class BlockCopier:
         if count == 0:
             return 0
         target = self.restore_target(block_ids[:count])
+        jobs: list[tuple[np.ndarray, np.ndarray]] = []
         for index, tensors in enumerate(blocks[:count]):
-            for name, row in target.block(index).items():
-                row[:] = _bytes_of(tensors[name])
+            sources = [_bytes_of(tensors[name]) for name in self.layer_order]
+            whole = target.whole(index)
+            source_run = contiguous_run(sources) if whole is not None else None
+            if whole is not None and source_run is not None:
+                jobs.append((whole, source_run))  # the whole block in one copy
+            else:
+                places = target.block(index)
+                jobs.extend(zip((places[name] for name in self.layer_order), sources, strict=True))
+        copy_all(jobs)
         target.commit(count)
         return count
 
@@ -170,14 +194,9 @@ class BlockCopier:
         ids = [int(block_id) for block_id in block_ids]
         if self._rows is not None:
             return RestoreTarget(ids, self._rows, None)
-        size = sum(self.block_nbytes.values())
-        flat = self._staging(len(ids) * size).numpy()
-        views: dict[str, np.ndarray] = {}
-        offset = 0
-        for name, nbytes in self.block_nbytes.items():
-            views[name] = flat[offset : offset + len(ids) * nbytes].reshape(len(ids), nbytes)
-            offset += len(ids) * nbytes
-        return RestoreTarget(ids, views, self)
+        rows = self._staging(len(ids) * self.bytes_per_block).numpy().reshape(len(ids), self.bytes_per_block)
+        views = self._layer_views(rows)
+        return RestoreTarget(ids, views, self, rows)
 
     def _commit_staged(self, block_ids: Sequence[int], views: Mapping[str, np.ndarray], count: int) -> None:
         """Scatter the first ``count`` staged blocks (``restore_target``) into the cache."""
@@ -186,21 +205,15 @@ class BlockCopier:
         index = torch.tensor(list(block_ids[:count]), dtype=torch.long, device=self.device)
         if self._stream is None:  # host memory, a layout whose blocks are not contiguous
             for name, blocks in self._blocks.items():
-                _scatter_rows(blocks, index, torch.from_numpy(views[name][:count]))
+                _scatter_rows(blocks, index, torch.from_numpy(np.ascontiguousarray(views[name][:count])))
             return
         rows = len(block_ids)
-        offsets: dict[str, int] = {}
-        offset = 0
-        for name, size in self.block_nbytes.items():
-            offsets[name] = offset
-            offset += rows * size
         host = self._host[: rows * self.bytes_per_block]
         with torch.cuda.stream(self._stream):
-            staged = host.to(self.device, non_blocking=True)  # one host-to-device copy
+            staged = host.to(self.device, non_blocking=True).view(rows, self.bytes_per_block)  # one copy
             for name, blocks in self._blocks.items():
-                size = self.block_nbytes[name]
-                layer = staged[offsets[name] : offsets[name] + rows * size].view(rows, size)
-                _scatter_rows(blocks, index, layer[:count])
+                start = self._offsets[name]
+                _scatter_rows(blocks, index, staged[:count, start : start + self.block_nbytes[name]])
             done = torch.cuda.Event()
             done.record(self._stream)
         torch.cuda.current_stream(self.device).wait_event(done)  # the forward waits, not the CPU
@@ -218,6 +231,63 @@ class BlockCopier:
             capacity = max(num_bytes, 2 * self._host.numel())
             self._host = torch.empty(capacity, dtype=torch.uint8, pin_memory=self._cuda)
         return self._host[:num_bytes]
+
+
+def contiguous_run(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
+    """One flat ``uint8`` view over ``arrays`` when they lie back to back, in this order, in
+    one numpy buffer (a block's layers in blocks copied out by ``BlockCopier.extract``), else
+    None. A block then moves in one copy."""
+    if not arrays:
+        return None
+    root = arrays[0]
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if not root.flags.c_contiguous:
+        return None
+    start = root.__array_interface__["data"][0]
+    first = end = arrays[0].__array_interface__["data"][0]
+    for array in arrays:
+        base = array
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        if base is not root or not array.flags.c_contiguous or array.__array_interface__["data"][0] != end:
+            return None
+        end += array.nbytes
+    return root.reshape(-1).view(np.uint8)[first - start : end - start]
+
+
+# Host copies of a batch this large run on several threads (numpy releases the GIL while it
+# copies): one thread's memcpy is a fraction of a host<->GPU link's bandwidth.
+PARALLEL_COPY_BYTES = 8 << 20
+COPY_THREADS = max(1, min(16, os.cpu_count() or 1))
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def copy_all(jobs: Iterable[tuple[np.ndarray, np.ndarray]], threads: int | None = None) -> None:
+    """``destination[...] = source`` for every pair, same-shaped ``uint8`` arrays; a batch of
+    at least ``PARALLEL_COPY_BYTES`` is split over ``threads`` (default ``COPY_THREADS``)."""
+    pairs = list(jobs)
+    threads = COPY_THREADS if threads is None else threads
+    if threads < 2 or sum(destination.nbytes for destination, _ in pairs) < PARALLEL_COPY_BYTES:
+        _copy_group(pairs)
+        return
+    groups = [pairs[start::threads] for start in range(threads)]
+    for _ in _copy_pool().map(_copy_group, groups):
+        pass
+
+
+def _copy_group(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+    for destination, source in pairs:
+        destination[...] = source
+
+
+def _copy_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=COPY_THREADS, thread_name_prefix="zumik-kv-copy")
+        return _pool
 
 
 def _scatter_rows(blocks: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
@@ -248,10 +318,30 @@ class RestoreTarget:
     are filled; ``commit`` has nothing to do), otherwise rows of a staging buffer that
     ``commit`` scatters, one kernel per layer (on CUDA after one host-to-device copy)."""
 
-    def __init__(self, block_ids: list[int], rows: dict[str, np.ndarray], copier: BlockCopier | None) -> None:
+    def __init__(
+        self,
+        block_ids: list[int],
+        rows: dict[str, np.ndarray],
+        copier: BlockCopier | None,
+        staged: np.ndarray | None = None,
+    ) -> None:
         self.block_ids = block_ids
         self._rows = rows
         self._copier = copier  # None: rows are the cache's own, indexed by block id
+        self._staged = staged  # [k, bytes per block], block-major, when staged
+        # (name, bytes) of each layer in the order ``whole`` holds them
+        self.layers: tuple[tuple[str, int], ...] = (
+            tuple((name, copier.block_nbytes[name]) for name in copier.layer_order) if copier else ()
+        )
+
+    def sink(self, headers: KnownHeaders | None = None) -> BlockSink:
+        """A ``codec.BlockSink`` that puts a restore's blocks here (a staged block as one buffer)."""
+        return BlockSink(self.block, headers, self.whole if self._staged is not None else None, self.layers)
+
+    def whole(self, index: int) -> np.ndarray | None:
+        """The ``index``-th block's bytes, every layer back to back in ``layers`` order (a row of
+        the block-major staging buffer), or None where the rows are the cache's own."""
+        return None if self._staged is None else self._staged[index]
 
     def block(self, index: int) -> dict[str, np.ndarray]:
         row = index if self._copier is not None else self.block_ids[index]

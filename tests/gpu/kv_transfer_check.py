@@ -42,7 +42,7 @@ from kvstore.keys import BlockKey, ScopeId  # noqa: E402
 from kvstore.layout import KvLayout, KvShard, shard_digest  # noqa: E402
 from kvstore.tier import BlockAddress  # noqa: E402
 from kvstore.tiers.disk import DiskTier  # noqa: E402
-from kvstore.transfer import BlockCopier, CacheLayoutError  # noqa: E402
+from kvstore.transfer import COPY_THREADS, BlockCopier, CacheLayoutError, copy_all  # noqa: E402
 
 # vLLM 0.32 KVCacheLayout stride orders of the logical [L, B, H, N, C] buffer.
 ORDERS = {
@@ -201,6 +201,28 @@ def measure_bandwidth(*, layers: int, blocks: int, tokens: int, repeats: int) ->
     def restore_decoded() -> None:
         copier.inject(block_ids, host_blocks)
 
+    def fill(threads: int) -> None:  # the host half of a restore: bytes into pinned staging
+        target = copier.restore_target(block_ids)
+        copy_all(
+            ((row, tensors[name].reshape(-1)) for index, tensors in enumerate(host_blocks)
+             for name, row in target.block(index).items()),
+            threads=threads,
+        )  # fmt: skip
+
+    def restore_through_sink() -> None:  # a memory tier's values checked and copied into staging
+        target = copier.restore_target(block_ids)
+        sink = target.sink()
+        taken = sum(
+            sink.take(i, value, BlockAddress(COMPAT, BlockKey(f"{i:032x}")))
+            for i, value in enumerate(encoded)
+        )
+        assert taken == blocks, "the sink refused a block"
+        target.commit(taken)
+
+    def commit_only() -> None:  # the device half: one pinned host-to-device copy, the scatters
+        copier.restore_target(block_ids).commit(blocks)
+        copier.synchronize()
+
     def restore_encoded() -> None:
         decoded = [
             decode_block(v, BlockAddress(COMPAT, BlockKey(f"{i:032x}"))) for i, v in enumerate(encoded)
@@ -212,7 +234,11 @@ def measure_bandwidth(*, layers: int, blocks: int, tokens: int, repeats: int) ->
         "d2h_memcpy_pinned": best(lambda: pinned.copy_(device_buffer, non_blocking=True)),
         "restore_blocks": best(restore_decoded),
         "restore_blocks_with_decode": best(restore_encoded),
+        "restore_through_sink": best(restore_through_sink),
         "store_blocks": best(lambda: copier.extract(block_ids)),
+        "fill_per_layer_1_thread": best(lambda: fill(1)),
+        f"fill_per_layer_{COPY_THREADS}_threads": best(lambda: fill(COPY_THREADS)),
+        "commit_h2d_and_scatter": best(commit_only),
     }
     gbps = {name: round(total / value / 1e9, 2) for name, value in seconds.items()}
     return {
@@ -221,7 +247,9 @@ def measure_bandwidth(*, layers: int, blocks: int, tokens: int, repeats: int) ->
         "restore_with_decode_vs_h2d": round(
             gbps["restore_blocks_with_decode"] / gbps["h2d_memcpy_pinned"], 3
         ),
+        "restore_through_sink_vs_h2d": round(gbps["restore_through_sink"] / gbps["h2d_memcpy_pinned"], 3),
         "store_vs_d2h": round(gbps["store_blocks"] / gbps["d2h_memcpy_pinned"], 3),
+        "copy_threads": COPY_THREADS,
         "pinned_staging": bool(copier._host.is_pinned()),
         "side_stream": copier._stream is not None and copier._stream != torch.cuda.current_stream(),
     }  # fmt: skip

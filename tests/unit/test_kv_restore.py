@@ -37,7 +37,7 @@ import pytest
 import redis
 import torch
 
-from kvstore.codec import BlockSink, KnownHeaders, decode_block, encode_block
+from kvstore.codec import KnownHeaders, decode_block, encode_block
 from kvstore.keys import BlockKey, ScopeId
 from kvstore.manager import Placed, TierManager
 from kvstore.sealing import AesGcmSealer, ScopedSealer
@@ -87,7 +87,7 @@ def _restore(
 ) -> Placed:
     """What the connector's ``_restore`` does (``headers``: the worker's, kept across restores)."""
     target = copier.restore_target(TARGET_IDS[: len(addresses)])
-    placed = manager.restore(addresses, BlockSink(target.block, headers))
+    placed = manager.restore(addresses, target.sink(headers))
     target.commit(placed.num_blocks)
     copier.synchronize()
     return placed
