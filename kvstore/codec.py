@@ -28,7 +28,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ import xxhash
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
+from kvstore.hostcopy import map_blocks
 from kvstore.tier import BlockAddress, Opening
 
 FORMAT = "zumik-kv-block/2"  # 2: the checksum after the tensors (layout.BLOCK_FORMAT_VERSION)
@@ -265,16 +266,21 @@ class BlockSink:
         self._place = place
         self._whole = whole
         self._layers = layers
-        self._tail = bytearray(1)  # a byte past the end: a longer file reads into it and fails
-        self._sum = bytearray(CHECKSUM_BYTES)  # the value's checksum, read after the tensors
         self._headers = headers if headers is not None else KnownHeaders()
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block's tensors where the target says (``layers``), else 0: what the
+        restore weighs before it spreads reads and copies over threads (``hostcopy``)."""
+        return sum(nbytes for _, nbytes in self._layers)
 
     def read_file(self, index: int, fd: int, address: BlockAddress) -> int:
         """Read block ``index`` from the open file ``fd``: its size, or 0 when not taken. After
         the first file, one ``preadv`` reads the header the last file had and the tensors into
         the places that header gives, and the header is checked after: the block is taken only
         if it has that same header (for this address), else it is read again the long way
-        (header first, then the tensors)."""
+        (header first, then the tensors). Safe from several threads at once for different
+        blocks (``KnownHeaders`` is a cache: a lost update costs one more parse)."""
         headers = self._headers
         if headers.last is not None:
             size = self._read_as_known(index, fd, address, *headers.last)
@@ -296,9 +302,10 @@ class BlockSink:
             return 0
         headers.last = (address.compat_digest, header)
         wanted = header.size - header.data_start
-        buffers: list[Any] = [*places, self._sum, self._tail]
+        stored, tail = bytearray(CHECKSUM_BYTES), bytearray(1)  # its checksum; a byte past the end
+        buffers: list[Any] = [*places, stored, tail]
         read = os.preadv(fd, buffers, header.data_start)
-        return header.size if read == wanted and self._intact(places) else 0
+        return header.size if read == wanted and checksum(places) == stored else 0
 
     def _read_as_known(
         self, index: int, fd: int, address: BlockAddress, compat: str, known: BlockHeader
@@ -312,30 +319,39 @@ class BlockSink:
         if places is None:
             return None
         head = bytearray(known.data_start)
-        buffers: list[Any] = [head, *places, self._sum, self._tail]
+        stored, tail = bytearray(CHECKSUM_BYTES), bytearray(1)
+        buffers: list[Any] = [head, *places, stored, tail]
         read = os.preadv(fd, buffers, 0)
         head_bytes = bytes(head)
         if header_length(head_bytes) != known.data_start or self._header(head_bytes, address) != known:
             return None
-        return known.size if read == known.size and self._intact(places) else 0
+        return known.size if read == known.size and checksum(places) == stored else 0
 
     def take(self, index: int, value: bytes | memoryview, address: BlockAddress) -> bool:
         """Copy block ``index`` from ``value`` (a block value in memory) into its places."""
+        return _check_and_copy(self._prepare(index, value, address))
+
+    def take_many(
+        self, blocks: Sequence[tuple[int, bytes | memoryview, BlockAddress]], *, parallel: bool = False
+    ) -> list[bool]:
+        """``take`` of each (index, value, address): headers checked here, in order; each
+        block's checksum and copy on ``hostcopy``'s threads when ``parallel``."""
+        prepared = [self._prepare(index, value, address) for index, value, address in blocks]
+        return map_blocks(_check_and_copy, prepared, parallel=parallel)
+
+    def _prepare(
+        self, index: int, value: bytes | memoryview, address: BlockAddress
+    ) -> tuple[list[np.ndarray], memoryview] | None:
+        """Block ``index``'s places and its value's data (tensors, then checksum), or None when
+        the value is not such a block of ``address``."""
         length = header_length(value)
         if length is None or length > len(value):
-            return False
+            return None
         header = self._header(bytes(value[:length]), address)
         places = self._places(index, header)
         if header is None or places is None or header.size != len(value):
-            return False
-        data = memoryview(value)[header.data_start :]
-        if xxhash.xxh3_64_digest(data[:-CHECKSUM_BYTES]) != data[-CHECKSUM_BYTES:]:
-            return False  # checked before any byte is copied: the places keep what they had
-        offset = header.data_start
-        for place in places:  # the tensors in data order, or the block's whole run
-            place[:] = np.frombuffer(value, dtype=np.uint8, count=place.nbytes, offset=offset)
-            offset += place.nbytes
-        return True
+            return None
+        return places, memoryview(value)[header.data_start :]
 
     def take_sealed(self, index: int, opening: Opening, address: BlockAddress) -> int:
         """Decrypt block ``index`` straight into its places: the header first (checked, and
@@ -355,7 +371,8 @@ class BlockSink:
         places = self._places(index, header)
         if header is None or places is None or header.size != opening.size:
             return 0
-        read = all(opening.read_into(place) for place in places) and opening.read_into(self._sum)
+        stored = bytearray(CHECKSUM_BYTES)
+        read = all(opening.read_into(place) for place in places) and opening.read_into(stored)
         if not read or not opening.verify():  # the tag authenticates the checksum too
             for place in places:
                 place.fill(0)
@@ -364,11 +381,6 @@ class BlockSink:
 
     def _header(self, head: bytes, address: BlockAddress) -> BlockHeader | None:
         return self._headers.check(head, address)
-
-    def _intact(self, places: list[np.ndarray]) -> bool:
-        """Whether the bytes just read into ``places`` are the ones the checksum read after them
-        was taken of (a block that fails leaves them there: the caller recomputes it)."""
-        return checksum(places) == self._sum
 
     def _places(self, index: int, header: BlockHeader | None) -> list[np.ndarray] | None:
         """The places of ``header``'s tensors in data order (one, the block's whole run, where
@@ -392,12 +404,28 @@ class BlockSink:
         return places
 
 
+def _check_and_copy(prepared: tuple[list[np.ndarray], memoryview] | None) -> bool:
+    """A prepared block's data copied into its places if its checksum holds (checked before any
+    byte is copied: on a mismatch the places keep what they had)."""
+    if prepared is None:
+        return False
+    places, data = prepared
+    if xxhash.xxh3_64_digest(data[:-CHECKSUM_BYTES]) != data[-CHECKSUM_BYTES:]:
+        return False
+    offset = 0
+    for place in places:  # the tensors in data order, or the block's whole run
+        place[:] = np.frombuffer(data, dtype=np.uint8, count=place.nbytes, offset=offset)
+        offset += place.nbytes
+    return True
+
+
 class KnownHeaders:
     """Block headers already checked, with their block key blanked, so that the next block's is
     checked by comparing bytes (``check``): the blocks of one engine share their header but for
     the key and the order of the metadata (safetensors writes it from a hash map: at most 6
     orders). Also the last file's header (``BlockSink.read_file`` reads the next file as if it
-    had the same, then checks) and its length. Not thread-safe: one restore at a time."""
+    had the same, then checks) and its length. A cache: concurrent reads of one restore
+    (``BlockSink.read_file`` on several threads) may lose an update, which costs one more parse."""
 
     RETAINED = 16  # headers kept (6 orders per shard digest; a worker restores for one shard)
 

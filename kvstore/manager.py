@@ -31,12 +31,14 @@ manager itself is thread-safe for one writer thread beside the step's reads.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+from kvstore.hostcopy import PARALLEL_COPY_BYTES, map_blocks
 from kvstore.keys import ScopeId
 from kvstore.tier import (
     BlockAddress,
@@ -256,7 +258,10 @@ class TierManager:
         to be promoted, opened into one buffer reused for every block (``Sealer.open_into``);
         either way it is taken only when it authenticates. A block the sink refuses is a
         failure, and a farther tier may still give it. Blocks to promote come back as owned
-        values (``Placed.promote``)."""
+        values (``Placed.promote``). Where the sink knows its blocks' size (a staged restore:
+        every CUDA cache) and the run holds at least ``hostcopy.PARALLEL_COPY_BYTES``, unsealed
+        files are read, and Redis's values checked and copied, on several threads; sealed
+        blocks are opened one at a time."""
         count = len(addresses)
         sources: list[Tier | None] = [None] * count
         sizes = [0] * count
@@ -270,9 +275,12 @@ class TierManager:
             promoted = bool(self.promotion.targets(backend.tier, tiers))
             sealed = backend.tier in self.persistent and self.sealer is not None
             failures = 0
+            # a big restore's reads, checks and copies run on several threads (``hostcopy``)
+            parallel = sink.block_bytes * len(wanted) >= PARALLEL_COPY_BYTES
             if isinstance(backend, FileBlocks) and not sealed and not promoted:
-                for index in wanted:
-                    size = self._read_file(backend, addresses[index], index, sink)
+                reads = [(addresses[index], index) for index in wanted]
+                read = map_blocks(functools.partial(self._read_into, backend, sink), reads, parallel=parallel)
+                for index, size in zip(wanted, read, strict=True):
                     if size is None:
                         continue
                     if size:
@@ -282,6 +290,7 @@ class TierManager:
             else:
                 asked = [addresses[index] for index in wanted]
                 loaded: Iterable[bytes | memoryview | None]
+                batch: list[tuple[int, bytes | memoryview, BlockAddress]] = []  # taken after the loop
                 if isinstance(backend, ViewLoads) and not promoted:
                     loaded = backend.load_views(asked)  # the tier's buffer, copied into place below
                 elif isinstance(backend, FileBlocks) and not promoted:
@@ -309,12 +318,21 @@ class TierManager:
                         value = self._sealer_open_into(addresses[index], raw, opened)
                     else:
                         value = raw
+                        if not promoted and not isinstance(loaded, Iterator):  # values that stay valid
+                            batch.append((index, value, addresses[index]))
+                            continue
                     if value is None or not sink.take(index, value, addresses[index]):
                         failures += 1
                         continue
                     sources[index], sizes[index] = backend.tier, len(value)
                     if promoted:
                         promote[index] = bytes(value)
+                taken = sink.take_many(batch, parallel=parallel)
+                for (index, value, _), took in zip(batch, taken, strict=True):
+                    if took:
+                        sources[index], sizes[index] = backend.tier, len(value)
+                    else:
+                        failures += 1
             if failures:
                 self.record(TierEvent(TierEventKind.FAILURE, backend.tier, failures, 0, "unreadable block"))
         prefix = next((index for index, source in enumerate(sources) if source is None), count)
@@ -340,6 +358,11 @@ class TierManager:
         for backend in self.tiers:
             if isinstance(backend, PreparesRestores):
                 backend.prepare_restores(max_bytes)
+
+    @staticmethod
+    def _read_into(backend: FileBlocks, sink: BlockSink, read: tuple[BlockAddress, int]) -> int | None:
+        address, index = read
+        return TierManager._read_file(backend, address, index, sink)
 
     @staticmethod
     def _read_file(backend: FileBlocks, address: BlockAddress, index: int, sink: BlockSink) -> int | None:

@@ -187,6 +187,18 @@ class BlockSink(Protocol):
         """Block ``index`` from its (opened) value in memory."""
         ...
 
+    def take_many(
+        self, blocks: Sequence[tuple[int, bytes | memoryview, BlockAddress]], *, parallel: bool = False
+    ) -> list[bool]:
+        """``take`` of each (index, value, address); their checks and copies on several
+        threads when ``parallel``."""
+        ...
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block's tensors, or 0 when the sink does not know them."""
+        ...
+
     def take_sealed(self, index: int, opening: Opening, address: BlockAddress) -> int:
         """Block ``index`` decrypted straight into its places (``Opening``): its value's bytes,
         or 0 when not taken (then its places hold none of its bytes)."""

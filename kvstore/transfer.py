@@ -17,23 +17,24 @@ Everything is copied as bytes (``uint8`` views of the cache), whatever the dtype
 
 On CUDA a transfer is batched: one host<->device copy of every block and layer through a pinned
 staging buffer, ``non_blocking`` on a side stream, and one gather (``index_select``) or
-scatter (``index_copy_``) kernel per layer. A restore records an event the engine's stream
+scatter (``index_copy_``) kernel per layer. The staging buffer is block-major, each block's
+layers back to back in the order a block value holds them (by name), so a tier's bytes land
+in it one block per copy (``RestoreTarget.whole``), and a big batch's host copies run on
+several threads (``hostcopy``). A restore records an event the engine's stream
 waits on (the forward waits for the restored blocks, the CPU does not); a store waits on the
 engine's stream, then for its own copy to land in host memory before returning the bytes.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from kvstore.codec import BlockSink, KnownHeaders
+from kvstore.hostcopy import copy_all
 
 # Restored blocks arrive as read-only views of the bytes read (no copy before the copy into the
 # cache); torch only ever reads them (the source of ``copy_``), so its warning says nothing here.
@@ -254,40 +255,6 @@ def contiguous_run(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
             return None
         end += array.nbytes
     return root.reshape(-1).view(np.uint8)[first - start : end - start]
-
-
-# Host copies of a batch this large run on several threads (numpy releases the GIL while it
-# copies): one thread's memcpy is a fraction of a host<->GPU link's bandwidth.
-PARALLEL_COPY_BYTES = 8 << 20
-COPY_THREADS = max(1, min(16, os.cpu_count() or 1))
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def copy_all(jobs: Iterable[tuple[np.ndarray, np.ndarray]], threads: int | None = None) -> None:
-    """``destination[...] = source`` for every pair, same-shaped ``uint8`` arrays; a batch of
-    at least ``PARALLEL_COPY_BYTES`` is split over ``threads`` (default ``COPY_THREADS``)."""
-    pairs = list(jobs)
-    threads = COPY_THREADS if threads is None else threads
-    if threads < 2 or sum(destination.nbytes for destination, _ in pairs) < PARALLEL_COPY_BYTES:
-        _copy_group(pairs)
-        return
-    groups = [pairs[start::threads] for start in range(threads)]
-    for _ in _copy_pool().map(_copy_group, groups):
-        pass
-
-
-def _copy_group(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
-    for destination, source in pairs:
-        destination[...] = source
-
-
-def _copy_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=COPY_THREADS, thread_name_prefix="zumik-kv-copy")
-        return _pool
 
 
 def _scatter_rows(blocks: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:

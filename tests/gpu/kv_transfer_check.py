@@ -16,8 +16,13 @@ FP8; a manager block split into kernel blocks) and per rank of a simulated TP=2 
               under rank 1's address do not decode; a K/V-first (pre-0.2x vLLM) cache is refused
 
 On CUDA it also measures, in the same run, restore and store bandwidth of the real path against
-one pinned host<->device ``memcpy`` of the same bytes (the medium's ceiling). The same checks run
-on CPU (``--device cpu``) in the unit suite, without the CUDA-only parts.
+one pinned host<->device ``memcpy`` of the same bytes (the link's ceiling): the connector's whole
+restore from a host (shared-memory) tier and a disk tier (``TierManager.restore`` into the
+staging buffer, then the copy and scatters), Redis's path (values checked and copied by the
+sink), blocks already in memory (``inject``), and the parts: the host fill, the device half,
+one thread's checksum. The same checks run on CPU (``--device cpu``) in the unit suite, without
+the CUDA-only parts. ``tests/gpu/device_run.sh`` runs it on a lent GPU machine; its figures of
+2026-12-04 (one H200) are in docs/benchmarks.md.
 
     python tests/gpu/kv_transfer_check.py --blocks 256 --out gpu-kv.json
 """
@@ -34,15 +39,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
 from kvstore.codec import decode_block, encode_block  # noqa: E402
+from kvstore.hostcopy import COPY_THREADS, copy_all  # noqa: E402
 from kvstore.keys import BlockKey, ScopeId  # noqa: E402
 from kvstore.layout import KvLayout, KvShard, shard_digest  # noqa: E402
+from kvstore.manager import TierManager  # noqa: E402
 from kvstore.tier import BlockAddress  # noqa: E402
 from kvstore.tiers.disk import DiskTier  # noqa: E402
-from kvstore.transfer import COPY_THREADS, BlockCopier, CacheLayoutError, copy_all  # noqa: E402
+from kvstore.tiers.shared_memory import SharedMemoryTier  # noqa: E402
+from kvstore.transfer import BlockCopier, CacheLayoutError  # noqa: E402
 
 # vLLM 0.32 KVCacheLayout stride orders of the logical [L, B, H, N, C] buffer.
 ORDERS = {
@@ -209,15 +218,22 @@ def measure_bandwidth(*, layers: int, blocks: int, tokens: int, repeats: int) ->
             threads=threads,
         )  # fmt: skip
 
-    def restore_through_sink() -> None:  # a memory tier's values checked and copied into staging
+    def restore_through_sink() -> None:  # Redis's path: values checked and copied into staging
         target = copier.restore_target(block_ids)
-        sink = target.sink()
-        taken = sum(
-            sink.take(i, value, BlockAddress(COMPAT, BlockKey(f"{i:032x}")))
-            for i, value in enumerate(encoded)
-        )
+        items = [(i, value, BlockAddress(COMPAT, BlockKey(f"{i:032x}"))) for i, value in enumerate(encoded)]
+        taken = sum(target.sink().take_many(items, parallel=True))
         assert taken == blocks, "the sink refused a block"
         target.commit(taken)
+
+    def restore_from(manager: TierManager) -> None:  # the connector's ``_restore``, whole
+        target = copier.restore_target(block_ids)
+        placed = manager.restore(addresses, target.sink())
+        assert placed.num_blocks == blocks, "a tier lost a block"
+        target.commit(placed.num_blocks)
+
+    def checksums() -> None:
+        for value in encoded:
+            xxhash.xxh3_64_digest(value)
 
     def commit_only() -> None:  # the device half: one pinned host-to-device copy, the scatters
         copier.restore_target(block_ids).commit(blocks)
@@ -229,7 +245,18 @@ def measure_bandwidth(*, layers: int, blocks: int, tokens: int, repeats: int) ->
         ]
         copier.inject(block_ids, [d for d in decoded if d is not None])
 
+    addresses = [BlockAddress(COMPAT, BlockKey(f"{i:032x}")) for i in range(blocks)]
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(dir=shm) as host_root, tempfile.TemporaryDirectory() as disk_root:
+        host, disk = SharedMemoryTier(Path(host_root), 4 * total), DiskTier(Path(disk_root), 4 * total)
+        for address, value in zip(addresses, encoded, strict=True):
+            assert host.store(address, value) and disk.store(address, value)
+        from_tiers = {
+            "restore_host_tier": best(lambda: restore_from(TierManager([host]))),
+            "restore_disk_tier": best(lambda: restore_from(TierManager([disk]))),
+        }
     seconds = {
+        **from_tiers,
         "h2d_memcpy_pinned": best(lambda: device_buffer.copy_(pinned, non_blocking=True)),
         "d2h_memcpy_pinned": best(lambda: pinned.copy_(device_buffer, non_blocking=True)),
         "restore_blocks": best(restore_decoded),
@@ -239,6 +266,7 @@ def measure_bandwidth(*, layers: int, blocks: int, tokens: int, repeats: int) ->
         "fill_per_layer_1_thread": best(lambda: fill(1)),
         f"fill_per_layer_{COPY_THREADS}_threads": best(lambda: fill(COPY_THREADS)),
         "commit_h2d_and_scatter": best(commit_only),
+        "xxh3_checksum_1_thread": best(checksums),
     }
     gbps = {name: round(total / value / 1e9, 2) for name, value in seconds.items()}
     return {
@@ -248,8 +276,11 @@ def measure_bandwidth(*, layers: int, blocks: int, tokens: int, repeats: int) ->
             gbps["restore_blocks_with_decode"] / gbps["h2d_memcpy_pinned"], 3
         ),
         "restore_through_sink_vs_h2d": round(gbps["restore_through_sink"] / gbps["h2d_memcpy_pinned"], 3),
+        "restore_host_tier_vs_h2d": round(gbps["restore_host_tier"] / gbps["h2d_memcpy_pinned"], 3),
+        "restore_disk_tier_vs_h2d": round(gbps["restore_disk_tier"] / gbps["h2d_memcpy_pinned"], 3),
         "store_vs_d2h": round(gbps["store_blocks"] / gbps["d2h_memcpy_pinned"], 3),
         "copy_threads": COPY_THREADS,
+        "xxhash": xxhash.VERSION,
         "pinned_staging": bool(copier._host.is_pinned()),
         "side_stream": copier._stream is not None and copier._stream != torch.cuda.current_stream(),
     }  # fmt: skip

@@ -28,6 +28,7 @@ the connector's real copy code (``kvstore.transfer``):
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ import pytest
 import redis
 import torch
 
+import kvstore.codec
+import kvstore.manager
+from kvstore import hostcopy
 from kvstore.codec import KnownHeaders, decode_block, encode_block
 from kvstore.keys import BlockKey, ScopeId
 from kvstore.manager import Placed, TierManager
@@ -568,3 +572,52 @@ def test_prepare_restores_connects_and_sizes_the_reply_buffer_before_the_first_r
     unreachable = RedisTier(redis.Redis(port=1, socket_connect_timeout=0.5))
     TierManager([unreachable]).prepare_restores(1 << 20)  # no error: a failure event
     assert [e.kind for e in unreachable.take_events()] == [TierEventKind.FAILURE]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("tier_kind", ["host", "redis"])
+def test_a_big_staged_restore_runs_on_several_threads_and_still_refuses_a_changed_block(
+    tmp_path: Path, kv_redis: LocalRedis, tier_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staged (every CUDA cache), a restore of at least ``PARALLEL_COPY_BYTES`` reads its block
+    files (host tier) or checks and copies its values (Redis) on ``hostcopy``'s threads: the
+    blocks land bit for bit, and a block with one changed byte is still refused. On vLLM's CPU
+    layout the sink weighs nothing, so a restore there stays on the engine's thread."""
+    assert BlockCopier(_caches("LBHNC", seed=1), BLOCKS).restore_target([0]).sink().block_bytes == 0
+    monkeypatch.setattr(kvstore.manager, "PARALLEL_COPY_BYTES", 1)  # these blocks are small
+    asked: list[bool] = []
+    workers: set[str] = set()
+
+    def spy(work: Any, items: Any, *, parallel: bool, threads: int | None = None) -> list[Any]:
+        asked.append(parallel)
+
+        def tracked(item: Any) -> Any:
+            workers.add(threading.current_thread().name)
+            return work(item)
+
+        return hostcopy.map_blocks(tracked, items, parallel=parallel, threads=2)
+
+    monkeypatch.setattr(kvstore.manager, "map_blocks", spy)  # block files
+    monkeypatch.setattr(kvstore.codec, "map_blocks", spy)  # values (``BlockSink.take_many``)
+    original = _caches("LBNHC", seed=9)
+    addresses = _addresses()
+    values = _values(original, addresses)
+    tier: SharedMemoryTier | RedisTier
+    if tier_kind == "host":
+        tier = SharedMemoryTier(tmp_path / "shm", 1 << 24)
+        for address, value in zip(addresses, values, strict=True):
+            assert tier.store(address, value)
+        tier.path(addresses[3]).write_bytes(_flipped(values[3]))
+    else:
+        client = _client(kv_redis)
+        tier = RedisTier(client)
+        for address, value in zip(addresses, values, strict=True):
+            assert tier.store(address, value)
+        client.set(RedisTier.redis_key(addresses[3]), _flipped(values[3]))
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    manager = TierManager([tier])
+    placed = _restore(manager, BlockCopier(fresh, BLOCKS), addresses)
+    assert placed.num_blocks == 3 and _same_blocks(fresh, original, 3)
+    assert asked == [True] and any(name.startswith("zumik-kv-host") for name in workers), (asked, workers)
+    failures = [event for event in manager.take_events() if event.kind is TierEventKind.FAILURE]
+    assert [(event.tier, event.num_blocks) for event in failures] == [(tier.tier, 1)]

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from kvstore.codec import BlockSink, encode_block
+from kvstore.hostcopy import PARALLEL_COPY_BYTES, copy_all
 from kvstore.keys import BlockKey
 from kvstore.tier import BlockAddress
-from kvstore.transfer import PARALLEL_COPY_BYTES, BlockCopier, contiguous_run, copy_all
+from kvstore.transfer import BlockCopier, contiguous_run
 
 BLOCKS, HEADS, TOKENS, WIDTH = 6, 2, 4, 16
 NAMES = ["layers.2.attn", "layers.10.attn", "layers.1.attn"]  # sorted order differs from this one
