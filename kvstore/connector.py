@@ -81,7 +81,7 @@ from kvstore.manager import Placed, TierManager
 from kvstore.store_process import StoreProcess
 from kvstore.tier import BlockAddress, TierEvent, TierUsage
 from kvstore.tiers.build import build_manager
-from kvstore.transfer import BlockCopier
+from kvstore.transfer import BlockCopier, restore_into
 from kvstore.write_behind import EncodeBlocks, StoreBatch, StoreQueue, Values, WriteBehind
 
 if TYPE_CHECKING:
@@ -620,17 +620,16 @@ class ZumikKVConnector(KVConnectorBase_V1):
     def _restore(self, transfer: _Transfer) -> Placed:
         """The transfer's blocks read from the tiers straight into the paged cache (one read per
         tier for the run: ``TierManager.restore``; on vLLM's CPU layout each file is read into
-        the cache's own blocks, on CUDA into pinned staging copied over on a side stream)."""
+        the cache's own blocks, on CUDA into pinned staging copied over on a side stream:
+        ``transfer.restore_into``)."""
         if self._copier is None:
             return Placed((), (), (), {})
         target = self._copier.restore_target(transfer.block_ids)
         try:
-            placed = self._manager.restore(transfer.addresses, target.sink(self._headers))
+            return restore_into(self._manager, target, transfer.addresses, self._headers)
         except Exception:  # a tier's bug is a miss: the engine recomputes, the request goes on
             logger.exception("zumik kv: loading from the tiers failed")
-            placed = Placed((), (), (), {})
-        target.commit(placed.num_blocks)
-        return placed
+            return Placed((), (), (), {})
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         if not self._worker_restores:

@@ -35,6 +35,8 @@ import torch
 
 from kvstore.codec import BlockSink, KnownHeaders
 from kvstore.hostcopy import copy_all
+from kvstore.manager import Placed, TierManager
+from kvstore.tier import BlockAddress
 
 # Restored blocks arrive as read-only views of the bytes read (no copy before the copy into the
 # cache); torch only ever reads them (the source of ``copy_``), so its warning says nothing here.
@@ -114,6 +116,7 @@ class BlockCopier:
                 break
             self._rows[name] = rows
         self._pending: torch.cuda.Event | None = None  # the last copy that reads self._host
+        self._host_ids = torch.empty(0, dtype=torch.long)  # a restore's block ids, pinned (CUDA)
 
     @property
     def bytes_per_block(self) -> int:
@@ -203,18 +206,24 @@ class BlockCopier:
         """Scatter the first ``count`` staged blocks (``restore_target``) into the cache."""
         if count == 0:
             return
-        index = torch.tensor(list(block_ids[:count]), dtype=torch.long, device=self.device)
         if self._stream is None:  # host memory, a layout whose blocks are not contiguous
+            index = torch.tensor(list(block_ids[:count]), dtype=torch.long)
             for name, blocks in self._blocks.items():
                 _scatter_rows(blocks, index, torch.from_numpy(np.ascontiguousarray(views[name][:count])))
             return
-        rows = len(block_ids)
-        host = self._host[: rows * self.bytes_per_block]
+        # The block ids go over from pinned memory on the side stream too: CUDA syncs a stream
+        # before a copy from pageable memory, which made the CPU wait for the engine's stream.
+        if self._host_ids.numel() < count:
+            self._host_ids = torch.empty(max(self.num_blocks, count), dtype=torch.long, pin_memory=True)
+        ids = self._host_ids[:count]
+        ids.numpy()[:] = block_ids[:count]
+        host = self._host[: count * self.bytes_per_block]
         with torch.cuda.stream(self._stream):
-            staged = host.to(self.device, non_blocking=True).view(rows, self.bytes_per_block)  # one copy
+            index = ids.to(self.device, non_blocking=True)
+            staged = host.to(self.device, non_blocking=True).view(count, self.bytes_per_block)  # one copy
             for name, blocks in self._blocks.items():
                 start = self._offsets[name]
-                _scatter_rows(blocks, index, staged[:count, start : start + self.block_nbytes[name]])
+                _scatter_rows(blocks, index, staged[:, start : start + self.block_nbytes[name]])
             done = torch.cuda.Event()
             done.record(self._stream)
         torch.cuda.current_stream(self.device).wait_event(done)  # the forward waits, not the CPU
@@ -317,6 +326,21 @@ class RestoreTarget:
     def commit(self, count: int) -> None:
         if self._copier is not None:
             self._copier._commit_staged(self.block_ids, self._rows, count)
+
+
+def restore_into(
+    manager: TierManager,
+    target: RestoreTarget,
+    addresses: Sequence[BlockAddress],
+    headers: KnownHeaders | None = None,
+) -> Placed:
+    """The connector's restore: the tiers' blocks for ``addresses`` read into ``target``
+    (``TierManager.restore``), then the longest prefix placed committed. In one piece: on an
+    H200, chunks whose copies to the device overlapped the next chunk's reads were slower
+    (docs/benchmarks.md, "The copy path on a GPU")."""
+    placed = manager.restore(addresses, target.sink(headers))
+    target.commit(placed.num_blocks)
+    return placed
 
 
 def _bytes_of(array: np.ndarray) -> np.ndarray:

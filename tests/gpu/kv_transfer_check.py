@@ -51,7 +51,7 @@ from kvstore.manager import TierManager  # noqa: E402
 from kvstore.tier import BlockAddress  # noqa: E402
 from kvstore.tiers.disk import DiskTier  # noqa: E402
 from kvstore.tiers.shared_memory import SharedMemoryTier  # noqa: E402
-from kvstore.transfer import BlockCopier, CacheLayoutError  # noqa: E402
+from kvstore.transfer import BlockCopier, CacheLayoutError, restore_into  # noqa: E402
 
 # vLLM 0.32 KVCacheLayout stride orders of the logical [L, B, H, N, C] buffer.
 ORDERS = {
@@ -225,11 +225,9 @@ def measure_bandwidth(*, layers: int, blocks: int, tokens: int, repeats: int) ->
         assert taken == blocks, "the sink refused a block"
         target.commit(taken)
 
-    def restore_from(manager: TierManager) -> None:  # the connector's ``_restore``, whole
-        target = copier.restore_target(block_ids)
-        placed = manager.restore(addresses, target.sink())
+    def restore_from(manager: TierManager) -> None:  # the connector's ``_restore``
+        placed = restore_into(manager, copier.restore_target(block_ids), addresses)
         assert placed.num_blocks == blocks, "a tier lost a block"
-        target.commit(placed.num_blocks)
 
     def checksums() -> None:
         for value in encoded:
