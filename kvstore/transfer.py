@@ -22,7 +22,8 @@ layers back to back in the order a block value holds them (by name), so a tier's
 in it one block per copy (``RestoreTarget.whole``), and a big batch's host copies run on
 several threads (``hostcopy``). A restore records an event the engine's stream
 waits on (the forward waits for the restored blocks, the CPU does not); a store waits on the
-engine's stream, then for its own copy to land in host memory before returning the bytes.
+engine's stream, then for its own copy to land in pinned host memory of its own, which it
+returns (block-major, like the staging buffer) without another copy.
 """
 
 from __future__ import annotations
@@ -147,7 +148,9 @@ class BlockCopier:
                 name: canonical(blocks.index_select(0, index)).contiguous().reshape(count, -1).numpy()
                 for name, blocks in self._blocks.items()
             }
-        host = self._staging(count * self.bytes_per_block)
+        # The blocks land in pinned memory of their own that the caller keeps (no copy after the
+        # copy to the host): PyTorch's pinned-memory cache takes it back once the caller drops them.
+        host = torch.empty(count * self.bytes_per_block, dtype=torch.uint8, pin_memory=True)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the forward wrote them
         with torch.cuda.stream(self._stream):
             staged = torch.empty((count, self.bytes_per_block), dtype=torch.uint8, device=self.device)
@@ -159,10 +162,7 @@ class BlockCopier:
             done = torch.cuda.Event()
             done.record(self._stream)
         done.synchronize()
-        owned = np.empty((count, self.bytes_per_block), dtype=np.uint8)
-        staged_rows = host.numpy().reshape(count, self.bytes_per_block)
-        copy_all((owned[i], staged_rows[i]) for i in range(count))
-        return self._layer_views(owned)
+        return self._layer_views(host.numpy().reshape(count, self.bytes_per_block))
 
     def inject(self, block_ids: Sequence[int], blocks: Sequence[Mapping[str, np.ndarray]]) -> int:
         count = 0
