@@ -6,6 +6,11 @@
 # (vllm_restore_check.py, e2e_check.py) need a machine with vLLM CUDA.
 #
 #     bash tests/gpu/device_run.sh
+#
+# Where the machine's Python has its own xxhash, the checksum figures are that build's: the
+# H200 image's hashed 6.7 GB/s on one thread against 9.3-11.0 for xxhash 4.1.0 (what
+# pyproject.toml installs). To measure with 4.1.0, put its wheel in .whl/ and run
+#     pip install --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site bash tests/gpu/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-gpu-out}
