@@ -291,10 +291,12 @@ class TierManager:
                 asked = [addresses[index] for index in wanted]
                 loaded: Iterable[bytes | memoryview | None]
                 batch: list[tuple[int, bytes | memoryview, BlockAddress]] = []  # taken after the loop
+                reused = False  # each value overwrites the last: taken before the next is read
                 if isinstance(backend, ViewLoads) and not promoted:
                     loaded = backend.load_views(asked)  # the tier's buffer, copied into place below
                 elif isinstance(backend, FileBlocks) and not promoted:
                     loaded = _file_values(backend, asked, self._file_buffer)  # into one reused buffer
+                    reused = True
                 else:
                     loaded = backend.load_many(asked)
                 for index, raw in zip(wanted, loaded, strict=True):
@@ -318,7 +320,7 @@ class TierManager:
                         value = self._sealer_open_into(addresses[index], raw, opened)
                     else:
                         value = raw
-                        if not promoted and not isinstance(loaded, Iterator):  # values that stay valid
+                        if not promoted and not reused:  # values that stay valid for the run
                             batch.append((index, value, addresses[index]))
                             continue
                     if value is None or not sink.take(index, value, addresses[index]):

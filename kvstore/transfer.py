@@ -104,6 +104,8 @@ class BlockCopier:
         for name in self.layer_order:
             self._offsets[name] = offset
             offset += self.block_nbytes[name]
+        # (name, bytes) of each layer in that order (``RestoreTarget.layers``)
+        self.layers = tuple((name, self.block_nbytes[name]) for name in self.layer_order)
         self.device = next(iter(self._blocks.values())).device
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
@@ -306,9 +308,7 @@ class RestoreTarget:
         self._copier = copier  # None: rows are the cache's own, indexed by block id
         self._staged = staged  # [k, bytes per block], block-major, when staged
         # (name, bytes) of each layer in the order ``whole`` holds them
-        self.layers: tuple[tuple[str, int], ...] = (
-            tuple((name, copier.block_nbytes[name]) for name in copier.layer_order) if copier else ()
-        )
+        self.layers: tuple[tuple[str, int], ...] = copier.layers if copier else ()
 
     def sink(self, headers: KnownHeaders | None = None) -> BlockSink:
         """A ``codec.BlockSink`` that puts a restore's blocks here (a staged block as one buffer)."""

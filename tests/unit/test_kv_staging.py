@@ -5,15 +5,19 @@ are not contiguous), a restore lands in a staging buffer first (``BlockCopier.re
 That buffer holds each block's layers back to back in the order a block value holds them (by
 name), so ``BlockSink`` (``RestoreTarget.sink``) reads, checks and copies a whole block at
 once, as does ``BlockCopier.inject`` with blocks copied out by ``extract`` (``contiguous_run``),
-and large batches of host copies run on several threads (``transfer.copy_all``). These are the
+and large batches of host copies run on several threads (``hostcopy.copy_all``). These are the
 same functions the GPU check runs on CUDA (``tests/gpu/kv_transfer_check.py``).
 """
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
+import pytest
 import torch
 
+from kvstore import hostcopy
 from kvstore.codec import BlockSink, encode_block
 from kvstore.hostcopy import PARALLEL_COPY_BYTES, copy_all
 from kvstore.keys import BlockKey
@@ -86,13 +90,25 @@ def test_inject_of_blocks_copied_out_writes_them_back_exactly() -> None:
             assert torch.equal(caches[name][restored], original[name][stored])
 
 
-def test_copy_all_splits_a_large_batch_over_threads_and_copies_every_byte() -> None:
+def test_copy_all_splits_a_large_batch_over_threads_and_copies_every_byte(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     rng = np.random.default_rng(7)
     count = PARALLEL_COPY_BYTES // (1 << 20) + 3
     sources = [rng.integers(0, 256, 1 << 20, dtype=np.uint8) for _ in range(count)]
     destinations = [np.zeros_like(source) for source in sources]
+    workers: set[str] = set()
+    copy_pair = hostcopy._copy_pair
+
+    def tracked(pair: tuple[np.ndarray, np.ndarray]) -> None:
+        workers.add(threading.current_thread().name)
+        copy_pair(pair)
+
+    monkeypatch.setattr(hostcopy, "_copy_pair", tracked)
     copy_all(zip(destinations, sources, strict=True), threads=3)
+    assert len(workers) > 1 and all(name.startswith("zumik-kv-host") for name in workers), workers
     assert all(np.array_equal(d, s) for d, s in zip(destinations, sources, strict=True))
     small = [np.zeros(4, np.uint8)]
+    workers.clear()
     copy_all([(small[0], np.arange(4, dtype=np.uint8))], threads=3)  # below the threshold: in line
-    assert small[0].tolist() == [0, 1, 2, 3]
+    assert small[0].tolist() == [0, 1, 2, 3] and workers == {threading.current_thread().name}
