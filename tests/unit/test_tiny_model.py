@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from zumik_serve.model.tiny import (
     BOS_TOKEN,
     MODEL_FILES,
+    SPECIAL_TOKENS,
+    TINY_B_SPEC,
+    TINY_WIDE_SPEC,
+    TinyModelSpec,
     build_tiny_model,
     fingerprint_model_dir,
     is_model_dir,
@@ -29,6 +36,16 @@ def test_rebuild_in_place_keeps_fingerprint(tmp_path: Path) -> None:
     assert fingerprint_model_dir(out) == before
     assert is_model_dir(out)
     assert not any(path.name.startswith(".") for path in out.iterdir())  # no temp files left
+
+
+def test_a_folder_built_by_an_older_zumik_is_brought_up_to_date_file_by_file(tmp_path: Path) -> None:
+    out = build_tiny_model(tmp_path / "m")
+    current = fingerprint_model_dir(out)
+    (out / "model.safetensors").write_bytes(b"weights of an older build")
+    kept = {name: (out / name).stat().st_ino for name in MODEL_FILES if name != "model.safetensors"}
+    build_tiny_model(out)
+    assert fingerprint_model_dir(out) == current
+    assert {name: (out / name).stat().st_ino for name in kept} == kept  # the current files stay
 
 
 def test_config_matches_tokenizer(tmp_path: Path) -> None:
@@ -61,3 +78,40 @@ def test_chat_template_renders_roles_and_generation_prompt(tmp_path: Path) -> No
         add_generation_prompt=True,
     )
     assert rendered == "<|bos|><|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
+
+
+@pytest.mark.parametrize(
+    "spec", [TinyModelSpec(), TINY_B_SPEC, TINY_WIDE_SPEC], ids=["tiny", "tiny-b", "tiny-wide"]
+)
+def test_sampling_at_temperature_2_never_reaches_a_banned_token(tmp_path: Path, spec: TinyModelSpec) -> None:
+    """Special tokens (end-of-turn included) and unprintable ones stay out of reach at every
+    position of a long answer, sampled at the API's highest temperature: long answers in the
+    tests run to ``max_tokens`` and are still running when a test cuts them."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny_model(tmp_path / "m", spec)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    vocab = tokenizer.get_vocab_size()
+    printable = set("\t\n") | {chr(c) for c in range(32, 127)}
+    allowed = np.array(
+        [
+            i
+            for i in range(vocab)
+            if tokenizer.id_to_token(i) not in SPECIAL_TOKENS
+            and (text := tokenizer.decode([i], skip_special_tokens=False))
+            and set(text) <= printable
+        ]
+    )
+    banned = np.setdiff1d(np.arange(vocab), allowed)
+    assert tokenizer.token_to_id("<|end|>") in banned and len(banned) > 100
+    # A long answer of allowed tokens after a chat prompt, as a sampled answer would be.
+    prompt = tokenizer.encode("<|bos|><|user|>\nWrite a very long story.<|end|>\n<|assistant|>\n").ids
+    answer = np.random.default_rng(7).choice(allowed, size=1500).tolist()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + answer])).logits[0] / 2.0  # temperature 2
+    log_probs = torch.log_softmax(logits, dim=-1)
+    worst = torch.logsumexp(log_probs[:, torch.from_numpy(banned)], dim=-1).max().item()
+    assert worst < np.log(1e-12), f"a banned token has probability {np.exp(worst):.2e} at some position"

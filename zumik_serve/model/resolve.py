@@ -17,7 +17,7 @@ from pathlib import Path
 
 from profiles import TINY_MODEL_SOURCE, Profile
 from zumik_serve.home import ZumikHome
-from zumik_serve.model.tiny import TINY_B_SPEC, TINY_WIDE_SPEC, TinyModelSpec, build_tiny_model, is_model_dir
+from zumik_serve.model.tiny import TINY_B_SPEC, TINY_WIDE_SPEC, TinyModelSpec, build_tiny_model
 from zumik_serve.model.tiny_lora import (
     TinyLoraSpec,
     build_tiny_lora,
@@ -66,14 +66,12 @@ BUILTIN_ADAPTERS: dict[str, _BuiltinAdapter] = {
 
 
 def resolve_source(source: str, home: ZumikHome) -> Path:
-    """The folder of model ``source``: a built-in model (built on first use) or a local
-    Hugging Face model folder (one with ``config.json``)."""
+    """The folder of model ``source``: a built-in model (built on first use, rebuilt when an
+    older Zumik built it differently) or a local Hugging Face model folder (one with
+    ``config.json``)."""
     builtin = BUILTIN_MODELS.get(source)
     if builtin is not None:
-        folder = builtin.folder(home)
-        if not is_model_dir(folder):
-            build_tiny_model(folder, builtin.spec)
-        return folder
+        return build_tiny_model(builtin.folder(home), builtin.spec)  # writes only what differs
     if source in BUILTIN_ADAPTERS:
         raise ModelSourceError(f"model source {source!r} is a LoRA adapter, not a model")
     if source.startswith(BUILTIN_PREFIX):

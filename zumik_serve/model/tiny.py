@@ -42,6 +42,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
+# What ``lm_head`` gives the constant channel for a banned token (see ``_weights_bytes``).
+BANNED_LOGIT_WEIGHT = -64.0
+
 MODEL_FILES = (
     "config.json",
     "generation_config.json",
@@ -84,17 +87,20 @@ TINY_WIDE_SPEC = TinyModelSpec(
 
 
 def build_tiny_model(out_dir: Path, spec: TinyModelSpec | None = None) -> Path:
-    """Build the tiny model into ``out_dir`` (created; existing model files are replaced).
+    """Build the tiny model into ``out_dir`` (created), or bring a folder built earlier up to date.
 
-    Files are written to a temporary folder beside ``out_dir`` and renamed into place one by
-    one, so a crash never leaves a half-written file under its final name.
+    Only files whose bytes differ from this build are written, so a folder that is already
+    current is left untouched (same files, same mtimes) and one built by an older Zumik is
+    replaced. Files are written to a temporary name beside their final one and renamed into
+    place, so a crash never leaves a half-written file under its final name.
     """
     spec = spec or TinyModelSpec()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = _render_files(spec)
-    for name, data in files.items():
-        write_atomic(out_dir / name, data)
+    for name, data in _render_files(spec).items():
+        path = out_dir / name
+        if not (path.is_file() and path.read_bytes() == data):
+            write_atomic(path, data)
     return out_dir
 
 
@@ -221,11 +227,14 @@ def _weights_bytes(spec: TinyModelSpec, vocab_size: int, banned_ids: list[int]) 
     """Seeded random weights, plus one deliberate feature: a constant "bias channel".
 
     Hidden dimension 0 of every token embedding is 1.0, far above the random entries, so it
-    survives the residual stream and the final norm as a near-constant. ``lm_head`` reads it
-    with weight 0 for ordinary tokens and -1 for ``banned_ids``, which pushes their logits far
-    down: greedy output is printable ASCII text of exactly ``max_tokens`` tokens (the model
-    never emits special tokens or end-of-turn on its own), which makes text comparisons in
-    tests meaningful.
+    survives the residual stream and the final norm as a near-constant (about 1.5 after the
+    norm). ``lm_head`` reads it with weight 0 for ordinary tokens and ``BANNED_LOGIT_WEIGHT``
+    for ``banned_ids``, which pushes their logits about 100 below the others: output is
+    printable ASCII text of exactly ``max_tokens`` tokens, greedy or sampled at any temperature
+    the API allows (up to 2), and the model never emits special tokens or end-of-turn on its
+    own. Tests rely on that: text comparisons, and long answers that are still running when a
+    test cuts them. (A weight of -1, used before, moved the logits by only 1.5: sampled at
+    temperature 1, one answer in six ended early on end-of-turn.)
     """
     from safetensors.numpy import save
 
@@ -256,7 +265,7 @@ def _weights_bytes(spec: TinyModelSpec, vocab_size: int, banned_ids: list[int]) 
     tensors["model.norm.weight"] = ones(spec.hidden_size)
     lm_head = normal(vocab_size, spec.hidden_size)
     lm_head[:, 0] = 0.0
-    lm_head[banned_ids, 0] = -1.0
+    lm_head[banned_ids, 0] = BANNED_LOGIT_WEIGHT
     tensors["lm_head.weight"] = lm_head
     return bytes(save(tensors, metadata={"format": "pt"}))
 
