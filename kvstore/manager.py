@@ -143,6 +143,10 @@ class TierManager:
         # a sealed block's plaintext, and a block file read whole
         self._opened = memoryview(bytearray())
         self._file_buffer = _Buffer(memoryview(bytearray(1 << 17)))
+        # a big staged restore's threads: each reads its sealed block files into a buffer of
+        # its own; the sealer's key lookups (the keyring, its caches) are taken one at a time
+        self._thread_buffers = threading.local()
+        self._sealer_lock = threading.Lock()
 
     def plan(self, addresses: Sequence[BlockAddress]) -> KvPlan:
         """The longest continuous prefix of ``addresses`` some tier holds, nearest tier first.
@@ -259,9 +263,10 @@ class TierManager:
         either way it is taken only when it authenticates. A block the sink refuses is a
         failure, and a farther tier may still give it. Blocks to promote come back as owned
         values (``Placed.promote``). Where the sink knows its blocks' size (a staged restore:
-        every CUDA cache) and the run holds at least ``hostcopy.PARALLEL_COPY_BYTES``, unsealed
-        files are read, and Redis's values checked and copied, on several threads; sealed
-        blocks are opened one at a time."""
+        every CUDA cache) and the run holds at least ``hostcopy.PARALLEL_COPY_BYTES``, files
+        are read, Redis's values checked and copied, and sealed blocks decrypted, on several
+        threads (AES-GCM releases the GIL as ``memcpy`` does); a sealed block file is then read
+        whole into its thread's buffer and decrypted from there."""
         count = len(addresses)
         sources: list[Tier | None] = [None] * count
         sizes = [0] * count
@@ -277,9 +282,10 @@ class TierManager:
             failures = 0
             # a big restore's reads, checks and copies run on several threads (``hostcopy``)
             parallel = sink.block_bytes * len(wanted) >= PARALLEL_COPY_BYTES
-            if isinstance(backend, FileBlocks) and not sealed and not promoted:
+            if isinstance(backend, FileBlocks) and not promoted and (parallel or not sealed):
                 reads = [(addresses[index], index) for index in wanted]
-                read = map_blocks(functools.partial(self._read_into, backend, sink), reads, parallel=parallel)
+                reader = self._open_file_into if sealed else self._read_into
+                read = map_blocks(functools.partial(reader, backend, sink), reads, parallel=parallel)
                 for index, size in zip(wanted, read, strict=True):
                     if size is None:
                         continue
@@ -291,6 +297,7 @@ class TierManager:
                 asked = [addresses[index] for index in wanted]
                 loaded: Iterable[bytes | memoryview | None]
                 batch: list[tuple[int, bytes | memoryview, BlockAddress]] = []  # taken after the loop
+                sealed_batch: list[tuple[int, BlockAddress, bytes | memoryview]] = []  # opened after it
                 reused = False  # each value overwrites the last: taken before the next is read
                 if isinstance(backend, ViewLoads) and not promoted:
                     loaded = backend.load_views(asked)  # the tier's buffer, copied into place below
@@ -301,6 +308,9 @@ class TierManager:
                     loaded = backend.load_many(asked)
                 for index, raw in zip(wanted, loaded, strict=True):
                     if raw is None:
+                        continue
+                    if sealed and not promoted and parallel and not reused:
+                        sealed_batch.append((index, addresses[index], raw))
                         continue
                     if sealed and not promoted:
                         # decrypted straight into the cache, the tag checked last: a value
@@ -329,10 +339,17 @@ class TierManager:
                     sources[index], sizes[index] = backend.tier, len(value)
                     if promoted:
                         promote[index] = bytes(value)
-                taken = sink.take_many(batch, parallel=parallel)
+                taken = sink.take_many(batch, parallel=parallel) if batch else []
                 for (index, value, _), took in zip(batch, taken, strict=True):
                     if took:
                         sources[index], sizes[index] = backend.tier, len(value)
+                    else:
+                        failures += 1
+                take_sealed = functools.partial(self._take_sealed_job, sink)
+                opened_sizes = map_blocks(take_sealed, sealed_batch, parallel=True) if sealed_batch else []
+                for (index, _, _), size in zip(sealed_batch, opened_sizes, strict=True):
+                    if size:
+                        sources[index], sizes[index] = backend.tier, size
                     else:
                         failures += 1
             if failures:
@@ -378,6 +395,30 @@ class TierManager:
             return 0
         finally:
             os.close(fd)
+
+    def _open_file_into(
+        self, backend: FileBlocks, sink: BlockSink, read: tuple[BlockAddress, int]
+    ) -> int | None:
+        """A sealed block file read whole into this thread's buffer and decrypted into
+        ``sink``: its size, 0 when refused, None on a miss."""
+        address, index = read
+        fd = backend.open_block(address)
+        if fd is None:
+            return None
+        buffer = getattr(self._thread_buffers, "buffer", None)
+        if buffer is None:
+            buffer = self._thread_buffers.buffer = _Buffer(memoryview(bytearray(1 << 17)))
+        try:
+            value = _read_whole(fd, buffer)
+        except OSError:
+            return 0
+        finally:
+            os.close(fd)
+        return self._take_sealed(sink, index, address, value)
+
+    def _take_sealed_job(self, sink: BlockSink, job: tuple[int, BlockAddress, bytes | memoryview]) -> int:
+        index, address, value = job
+        return self._take_sealed(sink, index, address, value)
 
     def promotions(self, restored: Restored) -> list[int]:
         """Indexes of ``restored``'s blocks that the promotion policy stores in a nearer tier."""
@@ -475,7 +516,8 @@ class TierManager:
     ) -> int:
         """A sealed value decrypted into ``sink``'s places (``Sealer.opening``): its size, or 0."""
         assert self.sealer is not None
-        opening = self.sealer.opening(value, address)
+        with self._sealer_lock:  # the key lookup; the decryption below runs unlocked
+            opening = self.sealer.opening(value, address)
         return 0 if opening is None else sink.take_sealed(index, opening, address)
 
     def _sealer_open_into(
@@ -505,12 +547,19 @@ def _file_values(
             yield None
             continue
         try:
-            read = os.preadv(fd, [buffer.view], 0)
-            while read == len(buffer.view):  # it may go on: read it whole
-                buffer.view = memoryview(bytearray(max(os.fstat(fd).st_size + 1, 2 * len(buffer.view))))
-                read = os.preadv(fd, [buffer.view], 0)
+            value = _read_whole(fd, buffer)
         except OSError:
-            read = 0
+            value = buffer.view[:0]
         finally:
             os.close(fd)
-        yield buffer.view[:read]
+        yield value
+
+
+def _read_whole(fd: int, buffer: _Buffer) -> memoryview:
+    """The file ``fd`` read whole into ``buffer`` (grown when too small): a view of its bytes,
+    valid until the buffer's next read."""
+    read = os.preadv(fd, [buffer.view], 0)
+    while read == len(buffer.view):  # it may go on: read it whole
+        buffer.view = memoryview(bytearray(max(os.fstat(fd).st_size + 1, 2 * len(buffer.view))))
+        read = os.preadv(fd, [buffer.view], 0)
+    return buffer.view[:read]

@@ -48,6 +48,7 @@ from kvstore.hostcopy import COPY_THREADS, copy_all  # noqa: E402
 from kvstore.keys import BlockKey, ScopeId  # noqa: E402
 from kvstore.layout import KvLayout, KvShard, shard_digest  # noqa: E402
 from kvstore.manager import TierManager  # noqa: E402
+from kvstore.sealing import AesGcmSealer  # noqa: E402
 from kvstore.tier import BlockAddress  # noqa: E402
 from kvstore.tiers.disk import DiskTier  # noqa: E402
 from kvstore.tiers.shared_memory import SharedMemoryTier  # noqa: E402
@@ -247,11 +248,15 @@ def measure_bandwidth(*, layers: int, blocks: int, tokens: int, repeats: int) ->
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
     with tempfile.TemporaryDirectory(dir=shm) as host_root, tempfile.TemporaryDirectory() as disk_root:
         host, disk = SharedMemoryTier(Path(host_root), 4 * total), DiskTier(Path(disk_root), 4 * total)
+        sealed_disk = DiskTier(Path(disk_root) / "sealed", 4 * total)
+        sealing = TierManager([sealed_disk], sealer=AesGcmSealer(b"k" * 32))  # as deployed
+        sealing.store_many(addresses, encoded)
         for address, value in zip(addresses, encoded, strict=True):
             assert host.store(address, value) and disk.store(address, value)
         from_tiers = {
             "restore_host_tier": best(lambda: restore_from(TierManager([host]))),
             "restore_disk_tier": best(lambda: restore_from(TierManager([disk]))),
+            "restore_sealed_disk_tier": best(lambda: restore_from(sealing)),
         }
     seconds = {
         **from_tiers,
@@ -276,6 +281,9 @@ def measure_bandwidth(*, layers: int, blocks: int, tokens: int, repeats: int) ->
         "restore_through_sink_vs_h2d": round(gbps["restore_through_sink"] / gbps["h2d_memcpy_pinned"], 3),
         "restore_host_tier_vs_h2d": round(gbps["restore_host_tier"] / gbps["h2d_memcpy_pinned"], 3),
         "restore_disk_tier_vs_h2d": round(gbps["restore_disk_tier"] / gbps["h2d_memcpy_pinned"], 3),
+        "restore_sealed_disk_tier_vs_h2d": round(
+            gbps["restore_sealed_disk_tier"] / gbps["h2d_memcpy_pinned"], 3
+        ),
         "store_vs_d2h": round(gbps["store_blocks"] / gbps["d2h_memcpy_pinned"], 3),
         "copy_threads": COPY_THREADS,
         "xxhash": xxhash.VERSION,

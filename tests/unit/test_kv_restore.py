@@ -575,14 +575,16 @@ def test_prepare_restores_connects_and_sizes_the_reply_buffer_before_the_first_r
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize("tier_kind", ["host", "redis"])
+@pytest.mark.parametrize("tier_kind", ["host", "redis", "disk-sealed", "redis-sealed"])
 def test_a_big_staged_restore_runs_on_several_threads_and_still_refuses_a_changed_block(
     tmp_path: Path, kv_redis: LocalRedis, tier_kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Staged (every CUDA cache), a restore of at least ``PARALLEL_COPY_BYTES`` reads its block
-    files (host tier) or checks and copies its values (Redis) on ``hostcopy``'s threads: the
-    blocks land bit for bit, and a block with one changed byte is still refused. On vLLM's CPU
-    layout the sink weighs nothing, so a restore there stays on the engine's thread."""
+    files (host tier) or checks and copies its values (Redis), and decrypts sealed blocks (disk
+    and Redis, as deployed), on ``hostcopy``'s threads: the blocks land bit for bit, and a
+    block with one changed byte is still refused (a sealed one is wiped from its places). On
+    vLLM's CPU layout the sink weighs nothing, so a restore there stays on the engine's
+    thread."""
     assert BlockCopier(_caches("LBHNC", seed=1), BLOCKS).restore_target([0]).sink().block_bytes == 0
     monkeypatch.setattr(kvstore.manager, "PARALLEL_COPY_BYTES", 1)  # these blocks are small
     asked: list[bool] = []
@@ -602,20 +604,23 @@ def test_a_big_staged_restore_runs_on_several_threads_and_still_refuses_a_change
     original = _caches("LBNHC", seed=9)
     addresses = _addresses()
     values = _values(original, addresses)
-    tier: SharedMemoryTier | RedisTier
+    tier: SharedMemoryTier | RedisTier | DiskTier
+    client = _client(kv_redis)
     if tier_kind == "host":
         tier = SharedMemoryTier(tmp_path / "shm", 1 << 24)
-        for address, value in zip(addresses, values, strict=True):
-            assert tier.store(address, value)
-        tier.path(addresses[3]).write_bytes(_flipped(values[3]))
+    elif tier_kind == "disk-sealed":
+        tier = DiskTier(tmp_path / "disk", 1 << 24)
     else:
-        client = _client(kv_redis)
         tier = RedisTier(client)
-        for address, value in zip(addresses, values, strict=True):
-            assert tier.store(address, value)
-        client.set(RedisTier.redis_key(addresses[3]), _flipped(values[3]))
+    manager = TierManager([tier], sealer=AesGcmSealer(b"k" * 32) if tier_kind.endswith("sealed") else None)
+    manager.store_many(addresses, values)
+    stored = tier.load(addresses[3])
+    assert stored is not None and (stored != values[3]) == tier_kind.endswith("sealed")
+    if isinstance(tier, RedisTier):
+        client.set(RedisTier.redis_key(addresses[3]), _flipped(stored))
+    else:
+        tier.path(addresses[3]).write_bytes(_flipped(stored))
     fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
-    manager = TierManager([tier])
     placed = _restore(manager, BlockCopier(fresh, BLOCKS), addresses)
     assert placed.num_blocks == 3 and _same_blocks(fresh, original, 3)
     assert asked == [True] and any(name.startswith("zumik-kv-host") for name in workers), (asked, workers)
