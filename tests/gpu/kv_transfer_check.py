@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -43,8 +44,9 @@ import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
+import kvstore.manager  # noqa: E402
 from kvstore.codec import decode_block, encode_block  # noqa: E402
-from kvstore.hostcopy import COPY_THREADS, copy_all  # noqa: E402
+from kvstore.hostcopy import COPY_THREADS, PARALLEL_COPY_BYTES, copy_all  # noqa: E402
 from kvstore.keys import BlockKey, ScopeId  # noqa: E402
 from kvstore.layout import KvLayout, KvShard, shard_digest  # noqa: E402
 from kvstore.manager import TierManager  # noqa: E402
@@ -292,10 +294,51 @@ def measure_bandwidth(*, layers: int, blocks: int, tokens: int, repeats: int) ->
     }  # fmt: skip
 
 
+def measure_tier_half(*, device: str, layers: int, blocks: int, tokens: int, repeats: int) -> dict[str, Any]:
+    """The host half of a staged restore (a tier's blocks read, checked or decrypted into the
+    staging buffer: ``TierManager.restore`` into the target's sink, no device copy), on one
+    thread against ``hostcopy``'s threads, alternating, the median of each: from a host tier
+    (unsealed, ``/dev/shm``) and from a disk tier sealed as deployed."""
+    case = Case("bf16 LBNHC", 8, 256, torch.bfloat16, "LBNHC")
+    copier = BlockCopier(layer_views(case, layers, blocks, tokens, device, seed=6), blocks)
+    block_ids = list(range(blocks))
+    addresses = [BlockAddress(COMPAT, BlockKey(f"{i:032x}")) for i in range(blocks)]
+    encoded = [encode_block(t, a) for t, a in zip(copier.extract(block_ids), addresses, strict=True)]
+    total = copier.bytes_per_block * blocks
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    result: dict[str, Any] = {"bytes": total, "copy_threads": COPY_THREADS}
+    with tempfile.TemporaryDirectory(dir=shm) as host_root, tempfile.TemporaryDirectory() as disk_root:
+        sealer = AesGcmSealer(b"k" * 32)  # as deployed
+        managers = {
+            "host_tier": TierManager([SharedMemoryTier(Path(host_root), 4 * total)]),
+            "sealed_disk_tier": TierManager([DiskTier(Path(disk_root), 4 * total)], sealer=sealer),
+        }
+        for name, manager in managers.items():
+            manager.store_many(addresses, encoded)
+            times: dict[str, list[float]] = {"one_thread": [], "threads": []}
+            for repeat in range(2 * repeats):
+                arms = ("one_thread", "threads") if repeat % 2 == 0 else ("threads", "one_thread")
+                for arm in arms:
+                    kvstore.manager.PARALLEL_COPY_BYTES = (
+                        1 << 62 if arm == "one_thread" else PARALLEL_COPY_BYTES
+                    )
+                    sink = copier.restore_target(block_ids).sink()
+                    started = time.perf_counter()
+                    placed = manager.restore(addresses, sink)
+                    times[arm].append(time.perf_counter() - started)
+                    assert placed.num_blocks == blocks, "a tier lost a block"
+            kvstore.manager.PARALLEL_COPY_BYTES = PARALLEL_COPY_BYTES
+            gbps = {arm: round(total / statistics.median(seconds) / 1e9, 2) for arm, seconds in times.items()}
+            result[name] = {**gbps, "ratio": round(gbps["threads"] / gbps["one_thread"], 2)}
+    return result
+
+
 def run_check(
     *, device: str = "cuda", layers: int = 32, blocks: int = 64, tokens: int = 16, head_size: int = 128,
-    kv_heads: int = 8, bandwidth_blocks: int = 256, repeats: int = 3,
+    kv_heads: int = 8, bandwidth_blocks: int = 256, repeats: int = 3, tier_half: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
+    """Every layout's round trip and rank isolation; on CUDA (or with ``tier_half``) the
+    bandwidth figures too."""
     started = time.perf_counter()
     result: dict[str, Any] = {"device": device, "torch": torch.__version__, "cases": {}}
     if device == "cuda":
@@ -309,6 +352,10 @@ def run_check(
     if device == "cuda":
         result["bandwidth"] = measure_bandwidth(
             layers=layers, blocks=bandwidth_blocks, tokens=tokens, repeats=repeats
+        )
+    if device == "cuda" or tier_half:
+        result["tier_half"] = measure_tier_half(
+            device=device, layers=layers, blocks=bandwidth_blocks, tokens=tokens, repeats=repeats
         )
     result["ok"] = result["refuses_kv_first"] and all(
         case["bit_exact"] and case["isolated"] for case in result["cases"].values()
@@ -325,11 +372,16 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=256, help="blocks in the bandwidth measurement")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--tier-half", action="store_true",
+        help="also on CPU: a staged restore's host half on one thread against hostcopy's threads",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     result = run_check(
-        device=args.device, layers=args.layers, bandwidth_blocks=args.blocks, repeats=args.repeats
-    )
+        device=args.device, layers=args.layers, bandwidth_blocks=args.blocks, repeats=args.repeats,
+        tier_half=args.tier_half,
+    )  # fmt: skip
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

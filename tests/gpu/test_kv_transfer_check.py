@@ -17,6 +17,23 @@ def test_copy_path_is_bit_exact_and_rank_isolated_on_cpu() -> None:
     assert result["refuses_kv_first"] and result["ok"]
 
 
+def test_the_tier_half_measurement_restores_every_block_on_both_arms_on_cpu() -> None:
+    """``--tier-half``: every block comes back on one thread and on the threads (it asserts
+    so itself), from the host tier and from a sealed disk tier; no timing is judged here."""
+    result = run_check(
+        device="cpu",
+        layers=2,
+        blocks=6,
+        head_size=16,
+        kv_heads=2,
+        bandwidth_blocks=8,
+        repeats=1,
+        tier_half=True,
+    )
+    assert set(result["tier_half"]) == {"bytes", "copy_threads", "host_tier", "sealed_disk_tier"}
+    assert all(result["tier_half"][tier]["threads"] > 0 for tier in ("host_tier", "sealed_disk_tier"))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU visible to PyTorch")
 def test_copy_path_on_cuda_with_pinned_staging_and_a_side_stream() -> None:
