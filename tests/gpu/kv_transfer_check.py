@@ -319,15 +319,18 @@ def measure_tier_half(*, device: str, layers: int, blocks: int, tokens: int, rep
             for repeat in range(2 * repeats):
                 arms = ("one_thread", "threads") if repeat % 2 == 0 else ("threads", "one_thread")
                 for arm in arms:
+                    # one thread: no restore is big enough to be spread
                     kvstore.manager.PARALLEL_COPY_BYTES = (
                         1 << 62 if arm == "one_thread" else PARALLEL_COPY_BYTES
                     )
-                    sink = copier.restore_target(block_ids).sink()
-                    started = time.perf_counter()
-                    placed = manager.restore(addresses, sink)
-                    times[arm].append(time.perf_counter() - started)
+                    try:
+                        sink = copier.restore_target(block_ids).sink()
+                        started = time.perf_counter()
+                        placed = manager.restore(addresses, sink)
+                        times[arm].append(time.perf_counter() - started)
+                    finally:
+                        kvstore.manager.PARALLEL_COPY_BYTES = PARALLEL_COPY_BYTES
                     assert placed.num_blocks == blocks, "a tier lost a block"
-            kvstore.manager.PARALLEL_COPY_BYTES = PARALLEL_COPY_BYTES
             gbps = {arm: round(total / statistics.median(seconds) / 1e9, 2) for arm, seconds in times.items()}
             result[name] = {**gbps, "ratio": round(gbps["threads"] / gbps["one_thread"], 2)}
     return result

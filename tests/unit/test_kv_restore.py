@@ -582,9 +582,8 @@ def test_a_big_staged_restore_runs_on_several_threads_and_still_refuses_a_change
     """Staged (every CUDA cache), a restore of at least ``PARALLEL_COPY_BYTES`` reads its block
     files (host tier) or checks and copies its values (Redis), and decrypts sealed blocks (disk
     and Redis, as deployed), on ``hostcopy``'s threads: the blocks land bit for bit, and a
-    block with one changed byte is still refused (a sealed one is wiped from its places). On
-    vLLM's CPU layout the sink weighs nothing, so a restore there stays on the engine's
-    thread."""
+    block with one changed byte is still refused. On vLLM's CPU layout the sink weighs
+    nothing, so a restore there stays on the engine's thread."""
     assert BlockCopier(_caches("LBHNC", seed=1), BLOCKS).restore_target([0]).sink().block_bytes == 0
     monkeypatch.setattr(kvstore.manager, "PARALLEL_COPY_BYTES", 1)  # these blocks are small
     asked: list[bool] = []
