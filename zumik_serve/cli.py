@@ -537,14 +537,20 @@ def _cmd_tenant_quota(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_tiny(args: argparse.Namespace) -> int:
-    from zumik_serve.model.tiny import build_tiny_model, fingerprint_model_dir
+    from zumik_serve.model.tiny import build_tiny_model, fingerprint_model_dir, is_model_dir
 
+    before = fingerprint_model_dir(args.out) if is_model_dir(args.out) else None
     out = build_tiny_model(args.out)
     fingerprint = fingerprint_model_dir(out)
     if args.json:
-        print(json.dumps({"path": str(out), "fingerprint": fingerprint}))
+        print(json.dumps({"path": str(out), "fingerprint": fingerprint, "changed": fingerprint != before}))
     else:
-        console.print(f"built the tiny model in {out}")
+        if before is None:
+            console.print(f"built the tiny model in {out}")
+        elif before == fingerprint:
+            console.print(f"the tiny model in {out} is up to date")
+        else:
+            console.print(f"updated the tiny model in {out} (an older build's files were replaced)")
         print(f"fingerprint sha256:{fingerprint}")
     return 0
 

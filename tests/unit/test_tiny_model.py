@@ -115,3 +115,19 @@ def test_sampling_at_temperature_2_never_reaches_a_banned_token(tmp_path: Path, 
     log_probs = torch.log_softmax(logits, dim=-1)
     worst = torch.logsumexp(log_probs[:, torch.from_numpy(banned)], dim=-1).max().item()
     assert worst < np.log(1e-12), f"a banned token has probability {np.exp(worst):.2e} at some position"
+
+
+def test_the_cli_says_whether_it_built_updated_or_left_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from zumik_serve.cli import main
+
+    def run() -> dict[str, object]:
+        assert main(["model", "tiny", "--out", str(tmp_path / "m"), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    first = run()
+    assert first["changed"] is True
+    assert run() == first | {"changed": False}  # current: nothing written
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"an older build")
+    assert run() == first  # replaced
