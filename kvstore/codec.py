@@ -274,6 +274,12 @@ class BlockSink:
         restore weighs before it spreads reads and copies over threads (``hostcopy``)."""
         return sum(nbytes for _, nbytes in self._layers)
 
+    @property
+    def takes_whole_blocks(self) -> bool:
+        """True where each block lands in one run of the target (a staged restore): a sealed
+        block is then decrypted straight into it in one piece (``take_sealed``)."""
+        return self._whole is not None and bool(self._layers)
+
     def read_file(self, index: int, fd: int, address: BlockAddress) -> int:
         """Read block ``index`` from the open file ``fd``: its size, or 0 when not taken. After
         the first file, one ``preadv`` reads the header the last file had and the tensors into

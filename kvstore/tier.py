@@ -199,6 +199,11 @@ class BlockSink(Protocol):
         """Bytes of one block's tensors, or 0 when the sink does not know them."""
         ...
 
+    @property
+    def takes_whole_blocks(self) -> bool:
+        """True when each block lands in one run (a staged restore), not in many small rows."""
+        ...
+
     def take_sealed(self, index: int, opening: Opening, address: BlockAddress) -> int:
         """Block ``index`` decrypted straight into its places (``Opening``): its value's bytes,
         or 0 when not taken (then its places hold none of its bytes)."""

@@ -259,8 +259,17 @@ def test_sealed_blocks_are_opened_then_copied_and_a_tampered_one_is_refused(tmp_
     sealed = bytearray(disk.load(addresses[2]) or b"")
     sealed[-20] ^= 1
     disk.path(addresses[2]).write_bytes(bytes(sealed))
-    placed = _restore(manager, BlockCopier(fresh, BLOCKS), addresses)
+    for cache in fresh.values():
+        cache.fill_(7.0)
+    untouched = {name: torch.full_like(cache, 7.0) for name, cache in fresh.items()}
+    copier = BlockCopier(fresh, BLOCKS)
+    placed = _restore(manager, copier, addresses)
     assert placed.num_blocks == 2
+    # vLLM's CPU layout: the tampered block was opened whole outside the cache, its tag checked
+    # there, so no byte of it reached its rows
+    refused = copier.extract([TARGET_IDS[2]])[0]
+    before = BlockCopier(untouched, BLOCKS).extract([TARGET_IDS[2]])[0]
+    assert all(bytes(memoryview(refused[name])) == bytes(memoryview(before[name])) for name in before)
 
 
 @pytest.mark.redis

@@ -12,6 +12,7 @@ same functions the GPU check runs on CUDA (``tests/gpu/kv_transfer_check.py``).
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,14 +100,23 @@ def test_copy_all_splits_a_large_batch_over_threads_and_copies_every_byte(
     destinations = [np.zeros_like(source) for source in sources]
     workers: set[str] = set()
     copy_pair = hostcopy._copy_pair
+    pool = hostcopy._threads()
+    parts: list[int] = []
 
     def tracked(pair: tuple[np.ndarray, np.ndarray]) -> None:
         workers.add(threading.current_thread().name)
         copy_pair(pair)
 
+    class CountingPool:  # the split, as handed to the pool (which threads run the parts is its choice)
+        def map(self, run: Any, starts: Any) -> Any:
+            parts.extend(starts)
+            return pool.map(run, parts)
+
     monkeypatch.setattr(hostcopy, "_copy_pair", tracked)
+    monkeypatch.setattr(hostcopy, "_threads", CountingPool)
     copy_all(zip(destinations, sources, strict=True), threads=3)
-    assert len(workers) > 1 and all(name.startswith("zumik-kv-host") for name in workers), workers
+    assert parts == [0, 1, 2]  # three strided parts
+    assert workers and all(name.startswith("zumik-kv-host") for name in workers), workers
     assert all(np.array_equal(d, s) for d, s in zip(destinations, sources, strict=True))
     small = [np.zeros(4, np.uint8)]
     workers.clear()
