@@ -519,8 +519,9 @@ class TierManager:
         its places are many small rows (vLLM's CPU layout: one per layer), one call per place
         costs more than the bytes: the block is opened in one call into this thread's scratch
         buffer (the tag checked there, so nothing unauthenticated reaches the cache) and taken
-        from it like an unsealed value (1.2x the rate on the tiny model's 64 KiB blocks,
-        docs/benchmarks.md)."""
+        from it like an unsealed value (in process 1.07-1.45x the rate on 64-128 KiB blocks;
+        within noise in ``zumik bench tiers``, docs/benchmarks.md). Its places are then never
+        written unless it authenticates."""
         assert self.sealer is not None
         if not sink.takes_whole_blocks:
             scratch = self._thread_buffer("opened")
