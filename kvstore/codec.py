@@ -18,7 +18,7 @@ checking each the same way: from a file (``read_file``: the header is read and c
 then one ``preadv`` reads the tensors straight into their places, no buffer in between), from
 a value in memory (``take``: each tensor copied once into its place), or from a sealed value
 (``take_sealed``: each tensor decrypted straight into its place, the tag checked last and the
-places wiped when it does not verify).
+places wiped when it does not verify; used where a block lands in one run, ``takes_whole_blocks``).
 """
 
 from __future__ import annotations

@@ -259,15 +259,17 @@ class TierManager:
         promoted hands over the files (``FileBlocks``): the sink reads each into place (no
         value in memory); sealed, each file is read into one reused buffer. Redis reads a run
         into its own reused buffer (``ViewLoads``) unless its blocks are promoted. A sealed
-        block is decrypted straight into the cache (``Sealer.opening``, ``take_sealed``), or,
-        to be promoted, opened into one buffer reused for every block (``Sealer.open_into``);
-        either way it is taken only when it authenticates. A block the sink refuses is a
-        failure, and a farther tier may still give it. Blocks to promote come back as owned
-        values (``Placed.promote``). Where the sink knows its blocks' size (a staged restore:
-        every CUDA cache) and the run holds at least ``hostcopy.PARALLEL_COPY_BYTES``, files
-        are read, Redis's values checked and copied, and sealed blocks decrypted, on several
-        threads (AES-GCM releases the GIL as ``memcpy`` does); a sealed block file is then read
-        whole into its thread's buffer and decrypted from there."""
+        block is decrypted straight into the cache where it lands in one run (staged), opened
+        whole into a scratch buffer and taken from there where its places are many rows (vLLM's
+        CPU layout; ``_take_sealed``), or, to be promoted, opened into one buffer reused for
+        every block (``Sealer.open_into``); either way it is taken only when it authenticates.
+        A block the sink refuses is a failure, and a farther tier may still give it. Blocks to
+        promote come back as owned values (``Placed.promote``). Where the sink knows its
+        blocks' size (a staged restore: every CUDA cache) and the run holds at least
+        ``hostcopy.PARALLEL_COPY_BYTES``, files are read, Redis's values checked and copied,
+        and sealed blocks decrypted, on several threads (AES-GCM releases the GIL as ``memcpy``
+        does); a sealed block file is then read whole into its thread's buffer and decrypted
+        from there."""
         count = len(addresses)
         sources: list[Tier | None] = [None] * count
         sizes = [0] * count
@@ -314,8 +316,8 @@ class TierManager:
                         sealed_batch.append((index, addresses[index], raw))
                         continue
                     if sealed and not promoted:
-                        # decrypted straight into the cache, the tag checked last: a value
-                        # that does not authenticate is never taken (and wiped from the cache)
+                        # decrypted into the cache (``_take_sealed``): a value that does not
+                        # authenticate is never taken, and none of its bytes stay there
                         size = self._take_sealed(sink, index, addresses[index], raw)
                         if not size:
                             failures += 1
