@@ -109,7 +109,7 @@ def test_sampling_at_temperature_2_never_reaches_a_banned_token(tmp_path: Path, 
     # A long answer of allowed tokens after a chat prompt, as a sampled answer would be.
     prompt = tokenizer.encode("<|bos|><|user|>\nWrite a very long story.<|end|>\n<|assistant|>\n").ids
     answer = np.random.default_rng(7).choice(allowed, size=1500).tolist()
-    model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     with torch.no_grad():
         logits = model(torch.tensor([prompt + answer])).logits[0] / 2.0  # temperature 2
     log_probs = torch.log_softmax(logits, dim=-1)
