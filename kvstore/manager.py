@@ -139,13 +139,12 @@ class TierManager:
         self._local = frozenset(backend.tier for backend in self.tiers if isinstance(backend, LocalLookups))
         self._probes_first = frozenset(b.tier for b in self.tiers if isinstance(b, ProbesFirst))
         self._events_lock = threading.Lock()
-        # restore's buffers, reused by every restore (one at a time: the engine worker's step):
-        # a sealed block's plaintext, and a block file read whole
-        self._opened = memoryview(bytearray())
+        # restore's buffer for a block file read whole, reused by every restore (one at a time:
+        # the engine worker's step)
         self._file_buffer = _Buffer(memoryview(bytearray(1 << 17)))
-        # buffers of each thread that restores (``_thread_buffer``): a big staged restore's
-        # threads read sealed block files into their own; the sealer's key lookups (the
-        # keyring, its caches) are taken one at a time
+        # buffers of each thread that restores (``_thread_buffer``): a sealed block opened
+        # whole, and (a big staged restore's threads) a sealed block file read whole; the
+        # sealer's key lookups (the keyring, its caches) are taken one at a time
         self._thread_buffers = threading.local()
         self._sealer_lock = threading.Lock()
 
@@ -274,7 +273,6 @@ class TierManager:
         sources: list[Tier | None] = [None] * count
         sizes = [0] * count
         promote: dict[int, bytes] = {}
-        opened = self._opened  # sealed blocks' plaintext, one at a time
         tiers = list(self._by_tier)
         for backend in self.tiers:
             wanted = [index for index in range(count) if sources[index] is None]
@@ -328,9 +326,7 @@ class TierManager:
                     if sealed:
                         # opened into one buffer reused for the run (no fresh plaintext per
                         # block): its owned copy is promoted
-                        if len(opened) < len(raw):  # a value opens to fewer bytes than it has
-                            opened = self._opened = memoryview(bytearray(len(raw)))
-                        value = self._sealer_open_into(addresses[index], raw, opened)
+                        value = self._open_whole(addresses[index], raw)
                     else:
                         value = raw
                         if not promoted and not reused:  # values that stay valid for the run
@@ -526,11 +522,7 @@ class TierManager:
         written unless it authenticates."""
         assert self.sealer is not None
         if not sink.takes_whole_blocks:
-            scratch = self._thread_buffer("opened")
-            if len(scratch.view) < len(value):  # a value opens to fewer bytes than it has
-                scratch.view = memoryview(bytearray(len(value)))
-            with self._sealer_lock:  # the key lookup (one thread restores this way at a time)
-                opened = self.sealer.open_into(value, address, scratch.view)
+            opened = self._open_whole(address, value)
             return len(opened) if opened is not None and sink.take(index, opened, address) else 0
         with self._sealer_lock:  # the key lookup; the decryption below runs unlocked
             opening = self.sealer.opening(value, address)
@@ -545,12 +537,17 @@ class TierManager:
             setattr(self._thread_buffers, use, buffer)
         return buffer
 
-    def _sealer_open_into(
-        self, address: BlockAddress, value: bytes | memoryview, out: memoryview
-    ) -> memoryview | None:
-        """A sealed value (maybe a view of a tier's buffer) opened into ``out``."""
+    def _open_whole(self, address: BlockAddress, value: bytes | memoryview) -> memoryview | None:
+        """A sealed value (maybe a view of a tier's buffer) opened in one call into this
+        thread's "opened" buffer, grown to fit and reused for every block: a view valid until
+        the thread opens the next; None when it does not open. Only restores that open one
+        block at a time come here, so the lock (for the key lookup) costs no parallelism."""
         assert self.sealer is not None
-        return self.sealer.open_into(value, address, out)
+        buffer = self._thread_buffer("opened")
+        if len(buffer.view) < len(value):  # a value opens to fewer bytes than it has
+            buffer.view = memoryview(bytearray(len(value)))
+        with self._sealer_lock:
+            return self.sealer.open_into(value, address, buffer.view)
 
 
 @dataclass

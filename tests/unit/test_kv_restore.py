@@ -536,18 +536,28 @@ def test_headers_checked_once_serve_later_restores_and_a_foreign_block_is_still_
         assert [(e.tier, e.num_blocks) for e in events if e.kind is TierEventKind.FAILURE] == [(tier.tier, 1)]
 
 
-def test_a_sealed_restore_decrypts_into_the_cache_and_reuses_its_file_buffer(tmp_path: Path) -> None:
+def test_a_sealed_restore_reuses_its_buffers_and_a_staged_one_decrypts_into_the_cache(tmp_path: Path) -> None:
+    """vLLM's CPU layout: each block is opened whole into one plaintext buffer, reused by every
+    block and restore, as the file buffer is. Staged, a block is decrypted
+    straight into its run: no plaintext buffer at all."""
     original = _caches("LBHNC", seed=12)
     addresses = _addresses()
     values = _values(original, addresses)
     disk, manager = _sealed_disk(tmp_path, b"b" * 32, 1 << 24, addresses, values)
     fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
     assert _restore(manager, BlockCopier(fresh, BLOCKS), addresses).num_blocks == len(addresses)
-    read = manager._file_buffer.view
+    read, opened = manager._file_buffer.view, manager._thread_buffers.opened.view
     fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
     assert _restore(manager, BlockCopier(fresh, BLOCKS), addresses).num_blocks == len(addresses)
-    assert manager._file_buffer.view is read and len(manager._opened) == 0  # no plaintext buffer
+    assert manager._file_buffer.view is read and manager._thread_buffers.opened.view is opened
     assert _same_blocks(fresh, original, len(addresses))
+    staged = _caches("LBNHC", seed=12)
+    staged_values = _values(staged, addresses)
+    _, staged_manager = _sealed_disk(tmp_path / "staged", b"b" * 32, 1 << 24, addresses, staged_values)
+    fresh = {name: torch.zeros_like(cache) for name, cache in staged.items()}
+    assert _restore(staged_manager, BlockCopier(fresh, BLOCKS), addresses).num_blocks == len(addresses)
+    assert _same_blocks(fresh, staged, len(addresses))
+    assert not hasattr(staged_manager._thread_buffers, "opened")  # decrypted in place
     # block 1's value sealed as block 2 (it authenticates): its header names another key, so it
     # is refused before any of its tensors reaches the cache
     disk.path(addresses[2]).write_bytes(AesGcmSealer(b"b" * 32).seal(values[1], addresses[2]))
