@@ -251,21 +251,27 @@ def contiguous_run(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
     None. A block then moves in one copy."""
     if not arrays:
         return None
-    root = arrays[0]
-    while isinstance(root.base, np.ndarray):
-        root = root.base
+    root = _root(arrays[0])
     if not root.flags.c_contiguous:
         return None
     start = root.__array_interface__["data"][0]
     first = end = arrays[0].__array_interface__["data"][0]
     for array in arrays:
-        base = array
-        while isinstance(base.base, np.ndarray):
-            base = base.base
-        if base is not root or not array.flags.c_contiguous or array.__array_interface__["data"][0] != end:
+        if (
+            _root(array) is not root
+            or not array.flags.c_contiguous
+            or array.__array_interface__["data"][0] != end
+        ):
             return None
         end += array.nbytes
     return root.reshape(-1).view(np.uint8)[first - start : end - start]
+
+
+def _root(array: np.ndarray) -> np.ndarray:
+    """The array that owns ``array``'s buffer (the end of its chain of views)."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
 
 
 def _scatter_rows(blocks: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
