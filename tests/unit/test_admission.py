@@ -25,7 +25,7 @@ import pytest
 from profiles import Profile, load_builtin
 from profiles.model import QosClass, QosClassSpec
 from tests.support.inprocess import InProcessGateway, make_gateway, wait_until
-from zumik_serve.qos.admission import ClassGate
+from zumik_serve.qos.admission import ClassGate, Ticket
 from zumik_serve.state.compiler import ChatTokenizer
 
 pytestmark = pytest.mark.redis
@@ -104,6 +104,43 @@ async def test_a_tenants_flood_gets_429_while_another_tenant_in_the_class_is_ser
 
 async def _is(value: bool) -> bool:
     return value
+
+
+async def test_a_streamed_answers_slot_is_only_ever_touched_on_the_event_loop(
+    module_redis_url: str, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # batch: 1 running + 2 queued (a tenant's share: 2). A slot given back hands itself to a
+    # waiting request by completing that request's future, which only the loop's own thread
+    # may do, and the ticket's "given back once" check is no lock: every release, the stream's
+    # own and the background task's (the one for a client gone before the stream began), runs
+    # on the loop. Starlette runs a plain function's background task on a worker thread.
+    gateway = make_gateway(
+        module_redis_url, tiny_model_dir, profile=profile_with(QosClassSpec(max_running=1, max_queued=2))
+    )
+    gateway.engine.hold = asyncio.Event()
+    gate = batch_gate(gateway)
+    released_on: list[int] = []
+    release = Ticket.release
+
+    def recorded_release(ticket: Ticket) -> None:
+        released_on.append(threading.get_ident())
+        release(ticket)
+
+    monkeypatch.setattr(Ticket, "release", recorded_release)
+    headers = {"x-zumik-qos": "batch"}
+    async with gateway.client() as http:
+        streams = [
+            asyncio.create_task(http.post("/v1/chat/completions", json=chat(stream=True), headers=headers))
+            for _ in range(2)
+        ]
+        await wait_until(lambda: _is(gate.running == 1 and gate.queued == 1), what="one running, one queued")
+        gateway.engine.hold.set()
+        responses = [await stream for stream in streams]
+    for response in responses:
+        assert response.status_code == 200, response.text[:300]
+        assert response.text.rstrip().endswith("data: [DONE]"), response.text[-200:]
+    assert len(released_on) >= 2 and set(released_on) == {threading.get_ident()}
+    assert (gate.running, gate.queued) == (0, 0)
 
 
 # --- the body before the slot -----------------------------------------------------------------

@@ -121,8 +121,20 @@ async def _generate(request: Request, call: EngineCall) -> Response:
         _sse(pipeline_of(request), generation, prepared, admission),
         media_type="text/event-stream",
         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        background=BackgroundTask(admission.release),  # also when the client left early
+        background=release_when_sent(admission),  # also when the client left early
     )
+
+
+def release_when_sent(admission: Admission) -> BackgroundTask:
+    """A streamed answer's slot, given back once the response is over, on the event loop:
+    a slot handed on to a waiting request completes that request's future, which only the
+    loop's own thread may do (Starlette runs a plain function's background task on a worker
+    thread, where the waiter would not wake until the loop next woke for something else)."""
+
+    async def release() -> None:
+        admission.release()
+
+    return BackgroundTask(release)
 
 
 async def admit(pipeline: Pipeline, tenant: Tenant, request: Request, clock: RequestClock) -> Admission:

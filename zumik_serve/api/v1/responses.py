@@ -23,7 +23,13 @@ from starlette.background import BackgroundTask
 from zumik_serve.api import headers as zumik_headers
 from zumik_serve.api.body import read_body
 from zumik_serve.api.deps import pipeline_of, tenant_of
-from zumik_serve.api.v1.handlers import StreamFault, admit, engine_stream, generation_headers
+from zumik_serve.api.v1.handlers import (
+    StreamFault,
+    admit,
+    engine_stream,
+    generation_headers,
+    release_when_sent,
+)
 from zumik_serve.api.v1.wire import parse_json_body, prepare_request
 from zumik_serve.engines.protocol import EngineCall
 from zumik_serve.errors import InvalidRequestError, ZumikError
@@ -112,7 +118,7 @@ async def create_response(request: Request) -> Response:
         _events(pipeline, tenant, generation, head, previous, admission),
         media_type="text/event-stream",
         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        background=BackgroundTask(admission.release),
+        background=release_when_sent(admission),
     )
 
 
