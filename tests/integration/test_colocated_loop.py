@@ -1,40 +1,18 @@
 """The colocated engine replica runs the gateway and vLLM on Serve's own event loop
-(``app/colocated.py``): its process has no second thread running a loop for user code, and it
-answers a completion (the engine's output handler runs on that same loop)."""
+(``app/serve_loop.py``): its process has no second thread running a loop for user code or for
+a handle's router, and it answers a completion (the engine's output handler runs on that same
+loop). ``test_routing_2x.py`` checks the same of the separate placement's replicas."""
 
 from __future__ import annotations
-
-import threading
 
 import httpx
 import pytest
 
 from tests.integration.conftest import DEV_KEY
-from zumik_serve.app.colocated import SEPARATE_THREAD_ENV
+from tests.support.serve_replicas import loop_threads, replica_threads
+from zumik_serve.app.serve_loop import ON_SERVE_LOOP
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm]
-
-
-def _replica_threads() -> list[tuple[str, str | None]]:
-    import os
-
-    import ray
-
-    found = []
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if "EngineReplica" in entry["name"]:
-            actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
-            names, env = ray.get(
-                actor.__ray_call__.remote(
-                    lambda _self: (
-                        [t.name for t in threading.enumerate()],
-                        os.environ.get(SEPARATE_THREAD_ENV),
-                    )
-                ),
-                timeout=60,
-            )
-            found.extend((name, env) for name in names)
-    return found
 
 
 def test_colocated_replica_runs_user_code_on_serves_loop(running_stack) -> None:
@@ -45,7 +23,8 @@ def test_colocated_replica_runs_user_code_on_serves_loop(running_stack) -> None:
         timeout=60,
     )
     assert answer.status_code == 200, answer.text
-    threads = _replica_threads()
-    assert threads, "no engine replica found"
-    assert {env for _, env in threads} == {"0"}, threads
-    assert not [name for name, _ in threads if "_run_user_code_event_loop" in name], threads
+    replicas = replica_threads("EngineReplica")
+    assert replicas, "no engine replica found"
+    for replica in replicas:
+        assert replica.loop_env == ON_SERVE_LOOP, replica
+        assert not loop_threads(replica), replica

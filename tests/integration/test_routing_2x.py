@@ -342,6 +342,29 @@ def test_a_chat_requests_keys_are_the_blocks_its_engine_reports(
     assert after["belief_checked"] >= before["belief_checked"] + 2, (before, after)  # engine-keyed sends
 
 
+def test_every_replica_runs_its_code_and_its_handles_on_serves_own_loop(
+    two_replicas: RunningStack, tenant: httpx.Client
+) -> None:
+    """The gateways, the replica group and the scheduler owner run their code and route their
+    handles' calls (gateway to engine, gateway and engines to the owner) on the loop Serve
+    serves them on (``app/serve_loop.py``): after traffic, no replica has a thread running a
+    second loop, for user code or for a router."""
+    from tests.support.serve_replicas import loop_threads, replica_threads
+    from zumik_serve.app.serve_loop import ON_SERVE_LOOP
+
+    for _ in range(3):
+        answer = tenant.post(
+            "/v1/completions", json={"model": two_replicas.model, "prompt": "Hello", "max_tokens": 2}
+        )
+        assert answer.status_code == 200, answer.text
+    replicas = replica_threads()
+    deployments = {replica.actor.split("#")[1] for replica in replicas}
+    assert {"Gateway", "EngineReplica", "SchedulerOwner"} <= deployments, deployments
+    for replica in replicas:
+        assert replica.loop_env == ON_SERVE_LOOP, replica
+        assert not loop_threads(replica), replica
+
+
 async def _create_tenant_with_id(redis_url: str, name: str) -> tuple[str, str]:
     import redis.asyncio as aioredis
 

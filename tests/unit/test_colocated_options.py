@@ -1,17 +1,26 @@
-"""The colocated engine replica runs its code on Serve's own event loop: the deployment options
-carry Serve's setting in the replica's runtime_env, every other option and variable kept.
+"""Every Zumik deployment runs its replicas' code, and their handles' router, on Serve's own
+event loop: the options carry Serve's settings in the replica's runtime_env, every other option
+and variable kept (``app/serve_loop.py``), and the app built for each placement has them on
+every deployment.
 
-That the running replica has no second event-loop thread is checked on the real stack in
-tests/integration/test_colocated_loop.py.
+That the running replicas have no second event-loop thread is checked on the real stack in
+tests/integration/test_colocated_loop.py and test_routing_2x.py.
 """
 
 from __future__ import annotations
 
-from zumik_serve.app.colocated import SEPARATE_THREAD_ENV, colocated_options
 from zumik_serve.app.priority import WORKER_NICENESS_ENV, with_niceness
+from zumik_serve.app.serve_loop import ON_SERVE_LOOP, ROUTER_LOOP_ENV, USER_CODE_THREAD_ENV, on_serve_loop
 
 
-def test_colocated_options_keep_other_options_and_variables() -> None:
+def test_the_settings_are_serves_own() -> None:
+    from ray.serve._private import constants
+
+    assert hasattr(constants, USER_CODE_THREAD_ENV) and hasattr(constants, ROUTER_LOOP_ENV)
+    assert ON_SERVE_LOOP == {USER_CODE_THREAD_ENV: "0", ROUTER_LOOP_ENV: "0"}
+
+
+def test_serve_loop_options_keep_other_options_and_variables() -> None:
     options = with_niceness(
         {
             "max_ongoing_requests": 7,
@@ -19,16 +28,14 @@ def test_colocated_options_keep_other_options_and_variables() -> None:
         },
         0,
     )
-    merged = colocated_options(options)
+    merged = on_serve_loop(options)
     assert merged["max_ongoing_requests"] == 7
     assert merged["ray_actor_options"]["num_cpus"] == 1
     assert merged["ray_actor_options"]["runtime_env"]["env_vars"] == {
-        "A": "1", WORKER_NICENESS_ENV: "0", SEPARATE_THREAD_ENV: "0"
+        "A": "1", WORKER_NICENESS_ENV: "0", **ON_SERVE_LOOP
     }  # fmt: skip
-    assert SEPARATE_THREAD_ENV not in options["ray_actor_options"]["runtime_env"]["env_vars"]  # not mutated
+    assert USER_CODE_THREAD_ENV not in options["ray_actor_options"]["runtime_env"]["env_vars"]  # not mutated
 
 
-def test_colocated_options_without_actor_options() -> None:
-    assert colocated_options({}) == {
-        "ray_actor_options": {"runtime_env": {"env_vars": {SEPARATE_THREAD_ENV: "0"}}}
-    }
+def test_serve_loop_options_without_actor_options() -> None:
+    assert on_serve_loop({}) == {"ray_actor_options": {"runtime_env": {"env_vars": ON_SERVE_LOOP}}}
