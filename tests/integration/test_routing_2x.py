@@ -348,7 +348,7 @@ def test_every_replica_runs_its_code_and_its_handles_on_serves_own_loop(
     """The gateways, the replica group and the scheduler owner run their code and route their
     handles' calls (gateway to engine, gateway and engines to the owner) on the loop Serve
     serves them on (``app/serve_loop.py``): after traffic, no replica has a thread running a
-    second loop, for user code or for a router."""
+    second loop, for user code or for a router. Each was started at the profile's niceness."""
     from tests.support.serve_replicas import loop_threads, replica_threads
     from zumik_serve.app.serve_loop import ON_SERVE_LOOP
 
@@ -360,9 +360,11 @@ def test_every_replica_runs_its_code_and_its_handles_on_serves_own_loop(
     replicas = replica_threads()
     deployments = {replica.actor.split("#")[1] for replica in replicas}
     assert {"Gateway", "EngineReplica", "SchedulerOwner"} <= deployments, deployments
+    niceness = str(load_builtin("local-cpu-2x").niceness)  # every deployment carries it
     for replica in replicas:
         assert replica.loop_env == ON_SERVE_LOOP, replica
         assert not loop_threads(replica), replica
+        assert replica.niceness_env == niceness, replica
 
 
 async def _create_tenant_with_id(redis_url: str, name: str) -> tuple[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zumik_serve.app.priority import WORKER_NICENESS_ENV
 from zumik_serve.app.serve_loop import ON_SERVE_LOOP
 
 
@@ -13,6 +14,7 @@ class ReplicaThreads:
     actor: str  # Serve's name for the replica's actor (it names the deployment)
     threads: tuple[str, ...]  # its Python threads' names (a thread's name carries its target's)
     loop_env: dict[str, str | None]  # the replica's value of each of Serve's loop settings
+    niceness_env: str | None  # the niceness Ray was told to start it at (``app/priority.py``)
 
 
 def replica_threads(name_part: str = "") -> list[ReplicaThreads]:
@@ -27,16 +29,17 @@ def replica_threads(name_part: str = "") -> list[ReplicaThreads]:
         if "SERVE_REPLICA" not in entry["name"] or name_part not in entry["name"]:
             continue
         actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
-        names, env = ray.get(
+        names, env, niceness = ray.get(
             actor.__ray_call__.remote(
                 lambda _self: (
                     [thread.name for thread in threading.enumerate()],
                     {name: os.environ.get(name) for name in ON_SERVE_LOOP},
+                    os.environ.get(WORKER_NICENESS_ENV),
                 )
             ),
             timeout=60,
         )
-        found.append(ReplicaThreads(entry["name"], tuple(names), env))
+        found.append(ReplicaThreads(entry["name"], tuple(names), env, niceness))
     return found
 
 

@@ -214,7 +214,11 @@ def _profile_parts(
     if profile.gateway.num_replicas > 1 or group is not None:
         owner = owner_deployment.options(
             name=f"{prefix}SchedulerOwner",
-            **on_serve_loop({"ray_actor_options": dict(owner_deployment.ray_actor_options or {})}),
+            **on_serve_loop(
+                with_niceness(
+                    {"ray_actor_options": dict(owner_deployment.ray_actor_options or {})}, profile.niceness
+                )
+            ),
         ).bind(profile.model_dump_json())
     return _ProfileParts(settings, first, engines, other_groups, group, owner)
 
