@@ -3,9 +3,9 @@
 Ray starts every worker process at niceness 15 (its ``worker_niceness`` setting), so without
 this the engine replica, vLLM's engine core (a child process of the replica, which inherits its
 niceness), the colocated or separate gateway, the scheduler owner, Serve's proxy and HAProxy (a
-child of the proxy) would all yield to anything else on the machine. A process that is not root cannot lower its
-own niceness, so the value has to be set where Ray starts the worker. Two levers, both read by
-Ray's core worker as ``RAY_worker_niceness`` before it renices itself:
+child of the proxy) would all yield to anything else on the machine. A process that is not root
+cannot lower its own niceness, so the value has to be set where Ray starts the worker. Two
+levers, both read by Ray's core worker as ``RAY_worker_niceness`` before it renices itself:
 
 - a Ray head this stack starts inherits the variable from the driver's environment, and gives
   it to every worker it starts (Serve's controller and proxy, HAProxy, the replicas);
