@@ -1,10 +1,10 @@
 """Every Zumik deployment runs its replicas' code, and their handles' router, on Serve's own
 event loop: the options carry Serve's settings in the replica's runtime_env, every other option
-and variable kept (``app/serve_loop.py``), and the app built for each placement has them on
-every deployment.
+and variable kept (``app/serve_loop.py``).
 
-That the running replicas have no second event-loop thread is checked on the real stack in
-tests/integration/test_colocated_loop.py and test_routing_2x.py.
+That every deployment of each placement gets them, and that the running replicas have no second
+event-loop thread, is checked on the real stack in tests/integration/test_colocated_loop.py and
+test_routing_2x.py (building the app starts Ray, which a unit test does not).
 """
 
 from __future__ import annotations
