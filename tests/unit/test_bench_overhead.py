@@ -8,6 +8,7 @@ restores another's blocks from the shared tiers); a difference is minuend minus 
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from zumik_serve.bench.overhead_measure import (
     Shape,
     _Answer,
     _result,
+    accounting_summary,
     parse_selection,
     parse_server_timing,
 )
@@ -147,6 +149,36 @@ def test_differences_and_goals_from_answers() -> None:
     assert result.server_timing_ms[shape] == {"record": 2.0}
     assert result.cached_tokens[shape] == {"vllm": 0.0, "vllm-connector": 0.0, "zumik": 64.0}
     assert "samples_ms" not in result.summary() and "goals" in result.summary()
+
+
+@pytest.mark.parametrize(
+    ("zumik", "share", "goal"),
+    [
+        ([11.0, 11.0], 0.1, False),
+        ([10.2, 10.4], 0.3333, False),
+        ([20.0, 22.0], 0.0091, True),
+        ([9.0, 9.5], None, None),
+    ],
+)
+def test_the_accounting_share_is_a_number_or_null_never_nan(
+    zumik: list[float], share: float | None, goal: bool | None
+) -> None:
+    # A short noisy run can put Zumik's arm at or below vLLM's: the accounting's share of a
+    # gateway cost that came out non-positive is undefined, written as JSON null (NaN is not
+    # JSON, and a NaN share equals nothing, itself included).
+    shape = Shape.ACCOUNTING.value
+    per_round = {
+        shape: {"vllm": [10.0, 10.0], "zumik": zumik, "zumik-no-accounting": [z - 0.1 for z in zumik]}
+    }
+    got = {shape: {arm: [_Answer(v, 70, 0, {}) for v in values] for arm, values in per_round[shape].items()}}
+    result = _result(got, per_round, rounds=2, requests=1, arms=["vllm", "zumik", "zumik-no-accounting"],
+                     shapes=[Shape.ACCOUNTING])  # fmt: skip
+    summary = accounting_summary(result)
+    assert summary["accounting_share_of_added"] == (
+        pytest.approx(share, abs=1e-4) if share is not None else None
+    )
+    assert summary["goal_under_5_percent"] is goal
+    assert json.loads(json.dumps(summary, allow_nan=False)) == summary  # strict JSON, round trip equal
 
 
 def test_tree_state_names_the_commit_and_each_changed_file_whole() -> None:

@@ -298,20 +298,21 @@ def _delta(
 
 def accounting_summary(result: OverheadResult) -> dict[str, Any]:
     """The reuse accounting's cost: per round, (Zumik with accounting) - (Zumik without), and its
-    share of the gateway's added latency (Zumik with accounting - vLLM at the same settings)."""
+    share of the gateway's added latency (Zumik with accounting - vLLM at the same settings).
+    When that added latency's median is not positive (a short, noisy run where Zumik's arm came
+    out ahead), the share and its goal are undefined: None (JSON null), never NaN, which strict
+    JSON readers refuse and which equals nothing, itself included."""
     per_round = result.per_round_p50_ms[Shape.ACCOUNTING.value]
     on, off, direct = (per_round[name] for name in ("zumik", "zumik-no-accounting", "vllm"))
     cost = [a - b for a, b in zip(on, off, strict=True)]
     added = [a - d for a, d in zip(on, direct, strict=True)]
-    share = (
-        statistics.median(cost) / statistics.median(added) if statistics.median(added) > 0 else float("nan")
-    )
+    share = statistics.median(cost) / statistics.median(added) if statistics.median(added) > 0 else None
     return {
         "accounting_cost_round_median_ms": round(statistics.median(cost), 3),
         "accounting_cost_per_round_ms": [round(value, 3) for value in cost],
         "gateway_added_round_median_ms": round(statistics.median(added), 3),
-        "accounting_share_of_added": round(share, 4),
-        "goal_under_5_percent": share < 0.05,
+        "accounting_share_of_added": round(share, 4) if share is not None else None,
+        "goal_under_5_percent": share < 0.05 if share is not None else None,
     }
 
 
