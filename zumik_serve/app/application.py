@@ -23,10 +23,9 @@ from profiles import GatewayPlacement, ModelGroupSpec, Profile
 from zumik_serve.app.colocated import IngressEngineReplica
 from zumik_serve.app.context import GatewaySettings
 from zumik_serve.app.gateway import Gateway
-from zumik_serve.app.priority import with_niceness
 from zumik_serve.app.request_router import zumik_router_config
 from zumik_serve.app.scheduler_actor import SchedulerOwner
-from zumik_serve.app.serve_loop import on_serve_loop
+from zumik_serve.app.serve_loop import zumik_replica_options
 from zumik_serve.engines.replica import EngineReplica, with_kv_events
 from zumik_serve.engines.vllm_args import chat_content_format, engine_kwargs_for_vllm, parse_vllm_args
 from zumik_serve.engines.vllm_config import engine_kv_transfer, llm_config_kwargs
@@ -97,8 +96,8 @@ def build_serve_app(
             first.engine.llm_config, first.settings, first.other_groups
         )
     gateway: Any = Gateway
-    gateway_options = on_serve_loop(
-        with_niceness({"ray_actor_options": dict(gateway.ray_actor_options or {})}, profile.niceness)
+    gateway_options = zumik_replica_options(
+        {"ray_actor_options": dict(gateway.ray_actor_options or {})}, profile.niceness
     )
     return gateway.options(
         num_replicas=profile.gateway.num_replicas,
@@ -214,10 +213,8 @@ def _profile_parts(
     if profile.gateway.num_replicas > 1 or group is not None:
         owner = owner_deployment.options(
             name=f"{prefix}SchedulerOwner",
-            **on_serve_loop(
-                with_niceness(
-                    {"ray_actor_options": dict(owner_deployment.ray_actor_options or {})}, profile.niceness
-                )
+            **zumik_replica_options(
+                {"ray_actor_options": dict(owner_deployment.ray_actor_options or {})}, profile.niceness
             ),
         ).bind(profile.model_dump_json())
     return _ProfileParts(settings, first, engines, other_groups, group, owner)
@@ -271,8 +268,8 @@ def _engine_group(
         **EngineReplica.get_deployment_options(llm_config),
         "max_ongoing_requests": gateway_max_ongoing_requests(profile),
     }
-    options = with_niceness(options, profile.niceness)  # Ray would start the replica at 15
-    options = on_serve_loop(options)  # its code and its handles' router on Serve's own loop
+    # Ray would start the replica at niceness 15; its code and its handles' router on Serve's loop
+    options = zumik_replica_options(options, profile.niceness)
     return _EngineGroup(
         llm_config=llm_config,
         options=options,

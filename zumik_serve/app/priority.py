@@ -26,12 +26,20 @@ WORKER_NICENESS_ENV = "RAY_worker_niceness"  # RayConfig's worker_niceness, read
 def with_niceness(options: dict[str, Any], niceness: int) -> dict[str, Any]:
     """Serve deployment ``options`` whose replicas start at ``niceness``: merged into
     ``ray_actor_options.runtime_env.env_vars``, every other option and variable kept."""
+    return with_env_vars(options, {WORKER_NICENESS_ENV: str(niceness)})
+
+
+def with_env_vars(options: dict[str, Any], env_vars: dict[str, str]) -> dict[str, Any]:
+    """Serve deployment ``options`` whose replicas' processes start with ``env_vars`` (merged into
+    ``ray_actor_options.runtime_env.env_vars``), every other option and variable kept, ``options``
+    not changed."""
     merged = copy.deepcopy(options)
     actor_options = merged.setdefault("ray_actor_options", {})
     runtime_env = actor_options.get("runtime_env") or {}
-    env_vars = dict(runtime_env.get("env_vars") or {})
-    env_vars[WORKER_NICENESS_ENV] = str(niceness)
-    actor_options["runtime_env"] = {**runtime_env, "env_vars": env_vars}
+    actor_options["runtime_env"] = {
+        **runtime_env,
+        "env_vars": {**(runtime_env.get("env_vars") or {}), **env_vars},
+    }
     return merged
 
 

@@ -12,13 +12,15 @@ settings. The price, which Zumik's replicas pay already: nothing on their loop m
 (tokenizing, file sweeps and tier work run in pools or other processes), and every handle call
 is made from that loop (all of Zumik's are awaited in coroutines).
 
-``tests/integration/test_colocated_loop.py`` checks the running replica's threads.
+``tests/integration/test_colocated_loop.py`` and ``test_routing_2x.py`` check the running
+replicas' threads.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
+
+from zumik_serve.app.priority import with_env_vars, with_niceness
 
 USER_CODE_THREAD_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
 ROUTER_LOOP_ENV = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
@@ -30,9 +32,10 @@ def on_serve_loop(options: dict[str, Any]) -> dict[str, Any]:
     calls, on Serve's own event loop: merged into ``ray_actor_options.runtime_env.env_vars``
     (read by Serve when a replica's process starts), every other option and variable kept,
     ``options`` not changed."""
-    merged = copy.deepcopy(options)
-    actor_options = merged.setdefault("ray_actor_options", {})
-    runtime_env = actor_options.get("runtime_env") or {}
-    env_vars = {**(runtime_env.get("env_vars") or {}), **ON_SERVE_LOOP}
-    actor_options["runtime_env"] = {**runtime_env, "env_vars": env_vars}
-    return merged
+    return with_env_vars(options, ON_SERVE_LOOP)
+
+
+def zumik_replica_options(options: dict[str, Any], niceness: int) -> dict[str, Any]:
+    """What every Zumik deployment's replicas run with: the profile's ``niceness``
+    (``app/priority.py``) and Serve's own loop for their code and handles."""
+    return on_serve_loop(with_niceness(options, niceness))

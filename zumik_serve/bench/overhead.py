@@ -299,17 +299,15 @@ def run_overhead_bench(args: Any, console: Any) -> int:
     _print_tables(result, console)
     if accounting:
         summary = accounting_summary(result)
-        share = summary["accounting_share_of_added"]
+        share, added = summary["accounting_share_of_added"], summary["gateway_added_round_median_ms"]
+        of_added = (
+            f"{100 * share:.1f}% of the gateway's added {added:.2f} ms (goal < 5%)"
+            if share is not None
+            else f"no share: the gateway's added latency came out at {added:.2f} ms (run more rounds)"
+        )
         console.print(
             f"reuse accounting: {summary['accounting_cost_round_median_ms']:.3f} ms per request (median of "
-            "round differences), "
-            + (
-                f"{100 * share:.1f}% of the gateway's added {summary['gateway_added_round_median_ms']:.2f} ms"
-                " (goal < 5%)"
-                if share is not None
-                else f"no share: the gateway's added latency came out at "
-                f"{summary['gateway_added_round_median_ms']:.2f} ms in this run (run more rounds)"
-            )
+            f"round differences), {of_added}"
         )
     console.print(f"wrote {json_path} and {png_path}")
     return 0
