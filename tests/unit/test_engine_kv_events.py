@@ -102,6 +102,16 @@ async def until(condition: Callable[[], bool], publish: Callable[[], None] | Non
         await asyncio.sleep(0.05)
 
 
+async def settled(owner: Owner, publish_marker: Callable[[int], None]) -> None:
+    """Publish a marker block after the probes and wait for it: one publisher, forwarded in
+    order, so every probe still on its way has arrived once the marker has. A fixed sleep
+    instead loses to a loaded machine (a late probe lands in the batch under test)."""
+    marker = 999_999
+    publish_marker(marker)
+    await until(lambda: any(event_key(marker) in event.stored for event in owner.events()))
+    owner.batches.clear()
+
+
 def stored(hashes: list[int]) -> BlockStored:
     return BlockStored(
         block_hashes=list[bytes | int](hashes), parent_block_hash=None,
@@ -120,8 +130,7 @@ async def test_what_vllms_publisher_sends_reaches_the_owner_as_residency_keys(
             lambda: bool(owner.batches),
             lambda: publisher.publish(KVEventBatch(ts=time.time(), events=[AllBlocksCleared()])),
         )
-        await asyncio.sleep(0.3)  # the probes still under way
-        owner.batches.clear()
+        await settled(owner, lambda h: publisher.publish(KVEventBatch(ts=time.time(), events=[stored([h])])))
         hashes = [2**64 - 1, 7, 2**63 + 5]
         publisher.publish(
             KVEventBatch(
@@ -162,8 +171,7 @@ async def test_a_bad_message_or_a_failed_delivery_never_stops_forwarding(
     forwarding(owner)
     try:
         await until(lambda: owner.refused == 1, lambda: send(batch(1)))  # connected; lost
-        await asyncio.sleep(0.3)
-        owner.batches.clear()
+        await settled(owner, lambda h: send(batch(h)))
         send([next(seq).to_bytes(8, "big"), b"not msgpack"])
         send([b"one frame short"])
         send(batch(2, 3))
@@ -192,8 +200,7 @@ async def test_messages_published_within_the_batch_time_reach_the_owner_in_one_d
     forwarding(owner)
     try:
         await until(lambda: bool(owner.batches), lambda: send(1))  # connected
-        await asyncio.sleep(1.5)  # the probes still under way are delivered
-        owner.batches.clear()
+        await settled(owner, send)
         for h in range(10, 15):
             send(h)
         await until(lambda: bool(owner.batches))
@@ -301,7 +308,10 @@ async def test_a_gap_in_the_sequence_is_filled_from_the_replay_buffer(
             assert time.monotonic() < deadline
             await first()
             await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)  # a resend already on its way arrives before the count
+        marker = 999_999  # a resend already on its way arrives before the marker
+        await engine.publish(seq, marker)
+        seq += 1
+        await until(lambda: any(event_key(marker) in event.stored for event in owner.events()))
         taken = len(owner.events())
         base = seq
         engine.message(base, 1)  # never published live: the forwarder misses them
