@@ -16,13 +16,16 @@ Invariants held here:
 - a replica that leaves its group is forgotten;
 - a prompt of token ids is keyed by the engine's block hashes, which its KV events name; the
   owner counts sends where the send-only belief differs from the engine's word;
-- the links' background loops (report, long-poll) carry one gateway's sends to another;
+- the links' background loop (an exchange per round while busy, a long-poll while idle) carries
+  one gateway's sends to another; an idle gateway's first send ends its poll, and an idle
+  gateway with nothing in flight sends no heartbeat;
 - in the two-gateway simulation of the bench, an owner captures more than none.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from decimal import Decimal
 from typing import Any
 
@@ -31,7 +34,7 @@ import pytest
 from profiles import load_builtin
 from zumik_serve.routing.breaker import BreakerPolicy, BreakerStatus
 from zumik_serve.routing.decision import NO_EVIDENCE, Pick
-from zumik_serve.routing.owner import LOAD_TTL_MS, KvEvent, ProfileOwner, exchange
+from zumik_serve.routing.owner import LOAD_TTL_MS, KvEvent, ProfileOwner, Report, View, exchange
 from zumik_serve.routing.replay import replay
 from zumik_serve.routing.scheduler import ProfileScheduler, SchedulingRequest, owner_for, prefix_keys
 
@@ -280,16 +283,41 @@ class _Method:
 
     async def remote(self, *args: Any) -> Any:
         await asyncio.sleep(0)  # a call returns on a later turn of the loop, as over a handle
-        return self._function(*args)
+        return await self._function(*args)
 
 
 class _OwnerHandle:
-    """The owner's Serve handle as OwnerLink calls it, over a ProfileOwner in this process (the
-    long-poll answers at once; the link's loops pace themselves)."""
+    """The owner's Serve handle as OwnerLink calls it, over a ProfileOwner in this process:
+    ``exchange`` and ``view`` as ``SchedulerOwner`` answers them (a view long-polls until the
+    owner moves past the caller's version, or ``wait_s``), each call counted, and each view
+    given up by its caller (cancelled) counted too."""
 
     def __init__(self, owner: ProfileOwner) -> None:
-        self.report = _Method(lambda report: owner.report(report, 0))
-        self.view = _Method(lambda gateway, since, wait_s: owner.view(gateway, since, 0))
+        self._owner = owner
+        self._moved = asyncio.Event()
+        self.calls = {"exchange": 0, "view": 0, "view_cancelled": 0}
+        self.exchange = _Method(self._exchange)
+        self.view = _Method(self._view)
+
+    async def _exchange(self, report: Report, since: int) -> View:
+        self.calls["exchange"] += 1
+        before = self._owner.version
+        self._owner.report(report, 0)
+        if self._owner.version != before:
+            moved, self._moved = self._moved, asyncio.Event()
+            moved.set()
+        return self._owner.view(report.gateway, since, 0)
+
+    async def _view(self, gateway: str, since: int, wait_s: float) -> View:
+        self.calls["view"] += 1
+        try:
+            if self._owner.version == since:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._moved.wait(), timeout=wait_s)
+        except asyncio.CancelledError:
+            self.calls["view_cancelled"] += 1
+            raise
+        return self._owner.view(gateway, since, 0)
 
 
 def test_owner_links_carry_one_gateways_sends_to_the_other_off_the_request_path() -> None:
@@ -300,7 +328,8 @@ def test_owner_links_carry_one_gateways_sends_to_the_other_off_the_request_path(
     b = ProfileScheduler(PROFILE, replicas=REPLICAS)
 
     async def run() -> dict[str, int]:
-        links = [OwnerLink(a, _OwnerHandle(owner), "gw-a"), OwnerLink(b, _OwnerHandle(owner), "gw-b")]
+        handle = _OwnerHandle(owner)
+        links = [OwnerLink(a, handle, "gw-a"), OwnerLink(b, handle, "gw-b")]
         for link in links:
             link.start()
         a.sent(Pick("local", "r2"), keys_of(DOCUMENT))
@@ -313,3 +342,53 @@ def test_owner_links_carry_one_gateways_sends_to_the_other_off_the_request_path(
         return matched(b, DOCUMENT)
 
     assert asyncio.run(run())["r2"] == len(keys_of(DOCUMENT))
+
+
+def test_an_idle_gateway_gives_up_its_long_poll_for_its_first_send_and_heartbeats_only_a_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Idle, a link long-polls and reports nothing (no heartbeat of an empty load); its first
+    send ends the poll at once, not when the poll would (here: never), and reaches the other
+    gateway; while a request is in flight its load is repeated every heartbeat."""
+    from zumik_serve.app import scheduler_actor
+    from zumik_serve.app.scheduler_actor import OwnerLink
+
+    monkeypatch.setattr(scheduler_actor, "LINK_INTERVAL_S", 0.01)
+    monkeypatch.setattr(scheduler_actor, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(scheduler_actor, "VIEW_WAIT_S", 3600.0)  # a poll never answers by itself
+    owner = owner_for(PROFILE)
+    a = ProfileScheduler(PROFILE, replicas=REPLICAS)
+    b = ProfileScheduler(PROFILE, replicas=REPLICAS)
+
+    async def rounds(count: int, done: Any = lambda: False) -> None:
+        for _ in range(count):
+            if done():
+                return
+            await asyncio.sleep(0.01)
+
+    async def run() -> tuple[dict[str, int], dict[str, int], dict[str, int], dict[str, int]]:
+        handle = _OwnerHandle(owner)
+        links = [OwnerLink(a, handle, "gw-a"), OwnerLink(b, handle, "gw-b")]
+        for link in links:
+            link.start()
+        await rounds(50)  # both idle: one hello each, then long-polls
+        idle = dict(handle.calls)
+        a.sent(Pick("local", "r2"), keys_of(DOCUMENT))
+        await rounds(500, lambda: matched(b, DOCUMENT)["r2"] > 0)
+        sent = dict(handle.calls)
+        a.finished(Pick("local", "r2"))
+        await rounds(30)  # its load back to none is reported once, then nothing
+        settled = dict(handle.calls)
+        a.started(Pick("local", "r1"))
+        await rounds(30)  # in flight: its load again and again
+        busy = dict(handle.calls)
+        for link in links:
+            await link.stop()
+        return idle, sent, settled, busy
+
+    idle, sent, settled, busy = asyncio.run(run())
+    assert idle["exchange"] == 2 and idle["view"] == 2 and idle["view_cancelled"] == 0, idle
+    assert matched(b, DOCUMENT)["r2"] == len(keys_of(DOCUMENT))
+    assert sent["view_cancelled"] >= 1, sent  # a's poll, given up for its send
+    assert settled["exchange"] - sent["exchange"] <= 2, (sent, settled)  # none after the load's end
+    assert busy["exchange"] - settled["exchange"] >= 3, (settled, busy)  # heartbeats of a load

@@ -1,25 +1,28 @@
 """The profile's scheduler owner as one Ray Serve replica, and each gateway's link to it.
 
     SchedulerOwner   one replica per profile (the application's): ``routing.owner.ProfileOwner``
-                     behind three methods: ``report`` (a gateway's batch), ``engine_events``
-                     (KV events of engine replicas), ``view`` (long-polled: answers as soon as
-                     the owner moves past the caller's version, or after ``wait_s``); and two
-                     to read it: ``stats``, ``engine_residency`` (a replica's blocks by its
-                     engine's events alone)
-    OwnerLink        in each gateway process, two background tasks, never on a request's path:
-                     report loop  every ``REPORT_INTERVAL_S``, the scheduler's batch → ``report``
-                                  (a batch that failed is sent again first)
-                     view loop    ``view(gateway, version)`` → ``scheduler.apply_view``, at
-                                  most every ``VIEW_INTERVAL_S``
+                     behind three methods: ``exchange`` (a gateway's batch applied, and its
+                     view back in the same call), ``engine_events`` (KV events of engine
+                     replicas), ``view`` (long-polled: answers as soon as the owner moves past
+                     the caller's version, or after ``wait_s``); and two to read it: ``stats``,
+                     ``engine_residency`` (a replica's blocks by its engine's events alone)
+    OwnerLink        in each gateway process, one background task, never on a request's path:
+                     while the gateway has something to report (ops, a change of its load, a
+                     heartbeat due), one ``exchange`` at most every ``LINK_INTERVAL_S`` (a
+                     batch that failed is sent again first); while it has nothing, one
+                     long-poll of ``view``, given up as soon as it has something again
 
 Each call to the owner costs both sides a few milliseconds of CPU (a Serve handle call), so the
-loops are paced, not driven by every change: whatever moves meanwhile goes in the next batch or
-view. At most (1 / REPORT_INTERVAL_S + 1 / VIEW_INTERVAL_S) calls a second per gateway and
-1 / KV_EVENTS_BATCH_S per engine replica (``engines/replica.py``), whatever the request rate:
-when the rate is low the owner's CPU per request is what the pacing bounds (``zumik bench
-routing`` prints it by component).
+link is paced, not driven by every change: whatever moves meanwhile goes in the next batch or
+view. A busy gateway makes one call per ``LINK_INTERVAL_S`` (a report and its view together),
+an idle one a long-poll per ``VIEW_WAIT_S`` or per change elsewhere; each engine replica one
+call per ``KV_EVENTS_BATCH_S`` (``engines/replica.py``), whatever the request rate. When the
+rate is low the owner's CPU per request is what the pacing bounds (``zumik bench routing``
+prints it by component). A report and a view used to be two calls every 50 ms each: halving
+the calls and pacing them at 100 ms cut the gateways' and the owner's CPU per request on this
+2-core machine without a change in capture (docs/benchmarks.md, "One call to the owner").
 
-A request decides with the gateway's local scheduler only: at most ``REPORT_INTERVAL_S`` plus a
+A request decides with the gateway's local scheduler only: at most ``LINK_INTERVAL_S`` plus a
 call later, every other gateway routes with what it did. If the owner restarts it starts empty;
 the gateways' views then reset to it (``View.residency_full``), and their next reports refill it.
 """
@@ -39,10 +42,9 @@ from zumik_serve.app.replica_group import GroupEngines
 from zumik_serve.routing.owner import KvEvent, Report, View
 from zumik_serve.routing.scheduler import ProfileScheduler, owner_for
 
-REPORT_INTERVAL_S = 0.05
-HEARTBEAT_S = 1.0  # an empty report carries the gateway's load at least this often
-VIEW_WAIT_S = 2.0
-VIEW_INTERVAL_S = 0.05  # a view is asked for at most this often
+LINK_INTERVAL_S = 0.1  # a gateway calls its owner at most this often (and looks for work to report)
+HEARTBEAT_S = 1.0  # while something is in flight, the gateway's load reaches the owner this often
+VIEW_WAIT_S = 2.0  # an idle gateway's long-poll
 RETRY_S = 0.5
 
 log = logging.getLogger(__name__)
@@ -73,15 +75,18 @@ class SchedulerOwner:
         self._checks.set_default_tags(tags)
         self._wrong.set_default_tags(tags)
         self._counted = (0, 0)
-        self._calls = {"report": 0, "view": 0, "engine_events": 0}  # what the owner answered
+        self._calls = {"exchange": 0, "view": 0, "engine_events": 0}  # what the owner answered
 
-    async def report(self, report: Report) -> int:
-        self._calls["report"] += 1
+    async def exchange(self, report: Report, since_version: int) -> View:
+        """Apply a gateway's batch, then answer its view since ``since_version`` at once: one
+        call where a report and a view took two."""
+        self._calls["exchange"] += 1
         before = self._owner.version
-        version = self._owner.report(report, _now_ms())
+        now_ms = _now_ms()
+        self._owner.report(report, now_ms)
         self._wake(before)
         self._count_beliefs()
-        return version
+        return self._owner.view(report.gateway, since_version, now_ms)
 
     async def stats(self) -> dict[str, int]:
         """The owner's version and how often the send-only belief was wrong (the bench's)."""
@@ -134,46 +139,68 @@ class OwnerLink:
         self._scheduler = scheduler
         self._owner = owner
         scheduler.link(gateway)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._last_load: tuple[Any, ...] | None = None  # the load the owner has: none yet
+        self._last_sent = 0.0
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._reporting()), asyncio.create_task(self._viewing())]
+        self._task = asyncio.create_task(self._linking())
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _reporting(self) -> None:
+    def _report_due(self) -> bool:
+        """Ops to report, a load the owner has not seen, or, while something is in flight, a
+        heartbeat of that load due (the owner forgets a silent gateway's load after
+        ``owner.LOAD_TTL_MS``; none in flight is what forgetting it says)."""
+        load = self._scheduler.load_now()
+        if self._scheduler.ops_to_report or load != self._last_load:
+            return True
+        return load != ((), ()) and time.monotonic() - self._last_sent >= HEARTBEAT_S
+
+    async def _linking(self) -> None:
         unsent: Report | None = None
-        last_load: tuple[Any, ...] = ()
-        last_sent = 0.0
         while True:
-            await asyncio.sleep(REPORT_INTERVAL_S)
-            report = unsent or self._scheduler.take_report()
-            load = (report.inflight, report.route_inflight)
-            if not report.ops and load == last_load and time.monotonic() - last_sent < HEARTBEAT_S:
-                continue
             try:
-                await self._owner.report.remote(report)
-            except Exception as exc:  # the owner restarts or is unreachable: send it again
-                unsent = report
+                if unsent is not None or self._report_due():
+                    report = unsent or self._scheduler.take_report()
+                    unsent = report
+                    view = await self._owner.exchange.remote(report, self._scheduler.version)
+                    unsent = None
+                    self._last_load = (report.inflight, report.route_inflight)
+                    self._last_sent = time.monotonic()
+                else:
+                    view = await self._idle_view()
+            except Exception as exc:  # the owner restarts or is unreachable: a batch is sent again
                 log.warning("scheduler owner unreachable (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(RETRY_S)
                 continue
-            unsent, last_load, last_sent = None, load, time.monotonic()
-
-    async def _viewing(self) -> None:
-        gateway = self._scheduler.gateway
-        while True:
-            try:
-                view = await self._owner.view.remote(gateway, self._scheduler.version, VIEW_WAIT_S)
-            except Exception as exc:
-                log.warning("scheduler owner unreachable (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(RETRY_S)
+            if view is None:  # the poll given up: report at once
                 continue
             self._scheduler.apply_view(view)
-            await asyncio.sleep(VIEW_INTERVAL_S)
+            await asyncio.sleep(LINK_INTERVAL_S)
+
+    async def _idle_view(self) -> View | None:
+        """The owner's view once it moves (a long-poll of ``VIEW_WAIT_S``), or None as soon as
+        this gateway has something to report: the poll is then given up (cancelled), so that an
+        idle gateway's first send reaches the others within ``LINK_INTERVAL_S``, not a poll."""
+        response = self._owner.view.remote(self._scheduler.gateway, self._scheduler.version, VIEW_WAIT_S)
+        poll: asyncio.Future[View] = asyncio.ensure_future(response)
+        try:
+            while True:
+                done, _ = await asyncio.wait({poll}, timeout=LINK_INTERVAL_S)
+                if done:
+                    return poll.result()
+                if self._report_due():
+                    return None
+        finally:
+            if not poll.done():
+                poll.cancel()
+                cancel = getattr(response, "cancel", None)
+                if cancel is not None:  # a Serve call: the owner stops waiting to answer nobody
+                    cancel()
 
 
 def link_gateway(scheduler: ProfileScheduler, engines: dict[str, Any], owner: Any | None) -> OwnerLink | None:

@@ -419,6 +419,18 @@ class ProfileScheduler:
         self.gateway = gateway
         self._outbox = []
 
+    @property
+    def ops_to_report(self) -> bool:
+        """Whether ops were queued since the last report (``take_report``)."""
+        return bool(self._outbox)
+
+    def load_now(self) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
+        """This gateway's in-flight counts per replica and per route, as a report carries them."""
+        return (
+            tuple(sorted((r, n) for r, n in self.inflight.items() if n)),
+            tuple(sorted((r, n) for r, n in self.route_inflight.items() if n)),
+        )
+
     def take_report(self) -> Report:
         """The ops since the last report as the next batch (kept until the owner acknowledges
         it), with this gateway's load now; an empty batch is a heartbeat of the load."""
@@ -429,10 +441,9 @@ class ProfileScheduler:
         if ops:
             self._seq += 1
             seq = self._seq
+        inflight, route_inflight = self.load_now()
         report = Report(
-            self.gateway, seq, ops,
-            inflight=tuple(sorted((r, n) for r, n in self.inflight.items() if n)),
-            route_inflight=tuple(sorted((r, n) for r, n in self.route_inflight.items() if n)),
+            self.gateway, seq, ops, inflight=inflight, route_inflight=route_inflight,
             pending_prefill=tuple(sorted(self.pending_prefill.items())),
         )  # fmt: skip
         if ops:
