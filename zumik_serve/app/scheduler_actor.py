@@ -18,9 +18,10 @@ view. A busy gateway makes one call per ``LINK_INTERVAL_S`` (a report and its vi
 an idle one a long-poll per ``VIEW_WAIT_S`` or per change elsewhere; each engine replica one
 call per ``KV_EVENTS_BATCH_S`` (``engines/replica.py``), whatever the request rate. When the
 rate is low the owner's CPU per request is what the pacing bounds (``zumik bench routing``
-prints it by component). A report and a view used to be two calls every 50 ms each: halving
-the calls and pacing them at 100 ms cut the gateways' and the owner's CPU per request on this
-2-core machine without a change in capture (docs/benchmarks.md, "One call to the owner").
+prints it by component). A report and a view used to be two calls every 50 ms each: one call a
+round, at most every 100 ms, took a third of the calls and half the owner's CPU per request on
+this 2-core machine, for a capture of 0.994 against 0.995-0.997 (docs/benchmarks.md, "One call
+to the owner a round").
 
 A request decides with the gateway's local scheduler only: at most ``LINK_INTERVAL_S`` plus a
 call later, every other gateway routes with what it did. If the owner restarts it starts empty;
