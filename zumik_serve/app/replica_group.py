@@ -86,7 +86,7 @@ class GroupEngineClient:
         events = aiter(stream)
         first = asyncio.ensure_future(anext(events))
         if not await self._until_running(first):
-            _cancel(first, stream)
+            give_up(first, stream)
             yield self._no_replica()
             return
         try:
@@ -100,7 +100,7 @@ class GroupEngineClient:
         response = self._handle.complete.remote(call.value, body, **{HINT: self._replica})
         result = asyncio.ensure_future(_awaited(response))
         if not await self._until_running(result):
-            _cancel(result, response)
+            give_up(result, response)
             return [self._no_replica()]
         return list(await result)
 
@@ -134,11 +134,21 @@ async def _awaited(response: Any) -> Any:
     return await response
 
 
-def _cancel(waiting: asyncio.Future[Any], call: Any) -> None:
+def give_up(waiting: asyncio.Future[Any], call: Any) -> None:
+    """Stop ``waiting`` for a Serve ``call`` and cancel the call itself (a queued request is
+    withdrawn, one a replica runs is cancelled there). Its outcome is taken when it comes (Serve
+    ends a cancelled call with an error of its own), so that asyncio never logs it as never
+    retrieved."""
     waiting.cancel()
-    cancel = getattr(call, "cancel", None)  # Serve's responses cancel the queued request
+    cancel = getattr(call, "cancel", None)  # Serve's responses; a plain awaitable has none
     if callable(cancel):
         cancel()
+    waiting.add_done_callback(_outcome_taken)
+
+
+def _outcome_taken(waiting: asyncio.Future[Any]) -> None:
+    if not waiting.cancelled():
+        waiting.exception()
 
 
 class GroupEngines(dict[str, EngineClient]):

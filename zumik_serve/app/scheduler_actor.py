@@ -39,7 +39,7 @@ from typing import Any
 from ray import serve
 
 from profiles import Profile
-from zumik_serve.app.replica_group import GroupEngines
+from zumik_serve.app.replica_group import GroupEngines, give_up
 from zumik_serve.routing.owner import KvEvent, Report, View
 from zumik_serve.routing.scheduler import ProfileScheduler, owner_for
 
@@ -198,10 +198,7 @@ class OwnerLink:
                     return None
         finally:
             if not poll.done():
-                poll.cancel()
-                cancel = getattr(response, "cancel", None)
-                if cancel is not None:  # a Serve call: the owner stops waiting to answer nobody
-                    cancel()
+                give_up(poll, response)  # the owner stops waiting to answer nobody
 
 
 def link_gateway(scheduler: ProfileScheduler, engines: dict[str, Any], owner: Any | None) -> OwnerLink | None:
