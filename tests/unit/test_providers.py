@@ -7,7 +7,8 @@ Invariants held here:
 - cached_tokens is None when the provider did not report it, the reported int otherwise (0 is 0);
 - the API key appears in no failure message and no repr; the body reaches the provider unchanged;
 - a stream yields each SSE payload then "[DONE]"; a break before or after the first payload is
-  a ProviderFailure;
+  a ProviderFailure; lines split on CR and LF only, so a payload holding U+2028, U+2029 or
+  U+0085 raw arrives whole;
 - a sealed BYOK key opens only for its tenant and route; Redis never holds the plaintext key;
 - the key index reads back as typed values, entries written by the version before included;
 - a BYOK body is exactly ``{"api_key": <1-512 characters>}``; anything else is a 400 naming
@@ -16,7 +17,9 @@ Invariants held here:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -37,6 +40,7 @@ from zumik_serve.providers.openai_http import (
     prompt_cache_key_for,
 )
 from zumik_serve.providers.requests import MAX_API_KEY_CHARS, ByokKeyBody
+from zumik_serve.providers.sse import sse_lines
 from zumik_serve.providers.store import ByokKeyInfo, RedisByokStore, tag_untagged_keys
 from zumik_serve.server_secrets import generate_missing, read_byok_master_key
 from zumik_serve.store.local_redis import LocalRedis, free_port
@@ -199,6 +203,59 @@ async def test_stream_yields_payloads_then_done(server: FaultServer, provider: O
     assert payloads[-1] == "[DONE]" and len(payloads) >= 3
     assert all(p.startswith("{") for p in payloads[:-1])
     assert '"usage"' in payloads[-2]
+
+
+async def _raw_sse_server(body: bytes) -> tuple[asyncio.Server, str]:
+    """A loopback HTTP server that answers every request with ``body`` as an event stream, its
+    bytes as given (a provider writing JSON with ``ensure_ascii=False``, as vLLM's server does)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n")
+        writer.write(b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+
+
+async def test_a_streamed_payload_holding_unicode_line_separators_arrives_whole() -> None:
+    """SSE splits lines on CR and LF only: a payload whose JSON holds U+2028, U+2029 or U+0085
+    raw (JSON does not escape them) is one payload, not cut there (httpx's ``aiter_lines``
+    splits on them, and the rest of the line was lost). CRLF line ends are read too."""
+    payloads = [
+        json.dumps({"choices": [{"index": 0, "delta": {"content": f"a{char}b é"}}]}, ensure_ascii=False)
+        for char in ("\u2028", "\u2029", "\x85")
+    ]
+    body = "".join(f"data: {payload}\r\n\r\n" for payload in [*payloads, "[DONE]"]).encode()
+    server, base_url = await _raw_sse_server(body)
+    adapter = OpenAICompatProvider("raw", base_url, timeout_s=10)
+    try:
+        got = [
+            p
+            async for p in adapter.stream("/chat/completions", {**CHAT_BODY, "stream": True}, api_key=API_KEY)
+        ]
+    finally:
+        await adapter.aclose()
+        server.close()
+        await server.wait_closed()
+    assert got == [*payloads, "[DONE]"]
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 5, 7, 64])
+async def test_sse_lines_split_on_cr_and_lf_only_wherever_the_chunks_break(cut: int) -> None:
+    stream = "data: a\u2028b\x85c\r\n\r\ndata: é\rdata: x\n\nlast".encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(stream), cut):
+            yield stream[start : start + cut]
+
+    lines = [line async for line in sse_lines(chunks())]
+    assert lines == ["data: a\u2028b\x85c", "", "data: é", "data: x", "", "last"]
 
 
 async def test_stream_failure_before_first_payload(

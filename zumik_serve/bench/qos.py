@@ -27,6 +27,8 @@ from typing import Any
 
 import httpx
 
+from zumik_serve.providers.sse import sse_lines
+
 PROBE = "Answer briefly: what is a cache?"
 FLOOD = "Write a long essay about caches, queues and schedulers."
 
@@ -70,7 +72,7 @@ async def _ttft(client: httpx.AsyncClient, model: str, qos: str) -> float:
         if response.status_code != 200:
             raise RuntimeError(f"a probe got {response.status_code}: {(await response.aread())[:200]!r}")
         first = None
-        async for line in response.aiter_lines():
+        async for line in sse_lines(response.aiter_bytes()):
             if first is None and line.startswith("data: {"):
                 first = (time.perf_counter() - started) * 1000
     if first is None:

@@ -23,6 +23,8 @@ from typing import Any
 
 import httpx
 
+from zumik_serve.providers.sse import sse_lines
+
 SYSTEM_TOKENS = {"shared_prefix": 1400, "agent_sessions": 500}  # a workload's shared block
 CHAT_TURN_TOKENS = 60
 TEXT_CHAT_ARM = "zumik-text-chat"
@@ -87,7 +89,7 @@ async def stream_first_chunk(
     async with client.stream("POST", path, json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{what}: {response.status_code} {await response.aread()!r}")
-        async for line in response.aiter_lines():
+        async for line in sse_lines(response.aiter_bytes()):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])

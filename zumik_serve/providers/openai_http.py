@@ -27,6 +27,8 @@ from typing import Any, Literal, get_args
 
 import httpx
 
+from zumik_serve.providers.sse import sse_lines
+
 ProviderPath = Literal["/chat/completions", "/completions"]
 PROVIDER_PATHS: frozenset[str] = frozenset(get_args(ProviderPath))
 MAX_MESSAGE_CHARS = 500
@@ -181,7 +183,7 @@ class OpenAICompatProvider:
                 await response.aread()
                 raise self._status_failure(response, api_key)
             data_lines: list[str] = []
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response.aiter_bytes()):  # CR/LF only: not aiter_lines
                 if line == "":
                     if not data_lines:
                         continue
