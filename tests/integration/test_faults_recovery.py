@@ -40,6 +40,7 @@ import redis
 
 from tests.integration.conftest import DEV_KEY, _create_tenant
 from tests.support.waiting import wait_until
+from zumik_serve.providers.sse import sse_lines_sync
 from zumik_serve.state.store import bydigest_key, derived_key
 from zumik_serve.store.local_redis import embedded_redis
 from zumik_serve.tenancy.tenant import hash_api_key
@@ -597,7 +598,7 @@ def _kill_engine_during_two_long_answers(running_stack, http: httpx.Client, gate
     try:
         with http.stream("POST", "/v1/chat/completions", json=chat(model, 1800, stream=True)) as response:
             assert response.status_code == 200
-            for line in response.iter_lines():
+            for line in sse_lines_sync(response.iter_bytes()):
                 if not line:
                     continue
                 lines.append(line)

@@ -21,6 +21,7 @@ import pytest
 from profiles import load_builtin
 from profiles.model import QosClass
 from tests.integration.conftest import RunningStack
+from zumik_serve.providers.sse import sse_lines_sync
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm]
 
@@ -175,7 +176,8 @@ def test_deadline_mid_stream_is_an_error_event_then_done(
         "POST", "/v1/chat/completions", json=body, headers={"x-zumik-timeout-s": "1"}
     ) as response:
         assert response.status_code == 200
-        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+        lines = list(sse_lines_sync(response.iter_bytes()))
+        events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     last = json.loads(events[-2])
     assert last["error"]["code"] == "deadline_exceeded"

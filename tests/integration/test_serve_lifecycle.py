@@ -28,6 +28,7 @@ import httpx
 import psutil
 import pytest
 
+from zumik_serve.providers.sse import sse_lines_sync
 from zumik_serve.store.local_redis import free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm]
@@ -110,7 +111,7 @@ def _streaming_with_slow_body(url: str, release: threading.Event) -> tuple[int, 
         httpx.Client(timeout=600) as client,
         client.stream("POST", url, content=parts(), headers=headers) as response,
     ):
-        for line in response.iter_lines():
+        for line in sse_lines_sync(response.iter_bytes()):
             if line.startswith("data: "):
                 data = line.removeprefix("data: ")
                 chunk = None if data == "[DONE]" else json.loads(data)

@@ -14,6 +14,8 @@ import httpx
 import psutil
 import pytest
 
+from zumik_serve.providers.sse import sse_lines_sync
+
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm, pytest.mark.disruptive]
 
 
@@ -40,7 +42,7 @@ def stream_and_break(http: httpx.Client, path: str, model: str, break_after: int
     lines: list[str] = []
     with http.stream("POST", path, json=body) as response:
         assert response.status_code == 200
-        for line in response.iter_lines():
+        for line in sse_lines_sync(response.iter_bytes()):
             if not line:
                 continue
             lines.append(line)

@@ -26,6 +26,7 @@ from tests.support.openai_schema import (
     assert_official,
     spec_available,
 )
+from zumik_serve.providers.sse import sse_lines_sync
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm]
 
@@ -130,7 +131,7 @@ def test_stream_include_usage_gives_one_final_usage_chunk(http: httpx.Client, ru
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["x-zumik-decision-id"].startswith("dec_")
-        lines = [line for line in response.iter_lines() if line]
+        lines = [line for line in sse_lines_sync(response.iter_bytes()) if line]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
     for chunk in chunks:

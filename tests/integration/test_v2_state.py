@@ -19,6 +19,8 @@ import uuid
 import httpx
 import pytest
 
+from zumik_serve.providers.sse import sse_lines_sync
+
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm]
 
 
@@ -264,7 +266,7 @@ def test_v1_snapshot_header_prepends_and_session_header_appends(http: httpx.Clie
         "POST", "/v1/chat/completions", json={**chat, "stream": True}, headers={"x-zumik-session": session}
     ) as r:
         assert r.status_code == 200
-        list(r.iter_lines())
+        list(sse_lines_sync(r.iter_bytes()))
     assert [t["role"] for t in http.get(f"/v2/sessions/{session}").json()["turns"]] == [
         "user",
         "assistant",

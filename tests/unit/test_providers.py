@@ -40,7 +40,7 @@ from zumik_serve.providers.openai_http import (
     prompt_cache_key_for,
 )
 from zumik_serve.providers.requests import MAX_API_KEY_CHARS, ByokKeyBody
-from zumik_serve.providers.sse import sse_lines
+from zumik_serve.providers.sse import sse_lines, sse_lines_sync
 from zumik_serve.providers.store import ByokKeyInfo, RedisByokStore, tag_untagged_keys
 from zumik_serve.server_secrets import generate_missing, read_byok_master_key
 from zumik_serve.store.local_redis import LocalRedis, free_port
@@ -254,8 +254,10 @@ async def test_sse_lines_split_on_cr_and_lf_only_wherever_the_chunks_break(cut: 
         for start in range(0, len(stream), cut):
             yield stream[start : start + cut]
 
-    lines = [line async for line in sse_lines(chunks())]
-    assert lines == ["data: a\u2028b\x85c", "", "data: é", "data: x", "", "last"]
+    pieces = [stream[start : start + cut] for start in range(0, len(stream), cut)]
+    want = ["data: a\u2028b\x85c", "", "data: é", "data: x", "", "last"]
+    assert [line async for line in sse_lines(chunks())] == want
+    assert list(sse_lines_sync(pieces)) == want  # the blocking twin the integration tests read with
 
 
 async def test_stream_failure_before_first_payload(
