@@ -342,6 +342,7 @@ class ZumikKVConnector(KVConnectorBase_V1):
         # worker side: restores done since the last step's worker metadata
         self._worker_restores: dict[str, RestoreReport] = {}
         # Addresses this engine already stored, newest last, bounded (a re-store is only waste).
+        # A lookup forgets those the tiers turn out not to hold (``get_num_new_matched_tokens``).
         self._stored: OrderedDict[BlockAddress, None] = OrderedDict()
         # scheduler side: per request, rank 0's addresses of its full prompt blocks
         self._addresses: dict[str, list[BlockAddress]] = {}
@@ -379,6 +380,11 @@ class ZumikKVConnector(KVConnectorBase_V1):
             if num_blocks:
                 mine = [BlockAddress(other, a.key, a.scope) for a in wanted[:num_blocks]]
                 num_blocks = min(num_blocks, self._manager.plan(mine).num_blocks)
+        for address in wanted[num_blocks:]:
+            # Not held (past the first block a tier lacks, on some rank): if this engine stored
+            # it, the copy is gone (evicted, expired, purged, or a store that was dropped or
+            # failed), so it is stored again the next time it is computed.
+            self._stored.pop(address, None)
         restorable = (first_block + num_blocks) * self._block_size
         if restorable <= num_computed_tokens:
             return 0, False

@@ -339,6 +339,47 @@ def test_connector_looks_in_the_tiers_only_past_the_engines_own_hit(tmp_path: Pa
     }
 
 
+def test_a_block_the_tiers_lost_is_stored_again_and_one_they_hold_is_not(tmp_path: Path) -> None:
+    """The scheduler remembers what it stored so that it never writes a block twice, but a
+    block no tier holds any more (evicted, expired, purged, a store the write-behind queue
+    dropped) is forgotten by the lookup that misses it, and stored when it is computed again.
+    Blocks the tiers still hold are not."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from kvstore.keys import scope_id, seed_from_digest
+
+    host = SharedMemoryTier(tmp_path / "shm", 1 << 24)
+    connector = _scheduler_side(TierManager([host]))
+    tokens = list(range(100))  # 3 full blocks, all loadable (the last token is the engine's)
+    keys = chain_block_keys(tokens, 32, seed_from_digest(COMPAT.digest(), "s"))
+    addresses = [BlockAddress("s" * 64, key, scope_id("s")) for key in keys]
+
+    def stored_by(rid: str, computed: int) -> list[BlockAddress]:
+        """The addresses a request stores when it is scheduled with ``computed`` tokens known."""
+        request = SimpleNamespace(request_id=rid, cache_salt="s", prompt_token_ids=tokens, lora_request=None)
+        connector.get_num_new_matched_tokens(request, computed)
+        new = SimpleNamespace(
+            req_id=rid, block_ids=([0, 1, 2, 3],), prompt_token_ids=tokens, num_computed_tokens=computed
+        )
+        meta = connector.build_connector_meta(
+            SimpleNamespace(scheduled_new_reqs=[new], num_scheduled_tokens={rid: len(tokens) - computed})
+        )
+        return [address for store in meta.stores for address in store.addresses]
+
+    assert stored_by("first", 0) == addresses  # its stores never land (the queue dropped them)
+    assert stored_by("second", 0) == addresses  # the lookup missed block 0: all three again
+    for address in addresses:  # now they land
+        host.store(address, _value(address))
+    assert stored_by("held", 0) == []  # the tiers hold all three: the engine computes none
+    host.remove(addresses[1:2])  # evicted
+    # block 0 restores; blocks 1-2 are past the first block no tier holds: stored again
+    assert stored_by("evicted", 32) == addresses[1:]
+    for address in addresses[1:]:
+        host.store(address, _value(address))
+    assert stored_by("after", 32) == []  # held again: nothing is written twice
+
+
 def test_connector_per_layer_hooks_are_skipped_in_a_step_with_nothing_to_load_or_store() -> None:
     pytest.importorskip("vllm")
     from kvstore.connector import ZumikConnectorMetadata, _Transfer
