@@ -333,9 +333,14 @@ class BlockSink:
             return None
         return known.size if read == known.size and checksum(places) == stored else 0
 
-    def take(self, index: int, value: bytes | memoryview, address: BlockAddress) -> bool:
-        """Copy block ``index`` from ``value`` (a block value in memory) into its places."""
-        return _check_and_copy(self._prepare(index, value, address))
+    def take(
+        self, index: int, value: bytes | memoryview, address: BlockAddress, *, authenticated: bool = False
+    ) -> bool:
+        """Copy block ``index`` from ``value`` (a block value in memory) into its places.
+        ``authenticated``: ``value`` is a sealed block just opened, whose AES-GCM tag covered its
+        tensors and their checksum alike, so the checksum is not computed again (as
+        ``take_sealed`` does not)."""
+        return _check_and_copy(self._prepare(index, value, address), verify=not authenticated)
 
     def take_many(
         self, blocks: Sequence[tuple[int, bytes | memoryview, BlockAddress]], *, parallel: bool = False
@@ -410,13 +415,13 @@ class BlockSink:
         return places
 
 
-def _check_and_copy(prepared: tuple[list[np.ndarray], memoryview] | None) -> bool:
+def _check_and_copy(prepared: tuple[list[np.ndarray], memoryview] | None, *, verify: bool = True) -> bool:
     """A prepared block's data copied into its places if its checksum holds (checked before any
-    byte is copied: on a mismatch the places keep what they had)."""
+    byte is copied: on a mismatch the places keep what they had; not computed unless ``verify``)."""
     if prepared is None:
         return False
     places, data = prepared
-    if xxhash.xxh3_64_digest(data[:-CHECKSUM_BYTES]) != data[-CHECKSUM_BYTES:]:
+    if verify and xxhash.xxh3_64_digest(data[:-CHECKSUM_BYTES]) != data[-CHECKSUM_BYTES:]:
         return False
     offset = 0
     for place in places:  # the tensors in data order, or the block's whole run

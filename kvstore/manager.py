@@ -332,7 +332,7 @@ class TierManager:
                         if not promoted and not reused:  # values that stay valid for the run
                             batch.append((index, value, addresses[index]))
                             continue
-                    if value is None or not sink.take(index, value, addresses[index]):
+                    if value is None or not sink.take(index, value, addresses[index], authenticated=sealed):
                         failures += 1
                         continue
                     sources[index], sizes[index] = backend.tier, len(value)
@@ -518,12 +518,15 @@ class TierManager:
         costs more than the bytes: the block is opened in one call into this thread's scratch
         buffer (the tag checked there, so nothing unauthenticated reaches the cache) and taken
         from it like an unsealed value (in process 1.07-1.45x the rate on 64-128 KiB blocks;
-        within noise in ``zumik bench tiers``, docs/benchmarks.md). Its places are then never
-        written unless it authenticates."""
+        within noise in ``zumik bench tiers``, docs/benchmarks.md), but for its checksum: the tag
+        covered it, as it does in ``take_sealed``. Its places are then never written unless it
+        authenticates."""
         assert self.sealer is not None
         if not sink.takes_whole_blocks:
             opened = self._open_whole(address, value)
-            return len(opened) if opened is not None and sink.take(index, opened, address) else 0
+            if opened is None or not sink.take(index, opened, address, authenticated=True):
+                return 0
+            return len(opened)
         with self._sealer_lock:  # the key lookup; the decryption below runs unlocked
             opening = self.sealer.opening(value, address)
         return 0 if opening is None else sink.take_sealed(index, opening, address)

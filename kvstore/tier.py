@@ -183,8 +183,11 @@ class BlockSink(Protocol):
         """Block ``index`` from an open file: its value's bytes, or 0 when not taken."""
         ...
 
-    def take(self, index: int, value: bytes | memoryview, address: BlockAddress) -> bool:
-        """Block ``index`` from its (opened) value in memory."""
+    def take(
+        self, index: int, value: bytes | memoryview, address: BlockAddress, *, authenticated: bool = False
+    ) -> bool:
+        """Block ``index`` from its (opened) value in memory; ``authenticated``: a sealed value
+        whose tag was just checked (its checksum is then not computed again)."""
         ...
 
     def take_many(

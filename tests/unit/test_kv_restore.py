@@ -206,6 +206,41 @@ def _flipped(value: bytes) -> bytes:
     return value[:middle] + bytes([value[middle] ^ 0x40]) + value[middle + 1 :]
 
 
+def test_a_sealed_block_is_trusted_on_its_tag_and_an_unsealed_one_on_its_checksum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On vLLM's CPU layout a sealed block is opened whole and then copied like an unsealed
+    value; its AES-GCM tag already covered its tensors and their checksum, so the checksum is
+    not computed again (as the staged path's ``take_sealed`` never did). The same blocks
+    unsealed are checked one checksum each."""
+    original = _caches("LBHNC", seed=5)
+    addresses = _addresses()
+    values = _values(original, addresses)
+    hashed: list[str] = []  # the checksums a restore computes, by the function computing them
+    digest, checksum = kvstore.codec.xxhash.xxh3_64_digest, kvstore.codec.checksum
+
+    def value_digest(data: Any) -> bytes:
+        hashed.append("value")
+        return digest(data)
+
+    def file_checksum(parts: Any) -> bytes:
+        hashed.append("file")
+        return checksum(parts)
+
+    monkeypatch.setattr(kvstore.codec.xxhash, "xxh3_64_digest", value_digest)
+    monkeypatch.setattr(kvstore.codec, "checksum", file_checksum)
+    _, sealed = _sealed_disk(tmp_path, b"k" * 32, 1 << 24, addresses, values)
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    assert _restore(sealed, BlockCopier(fresh, BLOCKS), addresses).num_blocks == len(addresses)
+    assert _same_blocks(fresh, original, len(addresses)) and hashed == []
+    plain = DiskTier(tmp_path / "plain", 1 << 24)
+    for address, value in zip(addresses, values, strict=True):
+        assert plain.store(address, value)
+    fresh = {name: torch.zeros_like(cache) for name, cache in original.items()}
+    assert _restore(TierManager([plain]), BlockCopier(fresh, BLOCKS), addresses).num_blocks == len(addresses)
+    assert _same_blocks(fresh, original, len(addresses)) and len(hashed) == len(addresses)
+
+
 @pytest.mark.redis
 def test_an_unsealed_block_whose_tensor_bytes_changed_is_refused_on_every_path(
     tmp_path: Path, kv_redis: LocalRedis
