@@ -57,6 +57,12 @@ _BLANK_KEY = b"\0" * 32  # a block key (32 hex characters) blanked in a known he
 CHECKSUM_BYTES = 8  # the xxh3-64 of the tensors' bytes, after them
 
 
+# A place at most this big is copied by a memoryview's slice assignment: the same memcpy with a
+# third of numpy's cost a call (vLLM's CPU layout, 8 rows of 16 KiB a block for the tiny model:
+# 2.9 against 7.1 µs a block), but holding the GIL, which numpy lets go of for a bigger copy.
+SMALL_COPY_BYTES = 1 << 16
+
+
 def checksum(parts: Any) -> bytes:
     """The xxh3-64 (big-endian) of ``parts`` (buffers) in order: a value's trailer."""
     digest = xxhash.xxh3_64()
@@ -423,10 +429,15 @@ def _check_and_copy(prepared: tuple[list[np.ndarray], memoryview] | None, *, ver
     places, data = prepared
     if verify and xxhash.xxh3_64_digest(data[:-CHECKSUM_BYTES]) != data[-CHECKSUM_BYTES:]:
         return False
+    raw = data if data.format == "B" else data.cast("B")
     offset = 0
     for place in places:  # the tensors in data order, or the block's whole run
-        place[:] = np.frombuffer(data, dtype=np.uint8, count=place.nbytes, offset=offset)
-        offset += place.nbytes
+        nbytes = place.nbytes
+        if nbytes <= SMALL_COPY_BYTES:
+            memoryview(place)[:] = raw[offset : offset + nbytes]
+        else:  # numpy lets go of the GIL for it: other threads' copies run meanwhile
+            place[:] = np.frombuffer(data, dtype=np.uint8, count=nbytes, offset=offset)
+        offset += nbytes
     return True
 
 
