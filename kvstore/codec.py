@@ -434,7 +434,7 @@ def _check_and_copy(prepared: tuple[list[np.ndarray], memoryview] | None, *, ver
     for place in places:  # the tensors in data order, or the block's whole run
         nbytes = place.nbytes
         if nbytes <= SMALL_COPY_BYTES:
-            memoryview(place)[:] = raw[offset : offset + nbytes]
+            place.data[:] = raw[offset : offset + nbytes]
         else:  # numpy lets go of the GIL for it: other threads' copies run meanwhile
             place[:] = np.frombuffer(data, dtype=np.uint8, count=nbytes, offset=offset)
         offset += nbytes
