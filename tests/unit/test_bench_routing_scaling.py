@@ -32,15 +32,25 @@ STEADY = 6
 
 
 def autoscaler(engine: FakeEngine, steps: list[tuple[int, int]]) -> tuple[list[int], object]:
-    """``running()`` that reports, once the engine saw ``calls`` calls, the ``replicas`` of the
-    last step ``(calls, replicas)`` reached; and the counts it reported."""
+    """``running()`` that reports the ``replicas`` of each step ``(calls, replicas)`` in turn,
+    moving to the next once the engine saw ``calls`` more calls than when the current one was
+    first reported (one step a poll); and the counts it reported.
+
+    Counted from the report, not from the start: the bench ends a phase on the poll that sees
+    its step, with at most ``concurrency`` requests still on their way to the engine, so a next
+    step more than that many calls later never comes before the phase's end. Steps at fixed
+    call counts raced the polls: under load the steady phase's last requests in flight reached
+    the scale-down step's count before the phase ended (its end then saw 2 replicas)."""
     seen: list[int] = []
+    current, since = 0, 0
 
     async def running() -> int:
+        nonlocal current, since
         calls = len(engine.bodies)
-        count = [replicas for after, replicas in steps if calls >= after][-1]
-        seen.append(count)
-        return count
+        if current + 1 < len(steps) and calls - since >= steps[current + 1][0]:
+            current, since = current + 1, calls
+        seen.append(steps[current][1])
+        return steps[current][1]
 
     return seen, running
 
@@ -51,8 +61,9 @@ async def test_the_phases_follow_the_autoscaler_and_count_every_request(
     gateway = make_gateway(module_redis_url, tiny_model_dir)
     engine = gateway.engine
     prompts = shared_prefix(random.Random(5), 30)  # 120 requests, far more than the run needs
-    # Idle after the deploy: 2 running; the steady load brings the third, then the scaling steps.
-    steps = [(0, 2), (STEADY + 3, 3), (STEADY + 8, 2), (STEADY + 14, 3)]
+    # Idle after the deploy: 2 running; the steady load brings the third, then the scaling steps,
+    # each more calls after the last than the 3 requests a phase may have in flight at its end.
+    steps = [(0, 2), (STEADY + 3, 3), (5, 2), (6, 3)]
     seen, running = autoscaler(engine, steps)
     # The first request fails for good (a 503 would be retried by the gateway, and succeed).
     engine.fail_next(EngineFailure(status=400, message="bad prompt", type="invalid_request_error"))
