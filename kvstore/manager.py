@@ -301,7 +301,9 @@ class TierManager:
                 sealed_batch: list[tuple[int, BlockAddress, bytes | memoryview]] = []  # opened after it
                 reused = False  # each value overwrites the last: taken before the next is read
                 if isinstance(backend, ViewLoads) and not promoted:
-                    loaded = backend.load_views(asked)  # the tier's buffer, copied into place below
+                    # the tier's buffer, each value as soon as it is in: taken below while the
+                    # next one arrives (unless the run goes to threads, after the loop)
+                    loaded = backend.load_views(asked)
                 elif isinstance(backend, FileBlocks) and not promoted:
                     loaded = _file_values(backend, asked, self._file_buffer)  # into one reused buffer
                     reused = True
@@ -329,7 +331,7 @@ class TierManager:
                         value = self._open_whole(addresses[index], raw)
                     else:
                         value = raw
-                        if not promoted and not reused:  # values that stay valid for the run
+                        if not promoted and not reused and parallel:  # valid for the run: on threads
                             batch.append((index, value, addresses[index]))
                             continue
                     if value is None or not sink.take(index, value, addresses[index], authenticated=sealed):

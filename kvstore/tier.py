@@ -19,7 +19,7 @@ policy (a Redis of its own, apart from tenant state). ``usage`` reports what a t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any, Protocol, runtime_checkable
@@ -160,8 +160,9 @@ class ViewLoads(Protocol):
     """A tier that can read a run of blocks into a buffer of its own, reused (Redis: one
     ``MGET`` reply read into it, no object per block)."""
 
-    def load_views(self, addresses: Sequence[BlockAddress]) -> list[memoryview | None]:
-        """Like ``load_many``, but views of the tier's buffer, valid until its next call."""
+    def load_views(self, addresses: Sequence[BlockAddress]) -> Iterable[memoryview | None]:
+        """Like ``load_many``, but views of the tier's buffer, valid until its next call, each
+        given as soon as it is read (the caller takes one while the next arrives)."""
         ...
 
 

@@ -43,7 +43,7 @@ import itertools
 import secrets
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Generator, Iterator, Sequence
 
 import redis
 from redis.exceptions import NoPermissionError, NoScriptError, RedisError, ResponseError
@@ -232,21 +232,31 @@ class RedisTier:
             return [None] * len(addresses)
         return [value if isinstance(value, bytes) else None for value in values]
 
-    def load_views(self, addresses: Sequence[BlockAddress]) -> list[memoryview | None]:
-        """``load_many`` into the tier's reused reply buffer (``MgetReader``): views valid
-        until the next call (the engine's restore copies them into its cache at once). One
-        caller at a time: the engine worker's step."""
-        if not addresses:
-            return []
+    def load_views(self, addresses: Sequence[BlockAddress]) -> Iterator[memoryview | None]:
+        """``load_many`` into the tier's reused reply buffer (``MgetReader``), each value as
+        soon as its bytes are in: the engine's restore decrypts and copies one into its cache
+        while Redis still sends the next. Views valid until the next call; one caller at a
+        time (the engine worker's step). A failure midway is one failure event and None for
+        every value not read."""
         keys = [self.redis_key(address) for address in addresses]
+        if not keys:
+            return iter(())
+        if not self._reader.usable(self._redis):  # not a plain redis.Redis: redis-py's own MGET
+            return iter([None if value is None else memoryview(value) for value in self.load_many(addresses)])
+        return self._views(keys)
+
+    def _views(self, keys: list[str]) -> Generator[memoryview | None, None, None]:
+        given = 0
+        values = self._reader.each(self._redis, keys)
         try:
-            views = self._reader.mget(self._redis, keys)
+            for view in values:
+                given += 1
+                yield view
         except (RedisError, OSError, ValueError) as exc:
-            self._failure(len(addresses), exc)
-            return [None] * len(addresses)
-        if views is None:  # a client the reader cannot read for (not a plain redis.Redis)
-            return [None if value is None else memoryview(value) for value in self.load_many(addresses)]
-        return views
+            self._failure(len(keys) - given, exc)
+            yield from [None] * (len(keys) - given)
+        finally:
+            values.close()  # stopped midway: the reader closes the connection, its rest unread
 
     def prepare_restores(self, max_bytes: int) -> None:
         """Before the first restore (the engine's start): connect, and size the reply buffer

@@ -4,7 +4,8 @@
 value) sent as it is, never copied into the packed command, and reads the replies in order.
 redis-py's pipeline took 0.1-0.2 ms more CPU for a 2-block store (its command stack, retry and
 event machinery, one ``sendall`` a buffer; docs/benchmarks.md), and its ``hiredis`` packer
-copies each value. ``MgetReader`` reads an ``MGET`` reply into one buffer, reused.
+copies each value. ``MgetReader`` reads an ``MGET`` reply into one buffer, reused, and hands
+over each value as soon as it is in.
 
 Both use a connection of the client's own pool (its login, TLS, timeouts): any error but a
 command's own error reply closes the connection, so the pool opens a fresh one next time.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -135,22 +136,34 @@ class MgetReader:
         if size > len(self._buffer):
             self._buffer = bytearray(size)  # zero-filled: every page is touched here
 
+    @staticmethod
+    def usable(client: Any) -> bool:
+        """Whether this reader can read for ``client`` (a plain ``redis.Redis``)."""
+        return type(client) is redis.Redis
+
     def mget(self, client: Any, keys: Sequence[str]) -> list[memoryview | None] | None:
         """The values of ``keys``; None when ``client`` is not one this reader can use."""
+        return list(self.each(client, keys)) if self.usable(client) else None
+
+    def each(self, client: Any, keys: Sequence[str]) -> Generator[memoryview | None, None, None]:
+        """The values of ``keys`` in order, each as soon as its bytes are in, so that the caller
+        works on one while the server still sends the next (a restore decrypts and copies a
+        block meanwhile). Views of the buffer, valid until the next call. ``client`` must be
+        ``usable``. An error, or a caller that stops before the end (the rest of the reply
+        unread), closes the connection."""
         with _pooled_socket(client) as pooled:
             if pooled is None:
-                return None
+                raise TypeError("MgetReader reads for a plain redis.Redis with a connected socket")
             connection, sock = pooled
             connection.send_command("MGET", *keys)
-            spans = self._read(sock, len(keys))
-        view = memoryview(self._buffer)
-        values = [None if span is None else view[span[0] : span[0] + span[1]] for span in spans]
+            for span in self._spans(sock, len(keys)):
+                yield None if span is None else memoryview(self._buffer)[span[0] : span[0] + span[1]]
         if len(self._buffer) > self.RETAINED_BYTES:
             self._buffer = bytearray(1 << 20)  # the views keep the large one alive meanwhile
-        return values
 
-    def _read(self, sock: Any, count: int) -> list[tuple[int, int] | None]:
-        """(offset, length) in the buffer of each value of an ``MGET`` reply of ``count``."""
+    def _spans(self, sock: Any, count: int) -> Iterator[tuple[int, int] | None]:
+        """(offset, length) in the buffer of each value of an ``MGET`` reply of ``count``, each
+        as soon as it is received; then the reply is checked to end there."""
         self._filled = 0
         self._pos = 0
         header = self._line(sock)
@@ -158,12 +171,11 @@ class MgetReader:
             raise ResponseError(header[1:].decode(errors="replace"))
         if header != b"*%d" % count:
             raise ValueError(f"an MGET of {count} keys answered {header[:32]!r}")
-        spans: list[tuple[int, int] | None] = []
         sized = False
         for index in range(count):
             line = self._line(sock)
             if line in (b"$-1", b"_"):
-                spans.append(None)
+                yield None
                 continue
             if line[:1] != b"$":
                 raise ValueError(f"an MGET value is not a bulk string: {line[:32]!r}")
@@ -174,11 +186,11 @@ class MgetReader:
             self._fill(sock, self._pos + length + 2)
             if self._buffer[self._pos + length : self._pos + length + 2] != b"\r\n":
                 raise ValueError("an MGET value does not end where its length says")
-            spans.append((self._pos, length))
+            start = self._pos
             self._pos += length + 2
+            yield start, length
         if self._filled != self._pos:
             raise ValueError("an MGET reply is followed by unexpected bytes")
-        return spans
 
     def _line(self, sock: Any) -> bytes:
         while True:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -318,16 +318,46 @@ def test_redis_restores_read_the_reply_into_one_reused_buffer(kv_redis: LocalRed
     for address, value in zip(addresses, values, strict=True):
         if address != addresses[4]:
             assert tier.store(address, value)
-    first = tier.load_views(addresses)
+    first = list(tier.load_views(addresses))
     assert [None if view is None else bytes(view) for view in first] == [*values[:4], None, values[5]]
-    second = tier.load_views(addresses[:2])
+    second = list(tier.load_views(addresses[:2]))
     assert [bytes(view or b"") for view in second] == values[:2]
     buffer: Any = second[0]
     assert buffer is not None and buffer.obj is tier._reader._buffer  # reused, not reallocated
     with pytest.raises(redis.ResponseError):  # MGET of no key: an error reply
         MgetReader().mget(client, [])
     assert client.ping() and client.mget([tier.redis_key(addresses[0])]) == [values[0]]
-    assert tier.load_views([addresses[3]]) == [memoryview(values[3])]
+    assert list(tier.load_views([addresses[3]])) == [memoryview(values[3])]
+
+
+@pytest.mark.redis
+def test_redis_values_are_handed_over_as_they_arrive_and_a_stop_midway_closes_the_connection(
+    kv_redis: LocalRedis,
+) -> None:
+    """A restore takes each value while Redis still sends the next: the first comes before the
+    reply's last byte was read (48 values of 1 MiB, more than a socket buffers). A reader
+    stopped midway closes its connection, whose unread rest would otherwise answer the pool's
+    next command."""
+    client = _client(kv_redis)
+    tier = RedisTier(client)
+    addresses = _addresses(48)
+    values = [bytes([index]) * (1 << 20) for index in range(len(addresses))]
+    for address, value in zip(addresses, values, strict=True):
+        assert tier.store(address, value)
+    reply_bytes = len(b"*48\r\n") + sum(len(b"$%d\r\n" % len(value)) + len(value) + 2 for value in values)
+    views = tier.load_views(addresses)
+    first = next(iter(views))
+    assert first is not None and bytes(first) == values[0]
+    # the rest still on its way: a socket buffers at most tcp_rmem's 32 MiB here, the reply is 48
+    assert tier._reader._filled < reply_bytes
+    assert [bytes(view or b"") for view in views] == values[1:]
+    assert tier.take_events() == []
+    stopped = tier.load_views(addresses)
+    assert isinstance(stopped, Generator) and bytes(next(stopped) or b"") == values[0]
+    stopped.close()  # the restore stopped here (an exception in the sink)
+    assert client.ping() and client.get(RedisTier.redis_key(addresses[1])) == values[1]
+    assert [bytes(view or b"") for view in tier.load_views(addresses[:3])] == values[:3]
+    tier.remove(addresses)  # 48 MiB out of the module's KV Redis (64 MiB)
 
 
 @pytest.mark.redis
