@@ -152,8 +152,8 @@ class MgetReader:
         ``usable``. An error, or a caller that stops before the end (the rest of the reply
         unread), closes the connection."""
         with _pooled_socket(client) as pooled:
-            if pooled is None:
-                raise TypeError("MgetReader reads for a plain redis.Redis with a connected socket")
+            if pooled is None:  # not usable, or a pooled connection without a socket
+                raise RedisConnectionError("no socket to read an MGET reply from")
             connection, sock = pooled
             connection.send_command("MGET", *keys)
             for span in self._spans(sock, len(keys)):
