@@ -83,11 +83,10 @@ class SchedulerOwner:
         call where a report and a view took two."""
         self._calls["exchange"] += 1
         before = self._owner.version
-        now_ms = _now_ms()
-        self._owner.report(report, now_ms)
+        view = self._owner.exchange(report, since_version, _now_ms())
         self._wake(before)
         self._count_beliefs()
-        return self._owner.view(report.gateway, since_version, now_ms)
+        return view
 
     async def stats(self) -> dict[str, int]:
         """The owner's version and how often the send-only belief was wrong (the bench's)."""

@@ -222,6 +222,12 @@ class ProfileOwner:
             self._apply(report.gateway, report.ops)
         return self.version
 
+    def exchange(self, report: Report, since_version: int, now_ms: int) -> View:
+        """One round of a gateway's link: its batch applied (``report``), then its view since
+        ``since_version`` (``view``), in one call."""
+        self.report(report, now_ms)
+        return self.view(report.gateway, since_version, now_ms)
+
     def engine_events(self, events: Sequence[KvEvent]) -> int:
         """Apply KV events from engine replicas (origin: the replica)."""
         if events:
@@ -312,6 +318,4 @@ class GatewayView(Protocol):
 def exchange(view: GatewayView, owner: ProfileOwner, now_ms: int) -> None:
     """One round of a gateway's link with an owner in the same process: report, then view (the
     Ray adapter does the same over an actor, off the request path)."""
-    report = view.take_report()
-    owner.report(report, now_ms)
-    view.apply_view(owner.view(report.gateway, view.version, now_ms))
+    view.apply_view(owner.exchange(view.take_report(), view.version, now_ms))
