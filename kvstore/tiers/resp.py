@@ -141,10 +141,6 @@ class MgetReader:
         """Whether this reader can read for ``client`` (a plain ``redis.Redis``)."""
         return type(client) is redis.Redis
 
-    def mget(self, client: Any, keys: Sequence[str]) -> list[memoryview | None] | None:
-        """The values of ``keys``; None when ``client`` is not one this reader can use."""
-        return list(self.each(client, keys)) if self.usable(client) else None
-
     def each(self, client: Any, keys: Sequence[str]) -> Generator[memoryview | None, None, None]:
         """The values of ``keys`` in order, each as soon as its bytes are in, so that the caller
         works on one while the server still sends the next (a restore decrypts and copies a

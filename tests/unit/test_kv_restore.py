@@ -325,7 +325,7 @@ def test_redis_restores_read_the_reply_into_one_reused_buffer(kv_redis: LocalRed
     buffer: Any = second[0]
     assert buffer is not None and buffer.obj is tier._reader._buffer  # reused, not reallocated
     with pytest.raises(redis.ResponseError):  # MGET of no key: an error reply
-        MgetReader().mget(client, [])
+        list(MgetReader().each(client, []))
     assert client.ping() and client.mget([tier.redis_key(addresses[0])]) == [values[0]]
     assert list(tier.load_views([addresses[3]])) == [memoryview(values[3])]
 
