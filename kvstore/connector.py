@@ -333,9 +333,15 @@ class ZumikKVConnector(KVConnectorBase_V1):
         self._usage_reported: Sequence[TierUsage] | None = None
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._load_errors: set[int] = set()
-        # scheduler side: per request, the addresses it may load and how many tokens that is
-        self._pending_loads: dict[str, list[BlockAddress]] = {}
+        # scheduler side: per request, the first block past vLLM's own hit and the addresses the
+        # tiers may give from there (the lookup's plan), then the load vLLM allocated blocks for
         self._load_plans: dict[str, tuple[int, list[BlockAddress]]] = {}
+        self._pending_loads: dict[str, _Transfer] = {}
+        # scheduler side: per request, its prompt's token ids (until it finishes), and the
+        # requests whose prompt is not all computed yet (a long prompt's prefill comes in
+        # chunks, one a step, and each chunk's full blocks are stored)
+        self._prompts: dict[str, Sequence[int]] = {}
+        self._prefilling: set[str] = set()
         # scheduler side: per request, the engine's own hit and what the tiers gave (zumik_kv)
         self._reuse: dict[str, dict[str, Any]] = {}
         self._planned_tiers: dict[str, dict[str, int]] = {}
@@ -398,11 +404,24 @@ class ZumikKVConnector(KVConnectorBase_V1):
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        plan = self._load_plans.pop(request.request_id, None)
-        planned = self._planned_tiers.pop(request.request_id, {})
+        """The load of a request vLLM accepted tokens from the tiers for, into the blocks it
+        allocated for them (``blocks``: all the request's blocks, vLLM's hit first). Named here,
+        not from the step's new requests: a request resumed after a preemption is not one of them
+        with vLLM's V1 model runner (the one CPU engines use), and a load left out would have
+        the engine take those blocks' stale contents for the prompt's KV."""
+        request_id = request.request_id
+        plan = self._load_plans.pop(request_id, None)
+        planned = self._planned_tiers.pop(request_id, {})
         if num_external_tokens > 0 and plan is not None:
-            self._pending_loads[request.request_id] = plan[1]
-            self._reuse.setdefault(request.request_id, {"engine_tokens": 0})["tiers"] = planned
+            first_block, addresses = plan
+            block_ids = blocks.get_block_ids()[0][first_block : first_block + len(addresses)]
+            if len(block_ids) != len(addresses):  # vLLM allocates every block it accepted
+                raise RuntimeError(
+                    f"request {request_id}: {len(addresses)} block(s) accepted from the tiers, "
+                    f"{len(block_ids)} allocated for them"
+                )
+            self._pending_loads[request_id] = _Transfer(request_id, list(block_ids), addresses)
+            self._reuse.setdefault(request_id, {"engine_tokens": 0})["tiers"] = planned
 
     def update_connector_output(self, connector_output: Any) -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
@@ -417,41 +436,68 @@ class ZumikKVConnector(KVConnectorBase_V1):
             entry["ms"] = round(entry.get("ms", 0.0) + report.seconds * 1000, 3)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta = ZumikConnectorMetadata()
+        """This step's loads (every request vLLM allocated tier blocks for, new or resumed) and
+        stores: the full prompt blocks each scheduled request computes in this step, the
+        first chunk of a new prompt, each later chunk of a long one, and a resumed request's
+        recomputed blocks (those the tiers already hold are not written again)."""
+        meta = ZumikConnectorMetadata(loads=list(self._pending_loads.values()))
+        self._pending_loads.clear()
+        scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             if new.req_id in self._bypassing:
                 continue
-            block_ids = new.block_ids[0]
-            addresses = self._pending_loads.pop(new.req_id, None)
-            if addresses:
-                first = new.num_computed_tokens // self._block_size - len(addresses)
-                first = max(first, 0)
-                meta.loads.append(_Transfer(new.req_id, block_ids[first : first + len(addresses)], addresses))
-            # Store the full prompt blocks this step computes; blocks before num_computed_tokens
-            # came from a cache (the engine's own or a tier) and are not stored again.
             token_ids = new.prompt_token_ids or ()
-            scheduled = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
-            computed_after = min(new.num_computed_tokens + scheduled, len(token_ids))
-            first_new = new.num_computed_tokens // self._block_size
-            full_blocks = min(computed_after // self._block_size, len(block_ids))
-            if full_blocks <= first_new:
-                continue
-            if new.req_id not in self._key_sources:
-                continue  # its keys were never derived: nothing is stored rather than misfiled
-            block_addresses = self._block_addresses(new.req_id, token_ids)
-            store = [
-                (block_ids[index], block_addresses[index])
-                for index in range(first_new, full_blocks)
-                if block_addresses[index] not in self._stored
-            ]
-            if store:
-                for _, address in store:
-                    self._stored[address] = None
-                while len(self._stored) > STORED_MEMORY_BLOCKS:
-                    self._stored.popitem(last=False)
-                meta.stores.append(_Transfer(new.req_id, [b for b, _ in store], [a for _, a in store]))
-        self._pending_loads.clear()
+            self._prompts[new.req_id] = token_ids
+            self._store_computed(meta, new.req_id, new.block_ids[0], new.num_computed_tokens,
+                                 scheduled.get(new.req_id, 0), token_ids)  # fmt: skip
+        cached = scheduler_output.scheduled_cached_reqs
+        resumed = cached.resumed_req_ids
+        if self._prefilling or resumed:  # else every cached request is decoding: nothing to store
+            block_state = scheduler_output.kv_connector_block_state
+            for index, request_id in enumerate(cached.req_ids):
+                if request_id not in self._prefilling and request_id not in resumed:
+                    continue
+                prompt = self._prompts.get(request_id)
+                block_ids = block_state.get_block_ids(request_id) if block_state is not None else None
+                if prompt is None or not block_ids:
+                    self._prefilling.discard(request_id)
+                    continue
+                self._store_computed(meta, request_id, block_ids[0], cached.num_computed_tokens[index],
+                                     scheduled.get(request_id, 0), prompt)  # fmt: skip
         return meta
+
+    def _store_computed(
+        self, meta: ZumikConnectorMetadata, request_id: str, block_ids: Sequence[int], num_computed: int,
+        num_scheduled: int, token_ids: Sequence[int],
+    ) -> None:  # fmt: skip
+        """Add to ``meta`` the stores of the full prompt blocks that ``request_id`` computes in
+        this step (from ``num_computed`` tokens on, ``num_scheduled`` more); blocks before
+        ``num_computed`` came from a cache (the engine's own or a tier) and are not stored
+        again, nor is a block this engine stored before."""
+        computed_after = min(num_computed + num_scheduled, len(token_ids))
+        if computed_after < len(token_ids):
+            self._prefilling.add(request_id)
+        else:
+            self._prefilling.discard(request_id)
+        first_new = num_computed // self._block_size
+        full_blocks = min(computed_after // self._block_size, len(block_ids))
+        if full_blocks <= first_new:
+            return
+        if request_id not in self._key_sources:
+            return  # its keys were never derived: nothing is stored rather than misfiled
+        block_addresses = self._block_addresses(request_id, token_ids)
+        store = [
+            (block_ids[index], block_addresses[index])
+            for index in range(first_new, full_blocks)
+            if block_addresses[index] not in self._stored
+        ]
+        if not store:
+            return
+        for _, address in store:
+            self._stored[address] = None
+        while len(self._stored) > STORED_MEMORY_BLOCKS:
+            self._stored.popitem(last=False)
+        meta.stores.append(_Transfer(request_id, [b for b, _ in store], [a for _, a in store]))
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         events = self._manager.take_events()
@@ -483,6 +529,9 @@ class ZumikKVConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._key_sources.pop(request.request_id, None)
         self._addresses.pop(request.request_id, None)
+        self._prompts.pop(request.request_id, None)
+        self._prefilling.discard(request.request_id)
+        self._pending_loads.pop(request.request_id, None)
         self._bypassing.discard(request.request_id)
         self._load_plans.pop(request.request_id, None)
         self._planned_tiers.pop(request.request_id, None)

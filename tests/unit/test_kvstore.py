@@ -277,10 +277,8 @@ def test_connector_keys_adapter_requests_apart_and_bypasses_unnamed_adapters(tmp
         SimpleNamespace(req_id=rid, block_ids=([0, 1, 2, 3],), prompt_token_ids=tokens, num_computed_tokens=0)
         for rid in ("lora", "unnamed", "base")
     ]
-    output = SimpleNamespace(
-        scheduled_new_reqs=scheduled, num_scheduled_tokens={"lora": 100, "unnamed": 100, "base": 100}
-    )
-    meta = connector.build_connector_meta(output)  # type: ignore[arg-type]
+    output = _step(scheduled, scheduled={"lora": 100, "unnamed": 100, "base": 100})
+    meta = connector.build_connector_meta(output)
     assert [store.request_id for store in meta.stores] == ["lora", "base"]
     lora_keys, base_keys = ({a.key for a in store.addresses} for store in meta.stores)
     assert len(lora_keys) == len(base_keys) == 3 and not lora_keys & base_keys
@@ -302,9 +300,33 @@ def _scheduler_side(manager: TierManager) -> typing.Any:
         _shard_digests=["s" * 64], _key_sources={}, _adapter_fingerprints={}, _writer=None,
         _usage_reported=None, _connector_metadata=None,
         _addresses={}, _reuse={}, _bypassing=set(), _bypassed={}, _pending_loads={}, _load_plans={},
-        _planned_tiers={}, _stored=OrderedDict(),
+        _planned_tiers={}, _stored=OrderedDict(), _prompts={}, _prefilling=set(),
     )  # fmt: skip
     return connector
+
+
+def _step(
+    new: list[typing.Any] = (), cached: typing.Sequence[tuple[str, int]] = (),  # type: ignore[assignment]
+    resumed: typing.AbstractSet[str] = frozenset(), scheduled: dict[str, int] | None = None,
+    blocks: dict[str, list[int]] | None = None,
+) -> typing.Any:  # fmt: skip
+    """A vLLM ``SchedulerOutput`` of one step, as the connector reads it: the new requests, the
+    running ones (``cached``: id and tokens computed before the step, ``resumed``: those vLLM's
+    V1 model runner resumes after a preemption), tokens scheduled per request, and the block ids
+    the scheduler's block state resolves per request."""
+    from types import SimpleNamespace
+
+    tables = blocks or {}
+    return SimpleNamespace(
+        scheduled_new_reqs=list(new), num_scheduled_tokens=scheduled or {},
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[rid for rid, _ in cached], num_computed_tokens=[computed for _, computed in cached],
+            resumed_req_ids=set(resumed),
+        ),
+        kv_connector_block_state=SimpleNamespace(
+            get_block_ids=lambda rid: (tables[rid],) if rid in tables else None
+        ),
+    )  # fmt: skip
 
 
 def test_connector_looks_in_the_tiers_only_past_the_engines_own_hit(tmp_path: Path) -> None:
@@ -362,9 +384,7 @@ def test_a_block_the_tiers_lost_is_stored_again_and_one_they_hold_is_not(tmp_pat
         new = SimpleNamespace(
             req_id=rid, block_ids=([0, 1, 2, 3],), prompt_token_ids=tokens, num_computed_tokens=computed
         )
-        meta = connector.build_connector_meta(
-            SimpleNamespace(scheduled_new_reqs=[new], num_scheduled_tokens={rid: len(tokens) - computed})
-        )
+        meta = connector.build_connector_meta(_step([new], scheduled={rid: len(tokens) - computed}))
         return [address for store in meta.stores for address in store.addresses]
 
     assert stored_by("first", 0) == addresses  # its stores never land (the queue dropped them)
@@ -378,6 +398,91 @@ def test_a_block_the_tiers_lost_is_stored_again_and_one_they_hold_is_not(tmp_pat
     for address in addresses[1:]:
         host.store(address, _value(address))
     assert stored_by("after", 32) == []  # held again: nothing is written twice
+
+
+def test_each_chunk_of_a_long_prompt_stores_the_full_blocks_it_computes(tmp_path: Path) -> None:
+    """vLLM prefills a prompt longer than a step's token budget in chunks, one a step: the first
+    comes as a new request, the rest as a running one. Every chunk's full blocks are stored;
+    once the prompt is computed (decoding) the request costs the step nothing."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from kvstore.keys import scope_id, seed_from_digest
+
+    connector = _scheduler_side(TierManager([SharedMemoryTier(tmp_path / "shm", 1 << 24)]))
+    tokens = list(range(200))  # 6 full blocks and 8 tokens
+    keys = chain_block_keys(tokens, 32, seed_from_digest(COMPAT.digest(), "s"))
+    addresses = [BlockAddress("s" * 64, key, scope_id("s")) for key in keys]
+    request = SimpleNamespace(request_id="long", cache_salt="s", prompt_token_ids=tokens, lora_request=None)
+    assert connector.get_num_new_matched_tokens(request, 0) == (0, False)
+    table = list(range(10, 17))  # the request's blocks as vLLM allocates them: all 7 by the end
+
+    def stored(meta: typing.Any) -> list[tuple[list[int], list[BlockAddress]]]:
+        return [(store.block_ids, store.addresses) for store in meta.stores]
+
+    new = SimpleNamespace(
+        req_id="long", block_ids=(table[:2],), prompt_token_ids=tokens, num_computed_tokens=0
+    )
+    first = connector.build_connector_meta(_step([new], scheduled={"long": 64}))
+    assert stored(first) == [([10, 11], addresses[0:2])]
+    blocks = {"long": table[:4]}
+    second = connector.build_connector_meta(
+        _step(cached=[("long", 64)], scheduled={"long": 64}, blocks=blocks)
+    )
+    assert stored(second) == [([12, 13], addresses[2:4])]  # the old connector stored nothing here
+    blocks = {"long": table}
+    last = connector.build_connector_meta(
+        _step(cached=[("long", 128)], scheduled={"long": 72}, blocks=blocks)
+    )
+    assert stored(last) == [([14, 15], addresses[4:6])]  # up to 200 tokens: blocks 4-5 are full
+    assert "long" not in connector._prefilling
+    decoding = connector.build_connector_meta(
+        _step(cached=[("long", 200)], scheduled={"long": 1}, blocks=blocks)
+    )
+    assert stored(decoding) == [] and decoding.loads == []
+
+
+def test_a_request_resumed_after_a_preemption_loads_what_the_tiers_hold_into_its_new_blocks(
+    tmp_path: Path,
+) -> None:
+    """The load of a request vLLM accepted tier tokens for goes into the blocks it allocated for
+    them, whether the request is new or resumed after a preemption: vLLM's V1 model runner (the
+    CPU engines') sends a resumed request as a running one, and a load left out then would have
+    the engine take those blocks' stale contents for the prompt's KV."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from kvstore.keys import scope_id, seed_from_digest
+
+    host = SharedMemoryTier(tmp_path / "shm", 1 << 24)
+    connector = _scheduler_side(TierManager([host]))
+    tokens = list(range(100))  # 3 full blocks, all loadable
+    keys = chain_block_keys(tokens, 32, seed_from_digest(COMPAT.digest(), "s"))
+    addresses = [BlockAddress("s" * 64, key, scope_id("s")) for key in keys]
+    for address in addresses:
+        host.store(address, _value(address))
+    request = SimpleNamespace(request_id="r", cache_salt="s", prompt_token_ids=tokens, lora_request=None)
+
+    def allocated(ids: list[int]) -> typing.Any:  # vLLM's KVCacheBlocks: the request's blocks
+        return SimpleNamespace(get_block_ids=lambda: (ids,))
+
+    # First scheduled as a new request, vLLM's own cache holding block 0: blocks 1-2 load.
+    assert connector.get_num_new_matched_tokens(request, 32) == (64, False)
+    connector.update_state_after_alloc(request, allocated([3, 4, 5, 6]), 64)  # type: ignore[arg-type]
+    new = SimpleNamespace(
+        req_id="r", block_ids=([3, 4, 5, 6],), prompt_token_ids=tokens, num_computed_tokens=96
+    )
+    meta = connector.build_connector_meta(_step([new], scheduled={"r": 4}))
+    assert [(load.block_ids, load.addresses) for load in meta.loads] == [([4, 5], addresses[1:])]
+    # Preempted (its blocks freed and reused), then resumed with new blocks and nothing cached by
+    # vLLM: all three load, into the blocks allocated now, though the request is not a new one.
+    assert connector.get_num_new_matched_tokens(request, 0) == (96, False)
+    connector.update_state_after_alloc(request, allocated([8, 2, 9, 7]), 96)  # type: ignore[arg-type]
+    resumed = _step(cached=[("r", 96)], resumed={"r"}, scheduled={"r": 4}, blocks={"r": [8, 2, 9, 7]})
+    meta = connector.build_connector_meta(resumed)
+    assert [(load.block_ids, load.addresses) for load in meta.loads] == [([8, 2, 9], addresses)]
+    assert meta.stores == []  # the tiers hold its blocks: nothing is written twice
+    assert connector.build_connector_meta(_step(cached=[("r", 100)], scheduled={"r": 1})).loads == []
 
 
 def test_connector_per_layer_hooks_are_skipped_in_a_step_with_nothing_to_load_or_store() -> None:
