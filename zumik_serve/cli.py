@@ -200,10 +200,11 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated, of no_reuse, shared_prefix, agent_sessions, mooncake",
     )  # fmt: skip
     routing.add_argument(
-        "--open-loop-load", type=float, default=0.0,
+        "--open-loop-load", default="",
         help="also send fresh prompts of each reuse workload open loop (Poisson arrivals) to rr-cache "
         "and zumik side by side, together at this multiple of the request rate rr-cache sustained "
-        "in closed loop (needs rr-cache first and zumik; 0: off)",
+        "in closed loop; several, comma-separated (e.g. 1.2,1.6,2.4), sweep the load (needs "
+        "rr-cache first and zumik; empty or 0: off)",
     )  # fmt: skip
     routing.add_argument("--scaling-requests", type=int, default=4000, help="at most, for the scaling arm")
     routing.add_argument("--scaling-phase-requests", type=int, default=120, help="steady and after phases")

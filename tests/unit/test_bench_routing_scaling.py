@@ -19,6 +19,8 @@ from zumik_serve.bench.routing import (
     arrival_offsets,
     figures,
     ideal_cached,
+    open_loop_loads,
+    open_sweep_table,
     plot_routing,
     pooled_ideal,
     shared_prefix,
@@ -131,6 +133,51 @@ def test_open_loop_results_have_their_own_ratio_and_leave_the_closed_loop_figure
     assert rows["shared_prefix"]["ttft_p90_ratio"] == pytest.approx(2.0)
     assert rows["shared_prefix"]["ttft_p90_ratio_open"] == pytest.approx(8.0)
     assert rows["shared_prefix"]["open_rate_per_s"] == 2.0
+
+
+def test_an_open_loop_sweep_is_judged_at_the_lowest_load_that_saturates_the_baselines_group(
+    tmp_path: Path,
+) -> None:
+    def arm(name: str, *, load: float, p90: float, wall: float) -> ArmResult:
+        # 10 requests offered at 2 req/s per unit of load: answered in 5 s / load when keeping up
+        return ArmResult(
+            name, "agent_sessions", 10, 1000, 500, 900, 10.0, p90, wall, None, "open", 2.0 * load, load=load
+        )
+
+    results = [  # the baseline keeps up at load 1, not at 2 nor at 3; Zumik's group up to 2
+        arm("rr-cache", load=1.0, p90=300.0, wall=5.2), arm("zumik", load=1.0, p90=150.0, wall=5.1),
+        arm("rr-cache", load=2.0, p90=1200.0, wall=4.0), arm("zumik", load=2.0, p90=200.0, wall=2.6),
+        arm("rr-cache", load=3.0, p90=3000.0, wall=4.5), arm("zumik", load=3.0, p90=600.0, wall=2.5),
+    ]  # fmt: skip
+    assert [r.saturated for r in results] == [False, False, True, False, True, True]
+    closed = [
+        ArmResult(arm, "agent_sessions", 10, 1000, 500, 900, 10.0, 50.0, 5.0) for arm in ("rr-cache", "zumik")
+    ]
+    assert closed[0].saturated is None  # a closed loop is offered no rate
+    row = figures([*closed, *results])["agent_sessions"]
+    assert [point["load"] for point in row["open_sweep"]] == [1.0, 2.0, 3.0]
+    assert [point["ttft_p90_ratio"] for point in row["open_sweep"]] == pytest.approx([2.0, 6.0, 5.0])
+    assert row["ttft_p90_ratio_open"] == pytest.approx(6.0) and row["open_load"] == 2.0
+    assert row["open_rate_per_s"] == 4.0 and row["open_baseline_saturated"] is True
+    # A sweep the baseline kept up with all along: judged at its highest load, said unsaturated.
+    kept_up = figures([*closed, *results[:2]])["agent_sessions"]
+    assert (
+        kept_up["ttft_p90_ratio_open"] == pytest.approx(2.0) and kept_up["open_baseline_saturated"] is False
+    )
+    summary = {"baseline": "rr-cache", "figures": {"agent_sessions": row}}
+    table = open_sweep_table(summary)
+    assert table is not None and table.row_count == 3
+    assert open_sweep_table({"figures": {"agent_sessions": {"open_sweep": []}}}) is None  # no open loop
+    plot_routing({"results": [result.to_json() for result in results]}, tmp_path / "routing.png")
+    assert (tmp_path / "routing.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_open_loop_loads_are_one_multiple_or_a_sweep() -> None:
+    assert open_loop_loads("1.6") == [1.6] and open_loop_loads("2.4,1.2,1.6") == [1.2, 1.6, 2.4]
+    assert open_loop_loads("") == [] == open_loop_loads("0") == open_loop_loads(None)
+    for wrong in ("fast", "1.2,-1"):
+        with pytest.raises(SystemExit, match="--open-loop-load"):
+            open_loop_loads(wrong)
 
 
 def test_side_by_side_results_have_their_own_ratios_and_plot(tmp_path: Path) -> None:

@@ -95,6 +95,10 @@ CHAT_SESSION_MAX_PROMPT_TOKENS = 1400  # --api chat: its conversations' ids stay
 BENCH_MAX_QUEUED = 100_000  # the standard class's queue in each arm's gateways: never full
 BENCH_QUEUE_TIMEOUT_S = 600.0  # the longest a profile allows
 AGENT_SESSIONS = 12  # agent_sessions' working set: more than a replica's KV, less than the group's
+# An open-loop arm that answered below this share of the rate it was offered is saturated: one
+# that keeps up ends within its last requests' latency of the last arrival (about 0.95 of the
+# offered rate on the bench's runs of 15-20 s), one that cannot ends at its own, lower rate.
+SATURATED_BELOW = 0.9
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,23 @@ class ArmResult:
     # this workload, and how many found the record wrong; None: the arm has no owner
     belief_checked: int | None = None
     belief_wrong: int | None = None
+    # open loop: the load offered to the machine, as a multiple of the request rate Serve's
+    # balancing sustained alone in closed loop (``--open-loop-load``; half of it to each arm)
+    load: float | None = None
+
+    @property
+    def achieved_per_s(self) -> float:
+        """Requests answered per second over the arm's whole run."""
+        return self.requests / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def saturated(self) -> bool | None:
+        """Open loop: the group fell behind the load it was offered (it answered at a rate below
+        ``SATURATED_BELOW`` of the offered one, so its backlog grew while requests arrived);
+        None in a closed loop, which has no offered rate."""
+        if self.arrival != "open" or not self.rate_per_s:
+            return None
+        return self.achieved_per_s < SATURATED_BELOW * self.rate_per_s
 
     @property
     def pooled_capture(self) -> float | None:
@@ -152,7 +173,7 @@ class ArmResult:
             hit_ratio=self.hit_ratio, ideal_ratio=self.ideal_ratio,
             capture_efficiency=self.capture_efficiency, prefill_tokens=self.prefill_tokens,
             pooled_capture=self.pooled_capture,
-            tokens_per_s=self.tokens_per_s,
+            tokens_per_s=self.tokens_per_s, achieved_per_s=self.achieved_per_s, saturated=self.saturated,
         )  # fmt: skip
         return data
 
@@ -367,6 +388,22 @@ async def stream_completion(
     return await stream_first_chunk(client, "/v1/completions", body, what=what)
 
 
+def open_loop_loads(spec: str | float | None) -> list[float]:
+    """``--open-loop-load``: one multiple of Serve's closed-loop rate or several, comma-separated
+    (a sweep), in increasing order; none (empty, or 0) turns the open loop off."""
+    if spec is None or isinstance(spec, (int, float)):
+        return [float(spec)] if spec else []
+    try:
+        loads = sorted({float(part) for part in spec.split(",") if part.strip()})
+    except ValueError:
+        raise SystemExit(
+            f"--open-loop-load takes numbers, comma-separated (e.g. 1.2,1.6,2.4), not {spec!r}"
+        ) from None
+    if any(load < 0 for load in loads):
+        raise SystemExit(f"--open-loop-load: a load is a positive multiple, not {spec!r}")
+    return [load for load in loads if load > 0]
+
+
 def arrival_offsets(rate_per_s: float, count: int, seed: int) -> list[float]:
     """Seconds from the start at which an open-loop client sends each of ``count`` requests: a
     Poisson process of ``rate_per_s`` (exponential gaps), the same for every arm given ``seed``."""
@@ -528,20 +565,21 @@ def run_routing_bench(args: Any, console: Any) -> int:
                          f"choose among {', '.join(WORKLOADS)}")  # fmt: skip
     workloads = {name: prompts for name, prompts in workloads.items() if name in chosen}
     # Open loop: fresh prompts of the same shapes, sent to rr-cache and zumik side by side
-    # (``_run_side_by_side``) at ``open_loop_load`` x the request rate Serve's balancing
-    # sustained on them in closed loop, shared by the two arms.
-    open_load = float(getattr(args, "open_loop_load", 0.0) or 0.0)
-    open_workloads = (
-        {
+    # (``_run_side_by_side``) at each load of ``--open-loop-load`` x the request rate Serve's
+    # balancing sustained on them in closed loop, shared by the two arms; each load its own
+    # prompts, so that no load hits the blocks an earlier one left.
+    open_loads = open_loop_loads(getattr(args, "open_loop_load", None))
+    open_workloads = {
+        load: {
             name: prompts
             for name, prompts in make_workloads(
-                args.seed + 1000, args.scale, block_size, trace, mooncake_requests=args.mooncake_requests
+                args.seed + 1000 + 100 * index, args.scale, block_size, trace,
+                mooncake_requests=args.mooncake_requests,
             ).items()
             if name in workloads and name != "no_reuse"
         }
-        if open_load > 0
-        else {}
-    )
+        for index, load in enumerate(open_loads)
+    }  # fmt: skip
     serve_rates: dict[str, float] = {}
     cpu_ms: dict[str, dict[str, dict[str, float]]] = {}  # workload -> arm -> component -> ms/request
     warmup = no_reuse(random.Random(args.seed + 2000), max(1, args.concurrency // 2))
@@ -622,7 +660,7 @@ def run_routing_bench(args: Any, console: Any) -> int:
                     owners[arm] = owner_stats(APP_NAME)
             if pair is not None and stack is not None:
                 results.extend(_run_side_by_side(
-                    stack, dev_key, shape, pair, workloads, open_workloads, serve_rates, open_load,
+                    stack, dev_key, shape, pair, workloads, open_workloads, serve_rates,
                     args, block_size, console,
                     chats={name: messages for name, (messages, _) in chats.items()} if chat else None,
                 ))  # fmt: skip
@@ -647,7 +685,8 @@ def run_routing_bench(args: Any, console: Any) -> int:
         "cpu_ms_per_request": cpu_ms,
         "open_loop": (
             f"rr-cache and zumik side by side on fresh engines, the same arrivals, each at "
-            f"{open_load}/2 x rr-cache's closed-loop rate" if open_workloads else None
+            f"load/2 x rr-cache's closed-loop rate, loads {', '.join(f'{load:g}' for load in open_loads)}"
+            if open_workloads else None
         ),
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
@@ -684,6 +723,9 @@ def run_routing_bench(args: Any, console: Any) -> int:
     console.print(table)
     console.print(timing_table(decisions, token_decisions))
     console.print(figures_table(summary))
+    sweep_table = open_sweep_table(summary)
+    if sweep_table is not None:
+        console.print(sweep_table)
     for workload, by_arm in cpu_ms.items():
         cpu_table = Table(title=f"CPU ms per request by component, {workload} (closed loop)")
         for column in ("component", *by_arm):
@@ -719,8 +761,8 @@ def with_beliefs(result: ArmResult, before: dict[str, int] | None, after: dict[s
 
 def _run_side_by_side(
     stack: Any, dev_key: str, shape: dict[str, Any], pair: tuple[str, str],
-    workloads: dict[str, list[list[int]]], open_workloads: dict[str, list[list[int]]],
-    serve_rates: dict[str, float], load: float, args: Any, block_size: int, console: Any,
+    workloads: dict[str, list[list[int]]], open_workloads: dict[float, dict[str, list[list[int]]]],
+    serve_rates: dict[str, float], args: Any, block_size: int, console: Any,
     chats: dict[str, list[Messages]] | None = None,
 ) -> list[ArmResult]:  # fmt: skip
     """The two arms of ``pair`` (``side_by_side_pair``: a baseline, then ``zumik``) served side
@@ -728,10 +770,11 @@ def _run_side_by_side(
     ``x-zumik-profile`` choosing), each workload sent to both arms at once. Arms run one after
     the other meet different loads from the rest of the machine; run together, both meet the
     same. Closed loop: ``workloads``, ``concurrency`` clients per arm, each request as its
-    conversation in ``chats`` when given (``--api chat``). Open loop (baseline ``rr-cache``):
-    ``open_workloads``' arrivals at the same instants in both arms, each offered half of
-    ``load`` x rr-cache's closed-loop rate (``serve_rates``; the two share the machine), so the
-    machine as a whole gets ``load`` x what Serve's balancing sustained alone."""
+    conversation in ``chats`` when given (``--api chat``). Open loop (baseline ``rr-cache``), at
+    each load of ``open_workloads`` (load -> its own prompts) from the lowest: arrivals at the
+    same instants in both arms, each offered half of the load x rr-cache's closed-loop rate
+    (``serve_rates``; the two share the machine), so the machine as a whole gets the load x what
+    Serve's balancing sustained alone."""
     from ray import serve
     from rich.progress import Progress
 
@@ -763,18 +806,24 @@ def _run_side_by_side(
         )  # fmt: skip
 
     def measured_both(
-        workload: str, prompts: list[list[int]], arrivals: list[float] | None, on_request: Callable[[], None]
-    ) -> list[ArmResult]:
+        workload: str, prompts: list[list[int]], arrivals: list[float] | None, on_request: Callable[[], None],
+        load: float | None = None,
+    ) -> list[ArmResult]:  # fmt: skip
         before = beliefs()
         measured = asyncio.run(both(workload, prompts, arrivals, on_request))
         after = beliefs()
-        return [with_beliefs(result, before[result.arm], after[result.arm]) for result in measured]
+        return [
+            replace(with_beliefs(result, before[result.arm], after[result.arm]), load=load)
+            for result in measured
+        ]
 
     warmup = no_reuse(random.Random(args.seed + 3000), max(1, args.concurrency // 2))
     asyncio.run(both("warmup", warmup, None, lambda: None))  # fresh engines, not counted
     results: list[ArmResult] = []
     with Progress(console=console, transient=True) as progress:
-        total = len(pair) * sum(len(p) for runs in (workloads, open_workloads) for p in runs.values())
+        total = len(pair) * sum(
+            len(p) for runs in (workloads, *open_workloads.values()) for p in runs.values()
+        )
         task = progress.add_task(f"{baseline} + {zumik}, side by side", total=total)
         advance = functools.partial(progress.advance, task)
         for workload, prompts in workloads.items():
@@ -786,20 +835,23 @@ def _run_side_by_side(
                     f"ttft p90 {result.ttft_p90_ms:.0f} ms, {result.tokens_per_s:.0f} tok/s"
                     f"{_belief_note(result)}"
                 )
-            opened = open_workloads.get(workload)
-            if opened is None:
-                continue
-            rate = load * serve_rates[workload] / len(pair)
-            measured = measured_both(
-                workload, opened, arrival_offsets(rate, len(opened), seed=args.seed), advance
-            )
-            results.extend(measured)
-            for result in measured:
-                console.log(
-                    f"{result.arm:>10} {workload:<15} open loop at {rate:.2f} req/s, side by side: "
-                    f"hit {result.hit_ratio:.3f} ttft p90 {result.ttft_p90_ms:.0f} ms, "
-                    f"{result.held_turns} turns held for their previous answer"
+            for load, opened_workloads in open_workloads.items():
+                opened = opened_workloads.get(workload)
+                if opened is None:
+                    continue
+                rate = load * serve_rates[workload] / len(pair)
+                measured = measured_both(
+                    workload, opened, arrival_offsets(rate, len(opened), seed=args.seed), advance, load
                 )
+                results.extend(measured)
+                for result in measured:
+                    console.log(
+                        f"{result.arm:>10} {workload:<15} open loop at {rate:.2f} req/s (load {load:g}), "
+                        f"side by side: hit {result.hit_ratio:.3f} ttft p90 {result.ttft_p90_ms:.0f} ms, "
+                        f"answered {result.achieved_per_s:.2f} req/s"
+                        f"{' (saturated)' if result.saturated else ''}, "
+                        f"{result.held_turns} turns held for their previous answer"
+                    )
     return results
 
 
@@ -864,25 +916,35 @@ def _row_label(result: ArmResult) -> str:
     label = result.workload
     if result.arrival == "open":
         label += f", open loop at {result.rate_per_s:.2f} req/s"
+        label += f" (load {result.load:g})" if result.load is not None else ""
+        label += ", saturated" if result.saturated else ""
     return label + (", side by side" if result.side_by_side else "")
 
 
-def figures(results: list[ArmResult], *, baseline: str = "rr-cache") -> dict[str, dict[str, float | None]]:
+def figures(results: list[ArmResult], *, baseline: str = "rr-cache") -> dict[str, dict[str, Any]]:
     """Issue #17's figures per workload, Zumik against ``baseline`` in the same run (Serve's
     balancing with prefix caching, or with ``--api chat`` the text keys for chat:
     ``side_by_side_pair``): capture efficiency, TTFT p90 ratio (the baseline's / Zumik's, higher
     is better for Zumik) and throughput ratio (Zumik's / the baseline's); from the arms one after
     the other, and from the arms side by side (``_run_side_by_side``: closed loop, and the open
-    loop)."""
+    loop at each load, ``open_sweep``). The open loop's headline is its ratio at the lowest load
+    that saturated the baseline's group (the issue's "a load that saturates the group"), else at
+    the highest load run, marked unsaturated."""
     by = {(r.arm, r.workload): r for r in results if r.arrival == "closed" and not r.side_by_side}
     paired = {(r.arm, r.workload): r for r in results if r.arrival == "closed" and r.side_by_side}
-    opened = {(r.arm, r.workload): r for r in results if r.arrival == "open"}
-    out: dict[str, dict[str, float | None]] = {}
+    opened: dict[tuple[str, str], list[ArmResult]] = {}
+    for result in results:
+        if result.arrival == "open":
+            opened.setdefault((result.arm, result.workload), []).append(result)
+    out: dict[str, dict[str, Any]] = {}
     for (arm, workload), zumik in by.items():
         if arm != "zumik":
             continue
         serve = by.get((baseline, workload))
-        serve_open, zumik_open = opened.get((baseline, workload)), opened.get(("zumik", workload))
+        sweep = open_sweep(opened.get((baseline, workload), []), opened.get(("zumik", workload), []))
+        headline = next(
+            (point for point in sweep if point["baseline_saturated"]), sweep[-1] if sweep else None
+        )
         serve_paired, zumik_paired = paired.get((baseline, workload)), paired.get(("zumik", workload))
         out[workload] = {
             "ttft_p90_ratio_side_by_side": (
@@ -893,10 +955,11 @@ def figures(results: list[ArmResult], *, baseline: str = "rr-cache") -> dict[str
                 if serve_paired and zumik_paired and zumik_paired.wall_s and serve_paired.wall_s
                 else None
             ),
-            "ttft_p90_ratio_open": (
-                serve_open.ttft_p90_ms / zumik_open.ttft_p90_ms if serve_open and zumik_open else None
-            ),
-            "open_rate_per_s": zumik_open.rate_per_s if zumik_open else None,
+            "ttft_p90_ratio_open": headline["ttft_p90_ratio"] if headline else None,
+            "open_rate_per_s": headline["rate_per_s"] if headline else None,
+            "open_load": headline["load"] if headline else None,
+            "open_baseline_saturated": headline["baseline_saturated"] if headline else None,
+            "open_sweep": sweep,
             "capture_efficiency": zumik.capture_efficiency,
             "pooled_capture": zumik.pooled_capture,
             "baseline_pooled_capture": serve.pooled_capture if serve else None,
@@ -906,6 +969,26 @@ def figures(results: list[ArmResult], *, baseline: str = "rr-cache") -> dict[str
             ),
         }  # fmt: skip
     return out
+
+
+def open_sweep(baseline: list[ArmResult], zumik: list[ArmResult]) -> list[dict[str, Any]]:
+    """The open loop's points, the two arms' results at the same load paired, lowest rate first:
+    the offered rate per arm, what each arm answered per second, whether each saturated, and
+    the TTFT p90 ratio (the baseline's / Zumik's)."""
+    zumik_at = {(r.load, r.rate_per_s): r for r in zumik}
+    points = []
+    for serve in sorted(baseline, key=lambda r: r.rate_per_s or 0.0):
+        ours = zumik_at.get((serve.load, serve.rate_per_s))
+        if ours is None:
+            continue
+        points.append({
+            "load": serve.load, "rate_per_s": serve.rate_per_s,
+            "ttft_p90_ratio": serve.ttft_p90_ms / ours.ttft_p90_ms if ours.ttft_p90_ms else None,
+            "baseline_ttft_p90_ms": serve.ttft_p90_ms, "zumik_ttft_p90_ms": ours.ttft_p90_ms,
+            "baseline_achieved_per_s": serve.achieved_per_s, "zumik_achieved_per_s": ours.achieved_per_s,
+            "baseline_saturated": serve.saturated, "zumik_saturated": ours.saturated,
+        })  # fmt: skip
+    return points
 
 
 def figures_table(summary: dict[str, Any]) -> Any:
@@ -927,6 +1010,10 @@ def figures_table(summary: dict[str, Any]) -> Any:
         pooled = f"{cell(row['pooled_capture'])} ({cell(row['baseline_pooled_capture'])})"
         ratio_open = row.get("ttft_p90_ratio_open")
         opened = "-" if ratio_open is None else f"{ratio_open:.2f} at {row['open_rate_per_s']:.2f}"
+        if ratio_open is not None:
+            opened += (
+                f" ({baseline}'s group {'saturated' if row['open_baseline_saturated'] else 'NOT saturated'})"
+            )
         table.add_row(workload, cell(row["capture_efficiency"]), pooled, cell(row["ttft_p90_ratio"]),
                       cell(row["throughput_ratio"]), cell(row.get("ttft_p90_ratio_side_by_side")),
                       cell(row.get("throughput_ratio_side_by_side")), opened)  # fmt: skip
@@ -937,6 +1024,38 @@ def figures_table(summary: dict[str, Any]) -> Any:
             f"scaling ({'scaled' if scaling['scaled'] else 'NOT scaled'}, "
             f"{len(scaling['failures'])} failed of {result['requests']})",
             cell(result["capture_efficiency"]) + " (goal >= 0.9)", "-", "-", "-", "-", "-", "-",
+        )  # fmt: skip
+    return table
+
+
+def open_sweep_table(summary: dict[str, Any]) -> Any | None:
+    """The open loop at each load, side by side (None: no open loop ran)."""
+    from rich.table import Table
+
+    baseline = summary.get("baseline", "rr-cache")
+    rows = [
+        (workload, point)
+        for workload, row in summary["figures"].items()
+        for point in row.get("open_sweep") or ()
+    ]
+    if not rows:
+        return None
+    table = Table(title=f"Open loop, side by side: Zumik against {baseline} at each load")
+    for column in ("workload", "load", "offered req/s per arm", f"answered req/s: {baseline} / zumik",
+                   f"TTFT p90 ms: {baseline} / zumik", "TTFT p90 ratio (>= 3 where saturated)"):  # fmt: skip
+        table.add_column(column)
+
+    def answered(rate: float, saturated: bool | None) -> str:
+        return f"{rate:.2f}{' (saturated)' if saturated else ''}"
+
+    for workload, point in rows:
+        ratio = point["ttft_p90_ratio"]
+        table.add_row(
+            workload, "-" if point["load"] is None else f"{point['load']:g}", f"{point['rate_per_s']:.2f}",
+            f"{answered(point['baseline_achieved_per_s'], point['baseline_saturated'])} / "
+            f"{answered(point['zumik_achieved_per_s'], point['zumik_saturated'])}",
+            f"{point['baseline_ttft_p90_ms']:.0f} / {point['zumik_ttft_p90_ms']:.0f}",
+            "-" if ratio is None else f"{ratio:.2f}",
         )  # fmt: skip
     return table
 
@@ -958,20 +1077,25 @@ def plot_routing(summary: dict[str, Any], path: Path) -> None:
     arms = list(dict.fromkeys(r["arm"] for r in results))
     fig, axes = plt.subplots(1, 3 if opened else 2, figsize=(18 if opened else 12, 4))
     left, right = axes[0], axes[1]
-    if opened:
-        open_workloads = list(dict.fromkeys(r["workload"] for r in opened))
-        open_arms = list(dict.fromkeys(r["arm"] for r in opened))
-        open_width = 0.8 / len(open_arms)
-        for offset, arm in enumerate(open_arms):
-            rows = {r["workload"]: r for r in opened if r["arm"] == arm}
-            xs = [index + offset * open_width for index in range(len(open_workloads))]
-            axes[2].bar(xs, [rows[w]["ttft_p90_ms"] if w in rows else 0 for w in open_workloads],
-                        open_width, label=arm)  # fmt: skip
-        middle = open_width * (len(open_arms) - 1) / 2
-        axes[2].set_xticks([index + middle for index in range(len(open_workloads))], open_workloads)
+    if opened:  # TTFT p90 against the rate offered to each arm: a line per workload and arm
+        for workload in dict.fromkeys(r["workload"] for r in opened):
+            for arm in dict.fromkeys(r["arm"] for r in opened):
+                points = sorted(
+                    (r["rate_per_s"], r["ttft_p90_ms"], bool(r.get("saturated")))
+                    for r in opened if r["workload"] == workload and r["arm"] == arm
+                )  # fmt: skip
+                if not points:
+                    continue
+                (line,) = axes[2].plot([x for x, _, _ in points], [y for _, y, _ in points], marker="o",
+                                       label=f"{workload}, {arm}")  # fmt: skip
+                saturated = [(x, y) for x, y, flag in points if flag]
+                if saturated:  # a saturated group: a hollow ring around its point
+                    axes[2].scatter([x for x, _ in saturated], [y for _, y in saturated], s=140,
+                                    facecolors="none", edgecolors=line.get_color())  # fmt: skip
+        axes[2].set_xlabel("offered req/s per arm")
         axes[2].set_ylabel("TTFT p90 (ms)")
-        axes[2].set_title("Open loop, the arms side by side")
-        axes[2].legend()
+        axes[2].set_title("Open loop, the arms side by side (ringed: saturated)")
+        axes[2].legend(fontsize="small")
     width = 0.8 / max(1, len(arms))
     for offset, arm in enumerate(arms):
         rows = {r["workload"]: r for r in results if r["arm"] == arm}
