@@ -192,6 +192,47 @@ def test_several_profiles_need_the_separate_placement(tmp_path: Path) -> None:
         )  # fmt: skip
 
 
+def test_a_profile_keeping_kv_in_redis_needs_a_kv_redis_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KV blocks never share the state Redis (it does not evict: they would grow until its memory
+    limit, and every tenant's writes would fail): without a KV Redis the build is refused, naming
+    the profiles and what to set; a profile whose tiers leave Redis out needs none."""
+    from zumik_serve.app import application
+    from zumik_serve.app.application import build_serve_app
+    from zumik_serve.home import ZumikHome
+
+    class Asked(Exception):
+        """The build went past the check, to asking the state Redis."""
+
+    def ask(url: str) -> None:
+        raise Asked(url)
+
+    monkeypatch.setattr(application, "check_access", ask)
+    in_redis = load_builtin("local-cpu")
+    assert in_redis.kv_tiers.enabled and in_redis.kv_tiers.redis
+    with pytest.raises(
+        ValueError, match=r"local-cpu keep KV blocks in Redis.*ZUMIK_KV_REDIS_URL.*kv_tiers.redis: false"
+    ):
+        build_serve_app(
+            in_redis,
+            model_dir=tmp_path,
+            redis_url="redis://127.0.0.1:1",
+            dev_key=None,
+            home=ZumikHome(tmp_path),
+        )
+    tiers = in_redis.kv_tiers.model_copy(update={"redis": False})
+    without = in_redis.model_copy(update={"kv_tiers": tiers})
+    with pytest.raises(Asked):
+        build_serve_app(
+            without,
+            model_dir=tmp_path,
+            redis_url="redis://127.0.0.1:1",
+            dev_key=None,
+            home=ZumikHome(tmp_path),
+        )
+
+
 def test_serve_takes_several_profiles_and_names_a_bad_one(capsys: pytest.CaptureFixture[str]) -> None:
     from zumik_serve.cli import _parser, main
 

@@ -34,6 +34,7 @@ from zumik_serve.model.resolve import resolve_adapter, resolve_source
 from zumik_serve.model.tiny_lora import read_adapter_info
 from zumik_serve.secret_files import secrets_dir
 from zumik_serve.store.client import check_access
+from zumik_serve.store.local_redis import KV_REDIS_URL_ENV
 
 APP_NAME = "zumik"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
@@ -59,7 +60,9 @@ def build_serve_app(
     ``model_dir`` holds the first group's weights, the others are resolved here), and the gateway
     in front of them. A Redis that refuses ``redis_url``'s user stops the build here, saying
     what to check (an unreachable one does not: the gateway retries it). ``kv_redis_url``: the
-    KV tier's own Redis (gateway user's URL); None: the KV blocks share ``redis_url``'s server.
+    KV tier's own Redis (gateway user's URL), needed when a profile keeps KV blocks in Redis:
+    they never share the state Redis, which does not evict (they would grow until its memory
+    limit, and every tenant's writes would then fail).
 
     ``more``: other profiles (with their model folders) served beside it, each with its own
     engines, scheduler owner and policy; the gateway (``profile``'s placement, replicas and
@@ -74,6 +77,14 @@ def build_serve_app(
         raise ValueError(
             f"Profile(s) {', '.join(colocated)} use the colocated placement, where the gateway is one "
             "engine's; serving several profiles needs gateway.placement: separate in every one of them."
+        )
+    in_redis = [p.name for p, _ in served if p.kv_tiers.enabled and p.kv_tiers.redis]
+    if in_redis and kv_redis_url is None:
+        raise ValueError(
+            f"Profile(s) {', '.join(in_redis)} keep KV blocks in Redis, and no KV Redis is named: set "
+            f"{KV_REDIS_URL_ENV} (or args.kv_redis_url in a Serve config) to a Redis of its own with "
+            "maxmemory and an LRU policy (deploy/redis/kv-redis.yaml), or set kv_tiers.redis: false in "
+            "the profile. KV blocks never go into the state Redis, which does not evict."
         )
     check_access(redis_url)
     parts = [

@@ -9,8 +9,8 @@
           redis_url: redis://zumik-redis:6379/0   # else $ZUMIK_REDIS_URL (where a password belongs:
                                                   # a Serve config is no place for one)
           kv_redis_url: redis://zumik-redis-kv:6379/0  # the KV tier's own Redis (maxmemory, an LRU
-                                                  # policy); else $ZUMIK_KV_REDIS_URL; else the
-                                                  # state Redis holds KV blocks too
+                                                  # policy); else $ZUMIK_KV_REDIS_URL; a profile
+                                                  # whose KV tiers use Redis needs one of them
 
 The builder runs where Serve builds applications (the head node): a profile's ``model.source``
 directory must exist there and on every GPU node at the same path. So must the secrets folder

@@ -90,8 +90,9 @@ def kv_transfer_config(
 ) -> dict[str, Any] | None:
     """vLLM ``kv_transfer_config`` loading Zumik's connector over the profile's tiers, or None.
     ``redis_url`` is the gateway's state Redis, where the per-scope data keys stay;
-    ``kv_redis_url`` the KV Redis (its own server, bounded, LRU; None: the state Redis, as a
-    deployment without one had it). The engines reach both as user ``zumik-kv``, its password
+    ``kv_redis_url`` the KV Redis (its own server, bounded, LRU; None: the state Redis, which
+    only tools and tests take: ``build_serve_app`` refuses to deploy without a KV Redis). The
+    engines reach both as user ``zumik-kv``, its password
     in ``redis-kv.password`` of the secrets folder (``secret_files.secrets_dir``)."""
     tiers = profile.kv_tiers
     if not tiers.enabled:
