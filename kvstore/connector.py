@@ -77,7 +77,7 @@ from kvstore.cpu_placement import spare_cpus
 from kvstore.fingerprint import adapter_fingerprint
 from kvstore.keys import ScopeId, adapter_seed, chain_block_keys, scope_id, seed_from_digest
 from kvstore.layout import KvLayout, KvShard, LayoutError, check_view, layout_of, shard_digest
-from kvstore.manager import Placed, TierManager
+from kvstore.manager import KvPlan, Placed, TierManager
 from kvstore.store_process import StoreProcess
 from kvstore.tier import BlockAddress, TierEvent, TierUsage
 from kvstore.tiers.build import build_manager
@@ -295,6 +295,13 @@ class RestoreReport:
     num_bytes: int
     seconds: float
 
+    def with_rank(self, other: RestoreReport) -> RestoreReport:
+        """This rank's report and ``other``'s, of the same request and step, as one."""
+        shorter = other if sum(other.tiers.values()) < sum(self.tiers.values()) else self
+        return RestoreReport(
+            dict(shorter.tiers), self.num_bytes + other.num_bytes, max(self.seconds, other.seconds)
+        )
+
 
 @dataclass
 class ZumikWorkerMetadata(KVConnectorWorkerMetadata):
@@ -303,8 +310,13 @@ class ZumikWorkerMetadata(KVConnectorWorkerMetadata):
     restores: dict[str, RestoreReport] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        """Every rank's reports of a step made one (vLLM's output aggregator): a request's restore
+        is as long as the shortest rank's (the blocks every rank has), its bytes all ranks' and
+        its time the slowest rank's (they restore side by side)."""
         if isinstance(other, ZumikWorkerMetadata):
-            self.restores.update(other.restores)
+            for request_id, theirs in other.restores.items():
+                mine = self.restores.get(request_id)
+                self.restores[request_id] = theirs if mine is None else mine.with_rank(theirs)
         return self
 
 
@@ -342,6 +354,9 @@ class ZumikKVConnector(KVConnectorBase_V1):
         # chunks, one a step, and each chunk's full blocks are stored)
         self._prompts: dict[str, Sequence[int]] = {}
         self._prefilling: set[str] = set()
+        # scheduler side: per request, the hits and misses of its last lookup (rank 0's view of
+        # what every rank holds), logged when vLLM schedules it
+        self._lookup_events: dict[str, list[TierEvent]] = {}
         # scheduler side: per request, the engine's own hit and what the tiers gave (zumik_kv)
         self._reuse: dict[str, dict[str, Any]] = {}
         self._planned_tiers: dict[str, dict[str, int]] = {}
@@ -380,12 +395,16 @@ class ZumikKVConnector(KVConnectorBase_V1):
         if loadable_blocks <= first_block:
             return 0, False
         wanted = self._block_addresses(request_id, token_ids)[first_block:loadable_blocks]
-        plan = self._manager.plan(wanted)
+        plan = self._manager.plan(wanted, record=False)
         num_blocks = plan.num_blocks
         for other in self._shard_digests[1:]:  # every rank must hold a block for it to load
             if num_blocks:
                 mine = [BlockAddress(other, a.key, a.scope) for a in wanted[:num_blocks]]
-                num_blocks = min(num_blocks, self._manager.plan(mine).num_blocks)
+                num_blocks = min(num_blocks, self._manager.plan(mine, record=False).num_blocks)
+        # The hits and misses count once the request is scheduled (``update_state_after_alloc``):
+        # vLLM asks again, step after step, about a request it cannot schedule yet.
+        usable = KvPlan(addresses=plan.addresses[:num_blocks], sources=plan.sources[:num_blocks])
+        self._lookup_events[request_id] = self._manager.plan_events(usable, len(wanted))
         for address in wanted[num_blocks:]:
             # Not held (past the first block a tier lacks, on some rank): if this engine stored
             # it, the copy is gone (evicted, expired, purged, or a store that was dropped or
@@ -410,6 +429,8 @@ class ZumikKVConnector(KVConnectorBase_V1):
         with vLLM's V1 model runner (the one CPU engines use), and a load left out would have
         the engine take those blocks' stale contents for the prompt's KV."""
         request_id = request.request_id
+        for event in self._lookup_events.pop(request_id, ()):
+            self._manager.record(event)
         plan = self._load_plans.pop(request_id, None)
         planned = self._planned_tiers.pop(request_id, {})
         if num_external_tokens > 0 and plan is not None:
@@ -531,6 +552,7 @@ class ZumikKVConnector(KVConnectorBase_V1):
         self._addresses.pop(request.request_id, None)
         self._prompts.pop(request.request_id, None)
         self._prefilling.discard(request.request_id)
+        self._lookup_events.pop(request.request_id, None)
         self._pending_loads.pop(request.request_id, None)
         self._bypassing.discard(request.request_id)
         self._load_plans.pop(request.request_id, None)

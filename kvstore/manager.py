@@ -148,8 +148,10 @@ class TierManager:
         self._thread_buffers = threading.local()
         self._sealer_lock = threading.Lock()
 
-    def plan(self, addresses: Sequence[BlockAddress]) -> KvPlan:
-        """The longest continuous prefix of ``addresses`` some tier holds, nearest tier first.
+    def plan(self, addresses: Sequence[BlockAddress], *, record: bool = True) -> KvPlan:
+        """The longest continuous prefix of ``addresses`` some tier holds, nearest tier first;
+        its hits (per tier) and misses logged as events unless ``record`` is False (then
+        ``plan_events`` gives them to the caller, who logs them when they count).
 
         It runs in the engine's scheduler, on every new request, so it asks no more than the
         rule of continuity needs. It walks the blocks in order, each through the tiers nearest
@@ -161,6 +163,26 @@ class TierManager:
         about every block from there. So a prompt whose first block no tier holds costs one
         stat per file tier and one single-key ``EXISTS``; a prefix the host tier holds, no
         round trip; one that only Redis holds, one round trip."""
+        plan = self._walk(addresses)
+        if record:
+            for event in self.plan_events(plan, len(addresses)):
+                self.record(event)
+        return plan
+
+    def plan_events(self, plan: KvPlan, num_asked: int) -> list[TierEvent]:
+        """The events of ``plan`` when ``num_asked`` blocks were asked for: each tier's hits, and
+        the blocks past its prefix, missed in the farthest tier."""
+        events = []
+        for backend in self.tiers:
+            hits = sum(1 for source in plan.sources if source is backend.tier)
+            if hits:
+                events.append(TierEvent(TierEventKind.HIT, backend.tier, hits))
+        missed = num_asked - plan.num_blocks
+        if missed and self.tiers:
+            events.append(TierEvent(TierEventKind.MISS, self.tiers[-1].tier, missed))
+        return events
+
+    def _walk(self, addresses: Sequence[BlockAddress]) -> KvPlan:
         sources: list[Tier] = []
         answers: dict[Tier, dict[int, bool]] = {}  # round-trip tiers' answers, by block index
         for index in range(len(addresses)):
@@ -168,13 +190,6 @@ class TierManager:
             if source is None:
                 break
             sources.append(source)
-        for backend in self.tiers:
-            hits = sum(1 for source in sources if source is backend.tier)
-            if hits:
-                self.record(TierEvent(TierEventKind.HIT, backend.tier, hits))
-        missed = len(addresses) - len(sources)
-        if missed and self.tiers:
-            self.record(TierEvent(TierEventKind.MISS, self.tiers[-1].tier, missed))
         return KvPlan(addresses=tuple(addresses[: len(sources)]), sources=tuple(sources))
 
     def _holds(

@@ -277,6 +277,8 @@ def test_connector_keys_adapter_requests_apart_and_bypasses_unnamed_adapters(tmp
         SimpleNamespace(req_id=rid, block_ids=([0, 1, 2, 3],), prompt_token_ids=tokens, num_computed_tokens=0)
         for rid in ("lora", "unnamed", "base")
     ]
+    for rid, lora in (("lora", named), ("unnamed", unnamed), ("base", None)):  # all three scheduled
+        connector.update_state_after_alloc(request(rid, lora), _allocated([0, 1, 2, 3]), 0)  # type: ignore[arg-type]
     output = _step(scheduled, scheduled={"lora": 100, "unnamed": 100, "base": 100})
     meta = connector.build_connector_meta(output)
     assert [store.request_id for store in meta.stores] == ["lora", "base"]
@@ -300,7 +302,7 @@ def _scheduler_side(manager: TierManager) -> typing.Any:
         _shard_digests=["s" * 64], _key_sources={}, _adapter_fingerprints={}, _writer=None,
         _usage_reported=None, _connector_metadata=None,
         _addresses={}, _reuse={}, _bypassing=set(), _bypassed={}, _pending_loads={}, _load_plans={},
-        _planned_tiers={}, _stored=OrderedDict(), _prompts={}, _prefilling=set(),
+        _planned_tiers={}, _stored=OrderedDict(), _prompts={}, _prefilling=set(), _lookup_events={},
     )  # fmt: skip
     return connector
 
@@ -354,11 +356,71 @@ def test_connector_looks_in_the_tiers_only_past_the_engines_own_hit(tmp_path: Pa
     assert manager.take_events() == []  # no lookup
     assert connector.get_num_new_matched_tokens(request("cold"), 0) == (0, False)  # block 0: nowhere
     assert connector.get_num_new_matched_tokens(request("warm"), 32) == (64, False)
+    assert manager.take_events() == []  # counted once vLLM schedules them
+    for rid, external in (("cold", 0), ("warm", 64)):
+        connector.update_state_after_alloc(request(rid), _allocated([0, 1, 2, 3]), external)
     events = manager.take_events()
     assert {(e.kind, e.tier, e.num_blocks) for e in events} == {
         (TierEventKind.MISS, Tier.HOST, 3),  # the cold request's 3 blocks
         (TierEventKind.HIT, Tier.HOST, 2),  # the warm one asked for blocks 1-2 only
     }
+
+
+def test_a_lookup_counts_once_when_vllm_schedules_the_request_whatever_it_asked_before(
+    tmp_path: Path,
+) -> None:
+    """vLLM asks the connector again, step after step, about a request it cannot schedule yet,
+    and the scheduler asks each other rank's shard too: the tiers' hits and misses count once,
+    for the blocks every rank holds, when the request is scheduled."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from kvstore.keys import scope_id, seed_from_digest
+
+    host = SharedMemoryTier(tmp_path / "shm", 1 << 24)
+    manager = TierManager([host])
+    connector = _scheduler_side(manager)
+    connector._shard_digests = ["s" * 64, "t" * 64]  # tensor parallel 2: rank 1 files under "t"
+    tokens = list(range(100))  # 3 full blocks, all loadable
+    keys = chain_block_keys(tokens, 32, seed_from_digest(COMPAT.digest(), "s"))
+    for shard, held in (("s" * 64, 3), ("t" * 64, 2)):  # rank 1 lacks block 2
+        for key in keys[:held]:
+            address = BlockAddress(shard, key, scope_id("s"))
+            host.store(address, _value(address))
+    request = SimpleNamespace(request_id="r", cache_salt="s", prompt_token_ids=tokens, lora_request=None)
+    for _ in range(3):  # waiting for room: asked three times
+        assert connector.get_num_new_matched_tokens(request, 0) == (64, False)
+    assert manager.take_events() == []
+    connector.update_state_after_alloc(request, _allocated([5, 6, 7, 8]), 64)  # type: ignore[arg-type]
+    events = manager.take_events()
+    assert sorted((e.kind.value, e.tier, e.num_blocks) for e in events) == sorted(
+        [(TierEventKind.HIT.value, Tier.HOST, 2), (TierEventKind.MISS.value, Tier.HOST, 1)]
+    )
+
+
+def test_the_ranks_restore_reports_of_a_request_make_one() -> None:
+    """vLLM aggregates the workers' metadata of a step: a request restores what its shortest
+    rank restored, all ranks' bytes, in the slowest rank's time (not the last rank's report)."""
+    pytest.importorskip("vllm")
+    from kvstore.connector import RestoreReport, ZumikWorkerMetadata
+
+    rank0 = ZumikWorkerMetadata(
+        {"a": RestoreReport({"host": 3}, 300, 0.002), "b": RestoreReport({"disk": 1}, 100, 0.001)}
+    )
+    rank1 = ZumikWorkerMetadata({"a": RestoreReport({"host": 2}, 200, 0.003)})
+    merged = rank0.aggregate(rank1)
+    assert isinstance(merged, ZumikWorkerMetadata)
+    assert merged.restores == {
+        "a": RestoreReport({"host": 2}, 500, 0.003),
+        "b": RestoreReport({"disk": 1}, 100, 0.001),  # only one rank reported it this step
+    }
+
+
+def _allocated(block_ids: list[int]) -> typing.Any:
+    """vLLM's ``KVCacheBlocks`` of a request, as the connector reads them: its block ids."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(get_block_ids=lambda: (block_ids,))
 
 
 def test_a_block_the_tiers_lost_is_stored_again_and_one_they_hold_is_not(tmp_path: Path) -> None:
@@ -463,12 +525,9 @@ def test_a_request_resumed_after_a_preemption_loads_what_the_tiers_hold_into_its
         host.store(address, _value(address))
     request = SimpleNamespace(request_id="r", cache_salt="s", prompt_token_ids=tokens, lora_request=None)
 
-    def allocated(ids: list[int]) -> typing.Any:  # vLLM's KVCacheBlocks: the request's blocks
-        return SimpleNamespace(get_block_ids=lambda: (ids,))
-
     # First scheduled as a new request, vLLM's own cache holding block 0: blocks 1-2 load.
     assert connector.get_num_new_matched_tokens(request, 32) == (64, False)
-    connector.update_state_after_alloc(request, allocated([3, 4, 5, 6]), 64)  # type: ignore[arg-type]
+    connector.update_state_after_alloc(request, _allocated([3, 4, 5, 6]), 64)  # type: ignore[arg-type]
     new = SimpleNamespace(
         req_id="r", block_ids=([3, 4, 5, 6],), prompt_token_ids=tokens, num_computed_tokens=96
     )
@@ -477,7 +536,7 @@ def test_a_request_resumed_after_a_preemption_loads_what_the_tiers_hold_into_its
     # Preempted (its blocks freed and reused), then resumed with new blocks and nothing cached by
     # vLLM: all three load, into the blocks allocated now, though the request is not a new one.
     assert connector.get_num_new_matched_tokens(request, 0) == (96, False)
-    connector.update_state_after_alloc(request, allocated([8, 2, 9, 7]), 96)  # type: ignore[arg-type]
+    connector.update_state_after_alloc(request, _allocated([8, 2, 9, 7]), 96)  # type: ignore[arg-type]
     resumed = _step(cached=[("r", 96)], resumed={"r"}, scheduled={"r": 4}, blocks={"r": [8, 2, 9, 7]})
     meta = connector.build_connector_meta(resumed)
     assert [(load.block_ids, load.addresses) for load in meta.loads] == [([8, 2, 9], addresses)]
