@@ -171,6 +171,30 @@ def test_stream_options_pass_only_include_usage() -> None:
     assert prepared.include_usage
 
 
+@pytest.mark.parametrize("options", [None, {}, {"include_usage": False}])
+def test_a_stream_always_asks_the_engine_for_its_usage_and_shows_it_only_when_asked(
+    options: dict[str, bool] | None,
+) -> None:
+    """The engine's usage settles the tenant's rate on the tokens used and counts the cached
+    ones, so every stream asks for it; a client that did not ask never sees it."""
+    body = {"model": "tiny", "prompt": "x", "stream": True}
+    if options is not None:
+        body["stream_options"] = options
+    prepared = prepare_request(EngineCall.COMPLETION, body, MODELS)
+    assert prepared.engine_body["stream_options"] == {"include_usage": True}
+    assert not prepared.include_usage
+    renderer = StreamRenderer(EngineCall.COMPLETION, "tiny", prepared.include_usage)
+    usage_chunk = {
+        "id": "c",
+        "created": 1,
+        "choices": [],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+    }
+    assert renderer.render(usage_chunk) is None
+    whole = prepare_request(EngineCall.COMPLETION, {"model": "tiny", "prompt": "x"}, MODELS)
+    assert "stream_options" not in whole.engine_body  # a whole answer carries its usage anyway
+
+
 @pytest.mark.parametrize("raw", [b"", b"   ", b"{", b"[1]", b"\xff\xfe", b'"text"'])
 def test_parse_json_body_rejects_non_objects(raw: bytes) -> None:
     with pytest.raises(InvalidRequestError):

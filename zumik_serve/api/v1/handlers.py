@@ -27,6 +27,7 @@ from zumik_serve.api.v1.wire import (
     render_completion,
     render_error,
     render_stream_error,
+    render_usage,
 )
 from zumik_serve.engines.protocol import EngineCall, EngineChunks, EngineFailure, parse_stream_error
 from zumik_serve.errors import InvalidRequestError, NotFoundError, ZumikError
@@ -209,11 +210,11 @@ async def _sse_events(
             if isinstance(item, StreamFault):
                 yield _data(render_stream_error(item.error))
                 break
+            if item.get("usage"):  # the engine's usage, sent to the client or not (``include_usage``)
+                usage = render_usage(item["usage"])
             rendered = renderer.render(item)
             if rendered is None:
                 continue
-            if rendered.get("usage"):
-                usage = rendered["usage"]
             for choice in rendered["choices"]:
                 if choice["index"] == 0:
                     reply.append(choice.get("delta", {}).get("content") or choice.get("text") or "")

@@ -172,13 +172,16 @@ def prepare_request(
     if options is not None and not isinstance(options, dict):
         raise InvalidRequestError("'stream_options' must be an object.", param="stream_options")
     include_usage = bool(stream and options and options.get("include_usage") is True)
-    if options is not None:
-        if not stream:
-            raise InvalidRequestError(
-                "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
-            )
-        # Only the spec's keys; vLLM's continuous_usage_stats never reaches the engine.
-        engine_body["stream_options"] = {"include_usage": include_usage}
+    if options is not None and not stream:
+        raise InvalidRequestError(
+            "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
+        )
+    if stream:
+        # The engine or provider always ends a stream with its usage: the rate settles on the
+        # tokens used and the reuse figures count the cached ones. The client sees that chunk
+        # only when it asked (``include_usage``; ``StreamRenderer``). Only the spec's keys:
+        # vLLM's continuous_usage_stats never reaches the engine.
+        engine_body["stream_options"] = {"include_usage": True}
     return PreparedRequest(
         call=call, engine_body=engine_body, model=model, stream=stream, include_usage=include_usage
     )
