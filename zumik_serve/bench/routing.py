@@ -846,7 +846,8 @@ def _run_side_by_side(
                 results.extend(measured)
                 for result in measured:
                     console.log(
-                        f"{result.arm:>10} {workload:<15} open loop at {rate:.2f} req/s (load {load:g}), "
+                        f"{result.arm:>10} {workload:<15} open loop at {result.rate_per_s or 0:.2f} req/s "
+                        f"(load {load:g}), "
                         f"side by side: hit {result.hit_ratio:.3f} ttft p90 {result.ttft_p90_ms:.0f} ms, "
                         f"answered {result.achieved_per_s:.2f} req/s"
                         f"{' (saturated)' if result.saturated else ''}, "
