@@ -384,6 +384,7 @@ class ZumikKVConnector(KVConnectorBase_V1):
         call and derives no block key."""
         request_id = request.request_id
         self._reuse[request_id] = {"engine_tokens": int(num_computed_tokens), "tiers": {}}
+        self._lookup_events.pop(request_id, None)  # an earlier lookup's, which this one replaces
         source = self._key_sources.get(request_id)
         if source is None and request_id not in self._bypassing:
             source = self._key_source(request)
