@@ -28,10 +28,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -76,7 +76,7 @@ from zumik_serve.server_secrets import generate_missing, load_server_secrets
 from zumik_serve.state.objects import ArtifactRole
 from zumik_serve.state.requests import CreateArtifact, CreateBundle, CreateSession, CreateSnapshot
 from zumik_serve.state.service import StateService
-from zumik_serve.state.store import RedisStateStore
+from zumik_serve.state.store import RedisStateStore, exposed_key
 from zumik_serve.store.local_redis import LocalRedis
 from zumik_serve.tenancy.store import RedisTenantStore
 from zumik_serve.tenancy.tenant import TenantId, cache_salt
@@ -216,6 +216,43 @@ async def test_purge_of_an_exposed_snapshot_closes_the_scope_in_every_tier(harne
     assert manager.plan([late]).num_blocks == 0
     # The snapshot was built on the artifact, not the other way round: the artifact stays.
     assert (await state.read("ten_a", _kind(ids["art"]), ids["art"]))["content"] == CANARY
+
+
+async def test_a_request_racing_a_purge_is_either_seen_as_exposure_or_refused(harness: Harness) -> None:
+    """A request reads a snapshot as live, then a purge of it starts. If the request marks the
+    snapshot exposed before the purge's revoke, the purge sees the mark and closes the scope
+    (it once read the marks before revoking, and missed one landing in between); if it marks
+    after, the mark is refused, the request gets 404 and sends nothing."""
+    state, purges, tenants, client = harness.services()
+    ids = await _objects(state, "ten_a")
+    store = purges._store
+    index_purged = store.index_purged
+
+    async def request_marks_meanwhile(tenant: str, handles: Sequence[str], purge_id: PurgeId) -> None:
+        await index_purged(tenant, handles, purge_id)
+        assert await RedisStateStore(client).mark_exposed(tenant, [ids["snp"]]) is None  # still live
+
+    store.index_purged = request_marks_meanwhile  # type: ignore[method-assign]
+    receipt = (await purges.purge("ten_a", ids["snp"])).receipt
+    assert receipt is not None
+    assert "kv_engine" in {entry["store"] for entry in receipt["stores"]}  # the scope was closed
+    assert await tenants.salt_epoch(TenantId("ten_a")) == 1
+    # The purge runs after the request read the snapshot as live and before it marks it: the
+    # mark is refused, the request gets 404 and reads no content; the purge saw nothing exposed.
+    ids = await _objects(state, "ten_b")
+    store.index_purged = index_purged  # type: ignore[method-assign]
+    check_size = state._check_snapshot_size
+
+    async def purged_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        checked = await check_size(*args, **kwargs)
+        await purges.purge("ten_b", ids["snp"])
+        return checked
+
+    state._check_snapshot_size = purged_meanwhile  # type: ignore[method-assign]
+    with pytest.raises(NotFoundError, match=ids["snp"]):
+        await state.snapshot_messages("ten_b", ids["snp"])
+    assert not await client.sismember(exposed_key("ten_b"), ids["snp"])
+    assert await tenants.salt_epoch(TenantId("ten_b")) == 0  # never exposed: nothing to close
 
 
 @pytest.mark.redis

@@ -231,9 +231,12 @@ class PurgeService:
 
     async def _revoke(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
         closure = await self._store.closure(tenant, job.target)
-        exposed = await self._store.any_exposed(tenant, closure)
         await self._store.index_purged(tenant, closure, job.id)
         await self._store.revoke_all(tenant, closure)
+        # Read after the revoke: a request marks an object exposed only while it is live
+        # (``StateStore.mark_exposed``), so a mark this read misses was refused, and that
+        # request sent nothing. Read before it, a request marking in between went unseen.
+        exposed = await self._store.any_exposed(tenant, closure)
         return replace(job, closure=closure, exposed=exposed)
 
     async def _rotate(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:

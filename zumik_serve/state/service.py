@@ -336,7 +336,7 @@ class StateService:
         ``purge/service.py``)."""
         record = await self._require(tenant, snapshot, Snapshot, param="snapshot")
         records = await self._check_snapshot_size(tenant, record.artifacts, record.turns, param="snapshot")
-        await self._store.mark_exposed(tenant, [snapshot])
+        await self._expose(tenant, snapshot, param="snapshot")
         # A snapshot is frozen: an artifact revoked later still belongs to it until purged.
         artifacts = [records[handle] for handle in record.artifacts if handle in records]
         digests = list(dict.fromkeys(artifact.digest for artifact in artifacts))
@@ -389,7 +389,7 @@ class StateService:
             outcome = await self._store.append_turns_at(tenant, holder.id, appended, own_count=0)
         if not isinstance(outcome, int):
             raise _not_found(holder.id)
-        await self._store.mark_exposed(tenant, [holder.id])
+        await self._expose(tenant, holder.id)
         return holder.id, outcome
 
     async def conversation(self, tenant: str, session: str, upto: int) -> list[Turn]:
@@ -404,9 +404,16 @@ class StateService:
         """Check that ``session`` is live before a request appends to it; its content counts as
         exposed to the engines from here on."""
         await self._require(tenant, session, Session, param="session")
-        await self._store.mark_exposed(tenant, [session])
+        await self._expose(tenant, session, param="session")
 
     # --- helpers ----------------------------------------------------------------------------
+
+    async def _expose(self, tenant: str, handle: str, *, param: str | None = None) -> None:
+        """Mark ``handle``'s content exposed to the engines, before any of it is sent; 404 when
+        a purge revoked it since it was read (the purge then never saw it exposed)."""
+        refused = await self._store.mark_exposed(tenant, [handle])
+        if refused is not None:
+            raise _not_found(refused, param=param)
 
     async def _check_snapshot_size(
         self, tenant: str, artifacts: Sequence[str], turns: Sequence[FrozenTurn], param: str | None = None

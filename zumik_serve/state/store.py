@@ -142,6 +142,17 @@ redis.call('SET', KEYS[1], '{prefix}' .. ARGV[1] .. ',' .. string.sub(raw, 2))
 return 1
 """)
 
+# KEYS: the tenant's exposed set, then each object. ARGV: each object's handle, in KEYS' order.
+# Returns the handle of the first object missing or revoked (then nothing is marked), else "".
+MARK_EXPOSED = _lua("""
+for index = 2, #KEYS do
+  local raw = redis.call('GET', KEYS[index])
+  if not raw or string.sub(raw, 1, {prefix_len}) == '{prefix}' then return ARGV[index - 1] end
+end
+redis.call('SADD', KEYS[1], unpack(ARGV))
+return ''
+""")
+
 # KEYS: ``quota_keys``, object, then the ``derived`` set of each parent. ARGV: record JSON,
 # its handle.
 # Returns {"ok"} | {"exists"} (records never change: nothing written) | a quota refusal.
@@ -191,6 +202,7 @@ class RedisStateStore:
         self._put_artifact = client.register_script(quota_lua(quota, 1) + PUT_ARTIFACT)
         self._delete_charged = client.register_script(DELETE_CHARGED)
         self._revoke = client.register_script(REVOKE)
+        self._mark_exposed = client.register_script(MARK_EXPOSED)
         self._secret: bytes | None = None
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -257,11 +269,17 @@ class RedisStateStore:
         charged = [usage_key(tenant), charges_key(tenant), *keys]
         return int(await self._delete_charged(keys=charged, args=[object_key(tenant, "")]))
 
-    async def mark_exposed(self, tenant: str, handles: list[str]) -> None:
+    async def mark_exposed(self, tenant: str, handles: list[str]) -> str | None:
         """Note that these objects' content may now be in an engine's KV cache (a purge must then
-        also close the tenant's cache scope)."""
-        if handles:
-            await self._redis.sadd(exposed_key(tenant), *handles)
+        also close the tenant's cache scope), if each is live, in one step; else nothing is
+        marked and the first handle missing or revoked is returned. A purge revokes before it
+        reads these marks (``purge/service.py``), so a request either marks before the revoke,
+        and the purge sees it, or is refused here and sends nothing."""
+        if not handles:
+            return None
+        keys = [exposed_key(tenant), *(object_key(tenant, handle) for handle in handles)]
+        refused = _text(await self._mark_exposed(keys=keys, args=list(handles)))
+        return refused or None
 
     async def revoke(self, tenant: str, handle: str) -> bool:
         """Mark the object revoked; False when it was unknown or revoked already."""
