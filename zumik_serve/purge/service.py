@@ -21,7 +21,9 @@ of step → method:
     receipt   classes per store → the receipt (weakest store, capped by the profile's ceiling),
               signed and appended to the tenant's hash-chained log
 
-The KV steps run only when the closure's content may have reached an engine (``exposed``).
+The KV steps run only when the closure's content may have reached an engine (``exposed``),
+read after the revoke: a request marks an object exposed only while it is live, so one racing
+the purge is either seen here or refused (404) before it sends anything.
 Sealed tier blocks count as crypto-erased only when their key's removal is compacted too.
 """
 
