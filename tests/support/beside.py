@@ -29,7 +29,7 @@ def deployed_beside(
         redis_url=running_stack.redis_url,
         dev_key=DEV_KEY,
         home=running_stack.home,
-        kv_redis_url=running_stack.kv_redis_url,
+        kv_redis_url=running_stack.stack.kv_redis_url,
         more=[(other, resolve_model_dir(other, running_stack.home)) for other in more],
     )
     serve.run(built, name=app, route_prefix=prefix)
