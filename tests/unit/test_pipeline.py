@@ -29,6 +29,7 @@ from profiles import parse_profile
 from tests.support.fault_server import FaultServer
 from tests.support.inprocess import InProcessGateway, make_gateway, wait_until
 from zumik_serve.engines.protocol import EngineFailure
+from zumik_serve.state.requests import message_text
 
 pytestmark = pytest.mark.redis
 
@@ -253,6 +254,35 @@ async def test_session_records_the_exchange_in_order(gateway: InProcessGateway, 
     assert [(t["seq"], t["role"], t["content"]) for t in turns] == [
         (1, "user", "Hello there"), (2, "assistant", gateway.engine.reply),
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_message_of_content_parts_is_recorded_as_its_text(
+    gateway: InProcessGateway, stream: bool
+) -> None:
+    """Agent frameworks send a message's content as parts (``[{"type": "text", ...}]``): the
+    session records their text, as the Responses API's sessions do; it once dropped the turn."""
+    parts = [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]
+    body = {**CHAT, "messages": [{"role": "user", "content": parts}], "stream": stream}
+    async with gateway.client() as http:
+        session = (await http.post("/v2/sessions", json={})).json()["id"]
+        response = await http.post("/v1/chat/completions", json=body, headers={"x-zumik-session": session})
+        assert response.status_code == 200
+        turns = (await http.get(f"/v2/sessions/{session}")).json()["turns"]
+    assert [(t["role"], t["content"]) for t in turns] == [
+        ("user", "Hello there"),
+        ("assistant", gateway.engine.reply),
+    ]
+
+
+def test_a_chat_messages_text_is_its_content_then_its_tool_calls() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    assert message_text({"role": "assistant", "content": None, "tool_calls": [call]}) == (
+        '[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]'
+    )
+    assert message_text({"role": "assistant", "content": "ok", "tool_calls": []}) == "ok"
+    assert message_text({"role": "tool", "content": [{"type": "text", "text": "42"}]}) == "42"
+    assert message_text({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}) == ""
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -83,7 +83,7 @@ from zumik_serve.routing.scheduler import ENGINE_KEYS
 from zumik_serve.routing.service import RequestRelease
 from zumik_serve.state.compiler import CompiledSnapshot
 from zumik_serve.state.objects import TurnRole
-from zumik_serve.state.requests import AppendTurn
+from zumik_serve.state.requests import AppendTurn, message_text
 from zumik_serve.store.client import guard
 from zumik_serve.store.kv_probe import KvProbe
 from zumik_serve.telemetry.tracing import RequestClock, request_phases
@@ -533,9 +533,7 @@ class Pipeline:
         messages = request.body.get("messages")
         last = messages[-1] if isinstance(messages, list) and messages else None
         if isinstance(last, Mapping) and last.get("role") in (TurnRole.USER, TurnRole.TOOL):
-            content = last.get("content")
-            if isinstance(content, str):
-                turns.append(AppendTurn(role=TurnRole(last["role"]), content=content))
+            turns.append(AppendTurn(role=TurnRole(last["role"]), content=message_text(last)))
         turns.append(AppendTurn(role=TurnRole.ASSISTANT, content=reply))
         await state.store_call(state.record_exchange(request.tenant.id, session, turns, request.body))
 
@@ -587,14 +585,15 @@ async def _all(*steps: Awaitable[Any] | None) -> tuple[Any, ...]:
 
 
 def _reply(call: EngineCall, answer: Mapping[str, Any]) -> str:
-    """Choice 0's text of a whole answer (what a session records)."""
+    """Choice 0's text of a whole answer (what a session records: a chat message's text and
+    its tool calls, ``message_text``)."""
     choices = answer.get("choices") or []
     first = next((c for c in choices if isinstance(c, Mapping) and c.get("index", 0) == 0), None)
     if first is None:
         return ""
     if call is EngineCall.CHAT:
         message = first.get("message")
-        return str((message or {}).get("content") or "") if isinstance(message, Mapping) else ""
+        return message_text(message) if isinstance(message, Mapping) else ""
     return str(first.get("text") or "")
 
 

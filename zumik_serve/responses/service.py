@@ -17,7 +17,6 @@ tenant's id is unknown: every key carries the tenant.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from zumik_serve.responses.chat import ChatMessage
 from zumik_serve.responses.records import StoredResponse
 from zumik_serve.responses.store import RedisResponseStore
 from zumik_serve.state.objects import TurnRole
-from zumik_serve.state.requests import AppendTurn
+from zumik_serve.state.requests import AppendTurn, message_text
 from zumik_serve.state.service import StateService
 
 
@@ -118,14 +117,7 @@ def _turn(message: ChatMessage) -> AppendTurn:
     role = {"system": TurnRole.SYSTEM, "user": TurnRole.USER, "tool": TurnRole.TOOL}.get(
         str(message.get("role")), TurnRole.ASSISTANT
     )
-    content = message.get("content")
-    if isinstance(content, list):
-        content = "".join(str(part.get("text") or "") for part in content if isinstance(part, Mapping))
-    text = content if isinstance(content, str) else ""
-    calls = message.get("tool_calls")
-    if calls:
-        text = (text + "\n" if text else "") + json.dumps(calls, separators=(",", ":"), ensure_ascii=False)
-    return AppendTurn(role=role, content=text)
+    return AppendTurn(role=role, content=message_text(message))
 
 
 def _not_found(response_id: str, param: str) -> NotFoundError:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, TypeVar
@@ -103,6 +104,20 @@ class CreateSession(StateRequest):
     HINTS: ClassVar[dict[str, str]] = {"bundle": "'bundle' must be a bundle id, or null."}
 
     bundle: StrictStr | None = None
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """A chat message as a session turn's text: its content (a string, or the text of its
+    parts joined, as agent frameworks send it), then its tool calls as their JSON, so that the
+    session reads as the conversation did."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(str(part.get("text") or "") for part in content if isinstance(part, Mapping))
+    text = content if isinstance(content, str) else ""
+    calls = message.get("tool_calls")
+    if calls:
+        text = (text + "\n" if text else "") + json.dumps(calls, separators=(",", ":"), ensure_ascii=False)
+    return text
 
 
 class AppendTurn(StateRequest):
