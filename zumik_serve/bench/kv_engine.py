@@ -89,11 +89,11 @@ def main() -> None:
     repeats = int(request.get("repeats", 0))
     for prompt in request["prompts"]:  # one request at a time: each restore is measured alone
         result = run(prompt)
-        if request.get("mode") == "prime":
+        if mode == "prime":
             llm.collective_rpc("flush_kv_writes")
             again = restore_again(prompt)
             result.update(host_seconds=again["seconds"], host_cached=again["cached"])
-        if request.get("mode") in ("prime", "restore"):
+        if mode in ("prime", "restore"):
             result["warm_seconds"] = [restore_again(prompt)["seconds"] for _ in range(repeats)]
             # vLLM's own prefix cache holds the prompt now: in this same process, the TTFT no
             # restore can beat (no tier is asked)
