@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("--yes", action="store_true", help="confirm: the deletion cannot be undone")
     delete.add_argument("--receipt-out", type=Path, help="write the receipt here (default: print it)")
     delete.add_argument("--profile", default="local-cpu", help="the running profile (its KV tiers, ceiling)")
+    delete.add_argument(
+        "--ray-address",
+        help="the Ray cluster whose nodes' KV tiers are swept (default: RAY_ADDRESS, else the head "
+        "of a running `zumik serve`; none: this machine's tiers only)",
+    )
     delete.set_defaults(run=_cmd_tenant_delete)
     key = tenant.add_parser("key", help="a tenant's API keys").add_subparsers(title="key commands")
     key_create = key.add_parser("create", help="a new API key for a tenant (printed once)")
@@ -458,9 +463,27 @@ def _cmd_tenant_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_tenant_delete(args: argparse.Namespace) -> int:
+    from zumik_serve.home import ZumikHome
+    from zumik_serve.purge.nodes import NodeSweeper
     from zumik_serve.tenancy.tenant_cli import run_tenant_delete
 
-    return run_tenant_delete(args, console)
+    def cluster_sweeper(config: dict[str, object]) -> NodeSweeper | None:
+        from zumik_serve.app.node_sweep import cluster_node_sweeper
+        from zumik_serve.app.ray_head import running_ray_address
+
+        address = args.ray_address or running_ray_address(ZumikHome.from_env())
+        if address is None:
+            return None
+        console.print(f"sweeping the KV tiers of every node of the Ray cluster at {address}")
+        try:
+            return cluster_node_sweeper(address, config)
+        except OSError as exc:  # refused before any step: nothing is revoked yet
+            raise ValueError(
+                f"no Ray cluster answers at {address} ({exc}); start the stack, or pass the cluster's "
+                "address with --ray-address, so that every node's KV tiers are swept"
+            ) from exc
+
+    return run_tenant_delete(args, console, cluster_sweeper)
 
 
 def _cmd_key_create(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ own (this test process may hold the shared stack's Ray connection) with ``RayNod
 Invariants held here:
 - a purge removes the scope's blocks from the host and disk tiers of every node, keeps another
   tenant's, and its receipt lists both nodes (id, hostname, blocks removed, re-check) as done;
+- ``zumik tenant delete --ray-address`` joins the cluster and sweeps the deleted tenant's blocks
+  from every node's host and disk tiers the same way, its receipt listing both nodes;
 - after one node's raylet is killed, a purge lists that node as not swept with the reason, lowers
   ``kv_host`` to ``unindexed`` (blocks there are unreachable, not removed), and the receipt
   still verifies; the live node is swept as before.
@@ -98,6 +100,16 @@ class Cluster:
         )  # fmt: skip
         assert done.returncode == 0, done.stderr.decode()[-4000:]
         return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+    def zumik(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The CLI as an operator runs it beside the cluster: the cluster's Redis and secrets."""
+        env = {**os.environ, **self.auth, "RAY_USAGE_STATS_ENABLED": "0", "ZUMIK_REDIS_URL": self.redis.url,
+               "ZUMIK_HOME": str(self.root / "home"), "ZUMIK_SECRETS_DIR": str(self.secrets)}  # fmt: skip
+        env.pop("RAY_ADDRESS", None)
+        return subprocess.run(
+            [sys.executable, "-m", "zumik_serve.cli", *args], capture_output=True, text=True, timeout=240,
+            cwd=Path(__file__).parents[2], env=env,
+        )  # fmt: skip
 
 
 def _start_node(node: Node, args: list[str]) -> None:
@@ -192,7 +204,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_purge_sweeps_every_node_and_lowers_the_class_for_a_dead_one(cluster: Cluster) -> None:
+def test_purge_and_tenant_delete_sweep_every_node_and_a_dead_one_lowers_the_class(cluster: Cluster) -> None:
     scope_a, scope_other = cluster.scope("ten_a"), cluster.scope("ten_other")
     for node in ("a", "b"):
         cluster.write_blocks(node, scope_a, 3)
@@ -213,6 +225,30 @@ def test_purge_sweeps_every_node_and_lowers_the_class_for_a_dead_one(cluster: Cl
             assert (node["result"], node["removed_blocks"], node["remaining_blocks"]) == ("done", 3, 0)
             assert node["hostname"]
     assert stores["kv_host"]["guarantee_class"] == "deleted"
+
+    # `zumik tenant delete` joins the cluster (both nodes are up: the purge saw them) and sweeps
+    # every node's tiers of the deleted tenant, as the gateway's purge does.
+    created = cluster.zumik("tenant", "create", "leaving", "--json")
+    assert created.returncode == 0, created.stderr
+    scope_gone = cluster.scope(json.loads(created.stdout)["tenant_id"])
+    for node in ("a", "b"):
+        cluster.write_blocks(node, scope_gone, 2)
+    receipt_file = cluster.root / "deletion.json"
+    deleted = cluster.zumik(
+        "tenant", "delete", "leaving", "--yes", "--receipt-out", str(receipt_file),
+        "--ray-address", cluster.address,
+    )  # fmt: skip
+    assert deleted.returncode == 0, deleted.stderr[-4000:]
+    assert f"every node of the Ray cluster at {cluster.address}" in " ".join(deleted.stderr.split())
+    receipt = json.loads(receipt_file.read_text())
+    assert verify_receipt(receipt, pem).ok
+    assert cluster.blocks("a", scope_gone) == [] and cluster.blocks("b", scope_gone) == []
+    assert len(cluster.blocks("a", scope_other)) == len(cluster.blocks("b", scope_other)) == 2
+    stores = {entry["store"]: entry for entry in receipt["stores"]}
+    for store in ("kv_host", "kv_disk"):
+        listed = {node["node_id"]: node for node in stores[store]["nodes"]}
+        assert set(listed) == {node_ids["a"], node_ids["b"]}
+        assert {(node["result"], node["removed_blocks"]) for node in listed.values()} == {("done", 2)}
 
     # Node b's raylet dies: a purge now cannot sweep it, and says so.
     raylets = [pid for pid in _processes_under([cluster.nodes["b"].temp_dir]) if _is_raylet(pid)]

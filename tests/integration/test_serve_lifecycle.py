@@ -28,6 +28,8 @@ import httpx
 import psutil
 import pytest
 
+from zumik_serve.app.ray_head import running_ray_address
+from zumik_serve.home import ZumikHome
 from zumik_serve.providers.sse import sse_lines_sync
 from zumik_serve.store.local_redis import free_port
 
@@ -45,7 +47,8 @@ class Serve:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "OTEL_"))}
         env.pop("ZUMIK_REDIS_URL", None)
         env.pop("ZUMIK_TRACES", None)
-        env.update(ZUMIK_HOME=str(tmp_path / "home"), ZUMIK_DEV_KEY=DEV_KEY, PYTHONUNBUFFERED="1")
+        self.home = tmp_path / "home"
+        env.update(ZUMIK_HOME=str(self.home), ZUMIK_DEV_KEY=DEV_KEY, PYTHONUNBUFFERED="1")
         command = [
             sys.executable, "-m", "zumik_serve.cli", "serve", "--port", str(self.port),
             "--dashboard-port", str(free_port()), "--metrics-port", str(free_port()),
@@ -141,6 +144,12 @@ def test_serve_prints_working_monitoring_urls_and_drains_on_sigterm(serve: Serve
     started = psutil.Process(serve.process.pid).children(recursive=True)
     names = " ".join(_command(p) for p in started)
     assert "redis-server" in names and "raylet" in names and "gcs_server" in names, names
+    # The head's address, for `zumik tenant delete` (it sweeps every node's KV tiers through it).
+    home = ZumikHome(serve.home)
+    address = running_ray_address(home, environ={})
+    (gcs,) = [p for p in started if "gcs_server" in _command(p)]
+    listening = {c.laddr.port for c in gcs.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert address is not None and int(address.rpartition(":")[2]) in listening, (address, listening)
 
     # SIGTERM with a streaming request in flight.
     release = threading.Event()
@@ -172,6 +181,7 @@ def test_serve_prints_working_monitoring_urls_and_drains_on_sigterm(serve: Serve
     assert contents[-1][-1]["finish_reason"] == "length"
 
     assert serve.process.wait(timeout=300) == 0, serve.output[-6000:]
+    assert running_ray_address(home, environ={}) is None and not (home.run_dir / "ray.json").exists()
     assert re.search(r"drained: 1 request\(s\) in flight finished", serve.output), serve.output[-3000:]
     deadline = time.monotonic() + 60
     while left := [p for p in started if _alive(p)]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -41,7 +42,9 @@ from kvstore.tiers.redis_keyring import RedisKeyring
 from profiles import load_builtin
 from tests.support.inprocess import DEV_KEY, InProcessGateway, make_gateway, wait_until
 from zumik_serve.api.app import build_app
+from zumik_serve.app.ray_head import forget_ray_address, record_ray_address, running_ray_address
 from zumik_serve.cli import main
+from zumik_serve.home import ZumikHome
 from zumik_serve.purge.classes import GuaranteeClass
 from zumik_serve.purge.deletion import TenantDeletion
 from zumik_serve.purge.job import PurgeStep
@@ -53,6 +56,7 @@ from zumik_serve.reuse.store import RedisReuseStore
 from zumik_serve.routing.store import RedisRoutingStore
 from zumik_serve.server_secrets import generate_missing
 from zumik_serve.state.store import RedisStateStore
+from zumik_serve.store.local_redis import free_port
 from zumik_serve.tenancy.store import RedisTenantStore, TenantDeletingError
 from zumik_serve.tenancy.tenant import (
     REVOCATION_BOUND_S,
@@ -550,9 +554,17 @@ def test_cli_manages_keys_and_deletes_a_tenant_to_a_verifiable_receipt(
 
     code, _, err = zumik("tenant", "delete", name)
     assert code == 2 and "--yes" in err
+    # A named cluster that does not answer stops the deletion before anything is revoked: a sweep
+    # of this machine alone would leave the other nodes' KV blocks behind.
+    nobody = f"127.0.0.1:{free_port()}"
+    code, _, err = zumik("tenant", "delete", name, "--yes", "--ray-address", nobody)
+    assert code == 1 and f"no Ray cluster answers at {nobody}" in err and "--ray-address" in err
+    code, out, _ = zumik("tenant", "key", "list", name, "--json")
+    assert code == 0 and len(json.loads(out)["keys"]) == 1
     receipt_file = tmp_path / "receipt.json"
     code, _, err = zumik("tenant", "delete", name, "--yes", "--receipt-out", str(receipt_file))
     assert code == 0, err
+    assert "swept on this machine only" in " ".join(err.split())  # no cluster named, none running
     public = SigningKeys(tmp_path / "home-secrets").public_keys()[0]["public_key"]
     (tmp_path / "public.pem").write_text(public)
     code, out, _ = zumik("receipt", "verify", str(receipt_file), "--public-key", str(tmp_path / "public.pem"))
@@ -563,6 +575,27 @@ def test_cli_manages_keys_and_deletes_a_tenant_to_a_verifiable_receipt(
     assert code == 1 and "no tenant is named" in err
     code, _, _ = zumik("tenant", "create", name)  # the name is free
     assert code == 0
+
+
+def test_the_ray_address_of_a_running_stack_is_found_and_forgotten(tmp_path: Path) -> None:
+    """`zumik tenant delete` joins the cluster ``RAY_ADDRESS`` names, else the one a running
+    stack of the home recorded; a record whose process is gone is not read."""
+    home = ZumikHome(tmp_path / "home")
+    assert running_ray_address(home, environ={}) is None
+    record_ray_address(home, "10.0.0.5:6379")
+    assert running_ray_address(home, environ={}) == "10.0.0.5:6379"
+    assert running_ray_address(home, environ={"RAY_ADDRESS": "10.0.0.9:6379"}) == "10.0.0.9:6379"
+    (home.run_dir / "ray.json").write_text(json.dumps({"address": "10.0.0.5:6379", "pid": _ended_pid()}))
+    assert running_ray_address(home, environ={}) is None
+    record_ray_address(home, "10.0.0.5:6379")
+    forget_ray_address(home)
+    assert running_ray_address(home, environ={}) is None
+
+
+def _ended_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 def test_tenant_deletion_sweeps_the_nodes_host_tier_folder_every_engine_writes(tmp_path: Path) -> None:

@@ -5,12 +5,17 @@ One task per node the GCS lists as alive, pinned there (``NodeAffinityScheduling
 that node's roots. A node the GCS lists as dead, a task that fails, and a task without an answer
 after ``timeout_s`` (cancelled then) each give a report with the reason: the purge lowers that
 store's class instead of claiming a sweep it did not see.
+
+``zumik tenant delete`` runs outside the cluster's processes: it joins the cluster the stack runs
+on (``cluster_node_sweeper``) at the address ``app/ray_head.running_ray_address`` finds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from kvstore.tier import Tier
 from zumik_serve.purge.nodes import NodeRef, NodeReport, node_tier_kinds, sweep_here
 
+CONNECT_TIMEOUT_S = 5.0  # how long a named cluster's GCS may take to accept a connection
 DEFAULT_TIMEOUT_S = 120.0  # a disk tier of many blocks takes a while to remove
 _REASON_CHARS = 300  # a failed task's message carries a traceback; the receipt gets its head
 
@@ -80,3 +86,22 @@ def ray_node_sweeper(kv_tiers: Mapping[str, Any] | None) -> RayNodeSweeper | Non
 def _head(text: str) -> str:
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line[:_REASON_CHARS]
+
+
+def cluster_node_sweeper(address: str | None, config: Mapping[str, Any]) -> RayNodeSweeper | None:
+    """The sweeper over every node of the cluster at ``address`` (joined as a driver), or None
+    without an address. Raises ``OSError``: a GCS address (``host:port``) that accepts no
+    connection within ``CONNECT_TIMEOUT_S`` (``ray.init`` would retry for minutes), or a process
+    already joined to another cluster."""
+    if address is None:
+        return None
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit() and "://" not in address:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass  # ConnectionRefusedError, TimeoutError, socket.gaierror: no cluster there
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    elif ray.get_runtime_context().gcs_address != address and address != "auto":
+        joined = ray.get_runtime_context().gcs_address
+        raise OSError(f"this process is already joined to the Ray cluster at {joined}")
+    return RayNodeSweeper(config)

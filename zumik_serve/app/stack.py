@@ -25,6 +25,7 @@ import httpx
 from profiles import Profile
 from zumik_serve.app.monitoring import MonitoringOptions, MonitoringUrls, monitoring_urls
 from zumik_serve.app.priority import WORKER_NICENESS_ENV
+from zumik_serve.app.ray_head import forget_ray_address, record_ray_address
 from zumik_serve.app.secrets_setup import prepare_secrets
 from zumik_serve.app.shutdown import DrainOutcome, drain_serve_app
 from zumik_serve.home import ZumikHome
@@ -170,6 +171,8 @@ class LocalStack:
                 self.started_ray = True
             self.connected_ray = True
             self.monitoring = monitoring_urls(context)
+            # For `zumik tenant delete`, which sweeps every node's KV tiers through it.
+            record_ray_address(home, str(ray.get_runtime_context().gcs_address))
 
         # Ray routes the root logger through its JSON handler; keep per-request client logs out.
         logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -236,6 +239,8 @@ class LocalStack:
 
             if self.connected_ray and ray.is_initialized():  # never a Ray this stack did not join
                 from ray import serve
+
+                forget_ray_address(self.config.home)
 
                 try:
                     serve.shutdown()

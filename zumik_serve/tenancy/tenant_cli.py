@@ -5,8 +5,10 @@ if it runs, else the embedded server started for the command). Exit codes: 0 don
 failed (the message says what to do), 2 a bad argument. A key is printed once, at creation, and
 never again; listings show key ids and hints only.
 
-``delete`` sweeps the KV tiers this machine reaches (the profile's Redis and disk tiers, and the
-host tier folders under its shared-memory root), as a purge on a gateway of this node does.
+``delete`` sweeps the KV tiers as a gateway's purge does: the profile's Redis tier from here, and
+the node tiers (host RAM, disk) on every node of the Ray cluster the stack runs on, when the
+command reaches it (``--ray-address``, ``RAY_ADDRESS``, or the head a running ``zumik serve``
+started: ``cli.py`` wires it), else on this machine only, which the command says.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from profiles import Profile, ProfileError, resolve_profile
 from zumik_serve.home import ZumikHome
 from zumik_serve.purge.classes import GuaranteeClass
 from zumik_serve.purge.deletion import DeletionOutcome, TenantDeletion
+from zumik_serve.purge.nodes import NodeSweeper, node_tier_kinds
 from zumik_serve.purge.service import PurgeService
 from zumik_serve.purge.signing_keys import SigningKeys
 from zumik_serve.purge.store import RedisPurgeStore
@@ -131,7 +134,14 @@ def run_key_revoke(args: argparse.Namespace, console: Console) -> int:
     return _run(work, console)
 
 
-def run_tenant_delete(args: argparse.Namespace, console: Console) -> int:
+# The node sweeper of the cluster the stack runs on, for the engines' tier config; None when no
+# cluster is reached (the deletion sweeps this machine's node tiers).
+ClusterSweeper = Callable[[dict[str, Any]], NodeSweeper | None]
+
+
+def run_tenant_delete(
+    args: argparse.Namespace, console: Console, cluster_sweeper: ClusterSweeper = lambda _config: None
+) -> int:
     if not args.yes:
         console.print(
             f"[red]error:[/red] deleting tenant {args.name} revokes its keys and purges all its data; "
@@ -146,7 +156,17 @@ def run_tenant_delete(args: argparse.Namespace, console: Console) -> int:
     home = ZumikHome.from_env()
 
     async def work(client: Any, url: str) -> int:
-        deletion = tenant_deletion(client, url=url, profile=profile, home=home)
+        config = deletion_tier_config(
+            profile, redis_url=url, home_root=home.root, kv_redis_url=running_kv_redis_url(home)
+        )
+        nodes = cluster_sweeper(config) if node_tier_kinds(config) else None
+        if node_tier_kinds(config) and nodes is None:
+            console.print(
+                "[yellow]note:[/yellow] no Ray cluster reached (--ray-address, RAY_ADDRESS or a running "
+                "`zumik serve`): the host and disk KV tiers are swept on this machine only, and the "
+                "receipt names it as the one node swept."
+            )
+        deletion = tenant_deletion(client, url=url, profile=profile, home=home, nodes=nodes)
         outcome = await deletion.delete(args.name)
         if outcome.receipt is None:
             done = ", ".join(outcome.job.done) or "none"
@@ -169,10 +189,17 @@ def run_tenant_delete(args: argparse.Namespace, console: Console) -> int:
 
 
 def tenant_deletion(
-    client: Any, *, url: str, profile: Profile, home: ZumikHome, revocation_wait_s: float = REVOCATION_BOUND_S
+    client: Any,
+    *,
+    url: str,
+    profile: Profile,
+    home: ZumikHome,
+    revocation_wait_s: float = REVOCATION_BOUND_S,
+    nodes: NodeSweeper | None = None,
 ) -> TenantDeletion:
     """A ``TenantDeletion`` wired as a gateway wires its purges: the profile's ceiling and KV
-    tiers, the secrets folder's signing key and cache-salt secret, the stores' traces."""
+    tiers, the secrets folder's signing key and cache-salt secret, the stores' traces. ``nodes``
+    sweeps the node tiers on every node (None: this machine's own)."""
     folder = secrets_dir(home)
     server_secrets = load_server_secrets(folder)
     tenants = RedisTenantStore(client)
@@ -189,27 +216,39 @@ def tenant_deletion(
         purge_store, signing_keys=SigningKeys(folder), profile=profile.name,
         ceiling=GuaranteeClass(profile.purge.ceiling), tiers=tiers, sealed=sealed, salt_secret=salt_secret,
         salt_epoch=tenants.salt_epoch, rotate_salt_epoch=tenants.rotate_salt_epoch,
-        forget_scopes=RedisReuseStore(client).forget_scopes, traces=RedisRoutingStore(client),
+        forget_scopes=RedisReuseStore(client).forget_scopes, traces=RedisRoutingStore(client), nodes=nodes,
     )  # fmt: skip
     return TenantDeletion(tenants, purges, purge_store, revocation_wait_s=revocation_wait_s)
 
 
-def deletion_tiers(
+def deletion_tier_config(
     profile: Profile, *, redis_url: str, home_root: Path, kv_redis_url: str | None = None
-) -> tuple[list[TierBackend], bool]:
-    """The KV tiers of ``profile`` this machine reaches, and whether they are sealed: the node's
-    host tier folder (every compat key's blocks live under it), the KV Redis (``kv_redis_url``,
-    as the gateway's user; the state Redis when the blocks live there) and disk; the engines'
-    connector config (``engines/vllm_config.py``) places them the same way."""
+) -> dict[str, Any]:
+    """The connector config of ``profile``'s tiers as the engines place them
+    (``engines/vllm_config.py``): the node's host tier folder (every compat key's blocks live
+    under it) and disk folder with their budgets, and the KV Redis (``kv_redis_url``, as the
+    gateway's user; the state Redis when the blocks live there). Empty when the tiers are off."""
     spec = profile.kv_tiers
     if not spec.enabled:
-        return [], False
+        return {}
     config: dict[str, Any] = {"host_capacity_bytes": spec.host_capacity_bytes}
     if spec.redis:
         config["redis_url"] = kv_redis_url or redis_url
     if spec.disk_root:
         config["disk_root"] = spec.disk_root.replace("$ZUMIK_HOME", str(home_root))
-    return build_tiers(config), spec.seal
+        config["disk_capacity_bytes"] = spec.disk_capacity_bytes
+    return config
+
+
+def deletion_tiers(
+    profile: Profile, *, redis_url: str, home_root: Path, kv_redis_url: str | None = None
+) -> tuple[list[TierBackend], bool]:
+    """The KV tiers of ``profile`` (``deletion_tier_config``) as this machine reaches them, and
+    whether they are sealed."""
+    config = deletion_tier_config(
+        profile, redis_url=redis_url, home_root=home_root, kv_redis_url=kv_redis_url
+    )
+    return (build_tiers(config), profile.kv_tiers.seal) if config else ([], False)
 
 
 def _keep_receipt(outcome: DeletionOutcome, path: Path | None, console: Console) -> bool:
