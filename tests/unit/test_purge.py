@@ -73,10 +73,10 @@ from zumik_serve.purge.service import ENGINE_ENTRY, PurgeOutcome, PurgeService, 
 from zumik_serve.purge.signing_keys import SigningKeys
 from zumik_serve.purge.store import RedisPurgeStore
 from zumik_serve.server_secrets import generate_missing, load_server_secrets
-from zumik_serve.state.objects import ArtifactRole
-from zumik_serve.state.requests import CreateArtifact, CreateBundle, CreateSession, CreateSnapshot
+from zumik_serve.state.objects import ArtifactRole, TurnRole
+from zumik_serve.state.requests import AppendTurn, CreateArtifact, CreateBundle, CreateSession, CreateSnapshot
 from zumik_serve.state.service import StateService
-from zumik_serve.state.store import RedisStateStore, exposed_key
+from zumik_serve.state.store import RedisStateStore, exposed_key, object_key
 from zumik_serve.store.local_redis import LocalRedis
 from zumik_serve.tenancy.store import RedisTenantStore
 from zumik_serve.tenancy.tenant import TenantId, cache_salt
@@ -253,6 +253,55 @@ async def test_a_request_racing_a_purge_is_either_seen_as_exposure_or_refused(ha
         await state.snapshot_messages("ten_b", ids["snp"])
     assert not await client.sismember(exposed_key("ten_b"), ids["snp"])
     assert await tenants.salt_epoch(TenantId("ten_b")) == 0  # never exposed: nothing to close
+
+
+@pytest.mark.redis
+async def test_a_snapshot_racing_a_purge_of_its_session_is_purged_with_it_or_refused(
+    harness: Harness,
+) -> None:
+    """A snapshot of a session is created while the session is purged. Built between the purge's
+    read of what derives from the session and its revoke, it is found by the purge's next read
+    and purged with it (it once survived, holding the session's turns); built after the revoke,
+    it is refused (404) and nothing is stored."""
+    state, purges, _, client = harness.services()
+    store = purges._store
+    closure = store.closure
+    ids = await _objects(state, "ten_a")
+    said = "TURN-5c1e what only the session holds"
+    await state.append_turn("ten_a", ids["ses"], AppendTurn(role=TurnRole.USER, content=said), None)
+    made: list[str] = []
+
+    async def snapshot_meanwhile(tenant: str, target: str) -> tuple[str, ...]:
+        found = await closure(tenant, target)
+        if not made:  # the first read, before anything is revoked
+            made.append((await state.create_snapshot(tenant, CreateSnapshot(session=ids["ses"]), None))["id"])
+        return found
+
+    store.closure = snapshot_meanwhile  # type: ignore[method-assign]
+    receipt = (await purges.purge("ten_a", ids["ses"])).receipt
+    assert receipt is not None and made[0] in receipt["purged"], (made, receipt["purged"])
+    assert await client.get(object_key("ten_a", made[0])) is None
+    assert not _files_containing(harness.root / "redis", said.encode())
+
+    # After the revoke: refused, and no record or link is left behind.
+    ids = await _objects(state, "ten_b")
+    store.closure = closure  # type: ignore[method-assign]
+    revoke_all = store.revoke_all
+    refused: list[NotFoundError] = []
+
+    async def snapshot_after_the_revoke(tenant: str, handles: Sequence[str]) -> None:
+        await revoke_all(tenant, handles)
+        if not refused:
+            with pytest.raises(NotFoundError, match=ids["ses"]) as caught:
+                await state.create_snapshot(tenant, CreateSnapshot(session=ids["ses"]), None)
+            refused.append(caught.value)
+
+    store.revoke_all = snapshot_after_the_revoke  # type: ignore[method-assign]
+    receipt = (await purges.purge("ten_b", ids["ses"])).receipt
+    assert receipt is not None and refused and refused[0].status == 404
+    assert set(receipt["purged"]) == {ids["ses"]}
+    snapshots = [key async for key in client.scan_iter(match=object_key("ten_b", "snp_*"))]
+    assert snapshots == [object_key("ten_b", ids["snp"]).encode()]  # the one made before the purge
 
 
 @pytest.mark.redis

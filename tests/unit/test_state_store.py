@@ -30,7 +30,13 @@ from zumik_serve.state.objects import (
     Turn,
     TurnRole,
 )
-from zumik_serve.state.outcomes import IdempotentEntry, SessionNotLive, TurnAppended, TurnReplayed
+from zumik_serve.state.outcomes import (
+    IdempotentEntry,
+    ParentNotLive,
+    SessionNotLive,
+    TurnAppended,
+    TurnReplayed,
+)
 from zumik_serve.state.store import RedisStateStore
 from zumik_serve.store.local_redis import LocalRedis
 
@@ -145,6 +151,31 @@ async def test_records_round_trip_as_values(client: aioredis.Redis) -> None:
     assert await store.revoke(TENANT, bundle.id)
     assert await store.get_record(TENANT, bundle.id) is None
     assert await store.get_record_any(TENANT, bundle.id) == bundle  # frozen objects still reach it
+
+
+async def test_an_object_built_on_a_revoked_or_missing_one_is_not_written(client: aioredis.Redis) -> None:
+    """The parents a new object reads are checked in the same step as its write: a purge that
+    revoked one since leaves no record and no link (a purge's next read of what derives from
+    the parent then finds everything built on it)."""
+    store = RedisStateStore(client)
+    session = make_session()
+    assert await store.put_record(TENANT, session)
+    branch = make_session("brn_" + "d" * 26, parent=session.id, fork_at=0)
+    snapshot = Snapshot(
+        id="snp_" + "d" * 26, bundle=None, artifacts=(), session=session.id, upto_turn=0, turns=(),
+        created_at_s=7,
+    )  # fmt: skip
+    assert await store.revoke(TENANT, session.id)
+    for record in (branch, snapshot):
+        stored = await store.put_record(TENANT, record, parents=[session.id], live=[session.id])
+        assert stored == ParentNotLive(session.id)
+        assert await client.exists(f"z:{{{TENANT}}}:o:{record.id}") == 0
+    assert await client.smembers(f"z:{{{TENANT}}}:derived:{session.id}") == set()
+    missing = "ses_" + "9" * 26
+    assert await store.put_record(TENANT, branch, parents=[missing], live=[missing]) == ParentNotLive(missing)
+    # A parent it only links (a snapshot's revoked artifact: it freezes it) does not stop it.
+    assert await store.put_record(TENANT, snapshot, parents=[session.id]) is True
+    assert await client.smembers(f"z:{{{TENANT}}}:derived:{session.id}") == {snapshot.id.encode()}
 
 
 async def test_records_are_stored_as_canonical_json(client: aioredis.Redis) -> None:

@@ -232,9 +232,15 @@ class PurgeService:
     # --- steps: each returns the job with its result; ``run`` saves it ------------------------
 
     async def _revoke(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
-        closure = await self._store.closure(tenant, job.target)
-        await self._store.index_purged(tenant, closure, job.id)
-        await self._store.revoke_all(tenant, closure)
+        # Read the closure again after each revoke: an object built on it in between (a snapshot
+        # of a session being purged) is found by the next read. A new object is written with its
+        # links only while the objects it reads are live (``StateStore.put_record``), so once a
+        # read finds nothing new, nothing more can be built on the closure.
+        closure: tuple[str, ...] = ()
+        while new := [h for h in await self._store.closure(tenant, job.target) if h not in closure]:
+            await self._store.index_purged(tenant, new, job.id)
+            await self._store.revoke_all(tenant, new)
+            closure += tuple(new)
         # Read after the revoke: a request marks an object exposed only while it is live
         # (``StateStore.mark_exposed``), so a mark this read misses was refused, and that
         # request sent nothing. Read before it, a request marking in between went unseen.

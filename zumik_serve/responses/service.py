@@ -28,6 +28,7 @@ from zumik_serve.responses.chat import ChatMessage
 from zumik_serve.responses.records import StoredResponse
 from zumik_serve.responses.store import RedisResponseStore
 from zumik_serve.state.objects import TurnRole
+from zumik_serve.state.outcomes import ParentNotLive
 from zumik_serve.state.requests import AppendTurn, message_text
 from zumik_serve.state.service import StateService
 
@@ -74,7 +75,9 @@ class ResponsesService:
         release: str | None = None,
     ) -> StoredResponse:
         """Store a finished response: its messages as turns of the conversation, then its
-        record (built on the session or branch holding them and on the response it continues)."""
+        record (built on the session or branch holding them and on the response it continues,
+        both still live: 404 when a delete or a purge took one while it was generated, and the
+        record is not stored)."""
         after = (previous.record.session, previous.record.upto) if previous is not None else None
         turns = [_turn(message) for message in added]
         session, upto = await self._state.store_call(self._state.continue_conversation(tenant, after, turns))
@@ -90,7 +93,9 @@ class ResponsesService:
             release=release,
         )
         parents = [session] if previous is None else [session, previous.record.id]
-        await self._state.store_call(self._store.put(tenant, record, parents))
+        stored = await self._state.store_call(self._store.put(tenant, record, parents))
+        if isinstance(stored, ParentNotLive):  # deleted or purged while this one was generated
+            raise _not_found(stored.handle, "previous_response_id")
         return record
 
     async def get(self, tenant: str, response_id: str) -> StoredResponse:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 
 from zumik_serve.responses.records import StoredResponse
+from zumik_serve.state.outcomes import ParentNotLive
 from zumik_serve.state.store import REVOKED_PREFIX, RedisStateStore, object_key
 
 
@@ -18,10 +19,12 @@ class RedisResponseStore:
         self._redis = client
         self._state = state
 
-    async def put(self, tenant: str, record: StoredResponse, parents: Sequence[str]) -> None:
-        """Store the record (counted in the tenant's objects and stored_bytes quotas, with the
-        state objects': QuotaExceededError when it does not fit, and nothing is written)."""
-        await self._state.put_json(tenant, record.id, record.model_dump_json(), parents)
+    async def put(self, tenant: str, record: StoredResponse, parents: Sequence[str]) -> bool | ParentNotLive:
+        """Store the record built on ``parents``, each still live (``ParentNotLive`` otherwise,
+        and nothing is written; ``RedisStateStore.put_record``), counted in the tenant's objects
+        and stored_bytes quotas with the state objects' (QuotaExceededError when it does not
+        fit, and nothing is written)."""
+        return await self._state.put_json(tenant, record.id, record.model_dump_json(), parents, live=parents)
 
     async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
         """The live record (None when unknown, deleted, purged or another kind of object)."""

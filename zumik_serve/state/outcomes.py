@@ -23,6 +23,14 @@ class IdempotentEntry:
 
 
 @dataclass(frozen=True)
+class ParentNotLive:
+    """A new object was not written: ``handle``, an object it is built on and needs live, was
+    missing or revoked by then (a purge revoked it after the request read it)."""
+
+    handle: str
+
+
+@dataclass(frozen=True)
 class TurnAppended:
     """The turn was appended as number ``seq`` of the session or branch."""
 

@@ -44,7 +44,7 @@ from zumik_serve.state.objects import (
     content_digest,
     stored_json,
 )
-from zumik_serve.state.outcomes import SessionNotLive, TurnAppended, TurnReplayed
+from zumik_serve.state.outcomes import ParentNotLive, SessionNotLive, TurnAppended, TurnReplayed
 from zumik_serve.state.requests import (
     AppendTurn,
     CreateArtifact,
@@ -172,7 +172,15 @@ class StateService:
             self.limits.check_expanded(expanded_bytes(artifacts, sizes), what="bundle", param="artifacts")
             handle = await self._new_handle(HandleKind.BUNDLE)
             bundle = Bundle(id=handle, artifacts=artifacts, created_at_s=int(time.time()))
-            await self._store.put_record(tenant, bundle, parents=artifacts)
+            stored = await self._store.put_record(tenant, bundle, parents=artifacts, live=artifacts)
+            if isinstance(stored, ParentNotLive):  # revoked since it was read
+                index = artifacts.index(stored.handle)
+                raise UnprocessableError(
+                    f"artifacts[{index}] ({stored.handle}) is not a live artifact of yours; create it "
+                    "with POST /v2/artifacts first",
+                    param=f"artifacts[{index}]",
+                    code="unknown_artifact",
+                )
             return created_body(bundle)
 
         return await self._idempotent(tenant, idem_key, request_hash("bundle", request.sent()), create)
@@ -189,7 +197,8 @@ class StateService:
                 id=await self._new_handle(HandleKind.SESSION), object="session", bundle=bundle,
                 created_at_s=int(time.time()),
             )  # fmt: skip
-            await self._store.put_record(tenant, session, parents=[bundle] if bundle else [])
+            built_on = [bundle] if bundle else []
+            await self._put(tenant, session, built_on, live=built_on, param="bundle")
             return SessionBody.of(session, head=0).body()
 
         return await self._idempotent(tenant, idem_key, request_hash("session", request.sent()), create)
@@ -263,7 +272,7 @@ class StateService:
                 id=await self._new_handle(HandleKind.BRANCH), object="branch", bundle=parent.bundle,
                 parent=session, fork_at=at_turn, created_at_s=int(time.time()),
             )  # fmt: skip
-            await self._store.put_record(tenant, branch, parents=[session])
+            await self._put(tenant, branch, [session], live=[session])
             return SessionBody.of(branch, head=at_turn).body()
 
         return await self._idempotent(
@@ -296,8 +305,8 @@ class StateService:
                 id=await self._new_handle(HandleKind.SNAPSHOT), bundle=bundle, artifacts=artifacts,
                 session=session, upto_turn=upto_turn, turns=tuple(turns), created_at_s=int(time.time()),
             )  # fmt: skip
-            parents = [p for p in (bundle, session) if p] + list(artifacts)
-            await self._store.put_record(tenant, snapshot, parents=parents)
+            read = [p for p in (bundle, session) if p]  # its artifacts may be revoked: it freezes them
+            await self._put(tenant, snapshot, read + list(artifacts), live=read)
             return SnapshotBody.of(snapshot, compilations=[]).body()
 
         return await self._idempotent(tenant, idem_key, request_hash("snapshot", request.sent()), create)
@@ -385,7 +394,7 @@ class StateService:
                 id=await self._new_handle(HandleKind.BRANCH), object="branch", bundle=parent.bundle,
                 parent=parent.id, fork_at=upto, created_at_s=now,
             )  # fmt: skip
-            await self._store.put_record(tenant, holder, parents=[parent.id])
+            await self._put(tenant, holder, [parent.id], live=[parent.id])
             outcome = await self._store.append_turns_at(tenant, holder.id, appended, own_count=0)
         if not isinstance(outcome, int):
             raise _not_found(holder.id)
@@ -433,6 +442,21 @@ class StateService:
         sizes = {handle: artifact.size_bytes for handle, artifact in records.items()}
         self.limits.check_expanded(expanded_bytes(artifacts, sizes, turns), what="snapshot", param=param)
         return records
+
+    async def _put(
+        self,
+        tenant: str,
+        record: Bundle | Session | Snapshot,
+        parents: Sequence[str],
+        *,
+        live: Sequence[str],
+        param: str | None = None,
+    ) -> None:
+        """Store ``record`` built on ``parents``; 404 naming the first of ``live`` that a purge
+        (or a revoke) took since this request read it: nothing is stored then."""
+        stored = await self._store.put_record(tenant, record, parents=parents, live=live)
+        if isinstance(stored, ParentNotLive):
+            raise _not_found(stored.handle, param=param)
 
     async def _require(
         self,

@@ -64,6 +64,7 @@ from zumik_serve.state.objects import (
 from zumik_serve.state.outcomes import (
     AppendOutcome,
     IdempotentEntry,
+    ParentNotLive,
     SessionNotLive,
     TurnAppended,
     TurnReplayed,
@@ -153,18 +154,26 @@ redis.call('SADD', KEYS[1], unpack(ARGV))
 return ''
 """)
 
-# KEYS: ``quota_keys``, object, then the ``derived`` set of each parent. ARGV: record JSON,
-# its handle.
-# Returns {"ok"} | {"exists"} (records never change: nothing written) | a quota refusal.
-PUT_RECORD = """
+# KEYS: ``quota_keys``, object, the ``derived`` set of each parent, then the object of each
+# parent that must be live. ARGV: record JSON, its handle, the number of ``derived`` sets.
+# Returns {"ok"} | {"exists"} (records never change: nothing written) | {"gone", n} (the n-th
+# parent that must be live is missing or revoked: nothing written) | a quota refusal.
+PUT_RECORD = _lua("""
+local derived = tonumber(ARGV[3])
+for index = 5 + derived, #KEYS do
+  local raw = redis.call('GET', KEYS[index])
+  if not raw or string.sub(raw, 1, {prefix_len}) == '{prefix}' then
+    return {'gone', tostring(index - 4 - derived)}
+  end
+end
 if redis.call('EXISTS', KEYS[4]) == 1 then return {'exists'} end
 local refused = zq_fits(1, #ARGV[1])
 if refused then return refused end
 redis.call('SET', KEYS[4], ARGV[1])
-for index = 5, #KEYS do redis.call('SADD', KEYS[index], ARGV[2]) end
+for index = 5, 4 + derived do redis.call('SADD', KEYS[index], ARGV[2]) end
 zq_charge(KEYS[4], 1, #ARGV[1])
 return {'ok'}
-"""
+""")
 
 # KEYS: ``quota_keys``, blob, object, bydigest. ARGV: content, record JSON, handle. The content
 # is stored (and counted) once per digest, the record once per handle.
@@ -247,18 +256,36 @@ class RedisStateStore:
         raws = await self._redis.mget([object_key(tenant, handle) for handle in handles])
         return [_live(raw) for raw in raws]
 
-    async def put_record(self, tenant: str, record: StateObject, parents: Sequence[str] = ()) -> bool:
-        """Store a new object built on ``parents`` (indexed, so that purging a parent finds it);
-        False when its handle already exists (records never change). QuotaExceededError when
-        it would take the tenant past its objects or stored_bytes quota (nothing is written)."""
-        return await self.put_json(tenant, record.id, _canonical(record), parents)
+    async def put_record(
+        self, tenant: str, record: StateObject, parents: Sequence[str] = (), live: Sequence[str] = ()
+    ) -> bool | ParentNotLive:
+        """Store a new object built on ``parents`` (indexed, so that purging a parent finds it):
+        True; False when its handle already exists (records never change). ``live``: the parents
+        it needs live, checked in the same step as the write: ``ParentNotLive`` when one is missing
+        or revoked (a purge revoked it since it was read), and nothing is written. So a purge that
+        revokes objects, then reads what is built on them, finds every object built on them
+        (``purge/store.py``). QuotaExceededError when it would take the tenant past its objects or
+        stored_bytes quota (nothing is written)."""
+        return await self.put_json(tenant, record.id, _canonical(record), parents, live)
 
-    async def put_json(self, tenant: str, handle: str, record_json: str, parents: Sequence[str] = ()) -> bool:
+    async def put_json(
+        self,
+        tenant: str,
+        handle: str,
+        record_json: str,
+        parents: Sequence[str] = (),
+        live: Sequence[str] = (),
+    ) -> bool | ParentNotLive:
         """``put_record`` of a record already encoded (a stored response's)."""
+        linked = list(dict.fromkeys(parents))
+        needed = list(dict.fromkeys(live))
         keys = [*quota_keys(tenant), object_key(tenant, handle)]
-        keys += [derived_key(tenant, parent) for parent in dict.fromkeys(parents)]
-        reply = await self._put_record(keys=keys, args=[record_json, handle])
+        keys += [derived_key(tenant, parent) for parent in linked]
+        keys += [object_key(tenant, parent) for parent in needed]
+        reply = await self._put_record(keys=keys, args=[record_json, handle, len(linked)])
         raise_refusal(reply)
+        if _text(reply[0]) == "gone":
+            return ParentNotLive(needed[int(reply[1]) - 1])
         return _text(reply[0]) == "ok"
 
     async def delete_keys(self, tenant: str, keys: Sequence[str]) -> int:
