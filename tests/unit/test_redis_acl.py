@@ -17,6 +17,7 @@ import datetime
 import ipaddress
 import json
 import logging
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,8 +37,14 @@ from profiles import load_builtin
 from zumik_serve.engines.vllm_config import kv_transfer_config
 from zumik_serve.errors import StoreUnavailableError
 from zumik_serve.home import ZumikHome
-from zumik_serve.store.client import check_access, gateway_client, guard
-from zumik_serve.store.local_redis import LocalRedis, TlsFiles, free_port
+from zumik_serve.store.client import (
+    RedisDurabilityError,
+    check_access,
+    check_durability,
+    gateway_client,
+    guard,
+)
+from zumik_serve.store.local_redis import LocalRedis, TlsFiles, free_port, wait_for_redis
 from zumik_serve.store.redis_acl import (
     GATEWAY_USER,
     KV_USER,
@@ -269,3 +276,47 @@ async def test_rediss_urls_work_for_the_gateway_and_the_engines(tmp_path: Path) 
             await aioredis.from_url(plain, socket_timeout=5).ping()
     finally:
         server.stop()
+
+
+def test_a_state_redis_that_may_lose_acknowledged_writes_stops_the_start(
+    server: LocalRedis, tmp_path: Path
+) -> None:
+    """Zumik answers a write once Redis has it on disk: the embedded server (AOF, fsync before each
+    reply) passes; a Redis that fsyncs every second, one without an AOF, and one whose
+    configuration the user may not read each stop the start (the build of the app, as deployed)
+    with what to change, unless the operator sets ZUMIK_REDIS_DURABILITY=unchecked, when the gap
+    is logged instead."""
+    assert check_durability(server.url, environ={}) is None
+    port = free_port()
+    loose = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+         "--appendfsync", "everysec", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_for_redis(url, timeout_s=30, process=loose)
+        with pytest.raises(
+            RedisDurabilityError, match=r"appendfsync 'everysec'.*ZUMIK_REDIS_DURABILITY=unchecked"
+        ):
+            check_durability(url, environ={})
+        redis.Redis.from_url(url).config_set("appendonly", "no")
+        with pytest.raises(RedisDurabilityError, match=r"AOF is off"):
+            check_durability(url, environ={})
+        assert "AOF is off" in str(check_durability(url, environ={"ZUMIK_REDIS_DURABILITY": "unchecked"}))
+        kv_url = with_user(server.url, KV_USER, Path(str(server.kv_access.password_file)).read_text())
+        with pytest.raises(RedisDurabilityError, match=r"configuration cannot be read \(CONFIG GET"):
+            check_durability(kv_url, environ={})  # a user without +config|get, as on a managed Redis
+
+        # On the production path: building the app stops before any deployment, or logs the gap.
+        from zumik_serve.app.application import build_serve_app
+
+        profile = load_builtin("local-cpu")
+        tiers = profile.kv_tiers.model_copy(update={"redis": False})
+        build = {"model_dir": tmp_path, "redis_url": url, "dev_key": None, "home": ZumikHome(tmp_path)}
+        with pytest.raises(RedisDurabilityError, match="AOF is off"):
+            build_serve_app(profile.model_copy(update={"kv_tiers": tiers}), **build)  # type: ignore[arg-type]
+    finally:
+        loose.kill()
+        loose.wait(timeout=30)
+    assert check_durability(f"redis://127.0.0.1:{free_port()}/0", environ={}) is None  # an outage, no error

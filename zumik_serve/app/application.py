@@ -10,6 +10,7 @@ replicas that cannot scale apart from engines.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ from zumik_serve.home import ZumikHome
 from zumik_serve.model.resolve import resolve_adapter, resolve_source
 from zumik_serve.model.tiny_lora import read_adapter_info
 from zumik_serve.secret_files import secrets_dir
-from zumik_serve.store.client import check_access
+from zumik_serve.store.client import DURABILITY_ENV, check_access, check_durability
 from zumik_serve.store.local_redis import KV_REDIS_URL_ENV
+
+logger = logging.getLogger("ray.serve")
 
 APP_NAME = "zumik"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
@@ -87,6 +90,10 @@ def build_serve_app(
             "the profile. KV blocks never go into the state Redis, which does not evict."
         )
     check_access(redis_url)
+    if (gap := check_durability(redis_url)) is not None:
+        logger.warning(
+            "zumik: %s=unchecked; the state Redis may lose acknowledged writes: %s", DURABILITY_ENV, gap
+        )
     parts = [
         _profile_parts(
             served_profile,

@@ -7,14 +7,16 @@ calls it: a hung Redis is a ``redis.exceptions.TimeoutError`` (a ``RedisError``)
 that waits forever.
 A refused user is a misconfiguration, not an outage: ``check_access`` stops a deployment at
 start with what to check, and ``guard`` logs the same advice should it happen later (a password
-rotated in Redis but not in the gateway).
+rotated in Redis but not in the gateway). So is a state Redis that may lose a write it
+acknowledged (``check_durability``): Zumik answers a write only once Redis has it on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+import os
+from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
 
 import redis
@@ -22,7 +24,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
@@ -36,6 +38,8 @@ T = TypeVar("T")
 GATEWAY_POOL_CONNECTIONS = 48
 STALE_CONNECTION_RETRIES = 1
 COMMAND_TIMEOUT_S = 15.0  # a command or pipeline, from the wait for a pooled connection to its reply
+# "unchecked": start on a state Redis whose durability is not shown (the gap is logged instead).
+DURABILITY_ENV = "ZUMIK_REDIS_DURABILITY"
 
 
 def gateway_client(url: str) -> aioredis.Redis:
@@ -125,6 +129,52 @@ def check_access(url: str, *, timeout_s: float = 5.0) -> None:
         return
     finally:
         client.close()
+
+
+class RedisDurabilityError(RuntimeError):
+    """The state Redis may lose writes it acknowledged: a deployment's misconfiguration."""
+
+
+def check_durability(
+    url: str, *, environ: Mapping[str, str] = os.environ, timeout_s: float = 5.0
+) -> str | None:
+    """Raise ``RedisDurabilityError`` (why, and what to change) when the state Redis at ``url``
+    may lose a write it acknowledged: its AOF is off, it fsyncs the AOF less often than before
+    each reply (``appendfsync`` not ``always``: up to a second of acknowledged writes lost in a
+    crash), or ``CONFIG GET`` is refused, so neither can be seen (a managed Redis). With
+    ``ZUMIK_REDIS_DURABILITY=unchecked`` the reason is returned instead, for the caller to log.
+    None when the writes are on disk before each reply, and for an unreachable Redis (an outage,
+    as in ``check_access``). The embedded server runs ``appendfsync always``
+    (``store/local_redis.py``)."""
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    gap: str | None
+    try:
+        settings = {**client.config_get("appendonly"), **client.config_get("appendfsync")}
+    except (NoPermissionError, ResponseError) as exc:  # a user without +config|get, a renamed CONFIG
+        gap = f"its configuration cannot be read (CONFIG GET: {str(exc)[:120]})"
+    except RedisError:
+        return None
+    else:
+        gap = _durability_gap({str(k): str(v) for k, v in settings.items()})
+    finally:
+        client.close()
+    if gap is None:
+        return None
+    if environ.get(DURABILITY_ENV) == "unchecked":
+        return gap
+    raise RedisDurabilityError(
+        f"The state Redis may lose writes Zumik has acknowledged: {gap}. Run it with `appendonly yes` "
+        f"and `appendfsync always` (CONFIG SET, or in redis.conf), or set {DURABILITY_ENV}=unchecked "
+        "to start anyway and accept that a crash may lose the last writes."
+    )
+
+
+def _durability_gap(config: Mapping[str, str]) -> str | None:
+    if config.get("appendonly") != "yes":
+        return "its AOF is off (appendonly no)"
+    if config.get("appendfsync") != "always":
+        return f"it fsyncs its AOF with appendfsync {config.get('appendfsync')!r}, not before each reply"
+    return None
 
 
 def plain_client(url: str) -> aioredis.Redis:
