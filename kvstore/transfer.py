@@ -24,12 +24,19 @@ several threads (``hostcopy``). A restore records an event the engine's stream
 waits on (the forward waits for the restored blocks, the CPU does not); a store waits on the
 engine's stream, then for its own copy to land in pinned host memory of its own, which it
 returns (block-major, like the staging buffer) without another copy.
+
+Host waits: block ids go to the device from pinned memory, ``non_blocking``, so the only wait of
+the CPU on the GPU is a store's, for its bytes (and a restore's, before it reuses the staging
+buffer the previous one may still read). Both are deliberate, and run inside vLLM's
+``gpu_sync_allowed`` (its ``VLLM_GPU_SYNC_CHECK`` reports every other sync in the engine step;
+without vLLM, as in the GPU check, there is nothing to allow).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +45,12 @@ from kvstore.codec import BlockSink, KnownHeaders
 from kvstore.hostcopy import copy_all
 from kvstore.manager import Placed, TierManager
 from kvstore.tier import BlockAddress
+
+_sync_allowed: Callable[[], contextlib.AbstractContextManager[object]]
+try:
+    from vllm.utils.gpu_sync_debug import gpu_sync_allowed as _sync_allowed
+except ImportError:  # plain PyTorch (the GPU check): no sync checker to tell
+    _sync_allowed = contextlib.nullcontext
 
 # Restored blocks arrive as read-only views of the bytes read (no copy before the copy into the
 # cache); torch only ever reads them (the source of ``copy_``), so its warning says nothing here.
@@ -120,6 +133,7 @@ class BlockCopier:
             self._rows[name] = rows
         self._pending: torch.cuda.Event | None = None  # the last copy that reads self._host
         self._host_ids = torch.empty(0, dtype=torch.long)  # a restore's block ids, pinned (CUDA)
+        self._extract_ids = torch.empty(0, dtype=torch.long)  # a store's, pinned (CUDA)
 
     @property
     def bytes_per_block(self) -> int:
@@ -144,17 +158,24 @@ class BlockCopier:
         if self._rows is not None:  # vLLM's CPU layout: one numpy gather per layer is the copy
             ids = np.fromiter(block_ids, dtype=np.intp, count=count)
             return {name: rows[ids] for name, rows in self._rows.items()}
-        index = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
         if self._stream is None:  # host memory: one gather per layer is the copy
+            index = torch.tensor(list(block_ids), dtype=torch.long)
             return {
                 name: canonical(blocks.index_select(0, index)).contiguous().reshape(count, -1).numpy()
                 for name, blocks in self._blocks.items()
             }
+        # The ids go over from pinned memory, on the side stream (a copy from pageable memory
+        # would wait for the engine's stream); the previous store's copy of them has landed.
+        if self._extract_ids.numel() < count:
+            self._extract_ids = torch.empty(max(self.num_blocks, count), dtype=torch.long, pin_memory=True)
+        pinned = self._extract_ids[:count]
+        pinned.numpy()[:] = block_ids
         # The blocks land in pinned memory of their own that the caller keeps (no copy after the
         # copy to the host): PyTorch's pinned-memory cache takes it back once the caller drops them.
         host = torch.empty(count * self.bytes_per_block, dtype=torch.uint8, pin_memory=True)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the forward wrote them
         with torch.cuda.stream(self._stream):
+            index = pinned.to(self.device, non_blocking=True)
             staged = torch.empty((count, self.bytes_per_block), dtype=torch.uint8, device=self.device)
             for name in self.layer_order:
                 gathered = canonical(self._blocks[name].index_select(0, index))
@@ -163,7 +184,8 @@ class BlockCopier:
             host.copy_(staged.view(-1), non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._stream)
-        done.synchronize()
+        with _sync_allowed():  # the store's bytes must be on the host: the one wait of a store
+            done.synchronize()
         return self._layer_views(host.numpy().reshape(count, self.bytes_per_block))
 
     def inject(self, block_ids: Sequence[int], blocks: Sequence[Mapping[str, np.ndarray]]) -> int:
@@ -234,7 +256,8 @@ class BlockCopier:
     def synchronize(self) -> None:
         """Wait until the last restore has landed (tests, and before freeing the caches)."""
         if self._pending is not None:
-            self._pending.synchronize()
+            with _sync_allowed():  # the staging buffer is reused only once its copy has landed
+                self._pending.synchronize()
             self._pending = None
 
     def _staging(self, num_bytes: int) -> torch.Tensor:

@@ -20,9 +20,11 @@ one pinned host<->device ``memcpy`` of the same bytes (the link's ceiling): the 
 restore from a host (shared-memory) tier and a disk tier (``TierManager.restore`` into the
 staging buffer, then the copy and scatters), Redis's path (values checked and copied by the
 sink), blocks already in memory (``inject``), and the parts: the host fill, the device half,
-one thread's checksum. The same checks run on CPU (``--device cpu``) in the unit suite, without
-the CUDA-only parts. ``tests/gpu/device_run.sh`` runs it on a lent GPU machine; its figures of
-2026-12-04 (one H200) are in docs/benchmarks.md.
+one thread's checksum. And how often each half makes the CPU wait for the GPU (torch's sync
+debug mode counts every synchronizing CUDA call): a restore never (the forward waits, not the
+CPU), a store once (its bytes must reach the host). The same checks run on CPU
+(``--device cpu``) in the unit suite, without the CUDA-only parts. ``tests/gpu/device_run.sh``
+runs it on a lent GPU machine; its figures of 2026-12-04 (one H200) are in docs/benchmarks.md.
 
     python tests/gpu/kv_transfer_check.py --blocks 256 --out gpu-kv.json
 """
@@ -35,6 +37,8 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +179,36 @@ def check_case(
         and decode_block(stolen, BlockAddress(shards[1], keys[0], scope)) is None
     )
     return result
+
+
+def host_syncs(*, layers: int, blocks: int, tokens: int) -> dict[str, int]:
+    """Synchronizing CUDA calls (torch's sync debug mode, "warn") in one store's copy-out and
+    one restore's copy-in of ``blocks`` blocks, after one of each has allocated the pinned
+    buffers. vLLM's ``VLLM_GPU_SYNC_CHECK`` reports these in the engine step unless allowed."""
+    (case, *_) = cases(128, 8)  # bf16, block-first
+    copier = BlockCopier(layer_views(case, layers, blocks, tokens, "cuda", seed=3), blocks)
+    block_ids = list(range(blocks))
+    copied = copier.extract(block_ids)
+    copier.inject(block_ids, copied)
+    copier.synchronize()
+    torch.cuda.synchronize()
+    steps: dict[str, Callable[[], object]] = {
+        "store": lambda: copier.extract(block_ids),
+        "restore": lambda: copier.inject(block_ids, copied),
+    }
+    counts: dict[str, int] = {}
+    for name, step in steps.items():
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        counts[name] = sum("synchronizing CUDA operation" in str(w.message) for w in seen)
+        copier.synchronize()
+        torch.cuda.synchronize()
+    return counts
 
 
 def refuses_kv_first(device: str) -> bool:
@@ -352,7 +386,10 @@ def run_check(
                 case, device=device, layers=layers, blocks=blocks, tokens=tokens, folder=Path(scratch)
             )
     result["refuses_kv_first"] = refuses_kv_first(device)
+    syncs_ok = True
     if device == "cuda":
+        result["host_syncs"] = host_syncs(layers=layers, blocks=blocks, tokens=tokens)
+        syncs_ok = result["host_syncs"]["restore"] == 0 and result["host_syncs"]["store"] <= 1
         result["bandwidth"] = measure_bandwidth(
             layers=layers, blocks=bandwidth_blocks, tokens=tokens, repeats=repeats
         )
@@ -360,8 +397,10 @@ def run_check(
         result["tier_half"] = measure_tier_half(
             device=device, layers=layers, blocks=bandwidth_blocks, tokens=tokens, repeats=repeats
         )
-    result["ok"] = result["refuses_kv_first"] and all(
-        case["bit_exact"] and case["isolated"] for case in result["cases"].values()
+    result["ok"] = (
+        result["refuses_kv_first"]
+        and syncs_ok
+        and all(case["bit_exact"] and case["isolated"] for case in result["cases"].values())
     )
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
