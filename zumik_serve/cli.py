@@ -338,6 +338,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from zumik_serve.app.monitoring import MonitoringOptions
     from zumik_serve.app.shutdown import StopSignals
     from zumik_serve.app.stack import LocalStack, StackConfig
+    from zumik_serve.tenancy.tenant import check_dev_key
 
     try:
         profile, *more = [resolve_profile(name) for name in (args.profile or ["local-cpu"])]
@@ -355,6 +356,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         profile, host=args.host, port=args.port, ingress=args.ingress, more_profiles=tuple(more)
     )
     config.monitoring = monitoring
+    try:
+        check_dev_key(config.dev_key)  # before anything starts
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] Zumik did not start: {exc}")
+        return 1
     stack = LocalStack(config)
     signals = StopSignals()
     signals.install()

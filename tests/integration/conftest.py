@@ -21,7 +21,7 @@ from zumik_serve.app.stack import LocalStack, StackConfig
 from zumik_serve.home import ZumikHome
 from zumik_serve.store.local_redis import free_port
 
-DEV_KEY = "zk-dev-test-key"
+DEV_KEY = "zk-dev-test-key-4f9a1c7e2b8d0653"
 MANAGED_KEY = "sk-test-managed-route"  # the managed route's key, read by the gateway's processes
 
 

@@ -35,7 +35,7 @@ from zumik_serve.store.local_redis import free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.vllm]
 
-DEV_KEY = "zk-dev-lifecycle-key"
+DEV_KEY = "zk-dev-lifecycle-key-8c3e5a91d2f7"
 MAX_TOKENS = 48  # the tiny model's greedy answer is exactly max_tokens tokens
 START_TIMEOUT_S = 600
 

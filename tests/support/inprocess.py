@@ -32,7 +32,7 @@ from zumik_serve.server_secrets import generate_missing
 from zumik_serve.store.client import gateway_client
 from zumik_serve.tenancy.store import RedisTenantStore
 
-DEV_KEY = "dev-inprocess-key"
+DEV_KEY = "zk-dev-inprocess-key-7d2a9e4c1b60"
 
 
 @dataclass

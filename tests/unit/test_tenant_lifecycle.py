@@ -64,6 +64,7 @@ from zumik_serve.tenancy.tenant import (
     Tenant,
     TenantId,
     cache_salt,
+    check_dev_key,
     hash_api_key,
     key_id_of,
     new_api_key,
@@ -622,3 +623,35 @@ def test_tenant_deletion_sweeps_the_nodes_host_tier_folder_every_engine_writes(t
         assert engine_host.contains([ours, theirs]) == [False, True]
     finally:
         engine_host.remove_scope(other)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("dev-only-key", "12 characters, fewer than 32"),
+        ("change-me-change-me-change-me-change-me", "different characters, fewer than 12"),
+    ],
+)
+def test_a_guessable_dev_key_stops_the_start_before_anything_runs(
+    key: str, why: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dev key opens the whole API on every port the app listens on (replica ports on all
+    interfaces with the HAProxy ingress): `zumik serve` with a guessable one stops at once, saying
+    how to make a random one, before it starts Redis or Ray (nothing is created in its home); the
+    app's build refuses it too (a Serve config's `ZUMIK_DEV_KEY`)."""
+    from zumik_serve.app.application import build_serve_app
+
+    monkeypatch.setenv("ZUMIK_DEV_KEY", key)
+    monkeypatch.setenv("ZUMIK_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ZUMIK_REDIS_URL", raising=False)
+    assert main(["serve", "--port", str(free_port())]) == 1
+    message = " ".join(capsys.readouterr().err.split())
+    assert "Zumik did not start: ZUMIK_DEV_KEY is too weak" in message and why in message
+    assert "secrets.token_hex(16)" in message and not (tmp_path / "home").exists()
+    with pytest.raises(ValueError, match="ZUMIK_DEV_KEY is too weak"):
+        build_serve_app(
+            load_builtin("local-cpu"), model_dir=tmp_path, redis_url="redis://127.0.0.1:1", dev_key=key,
+            home=ZumikHome(tmp_path), kv_redis_url="redis://127.0.0.1:1",
+        )  # fmt: skip
+    check_dev_key("zk-dev-" + "0123456789abcdef" * 2)  # a random hex key passes
+    check_dev_key(None)

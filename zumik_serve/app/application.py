@@ -36,6 +36,7 @@ from zumik_serve.model.tiny_lora import read_adapter_info
 from zumik_serve.secret_files import secrets_dir
 from zumik_serve.store.client import DURABILITY_ENV, check_access, check_durability
 from zumik_serve.store.local_redis import KV_REDIS_URL_ENV
+from zumik_serve.tenancy.tenant import check_dev_key
 
 logger = logging.getLogger("ray.serve")
 
@@ -89,6 +90,7 @@ def build_serve_app(
             "maxmemory and an LRU policy (deploy/redis/kv-redis.yaml), or set kv_tiers.redis: false in "
             "the profile. KV blocks never go into the state Redis, which does not evict."
         )
+    check_dev_key(dev_key)
     check_access(redis_url)
     if (gap := check_durability(redis_url)) is not None:
         logger.warning(

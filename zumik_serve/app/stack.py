@@ -41,6 +41,7 @@ from zumik_serve.store.local_redis import (
     free_port,
 )
 from zumik_serve.store.redis_acl import redact_url
+from zumik_serve.tenancy.tenant import check_dev_key
 
 Progress = Callable[[str], None]
 
@@ -109,6 +110,7 @@ class LocalStack:
 
     def _start(self, progress: Progress) -> None:
         config = self.config
+        check_dev_key(config.dev_key)  # before anything starts (`zumik serve` and the app's build too)
         home = config.home.ensure()
 
         with self._step("model"):

@@ -228,7 +228,7 @@ def run_overhead_bench(args: Any, console: Any) -> int:
                 f"(gateway {profile.gateway.placement.value}, ingress {args.ingress})")  # fmt: skip
     home = ZumikHome.from_env().ensure()
     model_dir = resolve_model_dir(profile, home)
-    dev_key = os.environ.get("ZUMIK_DEV_KEY") or "zk-bench-" + os.urandom(8).hex()
+    dev_key = os.environ.get("ZUMIK_DEV_KEY") or "zk-bench-" + os.urandom(16).hex()
     stack = LocalStack(StackConfig.from_env(profile, port=free_port(), dev_key=dev_key, ingress=args.ingress))
     direct: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     context: dict[str, Any] = {"tree": tree_state(), "profile": profile.name, "ingress": args.ingress,

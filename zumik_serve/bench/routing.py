@@ -583,7 +583,7 @@ def run_routing_bench(args: Any, console: Any) -> int:
     serve_rates: dict[str, float] = {}
     cpu_ms: dict[str, dict[str, dict[str, float]]] = {}  # workload -> arm -> component -> ms/request
     warmup = no_reuse(random.Random(args.seed + 2000), max(1, args.concurrency // 2))
-    dev_key = os.environ.get("ZUMIK_DEV_KEY") or "zk-bench-" + os.urandom(8).hex()
+    dev_key = os.environ.get("ZUMIK_DEV_KEY") or "zk-bench-" + os.urandom(16).hex()
     shape = {"replicas": args.replicas, "gateways": args.gateways, "kv_bytes": args.kv_mib << 20,
              "model_source": getattr(args, "model", None)}  # fmt: skip
     arms = [arm for arm in args.arms.split(",") if arm]

@@ -27,9 +27,34 @@ TENANT_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 DEV_TENANT = TenantId("ten_dev")
 KEY_ID_PATTERN = re.compile(r"^key_[0-9a-f]{16}$")
 KEY_HINT_CHARS = 4
+# A development key opens the whole API as tenant dev on every port the app listens on (with the
+# HAProxy ingress, replica ports on all interfaces): it must not be guessable.
+DEV_KEY_MIN_CHARS = 32
+DEV_KEY_MIN_DISTINCT = 12
 # How long a gateway may still accept a key after it was revoked (or its tenant deleted): the
 # Authenticator's positive cache lives this long, counted from before the lookup it caches.
 REVOCATION_BOUND_S = 1.0
+
+
+def check_dev_key(key: str | None) -> None:
+    """``ValueError`` (why, and how to make a good one) when ``key`` is too weak to be the
+    development key, which anyone who reaches a port of the app could then guess: it needs at
+    least ``DEV_KEY_MIN_CHARS`` characters, of at least ``DEV_KEY_MIN_DISTINCT`` different ones
+    (a random hex or base64 string passes; a word repeated does not). None passes (no dev key)."""
+    if key is None:
+        return
+    weak = None
+    if len(key) < DEV_KEY_MIN_CHARS:
+        weak = f"it has {len(key)} characters, fewer than {DEV_KEY_MIN_CHARS}"
+    elif len(set(key)) < DEV_KEY_MIN_DISTINCT:
+        weak = f"it has {len(set(key))} different characters, fewer than {DEV_KEY_MIN_DISTINCT}"
+    if weak is not None:
+        raise ValueError(
+            f"ZUMIK_DEV_KEY is too weak to open the API ({weak}): anyone who reaches a port of the "
+            "app could guess it. Use a random one, e.g. export ZUMIK_DEV_KEY=zk-dev-$(python3 -c "
+            "'import secrets; print(secrets.token_hex(16))'), or leave it unset and create tenant "
+            "keys (zumik tenant create NAME)."
+        )
 
 
 @dataclass(frozen=True)
