@@ -231,6 +231,31 @@ async def test_a_decisions_save_writes_its_record_list_and_source_indexes(client
     assert await client.exists(key) == 0 and await client.zscore(listed, record.decision_id) is None
 
 
+async def test_a_tenant_keeps_at_most_its_cap_of_decisions_and_the_oldest_go(client: aioredis.Redis) -> None:
+    """Decision records are about 2 KB each and the state Redis does not evict: past the cap, a
+    save removes the tenant's oldest records with their place in the list, in the same step;
+    another tenant's are untouched, and the settlement still lands."""
+    store = RedisRoutingStore(client, decisions_per_tenant=3)
+    attempts = [Attempt("local", "r0", 1, "ok", None, "done", "", "closed")]
+    records = [
+        decide(f"dec_{letter * 26}", make_inputs(make_replica("r0"), evidence=ENOUGH, now_ms=1_000 + index))
+        for index, letter in enumerate("cdefg")
+    ]
+    for record in records:
+        await store.save_decision("ten_cap", record, attempts, ["ses_1"])
+    await store.save_decision("ten_other", records[0], attempts)
+    kept = [record.decision_id for record in records[2:]]
+    assert [item.decode() for item in await client.zrange("z:{ten_cap}:decs", 0, -1)] == kept
+    for record in records:
+        present = await client.exists(f"z:{{ten_cap}}:dec:{record.decision_id}")
+        assert present == (record.decision_id in kept), record.decision_id
+    page = await store.decision_page("ten_cap", limit=10, after=None)
+    assert page is not None and list(page.ids) == kept[::-1] and not page.has_more
+    assert await client.exists(f"z:{{ten_other}}:dec:{records[0].decision_id}") == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        RedisRoutingStore(client, decisions_per_tenant=0)
+
+
 async def test_a_save_with_a_settlement_writes_the_same_record_and_settles_as_settle_does(
     client: aioredis.Redis,
 ) -> None:

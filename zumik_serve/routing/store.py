@@ -1,6 +1,7 @@
 """Decision records and alias releases in Redis, scoped by tenant.
 
-    z:{tenant}:dec:{id}               {"record": <DecisionRecord JSON>, "attempts": [...]} (30 days)
+    z:{tenant}:dec:{id}               {"record": <DecisionRecord JSON>, "attempts": [...]} (30 days,
+                                      and at most ``DECISIONS_PER_TENANT`` a tenant: the oldest go)
     z:{tenant}:decs                   sorted set: decision id, scored by its ``now_ms`` (the list)
     z:{tenant}:dec-src:{handle}       set of the decisions whose prompt carried that state
                                       object's content (a purge of the object removes them)
@@ -48,6 +49,9 @@ from zumik_serve.state.store import REVOKED_PREFIX, object_key
 from zumik_serve.tenancy.store import salt_epoch_key
 
 DECISION_TTL_S = 30 * 24 * 3600
+# A record is about 2 KB: one tenant's steady traffic would otherwise fill the state Redis, which
+# does not evict, and every tenant's writes would then fail. Past this many, the oldest go.
+DECISIONS_PER_TENANT = 100_000
 RELEASES_PARSED = 1024  # stored releases kept parsed (``_parsed_release``), least recently read dropped
 
 # KEYS: n object keys, then their n reach keys, then the tenant's own reach key. ARGV: route,
@@ -86,20 +90,27 @@ return 1
 
 # KEYS: the decision, the tenant's list, then the index of each source object, then (with a
 # settlement) the tenant's rate. ARGV: the record (JSON), its ttl (s), its id, its now_ms, the
-# list's oldest score kept, then (with a settlement) ``settle_args``. One atomic step (as MULTI
-# was), one reply to read.
+# list's oldest score kept, the most records kept, the records' key prefix, then (with a
+# settlement) ``settle_args``. One atomic step (as MULTI was), one reply to read. The records
+# past the most kept (the oldest) are removed by their key, built from the prefix: every key
+# is the tenant's, under its hash tag, in the slot of the declared ones.
 SAVE = (
     SETTLE_LUA
     + """
 local ttl = tonumber(ARGV[2])
 local last = #KEYS
-if ARGV[6] then
-  zq_settle(KEYS[last], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]))
+if ARGV[8] then
+  zq_settle(KEYS[last], tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]))
   last = last - 1
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[5])
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[6])
+if over > 0 then
+  local oldest = redis.call('ZPOPMIN', KEYS[2], over)
+  for i = 1, #oldest, 2 do redis.call('UNLINK', ARGV[7] .. oldest[i]) end
+end
 redis.call('EXPIRE', KEYS[2], ttl)
 for i = 3, last do
   redis.call('SADD', KEYS[i], ARGV[3])
@@ -181,8 +192,12 @@ class DecisionPage:
 
 
 class RedisRoutingStore:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, *, decisions_per_tenant: int = DECISIONS_PER_TENANT) -> None:
+        """``decisions_per_tenant``: the most decision records a tenant keeps (the oldest go)."""
+        if decisions_per_tenant < 1:
+            raise ValueError("decisions_per_tenant must be at least 1")
         self._redis = client
+        self._decisions_per_tenant = decisions_per_tenant
         self._publish = client.register_script(PUBLISH)
         self._resolve = client.register_script(RESOLVE)
         self._reach = client.register_script(REACH)
@@ -193,7 +208,8 @@ class RedisRoutingStore:
         self, tenant: str, record: DecisionRecord, attempts: Sequence[Attempt], sources: Sequence[str] = (),
         settlement: RateSettlement | None = None,
     ) -> None:  # fmt: skip
-        """Record a decision with its attempts, for 30 days: ``{"record", "attempts"}``, each as
+        """Record a decision with its attempts, for 30 days (the tenant's oldest go past
+        ``decisions_per_tenant``): ``{"record", "attempts"}``, each as
         its JSON, serialised by pydantic in one step (this is on the request's path), listed in
         the tenant's decisions and indexed under each state object in ``sources`` (the objects
         whose content its prompt carried); with ``settlement``, the tenant's rate settlement is
@@ -215,6 +231,8 @@ class RedisRoutingStore:
             decision_id,
             now_ms,
             now_ms - DECISION_TTL_S * 1000,
+            self._decisions_per_tenant,
+            _key(tenant, "dec", ""),
         ]
         if settlement is not None:
             keys.append(rate_key(tenant))
