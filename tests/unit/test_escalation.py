@@ -316,6 +316,25 @@ async def test_a_managed_4xx_of_one_tenant_leaves_the_managed_breaker_closed(man
     assert h.breaker_seen("managed") == "open"
 
 
+async def test_one_tenants_timeouts_open_the_managed_route_for_that_tenant_only(
+    managed_first: Harness,
+) -> None:
+    """A timeout may be the request's own doing (a big non-streamed answer past the route's
+    timeout_s): it counts on the tenant's own breaker of the shared route, never on the one
+    every tenant passes (a provider's 5xx does: the test above)."""
+    h = managed_first
+    h.managed.script([Fault.hang(3), Fault.hang(3)])
+    for _ in range(2):
+        run = await h.chat("ten_a")
+        assert run.route == "byok:byok" and h.attempts()[0] == ("managed", "timeout", "fallback")
+    run = await h.chat("ten_a")
+    assert run.route == "byok:byok" and h.breaker_seen("managed") == "open"
+    assert h.attempts() == [("byok", "ok", "done")]  # the decision left the open route out
+    run = await h.chat("ten_b")
+    assert run.route == "managed:managed" and h.breaker_seen("managed") == "closed"
+    assert h.dispatcher.scheduler.breakers.keys() == {"ten_a|managed"}  # a closed breaker is no entry
+
+
 async def test_a_byok_retry_budget_spent_by_one_tenant_is_not_another_tenants(
     byok_first_patient: Harness,
 ) -> None:

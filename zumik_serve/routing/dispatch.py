@@ -441,7 +441,7 @@ class Dispatcher:
                 )
                 breaker_state = None
                 if verdict.counts_as_failure:
-                    breaker_state = self.scheduler.failed(pick, now_ms, tenant).state.value
+                    breaker_state = self.scheduler.failed(pick, now_ms, tenant, outcome).state.value
                 else:  # not the route's fault: a half-open probe it held is given back
                     self.scheduler.release_probe(pick, tenant)
                 action = verdict.action

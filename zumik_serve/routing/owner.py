@@ -148,7 +148,11 @@ class SchedulerState:
         if isinstance(op, BudgetOp):
             self.budget = budget_after(self.budget, op)
         elif isinstance(op, BreakerOp):
-            self.breakers[op.key] = breaker_transition(self.breakers.get(op.key, CLOSED), op, self.policy)
+            state = breaker_transition(self.breakers.get(op.key, CLOSED), op, self.policy)
+            if state == CLOSED:  # no entry: the same answer, and one per tenant costs nothing
+                self.breakers.pop(op.key, None)
+            else:
+                self.breakers[op.key] = state
 
 
 def breaker_transition(state: BreakerState, op: BreakerOp, policy: BreakerPolicy) -> BreakerState:

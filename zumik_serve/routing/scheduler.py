@@ -2,7 +2,9 @@
 
 It keeps what ``routing.decision.decide`` needs as recorded inputs and nothing else:
 
-    breakers     one per route (per replica for BYOC), moved by attempt outcomes
+    breakers     one per route (per replica for BYOC), moved by attempt outcomes, and one per
+                 tenant and route where that tenant's timeouts count (a BYOK route's: the
+                 tenant's only)
     residency    which prefix blocks each BYOC replica holds: the record of what was sent where,
                  corrected by the engines' KV events (bounded LRU per replica)
     in-flight    requests sent to each replica and not finished (running + queued), and the
@@ -48,6 +50,7 @@ from zumik_serve.routing.breaker import (
     BreakerState,
     BreakerStatus,
     admit,
+    can_admit,
     current,
     record_failure,
     record_success,
@@ -79,7 +82,7 @@ from zumik_serve.routing.owner import (
 )
 from zumik_serve.routing.prompt_keys import PromptKeys, TextChain, TokenIdChain
 from zumik_serve.routing.residency import ResidencyIndex
-from zumik_serve.routing.retry import RetryBudget
+from zumik_serve.routing.retry import AttemptOutcome, RetryBudget
 
 logger = logging.getLogger("ray.serve")
 
@@ -242,7 +245,7 @@ class ProfileScheduler:
                     candidates.append(
                         candidate_for_route(
                             route,
-                            breaker=self._breaker(pick, now_ms),
+                            breaker=self._breaker(pick, now_ms, request.tenant),
                             replica=replica,
                             matched_prefix_blocks=self.residency.matched_prefix_blocks(replica, keys),
                             queue_depth=max(0, inflight - max_seqs),
@@ -344,13 +347,19 @@ class ProfileScheduler:
             self.inflight[pick.replica] = max(0, self.inflight.get(pick.replica, 0) - 1)
 
     def admit(self, pick: Pick, now_ms: int, tenant: str | None = None) -> bool:
-        """Whether ``pick``'s breaker lets a request through now; half open, the admitted request
-        takes the one probe, and later decisions see it out (``breaker.admit``)."""
-        admitted, state = admit(self._breaker(pick, now_ms, tenant), now_ms, self._policy)
-        self.breakers[self._breaker_key(pick, tenant)] = state
-        if admitted:
-            self._report_breaker(pick, "admit", now_ms, tenant)
-        return admitted
+        """Whether ``pick``'s breakers (``_breaker_keys``) let a request of ``tenant`` through
+        now; half open, the admitted request takes the one probe, and later decisions see it
+        out (``breaker.admit``). Refused by one, it takes no probe from the other."""
+        states = {
+            key: current(self.breakers.get(key, CLOSED), now_ms, self._policy)
+            for key in self._breaker_keys(pick, tenant)
+        }
+        if not all(can_admit(state, now_ms, self._policy) for state in states.values()):
+            return False
+        for key, state in states.items():
+            self._set_breaker(key, admit(state, now_ms, self._policy)[1])
+            self._report_breaker(key, "admit", now_ms)
+        return True
 
     def breaker_open(self, pick: Pick, now_ms: int, tenant: str | None = None) -> bool:
         return self._breaker(pick, now_ms, tenant).state is BreakerStatus.OPEN
@@ -358,22 +367,32 @@ class ProfileScheduler:
     def release_probe(self, pick: Pick, tenant: str | None = None) -> None:
         """Give back a half-open probe whose attempt ended without saying anything of the route
         (a client error): the next request may probe."""
-        state = self.breakers.get(self._breaker_key(pick, tenant))
-        if state is not None and state.probe_started_at_ms is not None:
-            self.breakers[self._breaker_key(pick, tenant)] = replace(state, probe_started_at_ms=None)
-            self._report_breaker(pick, "release", 0, tenant)
+        for key in self._breaker_keys(pick, tenant):
+            state = self.breakers.get(key)
+            if state is not None and state.probe_started_at_ms is not None:
+                self._set_breaker(key, replace(state, probe_started_at_ms=None))
+                self._report_breaker(key, "release", 0)
 
     def succeeded(self, pick: Pick, now_ms: int, tenant: str | None = None) -> BreakerState:
-        state = record_success(self._breaker(pick, now_ms, tenant), now_ms, self._policy)
-        self.breakers[self._breaker_key(pick, tenant)] = state
-        self._report_breaker(pick, "success", now_ms, tenant)
-        return state
+        """A success closes each of the pick's breakers for ``tenant``."""
+        for key in self._breaker_keys(pick, tenant):
+            self._set_breaker(key, record_success(self.breakers.get(key, CLOSED), now_ms, self._policy))
+            self._report_breaker(key, "success", now_ms)
+        return self._breaker(pick, now_ms, tenant)
 
-    def failed(self, pick: Pick, now_ms: int, tenant: str | None = None) -> BreakerState:
-        state = record_failure(self._breaker(pick, now_ms, tenant), now_ms, self._policy)
-        self.breakers[self._breaker_key(pick, tenant)] = state
-        self._report_breaker(pick, "failure", now_ms, tenant)
-        return state
+    def failed(
+        self, pick: Pick, now_ms: int, tenant: str | None = None, outcome: AttemptOutcome | None = None
+    ) -> BreakerState:
+        """A failure counts on the route's shared breaker, but a timeout of ``tenant``'s request
+        only on the tenant's own: its own request may have been too big for the route's
+        timeout, which says nothing of the route for other tenants (a route that hangs for
+        everyone opens each tenant's own). The state the tenant's requests meet now."""
+        keys = self._breaker_keys(pick, tenant)
+        counted = keys[-1:] if outcome is AttemptOutcome.TIMEOUT else keys[:1]
+        for key in counted:
+            self._set_breaker(key, record_failure(self.breakers.get(key, CLOSED), now_ms, self._policy))
+            self._report_breaker(key, "failure", now_ms)
+        return self._breaker(pick, now_ms, tenant)
 
     def allow_retry(self, now_ms: int) -> bool:
         if not self.budget.allow(now_ms):
@@ -383,14 +402,32 @@ class ProfileScheduler:
             self._outbox.append(BudgetOp("retry", now_ms))
         return True
 
-    def _breaker_key(self, pick: Pick, tenant: str | None) -> str:
-        """A BYOK route's breaker is per tenant (its key is the tenant's); every other route's
-        is shared by all tenants."""
-        per_tenant = tenant is not None and self.routes[pick.route].kind is RouteKind.BYOK
-        return breaker_key(pick, tenant if per_tenant else None)
+    def _breaker_keys(self, pick: Pick, tenant: str | None) -> tuple[str, ...]:
+        """The breakers a request of ``tenant`` passes at ``pick``, shared one first: a BYOK
+        route's is the tenant's alone (its key is the tenant's, so are its failures); any other
+        route's is shared by every tenant, and the tenant has its own besides, where its
+        timeouts count (``failed``)."""
+        if tenant is None:
+            return (breaker_key(pick),)
+        if self.routes[pick.route].kind is RouteKind.BYOK:
+            return (breaker_key(pick, tenant),)
+        return breaker_key(pick), breaker_key(pick, tenant)
 
     def _breaker(self, pick: Pick, now_ms: int, tenant: str | None = None) -> BreakerState:
-        return current(self.breakers.get(self._breaker_key(pick, tenant), CLOSED), now_ms, self._policy)
+        """The state a request of ``tenant`` meets at ``pick``: the worst of its breakers."""
+        states = [
+            current(self.breakers.get(key, CLOSED), now_ms, self._policy)
+            for key in self._breaker_keys(pick, tenant)
+        ]
+        return max(states, key=_severity)
+
+    def _set_breaker(self, key: str, state: BreakerState) -> None:
+        """Store a breaker's state; a closed one with no failures is no entry at all (so that
+        one per tenant and route costs nothing until that tenant's requests fail)."""
+        if state == CLOSED:
+            self.breakers.pop(key, None)
+        else:
+            self.breakers[key] = state
 
     # --- replicas and the engines' own word --------------------------------------------------
 
@@ -460,8 +497,9 @@ class ProfileScheduler:
         self.budget = view.budget
         for op in pending:
             if isinstance(op, BreakerOp):
-                state = self.breakers.get(op.key, CLOSED)
-                self.breakers[op.key] = breaker_transition(state, op, self._policy)
+                self._set_breaker(
+                    op.key, breaker_transition(self.breakers.get(op.key, CLOSED), op, self._policy)
+                )
             elif isinstance(op, BudgetOp):
                 self.budget = budget_after(self.budget, op)
         if view.residency_full is not None:
@@ -479,6 +517,15 @@ class ProfileScheduler:
         self.remote_pending_prefill = dict(view.prefill_load)
         self.version = view.version
 
-    def _report_breaker(self, pick: Pick, kind: BreakerKind, now_ms: int, tenant: str | None = None) -> None:
+    def _report_breaker(self, key: str, kind: BreakerKind, now_ms: int) -> None:
         if self._outbox is not None:
-            self._outbox.append(BreakerOp(self._breaker_key(pick, tenant), kind, now_ms))
+            self._outbox.append(BreakerOp(key, kind, now_ms))
+
+
+_SEVERITY = {BreakerStatus.CLOSED: 0, BreakerStatus.HALF_OPEN: 1, BreakerStatus.OPEN: 2}
+
+
+def _severity(state: BreakerState) -> tuple[int, bool]:
+    """Orders breaker states from the one that lets most through: closed, half open with its
+    probe free, half open with the probe out, open."""
+    return _SEVERITY[state.state], state.probe_started_at_ms is not None
