@@ -130,6 +130,10 @@ async def test_report_keeps_levels_apart_and_tenants_apart(redis_url: str) -> No
         await service.report("ten_a", group_by="color", window_s=600)
     with pytest.raises(InvalidRequestError):
         await service.report("ten_a", group_by="route", window_s=0)
+    week = (await service.report("ten_a", group_by="tenant", window_s=7 * 24 * 3600))["groups"]
+    assert week[0]["requests"] == 3  # a week back, within what the ledger keeps (8 days)
+    with pytest.raises(InvalidRequestError, match="1 to 604800 seconds"):
+        await service.report("ten_a", group_by="tenant", window_s=7 * 24 * 3600 + 1)
 
 
 PROFILE = load_builtin("local-cpu-2x")

@@ -28,7 +28,7 @@ from zumik_serve.reuse.store import LedgerCounts, LedgerGroup, RedisReuseStore
 from zumik_serve.routing.decision import NO_EVIDENCE, Evidence
 
 GROUPS = ("tenant", "profile", "snapshot", "route")
-MAX_WINDOW_S = 24 * 3600
+MAX_WINDOW_S = 7 * 24 * 3600  # the ledger keeps 8 days (``reuse/store.py`` LEDGER_TTL_S)
 NO_SNAPSHOT = "-"  # a report's snapshot group of requests that pinned none
 REPORTED_CAPTURE = (EvidenceLevel.OBSERVED, EvidenceLevel.REPORTED)  # a report's capture columns
 
