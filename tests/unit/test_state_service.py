@@ -222,3 +222,28 @@ async def test_idempotency_key_replays_the_first_result(state: StateService) -> 
         await state.append_turn(TENANT, first["id"], user("other"), "key-2")
     with pytest.raises(IdempotencyConflictError):  # a create's key is not a turn's
         await state.append_turn(TENANT, first["id"], user("once"), "key-1")
+
+
+async def test_a_branch_chain_deeper_than_python_recursion_reads_and_snapshots(state: StateService) -> None:
+    """Branches of branches as deep as a tenant makes them: reading the deepest one walks its
+    parents in a loop (it once recursed, and 1,100 levels gave a 500); its turns are each
+    level's own, in order, and a limit stops inside the chain."""
+    service = state
+    tenant = "ten_deep"
+    head = (await service.create_session(tenant, CreateSession(), None))["id"]
+    await service.append_turn(tenant, head, user("turn 1"), None)
+    depth = 1_100
+    for level in range(depth):
+        head = (await service.create_branch(tenant, head, CreateBranch(at_turn=level + 1), None))["id"]
+        await service.append_turn(
+            tenant, head, AppendTurn(role=TurnRole.USER, content=f"turn {level + 2}"), None
+        )
+    read = await service.read(tenant, ObjectKind.BRANCHES, head)
+    assert [turn["content"] for turn in read["turns"]] == [f"turn {n}" for n in range(1, depth + 2)]
+    assert [turn.content for turn in await service.conversation(tenant, head, 3)] == [
+        "turn 1",
+        "turn 2",
+        "turn 3",
+    ]
+    snapshot = await service.create_snapshot(tenant, CreateSnapshot(session=head, upto_turn=5), None)
+    assert snapshot["upto_turn"] == 5

@@ -482,15 +482,23 @@ class StateService:
 
     async def _turns(self, tenant: str, session: Session, limit: int | None = None) -> list[tuple[int, Turn]]:
         """The turns of a session or branch with their seq numbers, oldest first (a branch's
-        begin with its parent's turns 1..fork_at); the first ``limit`` of them (None: all)."""
-        inherited: list[tuple[int, Turn]] = []
-        if session.parent is not None:
-            parent = await self._store.get_record_any(tenant, session.parent)
-            if isinstance(parent, Session):
-                inherited = await self._turns(tenant, parent, limit=session.fork_at)
-        own_limit = None if limit is None else max(0, limit - session.fork_at)
-        own = await self._store.own_turns(tenant, session.id, own_limit)
-        return inherited + [(session.fork_at + index + 1, turn) for index, turn in enumerate(own)]
+        begin with its parent's turns 1..fork_at); the first ``limit`` of them (None: all).
+        The chain of parents is walked in a loop, not by recursion: a branch of a branch of ...
+        as deep as a tenant makes it reads like any other (it once raised past Python's
+        recursion limit, a 500)."""
+        levels: list[tuple[Session, int | None]] = [(session, limit)]  # each with its turns' limit
+        while (child := levels[-1][0]).parent is not None:
+            parent = await self._store.get_record_any(tenant, child.parent)
+            if not isinstance(parent, Session):
+                break
+            child_limit = levels[-1][1]
+            levels.append((parent, child.fork_at if child_limit is None else min(child_limit, child.fork_at)))
+        turns: list[tuple[int, Turn]] = []
+        for level, level_limit in reversed(levels):
+            own_limit = None if level_limit is None else max(0, level_limit - level.fork_at)
+            own = await self._store.own_turns(tenant, level.id, own_limit)
+            turns += [(level.fork_at + index + 1, turn) for index, turn in enumerate(own)]
+        return turns
 
     async def _new_handle(self, kind: HandleKind) -> str:
         """A new object's handle; under an Idempotency-Key it is derived from the key and the
