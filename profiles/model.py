@@ -94,6 +94,10 @@ VLLM_ARGS_OWNED_BY_PROFILE: dict[str, str] = {
     "kv_transfer_config": "kv_tiers",
     "enable_prompt_tokens_details": "nothing (always on: usage reports cached tokens)",
     "disable_log_stats": "nothing (always off: engine metrics feed Zumik's)",
+    "prefix_caching_hash_algo": (
+        "nothing (always sha256_cbor: Zumik's routing computes the engine's block hashes, and a "
+        "non-cryptographic hash would let a crafted prompt collide with cached blocks)"
+    ),
 }
 """vLLM arguments that come from a profile field: given in ``vllm_args`` they are refused, so
 that each setting has one place (and the compat key sees it)."""

@@ -86,3 +86,6 @@ def test_profile_refuses_arguments_it_has_a_field_for() -> None:
         EngineSpec(kv_cache_memory_bytes=1 << 20, vllm_args={"block_size": 16})
     with pytest.raises(ValueError, match=r"use its Python name"):
         EngineSpec(kv_cache_memory_bytes=1 << 20, vllm_args={"tool-call-parser": "hermes"})
+    # A non-cryptographic block hash would let a crafted prompt collide with cached blocks.
+    with pytest.raises(ValueError, match=r"vllm_args.prefix_caching_hash_algo: .*always sha256_cbor"):
+        EngineSpec(kv_cache_memory_bytes=1 << 20, vllm_args={"prefix_caching_hash_algo": "xxhash"})
