@@ -48,6 +48,15 @@ def test_gpu_profiles_turn_every_kv_tier_and_prefix_caching_on(name: str) -> Non
 
 
 @pytest.mark.parametrize("name", GPU_PROFILES)
+def test_gpu_profiles_hand_the_qos_classes_priorities_to_vllms_scheduler(name: str) -> None:
+    """With fcfs, vLLM ignores the priority each QoS class sends: an interactive request would
+    wait behind a batch backlog in the engine's queue."""
+    profile = load_builtin(name)
+    kwargs = llm_config_kwargs(profile, Path(profile.model.source), None)
+    assert profile.engine.scheduling_policy == kwargs["engine_kwargs"]["scheduling_policy"] == "priority"
+
+
+@pytest.mark.parametrize("name", GPU_PROFILES)
 def test_with_several_replicas_zumiks_scheduler_picks_the_replica(name: str) -> None:
     """Colocated, each replica serves its own gateway and Serve's proxy picks the replica;
     separate, the gateways call the replica group through Zumik's router (app/application.py)."""
