@@ -117,3 +117,34 @@ def test_purge_answers_clear_errors(tenant_http: httpx.Client) -> None:
     assert tenant_http.post("/v2/purge", content=b"{not json").status_code == 400
     assert tenant_http.get("/v2/receipts/prg_" + "b" * 26).status_code == 404
     assert httpx.post(f"{tenant_http.base_url}/v2/purge", json={"target": "x"}).status_code == 401
+
+
+def test_a_purge_of_the_tenants_own_id_closes_what_its_plain_requests_cached(
+    tenant_http: httpx.Client, other_http: httpx.Client, running_stack: RunningStack
+) -> None:
+    """Plain /v1 requests have no handle to purge: a purge of the tenant's own id closes its cache
+    scope, so a prompt cached before it is a miss after it (engine and every tier), and caches
+    again under the new scope; another tenant's cache is untouched."""
+    model = running_stack.model
+    prompt = f"{uuid.uuid4()} " + "A plain prompt of an agent, with no object behind it. " * 15
+    theirs = f"{uuid.uuid4()} " + "Another tenant's own stable prefix, cached on its side. " * 15
+    first = _chat(tenant_http, model, prompt)
+    assert _cached(first) == 0 and _cached(_chat(tenant_http, model, prompt)) > 0  # the control
+    assert _cached(_chat(other_http, model, theirs)) == 0 and _cached(_chat(other_http, model, theirs)) > 0
+    decision = tenant_http.get(f"/v2/decisions/{first.headers['x-zumik-decision-id']}").json()
+    tenant_id = decision["record"]["inputs"]["tenant"]
+
+    response = tenant_http.post("/v2/purge", json={"target": tenant_id})
+    assert response.status_code == 200, response.text
+    receipt = response.json()["receipt"]
+    assert (receipt["target"], receipt["purged"]) == (tenant_id, [tenant_id])
+    stores = {entry["store"]: entry for entry in receipt["stores"]}
+    assert stores["kv_engine"]["guarantee_class"] == "unindexed"
+    assert stores["kv_redis"]["guarantee_class"] == stores["kv_disk"]["guarantee_class"] == "crypto_erased"
+
+    assert _cached(_chat(tenant_http, model, prompt)) == 0
+    assert _cached(_chat(tenant_http, model, prompt)) > 0  # the new scope caches again
+    assert _cached(_chat(other_http, model, theirs)) > 0  # another tenant's scope stays
+    assert other_http.post("/v2/purge", json={"target": tenant_id}).status_code == 404
+    again = tenant_http.post("/v2/purge", json={"target": tenant_id}).json()["receipt"]
+    assert again["id"] != receipt["id"] and again["seq"] == receipt["seq"] + 1  # a new purge each time

@@ -305,6 +305,62 @@ async def test_a_snapshot_racing_a_purge_of_its_session_is_purged_with_it_or_ref
 
 
 @pytest.mark.redis
+async def test_a_purge_of_the_tenants_own_id_closes_its_cache_scope_and_keeps_its_objects(
+    harness: Harness,
+) -> None:
+    """Plain /v1 requests have no handle: a purge whose target is the tenant's id purges what
+    they left, its cache scope. The salt moves on, the scope's blocks leave every tier and its
+    key is destroyed; no object is touched and another tenant's blocks stay. Each such purge is
+    a new one (the scope is used again after it), each with its own receipt in the chain; one
+    left unfinished is resumed by the next request."""
+    state, purges, tenants, client = harness.services()
+    ids = await _objects(state, "ten_a")
+    secret = harness.salt_secret()
+    keyring = RedisKeyring(redis.Redis.from_url(harness.server.url), cache_ttl_s=0)
+    manager = TierManager(build_tiers(harness.tier_config), sealer=ScopedSealer(keyring), keyring=keyring)
+
+    def blocks(tenant: str, epoch: int) -> list[BlockAddress]:
+        scope = scope_id(cache_salt(secret, TenantId(tenant), epoch))
+        addresses = [BlockAddress(COMPAT, BlockKey(f"{i:032x}"), scope) for i in range(2)]
+        for address in addresses:
+            manager.store(address, encode_block({"l": np.full((2, 4), 7, dtype=np.uint8)}, address))
+        return addresses
+
+    mine, theirs = blocks("ten_a", 0), blocks("ten_b", 0)
+    with pytest.raises(NotFoundError, match="or your tenant id"):
+        await purges.purge("ten_a", "ten_b")  # another tenant's id is no target of yours
+    first = (await purges.purge("ten_a", "ten_a")).receipt
+    assert first is not None and verify_receipt(first, await _public_pem(purges)).ok
+    assert (first["target"], first["purged"], first["seq"]) == ("ten_a", ["ten_a"], 1)
+    stores = {s["store"]: s for s in first["stores"]}
+    assert stores["kv_engine"]["guarantee_class"] == "unindexed"
+    assert stores["kv_redis"]["guarantee_class"] == stores["kv_disk"]["guarantee_class"] == "crypto_erased"
+    assert await tenants.salt_epoch(TenantId("ten_a")) == 1
+    assert manager.plan(mine).num_blocks == 0 and manager.plan(theirs).num_blocks == 2
+    for kind, handle in ids.items():
+        assert (await state.read("ten_a", _kind(handle), handle))["id"] == handle, kind
+
+    # The next scope's blocks; a second purge is a new one that closes it too.
+    again = blocks("ten_a", 1)
+    store = purges._store
+    sweep = purges._steps[PurgeStep.TIERS]
+
+    async def cut(tenant: str, job: Any, checkpoint: Any) -> Any:
+        raise ConnectionError("Redis went away")
+
+    purges._scope_steps[PurgeStep.TIERS] = cut
+    cut_short = await purges.purge("ten_a", "ten_a")
+    assert cut_short.receipt is None and PurgeStep.TIERS not in cut_short.job.done
+    purges._scope_steps[PurgeStep.TIERS] = sweep
+    second = (await purges.purge("ten_a", "ten_a")).receipt  # resumes the unfinished one
+    assert second is not None and second["id"] == cut_short.job.id != first["id"] and second["seq"] == 2
+    assert await tenants.salt_epoch(TenantId("ten_a")) == 2  # the resumed job did not rotate twice
+    assert manager.plan(again).num_blocks == 0 and await store.pending() == []
+    third = (await purges.purge("ten_a", "ten_a")).receipt
+    assert third is not None and third["id"] not in (first["id"], second["id"]) and third["seq"] == 3
+
+
+@pytest.mark.redis
 @pytest.mark.parametrize("ceiling", ["revoked", "unindexed", "deleted", "compacted", "crypto_erased"])
 async def test_receipt_never_states_more_than_the_ceiling(harness: Harness, ceiling: str) -> None:
     state, purges, _, _ = harness.services(ceiling=ceiling)

@@ -25,6 +25,14 @@ The KV steps run only when the closure's content may have reached an engine (``e
 read after the revoke: a request marks an object exposed only while it is live, so one racing
 the purge is either seen here or refused (404) before it sends anything.
 Sealed tier blocks count as crypto-erased only when their key's removal is compacted too.
+
+A purge whose target is the tenant's own id purges its cache scope: what plain ``/v1``
+requests (which have no handle) left in the KV caches. Its steps are the purge's, but for two
+(``_scope_steps``): revoke names the tenant as the closure and counts it exposed (no object is
+revoked), objects removes nothing, and providers lists every route the tenant's content reached
+without dropping the tenant's own record of them (a later deletion still names them). Each
+such request starts a new purge (the scope is used again after one), unless one is unfinished:
+then it resumes that one.
 """
 
 from __future__ import annotations
@@ -138,6 +146,13 @@ class PurgeService:
         }
         if list(self._steps) != list(PurgeStep):
             raise RuntimeError("the purge step table must list every PurgeStep, in order")
+        # A purge of the tenant's cache scope (the target is the tenant id): three steps differ.
+        self._scope_steps: dict[PurgeStep, Step] = {
+            **self._steps,
+            PurgeStep.REVOKE: self._revoke_scope,
+            PurgeStep.OBJECTS: self._no_objects,
+            PurgeStep.PROVIDERS: self._scope_providers,
+        }
 
     def step(self, step: PurgeStep) -> Step:
         """The method that runs ``step``: a tenant deletion (``purge/deletion.py``) runs the
@@ -164,11 +179,17 @@ class PurgeService:
         return receipt
 
     async def purge(self, tenant: str, target: str) -> PurgeOutcome:
-        """Purge ``target`` (or resume its purge); the same target always gets the same purge."""
+        """Purge ``target`` (or resume its purge); the same target always gets the same purge.
+        ``target`` the tenant's own id: its cache scope, a new purge unless one is unfinished."""
+        if target == tenant:
+            new = PurgeJob(
+                id=PurgeId(new_handle(HandleKind.RECEIPT)), target=tenant, created_at=int(time.time())
+            )
+            return await self.run(tenant, await self._store.claim_scope(tenant, new))
         if handle_kind(target) not in PURGEABLE:
             raise NotFoundError(
                 f"No object {target!r} exists for you to purge. 'target' takes an artifact, bundle, "
-                "session, branch or snapshot id.",
+                "session, branch or snapshot id, or your tenant id (your cache scope).",
                 param="target",
                 code="object_not_found",
             )
@@ -215,8 +236,9 @@ class PurgeService:
             latest = current
             await self._store.save_job(tenant, current)
 
+        steps = self._scope_steps if job.target == tenant else self._steps
         try:
-            for step, run_step in self._steps.items():
+            for step, run_step in steps.items():
                 if step in latest.done:
                     continue
                 await checkpoint((await run_step(tenant, latest, checkpoint)).finished(step))
@@ -246,6 +268,20 @@ class PurgeService:
         # request sent nothing. Read before it, a request marking in between went unseen.
         exposed = await self._store.any_exposed(tenant, closure)
         return replace(job, closure=closure, exposed=exposed)
+
+    async def _revoke_scope(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
+        # Plain requests leave no object: the scope itself may hold what any of them sent.
+        return replace(job, closure=(tenant,), exposed=True)
+
+    async def _no_objects(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
+        return replace(job, removed_keys=0)
+
+    async def _scope_providers(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
+        # The tenant's own line names every route any of its content reached (a send is recorded
+        # before it leaves); it stays for the tenant's deletion, whose receipt must name them too.
+        if self._traces is None:
+            return replace(job, providers=())
+        return replace(job, providers=tuple(await self._traces.reached(tenant, (tenant,))))
 
     async def _rotate(self, tenant: str, job: PurgeJob, checkpoint: Checkpoint) -> PurgeJob:
         if not saved(job.exposed, "exposed"):

@@ -246,6 +246,18 @@ class RedisPurgeStore:
         await self.save_job(tenant, job)
         return job
 
+    async def claim_scope(self, tenant: str, job: PurgeJob) -> PurgeJob:
+        """Start ``job``, a purge of the tenant's cache scope, unless one is unfinished: then
+        that one (it resumes). Two started at once both run; each is a whole purge."""
+        current = await self._redis.get(_scope_purge(tenant))
+        if current is not None:
+            existing = await self.job(tenant, PurgeId(_text(current)))
+            if existing is not None and existing.status is not PurgeStatus.DONE:
+                return existing
+        await self.save_job(tenant, job)
+        await self._redis.set(_scope_purge(tenant), job.id)
+        return job
+
     async def index_purged(self, tenant: str, handles: Sequence[str], purge_id: PurgeId) -> None:
         """Remember which purge removes each handle: purging one of them later returns that
         purge's receipt instead of "not found"."""
@@ -340,6 +352,11 @@ def _artifact_content(raw: bytes | str | None) -> _ArtifactContent | None:
 
 def _job_key(tenant: str, purge_id: str) -> str:
     return f"z:{{{tenant}}}:purge:{purge_id}"
+
+
+def _scope_purge(tenant: str) -> str:
+    """The latest purge of the tenant's cache scope."""
+    return f"z:{{{tenant}}}:purge-scope"
 
 
 def _purge_target(tenant: str, handle: str) -> str:
