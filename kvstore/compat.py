@@ -77,6 +77,7 @@ PROFILE_FIELD_EFFECTS: dict[str, FieldEffect] = {
     "kv_tiers.write_behind_max_bytes": FieldEffect.NEUTRAL,
     "kv_tiers.seal": FieldEffect.NEUTRAL,  # sealing wraps stored values; the KV bytes are the same
     "purge.ceiling": FieldEffect.NEUTRAL,
+    "purge.max_per_minute": FieldEffect.NEUTRAL,
     # The engine's scheduling order, QoS and telemetry change when work runs, not what it computes.
     "engine.scheduling_policy": FieldEffect.NEUTRAL,
     # Every vLLM argument counts (kv-neutral ones excepted: VLLM_ARGS_NEUTRAL), so that an

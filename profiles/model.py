@@ -325,6 +325,12 @@ class PurgeSpec(_Frozen):
         "'provider_expiry' (ranked with 'revoked'): content may go to third-party providers, whose "
         "copy ends only when their retention does.",
     )
+    max_per_minute: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=10,
+        description="New purges a tenant may start in a minute (each rewrites Redis' AOF and "
+        "sweeps every KV tier); past it, 429 with Retry-After. Resuming one, or asking again for a "
+        "finished one's receipt, is not counted.",
+    )
 
 
 # OpenAI's API keeps inputs and outputs in abuse-monitoring logs "for up to 30 days" by default

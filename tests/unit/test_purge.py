@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ from kvstore.sealing import ScopedSealer
 from kvstore.tier import BlockAddress
 from kvstore.tiers.build import build_tiers
 from kvstore.tiers.redis_keyring import RedisKeyring
-from zumik_serve.errors import InvalidRequestError, NotFoundError
+from zumik_serve.errors import InvalidRequestError, NotFoundError, RateLimitExceededError
 from zumik_serve.purge.classes import GuaranteeClass
 from zumik_serve.purge.job import (
     Compaction,
@@ -358,6 +359,38 @@ async def test_a_purge_of_the_tenants_own_id_closes_its_cache_scope_and_keeps_it
     assert manager.plan(again).num_blocks == 0 and await store.pending() == []
     third = (await purges.purge("ten_a", "ten_a")).receipt
     assert third is not None and third["id"] not in (first["id"], second["id"]) and third["seq"] == 3
+
+
+@pytest.mark.redis
+async def test_a_tenant_starts_at_most_its_purges_a_minute_and_asking_again_is_free(harness: Harness) -> None:
+    """Each purge rewrites Redis' AOF and sweeps every tier: a tenant may start
+    ``purge.max_per_minute`` a minute; past it, 429 with Retry-After and nothing started. Asking
+    again for a finished purge's receipt, or resuming one, starts nothing and is not counted;
+    another tenant has its own count."""
+    state, purges, _, client = harness.services()
+    limited = PurgeService(
+        purges._store, signing_keys=SigningKeys(harness.secrets_dir), profile="test",
+        ceiling=GuaranteeClass.CRYPTO_ERASED, tiers=[], sealed=True, salt_secret=purges._salt_secret,
+        salt_epoch=purges._salt_epoch, rotate_salt_epoch=purges._rotate_salt_epoch, max_per_minute=2,
+    )  # fmt: skip
+    now = time.time()
+    if now % 60 > 50:  # the test's purges must land in one minute's window
+        await asyncio.sleep(61 - now % 60)
+    first, second, third = [
+        {"keep": (await state.create_artifact("ten_a", _document(f"note {n}"), None))["id"]} for n in range(3)
+    ]
+    done = (await limited.purge("ten_a", first["keep"])).receipt
+    assert done is not None and (await limited.purge("ten_a", second["keep"])).receipt is not None
+    with pytest.raises(RateLimitExceededError, match="Retry after") as refused:
+        await limited.purge("ten_a", third["keep"])
+    assert refused.value.status == 429 and 1 <= (refused.value.retry_after_s or 0) <= 60
+    assert await state.read("ten_a", _kind(third["keep"]), third["keep"])  # nothing started
+    assert (await limited.purge("ten_a", first["keep"])).receipt == done  # asked again: free
+    theirs = (await state.create_artifact("ten_b", _document("note 0"), None))["id"]
+    assert (await limited.purge("ten_b", theirs)).receipt is not None
+    assert await purges._store.take_purge_slot("ten_c", 1, now_s=120.0) is None
+    assert await purges._store.take_purge_slot("ten_c", 1, now_s=150.5) == 30  # until 180 s
+    assert await purges._store.take_purge_slot("ten_c", 1, now_s=180.0) is None  # the next window
 
 
 @pytest.mark.redis

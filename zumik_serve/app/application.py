@@ -185,6 +185,7 @@ def _profile_parts(
         block_size=profile.engine.block_size,
         kv_redis_tier=profile.kv_tiers.enabled and profile.kv_tiers.redis,
         purge_ceiling=profile.purge.ceiling,
+        purge_max_per_minute=profile.purge.max_per_minute,
         kv_tiers=first.kv_tiers,
         kv_redis_url=kv_redis_url,
         profile_json=profile.model_dump_json(),

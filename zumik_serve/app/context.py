@@ -74,6 +74,7 @@ class GatewaySettings:
     block_size: int
     kv_redis_tier: bool
     purge_ceiling: str = "crypto_erased"
+    purge_max_per_minute: int = 10  # new purges a tenant may start in a minute (profile.purge)
     kv_tiers: dict[str, Any] | None = None  # the engines' connector config (a purge sweeps its tiers)
     kv_redis_url: str | None = None  # the KV Redis (gateway user's URL); None: KV blocks are in redis_url's
     profile_json: str = ""  # the whole profile (routes, routing policy) as JSON
@@ -252,6 +253,7 @@ def build_context(
         signing_keys=signing_keys,
         profile=settings.profile_name,
         ceiling=GuaranteeClass(settings.purge_ceiling),
+        max_per_minute=settings.purge_max_per_minute,
         tiers=build_tiers(kv_tiers) if kv_tiers else [],
         sealed=bool(kv_tiers.get("seal")),
         salt_secret=salts.secret,

@@ -48,7 +48,7 @@ from typing import Any
 from kvstore.keys import ScopeId, scope_id
 from kvstore.tier import Tier, TierBackend
 from kvstore.tiers.redis_keyring import KEY_CACHE_TTL_S
-from zumik_serve.errors import NotFoundError
+from zumik_serve.errors import NotFoundError, RateLimitExceededError
 from zumik_serve.ids import HandleKind, handle_kind, new_handle
 from zumik_serve.purge.classes import GuaranteeClass, weakest
 from zumik_serve.purge.derived import RoutingTraces, decision_entry, provider_entries, reuse_index_entry
@@ -114,11 +114,15 @@ class PurgeService:
         key_cache_ttl_s: float = KEY_CACHE_TTL_S,
         step_delay_s: float = 0.0,
         nodes: NodeSweeper | None = None,
+        max_per_minute: int | None = None,
     ) -> None:
         """``tiers``: the connector's tiers as this process builds them. The Redis tier is swept
         from here; the node tiers (host RAM, disk) by ``nodes`` on every node of the cluster
-        (None: this process's own node tiers, the one node of a gateway without Ray)."""
+        (None: this process's own node tiers, the one node of a gateway without Ray).
+        ``max_per_minute``: new purges a tenant may start in a minute (None: no bound, for the
+        operator's tools); past it, 429 with Retry-After."""
         self._store = store
+        self._max_per_minute = max_per_minute
         self.profile = profile
         self.ceiling = ceiling
         self._tiers = [tier for tier in tiers if tier.tier not in NODE_TIERS]
@@ -182,6 +186,10 @@ class PurgeService:
         """Purge ``target`` (or resume its purge); the same target always gets the same purge.
         ``target`` the tenant's own id: its cache scope, a new purge unless one is unfinished."""
         if target == tenant:
+            unfinished = await self._store.unfinished_scope_purge(tenant)
+            if unfinished is not None:
+                return await self.run(tenant, unfinished)
+            await self._admit(tenant)
             new = PurgeJob(
                 id=PurgeId(new_handle(HandleKind.RECEIPT)), target=tenant, created_at=int(time.time())
             )
@@ -193,21 +201,31 @@ class PurgeService:
                 param="target",
                 code="object_not_found",
             )
-        if await self._store.exists(tenant, target):
-            new = PurgeJob(
-                id=PurgeId(new_handle(HandleKind.RECEIPT)), target=target, created_at=int(time.time())
+        found = await self._store.job_for_target(tenant, target)
+        if found is not None:  # resumed, or its receipt again: no new work
+            return await self.run(tenant, found)
+        if not await self._store.exists(tenant, target):
+            raise NotFoundError(
+                f"No object {target!r} exists for you (unknown or another tenant's).",
+                param="target",
+                code="object_not_found",
             )
-            job = await self._store.claim(tenant, new)
-        else:
-            found = await self._store.job_for_target(tenant, target)
-            if found is None:
-                raise NotFoundError(
-                    f"No object {target!r} exists for you (unknown or another tenant's).",
-                    param="target",
-                    code="object_not_found",
-                )
-            job = found
-        return await self.run(tenant, job)
+        await self._admit(tenant)
+        new = PurgeJob(id=PurgeId(new_handle(HandleKind.RECEIPT)), target=target, created_at=int(time.time()))
+        return await self.run(tenant, await self._store.claim(tenant, new))
+
+    async def _admit(self, tenant: str) -> None:
+        """Count a new purge of ``tenant`` against ``max_per_minute``; 429 past it."""
+        if self._max_per_minute is None:
+            return
+        retry_after_s = await self._store.take_purge_slot(tenant, self._max_per_minute)
+        if retry_after_s is not None:
+            raise RateLimitExceededError(
+                f"You started {self._max_per_minute} purges this minute, as many as this deployment "
+                f"allows (each rewrites the state store and sweeps every KV tier). Retry after "
+                f"{retry_after_s} s; a purge already started resumes without waiting.",
+                retry_after_s=retry_after_s,
+            )
 
     async def resume_pending(self) -> int:
         """Finish every purge a crash or an outage left unfinished; returns how many finished."""

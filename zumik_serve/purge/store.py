@@ -246,17 +246,38 @@ class RedisPurgeStore:
         await self.save_job(tenant, job)
         return job
 
+    async def unfinished_scope_purge(self, tenant: str) -> PurgeJob | None:
+        """The tenant's latest purge of its cache scope if it has not finished, else None."""
+        current = await self._redis.get(_scope_purge(tenant))
+        existing = None if current is None else await self.job(tenant, PurgeId(_text(current)))
+        return existing if existing is not None and existing.status is not PurgeStatus.DONE else None
+
     async def claim_scope(self, tenant: str, job: PurgeJob) -> PurgeJob:
         """Start ``job``, a purge of the tenant's cache scope, unless one is unfinished: then
         that one (it resumes). Two started at once both run; each is a whole purge."""
-        current = await self._redis.get(_scope_purge(tenant))
-        if current is not None:
-            existing = await self.job(tenant, PurgeId(_text(current)))
-            if existing is not None and existing.status is not PurgeStatus.DONE:
-                return existing
+        unfinished = await self.unfinished_scope_purge(tenant)
+        if unfinished is not None:
+            return unfinished
         await self.save_job(tenant, job)
         await self._redis.set(_scope_purge(tenant), job.id)
         return job
+
+    async def take_purge_slot(
+        self, tenant: str, per_minute: int, *, now_s: float | None = None
+    ) -> int | None:
+        """Count one new purge of ``tenant`` in this minute's window: None when it is within
+        ``per_minute``, else the seconds until the next window (the count is taken back)."""
+        now = time.time() if now_s is None else now_s
+        window = int(now // 60)
+        key = f"z:{{{tenant}}}:purge-rate:{window}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 120)
+            count, _ = await pipe.execute()
+        if int(count) <= per_minute:
+            return None
+        await self._redis.decr(key)
+        return max(1, int((window + 1) * 60 - now + 0.999))
 
     async def index_purged(self, tenant: str, handles: Sequence[str], purge_id: PurgeId) -> None:
         """Remember which purge removes each handle: purging one of them later returns that
