@@ -104,6 +104,7 @@ def gateway_settings(redis_url: str, model_dir: Path, profile: Profile, secrets_
         block_size=profile.engine.block_size,
         kv_redis_tier=False,
         purge_ceiling=profile.purge.ceiling,
+        purge_max_per_minute=profile.purge.max_per_minute,
         profile_json=profile.model_dump_json(),
         dev_key=DEV_KEY,
         secrets_dir=str(secrets_dir),

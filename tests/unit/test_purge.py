@@ -47,6 +47,7 @@ from kvstore.sealing import ScopedSealer
 from kvstore.tier import BlockAddress
 from kvstore.tiers.build import build_tiers
 from kvstore.tiers.redis_keyring import RedisKeyring
+from profiles import load_builtin
 from zumik_serve.errors import InvalidRequestError, NotFoundError, RateLimitExceededError
 from zumik_serve.purge.classes import GuaranteeClass
 from zumik_serve.purge.job import (
@@ -757,6 +758,35 @@ def _gateway(harness: Harness, model_dir: Path) -> InProcessGateway:
     from tests.support.inprocess import make_gateway
 
     return make_gateway(harness.server.url, model_dir, secrets_dir=harness.secrets_dir)
+
+
+@pytest.mark.redis
+async def test_a_cache_scope_purge_over_http_and_the_purge_rate_of_the_profile(
+    harness: Harness, model_dir: Path
+) -> None:
+    """``{"target": <the tenant's id>}`` purges its cache scope (200, a receipt naming the
+    tenant); with the profile's ``purge.max_per_minute`` spent, the next new purge is a 429 with
+    Retry-After, as the gateway deploys it."""
+    from tests.support.inprocess import make_gateway
+    from zumik_serve.tenancy.tenant import DEV_TENANT
+
+    profile = load_builtin("local-cpu")
+    profile = profile.model_copy(update={"purge": profile.purge.model_copy(update={"max_per_minute": 1})})
+    if time.time() % 60 > 55:  # both purges in one minute's window
+        await asyncio.sleep(61 - time.time() % 60)
+    gateway = make_gateway(harness.server.url, model_dir, profile=profile, secrets_dir=harness.secrets_dir)
+    async with gateway.client() as http:
+        response = await http.post("/v2/purge", json={"target": DEV_TENANT})
+        assert response.status_code == 200, response.text
+        receipt = response.json()["receipt"]
+        assert (receipt["target"], receipt["purged"], receipt["tenant"]) == (
+            DEV_TENANT,
+            [DEV_TENANT],
+            DEV_TENANT,
+        )
+        refused = await http.post("/v2/purge", json={"target": DEV_TENANT})
+    assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
 
 
 @pytest.mark.redis
