@@ -48,7 +48,7 @@ from kvstore.tier import BlockAddress
 from kvstore.tiers.build import build_tiers
 from kvstore.tiers.redis_keyring import RedisKeyring
 from profiles import load_builtin
-from zumik_serve.errors import InvalidRequestError, NotFoundError, RateLimitExceededError
+from zumik_serve.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitExceededError
 from zumik_serve.purge.classes import GuaranteeClass
 from zumik_serve.purge.job import (
     Compaction,
@@ -392,6 +392,28 @@ async def test_a_tenant_starts_at_most_its_purges_a_minute_and_asking_again_is_f
     assert await purges._store.take_purge_slot("ten_c", 1, now_s=120.0) is None
     assert await purges._store.take_purge_slot("ten_c", 1, now_s=150.5) == 30  # until 180 s
     assert await purges._store.take_purge_slot("ten_c", 1, now_s=180.0) is None  # the next window
+
+
+@pytest.mark.redis
+async def test_a_retry_under_the_key_of_a_purged_object_is_409_and_makes_nothing(harness: Harness) -> None:
+    """Under an Idempotency-Key a create's handle derives from the key: a retry after a purge
+    once made the purged handle again. The purge leaves a tombstone in the key's place (no handle,
+    no digest of the request): the retry is a 409 saying to use a new key, and creates nothing."""
+    state, purges, _, client = harness.services()
+    art = (await state.create_artifact("ten_a", _document("keyed content"), None))["id"]
+    request = CreateBundle(artifacts=(art,))
+    bundle = (await state.create_bundle("ten_a", request, "key-1"))["id"]
+    assert (await state.create_bundle("ten_a", request, "key-1"))["id"] == bundle  # a retry, before
+    receipt = (await purges.purge("ten_a", bundle)).receipt
+    assert receipt is not None and receipt["purged"] == [bundle]
+    [idem] = [key async for key in client.scan_iter(match="z:{ten_a}:idem:*")]
+    assert bundle.encode() not in await client.get(idem) and 0 < await client.ttl(idem) <= 24 * 3600
+    with pytest.raises(ConflictError, match="new Idempotency-Key") as refused:
+        await state.create_bundle("ten_a", request, "key-1")
+    assert refused.value.status == 409 and refused.value.code == "idempotent_result_purged"
+    assert await client.exists(object_key("ten_a", bundle)) == 0  # the purged handle stays gone
+    fresh = (await state.create_bundle("ten_a", request, "key-2"))["id"]
+    assert fresh != bundle
 
 
 @pytest.mark.redis

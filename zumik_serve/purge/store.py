@@ -37,6 +37,7 @@ from redis.exceptions import ResponseError
 from kvstore.tiers.redis_keyring import DESTROYED, TOMBSTONE_TTL_S, keyring_key
 from zumik_serve.purge.job import Compaction, PendingPurge, PurgeId, PurgeJob, PurgeStatus
 from zumik_serve.purge.receipt import ChainHead
+from zumik_serve.state.outcomes import PURGED_ENTRY
 from zumik_serve.state.store import (
     RedisStateStore,
     blob_key,
@@ -141,14 +142,18 @@ class RedisPurgeStore:
                 keys += [blob_key(tenant, content.digest), bydigest_key(tenant, content.digest)]
         removed = await self._state.delete_keys(tenant, keys)  # gives their quota usage back
         await self._redis.srem(exposed_key(tenant), *handles)
-        # Idempotency results name the objects they created (a retry must not resurrect them);
-        # a /v1 exchange's key names its session and holds a digest of the request.
+        # Idempotency results name the objects they created: each becomes a tombstone for the
+        # rest of its 24 h (no handle, no digest of the request), so that a retry gets 409, not
+        # the purged handle made again (it derives from the key). A /v1 exchange's key names its
+        # session and holds a digest of the request: removed (a retry finds no session).
         marked = [handle.encode() for handle in handles]
         async for key in self._redis.scan_iter(match=f"z:{{{tenant}}}:idem:*", count=1000):
-            value = await self._redis.get(key)
-            named = any(handle in key for handle in marked)
-            if named or (value is not None and any(handle in value for handle in marked)):
+            if any(handle in key for handle in marked):
                 removed += int(await self._redis.unlink(key))
+                continue
+            value = await self._redis.get(key)
+            if value is not None and any(handle in value for handle in marked):
+                await self._redis.set(key, PURGED_ENTRY, keepttl=True, xx=True)
         return removed
 
     async def destroy_data_keys(self, scopes: Sequence[str]) -> None:

@@ -21,6 +21,17 @@ class IdempotentEntry:
     request_hash: Annotated[str, Field(alias="hash")]
     result: int | dict[str, Any]
 
+    @property
+    def purged(self) -> bool:
+        """The object this key created was purged: the entry is ``PURGED_ENTRY``, which keeps
+        no digest of the request and no handle (``purge/store.py``)."""
+        return self.request_hash == "" and self.result == {"purged": True}
+
+
+# What a purge leaves of an Idempotency-Key whose result named a purged object: a retry gets
+# 409 instead of the purged handle made again (under a key, a create's handle is derived from it).
+PURGED_ENTRY = '{"hash":"","result":{"purged":true}}'
+
 
 @dataclass(frozen=True)
 class ParentNotLive:

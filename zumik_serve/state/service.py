@@ -17,6 +17,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from zumik_serve.errors import (
+    ConflictError,
     IdempotencyConflictError,
     InvalidRequestError,
     NotFoundError,
@@ -515,6 +516,12 @@ class StateService:
         if key is None:
             return await operation()
         previous = await self._store.idempotent_result(tenant, key)
+        if previous is not None and previous.purged:
+            raise ConflictError(
+                "The object this Idempotency-Key created was purged. Send the request with a new "
+                "Idempotency-Key to create it again.",
+                code="idempotent_result_purged",
+            )
         if previous is None:
             token = _IDEMPOTENT.set((tenant, key, this_hash))
             try:
