@@ -284,6 +284,29 @@ async def test_the_provider_gets_one_key_per_tenant_and_family_and_the_clients_k
     assert all("cache_salt" not in request.body for request in h.managed.requests)
 
 
+async def test_a_managed_provider_sees_each_tenants_users_as_pseudonyms_and_byok_as_sent(
+    managed_first: Harness, byok_first: Harness
+) -> None:
+    """Every tenant's requests reach a managed provider under Zumik's one account: a client's
+    ``user`` goes there as a keyed hash of the tenant's (stable for the tenant and user, another
+    for another tenant's equal id, never the id). A BYOK route is the tenant's own account: as sent."""
+
+    async def chat(h: Harness, tenant: str, user: str) -> None:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "user": user}
+        salt = (tenant * 64)[:64]
+        await h.dispatcher.start(
+            EngineCall.CHAT, body, stream=False, tenant=tenant, salt=salt, context=RouteContext()
+        )
+
+    for tenant, user in (("ten_a", "alice"), ("ten_a", "alice"), ("ten_b", "alice"), ("ten_a", "bob")):
+        await chat(managed_first, tenant, user)
+    sent = [request.body["user"] for request in managed_first.managed.requests]
+    assert sent[0] == sent[1] and len({sent[0], sent[2], sent[3]}) == 3
+    assert all(user.startswith("zu-") and "alice" not in user and "bob" not in user for user in sent)
+    await chat(byok_first, "ten_a", "alice")
+    assert [request.body["user"] for request in byok_first.byok.requests] == ["alice"]
+
+
 # --- per-tenant fault domains ------------------------------------------------------------------
 
 

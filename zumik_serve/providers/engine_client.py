@@ -9,11 +9,14 @@ Zumik key is wrong: it becomes a 502 ``provider_auth_failed`` failure of the rou
 ``auth_error`` attempt, which falls back to the next route and counts against its breaker), so
 no tenant is ever told "invalid API key" because of a provider. The body sent is the checked
 /v1 body with the route's model, Zumik's ``prompt_cache_key`` (derived per tenant scope, so it
-never links tenants at the provider) and no engine-only field.
+never links tenants at the provider), on a managed route the client's ``user`` as a pseudonym of
+the tenant's (``pseudonymous_user``), and no engine-only field.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,16 +41,33 @@ PROVIDER_AUTH_STATUSES = frozenset({401, 403, 407})  # the provider refused the 
 AUTH_ERROR_OUTCOME = "auth_error"  # routing.retry.AttemptOutcome.AUTH_ERROR (providers import no routing)
 
 
-def provider_body(engine_body: dict[str, Any], *, model: str, prompt_cache_key: str) -> dict[str, Any]:
+def provider_body(
+    engine_body: dict[str, Any], *, model: str, prompt_cache_key: str, user_salt: str | None = None
+) -> dict[str, Any]:
+    """The body a provider gets. With ``user_salt`` (a managed route: Zumik's own account, every
+    tenant's requests under it), the client's ``user`` goes as ``pseudonymous_user``."""
     body = {key: value for key, value in engine_body.items() if key not in ENGINE_ONLY_FIELDS}
+    if user_salt is not None and isinstance(body.get("user"), str):
+        body["user"] = pseudonymous_user(user_salt, body["user"])
     return {**body, "model": model, "prompt_cache_key": prompt_cache_key}
+
+
+def pseudonymous_user(salt: str, user: str) -> str:
+    """A client's end-user id as a managed provider sees it: a keyed hash under the tenant's cache
+    salt, stable for that tenant and user (the provider's abuse tracking still tells its users
+    apart), never the id itself, and never the same for two tenants' equal ids (one tenant's
+    "user-1" is not another's to the provider)."""
+    digest = hmac.new(salt.encode(), b"zumik-user/1\x1f" + user.encode(), hashlib.sha256)
+    return "zu-" + digest.hexdigest()[:32]
 
 
 class ProviderEngineClient:
     """One call's view of a provider route (the key is the route's or the tenant's)."""
 
     def __init__(self, provider: OpenAICompatProvider, *, label: str, model: str, api_key: str,
-                 prompt_cache_key: str) -> None:  # fmt: skip
+                 prompt_cache_key: str, user_salt: str | None = None) -> None:  # fmt: skip
+        """``user_salt``: the tenant's cache salt on a managed route (``provider_body``)."""
+        self._user_salt = user_salt
         self._provider = provider
         self._label = label
         self._model = model
@@ -74,7 +94,9 @@ class ProviderEngineClient:
         return [ReplicaAssigned(self._label), EngineResponse(reply.body)]
 
     def _body(self, body: dict[str, Any]) -> dict[str, Any]:
-        return provider_body(body, model=self._model, prompt_cache_key=self._cache_key)
+        return provider_body(
+            body, model=self._model, prompt_cache_key=self._cache_key, user_salt=self._user_salt
+        )
 
 
 def _path(call: EngineCall) -> Any:

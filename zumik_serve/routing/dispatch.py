@@ -396,7 +396,7 @@ class Dispatcher:
                 if attempt > 1 and self.scheduler.breaker_open(pick, self._clock_ms(), tenant):
                     attempts.append(_attempt(pick, attempt, "skipped", None, "fallback", "breaker open"))
                     break
-                client = await self._client(pick, tenant, cache_key)
+                client = await self._client(pick, tenant, cache_key, salt)
                 if client is None:
                     attempts.append(_attempt(pick, attempt, "skipped", None, "fallback", "no api key"))
                     break
@@ -496,7 +496,7 @@ class Dispatcher:
         """The tenant's retry budget of BYOK route ``route`` (None: it sent nothing there)."""
         return self._tenant_budgets.get((tenant, route))
 
-    async def _client(self, pick: Pick, tenant: str, cache_key: str) -> EngineClient | None:
+    async def _client(self, pick: Pick, tenant: str, cache_key: str, salt: str) -> EngineClient | None:
         route = self.scheduler.route(pick.route)
         if route.kind is RouteKind.BYOC:
             return self._engines[pick.replica or ""]
@@ -509,6 +509,7 @@ class Dispatcher:
         return ProviderEngineClient(
             self._providers[route.name], label=route.name, model=route.model or "",
             api_key=api_key, prompt_cache_key=cache_key,
+            user_salt=salt if route.kind is RouteKind.MANAGED else None,  # BYOK: the tenant's account
         )  # fmt: skip
 
     async def record_sent(self, tenant: str, sources: tuple[str, ...], route_name: str) -> None:
