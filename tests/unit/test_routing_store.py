@@ -159,6 +159,23 @@ async def test_a_pinned_release_runs_while_its_alias_is_the_one_named(client: ai
     assert (await routing.release_for_request("ten_a", None, pinned=first.id)).release is None
 
 
+async def test_a_release_may_take_a_subset_of_the_profiles_routes(client: aioredis.Redis) -> None:
+    """A release names the routes its requests may take: all of the profile's by default, or the
+    ones the publish names (in the profile's order); a name the profile lacks, a repeat or none
+    at all is a 400 naming ``routes``, and nothing is published."""
+    routing = make_service(client)
+    everything = await routing.publish("ten_a", "prod", PublishRelease())
+    assert [entry.name for entry in everything.route_table] == ["local", "managed", "byok"]
+    narrow = await routing.publish("ten_a", "prod", PublishRelease.parse({"routes": ["byok", "local"]}))
+    assert [entry.name for entry in narrow.route_table] == ["local", "byok"]
+    assert (await routing.release_for_request("ten_a", "prod")).release == narrow
+    for routes in (["local", "nowhere"], ["local", "local"], []):
+        with pytest.raises(InvalidRequestError) as refused:
+            await routing.publish("ten_a", "prod", PublishRelease.parse({"routes": routes}))
+        assert refused.value.param == "routes" and "local, managed, byok" in refused.value.message
+    assert (await routing.alias("ten_a", "prod")).current == narrow
+
+
 async def test_a_stored_release_is_parsed_once_and_a_new_one_read_as_stored(client: aioredis.Redis) -> None:
     routing = make_service(client)
     first = await routing.publish("ten_a", "prod", PublishRelease())

@@ -83,6 +83,8 @@ async def test_publish_and_alias_view_render_as_before(
         ("/v2/aliases/http-a/releases", {"model": "gpt-other"}, 400, "model"),
         ("/v2/aliases/http-a/releases", {"expected_release": ["rel_x"]}, 400, "expected_release"),
         ("/v2/aliases/http-a/releases", {"expected_release": "rel_" + "c" * 26}, 409, None),
+        ("/v2/aliases/http-a/releases", {"routes": ["local", "elsewhere"]}, 400, "routes"),
+        ("/v2/aliases/http-a/releases", {"routes": "local"}, 400, "routes"),
     ],
 )
 async def test_publish_refusals_name_the_field(
@@ -135,3 +137,25 @@ async def test_byok_keys_render_as_before_and_refusals_never_echo_the_key(gatewa
         deleted = await http.delete("/v2/byok/byok")
         assert deleted.content == rendered({"route": "byok", "deleted": True})
         assert (await http.get("/v2/byok")).json()["data"] == []
+
+
+async def test_a_request_under_a_release_of_some_routes_takes_only_those(gateway: InProcessGateway) -> None:
+    """A release published with ``routes`` pins its requests to them: under a release of the
+    local route alone, the decision weighs that route only, where the model's own release
+    weighs every route of the profile."""
+
+    async def candidates(http: Any, model: str) -> tuple[set[str], str]:
+        chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        answer = await http.post("/v1/chat/completions", json=chat)
+        assert answer.status_code == 200, answer.text
+        decision = (await http.get(f"/v2/decisions/{answer.headers['x-zumik-decision-id']}")).json()
+        record = decision["record"]
+        return {candidate["route"] for candidate in record["candidates"]}, record["inputs"]["release_id"]
+
+    async with gateway.client() as http:
+        published = await http.post("/v2/aliases/http-narrow/releases", json={"routes": ["local"]})
+        assert published.status_code == 201, published.text
+        assert [entry["name"] for entry in published.json()["route_table"]] == ["local"]
+        assert await candidates(http, "http-narrow") == ({"local"}, published.json()["id"])
+        everything, _ = await candidates(http, PROFILE.model.served_name)
+    assert everything == {"local", "managed", "byok"}

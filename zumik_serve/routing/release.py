@@ -108,11 +108,15 @@ def release_for(
     created_at: int,
     previous: str | None,
     model: str | None = None,
+    routes: tuple[str, ...] | None = None,
 ) -> Release:
     """The release of ``alias`` serving ``profile``'s ``model`` (default: its first) now: every
-    effective route with its prices, its routing policy version and its fingerprint."""
+    effective route (or those named in ``routes``, in the profile's order) with its prices, its
+    routing policy version and its fingerprint."""
     table = []
     for route in profile.effective_routes():
+        if routes is not None and route.name not in routes:
+            continue
         prices = route.prices
         table.append(
             RouteEntry(

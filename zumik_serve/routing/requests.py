@@ -32,12 +32,15 @@ class PublishRelease(BaseModel):
     ``model``: the model (or adapter) the release serves, one of those this deployment serves;
     absent or null, its first model. ``expected_release``: when sent, the publish is a compare-and-set:
     the alias must point at that release now (null: at none yet); when absent, the alias moves
-    from wherever it points (``compare_and_set`` tells the two apart)."""
+    from wherever it points (``compare_and_set`` tells the two apart). ``routes``: the routes the
+    release may take, by name, a subset of the profile's (absent or null: all of them); requests
+    under it are routed among those only."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     model: str | None = None
     expected_release: str | None = None
+    routes: list[str] | None = None
 
     @property
     def compare_and_set(self) -> bool:

@@ -55,6 +55,16 @@ class RoutingService:
                 f"cannot name {model!r}",
                 param="model",
             )
+        if request.routes is not None:
+            names = [route.name for route in self.profile.effective_routes()]
+            unknown = [name for name in request.routes if name not in names]
+            if unknown or not request.routes or len(set(request.routes)) != len(request.routes):
+                found = f"{', '.join(map(repr, unknown))} is not one" if unknown else "got none or a repeat"
+                raise InvalidRequestError(
+                    f"routes must name some of this profile's routes, each once ({', '.join(names)}); "
+                    f"{found}",
+                    param="routes",
+                )
         current = await self._store.current_release_id(tenant, alias)
         expected = request.expected_release if request.compare_and_set else current
         if expected != current:
@@ -62,7 +72,10 @@ class RoutingService:
                 f"alias '{alias}' now points at {current}, not {expected}; read it again and retry",
                 code="alias_moved",
             )
-        release = release_for(self.profile, alias, new_release_id(), int(time.time()), current, model)
+        release = release_for(
+            self.profile, alias, new_release_id(), int(time.time()), current, model,
+            None if request.routes is None else tuple(request.routes),
+        )  # fmt: skip
         if not await self._store.publish(tenant, release, current):
             raise ConflictError(
                 f"alias '{alias}' moved while publishing; read it again and retry", code="alias_moved"
