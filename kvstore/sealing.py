@@ -13,19 +13,28 @@ nonce, associated data and tag), so that a restore decrypts each tensor of a blo
 its place in the engine's cache, one pass over the bytes; the tag is checked once every byte has
 been decrypted (``verify``), and the caller wipes what it wrote when it does not verify.
 ``ScopedSealer`` uses one data key per isolation scope from a ``Keyring``: destroying a scope's
-key makes every sealed copy of it unreadable (crypto-erasure), wherever the copies are.
+key makes every sealed copy of it unreadable (crypto-erasure), wherever the copies are. Its
+ciphers are kept by scope: the one of a scope whose key is gone (destroyed by a purge) is dropped
+at that scope's next use, and any not used for ``IDLE_S`` at the next sweep, so that a process
+does not keep a destroyed key's material for as long as it runs.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kvstore.tier import BlockAddress, Keyring
+from kvstore.tier import BlockAddress, Keyring, ScopeId
+
+IDLE_S = 60.0  # a scope's ciphers unused this long are dropped (their key with them)
+SWEEP_EVERY_S = 10.0
 
 
 class AesGcmSealer:
@@ -56,56 +65,77 @@ class AesGcmSealer:
         return GcmOpening.start(self._cipher, sealed, address)
 
 
+@dataclass
+class _ScopeCiphers:
+    data_key: bytes
+    aead: AESGCM
+    cipher: algorithms.AES | None  # for ``opening``, made on first use
+    used_at: float
+
+
 class ScopedSealer:
     """Seals each block with its scope's data key (created on first store)."""
 
-    def __init__(self, keyring: Keyring) -> None:
+    def __init__(self, keyring: Keyring, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._keyring = keyring
-        self._aeads: dict[bytes, AESGCM] = {}
-        self._ciphers: dict[bytes, algorithms.AES] = {}
+        self._clock = clock
+        self._scopes: dict[ScopeId, _ScopeCiphers] = {}
+        self._next_sweep = clock() + SWEEP_EVERY_S
 
     def seal(self, value: bytes, address: BlockAddress) -> bytes | None:
-        data_key = self._keyring.data_key(address.scope, create=True)
-        if data_key is None:
+        ciphers = self._ciphers(address.scope, create=True)
+        if ciphers is None:
             return None
         nonce = os.urandom(12)
-        return nonce + self._aead(data_key).encrypt(nonce, value, _associated(address))
+        return nonce + ciphers.aead.encrypt(nonce, value, _associated(address))
 
     def open(self, sealed: bytes | memoryview, address: BlockAddress) -> bytes | None:
-        data_key = self._keyring.data_key(address.scope, create=False)
-        if data_key is None or len(sealed) < 12 + 16:
+        ciphers = self._ciphers(address.scope, create=False)
+        if ciphers is None or len(sealed) < 12 + 16:
             return None
         try:  # a memoryview: no copy of the ciphertext before decrypting it
-            return self._aead(data_key).decrypt(sealed[:12], memoryview(sealed)[12:], _associated(address))
+            return ciphers.aead.decrypt(sealed[:12], memoryview(sealed)[12:], _associated(address))
         except InvalidTag:
             return None
 
     def open_into(
         self, sealed: bytes | memoryview, address: BlockAddress, out: memoryview
     ) -> memoryview | None:
-        data_key = self._keyring.data_key(address.scope, create=False)
-        if data_key is None:
+        ciphers = self._ciphers(address.scope, create=False)
+        if ciphers is None:
             return None
-        return _open_into(self._aead(data_key), sealed, address, out)
+        return _open_into(ciphers.aead, sealed, address, out)
 
     def opening(self, sealed: bytes | memoryview, address: BlockAddress) -> GcmOpening | None:
-        data_key = self._keyring.data_key(address.scope, create=False)
-        if data_key is None:
+        ciphers = self._ciphers(address.scope, create=False)
+        if ciphers is None:
             return None
-        cipher = self._ciphers.get(data_key)
-        if cipher is None:
-            if len(self._ciphers) > 1024:
-                self._ciphers.clear()
-            cipher = self._ciphers[data_key] = algorithms.AES(data_key)
-        return GcmOpening.start(cipher, sealed, address)
+        if ciphers.cipher is None:
+            ciphers.cipher = algorithms.AES(ciphers.data_key)
+        return GcmOpening.start(ciphers.cipher, sealed, address)
 
-    def _aead(self, data_key: bytes) -> AESGCM:
-        aead = self._aeads.get(data_key)
-        if aead is None:
-            if len(self._aeads) > 1024:
-                self._aeads.clear()
-            aead = self._aeads[data_key] = AESGCM(data_key)
-        return aead
+    @property
+    def scopes_held(self) -> int:
+        """Scopes whose ciphers (and key) this sealer holds now."""
+        return len(self._scopes)
+
+    def _ciphers(self, scope: ScopeId, *, create: bool) -> _ScopeCiphers | None:
+        """The scope's ciphers for its current key (None, and any held dropped, when it has
+        none: never created, or destroyed)."""
+        now = self._clock()
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_EVERY_S
+            for idle in [s for s, held in list(self._scopes.items()) if now - held.used_at > IDLE_S]:
+                self._scopes.pop(idle, None)
+        data_key = self._keyring.data_key(scope, create=create)
+        if data_key is None:
+            self._scopes.pop(scope, None)
+            return None
+        held = self._scopes.get(scope)
+        if held is None or held.data_key != data_key:
+            held = self._scopes[scope] = _ScopeCiphers(data_key, AESGCM(data_key), None, now)
+        held.used_at = now
+        return held
 
 
 class GcmOpening:

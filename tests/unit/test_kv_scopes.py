@@ -98,3 +98,42 @@ def test_sealing_binds_the_scope(tmp_path: Path, redis_client: redis.Redis) -> N
     sealed = sealer.seal(b"value", a0)
     assert sealed is not None and sealer.open(sealed, a0) == b"value"
     assert sealer.open(sealed, _address(0, B)) is None  # copied into another scope: does not open
+
+
+class _MemoryKeyring:
+    """Data keys in a dict: ``destroy`` purges a scope's key."""
+
+    def __init__(self) -> None:
+        self.keys: dict[ScopeId, bytes] = {}
+
+    def data_key(self, scope: ScopeId, *, create: bool) -> bytes | None:
+        if scope not in self.keys and create:
+            self.keys[scope] = bytes(range(32))[::-1] if scope.endswith("b") else bytes(range(32))
+        return self.keys.get(scope)
+
+    def is_destroyed(self, scope: ScopeId) -> bool:
+        return scope not in self.keys
+
+    def destroy(self, scope: ScopeId) -> None:
+        del self.keys[scope]
+
+
+def test_a_sealer_drops_a_destroyed_scopes_key_at_its_next_use_and_idle_ones_after_a_while() -> None:
+    """An engine process opens blocks of many scopes: the sealer keeps each scope's cipher (and
+    so its key) only while the key exists and is used; it held every key it ever saw, a purged
+    scope's included, until a thousand had piled up."""
+    now = [1000.0]
+    keyring = _MemoryKeyring()
+    sealer = ScopedSealer(keyring, clock=lambda: now[0])
+    mine, theirs = ScopeId("scope-a"), ScopeId("scope-b")
+    addresses = {scope: BlockAddress("d" * 64, BlockKey("k" * 32), scope) for scope in (mine, theirs)}
+    sealed = {
+        scope: sealer.seal(b"block of " + scope.encode(), address) for scope, address in addresses.items()
+    }
+    assert sealer.scopes_held == 2
+    keyring.destroy(mine)  # a purge
+    assert sealer.open(sealed[mine] or b"", addresses[mine]) is None and sealer.scopes_held == 1
+    assert sealer.open(sealed[theirs] or b"", addresses[theirs]) == b"block of scope-b"
+    now[0] += 61.0  # scope-b unused past IDLE_S: the next use of any scope sweeps it out
+    assert sealer.open(sealed[mine] or b"", addresses[mine]) is None and sealer.scopes_held == 0
+    assert sealer.open(sealed[theirs] or b"", addresses[theirs]) == b"block of scope-b"  # made again
