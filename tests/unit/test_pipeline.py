@@ -481,3 +481,35 @@ async def test_an_error_never_quotes_more_than_a_bounded_part_of_the_input(gatew
         assert 400 <= answer.status_code < 500, answer.status_code
         assert len(answer.content) <= 8 * 1024, (answer.request.url.path[:40], len(answer.content))
         assert "(truncated)" in answer.json()["error"]["message"] or huge not in answer.text
+
+
+async def test_a_media_url_the_engine_would_fetch_is_refused_in_the_request_and_in_a_snapshot(
+    gateway: InProcessGateway,
+) -> None:
+    """An http(s) media part, in the request's messages or in a snapshot's message artifact, is a
+    400 naming where it is; nothing reaches the engine. The same image inline goes through."""
+    image = {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data/"}}
+    inline = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    ask = {"type": "text", "text": "What is in it?"}
+    calls = len(gateway.engine.calls)
+    async with gateway.client() as http:
+        remote = {**CHAT, "messages": [{"role": "user", "content": [ask, image]}]}
+        refused = await http.post("/v1/chat/completions", json=remote)
+        message = json.dumps({"role": "user", "content": [ask, image]})
+        artifact = await http.post("/v2/artifacts", json={"role": "message", "content": message})
+        bundle = await http.post("/v2/bundles", json={"artifacts": [artifact.json()["id"]]})
+        snapshot = (await http.post("/v2/snapshots", json={"bundle": bundle.json()["id"]})).json()["id"]
+        in_snapshot = await http.post(
+            "/v1/chat/completions", json=CHAT, headers={"x-zumik-snapshot": snapshot}
+        )
+        assert len(gateway.engine.calls) == calls  # neither reached the engine
+        sent = await http.post(
+            "/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": [ask, inline]}]}
+        )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[0].content"
+    assert (
+        in_snapshot.status_code == 400
+        and in_snapshot.json()["error"]["param"] == "snapshot messages[0].content"
+    )
+    assert "169.254" not in refused.text + in_snapshot.text
+    assert sent.status_code == 200 and gateway.engine.bodies[-1]["messages"][0]["content"][1] == inline

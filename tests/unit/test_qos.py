@@ -314,6 +314,31 @@ def test_requests_within_the_limits_pass() -> None:
     check_generation_limits({"prompt": list(range(3000))}, LIMITS)  # token ids are one prompt
 
 
+def test_a_media_part_an_engine_would_fetch_is_refused_unless_its_host_is_listed() -> None:
+    """An engine loads an http(s) media URL itself, from inside the cluster (a cloud's metadata
+    service, the Ray dashboard): refused (400 naming the message, not echoing the URL) unless
+    the profile lists its host in ``engine.vllm_args.allowed_media_domains``; inline media pass."""
+
+    def chat(kind: str, url: str) -> dict[str, object]:
+        part = {"type": kind, kind: {"url": url}}
+        return {"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": [part]}]}
+
+    remote = (
+        ("image_url", "http://169.254.169.254/latest/meta-data/"),
+        ("video_url", "HTTPS://dashboard.internal:8265/"),
+        ("audio_url", " http://10.0.0.1/a.wav"),
+    )
+    for kind, url in remote:
+        with pytest.raises(InvalidRequestError) as caught:
+            check_generation_limits(chat(kind, url), LIMITS)
+        assert caught.value.param == "messages[1].content" and url.strip() not in caught.value.message
+    check_generation_limits(chat("image_url", "data:image/png;base64,iVBORw0KGgo="), LIMITS)
+    listed = replace(LIMITS, media_hosts=frozenset({"images.example.com"}))
+    check_generation_limits(chat("image_url", "https://Images.Example.com/cat.png"), listed)
+    with pytest.raises(InvalidRequestError):
+        check_generation_limits(chat("image_url", "https://images.example.com.evil.net/cat.png"), listed)
+
+
 # --- batch takes the cheapest route --------------------------------------------------------------
 
 

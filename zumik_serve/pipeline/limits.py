@@ -1,7 +1,8 @@
 """Input limits of a generation request, checked before any engine sees it (each a 400 naming
 the parameter, never echoing the input): ``n``, ``max_tokens`` / ``max_completion_tokens`` (JSON
 integers only, none above the limit), every other integer that sets an amount of work (JSON
-integers only: ``INTEGER_FIELDS``), the number of messages and of prompts. The body size (413,
+integers only: ``INTEGER_FIELDS``), the number of messages and of prompts, and media parts the
+engine would fetch by URL (``check_media_urls``). The body size (413,
 before the whole body is read) is in ``api/body.py``, the JSON depth and number sizes in
 ``api/v1/wire.parse_json_body``; header sizes are the HTTP server's (Ray Serve's ingress answers
 400/431 before the app runs).
@@ -9,9 +10,10 @@ before the whole body is read) is in ``api/body.py``, the JSON depth and number 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from profiles import Profile
 from zumik_serve.errors import InvalidRequestError
@@ -23,15 +25,21 @@ class GenerationLimits:
     max_output_tokens: int  # the engine's context: nothing longer can be generated
     max_messages: int
     max_prompts: int
+    media_hosts: frozenset[str] = frozenset()  # hosts the engines may fetch media from
 
     @classmethod
     def of(cls, profile: Profile) -> GenerationLimits:
         gateway = profile.gateway
+        listed = profile.engine.vllm_args.get("allowed_media_domains")
+        hosts = frozenset(str(host).lower() for host in listed) if isinstance(listed, list) else frozenset()
         return cls(
             max_n=gateway.max_n,
             max_output_tokens=profile.engine.max_model_len,
             max_messages=gateway.max_messages,
             max_prompts=gateway.max_prompts,
+            media_hosts=frozenset(str(host).lower() for host in hosts)
+            if isinstance(hosts, list)
+            else frozenset(),
         )
 
 
@@ -71,6 +79,8 @@ def check_generation_limits(body: Mapping[str, Any], limits: GenerationLimits) -
             "in a /v2 session.",
             param="messages",
         )
+    if isinstance(messages, list):
+        check_media_urls(messages, limits.media_hosts)
     prompt = body.get("prompt")
     if (
         isinstance(prompt, list)
@@ -79,3 +89,36 @@ def check_generation_limits(body: Mapping[str, Any], limits: GenerationLimits) -
         and len(prompt) > limits.max_prompts
     ):
         raise InvalidRequestError(f"prompt has more than {limits.max_prompts} entries.", param="prompt")
+
+
+MEDIA_PARTS = ("image_url", "video_url", "audio_url")
+"""Content parts vLLM loads from a URL (``vllm.multimodal.media``): an http(s) one it fetches
+itself, from inside the cluster, wherever the URL points."""
+
+
+def check_media_urls(messages: Sequence[Any], hosts: frozenset[str], *, param: str = "messages") -> None:
+    """400 for a media part whose http(s) URL's host is not in ``hosts`` (the profile's
+    ``engine.vllm_args.allowed_media_domains``): an engine fetching it would reach whatever the
+    cluster reaches (its dashboard, a cloud's metadata service). Inline media (``data:`` URLs)
+    pass: nothing is fetched."""
+    for index, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if not isinstance(part, Mapping):
+                continue
+            for kind in MEDIA_PARTS:
+                ref = part.get(kind)
+                url = ref.get("url") if isinstance(ref, Mapping) else ref
+                if not isinstance(url, str):
+                    continue
+                parts = urlsplit(url.strip())
+                if parts.scheme.lower() not in ("http", "https") or (parts.hostname or "") in hosts:
+                    continue
+                raise InvalidRequestError(
+                    f"{param}[{index}] has a {kind} part with a remote URL, which this deployment's "
+                    "engines do not fetch. Send the media inline as a data: URL, or have the operator "
+                    "list its domain in the profile's engine.vllm_args.allowed_media_domains.",
+                    param=f"{param}[{index}].content",
+                )

@@ -62,7 +62,7 @@ from zumik_serve.errors import (
 )
 from zumik_serve.pipeline.accounting import RequestAccounting
 from zumik_serve.pipeline.context import GatewayContext
-from zumik_serve.pipeline.limits import check_generation_limits
+from zumik_serve.pipeline.limits import check_generation_limits, check_media_urls
 from zumik_serve.pipeline.request import (
     Admission,
     Completion,
@@ -413,7 +413,8 @@ class Pipeline:
                 None if snapshot is None else state.store_call(state.snapshot_messages(tenant, snapshot)),
                 None if session is None else state.store_call(state.use_session(tenant, session)),
             )
-            if prefix is not None:
+            if prefix is not None:  # a snapshot's message artifacts may hold media parts too
+                check_media_urls(prefix, self.context.limits.media_hosts, param="snapshot messages")
                 body["messages"] = [*prefix, *body["messages"]]
             return request.call, body, allowed
         # /v2 and warming send token ids of this deployment's own tokenizer: only its engines
