@@ -412,8 +412,31 @@ async def test_a_retry_under_the_key_of_a_purged_object_is_409_and_makes_nothing
         await state.create_bundle("ten_a", request, "key-1")
     assert refused.value.status == 409 and refused.value.code == "idempotent_result_purged"
     assert await client.exists(object_key("ten_a", bundle)) == 0  # the purged handle stays gone
+    await client.delete(idem)  # 24 h later the key's tombstone is gone: the handle's purge mark is not
+    with pytest.raises(ConflictError, match="new Idempotency-Key"):
+        await state.create_bundle("ten_a", request, "key-1")
+    assert await client.exists(object_key("ten_a", bundle)) == 0
     fresh = (await state.create_bundle("ten_a", request, "key-2"))["id"]
     assert fresh != bundle
+
+
+@pytest.mark.redis
+async def test_a_purge_asked_for_again_while_it_runs_is_not_run_twice(harness: Harness) -> None:
+    """Asking again for a purge is free of the rate of new purges, so it must not cost a second
+    run: while one runs in this process, the same request answers at once with the job as it is
+    (no receipt: 202 over HTTP), and one AOF rewrite is all the purge makes."""
+    state, purges, _, client = harness.services(step_delay_s=0.2)
+    art = (await state.create_artifact("ten_a", _document("asked twice"), None))["id"]
+    rewrites = (await client.info("persistence"))["aof_rewrites"]
+    first = asyncio.create_task(purges.purge("ten_a", art))
+    await asyncio.sleep(0.1)
+    again = await purges.purge("ten_a", art)
+    assert not first.done()  # answered while the first request still runs the purge
+    assert again.receipt is None and again.job.status is not PurgeStatus.DONE
+    done = await first
+    assert done.receipt is not None and done.job.id == again.job.id
+    assert (await client.info("persistence"))["aof_rewrites"] == rewrites + 1
+    assert (await purges.purge("ten_a", art)).receipt == done.receipt
 
 
 @pytest.mark.redis

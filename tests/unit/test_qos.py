@@ -285,7 +285,8 @@ async def test_deadline_cancels_the_work_and_answers_504() -> None:
 
 # --- input limits --------------------------------------------------------------------------------
 
-LIMITS = GenerationLimits.of(load_builtin("local-cpu"))
+LOCAL = load_builtin("local-cpu")
+LIMITS = GenerationLimits.of(LOCAL)
 
 
 @pytest.mark.parametrize(
@@ -333,10 +334,13 @@ def test_a_media_part_an_engine_would_fetch_is_refused_unless_its_host_is_listed
             check_generation_limits(chat(kind, url), LIMITS)
         assert caught.value.param == "messages[1].content" and url.strip() not in caught.value.message
     check_generation_limits(chat("image_url", "data:image/png;base64,iVBORw0KGgo="), LIMITS)
-    listed = replace(LIMITS, media_hosts=frozenset({"images.example.com"}))
+    engine = LOCAL.engine.model_copy(update={"vllm_args": {"allowed_media_domains": ["Images.example.com"]}})
+    listed = GenerationLimits.of(LOCAL.model_copy(update={"engine": engine}))  # as a gateway builds it
+    assert listed.media_hosts == {"images.example.com"}
     check_generation_limits(chat("image_url", "https://Images.Example.com/cat.png"), listed)
-    with pytest.raises(InvalidRequestError):
-        check_generation_limits(chat("image_url", "https://images.example.com.evil.net/cat.png"), listed)
+    for url in ("https://images.example.com.evil.net/cat.png", "http://[::1/x"):  # the last: no URL at all
+        with pytest.raises(InvalidRequestError):
+            check_generation_limits(chat("image_url", url), listed)
 
 
 # --- batch takes the cheapest route --------------------------------------------------------------

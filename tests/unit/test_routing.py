@@ -617,3 +617,23 @@ def test_byok_route_refuses_a_profile_api_key() -> None:
         ProfileError, match=r"routes\.0: .*api_key_env is not allowed on a byok route .*tenant's"
     ):
         parse_profile(text, source="t")
+
+
+def test_a_timeout_gives_back_the_shared_probe_it_took_and_counts_on_its_tenants_breaker() -> None:
+    """A request passes the shared breaker of a route and its tenant's own. Half open, the shared
+    one admits one probe: a tenant whose probe times out (its own doing, maybe) counts the
+    failure on its own breaker and gives the shared probe back, so another tenant's request goes
+    at once instead of waiting out a cooldown behind it; a 5xx counts on the shared one."""
+    from zumik_serve.routing.scheduler import ProfileScheduler
+
+    profile = load_builtin("local-cpu-2x")
+    scheduler = ProfileScheduler(profile, replicas={})
+    pick, cooldown_ms = Pick("managed", None), int(profile.routing.breaker.cooldown_s * 1000)
+    scheduler.breakers["managed"] = BreakerState(BreakerStatus.OPEN, 3, opened_at_ms=0)
+    now = cooldown_ms + 1  # half open
+    assert scheduler.admit(pick, now, "ten_a") and not scheduler.admit(pick, now, "ten_b")
+    assert scheduler.failed(pick, now, "ten_a", AttemptOutcome.TIMEOUT).state is BreakerStatus.HALF_OPEN
+    assert scheduler.breakers["ten_a|managed"].consecutive_failures == 1
+    assert scheduler.admit(pick, now, "ten_b")  # the shared probe came back
+    assert scheduler.failed(pick, now, "ten_b", AttemptOutcome.SERVER_ERROR).state is BreakerStatus.OPEN
+    assert "ten_b|managed" not in scheduler.breakers and not scheduler.admit(pick, now, "ten_c")

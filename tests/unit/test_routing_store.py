@@ -174,6 +174,13 @@ async def test_a_release_may_take_a_subset_of_the_profiles_routes(client: aiored
             await routing.publish("ten_a", "prod", PublishRelease.parse({"routes": routes}))
         assert refused.value.param == "routes" and "local, managed, byok" in refused.value.message
     assert (await routing.alias("ten_a", "prod")).current == narrow
+    # Another model's requests go to the engines that serve it: a release of it chooses no routes.
+    multi = RoutingService(RedisRoutingStore(client), load_builtin("local-cpu-multi"))
+    with pytest.raises(InvalidRequestError, match="routes applies to releases of"):
+        await multi.publish(
+            "ten_a", "lora", PublishRelease.parse({"model": "zumik-tiny-lora", "routes": ["local"]})
+        )
+    assert (await multi.publish("ten_a", "lora", PublishRelease.parse({"model": "zumik-tiny-lora"}))).model
 
 
 async def test_a_stored_release_is_parsed_once_and_a_new_one_read_as_stored(client: aioredis.Redis) -> None:
@@ -250,8 +257,9 @@ async def test_a_decisions_save_writes_its_record_list_and_source_indexes(client
 
 async def test_a_tenant_keeps_at_most_its_cap_of_decisions_and_the_oldest_go(client: aioredis.Redis) -> None:
     """Decision records are about 2 KB each and the state Redis does not evict: past the cap, a
-    save removes the tenant's oldest records with their place in the list, in the same step;
-    another tenant's are untouched, and the settlement still lands."""
+    save removes the tenant's oldest records with their place in the list, in the same step,
+    never the record it saves (one from a gateway whose clock runs behind); another tenant's are
+    untouched."""
     store = RedisRoutingStore(client, decisions_per_tenant=3)
     attempts = [Attempt("local", "r0", 1, "ok", None, "done", "", "closed")]
     records = [
@@ -261,14 +269,24 @@ async def test_a_tenant_keeps_at_most_its_cap_of_decisions_and_the_oldest_go(cli
     for record in records:
         await store.save_decision("ten_cap", record, attempts, ["ses_1"])
     await store.save_decision("ten_other", records[0], attempts)
+
+    async def listed() -> list[bytes]:
+        return list(await client.zrange("z:{ten_cap}:decs", 0, -1))
+
     kept = [record.decision_id for record in records[2:]]
-    assert [item.decode() for item in await client.zrange("z:{ten_cap}:decs", 0, -1)] == kept
+    assert [item.decode() for item in await listed()] == kept
     for record in records:
         present = await client.exists(f"z:{{ten_cap}}:dec:{record.decision_id}")
         assert present == (record.decision_id in kept), record.decision_id
     page = await store.decision_page("ten_cap", limit=10, after=None)
     assert page is not None and list(page.ids) == kept[::-1] and not page.has_more
     assert await client.exists(f"z:{{ten_other}}:dec:{records[0].decision_id}") == 1
+
+    late = decide("dec_" + "h" * 26, make_inputs(make_replica("r0"), evidence=ENOUGH, now_ms=10))
+    await store.save_decision("ten_cap", late, attempts)
+    assert [item.decode() for item in await listed()] == [late.decision_id, *kept[1:]]
+    assert await client.exists(f"z:{{ten_cap}}:dec:{late.decision_id}") == 1
+    assert await client.exists(f"z:{{ten_cap}}:dec:{kept[0]}") == 0
     with pytest.raises(ValueError, match="at least 1"):
         RedisRoutingStore(client, decisions_per_tenant=0)
 

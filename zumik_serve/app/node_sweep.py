@@ -100,7 +100,12 @@ def cluster_node_sweeper(address: str | None, config: Mapping[str, Any]) -> RayN
         with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
             pass  # ConnectionRefusedError, TimeoutError, socket.gaierror: no cluster there
     if not ray.is_initialized():
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except OSError:
+            raise
+        except Exception as exc:  # a version mismatch, an address Ray cannot take
+            raise OSError(f"{type(exc).__name__}: {exc}") from exc
     elif ray.get_runtime_context().gcs_address != address and address != "auto":
         joined = ray.get_runtime_context().gcs_address
         raise OSError(f"this process is already joined to the Ray cluster at {joined}")

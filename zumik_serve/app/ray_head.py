@@ -36,7 +36,13 @@ def running_ray_address(home: ZumikHome, environ: Mapping[str, str] = os.environ
         return environ[RAY_ADDRESS_ENV]
     try:
         info = json.loads((home.run_dir / RAY_RUN_FILE).read_text())
-        os.kill(int(info["pid"]), 0)
-        return str(info["address"])
+        address, pid = str(info["address"]), int(info["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # the stack runs as another user: it is there
+        return address
+    except OSError:
+        return None
+    return address

@@ -31,15 +31,17 @@ class GenerationLimits:
     def of(cls, profile: Profile) -> GenerationLimits:
         gateway = profile.gateway
         listed = profile.engine.vllm_args.get("allowed_media_domains")
-        hosts = frozenset(str(host).lower() for host in listed) if isinstance(listed, list) else frozenset()
+        hosts = (
+            frozenset(str(host).lower() for host in listed)
+            if isinstance(listed, list | tuple)
+            else frozenset()
+        )
         return cls(
             max_n=gateway.max_n,
             max_output_tokens=profile.engine.max_model_len,
             max_messages=gateway.max_messages,
             max_prompts=gateway.max_prompts,
-            media_hosts=frozenset(str(host).lower() for host in hosts)
-            if isinstance(hosts, list)
-            else frozenset(),
+            media_hosts=hosts,
         )
 
 
@@ -113,8 +115,12 @@ def check_media_urls(messages: Sequence[Any], hosts: frozenset[str], *, param: s
                 url = ref.get("url") if isinstance(ref, Mapping) else ref
                 if not isinstance(url, str):
                     continue
-                parts = urlsplit(url.strip())
-                if parts.scheme.lower() not in ("http", "https") or (parts.hostname or "") in hosts:
+                try:
+                    parts = urlsplit(url.strip())
+                    host = parts.hostname or ""
+                except ValueError:  # not a URL (an unclosed "[", a bad port): refused like a remote one
+                    parts, host = urlsplit("http:"), ""
+                if parts.scheme.lower() not in ("http", "https") or host in hosts:
                     continue
                 raise InvalidRequestError(
                     f"{param}[{index}] has a {kind} part with a remote URL, which this deployment's "

@@ -122,6 +122,7 @@ class PurgeService:
         ``max_per_minute``: new purges a tenant may start in a minute (None: no bound, for the
         operator's tools); past it, 429 with Retry-After."""
         self._store = store
+        self._running: set[str] = set()  # ids of the jobs this process is running now
         self._max_per_minute = max_per_minute
         self.profile = profile
         self.ceiling = ceiling
@@ -244,9 +245,21 @@ class PurgeService:
 
     async def run(self, tenant: str, job: PurgeJob) -> PurgeOutcome:
         """Run the steps ``job`` has not done, saving it after each; a step that fails leaves it
-        incomplete (and pending) with the error, and the outcome has no receipt."""
+        incomplete (and pending) with the error, and the outcome has no receipt. A job this
+        process is running already is not run a second time beside it: the outcome is the job
+        as it is, without a receipt (asking again costs nothing, which the rate of new purges
+        relies on)."""
         if job.status is PurgeStatus.DONE:
             return PurgeOutcome(job, await self._store.receipt(tenant, job.id))
+        if job.id in self._running:
+            return PurgeOutcome(job, None)
+        self._running.add(job.id)
+        try:
+            return await self._run(tenant, job)
+        finally:
+            self._running.discard(job.id)
+
+    async def _run(self, tenant: str, job: PurgeJob) -> PurgeOutcome:
         latest = job
 
         async def checkpoint(current: PurgeJob) -> None:

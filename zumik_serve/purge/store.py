@@ -46,6 +46,7 @@ from zumik_serve.state.store import (
     derived_key,
     exposed_key,
     object_key,
+    purge_mark_key,
     turns_key,
 )
 
@@ -386,7 +387,7 @@ def _scope_purge(tenant: str) -> str:
 
 
 def _purge_target(tenant: str, handle: str) -> str:
-    return f"z:{{{tenant}}}:purge-target:{handle}"
+    return purge_mark_key(tenant, handle)
 
 
 def _head_key(tenant: str) -> str:

@@ -28,7 +28,7 @@ from zumik_serve.responses.chat import ChatMessage
 from zumik_serve.responses.records import StoredResponse
 from zumik_serve.responses.store import RedisResponseStore
 from zumik_serve.state.objects import TurnRole
-from zumik_serve.state.outcomes import ParentNotLive
+from zumik_serve.state.outcomes import HandlePurged, ParentNotLive
 from zumik_serve.state.requests import AppendTurn, message_text
 from zumik_serve.state.service import StateService
 
@@ -96,6 +96,8 @@ class ResponsesService:
         stored = await self._state.store_call(self._store.put(tenant, record, parents))
         if isinstance(stored, ParentNotLive):  # deleted or purged while this one was generated
             raise _not_found(stored.handle, "previous_response_id")
+        if isinstance(stored, HandlePurged):  # a new random id is never a purged one's
+            raise RuntimeError(f"response id {record.id} was purged before; not stored")
         return record
 
     async def get(self, tenant: str, response_id: str) -> StoredResponse:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 
 from zumik_serve.responses.records import StoredResponse
-from zumik_serve.state.outcomes import ParentNotLive
+from zumik_serve.state.outcomes import HandlePurged, ParentNotLive
 from zumik_serve.state.store import REVOKED_PREFIX, RedisStateStore, object_key
 
 
@@ -19,7 +19,9 @@ class RedisResponseStore:
         self._redis = client
         self._state = state
 
-    async def put(self, tenant: str, record: StoredResponse, parents: Sequence[str]) -> bool | ParentNotLive:
+    async def put(
+        self, tenant: str, record: StoredResponse, parents: Sequence[str]
+    ) -> bool | ParentNotLive | HandlePurged:
         """Store the record built on ``parents``, each still live (``ParentNotLive`` otherwise,
         and nothing is written; ``RedisStateStore.put_record``), counted in the tenant's objects
         and stored_bytes quotas with the state objects' (QuotaExceededError when it does not

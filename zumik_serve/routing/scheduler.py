@@ -368,10 +368,13 @@ class ProfileScheduler:
         """Give back a half-open probe whose attempt ended without saying anything of the route
         (a client error): the next request may probe."""
         for key in self._breaker_keys(pick, tenant):
-            state = self.breakers.get(key)
-            if state is not None and state.probe_started_at_ms is not None:
-                self._set_breaker(key, replace(state, probe_started_at_ms=None))
-                self._report_breaker(key, "release", 0)
+            self._give_back_probe(key)
+
+    def _give_back_probe(self, key: str) -> None:
+        state = self.breakers.get(key)
+        if state is not None and state.probe_started_at_ms is not None:
+            self._set_breaker(key, replace(state, probe_started_at_ms=None))
+            self._report_breaker(key, "release", 0)
 
     def succeeded(self, pick: Pick, now_ms: int, tenant: str | None = None) -> BreakerState:
         """A success closes each of the pick's breakers for ``tenant``."""
@@ -389,9 +392,12 @@ class ProfileScheduler:
         everyone opens each tenant's own). The state the tenant's requests meet now."""
         keys = self._breaker_keys(pick, tenant)
         counted = keys[-1:] if outcome is AttemptOutcome.TIMEOUT else keys[:1]
-        for key in counted:
-            self._set_breaker(key, record_failure(self.breakers.get(key, CLOSED), now_ms, self._policy))
-            self._report_breaker(key, "failure", now_ms)
+        for key in keys:
+            if key in counted:
+                self._set_breaker(key, record_failure(self.breakers.get(key, CLOSED), now_ms, self._policy))
+                self._report_breaker(key, "failure", now_ms)
+            else:  # a half-open probe this request took there says nothing of it: given back
+                self._give_back_probe(key)
         return self._breaker(pick, now_ms, tenant)
 
     def allow_retry(self, now_ms: int) -> bool:

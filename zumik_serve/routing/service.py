@@ -55,6 +55,12 @@ class RoutingService:
                 f"cannot name {model!r}",
                 param="model",
             )
+        if request.routes is not None and model != self.profile.model.served_name:
+            raise InvalidRequestError(
+                f"routes applies to releases of {self.profile.model.served_name!r}, whose requests take "
+                f"this profile's routes; those of {model!r} go to the engines that serve it",
+                param="routes",
+            )
         if request.routes is not None:
             names = [route.name for route in self.profile.effective_routes()]
             unknown = [name for name in request.routes if name not in names]

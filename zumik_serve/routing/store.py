@@ -108,8 +108,15 @@ redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[5])
 local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[6])
 if over > 0 then
-  local oldest = redis.call('ZPOPMIN', KEYS[2], over)
-  for i = 1, #oldest, 2 do redis.call('UNLINK', ARGV[7] .. oldest[i]) end
+  -- the oldest, but never the record just saved (another gateway's clock may run behind)
+  local removed = 0
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, over)) do
+    if removed < over and id ~= ARGV[3] then
+      redis.call('ZREM', KEYS[2], id)
+      redis.call('UNLINK', ARGV[7] .. id)
+      removed = removed + 1
+    end
+  end
 end
 redis.call('EXPIRE', KEYS[2], ttl)
 for i = 3, last do
@@ -264,7 +271,8 @@ class RedisRoutingStore:
     async def forget_decisions(self, tenant: str, handles: Sequence[str]) -> int:
         """Remove every decision whose prompt carried content of one of ``handles``, with its
         place in the list, then the handles' indexes; returns how many decisions were indexed
-        (a removal cut short and run again counts the same ones: the indexes go last)."""
+        (a removal cut short and run again counts the same ones: the indexes go last; a record
+        that expired or left under the tenant's cap is counted too: it is not held either)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for handle in handles:
                 pipe.smembers(_key(tenant, "dec-src", handle))

@@ -42,6 +42,14 @@ class ParentNotLive:
 
 
 @dataclass(frozen=True)
+class HandlePurged:
+    """A new object was not written: a purge removed an object of this ``handle`` before (a
+    create retried under its Idempotency-Key derives the same handle)."""
+
+    handle: str
+
+
+@dataclass(frozen=True)
 class TurnAppended:
     """The turn was appended as number ``seq`` of the session or branch."""
 

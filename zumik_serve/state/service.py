@@ -45,7 +45,7 @@ from zumik_serve.state.objects import (
     content_digest,
     stored_json,
 )
-from zumik_serve.state.outcomes import ParentNotLive, SessionNotLive, TurnAppended, TurnReplayed
+from zumik_serve.state.outcomes import HandlePurged, ParentNotLive, SessionNotLive, TurnAppended, TurnReplayed
 from zumik_serve.state.requests import (
     AppendTurn,
     CreateArtifact,
@@ -182,6 +182,8 @@ class StateService:
                     param=f"artifacts[{index}]",
                     code="unknown_artifact",
                 )
+            if isinstance(stored, HandlePurged):
+                raise _result_purged()
             return created_body(bundle)
 
         return await self._idempotent(tenant, idem_key, request_hash("bundle", request.sent()), create)
@@ -458,6 +460,8 @@ class StateService:
         stored = await self._store.put_record(tenant, record, parents=parents, live=live)
         if isinstance(stored, ParentNotLive):
             raise _not_found(stored.handle, param=param)
+        if isinstance(stored, HandlePurged):  # a create retried under its key, after a purge of it
+            raise _result_purged()
 
     async def _require(
         self,
@@ -517,11 +521,7 @@ class StateService:
             return await operation()
         previous = await self._store.idempotent_result(tenant, key)
         if previous is not None and previous.purged:
-            raise ConflictError(
-                "The object this Idempotency-Key created was purged. Send the request with a new "
-                "Idempotency-Key to create it again.",
-                code="idempotent_result_purged",
-            )
+            raise _result_purged()
         if previous is None:
             token = _IDEMPOTENT.set((tenant, key, this_hash))
             try:
@@ -545,6 +545,14 @@ def _not_found(handle: str, param: str | None = None) -> NotFoundError:
         "first, or check the id.",
         param=param,
         code="object_not_found",
+    )
+
+
+def _result_purged() -> ConflictError:
+    return ConflictError(
+        "The object this Idempotency-Key created was purged. Send the request with a new "
+        "Idempotency-Key to create it again.",
+        code="idempotent_result_purged",
     )
 
 

@@ -63,6 +63,7 @@ from zumik_serve.state.objects import (
 )
 from zumik_serve.state.outcomes import (
     AppendOutcome,
+    HandlePurged,
     IdempotentEntry,
     ParentNotLive,
     SessionNotLive,
@@ -154,23 +155,26 @@ redis.call('SADD', KEYS[1], unpack(ARGV))
 return ''
 """)
 
-# KEYS: ``quota_keys``, object, the ``derived`` set of each parent, then the object of each
-# parent that must be live. ARGV: record JSON, its handle, the number of ``derived`` sets.
-# Returns {"ok"} | {"exists"} (records never change: nothing written) | {"gone", n} (the n-th
-# parent that must be live is missing or revoked: nothing written) | a quota refusal.
+# KEYS: ``quota_keys``, object, its purge mark, the ``derived`` set of each parent, then the
+# object of each parent that must be live. ARGV: record JSON, its handle, the number of
+# ``derived`` sets. Returns {"ok"} | {"exists"} (records never change: nothing written) |
+# {"purged"} (a purge removed an object of this handle: under an Idempotency-Key a create's
+# handle derives from the key, and a retry must not make it again) | {"gone", n} (the n-th parent
+# that must be live is missing or revoked: nothing written) | a quota refusal.
 PUT_RECORD = _lua("""
 local derived = tonumber(ARGV[3])
-for index = 5 + derived, #KEYS do
+for index = 6 + derived, #KEYS do
   local raw = redis.call('GET', KEYS[index])
   if not raw or string.sub(raw, 1, {prefix_len}) == '{prefix}' then
-    return {'gone', tostring(index - 4 - derived)}
+    return {'gone', tostring(index - 5 - derived)}
   end
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then return {'exists'} end
+if redis.call('EXISTS', KEYS[5]) == 1 then return {'purged'} end
 local refused = zq_fits(1, #ARGV[1])
 if refused then return refused end
 redis.call('SET', KEYS[4], ARGV[1])
-for index = 5, 4 + derived do redis.call('SADD', KEYS[index], ARGV[2]) end
+for index = 6, 5 + derived do redis.call('SADD', KEYS[index], ARGV[2]) end
 zq_charge(KEYS[4], 1, #ARGV[1])
 return {'ok'}
 """)
@@ -258,7 +262,7 @@ class RedisStateStore:
 
     async def put_record(
         self, tenant: str, record: StateObject, parents: Sequence[str] = (), live: Sequence[str] = ()
-    ) -> bool | ParentNotLive:
+    ) -> bool | ParentNotLive | HandlePurged:
         """Store a new object built on ``parents`` (indexed, so that purging a parent finds it):
         True; False when its handle already exists (records never change). ``live``: the parents
         it needs live, checked in the same step as the write: ``ParentNotLive`` when one is missing
@@ -275,17 +279,19 @@ class RedisStateStore:
         record_json: str,
         parents: Sequence[str] = (),
         live: Sequence[str] = (),
-    ) -> bool | ParentNotLive:
+    ) -> bool | ParentNotLive | HandlePurged:
         """``put_record`` of a record already encoded (a stored response's)."""
         linked = list(dict.fromkeys(parents))
         needed = list(dict.fromkeys(live))
-        keys = [*quota_keys(tenant), object_key(tenant, handle)]
+        keys = [*quota_keys(tenant), object_key(tenant, handle), purge_mark_key(tenant, handle)]
         keys += [derived_key(tenant, parent) for parent in linked]
         keys += [object_key(tenant, parent) for parent in needed]
         reply = await self._put_record(keys=keys, args=[record_json, handle, len(linked)])
         raise_refusal(reply)
         if _text(reply[0]) == "gone":
             return ParentNotLive(needed[int(reply[1]) - 1])
+        if _text(reply[0]) == "purged":
+            return HandlePurged(handle)
         return _text(reply[0]) == "ok"
 
     async def delete_keys(self, tenant: str, keys: Sequence[str]) -> int:
@@ -428,6 +434,11 @@ def _live(raw: bytes | str | None) -> StateObject | None:
     if revoked:
         return None
     return STATE_OBJECT.validate_json(raw)
+
+
+def purge_mark_key(tenant: str, handle: str) -> str:
+    """Which purge removed an object of ``handle`` (kept: ``purge/store.py`` writes it)."""
+    return f"z:{{{tenant}}}:purge-target:{handle}"
 
 
 def derived_key(tenant: str, handle: str) -> str:
