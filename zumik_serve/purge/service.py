@@ -27,7 +27,7 @@ the purge is either seen here or refused (404) before it sends anything.
 Sealed tier blocks count as crypto-erased only when their key's removal is compacted too.
 
 A purge whose target is the tenant's own id purges its cache scope: what plain ``/v1``
-requests (which have no handle) left in the KV caches. Its steps are the purge's, but for two
+requests (which have no handle) left in the KV caches. Its steps are the purge's, but for three
 (``_scope_steps``): revoke names the tenant as the closure and counts it exposed (no object is
 revoked), objects removes nothing, and providers lists every route the tenant's content reached
 without dropping the tenant's own record of them (a later deletion still names them). Each

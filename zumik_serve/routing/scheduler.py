@@ -357,6 +357,8 @@ class ProfileScheduler:
         if not all(can_admit(state, now_ms, self._policy) for state in states.values()):
             return False
         for key, state in states.items():
+            if state.state is BreakerStatus.CLOSED:
+                continue  # a closed breaker admits and stays as it is: nothing to store or report
             self._set_breaker(key, admit(state, now_ms, self._policy)[1])
             self._report_breaker(key, "admit", now_ms)
         return True
