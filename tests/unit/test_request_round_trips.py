@@ -240,17 +240,22 @@ async def test_authenticating_an_uncached_key_is_one_command_and_a_cached_one_no
     try:
         store = RedisTenantStore(client)
         key = await gateway.create_tenant("round-trips")
-        authenticator = Authenticator(store, clock=lambda: 0.0)  # a cached key never expires here
+        now = [0.0]
+        authenticator = Authenticator(store, clock=lambda: now[0])  # nothing expires until now moves
         assert await authenticator.authenticate("Bearer zk-unknown") is None  # its script loaded
         async with watching(module_redis) as seen:
             first = await authenticator.authenticate(f"Bearer {key}")
             again = await authenticator.authenticate(f"Bearer {key}")
-            unknown = await authenticator.authenticate("Bearer zk-unknown")
+            unknown = await authenticator.authenticate("Bearer zk-unknown")  # known to be unknown
+            other = await authenticator.authenticate("Bearer zk-other-unknown")
+            now[0] = 1.5  # past the unknown keys' second
+            later = await authenticator.authenticate("Bearer zk-unknown")
     finally:
         await client.aclose()
     assert first is not None and first == again and first.name == "round-trips"
-    assert unknown is None
-    assert names(seen) == ["TENANT_FOR_KEY", "TENANT_FOR_KEY"]  # the key, once; the unknown key
+    assert unknown is None and other is None and later is None
+    # The key, once; the other unknown key; the first unknown key again once its second is over.
+    assert names(seen) == ["TENANT_FOR_KEY", "TENANT_FOR_KEY", "TENANT_FOR_KEY"]
 
 
 async def _true(value: bool) -> bool:

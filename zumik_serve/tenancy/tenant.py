@@ -133,7 +133,10 @@ class Authenticator:
     busy gateway does one store round trip per key per window instead of one per request. The
     window is counted from ``clock()`` read *before* the lookup, so a key revoked while (or after)
     it was looked up is refused by every gateway at most ``cache_ttl_s`` after the revocation,
-    however slow the lookup was. Unknown keys are never cached.
+    however slow the lookup was. An unknown key is remembered as unknown for ``negative_ttl_s``
+    (a client retrying a revoked or mistyped key in a loop costs one lookup a second, not one a
+    request). That cannot refuse a good key: a key is random, shown once when it is made, and
+    nobody sends it before.
     """
 
     def __init__(
@@ -143,9 +146,12 @@ class Authenticator:
         dev_key: str | None = None,
         cache_ttl_s: float = REVOCATION_BOUND_S,
         max_cached_keys: int = 10_000,
+        negative_ttl_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._directory = directory
+        self._negative_ttl_s = negative_ttl_s
+        self._unknown: dict[str, float] = {}  # key hash -> until when it is answered unknown
         self._dev_key = dev_key or None
         self._cache_ttl_s = cache_ttl_s
         self._max_cached_keys = max_cached_keys
@@ -163,11 +169,17 @@ class Authenticator:
         cached = self._cache.get(key_hash)
         if cached is not None and cached[1] > now:
             return cached[0]
+        if self._unknown.get(key_hash, now) > now:
+            return None
         tenant = await self._directory.tenant_for_key_hash(key_hash)
-        if tenant is not None:
-            if len(self._cache) >= self._max_cached_keys:
-                self._cache.clear()
-            self._cache[key_hash] = (tenant, now + self._cache_ttl_s)
+        if tenant is None:
+            if len(self._unknown) >= self._max_cached_keys:
+                self._unknown.clear()
+            self._unknown[key_hash] = now + self._negative_ttl_s
+            return None
+        if len(self._cache) >= self._max_cached_keys:
+            self._cache.clear()
+        self._cache[key_hash] = (tenant, now + self._cache_ttl_s)
         return tenant
 
 
