@@ -12,11 +12,12 @@
                                                   # policy); else $ZUMIK_KV_REDIS_URL; a profile
                                                   # whose KV tiers use Redis needs one of them
 
-The builder runs where Serve builds applications (the head node): a profile's ``model.source``
-directory must exist there and on every GPU node at the same path. So must the secrets folder
-(``$ZUMIK_SECRETS_DIR`` as set on the head, e.g. a Kubernetes Secret mounted at
-``/etc/zumik/secrets`` on every pod that may run a gateway): gateways read the server's secrets
-from it and do not start without them (``server_secrets.py``); nothing here generates them.
+The builder runs where Serve's controller schedules its build task (``num_cpus=0``, no node
+pinned: any node of the cluster, the head included): a profile's ``model.source`` directory must
+exist at the same path on every node that may build it or run an engine. So must the secrets
+folder (``$ZUMIK_SECRETS_DIR``, e.g. a Kubernetes Secret mounted at ``/etc/zumik/secrets`` on
+every pod): gateways read the server's secrets from it and do not start without them
+(``server_secrets.py``); nothing here generates them.
 ``ZUMIK_DEV_KEY`` in the environment enables the development key; leave it unset in production.
 """
 
