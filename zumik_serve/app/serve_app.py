@@ -5,7 +5,7 @@
         route_prefix: /
         import_path: zumik_serve.app.serve_app:build
         args:
-          profile: llama-8b-h100                  # a built-in name or a YAML path on the head node
+          profile: llama-8b-h100                  # a built-in name or a YAML path on every node
           redis_url: redis://zumik-redis:6379/0   # else $ZUMIK_REDIS_URL (where a password belongs:
                                                   # a Serve config is no place for one)
           kv_redis_url: redis://zumik-redis-kv:6379/0  # the KV tier's own Redis (maxmemory, an LRU
