@@ -159,7 +159,9 @@ def run_tenant_delete(
         config = deletion_tier_config(
             profile, redis_url=url, home_root=home.root, kv_redis_url=running_kv_redis_url(home)
         )
-        nodes = cluster_sweeper(config) if node_tier_kinds(config) else None
+        # The nodes get the node tiers' settings only: no Redis URL (its password) in a task's arguments.
+        node_config = {name: value for name, value in config.items() if name != "redis_url"}
+        nodes = cluster_sweeper(node_config) if node_tier_kinds(config) else None
         if node_tier_kinds(config) and nodes is None:
             console.print(
                 "[yellow]note:[/yellow] no Ray cluster reached (--ray-address, RAY_ADDRESS or a running "
