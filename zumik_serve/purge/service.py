@@ -194,7 +194,7 @@ class PurgeService:
             new = PurgeJob(
                 id=PurgeId(new_handle(HandleKind.RECEIPT)), target=tenant, created_at=int(time.time())
             )
-            return await self.run(tenant, await self._store.claim_scope(tenant, new))
+            return await self.run(tenant, await self._store.start_scope_purge(tenant, new))
         if handle_kind(target) not in PURGEABLE:
             raise NotFoundError(
                 f"No object {target!r} exists for you to purge. 'target' takes an artifact, bundle, "

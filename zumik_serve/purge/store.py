@@ -49,6 +49,7 @@ from zumik_serve.state.store import (
     purge_mark_key,
     turns_key,
 )
+from zumik_serve.store.client import aof_gap
 
 PENDING = "zumik:purges:pending"
 COMPACTION_TIMEOUT_S = 120.0
@@ -242,8 +243,8 @@ class RedisPurgeStore:
     async def claim(self, tenant: str, job: PurgeJob) -> PurgeJob:
         """Start ``job`` for its target unless a purge of it exists; returns the job that won."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(_purge_target(tenant, job.target), job.id, nx=True)
-            pipe.get(_purge_target(tenant, job.target))
+            pipe.set(purge_mark_key(tenant, job.target), job.id, nx=True)
+            pipe.get(purge_mark_key(tenant, job.target))
             claimed, winner = await pipe.execute()
         if not claimed:
             existing = await self.job(tenant, PurgeId(_text(winner)))
@@ -258,12 +259,10 @@ class RedisPurgeStore:
         existing = None if current is None else await self.job(tenant, PurgeId(_text(current)))
         return existing if existing is not None and existing.status is not PurgeStatus.DONE else None
 
-    async def claim_scope(self, tenant: str, job: PurgeJob) -> PurgeJob:
-        """Start ``job``, a purge of the tenant's cache scope, unless one is unfinished: then
-        that one (it resumes). Two started at once both run; each is a whole purge."""
-        unfinished = await self.unfinished_scope_purge(tenant)
-        if unfinished is not None:
-            return unfinished
+    async def start_scope_purge(self, tenant: str, job: PurgeJob) -> PurgeJob:
+        """Store ``job``, a new purge of the tenant's cache scope, as its latest (the caller saw
+        none unfinished: ``unfinished_scope_purge``). Two started at once both run; each is a
+        whole purge."""
         await self.save_job(tenant, job)
         await self._redis.set(_scope_purge(tenant), job.id)
         return job
@@ -290,11 +289,11 @@ class RedisPurgeStore:
         purge's receipt instead of "not found"."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for handle in handles:
-                pipe.set(_purge_target(tenant, handle), purge_id, nx=True)
+                pipe.set(purge_mark_key(tenant, handle), purge_id, nx=True)
             await pipe.execute()
 
     async def job_for_target(self, tenant: str, target: str) -> PurgeJob | None:
-        purge_id = await self._redis.get(_purge_target(tenant, target))
+        purge_id = await self._redis.get(purge_mark_key(tenant, target))
         return None if purge_id is None else await self.job(tenant, PurgeId(_text(purge_id)))
 
     async def job(self, tenant: str, purge_id: PurgeId) -> PurgeJob | None:
@@ -357,11 +356,9 @@ def durability_gap(config: dict[str, str]) -> str | None:
     fsynced before the reply (``appendfsync always``: a delete acknowledged is a delete on disk,
     no second of writes to lose and replay) and no RDB snapshot is taken (``save ""``: a
     ``dump.rdb`` is a copy of the data as it was, which no AOF rewrite touches) or left behind."""
-    if config.get("appendonly") != "yes":
-        return "the AOF is off (appendonly no)"
-    if config.get("appendfsync") != "always":
-        fsync = config.get("appendfsync")
-        return f"appendfsync is {fsync!r}, not 'always': acknowledged writes may not be on disk"
+    gap = aof_gap(config)
+    if gap is not None:
+        return gap
     if config.get("save", "").strip():
         return f"RDB snapshots are on (save {config['save']!r}): a dump.rdb may hold the data as it was"
     if config.get("rdb_file") == "yes":
@@ -384,10 +381,6 @@ def _job_key(tenant: str, purge_id: str) -> str:
 def _scope_purge(tenant: str) -> str:
     """The latest purge of the tenant's cache scope."""
     return f"z:{{{tenant}}}:purge-scope"
-
-
-def _purge_target(tenant: str, handle: str) -> str:
-    return purge_mark_key(tenant, handle)
 
 
 def _head_key(tenant: str) -> str:

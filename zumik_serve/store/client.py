@@ -155,7 +155,7 @@ def check_durability(
     except RedisError:
         return None
     else:
-        gap = _durability_gap({str(k): str(v) for k, v in settings.items()})
+        gap = aof_gap({str(k): str(v) for k, v in settings.items()})
     finally:
         client.close()
     if gap is None:
@@ -169,7 +169,10 @@ def check_durability(
     )
 
 
-def _durability_gap(config: Mapping[str, str]) -> str | None:
+def aof_gap(config: Mapping[str, str]) -> str | None:
+    """Why a server with this configuration (``CONFIG GET`` values) may lose a write it
+    acknowledged, or None: the AOF is on and fsynced before each reply. Also the first test of
+    what a purge may claim (``purge/store.py`` ``durability_gap``)."""
     if config.get("appendonly") != "yes":
         return "its AOF is off (appendonly no)"
     if config.get("appendfsync") != "always":
