@@ -165,10 +165,18 @@ def test_repeated_prompt_cached_tokens_through_sdk_stream(client: openai.OpenAI,
 
 
 def test_prompt_cache_key_and_hints_are_accepted(client: openai.OpenAI, running_stack) -> None:
+    """Provider hints have no effect on a self-hosted engine and never reach it;
+    ``reasoning_effort`` is vLLM's own field (its chat template's argument) and does."""
     response = client.chat.completions.create(
         **_chat(running_stack.model, "hi", max_tokens=2),
         prompt_cache_key="agent-7",
         user="u1",
         metadata={"a": "b"},
+        verbosity="low",
+        safety_identifier="u1-hash",
+        service_tier="flex",
+        store=True,
+        reasoning_effort="low",
     )
     assert response.usage is not None and response.usage.completion_tokens == 2
+    assert response.service_tier is None  # the engine names no tier

@@ -304,11 +304,22 @@ def _error(fault: Fault) -> Response:
     return JSONResponse(body, status_code=code, headers=headers)
 
 
-def _usage(cached_tokens: int | None) -> dict[str, Any]:
+def _usage(cached_tokens: int | None, request: dict[str, Any]) -> dict[str, Any]:
+    """As OpenAI counts: a request with ``reasoning_effort`` spent 3 of its completion tokens
+    reasoning (``completion_tokens_details``)."""
     usage: dict[str, Any] = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
     if cached_tokens is not None:
         usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    if request.get("reasoning_effort") not in (None, "none"):
+        usage.update(completion_tokens=4, total_tokens=9)
+        usage["completion_tokens_details"] = {"reasoning_tokens": 3, "accepted_prediction_tokens": 0}
     return usage
+
+
+def _served_on(request: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI names the tier it served a request on when the request named one."""
+    tier = request.get("service_tier")
+    return {"service_tier": "default" if tier == "auto" else tier} if isinstance(tier, str) else {}
 
 
 def _canned(path: str, body: Any, cached_tokens: int | None) -> Response:
@@ -338,7 +349,8 @@ def _canned(path: str, body: Any, cached_tokens: int | None) -> Response:
         "created": created,
         "model": model,
         "choices": [choice],
-        "usage": _usage(cached_tokens),
+        "usage": _usage(cached_tokens, request),
+        **_served_on(request),
     }
     return JSONResponse(reply)
 
@@ -350,6 +362,7 @@ def _stream_events(
     obj = "chat.completion.chunk" if chat else "text_completion"
     base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-fault-{created}", "object": obj, "created": created}
     base["model"] = model
+    base.update(_served_on(request))
     choices: list[dict[str, Any]]
     if chat:
         choices = [
@@ -365,7 +378,7 @@ def _stream_events(
     events = [json.dumps({**base, "choices": [choice]}) for choice in choices]
     options = request.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage"):
-        events.append(json.dumps({**base, "choices": [], "usage": _usage(cached_tokens)}))
+        events.append(json.dumps({**base, "choices": [], "usage": _usage(cached_tokens, request)}))
     events.append("[DONE]")
     return events
 

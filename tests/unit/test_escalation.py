@@ -36,6 +36,7 @@ from tests.support.fault_server import Fault, FaultServer
 from tests.support.inprocess import make_gateway
 from zumik_serve.cli import main
 from zumik_serve.engines.protocol import EngineCall
+from zumik_serve.providers.hints import ProviderHints
 from zumik_serve.qos.quota import RateSettlement
 from zumik_serve.reuse.evidence import EvidenceLevel
 from zumik_serve.reuse.figures import ReuseFigures
@@ -238,7 +239,7 @@ class Harness:
         salt = tenant * (64 // len(tenant) + 1)
         return await self.dispatcher.start(
             EngineCall.CHAT, body, stream=False, tenant=tenant, salt=salt[:64],
-            context=RouteContext(client_cache_key=client_key),
+            context=RouteContext(hints=ProviderHints(prompt_cache_key=client_key)),
         )  # fmt: skip
 
     def attempts(self) -> list[tuple[str, str, str]]:
@@ -305,6 +306,54 @@ async def test_a_managed_provider_sees_each_tenants_users_as_pseudonyms_and_byok
     assert all(user.startswith("zu-") and "alice" not in user and "bob" not in user for user in sent)
     await chat(byok_first, "ten_a", "alice")
     assert [request.body["user"] for request in byok_first.byok.requests] == ["alice"]
+
+
+async def test_each_route_kind_gets_the_provider_hints_its_rules_allow(
+    managed_first: Harness, byok_first: Harness
+) -> None:
+    """A managed route (the operator's account) gets the hints that shape the answer and its
+    caching, ``safety_identifier`` as a pseudonym like ``user``, never the service tier (billed to
+    the operator at the profile's prices) or the tenant's metadata; a BYOK route (the tenant's own
+    account) gets those too, as sent. Neither ever gets ``store``: a stored completion would outlive
+    the route's retention, which receipts state. ``reasoning_effort`` is an engine field: both get it."""
+    hints = ProviderHints(
+        verbosity="low", prompt_cache_retention="24h", safety_identifier="alice", service_tier="flex",
+        metadata={"ticket": "T-1"}, store=True,
+    )  # fmt: skip
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "low"}
+    for h in (managed_first, byok_first):
+        await h.dispatcher.start(
+            EngineCall.CHAT, dict(body), stream=False, tenant="ten_a", salt="s" * 64,
+            context=RouteContext(hints=hints),
+        )  # fmt: skip
+    managed = managed_first.managed.requests[-1].body
+    byok = byok_first.byok.requests[-1].body
+    for sent in (managed, byok):
+        assert (sent["verbosity"], sent["prompt_cache_retention"], sent["reasoning_effort"]) == (
+            "low",
+            "24h",
+            "low",
+        )
+        assert "store" not in sent and sent["prompt_cache_key"].startswith("zk-")
+    assert managed["safety_identifier"].startswith("zu-") and "alice" not in managed["safety_identifier"]
+    assert "service_tier" not in managed and "metadata" not in managed
+    assert (byok["safety_identifier"], byok["service_tier"], byok["metadata"]) == (
+        "alice",
+        "flex",
+        {"ticket": "T-1"},
+    )
+
+
+def test_a_zero_retention_route_never_gets_a_day_of_prompt_cache() -> None:
+    """``prompt_cache_retention: 24h`` keeps a prompt's cache at the provider for up to a day; a
+    route whose retention_days is 0 (a zero-data-retention agreement, as its receipts say) gets
+    the provider's in-memory default instead."""
+    hints = ProviderHints(prompt_cache_retention="24h", verbosity="high")
+    assert hints.for_route(managed=True, retention_days=0) == {"verbosity": "high"}
+    assert hints.for_route(managed=False, retention_days=0) == {"verbosity": "high"}
+    assert hints.for_route(managed=True, retention_days=30)["prompt_cache_retention"] == "24h"
+    in_memory = ProviderHints(prompt_cache_retention="in_memory")
+    assert in_memory.for_route(managed=True, retention_days=0) == {"prompt_cache_retention": "in_memory"}
 
 
 # --- per-tenant fault domains ------------------------------------------------------------------

@@ -156,6 +156,48 @@ def test_prepare_request_rules() -> None:
         prepare_request(EngineCall.CHAT, {"model": "tiny", "messages": [{}], "stream_options": {}}, MODELS)
 
 
+def test_hints_stay_off_the_engine_body_and_reasoning_effort_goes_to_the_engine() -> None:
+    """vLLM implements ``reasoning_effort`` (its chat template's argument), so it is an engine
+    field; the provider hints never reach an engine. The legacy completions endpoint has no
+    hints: only the client's ``prompt_cache_key`` is kept there."""
+    hints = {"verbosity": "low", "service_tier": "flex", "metadata": {"a": "b"}, "store": True,
+             "safety_identifier": "u", "prompt_cache_retention": "24h", "prompt_cache_key": "k"}  # fmt: skip
+    chat = prepare_request(
+        EngineCall.CHAT,
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low", **hints},
+        MODELS,
+    )
+    assert chat.engine_body["reasoning_effort"] == "low" and not set(hints) & set(chat.engine_body)
+    assert (chat.hints.verbosity, chat.hints.service_tier, chat.hints.store) == ("low", "flex", True)
+    legacy = prepare_request(EngineCall.COMPLETION, {"model": "tiny", "prompt": "x", **hints}, MODELS)
+    assert not set(hints) & set(legacy.engine_body)
+    assert (
+        legacy.hints.prompt_cache_key == "k"
+        and legacy.hints.for_route(managed=False, retention_days=30) == {}
+    )
+
+
+def test_a_providers_tier_and_reasoning_tokens_are_rendered_and_nothing_else() -> None:
+    body = json.loads(json.dumps(VLLM_CHAT))
+    body["service_tier"] = "flex"
+    body["usage"]["completion_tokens_details"] = {
+        "reasoning_tokens": 3, "audio_tokens": 0, "secret_extension": 7, "text_tokens": True,
+    }  # fmt: skip
+    rendered = render_chat_completion(body, "tiny")
+    assert_matches_openai_type(rendered, ChatCompletion)
+    assert rendered["service_tier"] == "flex"
+    assert rendered["usage"]["completion_tokens_details"] == {"reasoning_tokens": 3, "audio_tokens": 0}
+    for odd in ("made-up", ["flex"], {"tier": "flex"}):
+        body["service_tier"] = odd
+        assert "service_tier" not in render_chat_completion(body, "tiny")
+    chunk = {"id": "c", "created": 1, "service_tier": "priority", "choices": [],
+             "usage": {"prompt_tokens": 3, "completion_tokens": 4,
+                       "completion_tokens_details": {"reasoning_tokens": 3}}}  # fmt: skip
+    streamed = StreamRenderer(EngineCall.CHAT, "tiny", include_usage=True).render(chunk)
+    assert streamed is not None and streamed["service_tier"] == "priority"
+    assert streamed["usage"]["completion_tokens_details"] == {"reasoning_tokens": 3}
+
+
 def test_stream_options_pass_only_include_usage() -> None:
     prepared = prepare_request(
         EngineCall.COMPLETION,

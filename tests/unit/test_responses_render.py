@@ -88,6 +88,7 @@ def test_a_text_answer_renders_the_whole_response(official: Official) -> None:
         "parallel_tool_calls": True,
         "previous_response_id": None,
         "prompt_cache_key": None,
+        "reasoning": {"effort": None, "summary": None},
         "safety_identifier": None,
         "service_tier": "default",
         "temperature": 0.5,

@@ -34,7 +34,7 @@ from tests.support.responses_cases import (
     make_request,
     refused,
 )
-from zumik_serve.api.v1.wire import prepare_request
+from zumik_serve.api.v1.wire import HINT_FIELDS, prepare_request
 from zumik_serve.engines.protocol import EngineCall
 from zumik_serve.errors import InvalidRequestError
 from zumik_serve.responses.wire import (
@@ -81,7 +81,8 @@ def test_a_full_body_parses_into_its_values() -> None:
         "FunctionCallItem",
         "FunctionCallOutputItem",
     ]
-    assert request.background is None and request.reasoning is None and request.truncation is None
+    assert request.background is None and request.truncation is None
+    assert request.reasoning is not None and request.reasoning.effort == "low"
 
 
 def test_the_bodies_tested_here_are_valid_for_the_spec(spec: None) -> None:
@@ -279,7 +280,12 @@ def test_the_full_body_converts_every_supported_field() -> None:
                 "strict": True,
             },
         },
+        "reasoning_effort": "low",
         "user": "user-1",
+        "prompt_cache_key": "tenant-a",
+        "safety_identifier": "hash-1",
+        "prompt_cache_retention": "24h",
+        "verbosity": "medium",
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -317,7 +323,9 @@ CHAT_BODIES = {
 def test_zumik_chat_accepts_the_chat_body_unchanged(name: str) -> None:
     body = chat_body(make_request(**CHAT_BODIES[name]), [{"role": "assistant", "content": "Hello."}])
     prepared = prepare_request(EngineCall.CHAT, body)
+    hints = {name: body.pop(name) for name in HINT_FIELDS if name in body}  # the provider hints
     assert prepared.engine_body == body
+    assert prepared.hints.model_dump(exclude_none=True) == hints
     assert prepared.stream == bool(body.get("stream"))
 
 

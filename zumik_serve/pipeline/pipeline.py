@@ -217,7 +217,7 @@ class Pipeline:
             prefer_cheapest=admission.prefer_cheapest,
             engine_priority=admission.engine_priority,
             sources=request.refs.sources(),
-            client_cache_key=request.client_cache_key,
+            hints=request.hints,
         )
         to_decide_ms = request.clock.elapsed_ms()
         decision = dispatcher.decide(

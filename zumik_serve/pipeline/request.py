@@ -21,6 +21,7 @@ from profiles.model import QosClass
 from zumik_serve.engines.protocol import EngineCall, EngineResponse
 from zumik_serve.errors import EngineError
 from zumik_serve.pipeline.accounting import RequestAccounting
+from zumik_serve.providers.hints import NO_HINTS, ProviderHints
 from zumik_serve.qos.admission import Ticket
 from zumik_serve.qos.deadline import Deadline
 from zumik_serve.qos.quota import RateReservation
@@ -83,7 +84,7 @@ class GenerationRequest:
     refs: StateRefs
     admission: Admission
     clock: RequestClock = field(default_factory=RequestClock)
-    client_cache_key: str | None = None  # the client's prompt_cache_key (kept inside its tenant)
+    hints: ProviderHints = NO_HINTS  # provider hints, the client's prompt_cache_key among them
     profile: str | None = None  # the profile the client asked for (x-zumik-profile); None: served one
 
 

@@ -9,15 +9,16 @@ Zumik key is wrong: it becomes a 502 ``provider_auth_failed`` failure of the rou
 ``auth_error`` attempt, which falls back to the next route and counts against its breaker), so
 no tenant is ever told "invalid API key" because of a provider. The body sent is the checked
 /v1 body with the route's model, Zumik's ``prompt_cache_key`` (derived per tenant scope, so it
-never links tenants at the provider), on a managed route the client's ``user`` as a pseudonym of
-the tenant's (``pseudonymous_user``), and no engine-only field.
+never links tenants at the provider), the request's provider hints that the route may get
+(``providers/hints.py``), on a managed route the client's ``user`` and ``safety_identifier`` as
+pseudonyms of the tenant's (``pseudonymous_user``), and no engine-only field.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from zumik_serve.engines.protocol import (
@@ -31,6 +32,7 @@ from zumik_serve.engines.protocol import (
 from zumik_serve.providers.openai_http import OpenAICompatProvider, ProviderFailure, ProviderOutcome
 
 ENGINE_ONLY_FIELDS = frozenset({"cache_salt"})
+USER_ID_FIELDS = ("user", "safety_identifier")  # a client's end-user ids: pseudonyms on managed routes
 FAILURE_STATUS = {
     ProviderOutcome.RATE_LIMITED: 429,
     ProviderOutcome.SERVER_ERROR: 502,
@@ -42,13 +44,22 @@ AUTH_ERROR_OUTCOME = "auth_error"  # routing.retry.AttemptOutcome.AUTH_ERROR (pr
 
 
 def provider_body(
-    engine_body: dict[str, Any], *, model: str, prompt_cache_key: str, user_salt: str | None = None
+    engine_body: dict[str, Any],
+    *,
+    model: str,
+    prompt_cache_key: str,
+    user_salt: str | None = None,
+    hints: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The body a provider gets. With ``user_salt`` (a managed route: Zumik's own account, every
-    tenant's requests under it), the client's ``user`` goes as ``pseudonymous_user``."""
+    """The body a provider gets: the engine body, then ``hints`` (``ProviderHints.for_route``).
+    With ``user_salt`` (a managed route: Zumik's own account, every tenant's requests under it),
+    the client's ``user`` and ``safety_identifier`` go as ``pseudonymous_user``."""
     body = {key: value for key, value in engine_body.items() if key not in ENGINE_ONLY_FIELDS}
-    if user_salt is not None and isinstance(body.get("user"), str):
-        body["user"] = pseudonymous_user(user_salt, body["user"])
+    body.update(hints or {})
+    if user_salt is not None:
+        for name in USER_ID_FIELDS:
+            if isinstance(body.get(name), str):
+                body[name] = pseudonymous_user(user_salt, body[name])
     return {**body, "model": model, "prompt_cache_key": prompt_cache_key}
 
 
@@ -65,9 +76,12 @@ class ProviderEngineClient:
     """One call's view of a provider route (the key is the route's or the tenant's)."""
 
     def __init__(self, provider: OpenAICompatProvider, *, label: str, model: str, api_key: str,
-                 prompt_cache_key: str, user_salt: str | None = None) -> None:  # fmt: skip
-        """``user_salt``: the tenant's cache salt on a managed route (``provider_body``)."""
+                 prompt_cache_key: str, user_salt: str | None = None,
+                 hints: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+        """``user_salt``: the tenant's cache salt on a managed route; ``hints``: the request's
+        provider hints this route gets (``provider_body``)."""
         self._user_salt = user_salt
+        self._hints = hints
         self._provider = provider
         self._label = label
         self._model = model
@@ -95,8 +109,9 @@ class ProviderEngineClient:
 
     def _body(self, body: dict[str, Any]) -> dict[str, Any]:
         return provider_body(
-            body, model=self._model, prompt_cache_key=self._cache_key, user_salt=self._user_salt
-        )
+            body, model=self._model, prompt_cache_key=self._cache_key, user_salt=self._user_salt,
+            hints=self._hints,
+        )  # fmt: skip
 
 
 def _path(call: EngineCall) -> Any:

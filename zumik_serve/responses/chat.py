@@ -52,8 +52,9 @@ def chat_body(request: ResponsesRequest, history: Sequence[ChatMessage] = ()) ->
 
     Tools, ``tool_choice`` and ``parallel_tool_calls`` go only with at least one tool (chat
     refuses the last two without tools). ``max_output_tokens`` is ``max_completion_tokens``;
-    ``text.format`` is ``response_format``. A stream asks for the usage chunk, which the final
-    Response carries.
+    ``text.format`` is ``response_format``; ``reasoning.effort`` is ``reasoning_effort``. The
+    provider hints go as chat's own (``text.verbosity`` is ``verbosity``; ``metadata`` stays the
+    Response's). A stream asks for the usage chunk, which the final Response carries.
     """
     body: dict[str, Any] = {"model": request.model, "messages": chat_messages(request, history)}
     if request.tools:
@@ -68,12 +69,26 @@ def chat_body(request: ResponsesRequest, history: Sequence[ChatMessage] = ()) ->
         body["max_completion_tokens"] = request.max_output_tokens
     if request.text is not None and request.text.format is not None:
         body["response_format"] = _response_format(request.text.format)
+    if request.reasoning is not None and request.reasoning.effort is not None:
+        body["reasoning_effort"] = request.reasoning.effort
     if request.user is not None:
         body["user"] = request.user
+    body.update(_provider_hints(request))
     if request.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return body
+
+
+def _provider_hints(request: ResponsesRequest) -> dict[str, Any]:
+    hints = {
+        "prompt_cache_key": request.prompt_cache_key,
+        "safety_identifier": request.safety_identifier,
+        "prompt_cache_retention": request.prompt_cache_retention,
+        "prompt_cache_options": request.prompt_cache_options,
+        "verbosity": request.text.verbosity if request.text is not None else None,
+    }
+    return {name: value for name, value in hints.items() if value is not None}
 
 
 def chat_messages(request: ResponsesRequest, history: Sequence[ChatMessage] = ()) -> list[ChatMessage]:

@@ -3,9 +3,10 @@ parsed into frozen values (``parse_request``).
 
     supported      model, input, instructions, previous_response_id, store, stream, tools
                    (function tools), tool_choice, parallel_tool_calls, temperature, top_p,
-                   max_output_tokens, text (format), metadata, user, prompt_cache_key,
-                   safety_identifier
-    hints          HINT_FIELDS and text.verbosity: accepted, no effect (as in chat completions)
+                   max_output_tokens, text (format), metadata, reasoning (effort), user,
+                   prompt_cache_key, safety_identifier
+    hints          HINT_FIELDS and text.verbosity: provider hints, as in chat completions
+                   (``providers/hints.py``); no effect on a self-hosted engine
     unsupported    UNSUPPORTED_FIELDS: a 400 unless the value asks for nothing
     input          a string (one user message) or input items (``items.py``)
     kinds          UNSUPPORTED_TOOL_TYPES and UNSUPPORTED_TOOL_CHOICE_TYPES: 400s
@@ -33,15 +34,12 @@ from pydantic import (
     model_validator,
 )
 
+from zumik_serve.providers.hints import MAX_SAFETY_IDENTIFIER_CHARS, check_metadata
 from zumik_serve.responses.body import Unsupported, Wire, by_type, refuse_unsupported, validated
 from zumik_serve.responses.items import InputItem, MessageItem, parse_input_items
 from zumik_serve.validation import FieldRuleError, parse_model
 
 MIN_OUTPUT_TOKENS = 16  # the spec's minimum for max_output_tokens
-MAX_METADATA_PAIRS = 16
-MAX_METADATA_KEY_CHARS = 64
-MAX_METADATA_VALUE_CHARS = 512
-MAX_SAFETY_IDENTIFIER_CHARS = 64
 
 ToolChoiceMode = Literal["none", "auto", "required"]
 
@@ -65,9 +63,6 @@ UNSUPPORTED_FIELDS: Mapping[str, Unsupported] = {
     ),
     "moderation": Unsupported("Moderation is not supported; omit 'moderation'."),
     "prompt": Unsupported("Prompt templates are not supported: send 'instructions' and 'input'."),
-    "reasoning": Unsupported(
-        "Reasoning options are not supported by this server; omit 'reasoning'.", name_key=True
-    ),
     "service_tier": Unsupported(
         "Service tiers other than 'auto' and 'default' are not supported; choose a Zumik QoS class "
         "with the x-zumik-qos header.",
@@ -89,10 +84,11 @@ UNSUPPORTED_FIELDS: Mapping[str, Unsupported] = {
     ),
 }
 
-# Spec fields accepted with no effect on a self-hosted engine, as /v1/chat/completions accepts them.
+# Provider hints, as /v1/chat/completions takes them (``providers/hints.py``): a provider route
+# may get them; a self-hosted engine's prompt caching is Zumik's own (KV tiers).
 HINT_FIELDS: Mapping[str, str] = {
-    "prompt_cache_retention": "prompt caching is Zumik's own (KV tiers): no effect",
-    "prompt_cache_options": "prompt caching is Zumik's own (KV tiers): no effect",
+    "prompt_cache_retention": "a provider route's prompt cache retention",
+    "prompt_cache_options": "a provider route's prompt cache options",
 }
 
 # The spec's other kinds of tools and of tool choices: each a 400 naming its ``type``.
@@ -185,7 +181,8 @@ FORMAT_TYPES: Mapping[str, type[TextFormat]] = {
 
 
 class TextConfig(Wire):
-    """``text``: the answer's format. ``verbosity`` is a hint with no effect here, as in chat."""
+    """``text``: the answer's format. ``verbosity`` is a provider hint, as in chat
+    (``providers/hints.py``): no effect on a self-hosted engine."""
 
     format: TextFormat | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
@@ -196,6 +193,40 @@ class TextConfig(Wire):
         return None if value is None else by_type(value, "format", FORMAT_TYPES, {})
 
 
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+_NO_SUMMARY = (
+    "Reasoning summaries are not supported: a response carries no reasoning items. Omit "
+    "'reasoning.{name}' or send null."
+)
+
+
+class ReasoningConfig(Wire):
+    """``reasoning``: ``effort`` runs (chat's ``reasoning_effort``: vLLM's own for a self-hosted
+    engine, the provider's for a provider route); summaries and modes are not supported."""
+
+    UNSUPPORTED: ClassVar[Mapping[str, Unsupported]] = {
+        "summary": Unsupported(_NO_SUMMARY.format(name="summary")),
+        "generate_summary": Unsupported(_NO_SUMMARY.format(name="generate_summary")),
+        "mode": Unsupported("Reasoning modes are not supported; omit 'reasoning.mode'."),
+        "context": Unsupported(
+            "Reasoning context modes are not supported: no reasoning item is carried to a later "
+            "turn. Omit 'reasoning.context' or send 'auto'.",
+            accepted=("auto",),
+        ),
+    }
+
+    effort: ReasoningEffort | None = None
+    summary: None = None  # UNSUPPORTED
+    generate_summary: None = None  # UNSUPPORTED
+    mode: None = None  # UNSUPPORTED
+    context: None = None  # UNSUPPORTED
+
+    @field_validator(*UNSUPPORTED, mode="plain")
+    @classmethod
+    def _refuse(cls, value: Any, info: ValidationInfo) -> None:
+        return refuse_unsupported(cls, value, info)
+
+
 # --- the request --------------------------------------------------------------------------
 
 
@@ -203,7 +234,7 @@ class ResponsesRequest(Wire):
     """A checked ``POST /v1/responses`` body.
 
     ``store``, ``stream`` and ``parallel_tool_calls`` sent as null take the spec's default. The
-    fields of ``HINT_FIELDS`` are accepted and have no effect; those of ``UNSUPPORTED_FIELDS``
+    fields of ``HINT_FIELDS`` are provider hints (as in chat); those of ``UNSUPPORTED_FIELDS``
     hold None once parsed (a value that asked for anything was refused).
     """
 
@@ -226,6 +257,7 @@ class ResponsesRequest(Wire):
     max_output_tokens: Annotated[StrictInt, Field(ge=MIN_OUTPUT_TOKENS)] | None = None
     text: TextConfig | None = None
     metadata: dict[StrictStr, StrictStr] | None = None
+    reasoning: ReasoningConfig | None = None
     user: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
     safety_identifier: Annotated[StrictStr, Field(max_length=MAX_SAFETY_IDENTIFIER_CHARS)] | None = None
@@ -240,7 +272,6 @@ class ResponsesRequest(Wire):
     max_tool_calls: None = None
     moderation: None = None
     prompt: None = None
-    reasoning: None = None
     service_tier: None = None
     stream_options: None = None
     top_logprobs: None = None
@@ -292,21 +323,15 @@ class ResponsesRequest(Wire):
     def _text(cls, value: Any) -> TextConfig | None:
         return None if value is None else validated(TextConfig, value, "text")
 
+    @field_validator("reasoning", mode="plain")
+    @classmethod
+    def _reasoning(cls, value: Any) -> ReasoningConfig | None:
+        return None if value is None else validated(ReasoningConfig, value, "reasoning")
+
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return None
-        if len(value) > MAX_METADATA_PAIRS:
-            raise FieldRuleError("metadata", f"'metadata' holds at most {MAX_METADATA_PAIRS} pairs.")
-        if any(len(key) > MAX_METADATA_KEY_CHARS for key in value):
-            raise FieldRuleError(
-                "metadata", f"'metadata' keys are at most {MAX_METADATA_KEY_CHARS} characters."
-            )
-        if any(len(text) > MAX_METADATA_VALUE_CHARS for text in value.values()):
-            raise FieldRuleError(
-                "metadata", f"'metadata' values are at most {MAX_METADATA_VALUE_CHARS} characters."
-            )
+        check_metadata(value)
         return value
 
     @model_validator(mode="after")

@@ -176,6 +176,10 @@ def response_object(
         "parallel_tool_calls": request.parallel_tool_calls,
         "previous_response_id": request.previous_response_id,
         "prompt_cache_key": request.prompt_cache_key,
+        "reasoning": {
+            "effort": request.reasoning.effort if request.reasoning is not None else None,
+            "summary": None,
+        },
         "safety_identifier": request.safety_identifier,
         "service_tier": "default",
         "temperature": request.temperature,

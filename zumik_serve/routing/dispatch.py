@@ -68,6 +68,7 @@ from zumik_serve.errors import (
 )
 from zumik_serve.ids import DecisionId, new_decision_id
 from zumik_serve.providers.engine_client import ProviderEngineClient
+from zumik_serve.providers.hints import NO_HINTS, ProviderHints
 from zumik_serve.providers.openai_http import OpenAICompatProvider
 from zumik_serve.qos.quota import RateSettlement
 from zumik_serve.routing.decision import NO_EVIDENCE, DecisionRecord, Evidence, Pick
@@ -113,7 +114,7 @@ class RouteContext:
     prefer_cheapest: bool = False  # the class takes the cheapest healthy route
     engine_priority: int | None = None  # vLLM priority on BYOC engines (None: not sent)
     sources: tuple[str, ...] = ()  # state objects whose content the prompt carries (purgeable)
-    client_cache_key: str | None = None  # the client's own prompt_cache_key (kept, namespaced)
+    hints: ProviderHints = NO_HINTS  # provider hints; the client's prompt_cache_key is kept, namespaced
 
 
 @dataclass(frozen=True)
@@ -364,7 +365,8 @@ class Dispatcher:
         salt: str, attempts: list[Attempt], context: RouteContext,
     ) -> EngineRun:  # fmt: skip
         record, keys = decision.record, decision.prefix_keys
-        cache_key = provider_cache_key(salt, family=decision.family, client_key=context.client_cache_key)
+        client_key = context.hints.prompt_cache_key
+        cache_key = provider_cache_key(salt, family=decision.family, client_key=client_key)
         engine_priority = context.engine_priority
         picks = ([record.pick] if record.pick is not None else []) + list(record.fallbacks)
         if not picks:
@@ -396,7 +398,7 @@ class Dispatcher:
                 if attempt > 1 and self.scheduler.breaker_open(pick, self._clock_ms(), tenant):
                     attempts.append(_attempt(pick, attempt, "skipped", None, "fallback", "breaker open"))
                     break
-                client = await self._client(pick, tenant, cache_key, salt)
+                client = await self._client(pick, tenant, cache_key, salt, context.hints)
                 if client is None:
                     attempts.append(_attempt(pick, attempt, "skipped", None, "fallback", "no api key"))
                     break
@@ -496,7 +498,9 @@ class Dispatcher:
         """The tenant's retry budget of BYOK route ``route`` (None: it sent nothing there)."""
         return self._tenant_budgets.get((tenant, route))
 
-    async def _client(self, pick: Pick, tenant: str, cache_key: str, salt: str) -> EngineClient | None:
+    async def _client(
+        self, pick: Pick, tenant: str, cache_key: str, salt: str, hints: ProviderHints
+    ) -> EngineClient | None:
         route = self.scheduler.route(pick.route)
         if route.kind is RouteKind.BYOC:
             return self._engines[pick.replica or ""]
@@ -506,10 +510,12 @@ class Dispatcher:
             api_key = await self._byok_key(tenant, route.name) if self._byok_key else None
         if not api_key:
             return None
+        managed = route.kind is RouteKind.MANAGED
         return ProviderEngineClient(
             self._providers[route.name], label=route.name, model=route.model or "",
             api_key=api_key, prompt_cache_key=cache_key,
-            user_salt=salt if route.kind is RouteKind.MANAGED else None,  # BYOK: the tenant's account
+            user_salt=salt if managed else None,  # BYOK: the tenant's account
+            hints=hints.for_route(managed=managed, retention_days=route.provider_retention_days()),
         )  # fmt: skip
 
     async def record_sent(self, tenant: str, sources: tuple[str, ...], route_name: str) -> None:

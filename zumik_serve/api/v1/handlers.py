@@ -43,8 +43,6 @@ from zumik_serve.pipeline.request import (
 from zumik_serve.telemetry.tracing import RequestClock
 from zumik_serve.tenancy.tenant import Tenant
 
-MAX_CLIENT_CACHE_KEY_CHARS = 512  # a client's prompt_cache_key (it is hashed, never sent as is)
-
 router = APIRouter(prefix="/v1")
 
 
@@ -99,7 +97,7 @@ async def _generate(request: Request, call: EngineCall) -> Response:
                 refs=_state_refs(request, call),
                 admission=admission,
                 clock=clock,
-                client_cache_key=_client_cache_key(body),
+                hints=prepared.hints,
                 profile=zumik_headers.requested_profile(request.headers),
             )  # fmt: skip
         )
@@ -146,19 +144,6 @@ async def admit(pipeline: Pipeline, tenant: Tenant, request: Request, clock: Req
         tenant, qos=request.headers.get(qos), timeout_s=request.headers.get(timeout), clock=clock,
         qos_param=qos, timeout_param=timeout,
     )  # fmt: skip
-
-
-def _client_cache_key(body: Any) -> str | None:
-    """The client's ``prompt_cache_key``: a provider hint, kept (namespaced inside the tenant)."""
-    value = body.get("prompt_cache_key") if isinstance(body, dict) else None
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > MAX_CLIENT_CACHE_KEY_CHARS:
-        raise InvalidRequestError(
-            f"prompt_cache_key must be a string of at most {MAX_CLIENT_CACHE_KEY_CHARS} characters.",
-            param="prompt_cache_key",
-        )
-    return value
 
 
 def _state_refs(request: Request, call: EngineCall) -> StateRefs:

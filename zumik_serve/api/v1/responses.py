@@ -89,6 +89,7 @@ async def create_response(request: Request) -> Response:
                 ),
                 admission=admission,
                 clock=clock,
+                hints=prepared.hints,
                 profile=profile,
             )  # fmt: skip
         )

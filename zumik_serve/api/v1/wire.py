@@ -16,6 +16,7 @@ from typing import Any
 
 from zumik_serve.engines.protocol import EngineCall
 from zumik_serve.errors import EngineError, InvalidRequestError, ModelNotFoundError
+from zumik_serve.providers.hints import NO_HINTS, ProviderHints, parse_hints
 
 # Fields of CreateChatCompletionRequest that the engine implements.
 CHAT_FIELDS = frozenset(
@@ -41,6 +42,7 @@ CHAT_FIELDS = frozenset(
         "tool_choice",
         "parallel_tool_calls",
         "user",
+        "reasoning_effort",
     }
 )
 # Fields of CreateCompletionRequest that the engine implements.
@@ -64,21 +66,9 @@ COMPLETION_FIELDS = frozenset(
         "user",
     }
 )
-# Spec fields that are accepted and have no effect on a self-hosted engine (hints for hosted
-# providers, bookkeeping). They are not passed to the engine.
-ACCEPTED_HINT_FIELDS = frozenset(
-    {
-        "prompt_cache_key",
-        "prompt_cache_retention",
-        "prompt_cache_options",
-        "metadata",
-        "store",
-        "service_tier",
-        "safety_identifier",
-        "reasoning_effort",
-        "verbosity",
-    }
-)
+# Spec fields that only hosted providers act on (``providers/hints.py`` checks them and says
+# which provider route gets which). They never reach a self-hosted engine.
+HINT_FIELDS = ProviderHints.FIELDS
 # Spec fields this server cannot honour: a clear 400 rather than a silent difference.
 UNSUPPORTED_FIELDS = frozenset(
     {
@@ -95,6 +85,13 @@ UNSUPPORTED_FIELDS = frozenset(
 # Never forwarded from a client: Zumik sets the cache salt itself (tenant isolation).
 IGNORED_CLIENT_FIELDS = frozenset({"cache_salt"})
 
+# CompletionUsage.completion_tokens_details in the spec: the counts a response may carry.
+COMPLETION_TOKEN_DETAILS = (
+    "reasoning_tokens", "accepted_prediction_tokens", "rejected_prediction_tokens", "audio_tokens",
+    "text_tokens",
+)  # fmt: skip
+# The tiers a provider may say it served a request on (ServiceTier in the spec).
+SERVICE_TIERS = frozenset({"auto", "default", "flex", "scale", "priority", "fast"})
 FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
 MAX_JSON_DEPTH = 64
 
@@ -108,6 +105,7 @@ class PreparedRequest:
     model: str
     stream: bool
     include_usage: bool
+    hints: ProviderHints = NO_HINTS  # what a provider route may get besides the engine body
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -143,7 +141,7 @@ def prepare_request(
     for key, value in body.items():
         if key in allowed:
             engine_body[key] = value
-        elif key in ACCEPTED_HINT_FIELDS or key in IGNORED_CLIENT_FIELDS:
+        elif key in HINT_FIELDS or key in IGNORED_CLIENT_FIELDS:
             continue
         elif key in UNSUPPORTED_FIELDS:
             if value in (None, False, [], {}) or (key == "best_of" and value == 1):
@@ -182,9 +180,13 @@ def prepare_request(
         # only when it asked (``include_usage``; ``StreamRenderer``). Only the spec's keys:
         # vLLM's continuous_usage_stats never reaches the engine.
         engine_body["stream_options"] = {"include_usage": True}
+    hints = parse_hints(body)
+    if call is EngineCall.COMPLETION and hints is not NO_HINTS:  # the legacy endpoint has no hints
+        hints = ProviderHints(prompt_cache_key=hints.prompt_cache_key)
     return PreparedRequest(
-        call=call, engine_body=engine_body, model=model, stream=stream, include_usage=include_usage
-    )
+        call=call, engine_body=engine_body, model=model, stream=stream, include_usage=include_usage,
+        hints=hints,
+    )  # fmt: skip
 
 
 def render_error(message: str, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
@@ -267,6 +269,8 @@ def _envelope(body: Mapping[str, Any], object_name: str, model: str, choices: li
         response["usage"] = usage
     if body.get("system_fingerprint"):
         response["system_fingerprint"] = body["system_fingerprint"]
+    if _service_tier(body) is not None:  # the tier a provider served it on
+        response["service_tier"] = _service_tier(body)
     return response
 
 
@@ -281,7 +285,22 @@ def render_usage(usage: Mapping[str, Any] | None) -> dict[str, Any] | None:
     details = usage.get("prompt_tokens_details")
     if isinstance(details, Mapping) and details.get("cached_tokens") is not None:
         rendered["prompt_tokens_details"] = {"cached_tokens": int(details["cached_tokens"])}
+    output = usage.get("completion_tokens_details")
+    if isinstance(output, Mapping):  # a provider's reasoning tokens: what a reasoning model bills
+        kept = {name: int(output[name]) for name in COMPLETION_TOKEN_DETAILS if _is_int(output.get(name))}
+        if kept:
+            rendered["completion_tokens_details"] = kept
     return rendered
+
+
+def _service_tier(body: Mapping[str, Any]) -> str | None:
+    """The tier a provider says it served on, when it is one of the spec's."""
+    tier = body.get("service_tier")
+    return tier if isinstance(tier, str) and tier in SERVICE_TIERS else None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def cached_tokens(usage: Mapping[str, Any] | None) -> int | None:
@@ -325,6 +344,8 @@ class StreamRenderer:
         }
         if chunk.get("system_fingerprint"):
             rendered["system_fingerprint"] = chunk["system_fingerprint"]
+        if _service_tier(chunk) is not None:
+            rendered["service_tier"] = _service_tier(chunk)
         if self._include_usage:
             rendered["usage"] = usage if not choices else None
         return rendered
