@@ -305,7 +305,11 @@ def _parser() -> argparse.ArgumentParser:
 
     receipt = sub.add_parser("receipt", help="purge receipts").add_subparsers(title="receipt commands")
     verify = receipt.add_parser("verify", help="check a receipt offline; exit 0 only when it is intact")
-    verify.add_argument("file", type=Path, help="a receipt as JSON (the 'receipt' of POST /v2/purge)")
+    verify.add_argument(
+        "file", type=Path,
+        help="a receipt as JSON (the 'receipt' of POST /v2/purge), or a part of your log: the body of "
+        "GET /v2/receipts or a JSON array of receipts (each checked, and each linked to the one before)",
+    )  # fmt: skip
     verify.add_argument(
         "--public-key", "--keys", dest="public_key", required=True, type=Path,
         help="PEM with one or more public keys, or the JSON of GET /v2/keys (the receipt's key_id picks)",

@@ -20,9 +20,12 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from zumik_serve.errors import InvalidRequestError
+from zumik_serve.ids import HandleKind, handle_kind
 
 M = TypeVar("M", bound=BaseModel)
 MAX_NAME_CHARS = 64
+MAX_PER_PAGE = 100
+DEFAULT_PER_PAGE = 20
 
 
 class FieldRuleError(ValueError):
@@ -71,3 +74,20 @@ def invalid_request(model: type[BaseModel], exc: ValidationError) -> InvalidRequ
 
 def _param(error: ErrorDetails) -> str | None:
     return ".".join(str(part) for part in error["loc"])[:MAX_NAME_CHARS] or None
+
+
+def page_query(limit: str | None, after: str | None, kind: HandleKind, noun: str) -> tuple[int, str | None]:
+    """A list endpoint's query: ``limit`` a whole number 1..``MAX_PER_PAGE`` (default
+    ``DEFAULT_PER_PAGE``), ``after`` the last id of the previous page, a ``kind`` handle (absent:
+    from the newest). A 400 naming the parameter otherwise."""
+    count = DEFAULT_PER_PAGE
+    if limit is not None:
+        if not (limit.isascii() and limit.isdigit() and len(limit) <= 3 and 1 <= int(limit) <= MAX_PER_PAGE):
+            message = f"limit must be a whole number from 1 to {MAX_PER_PAGE}."
+            raise InvalidRequestError(message, param="limit")
+        count = int(limit)
+    if after is not None and handle_kind(after) is not kind:
+        raise InvalidRequestError(
+            f"after must be a {noun} id ({kind.value}_…): the last_id of the page before.", param="after"
+        )
+    return count, after

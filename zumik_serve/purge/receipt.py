@@ -20,7 +20,7 @@ import binascii
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NewType, TypedDict
@@ -426,6 +426,50 @@ def verify_receipt(receipt: Any, public_key_pem: bytes) -> Verification:
         return _verify(receipt, public_key_pem)
     except Exception as exc:  # a verifier reports, it does not crash on hostile input
         return Verification(False, f"receipt could not be checked: {type(exc).__name__}: {exc}")
+
+
+FIRST_SEQ = 1  # the seq of a tenant's first receipt (its prev_receipt_hash is None)
+
+
+def verify_chain(receipts: Sequence[Any], public_keys: Mapping[str, bytes]) -> Verification:
+    """Check receipts of one tenant's log offline (``GET /v2/receipts`` pages, in any order):
+    each one intact with the key of its ``key_id`` (``verify_receipt``), one tenant, and each
+    linked to the one before it by ``seq`` (no gap, no repeat) and ``prev_receipt_hash`` (the
+    ``receipt_hash`` of that one). The oldest given may start after seq 1: the earlier part is
+    then not checked, and the reason says so. Never raises."""
+    if not receipts:
+        return _fail("no receipts given")
+    for index, receipt in enumerate(receipts):
+        key_id = receipt.get("key_id") if isinstance(receipt, dict) else None
+        pem = public_keys.get(key_id) if isinstance(key_id, str) else None
+        if pem is None:
+            return _fail(f"receipt {index}: its key_id {str(key_id)[:80]!r} is none of the keys given")
+        verification = verify_receipt(receipt, pem)
+        if not verification.ok:
+            return _fail(f"receipt {index} ({str(receipt.get('id'))[:80]}): {verification.reason}")
+    tenants = {receipt["tenant"] for receipt in receipts}
+    if len(tenants) > 1:
+        return _fail(f"the receipts are of {len(tenants)} tenants; a chain is one tenant's")
+    ordered = sorted(receipts, key=lambda receipt: receipt["seq"])
+    for before, after in zip(ordered, ordered[1:], strict=False):
+        if after["seq"] == before["seq"]:
+            return _fail(f"two receipts have seq {after['seq']}")
+        if after["seq"] != before["seq"] + 1:
+            return _fail(f"seq {before['seq'] + 1} is missing between seq {before['seq']} and {after['seq']}")
+        if after["prev_receipt_hash"] != receipt_hash(before):
+            return _fail(
+                f"seq {after['seq']} does not follow seq {before['seq']}: its prev_receipt_hash is "
+                "not that receipt's hash"
+            )
+    first, last = ordered[0], ordered[-1]
+    if first["seq"] == FIRST_SEQ and first["prev_receipt_hash"] is not None:
+        return _fail(f"seq {FIRST_SEQ} opens the chain but names a previous receipt")
+    start = "from the first" if first["seq"] == FIRST_SEQ else "earlier ones not given"
+    return Verification(
+        True,
+        f"{len(ordered)} receipts of tenant {first['tenant']}, seq {first['seq']}..{last['seq']} "
+        f"({start}): every signature valid, each linked to the one before",
+    )
 
 
 def _verify(receipt: Any, public_key_pem: bytes) -> Verification:

@@ -55,6 +55,7 @@ from zumik_serve.purge.derived import RoutingTraces, decision_entry, provider_en
 from zumik_serve.purge.job import PurgeId, PurgeJob, PurgeStatus, PurgeStep, TierSweep, saved
 from zumik_serve.purge.nodes import NODE_TIERS, LocalNodeSweeper, NodeReport, NodeSweeper, merge_passes
 from zumik_serve.purge.receipt import (
+    FIRST_SEQ,
     ChainHead,
     NodeEntry,
     PublicKeyRecord,
@@ -65,7 +66,7 @@ from zumik_serve.purge.receipt import (
     receipt_hash,
 )
 from zumik_serve.purge.signing_keys import SigningKeys
-from zumik_serve.purge.store import RedisPurgeStore
+from zumik_serve.purge.store import ReceiptPage, RedisPurgeStore
 from zumik_serve.tenancy.tenant import TenantId, cache_salt
 
 logger = logging.getLogger("ray.serve")
@@ -182,6 +183,17 @@ class PurgeService:
                 code="receipt_not_found",
             )
         return receipt
+
+    async def receipts(self, tenant: str, limit: int, after: str | None) -> ReceiptPage:
+        """A page of the tenant's receipts, newest first (``limit``, ``after``: as checked by
+        ``validation.page_query``); 404 when ``after`` is none of its receipts."""
+        page = await self._store.receipt_page(tenant, limit, after)
+        if page is None:
+            raise NotFoundError(
+                f"No receipt {after!r} exists for you: 'after' takes the last_id of the page before.",
+                code="receipt_not_found", param="after",
+            )  # fmt: skip
+        return page
 
     async def purge(self, tenant: str, target: str) -> PurgeOutcome:
         """Purge ``target`` (or resume its purge); the same target always gets the same purge.
@@ -392,7 +404,7 @@ class PurgeService:
         stores = receipt_stores(job, sealed=self._sealed, opportunity_index=self._forget_scopes is not None)
         while True:
             head = await self._store.chain_head(tenant)
-            seq = 1 if head is None else head.seq + 1
+            seq = FIRST_SEQ if head is None else head.seq + 1
             unsigned = build_receipt(
                 receipt_id=job.id, tenant=tenant, target=job.target, issued_at=int(time.time()),
                 profile=self.profile, profile_ceiling=self.ceiling, stores=stores,

@@ -4,7 +4,8 @@
     z:{tenant}:purge-target:{handle}  the purge id of a target (one purge per target)
     zumik:purges:pending              set of "{tenant}|{prg}" not finished (resumed at start)
     z:{tenant}:receipt:{prg}          a signed receipt (JSON), never changed
-    z:{tenant}:receipts               list of receipt ids, oldest first (the tenant's log)
+    z:{tenant}:receipts               list of receipt ids, oldest first (the tenant's log; a
+                                      page of it newest first: ``receipt_page``)
     z:{tenant}:receipt-head           {"seq", "hash"} of the newest receipt (the chain's head)
 
 The signing keys are files, never in Redis (``purge/signing_keys.py``).
@@ -348,6 +349,33 @@ class RedisPurgeStore:
 
     async def receipt_ids(self, tenant: str) -> list[str]:
         return [_text(item) for item in await self._redis.lrange(f"z:{{{tenant}}}:receipts", 0, -1)]
+
+    async def receipt_page(self, tenant: str, limit: int, after: str | None) -> ReceiptPage | None:
+        """Up to ``limit`` of the tenant's receipts, newest first, from the one before ``after``
+        (None: from the newest); None when ``after`` is not in the tenant's log. Two round trips:
+        the log's slice (``LPOS`` from the end finds ``after``), then the receipts."""
+        log = f"z:{{{tenant}}}:receipts"
+        if after is None:
+            end = int(await self._redis.llen(log))
+        else:
+            found = await self._redis.lpos(log, after, rank=-1)
+            if not isinstance(found, int):  # None: not in the log (no COUNT: never a list)
+                return None
+            end = found
+        start = max(0, end - limit)
+        ids = [_text(item) for item in await self._redis.lrange(log, start, end - 1)] if end else []
+        ids.reverse()
+        raws = await self._redis.mget([f"z:{{{tenant}}}:receipt:{item}" for item in ids]) if ids else []
+        receipts = [json.loads(raw) for raw in raws if raw is not None]
+        return ReceiptPage(tuple(receipts), has_more=start > 0)
+
+
+@dataclass(frozen=True)
+class ReceiptPage:
+    """A page of a tenant's receipt log, newest first; ``has_more``: older ones follow."""
+
+    receipts: tuple[dict[str, Any], ...]
+    has_more: bool
 
 
 def durability_gap(config: dict[str, str]) -> str | None:

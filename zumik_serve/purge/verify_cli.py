@@ -1,4 +1,10 @@
-"""`zumik receipt verify`: check one receipt file offline; exit 0 only for an intact receipt.
+"""`zumik receipt verify`: check a receipt file offline; exit 0 only for an intact receipt.
+
+The file holds one receipt (the ``receipt`` of ``POST /v2/purge``, or ``GET /v2/receipts/{id}``),
+or a part of a tenant's log: the body of ``GET /v2/receipts``, or a JSON array of receipts (pages
+put together). A log is intact when every receipt is and each links to the one before it
+(``receipt.verify_chain``): a receipt removed from the middle, or one rewritten and signed
+again, breaks the chain.
 
 The key file is a PEM with one or more Ed25519 public keys, or the JSON body of ``GET /v2/keys``
 (the current key and every retired one): the receipt's ``key_id`` picks the key, so a receipt
@@ -16,7 +22,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from zumik_serve.purge.receipt import Verification, key_id_of, load_public_key, verify_receipt
+from zumik_serve.purge.receipt import (
+    Verification,
+    key_id_of,
+    load_public_key,
+    verify_chain,
+    verify_receipt,
+)
 from zumik_serve.server_secrets import public_key_blocks
 
 EXIT_INTACT = 0
@@ -43,6 +55,10 @@ def verify_file(path: Path, public_key_path: Path) -> Verification:
         return Verification(False, "receipt file is not UTF-8 text")
     except ValueError as exc:
         return Verification(False, f"receipt file is not valid JSON: {exc}")
+    if isinstance(receipt, dict) and receipt.get("object") == "list" and "data" in receipt:
+        receipt = receipt["data"]  # the body of GET /v2/receipts
+    if isinstance(receipt, list):
+        return verify_chain(receipt, keys)
     key_id = receipt.get("key_id") if isinstance(receipt, dict) else None
     if isinstance(key_id, str) and key_id in keys:
         return verify_receipt(receipt, keys[key_id])

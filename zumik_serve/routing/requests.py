@@ -13,9 +13,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from zumik_serve.errors import InvalidRequestError
-from zumik_serve.ids import HandleKind, handle_kind
+from zumik_serve.ids import HandleKind
 from zumik_serve.routing.release import validate_alias_name
-from zumik_serve.validation import parse_model
+from zumik_serve.validation import page_query, parse_model
 
 
 def alias_name(alias: str) -> str:
@@ -51,26 +51,6 @@ class PublishRelease(BaseModel):
         return parse_model(cls, body)
 
 
-MAX_DECISIONS_PER_PAGE = 100
-
-
 def decision_page_query(limit: str | None, after: str | None) -> tuple[int, str | None]:
-    """``GET /v2/decisions``' query: ``limit`` a whole number 1..100 (default 20), ``after`` the
-    last id of the previous page (absent: from the newest). A 400 naming the parameter otherwise."""
-    count = 20
-    if limit is not None:
-        if not (
-            limit.isascii()
-            and limit.isdigit()
-            and len(limit) <= 3
-            and 1 <= int(limit) <= MAX_DECISIONS_PER_PAGE
-        ):
-            raise InvalidRequestError(
-                f"limit must be a whole number from 1 to {MAX_DECISIONS_PER_PAGE}.", param="limit"
-            )
-        count = int(limit)
-    if after is not None and handle_kind(after) is not HandleKind.DECISION:
-        raise InvalidRequestError(
-            "after must be a decision id (dec_…): the last_id of the page before.", param="after"
-        )
-    return count, after
+    """``GET /v2/decisions``' query (``validation.page_query``)."""
+    return page_query(limit, after, HandleKind.DECISION, "decision")

@@ -1,4 +1,5 @@
-"""/v2 purge and receipts: ``POST /v2/purge``, ``GET /v2/receipts/{id}``, ``GET /v2/keys``.
+"""/v2 purge and receipts: ``POST /v2/purge``, ``GET /v2/receipts`` (the tenant's receipt log, newest
+first, a page at a time), ``GET /v2/receipts/{id}``, ``GET /v2/keys``.
 
 A finished purge answers 200 with its signed receipt. One that could not finish (a store was
 unreachable) answers 202 with the steps it finished and no receipt; sending the same request
@@ -16,9 +17,11 @@ from fastapi.responses import JSONResponse
 from zumik_serve.api.body import read_body
 from zumik_serve.api.deps import pipeline_of, tenant_of
 from zumik_serve.api.v1.wire import parse_json_body
+from zumik_serve.ids import HandleKind
 from zumik_serve.purge.job import PurgeJob
 from zumik_serve.purge.requests import parse_purge_request
 from zumik_serve.purge.service import PurgeService
+from zumik_serve.validation import page_query
 
 router = APIRouter(prefix="/v2")
 RETRY_INCOMPLETE_S = 5
@@ -41,6 +44,24 @@ async def purge(request: Request) -> JSONResponse:
         status_code=202,
         headers={"retry-after": str(RETRY_INCOMPLETE_S)},
     )
+
+
+@router.get("/receipts")
+async def list_receipts(request: Request, limit: str | None = None, after: str | None = None) -> JSONResponse:
+    """The tenant's receipts, newest first, ``limit`` a page (1..100, default 20), ``after`` the
+    ``last_id`` of the page before. Each is the signed receipt as issued; together the pages are
+    the tenant's chain (``seq``, ``prev_receipt_hash``), which ``zumik receipt verify`` checks."""
+    tenant = await tenant_of(request)
+    count, cursor = page_query(limit, after, HandleKind.RECEIPT, "receipt")
+    page = await _purges(request).receipts(tenant.id, count, cursor)
+    ids = [receipt["id"] for receipt in page.receipts]
+    return JSONResponse({
+        "object": "list",
+        "data": list(page.receipts),
+        "first_id": ids[0] if ids else None,
+        "last_id": ids[-1] if ids else None,
+        "has_more": page.has_more,
+    })  # fmt: skip
 
 
 @router.get("/receipts/{receipt_id}")
