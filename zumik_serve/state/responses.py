@@ -7,6 +7,8 @@
     create/read snapshot          SnapshotBody (a read lists the pinned compilations, as stored)
     append turn                   AppendedTurnBody
     revoke                        RevokedBody
+    list (GET /v2/{kind})         ``listed_body`` of each: a read without content, turns or
+                                  compilations (read the object for those)
 
 Rule kept here: a body's keys and their order are part of the API; a field that only some
 objects have (a branch's ``parent``) is absent, not null, on the others.
@@ -15,6 +17,7 @@ objects have (a branch's ``parent``) is absent, not null, on the others.
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -131,3 +134,23 @@ def artifact_read_body(artifact: Artifact, content: bytes) -> dict[str, Any]:
 
 def bundle_read_body(bundle: Bundle) -> dict[str, Any]:
     return stored_json(bundle)
+
+
+def listed_body(record: Artifact | Bundle | Session | Snapshot, head: int) -> dict[str, Any]:
+    """One object in a list: what a read returns without its content (an artifact's bytes, a
+    session's turns, a snapshot's compilations). ``head``: a session's or branch's last turn."""
+    match record:
+        case Artifact() | Bundle():
+            return stored_json(record)
+        case Session():
+            return SessionBody.of(record, head=head).body()
+        case Snapshot():
+            return SnapshotBody.of(record, compilations=[]).model_dump(mode="json", exclude={"compilations"})
+
+
+@dataclass(frozen=True)
+class ObjectPage:
+    """A page of a tenant's objects of one kind, newest first (``listed_body`` each)."""
+
+    data: list[dict[str, Any]]
+    has_more: bool

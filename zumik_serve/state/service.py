@@ -57,12 +57,14 @@ from zumik_serve.state.requests import (
 )
 from zumik_serve.state.responses import (
     AppendedTurnBody,
+    ObjectPage,
     RevokedBody,
     SessionBody,
     SnapshotBody,
     artifact_read_body,
     bundle_read_body,
     created_body,
+    listed_body,
 )
 from zumik_serve.state.tokenizing import Tokenization, default_tokenization
 
@@ -324,6 +326,24 @@ class StateService:
         return RevokedBody(id=handle, revoked=True).body()
 
     # --- reads ------------------------------------------------------------------------------
+
+    async def list_page(self, tenant: str, kind: ObjectKind, limit: int, after: str | None) -> ObjectPage:
+        """A page of the tenant's live objects of ``kind``, newest first (``limit``, ``after``: as
+        ``validation.page_query`` checked them); 404 naming ``after`` when it is none of them."""
+        page = await self._store.list_page(tenant, KIND_HANDLES[kind], limit, after)
+        if page is None:
+            raise NotFoundError(
+                f"No live {kind.value[:-1]} {after!r} exists for you: 'after' takes the last_id of "
+                "the page before.",
+                param="after",
+            )
+        records, has_more = page
+        heads: dict[str, int] = {}
+        sessions = [record for record in records if isinstance(record, Session)]
+        counts = await self._store.own_turn_counts(tenant, [session.id for session in sessions])
+        for session, count in zip(sessions, counts, strict=True):
+            heads[session.id] = session.fork_at + count
+        return ObjectPage([listed_body(record, heads.get(record.id, 0)) for record in records], has_more)
 
     async def read(self, tenant: str, kind: ObjectKind, handle: str) -> dict[str, Any]:
         record = await self._require(tenant, handle, KIND_VALUES[kind], kinds=(KIND_HANDLES[kind],))

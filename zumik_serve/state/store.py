@@ -2,6 +2,10 @@
 
     zumik:handle-secret                 32 random bytes; HMAC key of content-addressed handles
     z:{tenant}:o:{handle}               JSON record of an object (``revoked_at`` once revoked)
+    z:{tenant}:idx:{kind}               sorted set: the live objects of a kind (their handle's
+                                        prefix), scored by the time they were stored; written by
+                                        the scripts that store and revoke records
+    z:{tenant}:idx-built                set once the indexes hold the objects stored before them
     z:{tenant}:blob:{digest}            artifact bytes
     z:{tenant}:gen:{hmac of address}   bumped when a content-addressed artifact is revoked, so
                                         the same content then gets a new handle (named by an
@@ -50,6 +54,7 @@ from redis.exceptions import RedisError
 
 from profiles.model import QuotaSpec
 from zumik_serve.errors import StoreUnavailableError
+from zumik_serve.ids import HandleKind
 from zumik_serve.qos.store import DELETE_CHARGED, charges_key, quota_keys, quota_lua, raise_refusal, usage_key
 from zumik_serve.state.objects import (
     COMPILATION,
@@ -74,6 +79,15 @@ from zumik_serve.state.outcomes import (
 logger = logging.getLogger("ray.serve")
 
 IDEMPOTENCY_TTL_S = 24 * 3600
+BACKFILL_BATCH = 500
+# The kinds listed by GET /v2/{kind}; every stored record is indexed, by its handle's prefix.
+INDEXED_KINDS = (
+    HandleKind.ARTIFACT,
+    HandleKind.BUNDLE,
+    HandleKind.SESSION,
+    HandleKind.BRANCH,
+    HandleKind.SNAPSHOT,
+)
 REVOKED_PREFIX = '{"revoked_at":'
 _REVOKED_MARK = REVOKED_PREFIX.encode()
 T = TypeVar("T")
@@ -134,14 +148,36 @@ zq_charge(KEYS[2], 0, bytes)
 return {'ok', tostring((tonumber(obj['fork_at']) or 0) + n)}
 """)
 
-# KEYS: object. ARGV: now. Returns 1 if it was live (now revoked), 0 if missing or revoked.
-# The mark is prepended to the stored JSON as its first key (records are never re-encoded
-# in Lua, whose cjson would turn empty arrays into objects).
+# KEYS: object, its kind's index. ARGV: now, handle. Returns 1 if it was live (now revoked and
+# out of the index), 0 if missing or revoked. The mark is prepended to the stored JSON as its
+# first key (records are never re-encoded in Lua, whose cjson would turn empty arrays into objects).
 REVOKE = _lua("""
 local raw = redis.call('GET', KEYS[1])
 if not raw or string.sub(raw, 1, {prefix_len}) == '{prefix}' then return 0 end
 redis.call('SET', KEYS[1], '{prefix}' .. ARGV[1] .. ',' .. string.sub(raw, 2))
+redis.call('ZREM', KEYS[2], ARGV[2])
 return 1
+""")
+
+# KEYS: the index of each kind, in ``INDEXED_KINDS``' order, then objects. ARGV: each index's
+# handle prefix ("art_"...), in the same order. Adds each live object to its kind's index, scored
+# by its ``created_at_s`` in ms (the scripts that store score in ms): the objects stored before
+# the indexes were (``NX``: one a script indexed keeps its score). In one step per batch, so an
+# object revoked meanwhile is either skipped or removed again by its revoke.
+BACKFILL_INDEX = _lua("""
+local kinds = #ARGV
+for index = kinds + 1, #KEYS do
+  local raw = redis.call('GET', KEYS[index])
+  if raw and string.sub(raw, 1, {prefix_len}) ~= '{prefix}' then
+    local record = cjson.decode(raw)
+    for kind = 1, kinds do
+      if string.sub(record['id'], 1, #ARGV[kind]) == ARGV[kind] then
+        redis.call('ZADD', KEYS[kind], 'NX', (tonumber(record['created_at_s']) or 0) * 1000, record['id'])
+      end
+    end
+  end
+end
+return 0
 """)
 
 # KEYS: the tenant's exposed set, then each object. ARGV: each object's handle, in KEYS' order.
@@ -155,18 +191,19 @@ redis.call('SADD', KEYS[1], unpack(ARGV))
 return ''
 """)
 
-# KEYS: ``quota_keys``, object, its purge mark, the ``derived`` set of each parent, then the
-# object of each parent that must be live. ARGV: record JSON, its handle, the number of
-# ``derived`` sets. Returns {"ok"} | {"exists"} (records never change: nothing written) |
+# KEYS: ``quota_keys``, object, its purge mark, its kind's index, the ``derived`` set of each
+# parent, then the object of each parent that must be live. ARGV: record JSON, its handle, the
+# number of ``derived`` sets, now in ms (the index's score). Returns {"ok"} | {"exists"}
+# (records never change: nothing written) |
 # {"purged"} (a purge removed an object of this handle: under an Idempotency-Key a create's
 # handle derives from the key, and a retry must not make it again) | {"gone", n} (the n-th parent
 # that must be live is missing or revoked: nothing written) | a quota refusal.
 PUT_RECORD = _lua("""
 local derived = tonumber(ARGV[3])
-for index = 6 + derived, #KEYS do
+for index = 7 + derived, #KEYS do
   local raw = redis.call('GET', KEYS[index])
   if not raw or string.sub(raw, 1, {prefix_len}) == '{prefix}' then
-    return {'gone', tostring(index - 5 - derived)}
+    return {'gone', tostring(index - 6 - derived)}
   end
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then return {'exists'} end
@@ -174,13 +211,15 @@ if redis.call('EXISTS', KEYS[5]) == 1 then return {'purged'} end
 local refused = zq_fits(1, #ARGV[1])
 if refused then return refused end
 redis.call('SET', KEYS[4], ARGV[1])
-for index = 6, 5 + derived do redis.call('SADD', KEYS[index], ARGV[2]) end
+redis.call('ZADD', KEYS[6], ARGV[4], ARGV[2])
+for index = 7, 6 + derived do redis.call('SADD', KEYS[index], ARGV[2]) end
 zq_charge(KEYS[4], 1, #ARGV[1])
 return {'ok'}
 """)
 
-# KEYS: ``quota_keys``, blob, object, bydigest. ARGV: content, record JSON, handle. The content
-# is stored (and counted) once per digest, the record once per handle.
+# KEYS: ``quota_keys``, blob, object, bydigest, the artifacts' index. ARGV: content, record JSON,
+# handle, now (the index's score). The content is stored (and counted) once per digest, the
+# record (and indexed) once per handle.
 # Returns {"ok"} | a quota refusal.
 PUT_ARTIFACT = """
 local new_blob = redis.call('EXISTS', KEYS[4]) == 0
@@ -196,6 +235,7 @@ if new_blob then
 end
 if new_record then
   redis.call('SET', KEYS[5], ARGV[2])
+  redis.call('ZADD', KEYS[7], ARGV[4], ARGV[3])
   zq_charge(KEYS[5], 1, record_bytes)
 end
 redis.call('SADD', KEYS[6], ARGV[3])
@@ -216,6 +256,7 @@ class RedisStateStore:
         self._delete_charged = client.register_script(DELETE_CHARGED)
         self._revoke = client.register_script(REVOKE)
         self._mark_exposed = client.register_script(MARK_EXPOSED)
+        self._backfill_index = client.register_script(BACKFILL_INDEX)
         self._secret: bytes | None = None
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -284,9 +325,10 @@ class RedisStateStore:
         linked = list(dict.fromkeys(parents))
         needed = list(dict.fromkeys(live))
         keys = [*quota_keys(tenant), object_key(tenant, handle), purge_mark_key(tenant, handle)]
+        keys += [index_key(tenant, handle)]
         keys += [derived_key(tenant, parent) for parent in linked]
         keys += [object_key(tenant, parent) for parent in needed]
-        reply = await self._put_record(keys=keys, args=[record_json, handle, len(linked)])
+        reply = await self._put_record(keys=keys, args=[record_json, handle, len(linked), _now_ms()])
         raise_refusal(reply)
         if _text(reply[0]) == "gone":
             return ParentNotLive(needed[int(reply[1]) - 1])
@@ -316,7 +358,54 @@ class RedisStateStore:
 
     async def revoke(self, tenant: str, handle: str) -> bool:
         """Mark the object revoked; False when it was unknown or revoked already."""
-        return bool(await self._revoke(keys=[object_key(tenant, handle)], args=[int(time.time())]))
+        keys = [object_key(tenant, handle), index_key(tenant, handle)]
+        return bool(await self._revoke(keys=keys, args=[int(time.time()), handle]))
+
+    async def list_page(
+        self, tenant: str, kind: HandleKind, limit: int, after: str | None
+    ) -> tuple[list[StateObject], bool] | None:
+        """Up to ``limit`` of the tenant's live objects of ``kind``, newest first, from the one
+        after ``after`` (None: the newest), and whether older ones follow; None when ``after`` is
+        not among them (unknown, revoked, another kind or tenant's)."""
+        await self._index_built(tenant)
+        index = _index(tenant, kind.value)
+        start = 0
+        if after is not None:
+            rank = await self._redis.zrevrank(index, after)
+            if not isinstance(rank, int):  # None: not in the index (no WITHSCORE: never a list)
+                return None
+            start = rank + 1
+        members = await self._redis.zrevrange(index, start, start + limit)
+        handles = [_text(member) for member in members if isinstance(member, bytes | str)]
+        page = await self.get_records(tenant, handles[:limit])
+        return [record for record in page if record is not None], len(handles) > limit
+
+    async def own_turn_counts(self, tenant: str, sessions: Sequence[str]) -> list[int]:
+        """How many turns each session or branch holds itself, in one round trip."""
+        if not sessions:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for session in sessions:
+                pipe.llen(turns_key(tenant, session))
+            return [int(count) for count in await pipe.execute()]
+
+    async def _index_built(self, tenant: str) -> None:
+        """Add the objects stored before the indexes existed (once per tenant; a batch of
+        ``BACKFILL_BATCH`` a step, then the tenant is marked)."""
+        done = f"z:{{{tenant}}}:idx-built"
+        if await self._redis.exists(done):
+            return
+        indexes = [_index(tenant, kind.value) for kind in INDEXED_KINDS]
+        prefixes = [f"{kind.value}_" for kind in INDEXED_KINDS]
+        batch: list[str] = []
+        async for key in self._redis.scan_iter(match=object_key(tenant, "*"), count=BACKFILL_BATCH):
+            batch.append(_text(key))
+            if len(batch) == BACKFILL_BATCH:
+                await self._backfill_index(keys=[*indexes, *batch], args=prefixes)
+                batch = []
+        if batch:
+            await self._backfill_index(keys=[*indexes, *batch], args=prefixes)
+        await self._redis.set(done, 1)
 
     # --- artifacts --------------------------------------------------------------------------
 
@@ -335,9 +424,10 @@ class RedisStateStore:
         when that would take the tenant past a quota (nothing is written)."""
         keys = [
             *quota_keys(tenant), blob_key(tenant, artifact.digest), object_key(tenant, artifact.id),
-            bydigest_key(tenant, artifact.digest),
+            bydigest_key(tenant, artifact.digest), index_key(tenant, artifact.id),
         ]  # fmt: skip
-        reply = await self._put_artifact(keys=keys, args=[content, _canonical(artifact), artifact.id])
+        args: list[bytes | str | int] = [content, _canonical(artifact), artifact.id, _now_ms()]
+        reply = await self._put_artifact(keys=keys, args=args)
         raise_refusal(reply)
 
     async def get_blobs(self, tenant: str, digests: list[str]) -> list[bytes | None]:
@@ -439,6 +529,19 @@ def _live(raw: bytes | str | None) -> StateObject | None:
 def purge_mark_key(tenant: str, handle: str) -> str:
     """Which purge removed an object of ``handle`` (kept: ``purge/store.py`` writes it)."""
     return f"z:{{{tenant}}}:purge-target:{handle}"
+
+
+def index_key(tenant: str, handle: str) -> str:
+    """The index of ``handle``'s kind (its prefix: ``art``, ``ses``, ``resp``...)."""
+    return _index(tenant, handle.partition("_")[0])
+
+
+def _index(tenant: str, prefix: str) -> str:
+    return f"z:{{{tenant}}}:idx:{prefix}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def derived_key(tenant: str, handle: str) -> str:

@@ -1,4 +1,5 @@
-"""/v2 state objects: artifacts, bundles, sessions, branches and snapshots, by opaque handle.
+"""/v2 state objects: artifacts, bundles, sessions, branches and snapshots, by opaque handle, and
+each kind's list (``GET /v2/{kind}``: the tenant's live ones, newest first, a page at a time).
 
 Handlers authenticate, read the body (with the size limit of the route), validate it into its
 request model (``state/requests.py``: a 400 naming the field), call the state service and return
@@ -28,8 +29,9 @@ from zumik_serve.state.requests import (
     StateRequest,
     parse_request,
 )
-from zumik_serve.state.service import StateService
+from zumik_serve.state.service import KIND_HANDLES, StateService
 from zumik_serve.telemetry.tracing import RequestClock
+from zumik_serve.validation import page_query
 
 router = APIRouter(prefix="/v2")
 
@@ -127,6 +129,33 @@ async def compile_snapshot(handle: str, request: Request) -> JSONResponse:
     finally:
         admission.release()
     return JSONResponse({"snapshot": handle, **compiled.compilation.record()})
+
+
+def _list_route(kind: ObjectKind) -> None:
+    async def list_objects(
+        request: Request, limit: str | None = None, after: str | None = None
+    ) -> JSONResponse:
+        state = _state(request)
+        tenant = await tenant_of(request)
+        count, cursor = page_query(limit, after, KIND_HANDLES[kind], kind.value[:-1])
+        page = await state.store_call(state.list_page(tenant.id, kind, count, cursor))
+        return JSONResponse({
+            "object": "list",
+            "data": page.data,
+            "first_id": page.data[0]["id"] if page.data else None,
+            "last_id": page.data[-1]["id"] if page.data else None,
+            "has_more": page.has_more,
+        })  # fmt: skip
+
+    list_objects.__doc__ = (
+        f"The tenant's live {kind.value}, newest first, ``limit`` a page (1..100, default 20), "
+        "``after`` the ``last_id`` of the page before; each as a read shows it, without content."
+    )
+    router.add_api_route(f"/{kind.value}", list_objects, methods=["GET"], name=f"list_{kind.value}")
+
+
+for _kind in ObjectKind:
+    _list_route(_kind)
 
 
 @router.get("/{kind}/{handle}")
