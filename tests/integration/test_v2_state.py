@@ -14,6 +14,7 @@ Invariants held here:
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import httpx
@@ -237,6 +238,28 @@ def test_generate_from_snapshot_reports_route_and_capture(http: httpx.Client) ->
     )
     assert {"decide_ms", "first-output_ms", "record_ms"} <= set(second["telemetry"])
     _error(http.post("/v2/generate", json={"input": 5}), 400)
+
+
+def test_a_streamed_generation_is_the_whole_one_in_pieces(http: httpx.Client) -> None:
+    """Greedy, the same snapshot and input: the stream's text and its ``completed`` event are
+    what a whole answer is, on the real engine."""
+    doc = _artifact(http, "Facts about streaming generations. " * 10)
+    bundle = http.post("/v2/bundles", json={"artifacts": [doc["id"]]}).json()["id"]
+    snapshot = http.post("/v2/snapshots", json={"bundle": bundle}).json()["id"]
+    request = {"snapshot": snapshot, "input": "Say something.", "max_tokens": 6, "temperature": 0}
+    whole = http.post("/v2/generate", json=request).json()
+    with http.stream("POST", "/v2/generate", json={**request, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        events = [
+            json.loads(line.removeprefix("data: "))
+            for line in sse_lines_sync(r.iter_bytes())
+            if line.startswith("data: ")
+        ]
+    assert events[-1]["type"] == "completed" and {e["type"] for e in events[:-1]} <= {"delta"}
+    text = "".join(e["text"] for e in events[:-1])
+    assert text == events[-1]["output"]["content"] == whole["output"]["content"]
+    assert events[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"] == 6
+    assert events[-1]["decision_id"] == r.headers["x-zumik-decision-id"] != whole["decision_id"]
 
 
 def test_v1_snapshot_header_prepends_and_session_header_appends(http: httpx.Client, running_stack) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, field_validator
 
 from zumik_serve.validation import parse_model
 
@@ -27,6 +27,7 @@ class GenerateBody(_Body):
     model: str | None = None  # an alias or the served model; None: the served model
     input: list[InputMessage] | None = None  # a string is one user message
     snapshot: str | None = None  # a snapshot whose messages come before ``input``
+    stream: StrictBool = False  # server-sent events: text deltas, then the whole answer (``generate.py``)
     # QoS and deadline are checked by admission (their errors name the field there).
     qos: Any = None
     timeout_s: Any = None
@@ -41,6 +42,8 @@ class GenerateBody(_Body):
         """The engine body's fields: sampling as sent (only those present) and ``messages``."""
         fields = {name: getattr(self, name) for name in SAMPLING_FIELDS if name in self.model_fields_set}
         fields["messages"] = self.messages()
+        if self.stream:  # the usage chunk settles the rate and fills the final event's usage
+            fields.update(stream=True, stream_options={"include_usage": True})
         return fields
 
     @field_validator("input", mode="before")
