@@ -36,7 +36,7 @@ from tests.support.fault_server import Fault, FaultServer
 from tests.support.inprocess import make_gateway
 from zumik_serve.cli import main
 from zumik_serve.engines.protocol import EngineCall
-from zumik_serve.providers.hints import ProviderHints
+from zumik_serve.providers.hints import PromptCacheOptions, ProviderHints
 from zumik_serve.qos.quota import RateSettlement
 from zumik_serve.reuse.evidence import EvidenceLevel
 from zumik_serve.reuse.figures import ReuseFigures
@@ -318,7 +318,7 @@ async def test_each_route_kind_gets_the_provider_hints_its_rules_allow(
     the route's retention, which receipts state. ``reasoning_effort`` is an engine field: both get it."""
     hints = ProviderHints(
         verbosity="low", prompt_cache_retention="24h", safety_identifier="alice", service_tier="flex",
-        metadata={"ticket": "T-1"}, store=True,
+        metadata={"ticket": "T-1"}, store=True, prompt_cache_options=PromptCacheOptions(ttl="30m"),
     )  # fmt: skip
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "low"}
     for h in (managed_first, byok_first):
@@ -335,6 +335,7 @@ async def test_each_route_kind_gets_the_provider_hints_its_rules_allow(
             "low",
         )
         assert "store" not in sent and sent["prompt_cache_key"].startswith("zk-")
+        assert sent["prompt_cache_options"] == {"ttl": "30m"}
     assert managed["safety_identifier"].startswith("zu-") and "alice" not in managed["safety_identifier"]
     assert "service_tier" not in managed and "metadata" not in managed
     assert (byok["safety_identifier"], byok["service_tier"], byok["metadata"]) == (
@@ -346,8 +347,9 @@ async def test_each_route_kind_gets_the_provider_hints_its_rules_allow(
 
 def test_a_zero_retention_route_never_gets_a_day_of_prompt_cache() -> None:
     """``prompt_cache_retention: 24h`` keeps a prompt's cache at the provider for up to a day; a
-    route whose retention_days is 0 (a zero-data-retention agreement, as its receipts say) gets
-    the provider's in-memory default instead."""
+    route whose retention_days is 0 (a zero-data-retention agreement, as its receipts say) is not
+    sent it, so the account's default applies (with zero data retention, ``in_memory`` on the
+    models that offer both)."""
     hints = ProviderHints(prompt_cache_retention="24h", verbosity="high")
     assert hints.for_route(managed=True, retention_days=0) == {"verbosity": "high"}
     assert hints.for_route(managed=False, retention_days=0) == {"verbosity": "high"}

@@ -104,17 +104,16 @@ async def test_objects_stored_before_the_lists_existed_are_listed_and_revoked_on
     gateway = make_gateway(module_redis_url, tiny_model_dir)
     key = await gateway.create_tenant("lists-upgrade")
     async with gateway.client(key) as http:
-        arts = [
-            await _make(http, "/v2/artifacts", {"role": "document", "content": f"old {n}"}) for n in range(3)
-        ]
+        arts = []
+        for n in range(3):
+            arts.append(await _make(http, "/v2/artifacts", {"role": "document", "content": f"old {n}"}))
+            await asyncio.sleep(1.05)  # the backfill orders by created_at, in whole seconds
         session = await _make(http, "/v2/sessions", {})
         assert (await http.delete(f"/v2/artifacts/{arts[0]}")).status_code == 200
     redis = gateway_client(module_redis_url)
     try:
-        tenant_ids = {
-            key.decode().split("}")[0][3:] async for key in redis.scan_iter(match=f"z:*:o:{session}")
-        }
-        (tenant_id,) = tenant_ids
+        (object_key,) = [key async for key in redis.scan_iter(match=f"z:*:o:{session}")]
+        tenant_id = object_key.decode().split("}")[0][3:]
         indexes = [key async for key in redis.scan_iter(match=f"z:{{{tenant_id}}}:idx*")]
         assert indexes  # the lists' keys, removed below as if an earlier version had stored these
         await redis.delete(*indexes)
@@ -123,7 +122,34 @@ async def test_objects_stored_before_the_lists_existed_are_listed_and_revoked_on
     async with gateway.client(key) as http:
         listed = await _list(http, "artifacts")
         sessions = await _list(http, "sessions")
-    assert {item["id"] for item in listed["data"]} == {arts[1], arts[2]}
-    created = [item["created_at"] for item in listed["data"]]
-    assert created == sorted(created, reverse=True)  # by created_at (whole seconds: ties either way)
+    assert [item["id"] for item in listed["data"]] == [arts[2], arts[1]]  # newest first; arts[0] revoked
     assert [item["id"] for item in sessions["data"]] == [session]
+
+
+async def test_a_member_revoked_by_an_earlier_version_is_skipped_and_paging_goes_on(
+    module_redis_url: str, tiny_model_dir: Path
+) -> None:
+    """An earlier gateway revokes without touching the lists: the list skips what is no longer
+    live, takes it out, and still fills its page from older objects."""
+    gateway = make_gateway(module_redis_url, tiny_model_dir)
+    key = await gateway.create_tenant("lists-stale")
+    async with gateway.client(key) as http:
+        arts = [
+            await _make(http, "/v2/artifacts", {"role": "document", "content": f"s{n}"}) for n in range(5)
+        ]
+    redis = gateway_client(module_redis_url)
+    try:
+        for handle in arts[2:4]:  # the two newest but one, revoked as an earlier version did
+            (object_key,) = [key async for key in redis.scan_iter(match=f"z:*:o:{handle}")]
+            raw = await redis.get(object_key)
+            await redis.set(object_key, b'{"revoked_at":1,' + raw[1:])
+        async with gateway.client(key) as http:
+            first = await _list(http, "artifacts", limit="2")
+            second = await _list(http, "artifacts", limit="2", after=first["last_id"])
+        index = object_key.decode().split(":o:")[0] + ":idx:art"
+        remaining = {member.decode() for member in await redis.zrange(index, 0, -1)}
+    finally:
+        await redis.aclose()
+    assert [item["id"] for item in first["data"]] == [arts[4], arts[1]] and first["has_more"]
+    assert [item["id"] for item in second["data"]] == [arts[0]] and not second["has_more"]
+    assert remaining == {arts[0], arts[1], arts[4]}  # the stale members were taken out

@@ -110,3 +110,17 @@ def test_a_receipt_rewritten_and_signed_again_breaks_the_chain() -> None:
     assert "opens the chain" in verify_chain([opens_late], keys).reason
     tampered = {**two, "target": "art_9"}
     assert "receipt 0" in verify_chain([tampered, one], keys).reason
+    unlinked = _signed(signer, 2, None)  # a later receipt that names no previous one
+    assert "names no previous receipt" in verify_chain([unlinked], keys).reason
+    below = _signed(signer, 0, None)
+    assert "below 1" in verify_chain([below], keys).reason
+
+
+def test_a_file_nested_too_deep_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    signer = ReceiptSigner.generate()
+    key = tmp_path / "key.pem"
+    key.write_bytes(signer.public_pem())
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["receipt", "verify", str(nested), "--public-key", str(key)]) == 1
+    assert "nested too deep" in capsys.readouterr().out

@@ -7,10 +7,12 @@ provider route gets them as the table says, per route kind (``ProviderHints.for_
     field                    managed route (the operator's account)     BYOK route (the tenant's)
     verbosity                sent                                       sent
     prompt_cache_retention   sent; "24h" not to a route whose           sent; the same rule
-                             retention_days is 0 (the provider would
-                             keep the prompt's cache for up to a day,
-                             which the receipts could not say)
-    prompt_cache_options     sent                                       sent
+                             retention_days is 0 (that route's account
+                             has zero data retention, whose default on
+                             the models that offer both is "in_memory";
+                             "24h" would keep the prompt's cache for up
+                             to a day, which the receipts could not say)
+    prompt_cache_options     sent (``ttl`` "30m", ``mode``)              sent
     safety_identifier        a pseudonym under the tenant's salt, as    sent as is
                              ``user`` (``engine_client.pseudonymous_user``)
     service_tier             not sent: a managed route is billed to     sent
@@ -23,8 +25,9 @@ provider route gets them as the table says, per route kind (``ProviderHints.for_
                              its tenant (``routing/family.py``)
 
 ``reasoning_effort`` is not a hint: vLLM implements it, so it is an engine field and goes to
-every route with the rest of the body. Values are checked against the OpenAI spec here, so a
-provider never gets one it would refuse after an engine has accepted the request.
+every route with the rest of the body (``api/v1/wire.py`` checks it against
+``REASONING_EFFORTS``). Hint values are checked against the OpenAI spec here, so a provider
+never gets one it would refuse after an engine has accepted the request.
 """
 
 from __future__ import annotations
@@ -42,9 +45,22 @@ MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
 
+# ReasoningEffort in the spec: the values of ``reasoning_effort`` (chat) and ``reasoning.effort``.
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+REASONING_EFFORTS: frozenset[str] = frozenset(ReasoningEffort.__args__)  # type: ignore[attr-defined]
+
 # Where each forwarded hint goes: every provider route, or the tenant's own (BYOK) only.
 _EVERY_PROVIDER = ("verbosity", "prompt_cache_retention", "prompt_cache_options", "safety_identifier")
 _BYOK_ONLY = ("service_tier", "metadata")
+
+
+class PromptCacheOptions(BaseModel):
+    """``prompt_cache_options`` as the spec defines it (``PromptCacheOptionsParam``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttl: Literal["30m"] | None = None
+    mode: Literal["implicit", "explicit"] | None = None
 
 
 class ProviderHints(BaseModel):
@@ -67,7 +83,10 @@ class ProviderHints(BaseModel):
         "verbosity": "verbosity must be 'low', 'medium' or 'high'.",
         "service_tier": "service_tier must be 'auto', 'default', 'flex', 'scale', 'priority' or 'fast'.",
         "prompt_cache_retention": "prompt_cache_retention must be 'in_memory' or '24h'.",
-        "prompt_cache_options": "prompt_cache_options must be an object (ttl, mode).",
+        "prompt_cache_options": (
+            "prompt_cache_options must be an object with 'ttl' (\"30m\") and/or 'mode' (\"implicit\" "
+            'or "explicit").'
+        ),
         "store": "store must be true or false.",
     }
 
@@ -75,7 +94,7 @@ class ProviderHints(BaseModel):
     store: StrictBool | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
-    prompt_cache_options: dict[StrictStr, Any] | None = None
+    prompt_cache_options: PromptCacheOptions | None = None
     safety_identifier: Annotated[StrictStr, Field(max_length=MAX_SAFETY_IDENTIFIER_CHARS)] | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
     metadata: dict[StrictStr, StrictStr] | None = None
@@ -89,7 +108,7 @@ class ProviderHints(BaseModel):
     def for_route(self, *, managed: bool, retention_days: int) -> dict[str, Any]:
         """The hints a provider route gets (the module's table); none of them null."""
         names = _EVERY_PROVIDER if managed else (*_EVERY_PROVIDER, *_BYOK_ONLY)
-        sent = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        sent = self.model_dump(mode="json", include=set(names), exclude_none=True)
         if retention_days == 0 and sent.get("prompt_cache_retention") == "24h":
             del sent["prompt_cache_retention"]
         return sent

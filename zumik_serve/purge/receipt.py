@@ -462,8 +462,12 @@ def verify_chain(receipts: Sequence[Any], public_keys: Mapping[str, bytes]) -> V
                 "not that receipt's hash"
             )
     first, last = ordered[0], ordered[-1]
+    if first["seq"] < FIRST_SEQ:
+        return _fail(f"seq {first['seq']} is below {FIRST_SEQ}, the seq of a tenant's first receipt")
     if first["seq"] == FIRST_SEQ and first["prev_receipt_hash"] is not None:
         return _fail(f"seq {FIRST_SEQ} opens the chain but names a previous receipt")
+    if first["seq"] > FIRST_SEQ and first["prev_receipt_hash"] is None:
+        return _fail(f"seq {first['seq']} names no previous receipt, though seq {FIRST_SEQ} opens the chain")
     start = "from the first" if first["seq"] == FIRST_SEQ else "earlier ones not given"
     return Verification(
         True,

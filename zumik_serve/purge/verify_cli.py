@@ -3,8 +3,9 @@
 The file holds one receipt (the ``receipt`` of ``POST /v2/purge``, or ``GET /v2/receipts/{id}``),
 or a part of a tenant's log: the body of ``GET /v2/receipts``, or a JSON array of receipts (pages
 put together). A log is intact when every receipt is and each links to the one before it
-(``receipt.verify_chain``): a receipt removed from the middle, or one rewritten and signed
-again, breaks the chain.
+(``receipt.verify_chain``): a receipt removed from the middle breaks the chain, and so does one
+rewritten and signed again unless every receipt after it was rewritten too, which the newest
+receipt a tenant kept from before shows.
 
 The key file is a PEM with one or more Ed25519 public keys, or the JSON body of ``GET /v2/keys``
 (the current key and every retired one): the receipt's ``key_id`` picks the key, so a receipt
@@ -55,6 +56,8 @@ def verify_file(path: Path, public_key_path: Path) -> Verification:
         return Verification(False, "receipt file is not UTF-8 text")
     except ValueError as exc:
         return Verification(False, f"receipt file is not valid JSON: {exc}")
+    except RecursionError:
+        return Verification(False, "receipt file is JSON nested too deep to be a receipt")
     if isinstance(receipt, dict) and receipt.get("object") == "list" and "data" in receipt:
         receipt = receipt["data"]  # the body of GET /v2/receipts
     if isinstance(receipt, list):

@@ -85,7 +85,11 @@ def _provider_hints(request: ResponsesRequest) -> dict[str, Any]:
         "prompt_cache_key": request.prompt_cache_key,
         "safety_identifier": request.safety_identifier,
         "prompt_cache_retention": request.prompt_cache_retention,
-        "prompt_cache_options": request.prompt_cache_options,
+        "prompt_cache_options": (
+            request.prompt_cache_options.model_dump(exclude_none=True)
+            if request.prompt_cache_options
+            else None
+        ),
         "verbosity": request.text.verbosity if request.text is not None else None,
     }
     return {name: value for name, value in hints.items() if value is not None}

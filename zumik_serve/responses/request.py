@@ -34,7 +34,12 @@ from pydantic import (
     model_validator,
 )
 
-from zumik_serve.providers.hints import MAX_SAFETY_IDENTIFIER_CHARS, check_metadata
+from zumik_serve.providers.hints import (
+    MAX_SAFETY_IDENTIFIER_CHARS,
+    PromptCacheOptions,
+    ReasoningEffort,
+    check_metadata,
+)
 from zumik_serve.responses.body import Unsupported, Wire, by_type, refuse_unsupported, validated
 from zumik_serve.responses.items import InputItem, MessageItem, parse_input_items
 from zumik_serve.validation import FieldRuleError, parse_model
@@ -193,7 +198,6 @@ class TextConfig(Wire):
         return None if value is None else by_type(value, "format", FORMAT_TYPES, {})
 
 
-ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 _NO_SUMMARY = (
     "Reasoning summaries are not supported: a response carries no reasoning items. Omit "
     "'reasoning.{name}' or send null."
@@ -263,7 +267,7 @@ class ResponsesRequest(Wire):
     safety_identifier: Annotated[StrictStr, Field(max_length=MAX_SAFETY_IDENTIFIER_CHARS)] | None = None
     # HINT_FIELDS
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
-    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_options: PromptCacheOptions | None = None
     # UNSUPPORTED_FIELDS
     background: None = None
     context_management: None = None

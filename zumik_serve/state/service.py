@@ -333,8 +333,8 @@ class StateService:
         page = await self._store.list_page(tenant, KIND_HANDLES[kind], limit, after)
         if page is None:
             raise NotFoundError(
-                f"No live {kind.value[:-1]} {after!r} exists for you: 'after' takes the last_id of "
-                "the page before.",
+                f"No live {KIND_HANDLES[kind].name.lower()} {after!r} exists for you: 'after' takes "
+                "the last_id of the page before.",
                 param="after",
             )
         records, has_more = page

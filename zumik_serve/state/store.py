@@ -2,10 +2,12 @@
 
     zumik:handle-secret                 32 random bytes; HMAC key of content-addressed handles
     z:{tenant}:o:{handle}               JSON record of an object (``revoked_at`` once revoked)
-    z:{tenant}:idx:{kind}               sorted set: the live objects of a kind (their handle's
-                                        prefix), scored by the time they were stored; written by
-                                        the scripts that store and revoke records
+    z:{tenant}:idx:{kind}               sorted set: the live objects of a listed kind (their
+                                        handle's prefix: ``INDEXED_KINDS``), scored by the ms they
+                                        were stored; written by the scripts that store and revoke
+                                        records (``list_page`` also drops a member gone stale)
     z:{tenant}:idx-built                set once the indexes hold the objects stored before them
+                                        (at creation for a tenant made since: ``tenancy/store.py``)
     z:{tenant}:blob:{digest}            artifact bytes
     z:{tenant}:gen:{hmac of address}   bumped when a content-addressed artifact is revoked, so
                                         the same content then gets a new handle (named by an
@@ -79,15 +81,13 @@ from zumik_serve.state.outcomes import (
 logger = logging.getLogger("ray.serve")
 
 IDEMPOTENCY_TTL_S = 24 * 3600
-BACKFILL_BATCH = 500
-# The kinds listed by GET /v2/{kind}; every stored record is indexed, by its handle's prefix.
+BACKFILL_BATCH = 100
+SCAN_COUNT = 1000
+# The kinds listed by GET /v2/{kind}: their records are indexed, by their handle's prefix.
 INDEXED_KINDS = (
-    HandleKind.ARTIFACT,
-    HandleKind.BUNDLE,
-    HandleKind.SESSION,
-    HandleKind.BRANCH,
-    HandleKind.SNAPSHOT,
-)
+    HandleKind.ARTIFACT, HandleKind.BUNDLE, HandleKind.SESSION, HandleKind.BRANCH, HandleKind.SNAPSHOT,
+)  # fmt: skip
+INDEXED_PREFIXES = frozenset(kind.value for kind in INDEXED_KINDS)
 REVOKED_PREFIX = '{"revoked_at":'
 _REVOKED_MARK = REVOKED_PREFIX.encode()
 T = TypeVar("T")
@@ -148,20 +148,20 @@ zq_charge(KEYS[2], 0, bytes)
 return {'ok', tostring((tonumber(obj['fork_at']) or 0) + n)}
 """)
 
-# KEYS: object, its kind's index. ARGV: now, handle. Returns 1 if it was live (now revoked and
-# out of the index), 0 if missing or revoked. The mark is prepended to the stored JSON as its
+# KEYS: object, its kind's index. ARGV: now, handle. Returns 1 if it was live (now revoked), 0
+# if missing or revoked; either way it is out of the index. The mark is prepended to the stored JSON as its
 # first key (records are never re-encoded in Lua, whose cjson would turn empty arrays into objects).
 REVOKE = _lua("""
+redis.call('ZREM', KEYS[2], ARGV[2])
 local raw = redis.call('GET', KEYS[1])
 if not raw or string.sub(raw, 1, {prefix_len}) == '{prefix}' then return 0 end
 redis.call('SET', KEYS[1], '{prefix}' .. ARGV[1] .. ',' .. string.sub(raw, 2))
-redis.call('ZREM', KEYS[2], ARGV[2])
 return 1
 """)
 
 # KEYS: the index of each kind, in ``INDEXED_KINDS``' order, then objects. ARGV: each index's
 # handle prefix ("art_"...), in the same order. Adds each live object to its kind's index, scored
-# by its ``created_at_s`` in ms (the scripts that store score in ms): the objects stored before
+# by its ``created_at`` in ms (the scripts that store score in ms): the objects stored before
 # the indexes were (``NX``: one a script indexed keeps its score). In one step per batch, so an
 # object revoked meanwhile is either skipped or removed again by its revoke.
 BACKFILL_INDEX = _lua("""
@@ -172,7 +172,7 @@ for index = kinds + 1, #KEYS do
     local record = cjson.decode(raw)
     for kind = 1, kinds do
       if string.sub(record['id'], 1, #ARGV[kind]) == ARGV[kind] then
-        redis.call('ZADD', KEYS[kind], 'NX', (tonumber(record['created_at_s']) or 0) * 1000, record['id'])
+        redis.call('ZADD', KEYS[kind], 'NX', (tonumber(record['created_at']) or 0) * 1000, record['id'])
       end
     end
   end
@@ -193,7 +193,8 @@ return ''
 
 # KEYS: ``quota_keys``, object, its purge mark, its kind's index, the ``derived`` set of each
 # parent, then the object of each parent that must be live. ARGV: record JSON, its handle, the
-# number of ``derived`` sets, now in ms (the index's score). Returns {"ok"} | {"exists"}
+# number of ``derived`` sets, now in ms (the index's score), "1" when its kind is listed
+# (``INDEXED_KINDS``; else ""). Returns {"ok"} | {"exists"}
 # (records never change: nothing written) |
 # {"purged"} (a purge removed an object of this handle: under an Idempotency-Key a create's
 # handle derives from the key, and a retry must not make it again) | {"gone", n} (the n-th parent
@@ -211,7 +212,7 @@ if redis.call('EXISTS', KEYS[5]) == 1 then return {'purged'} end
 local refused = zq_fits(1, #ARGV[1])
 if refused then return refused end
 redis.call('SET', KEYS[4], ARGV[1])
-redis.call('ZADD', KEYS[6], ARGV[4], ARGV[2])
+if ARGV[5] == '1' then redis.call('ZADD', KEYS[6], ARGV[4], ARGV[2]) end
 for index = 7, 6 + derived do redis.call('SADD', KEYS[index], ARGV[2]) end
 zq_charge(KEYS[4], 1, #ARGV[1])
 return {'ok'}
@@ -328,7 +329,9 @@ class RedisStateStore:
         keys += [index_key(tenant, handle)]
         keys += [derived_key(tenant, parent) for parent in linked]
         keys += [object_key(tenant, parent) for parent in needed]
-        reply = await self._put_record(keys=keys, args=[record_json, handle, len(linked), _now_ms()])
+        listed = "1" if handle.partition("_")[0] in INDEXED_PREFIXES else ""
+        args: list[str | int] = [record_json, handle, len(linked), _now_ms(), listed]
+        reply = await self._put_record(keys=keys, args=args)
         raise_refusal(reply)
         if _text(reply[0]) == "gone":
             return ParentNotLive(needed[int(reply[1]) - 1])
@@ -366,7 +369,8 @@ class RedisStateStore:
     ) -> tuple[list[StateObject], bool] | None:
         """Up to ``limit`` of the tenant's live objects of ``kind``, newest first, from the one
         after ``after`` (None: the newest), and whether older ones follow; None when ``after`` is
-        not among them (unknown, revoked, another kind or tenant's)."""
+        not among them (unknown, revoked, another kind or tenant's). A member whose object is no
+        longer live (revoked by a gateway of an earlier version) is skipped and taken out."""
         await self._index_built(tenant)
         index = _index(tenant, kind.value)
         start = 0
@@ -375,10 +379,28 @@ class RedisStateStore:
             if not isinstance(rank, int):  # None: not in the index (no WITHSCORE: never a list)
                 return None
             start = rank + 1
-        members = await self._redis.zrevrange(index, start, start + limit)
-        handles = [_text(member) for member in members if isinstance(member, bytes | str)]
-        page = await self.get_records(tenant, handles[:limit])
-        return [record for record in page if record is not None], len(handles) > limit
+        page: list[StateObject] = []
+        stale: list[str] = []
+        while True:
+            members = await self._redis.zrevrange(index, start, start + limit)
+            handles = [_text(member) for member in members if isinstance(member, bytes | str)]
+            if not handles:
+                break
+            for handle, record in zip(handles, await self.get_records(tenant, handles), strict=True):
+                if record is None:
+                    stale.append(handle)
+                elif len(page) == limit:
+                    await self._drop_stale(index, stale)
+                    return page, True
+                else:
+                    page.append(record)
+            start += len(handles)
+        await self._drop_stale(index, stale)
+        return page, False
+
+    async def _drop_stale(self, index: str, handles: list[str]) -> None:
+        if handles:
+            await self._redis.zrem(index, *handles)
 
     async def own_turn_counts(self, tenant: str, sessions: Sequence[str]) -> list[int]:
         """How many turns each session or branch holds itself, in one round trip."""
@@ -390,15 +412,19 @@ class RedisStateStore:
             return [int(count) for count in await pipe.execute()]
 
     async def _index_built(self, tenant: str) -> None:
-        """Add the objects stored before the indexes existed (once per tenant; a batch of
-        ``BACKFILL_BATCH`` a step, then the tenant is marked)."""
-        done = f"z:{{{tenant}}}:idx-built"
+        """Add the objects stored before the indexes existed: once for a tenant created by an
+        earlier version (a tenant created since is marked built at creation), a batch of
+        ``BACKFILL_BATCH`` a step, then the tenant is marked."""
+        done = index_built_key(tenant)
         if await self._redis.exists(done):
             return
         indexes = [_index(tenant, kind.value) for kind in INDEXED_KINDS]
         prefixes = [f"{kind.value}_" for kind in INDEXED_KINDS]
+        listed = tuple(object_key(tenant, prefix) for prefix in prefixes)
         batch: list[str] = []
-        async for key in self._redis.scan_iter(match=object_key(tenant, "*"), count=BACKFILL_BATCH):
+        async for key in self._redis.scan_iter(match=object_key(tenant, "*"), count=SCAN_COUNT):
+            if not _text(key).startswith(listed):  # stored responses and the like: not listed
+                continue
             batch.append(_text(key))
             if len(batch) == BACKFILL_BATCH:
                 await self._backfill_index(keys=[*indexes, *batch], args=prefixes)
@@ -534,6 +560,12 @@ def purge_mark_key(tenant: str, handle: str) -> str:
 def index_key(tenant: str, handle: str) -> str:
     """The index of ``handle``'s kind (its prefix: ``art``, ``ses``, ``resp``...)."""
     return _index(tenant, handle.partition("_")[0])
+
+
+def index_built_key(tenant: str) -> str:
+    """Set once the tenant's indexes hold every listed object (``tenancy/store.py`` sets it for a
+    new tenant: nothing to add)."""
+    return f"z:{{{tenant}}}:idx-built"
 
 
 def _index(tenant: str, prefix: str) -> str:

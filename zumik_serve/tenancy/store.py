@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from zumik_serve.errors import StoreUnavailableError
+from zumik_serve.state.store import index_built_key
 from zumik_serve.tenancy.tenant import (
     ApiKeyInfo,
     KeyId,
@@ -50,14 +51,15 @@ from zumik_serve.tenancy.tenant import (
 
 SCAN_COUNT = 1000
 
-# KEYS: name claim, tenant record, api key, key index. ARGV: tenant id, key id, index entry,
-# then the record's field, value pairs.
+# KEYS: name claim, tenant record, api key, key index, state-object lists built mark. ARGV:
+# tenant id, key id, index entry, then the record's field, value pairs.
 CREATE_TENANT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[2], unpack(ARGV, 4))
 redis.call('SET', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
+redis.call('SET', KEYS[5], 1)
 return 1
 """
 
@@ -171,7 +173,13 @@ class RedisTenantStore:
         key_hash = hash_api_key(api_key)
         fields = [part for item in _fields_of(tenant).items() for part in item]
         created = await self._create_tenant(
-            keys=[_name_key(name), _tenant_key(tenant.id), _apikey_key(key_hash), _index_key(tenant.id)],
+            keys=[
+                _name_key(name),
+                _tenant_key(tenant.id),
+                _apikey_key(key_hash),
+                _index_key(tenant.id),
+                index_built_key(tenant.id),  # its state-object lists: nothing stored before them
+            ],  # fmt: skip
             args=[tenant.id, key_id_of(key_hash), _index_entry(api_key, tenant.created_at_s), *fields],
         )
         if not created:

@@ -16,7 +16,7 @@ from typing import Any
 
 from zumik_serve.engines.protocol import EngineCall
 from zumik_serve.errors import EngineError, InvalidRequestError, ModelNotFoundError
-from zumik_serve.providers.hints import NO_HINTS, ProviderHints, parse_hints
+from zumik_serve.providers.hints import NO_HINTS, REASONING_EFFORTS, ProviderHints, parse_hints
 
 # Fields of CreateChatCompletionRequest that the engine implements.
 CHAT_FIELDS = frozenset(
@@ -180,6 +180,12 @@ def prepare_request(
         # only when it asked (``include_usage``; ``StreamRenderer``). Only the spec's keys:
         # vLLM's continuous_usage_stats never reaches the engine.
         engine_body["stream_options"] = {"include_usage": True}
+    effort = engine_body.get("reasoning_effort")
+    if effort is not None and not (isinstance(effort, str) and effort in REASONING_EFFORTS):
+        raise InvalidRequestError(
+            f"reasoning_effort must be one of: {', '.join(sorted(REASONING_EFFORTS))}.",
+            param="reasoning_effort",
+        )
     hints = parse_hints(body)
     if call is EngineCall.COMPLETION and hints is not NO_HINTS:  # the legacy endpoint has no hints
         hints = ProviderHints(prompt_cache_key=hints.prompt_cache_key)

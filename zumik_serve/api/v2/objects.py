@@ -137,7 +137,7 @@ def _list_route(kind: ObjectKind) -> None:
     ) -> JSONResponse:
         state = _state(request)
         tenant = await tenant_of(request)
-        count, cursor = page_query(limit, after, KIND_HANDLES[kind], kind.value[:-1])
+        count, cursor = page_query(limit, after, KIND_HANDLES[kind], KIND_HANDLES[kind].name.lower())
         page = await state.store_call(state.list_page(tenant.id, kind, count, cursor))
         return JSONResponse({
             "object": "list",

@@ -53,7 +53,8 @@ async def list_receipts(request: Request, limit: str | None = None, after: str |
     the tenant's chain (``seq``, ``prev_receipt_hash``), which ``zumik receipt verify`` checks."""
     tenant = await tenant_of(request)
     count, cursor = page_query(limit, after, HandleKind.RECEIPT, "receipt")
-    page = await _purges(request).receipts(tenant.id, count, cursor)
+    state = pipeline_of(request).context.state
+    page = await state.store_call(_purges(request).receipts(tenant.id, count, cursor))
     ids = [receipt["id"] for receipt in page.receipts]
     return JSONResponse({
         "object": "list",
@@ -67,7 +68,8 @@ async def list_receipts(request: Request, limit: str | None = None, after: str |
 @router.get("/receipts/{receipt_id}")
 async def read_receipt(receipt_id: str, request: Request) -> JSONResponse:
     tenant = await tenant_of(request)
-    return JSONResponse(await _purges(request).receipt(tenant.id, receipt_id))
+    state = pipeline_of(request).context.state
+    return JSONResponse(await state.store_call(_purges(request).receipt(tenant.id, receipt_id)))
 
 
 @router.get("/keys")
