@@ -149,8 +149,9 @@ return {'ok', tostring((tonumber(obj['fork_at']) or 0) + n)}
 """)
 
 # KEYS: object, its kind's index. ARGV: now, handle. Returns 1 if it was live (now revoked), 0
-# if missing or revoked; either way it is out of the index. The mark is prepended to the stored JSON as its
-# first key (records are never re-encoded in Lua, whose cjson would turn empty arrays into objects).
+# if missing or revoked; either way it is out of the index. The mark is prepended to the stored
+# JSON as its first key (records are never re-encoded in Lua, whose cjson would turn empty arrays
+# into objects).
 REVOKE = _lua("""
 redis.call('ZREM', KEYS[2], ARGV[2])
 local raw = redis.call('GET', KEYS[1])
@@ -194,11 +195,10 @@ return ''
 # KEYS: ``quota_keys``, object, its purge mark, its kind's index, the ``derived`` set of each
 # parent, then the object of each parent that must be live. ARGV: record JSON, its handle, the
 # number of ``derived`` sets, now in ms (the index's score), "1" when its kind is listed
-# (``INDEXED_KINDS``; else ""). Returns {"ok"} | {"exists"}
-# (records never change: nothing written) |
-# {"purged"} (a purge removed an object of this handle: under an Idempotency-Key a create's
-# handle derives from the key, and a retry must not make it again) | {"gone", n} (the n-th parent
-# that must be live is missing or revoked: nothing written) | a quota refusal.
+# (``INDEXED_KINDS``; else ""). Returns {"ok"} | {"exists"} (records never change: nothing
+# written) | {"purged"} (a purge removed an object of this handle: under an Idempotency-Key a
+# create's handle derives from the key, and a retry must not make it again) | {"gone", n} (the
+# n-th parent that must be live is missing or revoked: nothing written) | a quota refusal.
 PUT_RECORD = _lua("""
 local derived = tonumber(ARGV[3])
 for index = 7 + derived, #KEYS do
@@ -219,7 +219,7 @@ return {'ok'}
 """)
 
 # KEYS: ``quota_keys``, blob, object, bydigest, the artifacts' index. ARGV: content, record JSON,
-# handle, now (the index's score). The content is stored (and counted) once per digest, the
+# handle, now in ms (the index's score). The content is stored (and counted) once per digest, the
 # record (and indexed) once per handle.
 # Returns {"ok"} | a quota refusal.
 PUT_ARTIFACT = """
