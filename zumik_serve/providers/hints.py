@@ -33,7 +33,7 @@ never gets one it would refuse after an engine has accepted the request.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
@@ -47,7 +47,7 @@ MAX_METADATA_VALUE_CHARS = 512
 
 # ReasoningEffort in the spec: the values of ``reasoning_effort`` (chat) and ``reasoning.effort``.
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
-REASONING_EFFORTS: frozenset[str] = frozenset(ReasoningEffort.__args__)  # type: ignore[attr-defined]
+REASONING_EFFORTS: frozenset[str] = frozenset(get_args(ReasoningEffort))
 
 # Where each forwarded hint goes: every provider route, or the tenant's own (BYOK) only.
 _EVERY_PROVIDER = ("verbosity", "prompt_cache_retention", "prompt_cache_options", "safety_identifier")
