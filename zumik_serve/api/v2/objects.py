@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from zumik_serve.api.body import read_body
 from zumik_serve.api.deps import pipeline_of, tenant_of
+from zumik_serve.api.lists import page_response
 from zumik_serve.api.v1.wire import parse_json_body
 from zumik_serve.api.v2.models import WarmBody, parse_model
 from zumik_serve.errors import InvalidRequestError, MethodNotAllowedError
@@ -139,13 +140,7 @@ def _list_route(kind: ObjectKind) -> None:
         tenant = await tenant_of(request)
         count, cursor = page_query(limit, after, KIND_HANDLES[kind], KIND_HANDLES[kind].name.lower())
         page = await state.store_call(state.list_page(tenant.id, kind, count, cursor))
-        return JSONResponse({
-            "object": "list",
-            "data": page.data,
-            "first_id": page.data[0]["id"] if page.data else None,
-            "last_id": page.data[-1]["id"] if page.data else None,
-            "has_more": page.has_more,
-        })  # fmt: skip
+        return page_response(page.data, has_more=page.has_more)
 
     list_objects.__doc__ = (
         f"The tenant's live {kind.value}, newest first, ``limit`` a page (1..100, default 20), "

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from zumik_serve.api.body import read_body
 from zumik_serve.api.deps import pipeline_of, tenant_of
+from zumik_serve.api.lists import page_response
 from zumik_serve.api.v1.wire import parse_json_body
 from zumik_serve.ids import HandleKind
 from zumik_serve.purge.job import PurgeJob
@@ -55,14 +56,7 @@ async def list_receipts(request: Request, limit: str | None = None, after: str |
     count, cursor = page_query(limit, after, HandleKind.RECEIPT, "receipt")
     state = pipeline_of(request).context.state
     page = await state.store_call(_purges(request).receipts(tenant.id, count, cursor))
-    ids = [receipt["id"] for receipt in page.receipts]
-    return JSONResponse({
-        "object": "list",
-        "data": list(page.receipts),
-        "first_id": ids[0] if ids else None,
-        "last_id": ids[-1] if ids else None,
-        "has_more": page.has_more,
-    })  # fmt: skip
+    return page_response(page.receipts, has_more=page.has_more)
 
 
 @router.get("/receipts/{receipt_id}")

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from profiles.model import RouteKind, RouteSpec
 from zumik_serve.api.body import read_body
 from zumik_serve.api.deps import pipeline_of, tenant_of
+from zumik_serve.api.lists import page_response
 from zumik_serve.api.v1.wire import parse_json_body
 from zumik_serve.errors import InvalidRequestError, NotFoundError
 from zumik_serve.pipeline.context import GatewayContext
@@ -71,16 +72,11 @@ async def list_decisions(
     tenant, context = await _tenant(request)
     count, cursor = decision_page_query(limit, after)
     page = await context.state.store_call(context.routing.decisions(tenant, limit=count, after=cursor))
-    return JSONResponse({
-        "object": "list",
-        "data": [
-            {"id": item, "object": "decision", "record": stored.record, "attempts": list(stored.attempts)}
-            for item, stored in zip(page.ids, page.decisions, strict=True)
-        ],
-        "first_id": page.ids[0] if page.ids else None,
-        "last_id": page.ids[-1] if page.ids else None,
-        "has_more": page.has_more,
-    })  # fmt: skip
+    data = [
+        {"id": item, "object": "decision", "record": stored.record, "attempts": list(stored.attempts)}
+        for item, stored in zip(page.ids, page.decisions, strict=True)
+    ]
+    return page_response(data, has_more=page.has_more)
 
 
 @router.get("/decisions/{decision_id}")
