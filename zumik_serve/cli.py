@@ -316,6 +316,19 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(run=_cmd_receipt_verify)
+    log = receipt.add_parser(
+        "log", help="fetch your whole receipt log from a running Zumik and check it as a chain"
+    )
+    log.add_argument("--url", default="http://127.0.0.1:8000", help="a running Zumik")
+    log.add_argument("--key", help="the tenant's API key (default: $ZUMIK_API_KEY, then $ZUMIK_DEV_KEY)")
+    log.add_argument(
+        "--out", type=Path, default=Path("receipts.json"), help="where the log goes, oldest first"
+    )
+    log.add_argument(
+        "--anchor", help="the newest receipt's hash from an earlier check: the log must still hold it"
+    )
+    log.add_argument("--json", action="store_true")
+    log.set_defaults(run=_cmd_receipt_log)
 
     secrets = sub.add_parser("secrets", help="the server's secrets (files, never in Redis)").add_subparsers(
         title="secrets commands"
@@ -659,6 +672,12 @@ def _cmd_receipt_verify(args: argparse.Namespace) -> int:
     from zumik_serve.purge.verify_cli import run_verify
 
     return run_verify(args.file, args.public_key, as_json=args.json)
+
+
+def _cmd_receipt_log(args: argparse.Namespace) -> int:
+    from zumik_serve.purge.log_cli import run_receipt_log
+
+    return run_receipt_log(args, console)
 
 
 def _cmd_secrets_init(args: argparse.Namespace) -> int:

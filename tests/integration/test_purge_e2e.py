@@ -108,6 +108,20 @@ def test_purge_closes_the_cache_scope_and_signs_a_verifiable_receipt(
     )
     assert (intact.returncode, changed.returncode) == (0, 1)
 
+    # The whole log, fetched and checked as a chain by the CLI; its head anchors the next check.
+    api_key = tenant_http.headers["authorization"].removeprefix("Bearer ")
+    log = [sys.executable, "-m", "zumik_serve.cli", "receipt", "log", "--url", running_stack.url,
+           "--key", api_key, "--out", str(tmp_path / "log.json"), "--json"]  # fmt: skip
+    fetched = subprocess.run(log, capture_output=True, text=True)
+    assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+    result = json.loads(fetched.stdout.strip().splitlines()[-1])
+    assert (result["ok"], result["receipts"], result["head"]["id"]) == (True, 1, receipt["id"])
+    assert json.loads((tmp_path / "log.json").read_text()) == [receipt]
+    anchored = subprocess.run([*log, "--anchor", result["head"]["hash"]], capture_output=True, text=True)
+    lost = subprocess.run([*log, "--anchor", "0" * 64], capture_output=True, text=True)
+    assert (anchored.returncode, lost.returncode) == (0, 1), anchored.stdout + lost.stdout
+    assert "rewritten" in json.loads(lost.stdout.strip().splitlines()[-1])["reason"]
+
 
 def test_purge_answers_clear_errors(tenant_http: httpx.Client) -> None:
     missing = tenant_http.post("/v2/purge", json={"target": "art_" + "a" * 26})

@@ -20,6 +20,7 @@ import pytest
 from tests.support.inprocess import make_gateway
 from zumik_serve.cli import main
 from zumik_serve.purge.classes import GuaranteeClass
+from zumik_serve.purge.log_cli import check_anchor
 from zumik_serve.purge.receipt import (
     ReceiptSigner,
     StoreEntry,
@@ -124,3 +125,17 @@ def test_a_file_nested_too_deep_fails_cleanly(tmp_path: Path, capsys: pytest.Cap
     nested.write_text("[" * 100_000 + "]" * 100_000)
     assert main(["receipt", "verify", str(nested), "--public-key", str(key)]) == 1
     assert "nested too deep" in capsys.readouterr().out
+
+
+def test_the_anchor_kept_from_an_earlier_check_must_still_be_in_the_log() -> None:
+    signer = ReceiptSigner.generate()
+    one = _signed(signer, 1, None)
+    two = _signed(signer, 2, one)
+    kept = receipt_hash(one)
+    assert check_anchor([one, two], kept).ok
+    rewritten = _signed(signer, 1, None, target="art_other")  # the log rebuilt, every receipt signed again
+    again = _signed(signer, 2, rewritten)
+    keys = {signer.key_id: signer.public_pem()}
+    assert verify_chain([rewritten, again], keys).ok  # a chain on its own...
+    lost = check_anchor([rewritten, again], kept)  # ...that no longer leads to what was kept
+    assert not lost.ok and "rewritten" in lost.reason
