@@ -129,3 +129,13 @@ async def wait_until(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def purge_new_artifact(http: httpx.AsyncClient, content: str) -> dict[str, Any]:
+    """Store an artifact of ``content``, purge it, and return the purge's signed receipt."""
+    created = await http.post("/v2/artifacts", json={"role": "document", "content": content})
+    assert created.status_code == 201, created.text
+    purged = await http.post("/v2/purge", json={"target": created.json()["id"]})
+    assert purged.status_code == 200, purged.text
+    receipt: dict[str, Any] = purged.json()["receipt"]
+    return receipt

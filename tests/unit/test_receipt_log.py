@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.inprocess import make_gateway
+from tests.support.inprocess import make_gateway, purge_new_artifact
 from zumik_serve.cli import main
 from zumik_serve.purge.classes import GuaranteeClass
 from zumik_serve.purge.log_cli import check_anchor
@@ -31,22 +31,13 @@ from zumik_serve.purge.receipt import (
 )
 
 
-async def _purge(http: Any, content: str) -> dict[str, Any]:
-    created = await http.post("/v2/artifacts", json={"role": "document", "content": content})
-    assert created.status_code == 201, created.text
-    purged = await http.post("/v2/purge", json={"target": created.json()["id"]})
-    assert purged.status_code == 200, purged.text
-    receipt: dict[str, Any] = purged.json()["receipt"]
-    return receipt
-
-
 async def test_the_log_pages_newest_first_and_verifies_as_a_chain(
     module_redis_url: str, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     gateway = make_gateway(module_redis_url, tiny_model_dir)
     mine, theirs = await gateway.create_tenant("log-mine"), await gateway.create_tenant("log-theirs")
     async with gateway.client(mine) as http:
-        issued = [await _purge(http, f"document {n}") for n in range(3)]
+        issued = [await purge_new_artifact(http, f"document {n}") for n in range(3)]
         first = (await http.get("/v2/receipts", params={"limit": "2"})).json()
         second = (await http.get("/v2/receipts", params={"limit": "2", "after": first["last_id"]})).json()
         keys = (await http.get("/v2/keys")).json()

@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 
 from profiles import load_builtin
 from tests.support.fake_engine import FakeEngine
-from tests.support.inprocess import gateway_settings, make_gateway
+from tests.support.inprocess import gateway_settings, make_gateway, purge_new_artifact
 from zumik_serve.app.context import Metrics, build_context
 from zumik_serve.app.secrets_setup import prepare_secrets
 from zumik_serve.cli import main
@@ -129,15 +129,6 @@ async def _redis_dump(client: aioredis.Redis) -> bytes:
             values = []
         dump += key + b"\n" + b"\n".join(values) + b"\n"
     return dump
-
-
-async def _purge_one(http: Any, content: str) -> dict[str, Any]:
-    created = await http.post("/v2/artifacts", json={"role": "document", "content": content})
-    assert created.status_code == 201, created.text
-    response = await http.post("/v2/purge", json={"target": created.json()["id"]})
-    assert response.status_code == 200, response.text
-    receipt: dict[str, Any] = response.json()["receipt"]
-    return receipt
 
 
 # -- creating and reading the files ------------------------------------------------------------
@@ -234,7 +225,7 @@ async def test_the_gateway_serves_with_the_files_and_redis_holds_no_secret(
     async with gateway.client() as http:
         assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
         assert (await http.put("/v2/byok/byok", json={"api_key": PROVIDER_KEY})).status_code == 200
-        receipt = await _purge_one(http, "content for a receipt")
+        receipt = await purge_new_artifact(http, "content for a receipt")
     # The cache salt the engine got derives from cache-salt.key.
     assert gateway.engine.bodies[-1]["cache_salt"] == cache_salt(files.cache_salt_secret, DEV_TENANT, 0)
     # The BYOK key is sealed with byok-master.key: that key opens what Redis holds.
@@ -265,12 +256,12 @@ async def test_receipts_signed_before_a_rotation_verify_with_the_keys_listed_aft
 ) -> None:  # fmt: skip
     gateway = make_gateway(module_redis_url, tiny_model_dir, secrets_dir=folder)
     async with gateway.client() as http:
-        before = await _purge_one(http, "signed before the rotation")
+        before = await purge_new_artifact(http, "signed before the rotation")
         capsys.readouterr()
         assert main(["secrets", "rotate-signing-key", "--secrets-dir", str(folder), "--json"]) == 0
         rotation = json.loads(capsys.readouterr().out)
         assert rotation["retired"] == before["key_id"] and rotation["current"] != before["key_id"]
-        after = await _purge_one(http, "signed after the rotation")  # the same gateway, not restarted
+        after = await purge_new_artifact(http, "signed after the rotation")  # the same gateway, not restarted
         listed = (await http.get("/v2/keys")).json()
     assert after["key_id"] == rotation["current"]
     assert [(key["key_id"], key["status"]) for key in listed["keys"]] == [
@@ -422,7 +413,7 @@ async def test_migrate_moves_an_earlier_versions_secrets_into_files_and_out_of_r
         assert [(key["key_id"], key["status"]) for key in listed["keys"]] == [
             (earlier["current"].key_id, "current"), (earlier["older"].key_id, "retired"),
         ]  # fmt: skip
-        new_receipt = await _purge_one(http, "after the migration")
+        new_receipt = await purge_new_artifact(http, "after the migration")
     (tmp_path / "keys.json").write_text(json.dumps(listed))
     for receipt in (earlier["receipt"], new_receipt):
         (tmp_path / "receipt.json").write_text(json.dumps(receipt))

@@ -245,25 +245,22 @@ def ensure_passwords(folder: Path) -> RedisPasswords:
 def running_redis_url(home: ZumikHome) -> str | None:
     """``ZUMIK_REDIS_URL``, else the embedded server's URL (the gateway user's, password from
     its file) if it is running now, else None."""
-    if os.environ.get(REDIS_URL_ENV):
-        return os.environ[REDIS_URL_ENV]
-    run_file = home.run_dir / "redis.json"
-    try:
-        info = json.loads(run_file.read_text())
-        os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError):
-        return None
-    folder = Path(info["secrets_dir"]) if "secrets_dir" in info else secrets_dir(home)
-    return with_user(str(info["url"]), GATEWAY_USER, read_password(folder, GATEWAY_PASSWORD_FILE))
+    return _running_url(home, REDIS_URL_ENV, "redis.json")
 
 
 def running_kv_redis_url(home: ZumikHome) -> str | None:
     """``ZUMIK_KV_REDIS_URL``, else the embedded KV server's URL (the gateway user's) if it is
     running now, else None (the KV blocks, if any, are in the state Redis)."""
-    if os.environ.get(KV_REDIS_URL_ENV):
-        return os.environ[KV_REDIS_URL_ENV]
+    return _running_url(home, KV_REDIS_URL_ENV, "redis-kv.json")
+
+
+def _running_url(home: ZumikHome, env: str, run_file: str) -> str | None:
+    """``env`` when set, else the URL of the embedded server ``run_file`` describes, when its
+    process runs now and is this user's (its password file is then this user's to read)."""
+    if os.environ.get(env):
+        return os.environ[env]
     try:
-        info = json.loads((home.run_dir / "redis-kv.json").read_text())
+        info = json.loads((home.run_dir / run_file).read_text())
         os.kill(int(info["pid"]), 0)
     except (OSError, ValueError, KeyError):
         return None
