@@ -505,7 +505,7 @@ class TierManager:
 
     def remove_scope(self, scope: ScopeId) -> dict[Tier, int]:
         """Remove every block of ``scope`` from every tier (raises when a tier cannot)."""
-        return {backend.tier: backend.remove_scope(scope) for backend in self.tiers}
+        return {backend.tier: backend.remove_scopes((scope,)) for backend in self.tiers}
 
     def take_events(self) -> list[TierEvent]:
         with self._events_lock:

@@ -9,8 +9,8 @@
 A tier stores opaque block values (safetensors bytes, possibly sealed by a ``Sealer``) under a
 ``(compat digest, scope, block key)`` address; the scope (``keys.scope_id`` of the request's cache
 salt) groups a tenant's blocks so that a purge removes them all at once. Every method but
-``remove_scope`` reports a miss or a failure as a value (None, False) and never raises for it: a
-broken tier is a slow path, not a client error.
+``remove_scope`` and ``remove_scopes`` reports a miss or a failure as a value (None, False) and
+never raises for it: a broken tier is a slow path, not a client error.
 
 Each tier is bounded: the host tier by a byte budget per node (``tiers/budget.py``), the disk
 tier by a byte budget per folder, the Redis tier by its server's ``maxmemory`` with an LRU
@@ -109,6 +109,12 @@ class TierBackend(Protocol):
     def remove_scope(self, scope: ScopeId) -> int:
         """Remove every block of ``scope`` under every compat key; returns how many were removed.
         Unlike the other methods it raises on failure: a purge must know it did not finish."""
+        ...
+
+    def remove_scopes(self, scopes: Sequence[ScopeId]) -> int:
+        """``remove_scope`` of each of ``scopes`` (a purge sweeps every salt epoch a tenant has
+        had), in one pass over the medium where it has to list what it holds: one ``SCAN`` of
+        the Redis keyspace for all of them, not one per scope."""
         ...
 
     def take_events(self) -> list[TierEvent]:

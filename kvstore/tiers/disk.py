@@ -230,6 +230,9 @@ class DiskTier:
         self._refund(removed_bytes)
         return removed
 
+    def remove_scopes(self, scopes: Sequence[ScopeId]) -> int:
+        return sum(self.remove_scope(scope) for scope in scopes)  # a folder per scope: no listing to share
+
     def remove_scope(self, scope: ScopeId) -> int:
         removed = removed_bytes = 0
         if not self.root.is_dir():

@@ -19,7 +19,8 @@ With a limit (the scope's own, else ``scope_max_bytes``: the profile's ``quota.k
 block that would take its scope past it is not stored: ``store`` answers False, like a full
 tier, and the engine recomputes that block when it needs it again. These keys end with the
 scope, so the scope pattern of ``remove_scope`` (``kv:*:{scope}:*``) does not count them as
-blocks; it removes them with the blocks.
+blocks; it removes them with the blocks. ``remove_scopes`` sweeps many scopes (every salt
+epoch a tenant has had) in one ``SCAN`` of ``kv:*``.
 
 The KV Redis is its own server, bounded by ``maxmemory`` with ``volatile-lru`` (the embedded one:
 ``store/local_redis.py``; tenant state stays in a ``noeviction`` server and is never evicted
@@ -336,16 +337,32 @@ class RedisTier:
         return removed
 
     def remove_scope(self, scope: ScopeId) -> int:
+        return self.remove_scopes((scope,))
+
+    def remove_scopes(self, scopes: Sequence[ScopeId]) -> int:
+        """One ``SCAN`` for all of ``scopes``: filtered by the server for one scope, here for
+        several (block keys are ``kv:{compat}:{scope}:{key}``; the counts' keys have a part
+        fewer, and values on their way to a block are never taken: their writer's script
+        renames or drops them)."""
+        wanted = {scope.encode() for scope in scopes}
+        if not wanted:
+            return 0
+        match = f"kv:*:{scopes[0]}:*" if len(wanted) == 1 else "kv:*"
         removed = 0
         batch: list[bytes] = []
-        for key in self._redis.scan_iter(match=f"kv:*:{scope}:*", count=1000):
+        for key in self._redis.scan_iter(match=match, count=1000):
+            parts = key.split(b":", 3)
+            if len(parts) < 4 or parts[1] == b"incoming" or parts[2] not in wanted:
+                continue
             batch.append(key)
             if len(batch) >= 1000:
                 removed += int(self._redis.unlink(*batch))
                 batch = []
         if batch:
             removed += int(self._redis.unlink(*batch))
-        self._redis.unlink(*scope_accounting_keys(scope), scope_limit_key(scope))  # nothing left to count
+        counts = [key for scope in scopes for key in (*scope_accounting_keys(scope), scope_limit_key(scope))]
+        for start in range(0, len(counts), 1000):  # nothing left to count
+            self._redis.unlink(*counts[start : start + 1000])
         return removed
 
     def take_events(self) -> list[TierEvent]:

@@ -390,6 +390,24 @@ async def test_a_managed_4xx_of_one_tenant_leaves_the_managed_breaker_closed(man
     assert h.breaker_seen("managed") == "open"
 
 
+async def test_a_body_json_cannot_carry_is_a_client_error_that_leaves_the_managed_breaker_closed(
+    managed_first: Harness,
+) -> None:
+    """A NaN that got past the body's parser (the parser refuses them: test_pipeline) is the
+    request's own fault at the provider client, not the route's: before, httpx's encoding error
+    was recorded as a connect error and three of them opened the managed route for every tenant."""
+    h = managed_first
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": float("nan")}
+    for _ in range(3):
+        with pytest.raises(Exception, match="cannot be sent as JSON"):
+            await h.dispatcher.start(EngineCall.CHAT, body, stream=False, tenant="ten_a", salt="a" * 64,
+                                     context=RouteContext())  # fmt: skip
+        assert h.attempts() == [("managed", "client_error", "fail")]
+    assert h.managed.requests == []  # nothing was sent
+    run = await h.chat("ten_b")
+    assert run.route == "managed:managed" and h.breaker_seen("managed") == "closed"
+
+
 async def test_one_tenants_timeouts_open_the_managed_route_for_that_tenant_only(
     managed_first: Harness,
 ) -> None:

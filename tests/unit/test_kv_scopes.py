@@ -64,6 +64,40 @@ def test_every_tier_removes_exactly_one_scope(tmp_path: Path, redis_client: redi
         assert tier.remove_scope(A) == 0
 
 
+def test_every_tier_removes_several_scopes_at_once_and_redis_in_one_scan_whatever_their_number(
+    tmp_path: Path, redis_client: redis.Redis
+) -> None:
+    """A purge sweeps every salt epoch the tenant has had: its scopes are removed together, and
+    the Redis keyspace is listed once for all of them (one SCAN a scope made each purge cost
+    more than the last). Another scope's blocks, counts and incoming values stay."""
+    scopes = [scope_id(f"salt-epoch-{epoch}") for epoch in range(12)]
+    tiers = [
+        SharedMemoryTier(tmp_path / "shm", capacity_bytes=1 << 20),
+        RedisTier(redis_client),
+        DiskTier(tmp_path / "disk"),
+    ]
+    for tier in tiers:
+        for scope in (*scopes, B):
+            for index in range(2):
+                assert tier.store(_address(index, scope), b"v")
+        assert tier.remove_scopes(scopes[:1]) == 2
+        assert tier.remove_scopes(scopes) == 2 * (len(scopes) - 1)
+        assert not any(tier.contains([_address(i, scope) for scope in scopes for i in range(2)]))
+        assert tier.contains([_address(i, B) for i in range(2)]) == [True, True]
+        assert tier.remove_scopes([]) == 0
+    redis_client.set(f"kv:incoming:{scopes[0]}:0", b"not a block")  # a token where a scope would be
+
+    def scans(scopes: list[ScopeId]) -> int:
+        before = int(redis_client.info("commandstats")["cmdstat_scan"]["calls"])
+        RedisTier(redis_client).remove_scopes(scopes)
+        return int(redis_client.info("commandstats")["cmdstat_scan"]["calls"]) - before
+
+    assert scans(scopes) == scans(scopes[:2])  # one pass over the keyspace, whatever the number
+    assert redis_client.exists(f"kv:incoming:{scopes[0]}:0")
+    assert [key for key in redis_client.scan_iter(match="kv:*") if scopes[3].encode() in key] == []
+    assert int(redis_client.get(f"kv:used:{B}") or 0) > 0  # the other scope is still counted
+
+
 def test_destroyed_scope_key_makes_sealed_blocks_unreadable(
     tmp_path: Path, redis_client: redis.Redis
 ) -> None:

@@ -466,6 +466,39 @@ async def test_a_number_of_thousands_of_digits_is_a_400_not_a_500(gateway: InPro
     assert "too many digits" in v1.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("number", "said"),
+    [
+        ("NaN", "NaN"),
+        ("Infinity", "Infinity"),
+        ("-Infinity", "-Infinity"),
+        ("1e400", "the number 1e400, beyond a double"),
+    ],
+)
+async def test_a_number_json_cannot_carry_is_a_400_on_every_api_and_reaches_no_engine(
+    gateway: InProcessGateway, number: str, said: str
+) -> None:
+    """Python's parser takes NaN and the infinities, and reads 1e400 as infinity; a provider
+    route cannot send them on. Each is refused where a body is parsed, naming it."""
+    calls = len(gateway.engine.calls)
+    chat = b'{"model": "zumik-tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": %s}'
+    bodies = {
+        "/v1/chat/completions": chat % number.encode(),
+        "/v1/completions": b'{"model": "zumik-tiny", "prompt": "hi", "top_p": %s}' % number.encode(),
+        "/v1/responses": b'{"model": "zumik-tiny", "input": "hi", "temperature": %s}' % number.encode(),
+        "/v2/generate": b'{"input": "hi", "temperature": %s}' % number.encode(),
+        "/v2/sessions": b'{"metadata": {"x": %s}}' % number.encode(),
+    }
+    async with gateway.client() as http:
+        for path, raw in bodies.items():
+            response = await http.post(path, content=raw, headers={"content-type": "application/json"})
+            assert response.status_code == 400, (path, response.text)
+            error = response.json()["error"]
+            assert error["type"] == "invalid_request_error", (path, error)
+            assert f"holds {said}" in error["message"] and "finite" in error["message"], (path, error)
+    assert len(gateway.engine.calls) == calls
+
+
 async def test_an_error_never_quotes_more_than_a_bounded_part_of_the_input(gateway: InProcessGateway) -> None:
     huge = "m" * 100_000
     async with gateway.client() as http:

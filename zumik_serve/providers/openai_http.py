@@ -226,9 +226,13 @@ class OpenAICompatProvider:
         headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
         if body.get("stream"):
             headers["Accept"] = "text/event-stream"
-        return self._client.build_request(
-            "POST", self.base_url + path, json=body, headers=headers, timeout=self._timeout
-        )
+        try:
+            return self._client.build_request(
+                "POST", self.base_url + path, json=body, headers=headers, timeout=self._timeout
+            )
+        except ValueError as exc:  # a float JSON cannot carry (NaN, Infinity): the request's own fault
+            message = f"{self.name}: the request cannot be sent as JSON ({exc})"
+            raise ProviderFailure(ProviderOutcome.CLIENT_ERROR, 400, None, message) from None
 
     def _status_failure(self, response: httpx.Response, api_key: str) -> ProviderFailure:
         status = response.status_code

@@ -137,10 +137,10 @@ def node_tiers(config: Mapping[str, Any]) -> list[DiskTier]:
 
 def sweep_tiers(tiers: Sequence[DiskTier], scopes: Sequence[str]) -> dict[Tier, NodeTierCount]:
     """Remove every block of ``scopes`` from each tier, then list what is left of them.
-    Raises when a removal fails (``TierBackend.remove_scope``)."""
+    Raises when a removal fails (``TierBackend.remove_scopes``)."""
     counts: dict[Tier, NodeTierCount] = {}
     for tier in tiers:
-        removed = sum(tier.remove_scope(ScopeId(scope)) for scope in scopes)
+        removed = tier.remove_scopes([ScopeId(scope) for scope in scopes])
         counts[tier.tier] = NodeTierCount(removed, sum(_blocks_left(tier, scope) for scope in scopes))
     return counts
 

@@ -512,5 +512,5 @@ def _before(job: PurgeJob, first: PurgeStep, then: PurgeStep) -> bool:
 def _sweep(tiers: Sequence[TierBackend], scopes: Sequence[str]) -> dict[Tier, int]:
     counts: dict[Tier, int] = {}
     for tier in tiers:
-        counts[tier.tier] = sum(tier.remove_scope(ScopeId(scope)) for scope in scopes)
+        counts[tier.tier] = tier.remove_scopes([ScopeId(scope) for scope in scopes])
     return counts

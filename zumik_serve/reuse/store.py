@@ -254,11 +254,23 @@ class RedisReuseStore:
         return FamilyCounts(requests, prompt, captured, newest)
 
     async def forget_scopes(self, scopes: Sequence[str]) -> int:
-        """Remove the opportunity index of purged scopes."""
+        """Remove the opportunity index of purged scopes: one ``SCAN`` for all of them (a
+        purge names every salt epoch the tenant has had), keys unlinked a batch at a time."""
+        wanted = {scope.encode() for scope in scopes}
+        if not wanted:
+            return 0
+        match = f"zumik:seen:{scopes[0]}:*" if len(wanted) == 1 else "zumik:seen:*"
         removed = 0
-        for scope in scopes:
-            async for key in self._redis.scan_iter(match=f"zumik:seen:{scope}:*", count=1000):
-                removed += int(await self._redis.unlink(key))
+        batch: list[bytes] = []
+        async for key in self._redis.scan_iter(match=match, count=1000):
+            parts = key.split(b":", 3)  # zumik:seen:{scope}:{compat}
+            if len(parts) == 4 and parts[2] in wanted:
+                batch.append(key)
+            if len(batch) >= 1000:
+                removed += int(await self._redis.unlink(*batch))
+                batch = []
+        if batch:
+            removed += int(await self._redis.unlink(*batch))
         return removed
 
 

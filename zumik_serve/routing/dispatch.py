@@ -571,6 +571,9 @@ async def _first_output(
                     return failure
             return replica_id, event, events
     except Exception as exc:  # the replica is gone or the handle broke
+        # Whole, with its traceback: a fault of the client's own code (a body it cannot send)
+        # would otherwise pass for an outage in the logs as it does in the attempt's outcome.
+        logger.warning("zumik: an engine call raised before any output", exc_info=True)
         return EngineFailure(503, f"the engine replica is unreachable ({type(exc).__name__})",
                              outcome=AttemptOutcome.CONNECT_ERROR.value)  # fmt: skip
     return EngineFailure(

@@ -10,6 +10,7 @@ and no Zumik field can reach a client. Zumik's own data travels in ``x-zumik-*``
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -108,13 +109,38 @@ class PreparedRequest:
     hints: ProviderHints = NO_HINTS  # what a provider route may get besides the engine body
 
 
+class NonFiniteNumberError(ValueError):
+    """A number no JSON encoder sends on: ``NaN`` and the infinities (Python's parser takes them,
+    JSON does not) or one past a double's range (``1e400``, which Python reads as infinity)."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise NonFiniteNumberError(f"{name}, which JSON does not allow")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: valid JSON, but past a double's range
+        raise NonFiniteNumberError(f"the number {text[:40]}, beyond a double's range")
+    return value
+
+
 def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """A request's body as a JSON object, or ``InvalidRequestError`` saying what is wrong with it.
+
+    Strict JSON: ``NaN``, the infinities and numbers past a double's range are refused here.
+    Python's parser takes them, and a provider route could not send them on (before, that
+    encoding error counted on the route's breaker, shared by every tenant)."""
     if not raw.strip():
         raise InvalidRequestError(
             "The request body is empty; send a JSON object (Content-Type: application/json)."
         )
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except NonFiniteNumberError as exc:
+        raise InvalidRequestError(
+            f"The JSON body holds {exc.args[0]}; send finite numbers of a sensible size."
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise InvalidRequestError(
             "We could not parse the JSON body of your request. The body must be a valid JSON "
