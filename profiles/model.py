@@ -688,6 +688,12 @@ class Profile(_Frozen):
                 raise ValueError(f"routing.fallback_order: {name!r} is not a route of this profile ({known})")
         if len(set(self.routing.fallback_order)) != len(self.routing.fallback_order):
             raise ValueError("routing.fallback_order: a route is named twice")
+        byoc = [route.name for route in self.effective_routes() if route.kind is RouteKind.BYOC]
+        if len(byoc) > 1:  # both would name the same replicas: the profile's own engines
+            raise ValueError(
+                f"routes: at most one byoc route, the profile's own engines; {', '.join(byoc)} are byoc. "
+                "Serve another model as an entry of `models`, or another cluster as a second profile."
+            )
         return self
 
     @model_validator(mode="after")

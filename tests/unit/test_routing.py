@@ -597,6 +597,14 @@ def test_routes_default_to_the_first_managed_and_no_routes_means_local() -> None
         ),
         (("name: m,", "name: M,"), r"routes\.0\.name: String should match pattern"),
         (("name: local,", "name: m,"), r"routes: route names must be unique; repeated: m"),
+        (  # a second byoc route would name the same replicas; before, it was taken and never served
+            (
+                "  - {name: local, kind: byoc,",
+                '  - {name: own, kind: byoc, replica_hour_usd: "1", tokens_per_replica_hour: 1}\n'
+                "  - {name: local, kind: byoc,",
+            ),
+            r"routes: at most one byoc route, the profile's own engines; own, local are byoc\. .*`models`",
+        ),
         (("http://x/v1", "ftp://x"), r"routes\.0: .*must start with http"),
         (("routes:\n", "routing: {breaker: {retry_budget_ratio: 0.2}}\nroutes:\n"), r"retry_budget_ratio"),
     ],
