@@ -281,6 +281,41 @@ async def test_drain_returns_at_its_timeout_counting_requests_still_in_flight(
     assert gateway.app.state.drain.in_flight == 0
 
 
+@pytest.mark.redis
+@pytest.mark.parametrize("released", [True, False])
+async def test_drain_waits_for_the_ledger_writes_its_requests_left_within_its_timeout(
+    gateway: InProcessGateway, monkeypatch: pytest.MonkeyPatch, released: bool
+) -> None:
+    """A request's reuse-ledger write runs after its answer is sent; a drain that returned once
+    the answer was out let the process stop with the write unfinished, and the figures were lost."""
+    from zumik_serve.api.drain import DrainReport, drain_app
+    from zumik_serve.reuse.store import RedisReuseStore
+
+    hold, written = asyncio.Event(), asyncio.Event()
+    original = RedisReuseStore.record
+
+    async def held_record(self: RedisReuseStore, *args: Any, **kwargs: Any) -> None:
+        await hold.wait()
+        await original(self, *args, **kwargs)
+        written.set()
+
+    monkeypatch.setattr(RedisReuseStore, "record", held_record)
+    async with gateway.client() as http:
+        assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+    draining = asyncio.create_task(drain_app(gateway.app, timeout_s=30 if released else 0.2))
+    await asyncio.sleep(0.05)
+    assert not draining.done() and not written.is_set()  # the answer is out, its write is not
+    if released:
+        hold.set()
+    report = await draining
+    assert report == DrainReport(
+        in_flight_at_start=0, left_in_flight=0, ledger_writes_left=0 if released else 1
+    )
+    assert written.is_set() is released
+    hold.set()
+    await asyncio.wait_for(written.wait(), timeout=10)  # let it finish before the next test
+
+
 @pytest.fixture
 def signals() -> Iterator[StopSignals]:
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}

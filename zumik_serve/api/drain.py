@@ -5,7 +5,8 @@
                          wait_idle() returns once no request is in flight, or at its timeout
 
 A request is in flight from the moment the app is called until its response has been sent in
-full (a stream: until its last chunk), so a drain waits for streams as well. ``zumik serve``
+full (a stream: until its last chunk), so a drain waits for streams as well, and then for the
+reuse-ledger writes those requests left (``pipeline/accounting.settle``). ``zumik serve``
 drains every gateway replica on SIGTERM (``app/shutdown.py``) before it stops Serve and Ray.
 """
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI
 from starlette.requests import Request
@@ -21,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from zumik_serve.api.http_errors import error_response
 from zumik_serve.errors import ShuttingDownError
+from zumik_serve.pipeline.accounting import settle
 
 RETRY_AFTER_S = 1
 
@@ -32,6 +35,7 @@ class DrainReport:
 
     in_flight_at_start: int
     left_in_flight: int
+    ledger_writes_left: int = 0  # reuse-ledger writes of finished requests still unwritten
 
 
 class Drain:
@@ -95,6 +99,11 @@ def install_drain(app: FastAPI) -> Drain:
 
 
 async def drain_app(app: FastAPI, timeout_s: float) -> DrainReport:
-    """What a gateway deployment's ``drain`` method runs (``zumik serve`` broadcasts it)."""
+    """What a gateway deployment's ``drain`` method runs (``zumik serve`` broadcasts it): the
+    requests in flight, then the reuse-ledger writes they left behind (written after their
+    answers), all within ``timeout_s``."""
     drain: Drain = app.state.drain
-    return await drain.drain(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    report = await drain.drain(timeout_s)
+    left = await settle(deadline - time.monotonic())
+    return replace(report, ledger_writes_left=left)

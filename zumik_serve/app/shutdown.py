@@ -27,6 +27,7 @@ class DrainOutcome:
     unreachable: int  # replicas whose drain call failed (a dead replica has nothing to drain)
     in_flight_at_start: int
     left_in_flight: int  # 0: every request in flight finished within the grace period
+    ledger_writes_left: int = 0  # reuse-ledger writes still unwritten at the end of the grace period
 
     def summary(self, elapsed_s: float) -> str:
         if self.left_in_flight:
@@ -35,9 +36,14 @@ class DrainOutcome:
                 f"{elapsed_s:.0f} s; stopping anyway"
             )
         unreachable = f" ({self.unreachable} replica(s) did not answer)" if self.unreachable else ""
+        unwritten = (
+            f"; {self.ledger_writes_left} reuse-ledger write(s) unfinished, lost"
+            if self.ledger_writes_left
+            else ""
+        )
         return (
             f"drained: {self.in_flight_at_start} request(s) in flight finished in {elapsed_s:.1f} s"
-            f"{unreachable}"
+            f"{unreachable}{unwritten}"
         )
 
 
@@ -55,6 +61,7 @@ def drain_serve_app(app_name: str, timeout_s: float) -> DrainOutcome:
         unreachable=len(results) - len(reports),
         in_flight_at_start=sum(report.in_flight_at_start for report in reports),
         left_in_flight=sum(report.left_in_flight for report in reports),
+        ledger_writes_left=sum(report.ledger_writes_left for report in reports),
     )
 
 

@@ -7,7 +7,8 @@
                 the answer; at the latest ``LEDGER_WAIT_S`` after the figures), so that their
                 Redis round trip and CPU never delay the answer they count
 
-Accounting never fails a request: a store outage skips it (and the log says so). A tenant that
+Accounting never fails a request: a store outage skips it (and the log says so). A drain
+(``api/drain.py``) waits for the writes still under way (``settle``). A tenant that
 keeps no accounting gets capture figures only (opportunity ``unknown``) and no ledger entry.
 """
 
@@ -28,6 +29,7 @@ from zumik_serve.store.client import guard
 logger = logging.getLogger("ray.serve")
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
+_WAITING: set[RequestAccounting] = set()  # figures known, the answer not yet said sent
 LEDGER_WAIT_S = 1.0  # the longest a ledger write waits for its answer to be sent
 
 
@@ -90,12 +92,14 @@ class RequestAccounting:
                 self.sent()
             else:  # a surface that never says so (a failure after the figures) still writes
                 self._ledger_timer = asyncio.get_running_loop().call_later(LEDGER_WAIT_S, self.sent)
+                _WAITING.add(self)
         return figures
 
     def sent(self) -> None:
         """The answer has gone out (or is known never to): the ledger write starts now, or as
         soon as the figures are known."""
         self._sent = True
+        _WAITING.discard(self)
         if self._ledger_timer is not None:
             self._ledger_timer.cancel()
             self._ledger_timer = None
@@ -115,6 +119,17 @@ async def _after_a_step(lookup: Coroutine[Any, Any, int]) -> int:
 def _retrieve(task: asyncio.Task[int]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+async def settle(timeout_s: float) -> int:
+    """Start every ledger write still waiting for its answer, then wait up to ``timeout_s`` for
+    the writes under way (a drain, before the process stops: they would be lost with it); how
+    many were still unfinished then."""
+    for accounting in list(_WAITING):
+        accounting.sent()
+    if _BACKGROUND:
+        await asyncio.wait(set(_BACKGROUND), timeout=max(0.0, timeout_s))
+    return len(_BACKGROUND)
 
 
 def in_background(work: Coroutine[Any, Any, None]) -> None:
