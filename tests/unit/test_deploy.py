@@ -671,6 +671,19 @@ def test_only_the_operator_reaches_the_dashboard() -> None:
     )
 
 
+@pytest.mark.parametrize("path", RAYSERVICES, ids=lambda p: p.name)
+def test_the_ray_clusters_of_kuberay_require_rays_token(path: Path) -> None:
+    """The dashboard listens on the pod's address (the operator submits through it): its Jobs
+    API runs code in pods that mount the secrets. A NetworkPolicy guards it only where the
+    network plugin enforces one; Ray's token auth guards it everywhere (KubeRay makes the token,
+    and Ray 2.52+ checks it)."""
+    (service,) = _documents(path)
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    major, minor, _ = (int(part) for part in cluster["rayVersion"].split("."))
+    assert (major, minor) >= (2, 52)
+
+
 def test_ray_cluster_on_vms_keeps_the_dashboard_on_loopback_and_reads_the_password_file() -> None:
     (cluster,) = _documents(DEPLOY / "ray-cluster" / "cluster.yaml")
     head = " ".join(cluster["head_start_ray_commands"])
