@@ -684,6 +684,18 @@ def test_the_ray_clusters_of_kuberay_require_rays_token(path: Path) -> None:
     assert (major, minor) >= (2, 52)
 
 
+def test_only_prometheus_reaches_the_metrics_port_and_anyone_serve() -> None:
+    """Zumik's series carry a tenant label (each tenant's token counts): port 8080 is admitted
+    from pods labelled as Prometheus only, and Serve's 8000 from anywhere (its API keys guard it)."""
+    (policy,) = _documents(KUBERAY / "network-policy.yaml")
+    rules = policy["spec"]["ingress"]
+    by_port = {p["port"]: rule for rule in rules for p in rule.get("ports", [])}
+    assert by_port[8080]["from"] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    ]
+    assert "from" not in by_port[8000]
+
+
 def test_ray_cluster_on_vms_keeps_the_dashboard_on_loopback_and_reads_the_password_file() -> None:
     (cluster,) = _documents(DEPLOY / "ray-cluster" / "cluster.yaml")
     head = " ".join(cluster["head_start_ray_commands"])

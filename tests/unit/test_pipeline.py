@@ -375,6 +375,37 @@ async def test_reuse_ledger_is_written_after_the_answer(gateway: InProcessGatewa
     assert observed["tokens"] == 14
 
 
+async def test_a_text_prompts_opportunity_is_its_seen_share_of_the_tokens_the_engine_counted(
+    gateway: InProcessGateway,
+) -> None:
+    """A text-keyed prompt is chunked by bytes (4 x block_size each): CJK text packs more tokens
+    into a chunk than block_size (this fake engine counts 1.5 a character, from its escaped
+    JSON), so a chunk's tokens are its share of the prompt's bytes, of the counted tokens. A
+    stream's header goes out before the count: there, block_size tokens a chunk, and its ledger
+    entry keeps the same figure as its header."""
+    key = await gateway.create_tenant("opportunity-cjk")
+    cjk = {**CHAT, "messages": [{"role": "user", "content": "漢字の文章" * 120}]}
+    text = "".join(json.dumps(m, sort_keys=True, ensure_ascii=False) for m in cjk["messages"]).encode()
+    width = 4 * gateway.context.profile.engine.block_size
+    covered, chunks = len(text) // width * width, len(text) // width
+    async with gateway.client(key) as http:
+        await http.post("/v1/chat/completions", json=cjk)  # seen from now on
+        whole = await http.post("/v1/chat/completions", json=cjk)
+        stream = await http.post("/v1/chat/completions", json={**cjk, "stream": True})
+        headers = [int(r.headers["x-zumik-reuse-opportunity-tokens"]) for r in (whole, stream)]
+
+        async def recorded() -> bool:
+            report = (await http.get("/v2/reuse", params={"group_by": "tenant"})).json()
+            return bool(report["groups"]) and report["groups"][0]["requests"] == 3
+
+        await wait_until(recorded, what="the ledger to hold the three requests")
+        group = (await http.get("/v2/reuse", params={"group_by": "tenant"})).json()["groups"][0]
+    counted = whole.json()["usage"]["prompt_tokens"]
+    assert headers[0] == counted * covered // len(text) > chunks * gateway.context.profile.engine.block_size
+    assert headers[1] == chunks * gateway.context.profile.engine.block_size  # before the count
+    assert group["opportunity"]["tokens"] == sum(headers)  # the first request saw nothing
+
+
 async def test_tenant_without_accounting_gets_capture_but_no_opportunity(gateway: InProcessGateway) -> None:
     key = await gateway.create_tenant("no-ledger", reuse_accounting=False)
     async with gateway.client(key) as http:

@@ -169,3 +169,17 @@ def test_keys_left_for_later_reach_residency_and_records_replay_equal(kind: str)
             assert record.inputs.num_prompt_blocks == num_blocks
             assert max(matched.values()) == (0 if index == 0 else num_blocks)  # the replica holds all
         assert records[0] == records[1]
+
+
+def test_a_text_prefix_is_its_share_of_the_counted_tokens_and_a_token_prefix_exact() -> None:
+    """Text chunks are 4 x block_size bytes: their tokens are the chunks' share of the prompt's
+    bytes, of the tokens the engine counted (none counted: block_size a chunk); a token-id
+    block is block_size tokens, whatever was counted."""
+    code = text_prefix_keys("x" * 640, block_size=16, salt=SALT, max_blocks=100, memo=None)  # 10 chunks
+    assert code.prefix_tokens(4, prompt_tokens=80) == 32  # 8 bytes a token: half of 4 x 16
+    assert code.prefix_tokens(4, prompt_tokens=0) == 64
+    assert code.prefix_tokens(10, prompt_tokens=80) == 80 and code.prefix_tokens(0, prompt_tokens=80) == 0
+    cjk = text_prefix_keys("漢" * 640, block_size=16, salt=SALT, max_blocks=100, memo=None)  # 30 chunks
+    assert cjk.prefix_tokens(4, prompt_tokens=640) == 640 * 256 // 1920  # 85, not 64
+    ids = token_prefix_keys(list(range(160)), block_size=16, cache_salt=None, max_blocks=100, memo=None)
+    assert ids.prefix_tokens(4, prompt_tokens=999) == ids.prefix_tokens(4, prompt_tokens=0) == 64

@@ -38,28 +38,42 @@ class RequestAccounting:
         """``reuse`` None: the tenant keeps no reuse accounting."""
         self._reuse = reuse
         self._family = decision.family  # the ledger counts the prompt's prefix family too
+        self._keys = decision.prefix_keys
         self._lookup: asyncio.Task[int] | None = None
-        self._opportunity: int | None = None
+        self._seen_blocks: int | None = None
+        self._published: int | None = None  # the figure a stream's headers gave, kept for its ledger
         self._skipped = False
         self._ledger: Callable[[], Coroutine[Any, Any, None]] | None = None  # written once sent
         self._ledger_timer: asyncio.TimerHandle | None = None
         self._sent = False
         if reuse is not None:
-            lookup = guard(reuse.opportunity_tokens(decision.scope, decision.prefix_keys), what="reuse index")
+            lookup = guard(reuse.seen_blocks(decision.scope, decision.prefix_keys), what="reuse index")
             self._lookup = asyncio.ensure_future(_after_a_step(lookup))
             self._lookup.add_done_callback(_retrieve)  # a failed request never awaits it
 
-    async def opportunity_tokens(self) -> int | None:
-        """The prefix's opportunity; None when the tenant keeps no accounting or the lookup
-        failed (then ``skipped`` is True)."""
-        if self._lookup is None or self._skipped:
-            return self._opportunity
-        try:
-            self._opportunity = await self._lookup
-        except StoreUnavailableError:
-            logger.warning("zumik: reuse accounting skipped (Redis unavailable)")
-            self._skipped = True
-        return self._opportunity
+    async def opportunity_tokens(self, prompt_tokens: int = 0) -> int | None:
+        """The prefix's opportunity, given the ``prompt_tokens`` the engine counted (0: not
+        known yet, as when a stream's headers go out); None when the tenant keeps no accounting
+        or the lookup failed (then ``skipped`` is True). Once a figure is published
+        (``publish_opportunity``), it is this request's figure."""
+        if self._published is not None:
+            return self._published
+        if self._lookup is None or self._skipped or self._reuse is None:
+            return None
+        if self._seen_blocks is None:
+            try:
+                self._seen_blocks = await self._lookup
+            except StoreUnavailableError:
+                logger.warning("zumik: reuse accounting skipped (Redis unavailable)")
+                self._skipped = True
+                return None
+        return self._reuse.opportunity_tokens(self._keys, self._seen_blocks, prompt_tokens)
+
+    async def publish_opportunity(self) -> int | None:
+        """The figure a stream's headers give, before the engine has counted the prompt's
+        tokens: the one its ledger entry keeps too, so that the two agree."""
+        self._published = await self.opportunity_tokens()
+        return self._published
 
     @property
     def skipped(self) -> bool:
@@ -70,10 +84,10 @@ class RequestAccounting:
     ) -> ReuseFigures | None:
         """This request's figures, recorded in the ledger after the answer; None when the
         accounting was skipped (a store outage)."""
-        opportunity = await self.opportunity_tokens()
+        usage = usage or {}
+        opportunity = await self.opportunity_tokens(int(usage.get("prompt_tokens") or 0))
         if self._skipped:
             return None
-        usage = usage or {}
         details = usage.get("prompt_tokens_details")
         cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
         figures = ReuseFigures.of(

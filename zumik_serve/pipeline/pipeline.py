@@ -236,7 +236,8 @@ class Pipeline:
         try:
             if request.stream:  # the opportunity goes out in the headers, before the body
                 run.start_recording()
-                _, generation.opportunity_tokens = await _all(run.recorded(), accounting.opportunity_tokens())
+                published = accounting.publish_opportunity()
+                _, generation.opportunity_tokens = await _all(run.recorded(), published)
             else:
                 answer = generation.answer
                 completion = Completion(_reply(call, answer), answer.get("usage"))

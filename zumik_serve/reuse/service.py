@@ -26,6 +26,7 @@ from zumik_serve.reuse.evidence import EvidenceLevel
 from zumik_serve.reuse.figures import ReuseFigures
 from zumik_serve.reuse.store import LedgerCounts, LedgerGroup, RedisReuseStore
 from zumik_serve.routing.decision import NO_EVIDENCE, Evidence
+from zumik_serve.routing.prompt_keys import PromptKeys
 
 GROUPS = ("tenant", "profile", "snapshot", "route")
 MAX_WINDOW_S = 7 * 24 * 3600  # the ledger keeps 8 days (``reuse/store.py`` LEDGER_TTL_S)
@@ -51,8 +52,16 @@ class ReuseService:
         self._scope_digest = scope_digest  # the compat key digest (or the profile's fingerprint)
         self._metrics = metrics
 
-    async def opportunity_tokens(self, scope: str, prefix_keys: Sequence[str]) -> int:
-        blocks = await self._store.seen_prefix_blocks(scope, self._scope_digest, prefix_keys)
+    async def seen_blocks(self, scope: str, prefix_keys: Sequence[str]) -> int:
+        """How many of the prompt's leading blocks ``scope`` has seen before."""
+        return await self._store.seen_prefix_blocks(scope, self._scope_digest, prefix_keys)
+
+    def opportunity_tokens(self, prefix_keys: Sequence[str], blocks: int, prompt_tokens: int) -> int:
+        """The tokens of the prompt's first ``blocks`` blocks, given the ``prompt_tokens`` the
+        engine counted (0: not known yet): a text-keyed prompt's chunks are so many bytes, and
+        their share of the prompt's bytes is taken of its counted tokens (``PromptKeys``)."""
+        if isinstance(prefix_keys, PromptKeys):
+            return prefix_keys.prefix_tokens(blocks, prompt_tokens)
         return blocks * self.profile.engine.block_size
 
     async def record(

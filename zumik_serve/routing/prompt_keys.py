@@ -58,16 +58,32 @@ class KeyChain(Protocol):
         """A block's residency key, from the link after it."""
         ...
 
+    def prefix_tokens(self, blocks: int, prompt_tokens: int) -> int:
+        """The prompt's tokens in its first ``blocks`` blocks, given the ``prompt_tokens`` the
+        engine counted in the whole prompt (0: not known)."""
+        ...
+
 
 class TextChain:
     """``scheduler.prefix_keys``' chain: blake2b-16 of the parent and each ``width``-byte chunk
     of the UTF-8 text, seeded with the salt; a key is the hash's hex."""
 
-    def __init__(self, text: str, *, width: int, salt: str) -> None:
+    def __init__(self, text: str, *, width: int, salt: str, block_size: int) -> None:
         self._data = text.encode()
         self.memo_chain: Hashable = (TEXT_CHAIN, width)
         self.root: Hashable = hashlib.blake2b(f"zumik-prefix|{salt}".encode(), digest_size=16).digest()
         self.block_bytes = width
+        self._block_size = block_size  # the tokens a chunk stands for, before they are counted
+
+    def prefix_tokens(self, blocks: int, prompt_tokens: int) -> int:
+        """The first ``blocks`` chunks' share of the text's bytes, of the tokens the engine
+        counted: a chunk is a fixed number of bytes, and code or CJK text packs far more or
+        fewer tokens into them than the ``block_size`` tokens a chunk stands for before the
+        count is known (then the figure)."""
+        covered = min(len(self._data), max(0, blocks) * self.block_bytes)
+        if prompt_tokens <= 0 or not self._data:
+            return max(0, blocks) * self._block_size
+        return prompt_tokens * covered // len(self._data)
 
     def num_blocks(self) -> int:
         return len(self._data) // self.block_bytes
@@ -122,6 +138,10 @@ class TokenIdChain:
     def key(link: bytes) -> str:
         return _LOW_64_BITS(link).hex()
 
+    def prefix_tokens(self, blocks: int, prompt_tokens: int) -> int:
+        """Exactly ``block_size`` ids a block."""
+        return max(0, blocks) * self._block_size
+
 
 class PromptKeys(Sequence[str]):
     """The first ``len()`` keys of ``chain``, computed a run at a time as they are read.
@@ -174,6 +194,10 @@ class PromptKeys(Sequence[str]):
         if len(self._keys) < self._num_blocks:
             self._extend(self._num_blocks)
         return self._keys
+
+    def prefix_tokens(self, blocks: int, prompt_tokens: int) -> int:
+        """The prompt's tokens in its first ``blocks`` blocks (``KeyChain.prefix_tokens``)."""
+        return self._chain.prefix_tokens(blocks, prompt_tokens)
 
     def matched(self, holds: Callable[[str], bool]) -> int:
         """How many keys ``holds`` from the first, stopping at the first it does not: the

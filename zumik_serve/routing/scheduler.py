@@ -105,7 +105,7 @@ def text_prefix_keys(
     text: str, *, block_size: int, salt: str, max_blocks: int, memo: ChainMemo | None
 ) -> PromptKeys:
     """``prefix_keys``, computed as far as they are read (``routing/prompt_keys.py``)."""
-    chain = TextChain(text, width=block_size * CHARS_PER_TOKEN, salt=salt)
+    chain = TextChain(text, width=block_size * CHARS_PER_TOKEN, salt=salt, block_size=block_size)
     return PromptKeys(chain, min(chain.num_blocks(), max_blocks), memo)
 
 
