@@ -316,6 +316,32 @@ async def test_drain_waits_for_the_ledger_writes_its_requests_left_within_its_ti
     await asyncio.wait_for(written.wait(), timeout=10)  # let it finish before the next test
 
 
+@pytest.mark.redis
+async def test_a_replica_stopped_by_serve_waits_for_its_ledger_writes_in_its_lifespan(
+    gateway: InProcessGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serve stops a replica (a scale-down, a redeploy) through the app's lifespan, without
+    ``drain_app``: its shutdown waits for the reuse-ledger writes too."""
+    from zumik_serve.reuse.store import RedisReuseStore
+
+    hold, written = asyncio.Event(), asyncio.Event()
+    original = RedisReuseStore.record
+
+    async def held_record(self: RedisReuseStore, *args: Any, **kwargs: Any) -> None:
+        await hold.wait()
+        await original(self, *args, **kwargs)
+        written.set()
+
+    monkeypatch.setattr(RedisReuseStore, "record", held_record)
+    async with gateway.app.router.lifespan_context(gateway.app):
+        async with gateway.client() as http:
+            assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        await asyncio.sleep(0.05)
+        assert not written.is_set()
+        asyncio.get_running_loop().call_later(0.2, hold.set)
+    assert written.is_set()  # the shutdown waited for it
+
+
 @pytest.fixture
 def signals() -> Iterator[StopSignals]:
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}

@@ -33,6 +33,7 @@ from zumik_serve.state.requests import message_text
 
 pytestmark = pytest.mark.redis
 
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
 CHAT = {"model": "zumik-tiny", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8}
 OFFICIAL_CHAT_KEYS = {"id", "object", "created", "model", "choices", "usage"}
 
@@ -382,7 +383,8 @@ async def test_a_text_prompts_opportunity_is_its_seen_share_of_the_tokens_the_en
     into a chunk than block_size (this fake engine counts 1.5 a character, from its escaped
     JSON), so a chunk's tokens are its share of the prompt's bytes, of the counted tokens. A
     stream's header goes out before the count: there, block_size tokens a chunk, and its ledger
-    entry keeps the same figure as its header."""
+    entry keeps the same figure as its header. Tools are rendered into the prompt but not in its
+    text: then too, block_size a chunk."""
     key = await gateway.create_tenant("opportunity-cjk")
     cjk = {**CHAT, "messages": [{"role": "user", "content": "漢字の文章" * 120}]}
     text = "".join(json.dumps(m, sort_keys=True, ensure_ascii=False) for m in cjk["messages"]).encode()
@@ -392,17 +394,19 @@ async def test_a_text_prompts_opportunity_is_its_seen_share_of_the_tokens_the_en
         await http.post("/v1/chat/completions", json=cjk)  # seen from now on
         whole = await http.post("/v1/chat/completions", json=cjk)
         stream = await http.post("/v1/chat/completions", json={**cjk, "stream": True})
-        headers = [int(r.headers["x-zumik-reuse-opportunity-tokens"]) for r in (whole, stream)]
+        tools = await http.post("/v1/chat/completions", json={**cjk, "tools": [TOOL]})
+        headers = [int(r.headers["x-zumik-reuse-opportunity-tokens"]) for r in (whole, stream, tools)]
 
         async def recorded() -> bool:
             report = (await http.get("/v2/reuse", params={"group_by": "tenant"})).json()
-            return bool(report["groups"]) and report["groups"][0]["requests"] == 3
+            return bool(report["groups"]) and report["groups"][0]["requests"] == 4
 
-        await wait_until(recorded, what="the ledger to hold the three requests")
+        await wait_until(recorded, what="the ledger to hold the four requests")
         group = (await http.get("/v2/reuse", params={"group_by": "tenant"})).json()["groups"][0]
-    counted = whole.json()["usage"]["prompt_tokens"]
-    assert headers[0] == counted * covered // len(text) > chunks * gateway.context.profile.engine.block_size
-    assert headers[1] == chunks * gateway.context.profile.engine.block_size  # before the count
+    counted, per_chunk = whole.json()["usage"]["prompt_tokens"], gateway.context.profile.engine.block_size
+    assert headers[0] == counted * covered // len(text) > chunks * per_chunk
+    assert headers[1] == chunks * per_chunk  # before the count
+    assert headers[2] == chunks * per_chunk  # the tools' tokens are counted, not in the text
     assert group["opportunity"]["tokens"] == sum(headers)  # the first request saw nothing
 
 
@@ -528,6 +532,16 @@ async def test_a_number_json_cannot_carry_is_a_400_on_every_api_and_reaches_no_e
             assert error["type"] == "invalid_request_error", (path, error)
             assert f"holds {said}" in error["message"] and "finite" in error["message"], (path, error)
     assert len(gateway.engine.calls) == calls
+
+
+async def test_an_integer_past_a_doubles_range_as_a_timeout_is_a_400_not_a_500(
+    gateway: InProcessGateway,
+) -> None:
+    raw = b'{"input": "hi", "timeout_s": 1' + b"0" * 400 + b"}"
+    async with gateway.client() as http:
+        response = await http.post("/v2/generate", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "timeout_s"
 
 
 async def test_an_error_never_quotes_more_than_a_bounded_part_of_the_input(gateway: InProcessGateway) -> None:

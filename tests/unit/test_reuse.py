@@ -80,6 +80,8 @@ async def test_opportunity_walk_stops_at_the_first_gap_and_keeps_scopes_apart(re
     assert await store.seen_prefix_blocks("scope-b", "c" * 64, ["k1", "k2"]) == 0  # another scope
     client = aioredis.from_url(redis_url)
     assert await client.zcard("zumik:seen:scope-a:" + "c" * 16) <= 5  # the memory bound
+    assert await store.seen_prefix_blocks("scope-c", "c" * 64, ["k1", "k2"]) == 0  # now seen in c too
+    assert await store.forget_scopes(["scope-b", "scope-c", "scope-z"]) == 2  # several in one pass
     assert await store.forget_scopes(["scope-a"]) == 1
     assert await store.seen_prefix_blocks("scope-a", "c" * 64, ["k1"]) == 0
     await client.script_flush()  # a restarted Redis forgets scripts: the store loads it again

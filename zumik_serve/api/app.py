@@ -20,6 +20,7 @@ from zumik_serve.api.v2 import generate as v2_generate
 from zumik_serve.api.v2 import objects as v2_objects
 from zumik_serve.api.v2 import purge as v2_purge
 from zumik_serve.api.v2 import routing as v2_routing
+from zumik_serve.pipeline.accounting import settle
 from zumik_serve.pipeline.context import GatewayContext
 from zumik_serve.pipeline.pipeline import Pipeline
 from zumik_serve.purge.service import PurgeService
@@ -27,6 +28,8 @@ from zumik_serve.purge.service import PurgeService
 logger = logging.getLogger("ray.serve")
 
 App = FastAPI  # what wiring code names the app by (only the API imports the web framework)
+
+LEDGER_SETTLE_S = 5.0  # how long a stopping replica waits for its reuse-ledger writes
 
 
 def build_app(context: GatewayContext, *, more: Sequence[GatewayContext] = ()) -> FastAPI:
@@ -39,6 +42,9 @@ def build_app(context: GatewayContext, *, more: Sequence[GatewayContext] = ()) -
         task = asyncio.create_task(_resume_purges(context.purges))
         yield
         task.cancel()
+        # Serve stops a replica (a scale-down, a redeploy) through this too, not only after
+        # ``drain_app``: the reuse-ledger writes its requests left still get their moment.
+        await settle(LEDGER_SETTLE_S)
 
     app = FastAPI(title="Zumik", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     pipelines = [Pipeline(served) for served in (context, *more)]

@@ -30,17 +30,17 @@ class DrainOutcome:
     ledger_writes_left: int = 0  # reuse-ledger writes still unwritten at the end of the grace period
 
     def summary(self, elapsed_s: float) -> str:
-        if self.left_in_flight:
-            return (
-                f"{self.left_in_flight} of {self.in_flight_at_start} request(s) still in flight after "
-                f"{elapsed_s:.0f} s; stopping anyway"
-            )
-        unreachable = f" ({self.unreachable} replica(s) did not answer)" if self.unreachable else ""
         unwritten = (
             f"; {self.ledger_writes_left} reuse-ledger write(s) unfinished, lost"
             if self.ledger_writes_left
             else ""
         )
+        if self.left_in_flight:
+            return (
+                f"{self.left_in_flight} of {self.in_flight_at_start} request(s) still in flight after "
+                f"{elapsed_s:.0f} s{unwritten}; stopping anyway"
+            )
+        unreachable = f" ({self.unreachable} replica(s) did not answer)" if self.unreachable else ""
         return (
             f"drained: {self.in_flight_at_start} request(s) in flight finished in {elapsed_s:.1f} s"
             f"{unreachable}{unwritten}"

@@ -39,6 +39,7 @@ class RequestAccounting:
         self._reuse = reuse
         self._family = decision.family  # the ledger counts the prompt's prefix family too
         self._keys = decision.prefix_keys
+        self._text_is_prompt = decision.text_is_prompt
         self._lookup: asyncio.Task[int] | None = None
         self._seen_blocks: int | None = None
         self._published: int | None = None  # the figure a stream's headers gave, kept for its ledger
@@ -67,7 +68,8 @@ class RequestAccounting:
                 logger.warning("zumik: reuse accounting skipped (Redis unavailable)")
                 self._skipped = True
                 return None
-        return self._reuse.opportunity_tokens(self._keys, self._seen_blocks, prompt_tokens)
+        counted = prompt_tokens if self._text_is_prompt else 0  # else tools or media weigh in it
+        return self._reuse.opportunity_tokens(self._keys, self._seen_blocks, counted)
 
     async def publish_opportunity(self) -> int | None:
         """The figure a stream's headers give, before the engine has counted the prompt's

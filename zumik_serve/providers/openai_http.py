@@ -224,15 +224,17 @@ class OpenAICompatProvider:
                 f"provider {self.name}: unsupported path {path!r}; use one of {sorted(PROVIDER_PATHS)}"
             )
         headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+        headers["Content-Type"] = "application/json"
         if body.get("stream"):
             headers["Accept"] = "text/event-stream"
-        try:
-            return self._client.build_request(
-                "POST", self.base_url + path, json=body, headers=headers, timeout=self._timeout
-            )
+        try:  # as httpx's json= would, but only the body's own fault is caught here
+            content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         except ValueError as exc:  # a float JSON cannot carry (NaN, Infinity): the request's own fault
             message = f"{self.name}: the request cannot be sent as JSON ({exc})"
             raise ProviderFailure(ProviderOutcome.CLIENT_ERROR, 400, None, message) from None
+        return self._client.build_request(
+            "POST", self.base_url + path, content=content, headers=headers, timeout=self._timeout
+        )
 
     def _status_failure(self, response: httpx.Response, api_key: str) -> ProviderFailure:
         status = response.status_code

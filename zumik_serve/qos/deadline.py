@@ -31,7 +31,7 @@ class Deadline:
             return cls(None)
         try:
             seconds = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer past a double
             seconds = float("nan")
         if isinstance(value, bool) or not 0 < seconds <= MAX_TIMEOUT_S:
             raise InvalidRequestError(

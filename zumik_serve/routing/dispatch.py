@@ -138,6 +138,9 @@ class Decision:
     scope: str
     decide_ms: float
     family: str = ""  # the prompt's prefix family (``routing/family.py``)
+    # The prompt's text is all the engine tokenizes but template markup (``_text_is_prompt``):
+    # its bytes' share measures a prefix's tokens (``PromptKeys.prefix_tokens``).
+    text_is_prompt: bool = False
 
     @property
     def decision_id(self) -> DecisionId:
@@ -273,7 +276,7 @@ class Dispatcher:
             self._metrics.observe(route=route, reason=record.pick_reason, decide_us=decide_ms * 1000)
         return Decision(
             record=record, prefix_keys=keys, scope=scope_id(salt), decide_ms=decide_ms,
-            family=view.family,
+            family=view.family, text_is_prompt=_text_is_prompt(call, engine_body),
         )  # fmt: skip
 
     async def execute(
@@ -641,6 +644,24 @@ def _prompt_text(call: EngineCall, body: dict[str, Any]) -> str:
         return "".join(json.dumps(message, sort_keys=True, ensure_ascii=False) for message in messages)
     prompt = body.get("prompt")
     return prompt if isinstance(prompt, str) else json.dumps(prompt)
+
+
+def _text_is_prompt(call: EngineCall, body: dict[str, Any]) -> bool:
+    """Whether ``_prompt_text`` holds all the engine tokenizes but its chat template's markup:
+    a text completion prompt, or a chat without tools (rendered into the prompt, absent from the
+    text) and without media parts (their base64 is in the text, a fixed count of tokens in the
+    prompt)."""
+    if call is EngineCall.COMPLETION:
+        return isinstance(body.get("prompt"), str)
+    if body.get("tools") or body.get("functions"):
+        return False
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(
+            not isinstance(part, dict) or part.get("type") != "text" for part in content
+        ):
+            return False
+    return True
 
 
 def _token_ids(call: EngineCall, body: dict[str, Any]) -> list[int] | None:

@@ -111,7 +111,8 @@ class PreparedRequest:
 
 class NonFiniteNumberError(ValueError):
     """A number no JSON encoder sends on: ``NaN`` and the infinities (Python's parser takes them,
-    JSON does not) or one past a double's range (``1e400``, which Python reads as infinity)."""
+    JSON does not) or a fraction past a double's range (``1e400``, which Python reads as
+    infinity)."""
 
 
 def _refuse_constant(name: str) -> Any:
@@ -128,9 +129,12 @@ def _finite_float(text: str) -> float:
 def parse_json_body(raw: bytes) -> dict[str, Any]:
     """A request's body as a JSON object, or ``InvalidRequestError`` saying what is wrong with it.
 
-    Strict JSON: ``NaN``, the infinities and numbers past a double's range are refused here.
-    Python's parser takes them, and a provider route could not send them on (before, that
-    encoding error counted on the route's breaker, shared by every tenant)."""
+    Strict JSON: ``NaN``, the infinities and fractions past a double's range (``1e400``) are
+    refused here. Python's parser takes them, and a provider route could not send them on
+    (before, that encoding error counted on the route's breaker, shared by every tenant).
+    Integers are left to Python's cap on digits: JSON can carry them, and a check per integer
+    would triple the parse of a prompt given as token ids; where one is read as a float
+    (``qos/deadline.py``), an integer too large for one is a 400 there."""
     if not raw.strip():
         raise InvalidRequestError(
             "The request body is empty; send a JSON object (Content-Type: application/json)."
