@@ -393,3 +393,10 @@ def test_without_engine_events_chat_prompts_are_not_tokenized(
     asyncio.run(run())
     assert gateway.context.dispatcher.scheduler.chat_keys == {"no_events": 1}  # counted as text
     assert gateway.context.models._tokenizers == {}  # never loaded
+
+
+def test_tool_call_arguments_python_cannot_parse_are_empty_as_vllm_makes_them() -> None:
+    from zumik_serve.engines.chat_prompt import _arguments
+
+    assert _arguments('{"n": ' + "9" * 5000 + "}") == {} and _arguments("[" * 100_000) == {}
+    assert _arguments('{"city": "Paris"}') == {"city": "Paris"}

@@ -90,3 +90,12 @@ def test_changed_template_gives_a_new_compilation(tmp_path: Path) -> None:
     assert after.key != before.key
     assert after.chat_template_digest != before.chat_template_digest
     assert after.token_ids_digest != before.token_ids_digest
+
+
+@pytest.mark.parametrize("odd", [b"9" * 5000, b"[" * 100_000])
+def test_a_message_artifact_python_cannot_parse_as_json_is_a_user_message_not_a_500(odd: bytes) -> None:
+    """An integer past Python's cap on digits, or nesting past its recursion limit, raised out of
+    the compiler (only a JSON syntax error was caught): the artifact is then plain user text."""
+    text = b'{"role": "system", "content": "x", "n": ' + odd + b"}"
+    (message,) = snapshot_messages([ArtifactContent(ArtifactRole.MESSAGE, "application/json", text)], [])
+    assert message == {"role": "user", "content": text.decode()}

@@ -227,7 +227,7 @@ def _arguments(text: str) -> dict[str, Any]:
         return {}
     try:
         parsed = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, an integer past Python's cap, too deep
         return {}
     return parsed if isinstance(parsed, dict) else {}
 

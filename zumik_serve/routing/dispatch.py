@@ -553,6 +553,7 @@ def _retrieve(future: asyncio.Future[None]) -> None:
 
 
 FirstOutput = tuple[str, Any, AsyncIterator[EngineEvent]] | EngineFailure
+_RAISED_KINDS: set[type[BaseException]] = set()  # what engine calls raised in this process (logged)
 
 
 async def _first_output(
@@ -574,9 +575,12 @@ async def _first_output(
                     return failure
             return replica_id, event, events
     except Exception as exc:  # the replica is gone or the handle broke
-        # Whole, with its traceback: a fault of the client's own code (a body it cannot send)
-        # would otherwise pass for an outage in the logs as it does in the attempt's outcome.
-        logger.warning("zumik: an engine call raised before any output", exc_info=True)
+        # With its traceback the first time a kind is seen in this process (a fault of the
+        # client's own code would otherwise pass for an outage), then a line: not a traceback
+        # for every request of an outage.
+        first = type(exc) not in _RAISED_KINDS
+        _RAISED_KINDS.add(type(exc))
+        logger.warning("zumik: an engine call raised before any output: %r", exc, exc_info=first)
         return EngineFailure(503, f"the engine replica is unreachable ({type(exc).__name__})",
                              outcome=AttemptOutcome.CONNECT_ERROR.value)  # fmt: skip
     return EngineFailure(

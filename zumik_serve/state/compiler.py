@@ -95,7 +95,7 @@ def _artifact_message(artifact: ArtifactContent) -> Message:
     if artifact.role is ArtifactRole.MESSAGE:
         try:
             message = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, an integer past Python's cap, too deep
             message = None
         if isinstance(message, dict) and isinstance(message.get("role"), str) and "content" in message:
             return {"role": message["role"], "content": message["content"]}
