@@ -151,8 +151,10 @@ return removed
 
 
 # A purge's sweep of this many scopes or fewer walks the keyspace once a scope, the server
-# filtering; of more, once for all, matched here (``RedisTier.remove_scopes``).
-SCAN_PER_SCOPE_UP_TO = 8
+# filtering; of more, once for all, matched here (``RedisTier.remove_scopes``). Measured on 200,000
+# keys: a filtered walk cost as much as one that sent every key here (260-280 ms), so one walk
+# wins from two scopes on (docs/benchmarks.md, a purge's sweep after many salt epochs).
+SCAN_PER_SCOPE_UP_TO = 1
 
 
 def scope_accounting_keys(scope: ScopeId) -> list[str]:

