@@ -167,6 +167,13 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--blocks", type=int, default=64, help="KV blocks per target (and per sealing arm)")
     purge.add_argument("--block-bytes", type=int, default=131072, help="bytes of KV per block")
     purge.add_argument("--rounds", type=int, default=15, help="interleaved sealed/plain restore rounds")
+    purge.add_argument("--sweep-keys", type=int, default=200_000, help="other blocks in the sweep arms")
+    purge.add_argument(
+        "--sweep-epochs",
+        type=lambda text: [int(part) for part in text.split(",")],
+        default=[1, 2, 10, 50],
+        help="salt epochs swept, comma-separated",
+    )
     purge.add_argument("--out", type=Path, default=Path("bench-out/purge"))
     purge.add_argument("--json", action="store_true")
     purge.set_defaults(run=_cmd_bench_purge)

@@ -14,6 +14,11 @@ Every purge includes the AOF rewrite that makes Redis reach ``compacted``; the K
 out the engines' data-key cache (``KEY_CACHE_TTL_S``) before their second sweep, so that blocks
 written by requests still in flight are gone too. Both are part of the figure on purpose.
 
+Sweep arms: the Redis tier's sweep of a tenant's salt epochs (a purge sweeps every epoch the
+tenant has had, each a scope) among ``--sweep-keys`` blocks of other tenants, one ``SCAN`` walk
+per scope (how every sweep ran before) against ``remove_scopes`` (one walk for them all),
+interleaved, for each of ``--sweep-epochs``.
+
 Sealing arms: the same blocks restored from the Redis and disk tiers, sealed (AES-GCM,
 per-scope key) and plain, interleaved round by round. A restore is what the engine's connector
 does before copying into its cache: plan, load, open (sealed arm) and decode the safetensors
@@ -27,6 +32,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +127,46 @@ async def measure_latency(
     return samples
 
 
+SWEEP_ARMS = ("scan_per_scope", "one_walk")
+SWEEP_BLOCKS_PER_EPOCH = 5
+
+
+def measure_sweep(url: str, *, keys: int, epochs: Sequence[int], rounds: int = 3) -> dict[str, Any]:
+    """Median seconds of each sweep arm per number of epochs (``SWEEP_ARMS``), on ``keys`` blocks
+    of 1,000 other tenants' scopes, the tenant's blocks written again before each sweep."""
+    client = redis.Redis.from_url(url)
+    tier = RedisTier(client)
+    with client.pipeline(transaction=False) as pipe:
+        for index in range(keys):
+            pipe.set(f"kv:{COMPAT}:{scope_id(f'bench-other-{index % 1000}')}:{index:032x}", b"v")
+            if index % 10_000 == 9_999:
+                pipe.execute()
+        pipe.execute()
+    results: dict[str, Any] = {}
+    for count in epochs:
+        scopes = [scope_id(f"bench-epoch-{epoch}") for epoch in range(count)]
+        seconds: dict[str, list[float]] = {arm: [] for arm in SWEEP_ARMS}
+        for _ in range(rounds):
+            for arm in SWEEP_ARMS:
+                with client.pipeline(transaction=False) as pipe:
+                    for scope in scopes:
+                        for block in range(SWEEP_BLOCKS_PER_EPOCH):
+                            pipe.set(f"kv:{COMPAT}:{scope}:{block:032x}", b"v")
+                    pipe.execute()
+                started = time.perf_counter()
+                if arm == "scan_per_scope":
+                    removed = sum(tier.remove_scopes([scope]) for scope in scopes)
+                else:
+                    removed = tier.remove_scopes(scopes)
+                seconds[arm].append(time.perf_counter() - started)
+                if removed != SWEEP_BLOCKS_PER_EPOCH * count:
+                    raise RuntimeError(f"sweep {arm}: removed {removed} of {SWEEP_BLOCKS_PER_EPOCH * count}")
+        medians = {arm: statistics.median(values) for arm, values in seconds.items()}
+        results[str(count)] = {**medians, "ratio": medians["scan_per_scope"] / medians["one_walk"]}
+    client.close()
+    return results
+
+
 def measure_sealing(url: str, root: Path, *, rounds: int, blocks: int, block_bytes: int) -> dict[str, Any]:
     client = redis.Redis.from_url(url)
     keyring = RedisKeyring(client)
@@ -180,6 +226,8 @@ def run_purge_bench(args: Any, console: Any) -> int:
                     measure_latency(server.url, root, iterations=args.iterations, blocks=args.blocks,
                                     block_bytes=args.block_bytes, on_sample=on_sample)
                 )  # fmt: skip
+            console.log(f"sweep: {args.sweep_keys} other blocks, epochs {args.sweep_epochs}")
+            sweep = measure_sweep(server.url, keys=args.sweep_keys, epochs=args.sweep_epochs)
             console.log(f"sealing: {args.rounds} interleaved rounds of {args.blocks} blocks per tier")
             sealing = measure_sealing(
                 server.url, root, rounds=args.rounds, blocks=args.blocks, block_bytes=args.block_bytes
@@ -191,6 +239,8 @@ def run_purge_bench(args: Any, console: Any) -> int:
         "blocks": args.blocks,
         "block_bytes": args.block_bytes,
         "latency_s": {arm: _percentiles(values) for arm, values in latency.items()},
+        "sweep_keys": args.sweep_keys,
+        "sweep_s": sweep,
         "sealing": sealing,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -215,6 +265,13 @@ def run_purge_bench(args: Any, console: Any) -> int:
             tier, f"{row['plain_mb_s']:.0f}", f"{row['sealed_mb_s']:.0f}", f"{row['ratio']:.2f}"
         )
     console.print(sealing_table)
+    sweep_table = Table(title=f"A tenant's salt epochs swept among {args.sweep_keys} other blocks (Redis)")
+    for column in ("epochs", "one SCAN walk each, ms", "one walk for all, ms", "ratio"):
+        sweep_table.add_column(column)
+    for count, row in summary["sweep_s"].items():
+        each, once = row["scan_per_scope"] * 1000, row["one_walk"] * 1000
+        sweep_table.add_row(count, f"{each:.1f}", f"{once:.1f}", f"{row['ratio']:.1f}x")
+    console.print(sweep_table)
     console.print(f"wrote {args.out / 'purge.json'} and {args.out / 'purge.png'}")
     return 0
 
@@ -234,7 +291,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (left, right, sweep) = plt.subplots(1, 3, figsize=(15, 3.8))
     arms = list(summary["latency_s"])
     p50 = [summary["latency_s"][arm]["p50"] for arm in arms]
     p99 = [summary["latency_s"][arm]["p99"] for arm in arms]
@@ -253,6 +310,14 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     right.set_ylabel("sealed / plain restore bandwidth")
     right.set_title("Cost of sealing on restore")
     right.legend()
+    epochs = [int(count) for count in summary["sweep_s"]]
+    labels = {"scan_per_scope": "one SCAN walk per epoch (before)", "one_walk": "one walk for all"}
+    for arm, label in labels.items():
+        sweep.plot(epochs, [summary["sweep_s"][str(n)][arm] for n in epochs], marker="o", label=label)
+    sweep.set_xlabel("salt epochs of the purged tenant")
+    sweep.set_ylabel("seconds per sweep (Redis tier)")
+    sweep.set_title(f"Sweep among {summary['sweep_keys']:,} other blocks")
+    sweep.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
