@@ -281,14 +281,9 @@ async def test_drain_returns_at_its_timeout_counting_requests_still_in_flight(
     assert gateway.app.state.drain.in_flight == 0
 
 
-@pytest.mark.redis
-@pytest.mark.parametrize("released", [True, False])
-async def test_drain_waits_for_the_ledger_writes_its_requests_left_within_its_timeout(
-    gateway: InProcessGateway, monkeypatch: pytest.MonkeyPatch, released: bool
-) -> None:
-    """A request's reuse-ledger write runs after its answer is sent; a drain that returned once
-    the answer was out let the process stop with the write unfinished, and the figures were lost."""
-    from zumik_serve.api.drain import DrainReport, drain_app
+@pytest.fixture
+def held_ledger(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """Reuse-ledger writes wait for the first event before they run, and set the second once done."""
     from zumik_serve.reuse.store import RedisReuseStore
 
     hold, written = asyncio.Event(), asyncio.Event()
@@ -300,6 +295,19 @@ async def test_drain_waits_for_the_ledger_writes_its_requests_left_within_its_ti
         written.set()
 
     monkeypatch.setattr(RedisReuseStore, "record", held_record)
+    return hold, written
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("released", [True, False])
+async def test_drain_waits_for_the_ledger_writes_its_requests_left_within_its_timeout(
+    gateway: InProcessGateway, held_ledger: tuple[asyncio.Event, asyncio.Event], released: bool
+) -> None:
+    """A request's reuse-ledger write runs after its answer is sent; a drain that returned once
+    the answer was out let the process stop with the write unfinished, and the figures were lost."""
+    from zumik_serve.api.drain import DrainReport, drain_app
+
+    hold, written = held_ledger
     async with gateway.client() as http:
         assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
     draining = asyncio.create_task(drain_app(gateway.app, timeout_s=30 if released else 0.2))
@@ -318,21 +326,11 @@ async def test_drain_waits_for_the_ledger_writes_its_requests_left_within_its_ti
 
 @pytest.mark.redis
 async def test_a_replica_stopped_by_serve_waits_for_its_ledger_writes_in_its_lifespan(
-    gateway: InProcessGateway, monkeypatch: pytest.MonkeyPatch
+    gateway: InProcessGateway, held_ledger: tuple[asyncio.Event, asyncio.Event]
 ) -> None:
     """Serve stops a replica (a scale-down, a redeploy) through the app's lifespan, without
     ``drain_app``: its shutdown waits for the reuse-ledger writes too."""
-    from zumik_serve.reuse.store import RedisReuseStore
-
-    hold, written = asyncio.Event(), asyncio.Event()
-    original = RedisReuseStore.record
-
-    async def held_record(self: RedisReuseStore, *args: Any, **kwargs: Any) -> None:
-        await hold.wait()
-        await original(self, *args, **kwargs)
-        written.set()
-
-    monkeypatch.setattr(RedisReuseStore, "record", held_record)
+    hold, written = held_ledger
     async with gateway.app.router.lifespan_context(gateway.app):
         async with gateway.client() as http:
             assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
