@@ -150,7 +150,7 @@ def _engine_message(message: Any, content_format: ContentFormat) -> dict[str, An
     if not isinstance(message, Mapping) or message.get("role") not in ROLES:
         return ChatFallback.MESSAGE
     role = message["role"]
-    texts = _texts(message.get("content"))
+    texts = content_texts(message.get("content"))
     if texts is None or (role == "system" and any(text.startswith(_BILLING_HEADER) for text in texts)):
         return ChatFallback.CONTENT
     content: str | list[dict[str, str]]
@@ -232,7 +232,7 @@ def _arguments(text: str) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {}
 
 
-def _texts(content: Any) -> list[str] | None:
+def content_texts(content: Any) -> list[str] | None:
     """A content's texts in order (None: one part is not text, or carries more than its text)."""
     if content is None:
         return []

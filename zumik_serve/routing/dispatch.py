@@ -49,6 +49,7 @@ from typing import Any, Protocol
 
 from kvstore.keys import scope_id
 from profiles.model import RouteKind
+from zumik_serve.engines.chat_prompt import content_texts
 from zumik_serve.engines.protocol import (
     EngineCall,
     EngineChunks,
@@ -653,19 +654,16 @@ def _prompt_text(call: EngineCall, body: dict[str, Any]) -> str:
 def _text_is_prompt(call: EngineCall, body: dict[str, Any]) -> bool:
     """Whether ``_prompt_text`` holds all the engine tokenizes but its chat template's markup:
     a text completion prompt, or a chat without tools (rendered into the prompt, absent from the
-    text) and without media parts (their base64 is in the text, a fixed count of tokens in the
-    prompt)."""
+    text) whose every content is text (``content_texts``, as the chat keys read it: a media
+    part's base64 is in the text, a fixed count of tokens in the prompt)."""
     if call is EngineCall.COMPLETION:
         return isinstance(body.get("prompt"), str)
     if body.get("tools") or body.get("functions"):
         return False
-    for message in body.get("messages") or ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list) and any(
-            not isinstance(part, dict) or part.get("type") != "text" for part in content
-        ):
-            return False
-    return True
+    return all(
+        content_texts(message.get("content") if isinstance(message, dict) else None) is not None
+        for message in body.get("messages") or ()
+    )
 
 
 def _token_ids(call: EngineCall, body: dict[str, Any]) -> list[int] | None:
