@@ -20,7 +20,7 @@ block that would take its scope past it is not stored: ``store`` answers False, 
 tier, and the engine recomputes that block when it needs it again. These keys end with the
 scope, so the scope pattern of ``remove_scope`` (``kv:*:{scope}:*``) does not count them as
 blocks; it removes them with the blocks. ``remove_scopes`` sweeps many scopes (every salt
-epoch a tenant has had) in one ``SCAN`` of ``kv:*`` past ``SCAN_PER_SCOPE_UP_TO`` of them.
+epoch a tenant has had) in one ``SCAN`` of ``kv:*``.
 
 The KV Redis is its own server, bounded by ``maxmemory`` with ``volatile-lru`` (the embedded one:
 ``store/local_redis.py``; tenant state stays in a ``noeviction`` server and is never evicted
@@ -148,13 +148,6 @@ for index = 4, #KEYS do
 end
 return removed
 """
-
-
-# A purge's sweep of this many scopes or fewer walks the keyspace once a scope, the server
-# filtering; of more, once for all, matched here (``RedisTier.remove_scopes``). Measured on 200,000
-# keys: a filtered walk cost as much as one that sent every key here (260-280 ms), so one walk
-# wins from two scopes on (docs/benchmarks.md, a purge's sweep after many salt epochs).
-SCAN_PER_SCOPE_UP_TO = 1
 
 
 def scope_accounting_keys(scope: ScopeId) -> list[str]:
@@ -347,24 +340,16 @@ class RedisTier:
         return self.remove_scopes((scope,))
 
     def remove_scopes(self, scopes: Sequence[ScopeId]) -> int:
-        """Every block of ``scopes``. A ``SCAN`` walks the whole keyspace whatever it matches:
-        up to ``SCAN_PER_SCOPE_UP_TO`` scopes, one walk each, the server returning only their
-        keys; beyond, one walk for all, every block key sent here and matched here (block keys
-        are ``kv:{compat}:{scope}:{key}``; the counts' keys have a part fewer, and values on
-        their way to a block are never taken: their writer's script renames or drops them)."""
-        wanted = sorted({scope.encode() for scope in scopes})
+        """Every block of ``scopes``, in one ``SCAN`` walk for all of them: a walk covers the
+        whole keyspace whatever it matches, and one that sends every block key here cost no more
+        than one the server filters (docs/benchmarks.md, a purge's sweep after many salt
+        epochs); the server filters for a lone scope. Block keys are ``kv:{compat}:{scope}:{key}``;
+        the counts' keys have a part fewer, and values on their way to a block are never taken
+        (their writer's script renames or drops them)."""
+        wanted = {scope.encode() for scope in scopes}
         if not wanted:
             return 0
-        if len(wanted) <= SCAN_PER_SCOPE_UP_TO:
-            removed = sum(self._remove_matching(f"kv:*:{scope.decode()}:*", set(wanted)) for scope in wanted)
-        else:
-            removed = self._remove_matching("kv:*", set(wanted))
-        counts = [key for scope in scopes for key in (*scope_accounting_keys(scope), scope_limit_key(scope))]
-        for start in range(0, len(counts), 1000):  # nothing left to count
-            self._redis.unlink(*counts[start : start + 1000])
-        return removed
-
-    def _remove_matching(self, match: str, wanted: set[bytes]) -> int:
+        match = f"kv:*:{scopes[0]}:*" if len(wanted) == 1 else "kv:*"
         removed = 0
         batch: list[bytes] = []
         for key in self._redis.scan_iter(match=match, count=1000):
@@ -377,6 +362,9 @@ class RedisTier:
                 batch = []
         if batch:
             removed += int(self._redis.unlink(*batch))
+        counts = [key for scope in scopes for key in (*scope_accounting_keys(scope), scope_limit_key(scope))]
+        for start in range(0, len(counts), 1000):  # nothing left to count
+            self._redis.unlink(*counts[start : start + 1000])
         return removed
 
     def take_events(self) -> list[TierEvent]:
